@@ -1,0 +1,1 @@
+"""Thin entry points and per-stage training orchestration (Ray jobs)."""

@@ -1,0 +1,1 @@
+"""Raw sources -> unified conversation+mask Samples -> deterministic WebDataset shards -> mixture; loader."""

@@ -1,0 +1,171 @@
+"""The shard build: for each (source, split), index once in the driver, convert chunks in Ray tasks,
+write the manifest. ``orchestrate/build_shards.py`` is the thin command line around :func:`build`.
+
+Where work runs: ``index()`` streams annotation files in the driver (memory-bounded; records spill to chunk
+files under the output folder, which must be storage every node can read); each chunk becomes one Ray task
+that writes one shard and a completion marker; the driver only gathers small results and writes manifests.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import ray
+
+from pipelines import shards, storage
+from pipelines.chunks import spill
+from pipelines.sources import SOURCES
+from pipelines.sources.base import BuildOptions, SourceFiles, SourceNotFound
+
+
+class BuildConfigError(ValueError):
+    """Bad configuration (unknown source, a named source whose files are missing): fails at once."""
+
+
+@dataclass
+class SplitResult:
+    source: str
+    split: str
+    samples: int
+    skipped: int
+    shards: int
+    bytes: int
+    seconds: float
+    reused_shards: int
+
+
+def code_version() -> dict:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        pkg = version("xsam-pipeline")
+    except PackageNotFoundError:
+        pkg = "unknown"
+    try:
+        here = os.path.dirname(os.path.abspath(__file__))
+        rev = subprocess.run(["git", "-C", here, "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5)
+        git = rev.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        git = None
+    return {"package": pkg, "git": git}
+
+
+def resolve_jobs(
+    data_root: str, sources: Sequence[str] | None, splits: Sequence[str], overrides: dict[str, dict[str, str]],
+    log: Callable[[str], None] = print,
+) -> list[tuple[object, str, SourceFiles]]:
+    """The (source, split, files) to build. Named sources must exist; unnamed ones are skipped if absent."""
+    explicit = sources is not None
+    names = list(sources) if explicit else list(SOURCES)
+    unknown = [n for n in names if n not in SOURCES]
+    if unknown:
+        raise BuildConfigError(f"unknown source(s) {unknown}; known: {sorted(SOURCES)}")
+    jobs = []
+    for name in names:
+        src = SOURCES[name]
+        wanted = [s for s in splits if s in src.splits]
+        if explicit and not wanted:
+            raise BuildConfigError(f"{name} has no split among {list(splits)}; it has {list(src.splits)}")
+        for split in wanted:
+            try:
+                files = src.locate(data_root, split, overrides.get(name))
+            except SourceNotFound as e:
+                if explicit:
+                    raise BuildConfigError(str(e)) from None
+                log(f"skip {name}/{split}: {e}")
+                continue
+            jobs.append((src, split, files))
+    return jobs
+
+
+@ray.remote(num_cpus=1)
+def _convert_task(source_name, files, split, options, chunk, out_url, fp, shared):
+    from pipelines.sources import SOURCES as registry  # imported in the worker
+
+    return shards.convert_chunk(registry[source_name], files, split, options, chunk, out_url, fp, shared)
+
+
+def build_split(
+    src, split: str, files: SourceFiles, out_url: str, options: BuildOptions, num_workers: int,
+    log: Callable[[str], None] = print,
+) -> SplitResult:
+    t0 = time.perf_counter()
+    fs, _ = storage.fs_and_path(out_url)
+    sdir = shards.split_dir(out_url, src.name, split)
+    storage.remove_temporaries(fs, sdir)
+    hashes = shards.hash_inputs(files)
+    fp = shards.fingerprint(src, files, split, options, hashes)
+    log(f"{src.name}/{split}: indexing {', '.join(files.inputs.values())}")
+    chunks, index_skips, shared = spill(
+        src.index(files, split, options), out_url, storage.join(shards.work_dir(out_url, src.name, split), "index"),
+        options.samples_per_shard,
+    )
+    if options.strict and index_skips:
+        s = index_skips[0]
+        raise shards.StrictModeError(f"{s.key}: {s.reason}: {s.detail}")
+    done = {c.index: p for c in chunks if (p := shards.completed_part(out_url, src.name, split, c, fp))}
+    todo = [c for c in chunks if c.index not in done]
+    log(f"{src.name}/{split}: {sum(c.records for c in chunks)} records in {len(chunks)} chunks; "
+        f"{len(done)} shards already complete, {len(todo)} to build")
+    shared_ref = ray.put(shared)
+    parts = list(done.values())
+    pending: list = []
+    queue = list(todo)
+    samples_done = 0
+    while queue or pending:
+        while queue and len(pending) < num_workers:
+            c = queue.pop(0)
+            pending.append(_convert_task.remote(src.name, files, split, options, c, out_url, fp, shared_ref))
+        ready, pending = ray.wait(pending, num_returns=1)
+        part = ray.get(ready[0])
+        parts.append(part)
+        samples_done += part.samples
+        el = time.perf_counter() - t0
+        log(f"  {src.name}/{split}: shard {len(parts)}/{len(chunks)} ({samples_done} samples, "
+            f"{samples_done / max(el, 1e-9):.1f} samples/s)")
+    manifest = shards.write_manifest(out_url, src, split, files, options, parts, index_skips, hashes, fp,
+                                     time.perf_counter() - t0, code_version())
+    fs.rm(shards.work_dir(out_url, src.name, split), recursive=True)
+    return SplitResult(
+        src.name, split, manifest["counts"]["samples"], manifest["counts"]["skipped"], len(manifest["shards"]),
+        sum(s["bytes"] for s in manifest["shards"]), time.perf_counter() - t0, len(done),
+    )
+
+
+def build(
+    data_root: str,
+    out_url: str,
+    sources: Sequence[str] | None = None,
+    splits: Sequence[str] = ("train",),
+    options: BuildOptions | None = None,
+    num_workers: int | None = None,
+    overrides: dict[str, dict[str, str]] | None = None,
+    log: Callable[[str], None] = print,
+) -> list[SplitResult]:
+    """Build shards for every requested (source, split). Ray must be initialised by the caller."""
+    options = options or BuildOptions()
+    if not os.path.isdir(data_root):
+        raise BuildConfigError(f"--data-root {data_root!r} is not a folder")
+    jobs = resolve_jobs(os.path.abspath(data_root), sources, splits, overrides or {}, log)
+    if not jobs:
+        raise BuildConfigError(f"no source found under {data_root} for splits {list(splits)}")
+    workers = num_workers or max(1, int(ray.available_resources().get("CPU", 1)))
+    return [build_split(src, split, files, out_url, options, workers, log) for src, split, files in jobs]
+
+
+def format_table(results: Sequence[SplitResult]) -> str:
+    head = f"{'source':<18} {'split':<10} {'samples':>9} {'skipped':>8} {'shards':>7} {'MB':>9} {'seconds':>8}"
+    rows = [head, "-" * len(head)]
+    for r in results:
+        rows.append(f"{r.source:<18} {r.split:<10} {r.samples:>9} {r.skipped:>8} {r.shards:>7} "
+                    f"{r.bytes / 1e6:>9.2f} {r.seconds:>8.1f}")
+    return "\n".join(rows)
+
+
+def eprint(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)

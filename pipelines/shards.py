@@ -1,0 +1,280 @@
+"""Deterministic WebDataset shards and their manifests (DESIGN §4.4).
+
+Layout under ``--out``::
+
+    <source>/<split>/<source>-<split>-000000.tar     one shard per index chunk, samples in key order
+    <source>/<split>/manifest.json                   shards, counts, skips by reason, inputs, options, versions
+    <source>/<split>/skipped.jsonl                   every skipped record and dropped annotation
+    <source>/<split>/_work/                          index chunks and per-shard completion markers (removed
+                                                     when the split completes)
+
+Determinism: tar members carry mtime 0, uid/gid 0, mode 0444 and fixed user names; the JSON member is
+canonical; images are the original bytes. Resume: a shard counts as done when its tar exists with the size
+its completion marker recorded and the marker's fingerprint (source version, options, input hashes, chunk
+digest) matches the current build; everything else is rebuilt.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+
+import webdataset as wds
+
+from pipelines import storage
+from pipelines.chunks import Chunk, read_chunk
+from pipelines.images import load_image
+from pipelines.schema import SCHEMA_VERSION, SampleError, to_wds
+from pipelines.sources.base import (
+    BuildOptions,
+    ConvertContext,
+    Skip,
+    SkipRecord,
+    SourceFiles,
+    StrictModeError,
+)
+
+TAR_MTIME = 0.0
+
+
+def shard_name(source: str, split: str, index: int) -> str:
+    return f"{source}-{split}-{index:06d}.tar"
+
+
+def split_dir(out_url: str, source: str, split: str) -> str:
+    return storage.join(out_url, source, split)
+
+
+def work_dir(out_url: str, source: str, split: str) -> str:
+    return storage.join(split_dir(out_url, source, split), "_work")
+
+
+@dataclass
+class PartResult:
+    """What converting one chunk produced; also its completion marker on disk."""
+
+    chunk: int
+    fingerprint: str
+    chunk_digest: str
+    records_in: int
+    samples: int = 0
+    file: str | None = None  # shard file name, None when every record was skipped
+    bytes: int = 0
+    sha256: str | None = None
+    skips: list[dict] = field(default_factory=list)  # Skip.to_dict() of records and dropped annotations
+    stats: dict = field(default_factory=dict)  # masks, regions, turns, category_counts
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+class _HashingWriter:
+    """A file wrapper that hashes and counts what passes through it (so the shard is read once)."""
+
+    def __init__(self, f):
+        self.f, self.h, self.n = f, hashlib.sha256(), 0
+
+    def write(self, b) -> int:
+        self.h.update(b)
+        self.n += len(b)
+        return self.f.write(b)
+
+    def flush(self) -> None:
+        self.f.flush()
+
+
+def marker_path(out_url: str, source: str, split: str, index: int) -> str:
+    return storage.join(work_dir(out_url, source, split), "parts", f"{index:06d}.json")
+
+
+def completed_part(out_url: str, source: str, split: str, chunk: Chunk, fingerprint: str) -> PartResult | None:
+    """The recorded result of ``chunk`` if its shard is complete and built with the same fingerprint."""
+    fs, _ = storage.fs_and_path(out_url)
+    mpath = marker_path(out_url, source, split, chunk.index)
+    if not fs.exists(mpath):
+        return None
+    try:
+        part = PartResult(**storage.read_json(fs, mpath))
+    except (ValueError, TypeError):
+        return None
+    if part.fingerprint != fingerprint or part.chunk_digest != chunk.digest:
+        return None
+    if part.file is not None:
+        tar = storage.join(split_dir(out_url, source, split), part.file)
+        if not fs.exists(tar) or fs.size(tar) != part.bytes:
+            return None
+    return part
+
+
+def convert_chunk(
+    source, files: SourceFiles, split: str, options: BuildOptions, chunk: Chunk, out_url: str, fingerprint: str,
+    shared: dict | None = None,
+) -> PartResult:
+    """Convert one chunk's records into one shard plus its completion marker. Runs in a Ray task."""
+    t0 = time.perf_counter()
+    fs, _ = storage.fs_and_path(out_url)
+    ctx = ConvertContext(data_root=files.data_root, split=split, options=options, files=files, shared=shared or {})
+    part = PartResult(chunk=chunk.index, fingerprint=fingerprint, chunk_digest=chunk.digest, records_in=0)
+    counts: Counter = Counter()
+    categories: Counter = Counter()
+    name = shard_name(source.name, split, chunk.index)
+    final = storage.join(split_dir(out_url, source.name, split), name)
+    try:
+        with storage.atomic_write(fs, final) as raw:
+            hw = _HashingWriter(raw)
+            writer = wds.TarWriter(hw, user="xsam", group="xsam", mode=0o444, mtime=TAR_MTIME, encoder=False)
+            for record in read_chunk(chunk.path):
+                _convert_one(source, record, ctx, options, part, writer, counts, categories)
+            writer.close()
+            if part.samples == 0:
+                raise _EmptyShard()  # aborts the atomic write: no empty tar files
+        part.file, part.bytes, part.sha256 = name, hw.n, hw.h.hexdigest()
+    except _EmptyShard:
+        if fs.exists(final):  # an earlier build of this chunk had samples
+            fs.rm(final)
+    part.stats = {**counts, "category_counts": dict(sorted(categories.items()))}
+    part.seconds = round(time.perf_counter() - t0, 3)
+    storage.write_json(fs, marker_path(out_url, source.name, split, part.chunk), part.to_dict())
+    return part
+
+
+class _EmptyShard(Exception):
+    pass
+
+
+def _convert_one(source, record: dict, ctx: ConvertContext, options: BuildOptions, part: PartResult,
+                 writer: wds.TarWriter, counts: Counter, categories: Counter) -> None:
+    """Record -> Sample -> checked image -> tar members; a skip is recorded in ``part`` instead."""
+    part.records_in += 1
+    ctx.drops = []
+    key = record["key"]
+    try:
+        sample = source.to_sample(record, ctx)
+        image_bytes, ext = None, "jpg"
+        if sample.image is not None:
+            image_bytes, ext = load_image(ctx, sample.image.path, sample.image.height, sample.image.width)
+        item = to_wds(sample, image_bytes, ext)
+    except (SkipRecord, SampleError) as e:
+        reason = e.reason if isinstance(e, SkipRecord) else "invalid_sample"
+        detail = e.detail if isinstance(e, SkipRecord) else str(e)
+        if options.strict:
+            raise StrictModeError(f"{key}: {reason}: {detail}") from e
+        part.skips.append(Skip(key, reason, detail).to_dict())
+        part.skips.extend(d.to_dict() for d in ctx.drops)
+        return
+    if sample.key != key:
+        raise RuntimeError(f"{source.name}.to_sample changed the key {key!r} to {sample.key!r}")
+    writer.write(item)
+    part.samples += 1
+    part.skips.extend(d.to_dict() for d in ctx.drops)
+    counts["masks"] += len(sample.masks)
+    counts["regions"] += len(sample.regions)
+    counts["turns"] += sum(t.role == "user" for t in sample.conversation)
+    categories.update(str(m.category_id) for m in sample.masks if m.category_id is not None)
+
+
+def fingerprint(source, files: SourceFiles, split: str, options: BuildOptions, input_hashes: list[dict]) -> str:
+    """What a shard's content depends on, besides its chunk: a change in any of these rebuilds it."""
+    basis = {
+        "schema": SCHEMA_VERSION,
+        "source": source.name,
+        "source_version": source.version,
+        "split": split,
+        "options": {k: v for k, v in options.to_dict().items() if k != "strict"},
+        "inputs": [{k: h[k] for k in ("role", "sha256")} for h in input_hashes],
+        "dirs": files.dirs,
+    }
+    return hashlib.sha256(json.dumps(basis, sort_keys=True).encode()).hexdigest()
+
+
+def hash_inputs(files: SourceFiles) -> list[dict]:
+    """Size and sha256 of every annotation input (streamed in 8 MiB blocks)."""
+    out = []
+    for role, path in sorted(files.inputs.items()):
+        fs, p = storage.fs_and_path(path)
+        if fs.isdir(p):
+            h = hashlib.sha256()
+            size = 0
+            for f in sorted(fs.find(p)):
+                st = fs.info(f)
+                h.update(f"{f[len(p):]}\x00{st['size']}\n".encode())
+                size += st["size"]
+            out.append({"role": role, "path": path, "bytes": size, "sha256": h.hexdigest(), "kind": "folder-listing"})
+            continue
+        h = hashlib.sha256()
+        with fs.open(p, "rb") as f:
+            while block := f.read(8 << 20):
+                h.update(block)
+        out.append({"role": role, "path": path, "bytes": fs.size(p), "sha256": h.hexdigest(), "kind": "file"})
+    return out
+
+
+def write_manifest(
+    out_url: str,
+    source,
+    split: str,
+    files: SourceFiles,
+    options: BuildOptions,
+    parts: list[PartResult],
+    index_skips: list[Skip],
+    input_hashes: list[dict],
+    fp: str,
+    wall_time_s: float,
+    code_version: dict,
+) -> dict:
+    """Write ``manifest.json`` and ``skipped.jsonl`` for a finished split; check nothing was lost."""
+    fs, _ = storage.fs_and_path(out_url)
+    parts = sorted(parts, key=lambda p: p.chunk)
+    skip_rows = [s.to_dict() for s in index_skips] + [s for p in parts for s in p.skips]
+    skip_rows.sort(key=lambda s: (s["key"], s["level"], s["reason"], s["detail"]))
+    skipped = Counter(s["reason"] for s in skip_rows if s["level"] == "record")
+    dropped = Counter(s["reason"] for s in skip_rows if s["level"] == "annotation")
+    records_in = sum(p.records_in for p in parts) + sum(s.level == "record" for s in index_skips)
+    samples = sum(p.samples for p in parts)
+    if records_in != samples + sum(skipped.values()):  # the contract: nothing is lost silently
+        raise RuntimeError(f"{source.name}/{split}: {records_in} records in != {samples} samples + {sum(skipped.values())} skipped")
+    stats: Counter = Counter()
+    categories: Counter = Counter()
+    for p in parts:
+        categories.update(p.stats.get("category_counts", {}))
+        stats.update({k: v for k, v in p.stats.items() if k != "category_counts"})
+    manifest = {
+        "schema": SCHEMA_VERSION,
+        "source": source.name,
+        "task": source.task,
+        "split": split,
+        "shards": [{"file": p.file, "samples": p.samples, "bytes": p.bytes, "sha256": p.sha256} for p in parts if p.file],
+        "counts": {
+            "records_in": records_in,
+            "samples": samples,
+            "skipped": sum(skipped.values()),
+            "dropped_annotations": sum(dropped.values()),
+            **dict(sorted(stats.items())),
+        },
+        "skipped": dict(sorted(skipped.items())),
+        "dropped": dict(sorted(dropped.items())),
+        "category_counts": dict(sorted(categories.items(), key=lambda kv: int(kv[0]) if kv[0].lstrip("-").isdigit() else 0)),
+        "inputs": input_hashes,
+        "dirs": files.dirs,
+        "info": files.info,
+        "options": options.to_dict(),
+        "source_version": source.version,
+        "code_version": code_version,
+        "fingerprint": fp,
+        "wall_time_s": round(wall_time_s, 3),
+    }
+    sdir = split_dir(out_url, source.name, split)
+    with storage.atomic_write(fs, storage.join(sdir, "skipped.jsonl")) as f:
+        for row in skip_rows:
+            f.write(json.dumps(row, sort_keys=True).encode() + b"\n")
+    storage.write_json(fs, storage.join(sdir, "manifest.json"), manifest)
+    # shards of chunks that no longer exist (the input shrank) must not linger beside the manifest
+    listed = {s["file"] for s in manifest["shards"]}
+    for p in fs.glob(f"{sdir}/{source.name}-{split}-*.tar"):
+        if p.rsplit("/", 1)[-1] not in listed:
+            fs.rm(p)
+    return manifest

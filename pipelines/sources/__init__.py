@@ -1,0 +1,20 @@
+"""Source registry: a plain dict from source name (DESIGN §4.2) to a Source instance.
+
+Adding a source: write ``pipelines/sources/<family>.py`` with a class following
+:class:`pipelines.sources.base.Source`, then add its instance here.
+"""
+
+from __future__ import annotations
+
+from pipelines.sources.base import Source
+from pipelines.sources.coco import CocoInstance, CocoPanoptic
+
+SOURCES: dict[str, Source] = {
+    s.name: s
+    for s in (
+        CocoPanoptic(),
+        CocoInstance(),
+    )
+}
+
+__all__ = ["SOURCES", "Source"]

@@ -1,0 +1,190 @@
+"""The Source protocol and what every source shares: skips, safe paths, image checks, convert context.
+
+A source turns raw files under the data root into Samples in three steps (DESIGN §2):
+
+1. ``locate(data_root, split)`` finds its files, or raises :class:`SourceNotFound` listing the paths looked at;
+2. ``index(files, split, options)`` streams the annotation files once (never loading a huge JSON whole) and
+   yields **records**: plain JSON-able dicts, one per would-be Sample, each with a ``"key"``, in key order,
+   plus index-time :class:`Skip` entries for units that can never become a record (duplicate ids,
+   annotations of missing images). Records are spilled to chunk files by :mod:`pipelines.chunks`;
+3. ``to_sample(record, ctx)`` is a pure function of one record (plus reads under the data root through
+   ``ctx``) returning a :class:`~pipelines.schema.Sample`, or raising :class:`SkipRecord`.
+
+A record that becomes no Sample is a skip with a reason; nothing is lost silently:
+``records in = samples out + skipped``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import random
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+from typing import Any, Protocol, runtime_checkable
+
+from pipelines.schema import Sample
+
+DEFAULT_MAX_IMAGE_PIXELS = 100_000_000  # a 10k x 10k image; anything larger is treated as a decompression bomb
+
+
+class SourceNotFound(FileNotFoundError):
+    """A source's files are not under the data root. ``looked_at`` lists every path tried."""
+
+    def __init__(self, source: str, looked_at: list[str]):
+        super().__init__(f"{source}: not found: {', '.join(looked_at)}")
+        self.source = source
+        self.looked_at = looked_at
+
+
+class SkipRecord(Exception):
+    """This record becomes no Sample. ``reason`` is a stable snake_case name counted in the manifest."""
+
+    def __init__(self, reason: str, detail: str = ""):
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason = reason
+        self.detail = detail
+
+
+class StrictModeError(RuntimeError):
+    """Raised under ``--strict`` at the first skipped record or dropped annotation."""
+
+
+@dataclass(frozen=True)
+class Skip:
+    """One skipped unit, as written to ``skipped.jsonl``.
+
+    level "record": a would-be Sample that was not written (counted in ``records in``);
+    level "annotation": a part of a record that was dropped while the rest became a Sample.
+    """
+
+    key: str
+    reason: str
+    detail: str = ""
+    level: str = "record"
+
+    def to_dict(self) -> dict:
+        return {"key": self.key, "reason": self.reason, "detail": self.detail, "level": self.level}
+
+
+@dataclass(frozen=True)
+class Shared:
+    """Index-level data every record of a split needs (e.g. the category table), stored once, not per record."""
+
+    data: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class SourceFiles:
+    """What ``locate`` found. ``inputs`` are hashed into the manifest (annotation files, not images)."""
+
+    data_root: str
+    inputs: dict[str, str]  # role -> absolute path of an annotation file (or folder listing)
+    dirs: dict[str, str] = field(default_factory=dict)  # role -> folder, relative to data_root
+    info: dict[str, Any] = field(default_factory=dict)  # anything locate learned (e.g. which layout held files)
+
+
+@dataclass(frozen=True)
+class BuildOptions:
+    """Options that change what a build writes (all are in the manifest and the resume fingerprint)."""
+
+    seed: int = 0
+    samples_per_shard: int = 1000
+    strict: bool = False
+    max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
+    image_token: str = "<image>\n"  # paper (AAAI26_Archive) default; X-SAM main uses "<image>"
+    genseg_num_class: int | None = None  # None: every category in the prompt (paper); 128: X-SAM main
+    keep_eval_images: bool = False
+    extra: dict[str, Any] = field(default_factory=dict)  # source-specific options, e.g. {"refseg_chunk": 8}
+
+    def to_dict(self) -> dict:
+        return {
+            "seed": self.seed,
+            "samples_per_shard": self.samples_per_shard,
+            "strict": self.strict,
+            "max_image_pixels": self.max_image_pixels,
+            "image_token": self.image_token,
+            "genseg_num_class": self.genseg_num_class,
+            "keep_eval_images": self.keep_eval_images,
+            "extra": dict(sorted(self.extra.items())),
+        }
+
+
+def record_rng(seed: int, key: str) -> random.Random:
+    """The RNG of one sample: seeded by ``(seed, key)`` so a rebuild renders identical text."""
+    digest = hashlib.sha256(f"{seed}\x00{key}".encode()).digest()
+    return random.Random(int.from_bytes(digest[:8], "little"))
+
+
+def safe_join(data_root: str | os.PathLike, rel: str) -> Path:
+    """``data_root / rel`` if it stays inside the data root; :class:`SkipRecord` ``path_outside_root`` otherwise.
+
+    Paths in annotation files are untrusted: absolute paths and ``..`` components are refused before any
+    filesystem access, and symlinked folders inside the root (X-SAM's layout uses them) are allowed.
+    """
+    if not rel or "\x00" in rel:
+        raise SkipRecord("path_outside_root", f"empty or NUL path {rel!r}")
+    p = PurePosixPath(rel.replace("\\", "/"))
+    if p.is_absolute() or ".." in p.parts or (p.parts and p.parts[0].endswith(":")):
+        raise SkipRecord("path_outside_root", f"{rel!r} leaves the data root")
+    return Path(data_root).joinpath(*p.parts)
+
+
+def key_id(*parts: Any) -> str:
+    """A key's id part from any values: '.' and other separators become '_' (keys must not hold '.')."""
+    out = "_".join(str(p) for p in parts)
+    return "".join(c if c.isalnum() or c in "_-" else "_" for c in out)
+
+
+@runtime_checkable
+class Source(Protocol):
+    """One source family member (e.g. ``coco_panoptic``). Implementations are plain classes, one per file."""
+
+    name: str
+    task: str
+    splits: tuple[str, ...]  # splits this source can build
+    version: int  # bump when the Samples it writes change; part of the resume fingerprint
+
+    def locate(self, data_root: str, split: str, overrides: dict[str, str] | None = None) -> SourceFiles:
+        """Find this split's files (``overrides``: role -> path replacing the default layout)."""
+        ...
+
+    def index(self, files: SourceFiles, split: str, options: BuildOptions) -> Iterator[dict | Skip | Shared]:
+        """Stream the inputs once; yield records in key order (and optionally one :class:`Shared` first)."""
+        ...
+
+    def to_sample(self, record: dict, ctx: ConvertContext) -> Sample: ...
+
+
+@dataclass
+class ConvertContext:
+    """What ``to_sample`` may use besides its record: options, the data root, and a place to note drops."""
+
+    data_root: str
+    split: str
+    options: BuildOptions
+    files: SourceFiles
+    shared: dict[str, Any] = field(default_factory=dict)
+    drops: list[Skip] = field(default_factory=list)
+
+    def rng(self, key: str) -> random.Random:
+        return record_rng(self.options.seed, key)
+
+    def path(self, rel: str) -> Path:
+        return safe_join(self.data_root, rel)
+
+    def read_bytes(self, rel: str, missing_reason: str = "missing_file") -> bytes:
+        p = self.path(rel)
+        try:
+            return p.read_bytes()
+        except FileNotFoundError:
+            raise SkipRecord(missing_reason, f"{rel} not found under the data root") from None
+        except IsADirectoryError:
+            raise SkipRecord(missing_reason, f"{rel} is a folder") from None
+
+    def drop(self, key: str, reason: str, detail: str = "") -> None:
+        """Note an annotation dropped from a record that still becomes a Sample."""
+        if self.options.strict:
+            raise StrictModeError(f"{key}: {reason}: {detail}")
+        self.drops.append(Skip(key, reason, detail, level="annotation"))

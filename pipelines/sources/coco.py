@@ -1,0 +1,201 @@
+"""``coco_panoptic`` and ``coco_instance``: COCO 2017 as generic segmentation (task genseg).
+
+Layout (DESIGN §4.1): ``img_genseg/coco2017/annotations/{panoptic,instances}_{train,val}2017.json``,
+``panoptic_{train,val}2017/*.png``, images in ``{train,val}2017/``.
+
+Targets are standard: every non-crowd segment is a mask labelled by its category's phrase index (not
+X-SAM's stage-1 quirk of one segment per category). Crowd regions are not targets; their category still
+counts as present (recipe §1.3) and their union is stored in the Sample's ``ignore`` RLE.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+
+import numpy as np
+
+from pipelines import masks
+from pipelines.masks import MaskFormatError
+from pipelines.schema import ImageRef, MaskTarget, Sample
+from pipelines.sources.base import (
+    BuildOptions,
+    ConvertContext,
+    Shared,
+    Skip,
+    SkipRecord,
+    SourceFiles,
+    SourceNotFound,
+)
+from pipelines.sources.coco_index import iter_coco_records, read_categories
+from pipelines.sources.genseg import clean_category_name, genseg_conversation, prompt_categories
+
+COCO_ROOT = "img_genseg/coco2017"
+
+
+def _image_fields(img: dict) -> dict:
+    file_name = img.get("file_name") or os.path.basename(img.get("coco_url", ""))  # recipe §1.3 fallback
+    return {"id": img["id"], "file_name": file_name, "height": img.get("height"), "width": img.get("width")}
+
+
+def _category_table(path: str) -> dict:
+    cats = sorted(read_categories(path), key=lambda c: c["id"])
+    return {
+        "category_ids": [c["id"] for c in cats],
+        "category_names": {str(c["id"]): clean_category_name(c["name"]) for c in cats},
+        "category_raw_names": {str(c["id"]): c["name"] for c in cats},
+        "isthing": {str(c["id"]): int(c.get("isthing", 1)) for c in cats},
+    }
+
+
+def _locate(name: str, data_root: str, split: str, kind: str, overrides: dict | None) -> SourceFiles:
+    overrides = overrides or {}
+    ann = overrides.get("annotations") or os.path.join(data_root, COCO_ROOT, "annotations", f"{kind}_{split}2017.json")
+    image_dir = overrides.get("images") or f"{COCO_ROOT}/{split}2017"
+    dirs = {"images": image_dir}
+    looked = [ann, os.path.join(data_root, image_dir)]
+    if kind == "panoptic":
+        dirs["panoptic"] = overrides.get("panoptic") or f"{COCO_ROOT}/panoptic_{split}2017"
+        looked.append(os.path.join(data_root, dirs["panoptic"]))
+    if not all(os.path.exists(p) for p in looked):
+        raise SourceNotFound(name, looked)
+    return SourceFiles(data_root=data_root, inputs={"annotations": ann}, dirs=dirs)
+
+
+def _genseg_sample(
+    source: str, record: dict, ctx: ConvertContext, targets: list[tuple[dict, int, int, dict]], crowd: list[tuple[dict, int]]
+) -> Sample:
+    """Render the Sample from decoded targets ``(rle, category_id, ann_or_segment_id, extra)`` and crowd RLEs."""
+    key = record["key"]
+    img = record["image"]
+    if not targets:
+        raise SkipRecord("no_usable_segment", f"image {img['id']}: no non-crowd segment with a valid mask")
+    shared = ctx.shared
+    rng = ctx.rng(key)
+    present = [c for _, c, _, _ in targets] + [c for _, c in crowd]
+    cat_ids = prompt_categories(rng, present, shared["category_ids"], ctx.options.genseg_num_class)
+    slot = {c: i for i, c in enumerate(cat_ids)}
+    phrases = [shared["category_names"][str(c)] for c in cat_ids]
+    mask_targets = [
+        MaskTarget(rle=rle, label=slot[c], category_id=c, iscrowd=0, bbox=masks.bbox(rle), area=float(masks.area(rle)))
+        for rle, c, _, _ in targets
+    ]
+    ignore = masks.merge_rles([r for r, _ in crowd]) if crowd else None
+    return Sample(
+        key=key,
+        source=source,
+        task="genseg",
+        split=ctx.split,
+        image=ImageRef(path=f"{ctx.files.dirs['images']}/{img['file_name']}", width=img["width"], height=img["height"]),
+        conversation=genseg_conversation(rng, phrases, ctx.options.image_token),
+        phrases=phrases,
+        masks=mask_targets,
+        ignore=ignore,
+        meta={"image_id": img["id"], "ann_ids": [a for _, _, a, _ in targets], "num_crowd": len(crowd)},
+    )
+
+
+class CocoInstance:
+    """COCO instances JSON (polygons, crowd RLE) -> genseg Samples, one per image."""
+
+    name = "coco_instance"
+    task = "genseg"
+    splits = ("train", "val")
+    version = 1
+
+    def locate(self, data_root: str, split: str, overrides: dict | None = None) -> SourceFiles:
+        return _locate(self.name, data_root, split, "instances", overrides)
+
+    def index(self, files: SourceFiles, split: str, options: BuildOptions) -> Iterator[dict | Skip | Shared]:
+        path = files.inputs["annotations"]
+        yield Shared(_category_table(path))
+        keep = ("id", "category_id", "iscrowd", "segmentation")
+        yield from iter_coco_records(
+            path, f"{self.name}/{split}", _image_fields, lambda a: {k: a.get(k) for k in keep}
+        )
+
+    def to_sample(self, record: dict, ctx: ConvertContext) -> Sample:
+        img = record["image"]
+        h, w = img["height"], img["width"]
+        if not h or not w:
+            raise SkipRecord("missing_image_size", f"image {img['id']} has no height/width")
+        names = ctx.shared["category_names"]
+        targets, crowd = [], []
+        for ann in record["anns"]:
+            akey = f"{record['key']}/ann_{ann['id']}"
+            if str(ann["category_id"]) not in names:
+                ctx.drop(akey, "unknown_category", f"category_id {ann['category_id']} not in categories[]")
+                continue
+            try:
+                rle = masks.segmentation_to_rle(ann["segmentation"], h, w)
+            except MaskFormatError as e:
+                ctx.drop(akey, e.reason, e.detail)
+                continue
+            if ann.get("iscrowd"):
+                crowd.append((rle, ann["category_id"]))
+            elif masks.area(rle) == 0:
+                ctx.drop(akey, "empty_mask", "segmentation covers no pixel")
+            else:
+                targets.append((rle, ann["category_id"], ann["id"], {}))
+        return _genseg_sample(self.name, record, ctx, targets, crowd)
+
+
+class CocoPanoptic:
+    """COCO panoptic JSON + PNGs -> genseg Samples; each PNG decoded once for all its segments."""
+
+    name = "coco_panoptic"
+    task = "genseg"
+    splits = ("train", "val")
+    version = 1
+
+    def locate(self, data_root: str, split: str, overrides: dict | None = None) -> SourceFiles:
+        return _locate(self.name, data_root, split, "panoptic", overrides)
+
+    def index(self, files: SourceFiles, split: str, options: BuildOptions) -> Iterator[dict | Skip | Shared]:
+        path = files.inputs["annotations"]
+        yield Shared(_category_table(path))
+        yield from iter_coco_records(
+            path,
+            f"{self.name}/{split}",
+            _image_fields,
+            lambda a: {"file_name": a.get("file_name"), "segments_info": a.get("segments_info") or []},
+        )
+
+    def to_sample(self, record: dict, ctx: ConvertContext) -> Sample:
+        img = record["image"]
+        h, w = img["height"], img["width"]
+        if not record["anns"]:
+            raise SkipRecord("no_panoptic_annotation", f"image {img['id']} has no entry in annotations[]")
+        if len(record["anns"]) > 1:
+            raise SkipRecord("duplicate_annotation", f"image {img['id']} has {len(record['anns'])} panoptic entries")
+        ann = record["anns"][0]
+        segments = ann["segments_info"]
+        if not segments:
+            raise SkipRecord("no_usable_segment", f"image {img['id']}: empty segments_info")
+        png_name = ann.get("file_name") or os.path.splitext(img["file_name"])[0] + ".png"
+        png = ctx.read_bytes(f"{ctx.files.dirs['panoptic']}/{png_name}", missing_reason="missing_panoptic_png")
+        try:
+            id_map = masks.read_panoptic_png(png)
+        except OSError as e:
+            raise SkipRecord("corrupt_panoptic_png", f"{png_name}: {e}") from None
+        if id_map.shape != (h, w):
+            raise SkipRecord("rle_size_mismatch", f"{png_name} is {id_map.shape[0]}x{id_map.shape[1]}, image is {h}x{w}")
+        names = ctx.shared["category_names"]
+        usable = []
+        for seg in segments:
+            skey = f"{record['key']}/seg_{seg['id']}"
+            if str(seg["category_id"]) not in names:
+                ctx.drop(skey, "unknown_category", f"category_id {seg['category_id']} not in categories[]")
+            else:
+                usable.append(seg)
+        rles = masks.id_map_to_rles(id_map, [s["id"] for s in usable])
+        areas = np.asarray([masks.area(r) for r in rles]) if rles else np.zeros(0)
+        targets, crowd = [], []
+        for seg, rle, a in zip(usable, rles, areas, strict=True):
+            if a == 0:
+                ctx.drop(f"{record['key']}/seg_{seg['id']}", "empty_segment", f"segment id {seg['id']} not in {png_name}")
+            elif seg.get("iscrowd"):
+                crowd.append((rle, seg["category_id"]))
+            else:
+                targets.append((rle, seg["category_id"], seg["id"], {}))
+        return _genseg_sample(self.name, record, ctx, targets, crowd)

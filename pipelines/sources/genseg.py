@@ -1,0 +1,54 @@
+"""Generic-segmentation conversations (recipe §2.2), shared by COCO, ADE20K (ovseg) and LVIS.
+
+One user turn listing category phrases as ``<p>name</p>``, one answer with one ``<SEG>``; every mask's label
+is its category's position in that list.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+from collections.abc import Sequence
+
+from pipelines import templates
+from pipelines.schema import Turn
+
+_PAREN = re.compile(r"\([^)]*\)")
+
+
+def clean_category_name(name: str) -> str:
+    """X-SAM's ``_clean_cat_name`` + ``format_cat_name``: 'wall-other-merged' -> 'wall other'.
+
+    Drops '-merged' and '-stuff', parenthesised parts and '.', turns '_' and '-' into spaces, lower-cases.
+    """
+    name = name.replace("-merged", "").replace("-stuff", "")
+    name = _PAREN.sub("", name).replace(".", "")
+    name = name.replace("_", " ").replace("-", " ")
+    return " ".join(name.lower().split())
+
+
+def prompt_categories(
+    rng: random.Random, present: Sequence[int], all_ids: Sequence[int], num_class: int | None
+) -> list[int]:
+    """The category ids listed in the prompt, shuffled.
+
+    ``num_class=None`` (paper default): every category. Otherwise X-SAM main's sampling: the present ones
+    plus ``randint(0, max(num_class - |present|, 0))`` absent ones.
+    """
+    pos = sorted(set(present))
+    if num_class is None:
+        cats = list(all_ids)
+    else:
+        absent = sorted(set(all_ids) - set(pos))
+        n_neg = min(len(absent), rng.randint(0, max(num_class - len(pos), 0)))
+        cats = pos + rng.sample(absent, n_neg)
+    rng.shuffle(cats)
+    return cats
+
+
+def genseg_conversation(rng: random.Random, phrases: Sequence[str], image_token: str) -> list[Turn]:
+    question = templates.pick(rng, templates.GENSEG_QUESTIONS).format(cats=templates.join_tags(phrases))
+    return [
+        Turn("user", templates.with_image(question, image_token)),
+        Turn("assistant", templates.pick(rng, templates.SEG_ANSWERS)),
+    ]
