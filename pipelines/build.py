@@ -12,7 +12,7 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import ray
@@ -90,6 +90,24 @@ def _convert_task(source_name, files, split, options, chunk, out_url, fp, shared
     return shards.convert_chunk(registry[source_name], files, split, options, chunk, out_url, fp, shared)
 
 
+def _run_chunks(src, files, split, options, chunks, out_url, fp, shared, num_workers) -> Iterator[shards.PartResult]:
+    """Convert chunks as Ray tasks (at most ``num_workers`` in flight), or inline when Ray is not running
+    (unit tests, debugging with pdb); results are yielded as they complete."""
+    if not ray.is_initialized():
+        for c in chunks:
+            yield shards.convert_chunk(src, files, split, options, c, out_url, fp, shared)
+        return
+    shared_ref = ray.put(shared)
+    pending: list = []
+    queue = list(chunks)
+    while queue or pending:
+        while queue and len(pending) < num_workers:
+            c = queue.pop(0)
+            pending.append(_convert_task.remote(src.name, files, split, options, c, out_url, fp, shared_ref))
+        ready, pending = ray.wait(pending, num_returns=1)
+        yield ray.get(ready[0])
+
+
 def build_split(
     src, split: str, files: SourceFiles, out_url: str, options: BuildOptions, num_workers: int,
     log: Callable[[str], None] = print,
@@ -112,17 +130,9 @@ def build_split(
     todo = [c for c in chunks if c.index not in done]
     log(f"{src.name}/{split}: {sum(c.records for c in chunks)} records in {len(chunks)} chunks; "
         f"{len(done)} shards already complete, {len(todo)} to build")
-    shared_ref = ray.put(shared)
     parts = list(done.values())
-    pending: list = []
-    queue = list(todo)
     samples_done = 0
-    while queue or pending:
-        while queue and len(pending) < num_workers:
-            c = queue.pop(0)
-            pending.append(_convert_task.remote(src.name, files, split, options, c, out_url, fp, shared_ref))
-        ready, pending = ray.wait(pending, num_returns=1)
-        part = ray.get(ready[0])
+    for part in _run_chunks(src, files, split, options, todo, out_url, fp, shared, num_workers):
         parts.append(part)
         samples_done += part.samples
         el = time.perf_counter() - t0
@@ -147,14 +157,17 @@ def build(
     overrides: dict[str, dict[str, str]] | None = None,
     log: Callable[[str], None] = print,
 ) -> list[SplitResult]:
-    """Build shards for every requested (source, split). Ray must be initialised by the caller."""
+    """Build shards for every requested (source, split).
+
+    Conversion runs as Ray tasks when Ray is initialised (``ray.init`` by the caller), inline otherwise.
+    """
     options = options or BuildOptions()
     if not os.path.isdir(data_root):
         raise BuildConfigError(f"--data-root {data_root!r} is not a folder")
     jobs = resolve_jobs(os.path.abspath(data_root), sources, splits, overrides or {}, log)
     if not jobs:
         raise BuildConfigError(f"no source found under {data_root} for splits {list(splits)}")
-    workers = num_workers or max(1, int(ray.available_resources().get("CPU", 1)))
+    workers = num_workers or (max(1, int(ray.available_resources().get("CPU", 1))) if ray.is_initialized() else 1)
     return [build_split(src, split, files, out_url, options, workers, log) for src, split, files in jobs]
 
 
