@@ -120,7 +120,7 @@ def build_split(
     fp = shards.fingerprint(src, files, split, options, hashes)
     log(f"{src.name}/{split}: indexing {', '.join(files.inputs.values())}")
     chunks, index_skips, shared = spill(
-        src.index(files, split, options), out_url, storage.join(shards.work_dir(out_url, src.name, split), "index"),
+        src.index(files, split, options), out_url, shards.index_dir(out_url, src.name, split),
         options.samples_per_shard,
     )
     if options.strict and index_skips:
@@ -140,7 +140,7 @@ def build_split(
             f"{samples_done / max(el, 1e-9):.1f} samples/s)")
     manifest = shards.write_manifest(out_url, src, split, files, options, parts, index_skips, hashes, fp,
                                      time.perf_counter() - t0, code_version())
-    fs.rm(shards.work_dir(out_url, src.name, split), recursive=True)
+    fs.rm(shards.index_dir(out_url, src.name, split), recursive=True)
     return SplitResult(
         src.name, split, manifest["counts"]["samples"], manifest["counts"]["skipped"], len(manifest["shards"]),
         sum(s["bytes"] for s in manifest["shards"]), time.perf_counter() - t0, len(done),

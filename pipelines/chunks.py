@@ -1,7 +1,7 @@
 """Spilling a source's index to chunk files, so no process ever holds a whole annotation set.
 
 The driver streams ``Source.index()`` once and writes its records, in key order, to
-``<split dir>/_work/index/chunk-%06d.jsonl`` (``records_per_chunk`` each). A conversion task then reads only
+``<split dir>/_index/chunk-%06d.jsonl`` (``records_per_chunk`` each). A conversion task then reads only
 its own chunk. One chunk becomes one shard, so a shard's number is its chunk's number and the build is
 deterministic however many workers run it.
 """

@@ -5,8 +5,8 @@ Layout under ``--out``::
     <source>/<split>/<source>-<split>-000000.tar     one shard per index chunk, samples in key order
     <source>/<split>/manifest.json                   shards, counts, skips by reason, inputs, options, versions
     <source>/<split>/skipped.jsonl                   every skipped record and dropped annotation
-    <source>/<split>/_work/                          index chunks and per-shard completion markers (removed
-                                                     when the split completes)
+    <source>/<split>/_parts/000000.json              per-shard completion markers (what resume checks)
+    <source>/<split>/_index/                         index chunk files (removed when the split completes)
 
 Determinism: tar members carry mtime 0, uid/gid 0, mode 0444 and fixed user names; the JSON member is
 canonical; images are the original bytes. Resume: a shard counts as done when its tar exists with the size
@@ -48,8 +48,9 @@ def split_dir(out_url: str, source: str, split: str) -> str:
     return storage.join(out_url, source, split)
 
 
-def work_dir(out_url: str, source: str, split: str) -> str:
-    return storage.join(split_dir(out_url, source, split), "_work")
+def index_dir(out_url: str, source: str, split: str) -> str:
+    """Index chunk files: rewritten by every run, removed when the split completes."""
+    return storage.join(split_dir(out_url, source, split), "_index")
 
 
 @dataclass
@@ -88,7 +89,7 @@ class _HashingWriter:
 
 
 def marker_path(out_url: str, source: str, split: str, index: int) -> str:
-    return storage.join(work_dir(out_url, source, split), "parts", f"{index:06d}.json")
+    return storage.join(split_dir(out_url, source, split), "_parts", f"{index:06d}.json")
 
 
 def completed_part(out_url: str, source: str, split: str, chunk: Chunk, fingerprint: str) -> PartResult | None:

@@ -131,6 +131,17 @@ def safe_join(data_root: str | os.PathLike, rel: str) -> Path:
     return Path(data_root).joinpath(*p.parts)
 
 
+def relpath(folder: str, name: str) -> str:
+    """``folder/name`` as a data-root-relative path, refusing a ``name`` from an annotation file that is
+    absolute or climbs with ``..`` (:class:`SkipRecord` ``path_outside_root``)."""
+    if not isinstance(name, str) or not name:
+        raise SkipRecord("path_outside_root", f"empty file name {name!r}")
+    p = PurePosixPath(name.replace("\\", "/"))
+    if p.is_absolute() or ".." in p.parts or (p.parts and p.parts[0].endswith(":")):
+        raise SkipRecord("path_outside_root", f"{name!r} leaves the data root")
+    return f"{folder.rstrip('/')}/{p.as_posix()}" if folder else p.as_posix()
+
+
 def key_id(*parts: Any) -> str:
     """A key's id part from any values: '.' and other separators become '_' (keys must not hold '.')."""
     out = "_".join(str(p) for p in parts)

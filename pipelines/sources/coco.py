@@ -26,6 +26,7 @@ from pipelines.sources.base import (
     SkipRecord,
     SourceFiles,
     SourceNotFound,
+    relpath,
 )
 from pipelines.sources.coco_index import iter_coco_records, read_categories
 from pipelines.sources.genseg import clean_category_name, genseg_conversation, prompt_categories
@@ -86,7 +87,7 @@ def _genseg_sample(
         source=source,
         task="genseg",
         split=ctx.split,
-        image=ImageRef(path=f"{ctx.files.dirs['images']}/{img['file_name']}", width=img["width"], height=img["height"]),
+        image=ImageRef(path=relpath(ctx.files.dirs["images"], img["file_name"]), width=img["width"], height=img["height"]),
         conversation=genseg_conversation(rng, phrases, ctx.options.image_token),
         phrases=phrases,
         masks=mask_targets,
@@ -173,7 +174,7 @@ class CocoPanoptic:
         if not segments:
             raise SkipRecord("no_usable_segment", f"image {img['id']}: empty segments_info")
         png_name = ann.get("file_name") or os.path.splitext(img["file_name"])[0] + ".png"
-        png = ctx.read_bytes(f"{ctx.files.dirs['panoptic']}/{png_name}", missing_reason="missing_panoptic_png")
+        png = ctx.read_bytes(relpath(ctx.files.dirs["panoptic"], png_name), missing_reason="missing_panoptic_png")
         try:
             id_map = masks.read_panoptic_png(png)
         except OSError as e:
