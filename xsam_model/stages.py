@@ -16,8 +16,13 @@ here any missing, unexpected or shape-mismatched key is an error that lists all 
 
 from __future__ import annotations
 
+import re
+
 import torch
 from torch import nn
+
+# transformers 5 flattens SiglipVisionModel (no .vision_model); accept both layouts
+_SIGLIP_LAYER = re.compile(r"^vision_encoder\.(?:vision_model\.)?encoder\.layers\.(\d+)\.")
 
 # stage → (module prefix, lr multiplier); order is the order of the parameter groups
 STAGE_GROUPS: dict[int, tuple[tuple[str, float], ...]] = {
@@ -53,10 +58,8 @@ def unused_parameters(model: nn.Module) -> set[str]:
     first_unused = cfg.num_layers + 1 + cfg.select_layer if cfg.select_layer < 0 else cfg.select_layer
     out = set()
     for name, _ in model.named_parameters():
-        if _under(name, "vision_encoder.vision_model.post_layernorm"):
-            out.add(name)
-        parts = name.split(".")
-        if name.startswith("vision_encoder.vision_model.encoder.layers.") and int(parts[4]) >= first_unused:
+        m = _SIGLIP_LAYER.match(name)
+        if (m and int(m.group(1)) >= first_unused) or ("post_layernorm" in name and name.startswith("vision_encoder.")):
             out.add(name)
     return out
 

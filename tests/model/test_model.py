@@ -6,8 +6,8 @@ import math
 
 import pytest
 import torch
-from conftest import image_bytes
 
+from tests.model.helpers import image_bytes
 from xsam_model import build_xsam
 from xsam_model.modeling.loss import SegLoss
 
