@@ -32,7 +32,8 @@ class XSamOutput:
     loss: torch.Tensor
     """Total: lm_weight·lm + seg_weight·(cls + mask_bce + dice)."""
     losses: dict[str, torch.Tensor] = field(default_factory=dict)
-    """``lm``, ``cls``, ``mask_bce``, ``dice`` (weighted, summed over decoder layers; 0 when not computed)."""
+    """``lm``, ``cls``, ``mask_bce``, ``dice`` (weighted, summed over decoder layers; 0 when not computed),
+    detached: for logging."""
     predictions: list[dict[str, torch.Tensor]] | None = None
     """Per decoder layer ``masks_queries_logits`` BxQxH0xW0 and ``class_queries_logits`` BxQxC (last = final)."""
     lm_logits: torch.Tensor | None = None
@@ -180,7 +181,10 @@ class XSam(nn.Module):
                 if compute_loss:
                     masks, labels = self._targets(batch, batch["class_labels"], limit=valid.sum(1))
                     losses.update(self._seg_losses(predictions, masks, labels, batch))
-        return XSamOutput(loss=sum(losses.values()), losses=losses, predictions=predictions, lm_logits=lm_logits)
+        total = sum(losses.values())
+        # the per-component values are for logging: detached, so logging never holds the graph
+        return XSamOutput(loss=total, losses={k: v.detach() for k, v in losses.items()},
+                          predictions=predictions, lm_logits=lm_logits)  # fmt: skip
 
     def _targets(self, batch, labels: list[torch.Tensor], limit):
         """Keep masks whose label is valid for the head in use (≥ 0, and < #phrases for the phrase head)."""
