@@ -107,7 +107,7 @@ def test_loss_falls_when_overfitting_two_samples(samples):
         opt.zero_grad()
         out.loss.backward()
         opt.step()
-        hist.append({k: float(v) for k, v in out.losses.items()} | {"total": float(out.loss)})
+        hist.append({k: v.item() for k, v in out.losses.items()} | {"total": out.loss.item()})
     first = sum(h["total"] for h in hist[:3]) / 3
     last = sum(h["total"] for h in hist[-3:]) / 3
     assert last < 0.6 * first, (first, last)
@@ -153,11 +153,12 @@ def test_unknown_flavor_and_bad_config():
 @pytest.mark.gpu
 def test_debug_flavor_bf16_on_gpu(samples):
     model = build_xsam("debug", device="cuda", dtype=torch.bfloat16)
-    batch = _batch(model, samples["vgdseg"])
-    batch = {k: (v.cuda() if torch.is_tensor(v) and k not in ("input_ids",) else v) for k, v in batch.items()}
-    batch["input_ids"] = batch["input_ids"].cuda()
-    batch["pixel_values"] = batch["pixel_values"].bfloat16()
-    batch["extra_pixel_values"] = batch["extra_pixel_values"].bfloat16()
+    batch = {}
+    for k, v in _batch(model, samples["vgdseg"]).items():
+        if torch.is_tensor(v):
+            v = v.cuda()
+            v = v.bfloat16() if v.is_floating_point() else v
+        batch[k] = v  # ragged lists (masks, regions) stay on the CPU; the model moves them
     out = model(batch, stage=3)
     out.loss.backward()
     assert torch.isfinite(out.loss)
