@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import ray
 
-from pipelines import shards, storage
+from pipelines import eval_guard, shards, storage
 from pipelines.chunks import spill
 from pipelines.sources import SOURCES
 from pipelines.sources.base import BuildOptions, SourceFiles, SourceNotFound
@@ -110,21 +110,24 @@ def _run_chunks(src, files, split, options, chunks, out_url, fp, shared, num_wor
 
 def build_split(
     src, split: str, files: SourceFiles, out_url: str, options: BuildOptions, num_workers: int,
-    log: Callable[[str], None] = print,
+    log: Callable[[str], None] = print, guard: eval_guard.EvalGuard | None = None,
 ) -> SplitResult:
     t0 = time.perf_counter()
     fs, _ = storage.fs_and_path(out_url)
     sdir = shards.split_dir(out_url, src.name, split)
     storage.remove_temporaries(fs, sdir)
+    if guard is not None:  # RefCOCO eval images are left out of this split: eval_images.json is an input
+        files = guard.with_input(files)
     hashes = shards.hash_inputs(files)
     fp = shards.fingerprint(src, files, split, options, hashes)
     log(f"{src.name}/{split}: indexing {', '.join(files.inputs.values())}")
+    items = src.index(files, split, options)
     chunks, index_skips, shared = spill(
-        src.index(files, split, options), out_url, shards.index_dir(out_url, src.name, split),
+        guard.exclude(items) if guard is not None else items, out_url, shards.index_dir(out_url, src.name, split),
         options.samples_per_shard,
     )
-    if options.strict and index_skips:
-        s = index_skips[0]
+    if options.strict and (bad := [s for s in index_skips if s.reason != eval_guard.REASON]):
+        s = bad[0]  # leaving eval images out is policy, not bad data
         raise shards.StrictModeError(f"{s.key}: {s.reason}: {s.detail}")
     done = {c.index: p for c in chunks if (p := shards.completed_part(out_url, src.name, split, c, fp))}
     todo = [c for c in chunks if c.index not in done]
@@ -168,7 +171,9 @@ def build(
     if not jobs:
         raise BuildConfigError(f"no source found under {data_root} for splits {list(splits)}")
     workers = num_workers or (max(1, int(ray.available_resources().get("CPU", 1))) if ray.is_initialized() else 1)
-    return [build_split(src, split, files, out_url, options, workers, log) for src, split, files in jobs]
+    guard = eval_guard.prepare(os.path.abspath(data_root), out_url, overrides or {}, options, log)
+    return [build_split(src, split, files, out_url, options, workers, log, guard.for_split(src, split))
+            for src, split, files in jobs]
 
 
 def format_table(results: Sequence[SplitResult]) -> str:

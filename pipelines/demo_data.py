@@ -13,10 +13,12 @@ import random
 from collections.abc import Callable
 from pathlib import Path
 
-from pipelines.demo import coco
+from pipelines.demo import coco, lisa, refer
 
 DEMO_WRITERS: dict[str, Callable[[Path, random.Random], None]] = {
     "coco": coco.write,
+    "refer": refer.write,
+    "lisa": lisa.write,
 }
 
 

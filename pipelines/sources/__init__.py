@@ -8,12 +8,15 @@ from __future__ import annotations
 
 from pipelines.sources.base import Source
 from pipelines.sources.coco import CocoInstance, CocoPanoptic
+from pipelines.sources.lisa import LisaReasonSeg
+from pipelines.sources.refer import SOURCES as REFER_SOURCES
 
 SOURCES: dict[str, Source] = {
     s.name: s
     for s in (
         CocoPanoptic(),
         CocoInstance(),
+        *REFER_SOURCES, LisaReasonSeg(),
     )
 }
 

@@ -103,6 +103,7 @@ class CocoInstance:
     task = "genseg"
     splits = ("train", "val")
     version = 1
+    eval_image_guard_splits = ("train",)  # RefCOCO/+/g eval images left out (pipelines/eval_guard.py)
 
     def locate(self, data_root: str, split: str, overrides: dict | None = None) -> SourceFiles:
         return _locate(self.name, data_root, split, "instances", overrides)
@@ -148,6 +149,7 @@ class CocoPanoptic:
     task = "genseg"
     splits = ("train", "val")
     version = 1
+    eval_image_guard_splits = ("train",)  # RefCOCO/+/g eval images left out (pipelines/eval_guard.py)
 
     def locate(self, data_root: str, split: str, overrides: dict | None = None) -> SourceFiles:
         return _locate(self.name, data_root, split, "panoptic", overrides)

@@ -1,0 +1,248 @@
+"""``lisa_reasonseg``: LISA ReasonSeg (task reaseg) from per-image LabelMe-style JSON files.
+
+Layout (recipe §1.1): ``img_reaseg/lisa/{train,val,test}/<name>.jpg`` + ``<name>.json`` and
+``img_reaseg/lisa/explanatory/train.json`` (the raw ``ReasonSeg/`` folder inside it is found too). A JSON holds
+``text`` (the questions), ``is_sentence`` and ``shapes[{label, points}]``.
+
+Mask (LISA ``get_mask_from_json``, X-SAM ``ImgReaSegDataset``): ``flag`` shapes are skipped; the others are
+rasterised (``cv2.fillPoly`` + 1-px outline, int coordinates) and painted largest first, so a smaller shape
+lying on a larger one wins; shapes whose label contains ``ignore`` paint the ignore value, the rest paint
+the target. Target pixels are every turn's mask; ignore pixels are the Sample's ``ignore`` RLE. An image whose
+target is empty is skipped (``empty_mask``).
+
+Conversation (recipe §2.5): train = one sample per image, one turn per question, every turn's mask the same
+(labels 0..N-1); if the image has an explanation, each turn independently (``rng.random() < 0.5`` with the
+sample's seeded RNG) asks for it and answers ``<explanation> <SEG>-suffix``. Eval splits = one sample per
+question, no explanations. ``meta.is_sentence`` / ``meta.query_type`` ("sentence" | "phrase") keep the query
+type used to split the test set into long and short queries.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+
+import cv2
+import numpy as np
+
+from pipelines import masks, templates
+from pipelines.images import image_size
+from pipelines.jsonstream import load_small
+from pipelines.schema import ImageRef, MaskTarget, Sample, Turn
+from pipelines.sources.base import (
+    BuildOptions,
+    ConvertContext,
+    Shared,
+    Skip,
+    SkipRecord,
+    SourceFiles,
+    SourceNotFound,
+    key_id,
+    relpath,
+)
+
+LISA_ROOTS = ("img_reaseg/lisa", "img_reaseg/lisa/ReasonSeg")
+IMAGE_EXTS = (".jpg", ".jpeg", ".png")
+TARGET, IGNORE = 1, 255
+
+
+def _read_json(path: str) -> dict:
+    """LISA's reader falls back to cp1252 for a few files that are not UTF-8."""
+    with open(path, "rb") as f:
+        raw = f.read()
+    for enc in ("utf-8", "cp1252"):
+        try:
+            return json.loads(raw.decode(enc))
+        except UnicodeDecodeError:
+            continue
+    raise ValueError("neither UTF-8 nor cp1252 text")
+
+
+def _shape_polygon(shape: dict) -> np.ndarray:
+    """``Nx2`` int32 points of a shape (a LabelMe rectangle's 2 corners become 4); ``bad_polygon`` if < 3."""
+    pts = shape.get("points")
+    try:
+        arr = np.asarray(pts, dtype=np.float64).reshape(-1, 2)
+    except (TypeError, ValueError):
+        raise SkipRecord("bad_polygon", f"points are not [x, y] pairs: {str(pts)[:80]}") from None
+    if shape.get("shape_type") == "rectangle" and len(arr) == 2:
+        (x0, y0), (x1, y1) = arr
+        arr = np.asarray([[x0, y0], [x1, y0], [x1, y1], [x0, y1]])
+    if len(arr) < 3 or not np.isfinite(arr).all():
+        raise SkipRecord("bad_polygon", f"polygon with {len(arr)} points (need >= 3)")
+    return arr.astype(np.int32)  # LISA truncates coordinates the same way
+
+
+def _fill(poly: np.ndarray, out: np.ndarray, value: int) -> None:
+    cv2.polylines(out, [poly], True, value, 1)
+    cv2.fillPoly(out, [poly], value)
+
+
+def paint_shapes(shapes: list[dict], height: int, width: int, ctx: ConvertContext, key: str) -> tuple[np.ndarray, dict]:
+    """The ``HxW`` uint8 label map (0, :data:`TARGET`, :data:`IGNORE`) and shape counts; bad shapes dropped."""
+    polys, counts = [], {"flag": 0, "ignore": 0, "target": 0}
+    for i, shape in enumerate(shapes):
+        label = str(shape.get("label", "")) if isinstance(shape, dict) else ""
+        if label.lower() == "flag":  # LISA: "meaningless deprecated annotations"
+            counts["flag"] += 1
+            continue
+        try:
+            poly = _shape_polygon(shape if isinstance(shape, dict) else {})
+        except SkipRecord as e:
+            ctx.drop(f"{key}/shape_{i}", e.reason, e.detail)
+            continue
+        tmp = np.zeros((height, width), np.uint8)
+        _fill(poly, tmp, 1)
+        value = IGNORE if "ignore" in label.lower() else TARGET
+        counts["ignore" if value == IGNORE else "target"] += 1
+        polys.append((-int(tmp.sum()), i, poly, value))
+    label_map = np.zeros((height, width), np.uint8)
+    for _, _, poly, value in sorted(polys, key=lambda p: p[:2]):  # largest first; ties in file order
+        _fill(poly, label_map, value)
+    return label_map, counts
+
+
+class LisaReasonSeg:
+    """LISA ReasonSeg train/val/test folders -> reaseg Samples."""
+
+    name = "lisa_reasonseg"
+    task = "reaseg"
+    splits = ("train", "val", "test")
+    version = 1
+
+    def locate(self, data_root: str, split: str, overrides: dict | None = None) -> SourceFiles:
+        o = overrides or {}
+        looked = []
+        folder = o.get("images")
+        if folder is None:
+            for r in LISA_ROOTS:
+                looked.append(os.path.join(data_root, r, split))
+                if os.path.isdir(looked[-1]):
+                    folder = f"{r}/{split}"
+                    break
+        elif os.path.isabs(folder):
+            folder = os.path.relpath(folder, data_root)
+        if folder is None or not os.path.isdir(os.path.join(data_root, folder)):
+            raise SourceNotFound(self.name, looked or [os.path.join(data_root, str(folder))])
+        inputs = {"annotations": os.path.join(data_root, folder)}  # hashed as a folder listing
+        explanatory = o.get("explanatory") or os.path.join(data_root, os.path.dirname(folder), "explanatory", "train.json")
+        if split == "train" and os.path.isfile(explanatory):
+            inputs["explanatory"] = explanatory
+        return SourceFiles(data_root=data_root, inputs=inputs, dirs={"images": folder},
+                           info={"explanatory": "explanatory" in inputs})
+
+    def index(self, files: SourceFiles, split: str, options: BuildOptions) -> Iterator[dict | Skip | Shared]:
+        prefix = f"{self.name}/{split}"
+        folder = files.inputs["annotations"]
+        explain = self._explanations(files.inputs.get("explanatory"))
+        stems: dict[str, dict[str, str]] = {}
+        for name in sorted(os.listdir(folder)):
+            stem, ext = os.path.splitext(name)
+            if ext.lower() == ".json":
+                stems.setdefault(stem, {})["json"] = name
+            elif ext.lower() in IMAGE_EXTS:
+                stems.setdefault(stem, {}).setdefault("image", name)
+        records = []
+        for stem, found in stems.items():
+            key = f"{prefix}/{key_id(stem)}"
+            if "json" not in found:
+                yield Skip(key, "missing_annotation", f"{found['image']} has no {stem}.json")
+                continue
+            if "image" not in found:
+                yield Skip(key, "missing_image", f"{found['json']} has no image beside it")
+                continue
+            try:
+                anno = _read_json(os.path.join(folder, found["json"]))
+                if not isinstance(anno, dict):
+                    raise ValueError(f"top level is a {type(anno).__name__}")
+            except ValueError as e:
+                yield Skip(key, "malformed_json", f"{found['json']}: {e}")
+                continue
+            text = anno.get("text")
+            questions = [" ".join(str(q).split()) for q in ([text] if isinstance(text, str) else text or [])]
+            questions = [q for q in questions if q]
+            if not questions:
+                yield Skip(key, "no_questions", f"{found['json']}: empty 'text'")
+                continue
+            base = {
+                "image": {"file": found["image"], "height": anno.get("imageHeight"), "width": anno.get("imageWidth")},
+                "is_sentence": bool(anno.get("is_sentence")),
+                "shapes": [{k: s.get(k) for k in ("label", "points", "shape_type")} if isinstance(s, dict) else s
+                           for s in anno.get("shapes") or []],
+            }
+            if split == "train":
+                records.append({"key": key, **base, "questions": questions, "explanation": explain.get(found["image"])})
+            else:
+                records += [{"key": f"{key}_q{i:03d}", **base, "questions": [q], "question_index": i, "explanation": None}
+                            for i, q in enumerate(questions)]
+        last = ""
+        for r in sorted(records, key=lambda r: r["key"]):
+            if r["key"] == last:  # two file names that differ only in characters a key cannot hold
+                yield Skip(r["key"], "duplicate_key", f"{r['image']['file']} maps to an existing key")
+                continue
+            last = r["key"]
+            yield r
+
+    @staticmethod
+    def _explanations(path: str | None) -> dict[str, str]:
+        """``explanatory/train.json``: image file name -> explanation text (``outputs``)."""
+        if not path:
+            return {}
+        items = load_small(path)
+        out = {}
+        for it in items if isinstance(items, list) else []:
+            if isinstance(it, dict) and isinstance(it.get("outputs"), str) and it["outputs"].strip():
+                out[str(it.get("image"))] = " ".join(it["outputs"].split())
+        return out
+
+    def to_sample(self, record: dict, ctx: ConvertContext) -> Sample:
+        key, img = record["key"], record["image"]
+        path = relpath(ctx.files.dirs["images"], img["file"])
+        h, w = img.get("height"), img.get("width")
+        if not (isinstance(h, int) and isinstance(w, int) and h > 0 and w > 0):
+            try:  # not in the JSON: read it from the image header
+                h, w = image_size(ctx.read_bytes(path, missing_reason="missing_image"))
+            except (OSError, ValueError) as e:
+                raise SkipRecord("corrupt_image", f"{img['file']}: {e}") from None
+        label_map, counts = paint_shapes(record["shapes"], h, w, ctx, key)
+        target = label_map == TARGET
+        if not target.any():
+            raise SkipRecord("empty_mask", f"{img['file']}: no target pixel ({counts})")
+        rle = masks.encode(target)[0]
+        ignore = masks.encode(label_map == IGNORE)[0] if (label_map == IGNORE).any() else None
+        rng = ctx.rng(key)
+        conversation, explained = [], []
+        for i, q in enumerate(record["questions"]):
+            question, answer, explains = self._turn(rng, templates.tag(q), record["is_sentence"], record["explanation"])
+            explained.append(explains)
+            conversation.append(Turn("user", templates.with_image(question, ctx.options.image_token) if i == 0 else question))
+            conversation.append(Turn("assistant", answer))
+        box, area = masks.bbox(rle), float(masks.area(rle))
+        meta = {
+            "image": img["file"],
+            "is_sentence": record["is_sentence"],
+            "query_type": "sentence" if record["is_sentence"] else "phrase",
+            "explained": explained,
+            "shapes": counts,
+        }
+        if "question_index" in record:
+            meta["question_index"] = record["question_index"]
+        return Sample(
+            key=key, source=self.name, task=self.task, split=ctx.split,
+            image=ImageRef(path=path, width=w, height=h),
+            conversation=conversation,
+            phrases=list(record["questions"]),
+            masks=[MaskTarget(rle=rle, label=i, bbox=box, area=area) for i in range(len(record["questions"]))],
+            ignore=ignore, meta=meta,
+        )
+
+    @staticmethod
+    def _turn(rng, sent: str, is_sentence: bool, explanation: str | None) -> tuple[str, str, bool]:
+        """One (question, answer, explained); with an explanation, a 0.5 draw per turn decides whether to ask
+        for it (X-SAM hard-codes 0.5)."""
+        if explanation and rng.random() < 0.5:
+            q = templates.pick(rng, templates.REASEG_EXPLAIN_QUESTIONS).format(sent=sent)
+            return q, f"{explanation} {templates.pick(rng, templates.REASEG_EXPLAIN_SUFFIXES)}", True
+        pool = templates.REASEG_LONG_QUESTIONS if is_sentence else templates.REASEG_SHORT_QUESTIONS
+        return templates.pick(rng, pool).format(sent=sent), templates.pick(rng, templates.SEG_ANSWERS), False

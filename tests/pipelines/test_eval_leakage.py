@@ -1,0 +1,110 @@
+"""The eval-leakage guard: RefCOCO/+/g/gRefCOCO eval images are gathered first and left out of COCO train."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import webdataset as wds
+
+from pipelines import safe_pickle
+from pipelines.build import build
+from pipelines.demo_data import write_demo
+from pipelines.eval_guard import REASON, EvalGuard
+from pipelines.schema import from_wds
+from pipelines.sources.base import BuildOptions, Skip
+
+REFER = "img_refseg/refcocos"
+
+
+@pytest.fixture
+def root(tmp_path) -> Path:
+    return write_demo(tmp_path / "datas", families=["coco", "refer"])
+
+
+def eval_ids_on_disk(root: Path) -> set[int]:
+    ids = set()
+    for p in (root / REFER).glob("*/refs(*).p"):
+        ids |= {r["image_id"] for r in safe_pickle.load_file(p) if r["split"] != "train"}
+    return ids
+
+
+def coco_ids(root: Path, split: str) -> set[int]:
+    d = json.loads((root / f"img_genseg/coco2017/annotations/instances_{split}2017.json").read_text())
+    return {i["id"] for i in d["images"]}
+
+
+def split_of(out: Path, source: str, split: str = "train"):
+    d = out / source / split
+    manifest = json.loads((d / "manifest.json").read_text())
+    ids = {from_wds(i)[0].meta["image_id"]
+           for s in manifest["shards"] for i in wds.WebDataset(str(d / s["file"]), shardshuffle=False)}
+    skipped = [json.loads(line) for line in (d / "skipped.jsonl").read_text().splitlines()]
+    return manifest, ids, skipped
+
+
+def test_eval_images_are_gathered_before_anything_is_converted(root, tmp_path):
+    out = tmp_path / "out"
+    build(str(root), str(out), sources=["coco_instance"])  # no refer source is built, the guard still runs
+    data = json.loads((out / "eval_images.json").read_text())
+    assert set(data["image_ids"]) == eval_ids_on_disk(root) and data["errors"] == []
+    got = {(e["source"], e["split"]) for e in data["eval_splits"]}
+    assert got == {(s, sp) for s in ("refcoco", "refcoco+", "grefcoco") for sp in ("val", "testA", "testB")} | {
+        ("refcocog", "val"), ("refcocog", "test")}
+    assert all(not e["file"].startswith("/") for e in data["eval_splits"])  # hash independent of the mount
+
+
+def test_coco_train_splits_leave_eval_images_out(root, tmp_path):
+    out = tmp_path / "out"
+    build(str(root), str(out), sources=["coco_panoptic", "coco_instance"], splits=["train", "val"])
+    leaked = eval_ids_on_disk(root) & coco_ids(root, "train")
+    assert len(leaked) == 2  # the demo makes two refcoco eval images COCO train2017 images
+    for source in ("coco_panoptic", "coco_instance"):
+        manifest, ids, skipped = split_of(out, source)
+        assert manifest["skipped"] == {REASON: 2}
+        assert ids == coco_ids(root, "train") - leaked
+        assert {r["key"] for r in skipped} == {f"{source}/train/{i:012d}" for i in leaked}
+        assert "eval_images" in {i["role"] for i in manifest["inputs"]}
+        val, _, _ = split_of(out, source, "val")  # only training splits are guarded
+        assert val["skipped"] == {} and "eval_images" not in {i["role"] for i in val["inputs"]}
+
+
+def test_keep_eval_images_keeps_them(root, tmp_path):
+    out = tmp_path / "out"
+    build(str(root), str(out), sources=["coco_instance"], options=BuildOptions(keep_eval_images=True))
+    manifest, ids, _ = split_of(out, "coco_instance")
+    assert manifest["skipped"] == {} and ids == coco_ids(root, "train")
+    assert (out / "eval_images.json").exists()
+
+
+def test_strict_build_is_not_stopped_by_the_guard(root, tmp_path):
+    build(str(root), str(tmp_path / "out"), sources=["coco_instance"], options=BuildOptions(strict=True))
+    manifest, _, _ = split_of(tmp_path / "out", "coco_instance")
+    assert manifest["skipped"] == {REASON: 2}
+
+
+def test_a_changed_eval_set_rebuilds_the_guarded_shards(root, tmp_path):
+    out = tmp_path / "out"
+    build(str(root), str(out), sources=["coco_instance"])
+    shutil.rmtree(root / REFER)
+    build(str(root), str(out), sources=["coco_instance"])
+    manifest, ids, _ = split_of(out, "coco_instance")
+    assert manifest["skipped"] == {} and ids == coco_ids(root, "train")
+    assert json.loads((out / "eval_images.json").read_text())["image_ids"] == []
+
+
+def test_any_source_can_opt_in():
+    """The mechanism is generic: a source lists guarded splits; records carry image.id (e.g. coco_vgd later)."""
+
+    class Vgd:
+        eval_image_guard_splits = ("train",)
+
+    guard = EvalGuard(path="mem://eval_images.json", image_ids=frozenset({16}), keep=False)
+    assert guard.for_split(Vgd(), "train") is guard
+    assert guard.for_split(Vgd(), "val") is None and guard.for_split(object(), "train") is None
+    assert EvalGuard(guard.path, guard.image_ids, keep=True).for_split(Vgd(), "train") is None
+    items = [{"key": "v/train/a", "image": {"id": 16}}, {"key": "v/train/b", "image": {"id": 17}}]
+    out = list(guard.exclude(items))
+    assert isinstance(out[0], Skip) and out[0].reason == REASON and out[1] is items[1]
