@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# The README's demo: demo data -> a local Ray head -> the shard build as a Ray job -> what was written.
+# Called by `make demo` with the venv first on PATH. Ports and output folder can be overridden:
+#   DEMO_OUT=/tmp/x RAY_PORT=6390 RAY_DASHBOARD_PORT=8275 make demo
+set -euo pipefail
+cd "$(dirname "$0")/.."
+OUT="$(mkdir -p "${DEMO_OUT:-demo_out}" && cd "${DEMO_OUT:-demo_out}" && pwd)"
+RAY_PORT="${RAY_PORT:-6390}"
+RAY_DASHBOARD_PORT="${RAY_DASHBOARD_PORT:-8275}"
+export RAY_AUTH_MODE="${RAY_AUTH_MODE:-disabled}"  # every Ray process must agree (stack_notes.md)
+export RAY_ADDRESS="http://127.0.0.1:${RAY_DASHBOARD_PORT}"
+export RAY_TMPDIR="${RAY_TMPDIR:-/tmp/xsam_ray}"
+
+echo "== 1/3 demo data -> $OUT/datas"
+python -m pipelines.demo_data --out "$OUT/datas"
+
+echo "== 2/3 local Ray head (port $RAY_PORT, dashboard $RAY_DASHBOARD_PORT)"
+# every port is explicit (offsets from RAY_PORT) so the demo never collides with another Ray on this machine
+ray start --head --num-cpus 2 --port "$RAY_PORT" --dashboard-port "$RAY_DASHBOARD_PORT" \
+  --include-dashboard true --disable-usage-stats \
+  --ray-client-server-port $((RAY_PORT + 1)) --node-manager-port $((RAY_PORT + 2)) \
+  --object-manager-port $((RAY_PORT + 3)) --dashboard-agent-listen-port $((RAY_PORT + 4)) \
+  --dashboard-agent-grpc-port $((RAY_PORT + 5)) --metrics-export-port $((RAY_PORT + 6)) \
+  --runtime-env-agent-port $((RAY_PORT + 7)) --min-worker-port $((RAY_PORT + 100)) \
+  --max-worker-port $((RAY_PORT + 400)) >/dev/null
+trap 'echo "== stopping the Ray head"; ray stop --force >/dev/null 2>&1 || true' EXIT
+
+echo "== 3/3 shard build as a Ray job (ray job submit --working-dir . -- python orchestrate/build_shards.py ...)"
+source scripts/ray_jobs.sh
+submit_job python orchestrate/build_shards.py --data-root "$OUT/datas" --out "$OUT/shards" --splits train,val \
+  --samples-per-shard 4
+
+echo "== written under $OUT/shards:"
+python -m pipelines.summary --out "$OUT/shards"
+if [ -x scripts/train_demo.sh ]; then
+  scripts/train_demo.sh "$OUT"
+fi
