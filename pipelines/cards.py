@@ -126,11 +126,12 @@ def parse_card_text(source: str, raw: str, where: str) -> CardText:
     for key in ("pretty_name", "task", "license", "task_categories", "source_datasets"):
         if key not in meta:
             raise CardTextError(f"{where}: header lacks {key!r}")
-    headings = re.findall(r"^## (.+?)\s*$", body, flags=re.M)
+    prose = re.sub(r"^```.*?^```", "", body, flags=re.S | re.M)  # headings only outside code blocks
+    headings = re.findall(r"^## (.+?)\s*$", prose, flags=re.M)
     missing = [s for s in REQUIRED_SECTIONS if s not in headings]
     if missing:
         raise CardTextError(f"{where}: missing sections {missing}")
-    if re.search(r"^# ", body, flags=re.M):
+    if re.search(r"^# ", prose, flags=re.M):
         raise CardTextError(f"{where}: the title (# …) is generated; start with ## sections")
     return CardText(source, meta, body)
 
