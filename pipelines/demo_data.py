@@ -13,10 +13,11 @@ import random
 from collections.abc import Callable
 from pathlib import Path
 
-from pipelines.demo import coco, lisa, refer
+from pipelines.demo import coco, gcg, lisa, refer
 
 DEMO_WRITERS: dict[str, Callable[[Path, random.Random], None]] = {
     "coco": coco.write,
+    "gcg": gcg.write,
     "refer": refer.write,
     "lisa": lisa.write,
 }

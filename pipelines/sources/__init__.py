@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from pipelines.sources.base import Source
 from pipelines.sources.coco import CocoInstance, CocoPanoptic
+from pipelines.sources.gcg import FlickrGcg, GrandfGcg, PsgGcg, RefcocogGcg
 from pipelines.sources.lisa import LisaReasonSeg
 from pipelines.sources.refer import SOURCES as REFER_SOURCES
 
@@ -16,6 +17,7 @@ SOURCES: dict[str, Source] = {
     for s in (
         CocoPanoptic(),
         CocoInstance(),
+        GrandfGcg(), PsgGcg(), RefcocogGcg(), FlickrGcg(),
         *REFER_SOURCES, LisaReasonSeg(),
     )
 }
