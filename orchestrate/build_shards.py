@@ -16,6 +16,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 
 from pipelines.build import BuildConfigError, build, format_table  # noqa: E402
 from pipelines.jsonstream import MalformedJSON  # noqa: E402
+from pipelines.mixture import mixture_path  # noqa: E402
 from pipelines.sources.base import BuildOptions, StrictModeError  # noqa: E402
 
 
@@ -78,6 +79,7 @@ def main(argv: list[str] | None = None) -> int:
         ray.shutdown()
     print(format_table(results))
     print(f"shards and manifests written under {args.out}")
+    print(f"mixture weights (stages 1-3) written to {mixture_path(args.out)}")
     return 0
 
 

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import ray
 
-from pipelines import eval_guard, shards, storage
+from pipelines import eval_guard, mixture, shards, storage
 from pipelines.chunks import spill
 from pipelines.sources import SOURCES
 from pipelines.sources.base import BuildOptions, SourceFiles, SourceNotFound
@@ -172,8 +172,11 @@ def build(
         raise BuildConfigError(f"no source found under {data_root} for splits {list(splits)}")
     workers = num_workers or (max(1, int(ray.available_resources().get("CPU", 1))) if ray.is_initialized() else 1)
     guard = eval_guard.prepare(os.path.abspath(data_root), out_url, overrides or {}, options, log)
-    return [build_split(src, split, files, out_url, options, workers, log, guard.for_split(src, split))
-            for src, split, files in jobs]
+    results = [build_split(src, split, files, out_url, options, workers, log, guard.for_split(src, split))
+               for src, split, files in jobs]
+    # balance-resampling weights over every train manifest now under out_url (not only this run's)
+    log(f"mixture weights written to {mixture.write_mixture(out_url, log=log)}")
+    return results
 
 
 def format_table(results: Sequence[SplitResult]) -> str:

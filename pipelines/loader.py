@@ -1,0 +1,607 @@
+"""The training-side streaming reader: one source per global step, disjoint slices, exact resume (DESIGN §4.6).
+
+    loader = MixtureLoader("s3://bucket/shards", stage=3, batch_size=4, rank=r, world_size=n, num_workers=4,
+                           transform=processor, collate=processor.collate, seed=0)
+    loader.load_state_dict(ckpt["loader"])          # optional: resume
+    for batch in loader:                            # Batch(step, micro_step, source, task, data)
+        ...; ckpt["loader"] = loader.state_dict()
+
+How a micro-batch is chosen — a pure function of ``(seed, micro_step, rank, per-source position)``:
+
+- **Source.** Global step ``s = micro_step // grad_accum`` draws its dataset from the mixture's ``p`` with a
+  counter-based RNG keyed by ``(seed, s)`` (splitmix64), identical on every rank and worker; all micro-batches
+  of a step (every rank, every accumulation step) come from that one dataset, hence one task.
+- **Lanes.** Micro-step ``m`` is served by lane ``m % L`` (``L`` = DataLoader workers, 1 without workers);
+  PyTorch's DataLoader hands out worker results round-robin, so worker ``w`` of an iteration that starts at
+  micro-step ``m0`` serves lane ``(m0 + w) % L`` without any shared state.
+- **Slices.** Consumer ``c = rank·L + lane`` of ``C = world_size·L`` reads only ``[c·N/C, (c+1)·N/C)`` of a
+  dataset's ``N`` shard samples (concatenated in shard order): whole shards when there are many, a range of
+  samples inside a shard when shards are fewer than consumers. Slices never overlap, so no sample is read by
+  two ranks (or workers) in the same pass; a dataset smaller than ``C`` gives each consumer one sample.
+- **Order.** Each pass (epoch) over a slice visits its windows of ``shuffle_window`` consecutive samples in
+  a random order and the samples of a window in a random order, both seeded by ``(seed, dataset, consumer,
+  epoch[, window])``; when the slice runs out the next epoch re-shuffles and repeats it. This is a shuffle
+  buffer whose content is a function of the position, so a resumed run reads exactly what an uninterrupted
+  one would without replaying anything. A window is read with one ranged read per shard it touches (the
+  shard's member offsets come from one scan of its tar headers), and only the current window of each dataset
+  is held in memory.
+- **Use.** A sample's JSON is parsed, its exclusion flags checked (gRefCOCO ``no_target``), and ``transform
+  (sample, image_bytes)`` called only when it is about to enter a batch; RLE masks are decoded (if at all) by
+  the transform. Anything unreadable — a truncated or missing shard, a corrupt JSON member, an image the
+  transform cannot decode — is skipped, counted by reason in :meth:`MixtureLoader.stats` and the next sample
+  taken; ``strict=True`` raises :class:`LoaderError` instead.
+
+The state (:meth:`MixtureLoader.state_dict`) is plain JSON: the next micro-step and, per dataset, per lane,
+the number of slice positions consumed, plus cumulative counters. Save one per rank.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import re
+import tarfile
+import time
+import warnings
+import zlib
+from collections import OrderedDict
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from pipelines import mixture as mixture_mod
+from pipelines.decode import ImageDecodeError
+from pipelines.schema import IMAGE_EXTS, Sample
+
+STATE_FORMAT = "xsam-loader/1"
+_MASK64 = np.uint64(0xFFFFFFFFFFFFFFFF)
+_MEMBER = re.compile(r"^((?:.*/|)[^./]+)\.([^/]+)$")  # webdataset's key.ext split (keys hold no '.')
+_TAG_WINDOWS, _TAG_INNER = 1, 2  # keep the two per-epoch RNG streams apart
+_MAX_ERRORS = 16  # recent skip details kept in stats
+
+
+class LoaderError(RuntimeError):
+    """Strict mode met a bad sample/shard, or the loader cannot go on (a dataset with no usable sample)."""
+
+
+# ---------------------------------------------------------------------------------------------- step → source
+def _splitmix64(x: np.ndarray) -> np.ndarray:
+    with np.errstate(over="ignore"):
+        x = x + np.uint64(0x9E3779B97F4A7C15)
+        x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return x ^ (x >> np.uint64(31))
+
+
+def step_uniforms(seed: int, steps: np.ndarray) -> np.ndarray:
+    """One uniform in [0, 1) per global step, a pure function of ``(seed, step)`` (float64, 53 random bits)."""
+    key = _splitmix64(np.asarray([seed & 0xFFFFFFFFFFFFFFFF], dtype=np.uint64))[0]
+    with np.errstate(over="ignore"):
+        x = _splitmix64(np.asarray(steps, dtype=np.int64).astype(np.uint64) ^ key)
+    return (x >> np.uint64(11)).astype(np.float64) * (1.0 / (1 << 53))
+
+
+def step_sources(seed: int, steps: np.ndarray, probabilities: Sequence[float]) -> np.ndarray:
+    """Dataset index of each global step: inverse-CDF of :func:`step_uniforms` over ``probabilities``."""
+    cdf = np.cumsum(np.asarray(probabilities, dtype=np.float64))
+    cdf[-1] = 1.0  # absorb rounding: u < 1 always lands on a dataset
+    return np.searchsorted(cdf, step_uniforms(seed, steps), side="right")
+
+
+def _rng(seed: int, *parts: int) -> np.random.Generator:
+    return np.random.default_rng([seed & 0xFFFFFFFF, seed >> 32 & 0xFFFFFFFF, *parts])
+
+
+# ---------------------------------------------------------------------------------------------- shard access
+@dataclass
+class ShardIndex:
+    """Where each complete sample's members lie in one tar (arrays of length ``n``; image -1 when absent)."""
+
+    n: int
+    keys: list[str]
+    json_off: np.ndarray
+    json_len: np.ndarray
+    img_off: np.ndarray
+    img_len: np.ndarray
+    img_ext: list[str | None]
+    error: str | None = None  # why the scan ended early
+    reason: str = "truncated_shard"
+
+
+def index_shard(fs, path: str, expected: int | None = None) -> ShardIndex:
+    """Scan a tar's headers (data is seeked over, not read) into a :class:`ShardIndex`.
+
+    A scan that stops early (truncated file, bad header) keeps the samples completed before it; with
+    ``expected`` from the manifest, fewer samples than expected is reported as truncation too.
+    """
+    keys, rows, exts = [], [], []
+    cur_key, cur = None, {}
+    error, reason = None, "truncated_shard"
+
+    def flush():
+        if cur_key is not None and "json" in cur:
+            img = next(((e, *cur[e]) for e in IMAGE_EXTS if e in cur), (None, -1, -1))
+            keys.append(cur_key)
+            rows.append((*cur["json"], img[1], img[2]))
+            exts.append(img[0])
+
+    try:
+        size = fs.size(path)
+        with fs.open(path, "rb") as f, tarfile.open(fileobj=f, mode="r:") as tar:
+            for ti in tar:
+                if not ti.isfile():
+                    continue
+                if ti.offset_data + ti.size > size:
+                    error = f"member {ti.name} ends at byte {ti.offset_data + ti.size} of a {size}-byte file"
+                    cur_key = None  # the sample in progress is incomplete
+                    break
+                m = _MEMBER.match(ti.name)
+                if m is None:
+                    continue
+                key, ext = m.group(1), m.group(2)
+                if key != cur_key:
+                    flush()
+                    cur_key, cur = key, {}
+                cur[ext] = (ti.offset_data, ti.size)
+            else:
+                flush()
+    except FileNotFoundError as e:
+        error, reason = f"{type(e).__name__}: {e}", "unreadable_shard"
+    except (tarfile.TarError, OSError, EOFError, ValueError) as e:
+        error = f"{type(e).__name__}: {e}"
+        reason = "truncated_shard" if keys else "unreadable_shard"
+    if error is None and expected is not None and len(keys) < expected:
+        error = f"{len(keys)} complete samples, the manifest lists {expected}"
+    arr = np.asarray(rows, dtype=np.int64).reshape(-1, 4)
+    return ShardIndex(len(keys), keys, arr[:, 0], arr[:, 1], arr[:, 2], arr[:, 3], exts, error, reason)
+
+
+@dataclass
+class _Raw:
+    """One slice position's bytes, or why there are none."""
+
+    key: str | None
+    json: bytes | None = None
+    image: bytes | None = None
+    reason: str | None = None
+    detail: str = ""
+
+
+class _ShardReader:
+    """Per-process access to shards: cached indexes (bounded LRU) and ranged reads, with a few retries."""
+
+    def __init__(self, root: str, storage_options: dict | None, max_indexes: int, stats: dict):
+        from fsspec.core import url_to_fs
+
+        self.fs, self.root = url_to_fs(root, **(storage_options or {}))
+        self.root = self.root.rstrip("/")
+        self.indexes: OrderedDict[str, ShardIndex] = OrderedDict()
+        self.max_indexes = max_indexes
+        self.stats = stats
+
+    def path(self, rel: str) -> str:
+        return f"{self.root}/{rel}"
+
+    def index(self, rel: str, expected: int) -> ShardIndex:
+        if rel in self.indexes:
+            self.indexes.move_to_end(rel)
+            return self.indexes[rel]
+        idx = index_shard(self.fs, self.path(rel), expected)  # a failed scan is kept: counted per sample
+        self.stats["shards_indexed"] += 1
+        self.indexes[rel] = idx
+        while len(self.indexes) > self.max_indexes:
+            self.indexes.popitem(last=False)
+        return idx
+
+    def read(self, rel: str, expected: int, lo: int, hi: int) -> list[_Raw]:
+        """Samples ``lo..hi-1`` of a shard (local indices), read with one ranged request."""
+        idx = self.index(rel, expected)
+        out: list[_Raw] = []
+        have = range(lo, min(hi, idx.n))
+        if len(have):
+            offs = np.concatenate([idx.json_off[lo:have.stop], idx.img_off[lo:have.stop]])
+            ends = np.concatenate([idx.json_off[lo:have.stop] + idx.json_len[lo:have.stop],
+                                   idx.img_off[lo:have.stop] + idx.img_len[lo:have.stop]])  # fmt: skip
+            start, stop = int(offs[offs >= 0].min()), int(ends.max())
+            try:
+                blob = _retry(lambda: self.fs.cat_file(self.path(rel), start=start, end=stop))
+            except OSError as e:
+                return [_Raw(None, reason="unreadable_shard", detail=f"{rel}: {e}") for _ in range(lo, hi)]
+            self.stats["bytes_read"] += len(blob)
+            for j in have:
+                jo, jl = int(idx.json_off[j]) - start, int(idx.json_len[j])
+                image = None
+                if idx.img_off[j] >= 0:
+                    io_, il = int(idx.img_off[j]) - start, int(idx.img_len[j])
+                    image = blob[io_ : io_ + il]
+                out.append(_Raw(idx.keys[j], blob[jo : jo + jl], image))
+        for j in range(max(lo, idx.n), hi):
+            out.append(_Raw(None, reason=idx.reason, detail=f"{rel} sample {j}: {idx.error}"))
+        return out
+
+
+def _retry(fn: Callable[[], Any], attempts: int = 3, retry_on: tuple = (OSError,)) -> Any:
+    """Call ``fn``; retry transient storage errors (not a missing file) with a short back-off."""
+    for i in range(attempts):
+        try:
+            return fn()
+        except FileNotFoundError:
+            raise
+        except retry_on:
+            if i == attempts - 1:
+                raise
+            time.sleep(0.2 * 2**i)
+
+
+# ---------------------------------------------------------------------------------------------- one dataset, one consumer
+class _Cursor:
+    """A consumer's view of one dataset: its slice, the epoch orders, and the current window's bytes."""
+
+    def __init__(self, d: mixture_mod.DatasetWeight, consumer: int, consumers: int, seed: int, window: int,
+                 reader: _ShardReader):  # fmt: skip
+        self.d, self.reader, self.seed = d, reader, seed
+        self.tag = zlib.crc32(d.name.encode())
+        self.consumer = consumer
+        self.shard_starts = np.concatenate([[0], np.cumsum([s.samples for s in d.shards])]).astype(np.int64)
+        n = int(self.shard_starts[-1])
+        self.start, self.stop = consumer * n // consumers, (consumer + 1) * n // consumers
+        if self.stop == self.start:  # fewer samples than consumers: one sample each, shared
+            self.stop = self.start + 1
+        self.length = self.stop - self.start
+        self.window = max(1, min(window, self.length))
+        self.n_windows = -(-self.length // self.window)
+        self._epoch = None  # (epoch, window order, cumulative sizes in that order)
+        self._loaded = None  # (epoch, window id, inner permutation, raws)
+
+    def _epoch_order(self, epoch: int):
+        if self._epoch is None or self._epoch[0] != epoch:
+            order = _rng(self.seed, _TAG_WINDOWS, self.tag, self.consumer, epoch).permutation(self.n_windows)
+            sizes = np.minimum(self.window, self.length - order * self.window)
+            self._epoch = (epoch, order, np.cumsum(sizes))
+        return self._epoch
+
+    def get(self, position: int) -> _Raw:
+        """The raw sample at ``position`` (0, 1, … over all epochs) of this consumer's stream."""
+        epoch, i = divmod(position, self.length)
+        _, order, cum = self._epoch_order(epoch)
+        k = int(np.searchsorted(cum, i, side="right"))
+        wid = int(order[k])
+        offset = i - (int(cum[k - 1]) if k else 0)
+        if self._loaded is None or self._loaded[:2] != (epoch, wid):
+            lo = self.start + wid * self.window
+            hi = min(lo + self.window, self.stop)
+            inner = _rng(self.seed, _TAG_INNER, self.tag, self.consumer, epoch, wid).permutation(hi - lo)
+            self._loaded = None  # drop the previous window before reading the next
+            self._loaded = (epoch, wid, inner, self._read(lo, hi))
+        return self._loaded[3][int(self._loaded[2][offset])]
+
+    def _read(self, lo: int, hi: int) -> list[_Raw]:
+        """Global sample range [lo, hi) of this dataset → raws, one ranged read per shard touched."""
+        self.reader.stats["windows_read"] += 1
+        out: list[_Raw] = []
+        first = int(np.searchsorted(self.shard_starts, lo, side="right")) - 1
+        for s in range(first, len(self.d.shards)):
+            s0, s1 = int(self.shard_starts[s]), int(self.shard_starts[s + 1])
+            if s0 >= hi:
+                break
+            a, b = max(lo, s0) - s0, min(hi, s1) - s0
+            out += self.reader.read(self.d.shards[s].file, self.d.shards[s].samples, a, b)
+        return out
+
+
+# ---------------------------------------------------------------------------------------------- the stream
+def new_stats(names: Sequence[str] = ()) -> dict:
+    return {"batches": 0, "samples": 0, "skipped": {}, "filtered": {}, "bytes_read": 0, "windows_read": 0,
+            "shards_indexed": 0, "batches_by_source": dict.fromkeys(names, 0), "errors": []}  # fmt: skip
+
+
+def _default_transform(sample: Sample, image_bytes: bytes | None) -> dict:
+    return {"sample": sample, "image_bytes": image_bytes}
+
+
+@dataclass(frozen=True)
+class Batch:
+    step: int  # global (optimizer) step
+    micro_step: int
+    source: str  # dataset name "<source>/<split>"
+    task: str
+    data: Any  # collate(list of transform outputs)
+
+
+class MixtureStream:
+    """The torch-free core: lane ``l`` of this rank produces its micro-batches from a start state."""
+
+    def __init__(self, shards: str, stage: mixture_mod.StageMixture, *, batch_size: int, rank: int = 0,
+                 world_size: int = 1, lanes: int = 1, seed: int = 0, grad_accum: int = 1,
+                 transform: Callable[[Sample, bytes | None], Any] | None = None,
+                 collate: Callable[[list], Any] | None = None, shuffle_window: int = 64, strict: bool = False,
+                 exclude_flags: Sequence[str] | None = None, storage_options: dict | None = None,
+                 max_cached_indexes: int = 256):  # fmt: skip
+        if not stage.datasets:
+            raise LoaderError(f"stage {stage.stage} has no dataset (missing: {[m['dataset'] for m in stage.missing]})")
+        for name, v in (("batch_size", batch_size), ("world_size", world_size), ("lanes", lanes),
+                        ("grad_accum", grad_accum), ("shuffle_window", shuffle_window)):  # fmt: skip
+            if not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name} must be a positive int, got {v!r}")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} outside [0, {world_size})")
+        self.shards, self.stage = str(shards), stage
+        self.batch_size, self.rank, self.world_size, self.lanes = batch_size, rank, world_size, lanes
+        self.seed, self.grad_accum, self.shuffle_window, self.strict = int(seed), grad_accum, shuffle_window, strict
+        self.transform = transform or _default_transform
+        self.collate = collate or list
+        self.exclude_flags = tuple(stage.exclude_flags if exclude_flags is None else exclude_flags)
+        self.storage_options = storage_options
+        self.max_cached_indexes = max_cached_indexes
+        self.names = stage.names
+        self.probabilities = np.asarray(stage.probabilities, dtype=np.float64)
+
+    def sources_of(self, micro_steps: np.ndarray) -> np.ndarray:
+        """Dataset index of each micro-step (the draw of its global step)."""
+        return step_sources(self.seed, np.asarray(micro_steps) // self.grad_accum, self.probabilities)
+
+    def iter_lane(self, lane: int, first_micro_step: int, positions: dict[str, int], stats: dict
+                  ) -> Iterator[tuple[dict, Any]]:  # fmt: skip
+        """Micro-steps ``first, first + L, …`` of ``lane``: yields ``(meta, collated batch)``; ``positions``
+        and ``stats`` are this lane's start state (copied, not mutated)."""
+        if first_micro_step % self.lanes != lane:
+            raise ValueError(f"micro-step {first_micro_step} does not belong to lane {lane} of {self.lanes}")
+        positions, stats = dict(positions), copy.deepcopy(stats)
+        reader = _ShardReader(self.shards, self.storage_options, self.max_cached_indexes, stats)
+        consumer, consumers = self.rank * self.lanes + lane, self.world_size * self.lanes
+        cursors = {}
+        m = first_micro_step
+        while True:
+            block = m + self.lanes * np.arange(256)
+            for m, di in zip(block.tolist(), self.sources_of(block).tolist(), strict=True):
+                d = self.stage.datasets[di]
+                if d.name not in cursors:
+                    cursors[d.name] = _Cursor(d, consumer, consumers, self.seed, self.shuffle_window, reader)
+                items, positions[d.name] = self._take(cursors[d.name], positions.get(d.name, 0), stats)
+                data = self.collate(items)
+                stats["batches"] += 1
+                stats["batches_by_source"][d.name] = stats["batches_by_source"].get(d.name, 0) + 1
+                meta = {"micro_step": m, "step": m // self.grad_accum, "lane": lane, "source": d.name,
+                        "task": d.task, "position": positions[d.name], "stats": copy.deepcopy(stats)}  # fmt: skip
+                yield meta, data
+            m += self.lanes
+
+    def _take(self, cur: _Cursor, position: int, stats: dict) -> tuple[list, int]:
+        """The next ``batch_size`` usable samples of a cursor from ``position``; returns (items, new position)."""
+        items, bad = [], 0
+        while len(items) < self.batch_size:
+            raw = cur.get(position)
+            position += 1
+            item = self._use(raw, cur.d, stats)
+            if item is None:
+                bad += 1
+                if bad >= cur.length + self.batch_size:  # a whole pass without a usable sample
+                    raise LoaderError(f"{cur.d.name}: no usable sample in consumer {cur.consumer}'s slice of "
+                                      f"{cur.length}; recent errors: {stats['errors'][-3:]}")
+                continue
+            bad = 0
+            items.append(item)
+            stats["samples"] += 1
+        return items, position
+
+    def _skip(self, stats: dict, reason: str, key: str | None, detail: str) -> None:
+        if self.strict:
+            raise LoaderError(f"{key or '?'}: {reason}: {detail}")
+        if reason not in stats["skipped"]:
+            warnings.warn(f"loader: skipping {key or '?'}: {reason}: {detail} (counted in stats; strict=True raises)",
+                          stacklevel=3)
+        stats["skipped"][reason] = stats["skipped"].get(reason, 0) + 1
+        stats["errors"] = (stats["errors"] + [f"{key}: {reason}: {detail}"[:300]])[-_MAX_ERRORS:]
+
+    def _use(self, raw: _Raw, d: mixture_mod.DatasetWeight, stats: dict) -> Any | None:
+        """Raw bytes → transformed item, or None (skipped / filtered, counted)."""
+        if raw.reason is not None:
+            return self._skip(stats, raw.reason, raw.key, raw.detail)
+        try:
+            sample = Sample.from_dict(json.loads(raw.json))
+        except (ValueError, KeyError, TypeError) as e:
+            return self._skip(stats, "corrupt_json", raw.key, f"{type(e).__name__}: {e}")
+        if sample.source != d.source or sample.key != raw.key:
+            return self._skip(stats, "foreign_sample", raw.key, f"holds {sample.key!r}, expected a {d.source} sample")
+        for flag in self.exclude_flags:
+            if sample.meta.get(flag):
+                stats["filtered"][flag] = stats["filtered"].get(flag, 0) + 1
+                return None
+        if sample.image is not None and raw.image is None:
+            return self._skip(stats, "missing_image", raw.key, "no image member in the shard")
+        try:
+            return self.transform(sample, raw.image)
+        except LoaderError:
+            raise
+        except Exception as e:  # noqa: BLE001 — a bad sample must not stop training; counted, shown, strict raises
+            reason = "corrupt_image" if isinstance(e, ImageDecodeError) or _is_pil_decode_error(e) else "transform_error"
+            return self._skip(stats, reason, raw.key, f"{type(e).__name__}: {e}")
+
+
+def _is_pil_decode_error(e: Exception) -> bool:
+    from PIL import UnidentifiedImageError
+
+    return isinstance(e, UnidentifiedImageError) or (isinstance(e, OSError) and "image file" in str(e))
+
+
+# ---------------------------------------------------------------------------------------------- DataLoader glue
+def _passthrough(x):
+    return x
+
+
+def _lane_dataset_cls():
+    """The DataLoader-facing dataset, built on first use so importing this module does not import torch
+    (start-up RSS); it is published as ``pipelines.loader._LaneDataset`` so spawn workers can unpickle it."""
+    if "_LaneDataset" in globals():
+        return globals()["_LaneDataset"]
+    import torch.utils.data
+
+    class _LaneDataset(torch.utils.data.IterableDataset):
+        """Worker ``w`` of an iteration starting at micro-step ``m0`` serves lane ``(m0 + w) % L``."""
+
+        def __init__(self, stream: MixtureStream, start: int, positions: list[dict], stats: list[dict]):
+            self.stream, self.start, self.positions, self.stats = stream, start, positions, stats
+
+        def __iter__(self):
+            info = torch.utils.data.get_worker_info()
+            w, n = (info.id, info.num_workers) if info else (0, 1)
+            if n != self.stream.lanes:
+                raise LoaderError(f"DataLoader has {n} workers but the stream was built for {self.stream.lanes}")
+            if info is not None:
+                import cv2
+
+                cv2.setNumThreads(1)  # one core per worker; cv2's own pool would oversubscribe
+            lane = (self.start + w) % n
+            yield from self.stream.iter_lane(lane, self.start + w, self.positions[lane], self.stats[lane])
+
+    _LaneDataset.__module__ = __name__
+    globals()["_LaneDataset"] = _LaneDataset
+    return _LaneDataset
+
+
+def __getattr__(name: str):
+    if name == "_LaneDataset":
+        return _lane_dataset_cls()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+class MixtureLoader:
+    """One rank's loader over a stage's mixture (see the module docstring for the sampling contract).
+
+    Args:
+        shards: the shards root (local folder or fsspec URI) holding ``<source>/<split>/*.tar``.
+        stage: which stage of the mixture ("1", "2", "3").
+        batch_size: samples per micro-batch on this rank.
+        rank, world_size: this rank and the number of ranks (data-parallel).
+        num_workers: DataLoader worker processes (0 = in this process); the lanes of the sampling contract.
+        seed: the run's data seed.
+        grad_accum: micro-batches per global step (all from the step's dataset).
+        transform: ``(Sample, image bytes | None) -> item`` — e.g. ``XSamProcessor``; default keeps both.
+        collate: ``list[item] -> batch`` — e.g. ``processor.collate``; default ``list``.
+        mixture: a :class:`~pipelines.mixture.Mixture`, a path/URI of ``mixture.json``; default
+            ``<shards>/mixture.json``.
+        shuffle_window: samples per shuffle window (memory: one window per dataset per worker).
+        strict: raise :class:`LoaderError` at the first unreadable sample instead of skipping it.
+        exclude_flags: skip samples whose ``meta[flag]`` is true; default the mixture's (``no_target``).
+        storage_options: passed to fsspec for ``shards``.
+        prefetch_factor, pin_memory, multiprocessing_context: passed to ``torch.utils.data.DataLoader``.
+    """
+
+    def __init__(self, shards: str, *, stage: str | int, batch_size: int, rank: int = 0, world_size: int = 1,
+                 num_workers: int = 0, seed: int = 0, grad_accum: int = 1,
+                 transform: Callable[[Sample, bytes | None], Any] | None = None,
+                 collate: Callable[[list], Any] | None = None,
+                 mixture: mixture_mod.Mixture | mixture_mod.StageMixture | str | None = None,
+                 shuffle_window: int = 64, strict: bool = False, exclude_flags: Sequence[str] | None = None,
+                 storage_options: dict | None = None, prefetch_factor: int | None = 2, pin_memory: bool = False,
+                 multiprocessing_context=None):  # fmt: skip
+        if isinstance(mixture, mixture_mod.StageMixture):
+            stage_mix = mixture
+        else:
+            mix = mixture if isinstance(mixture, mixture_mod.Mixture) else mixture_mod.load(mixture or shards)
+            stage_mix = mix.stage(stage)
+        self.num_workers = num_workers
+        self.stream = MixtureStream(
+            shards, stage_mix, batch_size=batch_size, rank=rank, world_size=world_size, lanes=max(1, num_workers),
+            seed=seed, grad_accum=grad_accum, transform=transform, collate=collate, shuffle_window=shuffle_window,
+            strict=strict, exclude_flags=exclude_flags, storage_options=storage_options,
+        )  # fmt: skip
+        self.dataloader_kwargs = {"prefetch_factor": prefetch_factor if num_workers else None,
+                                  "pin_memory": pin_memory, "multiprocessing_context": multiprocessing_context}
+        self.digest = stage_mix.digest()
+        self._micro_step = 0
+        lanes = self.stream.lanes
+        self._positions = [dict.fromkeys(self.stream.names, 0) for _ in range(lanes)]
+        self._stats = [new_stats(self.stream.names) for _ in range(lanes)]
+
+    # ------------------------------------------------------------------ iteration
+    def __iter__(self) -> Iterator[Batch]:
+        start = self._micro_step
+        if self.num_workers == 0:
+            source = self.stream.iter_lane(0, start, self._positions[0], self._stats[0])
+        else:
+            import torch.utils.data
+
+            ds = _lane_dataset_cls()(self.stream, start, copy.deepcopy(self._positions), copy.deepcopy(self._stats))
+            source = iter(torch.utils.data.DataLoader(ds, batch_size=None, num_workers=self.num_workers,
+                                                      collate_fn=_passthrough, persistent_workers=False,
+                                                      **self.dataloader_kwargs))  # fmt: skip
+        for meta, data in source:
+            if meta["micro_step"] != self._micro_step:  # DataLoader round-robin is what makes lanes work
+                raise LoaderError(f"expected micro-step {self._micro_step}, a worker produced {meta['micro_step']}")
+            self._micro_step += 1
+            self._positions[meta["lane"]][meta["source"]] = meta["position"]
+            self._stats[meta["lane"]] = meta["stats"]
+            yield Batch(meta["step"], meta["micro_step"], meta["source"], meta["task"], data)
+
+    # ------------------------------------------------------------------ state
+    @property
+    def micro_step(self) -> int:
+        return self._micro_step
+
+    @property
+    def step(self) -> int:
+        return self._micro_step // self.stream.grad_accum
+
+    def _identity(self) -> dict:
+        s = self.stream
+        return {"format": STATE_FORMAT, "stage": s.stage.stage, "mixture_digest": self.digest, "seed": s.seed,
+                "rank": s.rank, "world_size": s.world_size, "lanes": s.lanes, "batch_size": s.batch_size,
+                "grad_accum": s.grad_accum, "shuffle_window": s.shuffle_window,
+                "exclude_flags": list(s.exclude_flags)}  # fmt: skip
+
+    def state_dict(self) -> dict:
+        """Plain-JSON state after the last batch handed out: resume with :meth:`load_state_dict`."""
+        return {**self._identity(), "micro_step": self._micro_step, "step": self.step,
+                "positions": {n: [p[n] for p in self._positions] for n in self.stream.names},
+                "stats": copy.deepcopy(self._stats)}  # fmt: skip
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue from ``state``; every identity field (seed, rank, sizes, mixture) must match."""
+        mine = self._identity()
+        diff = {k: (state.get(k), v) for k, v in mine.items() if state.get(k) != v}
+        if diff:
+            raise ValueError("loader state does not fit this loader (field: (state, loader)): "
+                             + ", ".join(f"{k}: {a!r} vs {b!r}" for k, (a, b) in diff.items()))
+        if set(state["positions"]) != set(self.stream.names):
+            raise ValueError(f"state datasets {sorted(state['positions'])} != mixture {sorted(self.stream.names)}")
+        self._micro_step = int(state["micro_step"])
+        self._positions = [{n: int(state["positions"][n][lane]) for n in self.stream.names}
+                           for lane in range(self.stream.lanes)]  # fmt: skip
+        self._stats = copy.deepcopy(state["stats"])
+
+    # ------------------------------------------------------------------ reporting
+    @property
+    def planned(self) -> dict[str, float]:
+        """Dataset → planned probability p_d."""
+        return dict(zip(self.stream.names, self.stream.probabilities.tolist(), strict=True))
+
+    def seen(self) -> dict[str, float]:
+        """Dataset → share of this rank's batches so far (compare with :attr:`planned`)."""
+        counts = self.stats()["batches_by_source"]
+        total = sum(counts.values())
+        return {n: (counts.get(n, 0) / total if total else 0.0) for n in self.stream.names}
+
+    def stats(self) -> dict:
+        """Counters summed over this rank's lanes: batches, samples, skipped/filtered by reason, bytes read…"""
+        out = new_stats(self.stream.names)
+        for s in self._stats:
+            for k in ("batches", "samples", "bytes_read", "windows_read", "shards_indexed"):
+                out[k] += s[k]
+            for k in ("skipped", "filtered", "batches_by_source"):
+                for r, v in s[k].items():
+                    out[k][r] = out[k].get(r, 0) + v
+            out["errors"] += s["errors"]
+        out["micro_step"] = self._micro_step
+        return out
+
+    def steps_per_epoch(self) -> int:
+        """Global steps per epoch of the mixture (X-SAM: Σ ceil(N_d·r_d / global batch))."""
+        return self.stream.stage.steps_per_epoch(self.stream.batch_size * self.stream.grad_accum
+                                                 * self.stream.world_size)
+
+
+__all__ = ["Batch", "LoaderError", "MixtureLoader", "MixtureStream", "ShardIndex", "index_shard", "step_sources",
+           "step_uniforms"]

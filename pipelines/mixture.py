@@ -1,0 +1,356 @@
+"""Balance-resampling mixture weights per training stage → ``<out>/mixture.json`` (DESIGN §4.5, recipe §3).
+
+    python -m pipelines.mixture --out /shared/shards [--t 0.1] [--stage3-extra ade20k_panoptic,lvis]
+
+For each stage, each dataset ``d`` = (source, split "train") found under ``--out`` gets (X-SAM's
+``ConcatDataset.get_dataset_repeats``)::
+
+    f_d = N_d / Σ N            r_d = max(1, sqrt(t / f_d))        p_d = N_d·r_d / Σ N·r
+    samples per epoch = Σ int(N_d·r_d)                               (the recipe's integer dataset lengths)
+
+``N_d`` is the manifest's sample count minus samples whose ``meta`` carries an exclusion flag
+(gRefCOCO's ``no_target`` expressions are left out of training by default). The file also lists each
+dataset's shards (paths relative to ``--out``), so training never lists folders, and the datasets a stage
+wants but that are not there (``missing``). Training reads this file and never recomputes it; every load
+re-validates it (finite, positive probabilities summing to 1), like torchtitan's dataset-mix configs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import tarfile
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+
+from pipelines import storage
+
+MIXTURE_FILE = "mixture.json"
+MIXTURE_VERSION = 1
+DEFAULT_T = 0.1
+TRAIN_SPLIT = "train"
+
+# Recipe §1.2: the datasets of each stage, in the recipe's order. Other sources only when asked for.
+STAGE_DATASETS: dict[str, tuple[str, ...]] = {
+    "1": ("coco_panoptic",),
+    "2": ("llava_pretrain",),
+    "3": (
+        "llava_instruct", "coco_panoptic", "refcoco", "refcoco+", "refcocog", "lisa_reasonseg",
+        "grandf_gcg", "refcocog_gcg", "psg_gcg", "flickr_gcg", "coco_vgd",
+    ),
+}  # fmt: skip
+
+# Every source name of DESIGN §4.2 (the registry may not hold them all yet).
+CONTRACT_SOURCES: tuple[str, ...] = (
+    "coco_panoptic", "coco_instance", "refcoco", "refcoco+", "refcocog", "grefcoco", "lisa_reasonseg",
+    "grandf_gcg", "psg_gcg", "refcocog_gcg", "flickr_gcg", "ade20k_panoptic", "ade20k_semantic",
+    "ade20k_instance", "lvis", "coco_vgd", "coco_interactive", "llava_pretrain", "llava_instruct",
+)  # fmt: skip
+
+# Samples whose ``meta[flag]`` is true are not trained on (the loader skips them; N_d leaves them out).
+EXCLUDE_FLAGS: tuple[str, ...] = ("no_target",)
+# Sources whose samples may carry such flags: counted from ``manifest.counts[flag]`` when the writer
+# recorded it there, otherwise by reading the shards' JSON members once (small sources only).
+FLAGGED_SOURCES: dict[str, tuple[str, ...]] = {"grefcoco": ("no_target",)}
+
+
+class MixtureError(ValueError):
+    """A mixture that breaks an invariant (non-finite or non-positive weight, sum ≠ 1, bad counts)."""
+
+
+# ---------------------------------------------------------------------------------------------- arithmetic
+def balance_weights(counts: Mapping[str, int], t: float = DEFAULT_T) -> dict[str, dict]:
+    """``{name: N_d}`` → ``{name: {"fraction", "repeat", "epoch_samples", "probability"}}`` (recipe §3)."""
+    if not math.isfinite(t) or t < 0:
+        raise MixtureError(f"t must be a finite number >= 0, got {t!r}")
+    bad = {k: v for k, v in counts.items() if not isinstance(v, int) or v <= 0}
+    if bad:
+        raise MixtureError(f"sample counts must be positive ints: {bad}")
+    total = sum(counts.values())
+    out = {}
+    for name, n in counts.items():
+        f = n / total
+        r = max(1.0, math.sqrt(t / f))
+        out[name] = {"fraction": f, "repeat": r, "epoch_samples": int(n * r)}
+    z = sum(counts[k] * v["repeat"] for k, v in out.items())
+    for name, v in out.items():
+        v["probability"] = counts[name] * v["repeat"] / z
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- frozen data
+@dataclass(frozen=True)
+class ShardRef:
+    file: str  # relative to the shards root: "<source>/<split>/<source>-<split>-000000.tar"
+    samples: int
+    bytes: int
+    sha256: str | None = None
+
+
+@dataclass(frozen=True)
+class DatasetWeight:
+    name: str  # "<source>/<split>"
+    source: str
+    split: str
+    task: str
+    samples: int  # N_d: trainable samples (shard samples minus excluded ones)
+    fraction: float  # f_d
+    repeat: float  # r_d
+    epoch_samples: int  # int(N_d·r_d)
+    probability: float  # p_d
+    shards: tuple[ShardRef, ...]
+    shard_samples: int  # samples in the shards, excluded ones included (the loader indexes these)
+    excluded: dict[str, int] = field(default_factory=dict)  # flag → samples left out
+    fingerprint: str | None = None  # the manifest's build fingerprint (lineage)
+
+
+@dataclass(frozen=True)
+class StageMixture:
+    stage: str
+    t: float
+    datasets: tuple[DatasetWeight, ...]
+    missing: tuple[dict, ...] = ()  # {"dataset": "refcoco/train", "reason": "..."} for each wanted but absent
+    exclude_flags: tuple[str, ...] = EXCLUDE_FLAGS
+
+    def __post_init__(self):
+        validate_stage(self)
+
+    @property
+    def names(self) -> list[str]:
+        return [d.name for d in self.datasets]
+
+    @property
+    def probabilities(self) -> list[float]:
+        return [d.probability for d in self.datasets]
+
+    @property
+    def samples_per_epoch(self) -> int:
+        return sum(d.epoch_samples for d in self.datasets)
+
+    def steps_per_epoch(self, global_batch: int) -> int:
+        """Σ_d ceil(N_d·r_d / global_batch): X-SAM's iterations per epoch with single-source batches."""
+        return sum(-(-d.epoch_samples // global_batch) for d in self.datasets)
+
+    def digest(self) -> str:
+        """sha256 of the canonical JSON: a loader state refers to the mixture it was made with."""
+        return hashlib.sha256(json.dumps(stage_to_dict(self), sort_keys=True).encode()).hexdigest()
+
+
+def validate_stage(s: StageMixture) -> None:
+    """Raise :class:`MixtureError` unless every weight is finite and positive and they sum to 1."""
+    where = f"stage {s.stage}"
+    if not math.isfinite(s.t) or s.t < 0:
+        raise MixtureError(f"{where}: t={s.t!r} must be finite and >= 0")
+    names = [d.name for d in s.datasets]
+    if len(set(names)) != len(names):
+        raise MixtureError(f"{where}: duplicate datasets {names}")
+    for d in s.datasets:
+        if not (isinstance(d.samples, int) and d.samples > 0):
+            raise MixtureError(f"{where}: {d.name} has {d.samples!r} samples (must be a positive int)")
+        for k in ("fraction", "repeat", "probability"):
+            v = getattr(d, k)
+            if not (isinstance(v, float | int) and math.isfinite(v) and v > 0):
+                raise MixtureError(f"{where}: {d.name}.{k}={v!r} must be finite and > 0")
+        if d.repeat < 1:
+            raise MixtureError(f"{where}: {d.name}.repeat={d.repeat} < 1")
+        if d.shard_samples != sum(sh.samples for sh in d.shards):
+            raise MixtureError(f"{where}: {d.name}: shard_samples {d.shard_samples} != sum over its shards")
+        if d.samples + sum(d.excluded.values()) != d.shard_samples:
+            raise MixtureError(f"{where}: {d.name}: samples + excluded != shard_samples")
+    if s.datasets:
+        total = math.fsum(d.probability for d in s.datasets)
+        if abs(total - 1.0) > 1e-9:
+            raise MixtureError(f"{where}: probabilities sum to {total!r}, not 1")
+
+
+@dataclass(frozen=True)
+class Mixture:
+    t: float
+    stages: dict[str, StageMixture]
+    version: int = MIXTURE_VERSION
+
+    def stage(self, name: str | int) -> StageMixture:
+        key = str(name)
+        if key not in self.stages:
+            raise KeyError(f"mixture has no stage {key!r}; it has {sorted(self.stages)}")
+        return self.stages[key]
+
+    def to_dict(self) -> dict:
+        return {"version": self.version, "t": self.t,
+                "stages": {k: stage_to_dict(v) for k, v in sorted(self.stages.items())}}  # fmt: skip
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Mixture:
+        if d.get("version") != MIXTURE_VERSION:
+            raise MixtureError(f"mixture version {d.get('version')!r} is not {MIXTURE_VERSION}")
+        return cls(t=d["t"], stages={k: stage_from_dict(v) for k, v in d["stages"].items()}, version=d["version"])
+
+
+def stage_to_dict(s: StageMixture) -> dict:
+    return {
+        "stage": s.stage,
+        "t": s.t,
+        "exclude_flags": list(s.exclude_flags),
+        "samples": sum(d.samples for d in s.datasets),
+        "samples_per_epoch": s.samples_per_epoch,
+        "datasets": [{**asdict(d), "shards": [asdict(sh) for sh in d.shards]} for d in s.datasets],
+        "missing": [dict(m) for m in s.missing],
+    }
+
+
+def stage_from_dict(d: dict) -> StageMixture:
+    datasets = tuple(
+        DatasetWeight(**{**x, "shards": tuple(ShardRef(**sh) for sh in x["shards"]), "excluded": dict(x["excluded"])})
+        for x in d["datasets"]
+    )
+    return StageMixture(stage=str(d["stage"]), t=d["t"], datasets=datasets, missing=tuple(d.get("missing", ())),
+                        exclude_flags=tuple(d.get("exclude_flags", EXCLUDE_FLAGS)))  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------------------- from manifests
+def mixture_path(out_url: str) -> str:
+    return storage.join(str(out_url), MIXTURE_FILE)
+
+
+def read_manifest(out_url: str, source: str, split: str = TRAIN_SPLIT) -> dict | None:
+    fs, root = storage.fs_and_path(out_url)
+    path = storage.join(root, source, split, "manifest.json")
+    return storage.read_json(fs, path) if fs.exists(path) else None
+
+
+def count_flagged(out_url: str, manifest: dict, flags: Sequence[str]) -> dict[str, int]:
+    """Samples whose ``meta[flag]`` is true, per flag: from ``manifest.counts`` when recorded there,
+    else by streaming the shards' JSON members (image members are skipped over, not parsed)."""
+    counts = manifest.get("counts", {})
+    if all(f in counts for f in flags):
+        return {f: int(counts[f]) for f in flags}
+    fs, root = storage.fs_and_path(out_url)
+    found = dict.fromkeys(flags, 0)
+    sdir = storage.join(root, manifest["source"], manifest["split"])
+    for sh in manifest["shards"]:
+        with fs.open(storage.join(sdir, sh["file"]), "rb") as f, tarfile.open(fileobj=f, mode="r|") as tar:
+            for member in tar:
+                if not member.name.endswith(".json"):
+                    continue
+                meta = json.loads(tar.extractfile(member).read()).get("meta") or {}
+                for flag in flags:
+                    found[flag] += bool(meta.get(flag))
+    return found
+
+
+def compute(
+    out_url: str,
+    t: float = DEFAULT_T,
+    stages: Mapping[str, Sequence[str]] | None = None,
+    stage3_extra: Sequence[str] = (),
+    exclude_flags: Sequence[str] = EXCLUDE_FLAGS,
+    log: Callable[[str], None] = print,
+) -> Mixture:
+    """The mixture of every stage from the train manifests under ``out_url``."""
+    stages = {k: list(v) for k, v in (stages or STAGE_DATASETS).items()}
+    if stage3_extra:
+        from pipelines.sources import SOURCES
+
+        known = set(SOURCES) | set(CONTRACT_SOURCES)
+        unknown = [s for s in stage3_extra if s not in known]
+        if unknown:
+            raise MixtureError(f"unknown source(s) {unknown} in stage3_extra; known: {sorted(known)}")
+        stages["3"] = stages.get("3", []) + [s for s in stage3_extra if s not in stages.get("3", [])]
+    manifests: dict[str, dict | None] = {}
+    result = {}
+    for stage, sources in stages.items():
+        counts: dict[str, int] = {}
+        info: dict[str, dict] = {}
+        missing = []
+        for source in sources:
+            name = f"{source}/{TRAIN_SPLIT}"
+            if source not in manifests:
+                manifests[source] = read_manifest(out_url, source)
+            m = manifests[source]
+            if m is None:
+                missing.append({"dataset": name, "reason": "no manifest (source not built)"})
+                continue
+            flags = [f for f in FLAGGED_SOURCES.get(source, ()) if f in exclude_flags]
+            excluded = count_flagged(out_url, m, flags) if flags else {}
+            n = m["counts"]["samples"] - sum(excluded.values())
+            if n <= 0:
+                missing.append({"dataset": name, "reason": f"no trainable samples ({m['counts']['samples']} in "
+                                                           f"shards, excluded {excluded})"})
+                continue
+            counts[name] = n
+            info[name] = {"manifest": m, "excluded": excluded}
+        weights = balance_weights(counts, t) if counts else {}
+        datasets = []
+        for name, w in weights.items():
+            m = info[name]["manifest"]
+            shards = tuple(
+                ShardRef(file=f"{m['source']}/{m['split']}/{sh['file']}", samples=sh["samples"], bytes=sh["bytes"],
+                         sha256=sh.get("sha256"))
+                for sh in m["shards"]
+            )  # fmt: skip
+            datasets.append(DatasetWeight(
+                name=name, source=m["source"], split=m["split"], task=m["task"], samples=counts[name],
+                fraction=w["fraction"], repeat=w["repeat"], epoch_samples=w["epoch_samples"],
+                probability=w["probability"], shards=shards, shard_samples=sum(s.samples for s in shards),
+                excluded=info[name]["excluded"], fingerprint=m.get("fingerprint"),
+            ))  # fmt: skip
+        result[stage] = StageMixture(stage=stage, t=t, datasets=tuple(datasets), missing=tuple(missing),
+                                     exclude_flags=tuple(exclude_flags))  # fmt: skip
+        if missing:
+            log(f"mixture stage {stage}: missing {', '.join(x['dataset'] for x in missing)}")
+    return Mixture(t=t, stages=result)
+
+
+def write(out_url: str, mixture: Mixture) -> str:
+    """Write ``<out>/mixture.json`` atomically; returns its path/URI."""
+    fs, root = storage.fs_and_path(out_url)
+    storage.write_json(fs, storage.join(root, MIXTURE_FILE), mixture.to_dict())
+    return mixture_path(out_url)
+
+
+def load(path_or_url: str) -> Mixture:
+    """Read and validate a ``mixture.json`` (a folder/URI is taken to hold one)."""
+    url = str(path_or_url)
+    if not url.endswith(".json"):
+        url = mixture_path(url)
+    fs, path = storage.fs_and_path(url)
+    return Mixture.from_dict(storage.read_json(fs, path))
+
+
+def write_mixture(out_url: str, t: float = DEFAULT_T, stage3_extra: Sequence[str] = (),
+                  log: Callable[[str], None] = print) -> str:
+    """compute + write (what ``build()`` calls at its end)."""
+    return write(out_url, compute(out_url, t=t, stage3_extra=stage3_extra, log=log))
+
+
+def format_table(mixture: Mixture) -> str:
+    rows = []
+    for name, s in sorted(mixture.stages.items()):
+        rows.append(f"stage {name}: {len(s.datasets)} datasets, {sum(d.samples for d in s.datasets)} samples, "
+                    f"{s.samples_per_epoch} samples/epoch (t={s.t})")
+        for d in s.datasets:
+            rows.append(f"  {d.name:<26} N={d.samples:>9}  r={d.repeat:7.3f}  p={d.probability:.5f}  "
+                        f"epoch={d.epoch_samples}")
+        for m in s.missing:
+            rows.append(f"  {m['dataset']:<26} missing: {m['reason']}")
+    return "\n".join(rows)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", required=True, help="the shards folder or URI (holds <source>/train/manifest.json)")
+    p.add_argument("--t", type=float, default=DEFAULT_T, help="oversample ratio t (default 0.1)")
+    p.add_argument("--stage3-extra", default="", help="comma list of sources added to stage 3 (e.g. grefcoco,lvis)")
+    args = p.parse_args(argv)
+    extra = [s for s in args.stage3_extra.split(",") if s]
+    mix = compute(args.out, t=args.t, stage3_extra=extra)
+    path = write(args.out, mix)
+    print(format_table(mix))
+    print(f"mixture written to {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
