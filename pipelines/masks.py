@@ -9,6 +9,7 @@ from __future__ import annotations
 import io
 from collections.abc import Sequence
 
+import cv2
 import numpy as np
 from PIL import Image
 from pycocotools import mask as mask_utils
@@ -106,29 +107,29 @@ def rgb2id(png: np.ndarray) -> np.ndarray:
 
 
 def read_panoptic_png(data: bytes) -> np.ndarray:
-    """Bytes of a panoptic PNG to its ``HxW`` int32 id map."""
+    """Bytes of a panoptic PNG to its ``HxW`` int32 id map.
+
+    OpenCV's decoder (BGR order) is used when it reads the file; palette or odd modes fall back to PIL.
+    """
+    arr = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
+    if arr is not None and arr.ndim == 3 and arr.shape[2] == 3 and arr.dtype == np.uint8:
+        b, g, r = (arr[..., i].astype(np.int32) for i in range(3))
+        return r + (g << 8) + (b << 16)
     with Image.open(io.BytesIO(data)) as im:
         return rgb2id(np.asarray(im.convert("RGB")))
 
 
 def id_map_to_rles(id_map: np.ndarray, segment_ids: Sequence[int]) -> list[dict]:
-    """One RLE per requested segment id, from one decoded id map.
+    """One RLE per requested segment id, from one decoded ``HxW`` id map.
 
-    Vectorised: a single ``np.unique``-style relabel maps every pixel to its position in ``segment_ids``,
-    then one ``HxWxN`` boolean stack goes through one ``pycocotools.mask.encode`` call; the PNG is decoded
-    once, not once per segment. A segment id absent from the map gives an empty RLE (caller decides).
+    Vectorised: one broadcast comparison builds the ``NxWxH`` boolean stack from the transposed map, which
+    *is* the ``HxWxN`` Fortran-ordered array ``pycocotools.mask.encode`` wants (no copy), and one encode call
+    turns all N masks into RLEs. The PNG is decoded once, not once per segment. A segment id absent from
+    the map gives an empty RLE (the caller decides what that means).
     """
     if len(segment_ids) == 0:
         return []
-    ids = np.asarray(segment_ids, dtype=np.int64)
-    order = np.argsort(ids)
-    sorted_ids = ids[order]
-    pos = np.searchsorted(sorted_ids, id_map)  # HxW, index into sorted ids (or len)
-    pos = np.minimum(pos, len(ids) - 1)
-    hit = sorted_ids[pos] == id_map
-    slot = np.where(hit, order[pos], -1)  # HxW: index into segment_ids, -1 elsewhere
-    # Fortran-ordered HxWxN stack built directly, so encode() needs no copy
-    stack = np.zeros((id_map.shape[0], id_map.shape[1], len(ids)), dtype=np.uint8, order="F")
-    ys, xs = np.nonzero(slot >= 0)
-    stack[ys, xs, slot[ys, xs]] = 1
-    return encode(stack)
+    ids = np.asarray(segment_ids, dtype=id_map.dtype)
+    stack = ids[:, None, None] == np.ascontiguousarray(id_map.T)[None]  # N x W x H, C order
+    fortran = stack.view(np.uint8).transpose(2, 1, 0)  # H x W x N, Fortran order: same memory
+    return [_str_counts(r) for r in mask_utils.encode(fortran)]

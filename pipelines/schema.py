@@ -88,9 +88,22 @@ class Sample:
 
     # ---------------------------------------------------------------- (de)serialisation
     def to_dict(self) -> dict:
-        d = asdict(self)
-        # field order in the file is fixed by sort_keys in to_json, so nothing here depends on insertion order
-        return d
+        # hand-written rather than dataclasses.asdict: asdict deep-copies every RLE and dominated the
+        # writer's profile; key order does not matter because to_json sorts keys
+        return {
+            "schema": self.schema,
+            "key": self.key,
+            "source": self.source,
+            "task": self.task,
+            "split": self.split,
+            "image": asdict(self.image) if self.image else None,
+            "conversation": [{"role": t.role, "text": t.text} for t in self.conversation],
+            "phrases": list(self.phrases),
+            "masks": [dict(m.__dict__) for m in self.masks],
+            "ignore": self.ignore,
+            "regions": [dict(r.__dict__) for r in self.regions],
+            "meta": self.meta,
+        }
 
     def to_json(self) -> bytes:
         """Canonical JSON bytes: sorted keys, no spaces, so equal Samples give equal bytes."""
