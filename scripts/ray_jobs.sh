@@ -19,7 +19,7 @@ submit_job() {  # usage: submit_job python orchestrate/xxx.py --args...
   echo "submitted $job_id: $*"
   ray job logs --follow "$job_id"
   local status
-  status=$(ray job status "$job_id" 2>&1 | grep -o 'SUCCEEDED\|FAILED\|STOPPED' | tail -n 1 || true)
+  status=$(ray job status "$job_id" 2>&1 | grep -io 'succeeded\|failed\|stopped' | tail -n 1 | tr '[:lower:]' '[:upper:]' || true)
   echo "job $job_id: $status"
   [ "$status" = "SUCCEEDED" ]
 }
