@@ -9,6 +9,7 @@ Every option is documented in ``--help``; the work itself is in :mod:`pipelines.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 
@@ -36,6 +37,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--no-image-newline", action="store_true", help="'<image>' without the paper's trailing newline")
     p.add_argument("--keep-eval-images", action="store_true", help="keep RefCOCO eval images in COCO train splits")
     p.add_argument("--max-image-pixels", type=int, default=BuildOptions.max_image_pixels)
+    p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
+                   help="a source-specific option (BuildOptions.extra), VALUE parsed as JSON when it can be, "
+                        "e.g. refseg_chunk=8, gcg_force_period=true, lvis_max_phrases=100")
     return p.parse_args(argv)
 
 
@@ -50,6 +54,19 @@ def parse_overrides(items: list[str]) -> dict[str, dict[str, str]]:
     return out
 
 
+def parse_extra(items: list[str]) -> dict:
+    extra = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise BuildConfigError(f"--option {item!r}: expected KEY=VALUE")
+        try:
+            extra[key] = json.loads(value)
+        except json.JSONDecodeError:
+            extra[key] = value
+    return extra
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     options = BuildOptions(
@@ -60,6 +77,7 @@ def main(argv: list[str] | None = None) -> int:
         image_token="<image>" if args.no_image_newline else "<image>\n",
         genseg_num_class=args.genseg_num_class,
         keep_eval_images=args.keep_eval_images,
+        extra=parse_extra(args.option),
     )
     import ray
 

@@ -128,9 +128,11 @@ def convert_chunk(
         with storage.atomic_write(fs, final) as raw:
             hw = _HashingWriter(raw)
             writer = wds.TarWriter(hw, user="xsam", group="xsam", mode=0o444, mtime=TAR_MTIME, encoder=False)
-            for record in read_chunk(chunk.path):
-                _convert_one(source, record, ctx, options, part, writer, counts, categories)
-            writer.close()
+            try:
+                for record in read_chunk(chunk.path):
+                    _convert_one(source, record, ctx, options, part, writer, counts, categories)
+            finally:
+                writer.close()  # also on a strict-mode error, before the temporary file is removed
             if part.samples == 0:
                 raise _EmptyShard()  # aborts the atomic write: no empty tar files
         part.file, part.bytes, part.sha256 = name, hw.n, hw.h.hexdigest()
