@@ -1,0 +1,246 @@
+"""Run-root layout, stage exports and the checks that chain stages (DESIGN §4.7).
+
+    <run-root>/stage{1,2,3}/                    one Ray Train run per stage (RunConfig(name, storage_path))
+        checkpoint_<time>/                      DeepSpeed shards of every rank + loader_rank<r>.json + train_state.json
+        export/model.safetensors                the stage's trainable weights
+        export/config.json                      the resolved stage config and model config
+        export/lineage.json                     shards, mixture, parent exports, code version, steps (written last)
+        metrics.jsonl, wandb/, trace/           per-step metrics (rank 0), offline wandb runs, data order (opt-in)
+
+A stage starts from its parents' exports (:class:`~orchestrate.stages.ParentSpec`). :func:`check_parents`
+reads only the safetensors headers, so the driver can refuse a bad chain before any worker starts: every
+parameter under ``take`` must be in the export with its shape, and every key of the export must be taken or
+deliberately dropped. X-SAM loads with ``strict=False`` after dropping mismatches, so errors pass silently.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import struct
+import time
+import uuid
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from orchestrate.stages import ParentSpec
+from pipelines import storage
+
+MODEL_FILE = "model.safetensors"
+CONFIG_FILE = "config.json"
+LINEAGE_FILE = "lineage.json"
+
+
+class ParentExportError(ValueError):
+    """A parent export is missing or does not fit the model; the message lists every key and path involved."""
+
+
+# ---------------------------------------------------------------------------------------------- layout
+def stage_name(stage: int) -> str:
+    return f"stage{stage}"
+
+
+def stage_dir(run_root: str, stage: int) -> str:
+    return storage.join(str(run_root), stage_name(stage))
+
+
+def export_dir(run_root: str, stage: int) -> str:
+    return storage.join(stage_dir(run_root, stage), "export")
+
+
+def is_local(url: str) -> bool:
+    return "://" not in str(url) or str(url).startswith("file://")
+
+
+def local_path(url: str) -> Path:
+    return Path(str(url).removeprefix("file://"))
+
+
+# ---------------------------------------------------------------------------------------------- code version
+_PACKAGES = ("pipelines", "xsam_model", "orchestrate")
+
+
+def code_version() -> dict[str, Any]:
+    """Package version, git commit when a checkout is at hand, and a digest of the package sources (which
+    identifies the code even inside a ``ray job submit --working-dir`` copy that has no ``.git``)."""
+    from pipelines.build import code_version as build_code_version
+
+    root = Path(__file__).resolve().parent.parent
+    h = hashlib.sha256()
+    for pkg in _PACKAGES:
+        for f in sorted((root / pkg).rglob("*.py")):
+            h.update(str(f.relative_to(root)).encode() + b"\0" + f.read_bytes())
+    return {**build_code_version(), "source_sha256": h.hexdigest()[:16]}
+
+
+# ---------------------------------------------------------------------------------------------- reading
+def safetensors_header(url: str) -> dict[str, dict]:
+    """``{key: {"dtype", "shape"}}`` from a safetensors file's JSON header, without reading the tensors."""
+    fs, path = storage.fs_and_path(url)
+    with fs.open(path, "rb") as f:
+        raw = f.read(8)
+        if len(raw) != 8:
+            raise ParentExportError(f"{url}: not a safetensors file (shorter than 8 bytes)")
+        (n,) = struct.unpack("<Q", raw)
+        if n > 100 * 2**20:
+            raise ParentExportError(f"{url}: not a safetensors file (header length {n})")
+        header = json.loads(f.read(n))
+    header.pop("__metadata__", None)
+    return {k: {"dtype": v["dtype"], "shape": tuple(v["shape"])} for k, v in header.items()}
+
+
+@dataclass
+class ExportInfo:
+    """A stage export found on storage (tensors not loaded)."""
+
+    stage: int
+    url: str
+    keys: dict[str, dict] = field(default_factory=dict)
+    """``{key: {"dtype", "shape"}}`` of model.safetensors."""
+    lineage: dict = field(default_factory=dict)
+    config: dict = field(default_factory=dict)
+
+    @property
+    def model_url(self) -> str:
+        return storage.join(self.url, MODEL_FILE)
+
+
+def find_export(url: str, stage: int, *, needed_by: int | None = None) -> ExportInfo:
+    """The export at ``url`` (its folder); a missing or incomplete one is a :class:`ParentExportError`."""
+    fs, path = storage.fs_and_path(url)
+    who = f"stage {needed_by} starts from stage {stage}'s export, " if needed_by else ""
+    missing = [n for n in (MODEL_FILE, LINEAGE_FILE, CONFIG_FILE) if not fs.exists(f"{path}/{n}")]
+    if missing:
+        raise ParentExportError(
+            f"{who}expected {', '.join(missing)} in {url} (run stage {stage} first, or point --init-from "
+            f"at its export folder)"
+        )
+    lineage = storage.read_json(fs, f"{path}/{LINEAGE_FILE}")
+    if lineage.get("stage") != stage:
+        raise ParentExportError(f"{url} is the export of stage {lineage.get('stage')}, expected stage {stage}")
+    return ExportInfo(stage=stage, url=url, keys=safetensors_header(storage.join(url, MODEL_FILE)), lineage=lineage,
+                      config=storage.read_json(fs, f"{path}/{CONFIG_FILE}"))  # fmt: skip
+
+
+def _under(name: str, prefix: str) -> bool:
+    return name == prefix or name.startswith(prefix + ".")
+
+
+# ---------------------------------------------------------------------------------------------- checks
+@dataclass
+class LoadPlan:
+    """Which keys come from which parent export (checked; nothing left over)."""
+
+    take: dict[int, list[str]] = field(default_factory=dict)
+    dropped: dict[int, list[str]] = field(default_factory=dict)
+
+
+def check_parents(param_shapes: Mapping[str, tuple[int, ...]], parents: Iterable[ParentSpec],
+                  exports: Mapping[int, ExportInfo], *, skip: Iterable[str] = ()) -> LoadPlan:  # fmt: skip
+    """Check every parent export against the model's parameter shapes.
+
+    Missing: a model parameter under a ``take`` prefix (and not in ``skip``, the parameters that never train)
+    absent from the export. Mismatched: shape differs. Unused: an export key under neither ``take`` nor
+    ``drop``, or taken but unknown to the model. All problems of all parents go into one error.
+    """
+    skip = set(skip)
+    plan, problems = LoadPlan(), []
+    for spec in parents:
+        info = exports[spec.stage]
+        expected = {n for n in param_shapes if n not in skip and any(_under(n, p) for p in spec.take)}
+        taken, dropped, missing, mismatched, unused = [], [], [], [], []
+        for key, meta in info.keys.items():
+            if any(_under(key, p) for p in spec.drop):
+                dropped.append(key)
+            elif not any(_under(key, p) for p in spec.take):
+                unused.append(f"{key} (not under {list(spec.take)} nor dropped {list(spec.drop)})")
+            elif key not in param_shapes:
+                unused.append(f"{key} (no such parameter in the model)")
+            elif tuple(meta["shape"]) != tuple(param_shapes[key]):
+                mismatched.append(f"{key}: export {tuple(meta['shape'])} vs model {tuple(param_shapes[key])}")
+            else:
+                taken.append(key)
+        missing = sorted(expected - set(info.keys))
+        for what, keys in (("missing", missing), ("shape-mismatched", mismatched), ("unused", unused)):
+            if keys:
+                problems.append(f"stage {spec.stage} export {info.model_url}: {len(keys)} {what} keys")
+                problems += [f"    {k}" for k in sorted(keys)]
+        plan.take[spec.stage] = sorted(taken)
+        plan.dropped[spec.stage] = sorted(dropped)
+    if problems:
+        raise ParentExportError("parent exports do not fit the model:\n" + "\n".join(problems))
+    return plan
+
+
+def resolve_parents(run_root: str, stage: int, parents: Iterable[ParentSpec],
+                    init_from: Mapping[int, str] | None = None) -> dict[int, ExportInfo]:  # fmt: skip
+    """Each parent's export: ``init_from[stage]`` if given, else ``<run-root>/stage<k>/export``."""
+    init_from = dict(init_from or {})
+    return {p.stage: find_export(init_from.get(p.stage) or export_dir(run_root, p.stage), p.stage, needed_by=stage)
+            for p in parents}  # fmt: skip
+
+
+def load_parent_weights(model, plan: LoadPlan, exports: Mapping[int, ExportInfo]) -> dict[int, int]:
+    """Copy the planned tensors into ``model`` (strict: :func:`xsam_model.load_exported` re-checks every key).
+    Returns the number of tensors loaded per parent stage."""
+    from safetensors.torch import load as load_bytes
+
+    from xsam_model import load_exported
+
+    counts = {}
+    for stage, keys in plan.take.items():
+        fs, path = storage.fs_and_path(exports[stage].model_url)
+        with fs.open(path, "rb") as f:
+            state = load_bytes(f.read())
+        state = {k: state[k] for k in keys}
+        load_exported(model, state, strict=True)
+        counts[stage] = len(state)
+    return counts
+
+
+def sha256_of(url: str, chunk: int = 1 << 22) -> str:
+    fs, path = storage.fs_and_path(url)
+    h = hashlib.sha256()
+    with fs.open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+# ---------------------------------------------------------------------------------------------- writing
+def write_export(url: str, state: Mapping[str, Any], config: dict, lineage: dict) -> str:
+    """Write ``state`` (name → tensor), the resolved config and the lineage under ``url``, all or nothing:
+    into a temporary sibling folder first, then moved into place (a re-run replaces the previous export)."""
+    from safetensors.torch import save as save_bytes
+
+    fs, path = storage.fs_and_path(url)
+    parent = path.rsplit("/", 1)[0]
+    tmp = f"{parent}/{storage.TMP_MARK}export-{uuid.uuid4().hex[:8]}"
+    fs.makedirs(tmp, exist_ok=True)
+    try:
+        blob = save_bytes({k: v.contiguous() for k, v in state.items()}, metadata={"stage": str(lineage.get("stage"))})
+        with fs.open(f"{tmp}/{MODEL_FILE}", "wb") as f:
+            f.write(blob)
+        lineage = {**lineage, "model_sha256": hashlib.sha256(blob).hexdigest(), "tensors": len(state),
+                   "written_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}  # fmt: skip
+        storage.write_json(fs, f"{tmp}/{CONFIG_FILE}", config)
+        storage.write_json(fs, f"{tmp}/{LINEAGE_FILE}", lineage)
+        if fs.exists(path):
+            fs.rm(path, recursive=True)
+        fs.mv(tmp, path, recursive=True)
+    except BaseException:
+        if fs.exists(tmp):
+            fs.rm(tmp, recursive=True)
+        raise
+    return url
+
+
+def read_export_state(url: str):
+    """The tensors of an export folder (for tests and tools)."""
+    from safetensors.torch import load as load_bytes
+
+    fs, path = storage.fs_and_path(storage.join(url, MODEL_FILE))
+    with fs.open(path, "rb") as f:
+        return load_bytes(f.read())

@@ -1,0 +1,82 @@
+"""The resolved plan of one stage run: what the driver checked and every worker follows.
+
+:class:`RunPlan` is made once on the driver (:func:`orchestrate.runner.prepare`), handed to each Ray Train
+worker in ``train_loop_config`` and recorded in the export, so a worker never re-derives a path or a size.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+from orchestrate.exports import export_dir, is_local, local_path, stage_dir
+from orchestrate.stages import StageConfig
+
+
+@dataclass(frozen=True, kw_only=True)
+class RunPlan:
+    cfg: StageConfig
+    run_root: str
+    """Local folder or URI holding ``stage1/ stage2/ stage3/`` (DESIGN §4.7)."""
+    run_name: str
+    """wandb group; defaults to the run root's folder name."""
+    shards: str
+    mixture: str
+    """``mixture.json`` path/URI (default ``<shards>/mixture.json``)."""
+    init_from: dict[int, str] = field(default_factory=dict)
+    """Parent stage → export folder (resolved and checked by the driver)."""
+    total_steps: int
+    steps_per_epoch: int
+    use_gpu: bool = False
+    resume: str = "auto"
+    """``auto`` (latest checkpoint of this stage, if any), ``never``, or a checkpoint folder."""
+    trace_data: bool = False
+    """Write the keys of every micro-batch to ``<stage>/trace/rank<r>.jsonl`` (order checks)."""
+    wandb_dir: str | None = None
+    fault: str | None = None
+    """Test hook: ``kill:STEP:RANK`` (SIGKILL that worker once, after the step's checkpoint is committed) or
+    ``hold:STEP`` (wait at that step until ``<stage>/.release`` exists)."""
+    code: dict = field(default_factory=dict)
+
+    @property
+    def stage(self) -> int:
+        return self.cfg.stage
+
+    @property
+    def stage_dir(self) -> str:
+        return stage_dir(self.run_root, self.stage)
+
+    @property
+    def export_dir(self) -> str:
+        return export_dir(self.run_root, self.stage)
+
+    def local_stage_dir(self):
+        """The stage folder as a local Path, or None for a remote run root."""
+        return local_path(self.stage_dir) if is_local(self.run_root) else None
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["cfg"] = self.cfg.to_dict()
+        return d
+
+
+def model_config(cfg: StageConfig):
+    """The :class:`xsam_model.XSamConfig` of ``cfg``: its flavor with the stage's max length and
+    gradient checkpointing."""
+    from xsam_model.builder import resolve_config
+
+    mc = resolve_config(cfg.model.flavor)
+    if cfg.data.max_length is not None:
+        mc.processor = dataclasses.replace(mc.processor, max_length=cfg.data.max_length)
+    mc.llm = dataclasses.replace(mc.llm, gradient_checkpointing=cfg.model.gradient_checkpointing)
+    return mc
+
+
+def param_shapes(cfg: StageConfig) -> tuple[dict[str, tuple[int, ...]], set[str]]:
+    """Parameter shapes of the stage's model built on the meta device (no memory, a few seconds for the full
+    flavor), and the names of parameters that never train. Used by the driver to check parent exports."""
+    from xsam_model import build_xsam
+    from xsam_model.stages import unused_parameters
+
+    model = build_xsam(model_config(cfg), device="meta")
+    return {n: tuple(p.shape) for n, p in model.named_parameters()}, set(unused_parameters(model))

@@ -1,0 +1,201 @@
+"""Driver side of ``orchestrate/train.py``: resolve the stage config, check everything that can be checked
+before a worker starts (so bad input fails at once, not after Ray Train's retries), then run the
+``TorchTrainer``.
+
+Checked up front: the batch arithmetic, the shards folder and ``mixture.json`` (and that the stage has
+datasets whose shards exist), each parent export (keys and shapes against the model built on the meta
+device), and that an existing checkpoint of this stage was written with the same settings.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from orchestrate import checkpointing, exports
+from orchestrate.plan import RunPlan, param_shapes
+from orchestrate.stages import StageConfigError, get_stage, with_world_size
+from pipelines import storage
+
+
+class RunSetupError(ValueError):
+    """Bad input found before the run started (message: what was expected, and where)."""
+
+
+@dataclass(kw_only=True)
+class RunArgs:
+    """What ``train.py`` parses; every field maps to one command-line option."""
+
+    stage: int
+    flavor: str = "xsam-phi3"
+    shards: str
+    run_root: str
+    mixture: str | None = None
+    init_dir: str | None = None
+    init_from: dict[int, str] = dataclasses.field(default_factory=dict)
+    num_workers: int | None = None
+    use_gpu: bool = False
+    cpus_per_worker: float = 1.0
+    max_steps: int | None = None
+    zero_stage: int | None = None
+    global_batch: int | None = None
+    micro_batch: int | None = None
+    loader_workers: int | None = None
+    precision: str | None = None
+    resume: str = "auto"
+    run_name: str | None = None
+    wandb_mode: str | None = None
+    wandb_dir: str | None = None
+    checkpoint_every: int | None = None
+    max_failures: int | None = None
+    trace_data: bool = False
+    fault: str | None = None
+
+
+def build_config(a: RunArgs):
+    """The stage's recipe config (or its debug variant) with the command line's overrides applied."""
+    cfg = get_stage(a.stage, flavor=a.flavor)
+    world = a.num_workers or cfg.batch.world_size
+    cfg = with_world_size(cfg, world, global_batch=a.global_batch, micro_batch=a.micro_batch)
+    rep = dataclasses.replace
+    if a.max_steps is not None:
+        cfg = rep(cfg, schedule=rep(cfg.schedule, max_steps=a.max_steps))
+    if a.zero_stage is not None:
+        cfg = rep(cfg, zero_stage=a.zero_stage)
+    if a.init_dir is not None:
+        cfg = rep(cfg, model=rep(cfg.model, init_dir=a.init_dir))
+    if a.precision is not None:
+        cfg = rep(cfg, model=rep(cfg.model, precision=a.precision))
+    if a.loader_workers is not None:
+        cfg = rep(cfg, data=rep(cfg.data, loader_workers=a.loader_workers))
+    if a.wandb_mode is not None:
+        cfg = rep(cfg, tracking=rep(cfg.tracking, mode=a.wandb_mode))
+    if a.checkpoint_every is not None:
+        cfg = rep(cfg, checkpoint=rep(cfg.checkpoint, every_steps=a.checkpoint_every))
+    if a.max_failures is not None:
+        cfg = rep(cfg, checkpoint=rep(cfg.checkpoint, max_failures=a.max_failures))
+    cfg.model.resolved_precision(a.use_gpu)  # bf16 without GPUs is refused here
+    return cfg
+
+
+def check_data(shards: str, mixture_url: str, mixture_stage: str):
+    """The stage's :class:`~pipelines.mixture.StageMixture`, after checking that its shards exist."""
+    from pipelines.mixture import MixtureError
+    from pipelines.mixture import load as load_mixture
+
+    fs, root = storage.fs_and_path(shards)
+    if not fs.isdir(root):
+        raise RunSetupError(f"shards folder not found: {shards} (build it with orchestrate/build_shards.py)")
+    mfs, mpath = storage.fs_and_path(mixture_url)
+    if not mfs.exists(mpath):
+        raise RunSetupError(f"mixture not found: expected {mixture_url} (build_shards writes it; "
+                            f"`python -m pipelines.mixture --out {shards}` rewrites it)")  # fmt: skip
+    try:
+        stage = load_mixture(mixture_url).stage(mixture_stage)
+    except (KeyError, MixtureError) as e:
+        raise RunSetupError(f"{mixture_url}: {e}") from e
+    if not stage.datasets:
+        missing = ", ".join(f"{m['dataset']} ({m['reason']})" for m in stage.missing) or "none listed"
+        raise RunSetupError(f"{mixture_url}: stage {mixture_stage} has no datasets; missing: {missing}")
+    absent = [s.file for d in stage.datasets for s in d.shards if not fs.exists(storage.join(root, s.file))]
+    if absent:
+        raise RunSetupError(f"{len(absent)} shards listed in {mixture_url} are not under {shards}: "
+                            + ", ".join(absent[:10]) + (" …" if len(absent) > 10 else ""))  # fmt: skip
+    return stage
+
+
+def check_resume(cfg, stage_url: str, resume: str) -> None:
+    found = checkpointing.list_checkpoints(stage_url)
+    if resume == "never" and found:
+        raise RunSetupError(f"{stage_url} already holds {len(found)} checkpoints (latest at step {found[-1][0]}); "
+                            f"use --resume auto to continue, or another --run-root")  # fmt: skip
+    if resume not in ("auto", "never"):
+        if found:
+            raise RunSetupError(f"--resume {resume}: {stage_url} already has checkpoints of its own; "
+                                f"start from a checkpoint path only in a fresh run root")  # fmt: skip
+        fs, path = storage.fs_and_path(resume)
+        if not fs.exists(f"{path}/{checkpointing.TRAIN_STATE}"):
+            raise RunSetupError(f"--resume {resume}: expected a checkpoint folder with {checkpointing.TRAIN_STATE}")
+        found = [(0, resume)]
+    if found:
+        saved = checkpointing.latest_train_state(found[-1][1])
+        try:
+            checkpointing.check_resume_key(saved.resume_key, cfg.resume_key(), found[-1][1])
+        except checkpointing.ResumeError as e:
+            raise RunSetupError(str(e)) from e
+
+
+def prepare(a: RunArgs) -> RunPlan:
+    """Everything checked and resolved; raises :class:`RunSetupError` / ``StageConfigError`` at once."""
+    try:
+        cfg = build_config(a)
+    except StageConfigError as e:
+        raise RunSetupError(f"stage {a.stage}: {e}") from e
+    run_root = a.run_root if "://" in a.run_root else str(Path(a.run_root).expanduser().resolve())
+    shards = a.shards if "://" in a.shards else str(Path(a.shards).expanduser().resolve())
+    mixture_url = a.mixture or storage.join(shards, "mixture.json")
+    stage_mixture = check_data(shards, mixture_url, cfg.data.mixture_stage)
+    steps_per_epoch = stage_mixture.steps_per_epoch(cfg.batch.global_batch)
+    total = cfg.schedule.total_steps(steps_per_epoch)
+
+    init_from = {}
+    if cfg.parents:
+        try:
+            found = exports.resolve_parents(run_root, cfg.stage, cfg.parents, a.init_from)
+            shapes, skip = param_shapes(cfg)
+            exports.check_parents(shapes, cfg.parents, found, skip=skip)
+        except exports.ParentExportError as e:
+            raise RunSetupError(str(e)) from e
+        init_from = {k: v.url for k, v in found.items()}
+    stage_url = exports.stage_dir(run_root, cfg.stage)
+    check_resume(cfg, stage_url, a.resume)
+
+    wandb_dir = a.wandb_dir
+    if wandb_dir is None:
+        base = exports.local_path(stage_url) if exports.is_local(run_root) else Path("wandb_runs") / f"stage{cfg.stage}"
+        wandb_dir = str(Path(base, "wandb").resolve())
+    return RunPlan(
+        cfg=cfg, run_root=run_root, run_name=a.run_name or Path(run_root.rstrip("/")).name or "xsam",
+        shards=shards, mixture=mixture_url, init_from=init_from, total_steps=total, steps_per_epoch=steps_per_epoch,
+        use_gpu=a.use_gpu, resume=a.resume, trace_data=a.trace_data, wandb_dir=wandb_dir, fault=a.fault,
+        code=exports.code_version(),
+    )  # fmt: skip
+
+
+def fit(plan: RunPlan, *, cpus_per_worker: float = 1.0):
+    """Run the stage with Ray Train (re-running with the same run root continues from its latest checkpoint)."""
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    from orchestrate.train_loop import train_loop_per_worker
+
+    fs, path = storage.fs_and_path(plan.stage_dir)
+    fs.makedirs(path, exist_ok=True)
+    if plan.fault and plan.fault.startswith("hold"):
+        release = Path(path) / ".release"
+        release.unlink(missing_ok=True)
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"plan": plan},
+        scaling_config=ray.train.ScalingConfig(num_workers=plan.cfg.batch.world_size, use_gpu=plan.use_gpu,
+                                               resources_per_worker={"CPU": cpus_per_worker}),  # fmt: skip
+        run_config=ray.train.RunConfig(
+            name=exports.stage_name(plan.stage),
+            storage_path=plan.run_root,
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=plan.cfg.checkpoint.keep),
+            failure_config=ray.train.FailureConfig(max_failures=plan.cfg.checkpoint.max_failures),
+        ),
+    )
+    return trainer.fit()
+
+
+def ray_init(num_cpus: int | None = None) -> None:
+    """Join the cluster of a submitted job (or ``RAY_ADDRESS``); else start a local one."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = os.environ.get("RAY_ADDRESS")
+    ray.init(address=address or None, num_cpus=None if address else num_cpus, log_to_driver=True)

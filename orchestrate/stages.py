@@ -1,0 +1,331 @@
+"""The three X-SAM training stages as typed configs: one function per stage, variants by editing a copy.
+
+    cfg = STAGES["3"]()                                  # the recipe (reference/xsam_recipe.md §4), 16 GPUs
+    cfg = debug(stage3())                                # tiny model, a few steps, CPU-friendly
+    cfg = with_world_size(cfg, 8)                        # same global batch on 8 GPUs (accumulation × 2)
+
+Batch sizes are defined once, in :class:`BatchConfig` (global = micro × accumulation × world size, checked);
+the DeepSpeed JSON is generated from the config by :mod:`orchestrate.deepspeed_config`, never edited by hand.
+Learning-rate multipliers per parameter group come from the model's stage view
+(:data:`xsam_model.stages.STAGE_GROUPS`) so the two never disagree; they are copied here to show up in the
+resolved config and in wandb.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from xsam_model.stages import STAGE_GROUPS
+
+
+class StageConfigError(ValueError):
+    """A stage config whose fields contradict each other; the message gives the arithmetic or the choices."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class BatchConfig:
+    """Samples per optimizer step. X-SAM: per-device batch × accumulation × GPUs (16 in its configs)."""
+
+    global_batch: int
+    """Samples per optimizer step over all workers (s1 64, s2 256, s3 64)."""
+    micro_batch: int
+    """Samples per worker per forward/backward (``train_micro_batch_size_per_gpu``)."""
+    grad_accum: int
+    """Micro-batches per optimizer step on each worker."""
+    world_size: int
+    """Ray Train workers (one per GPU)."""
+
+    def __post_init__(self):
+        for name in ("global_batch", "micro_batch", "grad_accum", "world_size"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or v <= 0:
+                raise StageConfigError(f"BatchConfig.{name} must be a positive int, got {v!r}")
+        product = self.micro_batch * self.grad_accum * self.world_size
+        if product != self.global_batch:
+            raise StageConfigError(
+                f"global batch {self.global_batch} != micro batch {self.micro_batch} × accumulation "
+                f"{self.grad_accum} × world size {self.world_size} = {product}"
+            )
+
+    def resized(self, world_size: int, *, global_batch: int | None = None, micro_batch: int | None = None) -> BatchConfig:
+        """The same global batch (unless given) on ``world_size`` workers; accumulation absorbs the change."""
+        g = self.global_batch if global_batch is None else global_batch
+        m = self.micro_batch if micro_batch is None else micro_batch
+        per_step = m * world_size
+        if world_size <= 0 or m <= 0 or g % per_step:
+            raise StageConfigError(
+                f"global batch {g} is not divisible by micro batch {m} × world size {world_size} = {per_step}; "
+                f"choose a global batch that is a multiple of {per_step}, or another micro batch / worker count"
+            )
+        return BatchConfig(global_batch=g, micro_batch=m, grad_accum=g // per_step, world_size=world_size)
+
+
+@dataclass(frozen=True, kw_only=True)
+class OptimConfig:
+    """AdamW (β = 0.9/0.999) with per-group learning-rate multipliers."""
+
+    lr: float
+    weight_decay: float
+    grad_clip: float
+    """Global gradient-norm clip (``gradient_clipping``); stage 1 uses X-SAM's 0.01."""
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    lr_mults: tuple[tuple[str, float], ...] = ()
+    """(parameter-group prefix, multiplier) in group order; filled from the model's stage view."""
+
+    def __post_init__(self):
+        if not self.lr > 0 or self.weight_decay < 0 or not self.grad_clip > 0:
+            raise StageConfigError(f"need lr > 0, weight_decay >= 0, grad_clip > 0; got {self.lr}, "
+                                   f"{self.weight_decay}, {self.grad_clip}")  # fmt: skip
+        if any(m <= 0 for _, m in self.lr_mults):
+            raise StageConfigError(f"lr multipliers must be > 0: {self.lr_mults}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class ScheduleConfig:
+    """Linear warm-up from ``warmup_start`` × lr over the first ``warmup_ratio`` of steps, then cosine to
+    ``min_lr_ratio`` × lr (mmengine LinearLR(start_factor=1e-5) + CosineAnnealingLR(eta_min=0) in X-SAM)."""
+
+    epochs: float
+    max_steps: int | None = None
+    """Stop after this many optimizer steps; None = epochs × the mixture's steps per epoch."""
+    warmup_ratio: float = 0.03
+    warmup_start: float = 1e-5
+    min_lr_ratio: float = 0.0
+
+    def __post_init__(self):
+        if self.max_steps is not None and self.max_steps <= 0:
+            raise StageConfigError(f"max_steps must be positive, got {self.max_steps}")
+        if not 0 <= self.warmup_ratio < 1 or not self.epochs > 0:
+            raise StageConfigError(f"need 0 <= warmup_ratio < 1 and epochs > 0; got {self.warmup_ratio}, {self.epochs}")
+
+    def total_steps(self, steps_per_epoch: int) -> int:
+        """``steps_per_epoch``: Σ_d ceil(N_d·r_d / global batch) from the mixture (X-SAM's single-source
+        batches), so an epoch sees each dataset ``r_d`` times over."""
+        if self.max_steps is not None:
+            return self.max_steps
+        return max(1, math.ceil(self.epochs * steps_per_epoch))
+
+    def warmup_steps(self, total: int) -> int:
+        return max(1, round(self.warmup_ratio * total))
+
+
+@dataclass(frozen=True, kw_only=True)
+class ModelConfig:
+    """Which network, where its pretrained parts live, and how it runs."""
+
+    flavor: str = "xsam-phi3"
+    """A key of :data:`xsam_model.XSAM_FLAVORS`."""
+    init_dir: str | None = None
+    """X-SAM's ``inits/`` folder (HF sub-folders); None = random weights (the debug flavor)."""
+    gradient_checkpointing: bool = False
+    precision: str = "auto"
+    """``auto`` (bf16 on GPUs, fp32 on CPU), ``bf16`` or ``fp32``."""
+
+    def __post_init__(self):
+        if self.precision not in ("auto", "bf16", "fp32"):
+            raise StageConfigError(f"precision must be auto, bf16 or fp32, got {self.precision!r}")
+
+    def resolved_precision(self, use_gpu: bool) -> str:
+        if self.precision == "auto":
+            return "bf16" if use_gpu else "fp32"
+        if self.precision == "bf16" and not use_gpu:
+            raise StageConfigError("bf16 needs GPUs here (DeepSpeed on CPU runs fp32); use --precision fp32")
+        return self.precision
+
+
+@dataclass(frozen=True, kw_only=True)
+class ParentSpec:
+    """Weights a stage takes from an earlier stage's export. Every export key must be taken or dropped
+    on purpose (``drop``); every model parameter under ``take`` must be in the export with its shape."""
+
+    stage: int
+    take: tuple[str, ...]
+    """Parameter-name prefixes loaded from that export."""
+    drop: tuple[str, ...] = ()
+    """Prefixes deliberately not loaded (X-SAM drops them silently; here they are named)."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class DataConfig:
+    """What the loader reads. Datasets and their weights come from ``mixture.json`` (never recomputed)."""
+
+    mixture_stage: str
+    """Key of this stage in ``mixture.json`` ("1", "2", "3")."""
+    seed: int = 1024
+    """X-SAM's ``--seed 1024``; seeds the per-step source draw and the per-rank shuffles."""
+    loader_workers: int = 4
+    """DataLoader worker processes per training worker (X-SAM: s1 4, s2 8, s3 4)."""
+    shuffle_buffer: int = 1000
+    max_length: int | None = 2319
+    """Text-token cut (X-SAM's Phi-3 figure); None = the flavor's own."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class CheckpointPolicy:
+    every_steps: int
+    """Ray Train checkpoint (DeepSpeed shards + loader state) every N optimizer steps."""
+    keep: int = 2
+    max_failures: int = 3
+    """Worker-group restarts Ray Train attempts from the latest checkpoint before giving up."""
+
+    def __post_init__(self):
+        if self.every_steps <= 0 or self.keep <= 0 or self.max_failures < -1:
+            raise StageConfigError(f"bad checkpoint policy {self}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrackingConfig:
+    project: str = "xsam"
+    mode: str = "auto"
+    """``auto`` (online when WANDB_API_KEY is set, else offline), ``offline``, ``online`` or ``disabled``."""
+    log_every: int = 1
+    mixture_every: int = 50
+    """Every K steps: the mixture seen so far next to the planned one."""
+    predictions_every: int = 500
+    """Every K steps (and at the end): predictions on a fixed batch as images; 0 = never."""
+    num_predictions: int = 4
+
+    def __post_init__(self):
+        if self.mode not in ("auto", "offline", "online", "disabled"):
+            raise StageConfigError(f"tracking mode must be auto, offline, online or disabled, got {self.mode!r}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class StageConfig:
+    """Everything one stage needs; :func:`to_dict` is what lands in the export and in wandb."""
+
+    stage: int
+    name: str
+    model: ModelConfig
+    data: DataConfig
+    batch: BatchConfig
+    optim: OptimConfig
+    schedule: ScheduleConfig
+    checkpoint: CheckpointPolicy
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    parents: tuple[ParentSpec, ...] = ()
+    zero_stage: int = 2
+    """DeepSpeed ZeRO stage (X-SAM: 2 everywhere). 3 is refused: exports read whole parameters."""
+
+    def __post_init__(self):
+        if self.stage not in STAGE_GROUPS:
+            raise StageConfigError(f"stage must be one of {sorted(STAGE_GROUPS)}, got {self.stage}")
+        if self.zero_stage not in (0, 1, 2):
+            raise StageConfigError(f"zero_stage must be 0, 1 or 2 (ZeRO-3 shards parameters, which the export "
+                                   f"does not gather), got {self.zero_stage}")  # fmt: skip
+        for p in self.parents:
+            if p.stage >= self.stage:
+                raise StageConfigError(f"stage {self.stage} cannot start from stage {p.stage}")
+        names = tuple(n for n, _ in self.optim.lr_mults)
+        model_names = tuple(n for n, _ in STAGE_GROUPS[self.stage])
+        if names and names != model_names:
+            raise StageConfigError(f"lr_mults groups {names} != the model's stage-{self.stage} groups {model_names}")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def resume_key(self) -> dict:
+        """Fields a resumed run must share with the run that wrote its checkpoint (anything else, e.g. a
+        longer ``max_steps``, may change between submissions)."""
+        return {"stage": self.stage, "flavor": self.model.flavor, "batch": dataclasses.asdict(self.batch),
+                "zero_stage": self.zero_stage, "mixture_stage": self.data.mixture_stage, "seed": self.data.seed}  # fmt: skip
+
+
+def _mults(stage: int) -> tuple[tuple[str, float], ...]:
+    return tuple(STAGE_GROUPS[stage])
+
+
+# ---------------------------------------------------------------------------------------------- the recipe
+def stage1() -> StageConfig:
+    """Segmentor fine-tune on COCO panoptic: SAM-L encoder (lr × 0.1) + connector + re-initialised Mask2Former
+    decoder + linear 133-class head; lr 1e-4, wd 0.05, clip 0.01, 4/GPU × 16 GPUs, 36 epochs."""
+    return StageConfig(
+        stage=1,
+        name="s1_segmentor_finetune",
+        model=ModelConfig(gradient_checkpointing=False),
+        data=DataConfig(mixture_stage="1", loader_workers=4, max_length=None),
+        batch=BatchConfig(global_batch=64, micro_batch=4, grad_accum=1, world_size=16),
+        optim=OptimConfig(lr=1e-4, weight_decay=0.05, grad_clip=0.01, lr_mults=_mults(1)),
+        schedule=ScheduleConfig(epochs=36),
+        checkpoint=CheckpointPolicy(every_steps=2000, keep=2),
+    )
+
+
+def stage2() -> StageConfig:
+    """Alignment pre-train on LLaVA-Pretrain: only the visual and seg projectors train; lr 1e-3, wd 0,
+    clip 1, 16/GPU × 16 GPUs, 1 epoch. SAM encoder from stage 1 (frozen)."""
+    return StageConfig(
+        stage=2,
+        name="s2_alignment_pretrain",
+        model=ModelConfig(gradient_checkpointing=True),
+        data=DataConfig(mixture_stage="2", loader_workers=8, max_length=2319),
+        batch=BatchConfig(global_batch=256, micro_batch=16, grad_accum=1, world_size=16),
+        optim=OptimConfig(lr=1e-3, weight_decay=0.0, grad_clip=1.0, lr_mults=_mults(2)),
+        schedule=ScheduleConfig(epochs=1),
+        checkpoint=CheckpointPolicy(every_steps=2000, keep=2),
+        parents=(
+            # stage 2 does not run the decoder: the connector and the decoder wait for stage 3
+            ParentSpec(stage=1, take=("sam_encoder",), drop=("seg_connector", "mask_decoder")),
+        ),
+    )
+
+
+def stage3() -> StageConfig:
+    """Mixed fine-tune on the 11 datasets with balance resampling: everything trains, SigLIP and SAM lr × 0.1;
+    lr 4e-5, wd 0.05, clip 1, 4/GPU × 16 GPUs, 1 epoch, checkpoints every 200 steps."""
+    return StageConfig(
+        stage=3,
+        name="s3_mixed_finetune",
+        model=ModelConfig(gradient_checkpointing=True),
+        data=DataConfig(mixture_stage="3", loader_workers=4, max_length=2319),
+        batch=BatchConfig(global_batch=64, micro_batch=4, grad_accum=1, world_size=16),
+        optim=OptimConfig(lr=4e-5, weight_decay=0.05, grad_clip=1.0, lr_mults=_mults(3)),
+        schedule=ScheduleConfig(epochs=1),
+        checkpoint=CheckpointPolicy(every_steps=200, keep=2),
+        parents=(
+            # segmentor (SAM encoder + decoder) and connector from stage 1; its linear 133-class head is
+            # replaced by the phrase head here (X-SAM drops it silently)
+            ParentSpec(stage=1, take=("sam_encoder", "seg_connector", "mask_decoder.pixel_decoder",
+                                      "mask_decoder.transformer"), drop=("mask_decoder.linear_head",)),  # fmt: skip
+            ParentSpec(stage=2, take=("visual_projector", "seg_projector")),
+        ),
+    )
+
+
+STAGES: dict[str, Callable[[], StageConfig]] = {"1": stage1, "2": stage2, "3": stage3}
+
+
+# ---------------------------------------------------------------------------------------------- variants
+def debug(cfg: StageConfig, *, steps: int = 6) -> StageConfig:
+    """The tiny ``debug`` model on CPU: 2 workers × micro batch 2, a few steps, checkpoint every 2 steps."""
+    return dataclasses.replace(
+        cfg,
+        name=cfg.name + "_debug",
+        model=dataclasses.replace(cfg.model, flavor="debug", init_dir=None, gradient_checkpointing=False),
+        data=dataclasses.replace(cfg.data, loader_workers=0, shuffle_buffer=16, max_length=None),
+        batch=BatchConfig(global_batch=4, micro_batch=2, grad_accum=1, world_size=2),
+        schedule=dataclasses.replace(cfg.schedule, max_steps=steps),
+        checkpoint=dataclasses.replace(cfg.checkpoint, every_steps=2, keep=2),
+        tracking=dataclasses.replace(cfg.tracking, mixture_every=2, predictions_every=steps, num_predictions=2),
+    )
+
+
+def with_world_size(cfg: StageConfig, world_size: int, *, global_batch: int | None = None,
+                    micro_batch: int | None = None) -> StageConfig:  # fmt: skip
+    """``cfg`` on ``world_size`` workers keeping its global batch (accumulation absorbs the difference)."""
+    return dataclasses.replace(cfg, batch=cfg.batch.resized(world_size, global_batch=global_batch, micro_batch=micro_batch))
+
+
+def get_stage(stage: int | str, *, flavor: str = "xsam-phi3") -> StageConfig:
+    """``STAGES[stage]()``; the ``debug`` flavor also gets :func:`debug`'s small batch and few steps."""
+    key = str(stage)
+    if key not in STAGES:
+        raise StageConfigError(f"unknown stage {stage!r}; choose one of {sorted(STAGES)}")
+    cfg = STAGES[key]()
+    if flavor == "debug":
+        return debug(cfg)
+    return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, flavor=flavor))

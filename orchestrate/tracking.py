@@ -1,0 +1,124 @@
+"""Run tracking from rank 0: wandb (offline by default) plus a plain ``metrics.jsonl`` beside the checkpoints.
+
+wandb keeps a run's files together only when all four of its folders are set (it writes to ``~/.cache`` and
+``~/.local`` otherwise, reference/stack_notes.md), so :func:`wandb_env` sets ``WANDB_DIR``,
+``WANDB_CACHE_DIR``, ``WANDB_DATA_DIR`` and ``WANDB_CONFIG_DIR`` under ``<run-root>/stage<N>/wandb``.
+Offline runs are uploaded later with ``wandb sync <run-root>/stage<N>/wandb/wandb/offline-run-*``.
+
+The run id is derived from the run name and stage, so a worker group restarted by Ray Train (or a job
+submitted again) continues the same wandb run (``resume="allow"``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+
+def resolve_mode(mode: str) -> str:
+    """``auto`` → ``online`` when a wandb key is configured, else ``offline`` (never a hang on a prompt)."""
+    if mode != "auto":
+        return mode
+    env = os.environ.get("WANDB_MODE")
+    if env in ("offline", "online", "disabled"):
+        return env
+    return "online" if os.environ.get("WANDB_API_KEY") else "offline"
+
+
+def wandb_env(folder: str | Path, mode: str) -> dict[str, str]:
+    folder = Path(folder)
+    return {
+        "WANDB_MODE": mode,
+        "WANDB_DIR": str(folder),
+        "WANDB_CACHE_DIR": str(folder / ".cache"),
+        "WANDB_DATA_DIR": str(folder / ".data"),
+        "WANDB_CONFIG_DIR": str(folder / ".config"),
+        "WANDB_SILENT": "true",
+    }
+
+
+def run_id(run_name: str, stage: int) -> str:
+    """A wandb-safe id that is the same for every attempt of this stage of this run."""
+    return re.sub(r"[^A-Za-z0-9_-]", "-", f"{run_name}-stage{stage}")[:120]
+
+
+class Tracker:
+    """Rank 0's tracker. ``Tracker(None, ...)`` (other ranks, or tracking disabled) logs nothing."""
+
+    def __init__(self, *, project: str, run_name: str, stage: int, config: Mapping[str, Any], mode: str,
+                 wandb_dir: str | Path | None, metrics_file: str | Path | None):  # fmt: skip
+        self.mode = resolve_mode(mode)
+        self.run = None
+        self.run_dir: str | None = None
+        self._metrics = open(metrics_file, "a") if metrics_file else None  # noqa: SIM115 (closed in finish)
+        if self.mode == "disabled" or wandb_dir is None:
+            return
+        os.environ.update(wandb_env(wandb_dir, self.mode))
+        for k in ("WANDB_DIR", "WANDB_CACHE_DIR", "WANDB_DATA_DIR", "WANDB_CONFIG_DIR"):
+            Path(os.environ[k]).mkdir(parents=True, exist_ok=True)
+        import wandb
+
+        self.run = wandb.init(
+            project=project, group=run_name, job_type=f"stage{stage}", name=f"{run_name}/stage{stage}",
+            id=run_id(run_name, stage), resume="allow", config=dict(config), dir=str(wandb_dir), mode=self.mode,
+            settings=wandb.Settings(console="off", silent=True),
+        )  # fmt: skip
+        self.run_dir = str(Path(self.run.dir).parent)  # …/wandb/offline-run-<time>-<id>
+        # per-step charts against the optimizer step, not wandb's internal counter
+        self.run.define_metric("train/step")
+        self.run.define_metric("*", step_metric="train/step")
+
+    def log(self, step: int, metrics: Mapping[str, Any]) -> None:
+        row = {"step": step, **{k: v for k, v in metrics.items() if isinstance(v, int | float | str)}}
+        if self._metrics:
+            self._metrics.write(json.dumps(row) + "\n")
+            self._metrics.flush()
+        if self.run is not None:
+            self.run.log({"train/step": step, **metrics})
+
+    def log_mixture(self, step: int, seen_steps: Mapping[str, int], planned: Mapping[str, float]) -> None:
+        """The share of steps each source got so far next to its planned probability ``p_d``."""
+        total = max(1, sum(seen_steps.values()))
+        seen = {s: seen_steps.get(s, 0) / total for s in planned}
+        metrics: dict[str, Any] = {f"mixture/seen/{s}": v for s, v in seen.items()}
+        metrics.update({f"mixture/planned/{s}": p for s, p in planned.items()})
+        metrics["mixture/max_abs_gap"] = max((abs(seen[s] - planned[s]) for s in planned), default=0.0)
+        if self.run is not None:
+            import wandb
+
+            rows = [[s, planned[s], seen[s], seen_steps.get(s, 0)] for s in planned]
+            metrics["mixture/table"] = wandb.Table(columns=["source", "planned_p", "seen_share", "seen_steps"], data=rows)
+        self.log(step, metrics)
+
+    def log_predictions(self, step: int, previews: list[dict]) -> None:
+        """``previews``: dicts of ``image`` HxWx3 uint8, ``pred``/``truth`` HxW int label maps (0 = none) and
+        ``labels`` {int: name}, as made by :func:`orchestrate.previews.render`."""
+        if self.run is None or not previews:
+            return
+        import wandb
+
+        images = [
+            wandb.Image(p["image"], caption=p.get("caption"), masks={
+                "prediction": {"mask_data": p["pred"], "class_labels": p["labels"]},
+                "ground_truth": {"mask_data": p["truth"], "class_labels": p["labels"]},
+            })
+            for p in previews
+        ]  # fmt: skip
+        self.run.log({"train/step": step, "predictions": images})
+
+    def summary(self, values: Mapping[str, Any]) -> None:
+        if self.run is not None:
+            self.run.summary.update(dict(values))
+
+    def finish(self) -> str | None:
+        if self._metrics:
+            self._metrics.close()
+            self._metrics = None
+        if self.run is not None:
+            self.run.finish()
+            self.run = None
+        return self.run_dir
