@@ -2,6 +2,7 @@
 # The README's demo: demo data -> a local Ray head -> the shard build as a Ray job -> what was written.
 # Called by `make demo` with the venv first on PATH. Ports and output folder can be overridden:
 #   DEMO_OUT=/tmp/x RAY_PORT=6390 RAY_DASHBOARD_PORT=8275 make demo
+# DEMO_TRAIN=0 stops after the shard build.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT="$(mkdir -p "${DEMO_OUT:-demo_out}" && cd "${DEMO_OUT:-demo_out}" && pwd)"
@@ -32,6 +33,6 @@ submit_job python orchestrate/build_shards.py --data-root "$OUT/datas" --out "$O
 
 echo "== written under $OUT/shards:"
 python -m pipelines.summary --out "$OUT/shards"
-if [ -x scripts/train_demo.sh ]; then
+if [ "${DEMO_TRAIN:-1}" = "1" ] && [ -x scripts/train_demo.sh ]; then
   scripts/train_demo.sh "$OUT"
 fi
