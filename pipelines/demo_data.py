@@ -13,13 +13,15 @@ import random
 from collections.abc import Callable
 from pathlib import Path
 
-from pipelines.demo import coco, gcg, lisa, refer
+from pipelines.demo import ade20k, coco, gcg, lisa, lvis, refer
 
 DEMO_WRITERS: dict[str, Callable[[Path, random.Random], None]] = {
     "coco": coco.write,
     "gcg": gcg.write,
     "refer": refer.write,
     "lisa": lisa.write,
+    "ade20k": ade20k.write,
+    "lvis": lvis.write,
 }
 
 

@@ -6,10 +6,12 @@ Adding a source: write ``pipelines/sources/<family>.py`` with a class following
 
 from __future__ import annotations
 
+from pipelines.sources.ade20k import Ade20kInstance, Ade20kPanoptic, Ade20kSemantic
 from pipelines.sources.base import Source
 from pipelines.sources.coco import CocoInstance, CocoPanoptic
 from pipelines.sources.gcg import FlickrGcg, GrandfGcg, PsgGcg, RefcocogGcg
 from pipelines.sources.lisa import LisaReasonSeg
+from pipelines.sources.lvis import Lvis
 from pipelines.sources.refer import SOURCES as REFER_SOURCES
 
 SOURCES: dict[str, Source] = {
@@ -19,6 +21,7 @@ SOURCES: dict[str, Source] = {
         CocoInstance(),
         GrandfGcg(), PsgGcg(), RefcocogGcg(), FlickrGcg(),
         *REFER_SOURCES, LisaReasonSeg(),
+        Ade20kPanoptic(), Ade20kSemantic(), Ade20kInstance(), Lvis(),
     )
 }
 

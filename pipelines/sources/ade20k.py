@@ -1,0 +1,423 @@
+"""``ade20k_panoptic``, ``ade20k_semantic``, ``ade20k_instance``: ADE20K SceneParsing-150 (task ovseg).
+
+Read straight from the raw ADEChallengeData2016 files (renamed ``img_ovseg/ade20k``; source_formats.md §5),
+without X-SAM's prep scripts (they crash as shipped)::
+
+    images/{training,validation}/ADE_*.jpg
+    annotations/{training,validation}/ADE_*.png           uint8: 0 = other (ignored), 1..150 = classes
+    annotations_instance/{training,validation}/ADE_*.png  RGB: R = Instance100 class (1-based, 0 = void),
+                                                           G = instance id (0 = void)
+
+or, when that is what the user has, from Mask2Former's prepared files under the same root:
+``ade20k_panoptic_{train,val}.json`` + ``ade20k_panoptic_{train,val}/`` (string image ids, 0-based
+categories), ``annotations_detectron2/{training,validation}/`` (0..149, 255 = ignore) and
+``ade20k_instance_{train,val}.json`` (COCO-style RLEs). The raw layout wins when both are there; the
+override ``layout`` ("raw" / "mask2former") forces one, and every folder is overridable by its role name.
+
+Both layouts give the same Samples (tests check it): ``category_id`` is the 0-based ADE-150 id (raw value
+− 1), as in Mask2Former's and X-SAM's files; phrases are LISA's class names (``data/ade20k_classes.json``);
+an instance's class is its Instance100 class mapped through Mask2Former's table
+(``data/ade20k_instance_catid_mapping.txt``), whose semantic ids are also the "thing" classes.
+
+- panoptic: stuff segments from the semantic PNG (non-thing classes), then thing instances from the
+  instance PNG pasted over them (Mask2Former's ``prepare_ade20k_pan_seg.py``); unlabelled pixels → ``ignore``.
+- semantic: one mask per class present; label 0 (raw) / 255 (detectron2) → ``ignore``.
+- instance: one mask per instance; the vocabulary is the thing classes only (X-SAM's instance split).
+
+Train samples list categories as genseg does (:func:`pipelines.sources.genseg.prompt_categories`, with
+``genseg_num_class``); val samples list the whole vocabulary in id order (150 for panoptic and semantic).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+from collections.abc import Iterator
+from functools import cache
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from pipelines import masks
+from pipelines.masks import MaskFormatError
+from pipelines.schema import ImageRef, MaskTarget, Sample
+from pipelines.sources.base import (
+    BuildOptions,
+    ConvertContext,
+    Shared,
+    Skip,
+    SkipRecord,
+    SourceFiles,
+    SourceNotFound,
+    key_id,
+)
+from pipelines.sources.coco_index import image_sort_id, iter_coco_records
+from pipelines.sources.genseg import clean_category_name, genseg_conversation, prompt_categories
+
+ADE_ROOT = "img_ovseg/ade20k"
+SPLIT_DIRS = {"train": "training", "val": "validation"}
+NUM_CLASSES = 150
+DATA = Path(__file__).parent / "data"
+IMAGE_EXTS = (".jpg", ".jpeg", ".png")
+_THING_BASE = 1000  # panoptic id-map values: stuff = class + 1 (1..150), thing = _THING_BASE + instance id
+
+
+@cache
+def class_names() -> tuple[str, ...]:
+    """The 150 ADE class names (LISA's table), index = 0-based class id."""
+    names = json.loads((DATA / "ade20k_classes.json").read_text())
+    if len(names) != NUM_CLASSES:
+        raise RuntimeError(f"{DATA / 'ade20k_classes.json'} lists {len(names)} classes, expected {NUM_CLASSES}")
+    return tuple(names)
+
+
+@cache
+def instance_to_class() -> dict[int, int]:
+    """Instance100 class (1-based, the R value of an instance PNG) -> 0-based ADE-150 class id."""
+    out = {}
+    for line in (DATA / "ade20k_instance_catid_mapping.txt").read_text().splitlines()[1:]:
+        if line.strip():
+            ins, sem, _ = line.split()
+            out[int(ins)] = int(sem) - 1
+    return out
+
+
+@cache
+def thing_classes() -> tuple[int, ...]:
+    return tuple(sorted(set(instance_to_class().values())))
+
+
+def category_table(vocabulary: tuple[int, ...]) -> dict:
+    names, things = class_names(), set(thing_classes())
+    return {
+        "category_ids": list(vocabulary),
+        "category_names": {str(i): clean_category_name(names[i]) for i in vocabulary},
+        "isthing": {str(i): int(i in things) for i in vocabulary},
+    }
+
+
+# ---------------------------------------------------------------------------------------------- PNG reading
+def _image_size(ctx: ConvertContext, rel: str) -> tuple[int, int]:
+    """``(height, width)`` from the image header (the writer reads and checks the whole file later)."""
+    try:
+        with Image.open(ctx.path(rel)) as im:
+            w, h = im.size
+    except FileNotFoundError:
+        raise SkipRecord("missing_image", f"{rel} not found under the data root") from None
+    except (OSError, SyntaxError, ValueError) as e:
+        raise SkipRecord("corrupt_image", f"{rel}: {e}") from None
+    return h, w
+
+
+def _read_png(ctx: ConvertContext, rel: str, modes: tuple[str, ...], missing: str, bad: str) -> np.ndarray:
+    data = ctx.read_bytes(rel, missing_reason=missing)
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            if im.mode not in modes:
+                raise SkipRecord(bad, f"{rel} is mode {im.mode}, expected one of {modes}")
+            arr = np.asarray(im)
+    except SkipRecord:
+        raise
+    except (OSError, SyntaxError, ValueError) as e:
+        raise SkipRecord(bad, f"{rel}: {e}") from None
+    if arr.dtype != np.uint8:
+        raise SkipRecord(bad, f"{rel} holds {arr.dtype}, expected uint8")
+    return arr
+
+
+def _check_size(arr: np.ndarray, h: int, w: int, rel: str, reason: str) -> None:
+    if arr.shape[:2] != (h, w):
+        raise SkipRecord(reason, f"{rel} is {arr.shape[0]}x{arr.shape[1]}, image is {h}x{w}")
+
+
+def read_semantic(ctx: ConvertContext, rel: str, h: int, w: int, detectron2: bool) -> np.ndarray:
+    """``HxW`` int16 class map, 0-based, −1 = ignore. Raw PNGs hold 0..150, detectron2 ones 0..149 + 255."""
+    label = _read_png(ctx, rel, ("L", "P"), "missing_semantic_png", "bad_semantic_png")
+    _check_size(label, h, w, rel, "label_size_mismatch")
+    cls = label.astype(np.int16)
+    if detectron2:
+        cls[label == 255] = -1
+        bad = (label >= NUM_CLASSES) & (label != 255)
+    else:
+        cls -= 1
+        bad = label > NUM_CLASSES
+    if bad.any():
+        values = sorted(set(np.unique(label[bad]).tolist()))
+        raise SkipRecord("label_value_out_of_range", f"{rel} holds class values {values[:8]} outside ADE-150")
+    return cls
+
+
+def read_instances(ctx: ConvertContext, key: str, rel: str, h: int, w: int) -> tuple[np.ndarray, dict[int, int]]:
+    """Instance PNG -> ``(HxW int32 instance-id map, {instance id: 0-based class})``.
+
+    An instance whose pixels carry several R values, or an R value outside the Instance100 table, cannot be
+    classed: it is dropped (its pixels become 0) and noted with ``ctx.drop``.
+    """
+    rgb = _read_png(ctx, rel, ("RGB", "RGBA"), "missing_instance_png", "bad_instance_png")
+    _check_size(rgb, h, w, rel, "instance_size_mismatch")
+    r, g = rgb[..., 0], rgb[..., 1]
+    ids = g.astype(np.int32)
+    on = ids > 0
+    pairs = np.unique(ids[on] * 256 + r[on])  # sorted by instance id, then R
+    inst, cls = (pairs // 256).tolist(), (pairs % 256).tolist()
+    mapping = instance_to_class()
+    classes: dict[int, int] = {}
+    bad: list[int] = []
+    for k, (i, c) in enumerate(zip(inst, cls, strict=True)):
+        if (k and inst[k - 1] == i) or (k + 1 < len(inst) and inst[k + 1] == i):
+            if i not in bad:
+                bad.append(i)
+                ctx.drop(f"{key}/inst_{i}", "ambiguous_instance_class", f"instance {i} in {rel} has several R values")
+        elif c not in mapping:
+            bad.append(i)
+            ctx.drop(f"{key}/inst_{i}", "unknown_instance_class", f"instance {i} in {rel} has R={c}, not an Instance100 class")
+        else:
+            classes[i] = mapping[c]
+    if bad:
+        ids[np.isin(ids, bad)] = 0
+    return ids, classes
+
+
+# ---------------------------------------------------------------------------------------------- locate / index
+def _exists(data_root: str, rel: str) -> bool:
+    return os.path.exists(os.path.join(data_root, rel))
+
+
+class _Ade20k:
+    """What the three ADE20K sources share: layouts, listing, Sample assembly."""
+
+    name: str
+    kind: str  # panoptic | semantic | instance
+    task = "ovseg"
+    splits = ("train", "val")
+    version = 1
+
+    def vocabulary(self) -> tuple[int, ...]:
+        return thing_classes() if self.kind == "instance" else tuple(range(NUM_CLASSES))
+
+    def layouts(self, root: str, split: str, ov: dict) -> dict[str, dict[str, str]]:
+        """Per layout, role -> path relative to the data root (what that layout needs for this source)."""
+        sd = SPLIT_DIRS[split]
+        images = ov.get("images") or f"{root}/images/{sd}"
+        raw = {"images": images}
+        if self.kind in ("panoptic", "semantic"):
+            raw["annotations"] = ov.get("annotations") or f"{root}/annotations/{sd}"
+        if self.kind in ("panoptic", "instance"):
+            raw["instances"] = ov.get("instances") or f"{root}/annotations_instance/{sd}"
+        prepared = {"images": images}
+        if self.kind == "panoptic":
+            prepared["panoptic_json"] = ov.get("panoptic_json") or f"{root}/ade20k_panoptic_{split}.json"
+            prepared["panoptic"] = ov.get("panoptic") or f"{root}/ade20k_panoptic_{split}"
+        elif self.kind == "semantic":
+            prepared["annotations"] = ov.get("annotations_detectron2") or f"{root}/annotations_detectron2/{sd}"
+        else:
+            prepared["instance_json"] = ov.get("instance_json") or f"{root}/ade20k_instance_{split}.json"
+        return {"raw": raw, "mask2former": prepared}
+
+    def locate(self, data_root: str, split: str, overrides: dict | None = None) -> SourceFiles:
+        ov = overrides or {}
+        layouts = self.layouts(ov.get("root") or ADE_ROOT, split, ov)
+        wanted = ov.get("layout")
+        if wanted is not None and wanted not in layouts:
+            raise ValueError(f"{self.name}: layout {wanted!r} is not one of {sorted(layouts)}")
+        looked: list[str] = []
+        for layout in [wanted] if wanted else list(layouts):
+            roles = layouts[layout]
+            looked += [os.path.join(data_root, p) for p in roles.values()]
+            if all(_exists(data_root, p) for p in roles.values()):
+                inputs = {r: os.path.join(data_root, p) for r, p in roles.items() if r != "images"}
+                dirs = {r: p for r, p in roles.items() if not p.endswith(".json")}
+                return SourceFiles(data_root=data_root, inputs=inputs, dirs=dirs, info={"layout": layout})
+        raise SourceNotFound(self.name, looked)
+
+    def index(self, files: SourceFiles, split: str, options: BuildOptions) -> Iterator[dict | Skip | Shared]:
+        yield Shared(category_table(self.vocabulary()))
+        prefix = f"{self.name}/{split}"
+        layout = files.info["layout"]
+        if layout == "mask2former" and self.kind != "semantic":
+            yield from self._index_json(files, prefix)
+        else:
+            yield from self._index_folders(files, prefix, label_roles=[r for r in ("annotations", "instances") if r in files.dirs])
+
+    def _index_folders(self, files: SourceFiles, prefix: str, label_roles: list[str]) -> Iterator[dict | Skip]:
+        """One record per image file, in key order; a missing label PNG is a skip, a label without an image
+        an annotation-level skip."""
+        def listing(role: str, exts: tuple[str, ...]) -> dict[str, str]:
+            folder = os.path.join(files.data_root, files.dirs[role])
+            return {os.path.splitext(e.name)[0]: e.name for e in os.scandir(folder)
+                    if e.is_file() and e.name.lower().endswith(exts)}
+
+        images = listing("images", IMAGE_EXTS)
+        labels = {role: listing(role, (".png",)) for role in label_roles}
+        reasons = {"annotations": "missing_semantic_png", "instances": "missing_instance_png"}
+        by_key: dict[str, str] = {}
+        for stem in images:
+            k = f"{prefix}/{key_id(stem)}"
+            if k in by_key:
+                yield Skip(k, "duplicate_image_id", f"{images[stem]} and {images[by_key[k]]} give the same key")
+                continue
+            by_key[k] = stem
+        for role, found in labels.items():
+            for stem in sorted(set(found) - set(images)):
+                yield Skip(f"{prefix}/{key_id(stem)}", "label_without_image",
+                           f"{files.dirs[role]}/{found[stem]} has no image in {files.dirs['images']}", level="annotation")
+        for k in sorted(by_key):
+            stem = by_key[k]
+            missing = [role for role in label_roles if stem not in labels[role]]
+            if missing:
+                yield Skip(k, reasons[missing[0]], f"{images[stem]}: no {files.dirs[missing[0]]}/{stem}.png")
+                continue
+            rec = {"key": k, "image_id": stem, "file": f"{files.dirs['images']}/{images[stem]}"}
+            for role in label_roles:
+                rec[role] = f"{files.dirs[role]}/{labels[role][stem]}"
+            yield rec
+
+    def _index_json(self, files: SourceFiles, prefix: str) -> Iterator[dict | Skip]:
+        def image_fields(img: dict) -> dict:
+            return {k: img.get(k) for k in ("id", "file_name", "height", "width")}
+
+        if self.kind == "panoptic":
+            path = files.inputs["panoptic_json"]
+            ann_fields = lambda a: {"file_name": a.get("file_name"), "segments_info": a.get("segments_info") or []}  # noqa: E731
+        else:
+            path = files.inputs["instance_json"]
+            ann_fields = lambda a: {k: a.get(k) for k in ("id", "category_id", "iscrowd", "segmentation")}  # noqa: E731
+        for item in iter_coco_records(path, prefix, image_fields, ann_fields):
+            if isinstance(item, dict):
+                img = item["image"]
+                item["image_id"] = img["id"]
+                item["file"] = f"{files.dirs['images']}/{img['file_name']}"
+            yield item
+
+    # ------------------------------------------------------------------------------------------ convert
+    def sample(self, record: dict, ctx: ConvertContext, h: int, w: int, targets: list[tuple[dict, int, int]],
+               ignore: np.ndarray | None) -> Sample:
+        """Assemble the Sample from ``(rle, class, segment/instance id)`` targets and an ``HxW`` ignore mask."""
+        key = record["key"]
+        if not targets:
+            raise SkipRecord("no_usable_segment", f"{record['image_id']}: no labelled segment")
+        rng = ctx.rng(key)
+        vocab = ctx.shared["category_ids"]
+        if ctx.split == "train":
+            cat_ids = prompt_categories(rng, [c for _, c, _ in targets], vocab, ctx.options.genseg_num_class)
+        else:
+            cat_ids = list(vocab)  # evaluation: the whole vocabulary, in id order
+        slot = {c: i for i, c in enumerate(cat_ids)}
+        phrases = [ctx.shared["category_names"][str(c)] for c in cat_ids]
+        return Sample(
+            key=key,
+            source=self.name,
+            task=self.task,
+            split=ctx.split,
+            image=ImageRef(path=record["file"], width=w, height=h),
+            conversation=genseg_conversation(rng, phrases, ctx.options.image_token),
+            phrases=phrases,
+            masks=[MaskTarget(rle=r, label=slot[c], category_id=c, iscrowd=0, bbox=masks.bbox(r),
+                              area=float(masks.area(r))) for r, c, _ in targets],
+            ignore=masks.encode(ignore)[0] if ignore is not None and ignore.any() else None,
+            meta={"image_id": record["image_id"], "segment_ids": [s for _, _, s in targets]},
+        )
+
+    def record_size(self, record: dict, ctx: ConvertContext) -> tuple[int, int]:
+        img = record.get("image")
+        if img and img.get("height") and img.get("width"):  # Mask2Former JSONs carry the size
+            return img["height"], img["width"]
+        return _image_size(ctx, record["file"])
+
+
+class Ade20kPanoptic(_Ade20k):
+    """Raw semantic + instance PNGs (or Mask2Former's panoptic JSON + PNGs) -> panoptic ovseg Samples."""
+
+    name = "ade20k_panoptic"
+    kind = "panoptic"
+
+    def to_sample(self, record: dict, ctx: ConvertContext) -> Sample:
+        h, w = self.record_size(record, ctx)
+        if "anns" in record:
+            return self._from_panoptic_png(record, ctx, h, w)
+        sem = read_semantic(ctx, record["annotations"], h, w, detectron2=False)
+        inst, inst_class = read_instances(ctx, record["key"], record["instances"], h, w)
+        isthing = np.zeros(NUM_CLASSES + 1, dtype=bool)
+        isthing[list(thing_classes())] = True
+        # stuff first (class + 1, so 0 stays void), then things pasted over them, as Mask2Former does
+        seg = np.where((sem >= 0) & ~isthing[sem], sem + 1, 0).astype(np.int32)
+        seg = np.where(inst > 0, _THING_BASE + inst, seg)
+        ids = np.unique(seg)
+        ids = ids[ids > 0].tolist()
+        rles = masks.id_map_to_rles(seg, ids)
+        targets = [(r, i - 1 if i < _THING_BASE else inst_class[i - _THING_BASE], i) for r, i in zip(rles, ids, strict=True)]
+        return self.sample(record, ctx, h, w, targets, seg == 0)
+
+    def _from_panoptic_png(self, record: dict, ctx: ConvertContext, h: int, w: int) -> Sample:
+        anns = record["anns"]
+        if len(anns) != 1:
+            raise SkipRecord("no_panoptic_annotation" if not anns else "duplicate_annotation",
+                             f"{record['image_id']} has {len(anns)} entries in annotations[]")
+        ann = anns[0]
+        png_name = ann.get("file_name") or f"{record['image_id']}.png"
+        rel = f"{ctx.files.dirs['panoptic']}/{png_name}"
+        png = ctx.read_bytes(rel, missing_reason="missing_panoptic_png")
+        try:
+            id_map = masks.read_panoptic_png(png)
+        except OSError as e:
+            raise SkipRecord("bad_panoptic_png", f"{rel}: {e}") from None
+        _check_size(id_map, h, w, rel, "label_size_mismatch")
+        usable = []
+        for seg in ann["segments_info"]:
+            if seg.get("category_id") not in range(NUM_CLASSES):
+                ctx.drop(f"{record['key']}/seg_{seg.get('id')}", "unknown_category",
+                         f"category_id {seg.get('category_id')} is not an ADE-150 id (0..149)")
+            else:
+                usable.append(seg)
+        rles = masks.id_map_to_rles(id_map, [s["id"] for s in usable])
+        # Mask2Former lists a stuff segment even when things pasted over all of it: such a segment has no pixel
+        targets = [(r, s["category_id"], s["id"]) for r, s in zip(rles, usable, strict=True) if masks.area(r)]
+        return self.sample(record, ctx, h, w, targets, id_map == 0)
+
+
+class Ade20kSemantic(_Ade20k):
+    """Raw (or detectron2-shifted) label PNGs -> semantic ovseg Samples, one mask per class present."""
+
+    name = "ade20k_semantic"
+    kind = "semantic"
+
+    def to_sample(self, record: dict, ctx: ConvertContext) -> Sample:
+        h, w = self.record_size(record, ctx)
+        cls = read_semantic(ctx, record["annotations"], h, w, detectron2=ctx.files.info["layout"] == "mask2former")
+        present = np.unique(cls)
+        present = present[present >= 0].tolist()
+        rles = masks.id_map_to_rles(cls, present)
+        return self.sample(record, ctx, h, w, [(r, c, c) for r, c in zip(rles, present, strict=True)], cls < 0)
+
+
+class Ade20kInstance(_Ade20k):
+    """Raw instance PNGs (or Mask2Former's instance JSON) -> instance ovseg Samples over the thing classes."""
+
+    name = "ade20k_instance"
+    kind = "instance"
+
+    def to_sample(self, record: dict, ctx: ConvertContext) -> Sample:
+        h, w = self.record_size(record, ctx)
+        if "anns" in record:
+            targets = []
+            for ann in record["anns"]:
+                akey = f"{record['key']}/ann_{image_sort_id(ann.get('id'))}"
+                if ann.get("category_id") not in set(thing_classes()):
+                    ctx.drop(akey, "unknown_category", f"category_id {ann.get('category_id')} is not an ADE thing class")
+                    continue
+                try:
+                    rle = masks.segmentation_to_rle(ann.get("segmentation"), h, w)
+                except MaskFormatError as e:
+                    ctx.drop(akey, e.reason, e.detail)
+                    continue
+                if masks.area(rle):
+                    targets.append((rle, ann["category_id"], ann.get("id")))
+                else:
+                    ctx.drop(akey, "empty_mask", "segmentation covers no pixel")
+            return self.sample(record, ctx, h, w, targets, None)
+        inst, inst_class = read_instances(ctx, record["key"], record["instances"], h, w)
+        ids = sorted(inst_class)
+        rles = masks.id_map_to_rles(inst, ids)
+        return self.sample(record, ctx, h, w, [(r, inst_class[i], i) for r, i in zip(rles, ids, strict=True)], None)

@@ -1,0 +1,202 @@
+"""ade20k_panoptic / _semantic / _instance: masks against the raw PNGs, raw vs Mask2Former layouts, the
+vocabularies, bad inputs of issue 7, and the shipped tables against the real upstream files."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import webdataset as wds
+from PIL import Image
+
+from pipelines import masks
+from pipelines.build import build
+from pipelines.demo.ade20k import write_mask2former_files
+from pipelines.demo.draw import png_bytes
+from pipelines.demo_data import write_demo
+from pipelines.schema import from_wds, validate
+from pipelines.sources import SOURCES
+from pipelines.sources.ade20k import DATA, class_names, instance_to_class, thing_classes
+from pipelines.sources.base import BuildOptions, StrictModeError
+from pipelines.sources.genseg import clean_category_name
+
+ADE = "img_ovseg/ade20k"
+SOURCE_NAMES = ("ade20k_panoptic", "ade20k_semantic", "ade20k_instance")
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory) -> Path:
+    return write_demo(tmp_path_factory.mktemp("ade") / "datas", families=["ade20k"])
+
+
+@pytest.fixture
+def root(demo, tmp_path) -> Path:
+    """A private copy of the demo tree, for tests that edit it."""
+    return Path(shutil.copytree(demo, tmp_path / "datas"))
+
+
+def run(root: Path, out: Path, source: str, split: str = "train", overrides: dict | None = None, **options):
+    build(str(root), str(out), sources=[source], splits=[split], options=BuildOptions(**options),
+          overrides={source: overrides} if overrides else None, log=lambda m: None)
+    d = out / source / split
+    manifest = json.loads((d / "manifest.json").read_text())
+    samples = [from_wds(i)[0] for s in manifest["shards"] for i in wds.WebDataset(str(d / s["file"]), shardshuffle=False)]
+    skipped = [json.loads(line) for line in (d / "skipped.jsonl").read_text().splitlines()]
+    return manifest, samples, skipped
+
+
+def pngs(root: Path, stem: str, split: str = "train") -> tuple[np.ndarray, np.ndarray]:
+    sd = {"train": "training", "val": "validation"}[split]
+    sem = np.asarray(Image.open(root / ADE / "annotations" / sd / f"{stem}.png"))
+    inst = np.asarray(Image.open(root / ADE / "annotations_instance" / sd / f"{stem}.png"))
+    return sem, inst
+
+
+@pytest.mark.parametrize("split", ["train", "val"])
+def test_semantic_masks_are_the_label_png_classes(demo, tmp_path, split):
+    manifest, samples, skipped = run(demo, tmp_path / "out", "ade20k_semantic", split)
+    assert manifest["counts"]["samples"] == len(samples) > 0 and not skipped
+    for s in samples:
+        validate(s)
+        sem, _ = pngs(demo, s.meta["image_id"], split)
+        assert sorted(m.category_id for m in s.masks) == sorted(int(v) - 1 for v in np.unique(sem) if v)
+        for m in s.masks:
+            np.testing.assert_array_equal(masks.decode(m.rle), sem == m.category_id + 1)
+            assert s.phrases[m.label] == clean_category_name(class_names()[m.category_id])
+        np.testing.assert_array_equal(masks.decode(s.ignore), sem == 0)
+        if split == "val":  # evaluation prompts: all 150 classes in id order
+            assert s.phrases == [clean_category_name(n) for n in class_names()]
+
+
+@pytest.mark.parametrize("split", ["train", "val"])
+def test_panoptic_stuff_from_labels_things_from_instances(demo, tmp_path, split):
+    manifest, samples, skipped = run(demo, tmp_path / "out", "ade20k_panoptic", split)
+    assert manifest["counts"]["samples"] == len(samples) > 0 and not skipped
+    things = set(thing_classes())
+    for s in samples:
+        validate(s)
+        sem, inst = pngs(demo, s.meta["image_id"], split)
+        stack = np.stack([masks.decode(m.rle) for m in s.masks]).astype(int)
+        assert stack.sum(0).max() == 1  # panoptic: segments never overlap
+        np.testing.assert_array_equal(stack.sum(0) == 0, masks.decode(s.ignore).astype(bool))
+        stuff = [m for m in s.masks if m.category_id not in things]
+        thing = [m for m in s.masks if m.category_id in things]
+        assert len(thing) == len(np.unique(inst[..., 1])) - 1  # one segment per annotated instance
+        for m, g in zip(thing, sorted(set(np.unique(inst[..., 1]).tolist()) - {0}), strict=True):
+            mask = inst[..., 1] == g
+            np.testing.assert_array_equal(masks.decode(m.rle), mask)
+            assert m.category_id == instance_to_class()[int(inst[..., 0][mask][0])]
+        for m in stuff:
+            np.testing.assert_array_equal(masks.decode(m.rle), (sem == m.category_id + 1) & (inst[..., 1] == 0))
+        if split == "val":
+            assert len(s.phrases) == 150
+    # the demo's second image has a thing without an instance: its pixels are unlabelled in panoptic
+    s = next(s for s in samples if s.meta["image_id"].endswith("00000002"))
+    sem, inst = pngs(demo, s.meta["image_id"], split)
+    orphan = np.isin(sem, [c + 1 for c in things]) & (inst[..., 1] == 0)
+    assert orphan.any() and masks.decode(s.ignore)[orphan].all()
+
+
+def test_instance_vocabulary_is_the_thing_classes(demo, tmp_path):
+    for split in ("train", "val"):
+        manifest, samples, skipped = run(demo, tmp_path / split, "ade20k_instance", split)
+        assert samples and not skipped
+        for s in samples:
+            validate(s)
+            _, inst = pngs(demo, s.meta["image_id"], split)
+            assert [m.category_id for m in s.masks] == [
+                instance_to_class()[int(inst[..., 0][inst[..., 1] == g][0])] for g in s.meta["segment_ids"]]
+            assert s.ignore is None
+            vocab = {clean_category_name(class_names()[c]) for c in thing_classes()}
+            assert set(s.phrases) <= vocab
+            if split == "val":
+                assert len(s.phrases) == len(thing_classes()) == 100
+
+
+@pytest.mark.parametrize("source", SOURCE_NAMES)
+def test_mask2former_prepared_files_give_the_same_samples(root, tmp_path, source):
+    write_mask2former_files(root)
+    for split in ("train", "val"):
+        _, raw, _ = run(root, tmp_path / "raw", source, split, overrides={"layout": "raw"})
+        manifest, prepared, skipped = run(root, tmp_path / "m2f", source, split, overrides={"layout": "mask2former"})
+        assert manifest["info"] == {"layout": "mask2former"} and not skipped
+        assert len(raw) == len(prepared) > 0
+        for a, b in zip(raw, prepared, strict=True):
+            a.meta.pop("segment_ids")
+            b.meta.pop("segment_ids")
+            assert a == b
+    # with the raw files gone, the prepared ones are found without being asked for
+    shutil.rmtree(root / ADE / "annotations")
+    shutil.rmtree(root / ADE / "annotations_instance")
+    assert SOURCES[source].locate(str(root), "train").info == {"layout": "mask2former"}
+
+
+# ---------------------------------------------------------------------------------------------- bad inputs
+def _bad_then_build(root: Path, tmp_path: Path, source: str, reason: str, strict: bool, level: str = "record"):
+    if strict:
+        with pytest.raises(StrictModeError, match=reason):
+            run(root, tmp_path / "out", source, strict=True)
+        return None
+    manifest, samples, skipped = run(root, tmp_path / "out", source)
+    assert [(s["key"], s["reason"], s["level"]) for s in skipped] == [
+        (f"{source}/train/ADE_train_00000002", reason, level)]
+    assert manifest["counts"]["records_in"] == manifest["counts"]["samples"] + 1
+    return skipped[0]
+
+
+@pytest.mark.parametrize("strict", [False, True])
+def test_label_png_whose_size_differs_from_its_image(root, tmp_path, strict):
+    p = root / ADE / "annotations/training/ADE_train_00000002.png"
+    sem = np.asarray(Image.open(p))
+    p.write_bytes(png_bytes(np.ascontiguousarray(sem[:200, :300])))
+    skip = _bad_then_build(root, tmp_path, "ade20k_semantic", "label_size_mismatch", strict)
+    assert skip is None or "200x300" in skip["detail"]
+
+
+@pytest.mark.parametrize("strict", [False, True])
+def test_class_value_above_150(root, tmp_path, strict):
+    p = root / ADE / "annotations/training/ADE_train_00000002.png"
+    sem = np.asarray(Image.open(p)).copy()
+    sem[10:20, 10:20] = 151
+    p.write_bytes(png_bytes(sem))
+    skip = _bad_then_build(root, tmp_path, "ade20k_panoptic", "label_value_out_of_range", strict)
+    assert skip is None or "151" in skip["detail"]
+
+
+@pytest.mark.parametrize("strict", [False, True])
+def test_instance_png_without_its_semantic_png(root, tmp_path, strict):
+    (root / ADE / "annotations/training/ADE_train_00000002.png").unlink()
+    _bad_then_build(root, tmp_path, "ade20k_panoptic", "missing_semantic_png", strict)
+
+
+def test_instance_with_an_unknown_class_is_dropped_not_the_image(root, tmp_path):
+    p = root / ADE / "annotations_instance/training/ADE_train_00000001.png"
+    inst = np.asarray(Image.open(p)).copy()
+    g = inst[..., 1].max()
+    inst[..., 0][inst[..., 1] == g] = 250  # not an Instance100 class
+    p.write_bytes(png_bytes(inst))
+    manifest, samples, skipped = run(root, tmp_path / "out", "ade20k_instance")
+    assert [(s["reason"], s["level"]) for s in skipped] == [("unknown_instance_class", "annotation")]
+    s = next(s for s in samples if s.meta["image_id"] == "ADE_train_00000001")
+    assert g not in s.meta["segment_ids"] and s.masks
+
+
+# ---------------------------------------------------------------------------------------------- conformance
+def test_shipped_tables_equal_the_real_upstream_files(real_data):
+    assert (DATA / "ade20k_classes.json").read_bytes() == (real_data / "dvlab-research+LISA__utils__ade20k_classes.json").read_bytes()
+    real_map = real_data / "facebookresearch+Mask2Former__datasets__ade20k_instance_catid_mapping.txt"
+    assert (DATA / "ade20k_instance_catid_mapping.txt").read_bytes() == real_map.read_bytes()
+    assert class_names() == tuple(json.loads((real_data / "dvlab-research+LISA__utils__ade20k_classes.json").read_text()))
+    rows = [line.split() for line in real_map.read_text().splitlines()[1:] if line.strip()]
+    assert instance_to_class() == {int(i): int(s) - 1 for i, s, _ in rows}  # Mask2Former's map_id, 1-based keys
+    assert len(instance_to_class()) == len(thing_classes()) == 100
+
+
+def test_shipped_tables_are_package_data():
+    pyproject = (Path(__file__).parents[2] / "pyproject.toml").read_text()
+    assert '"*.json", "*.txt"' in pyproject and (DATA / "__init__.py").exists()
+    assert (DATA / "LICENSE-LISA.txt").read_text().lstrip().startswith("Apache License")
+    assert "Permission is hereby granted" in (DATA / "LICENSE-Mask2Former.txt").read_text()
