@@ -62,23 +62,33 @@ def _check_png(data: bytes, rel: str, max_pixels: int) -> tuple[int, int]:
     return h, w
 
 
+_last_ok: tuple | None = None  # (bytes, max_pixels, ext, h, w) of the last image that passed, in this process
+
+
 def load_image(ctx: ConvertContext, rel: str, height: int | None, width: int | None) -> tuple[bytes, str]:
     """The original bytes and extension ("jpg"/"png") of ``rel``, checked; :class:`SkipRecord` if unusable.
 
     ``height``/``width`` are the annotation's claim; a file of another size is ``image_size_mismatch``.
     """
+    global _last_ok
     data = ctx.read_bytes(rel, missing_reason="missing_image")
-    ext = sniff_ext(data)
     max_pixels = ctx.options.max_image_pixels
-    if ext == "jpg":
-        h, w = _check_jpeg(data, rel)
-        if w * h > max_pixels:
-            raise SkipRecord("image_too_large", f"{rel}: {w}x{h} > {max_pixels} pixels")
-        _decode_jpeg(data, rel)
-    elif ext == "png":
-        h, w = _check_png(data, rel, max_pixels)
+    last = _last_ok
+    if last is not None and last[1] == max_pixels and last[0] == data:
+        # the check is a pure function of the bytes: samples of one image (consecutive keys) decode it once
+        ext, h, w = last[2:]
     else:
-        raise SkipRecord("corrupt_image", f"{rel}: neither JPEG nor PNG data")
+        ext = sniff_ext(data)
+        if ext == "jpg":
+            h, w = _check_jpeg(data, rel)
+            if w * h > max_pixels:
+                raise SkipRecord("image_too_large", f"{rel}: {w}x{h} > {max_pixels} pixels")
+            _decode_jpeg(data, rel)
+        elif ext == "png":
+            h, w = _check_png(data, rel, max_pixels)
+        else:
+            raise SkipRecord("corrupt_image", f"{rel}: neither JPEG nor PNG data")
+        _last_ok = (data, max_pixels, ext, h, w)
     if height is not None and width is not None and (h, w) != (height, width):
         raise SkipRecord("image_size_mismatch", f"{rel}: file is {h}x{w}, annotation says {height}x{width}")
     return data, ext

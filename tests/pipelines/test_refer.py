@@ -303,6 +303,19 @@ def test_bad_polygon_drops_one_object_and_skips_a_single_turn_sample(root, tmp_p
     assert manifest["skipped"] == {"bad_polygon": len(unique_sents(val_ref))}
 
 
+def test_samples_of_one_image_decode_it_once(demo, tmp_path, monkeypatch):
+    """Train samples of an image are consecutive; the writer's full-decode check runs once per image."""
+    from pipelines import images as image_checks
+
+    calls = []
+    real = image_checks._decode_jpeg
+    monkeypatch.setattr(image_checks, "_decode_jpeg", lambda data, rel: calls.append(rel) or real(data, rel))
+    monkeypatch.setattr(image_checks, "_last_ok", None)
+    build(str(demo), str(tmp_path / "out"), sources=["refcoco"])
+    _, samples, _ = read_split(tmp_path / "out", "refcoco", "train")
+    assert len(samples) > len(set(calls)) == len(calls) == len({s.image.path for s, _ in samples})
+
+
 # ----------------------------------------------------------------------------- executors
 @pytest.mark.ray
 def test_ray_build_equals_inline_build(demo, tmp_path, ray_local):
