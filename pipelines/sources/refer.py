@@ -404,7 +404,7 @@ class ReferSource:
             try:
                 refs = load_refs(p)
             except (UnsafePickleError, MalformedPickle, ValueError) as e:
-                errors.append(f"{self.name}: {e}")
+                errors.append(f"{self.name}: {str(e).replace(p, rel)}")  # no mount path: the file's hash is stable
                 continue
             splits: dict[str, set] = {}
             for r in refs:
