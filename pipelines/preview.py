@@ -194,9 +194,20 @@ def _paint(sample: Sample, size: tuple[int, int]) -> tuple[list[int], dict[int, 
     return order, decoded, owner
 
 
-def label_points(sample: Sample, size: tuple[int, int]) -> list[tuple[int, int, int]]:
-    """``(label, x, y)`` where to write each drawn phrase on the image: the most interior visible pixel of
-    its largest visible mask (one tag per phrase, however many instances it has)."""
+@dataclass
+class TagSpot:
+    """Where a phrase tag goes: the most interior visible pixel ``(x, y)`` of the phrase's largest visible
+    mask, how far it is from the mask's edge, and the visible part's bounding box ``(x0, y0, x1, y1)``."""
+
+    label: int
+    x: int
+    y: int
+    depth: float
+    box: tuple[int, int, int, int]
+
+
+def label_points(sample: Sample, size: tuple[int, int]) -> list[TagSpot]:
+    """One :class:`TagSpot` per drawn phrase (however many instances it has), in label order."""
     from scipy.ndimage import distance_transform_edt
 
     _, _, owner = _paint(sample, size)
@@ -207,22 +218,26 @@ def label_points(sample: Sample, size: tuple[int, int]) -> list[tuple[int, int, 
         n = int((owner == i).sum())
         if n and (m.label not in best or n > best[m.label][0]):
             best[m.label] = (n, i)
-    points = []
+    spots = []
     for label, (_, i) in sorted(best.items()):
-        dist = distance_transform_edt(np.pad(owner == i, 1))[1:-1, 1:-1]
+        visible = owner == i
+        dist = distance_transform_edt(np.pad(visible, 1))[1:-1, 1:-1]
         y, x = np.unravel_index(int(np.argmax(dist)), dist.shape)
-        points.append((label, int(x), int(y)))
-    return points
+        ys, xs = np.nonzero(visible)
+        spots.append(TagSpot(label, int(x), int(y), float(dist[y, x]),
+                             (int(xs.min()), int(ys.min()), int(xs.max()), int(ys.max()))))
+    return spots
 
 
 def overlay(image: Image.Image | None, sample: Sample, size: tuple[int, int] | None = None,
-            outline: int = 1) -> np.ndarray:
+            outline: int = 1, tag_font=None) -> np.ndarray:
     """The image at ``size = (w, h)`` (default: its own) with the sample drawn on it, ``HxWx3`` uint8.
 
     Masks: each pixel takes the colour of the top-most mask covering it (painted largest first) blended
     ``TINT_ALPHA`` over the image, and every mask's outline (``outline`` px) is drawn in full colour. The
     ignore region is hatched grey; each visual-prompt region is hatched in its slot's colour with a
-    white-and-colour outline.
+    white-and-colour outline. With ``tag_font``, phrase tags (:func:`draw_labels`) go on the masks before the
+    regions are drawn, so a tag never hides a visual prompt.
     """
     size = size or natural_size(image, sample)
     w, h = size
@@ -238,6 +253,10 @@ def overlay(image: Image.Image | None, sample: Sample, size: tuple[int, int] | N
     if sample.ignore is not None:
         ig = _resize_mask(mask_utils.decode(sample.ignore), size)
         out[ig & _hatch(h, w, 8, 2, flip=False)] = IGNORE_COLOUR
+    if tag_font is not None:
+        tagged = Image.fromarray(np.clip(np.rint(out), 0, 255).astype(np.uint8))
+        draw_labels(tagged, sample, tag_font)
+        out = np.asarray(tagged).astype(np.float32)
     for region in sample.regions:
         r = _resize_mask(mask_utils.decode(region.rle), size)
         colour = colours.get(region.label, NO_COLOUR)
@@ -346,20 +365,40 @@ def layout_text(runs: list[tuple[str, str, int | None]], colours: dict[int, tupl
 
 # ---------------------------------------------------------------- tiles, sheets, html
 def draw_labels(img: Image.Image, sample: Sample, font) -> None:
-    """Write each drawn phrase (``k: text``) on a box of its colour at its label point, in place."""
+    """Write each drawn phrase (``k: text``) on a box of its colour, in place: centred on its mask when the
+    box fits inside, otherwise just above the mask (below when there is no room), so small objects and the
+    prompts on them stay visible."""
     colours = phrase_colours(sample)
     d = ImageDraw.Draw(img)
-    for label, x, y in label_points(sample, img.size):
+    placed: list[tuple[int, int, int, int]] = []
+    for spot in label_points(sample, img.size):
+        label = spot.label
         phrase = sample.phrases[label] if label < len(sample.phrases) else "?"
-        text = f"{label}: {phrase if len(phrase) <= 18 else phrase[:17] + '…'}"
+        kinds = sorted({r.type for r in sample.regions if r.label == label})
+        if kinds and "<region>" in phrase:  # a visual-prompt slot: say which prompt fills it
+            phrase = phrase.replace("<region>", f"<region> {'/'.join(kinds)}")
+        text = f"{label}: {phrase if len(phrase) <= 24 else phrase[:23] + '…'}"
         colour = colours[label]
         left, top, right, bottom = d.textbbox((0, 0), text, font=font)
         bw, bh = right - left + 6, bottom - top + 4
-        x0 = min(max(0, x - bw // 2), img.width - bw)
-        y0 = min(max(0, y - bh // 2), img.height - bh)
+        x0, y0, x1, y1 = spot.box
+        inside = 2 * spot.depth >= bh + 4 and x1 - x0 >= bw and not kinds
+        if inside:
+            tx, ty = spot.x - bw // 2, spot.y - bh // 2
+        else:
+            tx = (x0 + x1) // 2 - bw // 2
+            ty = y0 - bh - 2 if y0 - bh - 2 >= 0 else y1 + 2
+        tx = min(max(0, tx), img.width - bw - 1)
+        ty = min(max(0, ty), img.height - bh - 1)
+        for step in (0, 1, -1, 2, -2, 3, -3):  # step off tags already placed, one tag height at a time
+            cy = min(max(0, ty + step * (bh + 1)), img.height - bh - 1)
+            if not any(tx < px1 and px0 < tx + bw and cy < py1 and py0 < cy + bh for px0, py0, px1, py1 in placed):
+                ty = cy
+                break
+        placed.append((tx, ty, tx + bw + 1, ty + bh + 1))
         light = 0.299 * colour[0] + 0.587 * colour[1] + 0.114 * colour[2] > 150
-        d.rectangle([x0, y0, x0 + bw, y0 + bh], fill=colour, outline=(0, 0, 0) if light else (255, 255, 255))
-        d.text((x0 + 3 - left, y0 + 2 - top), text, font=font, fill=(0, 0, 0) if light else (255, 255, 255))
+        d.rectangle([tx, ty, tx + bw, ty + bh], fill=colour, outline=(0, 0, 0) if light else (255, 255, 255))
+        d.text((tx + 3 - left, ty + 2 - top), text, font=font, fill=(0, 0, 0) if light else (255, 255, 255))
 
 
 def masks_overlap(sample: Sample, size: tuple[int, int]) -> bool:
@@ -419,8 +458,7 @@ def render_tile(item: PreviewItem, font=None) -> Image.Image:
     s = item.sample
     disp = fit(natural_size(item.image, s), TILE_IMAGE_WIDTH, TILE_IMAGE_WIDTH)
     plain = Image.fromarray(base_image(item.image, s, disp))
-    drawn = Image.fromarray(overlay(item.image, s, disp, outline=2))
-    draw_labels(drawn, s, small)
+    drawn = Image.fromarray(overlay(item.image, s, disp, outline=2, tag_font=small))
     colours = phrase_colours(s)
     lines = layout_text(conversation_runs(s), colours, TILE_TEXT_WIDTH, font, line_h)
     if len(lines) > TILE_MAX_TEXT_LINES:
@@ -434,14 +472,16 @@ def render_tile(item: PreviewItem, font=None) -> Image.Image:
     header_h = 2 * line_h + PAD
     images_h = disp[1] + (PAD + strip.height if strip else 0)
     h = header_h + max(images_h, len(lines) * line_h) + 2 * PAD
-    tx = PAD + 2 * (TILE_IMAGE_WIDTH + PAD)
+    nothing_drawn = not (s.masks or s.regions or s.ignore is not None)  # e.g. chat: one image panel is enough
+    tx = PAD + (1 if nothing_drawn else 2) * (TILE_IMAGE_WIDTH + PAD)
     w = tx + TILE_TEXT_WIDTH + PAD
     tile = Image.new("RGB", (w, h), (255, 255, 255))
     d = ImageDraw.Draw(tile)
     d.text((PAD, PAD), s.key, font=bold, fill=(0, 0, 0))
     d.text((PAD, PAD + line_h), summary, font=font, fill=(90, 90, 90))
     tile.paste(plain, (PAD, header_h + PAD))
-    tile.paste(drawn, (PAD + TILE_IMAGE_WIDTH + PAD, header_h + PAD))
+    if not nothing_drawn:
+        tile.paste(drawn, (PAD + TILE_IMAGE_WIDTH + PAD, header_h + PAD))
     if strip:
         tile.paste(strip, (PAD, header_h + PAD + disp[1] + PAD))
     for row, pieces in enumerate(lines):

@@ -218,7 +218,6 @@ def test_committed_cards_cover_every_source():
         front_matter(text)
 
 
-@pytest.mark.slow
 def test_committed_cards_match_a_fresh_demo_build(demo_root, tmp_path):
     """The committed cards' counts are those of the demo build (byte counts and hashes may differ across
     image libraries, so only counts are compared). Fix: `python -m pipelines.cards --demo`."""

@@ -212,8 +212,8 @@ def test_overlapping_masks_get_a_strip_and_tags(shards):
     item = preview.PreviewItem(s, Image.new("RGB", (80, 60), (50, 50, 50)))
     tile = preview.render_tile(item)
     assert tile.height > 60 + 2 * 30  # header + image + strip
-    for _label, x, y in preview.label_points(s, (80, 60)):
-        assert m[y, x] == 1
+    for spot in preview.label_points(s, (80, 60)):
+        assert m[spot.y, spot.x] == 1 and spot.box == (10, 10, 69, 49)
     # COCO panoptic segments never overlap
     items = first_items(shards, "coco_panoptic", "train", 2)
     assert not any(preview.masks_overlap(it.sample, it.image.size) for it in items)
