@@ -30,6 +30,7 @@ from pathlib import Path
 import yaml
 
 from pipelines import storage
+from pipelines.hf import FEATURES_YAML
 
 CARD_TEXTS_PACKAGE = "pipelines.card_texts"
 # The sections every source's prose must have (a test holds each card text to this list).
@@ -300,6 +301,8 @@ def _front_matter(inp: CardInputs, splits: list[str]) -> str:
     # configs: one per source; one data_files entry per split, globs relative to <out>/<source>/.
     # Only built splits when any are built: a glob that matches nothing makes `load_dataset` fail.
     cfg_splits = [s for s in splits if s in inp.manifests] or splits
+    # explicit column types: HF's webdataset builder would otherwise guess them from 5 samples (pipelines/hf.py)
+    fm["dataset_info"] = {"features": [dict(f) for f in FEATURES_YAML]}
     if cfg_splits:
         fm["configs"] = [{
             "config_name": "default",
@@ -362,11 +365,20 @@ def _loading_section(info: SourceInfo, splits: list[str]) -> list[str]:
         "",
         "```python",
         "import datasets, webdataset as wds",
-        f'ds = datasets.load_dataset("webdataset", data_files={{"{split}": "<out>/{info.name}/{split}/*.tar"}})',
-        f'ds = datasets.load_dataset("<out>/{info.name}")  # with this card saved there as README.md (--readme)',
+        "from pipelines.hf import hf_features, load_shards",
+        "from pipelines.schema import Sample, from_wds",
+        f'ds = load_shards("<out>", "{info.name}")  # every built split, explicit column types',
+        f'ds = datasets.load_dataset("<out>/{info.name}")  # the same, with this card saved there as README.md',
+        f'ds = datasets.load_dataset("webdataset", data_files={{"{split}": "<out>/{info.name}/{split}/*.tar"}}, '
+        "features=hf_features())",
+        f'sample = Sample.from_dict(ds["{split}"][0]["json"])',
         f'for item in wds.WebDataset("<out>/{info.name}/{split}/{info.name}-{split}-000000.tar", shardshuffle=False):',
-        "    sample, image_bytes = from_wds(item)  # from pipelines.schema import from_wds",
+        "    sample, image_bytes = from_wds(item)",
         "```",
+        "",
+        "Pass `features=hf_features()` (or keep the card's `dataset_info`): without it, the `webdataset` builder "
+        "guesses the column types from the first 5 samples, and a field that is empty there but set later "
+        "(an `ignore` region, a `meta` key) or a shard mixing `.jpg` and `.png` members fails to load.",
         "",
         f"Preview rendered samples with `python -m pipelines.preview --out <out> --source {info.name}`.",
         "",

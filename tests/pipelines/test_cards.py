@@ -15,6 +15,7 @@ import yaml
 
 from pipelines import cards
 from pipelines.build import build
+from pipelines.hf import FEATURES_YAML
 from pipelines.sources import SOURCES
 
 REPO = Path(__file__).resolve().parents[2]
@@ -169,6 +170,7 @@ def test_front_matter_is_a_valid_hf_card(coco_build):
         assert fm["license"] == "cc-by-4.0"
         assert "image-segmentation" in fm["task_categories"]
         assert fm["source_datasets"] and fm["pretty_name"]
+        assert fm["dataset_info"]["features"] == FEATURES_YAML  # explicit column types (pipelines/hf.py)
         (config,) = fm["configs"]
         assert [d["split"] for d in config["data_files"]] == ["train", "val"]
         for d in config["data_files"]:  # globs are relative to <out>/<source>/ and match the shards
