@@ -1,6 +1,6 @@
 """A preview gallery of built shards: PNG contact sheets and one static HTML page.
 
-    python -m pipelines.preview --out SHARDS [--source S[,S2]] [--split SPLIT] [--n 16]
+    python -m pipelines.preview --out SHARDS [--source S[,S2]] [--split SPLIT] [--n 16] [--preview-dir DIR]
 
 For each built ``<source>/<split>`` (found through its ``manifest.json``) the first ``n`` samples in key order
 are drawn: the image with every mask tinted in its phrase's colour (and outlined), the ignore region hatched
@@ -618,6 +618,8 @@ def write_preview(out_url: str, sources: Sequence[str] | None = None, splits: Se
                   n: int = 16, preview_dir: str | Path | None = None) -> list[Path]:
     """Render every selected split; returns the files written (HTML first). ``preview_dir`` defaults to
     ``<out>/preview`` (``out_url`` must then be a local folder)."""
+    if preview_dir is None and "://" in str(out_url) and not str(out_url).startswith("file://"):
+        raise ValueError(f"{out_url} is not a local folder: give a local preview_dir (--preview-dir)")
     pdir = Path(preview_dir) if preview_dir else Path(storage.fs_and_path(out_url)[1]) / "preview"
     written: list[Path] = []
     groups = []
@@ -653,12 +655,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--source", help="comma list of sources (default: every built source)")
     p.add_argument("--split", help="comma list of splits (default: every built split)")
     p.add_argument("--n", type=int, default=16, help="samples per source and split (default: %(default)s)")
+    p.add_argument("--preview-dir", help="where to write (default: <out>/preview; needed when --out is remote)")
     args = p.parse_args(argv)
     sources = args.source.split(",") if args.source else None
     splits = args.split.split(",") if args.split else None
     if not list_splits(args.out, sources, splits):
         p.error(f"no built split under {args.out}" + (f" for --source {args.source}" if sources else ""))
-    files = write_preview(args.out, sources, splits, args.n)
+    files = write_preview(args.out, sources, splits, args.n, args.preview_dir)
     print(f"wrote {files[0]} and {len(files) - 1} PNG files")
 
 
