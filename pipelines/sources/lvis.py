@@ -29,7 +29,6 @@ import random
 import re
 from collections import Counter
 from collections.abc import Iterator, Sequence
-from urllib.parse import urlsplit
 
 from pipelines import masks
 from pipelines.masks import MaskFormatError
@@ -43,7 +42,7 @@ from pipelines.sources.base import (
     SourceFiles,
     SourceNotFound,
 )
-from pipelines.sources.coco_index import RawAnn, image_sort_id, iter_coco_records
+from pipelines.sources.coco_index import RawAnns, image_sort_id, iter_coco_records, read_spans
 from pipelines.sources.genseg import clean_category_name, genseg_conversation
 
 LVIS_ROOT = "img_ovseg/lvis"
@@ -67,9 +66,10 @@ def image_path(img: dict, images_dir: str, images2014_dir: str) -> tuple[str | N
     """``(path relative to the data root, None)`` or ``(None, reason detail)`` for an LVIS image entry."""
     url = img.get("coco_url")
     if isinstance(url, str) and url:
-        parts = urlsplit(url).path.rstrip("/").split("/")
-        if len(parts) >= 2 and _URL_FOLDER.match(parts[-2]) and _FILE.match(parts[-1]):
-            return f"{images_dir}/{parts[-2]}/{parts[-1]}", None
+        # the last two path parts; split by hand, urllib.parse costs more than the rest of the index per image
+        parts = url.split("?", 1)[0].split("#", 1)[0].rsplit("/", 2)
+        if len(parts) == 3 and _URL_FOLDER.match(parts[1]) and _FILE.match(parts[2]):
+            return f"{images_dir}/{parts[1]}/{parts[2]}", None
     name = img.get("file_name")
     if isinstance(name, str) and name:
         if m := _V05_FILE.match(name):
@@ -175,7 +175,7 @@ class Lvis:
                     "neg": img.get("neg_category_ids") or [], "not_exhaustive": img.get("not_exhaustive_category_ids") or []}
 
         for item in iter_coco_records(
-            files.inputs["annotations"], f"{self.name}/{split}", image_fields, None, categories=categories, raw_anns=True
+            files.inputs["annotations"], f"{self.name}/{split}", image_fields, None, categories=categories, raw=True
         ):
             if isinstance(item, dict):
                 yield from _records(item, known, cap)
@@ -188,8 +188,16 @@ class Lvis:
         if not h or not w:
             raise SkipRecord("missing_image_size", f"image {img['id']} has no height/width")
         targets = []
-        for ann in json.loads(record["anns"]):
-            akey = f"{key}/ann_{ann.get('id')}"
+        path = ctx.files.inputs["annotations"]
+        for text in read_spans(path, list(zip(record["offsets"], record["lengths"], strict=True))):
+            try:
+                ann = json.loads(text)
+            except (json.JSONDecodeError, UnicodeDecodeError):
+                ann = None
+            if not isinstance(ann, dict) or ann.get("image_id") != img["id"]:
+                raise SkipRecord("annotation_file_changed", f"{path} changed since it was indexed")
+            ann_id, cat = ann.get("id"), ann.get("category_id")
+            akey = f"{key}/ann_{ann_id}"
             try:
                 rle = masks.segmentation_to_rle(ann.get("segmentation"), h, w)
             except MaskFormatError as e:
@@ -198,21 +206,21 @@ class Lvis:
             if masks.area(rle) == 0:
                 ctx.drop(akey, "empty_mask", "segmentation covers no pixel")
                 continue
-            targets.append((rle, ann["category_id"], ann.get("id")))
+            targets.append((rle, cat, ann_id))
         if not targets:
             raise SkipRecord("no_usable_annotation", f"image {img['id']}: no annotation with a valid mask")
         rng = ctx.rng(key)
         pos = sorted({c for _, c, _ in targets})
         budget = max(max_phrases(ctx.options) - len(pos), 0)
         n_neg = budget if ctx.split == "val" else rng.randint(0, budget)
-        negs = sample_negatives(rng, n_neg, record["present"], record["neg"], record["not_exhaustive"],
+        negs = sample_negatives(rng, n_neg, record.get("present", pos), record["neg"], record["not_exhaustive"],
                                 ctx.shared["category_ids"])
         cat_ids = pos + negs
         rng.shuffle(cat_ids)
         slot = {c: i for i, c in enumerate(cat_ids)}
         names = ctx.shared["category_names"]
         phrases = [names[str(c)] for c in cat_ids]
-        not_exhaustive = set(record["not_exhaustive"])
+        not_exhaustive, verified = set(record["not_exhaustive"]), set(record["neg"])
         return Sample(
             key=key,
             source=self.name,
@@ -224,41 +232,45 @@ class Lvis:
             masks=[MaskTarget(rle=r, label=slot[c], category_id=c, iscrowd=0, bbox=masks.bbox(r),
                               area=float(masks.area(r))) for r, c, _ in targets],
             meta={"image_id": img["id"], "ann_ids": [a for _, _, a in targets], "part": record["part"],
-                  "neg_category_ids": [c for c in negs if c in set(record["neg"])],
+                  "neg_category_ids": [c for c in negs if c in verified],
                   "not_exhaustive": [c for c in pos if c in not_exhaustive]},
         )
 
 
 def _records(item: dict, known: set[int], cap: int) -> Iterator[dict | Skip]:
     """One image's records (several when its positives exceed the cap), or the skips that replace them."""
-    key, img, anns = item["key"], item["image"], item["anns"]
+    key, img = item["key"], item["image"]
+    anns: RawAnns = item["anns"]
     if img["path_error"]:
         reason = "unrecognised_coco_url" if img["has_url"] else "missing_image_path"
         yield Skip(key, reason, img["path_error"])
         return
-    kept: list[RawAnn] = []
-    for a in anns:
-        if a.category_id in known:
-            kept.append(a)
-        else:
-            yield Skip(f"{key}/ann_{image_sort_id(a.id)}", "unknown_category",
-                       f"annotation {a.id}: category_id {a.category_id} not in categories[]", level="annotation")
-    if not kept:  # LVIS has images with only negative labels: nothing to segment
-        detail = "no annotation of a known category" if anns else "no annotations (only negative labels)"
+    ids, cats, offs, lens = anns
+    if not all(c in known for c in cats):
+        for i, c in zip(ids, cats, strict=True):
+            if c not in known:
+                yield Skip(f"{key}/ann_{image_sort_id(i)}", "unknown_category",
+                           f"annotation {i}: category_id {c} not in categories[]", level="annotation")
+        keep = [j for j, c in enumerate(cats) if c in known]
+        ids, cats, offs, lens = ([col[j] for j in keep] for col in (ids, cats, offs, lens))
+    if not ids:  # LVIS has images with only negative labels: nothing to segment
+        detail = "no annotation of a known category" if anns.ids else "no annotations (only negative labels)"
         yield Skip(key, "no_annotations", f"image {img['id']}: {detail}")
         return
-    present = sorted({a.category_id for a in kept})
-    parts = split_categories(present, cap)
+    present = sorted(set(cats))
     image = {k: img[k] for k in ("id", "path", "height", "width")}
+    if len(present) <= cap:  # the common case: one record, no copying of the columns
+        yield {"key": key, "image": image, "neg": img["neg"], "not_exhaustive": img["not_exhaustive"],
+               "part": [0, 1], "offsets": offs, "lengths": lens}
+        return
+    parts = split_categories(present, cap)
     for i, part in enumerate(parts):
         members = set(part)
-        texts = b",".join(a.text for a in kept if a.category_id in members)
+        pick = [j for j, c in enumerate(cats) if c in members]
         yield {
-            "key": key if len(parts) == 1 else f"{key}_p{i:03d}",
-            "image": image,
-            "present": present,
-            "neg": img["neg"],
-            "not_exhaustive": img["not_exhaustive"],
+            "key": f"{key}_p{i:03d}", "image": image, "neg": img["neg"], "not_exhaustive": img["not_exhaustive"],
             "part": [i, len(parts)],
-            "anns": "[" + texts.decode() + "]",  # parsed by the worker, not here
+            "present": present,  # the other parts' categories are present too: never negatives here
+            # where each annotation's JSON is in the annotation file: the worker reads and parses its own
+            "offsets": [offs[j] for j in pick], "lengths": [lens[j] for j in pick],
         }

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import random
 from collections import defaultdict
 from pathlib import Path
 
@@ -11,7 +12,13 @@ import pytest
 from pipelines.jsonstream import MalformedJSON
 from pipelines.sources import coco_index, json_scan
 from pipelines.sources.base import Shared, Skip
-from pipelines.sources.coco_index import RawAnn, image_sort_id, iter_coco_records, read_categories
+from pipelines.sources.coco_index import (
+    RawAnns,
+    image_sort_id,
+    iter_coco_records,
+    read_categories,
+    read_spans,
+)
 
 ODD_DOC = {
     "info": {"nested": {"deeper": [1, {"x": "}"}]}, "n": 3},
@@ -43,21 +50,26 @@ def _write(tmp_path: Path, doc, indent=None, bom=False) -> str:
 @pytest.mark.parametrize("block", [1, 5, 64, None])
 def test_scanner_yields_every_array_element_like_json_load(tmp_path, indent, bom, block):
     path = _write(tmp_path, ODD_DOC, indent, bom)
+    text = Path(path).read_bytes()
     got = defaultdict(list)
-    for key, batch in json_scan.iter_arrays(path, patterns={"annotations": json_scan.ANNOTATION}, block_size=block):
-        for raw, *captures in batch:
+    for batch in json_scan.iter_arrays(path, patterns={"annotations": json_scan.ANNOTATION}, block_size=block):
+        assert len(batch.offsets) == len(batch.elements) and all(len(c) == len(batch.elements) for c in batch.captures)
+        for j, (start, raw) in enumerate(zip(batch.offsets.tolist(), batch.elements, strict=True)):
             value = json.loads(raw)
-            got[key].append(value)
-            if key == "annotations" and captures[1] is not None:  # captured ids agree with the parse
-                assert captures[1].decode() == json.dumps(value["image_id"])
-                assert captures[0] is None or int(captures[0]) == value["id"]
+            got[batch.key].append(value)
+            assert text[start:start + len(raw)] == raw  # the offset is where the element is in the file
+            if batch.key == "annotations" and batch.captures[1][j] is not None:  # captured ids agree
+                aid, iid, cid = (c[j] for c in batch.captures)
+                assert iid.decode() == json.dumps(value["image_id"])
+                assert aid is None or int(aid) == value["id"]
+                assert cid is None or int(cid) == value["category_id"]
     arrays = {k: v for k, v in ODD_DOC.items() if isinstance(v, list) and v}
     assert dict(got) == arrays
 
 
 def test_scanner_keys_filter_and_categories(tmp_path):
     path = _write(tmp_path, ODD_DOC, 1)
-    assert [k for k, _ in json_scan.iter_arrays(path, keys=("images",))] == ["images"]
+    assert {b.key for b in json_scan.iter_arrays(path, keys=("images",))} == {"images"}
     assert read_categories(path) == ODD_DOC["categories"]
 
 
@@ -110,12 +122,14 @@ def test_iter_coco_records_matches_a_plain_json_load_reference(tmp_path, monkeyp
     shared = [x.data for x in items if isinstance(x, Shared)]
     assert shared == [{"n": 2}]
     assert (records, skips) == _reference(ODD_DOC, "s/train")
-    raw = [x for x in iter_coco_records(path, "s/train", lambda i: i, None, raw_anns=True) if isinstance(x, dict)]
+    raw = [x for x in iter_coco_records(path, "s/train", lambda i: i, None, raw=True) if isinstance(x, dict)]
     for rec, ref in zip(raw, records, strict=True):
-        assert all(isinstance(a, RawAnn) for a in rec["anns"])
-        assert [a.parse() for a in rec["anns"]] == ref["anns"]
-        assert [a.id for a in rec["anns"]] == [a["id"] if type(a["id"]) is int else None for a in ref["anns"]]
-        assert [a.category_id for a in rec["anns"]] == [a["category_id"] for a in ref["anns"]]
+        anns = rec["anns"]
+        assert isinstance(anns, RawAnns)
+        texts = read_spans(path, list(zip(anns.offsets, anns.lengths, strict=True)))
+        assert [json.loads(t) for t in texts] == ref["anns"]
+        assert anns.ids == [a["id"] if type(a["id"]) is int else None for a in ref["anns"]]
+        assert anns.category_ids == [a["category_id"] for a in ref["anns"]]
 
 
 def test_iter_coco_records_never_loads_the_file_whole(tmp_path, monkeypatch):
@@ -125,4 +139,33 @@ def test_iter_coco_records_never_loads_the_file_whole(tmp_path, monkeypatch):
         raise AssertionError("json.load of a whole annotation file")
 
     monkeypatch.setattr(json, "load", refuse)
-    assert sum(isinstance(x, dict) for x in iter_coco_records(path, "s/train", lambda i: i, None, raw_anns=True)) == 3
+    assert sum(isinstance(x, dict) for x in iter_coco_records(path, "s/train", lambda i: i, None, raw=True)) == 3
+
+
+@pytest.mark.parametrize("indent", [None, 1])
+@pytest.mark.parametrize("block", [256, 4096, None])
+def test_scanner_runs_split_match_and_walk_paths_on_a_long_array(tmp_path, monkeypatch, indent, block):
+    """Many elements, some nested deeper than the fast pattern and some with braces in strings, small read
+    blocks and windows: every path of the scanner (window split, element-by-element, walker) is taken."""
+    monkeypatch.setattr(json_scan, "_WINDOW", 1000)
+    rng = random.Random(indent or 0)
+    anns = []
+    for i in range(400):
+        a = {"id": i, "image_id": rng.choice([1, 2, "x"]), "category_id": rng.randint(1, 3),
+             "segmentation": [[rng.uniform(0, 9) for _ in range(rng.randint(6, 30))]]}
+        if i % 37 == 5:
+            a["deep"] = {"a": {"b": {"c": [i]}}}
+        if i % 41 == 7:
+            a["caption"] = 'a "quoted" } { ] [ caption \\ with escapes'
+        if i % 53 == 11:
+            a["segmentation"] = {"size": [3, 3], "counts": "0[]3"}
+        anns.append(a)
+    doc = {"annotations": anns, "images": [{"id": 1}, {"id": 2}, {"id": "x"}], "categories": []}
+    path = _write(tmp_path, doc, indent)
+    got = []
+    for batch in json_scan.iter_arrays(path, patterns={"annotations": json_scan.ANNOTATION}, block_size=block):
+        if batch.key == "annotations":
+            got += [json.loads(raw) for raw in batch.elements]
+    assert got == anns
+    records = [x for x in iter_coco_records(path, "s/train", lambda i: i, None) if isinstance(x, dict)]
+    assert [r["anns"] for r in records] == [[a for a in anns if a["image_id"] == i] for i in (1, 2, "x")]
