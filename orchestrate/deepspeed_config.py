@@ -4,6 +4,10 @@ It mirrors X-SAM's ``deepspeed_zero2.json`` (large buckets, overlapped communica
 ``zero_allow_untested_optimizer``) with the ``auto`` fields filled from the stage config, plus the optimizer
 and the warm-up + cosine schedule so DeepSpeed saves and restores both with its checkpoints.
 
+The schedule is DeepSpeed's ``WarmupCosineLR`` (linear warm-up from ``warmup_start`` × lr, cosine to
+``min_lr_ratio`` × lr, per-group multipliers kept). Unlike mmengine it runs the very first optimizer step at
+lr 0 and then follows X-SAM's curve one step late: irrelevant at the recipe's thousands of steps.
+
 On CPU (gloo) it runs fp32, no overlapped communication, and ``torch_adam`` so DeepSpeed does not compile
 its fused Adam op (about 45 s on a 2-core box). On GPUs: bf16 and torch's fused AdamW kernel.
 """

@@ -81,16 +81,20 @@ def _fault_hook(plan: RunPlan, step_done: int, rank: int) -> None:
         return
     parts = plan.fault.split(":")
     folder = plan.local_stage_dir()
+    import ray.train
+
+    def committed():  # what was reported so far is registered: a restart will find it
+        ray.train.get_all_reported_checkpoints(consistency_mode=ray.train.CheckpointConsistencyMode.COMMITTED)
+
     if parts[0] == "kill" and step_done == int(parts[1]) and rank == int(parts[2]):
         marker = folder / ".fault-kill-done"
         if marker.exists():
             return
-        import ray.train
-
-        ray.train.get_all_reported_checkpoints(consistency_mode=ray.train.CheckpointConsistencyMode.COMMITTED)
+        committed()
         marker.write_text(str(os.getpid()))
         os.kill(os.getpid(), signal.SIGKILL)
     if parts[0] == "hold" and step_done == int(parts[1]):
+        committed()
         (folder / f".held-rank{rank}").write_text(str(os.getpid()))
         while not (folder / ".release").exists():
             time.sleep(0.2)

@@ -1,0 +1,99 @@
+"""wandb tracking (offline, files kept under the run root) and prediction previews on a fixed batch."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from orchestrate.previews import fixed_batch, render
+from orchestrate.tracking import Tracker, resolve_mode, run_id, wandb_env
+from pipelines import mixture
+from xsam_model import build_xsam
+
+WANDB_KEYS = ("WANDB_MODE", "WANDB_DIR", "WANDB_CACHE_DIR", "WANDB_DATA_DIR", "WANDB_CONFIG_DIR", "WANDB_SILENT",
+              "WANDB_API_KEY")  # fmt: skip
+
+
+@pytest.fixture
+def clean_wandb_env():
+    saved = {k: os.environ.get(k) for k in WANDB_KEYS}
+    yield
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    return build_xsam("debug")
+
+
+def test_mode_and_folders(monkeypatch, tmp_path):
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    assert resolve_mode("auto") == "offline"  # never a login prompt, never a hang
+    monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
+    assert resolve_mode("auto") == "online"
+    assert resolve_mode("disabled") == "disabled"
+    env = wandb_env(tmp_path, "offline")
+    assert {env[k] for k in ("WANDB_DIR", "WANDB_CACHE_DIR", "WANDB_DATA_DIR", "WANDB_CONFIG_DIR")} <= {
+        str(tmp_path), str(tmp_path / ".cache"), str(tmp_path / ".data"), str(tmp_path / ".config")}  # fmt: skip
+    assert run_id("my run/x", 3) == "my-run-x-stage3"
+
+
+@pytest.mark.parametrize("stage", [1, 3])
+def test_previews_of_a_fixed_batch(train_shards, model, stage):
+    stage_mix = mixture.load(str(train_shards)).stage(str(stage))
+    batch, samples = fixed_batch(str(train_shards), stage_mix, model.processor, 2)
+    again, _ = fixed_batch(str(train_shards), stage_mix, model.processor, 2)
+    assert batch["keys"] == again["keys"] and len(samples) == 2  # the same samples every time
+    p = model.config.processor
+    previews = render(model, batch, samples, stage=stage, mean=p.sam_mean, std=p.sam_std, score_threshold=0.0)
+    assert len(previews) == 2
+    for pv, s in zip(previews, samples, strict=True):
+        h, w = pv["image"].shape[:2]
+        assert pv["image"].dtype == np.uint8 and pv["pred"].shape == pv["truth"].shape == (h, w)
+        assert max(h, w) == p.sam_size  # the image inside the SAM frame, padding cropped
+        assert pv["truth"].max() > 0 and pv["pred"].max() > 0
+        assert set(np.unique(pv["truth"])) - {0} <= set(pv["labels"])
+        if stage == 3:
+            assert set(s.phrases) <= set(pv["labels"].values())
+    assert model.training  # render restores train mode
+
+
+def test_offline_run_keeps_its_files_under_the_run_root(train_shards, model, tmp_path, clean_wandb_env, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    wdir = tmp_path / "run" / "stage3" / "wandb"
+    t = Tracker(project="xsam-test", run_name="run", stage=3, config={"lr": 1.0}, mode="auto", wandb_dir=wdir,
+                metrics_file=tmp_path / "metrics.jsonl")  # fmt: skip
+    for step in (1, 2):
+        t.log(step, {"loss": 3.0 - step, "loss/lm": 1.0, "lr/llm": 1e-5, "source": "refcoco/train"})
+    t.log_mixture(2, {"refcoco/train": 2}, {"refcoco/train": 0.75, "coco_panoptic/train": 0.25})
+    stage_mix = mixture.load(str(train_shards)).stage("3")
+    batch, samples = fixed_batch(str(train_shards), stage_mix, model.processor, 2)
+    p = model.config.processor
+    t.log_predictions(2, render(model, batch, samples, stage=3, mean=p.sam_mean, std=p.sam_std))
+    run_dir = Path(t.finish())
+    assert run_dir.parent == wdir / "wandb" and run_dir.name.startswith("offline-run-")
+    assert list(run_dir.glob("*.wandb")) and list(run_dir.glob("files/media/images/predictions_*.png"))
+    assert not (tmp_path / "wandb").exists()  # nothing in the working directory
+    rows = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert rows[0]["step"] == 1 and rows[1]["loss"] == 1.0 and rows[2]["mixture/seen/refcoco/train"] == 1.0
+    out = subprocess.run([str(Path(sys.executable).parent / "wandb"), "leet", "inspect", "--summary", "--json",
+                          str(run_dir)], capture_output=True, text=True, timeout=120)  # fmt: skip
+    summary = json.loads(out.stdout)["summary"]
+    assert summary["loss"] == 1.0 and summary["mixture/planned/refcoco/train"] == 0.75
+    assert summary["mixture/max_abs_gap"] == pytest.approx(0.25)
+    assert summary["predictions"]["count"] == 2
