@@ -27,7 +27,7 @@ REAL = "lvis-dataset+lvis-api__data__lvis_val_100.json"
 
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory) -> Path:
-    return write_demo(tmp_path_factory.mktemp("lvis") / "datas", families=["lvis"])
+    return write_demo(tmp_path_factory.mktemp("lvis") / "datas", families=["lvis", "ade20k"])
 
 
 @pytest.fixture
@@ -259,3 +259,19 @@ def test_real_v05_names_and_negatives(real_data, tmp_path):
         negs = set(ids) - pos
         assert len(ids) == 100 and not negs & set(rec["not_exhaustive"])
         assert {c for c in rec["neg"] if c not in pos} <= negs  # val fills the prompt: all verified negatives in
+
+
+@pytest.mark.ray
+def test_ray_build_equals_inline_build(demo, tmp_path, ray_local):
+    """Ray tasks read their annotations back from the file by offset and write the same bytes as inline."""
+    options = BuildOptions(samples_per_shard=2, extra={"lvis_max_phrases": 3})
+    build(str(demo), str(tmp_path / "ray"), sources=["lvis", "ade20k_panoptic"], splits=["train"], options=options,
+          log=lambda m: None)
+    ray_local.shutdown()
+    build(str(demo), str(tmp_path / "inline"), sources=["lvis", "ade20k_panoptic"], splits=["train"], options=options,
+          log=lambda m: None)
+    for src in ("lvis", "ade20k_panoptic"):
+        tars = sorted((tmp_path / "ray" / src / "train").glob("*.tar"))
+        assert len(tars) >= 2
+        for t in tars:
+            assert t.read_bytes() == (tmp_path / "inline" / src / "train" / t.name).read_bytes()
