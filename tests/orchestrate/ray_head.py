@@ -54,11 +54,13 @@ def wait_for(predicate, timeout: float, what: str, interval: float = 0.5):
 def local_head(tmp: Path, num_cpus: int = 2) -> Iterator[dict[str, str]]:
     """Yields the environment for ``ray job …`` commands against the head (``RAY_ADDRESS`` = dashboard)."""
     ports = free_ports(len(PORT_OPTIONS) + 1)
+    # 100 worker ports clear of the ones just picked (Ray refuses overlaps)
+    lo = next(b for b in range(ports[-1] % 20000 + 30000, 65000, 100) if not any(b <= p < b + 100 for p in ports))
     ray_tmp = tempfile.mkdtemp(prefix="xr", dir="/tmp")  # Unix socket paths under it must stay < 108 bytes
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
     args = [ray_bin(), "start", "--head", "--block", f"--num-cpus={num_cpus}", "--include-dashboard=true",
             "--disable-usage-stats", f"--temp-dir={ray_tmp}",
-            f"--min-worker-port={ports[-1] % 20000 + 30000}", f"--max-worker-port={ports[-1] % 20000 + 30099}"]  # fmt: skip
+            f"--min-worker-port={lo}", f"--max-worker-port={lo + 99}"]  # fmt: skip
     args += [f"{opt}={p}" for opt, p in zip(PORT_OPTIONS, ports, strict=False)]
     log = open(tmp / "ray_head.log", "w")  # noqa: SIM115 (closed below)
     head = subprocess.Popen(args, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)

@@ -11,6 +11,7 @@ import torch
 
 from orchestrate.exports import read_export_state
 from orchestrate.runner import RunArgs, fit, prepare
+from orchestrate.summary import summarize
 from orchestrate.train_loop import read_trace
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
@@ -82,6 +83,9 @@ def test_three_stages_chain_through_their_exports(chain):
     assert any(k.startswith("mask_decoder.linear_head.") for k in s1)
     assert not any(k.startswith("mask_decoder.linear_head.") for k in read_export_state(str(root / "stage3" / "export")))
     assert len(_lineage(root, 3)["source_steps"]) >= 2  # stage 3 mixes sources across steps
+    text = summarize(root)  # what the demo prints at the end
+    assert "stage 1: 6 steps" in text and "stage 3: 4 steps" in text and f"from stage 2   {root}/stage2/export" in text
+    assert text.count("offline-run-") >= 3 and "wandb sync" in text
 
 
 def test_sigkilled_worker_restarts_from_checkpoint_with_same_data_and_weights(chain, train_shards, tmp_path):
