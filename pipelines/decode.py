@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import functools
 import io
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import cv2
 import numpy as np
@@ -97,19 +97,39 @@ def resize_longest(img: np.ndarray, longest: int, kind: str = "bilinear") -> tup
 
 
 def normalize_chw(
-    img: np.ndarray, mean: Sequence[float], std: Sequence[float], pad_to: int | None = None
+    img: np.ndarray, mean: Sequence[float], std: Sequence[float], pad_to: int | None = None,
+    out: np.ndarray | None = None,
 ) -> np.ndarray:
     """``HxWx3`` uint8 → ``3xHxW`` float32 ``(x/255 − mean)/std``; with ``pad_to``, ``3xPxP`` zero-padded
-    bottom/right (zero *after* normalisation, as transformers' SAM processor pads)."""
+    bottom/right (zero *after* normalisation, as transformers' SAM processor pads).
+
+    ``out``: a float32 array of that shape to fill (e.g. a shared-memory tensor's ``.numpy()`` view, so a
+    DataLoader worker hands it over without a copy)."""
     h, w = img.shape[:2]
-    out_hw = (pad_to, pad_to) if pad_to else (h, w)
-    if h > out_hw[0] or w > out_hw[1]:
-        raise ValueError(f"image {h}x{w} does not fit pad_to={pad_to}")
-    out = np.zeros((3, *out_hw), np.float32)
-    for c in range(3):  # one fused multiply-add per channel plane: x·a + b with a = 1/(255·std), b = −mean/std
-        o = out[c, :h, :w]
-        np.multiply(img[:, :, c], np.float32(1.0 / (255.0 * std[c])), out=o, dtype=np.float32, casting="unsafe")
-        o += np.float32(-mean[c] / std[c])
+    out = _padded((3,), (h, w), pad_to, np.float32, out)
+    # one SIMD pass per channel plane, written straight into the (padded) output: x·a + b, a = 1/(255·std)
+    for c, plane in enumerate(cv2.split(img)):
+        cv2.addWeighted(plane, 1.0 / (255.0 * std[c]), plane, 0.0, -mean[c] / std[c], dst=out[c, :h, :w],
+                        dtype=cv2.CV_32F)  # fmt: skip
+    return out
+
+
+def _padded(lead: tuple[int, ...], hw: tuple[int, int], pad_to: int | None, dtype, out: np.ndarray | None = None
+            ) -> np.ndarray:  # fmt: skip
+    """An uninitialised ``lead + (P, P)`` array (``lead + hw`` without ``pad_to``) whose pad is zeroed: the
+    caller fills ``[..., :h, :w]``, so the bulk is written once instead of zeroed and then written."""
+    h, w = hw
+    shape = (*lead, h, w) if pad_to is None else (*lead, pad_to, pad_to)
+    if pad_to is not None and (h > pad_to or w > pad_to):
+        raise ValueError(f"{h}x{w} does not fit pad_to={pad_to}")
+    if out is None:
+        out = np.empty(shape, dtype)
+    elif out.shape != shape or out.dtype != dtype:
+        raise ValueError(f"out is {out.shape} {out.dtype}, expected {shape} {np.dtype(dtype)}")
+    if pad_to is None:
+        return out
+    out[..., h:, :] = 0
+    out[..., :h, w:] = 0
     return out
 
 
@@ -176,18 +196,18 @@ def _row_plan(h: int, sh: int) -> np.ndarray:
     return np.searchsorted(src, np.arange(h + 1), side="left")
 
 
-def masks_to_frame(rles: Sequence[dict], hw: tuple[int, int], pad_to: int | None = None) -> np.ndarray:
-    """N RLEs (same size ``H×W``) → ``N×hw`` (or ``N×P×P`` zero-padded) uint8 masks, nearest-exact resized.
+def masks_to_frame(
+    rles: Sequence[dict], hw: tuple[int, int], pad_to: int | None = None, out: np.ndarray | None = None
+) -> np.ndarray:
+    """N RLEs (same size ``H×W``) → ``N×hw`` (or ``N×P×P`` zero-padded) uint8 masks, nearest-exact resized
+    (``out``: a uint8 array of that shape to fill, as in :func:`normalize_chw`).
 
     Per mask: run boundaries are moved to the output's rows in run-length space (a column of H source pixels
     becomes ``hw[0]`` output pixels), expanded with one ``np.repeat``, output columns gathered, transposed by
     OpenCV straight into the padded output. Cost is about one pass over the output pixels.
     """
     sh, sw = hw
-    out_hw = (pad_to, pad_to) if pad_to else (sh, sw)
-    if sh > out_hw[0] or sw > out_hw[1]:
-        raise ValueError(f"frame {sh}x{sw} does not fit pad_to={pad_to}")
-    out = np.zeros((len(rles), *out_hw), np.uint8)
+    out = _padded((len(rles),), hw, pad_to, np.uint8, out)
     if not rles:
         return out
     h, w = (int(v) for v in rles[0]["size"])
@@ -228,17 +248,21 @@ def image_inputs(
     sam_mean: Sequence[float] = SAM_MEAN,
     sam_std: Sequence[float] = SAM_STD,
     expect_hw: tuple[int, int] | None = None,
+    alloc: Callable[[tuple[int, ...], type], np.ndarray] | None = None,
 ) -> dict[str, np.ndarray | tuple[int, int]]:
     """Image bytes → X-SAM's two encoder inputs, each resized once from the decoded original.
 
     Returns ``pixel_values`` 3×S×S float32 (SigLIP: plain bicubic resize to S², normalised),
     ``extra_pixel_values`` 3×L×L float32 (SAM: longest side L bilinear, normalised, zero pad bottom/right),
-    ``scaled_size`` (h, w) inside the SAM frame, ``image_hw`` the decoded size.
+    ``scaled_size`` (h, w) inside the SAM frame, ``image_hw`` the decoded size. ``alloc(shape, dtype)``, if
+    given, provides the two output arrays (e.g. numpy views of shared-memory tensors).
     """
     img = decode_image(data)
     if expect_hw is not None and img.shape[:2] != tuple(expect_hw):
         raise ImageDecodeError(f"image is {img.shape[0]}x{img.shape[1]}, expected {expect_hw[0]}x{expect_hw[1]}")
-    siglip = normalize_chw(resize(img, (siglip_size, siglip_size), "bicubic"), siglip_mean, siglip_std)
+    new = alloc or (lambda shape, dtype: None)
+    siglip = normalize_chw(resize(img, (siglip_size, siglip_size), "bicubic"), siglip_mean, siglip_std,
+                           out=new((3, siglip_size, siglip_size), np.float32))  # fmt: skip
     sam_img, hw = resize_longest(img, sam_size, "bilinear")
-    sam = normalize_chw(sam_img, sam_mean, sam_std, pad_to=sam_size)
+    sam = normalize_chw(sam_img, sam_mean, sam_std, pad_to=sam_size, out=new((3, sam_size, sam_size), np.float32))
     return {"pixel_values": siglip, "extra_pixel_values": sam, "scaled_size": hw, "image_hw": img.shape[:2]}

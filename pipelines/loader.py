@@ -449,10 +449,6 @@ def _lane_dataset_cls():
             w, n = (info.id, info.num_workers) if info else (0, 1)
             if n != self.stream.lanes:
                 raise LoaderError(f"DataLoader has {n} workers but the stream was built for {self.stream.lanes}")
-            if info is not None:
-                import cv2
-
-                cv2.setNumThreads(1)  # one core per worker; cv2's own pool would oversubscribe
             lane = (self.start + w) % n
             yield from self.stream.iter_lane(lane, self.start + w, self.positions[lane], self.stats[lane])
 
@@ -487,6 +483,8 @@ class MixtureLoader:
         exclude_flags: skip samples whose ``meta[flag]`` is true; default the mixture's (``no_target``).
         storage_options: passed to fsspec for ``shards``.
         prefetch_factor, pin_memory, multiprocessing_context: passed to ``torch.utils.data.DataLoader``.
+        opencv_threads: OpenCV threads set in this process before workers start (inherited by them; default 1,
+            one core per worker); None leaves OpenCV alone.
     """
 
     def __init__(self, shards: str, *, stage: str | int, batch_size: int, rank: int = 0, world_size: int = 1,
@@ -496,13 +494,13 @@ class MixtureLoader:
                  mixture: mixture_mod.Mixture | mixture_mod.StageMixture | str | None = None,
                  shuffle_window: int = 64, strict: bool = False, exclude_flags: Sequence[str] | None = None,
                  storage_options: dict | None = None, prefetch_factor: int | None = 2, pin_memory: bool = False,
-                 multiprocessing_context=None):  # fmt: skip
+                 multiprocessing_context=None, opencv_threads: int | None = 1):  # fmt: skip
         if isinstance(mixture, mixture_mod.StageMixture):
             stage_mix = mixture
         else:
             mix = mixture if isinstance(mixture, mixture_mod.Mixture) else mixture_mod.load(mixture or shards)
             stage_mix = mix.stage(stage)
-        self.num_workers = num_workers
+        self.num_workers, self.opencv_threads = num_workers, opencv_threads
         self.stream = MixtureStream(
             shards, stage_mix, batch_size=batch_size, rank=rank, world_size=world_size, lanes=max(1, num_workers),
             seed=seed, grad_accum=grad_accum, transform=transform, collate=collate, shuffle_window=shuffle_window,
@@ -524,6 +522,12 @@ class MixtureLoader:
         else:
             import torch.utils.data
 
+            if self.opencv_threads is not None:
+                # one core per worker: OpenCV's own pool would oversubscribe. It must be set here, before the
+                # fork — cv2.setNumThreads inside a forked worker deadlocks on the parent's pool state.
+                import cv2
+
+                cv2.setNumThreads(self.opencv_threads)
             ds = _lane_dataset_cls()(self.stream, start, copy.deepcopy(self._positions), copy.deepcopy(self._stats))
             source = iter(torch.utils.data.DataLoader(ds, batch_size=None, num_workers=self.num_workers,
                                                       collate_fn=_passthrough, persistent_workers=False,

@@ -279,6 +279,24 @@ def test_with_the_model_processor(demo_root, tmp_path):
         assert all(m.shape[1:] == (size, size) for m in b.data["mask_labels"])
 
 
+@pytest.mark.timeout(120)
+def test_workers_survive_a_started_opencv_pool(three_sources):
+    """OpenCV's thread pool does not survive fork(): a worker that touched cv2's thread count deadlocked."""
+    import cv2
+
+    before = cv2.getNumThreads()
+    cv2.setNumThreads(2)
+    cv2.resize(np.zeros((1500, 1500, 3), np.uint8), (2500, 2500))  # the pool is running in this process
+
+    def decoding(sample, image_bytes):
+        return (sample.key, int(decode.resize(decode.decode_image(image_bytes), (40, 40)).sum()))
+
+    try:
+        assert len(take(make(three_sources, num_workers=2, transform=decoding), 4)) == 4
+    finally:
+        cv2.setNumThreads(before)
+
+
 # ---------------------------------------------------------------------------------------------- decode helpers
 def _random_masks(rng, n, h, w):
     masks = np.zeros((h, w, n), np.uint8, order="F")
@@ -315,6 +333,10 @@ def test_masks_to_frame_equals_torch_nearest_exact(hw, longest):
     assert (out[:, :sh, :sw] == ref).all()
     assert not out[:, sh:].any() and not out[:, :, sw:].any()
     assert decode.masks_to_frame([], (sh, sw), pad_to=longest).shape == (0, longest, longest)
+    buf = np.full((4, longest, longest), 7, np.uint8)  # a caller's buffer (e.g. shared memory): pad re-zeroed
+    assert decode.masks_to_frame(rles, (sh, sw), pad_to=longest, out=buf) is buf and (buf == out).all()
+    with pytest.raises(ValueError, match="expected"):
+        decode.masks_to_frame(rles, (sh, sw), pad_to=longest, out=buf[:3])
     assert (decode.masks_to_frame_any(rles, (sh, sw)) == ref.any(0)).all()
 
 
@@ -348,6 +370,11 @@ def test_image_inputs_shapes_normalisation_and_padding():
     assert not sam[:, 43:].any()  # zero pad after normalisation
     with pytest.raises(decode.ImageDecodeError, match="expected"):
         decode.image_inputs(buf.getvalue(), expect_hw=(61, 90))
+    given = []
+    y = decode.image_inputs(buf.getvalue(), siglip_size=32, sam_size=64,
+                            alloc=lambda shape, dtype: given.append(np.full(shape, np.nan, dtype)) or given[-1])
+    assert [g.shape for g in given] == [(3, 32, 32), (3, 64, 64)] and y["extra_pixel_values"] is given[1]
+    assert np.array_equal(y["extra_pixel_values"], sam) and np.array_equal(y["pixel_values"], x["pixel_values"])
     # the SAM frame is a single bilinear resize of the original, close to PIL's
     img = decode.decode_image(buf.getvalue())
     pil = np.asarray(Image.fromarray(img).resize((64, 43), Image.BILINEAR)).astype(int)
