@@ -170,6 +170,7 @@ def test_hf_features_survive_what_schema_guessing_does_not(tmp_path, offline_hf)
         assert row[ext].size == (w, h) and row["png" if ext == "jpg" else "jpg"] is None
 
 
+@pytest.mark.slow
 def test_every_source_opens_in_hf_datasets_and_webdataset(demo_root, tmp_path, offline_hf):
     """Every registered source's demo shards (all splits) load through ``pipelines.hf.load_shards`` and the
     dataset card's ``dataset_info``, each Sample JSON exactly as written, and through plain webdataset."""
