@@ -120,16 +120,38 @@ def read_panoptic_png(data: bytes) -> np.ndarray:
 
 
 def id_map_to_rles(id_map: np.ndarray, segment_ids: Sequence[int]) -> list[dict]:
-    """One RLE per requested segment id, from one decoded ``HxW`` id map.
+    """One RLE per requested segment id, from one decoded ``HxW`` id map (decoded once, not per segment).
 
-    Vectorised: one broadcast comparison builds the ``NxWxH`` boolean stack from the transposed map, which
-    *is* the ``HxWxN`` Fortran-ordered array ``pycocotools.mask.encode`` wants (no copy), and one encode call
-    turns all N masks into RLEs. The PNG is decoded once, not once per segment. A segment id absent from
-    the map gives an empty RLE (the caller decides what that means).
+    A segment id absent from the map gives an empty RLE (the caller decides what that means).
     """
-    if len(segment_ids) == 0:
-        return []
-    ids = np.asarray(segment_ids, dtype=id_map.dtype)
-    stack = ids[:, None, None] == np.ascontiguousarray(id_map.T)[None]  # N x W x H, C order
-    fortran = stack.view(np.uint8).transpose(2, 1, 0)  # H x W x N, Fortran order: same memory
-    return [_str_counts(r) for r in mask_utils.encode(fortran)]
+    h, w = id_map.shape
+    by_value = label_map_rles(id_map)
+    empty = {"size": [h, w], "counts": _str_counts(mask_utils.encode(np.zeros((h, w, 1), np.uint8, order="F"))[0])["counts"]}
+    return [by_value.get(int(i), empty) for i in segment_ids]
+
+
+def label_map_rles(label: np.ndarray) -> dict[int, dict]:
+    """``{value: compressed RLE}`` for every value of an ``HxW`` integer label map, straight from its runs.
+
+    COCO RLE counts alternate zeros and ones in column-major order, so the runs of the transposed, flattened
+    map *are* every value's RLE at once: one pass finds them, each value keeps its own, and pycocotools only
+    compresses the counts. This replaces ``np.unique`` + an ``HxWxN`` one-hot stack + ``encode`` (≈5x
+    slower at 683x512).
+    """
+    h, w = label.shape
+    flat = np.ascontiguousarray(label.T).ravel()
+    starts = np.concatenate(([0], np.flatnonzero(flat[1:] != flat[:-1]) + 1))
+    ends = np.concatenate((starts[1:], [flat.size]))
+    run_values = flat[starts]
+    order = np.argsort(run_values, kind="stable")  # each value's runs together, in pixel order
+    values, first = np.unique(run_values[order], return_index=True)
+    out = {}
+    for v, a, b in zip(values.tolist(), first.tolist(), [*first[1:].tolist(), len(order)], strict=True):
+        s, e = starts[order[a:b]], ends[order[a:b]]
+        counts = np.empty(2 * len(s) + 1, dtype=np.int64)
+        counts[0:-1:2] = s - np.concatenate(([0], e[:-1]))  # zeros before each run
+        counts[1::2] = e - s  # the run itself
+        counts[-1] = flat.size - e[-1]
+        rle = mask_utils.frPyObjects({"counts": counts.tolist(), "size": [h, w]}, h, w)
+        out[v] = {"size": [h, w], "counts": rle["counts"].decode("ascii")}
+    return out

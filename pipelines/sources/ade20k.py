@@ -40,10 +40,9 @@ from pathlib import Path
 import cv2
 import numpy as np
 from PIL import Image
-from pycocotools import mask as mask_utils
 
 from pipelines import masks
-from pipelines.masks import MaskFormatError
+from pipelines.masks import MaskFormatError, label_map_rles
 from pipelines.schema import ImageRef, MaskTarget, Sample
 from pipelines.sources.base import (
     BuildOptions,
@@ -187,33 +186,6 @@ def read_instances(ctx: ConvertContext, key: str, rel: str, h: int, w: int) -> t
     if bad:
         g[np.isin(g, bad)] = 0
     return g, classes
-
-
-def label_map_rles(label: np.ndarray) -> dict[int, dict]:
-    """``{value: compressed RLE}`` for every value of an ``HxW`` integer label map, straight from its runs.
-
-    COCO RLE counts alternate zeros and ones in column-major order, so the runs of the transposed, flattened
-    map *are* every value's RLE at once: one pass finds them, each value keeps its own, and pycocotools only
-    compresses the counts. This replaces ``np.unique`` + an ``HxWxN`` one-hot stack + ``encode`` (≈5x
-    slower at 683x512).
-    """
-    h, w = label.shape
-    flat = np.ascontiguousarray(label.T).ravel()
-    starts = np.concatenate(([0], np.flatnonzero(flat[1:] != flat[:-1]) + 1))
-    ends = np.concatenate((starts[1:], [flat.size]))
-    run_values = flat[starts]
-    order = np.argsort(run_values, kind="stable")  # each value's runs together, in pixel order
-    values, first = np.unique(run_values[order], return_index=True)
-    out = {}
-    for v, a, b in zip(values.tolist(), first.tolist(), [*first[1:].tolist(), len(order)], strict=True):
-        s, e = starts[order[a:b]], ends[order[a:b]]
-        counts = np.empty(2 * len(s) + 1, dtype=np.int64)
-        counts[0:-1:2] = s - np.concatenate(([0], e[:-1]))  # zeros before each run
-        counts[1::2] = e - s  # the run itself
-        counts[-1] = flat.size - e[-1]
-        rle = mask_utils.frPyObjects({"counts": counts.tolist(), "size": [h, w]}, h, w)
-        out[v] = {"size": [h, w], "counts": rle["counts"].decode("ascii")}
-    return out
 
 
 # ---------------------------------------------------------------------------------------------- locate / index
