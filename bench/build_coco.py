@@ -157,8 +157,10 @@ def write_instances_corpus(root: Path, n_images: int, anns_per_image: float, see
     base = root / "img_genseg/coco2017"
     (base / "annotations").mkdir(parents=True, exist_ok=True)
     (base / "train2017").mkdir(exist_ok=True)
-    one = base / "one.jpg"
-    Image.new("RGB", (64, 48), (120, 120, 120)).save(one)
+    ones = []  # ext4 allows ~65k links per inode: one source JPEG per 50k images
+    for k in range(n_images // 50_000 + 1):
+        ones.append(base / f"one{k}.jpg")
+        Image.new("RGB", (64, 48), (120, 120, 120)).save(ones[-1])
     rng = np.random.default_rng(seed)
     path = base / "annotations/instances_train2017.json"
     ann_id = 0
@@ -166,7 +168,7 @@ def write_instances_corpus(root: Path, n_images: int, anns_per_image: float, see
         f.write('{"info": {}, "images": [')
         for i in range(n_images):
             fname = f"{i + 1:012d}.jpg"
-            os.link(one, base / "train2017" / fname)
+            os.link(ones[i // 50_000], base / "train2017" / fname)
             f.write(("," if i else "") + json.dumps({"id": i + 1, "file_name": fname, "width": 64, "height": 48}))
         f.write('], "annotations": [')
         n_anns = int(n_images * anns_per_image)
