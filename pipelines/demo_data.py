@@ -13,13 +13,16 @@ import random
 from collections.abc import Callable
 from pathlib import Path
 
-from pipelines.demo import ade20k, coco, gcg, lisa, lvis, refer
+from pipelines.demo import ade20k, coco, gcg, interactive, lisa, llava, lvis, refer, vgd
 
 DEMO_WRITERS: dict[str, Callable[[Path, random.Random], None]] = {
     "coco": coco.write,
     "gcg": gcg.write,
     "refer": refer.write,
     "lisa": lisa.write,
+    "vgd": vgd.write,
+    "interactive": interactive.write,
+    "llava": llava.write,
     "ade20k": ade20k.write,
     "lvis": lvis.write,
 }
