@@ -8,7 +8,7 @@ Every measurement runs in its own subprocess (peak RSS isolated, same allocator 
 OpenCV at 1 thread: one process = one loader worker), twice, interleaved with the baseline; the better run counts.
 
 1. Start-up to the first batch (4 samples) on a COCO-train-scale annotation set — 118,287 images, ~860k polygon
-   annotations (``bench/build_coco.py``'s instances corpus, ~380 MB, like ``instances_train2017.json``):
+   annotations (the shape of ``bench/build_coco.py``'s instances corpus, ~380 MB, like ``instances_train2017.json``):
    - baseline (what every X-SAM rank does): import transformers, ``json.load`` the whole file, index images and
      annotations, then build the first batch (polygons → masks, SAM 1024 + SigLIP 384 inputs as below);
    - ours: ``MixtureLoader`` over 119 shards x 1,000 samples of the same shape (one real shard hard-linked, so
@@ -311,6 +311,37 @@ def run_child(role: str, args: dict, timeout: int = 1800, allocator: bool = True
 
 
 # ---------------------------------------------------------------------------------------------- data
+def write_instances_corpus(root: Path, n_images: int, anns_per_image: float = 7.3, seed: int = 1) -> Path:
+    """A COCO-instances file at train scale (the shape of ``bench/build_coco.py``'s: 64x48 images, 20-point
+    polygons), streamed to disk. Only the first few image files exist: start-up reads no more than a batch."""
+    import numpy as np
+    from PIL import Image
+
+    base = root / "img_genseg/coco2017"
+    (base / "annotations").mkdir(parents=True, exist_ok=True)
+    (base / "train2017").mkdir(exist_ok=True)
+    for i in range(4 * BATCH):
+        Image.new("RGB", (64, 48), (120, 120, 120)).save(base / "train2017" / f"{i + 1:012d}.jpg")
+    rng = np.random.default_rng(seed)
+    path = base / "annotations/instances_train2017.json"
+    n_anns = int(n_images * anns_per_image)
+    img_of = np.concatenate([np.arange(1, n_images + 1), rng.integers(1, n_images + 1, size=n_anns - n_images)])
+    with open(path, "w") as f:
+        f.write('{"info": {}, "images": [')
+        f.write(",".join(json.dumps({"id": i + 1, "file_name": f"{i + 1:012d}.jpg", "width": 64, "height": 48})
+                         for i in range(n_images)))  # fmt: skip
+        f.write('], "annotations": [')
+        for k in range(n_anns):
+            pts = rng.uniform(0, 47, size=(20, 2)).round(2).ravel().tolist()
+            f.write(("," if k else "") + json.dumps({
+                "id": k + 1, "image_id": int(img_of[k]), "category_id": int(rng.integers(1, 91)), "iscrowd": 0,
+                "segmentation": [pts], "area": 100.0, "bbox": [1.0, 2.0, 10.0, 10.0]}))
+        f.write('], "categories": [')
+        f.write(",".join(json.dumps({"id": c, "name": f"cat{c}", "supercategory": "x"}) for c in range(1, 91)))
+        f.write("]}")
+    return path
+
+
 def write_startup_shards(out: Path, n_shards: int, samples: int = 1000, seed: int = 0) -> None:
     """One real shard of ``samples`` genseg samples (64x48 image, ~7 polygon masks as RLE, like the corpus) and
     ``n_shards - 1`` hard links to it, with a manifest and a one-dataset mixture ("bench" stage)."""
@@ -387,7 +418,7 @@ def main() -> None:
     tmp = Path(args.workdir or tmp_ctx.name)
     try:
         sys.path.insert(0, str(ROOT / "bench"))
-        from build_coco import write_instances_corpus, write_panoptic_corpus
+        from build_coco import write_panoptic_corpus
 
         from pipelines.demo_data import write_demo
 
