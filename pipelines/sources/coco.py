@@ -28,8 +28,9 @@ from pipelines.sources.base import (
     SourceNotFound,
     relpath,
 )
-from pipelines.sources.coco_index import iter_coco_records, read_categories
+from pipelines.sources.coco_index import RawAnns, iter_coco_records, read_spans
 from pipelines.sources.genseg import clean_category_name, genseg_conversation, prompt_categories
+from pipelines.sources.json_scan import loads
 
 COCO_ROOT = "img_genseg/coco2017"
 
@@ -39,8 +40,8 @@ def _image_fields(img: dict) -> dict:
     return {"id": img["id"], "file_name": file_name, "height": img.get("height"), "width": img.get("width")}
 
 
-def _category_table(path: str) -> dict:
-    cats = sorted(read_categories(path), key=lambda c: c["id"])
+def _category_table(categories: list[dict]) -> dict:
+    cats = sorted(categories, key=lambda c: c["id"])
     return {
         "category_ids": [c["id"] for c in cats],
         "category_names": {str(c["id"]): clean_category_name(c["name"]) for c in cats},
@@ -109,12 +110,19 @@ class CocoInstance:
         return _locate(self.name, data_root, split, "instances", overrides)
 
     def index(self, files: SourceFiles, split: str, options: BuildOptions) -> Iterator[dict | Skip | Shared]:
-        path = files.inputs["annotations"]
-        yield Shared(_category_table(path))
-        keep = ("id", "category_id", "iscrowd", "segmentation")
-        yield from iter_coco_records(
-            path, f"{self.name}/{split}", _image_fields, lambda a: {k: a.get(k) for k in keep}
-        )
+        # one pass over the file; annotations stay unparsed in the driver: a record carries their byte
+        # spans and the worker converting it reads and parses only its own (COCO train: ~860k polygons)
+        for item in iter_coco_records(files.inputs["annotations"], f"{self.name}/{split}", _image_fields, None,
+                                      categories=_category_table, raw=True):
+            if isinstance(item, dict):
+                raw: RawAnns = item.pop("anns")
+                item["ann_spans"] = [[o, n] for o, n in zip(raw.offsets, raw.lengths, strict=True)]
+            yield item
+
+    def _annotations(self, record: dict, ctx: ConvertContext) -> list[dict]:
+        path = ctx.files.inputs["annotations"]
+        spans = [tuple(s) for s in record["ann_spans"]]
+        return [loads(text, path, off) for text, (off, _) in zip(read_spans(path, spans), spans, strict=True)]
 
     def to_sample(self, record: dict, ctx: ConvertContext) -> Sample:
         img = record["image"]
@@ -123,8 +131,8 @@ class CocoInstance:
             raise SkipRecord("missing_image_size", f"image {img['id']} has no height/width")
         names = ctx.shared["category_names"]
         targets, crowd = [], []
-        for ann in record["anns"]:
-            akey = f"{record['key']}/ann_{ann['id']}"
+        for ann in self._annotations(record, ctx):
+            akey = f"{record['key']}/ann_{ann.get('id')}"
             if str(ann["category_id"]) not in names:
                 ctx.drop(akey, "unknown_category", f"category_id {ann['category_id']} not in categories[]")
                 continue
@@ -155,13 +163,12 @@ class CocoPanoptic:
         return _locate(self.name, data_root, split, "panoptic", overrides)
 
     def index(self, files: SourceFiles, split: str, options: BuildOptions) -> Iterator[dict | Skip | Shared]:
-        path = files.inputs["annotations"]
-        yield Shared(_category_table(path))
         yield from iter_coco_records(
-            path,
+            files.inputs["annotations"],
             f"{self.name}/{split}",
             _image_fields,
             lambda a: {"file_name": a.get("file_name"), "segments_info": a.get("segments_info") or []},
+            categories=_category_table,
         )
 
     def to_sample(self, record: dict, ctx: ConvertContext) -> Sample:

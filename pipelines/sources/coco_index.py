@@ -110,7 +110,7 @@ def _scan_annotations(batch: Batch, scan: _Scan, key_prefix: str, path: str) -> 
     except (TypeError, ValueError):  # string image ids (ADE20K files), or elements the regex did not read
         image_ids, ids, cats, keep = [], [], [], []
         for j, (raw, aid, iid, cid) in enumerate(zip(batch.elements, aids, iids, cids, strict=True)):
-            fields = _ann_ids(raw, aid, iid, cid, path)
+            fields = _ann_ids(raw, aid, iid, cid, path, int(offsets[j]))
             if fields is None:
                 yield Skip(f"{key_prefix}/ann_bad", "bad_annotation_entry", f"{raw[:80]!r} is not an object",
                            level="annotation")
@@ -148,7 +148,7 @@ def _scan(path: str, scan: _Scan, key_prefix: str) -> Iterator[Skip]:
             for raw, off, id_text in zip(batch.elements, batch.offsets.tolist(), batch.captures[0], strict=True):
                 iid = _id_value(id_text)
                 if iid is None:
-                    iid = _image_id(raw, path)
+                    iid = _image_id(raw, path, off)
                 if iid is None or not isinstance(iid, int | float | str):
                     yield Skip(f"{key_prefix}/bad_image_{n_bad:06d}", "bad_image_entry",
                                f"image entry {raw[:80]!r} has no usable id")
@@ -166,16 +166,17 @@ def _scan(path: str, scan: _Scan, key_prefix: str) -> Iterator[Skip]:
             scan.categories.extend(loads(raw, path) for raw in batch.elements)
 
 
-def _image_id(raw: bytes, path: str) -> Any:
-    img = loads(raw, path)
+def _image_id(raw: bytes, path: str, offset: int) -> Any:
+    img = loads(raw, path, offset)
     return img.get("id") if isinstance(img, dict) else None
 
 
-def _ann_ids(raw: bytes, aid: bytes | None, iid: bytes | None, cid: bytes | None, path: str) -> tuple | None:
+def _ann_ids(raw: bytes, aid: bytes | None, iid: bytes | None, cid: bytes | None, path: str,
+             offset: int) -> tuple | None:
     """``(id, image_id, category_id)`` of an annotation off the int fast path; ids not ints -> NO_INT."""
     if iid is not None and aid is not None and cid is not None:
         return int(aid), _id_value(iid), int(cid)  # a string image id (ADE20K files): no need to parse
-    ann = loads(raw, path)
+    ann = loads(raw, path, offset)
     if not isinstance(ann, dict):
         return None
     aid, iid, cid = (ann.get(k) for k in ("id", "image_id", "category_id"))
@@ -256,10 +257,10 @@ def _emit(path: str, scan: _Scan, key_prefix: str, sorted_ids: list, image_rows:
                 if raw:
                     anns = RawAnns(ids[a:b], cats[a:b], offs[a:b], lens[a:b])
                 else:
-                    anns = [loads(text[o:o + ln], path) for o, ln in zip(offs[a:b], lens[a:b], strict=True)]
+                    anns = [loads(text[o:o + ln], path, o) for o, ln in zip(offs[a:b], lens[a:b], strict=True)]
                     if ann_fields is not None:
                         anns = [ann_fields(x) for x in anns]
-                image = image_fields(loads(text[i_off:i_off + i_len], path))
+                image = image_fields(loads(text[i_off:i_off + i_len], path, i_off))
                 yield {"key": f"{key_prefix}/{image_sort_id(sorted_ids[b0 + k])}", "image": image, ann_list_key: anns}
             if isinstance(text, mmap.mmap):  # mapped pages count as resident memory: give back the ones read
                 text.madvise(mmap.MADV_DONTNEED)

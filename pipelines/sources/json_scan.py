@@ -281,9 +281,11 @@ def iter_arrays(
                 raise buf.error("expected ',' or '}' at the top level")
 
 
-def loads(raw: bytes, path: str) -> object:
-    """``json.loads`` of one scanned element, failing with the file named."""
+def loads(raw: bytes, path: str, offset: int | None = None) -> object:
+    """``json.loads`` of one scanned element, failing with the file and (when known) the byte position named."""
     try:
         return json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise MalformedJSON(f"{path}: malformed element {raw[:80]!r}: {e}") from None
+        pos = getattr(e, "pos", None) if isinstance(e, json.JSONDecodeError) else getattr(e, "start", None)
+        where = f" near byte {offset + (pos or 0)}" if offset is not None else ""
+        raise MalformedJSON(f"{path}: malformed JSON{where}: element {raw[:80]!r}: {e}") from None
