@@ -185,11 +185,14 @@ def write_instances_corpus(root: Path, n_images: int, anns_per_image: float, see
     return path
 
 
+HWM = "int(open('/proc/self/status').read().split('VmHWM:')[1].split()[0])"  # peak RSS in KiB of this exec'd
+# process (ru_maxrss would report the larger parent's: Linux keeps it across exec)
 PLAN = """
-import resource, sys, time
+import sys, time
 sys.path.insert(0, {root!r})
 t0 = time.perf_counter()
-from pipelines import shards
+import ray  # what the build driver imports, so its footprint is counted
+from pipelines import build, shards
 from pipelines.chunks import spill
 from pipelines.sources import SOURCES
 src = SOURCES["coco_instance"]
@@ -197,14 +200,14 @@ files = src.locate({data!r}, "train")
 shards.hash_inputs(files)
 chunks, skips, shared = spill(src.index(files, "train", __import__("pipelines.sources.base").sources.base.BuildOptions()),
                               {out!r}, {out!r} + "/_index", 1000)
-print(time.perf_counter() - t0, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, sum(c.records for c in chunks))
+print(time.perf_counter() - t0, {hwm}, sum(c.records for c in chunks))
 """
 COCO = """
-import resource, sys, time
+import sys, time
 t0 = time.perf_counter()
 from pycocotools.coco import COCO
 c = COCO({path!r})
-print(time.perf_counter() - t0, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, len(c.imgs))
+print(time.perf_counter() - t0, {hwm}, len(c.imgs))
 """
 
 
@@ -212,9 +215,9 @@ def part2(tmp: Path, n_images: int) -> None:
     t0 = time.perf_counter()
     path = write_instances_corpus(tmp / "big", n_images, 7.3)
     print(f"instances corpus: {n_images} images, {path.stat().st_size / 1e6:.0f} MB, written in {time.perf_counter() - t0:.0f} s")
-    ours = subprocess.run([sys.executable, "-c", PLAN.format(root=str(ROOT), data=str(tmp / "big"), out=str(tmp / "plan"))],
+    ours = subprocess.run([sys.executable, "-c", PLAN.format(root=str(ROOT), data=str(tmp / "big"), out=str(tmp / "plan"), hwm=HWM)],
                           capture_output=True, text=True, check=True).stdout.splitlines()[-1].split()
-    ref = subprocess.run([sys.executable, "-c", COCO.format(path=str(path))], capture_output=True, text=True,
+    ref = subprocess.run([sys.executable, "-c", COCO.format(path=str(path), hwm=HWM)], capture_output=True, text=True,
                          check=True).stdout.splitlines()[-1].split()  # pycocotools prints progress lines first
     (t_ours, rss_ours, n_ours), (t_ref, rss_ref, n_ref) = map(float, ours), map(float, ref)
     assert int(n_ours) == int(n_ref) == n_images

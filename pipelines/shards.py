@@ -22,8 +22,6 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 
-import webdataset as wds
-
 from pipelines import storage
 from pipelines.chunks import Chunk, read_chunk
 from pipelines.images import load_image
@@ -127,6 +125,8 @@ def convert_chunk(
     try:
         with storage.atomic_write(fs, final) as raw:
             hw = _HashingWriter(raw)
+            import webdataset as wds  # here, not at the top: it imports torch (~200 MB) the driver never needs
+
             writer = wds.TarWriter(hw, user="xsam", group="xsam", mode=0o444, mtime=TAR_MTIME, encoder=False)
             try:
                 for record in read_chunk(chunk.path):
@@ -150,7 +150,7 @@ class _EmptyShard(Exception):
 
 
 def _convert_one(source, record: dict, ctx: ConvertContext, options: BuildOptions, part: PartResult,
-                 writer: wds.TarWriter, counts: Counter, categories: Counter) -> None:
+                 writer, counts: Counter, categories: Counter) -> None:
     """Record -> Sample -> checked image -> tar members; a skip is recorded in ``part`` instead."""
     part.records_in += 1
     ctx.drops = []
