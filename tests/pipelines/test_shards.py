@@ -39,8 +39,9 @@ def files_under(out: Path) -> list[str]:
 
 def test_two_builds_are_byte_identical(coco20, tmp_path):
     opts = BuildOptions(samples_per_shard=6)
-    build(str(coco20), str(tmp_path / "a"), options=opts)
-    build(str(coco20), str(tmp_path / "b"), options=opts)
+    both = ["coco_panoptic", "coco_instance"]
+    build(str(coco20), str(tmp_path / "a"), sources=both, options=opts)
+    build(str(coco20), str(tmp_path / "b"), sources=both, options=opts)
     a, b = shard_hashes(tmp_path / "a"), shard_hashes(tmp_path / "b")
     assert a == b and len(a) == 8  # 2 sources x ceil(20 / 6) shards
     for rel in a:
@@ -111,8 +112,9 @@ def test_sigkill_mid_build_then_rerun_is_byte_identical(coco20, tmp_path):
 @pytest.mark.ray
 def test_ray_build_equals_inline_build(coco20, tmp_path, ray_local):
     opts = BuildOptions(samples_per_shard=5)
-    results = build(str(coco20), str(tmp_path / "ray"), options=opts, num_workers=2)
+    both = ["coco_panoptic", "coco_instance"]
+    results = build(str(coco20), str(tmp_path / "ray"), sources=both, options=opts, num_workers=2)
     assert {r.source: r.samples for r in results} == {"coco_panoptic": 20, "coco_instance": 20}
     ray_local.shutdown()
-    build(str(coco20), str(tmp_path / "inline"), options=opts)
+    build(str(coco20), str(tmp_path / "inline"), sources=both, options=opts)
     assert shard_hashes(tmp_path / "ray") == shard_hashes(tmp_path / "inline")
