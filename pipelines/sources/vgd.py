@@ -85,11 +85,13 @@ def first_existing(data_root: str, candidates: list[str]) -> str | None:
     return next((c for c in candidates if os.path.exists(os.path.join(data_root, c))), None)
 
 
+def _names(cats: list[dict]) -> dict[str, str]:
+    return {str(c["id"]): clean_category_name(c["name"]) for c in cats}
+
+
 def category_table(path: str | None) -> dict:
     """``{"category_names": {str(id): cleaned name}}`` from a COCO instances file, or {} without one."""
-    if not path:
-        return {}
-    return {"category_names": {str(c["id"]): clean_category_name(c["name"]) for c in read_categories(path)}}
+    return {"category_names": _names(read_categories(path))} if path else {}
 
 
 # ----------------------------------------------------------------------------- the source
@@ -185,10 +187,11 @@ class CocoVgd:
             yield Shared({**category_table(files.inputs.get("categories")), "form": "released"})
             yield from _dedup(_released_records(files.inputs["annotations"], prefix, kinds))
             return
-        path = files.inputs["instances"]
-        yield Shared({**category_table(path), "form": "generated"})
         keep = ("id", "category_id", "iscrowd", "segmentation")
-        yield from iter_coco_records(path, prefix, _image_fields, lambda a: {k: a.get(k) for k in keep})
+        yield from iter_coco_records(  # one pass: the category table arrives as Shared before the records
+            files.inputs["instances"], prefix, _image_fields, lambda a: {k: a.get(k) for k in keep},
+            categories=lambda cats: {"category_names": _names(cats), "form": "generated"},
+        )
 
     def to_sample(self, record: dict, ctx: ConvertContext) -> Sample:
         return vgd_sample(self.name, record, ctx, VAL_SPLITS.get(ctx.split))
