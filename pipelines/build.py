@@ -20,7 +20,7 @@ import ray
 from pipelines import eval_guard, mixture, shards, storage
 from pipelines.chunks import spill
 from pipelines.sources import SOURCES
-from pipelines.sources.base import BuildOptions, SourceFiles, SourceNotFound
+from pipelines.sources.base import POLICY_REASONS, BuildOptions, SourceFiles, SourceNotFound
 
 
 class BuildConfigError(ValueError):
@@ -126,8 +126,8 @@ def build_split(
         guard.exclude(items) if guard is not None else items, out_url, shards.index_dir(out_url, src.name, split),
         options.samples_per_shard,
     )
-    if options.strict and (bad := [s for s in index_skips if s.reason != eval_guard.REASON]):
-        s = bad[0]  # leaving eval images out is policy, not bad data
+    if options.strict and (bad := [s for s in index_skips if s.reason not in POLICY_REASONS]):
+        s = bad[0]
         raise shards.StrictModeError(f"{s.key}: {s.reason}: {s.detail}")
     done = {c.index: p for c in chunks if (p := shards.completed_part(out_url, src.name, split, c, fp))}
     todo = [c for c in chunks if c.index not in done]

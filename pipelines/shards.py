@@ -27,6 +27,7 @@ from pipelines.chunks import Chunk, read_chunk
 from pipelines.images import load_image
 from pipelines.schema import SCHEMA_VERSION, SampleError, to_wds
 from pipelines.sources.base import (
+    POLICY_REASONS,
     BuildOptions,
     ConvertContext,
     Skip,
@@ -164,7 +165,7 @@ def _convert_one(source, record: dict, ctx: ConvertContext, options: BuildOption
     except (SkipRecord, SampleError) as e:
         reason = e.reason if isinstance(e, SkipRecord) else "invalid_sample"
         detail = e.detail if isinstance(e, SkipRecord) else str(e)
-        if options.strict:
+        if options.strict and reason not in POLICY_REASONS:
             raise StrictModeError(f"{key}: {reason}: {detail}") from e
         part.skips.append(Skip(key, reason, detail).to_dict())
         part.skips.extend(d.to_dict() for d in ctx.drops)

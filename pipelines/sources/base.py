@@ -51,6 +51,11 @@ class StrictModeError(RuntimeError):
     """Raised under ``--strict`` at the first skipped record or dropped annotation."""
 
 
+# Skips that are deliberate filters, not bad data: counted and listed like any skip, but ``--strict`` does
+# not stop on them (RefCOCO eval images kept out of COCO training splits; LLaVA text-only records in stage 3).
+POLICY_REASONS = frozenset({"eval_image_leak", "text_only"})
+
+
 @dataclass(frozen=True)
 class Skip:
     """One skipped unit, as written to ``skipped.jsonl``.

@@ -117,3 +117,16 @@ def test_bad_records_are_skipped_in_the_manifest_and_fail_strict(llava_root, tmp
     with pytest.raises(StrictModeError, match="unknown_role|text_only"):
         build(str(llava_root), str(tmp_path / "strict"), sources=["llava_instruct"],
               options=BuildOptions(strict=True, extra={"llava_keep_text_only": True}))
+
+
+def test_strict_does_not_stop_on_the_text_only_policy_filter(tmp_path):
+    """Dropping text-only records is a deliberate filter (POLICY_REASONS): counted, but not a strict error."""
+    import json as _json
+
+    from pipelines.demo_data import write_demo
+
+    root = write_demo(tmp_path / "datas", families=["llava"])
+    build(str(root), str(tmp_path / "out"), sources=["llava_instruct"], options=BuildOptions(strict=True))
+    manifest = _json.loads((tmp_path / "out/llava_instruct/train/manifest.json").read_text())
+    assert manifest["skipped"].get("text_only", 0) >= 1
+    assert manifest["counts"]["samples"] >= 1
