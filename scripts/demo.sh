@@ -33,6 +33,8 @@ submit_job python orchestrate/build_shards.py --data-root "$OUT/datas" --out "$O
 
 echo "== written under $OUT/shards:"
 python -m pipelines.summary --out "$OUT/shards"
+python -m pipelines.preview --out "$OUT/shards" --n 4
+echo "   open $OUT/shards/preview/index.html to look at the samples"
 if [ "${DEMO_TRAIN:-1}" = "1" ] && [ -x scripts/train_demo.sh ]; then
   scripts/train_demo.sh "$OUT"
 fi
