@@ -6,9 +6,12 @@ image's ``coco_url`` (v1 has no ``file_name``; v1 *val* images live in ``train20
 not the split, decides). Without a ``coco_url``, a v0.5 ``file_name`` ``COCO_val2014_….jpg`` is looked up
 in ``img_genseg/coco2014/val2014/``. Overrides: ``annotations``, ``images``, ``images2014``.
 
-Indexing never loads the file (a v1 train file is ≈1 GB): :func:`iter_coco_records` scans it once and hands
-each image's annotations over as raw JSON text, which the records carry unparsed; polygons are parsed only by
-the conversion worker that owns the record.
+Indexing never loads the file (a v1 train file is ≈1 GB): :func:`iter_coco_records` scans it once and the
+records carry only where each annotation's JSON is in the file (byte offset and length); the conversion
+worker that owns a record reads those bytes back and parses its polygons, so the driver never parses one.
+Workers therefore need the annotation file at the same path (the data root is shared storage anyway). A file
+rewritten after indexing changes the input hash (the next build redoes everything), and a worker that finds
+something else than an annotation of its image at an offset skips the record (``annotation_file_changed``).
 
 Prompts (recipe §2.2 machinery, LVIS semantics): positives are the image's annotated categories; negatives
 come first from its verified-absent ``neg_category_ids``, then from the other categories, and never from
@@ -187,7 +190,7 @@ class Lvis:
         h, w = img["height"], img["width"]
         if not h or not w:
             raise SkipRecord("missing_image_size", f"image {img['id']} has no height/width")
-        targets = []
+        targets, seen = [], set()
         path = ctx.files.inputs["annotations"]
         for text in read_spans(path, list(zip(record["offsets"], record["lengths"], strict=True))):
             try:
@@ -197,6 +200,7 @@ class Lvis:
             if not isinstance(ann, dict) or ann.get("image_id") != img["id"]:
                 raise SkipRecord("annotation_file_changed", f"{path} changed since it was indexed")
             ann_id, cat = ann.get("id"), ann.get("category_id")
+            seen.add(cat)  # present even if its mask turns out unusable: never a negative then
             akey = f"{key}/ann_{ann_id}"
             try:
                 rle = masks.segmentation_to_rle(ann.get("segmentation"), h, w)
@@ -213,8 +217,8 @@ class Lvis:
         pos = sorted({c for _, c, _ in targets})
         budget = max(max_phrases(ctx.options) - len(pos), 0)
         n_neg = budget if ctx.split == "val" else rng.randint(0, budget)
-        negs = sample_negatives(rng, n_neg, record.get("present", pos), record["neg"], record["not_exhaustive"],
-                                ctx.shared["category_ids"])
+        present = seen.union(record.get("present", ()))
+        negs = sample_negatives(rng, n_neg, present, record["neg"], record["not_exhaustive"], ctx.shared["category_ids"])
         cat_ids = pos + negs
         rng.shuffle(cat_ids)
         slot = {c: i for i, c in enumerate(cat_ids)}

@@ -18,7 +18,7 @@ from pipelines.build import build
 from pipelines.demo_data import write_demo
 from pipelines.schema import from_wds, validate
 from pipelines.sources import SOURCES
-from pipelines.sources.base import BuildOptions, ConvertContext, Shared, Skip, StrictModeError
+from pipelines.sources.base import BuildOptions, ConvertContext, Shared, Skip, SkipRecord, StrictModeError
 from pipelines.sources.lvis import category_names, image_path, sample_negatives, split_categories
 
 LVIS = "img_ovseg/lvis"
@@ -275,3 +275,34 @@ def test_ray_build_equals_inline_build(demo, tmp_path, ray_local):
         assert len(tars) >= 2
         for t in tars:
             assert t.read_bytes() == (tmp_path / "inline" / src / "train" / t.name).read_bytes()
+
+
+def test_unusable_polygon_is_dropped_and_its_category_is_never_a_negative(root, tmp_path):
+    d = doc(root, "train")
+    counts = defaultdict(int)
+    for a in d["annotations"]:
+        counts[a["image_id"], a["category_id"]] += 1
+    bad = next(a for a in d["annotations"] if counts[a["image_id"], a["category_id"]] == 1)
+
+    def two_points(d):
+        next(a for a in d["annotations"] if a["id"] == bad["id"])["segmentation"] = [[1, 2, 3, 4]]
+
+    edit(root, "train", two_points)
+    names = {int(i): n for i, n in category_names(d["categories"]).items()}
+    manifest, samples, skipped = run(root, tmp_path / "out", "train")
+    assert [(s["reason"], s["level"]) for s in skipped] == [("bad_polygon", "annotation")]
+    s = next(s for s, _ in samples if s.meta["image_id"] == bad["image_id"])
+    assert bad["id"] not in s.meta["ann_ids"] and names[bad["category_id"]] not in s.phrases
+
+
+def test_annotation_file_changed_after_indexing(root):
+    src = SOURCES["lvis"]
+    files = src.locate(str(root), "train")
+    items = list(src.index(files, "train", BuildOptions()))
+    shared = next(x.data for x in items if isinstance(x, Shared))
+    record = next(x for x in items if isinstance(x, dict))
+    path = Path(files.inputs["annotations"])
+    path.write_text(" " * 7 + path.read_text())  # every offset now points 7 bytes early
+    ctx = ConvertContext(data_root=str(root), split="train", options=BuildOptions(), files=files, shared=shared)
+    with pytest.raises(SkipRecord, match="annotation_file_changed"):
+        src.to_sample(record, ctx)
