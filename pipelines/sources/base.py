@@ -52,8 +52,9 @@ class StrictModeError(RuntimeError):
 
 
 # Skips that are deliberate filters, not bad data: counted and listed like any skip, but ``--strict`` does
-# not stop on them (RefCOCO eval images kept out of COCO training splits; LLaVA text-only records in stage 3).
-POLICY_REASONS = frozenset({"eval_image_leak", "text_only"})
+# not stop on them (RefCOCO eval images kept out of COCO training splits; LLaVA text-only records in stage 3;
+# LVIS images that carry only negative labels).
+POLICY_REASONS = frozenset({"eval_image_leak", "text_only", "only_negative_labels"})
 
 
 @dataclass(frozen=True)

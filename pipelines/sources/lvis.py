@@ -257,9 +257,11 @@ def _records(item: dict, known: set[int], cap: int) -> Iterator[dict | Skip]:
                            f"annotation {i}: category_id {c} not in categories[]", level="annotation")
         keep = [j for j, c in enumerate(cats) if c in known]
         ids, cats, offs, lens = ([col[j] for j in keep] for col in (ids, cats, offs, lens))
-    if not ids:  # LVIS has images with only negative labels: nothing to segment
-        detail = "no annotation of a known category" if anns.ids else "no annotations (only negative labels)"
-        yield Skip(key, "no_annotations", f"image {img['id']}: {detail}")
+    if not ids:
+        if anns.ids:
+            yield Skip(key, "no_annotations", f"image {img['id']}: no annotation of a known category")
+        else:  # LVIS has images with only negative labels: nothing to segment, and nothing wrong (a policy skip)
+            yield Skip(key, "only_negative_labels", f"image {img['id']}: no annotations, only negative labels")
         return
     present = sorted(set(cats))
     image = {k: img[k] for k in ("id", "path", "height", "width")}

@@ -215,7 +215,7 @@ def _real_records(real_data: Path, tmp_path: Path, cap: int):
     # the sample has images with only negative labels: nothing to segment, skipped with a reason
     with_anns = {a["image_id"] for a in json.loads((real_data / REAL).read_text())["annotations"]}
     skips = [x for x in items if isinstance(x, Skip)]
-    assert skips and all(s.reason == "no_annotations" and int(s.key.rsplit("/", 1)[1]) not in with_anns for s in skips)
+    assert skips and all(s.reason == "only_negative_labels" and int(s.key.rsplit("/", 1)[1]) not in with_anns for s in skips)
     ctx = ConvertContext(data_root=str(root), split="val", options=options, files=files, shared=shared)
     return src, ctx, [x for x in items if isinstance(x, dict)]
 
