@@ -16,8 +16,9 @@ from pipelines import masks
 from pipelines.build import build
 from pipelines.demo_data import write_demo
 from pipelines.jsonstream import MalformedJSON
-from pipelines.schema import from_wds, validate
+from pipelines.schema import validate
 from pipelines.sources.base import BuildOptions, StrictModeError
+from tests.pipelines import shard_io
 
 ANN = "img_genseg/coco2017/annotations"
 
@@ -27,15 +28,7 @@ def coco_root(tmp_path) -> Path:
     return write_demo(tmp_path / "datas", families=["coco"])
 
 
-def read_split(out: Path, source: str, split: str = "train"):
-    d = out / source / split
-    manifest = json.loads((d / "manifest.json").read_text())
-    samples = []
-    for shard in manifest["shards"]:
-        for item in wds.WebDataset(str(d / shard["file"]), shardshuffle=False):
-            samples.append(from_wds(item))
-    skipped = [json.loads(line) for line in (d / "skipped.jsonl").read_text().splitlines()]
-    return manifest, samples, skipped
+read_split = shard_io.read_split
 
 
 def test_panoptic_round_trip_masks_equal_png(coco_root, tmp_path):

@@ -9,13 +9,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import webdataset as wds
 
 from pipelines import masks
 from pipelines.build import build
 from pipelines.demo.gcg import rle
 from pipelines.demo_data import write_demo
-from pipelines.schema import from_wds, validate
+from pipelines.schema import validate
 from pipelines.sources.base import BuildOptions, StrictModeError
 from pipelines.sources.gcg import (
     Caption,
@@ -26,6 +25,7 @@ from pipelines.sources.gcg import (
     remove_overlaps,
     tag_caption,
 )
+from tests.pipelines import shard_io
 
 TRAIN = "img_gcgseg/grand_f/annotations/train"
 VAL_TEST = "img_gcgseg/grand_f/annotations/val_test"
@@ -37,15 +37,7 @@ def gcg_root(tmp_path) -> Path:
     return write_demo(tmp_path / "datas", families=["gcg"])
 
 
-def read_split(out: Path, source: str, split: str = "train"):
-    d = out / source / split
-    manifest = json.loads((d / "manifest.json").read_text())
-    samples = []
-    for shard in manifest["shards"]:
-        for item in wds.WebDataset(str(d / shard["file"]), shardshuffle=False):
-            samples.append(from_wds(item))
-    skipped = [json.loads(line) for line in (d / "skipped.jsonl").read_text().splitlines()]
-    return manifest, samples, skipped
+read_split = shard_io.read_split
 
 
 def run(root: Path, out: Path, source: str, split: str = "train", **opts):

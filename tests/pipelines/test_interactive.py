@@ -8,13 +8,13 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
-import webdataset as wds
 
 from pipelines import masks, vprompts
 from pipelines.build import build
 from pipelines.demo_data import write_demo
-from pipelines.schema import REGION, from_wds, validate
+from pipelines.schema import REGION, validate
 from pipelines.sources.base import BuildOptions, StrictModeError
+from tests.pipelines import shard_io
 
 ANN = "img_intseg/coco_int/annotations/coco_interactive_val_psalm.json"
 
@@ -25,12 +25,7 @@ def int_root(tmp_path) -> Path:
 
 
 def read_split(out: Path, split: str = "val"):
-    d = out / "coco_interactive" / split
-    manifest = json.loads((d / "manifest.json").read_text())
-    samples = [from_wds(item)[0] for s in manifest["shards"]
-               for item in wds.WebDataset(str(d / s["file"]), shardshuffle=False)]
-    skipped = [json.loads(line) for line in (d / "skipped.jsonl").read_text().splitlines()]
-    return manifest, samples, skipped
+    return shard_io.read_split(out, "coco_interactive", split, with_images=False)
 
 
 def test_one_sample_per_annotation_and_type_with_prompts_as_given(int_root, tmp_path):

@@ -8,13 +8,13 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
-import webdataset as wds
 
 from pipelines import masks, templates
 from pipelines.build import build
 from pipelines.demo_data import write_demo
-from pipelines.schema import from_wds, validate
+from pipelines.schema import validate
 from pipelines.sources.base import BuildOptions, StrictModeError
+from tests.pipelines import shard_io
 
 LISA = "img_reaseg/lisa"
 
@@ -30,11 +30,7 @@ def root(tmp_path) -> Path:
 
 
 def read_split(out: Path, split: str, source: str = "lisa_reasonseg"):
-    d = out / source / split
-    manifest = json.loads((d / "manifest.json").read_text())
-    samples = [from_wds(i)[0] for s in manifest["shards"] for i in wds.WebDataset(str(d / s["file"]), shardshuffle=False)]
-    skipped = [json.loads(line) for line in (d / "skipped.jsonl").read_text().splitlines()]
-    return manifest, samples, skipped
+    return shard_io.read_split(out, source, split, with_images=False)
 
 
 def annos(root: Path, split: str) -> dict[str, dict]:

@@ -6,14 +6,14 @@ import json
 from pathlib import Path
 
 import pytest
-import webdataset as wds
 from PIL import Image
 
 from pipelines.build import build
 from pipelines.demo_data import write_demo
-from pipelines.schema import from_wds, validate
+from pipelines.schema import validate
 from pipelines.sources.base import BuildOptions, SkipRecord, StrictModeError
 from pipelines.sources.llava import chat_turns
+from tests.pipelines import shard_io
 
 INSTRUCT = "img_chat/llava/LLaVA-Instruct-150K/llava_v1_5_mix665k.json"
 
@@ -24,11 +24,7 @@ def llava_root(tmp_path) -> Path:
 
 
 def read_split(out: Path, source: str):
-    d = out / source / "train"
-    manifest = json.loads((d / "manifest.json").read_text())
-    samples = [from_wds(item) for s in manifest["shards"] for item in wds.WebDataset(str(d / s["file"]), shardshuffle=False)]
-    skipped = [json.loads(line) for line in (d / "skipped.jsonl").read_text().splitlines()]
-    return manifest, samples, skipped
+    return shard_io.read_split(out, source, "train")
 
 
 def msgs(*pairs):

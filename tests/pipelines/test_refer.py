@@ -10,15 +10,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import webdataset as wds
 
 from pipelines import masks, safe_pickle
 from pipelines.build import build
 from pipelines.demo.refer import dumps_py2
 from pipelines.demo_data import write_demo
-from pipelines.schema import from_wds, validate
+from pipelines.schema import validate
 from pipelines.sources.base import BuildOptions, StrictModeError
 from pipelines.sources.refer import combinations
+from tests.pipelines import shard_io
 
 BASE = "img_refseg/refcocos"
 UNC = ["train", "val", "testA", "testB"]
@@ -37,12 +37,7 @@ def root(tmp_path) -> Path:
 
 
 def read_split(out: Path, source: str, split: str):
-    d = out / source / split
-    manifest = json.loads((d / "manifest.json").read_text())
-    samples = [from_wds(item)
-               for s in manifest["shards"] for item in wds.WebDataset(str(d / s["file"]), shardshuffle=False)]
-    skipped = [json.loads(line) for line in (d / "skipped.jsonl").read_text().splitlines()]
-    return manifest, samples, skipped
+    return shard_io.read_split(out, source, split)
 
 
 def refs_of(root: Path, dataset: str = "refcoco", name: str = "refs(unc).p") -> list[dict]:

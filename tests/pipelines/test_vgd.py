@@ -8,14 +8,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import webdataset as wds
 
 from pipelines import masks
 from pipelines.build import BuildConfigError, build
 from pipelines.demo_data import write_demo
-from pipelines.schema import REGION, from_wds, validate
+from pipelines.schema import REGION, validate
 from pipelines.sources.base import BuildOptions, StrictModeError
 from pipelines.vprompts import PROMPT_TYPES
+from tests.pipelines import shard_io
 
 VGD = "img_vgdseg/coco_vgd"
 VAL_SPLITS = [f"val_{t}" for t in PROMPT_TYPES]
@@ -27,12 +27,7 @@ def vgd_root(tmp_path) -> Path:
 
 
 def read_split(out: Path, source: str, split: str):
-    d = out / source / split
-    manifest = json.loads((d / "manifest.json").read_text())
-    samples = [from_wds(item)[0] for s in manifest["shards"]
-               for item in wds.WebDataset(str(d / s["file"]), shardshuffle=False)]
-    skipped = [json.loads(line) for line in (d / "skipped.jsonl").read_text().splitlines()]
-    return manifest, samples, skipped
+    return shard_io.read_split(out, source, split, with_images=False)
 
 
 def _bbox_grown(rle: dict, by: float) -> tuple[float, float, float, float]:
