@@ -113,8 +113,9 @@ def read_panoptic_png(data: bytes) -> np.ndarray:
     """
     arr = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
     if arr is not None and arr.ndim == 3 and arr.shape[2] == 3 and arr.dtype == np.uint8:
-        b, g, r = (arr[..., i].astype(np.int32) for i in range(3))
-        return r + (g << 8) + (b << 16)
+        # BGR -> RGBA in one SIMD pass; read as little-endian uint32 that is R + 256·G + 256²·B + 256³·A
+        rgba = cv2.cvtColor(arr, cv2.COLOR_BGR2RGBA)
+        return (rgba.view("<u4")[..., 0] & 0xFFFFFF).astype(np.int32)
     with Image.open(io.BytesIO(data)) as im:
         return rgb2id(np.asarray(im.convert("RGB")))
 
