@@ -43,7 +43,7 @@ from PIL import Image
 
 from pipelines import masks
 from pipelines.masks import MaskFormatError, label_map_rles
-from pipelines.schema import ImageRef, MaskTarget, Sample
+from pipelines.schema import ImageRef, Sample
 from pipelines.sources.base import (
     BuildOptions,
     ConvertContext,
@@ -55,7 +55,7 @@ from pipelines.sources.base import (
     key_id,
 )
 from pipelines.sources.coco_index import image_sort_id, iter_coco_records
-from pipelines.sources.genseg import clean_category_name, genseg_conversation, prompt_categories
+from pipelines.sources.genseg import clean_category_name, genseg_conversation, mask_targets, prompt_categories
 
 ADE_ROOT = "img_ovseg/ade20k"
 SPLIT_DIRS = {"train": "training", "val": "validation"}
@@ -322,8 +322,7 @@ class _Ade20k:
             image=ImageRef(path=record["file"], width=w, height=h),
             conversation=genseg_conversation(rng, phrases, ctx.options.image_token),
             phrases=phrases,
-            masks=[MaskTarget(rle=r, label=slot[c], category_id=c, iscrowd=0, bbox=masks.bbox(r),
-                              area=float(masks.area(r))) for r, c, _ in targets],
+            masks=mask_targets(targets, slot),
             ignore=ignore if ignore is not None and masks.area(ignore) else None,
             meta={"image_id": record["image_id"], "segment_ids": [s for _, _, s in targets]},
         )

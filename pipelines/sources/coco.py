@@ -17,7 +17,7 @@ import numpy as np
 
 from pipelines import masks
 from pipelines.masks import MaskFormatError
-from pipelines.schema import ImageRef, MaskTarget, Sample
+from pipelines.schema import ImageRef, Sample
 from pipelines.sources.base import (
     BuildOptions,
     ConvertContext,
@@ -29,7 +29,7 @@ from pipelines.sources.base import (
     relpath,
 )
 from pipelines.sources.coco_index import RawAnns, iter_coco_records, read_spans
-from pipelines.sources.genseg import clean_category_name, genseg_conversation, prompt_categories
+from pipelines.sources.genseg import clean_category_name, genseg_conversation, mask_targets, prompt_categories
 from pipelines.sources.json_scan import loads
 
 COCO_ROOT = "img_genseg/coco2017"
@@ -65,23 +65,20 @@ def _locate(name: str, data_root: str, split: str, kind: str, overrides: dict | 
 
 
 def _genseg_sample(
-    source: str, record: dict, ctx: ConvertContext, targets: list[tuple[dict, int, int, dict]], crowd: list[tuple[dict, int]]
+    source: str, record: dict, ctx: ConvertContext, targets: list[tuple[dict, int, int]], crowd: list[tuple[dict, int]]
 ) -> Sample:
-    """Render the Sample from decoded targets ``(rle, category_id, ann_or_segment_id, extra)`` and crowd RLEs."""
+    """Render the Sample from decoded targets ``(rle, category_id, ann_or_segment_id)`` and crowd RLEs."""
     key = record["key"]
     img = record["image"]
     if not targets:
         raise SkipRecord("no_usable_segment", f"image {img['id']}: no non-crowd segment with a valid mask")
     shared = ctx.shared
     rng = ctx.rng(key)
-    present = [c for _, c, _, _ in targets] + [c for _, c in crowd]
+    present = [c for _, c, _ in targets] + [c for _, c in crowd]
     cat_ids = prompt_categories(rng, present, shared["category_ids"], ctx.options.genseg_num_class)
     slot = {c: i for i, c in enumerate(cat_ids)}
     phrases = [shared["category_names"][str(c)] for c in cat_ids]
-    mask_targets = [
-        MaskTarget(rle=rle, label=slot[c], category_id=c, iscrowd=0, bbox=masks.bbox(rle), area=float(masks.area(rle)))
-        for rle, c, _, _ in targets
-    ]
+
     ignore = masks.merge_rles([r for r, _ in crowd]) if crowd else None
     return Sample(
         key=key,
@@ -91,9 +88,9 @@ def _genseg_sample(
         image=ImageRef(path=relpath(ctx.files.dirs["images"], img["file_name"]), width=img["width"], height=img["height"]),
         conversation=genseg_conversation(rng, phrases, ctx.options.image_token),
         phrases=phrases,
-        masks=mask_targets,
+        masks=mask_targets(targets, slot),
         ignore=ignore,
-        meta={"image_id": img["id"], "ann_ids": [a for _, _, a, _ in targets], "num_crowd": len(crowd)},
+        meta={"image_id": img["id"], "ann_ids": [a for _, _, a in targets], "num_crowd": len(crowd)},
     )
 
 
@@ -146,7 +143,7 @@ class CocoInstance:
             elif masks.area(rle) == 0:
                 ctx.drop(akey, "empty_mask", "segmentation covers no pixel")
             else:
-                targets.append((rle, ann["category_id"], ann["id"], {}))
+                targets.append((rle, ann["category_id"], ann["id"]))
         return _genseg_sample(self.name, record, ctx, targets, crowd)
 
 
@@ -207,5 +204,5 @@ class CocoPanoptic:
             elif seg.get("iscrowd"):
                 crowd.append((rle, seg["category_id"]))
             else:
-                targets.append((rle, seg["category_id"], seg["id"], {}))
+                targets.append((rle, seg["category_id"], seg["id"]))
         return _genseg_sample(self.name, record, ctx, targets, crowd)

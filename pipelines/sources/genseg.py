@@ -10,8 +10,8 @@ import random
 import re
 from collections.abc import Sequence
 
-from pipelines import templates
-from pipelines.schema import Turn
+from pipelines import masks, templates
+from pipelines.schema import MaskTarget, Turn
 
 _PAREN = re.compile(r"\([^)]*\)")
 
@@ -52,3 +52,9 @@ def genseg_conversation(rng: random.Random, phrases: Sequence[str], image_token:
         Turn("user", templates.with_image(question, image_token)),
         Turn("assistant", templates.pick(rng, templates.SEG_ANSWERS)),
     ]
+
+
+def mask_targets(targets: Sequence[tuple[dict, int, object]], slot: dict[int, int]) -> list[MaskTarget]:
+    """``(rle, category_id, source id)`` triples to MaskTargets labelled by each category's prompt slot."""
+    return [MaskTarget(rle=r, label=slot[c], category_id=c, iscrowd=0, bbox=masks.bbox(r), area=float(masks.area(r)))
+            for r, c, _ in targets]

@@ -35,7 +35,7 @@ from collections.abc import Iterator, Sequence
 
 from pipelines import masks
 from pipelines.masks import MaskFormatError
-from pipelines.schema import ImageRef, MaskTarget, Sample
+from pipelines.schema import ImageRef, Sample
 from pipelines.sources.base import (
     BuildOptions,
     ConvertContext,
@@ -46,7 +46,7 @@ from pipelines.sources.base import (
     SourceNotFound,
 )
 from pipelines.sources.coco_index import RawAnns, image_sort_id, iter_coco_records, read_spans
-from pipelines.sources.genseg import clean_category_name, genseg_conversation
+from pipelines.sources.genseg import clean_category_name, genseg_conversation, mask_targets
 
 LVIS_ROOT = "img_ovseg/lvis"
 COCO_ROOT = "img_genseg/coco2017"
@@ -233,8 +233,7 @@ class Lvis:
             image=ImageRef(path=img["path"], width=w, height=h),
             conversation=genseg_conversation(rng, phrases, ctx.options.image_token),
             phrases=phrases,
-            masks=[MaskTarget(rle=r, label=slot[c], category_id=c, iscrowd=0, bbox=masks.bbox(r),
-                              area=float(masks.area(r))) for r, c, _ in targets],
+            masks=mask_targets(targets, slot),
             meta={"image_id": img["id"], "ann_ids": [a for _, _, a in targets], "part": record["part"],
                   "neg_category_ids": [c for c in negs if c in verified],
                   "not_exhaustive": [c for c in pos if c in not_exhaustive]},
