@@ -89,9 +89,13 @@ def render(model, batch: dict, samples: Sequence[Any], *, stage: int, mean: Sequ
         img = batch["extra_pixel_values"][b].float().cpu()
         img = (img * torch.tensor(std)[:, None, None] + torch.tensor(mean)[:, None, None]).clamp(0, 1)
         image = (img[:, :h, :w].permute(1, 2, 0).numpy() * 255).astype(np.uint8)
-        if stage == 1:
-            names = {i + 1: f"category {cid}" for i, cid in enumerate(model.config.processor.category_ids)}
+        if stage == 1:  # linear head: class = index into the processor's category ids; name them by phrase
+            cats = model.config.processor.category_ids
+            names = {i + 1: f"category {cid}" for i, cid in enumerate(cats)}
             truth_labels = batch["category_labels"][b]
+            for m, c in zip(sample.masks, truth_labels.tolist(), strict=False):
+                if c >= 0 and 0 <= m.label < len(sample.phrases):
+                    names[c + 1] = sample.phrases[m.label]
         else:
             names = {i + 1: p for i, p in enumerate(sample.phrases)}
             truth_labels = batch["class_labels"][b]

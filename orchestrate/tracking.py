@@ -5,12 +5,13 @@ wandb keeps a run's files together only when all four of its folders are set (it
 ``WANDB_CACHE_DIR``, ``WANDB_DATA_DIR`` and ``WANDB_CONFIG_DIR`` under ``<run-root>/stage<N>/wandb``.
 Offline runs are uploaded later with ``wandb sync <run-root>/stage<N>/wandb/wandb/offline-run-*``.
 
-The run id is derived from the run name and stage, so a worker group restarted by Ray Train (or a job
+The run id is derived from the run name, stage and run root, so a worker group restarted by Ray Train (or a job
 submitted again) continues the same wandb run (``resume="allow"``).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -41,16 +42,18 @@ def wandb_env(folder: str | Path, mode: str) -> dict[str, str]:
     }
 
 
-def run_id(run_name: str, stage: int) -> str:
-    """A wandb-safe id that is the same for every attempt of this stage of this run."""
-    return re.sub(r"[^A-Za-z0-9_-]", "-", f"{run_name}-stage{stage}")[:120]
+def run_id(run_name: str, stage: int, run_root: str = "") -> str:
+    """A wandb-safe id, the same for every attempt of this stage of this run root (and different for two
+    run roots that happen to share a folder name)."""
+    tag = hashlib.sha1(str(run_root).encode()).hexdigest()[:8]
+    return re.sub(r"[^A-Za-z0-9_-]", "-", f"{run_name}-stage{stage}-{tag}")[:120]
 
 
 class Tracker:
     """Rank 0's tracker. ``Tracker(None, ...)`` (other ranks, or tracking disabled) logs nothing."""
 
     def __init__(self, *, project: str, run_name: str, stage: int, config: Mapping[str, Any], mode: str,
-                 wandb_dir: str | Path | None, metrics_file: str | Path | None):  # fmt: skip
+                 wandb_dir: str | Path | None, metrics_file: str | Path | None, run_root: str = ""):  # fmt: skip
         self.mode = resolve_mode(mode)
         self.run = None
         self.run_dir: str | None = None
@@ -58,13 +61,16 @@ class Tracker:
         if self.mode == "disabled" or wandb_dir is None:
             return
         os.environ.update(wandb_env(wandb_dir, self.mode))
+        # a WANDB_SERVICE inherited through Ray's environment would attach this worker to another process's
+        # wandb service, where a killed attempt's run still holds this run's id ("run ID … is in use")
+        os.environ.pop("WANDB_SERVICE", None)
         for k in ("WANDB_DIR", "WANDB_CACHE_DIR", "WANDB_DATA_DIR", "WANDB_CONFIG_DIR"):
             Path(os.environ[k]).mkdir(parents=True, exist_ok=True)
         import wandb
 
         self.run = wandb.init(
             project=project, group=run_name, job_type=f"stage{stage}", name=f"{run_name}/stage{stage}",
-            id=run_id(run_name, stage), resume="allow", config=dict(config), dir=str(wandb_dir), mode=self.mode,
+            id=run_id(run_name, stage, run_root), resume="allow", config=dict(config), dir=str(wandb_dir), mode=self.mode,
             settings=wandb.Settings(console="off", silent=True),
         )  # fmt: skip
         self.run_dir = str(Path(self.run.dir).parent)  # …/wandb/offline-run-<time>-<id>

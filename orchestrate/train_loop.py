@@ -173,7 +173,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         project=cfg.tracking.project, run_name=plan.run_name, stage=cfg.stage,
         config={**plan.to_dict(), "deepspeed": ds_config}, mode=cfg.tracking.mode,
         wandb_dir=plan.wandb_dir if rank == 0 else None,
-        metrics_file=(local_dir / "metrics.jsonl") if (rank == 0 and local_dir) else None,
+        metrics_file=(local_dir / "metrics.jsonl") if (rank == 0 and local_dir) else None, run_root=plan.run_root,
     ) if rank == 0 else Tracker(project="", run_name="", stage=cfg.stage, config={}, mode="disabled",
                                 wandb_dir=None, metrics_file=None)  # fmt: skip
     preview = _preview_batch(plan, stage_mixture, processor, device, dtype) if rank == 0 else None

@@ -62,3 +62,17 @@ def test_schedule_warms_up_then_cosine_with_group_multipliers():
     assert max(x[1] for x in lrs) == pytest.approx(cfg.optim.lr, rel=1e-3)
     assert lrs[-1][1] == pytest.approx(0.0, abs=cfg.optim.lr * 1e-3)
     assert all(math.isclose(a, 0.1 * b, rel_tol=1e-9) for a, b in lrs)  # the multiplier holds throughout
+
+
+def test_compat_patch_skips_the_shm_op_build():
+    """Only tensor-parallel inference uses it; building it costs ~30 s and a killed builder leaves a lock that
+    hangs every later worker (orchestrate/deepspeed_compat.py)."""
+    import importlib
+
+    from orchestrate.deepspeed_compat import patch_deepspeed
+
+    patch_deepspeed()
+    patch_deepspeed()  # idempotent
+    backend = importlib.import_module("deepspeed.comm.torch")
+    assert backend.__file__.endswith("deepspeed/comm/torch.py")
+    assert backend.build_shm_op() is None and backend.TorchBackend.__init__.__globals__["build_shm_op"]() is None

@@ -13,12 +13,16 @@ from orchestrate.exports import read_export_state
 from orchestrate.runner import RunArgs, fit, prepare
 from orchestrate.summary import summarize
 from orchestrate.train_loop import read_trace
+from xsam_model import build_xsam, export_trainable
 
-pytestmark = [pytest.mark.ray, pytest.mark.slow]
+pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.timeout(900)]  # a hung rendezvous fails, not CI
 
-# fp32 on CPU with gloo: a resumed run reproduces the uninterrupted one bit for bit in practice (same data,
-# per-step seeds, DeepSpeed optimizer and scheduler states restored); asserted within this tolerance.
-WEIGHT_ATOL = 1e-6
+# fp32 on CPU with gloo, one thread per worker: a resumed run reproduces the uninterrupted one bit for bit in
+# every comparison made on the dev box (same data, per-step seeds, DeepSpeed optimizer and scheduler states
+# restored). Asserted: the distance between the two final weights is at most 0.1 % of how far training
+# moved them (Frobenius norms over all exported tensors); an element-wise bound would be meaningless for
+# stage 1, whose clip of 0.01 makes Adam's step nearly the same size for every weight.
+WEIGHT_RTOL = 1e-3
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +47,9 @@ def chain(ray_module, train_shards, tmp_path_factory):
     root = tmp_path_factory.mktemp("chain") / "run"
     plans = {}
     for stage, steps in ((1, 6), (2, 4), (3, 4)):
-        plans[stage], result = run_stage(train_shards, root, stage, max_steps=steps)
+        # stage 2 accumulates: global batch 8 = micro batch 2 × 2 micro-steps × 2 workers
+        extra = {"global_batch": 8} if stage == 2 else {}
+        plans[stage], result = run_stage(train_shards, root, stage, max_steps=steps, **extra)
         assert result.metrics["step"] == steps
     return root, plans
 
@@ -57,11 +63,13 @@ def test_three_stages_chain_through_their_exports(chain):
     for stage, steps in ((1, 6), (2, 4), (3, 4)):
         sdir = root / f"stage{stage}"
         lineage = _lineage(root, stage)
-        assert lineage["steps"] == steps and lineage["samples"] == 4 * steps and lineage["restarts"] == 0
+        batch = 8 if stage == 2 else 4
+        assert lineage["steps"] == steps and lineage["samples"] == batch * steps and lineage["restarts"] == 0
         assert lineage["code"]["source_sha256"] and lineage["mixture"]["stage"] == str(stage)
         assert lineage["shards"]["datasets"] and all(s["sha256"] for d in lineage["shards"]["datasets"] for s in d["shards"])
         config = json.loads((sdir / "export" / "config.json").read_text())
-        assert config["deepspeed"]["train_batch_size"] == 4 and config["deepspeed"]["zero_optimization"]["stage"] == 2
+        assert config["deepspeed"]["train_batch_size"] == batch and config["deepspeed"]["zero_optimization"]["stage"] == 2
+        assert config["deepspeed"]["gradient_accumulation_steps"] == batch // 4
         rows = [json.loads(x) for x in (sdir / "metrics.jsonl").read_text().splitlines()]
         losses = [r for r in rows if "loss" in r]
         assert [r["step"] for r in losses] == list(range(1, steps + 1))
@@ -72,6 +80,7 @@ def test_three_stages_chain_through_their_exports(chain):
         for step in range(steps):  # one source per global step, on every rank
             assert trace[(step, 0)]["source"] == trace[(step, 1)]["source"]
             assert not set(trace[(step, 0)]["keys"]) & set(trace[(step, 1)]["keys"])
+            assert len(trace[(step, 0)]["keys"]) == batch // 2  # micro batch × accumulation
     assert _lineage(root, 1)["parents"] == []
     assert [(p["stage"], p["export"]) for p in _lineage(root, 2)["parents"]] == [(1, str(root / "stage1" / "export"))]
     s3 = {p["stage"]: p for p in _lineage(root, 3)["parents"]}
@@ -105,7 +114,12 @@ def test_sigkilled_worker_restarts_from_checkpoint_with_same_data_and_weights(ch
     assert lineage["restarts"] == 1 and lineage["steps"] == 6
     got, want = read_export_state(str(sdir / "export")), read_export_state(str(ref_root / "stage1" / "export"))
     assert set(got) == set(want)
+    torch.manual_seed(plan.cfg.data.seed)  # the initial weights, as every worker builds them
+    init = export_trainable(build_xsam("debug"), 1)
+    norm = lambda d: math.sqrt(sum(float((t**2).sum()) for t in d.values()))  # noqa: E731
+    moved = norm({k: want[k] - init[k] for k in want})
+    gap = norm({k: got[k] - want[k] for k in want})
     worst = max((got[k] - want[k]).abs().max().item() for k in want)
-    assert worst <= WEIGHT_ATOL, worst
+    assert moved > 0 and gap <= WEIGHT_RTOL * moved, f"gap {gap:.3g} vs moved {moved:.3g}, max |Δ| {worst:.3g}"
     first = read_export_state(str(ref_root / "stage1" / "export"))
     assert all(torch.equal(first[k], want[k]) for k in want)  # the reference itself is stable on disk
