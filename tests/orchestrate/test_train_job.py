@@ -48,7 +48,17 @@ def logs(env, job: str) -> str:
     return JobSubmissionClient(env["RAY_ADDRESS"]).get_job_logs(job)
 
 
+def _other_ray_instances() -> list[str]:
+    from ray._private.services import find_gcs_addresses
+
+    return list(find_gcs_addresses())
+
+
 def test_job_stop_then_submit_again_continues_from_the_checkpoint(train_shards, tmp_path):
+    # Ray Train's placement-group cleaner inside the job looks up "the" local cluster and fails when several
+    # run on the machine ("Found multiple active Ray instances"); seen to stall this test on shared dev boxes
+    if others := _other_ray_instances():
+        pytest.skip(f"another Ray instance runs on this machine ({others}); this test needs the machine to itself")
     run_root = tmp_path / "run"
     sdir = run_root / "stage1"
     cmd = [sys.executable, "orchestrate/train.py", "--stage", "1", "--flavor", "debug", "--shards", str(train_shards),
