@@ -47,7 +47,10 @@ def write_panoptic_corpus(root: Path, n: int, seed: int = 0) -> None:
         (base / d).mkdir(parents=True, exist_ok=True)
     rng = random.Random(seed)
     cats = [{"id": i + 1, "name": n_, "isthing": 1, "supercategory": "x"} for i, n_ in enumerate(THINGS)]
-    cats += [{"id": 100 + i, "name": f"{n_}-merged", "isthing": 0, "supercategory": "x"} for i, n_ in enumerate(STUFF)]
+    cats += [
+        {"id": 100 + i, "name": f"{n_}-merged", "isthing": 0, "supercategory": "x"}
+        for i, n_ in enumerate(STUFF)
+    ]
     cat_of = {c["name"].replace("-merged", ""): c["id"] for c in cats}
     images, anns = [], []
     for i in range(n):
@@ -62,13 +65,21 @@ def write_panoptic_corpus(root: Path, n: int, seed: int = 0) -> None:
             if obj.mask.any():
                 sid = k + 1 + 1000 * (k % 7)
                 id_map[obj.mask] = sid
-                segs.append({"id": sid, "category_id": cat_of[obj.category], "iscrowd": 0,
-                             "area": int(obj.mask.sum()), "bbox": [0, 0, 1, 1]})
+                segs.append(
+                    {
+                        "id": sid,
+                        "category_id": cat_of[obj.category],
+                        "iscrowd": 0,
+                        "area": int(obj.mask.sum()),
+                        "bbox": [0, 0, 1, 1],
+                    }
+                )
         (base / "panoptic_train2017" / fname.replace(".jpg", ".png")).write_bytes(png_bytes(id2rgb(id_map)))
         images.append({"id": iid, "file_name": fname, "width": 640, "height": 480})
         anns.append({"image_id": iid, "file_name": fname.replace(".jpg", ".png"), "segments_info": segs})
     (base / "annotations/panoptic_train2017.json").write_text(
-        json.dumps({"images": images, "annotations": anns, "categories": cats}))
+        json.dumps({"images": images, "annotations": anns, "categories": cats})
+    )
 
 
 class RssSampler:
@@ -136,23 +147,38 @@ def part1(tmp: Path, n: int) -> None:
         for workers in (1, 2):
             with RssSampler() as rss:
                 t0 = time.perf_counter()
-                res = build(str(data), str(tmp / f"out{workers}"), sources=["coco_panoptic"],
-                            options=BuildOptions(samples_per_shard=100), num_workers=workers, log=lambda m: None)
+                res = build(
+                    str(data),
+                    str(tmp / f"out{workers}"),
+                    sources=["coco_panoptic"],
+                    options=BuildOptions(samples_per_shard=100),
+                    num_workers=workers,
+                    log=lambda m: None,
+                )
                 dt = time.perf_counter() - t0
             rates[workers] = res[0].samples / dt
             # time inside the conversion tasks alone (their completion markers record it): excludes indexing,
             # Ray scheduling and each worker's one-time imports
-            parts = [json.loads(p.read_text()) for p in (tmp / f"out{workers}/coco_panoptic/train/_parts").glob("*.json")]
+            parts = [
+                json.loads(p.read_text())
+                for p in (tmp / f"out{workers}/coco_panoptic/train/_parts").glob("*.json")
+            ]
             task_rate = sum(p["samples"] for p in parts) / sum(p["seconds"] for p in parts)
-            print(f"coco_panoptic, {workers} Ray worker(s): {res[0].samples} samples in {dt:.1f} s = "
-                  f"{rates[workers]:.0f} samples/s end to end ({rates[workers] / workers:.0f} per worker); "
-                  f"{task_rate:.0f} samples/s per worker inside conversion tasks; "
-                  f"peak RSS driver {rss.driver / 2**20:.0f} MiB, worker {rss.worker / 2**20:.0f} MiB")
+            print(
+                f"coco_panoptic, {workers} Ray worker(s): {res[0].samples} samples in {dt:.1f} s = "
+                f"{rates[workers]:.0f} samples/s end to end ({rates[workers] / workers:.0f} per worker); "
+                f"{task_rate:.0f} samples/s per worker inside conversion tasks; "
+                f"peak RSS driver {rss.driver / 2**20:.0f} MiB, worker {rss.worker / 2**20:.0f} MiB"
+            )
     finally:
         ray.shutdown()
-    print(f"I/O floor (tar of the same bytes): {floor:.0f} samples/s; with one PNG decode: {floor_dec:.0f} samples/s")
-    print(f"ratios: 2 workers / 1 worker = {rates[2] / rates[1]:.2f}x (target >= 1.7); "
-          f"1 worker / I/O floor with decode = {rates[1] / floor_dec:.2f}")
+    print(
+        f"I/O floor (tar of the same bytes): {floor:.0f} samples/s; with one PNG decode: {floor_dec:.0f} samples/s"
+    )
+    print(
+        f"ratios: 2 workers / 1 worker = {rates[2] / rates[1]:.2f}x (target >= 1.7); "
+        f"1 worker / I/O floor with decode = {rates[1] / floor_dec:.2f}"
+    )
 
 
 def write_instances_corpus(root: Path, n_images: int, anns_per_image: float, seed: int = 1) -> Path:
@@ -174,18 +200,33 @@ def write_instances_corpus(root: Path, n_images: int, anns_per_image: float, see
         for i in range(n_images):
             fname = f"{i + 1:012d}.jpg"
             os.link(ones[i // 50_000], base / "train2017" / fname)
-            f.write(("," if i else "") + json.dumps({"id": i + 1, "file_name": fname, "width": 64, "height": 48}))
+            f.write(
+                ("," if i else "") + json.dumps({"id": i + 1, "file_name": fname, "width": 64, "height": 48})
+            )
         f.write('], "annotations": [')
         n_anns = int(n_images * anns_per_image)
         img_of = rng.integers(1, n_images + 1, size=n_anns)
         for k in range(n_anns):
             pts = rng.uniform(0, 47, size=(20, 2)).round(2).ravel().tolist()
             ann_id += 1
-            f.write(("," if k else "") + json.dumps({
-                "id": ann_id, "image_id": int(img_of[k]), "category_id": int(rng.integers(1, 91)), "iscrowd": 0,
-                "segmentation": [pts], "area": 100.0, "bbox": [1.0, 2.0, 10.0, 10.0]}))
+            f.write(
+                ("," if k else "")
+                + json.dumps(
+                    {
+                        "id": ann_id,
+                        "image_id": int(img_of[k]),
+                        "category_id": int(rng.integers(1, 91)),
+                        "iscrowd": 0,
+                        "segmentation": [pts],
+                        "area": 100.0,
+                        "bbox": [1.0, 2.0, 10.0, 10.0],
+                    }
+                )
+            )
         f.write('], "categories": [')
-        f.write(",".join(json.dumps({"id": c, "name": f"cat{c}", "supercategory": "x"}) for c in range(1, 91)))
+        f.write(
+            ",".join(json.dumps({"id": c, "name": f"cat{c}", "supercategory": "x"}) for c in range(1, 91))
+        )
         f.write("]}")
     return path
 
@@ -219,16 +260,44 @@ print(time.perf_counter() - t0, {hwm}, len(c.imgs))
 def part2(tmp: Path, n_images: int) -> None:
     t0 = time.perf_counter()
     path = write_instances_corpus(tmp / "big", n_images, 7.3)
-    print(f"instances corpus: {n_images} images, {path.stat().st_size / 1e6:.0f} MB, written in {time.perf_counter() - t0:.0f} s")
-    ours = subprocess.run([sys.executable, "-c", PLAN.format(root=str(ROOT), data=str(tmp / "big"), out=str(tmp / "plan"), hwm=HWM)],
-                          capture_output=True, text=True, check=True).stdout.splitlines()[-1].split()
-    ref = subprocess.run([sys.executable, "-c", COCO.format(path=str(path), hwm=HWM)], capture_output=True, text=True,
-                         check=True).stdout.splitlines()[-1].split()  # pycocotools prints progress lines first
+    print(
+        f"instances corpus: {n_images} images, {path.stat().st_size / 1e6:.0f} MB, written in {time.perf_counter() - t0:.0f} s"
+    )
+    ours = (
+        subprocess.run(
+            [
+                sys.executable,
+                "-c",
+                PLAN.format(root=str(ROOT), data=str(tmp / "big"), out=str(tmp / "plan"), hwm=HWM),
+            ],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        .stdout.splitlines()[-1]
+        .split()
+    )
+    ref = (
+        subprocess.run(
+            [sys.executable, "-c", COCO.format(path=str(path), hwm=HWM)],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        .stdout.splitlines()[-1]
+        .split()
+    )  # pycocotools prints progress lines first
     (t_ours, rss_ours, n_ours), (t_ref, rss_ref, n_ref) = map(float, ours), map(float, ref)
     assert int(n_ours) == int(n_ref) == n_images
-    print(f"planning (hash + streaming index into chunk files): {t_ours:.1f} s, peak RSS {rss_ours / 1024:.0f} MiB")
-    print(f"pycocotools.COCO() load:                            {t_ref:.1f} s, peak RSS {rss_ref / 1024:.0f} MiB")
-    print(f"ratios: RSS {rss_ours / rss_ref:.3f}x (target <= 0.1), time {t_ours / t_ref:.2f}x (target <= 1.0)")
+    print(
+        f"planning (hash + streaming index into chunk files): {t_ours:.1f} s, peak RSS {rss_ours / 1024:.0f} MiB"
+    )
+    print(
+        f"pycocotools.COCO() load:                            {t_ref:.1f} s, peak RSS {rss_ref / 1024:.0f} MiB"
+    )
+    print(
+        f"ratios: RSS {rss_ours / rss_ref:.3f}x (target <= 0.1), time {t_ours / t_ref:.2f}x (target <= 1.0)"
+    )
 
 
 def main() -> None:

@@ -85,8 +85,14 @@ def part_seconds(out: Path) -> tuple[int, float]:
 
 def timed_build(root: Path, out: Path, per_shard: int) -> tuple[int, float]:
     t0 = time.perf_counter()
-    (res,) = build(str(root), str(out), sources=["grandf_gcg"], splits=["train"],
-                   options=BuildOptions(samples_per_shard=per_shard), log=lambda m: None)
+    (res,) = build(
+        str(root),
+        str(out),
+        sources=["grandf_gcg"],
+        splits=["train"],
+        options=BuildOptions(samples_per_shard=per_shard),
+        log=lambda m: None,
+    )
     return res.samples, time.perf_counter() - t0
 
 
@@ -106,8 +112,10 @@ def main() -> None:
         t0 = time.perf_counter()
         write_grandf_train(root, random.Random(0), args.images, args.captions)
         ann = root / "img_gcgseg/grand_f/annotations/train/GranDf_HA_GCG_train.json"
-        print(f"corpus: {args.captions} captions over {args.images} images (320x240), "
-              f"{ann.stat().st_size / 1e6:.1f} MB JSON, written in {time.perf_counter() - t0:.1f} s")
+        print(
+            f"corpus: {args.captions} captions over {args.images} images (320x240), "
+            f"{ann.stat().st_size / 1e6:.1f} MB JSON, written in {time.perf_counter() - t0:.1f} s"
+        )
 
         rows = []
         n, s = baseline(root, ann)
@@ -130,15 +138,19 @@ def main() -> None:
         cn, cs = part_seconds(Path(tmp) / "ray")
         per_worker = cn / cs
         rows.append((f"build Ray, {args.workers} workers (end to end)", n, wall, n / wall))
-        rows.append(("  per worker, end to end (n / wall / W)", n, wall * args.workers, n / wall / args.workers))
+        rows.append(
+            ("  per worker, end to end (n / wall / W)", n, wall * args.workers, n / wall / args.workers)
+        )
         rows.append(("  per worker, converting (n / worker-s)", cn, cs, per_worker))
 
         print(f"\n{'what':<44} {'samples':>8} {'seconds':>8} {'samples/s':>10} {'x baseline':>10}")
         for what, n, s, rate in rows:
             print(f"{what:<44} {n:>8} {s:>8.2f} {rate:>10.1f} {rate / base:>10.2f}")
         ok = per_worker >= TARGET
-        print(f"\nper-worker conversion {per_worker:.0f} samples/s vs target {TARGET:.0f}: {'PASS' if ok else 'BELOW TARGET'}"
-              f" (cpus: {os.cpu_count()})")
+        print(
+            f"\nper-worker conversion {per_worker:.0f} samples/s vs target {TARGET:.0f}: {'PASS' if ok else 'BELOW TARGET'}"
+            f" (cpus: {os.cpu_count()})"
+        )
 
 
 if __name__ == "__main__":

@@ -44,11 +44,18 @@ sys.path.insert(0, str(ROOT))
 BATCH = 4
 ENV = {  # the same allocator and thread settings for every child (glibc's dynamic mmap threshold moves figures):
     # blocks < 32 MB come from the heap and are reused, so per-sample buffers do not page-fault every time
-    "MALLOC_MMAP_THRESHOLD_": str(32 << 20), "MALLOC_TRIM_THRESHOLD_": str(256 << 20), "MALLOC_ARENA_MAX": "2",
-    "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1",
-    "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "RAY_AUTH_MODE": "disabled",
-    "TRANSFORMERS_VERBOSITY": "error", "PYTHONWARNINGS": "ignore",
-}  # fmt: skip
+    "MALLOC_MMAP_THRESHOLD_": str(32 << 20),
+    "MALLOC_TRIM_THRESHOLD_": str(256 << 20),
+    "MALLOC_ARENA_MAX": "2",
+    "OMP_NUM_THREADS": "1",
+    "MKL_NUM_THREADS": "1",
+    "OPENBLAS_NUM_THREADS": "1",
+    "HF_HUB_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "RAY_AUTH_MODE": "disabled",
+    "TRANSFORMERS_VERBOSITY": "error",
+    "PYTHONWARNINGS": "ignore",
+}
 
 
 def rss_mb() -> float:
@@ -70,19 +77,30 @@ class FastInputs:
     a DataLoader moves through shared memory): each image resized once per target size."""
 
     def __init__(self, tokenize=None, siglip_size: int = 384, sam_size: int = 1024, as_torch: bool = False):
-        self.tokenize, self.siglip_size, self.sam_size, self.as_torch = tokenize, siglip_size, sam_size, as_torch
+        self.tokenize, self.siglip_size, self.sam_size, self.as_torch = (
+            tokenize,
+            siglip_size,
+            sam_size,
+            as_torch,
+        )
 
     def __call__(self, sample, image_bytes):
         from pipelines import decode
 
         item = dict(self.tokenize(sample)) if self.tokenize else {}
         hw = (sample.image.height, sample.image.width) if sample.image else None
-        x = decode.image_inputs(image_bytes, siglip_size=self.siglip_size, sam_size=self.sam_size, expect_hw=hw)
+        x = decode.image_inputs(
+            image_bytes, siglip_size=self.siglip_size, sam_size=self.sam_size, expect_hw=hw
+        )
         size, L = x["scaled_size"], self.sam_size
         item["pixel_values"], item["extra_pixel_values"] = x["pixel_values"], x["extra_pixel_values"]
         item["mask_labels"] = decode.masks_to_frame([m.rle for m in sample.masks], size, pad_to=L)
-        item["ignore_mask"] = decode.masks_to_frame_any([sample.ignore] if sample.ignore else [], size, pad_to=L)
-        item["region_masks"] = decode.masks_to_frame([r.rle for r in sample.regions], size, pad_to=L).astype(bool)
+        item["ignore_mask"] = decode.masks_to_frame_any(
+            [sample.ignore] if sample.ignore else [], size, pad_to=L
+        )
+        item["region_masks"] = decode.masks_to_frame([r.rle for r in sample.regions], size, pad_to=L).astype(
+            bool
+        )
         item["class_labels"] = [m.label for m in sample.masks]
         item["scaled_size"], item["task"], item["key"] = size, sample.task, sample.key
         if self.as_torch:
@@ -103,9 +121,12 @@ def collate_numpy(items):
         import numpy as np
 
         stack = np.stack
-    return {"pixel_values": stack([i["pixel_values"] for i in items]),
-            "extra_pixel_values": stack([i["extra_pixel_values"] for i in items]),
-            "mask_labels": [i["mask_labels"] for i in items], "keys": [i["key"] for i in items]}  # fmt: skip
+    return {
+        "pixel_values": stack([i["pixel_values"] for i in items]),
+        "extra_pixel_values": stack([i["extra_pixel_values"] for i in items]),
+        "mask_labels": [i["mask_labels"] for i in items],
+        "keys": [i["key"] for i in items],
+    }
 
 
 def debug_tokenizer():
@@ -156,31 +177,69 @@ class BaselineXSam:
             ids = rgb2id(png)
             masks = [ids == s["id"] for s in ann["segments_info"] if not s["iscrowd"]]  # one bool mask each
         else:
-            masks = [mask_utils.decode(mask_utils.merge(mask_utils.frPyObjects(a["segmentation"], h, w))).astype(bool)
-                     for a in self.anns[info["id"]]]  # fmt: skip
+            masks = [
+                mask_utils.decode(mask_utils.merge(mask_utils.frPyObjects(a["segmentation"], h, w))).astype(
+                    bool
+                )
+                for a in self.anns[info["id"]]
+            ]
         scale = 1024 / max(h, w)
         sh, sw = int(h * scale + 0.5), int(w * scale + 0.5)
         last = ChannelDimension.LAST
         sam = resize(arr, (sh, sw), resample=PILImageResampling.BILINEAR, input_data_format=last)
-        sam = normalize(rescale(sam, 1 / 255, input_data_format=last), [0.485, 0.456, 0.406], [0.229, 0.224, 0.225],
-                        input_data_format=last)  # fmt: skip
-        sam = pad(sam, ((0, 1024 - sh), (0, 1024 - sw)), data_format=ChannelDimension.FIRST, input_data_format=last)
-        mask_labels = np.stack([
-            pad(resize(m[..., None].astype(np.uint8), (sh, sw), resample=PILImageResampling.NEAREST,
-                       input_data_format=last), ((0, 1024 - sh), (0, 1024 - sw)), input_data_format=last)[..., 0]
-            for m in masks
-        ]) if masks else np.zeros((0, 1024, 1024), np.uint8)  # fmt: skip
+        sam = normalize(
+            rescale(sam, 1 / 255, input_data_format=last),
+            [0.485, 0.456, 0.406],
+            [0.229, 0.224, 0.225],
+            input_data_format=last,
+        )
+        sam = pad(
+            sam, ((0, 1024 - sh), (0, 1024 - sw)), data_format=ChannelDimension.FIRST, input_data_format=last
+        )
+        mask_labels = (
+            np.stack(
+                [
+                    pad(
+                        resize(
+                            m[..., None].astype(np.uint8),
+                            (sh, sw),
+                            resample=PILImageResampling.NEAREST,
+                            input_data_format=last,
+                        ),
+                        ((0, 1024 - sh), (0, 1024 - sw)),
+                        input_data_format=last,
+                    )[..., 0]
+                    for m in masks
+                ]
+            )
+            if masks
+            else np.zeros((0, 1024, 1024), np.uint8)
+        )
         siglip = self.siglip(images=image, return_tensors="np")["pixel_values"][0]
-        item = {"pixel_values": siglip, "extra_pixel_values": sam.astype(np.float32), "mask_labels": mask_labels,
-                "key": str(info["id"])}  # fmt: skip
+        item = {
+            "pixel_values": siglip,
+            "extra_pixel_values": sam.astype(np.float32),
+            "mask_labels": mask_labels,
+            "key": str(info["id"]),
+        }
         if self.tokenize is not None:
             from pipelines.schema import Sample, Turn
 
             cats = sorted({str(s["category_id"]) for s in self.anns[info["id"]][0].get("segments_info", [])})
-            text = "<image>\nCan you segment the image based on the following categories: " + ", ".join(
-                f"<p>{c}</p>" for c in cats) + "? Please output the segmentation mask."
-            s = Sample(key="b/train/x", source="b", task="genseg", split="train", image=None,
-                       conversation=[Turn("user", text), Turn("assistant", "Sure, it is <SEG>.")], phrases=cats)
+            text = (
+                "<image>\nCan you segment the image based on the following categories: "
+                + ", ".join(f"<p>{c}</p>" for c in cats)
+                + "? Please output the segmentation mask."
+            )
+            s = Sample(
+                key="b/train/x",
+                source="b",
+                task="genseg",
+                split="train",
+                image=None,
+                conversation=[Turn("user", text), Turn("assistant", "Sure, it is <SEG>.")],
+                phrases=cats,
+            )
             item.update(self.tokenize(s))
         return item
 
@@ -191,8 +250,12 @@ def child_startup_baseline(a: dict) -> dict:
     b = BaselineXSam(Path(a["data_root"]), Path(a["ann"]), panoptic=False)
     t_parse = time.perf_counter() - t0
     batch = [b.item(i) for i in range(BATCH)]
-    return {"seconds": time.perf_counter() - t0, "parse_seconds": t_parse, "peak_rss_mb": peak_rss_mb(),
-            "samples": len(batch)}  # fmt: skip
+    return {
+        "seconds": time.perf_counter() - t0,
+        "parse_seconds": t_parse,
+        "peak_rss_mb": peak_rss_mb(),
+        "samples": len(batch),
+    }
 
 
 def child_startup_ours(a: dict) -> dict:
@@ -225,8 +288,12 @@ def child_steady_baseline(a: dict) -> dict:
     t0, c0 = time.perf_counter(), time.process_time()
     n_masks = sum(sum(len(m) for m in batch(1000 + k)["mask_labels"]) for k in range(steps))
     dt, dc = time.perf_counter() - t0, time.process_time() - c0
-    return {"samples_per_s": steps * BATCH / dt, "samples_per_cpu_s": steps * BATCH / dc,
-            "masks_per_sample": n_masks / (steps * BATCH), "peak_rss_mb": peak_rss_mb()}  # fmt: skip
+    return {
+        "samples_per_s": steps * BATCH / dt,
+        "samples_per_cpu_s": steps * BATCH / dc,
+        "masks_per_sample": n_masks / (steps * BATCH),
+        "peak_rss_mb": peak_rss_mb(),
+    }
 
 
 def _ours_loader(a: dict):
@@ -238,8 +305,15 @@ def _ours_loader(a: dict):
         transform, collate = proc, proc.collate
     else:
         transform, collate = FastInputs(tokenize, as_torch=a.get("workers", 0) > 0), collate_numpy
-    return MixtureLoader(a["shards"], stage=a["stage"], batch_size=BATCH, transform=transform, collate=collate,
-                         num_workers=a.get("workers", 0), seed=a.get("seed", 0))  # fmt: skip
+    return MixtureLoader(
+        a["shards"],
+        stage=a["stage"],
+        batch_size=BATCH,
+        transform=transform,
+        collate=collate,
+        num_workers=a.get("workers", 0),
+        seed=a.get("seed", 0),
+    )
 
 
 def child_steady_ours(a: dict) -> dict:
@@ -254,9 +328,14 @@ def child_steady_ours(a: dict) -> dict:
         n_masks += sum(len(m) for m in next(it).data["mask_labels"])
     dt, dc = time.perf_counter() - t0, _cpu_seconds() - c0
     st = loader.stats()
-    return {"samples_per_s": steps * BATCH / dt, "samples_per_cpu_s": steps * BATCH / dc,
-            "masks_per_sample": n_masks / (steps * BATCH), "peak_rss_mb": peak_rss_mb(), "skipped": st["skipped"],
-            "sources": len(st["batches_by_source"])}  # fmt: skip
+    return {
+        "samples_per_s": steps * BATCH / dt,
+        "samples_per_cpu_s": steps * BATCH / dc,
+        "masks_per_sample": n_masks / (steps * BATCH),
+        "peak_rss_mb": peak_rss_mb(),
+        "skipped": st["skipped"],
+        "sources": len(st["batches_by_source"]),
+    }
 
 
 def _cpu_seconds() -> float:
@@ -288,12 +367,24 @@ def child_rss(a: dict) -> dict:
     early = max(r for n, r in seen if a["warm"] < n <= a["warm"] + span)
     late = max(r for n, r in seen if n > a["n"] - span)
     curve = [(n, round(r)) for n, r in seen if n % 1000 == 0]
-    return {"curve": curve, "early_peak_mb": early, "late_peak_mb": late, "growth": late / early - 1, "span": span,
-            "seconds": time.perf_counter() - t0, "samples": seen[-1][0]}  # fmt: skip
+    return {
+        "curve": curve,
+        "early_peak_mb": early,
+        "late_peak_mb": late,
+        "growth": late / early - 1,
+        "span": span,
+        "seconds": time.perf_counter() - t0,
+        "samples": seen[-1][0],
+    }
 
 
-CHILDREN = {"startup_baseline": child_startup_baseline, "startup_ours": child_startup_ours,
-            "steady_baseline": child_steady_baseline, "steady_ours": child_steady_ours, "rss": child_rss}  # fmt: skip
+CHILDREN = {
+    "startup_baseline": child_startup_baseline,
+    "startup_ours": child_startup_ours,
+    "steady_baseline": child_steady_baseline,
+    "steady_ours": child_steady_ours,
+    "rss": child_rss,
+}
 
 
 def run_child(role: str, args: dict, timeout: int = 1800, allocator: bool = True) -> dict:
@@ -301,8 +392,13 @@ def run_child(role: str, args: dict, timeout: int = 1800, allocator: bool = True
     (start-up and RSS figures are about what a user gets, steady-state timings about the code)."""
     env = {**os.environ, **{k: v for k, v in ENV.items() if allocator or not k.startswith("MALLOC_")}}
     t0 = time.perf_counter()
-    p = subprocess.run([sys.executable, __file__, "--child", role, json.dumps(args)], env=env, capture_output=True,
-                       text=True, timeout=timeout)  # fmt: skip
+    p = subprocess.run(
+        [sys.executable, __file__, "--child", role, json.dumps(args)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
     if p.returncode != 0:
         raise RuntimeError(f"{role} failed:\n{p.stderr[-3000:]}")
     out = json.loads(p.stdout.strip().splitlines()[-1])
@@ -325,19 +421,38 @@ def write_instances_corpus(root: Path, n_images: int, anns_per_image: float = 7.
     rng = np.random.default_rng(seed)
     path = base / "annotations/instances_train2017.json"
     n_anns = int(n_images * anns_per_image)
-    img_of = np.concatenate([np.arange(1, n_images + 1), rng.integers(1, n_images + 1, size=n_anns - n_images)])
+    img_of = np.concatenate(
+        [np.arange(1, n_images + 1), rng.integers(1, n_images + 1, size=n_anns - n_images)]
+    )
     with open(path, "w") as f:
         f.write('{"info": {}, "images": [')
-        f.write(",".join(json.dumps({"id": i + 1, "file_name": f"{i + 1:012d}.jpg", "width": 64, "height": 48})
-                         for i in range(n_images)))  # fmt: skip
+        f.write(
+            ",".join(
+                json.dumps({"id": i + 1, "file_name": f"{i + 1:012d}.jpg", "width": 64, "height": 48})
+                for i in range(n_images)
+            )
+        )
         f.write('], "annotations": [')
         for k in range(n_anns):
             pts = rng.uniform(0, 47, size=(20, 2)).round(2).ravel().tolist()
-            f.write(("," if k else "") + json.dumps({
-                "id": k + 1, "image_id": int(img_of[k]), "category_id": int(rng.integers(1, 91)), "iscrowd": 0,
-                "segmentation": [pts], "area": 100.0, "bbox": [1.0, 2.0, 10.0, 10.0]}))
+            f.write(
+                ("," if k else "")
+                + json.dumps(
+                    {
+                        "id": k + 1,
+                        "image_id": int(img_of[k]),
+                        "category_id": int(rng.integers(1, 91)),
+                        "iscrowd": 0,
+                        "segmentation": [pts],
+                        "area": 100.0,
+                        "bbox": [1.0, 2.0, 10.0, 10.0],
+                    }
+                )
+            )
         f.write('], "categories": [')
-        f.write(",".join(json.dumps({"id": c, "name": f"cat{c}", "supercategory": "x"}) for c in range(1, 91)))
+        f.write(
+            ",".join(json.dumps({"id": c, "name": f"cat{c}", "supercategory": "x"}) for c in range(1, 91))
+        )
         f.write("]}")
     return path
 
@@ -363,12 +478,25 @@ def write_startup_shards(out: Path, n_shards: int, samples: int = 1000, seed: in
     with wds.TarWriter(str(first), encoder=False, mtime=0.0) as w:
         for i in range(samples):
             cats = sorted({int(c) for c in rng.integers(1, 91, size=7)})
-            targets = [MaskTarget(rle=masks.polygons_to_rle([rng.uniform(0, 47, 40).round(2).tolist()], 48, 64),
-                                  label=k, category_id=c) for k, c in enumerate(cats)]  # fmt: skip
+            targets = [
+                MaskTarget(
+                    rle=masks.polygons_to_rle([rng.uniform(0, 47, 40).round(2).tolist()], 48, 64),
+                    label=k,
+                    category_id=c,
+                )
+                for k, c in enumerate(cats)
+            ]
             q = "<image>\nCan you segment: " + ", ".join(f"<p>cat{c}</p>" for c in cats) + "?"
-            s = Sample(key=f"coco_instance/train/{i:012d}", source="coco_instance", task="genseg", split="train",
-                       image=ImageRef("x.jpg", 64, 48), conversation=[Turn("user", q), Turn("assistant", "Sure, <SEG>.")],
-                       phrases=[f"cat{c}" for c in cats], masks=targets)  # fmt: skip
+            s = Sample(
+                key=f"coco_instance/train/{i:012d}",
+                source="coco_instance",
+                task="genseg",
+                split="train",
+                image=ImageRef("x.jpg", 64, 48),
+                conversation=[Turn("user", q), Turn("assistant", "Sure, <SEG>.")],
+                phrases=[f"cat{c}" for c in cats],
+                masks=targets,
+            )
             w.write(to_wds(s, buf.getvalue(), "jpg"))
     size = first.stat().st_size
     shards = [{"file": first.name, "samples": samples, "bytes": size, "sha256": None}]
@@ -376,10 +504,21 @@ def write_startup_shards(out: Path, n_shards: int, samples: int = 1000, seed: in
         name = f"coco_instance-train-{k:06d}.tar"
         os.link(first, sdir / name)
         shards.append({"file": name, "samples": samples, "bytes": size, "sha256": None})
-    (sdir / "manifest.json").write_text(json.dumps({"schema": 1, "source": "coco_instance", "task": "genseg",
-                                                    "split": "train", "shards": shards,
-                                                    "counts": {"samples": samples * n_shards}}))  # fmt: skip
-    mixture.write(str(out), mixture.compute(str(out), stages={"bench": ["coco_instance"]}, log=lambda m: None))
+    (sdir / "manifest.json").write_text(
+        json.dumps(
+            {
+                "schema": 1,
+                "source": "coco_instance",
+                "task": "genseg",
+                "split": "train",
+                "shards": shards,
+                "counts": {"samples": samples * n_shards},
+            }
+        )
+    )
+    mixture.write(
+        str(out), mixture.compute(str(out), stages={"bench": ["coco_instance"]}, log=lambda m: None)
+    )
 
 
 def build_shards(data_root: Path, out: Path, sources: list[str] | None) -> list[str]:
@@ -387,8 +526,13 @@ def build_shards(data_root: Path, out: Path, sources: list[str] | None) -> list[
     from pipelines.build import build
     from pipelines.sources.base import BuildOptions
 
-    res = build(str(data_root), str(out), sources=sources, options=BuildOptions(samples_per_shard=64),
-                log=lambda m: None)  # fmt: skip
+    res = build(
+        str(data_root),
+        str(out),
+        sources=sources,
+        options=BuildOptions(samples_per_shard=64),
+        log=lambda m: None,
+    )
     names = sorted({r.source for r in res if r.samples})
     mix = mixture.compute(str(out), stages={"bench": names}, log=lambda m: None)
     mixture.write(str(out), mix)
@@ -430,51 +574,118 @@ def main() -> None:
         build_shards(tmp / "pan", tmp / "pan_shards", ["coco_panoptic"])
         write_demo(tmp / "demo", seed=0)
         mix_names = build_shards(tmp / "demo", tmp / "demo_shards", None)
-        print(f"data ready in {time.perf_counter() - t0:.0f} s: instances corpus {startup_images} images "
-              f"({ann.stat().st_size / 1e6:.0f} MB) vs {n_shards} shards; demo mix = {', '.join(mix_names)}")
+        print(
+            f"data ready in {time.perf_counter() - t0:.0f} s: instances corpus {startup_images} images "
+            f"({ann.stat().st_size / 1e6:.0f} MB) vs {n_shards} shards; demo mix = {', '.join(mix_names)}"
+        )
         pan_ann = tmp / "pan/img_genseg/coco2017/annotations/panoptic_train2017.json"
 
         # 1. start-up ---------------------------------------------------------------------------
         sb, so, sot = [], [], []
         for _ in range(2):
-            sb.append(run_child("startup_baseline", {"data_root": str(tmp / "big"), "ann": str(ann)}, allocator=False))
+            sb.append(
+                run_child(
+                    "startup_baseline", {"data_root": str(tmp / "big"), "ann": str(ann)}, allocator=False
+                )
+            )
             so.append(run_child("startup_ours", {"shards": str(tmp / "big_shards")}, allocator=False))
-            sot.append(run_child("startup_ours", {"shards": str(tmp / "big_shards"), "torch": True}, allocator=False))
+            sot.append(
+                run_child("startup_ours", {"shards": str(tmp / "big_shards"), "torch": True}, allocator=False)
+            )
         b, o, ot = best(sb, "seconds", False), best(so, "seconds", False), best(sot, "seconds", False)
-        print(f"\n1. start-up to the first batch ({BATCH} samples), COCO-train-scale annotations ({startup_images} images)")
-        print(f"   baseline  {b['seconds']:7.2f} s (json.load + index {b['parse_seconds']:.2f} s)  peak RSS {b['peak_rss_mb']:7.0f} MB")
+        print(
+            f"\n1. start-up to the first batch ({BATCH} samples), COCO-train-scale annotations ({startup_images} images)"
+        )
+        print(
+            f"   baseline  {b['seconds']:7.2f} s (json.load + index {b['parse_seconds']:.2f} s)  peak RSS {b['peak_rss_mb']:7.0f} MB"
+        )
         for name, r in (("ours", o), ("ours+torch", ot)):
-            print(f"   {name:<10}{r['seconds']:7.2f} s  peak RSS {r['peak_rss_mb']:7.0f} MB   ratio to baseline: "
-                  f"time {r['seconds'] / b['seconds']:.3f}x  RSS {r['peak_rss_mb'] / b['peak_rss_mb']:.3f}x  (target <= 0.1x)")
+            print(
+                f"   {name:<10}{r['seconds']:7.2f} s  peak RSS {r['peak_rss_mb']:7.0f} MB   ratio to baseline: "
+                f"time {r['seconds'] / b['seconds']:.3f}x  RSS {r['peak_rss_mb'] / b['peak_rss_mb']:.3f}x  (target <= 0.1x)"
+            )
 
         # 2. steady state -----------------------------------------------------------------------
         common = {"warmup": warmup, "n": timed, "text": text}
-        runs: dict[str, list] = {"baseline": [], "ours": [], "ours+XSamProcessor": [], "ours, demo mix": [],
-                                 "ours, DataLoader 1 worker": []}  # fmt: skip
+        runs: dict[str, list] = {
+            "baseline": [],
+            "ours": [],
+            "ours+XSamProcessor": [],
+            "ours, demo mix": [],
+            "ours, DataLoader 1 worker": [],
+        }
         for _ in range(2):
-            runs["baseline"].append(run_child("steady_baseline", {**common, "data_root": str(tmp / "pan"), "ann": str(pan_ann)}))
-            runs["ours"].append(run_child("steady_ours", {**common, "shards": str(tmp / "pan_shards"), "stage": "bench", "transform": "fast"}))
-        runs["ours+XSamProcessor"].append(run_child("steady_ours", {**common, "shards": str(tmp / "pan_shards"), "stage": "bench", "transform": "processor"}))
-        runs["ours, demo mix"].append(run_child("steady_ours", {**common, "shards": str(tmp / "demo_shards"), "stage": "bench", "transform": "fast"}))
-        runs["ours, DataLoader 1 worker"].append(run_child("steady_ours", {**common, "shards": str(tmp / "pan_shards"), "stage": "bench", "transform": "fast", "workers": 1}))
+            runs["baseline"].append(
+                run_child("steady_baseline", {**common, "data_root": str(tmp / "pan"), "ann": str(pan_ann)})
+            )
+            runs["ours"].append(
+                run_child(
+                    "steady_ours",
+                    {**common, "shards": str(tmp / "pan_shards"), "stage": "bench", "transform": "fast"},
+                )
+            )
+        runs["ours+XSamProcessor"].append(
+            run_child(
+                "steady_ours",
+                {**common, "shards": str(tmp / "pan_shards"), "stage": "bench", "transform": "processor"},
+            )
+        )
+        runs["ours, demo mix"].append(
+            run_child(
+                "steady_ours",
+                {**common, "shards": str(tmp / "demo_shards"), "stage": "bench", "transform": "fast"},
+            )
+        )
+        runs["ours, DataLoader 1 worker"].append(
+            run_child(
+                "steady_ours",
+                {
+                    **common,
+                    "shards": str(tmp / "pan_shards"),
+                    "stage": "bench",
+                    "transform": "fast",
+                    "workers": 1,
+                },
+            )
+        )
         base = best(runs["baseline"], "samples_per_cpu_s")["samples_per_cpu_s"]
         base_wall = best(runs["baseline"], "samples_per_s")["samples_per_s"]
-        print(f"\n2. steady state, one worker, full model inputs (SigLIP 384 + SAM 1024 + masks{', tokens' if text != 'none' else ''});"
-              f" {timed} timed samples after {warmup} warm-up")
-        print(f"   {'':<27}{'per CPU-s':>10} {'wall':>8}   (samples/s; the box is shared, so per CPU-second is the "
-              f"per-worker figure)")
+        print(
+            f"\n2. steady state, one worker, full model inputs (SigLIP 384 + SAM 1024 + masks{', tokens' if text != 'none' else ''});"
+            f" {timed} timed samples after {warmup} warm-up"
+        )
+        print(
+            f"   {'':<27}{'per CPU-s':>10} {'wall':>8}   (samples/s; the box is shared, so per CPU-second is the "
+            f"per-worker figure)"
+        )
         for name, rs in runs.items():
             r = best(rs, "samples_per_cpu_s")
-            print(f"   {name:<27}{r['samples_per_cpu_s']:10.1f} {r['samples_per_s']:8.1f}   {r['samples_per_cpu_s'] / base:5.2f}x "
-                  f"baseline (wall {r['samples_per_s'] / base_wall:4.2f}x)  {r['masks_per_sample']:.1f} masks/sample")
-        print("   targets: ours >= 2x baseline and >= 60 samples/s per worker; the DataLoader line counts main + worker CPU")
+            print(
+                f"   {name:<27}{r['samples_per_cpu_s']:10.1f} {r['samples_per_s']:8.1f}   {r['samples_per_cpu_s'] / base:5.2f}x "
+                f"baseline (wall {r['samples_per_s'] / base_wall:4.2f}x)  {r['masks_per_sample']:.1f} masks/sample"
+            )
+        print(
+            "   targets: ours >= 2x baseline and >= 60 samples/s per worker; the DataLoader line counts main + worker CPU"
+        )
 
         # 3. RSS -------------------------------------------------------------------------------
-        r = run_child("rss", {"shards": str(tmp / "demo_shards"), "stage": "bench", "transform": "fast", "text": text,
-                              "n": rss_n, "warm": rss_warm}, allocator=False)  # fmt: skip
-        print(f"\n3. RSS over {r['samples']} samples of the demo mix (full inputs, batch {BATCH}, default malloc, "
-              f"{r['seconds']:.0f} s): peak {r['early_peak_mb']:.0f} MB in the {r['span']} samples after {rss_warm}, "
-              f"peak {r['late_peak_mb']:.0f} MB in the last {r['span']}: growth {100 * r['growth']:+.1f}% (target <= 10%)")
+        r = run_child(
+            "rss",
+            {
+                "shards": str(tmp / "demo_shards"),
+                "stage": "bench",
+                "transform": "fast",
+                "text": text,
+                "n": rss_n,
+                "warm": rss_warm,
+            },
+            allocator=False,
+        )
+        print(
+            f"\n3. RSS over {r['samples']} samples of the demo mix (full inputs, batch {BATCH}, default malloc, "
+            f"{r['seconds']:.0f} s): peak {r['early_peak_mb']:.0f} MB in the {r['span']} samples after {rss_warm}, "
+            f"peak {r['late_peak_mb']:.0f} MB in the last {r['span']}: growth {100 * r['growth']:+.1f}% (target <= 10%)"
+        )
         print("   RSS (samples: MB): " + " ".join(f"{n}:{m}" for n, m in r["curve"]))
     finally:
         if tmp_ctx is not None:

@@ -60,24 +60,52 @@ def write_lvis(root: Path, n_images: int, n_anns: int, n_cats: int, seed: int = 
     folder = lambda i: "val2017" if i % 5 == 0 else "train2017"  # noqa: E731  (LVIS train mixes both)
     with open(path, "w") as f:
         f.write('{"categories":[')
-        f.write(",".join(json.dumps({
-            "id": i, "name": f"category_{i}", "synonyms": [f"category_{i}", f"alias_{i}"], "synset": f"c{i}.n.01",
-            "def": "a synthetic category", "frequency": "rcf"[i % 3], "image_count": 10, "instance_count": 20,
-        }) for i in range(1, n_cats + 1)))
+        f.write(
+            ",".join(
+                json.dumps(
+                    {
+                        "id": i,
+                        "name": f"category_{i}",
+                        "synonyms": [f"category_{i}", f"alias_{i}"],
+                        "synset": f"c{i}.n.01",
+                        "def": "a synthetic category",
+                        "frequency": "rcf"[i % 3],
+                        "image_count": 10,
+                        "instance_count": 20,
+                    }
+                )
+                for i in range(1, n_cats + 1)
+            )
+        )
         f.write('],"annotations":[')
         for a in range(n_anns):
             iid = int(a / per) + 1
-            f.write(("," if a else "") + f'{{"area":{rng.uniform(100, 9000):.2f},"id":{a + 1},'
-                    f'"segmentation":{polys[a % 512]},"image_id":{iid},"bbox":[10.5,20.25,80.0,60.5],'
-                    f'"category_id":{rng.randint(1, n_cats)}}}')
-        f.write('],"info":{"year":2020,"version":"1.0","description":"synthetic LVIS-scale file"},"licenses":[],')
+            f.write(
+                ("," if a else "") + f'{{"area":{rng.uniform(100, 9000):.2f},"id":{a + 1},'
+                f'"segmentation":{polys[a % 512]},"image_id":{iid},"bbox":[10.5,20.25,80.0,60.5],'
+                f'"category_id":{rng.randint(1, n_cats)}}}'
+            )
+        f.write(
+            '],"info":{"year":2020,"version":"1.0","description":"synthetic LVIS-scale file"},"licenses":[],'
+        )
         f.write('"images":[')
         for i in range(1, n_images + 1):
-            f.write(("," if i > 1 else "") + json.dumps({
-                "date_captured": "2013-11-19 20:30:17", "neg_category_ids": rng.sample(range(1, n_cats + 1), 8),
-                "id": i, "license": 1, "height": H, "width": W, "flickr_url": "http://farm9.staticflickr.com/x.jpg",
-                "coco_url": f"http://images.cocodataset.org/{folder(i)}/{i:012d}.jpg",
-                "not_exhaustive_category_ids": rng.sample(range(1, n_cats + 1), 2)}))
+            f.write(
+                ("," if i > 1 else "")
+                + json.dumps(
+                    {
+                        "date_captured": "2013-11-19 20:30:17",
+                        "neg_category_ids": rng.sample(range(1, n_cats + 1), 8),
+                        "id": i,
+                        "license": 1,
+                        "height": H,
+                        "width": W,
+                        "flickr_url": "http://farm9.staticflickr.com/x.jpg",
+                        "coco_url": f"http://images.cocodataset.org/{folder(i)}/{i:012d}.jpg",
+                        "not_exhaustive_category_ids": rng.sample(range(1, n_cats + 1), 2),
+                    }
+                )
+            )
         f.write("]}")
     jpg = jpeg_bytes(np.full((H, W, 3), 127, np.uint8))
     for sub in ("train2017", "val2017"):
@@ -103,7 +131,9 @@ def write_ade(root: Path, n: int, seed: int = 0, size: tuple[int, int] = (683, 5
     w, h = size
     for i in range(n):
         stem = f"ADE_train_{i + 1:08d}"
-        arr, objects = make_scene(rng, w, h, [rng.choice(thing_names) for _ in range(10)], rng.sample(stuff_names, 5))
+        arr, objects = make_scene(
+            rng, w, h, [rng.choice(thing_names) for _ in range(10)], rng.sample(stuff_names, 5)
+        )
         sem = np.zeros((h, w), np.uint8)
         inst = np.zeros((h, w, 3), np.uint8)
         g = 0
@@ -120,8 +150,11 @@ def write_ade(root: Path, n: int, seed: int = 0, size: tuple[int, int] = (683, 5
 # ---------------------------------------------------------------------------------------------- the measured sides
 def _usage(t0: float, c0: float) -> dict:
     """Wall and CPU time since ``t0`` / ``c0``; peak RSS of the whole process (imports included)."""
-    return {"wall_s": time.perf_counter() - t0, "cpu_s": time.process_time() - c0,
-            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    return {
+        "wall_s": time.perf_counter() - t0,
+        "cpu_s": time.process_time() - c0,
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    }
 
 
 def _start() -> tuple[float, float, float]:
@@ -133,7 +166,12 @@ def child_lvis_api(args: dict) -> dict:
 
     t0, c0, rss0 = _start()
     api = lvis.LVIS(args["path"])
-    return {**_usage(t0, c0), "rss_after_imports_mb": rss0, "annotations": len(api.anns), "images": len(api.imgs)}
+    return {
+        **_usage(t0, c0),
+        "rss_after_imports_mb": rss0,
+        "annotations": len(api.anns),
+        "images": len(api.imgs),
+    }
 
 
 def child_driver(args: dict) -> dict:
@@ -144,9 +182,16 @@ def child_driver(args: dict) -> dict:
     src = SOURCES["lvis"]
     files = src.locate(args["root"], "train")
     t0, c0, rss0 = _start()
-    chunks, skips, shared = spill(src.index(files, "train", BuildOptions()), args["out"], args["out"] + "/index", 1000)
-    out = {**_usage(t0, c0), "rss_after_imports_mb": rss0, "records": sum(c.records for c in chunks), "chunks": len(chunks),
-           "skips": len(skips)}
+    chunks, skips, shared = spill(
+        src.index(files, "train", BuildOptions()), args["out"], args["out"] + "/index", 1000
+    )
+    out = {
+        **_usage(t0, c0),
+        "rss_after_imports_mb": rss0,
+        "records": sum(c.records for c in chunks),
+        "chunks": len(chunks),
+        "skips": len(skips),
+    }
     Path(args["out"], "driver.json").write_text(json.dumps({"chunk": chunks[0].__dict__, "shared": shared}))
     from pipelines import shards
 
@@ -166,11 +211,18 @@ def child_worker(args: dict) -> dict:
     src = SOURCES[args["source"]]
     files = src.locate(args["root"], "train")
     t0, c0, rss0 = _start()
-    part = shards.convert_chunk(src, files, "train", BuildOptions(), Chunk(**state["chunk"]), args["out"], "bench",
-                                state["shared"])
+    part = shards.convert_chunk(
+        src, files, "train", BuildOptions(), Chunk(**state["chunk"]), args["out"], "bench", state["shared"]
+    )
     out = _usage(t0, c0)
-    return {**out, "rss_after_imports_mb": rss0, "samples": part.samples, "skips": len(part.skips),
-            "samples_per_s": part.samples / out["wall_s"], "samples_per_cpu_s": part.samples / out["cpu_s"]}
+    return {
+        **out,
+        "rss_after_imports_mb": rss0,
+        "samples": part.samples,
+        "skips": len(part.skips),
+        "samples_per_s": part.samples / out["wall_s"],
+        "samples_per_cpu_s": part.samples / out["cpu_s"],
+    }
 
 
 def child_ade_index(args: dict) -> dict:
@@ -180,16 +232,25 @@ def child_ade_index(args: dict) -> dict:
 
     src = SOURCES["ade20k_panoptic"]
     files = src.locate(args["root"], "train")
-    chunks, skips, shared = spill(src.index(files, "train", BuildOptions()), args["out"], args["out"] + "/index", 100_000)
+    chunks, skips, shared = spill(
+        src.index(files, "train", BuildOptions()), args["out"], args["out"] + "/index", 100_000
+    )
     Path(args["out"], "driver.json").write_text(json.dumps({"chunk": chunks[0].__dict__, "shared": shared}))
     return {"records": chunks[0].records}
 
 
-CHILDREN = {"lvis_api": child_lvis_api, "driver": child_driver, "worker": child_worker, "ade_index": child_ade_index}
+CHILDREN = {
+    "lvis_api": child_lvis_api,
+    "driver": child_driver,
+    "worker": child_worker,
+    "ade_index": child_ade_index,
+}
 
 
 def run_child(role: str, **args) -> dict:
-    proc = subprocess.run([sys.executable, __file__, "--child", role, json.dumps(args)], capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, __file__, "--child", role, json.dumps(args)], capture_output=True, text=True
+    )
     if proc.returncode:
         raise RuntimeError(f"{role} failed:\n{proc.stderr[-4000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -202,7 +263,9 @@ def main() -> None:
     p.add_argument("--images", type=int)
     p.add_argument("--anns", type=int)
     p.add_argument("--cats", type=int, default=1203)
-    p.add_argument("--ade", type=int, help="ADE20K images converted by one worker (default 300; 40 with --small)")
+    p.add_argument(
+        "--ade", type=int, help="ADE20K images converted by one worker (default 300; 40 with --small)"
+    )
     p.add_argument("--workdir", help="scratch folder (default: a temp dir, removed afterwards)")
     p.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
     a = p.parse_args()
@@ -217,32 +280,47 @@ def main() -> None:
         t = time.perf_counter()
         path = write_lvis(scratch / "datas", n_images, n_anns, a.cats)
         mb = path.stat().st_size / 1e6
-        print(f"synthetic LVIS v1 file: {n_images:,} images, {n_anns:,} annotations, {a.cats} categories, "
-              f"{mb:.0f} MB ({time.perf_counter() - t:.0f} s to write)", flush=True)
+        print(
+            f"synthetic LVIS v1 file: {n_images:,} images, {n_anns:,} annotations, {a.cats} categories, "
+            f"{mb:.0f} MB ({time.perf_counter() - t:.0f} s to write)",
+            flush=True,
+        )
         base = run_child("lvis_api", path=str(path))
         drv = run_child("driver", root=str(scratch / "datas"), out=str(scratch / "out"))
         wrk = run_child("worker", root=str(scratch / "datas"), out=str(scratch / "out"), source="lvis")
         print(f"\n{'':34}{'wall s':>9}{'cpu s':>9}{'peak RSS MB':>13}")
-        print(f"{'lvis.LVIS() load':34}{base['wall_s']:>9.1f}{base['cpu_s']:>9.1f}{base['peak_rss_mb']:>13.0f}"
-              f"   ({base['annotations']:,} annotations; {base['rss_after_imports_mb']:.0f} MB after imports)")
-        print(f"{'driver: lvis index + chunk spill':34}{drv['wall_s']:>9.1f}{drv['cpu_s']:>9.1f}{drv['peak_rss_mb']:>13.0f}"
-              f"   ({drv['records']:,} records, {drv['chunks']} chunks; {drv['rss_after_imports_mb']:.0f} MB after imports)")
+        print(
+            f"{'lvis.LVIS() load':34}{base['wall_s']:>9.1f}{base['cpu_s']:>9.1f}{base['peak_rss_mb']:>13.0f}"
+            f"   ({base['annotations']:,} annotations; {base['rss_after_imports_mb']:.0f} MB after imports)"
+        )
+        print(
+            f"{'driver: lvis index + chunk spill':34}{drv['wall_s']:>9.1f}{drv['cpu_s']:>9.1f}{drv['peak_rss_mb']:>13.0f}"
+            f"   ({drv['records']:,} records, {drv['chunks']} chunks; {drv['rss_after_imports_mb']:.0f} MB after imports)"
+        )
         print(f"{'driver: sha256 of the input':34}{drv['sha256_s']:>9.1f}")
-        print(f"{'worker: convert 1 chunk':34}{wrk['wall_s']:>9.1f}{wrk['cpu_s']:>9.1f}{wrk['peak_rss_mb']:>13.0f}"
-              f"   ({wrk['samples']} samples, {wrk['samples_per_s']:.0f} samples/s; "
-              f"{wrk['rss_after_imports_mb']:.0f} MB after imports)")
-        print(f"\nratios vs lvis.LVIS(): driver peak RSS {drv['peak_rss_mb'] / base['peak_rss_mb']:.3f}x (target <= 0.1), "
-              f"worker peak RSS {wrk['peak_rss_mb'] / base['peak_rss_mb']:.3f}x; indexing wall "
-              f"{drv['wall_s'] / base['wall_s']:.2f}x, cpu {drv['cpu_s'] / base['cpu_s']:.2f}x (target <= 0.6)")
+        print(
+            f"{'worker: convert 1 chunk':34}{wrk['wall_s']:>9.1f}{wrk['cpu_s']:>9.1f}{wrk['peak_rss_mb']:>13.0f}"
+            f"   ({wrk['samples']} samples, {wrk['samples_per_s']:.0f} samples/s; "
+            f"{wrk['rss_after_imports_mb']:.0f} MB after imports)"
+        )
+        print(
+            f"\nratios vs lvis.LVIS(): driver peak RSS {drv['peak_rss_mb'] / base['peak_rss_mb']:.3f}x (target <= 0.1), "
+            f"worker peak RSS {wrk['peak_rss_mb'] / base['peak_rss_mb']:.3f}x; indexing wall "
+            f"{drv['wall_s'] / base['wall_s']:.2f}x, cpu {drv['cpu_s'] / base['cpu_s']:.2f}x (target <= 0.6)"
+        )
         shutil.rmtree(scratch / "out")
         shutil.rmtree(scratch / "datas")
 
         write_ade(scratch / "ade", n_ade)
         run_child("ade_index", root=str(scratch / "ade"), out=str(scratch / "ade_out"))
-        ade = run_child("worker", root=str(scratch / "ade"), out=str(scratch / "ade_out"), source="ade20k_panoptic")
-        print(f"\nade20k_panoptic, one worker, {ade['samples']} samples of 683x512 (raw JPEG + label PNG + instance PNG): "
-              f"{ade['samples_per_s']:.0f} samples/s wall, {ade['samples_per_cpu_s']:.0f} samples per CPU-second "
-              f"(target >= 60), peak RSS {ade['peak_rss_mb']:.0f} MB")
+        ade = run_child(
+            "worker", root=str(scratch / "ade"), out=str(scratch / "ade_out"), source="ade20k_panoptic"
+        )
+        print(
+            f"\nade20k_panoptic, one worker, {ade['samples']} samples of 683x512 (raw JPEG + label PNG + instance PNG): "
+            f"{ade['samples_per_s']:.0f} samples/s wall, {ade['samples_per_cpu_s']:.0f} samples per CPU-second "
+            f"(target >= 60), peak RSS {ade['peak_rss_mb']:.0f} MB"
+        )
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
 

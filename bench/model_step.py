@@ -62,16 +62,22 @@ def synthetic_batch(model, batch_size: int, phrases: int, masks_per_phrase: int 
         masks.append(m)
     rep = lambda t: t.unsqueeze(0).repeat(batch_size, 1)  # noqa: E731
     return {
-        "input_ids": rep(seq), "attention_mask": torch.ones(batch_size, len(seq), dtype=torch.long),
-        "labels": rep(labels), "cond_ids": rep(cond), "seg_ids": rep(seg),
+        "input_ids": rep(seq),
+        "attention_mask": torch.ones(batch_size, len(seq), dtype=torch.long),
+        "labels": rep(labels),
+        "cond_ids": rep(cond),
+        "seg_ids": rep(seg),
         "pixel_values": torch.randn(batch_size, 3, S, S, generator=g),
         "extra_pixel_values": torch.randn(batch_size, 3, L, L, generator=g),
         "ignore_mask": torch.zeros(batch_size, L, L, dtype=torch.bool),
         "scaled_size": torch.tensor([[L, L]] * batch_size),
-        "mask_labels": masks, "class_labels": [torch.arange(phrases).repeat_interleave(masks_per_phrase)] * batch_size,
+        "mask_labels": masks,
+        "class_labels": [torch.arange(phrases).repeat_interleave(masks_per_phrase)] * batch_size,
         "category_labels": [torch.zeros(n, dtype=torch.long)] * batch_size,
-        "region_masks": [torch.zeros(0, L, L, dtype=torch.bool)] * batch_size, "task": "genseg", "keys": [],
-    }  # fmt: skip
+        "region_masks": [torch.zeros(0, L, L, dtype=torch.bool)] * batch_size,
+        "task": "genseg",
+        "keys": [],
+    }
 
 
 def to_device(batch: dict, device, dtype) -> dict:
@@ -104,7 +110,9 @@ def model_flops(model, batch: dict) -> float:
     n_glob = len(s.global_attn_indexes)
     sam_attn = 12 * s.hidden_size * t_sam * (n_glob * t_sam + (s.num_layers - n_glob) * win)
     sam = 6 * params(model.sam_encoder) * t_sam + sam_attn
-    rest = 6 * sum(params(m) for m in (model.visual_projector, model.seg_projector, model.llm_projector)) * t_llm
+    rest = (
+        6 * sum(params(m) for m in (model.visual_projector, model.seg_projector, model.llm_projector)) * t_llm
+    )
     return float(b * (llm + sig + sam + rest))
 
 
@@ -129,9 +137,11 @@ def bench_cpu(args) -> None:
         batch = synthetic_batch(model, bs, args.phrases)
         t = run(model, batch, args.steps, args.warmup, lambda: None)
         med = statistics.median(t)
-        print(f"cpu  debug  batch {bs}: step {med * 1e3:7.1f} ms (median of {len(t)}; min {min(t) * 1e3:.1f}, "
-              f"max {max(t) * 1e3:.1f}) threads={torch.get_num_threads()} "
-              f"llm_tokens={batch['input_ids'].shape[1] - 1 + model.config.num_image_tokens}")  # fmt: skip
+        print(
+            f"cpu  debug  batch {bs}: step {med * 1e3:7.1f} ms (median of {len(t)}; min {min(t) * 1e3:.1f}, "
+            f"max {max(t) * 1e3:.1f}) threads={torch.get_num_threads()} "
+            f"llm_tokens={batch['input_ids'].shape[1] - 1 + model.config.num_image_tokens}"
+        )
 
 
 def bench_gpu(args) -> None:
@@ -142,9 +152,11 @@ def bench_gpu(args) -> None:
     model = build_xsam("xsam-phi3", device="cuda", dtype=torch.bfloat16)
     if args.grad_ckpt:
         model.llm.gradient_checkpointing_enable()
-    print(f"gpu  {name}: built xsam-phi3 (random, bf16) in {time.perf_counter() - t0:.1f} s; "
-          f"{sum(p.numel() for p in model.parameters()) / 1e9:.3f} B params; "
-          f"LLM activation checkpointing {'on' if args.grad_ckpt else 'off'}")  # fmt: skip
+    print(
+        f"gpu  {name}: built xsam-phi3 (random, bf16) in {time.perf_counter() - t0:.1f} s; "
+        f"{sum(p.numel() for p in model.parameters()) / 1e9:.3f} B params; "
+        f"LLM activation checkpointing {'on' if args.grad_ckpt else 'off'}"
+    )
     for bs in (1, 4):
         batch = to_device(synthetic_batch(model, bs, args.phrases), "cuda", torch.bfloat16)
         torch.cuda.empty_cache()
@@ -158,9 +170,11 @@ def bench_gpu(args) -> None:
         med = statistics.median(t)
         flops = model_flops(model, batch)
         mfu = f"{flops / med / (peak * 1e12) * 100:5.1f} %" if peak else "n/a (unknown peak; --peak-tflops)"
-        print(f"gpu  xsam-phi3 batch {bs}: step {med * 1e3:7.1f} ms (median of {len(t)}), "
-              f"peak mem {torch.cuda.max_memory_allocated() / 2**30:6.1f} GiB, "
-              f"model {flops / med / 1e12:6.1f} TFLOP/s, MFU {mfu}")  # fmt: skip
+        print(
+            f"gpu  xsam-phi3 batch {bs}: step {med * 1e3:7.1f} ms (median of {len(t)}), "
+            f"peak mem {torch.cuda.max_memory_allocated() / 2**30:6.1f} GiB, "
+            f"model {flops / med / 1e12:6.1f} TFLOP/s, MFU {mfu}"
+        )
 
 
 def main() -> None:
@@ -170,7 +184,9 @@ def main() -> None:
     ap.add_argument("--phrases", type=int, default=20, help="<p> spans (and target masks) per sample")
     ap.add_argument("--threads", type=int, default=0, help="CPU threads (0 = torch default)")
     ap.add_argument("--peak-tflops", type=float, default=0.0, help="GPU dense bf16 peak for MFU")
-    ap.add_argument("--grad-ckpt", action="store_true", help="LLM activation checkpointing (X-SAM s3 default)")
+    ap.add_argument(
+        "--grad-ckpt", action="store_true", help="LLM activation checkpointing (X-SAM s3 default)"
+    )
     ap.add_argument("--skip-cpu", action="store_true")
     args = ap.parse_args()
     if not args.skip_cpu:

@@ -74,21 +74,46 @@ def write_corpus(root: Path, n_refs: int, n_scenes: int, size: tuple[int, int], 
         split = "train" if r < 0.85 else "val" if r < 0.92 else "testA" if r < 0.96 else "testB"
         n_here = min(len(things), 2 + (rng.random() < 0.5)) if len(refs) < n_refs else 0
         for k, obj in enumerate(things):
-            anns.append({"id": ann_id, "image_id": image_id, "category_id": THINGS[obj.category], "iscrowd": 0,
-                         "segmentation": [[round(v, 2) for v in obj.polygon]], "area": float(obj.mask.sum()),
-                         "bbox": [float(v) for v in mask_utils.toBbox(mask_utils.encode(
-                             np.asfortranarray(obj.mask.astype(np.uint8))))]})
+            anns.append(
+                {
+                    "id": ann_id,
+                    "image_id": image_id,
+                    "category_id": THINGS[obj.category],
+                    "iscrowd": 0,
+                    "segmentation": [[round(v, 2) for v in obj.polygon]],
+                    "area": float(obj.mask.sum()),
+                    "bbox": [
+                        float(v)
+                        for v in mask_utils.toBbox(
+                            mask_utils.encode(np.asfortranarray(obj.mask.astype(np.uint8)))
+                        )
+                    ],
+                }
+            )
             if k < n_here and len(refs) < n_refs:
                 colour = COLOURS[k % len(COLOURS)]
-                texts = [f"{colour} {obj.category}", f"the {obj.category} number {k}", f"The {colour.upper()} {obj.category}",
-                         f"{obj.category} {rng.randint(0, 9)}"][: rng.randint(2, 4)]
+                texts = [
+                    f"{colour} {obj.category}",
+                    f"the {obj.category} number {k}",
+                    f"The {colour.upper()} {obj.category}",
+                    f"{obj.category} {rng.randint(0, 9)}",
+                ][: rng.randint(2, 4)]
                 sents = []
                 for t in texts:
                     sents.append({"tokens": t.lower().split(), "raw": t, "sent_id": sent_id, "sent": t})
                     sent_id += 1
-                refs.append({"sent_ids": [s["sent_id"] for s in sents], "file_name": f"{fname[:-4]}_{k}.jpg",
-                             "ann_id": ann_id, "ref_id": len(refs), "image_id": image_id, "split": split,
-                             "sentences": sents, "category_id": THINGS[obj.category]})
+                refs.append(
+                    {
+                        "sent_ids": [s["sent_id"] for s in sents],
+                        "file_name": f"{fname[:-4]}_{k}.jpg",
+                        "ann_id": ann_id,
+                        "ref_id": len(refs),
+                        "image_id": image_id,
+                        "split": split,
+                        "sentences": sents,
+                        "category_id": THINGS[obj.category],
+                    }
+                )
             ann_id += 1
     cats = [{"id": i, "name": n, "supercategory": n} for n, i in THINGS.items()]
     d = root / BASE / "refcoco"
@@ -102,7 +127,9 @@ def baseline(root: Path, split: str) -> tuple[int, float]:
     t0 = time.perf_counter()
     d = root / BASE / "refcoco"
     with open(d / "refs(unc).p", "rb") as f:
-        refs = pickle.load(f, encoding="latin1")  # what LISA / X-SAM do (the unsafe part is the point of ours)
+        refs = pickle.load(
+            f, encoding="latin1"
+        )  # what LISA / X-SAM do (the unsafe part is the point of ours)
     with open(d / "instances.json") as f:
         inst = json.load(f)
     anns = {a["id"]: a for a in inst["annotations"]}
@@ -148,17 +175,29 @@ def part_seconds(out: Path, split: str) -> tuple[int, float]:
 
 def timed_build(root: Path, out: Path, split: str, per_shard: int) -> tuple[int, float]:
     t0 = time.perf_counter()
-    (res,) = build(str(root), str(out), sources=["refcoco"], splits=[split],
-                   options=BuildOptions(samples_per_shard=per_shard), log=lambda m: None)
+    (res,) = build(
+        str(root),
+        str(out),
+        sources=["refcoco"],
+        splits=[split],
+        options=BuildOptions(samples_per_shard=per_shard),
+        log=lambda m: None,
+    )
     return res.samples, time.perf_counter() - t0
 
 
 def bench_split(root: Path, tmp: Path, split: str, workers: int, per_shard: int) -> float:
-    print(f"\n[{split}] {'what':<44} {'samples':>8} {'seconds':>8} {'samples/s':>10} {'x baseline':>10}", flush=True)
+    print(
+        f"\n[{split}] {'what':<44} {'samples':>8} {'seconds':>8} {'samples/s':>10} {'x baseline':>10}",
+        flush=True,
+    )
     base = 0.0
 
     def row(what: str, n: int, s: float) -> float:
-        print(f"[{split}] {what:<44} {n:>8} {s:>8.2f} {n / s:>10.1f} {n / s / (base or n / s):>10.2f}", flush=True)
+        print(
+            f"[{split}] {what:<44} {n:>8} {s:>8.2f} {n / s:>10.1f} {n / s / (base or n / s):>10.2f}",
+            flush=True,
+        )
         return n / s
 
     base = row("baseline (reference-style load)", *baseline(root, split))
@@ -196,15 +235,21 @@ def main() -> None:
         t0 = time.perf_counter()
         write_corpus(root, args.refs, args.scenes, size, random.Random(0))
         n_img = len(list((root / BASE / "images/train2014").iterdir()))
-        print(f"corpus: {args.refs} refs over {n_img} images ({size[0]}x{size[1]}), "
-              f"refs pickle {(root / BASE / 'refcoco/refs(unc).p').stat().st_size / 1e6:.1f} MB, "
-              f"instances.json {(root / BASE / 'refcoco/instances.json').stat().st_size / 1e6:.1f} MB, "
-              f"written in {time.perf_counter() - t0:.1f} s")
-        rates = {split: bench_split(root, Path(tmp), split, args.workers, args.samples_per_shard)
-                 for split in ("train", "val")}
+        print(
+            f"corpus: {args.refs} refs over {n_img} images ({size[0]}x{size[1]}), "
+            f"refs pickle {(root / BASE / 'refcoco/refs(unc).p').stat().st_size / 1e6:.1f} MB, "
+            f"instances.json {(root / BASE / 'refcoco/instances.json').stat().st_size / 1e6:.1f} MB, "
+            f"written in {time.perf_counter() - t0:.1f} s"
+        )
+        rates = {
+            split: bench_split(root, Path(tmp), split, args.workers, args.samples_per_shard)
+            for split in ("train", "val")
+        }
         for split, rate in rates.items():
-            print(f"\n[{split}] per-worker conversion {rate:.0f} samples/s vs target {TARGET:.0f}: "
-                  f"{'PASS' if rate >= TARGET else 'BELOW TARGET'} (cpus: {os.cpu_count()})")
+            print(
+                f"\n[{split}] per-worker conversion {rate:.0f} samples/s vs target {TARGET:.0f}: "
+                f"{'PASS' if rate >= TARGET else 'BELOW TARGET'} (cpus: {os.cpu_count()})"
+            )
 
 
 if __name__ == "__main__":

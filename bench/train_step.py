@@ -34,8 +34,11 @@ os.environ.setdefault("WANDB_MODE", "disabled")
 os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.expanduser("~/.cache/xsam_torch_extensions"))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-STAGES = {"1": ["coco_panoptic"], "2": ["coco_panoptic"],
-          "3": ["coco_panoptic", "refcoco", "refcoco+", "lisa_reasonseg", "grandf_gcg", "psg_gcg"]}  # fmt: skip
+STAGES = {
+    "1": ["coco_panoptic"],
+    "2": ["coco_panoptic"],
+    "3": ["coco_panoptic", "refcoco", "refcoco+", "lisa_reasonseg", "grandf_gcg", "psg_gcg"],
+}
 
 
 def demo_shards(out: Path) -> Path:
@@ -48,8 +51,14 @@ def demo_shards(out: Path) -> Path:
     root = write_demo(out / "datas")
     shards = out / "shards"
     sources = sorted({s for v in STAGES.values() for s in v})
-    build(str(root), str(shards), sources=sources, splits=["train"], options=BuildOptions(samples_per_shard=8),
-          log=lambda _: None)  # fmt: skip
+    build(
+        str(root),
+        str(shards),
+        sources=sources,
+        splits=["train"],
+        options=BuildOptions(samples_per_shard=8),
+        log=lambda _: None,
+    )
     mixture.write(str(shards), mixture.compute(str(shards), stages=STAGES, log=lambda _: None))
     return shards
 
@@ -62,8 +71,12 @@ def parent_exports(out: Path, flavor: str, init_dir: str | None) -> dict[int, st
     model = build_xsam(flavor, init_dir=init_dir)
     urls = {}
     for stage in (1, 2):
-        urls[stage] = write_export(str(out / f"parents_{flavor}" / f"stage{stage}"), export_trainable(model, stage),
-                                   {}, {"stage": stage})  # fmt: skip
+        urls[stage] = write_export(
+            str(out / f"parents_{flavor}" / f"stage{stage}"),
+            export_trainable(model, stage),
+            {},
+            {"stage": stage},
+        )
     return urls
 
 
@@ -84,36 +97,69 @@ def summarize(rows: list[dict]) -> dict:
     }
 
 
-def run(shards: Path, run_root: Path, *, workers: int, loader_workers: int, steps: int, warmup: int,
-        flavor: str = "debug", use_gpu: bool = False, micro_batch: int = 2, init_dir: str | None = None) -> dict:  # fmt: skip
+def run(
+    shards: Path,
+    run_root: Path,
+    *,
+    workers: int,
+    loader_workers: int,
+    steps: int,
+    warmup: int,
+    flavor: str = "debug",
+    use_gpu: bool = False,
+    micro_batch: int = 2,
+    init_dir: str | None = None,
+) -> dict:
     from orchestrate.runner import RunArgs, fit, prepare
 
     parents = parent_exports(shards.parent, flavor, init_dir)
-    plan = prepare(RunArgs(
-        stage=3, flavor=flavor, shards=str(shards), run_root=str(run_root), num_workers=workers, use_gpu=use_gpu,
-        global_batch=micro_batch * workers, micro_batch=micro_batch, max_steps=steps + warmup,
-        checkpoint_every=steps + warmup, loader_workers=loader_workers, wandb_mode="disabled", init_dir=init_dir,
-        init_from=parents,
-    ))  # fmt: skip
+    plan = prepare(
+        RunArgs(
+            stage=3,
+            flavor=flavor,
+            shards=str(shards),
+            run_root=str(run_root),
+            num_workers=workers,
+            use_gpu=use_gpu,
+            global_batch=micro_batch * workers,
+            micro_batch=micro_batch,
+            max_steps=steps + warmup,
+            checkpoint_every=steps + warmup,
+            loader_workers=loader_workers,
+            wandb_mode="disabled",
+            init_dir=init_dir,
+            init_from=parents,
+        )
+    )
     fit(plan)
     return summarize(read_steps(run_root / "stage3", warmup))
 
 
 def fmt(name: str, r: dict, base: dict | None) -> str:
     ratio = f"  ×{r['samples_per_s'] / base['samples_per_s']:.2f} samples/s vs 1 worker" if base else ""
-    return (f"{name:<34} {r['steps_per_s']:6.2f} steps/s  {r['samples_per_s']:7.2f} samples/s  "
-            f"median step {r['median_step_ms']:7.1f} ms  data wait {r['data_wait_share'] * 100:5.1f} %{ratio}")  # fmt: skip
+    return (
+        f"{name:<34} {r['steps_per_s']:6.2f} steps/s  {r['samples_per_s']:7.2f} samples/s  "
+        f"median step {r['median_step_ms']:7.1f} ms  data wait {r['data_wait_share'] * 100:5.1f} %{ratio}"
+    )
 
 
 def bench_cpu(args, shards: Path, out: Path) -> None:
     loader_options = (0,) if args.small else (0, 1)
-    print(f"cpu  debug flavor, stage 3 mixture of {len(STAGES['3'])} sources, micro batch 2 per worker, "
-          f"{args.steps} timed steps after {args.warmup} warm-up steps")  # fmt: skip
+    print(
+        f"cpu  debug flavor, stage 3 mixture of {len(STAGES['3'])} sources, micro batch 2 per worker, "
+        f"{args.steps} timed steps after {args.warmup} warm-up steps"
+    )
     for lw in loader_options:
         base = None
         for workers in (1, 2):
-            r = run(shards, out / f"cpu_w{workers}_l{lw}", workers=workers, loader_workers=lw, steps=args.steps,
-                    warmup=args.warmup)  # fmt: skip
+            r = run(
+                shards,
+                out / f"cpu_w{workers}_l{lw}",
+                workers=workers,
+                loader_workers=lw,
+                steps=args.steps,
+                warmup=args.warmup,
+            )
             print(fmt(f"cpu  {workers} worker(s), {lw} loader proc(s)", r, base), flush=True)
             base = base or r
 
@@ -125,15 +171,27 @@ def bench_gpu(args, shards: Path, out: Path) -> None:
         print("gpu  skipped: no CUDA device")
         return
     if not args.init_dir:
-        print("gpu  skipped: the full flavor needs --init-dir (X-SAM's inits/: SigLIP2, SAM ViT-L, Phi-3 + tokenizer)")
+        print(
+            "gpu  skipped: the full flavor needs --init-dir (X-SAM's inits/: SigLIP2, SAM ViT-L, Phi-3 + tokenizer)"
+        )
         return
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from model_step import PEAK_BF16_TFLOPS, model_flops, synthetic_batch
 
     from xsam_model import build_xsam
 
-    r = run(shards, out / "gpu", workers=1, loader_workers=4, steps=args.steps, warmup=args.warmup,
-            flavor="xsam-phi3", use_gpu=True, micro_batch=4, init_dir=args.init_dir)  # fmt: skip
+    r = run(
+        shards,
+        out / "gpu",
+        workers=1,
+        loader_workers=4,
+        steps=args.steps,
+        warmup=args.warmup,
+        flavor="xsam-phi3",
+        use_gpu=True,
+        micro_batch=4,
+        init_dir=args.init_dir,
+    )
     name = torch.cuda.get_device_name()
     peak = args.peak_tflops or next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), None)
     meta = build_xsam("xsam-phi3", device="meta")

@@ -51,8 +51,11 @@ SIZES = [(640, 480), (480, 640), (640, 427), (500, 375), (427, 640), (612, 612)]
 def _star(rng: random.Random, cx: float, cy: float, r: float) -> list[float]:
     n = rng.randint(8, 20)
     angles = sorted(rng.uniform(0, 2 * math.pi) for _ in range(n))
-    return [round(v, 2) for a in angles for v in (cx + r * rng.uniform(0.6, 1.0) * math.cos(a),
-                                                    cy + r * rng.uniform(0.6, 1.0) * math.sin(a))]
+    return [
+        round(v, 2)
+        for a in angles
+        for v in (cx + r * rng.uniform(0.6, 1.0) * math.cos(a), cy + r * rng.uniform(0.6, 1.0) * math.sin(a))
+    ]
 
 
 def write_corpus(path: str, n: int, rng: random.Random) -> None:
@@ -61,21 +64,44 @@ def write_corpus(path: str, n: int, rng: random.Random) -> None:
     for i in range(n):
         if i % 4 == 0:
             w, h = rng.choice(SIZES)
-            images.append({"id": len(images) + 1, "file_name": f"{len(images) + 1:012d}.jpg", "width": w, "height": h})
+            images.append(
+                {"id": len(images) + 1, "file_name": f"{len(images) + 1:012d}.jpg", "width": w, "height": h}
+            )
         img = images[-1]
         w, h = img["width"], img["height"]
         u = rng.random()
         if u < 0.02:  # COCO has a few instances of a handful of pixels
-            anns.append({"id": i + 1, "image_id": img["id"], "category_id": 1, "iscrowd": 0,
-                         "segmentation": [[10.0, 10.0, 12.0, 10.0, 12.0, 12.0, 10.0, 12.0]]})
+            anns.append(
+                {
+                    "id": i + 1,
+                    "image_id": img["id"],
+                    "category_id": 1,
+                    "iscrowd": 0,
+                    "segmentation": [[10.0, 10.0, 12.0, 10.0, 12.0, 12.0, 10.0, 12.0]],
+                }
+            )
             continue
-        area = (rng.uniform(2, 1024) if u < 0.41 else rng.uniform(1024, 96**2) if u < 0.75
-                else rng.uniform(96**2, 0.5 * w * h))
+        area = (
+            rng.uniform(2, 1024)
+            if u < 0.41
+            else rng.uniform(1024, 96**2)
+            if u < 0.75
+            else rng.uniform(96**2, 0.5 * w * h)
+        )
         r = math.sqrt(area / math.pi) / 0.8
-        parts = [_star(rng, rng.uniform(r, w - r) if w > 2 * r else w / 2, rng.uniform(r, h - r) if h > 2 * r else h / 2, r)]
+        parts = [
+            _star(
+                rng,
+                rng.uniform(r, w - r) if w > 2 * r else w / 2,
+                rng.uniform(r, h - r) if h > 2 * r else h / 2,
+                r,
+            )
+        ]
         if rng.random() < 0.1:
             parts.append(_star(rng, rng.uniform(0, w), rng.uniform(0, h), r / 2))
-        anns.append({"id": i + 1, "image_id": img["id"], "category_id": 1, "iscrowd": 0, "segmentation": parts})
+        anns.append(
+            {"id": i + 1, "image_id": img["id"], "category_id": 1, "iscrowd": 0, "segmentation": parts}
+        )
     with open(path, "w") as f:
         json.dump({"images": images, "annotations": anns, "categories": [{"id": 1, "name": "thing"}]}, f)
 
@@ -105,8 +131,12 @@ def _props(mask: np.ndarray, min_area: int = 5) -> list[_Prop]:
     for k, sl in enumerate(ndimage.find_objects(lab), start=1):
         ys, xs = np.nonzero(lab[sl] == k)
         if ys.size > min_area:
-            props.append(_Prop((sl[0].start, sl[1].start, sl[0].stop, sl[1].stop),
-                               (ys.mean() + sl[0].start, xs.mean() + sl[1].start)))
+            props.append(
+                _Prop(
+                    (sl[0].start, sl[1].start, sl[0].stop, sl[1].stop),
+                    (ys.mean() + sl[0].start, xs.mean() + sl[1].start),
+                )
+            )
     return props
 
 
@@ -153,7 +183,12 @@ def base_scribble(mask, props, retries=1000, radius=5):
         box = None
         for _ in range(retries):
             nh, nw = (r1 - r0) * random.uniform(0.5, 1.2), (c1 - c0) * random.uniform(0.5, 1.2)
-            cand = (max(0, int(cy - nh / 2)), max(0, int(cx - nw / 2)), min(hh, int(cy + nh / 2)), min(ww, int(cx + nw / 2)))
+            cand = (
+                max(0, int(cy - nh / 2)),
+                max(0, int(cx - nw / 2)),
+                min(hh, int(cy + nh / 2)),
+                min(ww, int(cx + nw / 2)),
+            )
             if _iou(cand, (r0, c0, r1, c1)) >= 0.5:
                 box = cand
                 break
@@ -177,8 +212,10 @@ def base_box(mask, props):
         r0, c0, r1, c1 = p.bbox
         s = random.uniform(0.9, 1.1)
         dh, dw = (r1 - r0) * (s - 1), (c1 - c0) * (s - 1)
-        out[max(0, int(r0 - dh / 2)) : min(mask.shape[0], int(r1 + dh / 2)),
-            max(0, int(c0 - dw / 2)) : min(mask.shape[1], int(c1 + dw / 2))] = 1
+        out[
+            max(0, int(r0 - dh / 2)) : min(mask.shape[0], int(r1 + dh / 2)),
+            max(0, int(c0 - dw / 2)) : min(mask.shape[1], int(c1 + dw / 2)),
+        ] = 1
     return out
 
 
@@ -234,9 +271,11 @@ def main() -> None:
         except PromptTooSmall:
             too_small += 1
     areas = np.array([masks.area(r) for _, r, _ in items])
-    print(f"{len(items)} instances ({(areas < 32**2).mean():.0%} small, {((areas >= 32**2) & (areas < 96**2)).mean():.0%} "
-          f"medium, {(areas >= 96**2).mean():.0%} large; {too_small} too small for any prompt); baseline on the "
-          f"first {min(args.baseline_n, len(items))}; rates in prompts per CPU-second of one process")
+    print(
+        f"{len(items)} instances ({(areas < 32**2).mean():.0%} small, {((areas >= 32**2) & (areas < 96**2)).mean():.0%} "
+        f"medium, {(areas >= 96**2).mean():.0%} large; {too_small} too small for any prompt); baseline on the "
+        f"first {min(args.baseline_n, len(items))}; rates in prompts per CPU-second of one process"
+    )
     head = f"{'type':<9} {'ours/s':>9} {'(wall/s)':>9} {'baseline/s':>11} {'(wall/s)':>9} {'ratio':>8}  target {TARGET:.0f}/s"
     print(head + "\n" + "-" * len(head))
     ok = True
@@ -245,8 +284,10 @@ def main() -> None:
         bn, bcpu, bwall = timed(run_baseline, kind, items[: args.baseline_n])
         ours, base = n / cpu, bn / bcpu
         ok &= ours >= TARGET
-        print(f"{kind:<9} {ours:>9.0f} {n / wall:>9.0f} {base:>11.1f} {bn / bwall:>9.1f} {ours / base:>7.1f}x  "
-              f"{'ok' if ours >= TARGET else 'BELOW TARGET'}")
+        print(
+            f"{kind:<9} {ours:>9.0f} {n / wall:>9.0f} {base:>11.1f} {bn / bwall:>9.1f} {ours / base:>7.1f}x  "
+            f"{'ok' if ours >= TARGET else 'BELOW TARGET'}"
+        )
     print("all types meet the target" if ok else "some type is below the target")
 
 

@@ -13,7 +13,9 @@ import json
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run as a script from anywhere
+sys.path.insert(
+    0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+)  # run as a script from anywhere
 
 from pipelines.build import BuildConfigError, build, format_table  # noqa: E402
 from pipelines.jsonstream import MalformedJSON  # noqa: E402
@@ -24,22 +26,44 @@ from pipelines.sources.base import BuildOptions, StrictModeError  # noqa: E402
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data-root", required=True, help="folder laid out like X-SAM's datas/ (DESIGN §4.1)")
-    p.add_argument("--out", required=True, help="output folder or fsspec URI (s3://…, gs://…) every node can reach")
+    p.add_argument(
+        "--out", required=True, help="output folder or fsspec URI (s3://…, gs://…) every node can reach"
+    )
     p.add_argument("--sources", help="comma list; default: every source whose files are found")
     p.add_argument("--splits", default="train", help="comma list (default: train)")
     p.add_argument("--samples-per-shard", type=int, default=1000)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--strict", action="store_true", help="stop at the first bad record instead of skipping it")
-    p.add_argument("--num-workers", type=int, help="concurrent conversion tasks (default: the cluster's CPUs)")
-    p.add_argument("--path", action="append", default=[], metavar="SOURCE.ROLE=PATH",
-                   help="override one input path, e.g. coco_panoptic.annotations=/x/panoptic_train2017.json")
-    p.add_argument("--genseg-num-class", type=int, help="sample categories as X-SAM main (128) instead of listing all")
-    p.add_argument("--no-image-newline", action="store_true", help="'<image>' without the paper's trailing newline")
-    p.add_argument("--keep-eval-images", action="store_true", help="keep RefCOCO eval images in COCO train splits")
+    p.add_argument(
+        "--strict", action="store_true", help="stop at the first bad record instead of skipping it"
+    )
+    p.add_argument(
+        "--num-workers", type=int, help="concurrent conversion tasks (default: the cluster's CPUs)"
+    )
+    p.add_argument(
+        "--path",
+        action="append",
+        default=[],
+        metavar="SOURCE.ROLE=PATH",
+        help="override one input path, e.g. coco_panoptic.annotations=/x/panoptic_train2017.json",
+    )
+    p.add_argument(
+        "--genseg-num-class", type=int, help="sample categories as X-SAM main (128) instead of listing all"
+    )
+    p.add_argument(
+        "--no-image-newline", action="store_true", help="'<image>' without the paper's trailing newline"
+    )
+    p.add_argument(
+        "--keep-eval-images", action="store_true", help="keep RefCOCO eval images in COCO train splits"
+    )
     p.add_argument("--max-image-pixels", type=int, default=BuildOptions.max_image_pixels)
-    p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
-                   help="a source-specific option (BuildOptions.extra), VALUE parsed as JSON when it can be, "
-                        "e.g. refseg_chunk=8, gcg_force_period=true, lvis_max_phrases=100")
+    p.add_argument(
+        "--option",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a source-specific option (BuildOptions.extra), VALUE parsed as JSON when it can be, "
+        "e.g. refseg_chunk=8, gcg_force_period=true, lvis_max_phrases=100",
+    )
     return p.parse_args(argv)
 
 
@@ -81,13 +105,19 @@ def main(argv: list[str] | None = None) -> int:
     )
     import ray
 
-    ray.init(address=os.environ.get("RAY_ADDRESS"), num_cpus=None if os.environ.get("RAY_ADDRESS") else args.num_workers,
-             log_to_driver=True)
+    ray.init(
+        address=os.environ.get("RAY_ADDRESS"),
+        num_cpus=None if os.environ.get("RAY_ADDRESS") else args.num_workers,
+        log_to_driver=True,
+    )
     try:
         results = build(
-            args.data_root, args.out,
+            args.data_root,
+            args.out,
             sources=args.sources.split(",") if args.sources else None,
-            splits=args.splits.split(","), options=options, num_workers=args.num_workers,
+            splits=args.splits.split(","),
+            options=options,
+            num_workers=args.num_workers,
             overrides=parse_overrides(args.path),
         )
     except (BuildConfigError, StrictModeError, MalformedJSON) as e:

@@ -82,8 +82,10 @@ def restore(engine, checkpoint, *, rank: int, resume_key: dict) -> tuple[TrainSt
         d = Path(d)
         state_file, loader = d / TRAIN_STATE, d / loader_file(rank)
         if not state_file.is_file() or not loader.is_file():
-            raise ResumeError(f"checkpoint {checkpoint.path} lacks {TRAIN_STATE} or {loader.name} (was it written "
-                              f"with another world size?)")  # fmt: skip
+            raise ResumeError(
+                f"checkpoint {checkpoint.path} lacks {TRAIN_STATE} or {loader.name} (was it written "
+                f"with another world size?)"
+            )
         state = TrainState.from_dict(json.loads(state_file.read_text()))
         check_resume_key(state.resume_key, resume_key, str(checkpoint.path))
         path, _ = engine.load_checkpoint(str(d), tag=DS_TAG, load_module_strict=True)

@@ -36,8 +36,13 @@ def deepspeed_config(cfg: StageConfig, *, total_steps: int, use_gpu: bool) -> di
         )
         if cfg.zero_stage == 2 and use_gpu:
             zero["round_robin_gradients"] = True
-    adam: dict[str, Any] = {"lr": o.lr, "betas": list(o.betas), "eps": o.eps, "weight_decay": o.weight_decay,
-                            "torch_adam": True}  # fmt: skip
+    adam: dict[str, Any] = {
+        "lr": o.lr,
+        "betas": list(o.betas),
+        "eps": o.eps,
+        "weight_decay": o.weight_decay,
+        "torch_adam": True,
+    }
     if use_gpu:
         adam["fused"] = True  # torch.optim.AdamW(fused=True): one kernel, no DeepSpeed op build
     return {

@@ -119,9 +119,16 @@ def find_export(url: str, stage: int, *, needed_by: int | None = None) -> Export
         )
     lineage = storage.read_json(fs, f"{path}/{LINEAGE_FILE}")
     if lineage.get("stage") != stage:
-        raise ParentExportError(f"{url} is the export of stage {lineage.get('stage')}, expected stage {stage}")
-    return ExportInfo(stage=stage, url=url, keys=safetensors_header(storage.join(url, MODEL_FILE)), lineage=lineage,
-                      config=storage.read_json(fs, f"{path}/{CONFIG_FILE}"))  # fmt: skip
+        raise ParentExportError(
+            f"{url} is the export of stage {lineage.get('stage')}, expected stage {stage}"
+        )
+    return ExportInfo(
+        stage=stage,
+        url=url,
+        keys=safetensors_header(storage.join(url, MODEL_FILE)),
+        lineage=lineage,
+        config=storage.read_json(fs, f"{path}/{CONFIG_FILE}"),
+    )
 
 
 def _under(name: str, prefix: str) -> bool:
@@ -137,8 +144,13 @@ class LoadPlan:
     dropped: dict[int, list[str]] = field(default_factory=dict)
 
 
-def check_parents(param_shapes: Mapping[str, tuple[int, ...]], parents: Iterable[ParentSpec],
-                  exports: Mapping[int, ExportInfo], *, skip: Iterable[str] = ()) -> LoadPlan:  # fmt: skip
+def check_parents(
+    param_shapes: Mapping[str, tuple[int, ...]],
+    parents: Iterable[ParentSpec],
+    exports: Mapping[int, ExportInfo],
+    *,
+    skip: Iterable[str] = (),
+) -> LoadPlan:
     """Check every parent export against the model's parameter shapes.
 
     Missing: a model parameter under a ``take`` prefix (and not in ``skip``, the parameters that never train)
@@ -174,12 +186,17 @@ def check_parents(param_shapes: Mapping[str, tuple[int, ...]], parents: Iterable
     return plan
 
 
-def resolve_parents(run_root: str, stage: int, parents: Iterable[ParentSpec],
-                    init_from: Mapping[int, str] | None = None) -> dict[int, ExportInfo]:  # fmt: skip
+def resolve_parents(
+    run_root: str, stage: int, parents: Iterable[ParentSpec], init_from: Mapping[int, str] | None = None
+) -> dict[int, ExportInfo]:
     """Each parent's export: ``init_from[stage]`` if given, else ``<run-root>/stage<k>/export``."""
     init_from = dict(init_from or {})
-    return {p.stage: find_export(init_from.get(p.stage) or export_dir(run_root, p.stage), p.stage, needed_by=stage)
-            for p in parents}  # fmt: skip
+    return {
+        p.stage: find_export(
+            init_from.get(p.stage) or export_dir(run_root, p.stage), p.stage, needed_by=stage
+        )
+        for p in parents
+    }
 
 
 def load_parent_weights(model, plan: LoadPlan, exports: Mapping[int, ExportInfo]) -> dict[int, int]:
@@ -220,11 +237,17 @@ def write_export(url: str, state: Mapping[str, Any], config: dict, lineage: dict
     tmp = f"{parent}/{storage.TMP_MARK}export-{uuid.uuid4().hex[:8]}"
     fs.makedirs(tmp, exist_ok=True)
     try:
-        blob = save_bytes({k: v.contiguous() for k, v in state.items()}, metadata={"stage": str(lineage.get("stage"))})
+        blob = save_bytes(
+            {k: v.contiguous() for k, v in state.items()}, metadata={"stage": str(lineage.get("stage"))}
+        )
         with fs.open(f"{tmp}/{MODEL_FILE}", "wb") as f:
             f.write(blob)
-        lineage = {**lineage, "model_sha256": hashlib.sha256(blob).hexdigest(), "tensors": len(state),
-                   "written_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}  # fmt: skip
+        lineage = {
+            **lineage,
+            "model_sha256": hashlib.sha256(blob).hexdigest(),
+            "tensors": len(state),
+            "written_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        }
         storage.write_json(fs, f"{tmp}/{CONFIG_FILE}", config)
         storage.write_json(fs, f"{tmp}/{LINEAGE_FILE}", lineage)
         if fs.exists(path):

@@ -32,7 +32,9 @@ def read_samples(shards_url: str, shard_files: Sequence[str], n: int) -> list[tu
             for m in tar:
                 key, _, ext = m.name.partition(".")
                 groups.setdefault(key, {"__key__": key})[ext] = tar.extractfile(m).read()
-                done = [g for g in groups.values() if "json" in g and any(e in g for e in ("jpg", "png", "jpeg"))]
+                done = [
+                    g for g in groups.values() if "json" in g and any(e in g for e in ("jpg", "png", "jpeg"))
+                ]
                 if len(out) + len(done) >= n:
                     break
         for g in groups.values():
@@ -68,8 +70,17 @@ def _label_map(masks: torch.Tensor, order: Sequence[int], labels: Sequence[int])
 
 
 @torch.no_grad()
-def render(model, batch: dict, samples: Sequence[Any], *, stage: int, mean: Sequence[float], std: Sequence[float],
-           score_threshold: float = 0.5, max_masks: int = 20) -> list[dict]:  # fmt: skip
+def render(
+    model,
+    batch: dict,
+    samples: Sequence[Any],
+    *,
+    stage: int,
+    mean: Sequence[float],
+    std: Sequence[float],
+    score_threshold: float = 0.5,
+    max_masks: int = 20,
+) -> list[dict]:
     """Model predictions on ``batch`` → ``[{"image", "pred", "truth", "labels", "caption"}]`` (see Tracker)."""
     was_training = model.training
     model.eval()
@@ -81,7 +92,9 @@ def render(model, batch: dict, samples: Sequence[Any], *, stage: int, mean: Sequ
         return []
     final = out.predictions[-1]
     L = batch["extra_pixel_values"].shape[-1]
-    masks = F.interpolate(final["masks_queries_logits"].float(), size=(L, L), mode="bilinear", align_corners=False)
+    masks = F.interpolate(
+        final["masks_queries_logits"].float(), size=(L, L), mode="bilinear", align_corners=False
+    )
     probs = final["class_queries_logits"].float().softmax(-1)[..., :-1]  # drop no-object: BxQxC
     previews = []
     for b, sample in enumerate(samples):
@@ -100,12 +113,27 @@ def render(model, batch: dict, samples: Sequence[Any], *, stage: int, mean: Sequ
             names = {i + 1: p for i, p in enumerate(sample.phrases)}
             truth_labels = batch["class_labels"][b]
         score, label = probs[b].max(-1)  # Q
-        keep = [int(q) for q in score.argsort() if score[q] >= score_threshold][-max_masks:]  # ascending score
+        keep = [int(q) for q in score.argsort() if score[q] >= score_threshold][
+            -max_masks:
+        ]  # ascending score
         pred = _label_map((masks[b] > 0).cpu()[:, :h, :w], keep, label.cpu().tolist())
         gt = batch["mask_labels"][b][:, :h, :w].bool()
         valid = [i for i in range(len(truth_labels)) if truth_labels[i] >= 0]
         truth = _label_map(gt, valid, truth_labels.tolist())
-        names.update({i: names.get(i, f"class {i - 1}") for i in np.unique(np.concatenate([pred.ravel(), truth.ravel()])) if i})
-        previews.append({"image": image, "pred": pred, "truth": truth, "labels": {int(k): str(v) for k, v in names.items()},
-                         "caption": f"{sample.key} ({len(keep)} predicted, {len(valid)} true masks)"})  # fmt: skip
+        names.update(
+            {
+                i: names.get(i, f"class {i - 1}")
+                for i in np.unique(np.concatenate([pred.ravel(), truth.ravel()]))
+                if i
+            }
+        )
+        previews.append(
+            {
+                "image": image,
+                "pred": pred,
+                "truth": truth,
+                "labels": {int(k): str(v) for k, v in names.items()},
+                "caption": f"{sample.key} ({len(keep)} predicted, {len(valid)} true masks)",
+            }
+        )
     return previews

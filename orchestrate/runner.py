@@ -90,8 +90,10 @@ def check_data(shards: str, mixture_url: str, mixture_stage: str):
         raise RunSetupError(f"shards folder not found: {shards} (build it with orchestrate/build_shards.py)")
     mfs, mpath = storage.fs_and_path(mixture_url)
     if not mfs.exists(mpath):
-        raise RunSetupError(f"mixture not found: expected {mixture_url} (build_shards writes it; "
-                            f"`python -m pipelines.mixture --out {shards}` rewrites it)")  # fmt: skip
+        raise RunSetupError(
+            f"mixture not found: expected {mixture_url} (build_shards writes it; "
+            f"`python -m pipelines.mixture --out {shards}` rewrites it)"
+        )
     try:
         stage = load_mixture(mixture_url).stage(mixture_stage)
     except (KeyError, MixtureError) as e:
@@ -101,23 +103,32 @@ def check_data(shards: str, mixture_url: str, mixture_stage: str):
         raise RunSetupError(f"{mixture_url}: stage {mixture_stage} has no datasets; missing: {missing}")
     absent = [s.file for d in stage.datasets for s in d.shards if not fs.exists(storage.join(root, s.file))]
     if absent:
-        raise RunSetupError(f"{len(absent)} shards listed in {mixture_url} are not under {shards}: "
-                            + ", ".join(absent[:10]) + (" …" if len(absent) > 10 else ""))  # fmt: skip
+        raise RunSetupError(
+            f"{len(absent)} shards listed in {mixture_url} are not under {shards}: "
+            + ", ".join(absent[:10])
+            + (" …" if len(absent) > 10 else "")
+        )
     return stage
 
 
 def check_resume(cfg, stage_url: str, resume: str) -> None:
     found = checkpointing.list_checkpoints(stage_url)
     if resume == "never" and found:
-        raise RunSetupError(f"{stage_url} already holds {len(found)} checkpoints (latest at step {found[-1][0]}); "
-                            f"use --resume auto to continue, or another --run-root")  # fmt: skip
+        raise RunSetupError(
+            f"{stage_url} already holds {len(found)} checkpoints (latest at step {found[-1][0]}); "
+            f"use --resume auto to continue, or another --run-root"
+        )
     if resume not in ("auto", "never"):
         if found:
-            raise RunSetupError(f"--resume {resume}: {stage_url} already has checkpoints of its own; "
-                                f"start from a checkpoint path only in a fresh run root")  # fmt: skip
+            raise RunSetupError(
+                f"--resume {resume}: {stage_url} already has checkpoints of its own; "
+                f"start from a checkpoint path only in a fresh run root"
+            )
         fs, path = storage.fs_and_path(resume)
         if not fs.exists(f"{path}/{checkpointing.TRAIN_STATE}"):
-            raise RunSetupError(f"--resume {resume}: expected a checkpoint folder with {checkpointing.TRAIN_STATE}")
+            raise RunSetupError(
+                f"--resume {resume}: expected a checkpoint folder with {checkpointing.TRAIN_STATE}"
+            )
         found = [(0, resume)]
     if found:
         saved = checkpointing.latest_train_state(found[-1][1])
@@ -154,14 +165,28 @@ def prepare(a: RunArgs) -> RunPlan:
 
     wandb_dir = a.wandb_dir
     if wandb_dir is None:
-        base = exports.local_path(stage_url) if exports.is_local(run_root) else Path("wandb_runs") / f"stage{cfg.stage}"
+        base = (
+            exports.local_path(stage_url)
+            if exports.is_local(run_root)
+            else Path("wandb_runs") / f"stage{cfg.stage}"
+        )
         wandb_dir = str(Path(base, "wandb").resolve())
     return RunPlan(
-        cfg=cfg, run_root=run_root, run_name=a.run_name or Path(run_root.rstrip("/")).name or "xsam",
-        shards=shards, mixture=mixture_url, init_from=init_from, total_steps=total, steps_per_epoch=steps_per_epoch,
-        use_gpu=a.use_gpu, resume=a.resume, trace_data=a.trace_data, wandb_dir=wandb_dir, fault=a.fault,
+        cfg=cfg,
+        run_root=run_root,
+        run_name=a.run_name or Path(run_root.rstrip("/")).name or "xsam",
+        shards=shards,
+        mixture=mixture_url,
+        init_from=init_from,
+        total_steps=total,
+        steps_per_epoch=steps_per_epoch,
+        use_gpu=a.use_gpu,
+        resume=a.resume,
+        trace_data=a.trace_data,
+        wandb_dir=wandb_dir,
+        fault=a.fault,
         code=exports.code_version(),
-    )  # fmt: skip
+    )
 
 
 def fit(plan: RunPlan, *, cpus_per_worker: float = 1.0):
@@ -179,8 +204,11 @@ def fit(plan: RunPlan, *, cpus_per_worker: float = 1.0):
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"plan": plan},
-        scaling_config=ray.train.ScalingConfig(num_workers=plan.cfg.batch.world_size, use_gpu=plan.use_gpu,
-                                               resources_per_worker={"CPU": cpus_per_worker}),  # fmt: skip
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=plan.cfg.batch.world_size,
+            use_gpu=plan.use_gpu,
+            resources_per_worker={"CPU": cpus_per_worker},
+        ),
         run_config=ray.train.RunConfig(
             name=exports.stage_name(plan.stage),
             storage_path=plan.run_root,

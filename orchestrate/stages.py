@@ -50,7 +50,9 @@ class BatchConfig:
                 f"{self.grad_accum} × world size {self.world_size} = {product}"
             )
 
-    def resized(self, world_size: int, *, global_batch: int | None = None, micro_batch: int | None = None) -> BatchConfig:
+    def resized(
+        self, world_size: int, *, global_batch: int | None = None, micro_batch: int | None = None
+    ) -> BatchConfig:
         """The same global batch (unless given) on ``world_size`` workers; accumulation absorbs the change."""
         g = self.global_batch if global_batch is None else global_batch
         m = self.micro_batch if micro_batch is None else micro_batch
@@ -78,8 +80,10 @@ class OptimConfig:
 
     def __post_init__(self):
         if not self.lr > 0 or self.weight_decay < 0 or not self.grad_clip > 0:
-            raise StageConfigError(f"need lr > 0, weight_decay >= 0, grad_clip > 0; got {self.lr}, "
-                                   f"{self.weight_decay}, {self.grad_clip}")  # fmt: skip
+            raise StageConfigError(
+                f"need lr > 0, weight_decay >= 0, grad_clip > 0; got {self.lr}, "
+                f"{self.weight_decay}, {self.grad_clip}"
+            )
         if any(m <= 0 for _, m in self.lr_mults):
             raise StageConfigError(f"lr multipliers must be > 0: {self.lr_mults}")
 
@@ -100,7 +104,9 @@ class ScheduleConfig:
         if self.max_steps is not None and self.max_steps <= 0:
             raise StageConfigError(f"max_steps must be positive, got {self.max_steps}")
         if not 0 <= self.warmup_ratio < 1 or not self.epochs > 0:
-            raise StageConfigError(f"need 0 <= warmup_ratio < 1 and epochs > 0; got {self.warmup_ratio}, {self.epochs}")
+            raise StageConfigError(
+                f"need 0 <= warmup_ratio < 1 and epochs > 0; got {self.warmup_ratio}, {self.epochs}"
+            )
 
     def total_steps(self, steps_per_epoch: int) -> int:
         """``steps_per_epoch``: Σ_d ceil(N_d·r_d / global batch) from the mixture (X-SAM's single-source
@@ -191,7 +197,9 @@ class TrackingConfig:
 
     def __post_init__(self):
         if self.mode not in ("auto", "offline", "online", "disabled"):
-            raise StageConfigError(f"tracking mode must be auto, offline, online or disabled, got {self.mode!r}")
+            raise StageConfigError(
+                f"tracking mode must be auto, offline, online or disabled, got {self.mode!r}"
+            )
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -215,15 +223,19 @@ class StageConfig:
         if self.stage not in STAGE_GROUPS:
             raise StageConfigError(f"stage must be one of {sorted(STAGE_GROUPS)}, got {self.stage}")
         if self.zero_stage not in (0, 1, 2):
-            raise StageConfigError(f"zero_stage must be 0, 1 or 2 (ZeRO-3 shards parameters, which the export "
-                                   f"does not gather), got {self.zero_stage}")  # fmt: skip
+            raise StageConfigError(
+                f"zero_stage must be 0, 1 or 2 (ZeRO-3 shards parameters, which the export "
+                f"does not gather), got {self.zero_stage}"
+            )
         for p in self.parents:
             if p.stage >= self.stage:
                 raise StageConfigError(f"stage {self.stage} cannot start from stage {p.stage}")
         names = tuple(n for n, _ in self.optim.lr_mults)
         model_names = tuple(n for n, _ in STAGE_GROUPS[self.stage])
         if names and names != model_names:
-            raise StageConfigError(f"lr_mults groups {names} != the model's stage-{self.stage} groups {model_names}")
+            raise StageConfigError(
+                f"lr_mults groups {names} != the model's stage-{self.stage} groups {model_names}"
+            )
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -231,8 +243,14 @@ class StageConfig:
     def resume_key(self) -> dict:
         """Fields a resumed run must share with the run that wrote its checkpoint (anything else, e.g. a
         longer ``max_steps``, may change between submissions)."""
-        return {"stage": self.stage, "flavor": self.model.flavor, "batch": dataclasses.asdict(self.batch),
-                "zero_stage": self.zero_stage, "mixture_stage": self.data.mixture_stage, "seed": self.data.seed}  # fmt: skip
+        return {
+            "stage": self.stage,
+            "flavor": self.model.flavor,
+            "batch": dataclasses.asdict(self.batch),
+            "zero_stage": self.zero_stage,
+            "mixture_stage": self.data.mixture_stage,
+            "seed": self.data.seed,
+        }
 
 
 def _mults(stage: int) -> tuple[tuple[str, float], ...]:
@@ -289,8 +307,16 @@ def stage3() -> StageConfig:
         parents=(
             # segmentor (SAM encoder + decoder) and connector from stage 1; its linear 133-class head is
             # replaced by the phrase head here (X-SAM drops it silently)
-            ParentSpec(stage=1, take=("sam_encoder", "seg_connector", "mask_decoder.pixel_decoder",
-                                      "mask_decoder.transformer"), drop=("mask_decoder.linear_head",)),  # fmt: skip
+            ParentSpec(
+                stage=1,
+                take=(
+                    "sam_encoder",
+                    "seg_connector",
+                    "mask_decoder.pixel_decoder",
+                    "mask_decoder.transformer",
+                ),
+                drop=("mask_decoder.linear_head",),
+            ),
             ParentSpec(stage=2, take=("visual_projector", "seg_projector")),
         ),
     )
@@ -310,14 +336,19 @@ def debug(cfg: StageConfig, *, steps: int = 6) -> StageConfig:
         batch=BatchConfig(global_batch=4, micro_batch=2, grad_accum=1, world_size=2),
         schedule=dataclasses.replace(cfg.schedule, max_steps=steps),
         checkpoint=dataclasses.replace(cfg.checkpoint, every_steps=2, keep=2),
-        tracking=dataclasses.replace(cfg.tracking, mixture_every=2, predictions_every=steps, num_predictions=2),
+        tracking=dataclasses.replace(
+            cfg.tracking, mixture_every=2, predictions_every=steps, num_predictions=2
+        ),
     )
 
 
-def with_world_size(cfg: StageConfig, world_size: int, *, global_batch: int | None = None,
-                    micro_batch: int | None = None) -> StageConfig:  # fmt: skip
+def with_world_size(
+    cfg: StageConfig, world_size: int, *, global_batch: int | None = None, micro_batch: int | None = None
+) -> StageConfig:
     """``cfg`` on ``world_size`` workers keeping its global batch (accumulation absorbs the difference)."""
-    return dataclasses.replace(cfg, batch=cfg.batch.resized(world_size, global_batch=global_batch, micro_batch=micro_batch))
+    return dataclasses.replace(
+        cfg, batch=cfg.batch.resized(world_size, global_batch=global_batch, micro_batch=micro_batch)
+    )
 
 
 def get_stage(stage: int | str, *, flavor: str = "xsam-phi3") -> StageConfig:

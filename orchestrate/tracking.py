@@ -52,8 +52,18 @@ def run_id(run_name: str, stage: int, run_root: str = "") -> str:
 class Tracker:
     """Rank 0's tracker. ``Tracker(None, ...)`` (other ranks, or tracking disabled) logs nothing."""
 
-    def __init__(self, *, project: str, run_name: str, stage: int, config: Mapping[str, Any], mode: str,
-                 wandb_dir: str | Path | None, metrics_file: str | Path | None, run_root: str = ""):  # fmt: skip
+    def __init__(
+        self,
+        *,
+        project: str,
+        run_name: str,
+        stage: int,
+        config: Mapping[str, Any],
+        mode: str,
+        wandb_dir: str | Path | None,
+        metrics_file: str | Path | None,
+        run_root: str = "",
+    ):
         self.mode = resolve_mode(mode)
         self.run = None
         self.run_dir: str | None = None
@@ -69,10 +79,17 @@ class Tracker:
         import wandb
 
         self.run = wandb.init(
-            project=project, group=run_name, job_type=f"stage{stage}", name=f"{run_name}/stage{stage}",
-            id=run_id(run_name, stage, run_root), resume="allow", config=dict(config), dir=str(wandb_dir), mode=self.mode,
+            project=project,
+            group=run_name,
+            job_type=f"stage{stage}",
+            name=f"{run_name}/stage{stage}",
+            id=run_id(run_name, stage, run_root),
+            resume="allow",
+            config=dict(config),
+            dir=str(wandb_dir),
+            mode=self.mode,
             settings=wandb.Settings(console="off", silent=True),
-        )  # fmt: skip
+        )
         self.run_dir = str(Path(self.run.dir).parent)  # …/wandb/offline-run-<time>-<id>
         # per-step charts against the optimizer step, not wandb's internal counter
         self.run.define_metric("train/step")
@@ -97,7 +114,9 @@ class Tracker:
             import wandb
 
             rows = [[s, planned[s], seen[s], seen_steps.get(s, 0)] for s in planned]
-            metrics["mixture/table"] = wandb.Table(columns=["source", "planned_p", "seen_share", "seen_steps"], data=rows)
+            metrics["mixture/table"] = wandb.Table(
+                columns=["source", "planned_p", "seen_share", "seen_steps"], data=rows
+            )
         self.log(step, metrics)
 
     def log_predictions(self, step: int, previews: list[dict]) -> None:
@@ -108,12 +127,16 @@ class Tracker:
         import wandb
 
         images = [
-            wandb.Image(p["image"], caption=p.get("caption"), masks={
-                "prediction": {"mask_data": p["pred"], "class_labels": p["labels"]},
-                "ground_truth": {"mask_data": p["truth"], "class_labels": p["labels"]},
-            })
+            wandb.Image(
+                p["image"],
+                caption=p.get("caption"),
+                masks={
+                    "prediction": {"mask_data": p["pred"], "class_labels": p["labels"]},
+                    "ground_truth": {"mask_data": p["truth"], "class_labels": p["labels"]},
+                },
+            )
             for p in previews
-        ]  # fmt: skip
+        ]
         self.run.log({"train/step": step, "predictions": images})
 
     def summary(self, values: Mapping[str, Any]) -> None:

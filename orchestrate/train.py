@@ -17,7 +17,9 @@ import argparse
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run as a script from anywhere
+sys.path.insert(
+    0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+)  # run as a script from anywhere
 
 from orchestrate.runner import RunArgs, RunSetupError, fit, prepare, ray_init  # noqa: E402
 
@@ -25,28 +27,46 @@ from orchestrate.runner import RunArgs, RunSetupError, fit, prepare, ray_init  #
 def parse_args(argv: list[str] | None = None) -> RunArgs:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--stage", type=int, required=True, choices=(1, 2, 3))
-    p.add_argument("--flavor", default="xsam-phi3", help="model flavor: xsam-phi3 (recipe) or debug (tiny, CPU)")
+    p.add_argument(
+        "--flavor", default="xsam-phi3", help="model flavor: xsam-phi3 (recipe) or debug (tiny, CPU)"
+    )
     p.add_argument("--shards", required=True, help="shards folder/URI (with mixture.json)")
     p.add_argument("--mixture", help="mixture.json to use (default: <shards>/mixture.json)")
     p.add_argument("--run-root", required=True, help="folder/URI holding stage1/ stage2/ stage3/")
     p.add_argument("--run-name", help="wandb group (default: the run root's folder name)")
     p.add_argument("--init-dir", help="X-SAM's inits/ folder with the pretrained HF sub-folders")
-    p.add_argument("--init-from", action="append", default=[], metavar="STAGE=EXPORT",
-                   help="a parent export other than <run-root>/stage<K>/export, e.g. 1=/runs/a/stage1/export")
-    p.add_argument("--num-workers", type=int, help="Ray Train workers, one per GPU (default: the recipe's 16)")
+    p.add_argument(
+        "--init-from",
+        action="append",
+        default=[],
+        metavar="STAGE=EXPORT",
+        help="a parent export other than <run-root>/stage<K>/export, e.g. 1=/runs/a/stage1/export",
+    )
+    p.add_argument(
+        "--num-workers", type=int, help="Ray Train workers, one per GPU (default: the recipe's 16)"
+    )
     p.add_argument("--use-gpu", action="store_true")
     p.add_argument("--cpus-per-worker", type=float, default=1.0)
-    p.add_argument("--max-steps", type=int, help="stop after N optimizer steps (default: the recipe's epochs)")
+    p.add_argument(
+        "--max-steps", type=int, help="stop after N optimizer steps (default: the recipe's epochs)"
+    )
     p.add_argument("--zero-stage", type=int, choices=(0, 1, 2))
-    p.add_argument("--global-batch", type=int, help="default: the recipe's (accumulation absorbs fewer workers)")
+    p.add_argument(
+        "--global-batch", type=int, help="default: the recipe's (accumulation absorbs fewer workers)"
+    )
     p.add_argument("--micro-batch", type=int)
     p.add_argument("--loader-workers", type=int, help="DataLoader processes per training worker")
     p.add_argument("--precision", choices=("auto", "bf16", "fp32"))
     p.add_argument("--checkpoint-every", type=int, help="optimizer steps between checkpoints")
     p.add_argument("--max-failures", type=int, help="worker-group restarts from the last checkpoint")
-    p.add_argument("--resume", default="auto", help="auto (latest checkpoint of this stage), never, or a checkpoint path")
-    p.add_argument("--wandb-mode", choices=("auto", "offline", "online", "disabled"),
-                   help="auto: online when WANDB_API_KEY is set, else offline under the run root")
+    p.add_argument(
+        "--resume", default="auto", help="auto (latest checkpoint of this stage), never, or a checkpoint path"
+    )
+    p.add_argument(
+        "--wandb-mode",
+        choices=("auto", "offline", "online", "disabled"),
+        help="auto: online when WANDB_API_KEY is set, else offline under the run root",
+    )
     p.add_argument("--wandb-dir", help="default: <run-root>/stage<N>/wandb")
     p.add_argument("--trace-data", action="store_true", help="record every micro-batch's sample keys")
     p.add_argument("--fault", help=argparse.SUPPRESS)  # test hook, see orchestrate.plan.RunPlan.fault
@@ -69,9 +89,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     b = plan.cfg.batch
-    print(f"stage {plan.stage} ({plan.cfg.name}): {plan.total_steps} steps, global batch {b.global_batch} = "
-          f"{b.micro_batch} × {b.grad_accum} × {b.world_size} workers, ZeRO-{plan.cfg.zero_stage}; "
-          f"run folder {plan.stage_dir}", flush=True)  # fmt: skip
+    print(
+        f"stage {plan.stage} ({plan.cfg.name}): {plan.total_steps} steps, global batch {b.global_batch} = "
+        f"{b.micro_batch} × {b.grad_accum} × {b.world_size} workers, ZeRO-{plan.cfg.zero_stage}; "
+        f"run folder {plan.stage_dir}",
+        flush=True,
+    )
     ray_init(num_cpus=None)
     import ray
     import ray.train

@@ -41,8 +41,14 @@ def optimizer_groups(model, cfg) -> list[dict]:
     groups = []
     for g in stage_view(model, cfg.stage):
         mult = mults.get(g["name"], g["lr_mult"])
-        groups.append({"params": g["params"], "name": g["name"], "lr": cfg.optim.lr * mult,
-                       "weight_decay": cfg.optim.weight_decay})  # fmt: skip
+        groups.append(
+            {
+                "params": g["params"],
+                "name": g["name"],
+                "lr": cfg.optim.lr * mult,
+                "weight_decay": cfg.optim.weight_decay,
+            }
+        )
     return groups
 
 
@@ -154,28 +160,56 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     # --- data and state
     stage_mixture = load_mixture(plan.mixture).stage(cfg.data.mixture_stage)
     loader = MixtureLoader(
-        plan.shards, stage=cfg.data.mixture_stage, batch_size=cfg.batch.micro_batch, rank=rank, world_size=world,
-        num_workers=cfg.data.loader_workers, seed=cfg.data.seed, grad_accum=cfg.batch.grad_accum,
-        transform=processor, collate=processor.collate, mixture=stage_mixture,
-        shuffle_window=cfg.data.shuffle_buffer, pin_memory=plan.use_gpu,
-    )  # fmt: skip
+        plan.shards,
+        stage=cfg.data.mixture_stage,
+        batch_size=cfg.batch.micro_batch,
+        rank=rank,
+        world_size=world,
+        num_workers=cfg.data.loader_workers,
+        seed=cfg.data.seed,
+        grad_accum=cfg.batch.grad_accum,
+        transform=processor,
+        collate=processor.collate,
+        mixture=stage_mixture,
+        shuffle_window=cfg.data.shuffle_buffer,
+        pin_memory=plan.use_gpu,
+    )
     state = checkpointing.TrainState(resume_key=cfg.resume_key())
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is None and plan.resume not in ("auto", "never"):
         checkpoint = ray.train.Checkpoint(plan.resume)
     if checkpoint is not None:
-        state, loader_state = checkpointing.restore(engine, checkpoint, rank=rank, resume_key=cfg.resume_key())
+        state, loader_state = checkpointing.restore(
+            engine, checkpoint, rank=rank, resume_key=cfg.resume_key()
+        )
         loader.load_state_dict(loader_state)
         state.attempt += 1
-        print(f"[rank {rank}] resumed stage {cfg.stage} at step {state.step} from {checkpoint.path}", flush=True)
+        print(
+            f"[rank {rank}] resumed stage {cfg.stage} at step {state.step} from {checkpoint.path}", flush=True
+        )
 
-    tracker = Tracker(
-        project=cfg.tracking.project, run_name=plan.run_name, stage=cfg.stage,
-        config={**plan.to_dict(), "deepspeed": ds_config}, mode=cfg.tracking.mode,
-        wandb_dir=plan.wandb_dir if rank == 0 else None,
-        metrics_file=(local_dir / "metrics.jsonl") if (rank == 0 and local_dir) else None, run_root=plan.run_root,
-    ) if rank == 0 else Tracker(project="", run_name="", stage=cfg.stage, config={}, mode="disabled",
-                                wandb_dir=None, metrics_file=None)  # fmt: skip
+    tracker = (
+        Tracker(
+            project=cfg.tracking.project,
+            run_name=plan.run_name,
+            stage=cfg.stage,
+            config={**plan.to_dict(), "deepspeed": ds_config},
+            mode=cfg.tracking.mode,
+            wandb_dir=plan.wandb_dir if rank == 0 else None,
+            metrics_file=(local_dir / "metrics.jsonl") if (rank == 0 and local_dir) else None,
+            run_root=plan.run_root,
+        )
+        if rank == 0
+        else Tracker(
+            project="",
+            run_name="",
+            stage=cfg.stage,
+            config={},
+            mode="disabled",
+            wandb_dir=None,
+            metrics_file=None,
+        )
+    )
     preview = _preview_batch(plan, stage_mixture, processor, device, dtype) if rank == 0 else None
     trace = None
     if plan.trace_data and local_dir:
@@ -203,7 +237,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             out = engine(batch, stage=cfg.stage)
             engine.backward(out.loss)
             engine.step()
-            sums += torch.tensor([out.loss.item(), *(float(out.losses[k]) for k in LOSS_KEYS)], dtype=torch.float64)
+            sums += torch.tensor(
+                [out.loss.item(), *(float(out.losses[k]) for k in LOSS_KEYS)], dtype=torch.float64
+            )
             tokens += llm_tokens(b.data, cfg.stage, image_tokens)
             keys += list(b.data["keys"])
         # one small all-reduce: losses averaged over ranks and micro-batches, tokens and data wait summed
@@ -217,7 +253,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         state.tokens += int(red[-2])
         state.source_steps[source] = state.source_steps.get(source, 0) + 1
         grad_norm = engine.get_global_grad_norm()
-        last = {"loss": red[0] / n_micro, **{f"loss/{k}": red[1 + i] / n_micro for i, k in enumerate(LOSS_KEYS)}}
+        last = {
+            "loss": red[0] / n_micro,
+            **{f"loss/{k}": red[1 + i] / n_micro for i, k in enumerate(LOSS_KEYS)},
+        }
         metrics = {
             **last,
             **{f"lr/{n}": lr for n, lr in zip(group_names, scheduler.get_last_lr(), strict=True)},
@@ -232,18 +271,29 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         }
         tracker.log(state.step, metrics)
         if trace is not None:
-            trace.write(json.dumps({"step": step, "rank": rank, "source": source, "keys": keys,
-                                    "attempt": state.attempt}) + "\n")  # fmt: skip
+            trace.write(
+                json.dumps(
+                    {"step": step, "rank": rank, "source": source, "keys": keys, "attempt": state.attempt}
+                )
+                + "\n"
+            )
             trace.flush()
         if rank == 0 and (state.step % cfg.tracking.mixture_every == 0 or state.step == plan.total_steps):
             tracker.log_mixture(state.step, state.source_steps, loader.planned)
-        if preview is not None and cfg.tracking.predictions_every and (
-            state.step % cfg.tracking.predictions_every == 0 or state.step == plan.total_steps
+        if (
+            preview is not None
+            and cfg.tracking.predictions_every
+            and (state.step % cfg.tracking.predictions_every == 0 or state.step == plan.total_steps)
         ):
             tracker.log_predictions(state.step, _render(engine.module, preview, cfg, dtype))
         if state.step % cfg.checkpoint.every_steps == 0 or state.step == plan.total_steps:
-            checkpointing.save(engine, rank=rank, loader_state=loader.state_dict(), train_state=state,
-                               metrics={"step": state.step, **last})  # fmt: skip
+            checkpointing.save(
+                engine,
+                rank=rank,
+                loader_state=loader.state_dict(),
+                train_state=state,
+                metrics={"step": state.step, **last},
+            )
         _fault_hook(plan, state.step, rank)
 
     if trace is not None:
@@ -252,13 +302,19 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     # --- export (rank 0): trainable weights, resolved config, lineage
     if rank == 0:
         lineage = _lineage(plan, stage_mixture, state, loaded, last, loader_stats)
-        config_out = {"stage": cfg.to_dict(), "model": model.config.to_dict(), "deepspeed": ds_config,
-                      "plan": plan.to_dict()}  # fmt: skip
+        config_out = {
+            "stage": cfg.to_dict(),
+            "model": model.config.to_dict(),
+            "deepspeed": ds_config,
+            "plan": plan.to_dict(),
+        }
         exports.write_export(plan.export_dir, export_trainable(engine.module, cfg.stage), config_out, lineage)
         tracker.summary({"export": plan.export_dir, **{f"final/{k}": v for k, v in last.items()}})
         run_dir = tracker.finish()
-        print(f"[rank 0] stage {cfg.stage} done at step {state.step}; export {plan.export_dir}; wandb {run_dir}",
-              flush=True)
+        print(
+            f"[rank 0] stage {cfg.stage} done at step {state.step}; export {plan.export_dir}; wandb {run_dir}",
+            flush=True,
+        )
 
 
 def _lineage(plan: RunPlan, stage_mixture, state, loaded: dict, last: dict, loader_stats: dict) -> dict:
@@ -267,18 +323,39 @@ def _lineage(plan: RunPlan, stage_mixture, state, loaded: dict, last: dict, load
     parents = []
     for stage, url in sorted(plan.init_from.items()):
         info = exports.find_export(url, stage)
-        parents.append({"stage": stage, "export": url, "model_sha256": info.lineage.get("model_sha256"),
-                        "tensors_loaded": loaded.get(stage, 0), "code": info.lineage.get("code")})  # fmt: skip
+        parents.append(
+            {
+                "stage": stage,
+                "export": url,
+                "model_sha256": info.lineage.get("model_sha256"),
+                "tensors_loaded": loaded.get(stage, 0),
+                "code": info.lineage.get("code"),
+            }
+        )
     return {
         "stage": plan.stage,
         "name": plan.cfg.name,
         "run_root": plan.run_root,
         "run_name": plan.run_name,
-        "shards": {"root": plan.shards, "datasets": [
-            {"name": d.name, "samples": d.samples, "probability": d.probability, "fingerprint": d.fingerprint,
-             "shards": [{"file": s.file, "sha256": s.sha256} for s in d.shards]} for d in stage_mixture.datasets]},
-        "mixture": {"path": plan.mixture, "stage": stage_mixture.stage, "digest": stage_mixture.digest(),
-                    "t": stage_mixture.t},
+        "shards": {
+            "root": plan.shards,
+            "datasets": [
+                {
+                    "name": d.name,
+                    "samples": d.samples,
+                    "probability": d.probability,
+                    "fingerprint": d.fingerprint,
+                    "shards": [{"file": s.file, "sha256": s.sha256} for s in d.shards],
+                }
+                for d in stage_mixture.datasets
+            ],
+        },
+        "mixture": {
+            "path": plan.mixture,
+            "stage": stage_mixture.stage,
+            "digest": stage_mixture.digest(),
+            "t": stage_mixture.t,
+        },
         "parents": parents,
         "code": plan.code,
         "steps": state.step,
@@ -289,7 +366,7 @@ def _lineage(plan: RunPlan, stage_mixture, state, loaded: dict, last: dict, load
         "final_losses": last,
         "loader_skipped": loader_stats.get("skipped", {}),
         "world_size": plan.cfg.batch.world_size,
-    }  # fmt: skip
+    }
 
 
 def _preview_batch(plan: RunPlan, stage_mixture, processor, device, dtype):

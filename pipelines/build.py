@@ -48,7 +48,9 @@ def code_version() -> dict:
         pkg = "unknown"
     try:
         here = os.path.dirname(os.path.abspath(__file__))
-        rev = subprocess.run(["git", "-C", here, "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5)
+        rev = subprocess.run(
+            ["git", "-C", here, "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5
+        )
         git = rev.stdout.strip() or None
     except (OSError, subprocess.SubprocessError):
         git = None
@@ -56,7 +58,10 @@ def code_version() -> dict:
 
 
 def resolve_jobs(
-    data_root: str, sources: Sequence[str] | None, splits: Sequence[str], overrides: dict[str, dict[str, str]],
+    data_root: str,
+    sources: Sequence[str] | None,
+    splits: Sequence[str],
+    overrides: dict[str, dict[str, str]],
     log: Callable[[str], None] = print,
 ) -> list[tuple[object, str, SourceFiles]]:
     """The (source, split, files) to build. Named sources must exist; unnamed ones are skipped if absent."""
@@ -90,7 +95,9 @@ def _convert_task(source_name, files, split, options, chunk, out_url, fp, shared
     return shards.convert_chunk(registry[source_name], files, split, options, chunk, out_url, fp, shared)
 
 
-def _run_chunks(src, files, split, options, chunks, out_url, fp, shared, num_workers) -> Iterator[shards.PartResult]:
+def _run_chunks(
+    src, files, split, options, chunks, out_url, fp, shared, num_workers
+) -> Iterator[shards.PartResult]:
     """Convert chunks as Ray tasks (at most ``num_workers`` in flight), or inline when Ray is not running
     (unit tests, debugging with pdb); results are yielded as they complete."""
     if not ray.is_initialized():
@@ -109,8 +116,14 @@ def _run_chunks(src, files, split, options, chunks, out_url, fp, shared, num_wor
 
 
 def build_split(
-    src, split: str, files: SourceFiles, out_url: str, options: BuildOptions, num_workers: int,
-    log: Callable[[str], None] = print, guard: eval_guard.EvalGuard | None = None,
+    src,
+    split: str,
+    files: SourceFiles,
+    out_url: str,
+    options: BuildOptions,
+    num_workers: int,
+    log: Callable[[str], None] = print,
+    guard: eval_guard.EvalGuard | None = None,
 ) -> SplitResult:
     t0 = time.perf_counter()
     fs, _ = storage.fs_and_path(out_url)
@@ -123,7 +136,9 @@ def build_split(
     log(f"{src.name}/{split}: indexing {', '.join(files.inputs.values())}")
     items = src.index(files, split, options)
     chunks, index_skips, shared = spill(
-        guard.exclude(items) if guard is not None else items, out_url, shards.index_dir(out_url, src.name, split),
+        guard.exclude(items) if guard is not None else items,
+        out_url,
+        shards.index_dir(out_url, src.name, split),
         options.samples_per_shard,
     )
     if options.strict and (bad := [s for s in index_skips if s.reason not in POLICY_REASONS]):
@@ -131,22 +146,43 @@ def build_split(
         raise shards.StrictModeError(f"{s.key}: {s.reason}: {s.detail}")
     done = {c.index: p for c in chunks if (p := shards.completed_part(out_url, src.name, split, c, fp))}
     todo = [c for c in chunks if c.index not in done]
-    log(f"{src.name}/{split}: {sum(c.records for c in chunks)} records in {len(chunks)} chunks; "
-        f"{len(done)} shards already complete, {len(todo)} to build")
+    log(
+        f"{src.name}/{split}: {sum(c.records for c in chunks)} records in {len(chunks)} chunks; "
+        f"{len(done)} shards already complete, {len(todo)} to build"
+    )
     parts = list(done.values())
     samples_done = 0
     for part in _run_chunks(src, files, split, options, todo, out_url, fp, shared, num_workers):
         parts.append(part)
         samples_done += part.samples
         el = time.perf_counter() - t0
-        log(f"  {src.name}/{split}: shard {len(parts)}/{len(chunks)} ({samples_done} samples, "
-            f"{samples_done / max(el, 1e-9):.1f} samples/s)")
-    manifest = shards.write_manifest(out_url, src, split, files, options, parts, index_skips, hashes, fp,
-                                     time.perf_counter() - t0, code_version())
+        log(
+            f"  {src.name}/{split}: shard {len(parts)}/{len(chunks)} ({samples_done} samples, "
+            f"{samples_done / max(el, 1e-9):.1f} samples/s)"
+        )
+    manifest = shards.write_manifest(
+        out_url,
+        src,
+        split,
+        files,
+        options,
+        parts,
+        index_skips,
+        hashes,
+        fp,
+        time.perf_counter() - t0,
+        code_version(),
+    )
     fs.rm(shards.index_dir(out_url, src.name, split), recursive=True)
     return SplitResult(
-        src.name, split, manifest["counts"]["samples"], manifest["counts"]["skipped"], len(manifest["shards"]),
-        sum(s["bytes"] for s in manifest["shards"]), time.perf_counter() - t0, len(done),
+        src.name,
+        split,
+        manifest["counts"]["samples"],
+        manifest["counts"]["skipped"],
+        len(manifest["shards"]),
+        sum(s["bytes"] for s in manifest["shards"]),
+        time.perf_counter() - t0,
+        len(done),
     )
 
 
@@ -170,21 +206,29 @@ def build(
     jobs = resolve_jobs(os.path.abspath(data_root), sources, splits, overrides or {}, log)
     if not jobs:
         raise BuildConfigError(f"no source found under {data_root} for splits {list(splits)}")
-    workers = num_workers or (max(1, int(ray.available_resources().get("CPU", 1))) if ray.is_initialized() else 1)
+    workers = num_workers or (
+        max(1, int(ray.available_resources().get("CPU", 1))) if ray.is_initialized() else 1
+    )
     guard = eval_guard.prepare(os.path.abspath(data_root), out_url, overrides or {}, options, log)
-    results = [build_split(src, split, files, out_url, options, workers, log, guard.for_split(src, split))
-               for src, split, files in jobs]
+    results = [
+        build_split(src, split, files, out_url, options, workers, log, guard.for_split(src, split))
+        for src, split, files in jobs
+    ]
     # balance-resampling weights over every train manifest now under out_url (not only this run's)
     log(f"mixture weights written to {mixture.write_mixture(out_url, log=log)}")
     return results
 
 
 def format_table(results: Sequence[SplitResult]) -> str:
-    head = f"{'source':<18} {'split':<10} {'samples':>9} {'skipped':>8} {'shards':>7} {'MB':>9} {'seconds':>8}"
+    head = (
+        f"{'source':<18} {'split':<10} {'samples':>9} {'skipped':>8} {'shards':>7} {'MB':>9} {'seconds':>8}"
+    )
     rows = [head, "-" * len(head)]
     for r in results:
-        rows.append(f"{r.source:<18} {r.split:<10} {r.samples:>9} {r.skipped:>8} {r.shards:>7} "
-                    f"{r.bytes / 1e6:>9.2f} {r.seconds:>8.1f}")
+        rows.append(
+            f"{r.source:<18} {r.split:<10} {r.samples:>9} {r.skipped:>8} {r.shards:>7} "
+            f"{r.bytes / 1e6:>9.2f} {r.seconds:>8.1f}"
+        )
     return "\n".join(rows)
 
 

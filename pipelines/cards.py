@@ -46,8 +46,13 @@ REQUIRED_SECTIONS = (
 _PASSTHROUGH_KEYS = ("license", "license_name", "license_link", "task_categories", "source_datasets", "tags")
 # Hugging Face's size buckets (upper bounds exclusive), smallest first.
 _SIZE_BUCKETS = (
-    (1_000, "n<1K"), (10_000, "1K<n<10K"), (100_000, "10K<n<100K"), (1_000_000, "100K<n<1M"),
-    (10_000_000, "1M<n<10M"), (100_000_000, "10M<n<100M"), (1_000_000_000, "100M<n<1B"),
+    (1_000, "n<1K"),
+    (10_000, "1K<n<10K"),
+    (100_000, "10K<n<100K"),
+    (1_000_000, "100K<n<1M"),
+    (10_000_000, "1M<n<10M"),
+    (100_000_000, "10M<n<100M"),
+    (1_000_000_000, "100M<n<1B"),
 )
 TOP_CATEGORIES = 20  # rows of the "masks per category id" table
 DEMO_NOTE = (
@@ -57,9 +62,15 @@ DEMO_NOTE = (
     "`python -m pipelines.cards --out <your shard folder>`."
 )
 NUMBER_COLUMNS = (
-    ("samples", "samples"), ("records in", "records_in"), ("skipped", "skipped"),
-    ("dropped annotations", "dropped_annotations"), ("shards", None), ("bytes", None), ("masks", "masks"),
-    ("regions", "regions"), ("user turns", "turns"),
+    ("samples", "samples"),
+    ("records in", "records_in"),
+    ("skipped", "skipped"),
+    ("dropped annotations", "dropped_annotations"),
+    ("shards", None),
+    ("bytes", None),
+    ("masks", "masks"),
+    ("regions", "regions"),
+    ("user turns", "turns"),
 )
 
 
@@ -212,7 +223,9 @@ def _numbers_table(splits: list[str], manifests: Mapping[str, dict]) -> list[str
             cells.append(_n(row[k]))
         lines.append(f"| {split} | " + " | ".join(cells) + " |")
     if len(manifests) > 1:
-        lines.append("| **all built** | " + " | ".join(_n(totals[key or name]) for name, key in NUMBER_COLUMNS) + " |")
+        lines.append(
+            "| **all built** | " + " | ".join(_n(totals[key or name]) for name, key in NUMBER_COLUMNS) + " |"
+        )
     return lines
 
 
@@ -224,7 +237,9 @@ def _reason_table(kind: str, splits: list[str], manifests: Mapping[str, dict]) -
         return []
     lines = ["| reason | " + " | ".join(built) + " |", "|---|" + "---:|" * len(built)]
     for r in reasons:
-        lines.append(f"| `{r}` | " + " | ".join(_n(manifests[s].get(kind, {}).get(r, 0)) for s in built) + " |")
+        lines.append(
+            f"| `{r}` | " + " | ".join(_n(manifests[s].get(kind, {}).get(r, 0)) for s in built) + " |"
+        )
     return lines
 
 
@@ -232,7 +247,9 @@ def _category_section(splits: list[str], manifests: Mapping[str, dict]) -> list[
     built = [s for s in splits if s in manifests]
     per_split = {s: manifests[s].get("category_counts", {}) for s in built}
     if not any(per_split.values()):
-        return ["No mask of the built splits carries a category id (phrases are free text, or there are no masks)."]
+        return [
+            "No mask of the built splits carries a category id (phrases are free text, or there are no masks)."
+        ]
     distinct = ", ".join(f"{s}: {_n(len(per_split[s]))}" for s in built)
     totals: dict[str, int] = {}
     for counts in per_split.values():
@@ -266,16 +283,20 @@ def _input_name(inp: dict) -> str:
 
 def _provenance(splits: list[str], manifests: Mapping[str, dict]) -> list[str]:
     built = [s for s in splits if s in manifests]
-    lines = ["| split | source version | schema | inputs (bytes, sha256) | folders | fingerprint |",
-             "|---|---:|---:|---|---|---|"]
+    lines = [
+        "| split | source version | schema | inputs (bytes, sha256) | folders | fingerprint |",
+        "|---|---:|---:|---|---|---|",
+    ]
     for s in built:
         m = manifests[s]
         inputs = "<br>".join(
             f"`{_input_name(i)}` ({_n(i['bytes'])}, `{i['sha256'][:16]}`)" for i in m.get("inputs", [])
         )
         dirs = "<br>".join(f"{k}: `{v}`" for k, v in sorted(m.get("dirs", {}).items()))
-        lines.append(f"| {s} | {m.get('source_version')} | {m.get('schema')} | {inputs} | {dirs} | "
-                     f"`{str(m.get('fingerprint', ''))[:16]}` |")
+        lines.append(
+            f"| {s} | {m.get('source_version')} | {m.get('schema')} | {inputs} | {dirs} | "
+            f"`{str(m.get('fingerprint', ''))[:16]}` |"
+        )
     infos = {s: manifests[s].get("info") for s in built if manifests[s].get("info")}
     if infos:
         lines += ["", "What locating the files found (`info` in the manifests):", ""]
@@ -297,17 +318,21 @@ def _front_matter(inp: CardInputs, splits: list[str]) -> str:
         if key in meta:
             fm[key] = meta[key]
     if inp.manifests:
-        fm["size_categories"] = [size_category(sum(split_numbers(m)["samples"] for m in inp.manifests.values()))]
+        fm["size_categories"] = [
+            size_category(sum(split_numbers(m)["samples"] for m in inp.manifests.values()))
+        ]
     # configs: one per source; one data_files entry per split, globs relative to <out>/<source>/.
     # Only built splits when any are built: a glob that matches nothing makes `load_dataset` fail.
     cfg_splits = [s for s in splits if s in inp.manifests] or splits
     # explicit column types: HF's webdataset builder would otherwise guess them from 5 samples (pipelines/hf.py)
     fm["dataset_info"] = {"features": [dict(f) for f in FEATURES_YAML]}
     if cfg_splits:
-        fm["configs"] = [{
-            "config_name": "default",
-            "data_files": [{"split": s, "path": f"{s}/{inp.info.name}-{s}-*.tar"} for s in cfg_splits],
-        }]
+        fm["configs"] = [
+            {
+                "config_name": "default",
+                "data_files": [{"split": s, "path": f"{s}/{inp.info.name}-{s}-*.tar"} for s in cfg_splits],
+            }
+        ]
     return yaml.safe_dump(fm, sort_keys=False, allow_unicode=True, width=1000)
 
 
@@ -341,9 +366,12 @@ def render_card(inp: CardInputs) -> str:
         ]
     out += _numbers_table(splits, manifests) + [""]
     if manifests:
-        out += ["`records in` = `samples` + `skipped` (nothing is lost silently). `dropped annotations` are parts "
-                "of samples that were still written. Every skipped record and dropped annotation is listed, with "
-                "its key and detail, in `<split>/skipped.jsonl` beside the shards.", ""]
+        out += [
+            "`records in` = `samples` + `skipped` (nothing is lost silently). `dropped annotations` are parts "
+            "of samples that were still written. Every skipped record and dropped annotation is listed, with "
+            "its key and detail, in `<split>/skipped.jsonl` beside the shards.",
+            "",
+        ]
         out += ["### Skipped records by reason", ""]
         out += (_reason_table("skipped", splits, manifests) or ["No record was skipped."]) + [""]
         out += ["### Dropped annotations by reason", ""]
@@ -393,8 +421,9 @@ def card_sources(manifests: Mapping[str, dict]) -> list[str]:
     return sorted(set(SOURCES) | set(card_text_names()) | set(manifests))
 
 
-def render_cards(out_url: str | None, note: str | None = None,
-                 sources: Iterable[str] | None = None) -> dict[str, str]:
+def render_cards(
+    out_url: str | None, note: str | None = None, sources: Iterable[str] | None = None
+) -> dict[str, str]:
     """``{source: card text}`` for every source (or the given ones), numbers from ``out_url``'s manifests."""
     found = read_manifests(out_url) if out_url else {}
     cards = {}
@@ -444,11 +473,16 @@ def build_demo(out: str | Path, data_root: str | Path | None = None) -> Path:
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", help="the shard folder of a build (holds <source>/<split>/manifest.json)")
-    p.add_argument("--cards-dir", default="dataset_cards", help="where to write <source>.md (default: %(default)s)")
+    p.add_argument(
+        "--cards-dir", default="dataset_cards", help="where to write <source>.md (default: %(default)s)"
+    )
     p.add_argument("--note", help="a line quoted at the top of every card (e.g. what build this is)")
     p.add_argument("--readme", action="store_true", help="also write each card as <out>/<source>/README.md")
-    p.add_argument("--demo", action="store_true",
-                   help="build the embedded demo data in a temporary folder and write the example cards from it")
+    p.add_argument(
+        "--demo",
+        action="store_true",
+        help="build the embedded demo data in a temporary folder and write the example cards from it",
+    )
     args = p.parse_args(argv)
     if args.demo:
         with tempfile.TemporaryDirectory(prefix="xsam-cards-demo-") as tmp:

@@ -67,7 +67,9 @@ def spill(
             continue
         key = item["key"]
         if key <= last_key:
-            raise IndexOrderError(f"record {key!r} follows {last_key!r}: index() must yield keys in increasing order")
+            raise IndexOrderError(
+                f"record {key!r} follows {last_key!r}: index() must yield keys in increasing order"
+            )
         last_key = key
         buf.append(json.dumps(item, sort_keys=True, separators=(",", ":")).encode() + b"\n")
         keys.append(key)

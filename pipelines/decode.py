@@ -40,8 +40,12 @@ SIGLIP_STD = (0.5, 0.5, 0.5)
 SAM_MEAN = (0.485, 0.456, 0.406)
 SAM_STD = (0.229, 0.224, 0.225)
 
-_INTERP = {"nearest": cv2.INTER_NEAREST_EXACT, "bilinear": cv2.INTER_LINEAR, "bicubic": cv2.INTER_CUBIC,
-           "area": cv2.INTER_AREA}
+_INTERP = {
+    "nearest": cv2.INTER_NEAREST_EXACT,
+    "bilinear": cv2.INTER_LINEAR,
+    "bicubic": cv2.INTER_CUBIC,
+    "area": cv2.INTER_AREA,
+}
 
 
 class ImageDecodeError(ValueError):
@@ -64,7 +68,9 @@ def decode_image(data: bytes, *, min_hw: tuple[int, int] | None = None, fastdct:
             except ValueError:
                 pass  # CMYK / unusual JPEG that turbojpeg will not convert: PIL below
         elif data[:8] == PNG_MAGIC:
-            arr = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR_RGB | cv2.IMREAD_IGNORE_ORIENTATION)
+            arr = cv2.imdecode(
+                np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR_RGB | cv2.IMREAD_IGNORE_ORIENTATION
+            )
             if arr is not None and arr.dtype == np.uint8:
                 return arr
         with Image.open(io.BytesIO(data)) as im:
@@ -90,14 +96,19 @@ def resize(img: np.ndarray, hw: tuple[int, int], kind: str = "bicubic") -> np.nd
     return cv2.resize(img, (hw[1], hw[0]), interpolation=interp)
 
 
-def resize_longest(img: np.ndarray, longest: int, kind: str = "bilinear") -> tuple[np.ndarray, tuple[int, int]]:
+def resize_longest(
+    img: np.ndarray, longest: int, kind: str = "bilinear"
+) -> tuple[np.ndarray, tuple[int, int]]:
     """Resize so the longest side is ``longest``; returns the image and its ``(h, w)``."""
     hw = scaled_size(img.shape[0], img.shape[1], longest)
     return resize(img, hw, kind), hw
 
 
 def normalize_chw(
-    img: np.ndarray, mean: Sequence[float], std: Sequence[float], pad_to: int | None = None,
+    img: np.ndarray,
+    mean: Sequence[float],
+    std: Sequence[float],
+    pad_to: int | None = None,
     out: np.ndarray | None = None,
 ) -> np.ndarray:
     """``HxWx3`` uint8 → ``3xHxW`` float32 ``(x/255 − mean)/std``; with ``pad_to``, ``3xPxP`` zero-padded
@@ -109,13 +120,15 @@ def normalize_chw(
     out = _padded((3,), (h, w), pad_to, np.float32, out)
     # one SIMD pass per channel plane, written straight into the (padded) output: x·a + b, a = 1/(255·std)
     for c, plane in enumerate(cv2.split(img)):
-        cv2.addWeighted(plane, 1.0 / (255.0 * std[c]), plane, 0.0, -mean[c] / std[c], dst=out[c, :h, :w],
-                        dtype=cv2.CV_32F)  # fmt: skip
+        cv2.addWeighted(
+            plane, 1.0 / (255.0 * std[c]), plane, 0.0, -mean[c] / std[c], dst=out[c, :h, :w], dtype=cv2.CV_32F
+        )
     return out
 
 
-def _padded(lead: tuple[int, ...], hw: tuple[int, int], pad_to: int | None, dtype, out: np.ndarray | None = None
-            ) -> np.ndarray:  # fmt: skip
+def _padded(
+    lead: tuple[int, ...], hw: tuple[int, int], pad_to: int | None, dtype, out: np.ndarray | None = None
+) -> np.ndarray:
     """An uninitialised ``lead + (P, P)`` array (``lead + hw`` without ``pad_to``) whose pad is zeroed: the
     caller fills ``[..., :h, :w]``, so the bulk is written once instead of zeroed and then written."""
     h, w = hw
@@ -259,10 +272,18 @@ def image_inputs(
     """
     img = decode_image(data)
     if expect_hw is not None and img.shape[:2] != tuple(expect_hw):
-        raise ImageDecodeError(f"image is {img.shape[0]}x{img.shape[1]}, expected {expect_hw[0]}x{expect_hw[1]}")
+        raise ImageDecodeError(
+            f"image is {img.shape[0]}x{img.shape[1]}, expected {expect_hw[0]}x{expect_hw[1]}"
+        )
     new = alloc or (lambda shape, dtype: None)
-    siglip = normalize_chw(resize(img, (siglip_size, siglip_size), "bicubic"), siglip_mean, siglip_std,
-                           out=new((3, siglip_size, siglip_size), np.float32))  # fmt: skip
+    siglip = normalize_chw(
+        resize(img, (siglip_size, siglip_size), "bicubic"),
+        siglip_mean,
+        siglip_std,
+        out=new((3, siglip_size, siglip_size), np.float32),
+    )
     sam_img, hw = resize_longest(img, sam_size, "bilinear")
-    sam = normalize_chw(sam_img, sam_mean, sam_std, pad_to=sam_size, out=new((3, sam_size, sam_size), np.float32))
+    sam = normalize_chw(
+        sam_img, sam_mean, sam_std, pad_to=sam_size, out=new((3, sam_size, sam_size), np.float32)
+    )
     return {"pixel_values": siglip, "extra_pixel_values": sam, "scaled_size": hw, "image_hw": img.shape[:2]}

@@ -45,8 +45,12 @@ class EvalGuard:
         """Pass a source's index through, turning records of eval images into :data:`REASON` skips."""
         for item in items:
             if isinstance(item, dict) and (item.get("image") or {}).get("id") in self.image_ids:
-                yield Skip(item["key"], REASON, f"image {item['image']['id']} is a RefCOCO/+/g/gRefCOCO eval image "
-                           f"(see {FILE_NAME}; --keep-eval-images keeps it)")
+                yield Skip(
+                    item["key"],
+                    REASON,
+                    f"image {item['image']['id']} is a RefCOCO/+/g/gRefCOCO eval image "
+                    f"(see {FILE_NAME}; --keep-eval-images keeps it)",
+                )
             else:
                 yield item
 
@@ -67,13 +71,25 @@ def gather(data_root: str, overrides: dict[str, dict[str, str]]) -> dict:
         for rel, by_split in found.items():
             for split, split_ids in by_split.items():
                 ids.update(split_ids)
-                splits.append({"source": src.name, "file": rel, "split": split, "images": len(split_ids),
-                               "image_ids": split_ids})
+                splits.append(
+                    {
+                        "source": src.name,
+                        "file": rel,
+                        "split": split,
+                        "images": len(split_ids),
+                        "image_ids": split_ids,
+                    }
+                )
     return {"image_ids": sorted(ids, key=image_sort_id), "eval_splits": splits, "errors": errors}
 
 
-def prepare(data_root: str, out_url: str, overrides: dict[str, dict[str, str]], options: BuildOptions,
-            log: Callable[[str], None] = print) -> EvalGuard:
+def prepare(
+    data_root: str,
+    out_url: str,
+    overrides: dict[str, dict[str, str]],
+    options: BuildOptions,
+    log: Callable[[str], None] = print,
+) -> EvalGuard:
     """Gather the eval image ids, write ``<out>/eval_images.json``, return the guard for :mod:`pipelines.build`."""
     data = gather(data_root, overrides)
     for e in data["errors"]:
@@ -84,6 +100,10 @@ def prepare(data_root: str, out_url: str, overrides: dict[str, dict[str, str]], 
     path = storage.join(out_url.rstrip("/"), FILE_NAME)
     storage.write_json(fs, path, data)
     n = len(data["image_ids"])
-    action = "kept (--keep-eval-images)" if options.keep_eval_images else "left out of guarded training splits"
-    log(f"eval-leakage guard: {n} RefCOCO/+/g/gRefCOCO eval image ids in {len(data['eval_splits'])} splits -> {path}; {action}")
+    action = (
+        "kept (--keep-eval-images)" if options.keep_eval_images else "left out of guarded training splits"
+    )
+    log(
+        f"eval-leakage guard: {n} RefCOCO/+/g/gRefCOCO eval image ids in {len(data['eval_splits'])} splits -> {path}; {action}"
+    )
     return EvalGuard(path=path, image_ids=frozenset(data["image_ids"]), keep=options.keep_eval_images)

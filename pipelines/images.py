@@ -57,7 +57,13 @@ def _check_png(data: bytes, rel: str, max_pixels: int) -> tuple[int, int]:
                 im.load()
     except SkipRecord:
         raise
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+    except (
+        OSError,
+        ValueError,
+        SyntaxError,
+        Image.DecompressionBombError,
+        Image.DecompressionBombWarning,
+    ) as e:
         raise SkipRecord("corrupt_image", f"{rel}: {e}") from None
     return h, w
 

@@ -53,7 +53,9 @@ def load_small(path: str) -> Any:
         try:
             return json.load(f)
         except json.JSONDecodeError as e:
-            raise MalformedJSON(f"{path}: malformed JSON at line {e.lineno} column {e.colno} (byte {e.pos}): {e.msg}") from None
+            raise MalformedJSON(
+                f"{path}: malformed JSON at line {e.lineno} column {e.colno} (byte {e.pos}): {e.msg}"
+            ) from None
         except UnicodeDecodeError as e:
             raise MalformedJSON(f"{path}: not UTF-8 text at byte {e.start}") from None
 

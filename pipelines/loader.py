@@ -201,9 +201,13 @@ class _ShardReader:
         out: list[_Raw] = []
         have = range(lo, min(hi, idx.n))
         if len(have):
-            offs = np.concatenate([idx.json_off[lo:have.stop], idx.img_off[lo:have.stop]])
-            ends = np.concatenate([idx.json_off[lo:have.stop] + idx.json_len[lo:have.stop],
-                                   idx.img_off[lo:have.stop] + idx.img_len[lo:have.stop]])  # fmt: skip
+            offs = np.concatenate([idx.json_off[lo : have.stop], idx.img_off[lo : have.stop]])
+            ends = np.concatenate(
+                [
+                    idx.json_off[lo : have.stop] + idx.json_len[lo : have.stop],
+                    idx.img_off[lo : have.stop] + idx.img_len[lo : have.stop],
+                ]
+            )
             start, stop = int(offs[offs >= 0].min()), int(ends.max())
             try:
                 blob = _retry(lambda: self.fs.cat_file(self.path(rel), start=start, end=stop))
@@ -239,8 +243,15 @@ def _retry(fn: Callable[[], Any], attempts: int = 3, retry_on: tuple = (OSError,
 class _Cursor:
     """A consumer's view of one dataset: its slice, the epoch orders, and the current window's bytes."""
 
-    def __init__(self, d: mixture_mod.DatasetWeight, consumer: int, consumers: int, seed: int, window: int,
-                 reader: _ShardReader):  # fmt: skip
+    def __init__(
+        self,
+        d: mixture_mod.DatasetWeight,
+        consumer: int,
+        consumers: int,
+        seed: int,
+        window: int,
+        reader: _ShardReader,
+    ):
         self.d, self.reader, self.seed = d, reader, seed
         self.tag = zlib.crc32(d.name.encode())
         self.consumer = consumer
@@ -293,8 +304,17 @@ class _Cursor:
 
 # ---------------------------------------------------------------------------------------------- the stream
 def new_stats(names: Sequence[str] = ()) -> dict:
-    return {"batches": 0, "samples": 0, "skipped": {}, "filtered": {}, "bytes_read": 0, "windows_read": 0,
-            "shards_indexed": 0, "batches_by_source": dict.fromkeys(names, 0), "errors": []}  # fmt: skip
+    return {
+        "batches": 0,
+        "samples": 0,
+        "skipped": {},
+        "filtered": {},
+        "bytes_read": 0,
+        "windows_read": 0,
+        "shards_indexed": 0,
+        "batches_by_source": dict.fromkeys(names, 0),
+        "errors": [],
+    }
 
 
 def _default_transform(sample: Sample, image_bytes: bytes | None) -> dict:
@@ -313,23 +333,48 @@ class Batch:
 class MixtureStream:
     """The torch-free core: lane ``l`` of this rank produces its micro-batches from a start state."""
 
-    def __init__(self, shards: str, stage: mixture_mod.StageMixture, *, batch_size: int, rank: int = 0,
-                 world_size: int = 1, lanes: int = 1, seed: int = 0, grad_accum: int = 1,
-                 transform: Callable[[Sample, bytes | None], Any] | None = None,
-                 collate: Callable[[list], Any] | None = None, shuffle_window: int = 64, strict: bool = False,
-                 exclude_flags: Sequence[str] | None = None, storage_options: dict | None = None,
-                 max_cached_indexes: int = 256):  # fmt: skip
+    def __init__(
+        self,
+        shards: str,
+        stage: mixture_mod.StageMixture,
+        *,
+        batch_size: int,
+        rank: int = 0,
+        world_size: int = 1,
+        lanes: int = 1,
+        seed: int = 0,
+        grad_accum: int = 1,
+        transform: Callable[[Sample, bytes | None], Any] | None = None,
+        collate: Callable[[list], Any] | None = None,
+        shuffle_window: int = 64,
+        strict: bool = False,
+        exclude_flags: Sequence[str] | None = None,
+        storage_options: dict | None = None,
+        max_cached_indexes: int = 256,
+    ):
         if not stage.datasets:
-            raise LoaderError(f"stage {stage.stage} has no dataset (missing: {[m['dataset'] for m in stage.missing]})")
-        for name, v in (("batch_size", batch_size), ("world_size", world_size), ("lanes", lanes),
-                        ("grad_accum", grad_accum), ("shuffle_window", shuffle_window)):  # fmt: skip
+            raise LoaderError(
+                f"stage {stage.stage} has no dataset (missing: {[m['dataset'] for m in stage.missing]})"
+            )
+        for name, v in (
+            ("batch_size", batch_size),
+            ("world_size", world_size),
+            ("lanes", lanes),
+            ("grad_accum", grad_accum),
+            ("shuffle_window", shuffle_window),
+        ):
             if not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name} must be a positive int, got {v!r}")
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} outside [0, {world_size})")
         self.shards, self.stage = str(shards), stage
         self.batch_size, self.rank, self.world_size, self.lanes = batch_size, rank, world_size, lanes
-        self.seed, self.grad_accum, self.shuffle_window, self.strict = int(seed), grad_accum, shuffle_window, strict
+        self.seed, self.grad_accum, self.shuffle_window, self.strict = (
+            int(seed),
+            grad_accum,
+            shuffle_window,
+            strict,
+        )
         self.transform = transform or _default_transform
         self.collate = collate or list
         self.exclude_flags = tuple(stage.exclude_flags if exclude_flags is None else exclude_flags)
@@ -342,8 +387,9 @@ class MixtureStream:
         """Dataset index of each micro-step (the draw of its global step)."""
         return step_sources(self.seed, np.asarray(micro_steps) // self.grad_accum, self.probabilities)
 
-    def iter_lane(self, lane: int, first_micro_step: int, positions: dict[str, int], stats: dict
-                  ) -> Iterator[tuple[dict, Any]]:  # fmt: skip
+    def iter_lane(
+        self, lane: int, first_micro_step: int, positions: dict[str, int], stats: dict
+    ) -> Iterator[tuple[dict, Any]]:
         """Micro-steps ``first, first + L, …`` of ``lane``: yields ``(meta, collated batch)``; ``positions``
         and ``stats`` are this lane's start state (copied, not mutated)."""
         if first_micro_step % self.lanes != lane:
@@ -363,8 +409,15 @@ class MixtureStream:
                 data = self.collate(items)
                 stats["batches"] += 1
                 stats["batches_by_source"][d.name] = stats["batches_by_source"].get(d.name, 0) + 1
-                meta = {"micro_step": m, "step": m // self.grad_accum, "lane": lane, "source": d.name,
-                        "task": d.task, "position": positions[d.name], "stats": copy.deepcopy(stats)}  # fmt: skip
+                meta = {
+                    "micro_step": m,
+                    "step": m // self.grad_accum,
+                    "lane": lane,
+                    "source": d.name,
+                    "task": d.task,
+                    "position": positions[d.name],
+                    "stats": copy.deepcopy(stats),
+                }
                 yield meta, data
             m += self.lanes
 
@@ -378,8 +431,10 @@ class MixtureStream:
             if item is None:
                 bad += 1
                 if bad >= cur.length + self.batch_size:  # a whole pass without a usable sample
-                    raise LoaderError(f"{cur.d.name}: no usable sample in consumer {cur.consumer}'s slice of "
-                                      f"{cur.length}; recent errors: {stats['errors'][-3:]}")
+                    raise LoaderError(
+                        f"{cur.d.name}: no usable sample in consumer {cur.consumer}'s slice of "
+                        f"{cur.length}; recent errors: {stats['errors'][-3:]}"
+                    )
                 continue
             bad = 0
             items.append(item)
@@ -390,8 +445,10 @@ class MixtureStream:
         if self.strict:
             raise LoaderError(f"{key or '?'}: {reason}: {detail}")
         if reason not in stats["skipped"]:
-            warnings.warn(f"loader: skipping {key or '?'}: {reason}: {detail} (counted in stats; strict=True raises)",
-                          stacklevel=3)
+            warnings.warn(
+                f"loader: skipping {key or '?'}: {reason}: {detail} (counted in stats; strict=True raises)",
+                stacklevel=3,
+            )
         stats["skipped"][reason] = stats["skipped"].get(reason, 0) + 1
         stats["errors"] = (stats["errors"] + [f"{key}: {reason}: {detail}"[:300]])[-_MAX_ERRORS:]
 
@@ -404,7 +461,9 @@ class MixtureStream:
         except (ValueError, KeyError, TypeError) as e:
             return self._skip(stats, "corrupt_json", raw.key, f"{type(e).__name__}: {e}")
         if sample.source != d.source or sample.key != raw.key:
-            return self._skip(stats, "foreign_sample", raw.key, f"holds {sample.key!r}, expected a {d.source} sample")
+            return self._skip(
+                stats, "foreign_sample", raw.key, f"holds {sample.key!r}, expected a {d.source} sample"
+            )
         for flag in self.exclude_flags:
             if sample.meta.get(flag):
                 stats["filtered"][flag] = stats["filtered"].get(flag, 0) + 1
@@ -416,7 +475,11 @@ class MixtureStream:
         except LoaderError:
             raise
         except Exception as e:  # noqa: BLE001 — a bad sample must not stop training; counted, shown, strict raises
-            reason = "corrupt_image" if isinstance(e, ImageDecodeError) or _is_pil_decode_error(e) else "transform_error"
+            reason = (
+                "corrupt_image"
+                if isinstance(e, ImageDecodeError) or _is_pil_decode_error(e)
+                else "transform_error"
+            )
             return self._skip(stats, reason, raw.key, f"{type(e).__name__}: {e}")
 
 
@@ -448,7 +511,9 @@ def _lane_dataset_cls():
             info = torch.utils.data.get_worker_info()
             w, n = (info.id, info.num_workers) if info else (0, 1)
             if n != self.stream.lanes:
-                raise LoaderError(f"DataLoader has {n} workers but the stream was built for {self.stream.lanes}")
+                raise LoaderError(
+                    f"DataLoader has {n} workers but the stream was built for {self.stream.lanes}"
+                )
             lane = (self.start + w) % n
             yield from self.stream.iter_lane(lane, self.start + w, self.positions[lane], self.stats[lane])
 
@@ -487,14 +552,29 @@ class MixtureLoader:
             one core per worker); None leaves OpenCV alone.
     """
 
-    def __init__(self, shards: str, *, stage: str | int, batch_size: int, rank: int = 0, world_size: int = 1,
-                 num_workers: int = 0, seed: int = 0, grad_accum: int = 1,
-                 transform: Callable[[Sample, bytes | None], Any] | None = None,
-                 collate: Callable[[list], Any] | None = None,
-                 mixture: mixture_mod.Mixture | mixture_mod.StageMixture | str | None = None,
-                 shuffle_window: int = 64, strict: bool = False, exclude_flags: Sequence[str] | None = None,
-                 storage_options: dict | None = None, prefetch_factor: int | None = 2, pin_memory: bool = False,
-                 multiprocessing_context=None, opencv_threads: int | None = 1):  # fmt: skip
+    def __init__(
+        self,
+        shards: str,
+        *,
+        stage: str | int,
+        batch_size: int,
+        rank: int = 0,
+        world_size: int = 1,
+        num_workers: int = 0,
+        seed: int = 0,
+        grad_accum: int = 1,
+        transform: Callable[[Sample, bytes | None], Any] | None = None,
+        collate: Callable[[list], Any] | None = None,
+        mixture: mixture_mod.Mixture | mixture_mod.StageMixture | str | None = None,
+        shuffle_window: int = 64,
+        strict: bool = False,
+        exclude_flags: Sequence[str] | None = None,
+        storage_options: dict | None = None,
+        prefetch_factor: int | None = 2,
+        pin_memory: bool = False,
+        multiprocessing_context=None,
+        opencv_threads: int | None = 1,
+    ):
         if isinstance(mixture, mixture_mod.StageMixture):
             stage_mix = mixture
         else:
@@ -502,12 +582,26 @@ class MixtureLoader:
             stage_mix = mix.stage(stage)
         self.num_workers, self.opencv_threads = num_workers, opencv_threads
         self.stream = MixtureStream(
-            shards, stage_mix, batch_size=batch_size, rank=rank, world_size=world_size, lanes=max(1, num_workers),
-            seed=seed, grad_accum=grad_accum, transform=transform, collate=collate, shuffle_window=shuffle_window,
-            strict=strict, exclude_flags=exclude_flags, storage_options=storage_options,
-        )  # fmt: skip
-        self.dataloader_kwargs = {"prefetch_factor": prefetch_factor if num_workers else None,
-                                  "pin_memory": pin_memory, "multiprocessing_context": multiprocessing_context}
+            shards,
+            stage_mix,
+            batch_size=batch_size,
+            rank=rank,
+            world_size=world_size,
+            lanes=max(1, num_workers),
+            seed=seed,
+            grad_accum=grad_accum,
+            transform=transform,
+            collate=collate,
+            shuffle_window=shuffle_window,
+            strict=strict,
+            exclude_flags=exclude_flags,
+            storage_options=storage_options,
+        )
+        self.dataloader_kwargs = {
+            "prefetch_factor": prefetch_factor if num_workers else None,
+            "pin_memory": pin_memory,
+            "multiprocessing_context": multiprocessing_context,
+        }
         self.digest = stage_mix.digest()
         self._micro_step = 0
         lanes = self.stream.lanes
@@ -528,13 +622,24 @@ class MixtureLoader:
                 import cv2
 
                 cv2.setNumThreads(self.opencv_threads)
-            ds = _lane_dataset_cls()(self.stream, start, copy.deepcopy(self._positions), copy.deepcopy(self._stats))
-            source = iter(torch.utils.data.DataLoader(ds, batch_size=None, num_workers=self.num_workers,
-                                                      collate_fn=_passthrough, persistent_workers=False,
-                                                      **self.dataloader_kwargs))  # fmt: skip
+            ds = _lane_dataset_cls()(
+                self.stream, start, copy.deepcopy(self._positions), copy.deepcopy(self._stats)
+            )
+            source = iter(
+                torch.utils.data.DataLoader(
+                    ds,
+                    batch_size=None,
+                    num_workers=self.num_workers,
+                    collate_fn=_passthrough,
+                    persistent_workers=False,
+                    **self.dataloader_kwargs,
+                )
+            )
         for meta, data in source:
             if meta["micro_step"] != self._micro_step:  # DataLoader round-robin is what makes lanes work
-                raise LoaderError(f"expected micro-step {self._micro_step}, a worker produced {meta['micro_step']}")
+                raise LoaderError(
+                    f"expected micro-step {self._micro_step}, a worker produced {meta['micro_step']}"
+                )
             self._micro_step += 1
             self._positions[meta["lane"]][meta["source"]] = meta["position"]
             self._stats[meta["lane"]] = meta["stats"]
@@ -551,29 +656,48 @@ class MixtureLoader:
 
     def _identity(self) -> dict:
         s = self.stream
-        return {"format": STATE_FORMAT, "stage": s.stage.stage, "mixture_digest": self.digest, "seed": s.seed,
-                "rank": s.rank, "world_size": s.world_size, "lanes": s.lanes, "batch_size": s.batch_size,
-                "grad_accum": s.grad_accum, "shuffle_window": s.shuffle_window,
-                "exclude_flags": list(s.exclude_flags)}  # fmt: skip
+        return {
+            "format": STATE_FORMAT,
+            "stage": s.stage.stage,
+            "mixture_digest": self.digest,
+            "seed": s.seed,
+            "rank": s.rank,
+            "world_size": s.world_size,
+            "lanes": s.lanes,
+            "batch_size": s.batch_size,
+            "grad_accum": s.grad_accum,
+            "shuffle_window": s.shuffle_window,
+            "exclude_flags": list(s.exclude_flags),
+        }
 
     def state_dict(self) -> dict:
         """Plain-JSON state after the last batch handed out: resume with :meth:`load_state_dict`."""
-        return {**self._identity(), "micro_step": self._micro_step, "step": self.step,
-                "positions": {n: [p[n] for p in self._positions] for n in self.stream.names},
-                "stats": copy.deepcopy(self._stats)}  # fmt: skip
+        return {
+            **self._identity(),
+            "micro_step": self._micro_step,
+            "step": self.step,
+            "positions": {n: [p[n] for p in self._positions] for n in self.stream.names},
+            "stats": copy.deepcopy(self._stats),
+        }
 
     def load_state_dict(self, state: dict) -> None:
         """Continue from ``state``; every identity field (seed, rank, sizes, mixture) must match."""
         mine = self._identity()
         diff = {k: (state.get(k), v) for k, v in mine.items() if state.get(k) != v}
         if diff:
-            raise ValueError("loader state does not fit this loader (field: (state, loader)): "
-                             + ", ".join(f"{k}: {a!r} vs {b!r}" for k, (a, b) in diff.items()))
+            raise ValueError(
+                "loader state does not fit this loader (field: (state, loader)): "
+                + ", ".join(f"{k}: {a!r} vs {b!r}" for k, (a, b) in diff.items())
+            )
         if set(state["positions"]) != set(self.stream.names):
-            raise ValueError(f"state datasets {sorted(state['positions'])} != mixture {sorted(self.stream.names)}")
+            raise ValueError(
+                f"state datasets {sorted(state['positions'])} != mixture {sorted(self.stream.names)}"
+            )
         self._micro_step = int(state["micro_step"])
-        self._positions = [{n: int(state["positions"][n][lane]) for n in self.stream.names}
-                           for lane in range(self.stream.lanes)]  # fmt: skip
+        self._positions = [
+            {n: int(state["positions"][n][lane]) for n in self.stream.names}
+            for lane in range(self.stream.lanes)
+        ]
         self._stats = copy.deepcopy(state["stats"])
 
     # ------------------------------------------------------------------ reporting
@@ -603,9 +727,18 @@ class MixtureLoader:
 
     def steps_per_epoch(self) -> int:
         """Global steps per epoch of the mixture (X-SAM: Σ ceil(N_d·r_d / global batch))."""
-        return self.stream.stage.steps_per_epoch(self.stream.batch_size * self.stream.grad_accum
-                                                 * self.stream.world_size)
+        return self.stream.stage.steps_per_epoch(
+            self.stream.batch_size * self.stream.grad_accum * self.stream.world_size
+        )
 
 
-__all__ = ["Batch", "LoaderError", "MixtureLoader", "MixtureStream", "ShardIndex", "index_shard", "step_sources",
-           "step_uniforms"]
+__all__ = [
+    "Batch",
+    "LoaderError",
+    "MixtureLoader",
+    "MixtureStream",
+    "ShardIndex",
+    "index_shard",
+    "step_sources",
+    "step_uniforms",
+]

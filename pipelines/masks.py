@@ -33,7 +33,10 @@ def _str_counts(rle: dict) -> dict:
 
 def _bytes_counts(rle: dict) -> dict:
     counts = rle["counts"]
-    return {"size": list(rle["size"]), "counts": counts.encode("ascii") if isinstance(counts, str) else counts}
+    return {
+        "size": list(rle["size"]),
+        "counts": counts.encode("ascii") if isinstance(counts, str) else counts,
+    }
 
 
 def polygons_to_rle(polygons: Sequence[Sequence[float]], height: int, width: int) -> dict:
@@ -64,7 +67,9 @@ def segmentation_to_rle(segm, height: int, width: int) -> dict:
         return polygons_to_rle(segm, height, width)
     if isinstance(segm, dict) and "counts" in segm and "size" in segm:
         if [int(segm["size"][0]), int(segm["size"][1])] != [height, width]:
-            raise MaskFormatError("rle_size_mismatch", f"RLE size {list(segm['size'])} != image {[height, width]}")
+            raise MaskFormatError(
+                "rle_size_mismatch", f"RLE size {list(segm['size'])} != image {[height, width]}"
+            )
         if isinstance(segm["counts"], list):  # uncompressed (crowd) RLE
             return _str_counts(mask_utils.frPyObjects(segm, height, width))
         return _str_counts(segm)
@@ -127,7 +132,10 @@ def id_map_to_rles(id_map: np.ndarray, segment_ids: Sequence[int]) -> list[dict]
     """
     h, w = id_map.shape
     by_value = label_map_rles(id_map)
-    empty = {"size": [h, w], "counts": _str_counts(mask_utils.encode(np.zeros((h, w, 1), np.uint8, order="F"))[0])["counts"]}
+    empty = {
+        "size": [h, w],
+        "counts": _str_counts(mask_utils.encode(np.zeros((h, w, 1), np.uint8, order="F"))[0])["counts"],
+    }
     return [by_value.get(int(i), empty) for i in segment_ids]
 
 

@@ -37,17 +37,42 @@ STAGE_DATASETS: dict[str, tuple[str, ...]] = {
     "1": ("coco_panoptic",),
     "2": ("llava_pretrain",),
     "3": (
-        "llava_instruct", "coco_panoptic", "refcoco", "refcoco+", "refcocog", "lisa_reasonseg",
-        "grandf_gcg", "refcocog_gcg", "psg_gcg", "flickr_gcg", "coco_vgd",
+        "llava_instruct",
+        "coco_panoptic",
+        "refcoco",
+        "refcoco+",
+        "refcocog",
+        "lisa_reasonseg",
+        "grandf_gcg",
+        "refcocog_gcg",
+        "psg_gcg",
+        "flickr_gcg",
+        "coco_vgd",
     ),
-}  # fmt: skip
+}
 
 # Every source name of DESIGN §4.2 (the registry may not hold them all yet).
 CONTRACT_SOURCES: tuple[str, ...] = (
-    "coco_panoptic", "coco_instance", "refcoco", "refcoco+", "refcocog", "grefcoco", "lisa_reasonseg",
-    "grandf_gcg", "psg_gcg", "refcocog_gcg", "flickr_gcg", "ade20k_panoptic", "ade20k_semantic",
-    "ade20k_instance", "lvis", "coco_vgd", "coco_interactive", "llava_pretrain", "llava_instruct",
-)  # fmt: skip
+    "coco_panoptic",
+    "coco_instance",
+    "refcoco",
+    "refcoco+",
+    "refcocog",
+    "grefcoco",
+    "lisa_reasonseg",
+    "grandf_gcg",
+    "psg_gcg",
+    "refcocog_gcg",
+    "flickr_gcg",
+    "ade20k_panoptic",
+    "ade20k_semantic",
+    "ade20k_instance",
+    "lvis",
+    "coco_vgd",
+    "coco_interactive",
+    "llava_pretrain",
+    "llava_instruct",
+)
 
 # Samples whose ``meta[flag]`` is true are not trained on (the loader skips them; N_d leaves them out).
 EXCLUDE_FLAGS: tuple[str, ...] = ("no_target",)
@@ -178,14 +203,19 @@ class Mixture:
         return self.stages[key]
 
     def to_dict(self) -> dict:
-        return {"version": self.version, "t": self.t,
-                "stages": {k: stage_to_dict(v) for k, v in sorted(self.stages.items())}}  # fmt: skip
+        return {
+            "version": self.version,
+            "t": self.t,
+            "stages": {k: stage_to_dict(v) for k, v in sorted(self.stages.items())},
+        }
 
     @classmethod
     def from_dict(cls, d: dict) -> Mixture:
         if d.get("version") != MIXTURE_VERSION:
             raise MixtureError(f"mixture version {d.get('version')!r} is not {MIXTURE_VERSION}")
-        return cls(t=d["t"], stages={k: stage_from_dict(v) for k, v in d["stages"].items()}, version=d["version"])
+        return cls(
+            t=d["t"], stages={k: stage_from_dict(v) for k, v in d["stages"].items()}, version=d["version"]
+        )
 
 
 def stage_to_dict(s: StageMixture) -> dict:
@@ -202,11 +232,18 @@ def stage_to_dict(s: StageMixture) -> dict:
 
 def stage_from_dict(d: dict) -> StageMixture:
     datasets = tuple(
-        DatasetWeight(**{**x, "shards": tuple(ShardRef(**sh) for sh in x["shards"]), "excluded": dict(x["excluded"])})
+        DatasetWeight(
+            **{**x, "shards": tuple(ShardRef(**sh) for sh in x["shards"]), "excluded": dict(x["excluded"])}
+        )
         for x in d["datasets"]
     )
-    return StageMixture(stage=str(d["stage"]), t=d["t"], datasets=datasets, missing=tuple(d.get("missing", ())),
-                        exclude_flags=tuple(d.get("exclude_flags", EXCLUDE_FLAGS)))  # fmt: skip
+    return StageMixture(
+        stage=str(d["stage"]),
+        t=d["t"],
+        datasets=datasets,
+        missing=tuple(d.get("missing", ())),
+        exclude_flags=tuple(d.get("exclude_flags", EXCLUDE_FLAGS)),
+    )
 
 
 # ---------------------------------------------------------------------------------------------- from manifests
@@ -276,8 +313,13 @@ def compute(
             excluded = count_flagged(out_url, m, flags) if flags else {}
             n = m["counts"]["samples"] - sum(excluded.values())
             if n <= 0:
-                missing.append({"dataset": name, "reason": f"no trainable samples ({m['counts']['samples']} in "
-                                                           f"shards, excluded {excluded})"})
+                missing.append(
+                    {
+                        "dataset": name,
+                        "reason": f"no trainable samples ({m['counts']['samples']} in "
+                        f"shards, excluded {excluded})",
+                    }
+                )
                 continue
             counts[name] = n
             info[name] = {"manifest": m, "excluded": excluded}
@@ -286,18 +328,38 @@ def compute(
         for name, w in weights.items():
             m = info[name]["manifest"]
             shards = tuple(
-                ShardRef(file=f"{m['source']}/{m['split']}/{sh['file']}", samples=sh["samples"], bytes=sh["bytes"],
-                         sha256=sh.get("sha256"))
+                ShardRef(
+                    file=f"{m['source']}/{m['split']}/{sh['file']}",
+                    samples=sh["samples"],
+                    bytes=sh["bytes"],
+                    sha256=sh.get("sha256"),
+                )
                 for sh in m["shards"]
-            )  # fmt: skip
-            datasets.append(DatasetWeight(
-                name=name, source=m["source"], split=m["split"], task=m["task"], samples=counts[name],
-                fraction=w["fraction"], repeat=w["repeat"], epoch_samples=w["epoch_samples"],
-                probability=w["probability"], shards=shards, shard_samples=sum(s.samples for s in shards),
-                excluded=info[name]["excluded"], fingerprint=m.get("fingerprint"),
-            ))  # fmt: skip
-        result[stage] = StageMixture(stage=stage, t=t, datasets=tuple(datasets), missing=tuple(missing),
-                                     exclude_flags=tuple(exclude_flags))  # fmt: skip
+            )
+            datasets.append(
+                DatasetWeight(
+                    name=name,
+                    source=m["source"],
+                    split=m["split"],
+                    task=m["task"],
+                    samples=counts[name],
+                    fraction=w["fraction"],
+                    repeat=w["repeat"],
+                    epoch_samples=w["epoch_samples"],
+                    probability=w["probability"],
+                    shards=shards,
+                    shard_samples=sum(s.samples for s in shards),
+                    excluded=info[name]["excluded"],
+                    fingerprint=m.get("fingerprint"),
+                )
+            )
+        result[stage] = StageMixture(
+            stage=stage,
+            t=t,
+            datasets=tuple(datasets),
+            missing=tuple(missing),
+            exclude_flags=tuple(exclude_flags),
+        )
         if missing:
             log(f"mixture stage {stage}: missing {', '.join(x['dataset'] for x in missing)}")
     return Mixture(t=t, stages=result)
@@ -319,8 +381,9 @@ def load(path_or_url: str) -> Mixture:
     return Mixture.from_dict(storage.read_json(fs, path))
 
 
-def write_mixture(out_url: str, t: float = DEFAULT_T, stage3_extra: Sequence[str] = (),
-                  log: Callable[[str], None] = print) -> str:
+def write_mixture(
+    out_url: str, t: float = DEFAULT_T, stage3_extra: Sequence[str] = (), log: Callable[[str], None] = print
+) -> str:
     """compute + write (what ``build()`` calls at its end)."""
     return write(out_url, compute(out_url, t=t, stage3_extra=stage3_extra, log=log))
 
@@ -328,11 +391,15 @@ def write_mixture(out_url: str, t: float = DEFAULT_T, stage3_extra: Sequence[str
 def format_table(mixture: Mixture) -> str:
     rows = []
     for name, s in sorted(mixture.stages.items()):
-        rows.append(f"stage {name}: {len(s.datasets)} datasets, {sum(d.samples for d in s.datasets)} samples, "
-                    f"{s.samples_per_epoch} samples/epoch (t={s.t})")
+        rows.append(
+            f"stage {name}: {len(s.datasets)} datasets, {sum(d.samples for d in s.datasets)} samples, "
+            f"{s.samples_per_epoch} samples/epoch (t={s.t})"
+        )
         for d in s.datasets:
-            rows.append(f"  {d.name:<26} N={d.samples:>9}  r={d.repeat:7.3f}  p={d.probability:.5f}  "
-                        f"epoch={d.epoch_samples}")
+            rows.append(
+                f"  {d.name:<26} N={d.samples:>9}  r={d.repeat:7.3f}  p={d.probability:.5f}  "
+                f"epoch={d.epoch_samples}"
+            )
         for m in s.missing:
             rows.append(f"  {m['dataset']:<26} missing: {m['reason']}")
     return "\n".join(rows)
@@ -340,9 +407,13 @@ def format_table(mixture: Mixture) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", required=True, help="the shards folder or URI (holds <source>/train/manifest.json)")
+    p.add_argument(
+        "--out", required=True, help="the shards folder or URI (holds <source>/train/manifest.json)"
+    )
     p.add_argument("--t", type=float, default=DEFAULT_T, help="oversample ratio t (default 0.1)")
-    p.add_argument("--stage3-extra", default="", help="comma list of sources added to stage 3 (e.g. grefcoco,lvis)")
+    p.add_argument(
+        "--stage3-extra", default="", help="comma list of sources added to stage 3 (e.g. grefcoco,lvis)"
+    )
     args = p.parse_args(argv)
     extra = [s for s in args.stage3_extra.split(",") if s]
     mix = compute(args.out, t=args.t, stage3_extra=extra)

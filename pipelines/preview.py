@@ -37,9 +37,22 @@ from pipelines.schema import Sample, from_wds
 # Distinct, saturated colours (tab10 + a few more), assigned to phrases that have a mask or region, in label
 # order; they cycle past the end (a sample with more than 16 drawn phrases reuses colours).
 PALETTE: tuple[tuple[int, int, int], ...] = (
-    (31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75),
-    (227, 119, 194), (188, 189, 34), (23, 190, 207), (255, 215, 0), (0, 128, 128), (128, 0, 0),
-    (0, 0, 128), (128, 128, 0), (255, 0, 255), (0, 255, 127),
+    (31, 119, 180),
+    (255, 127, 14),
+    (44, 160, 44),
+    (214, 39, 40),
+    (148, 103, 189),
+    (140, 86, 75),
+    (227, 119, 194),
+    (188, 189, 34),
+    (23, 190, 207),
+    (255, 215, 0),
+    (0, 128, 128),
+    (128, 0, 0),
+    (0, 0, 128),
+    (128, 128, 0),
+    (255, 0, 255),
+    (0, 255, 127),
 )
 NO_COLOUR = (140, 140, 140)  # phrases with nothing drawn; masks with label -1
 IGNORE_COLOUR = (110, 110, 110)
@@ -61,8 +74,9 @@ class PreviewItem:
 
 
 # ---------------------------------------------------------------- reading shards
-def list_splits(out_url: str, sources: Sequence[str] | None = None,
-                splits: Sequence[str] | None = None) -> list[tuple[str, str, dict]]:
+def list_splits(
+    out_url: str, sources: Sequence[str] | None = None, splits: Sequence[str] | None = None
+) -> list[tuple[str, str, dict]]:
     """``(source, split, manifest)`` of every built split under ``out_url``, sorted."""
     fs, root = storage.fs_and_path(out_url)
     found = []
@@ -86,8 +100,10 @@ def iter_shard_items(out_url: str, source: str, split: str, manifest: dict) -> I
     fs, _ = storage.fs_and_path(out_url)
     sdir = storage.join(out_url.rstrip("/"), source, split)
     for shard in manifest["shards"]:
-        with fs.open(f"{storage.fs_and_path(sdir)[1]}/{shard['file']}", "rb") as f, \
-                tarfile.open(fileobj=f, mode="r|") as tar:
+        with (
+            fs.open(f"{storage.fs_and_path(sdir)[1]}/{shard['file']}", "rb") as f,
+            tarfile.open(fileobj=f, mode="r|") as tar,
+        ):
             item: dict = {}
             for member in tar:
                 if not member.isfile():
@@ -224,13 +240,25 @@ def label_points(sample: Sample, size: tuple[int, int]) -> list[TagSpot]:
         dist = distance_transform_edt(np.pad(visible, 1))[1:-1, 1:-1]
         y, x = np.unravel_index(int(np.argmax(dist)), dist.shape)
         ys, xs = np.nonzero(visible)
-        spots.append(TagSpot(label, int(x), int(y), float(dist[y, x]),
-                             (int(xs.min()), int(ys.min()), int(xs.max()), int(ys.max()))))
+        spots.append(
+            TagSpot(
+                label,
+                int(x),
+                int(y),
+                float(dist[y, x]),
+                (int(xs.min()), int(ys.min()), int(xs.max()), int(ys.max())),
+            )
+        )
     return spots
 
 
-def overlay(image: Image.Image | None, sample: Sample, size: tuple[int, int] | None = None,
-            outline: int = 1, tag_font=None) -> np.ndarray:
+def overlay(
+    image: Image.Image | None,
+    sample: Sample,
+    size: tuple[int, int] | None = None,
+    outline: int = 1,
+    tag_font=None,
+) -> np.ndarray:
     """The image at ``size = (w, h)`` (default: its own) with the sample drawn on it, ``HxWx3`` uint8.
 
     Masks: each pixel takes the colour of the top-most mask covering it (painted largest first) blended
@@ -317,8 +345,13 @@ def _font(size: int = 13) -> ImageFont.ImageFont:
     return ImageFont.load_default(size=size)
 
 
-def layout_text(runs: list[tuple[str, str, int | None]], colours: dict[int, tuple[int, int, int]],
-                width: int, font, line_h: int) -> list[list[tuple[int, str, tuple[int, int, int]]]]:
+def layout_text(
+    runs: list[tuple[str, str, int | None]],
+    colours: dict[int, tuple[int, int, int]],
+    width: int,
+    font,
+    line_h: int,
+) -> list[list[tuple[int, str, tuple[int, int, int]]]]:
     """Word-wrap coloured runs into lines of ``(x, text, colour)`` pieces no wider than ``width``."""
     lines: list[list[tuple[int, str, tuple[int, int, int]]]] = [[]]
     x = 0
@@ -392,7 +425,9 @@ def draw_labels(img: Image.Image, sample: Sample, font) -> None:
         ty = min(max(0, ty), img.height - bh - 1)
         for step in (0, 1, -1, 2, -2, 3, -3):  # step off tags already placed, one tag height at a time
             cy = min(max(0, ty + step * (bh + 1)), img.height - bh - 1)
-            if not any(tx < px1 and px0 < tx + bw and cy < py1 and py0 < cy + bh for px0, py0, px1, py1 in placed):
+            if not any(
+                tx < px1 and px0 < tx + bw and cy < py1 and py0 < cy + bh for px0, py0, px1, py1 in placed
+            ):
                 ty = cy
                 break
         placed.append((tx, ty, tx + bw + 1, ty + bh + 1))
@@ -444,7 +479,12 @@ def mask_strip(item: PreviewItem, width: int, font, per_row: int = 4, max_rows: 
         d.text((x, y), _clip_text(f"mask {i} -> {m.label}: {phrase}", font, thumb_w), font=font, fill=colour)
         strip.paste(Image.fromarray(np.clip(np.rint(img), 0, 255).astype(np.uint8)), (x, y + label_h))
     if len(s.masks) > len(shown):
-        d.text((0, strip.height - label_h), f"… {len(s.masks) - len(shown)} more masks", font=font, fill=NO_COLOUR)
+        d.text(
+            (0, strip.height - label_h),
+            f"… {len(s.masks) - len(shown)} more masks",
+            font=font,
+            fill=NO_COLOUR,
+        )
     return strip
 
 
@@ -464,10 +504,12 @@ def render_tile(item: PreviewItem, font=None) -> Image.Image:
     if len(lines) > TILE_MAX_TEXT_LINES:
         more = len(lines) - TILE_MAX_TEXT_LINES + 1
         lines = lines[: TILE_MAX_TEXT_LINES - 1] + [[(0, f"… ({more} more lines)", NO_COLOUR)]]
-    summary = (f"{len(s.phrases)} phrases · {len(s.masks)} masks · {len(s.regions)} regions"
-               + (" · ignore region (hatched grey)" if s.ignore is not None else "")
-               + (" · no target (meta.no_target)" if s.meta.get("no_target") else "")
-               + (f" · image {s.image.width}x{s.image.height}" if s.image else " · no image"))
+    summary = (
+        f"{len(s.phrases)} phrases · {len(s.masks)} masks · {len(s.regions)} regions"
+        + (" · ignore region (hatched grey)" if s.ignore is not None else "")
+        + (" · no target (meta.no_target)" if s.meta.get("no_target") else "")
+        + (f" · image {s.image.width}x{s.image.height}" if s.image else " · no image")
+    )
     strip = mask_strip(item, 2 * TILE_IMAGE_WIDTH + PAD, small) if masks_overlap(s, disp) else None
     header_h = 2 * line_h + PAD
     images_h = disp[1] + (PAD + strip.height if strip else 0)
@@ -501,10 +543,11 @@ def contact_sheet(items: Sequence[PreviewItem], title: str, columns: int = SHEET
         ImageDraw.Draw(sheet).text((PAD, PAD), f"{title}: no samples", font=_font(16), fill=(0, 0, 0))
         return sheet
     tw = max(t.width for t in tiles)
-    rows = [tiles[i: i + columns] for i in range(0, len(tiles), columns)]
+    rows = [tiles[i : i + columns] for i in range(0, len(tiles), columns)]
     heights = [max(t.height for t in r) for r in rows]
-    sheet = Image.new("RGB", (PAD + columns * (tw + PAD), title_h + sum(heights) + PAD * (len(rows) + 1)),
-                      (245, 245, 245))
+    sheet = Image.new(
+        "RGB", (PAD + columns * (tw + PAD), title_h + sum(heights) + PAD * (len(rows) + 1)), (245, 245, 245)
+    )
     ImageDraw.Draw(sheet).text((PAD, PAD), title, font=_font(16), fill=(0, 0, 0))
     y = title_h + PAD
     for r, rh in zip(rows, heights, strict=True):
@@ -557,13 +600,24 @@ def _legend_html(sample: Sample, colours: dict[int, tuple[int, int, int]]) -> st
             f"<td>{html.escape(', '.join(regions.get(k, [])))}</td></tr>"
         )
     absent = len(sample.phrases) - len(colours)
-    foot = f'<p class="absent">{absent} more phrase(s) without a mask or region (grey).</p>' if absent > 0 else ""
+    foot = (
+        f'<p class="absent">{absent} more phrase(s) without a mask or region (grey).</p>'
+        if absent > 0
+        else ""
+    )
     if n_masks.get(-1):
         foot += f'<p class="absent">{n_masks[-1]} mask(s) with label -1 (grey).</p>'
     if sample.ignore is not None:
         foot += '<p class="absent">Hatched grey: the ignore region (excluded from the loss).</p>'
-    table = ("<table class=legend><tr><th></th><th>label</th><th>phrase</th><th>masks</th><th>regions</th></tr>"
-             + "".join(rows) + "</table>") if rows else ""
+    table = (
+        (
+            "<table class=legend><tr><th></th><th>label</th><th>phrase</th><th>masks</th><th>regions</th></tr>"
+            + "".join(rows)
+            + "</table>"
+        )
+        if rows
+        else ""
+    )
     return table + foot
 
 
@@ -581,17 +635,28 @@ details{font-size:12px}
 """
 
 
-def render_html(groups: Sequence[tuple[str, str, list[PreviewItem], str]], strips: set[str] = frozenset()) -> str:
+def render_html(
+    groups: Sequence[tuple[str, str, list[PreviewItem], str]], strips: set[str] = frozenset()
+) -> str:
     """The index page: for each ``(source, split, items, sheet path)`` a section of sample cards; samples
     whose key is in ``strips`` also show their per-mask strip."""
-    out = ["<!doctype html>", '<html><head><meta charset="utf-8"><title>X-SAM shard preview</title>',
-           f"<style>{_CSS}</style></head><body>", "<h1>X-SAM shard preview</h1>", "<ul>"]
+    out = [
+        "<!doctype html>",
+        '<html><head><meta charset="utf-8"><title>X-SAM shard preview</title>',
+        f"<style>{_CSS}</style></head><body>",
+        "<h1>X-SAM shard preview</h1>",
+        "<ul>",
+    ]
     for source, split, items, sheet in groups:
-        out.append(f'<li><a href="#{html.escape(source)}__{html.escape(split)}">{html.escape(source)}/{html.escape(split)}</a>'
-                   f" ({len(items)} samples; <a href=\"{html.escape(sheet)}\">contact sheet</a>)</li>")
+        out.append(
+            f'<li><a href="#{html.escape(source)}__{html.escape(split)}">{html.escape(source)}/{html.escape(split)}</a>'
+            f' ({len(items)} samples; <a href="{html.escape(sheet)}">contact sheet</a>)</li>'
+        )
     out.append("</ul>")
     for source, split, items, _sheet in groups:
-        out.append(f'<h2 id="{html.escape(source)}__{html.escape(split)}">{html.escape(source)} / {html.escape(split)}</h2>')
+        out.append(
+            f'<h2 id="{html.escape(source)}__{html.escape(split)}">{html.escape(source)} / {html.escape(split)}</h2>'
+        )
         for it in items:
             s = it.sample
             colours = phrase_colours(s)
@@ -599,8 +664,12 @@ def render_html(groups: Sequence[tuple[str, str, list[PreviewItem], str]], strip
             out += [
                 '<div class="sample">',
                 f'<div><img src="{html.escape(sample_file(s.key))}" alt="{html.escape(s.key)}">'
-                + (f'<br><img class="strip" src="{html.escape(sample_file(s.key, ".masks"))}" alt="one image per mask">'
-                   if s.key in strips else "") + "</div>",
+                + (
+                    f'<br><img class="strip" src="{html.escape(sample_file(s.key, ".masks"))}" alt="one image per mask">'
+                    if s.key in strips
+                    else ""
+                )
+                + "</div>",
                 "<div>",
                 f'<div class="key">{html.escape(s.key)}</div>',
                 f"<div>task <code>{html.escape(s.task)}</code> · image <code>"
@@ -614,8 +683,13 @@ def render_html(groups: Sequence[tuple[str, str, list[PreviewItem], str]], strip
     return "\n".join(out) + "\n"
 
 
-def write_preview(out_url: str, sources: Sequence[str] | None = None, splits: Sequence[str] | None = None,
-                  n: int = 16, preview_dir: str | Path | None = None) -> list[Path]:
+def write_preview(
+    out_url: str,
+    sources: Sequence[str] | None = None,
+    splits: Sequence[str] | None = None,
+    n: int = 16,
+    preview_dir: str | Path | None = None,
+) -> list[Path]:
     """Render every selected split; returns the files written (HTML first). ``preview_dir`` defaults to
     ``<out>/preview`` (``out_url`` must then be a local folder)."""
     if preview_dir is None and "://" in str(out_url) and not str(out_url).startswith("file://"):
@@ -655,7 +729,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--source", help="comma list of sources (default: every built source)")
     p.add_argument("--split", help="comma list of splits (default: every built split)")
     p.add_argument("--n", type=int, default=16, help="samples per source and split (default: %(default)s)")
-    p.add_argument("--preview-dir", help="where to write (default: <out>/preview; needed when --out is remote)")
+    p.add_argument(
+        "--preview-dir", help="where to write (default: <out>/preview; needed when --out is remote)"
+    )
     args = p.parse_args(argv)
     sources = args.source.split(",") if args.source else None
     splits = args.split.split(",") if args.split else None
@@ -667,4 +743,3 @@ def main(argv: list[str] | None = None) -> None:
 
 if __name__ == "__main__":
     main()
-

@@ -110,9 +110,20 @@ def loads(data: bytes, path: str = "<bytes>") -> Any:
             raise
         except UnicodeDecodeError as e:
             last = e  # retry the whole file as Latin-1
-        except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, KeyError, IndexError,
-                MemoryError, RecursionError) as e:
-            raise MalformedPickle(f"{path}: not a well-formed pickle of plain data: {type(e).__name__}: {e}") from None
+        except (
+            pickle.UnpicklingError,
+            EOFError,
+            ValueError,
+            TypeError,
+            AttributeError,
+            KeyError,
+            IndexError,
+            MemoryError,
+            RecursionError,
+        ) as e:
+            raise MalformedPickle(
+                f"{path}: not a well-formed pickle of plain data: {type(e).__name__}: {e}"
+            ) from None
     raise MalformedPickle(f"{path}: undecodable byte string: {last}")
 
 

@@ -91,7 +91,9 @@ def marker_path(out_url: str, source: str, split: str, index: int) -> str:
     return storage.join(split_dir(out_url, source, split), "_parts", f"{index:06d}.json")
 
 
-def completed_part(out_url: str, source: str, split: str, chunk: Chunk, fingerprint: str) -> PartResult | None:
+def completed_part(
+    out_url: str, source: str, split: str, chunk: Chunk, fingerprint: str
+) -> PartResult | None:
     """The recorded result of ``chunk`` if its shard is complete and built with the same fingerprint."""
     fs, _ = storage.fs_and_path(out_url)
     mpath = marker_path(out_url, source, split, chunk.index)
@@ -111,13 +113,21 @@ def completed_part(out_url: str, source: str, split: str, chunk: Chunk, fingerpr
 
 
 def convert_chunk(
-    source, files: SourceFiles, split: str, options: BuildOptions, chunk: Chunk, out_url: str, fingerprint: str,
+    source,
+    files: SourceFiles,
+    split: str,
+    options: BuildOptions,
+    chunk: Chunk,
+    out_url: str,
+    fingerprint: str,
     shared: dict | None = None,
 ) -> PartResult:
     """Convert one chunk's records into one shard plus its completion marker. Runs in a Ray task."""
     t0 = time.perf_counter()
     fs, _ = storage.fs_and_path(out_url)
-    ctx = ConvertContext(data_root=files.data_root, split=split, options=options, files=files, shared=shared or {})
+    ctx = ConvertContext(
+        data_root=files.data_root, split=split, options=options, files=files, shared=shared or {}
+    )
     part = PartResult(chunk=chunk.index, fingerprint=fingerprint, chunk_digest=chunk.digest, records_in=0)
     counts: Counter = Counter()
     categories: Counter = Counter()
@@ -150,8 +160,16 @@ class _EmptyShard(Exception):
     pass
 
 
-def _convert_one(source, record: dict, ctx: ConvertContext, options: BuildOptions, part: PartResult,
-                 writer, counts: Counter, categories: Counter) -> None:
+def _convert_one(
+    source,
+    record: dict,
+    ctx: ConvertContext,
+    options: BuildOptions,
+    part: PartResult,
+    writer,
+    counts: Counter,
+    categories: Counter,
+) -> None:
     """Record -> Sample -> checked image -> tar members; a skip is recorded in ``part`` instead."""
     part.records_in += 1
     ctx.drops = []
@@ -181,7 +199,9 @@ def _convert_one(source, record: dict, ctx: ConvertContext, options: BuildOption
     categories.update(str(m.category_id) for m in sample.masks if m.category_id is not None)
 
 
-def fingerprint(source, files: SourceFiles, split: str, options: BuildOptions, input_hashes: list[dict]) -> str:
+def fingerprint(
+    source, files: SourceFiles, split: str, options: BuildOptions, input_hashes: list[dict]
+) -> str:
     """What a shard's content depends on, besides its chunk: a change in any of these rebuilds it."""
     basis = {
         "schema": SCHEMA_VERSION,
@@ -205,9 +225,11 @@ def hash_inputs(files: SourceFiles) -> list[dict]:
             size = 0
             for f in sorted(fs.find(p)):
                 st = fs.info(f)
-                h.update(f"{f[len(p):]}\x00{st['size']}\n".encode())
+                h.update(f"{f[len(p) :]}\x00{st['size']}\n".encode())
                 size += st["size"]
-            out.append({"role": role, "path": path, "bytes": size, "sha256": h.hexdigest(), "kind": "folder-listing"})
+            out.append(
+                {"role": role, "path": path, "bytes": size, "sha256": h.hexdigest(), "kind": "folder-listing"}
+            )
             continue
         h = hashlib.sha256()
         with fs.open(p, "rb") as f:
@@ -240,7 +262,9 @@ def write_manifest(
     records_in = sum(p.records_in for p in parts) + sum(s.level == "record" for s in index_skips)
     samples = sum(p.samples for p in parts)
     if records_in != samples + sum(skipped.values()):  # the contract: nothing is lost silently
-        raise RuntimeError(f"{source.name}/{split}: {records_in} records in != {samples} samples + {sum(skipped.values())} skipped")
+        raise RuntimeError(
+            f"{source.name}/{split}: {records_in} records in != {samples} samples + {sum(skipped.values())} skipped"
+        )
     stats: Counter = Counter()
     categories: Counter = Counter()
     for p in parts:
@@ -251,7 +275,11 @@ def write_manifest(
         "source": source.name,
         "task": source.task,
         "split": split,
-        "shards": [{"file": p.file, "samples": p.samples, "bytes": p.bytes, "sha256": p.sha256} for p in parts if p.file],
+        "shards": [
+            {"file": p.file, "samples": p.samples, "bytes": p.bytes, "sha256": p.sha256}
+            for p in parts
+            if p.file
+        ],
         "counts": {
             "records_in": records_in,
             "samples": samples,
@@ -261,7 +289,9 @@ def write_manifest(
         },
         "skipped": dict(sorted(skipped.items())),
         "dropped": dict(sorted(dropped.items())),
-        "category_counts": dict(sorted(categories.items(), key=lambda kv: int(kv[0]) if kv[0].lstrip("-").isdigit() else 0)),
+        "category_counts": dict(
+            sorted(categories.items(), key=lambda kv: int(kv[0]) if kv[0].lstrip("-").isdigit() else 0)
+        ),
         "inputs": input_hashes,
         "dirs": files.dirs,
         "info": files.info,

@@ -1,6 +1,6 @@
 """Print what a build wrote: one line per (source, split) from the manifests, plus the mixture if present.
 
-    python -m pipelines.summary --out demo_out/shards
+python -m pipelines.summary --out demo_out/shards
 """
 
 from __future__ import annotations
@@ -17,8 +17,10 @@ def summarize(out_url: str) -> str:
         m = storage.read_json(fs, path)
         c = m["counts"]
         mb = sum(s["bytes"] for s in m["shards"]) / 1e6
-        rows.append(f"{m['source'] + '/' + m['split']:<32} {c['samples']:>8} {c['skipped']:>8} "
-                    f"{c['dropped_annotations']:>8} {len(m['shards']):>7} {mb:>8.2f}")
+        rows.append(
+            f"{m['source'] + '/' + m['split']:<32} {c['samples']:>8} {c['skipped']:>8} "
+            f"{c['dropped_annotations']:>8} {len(m['shards']):>7} {mb:>8.2f}"
+        )
         for reason, n in m["skipped"].items():
             rows.append(f"{'':<4}skipped {reason}: {n}")
     if fs.exists(f"{root}/mixture.json"):

@@ -145,7 +145,9 @@ def prompt_rng(seed: int, key: str, ann_id: object, kind: str) -> np.random.Gene
     return np.random.default_rng(int.from_bytes(digest[:16], "little"))
 
 
-def analyse(mask: np.ndarray, params: PromptParams = DEFAULT_PARAMS, bbox: list[float] | None = None) -> InstanceMask:
+def analyse(
+    mask: np.ndarray, params: PromptParams = DEFAULT_PARAMS, bbox: list[float] | None = None
+) -> InstanceMask:
     """Label ``mask`` (``HxW`` bool/uint8) on its bounding-box crop; keep components with area > min_area.
 
     ``bbox`` (``[x, y, w, h]``, e.g. :func:`pipelines.masks.bbox` of the mask's RLE) saves a scan of the
@@ -172,15 +174,27 @@ def analyse(mask: np.ndarray, params: PromptParams = DEFAULT_PARAMS, bbox: list[
         raise PromptTooSmall("the mask is empty")
     keep = 1 + np.flatnonzero(areas > params.min_area)
     if keep.size == 0:
-        raise PromptTooSmall(f"largest connected component has {int(areas.max())} px; a prompt needs > {params.min_area}")
+        raise PromptTooSmall(
+            f"largest connected component has {int(areas.max())} px; a prompt needs > {params.min_area}"
+        )
     comps = []
     for k in keep:
         x, y, bw, bh, a = (int(v) for v in stats[k])
-        comps.append(Component(
-            r0=r0 + y, c0=c0 + x, r1=r0 + y + bh, c1=c0 + x + bw,
-            cy=r0 + float(cents[k, 1]), cx=c0 + float(cents[k, 0]), area=a,
-            labels=labels, label=int(k), oy=r0, ox=c0,
-        ))
+        comps.append(
+            Component(
+                r0=r0 + y,
+                c0=c0 + x,
+                r1=r0 + y + bh,
+                c1=c0 + x + bw,
+                cy=r0 + float(cents[k, 1]),
+                cx=c0 + float(cents[k, 0]),
+                area=a,
+                labels=labels,
+                label=int(k),
+                oy=r0,
+                ox=c0,
+            )
+        )
     # a fixed order (not the labeller's numbering) decides which random draws go to which component
     comps.sort(key=lambda c: (c.r0, c.c0, c.r1, c.c1, c.area, c.cy, c.cx))
     return InstanceMask(h, w, comps, n_labels=n - 1)
@@ -279,10 +293,15 @@ def _scribble(inst: InstanceMask, rng: np.random.Generator, p: PromptParams) -> 
     for c in inst.components:
         sh, sw = rng.uniform(*p.scribble_scale, size=(2, p.scribble_candidates))
         nh, nw = (c.r1 - c.r0) * sh, (c.c1 - c.c0) * sw
-        cand = np.stack([
-            np.maximum(0, np.trunc(c.cy - nh / 2)), np.maximum(0, np.trunc(c.cx - nw / 2)),
-            np.minimum(h, np.trunc(c.cy + nh / 2)), np.minimum(w, np.trunc(c.cx + nw / 2)),
-        ], axis=1).astype(np.int64)
+        cand = np.stack(
+            [
+                np.maximum(0, np.trunc(c.cy - nh / 2)),
+                np.maximum(0, np.trunc(c.cx - nw / 2)),
+                np.minimum(h, np.trunc(c.cy + nh / 2)),
+                np.minimum(w, np.trunc(c.cx + nw / 2)),
+            ],
+            axis=1,
+        ).astype(np.int64)
         ok = np.flatnonzero(_iou_inclusive(cand, (c.r0, c.c0, c.r1, c.c1)) >= p.scribble_min_iou)
         b0, a0, b1, a1 = (int(v) for v in cand[ok[0]]) if ok.size else (c.r0, c.c0, c.r1, c.c1)
         corners = ((b0, a0), (b0, a1), (b1, a0), (b1, a1))
@@ -325,13 +344,17 @@ def _mask(inst: InstanceMask, rng: np.random.Generator, p: PromptParams) -> Wind
     # BORDER_REFLECT is scipy's 'reflect', so at the image edge this matches gaussian_filter; elsewhere the
     # window's zero padding is at least the kernel radius, so the blur equals a whole-image blur
     blurred = cv2.GaussianBlur(kept.astype(np.float32), (0, 0), p.mask_sigma, borderType=cv2.BORDER_REFLECT)
-    return Window((blurred > inst.area / (h * w)).astype(np.uint8), y0, x0, h, w)  # whole-image mean of the blur
+    return Window(
+        (blurred > inst.area / (h * w)).astype(np.uint8), y0, x0, h, w
+    )  # whole-image mean of the blur
 
 
 _DRAW = {"point": _point, "scribble": _scribble, "box": _box, "mask": _mask}
 
 
-def draw(inst: InstanceMask, kind: str, rng: np.random.Generator, params: PromptParams = DEFAULT_PARAMS) -> Window:
+def draw(
+    inst: InstanceMask, kind: str, rng: np.random.Generator, params: PromptParams = DEFAULT_PARAMS
+) -> Window:
     """The ``kind`` prompt of an analysed mask, on the window it covers (``.full()`` / ``.rle()``)."""
     if kind not in _DRAW:
         raise ValueError(f"unknown prompt type {kind!r}; expected one of {PROMPT_TYPES}")
@@ -339,8 +362,14 @@ def draw(inst: InstanceMask, kind: str, rng: np.random.Generator, params: Prompt
 
 
 def prompt_rles(
-    mask: np.ndarray | InstanceMask, kinds: tuple[str, ...] | list[str], *, seed: int, key: str, ann_id: object,
-    params: PromptParams = DEFAULT_PARAMS, bbox: list[float] | None = None,
+    mask: np.ndarray | InstanceMask,
+    kinds: tuple[str, ...] | list[str],
+    *,
+    seed: int,
+    key: str,
+    ann_id: object,
+    params: PromptParams = DEFAULT_PARAMS,
+    bbox: list[float] | None = None,
 ) -> dict[str, dict]:
     """Compressed RLEs of the ``kinds`` prompts of one instance (``HxW`` mask or its :func:`analyse`).
 
@@ -352,8 +381,14 @@ def prompt_rles(
 
 
 def prompt_rle(
-    mask: np.ndarray | InstanceMask, kind: str, *, seed: int, key: str, ann_id: object,
-    params: PromptParams = DEFAULT_PARAMS, bbox: list[float] | None = None,
+    mask: np.ndarray | InstanceMask,
+    kind: str,
+    *,
+    seed: int,
+    key: str,
+    ann_id: object,
+    params: PromptParams = DEFAULT_PARAMS,
+    bbox: list[float] | None = None,
 ) -> dict:
     """Compressed RLE of one prompt; see :func:`prompt_rles`."""
     return prompt_rles(mask, (kind,), seed=seed, key=key, ann_id=ann_id, params=params, bbox=bbox)[kind]

@@ -48,8 +48,18 @@ def test_cli_script_builds_and_reports_errors(tmp_path):
     from pipelines.demo_data import write_demo
 
     data = write_demo(tmp_path / "datas", families=["coco"])
-    cmd = [sys.executable, str(ROOT / "orchestrate/build_shards.py"), "--data-root", str(data), "--out",
-           str(tmp_path / "out"), "--sources", "coco_panoptic", "--num-workers", "1"]
+    cmd = [
+        sys.executable,
+        str(ROOT / "orchestrate/build_shards.py"),
+        "--data-root",
+        str(data),
+        "--out",
+        str(tmp_path / "out"),
+        "--sources",
+        "coco_panoptic",
+        "--num-workers",
+        "1",
+    ]
     env = _env()
     env.pop("RAY_ADDRESS", None)
     done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
@@ -57,7 +67,9 @@ def test_cli_script_builds_and_reports_errors(tmp_path):
     assert "coco_panoptic" in done.stdout and "samples" in done.stdout
     manifest = json.loads((tmp_path / "out/coco_panoptic/train/manifest.json").read_text())
     assert manifest["counts"]["samples"] == 8
-    bad = subprocess.run([*cmd[:-4], "--sources", "refcocoo"], capture_output=True, text=True, env=env, timeout=600)
+    bad = subprocess.run(
+        [*cmd[:-4], "--sources", "refcocoo"], capture_output=True, text=True, env=env, timeout=600
+    )
     assert bad.returncode == 2 and "unknown source" in bad.stderr
 
 
@@ -67,11 +79,22 @@ def test_readme_demo_builds_shards_as_a_ray_job(tmp_path):
     """`make demo`'s script, build part: demo data, a Ray head, `ray job submit`, the summary, head stopped."""
     base = _free_port_block()
     ray_tmp = tempfile.mkdtemp(prefix="xr", dir="/tmp")  # AF_UNIX socket paths must stay under 108 bytes
-    env = _env(DEMO_OUT=str(tmp_path / "demo"), RAY_PORT=str(base), RAY_DASHBOARD_PORT=str(base + 8),
-               DEMO_TRAIN="0", RAY_TMPDIR=ray_tmp)
+    env = _env(
+        DEMO_OUT=str(tmp_path / "demo"),
+        RAY_PORT=str(base),
+        RAY_DASHBOARD_PORT=str(base + 8),
+        DEMO_TRAIN="0",
+        RAY_TMPDIR=ray_tmp,
+    )
     try:
-        done = subprocess.run(["bash", str(ROOT / "scripts/demo.sh")], cwd=ROOT, capture_output=True, text=True,
-                              env=env, timeout=900)
+        done = subprocess.run(
+            ["bash", str(ROOT / "scripts/demo.sh")],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=900,
+        )
     finally:
         shutil.rmtree(ray_tmp, ignore_errors=True)
     out = done.stdout + done.stderr

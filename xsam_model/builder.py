@@ -60,27 +60,48 @@ def resolve_config(flavor_or_config: str | XSamConfig) -> XSamConfig:
 # ---------------------------------------------------------------------- HF configs from our dataclasses
 def siglip_hf_config(cfg: XSamConfig) -> SiglipVisionConfig:
     c = cfg.siglip
-    return SiglipVisionConfig(hidden_size=c.hidden_size, intermediate_size=c.intermediate_size,
-                              num_hidden_layers=c.num_layers, num_attention_heads=c.num_heads,
-                              image_size=c.image_size, patch_size=c.patch_size, vision_use_head=False)  # fmt: skip
+    return SiglipVisionConfig(
+        hidden_size=c.hidden_size,
+        intermediate_size=c.intermediate_size,
+        num_hidden_layers=c.num_layers,
+        num_attention_heads=c.num_heads,
+        image_size=c.image_size,
+        patch_size=c.patch_size,
+        vision_use_head=False,
+    )
 
 
 def sam_hf_config(cfg: XSamConfig) -> SamVisionConfig:
     c = cfg.sam
-    return SamVisionConfig(hidden_size=c.hidden_size, num_hidden_layers=c.num_layers, num_attention_heads=c.num_heads,
-                           mlp_dim=c.mlp_dim, image_size=c.image_size, patch_size=c.patch_size,
-                           window_size=c.window_size, global_attn_indexes=list(c.global_attn_indexes))  # fmt: skip
+    return SamVisionConfig(
+        hidden_size=c.hidden_size,
+        num_hidden_layers=c.num_layers,
+        num_attention_heads=c.num_heads,
+        mlp_dim=c.mlp_dim,
+        image_size=c.image_size,
+        patch_size=c.patch_size,
+        window_size=c.window_size,
+        global_attn_indexes=list(c.global_attn_indexes),
+    )
 
 
 def llm_hf_config(cfg: XSamConfig) -> Phi3Config:
     c = cfg.llm
-    return Phi3Config(vocab_size=c.vocab_size, hidden_size=c.hidden_size, intermediate_size=c.intermediate_size,
-                      num_hidden_layers=c.num_layers, num_attention_heads=c.num_heads,
-                      num_key_value_heads=c.num_kv_heads, max_position_embeddings=c.max_position_embeddings,
-                      original_max_position_embeddings=c.max_position_embeddings,
-                      rope_theta=c.rope_theta, tie_word_embeddings=c.tie_word_embeddings,
-                      bos_token_id=1, eos_token_id=32000 if c.vocab_size > 32000 else 2,
-                      pad_token_id=32000 if c.vocab_size > 32000 else 0)  # fmt: skip
+    return Phi3Config(
+        vocab_size=c.vocab_size,
+        hidden_size=c.hidden_size,
+        intermediate_size=c.intermediate_size,
+        num_hidden_layers=c.num_layers,
+        num_attention_heads=c.num_heads,
+        num_key_value_heads=c.num_kv_heads,
+        max_position_embeddings=c.max_position_embeddings,
+        original_max_position_embeddings=c.max_position_embeddings,
+        rope_theta=c.rope_theta,
+        tie_word_embeddings=c.tie_word_embeddings,
+        bos_token_id=1,
+        eos_token_id=32000 if c.vocab_size > 32000 else 2,
+        pad_token_id=32000 if c.vocab_size > 32000 else 0,
+    )
 
 
 def m2f_hf_config(cfg: XSamConfig, base: Mask2FormerConfig | None = None) -> Mask2FormerConfig:
@@ -88,15 +109,30 @@ def m2f_hf_config(cfg: XSamConfig, base: Mask2FormerConfig | None = None) -> Mas
     from the connector; ``common_stride`` = half the finest stride, i.e. one FPN level (stride 8 → 4)."""
     d, lo = cfg.decoder, cfg.loss
     strides = list(cfg.feature_strides)
-    kw = dict(hidden_dim=d.hidden_dim, num_queries=d.num_queries, decoder_layers=d.decoder_layers,
-              encoder_layers=d.encoder_layers, num_attention_heads=d.num_heads, dim_feedforward=d.dim_feedforward,
-              encoder_feedforward_dim=d.encoder_feedforward_dim, feature_size=d.feature_size,
-              mask_feature_size=d.mask_feature_size)  # fmt: skip
-    common = dict(feature_strides=strides, common_stride=strides[0] // 2, num_labels=d.num_linear_classes,
-                  no_object_weight=lo.no_object_weight, class_weight=lo.class_weight, mask_weight=lo.mask_weight,
-                  dice_weight=lo.dice_weight, train_num_points=lo.train_num_points,
-                  oversample_ratio=lo.oversample_ratio, importance_sample_ratio=lo.importance_sample_ratio,
-                  use_auxiliary_loss=lo.use_auxiliary_loss)  # fmt: skip
+    kw = dict(
+        hidden_dim=d.hidden_dim,
+        num_queries=d.num_queries,
+        decoder_layers=d.decoder_layers,
+        encoder_layers=d.encoder_layers,
+        num_attention_heads=d.num_heads,
+        dim_feedforward=d.dim_feedforward,
+        encoder_feedforward_dim=d.encoder_feedforward_dim,
+        feature_size=d.feature_size,
+        mask_feature_size=d.mask_feature_size,
+    )
+    common = dict(
+        feature_strides=strides,
+        common_stride=strides[0] // 2,
+        num_labels=d.num_linear_classes,
+        no_object_weight=lo.no_object_weight,
+        class_weight=lo.class_weight,
+        mask_weight=lo.mask_weight,
+        dice_weight=lo.dice_weight,
+        train_num_points=lo.train_num_points,
+        oversample_ratio=lo.oversample_ratio,
+        importance_sample_ratio=lo.importance_sample_ratio,
+        use_auxiliary_loss=lo.use_auxiliary_loss,
+    )
     if base is None:
         return Mask2FormerConfig(**kw, **common)
     for k, v in common.items():
@@ -107,32 +143,67 @@ def m2f_hf_config(cfg: XSamConfig, base: Mask2FormerConfig | None = None) -> Mas
 # ---------------------------------------------------------------------- folders → parts (+ resolved config)
 def _load_parts(cfg: XSamConfig, init_dir: str | Path, dtype):
     kw = {"dtype": dtype} if dtype is not None else {}
-    siglip = SiglipVisionModel.from_pretrained(_folder(init_dir, cfg.siglip.folder, "SigLIP vision"),
-                                               vision_use_head=False, local_files_only=True, **kw)  # fmt: skip
-    sam = SamVisionModel.from_pretrained(_folder(init_dir, cfg.sam.folder, "SAM encoder"), local_files_only=True, **kw)
+    siglip = SiglipVisionModel.from_pretrained(
+        _folder(init_dir, cfg.siglip.folder, "SigLIP vision"),
+        vision_use_head=False,
+        local_files_only=True,
+        **kw,
+    )
+    sam = SamVisionModel.from_pretrained(
+        _folder(init_dir, cfg.sam.folder, "SAM encoder"), local_files_only=True, **kw
+    )
     llm_dir = _folder(init_dir, cfg.llm.folder, "LLM")
-    llm = Phi3ForCausalLM.from_pretrained(llm_dir, attn_implementation=cfg.llm.attn_implementation,
-                                          local_files_only=True, **kw)  # fmt: skip
+    llm = Phi3ForCausalLM.from_pretrained(
+        llm_dir, attn_implementation=cfg.llm.attn_implementation, local_files_only=True, **kw
+    )
     m2f = Mask2FormerConfig.from_pretrained(_folder(init_dir, cfg.decoder.folder, "Mask2Former config"))
     tok = load_tokenizer(llm_dir)
     # the folders are the truth for sizes: write them back so the resolved config describes the model
     sc, vc, lc = siglip.config, sam.config, llm.config
-    cfg.siglip = dataclasses.replace(cfg.siglip, hidden_size=sc.hidden_size, intermediate_size=sc.intermediate_size,
-                                     num_layers=sc.num_hidden_layers, num_heads=sc.num_attention_heads,
-                                     image_size=sc.image_size, patch_size=sc.patch_size)  # fmt: skip
-    cfg.sam = dataclasses.replace(cfg.sam, hidden_size=vc.hidden_size, num_layers=vc.num_hidden_layers,
-                                  num_heads=vc.num_attention_heads, mlp_dim=vc.mlp_dim, image_size=vc.image_size,
-                                  patch_size=vc.patch_size, window_size=vc.window_size,
-                                  global_attn_indexes=tuple(vc.global_attn_indexes))  # fmt: skip
-    cfg.llm = dataclasses.replace(cfg.llm, vocab_size=lc.vocab_size, hidden_size=lc.hidden_size,
-                                  intermediate_size=lc.intermediate_size, num_layers=lc.num_hidden_layers,
-                                  num_heads=lc.num_attention_heads, num_kv_heads=lc.num_key_value_heads)  # fmt: skip
-    cfg.decoder = dataclasses.replace(cfg.decoder, hidden_dim=m2f.hidden_dim, num_queries=m2f.num_queries,
-                                      decoder_layers=m2f.decoder_layers, encoder_layers=m2f.encoder_layers,
-                                      num_heads=m2f.num_attention_heads, dim_feedforward=m2f.dim_feedforward,
-                                      encoder_feedforward_dim=m2f.encoder_feedforward_dim,
-                                      feature_size=m2f.feature_size, mask_feature_size=m2f.mask_feature_size)  # fmt: skip
-    cfg.processor = dataclasses.replace(cfg.processor, siglip_size=cfg.siglip.image_size, sam_size=cfg.sam.image_size)
+    cfg.siglip = dataclasses.replace(
+        cfg.siglip,
+        hidden_size=sc.hidden_size,
+        intermediate_size=sc.intermediate_size,
+        num_layers=sc.num_hidden_layers,
+        num_heads=sc.num_attention_heads,
+        image_size=sc.image_size,
+        patch_size=sc.patch_size,
+    )
+    cfg.sam = dataclasses.replace(
+        cfg.sam,
+        hidden_size=vc.hidden_size,
+        num_layers=vc.num_hidden_layers,
+        num_heads=vc.num_attention_heads,
+        mlp_dim=vc.mlp_dim,
+        image_size=vc.image_size,
+        patch_size=vc.patch_size,
+        window_size=vc.window_size,
+        global_attn_indexes=tuple(vc.global_attn_indexes),
+    )
+    cfg.llm = dataclasses.replace(
+        cfg.llm,
+        vocab_size=lc.vocab_size,
+        hidden_size=lc.hidden_size,
+        intermediate_size=lc.intermediate_size,
+        num_layers=lc.num_hidden_layers,
+        num_heads=lc.num_attention_heads,
+        num_kv_heads=lc.num_key_value_heads,
+    )
+    cfg.decoder = dataclasses.replace(
+        cfg.decoder,
+        hidden_dim=m2f.hidden_dim,
+        num_queries=m2f.num_queries,
+        decoder_layers=m2f.decoder_layers,
+        encoder_layers=m2f.encoder_layers,
+        num_heads=m2f.num_attention_heads,
+        dim_feedforward=m2f.dim_feedforward,
+        encoder_feedforward_dim=m2f.encoder_feedforward_dim,
+        feature_size=m2f.feature_size,
+        mask_feature_size=m2f.mask_feature_size,
+    )
+    cfg.processor = dataclasses.replace(
+        cfg.processor, siglip_size=cfg.siglip.image_size, sam_size=cfg.sam.image_size
+    )
     XSamConfig.__post_init__(cfg)  # re-check cross-component relations after the update
     return siglip, sam, llm, m2f_hf_config(cfg, m2f), tok
 
@@ -145,8 +216,12 @@ def _random_parts(cfg: XSamConfig):
     return siglip, sam, llm, m2f_hf_config(cfg), tok
 
 
-def build_xsam(flavor_or_config: str | XSamConfig = "debug", init_dir: str | Path | None = None,
-               device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> XSam:  # fmt: skip
+def build_xsam(
+    flavor_or_config: str | XSamConfig = "debug",
+    init_dir: str | Path | None = None,
+    device: str | torch.device | None = None,
+    dtype: torch.dtype | None = None,
+) -> XSam:
     """Build X-SAM from a flavor name (see ``XSAM_FLAVORS``) or an :class:`XSamConfig`.
 
     ``init_dir``: a folder with the HF sub-folders named by the configs (``siglip2-so400m-patch14-384``,
@@ -186,13 +261,17 @@ def build_xsam(flavor_or_config: str | XSamConfig = "debug", init_dir: str | Pat
 
     d_llm, d_dec = cfg.llm.hidden_size, m2f.hidden_dim
     with ctx:
-        connector = SegConnector(in_dim=cfg.sam.hidden_size, hidden_dim=cfg.connector.hidden_dim,
-                                 scale_factors=cfg.connector.scale_factors)  # fmt: skip
+        connector = SegConnector(
+            in_dim=cfg.sam.hidden_size,
+            hidden_dim=cfg.connector.hidden_dim,
+            scale_factors=cfg.connector.scale_factors,
+        )
         decoder = MaskDecoder(
             pixel_decoder=Mask2FormerPixelDecoder(m2f, feature_channels=connector.out_channels),
             transformer=ConditionedTransformerModule(in_features=m2f.feature_size, config=m2f),
-            phrase_head=PhraseClassifier(dim=d_dec, logit_scale_init=cfg.decoder.logit_scale_init,
-                                         clamp=cfg.decoder.logit_clamp),  # fmt: skip
+            phrase_head=PhraseClassifier(
+                dim=d_dec, logit_scale_init=cfg.decoder.logit_scale_init, clamp=cfg.decoder.logit_clamp
+            ),
             linear_head=nn.Linear(d_dec, cfg.decoder.num_linear_classes + 1),
         )
         init_mask2former_weights(decoder.pixel_decoder, m2f)
@@ -202,9 +281,15 @@ def build_xsam(flavor_or_config: str | XSamConfig = "debug", init_dir: str | Pat
             vision_encoder=siglip,
             sam_encoder=sam,
             llm=llm,
-            visual_projector=MLPProjector(in_dim=cfg.siglip.hidden_size, out_dim=d_llm, depth=cfg.projector.depth),
-            seg_projector=SegProjector(in_dim=cfg.sam.hidden_size, out_dim=d_llm, ratio=cfg.projector.seg_downsample,
-                                       depth=cfg.projector.depth),  # fmt: skip
+            visual_projector=MLPProjector(
+                in_dim=cfg.siglip.hidden_size, out_dim=d_llm, depth=cfg.projector.depth
+            ),
+            seg_projector=SegProjector(
+                in_dim=cfg.sam.hidden_size,
+                out_dim=d_llm,
+                ratio=cfg.projector.seg_downsample,
+                depth=cfg.projector.depth,
+            ),
             llm_projector=MLPProjector(in_dim=d_llm, out_dim=d_dec, depth=cfg.projector.depth),
             seg_connector=connector,
             mask_decoder=decoder,
@@ -213,7 +298,9 @@ def build_xsam(flavor_or_config: str | XSamConfig = "debug", init_dir: str | Pat
             special_token_ids=ids,
         )
     if device is not None:
-        model.to(device)  # also moves the few tensors HF creates with torch.Tensor(), which ignore the context
+        model.to(
+            device
+        )  # also moves the few tensors HF creates with torch.Tensor(), which ignore the context
     if dtype is not None:
         model.to(dtype)
     if tok is not None:
@@ -221,7 +308,9 @@ def build_xsam(flavor_or_config: str | XSamConfig = "debug", init_dir: str | Pat
     return model
 
 
-def build_processor(flavor_or_config: str | XSamConfig = "debug", init_dir: str | Path | None = None) -> XSamProcessor:
+def build_processor(
+    flavor_or_config: str | XSamConfig = "debug", init_dir: str | Path | None = None
+) -> XSamProcessor:
     """The processor alone (for DataLoader workers): tokenizer from ``init_dir``'s LLM folder, or the debug BPE."""
     cfg = resolve_config(flavor_or_config)
     if init_dir is not None:

@@ -11,13 +11,140 @@ from dataclasses import asdict, dataclass, field
 
 # COCO panoptic category ids in contiguous order (80 things then 53 stuff): index = stage-1 linear class.
 COCO_PANOPTIC_CATEGORY_IDS: tuple[int, ...] = (
-    1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23, 24, 25, 27, 28, 31, 32, 33,
-    34, 35, 36, 37, 38, 39, 40, 41, 42, 43, 44, 46, 47, 48, 49, 50, 51, 52, 53, 54, 55, 56, 57, 58, 59, 60, 61,
-    62, 63, 64, 65, 67, 70, 72, 73, 74, 75, 76, 77, 78, 79, 80, 81, 82, 84, 85, 86, 87, 88, 89, 90,
-    92, 93, 95, 100, 107, 109, 112, 118, 119, 122, 125, 128, 130, 133, 138, 141, 144, 145, 147, 148, 149, 151,
-    154, 155, 156, 159, 161, 166, 168, 171, 175, 176, 177, 178, 180, 181, 184, 185, 186, 187, 188, 189, 190,
-    191, 192, 193, 194, 195, 196, 197, 198, 199, 200,
-)  # fmt: skip
+    1,
+    2,
+    3,
+    4,
+    5,
+    6,
+    7,
+    8,
+    9,
+    10,
+    11,
+    13,
+    14,
+    15,
+    16,
+    17,
+    18,
+    19,
+    20,
+    21,
+    22,
+    23,
+    24,
+    25,
+    27,
+    28,
+    31,
+    32,
+    33,
+    34,
+    35,
+    36,
+    37,
+    38,
+    39,
+    40,
+    41,
+    42,
+    43,
+    44,
+    46,
+    47,
+    48,
+    49,
+    50,
+    51,
+    52,
+    53,
+    54,
+    55,
+    56,
+    57,
+    58,
+    59,
+    60,
+    61,
+    62,
+    63,
+    64,
+    65,
+    67,
+    70,
+    72,
+    73,
+    74,
+    75,
+    76,
+    77,
+    78,
+    79,
+    80,
+    81,
+    82,
+    84,
+    85,
+    86,
+    87,
+    88,
+    89,
+    90,
+    92,
+    93,
+    95,
+    100,
+    107,
+    109,
+    112,
+    118,
+    119,
+    122,
+    125,
+    128,
+    130,
+    133,
+    138,
+    141,
+    144,
+    145,
+    147,
+    148,
+    149,
+    151,
+    154,
+    155,
+    156,
+    159,
+    161,
+    166,
+    168,
+    171,
+    175,
+    176,
+    177,
+    178,
+    180,
+    181,
+    184,
+    185,
+    186,
+    187,
+    188,
+    189,
+    190,
+    191,
+    192,
+    193,
+    194,
+    195,
+    196,
+    197,
+    198,
+    199,
+    200,
+)
 
 
 def _check_positive(obj, *names: str) -> None:
@@ -51,10 +178,14 @@ class SiglipEncoderConfig:
     """Index into ``hidden_states`` whose tokens go to the visual projector (recipe: -2)."""
 
     def __post_init__(self):
-        _check_positive(self, "hidden_size", "intermediate_size", "num_layers", "num_heads", "image_size", "patch_size")
+        _check_positive(
+            self, "hidden_size", "intermediate_size", "num_layers", "num_heads", "image_size", "patch_size"
+        )
         _check_heads(self, "hidden_size", "num_heads")
         if not -self.num_layers - 1 <= self.select_layer <= self.num_layers:
-            raise ValueError(f"select_layer {self.select_layer} outside the {self.num_layers + 1} hidden states")
+            raise ValueError(
+                f"select_layer {self.select_layer} outside the {self.num_layers + 1} hidden states"
+            )
 
     @property
     def num_tokens(self) -> int:
@@ -86,13 +217,21 @@ class SamEncoderConfig:
         self.global_attn_indexes = tuple(self.global_attn_indexes)
         self.connector_layers = tuple(self.connector_layers)
         if self.image_size % self.patch_size:
-            raise ValueError(f"SAM image_size {self.image_size} not a multiple of patch_size {self.patch_size}")
+            raise ValueError(
+                f"SAM image_size {self.image_size} not a multiple of patch_size {self.patch_size}"
+            )
         if self.grid % 2:
             raise ValueError(f"SAM grid {self.grid} must be even (pixel shuffle 0.5 and stride-2x pyramid)")
-        if len(self.connector_layers) != 3 or not all(0 < i <= self.num_layers for i in self.connector_layers):
-            raise ValueError(f"connector_layers {self.connector_layers} must be 3 indices in 1..{self.num_layers}")
+        if len(self.connector_layers) != 3 or not all(
+            0 < i <= self.num_layers for i in self.connector_layers
+        ):
+            raise ValueError(
+                f"connector_layers {self.connector_layers} must be 3 indices in 1..{self.num_layers}"
+            )
         if any(i >= self.num_layers for i in self.global_attn_indexes):
-            raise ValueError(f"global_attn_indexes {self.global_attn_indexes} exceed num_layers {self.num_layers}")
+            raise ValueError(
+                f"global_attn_indexes {self.global_attn_indexes} exceed num_layers {self.num_layers}"
+            )
 
     @property
     def grid(self) -> int:
@@ -119,7 +258,9 @@ class LLMConfig:
     """Recomputes each decoder layer in backward (X-SAM turns it on in stages 2 and 3)."""
 
     def __post_init__(self):
-        _check_positive(self, "vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads")
+        _check_positive(
+            self, "vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads"
+        )
         _check_heads(self, "hidden_size", "num_heads")
         _check_heads(self, "num_heads", "num_kv_heads")
 
@@ -150,7 +291,10 @@ class ConnectorConfig:
     def __post_init__(self):
         _check_positive(self, "hidden_dim")
         self.scale_factors = tuple(float(s) for s in self.scale_factors)
-        if self.scale_factors != tuple(sorted(self.scale_factors, reverse=True)) or len(self.scale_factors) != 3:
+        if (
+            self.scale_factors != tuple(sorted(self.scale_factors, reverse=True))
+            or len(self.scale_factors) != 3
+        ):
             raise ValueError(f"scale_factors {self.scale_factors} must be 3 values, high resolution first")
 
 
@@ -179,8 +323,18 @@ class DecoderConfig:
     """How a sample with several ``<SEG>`` (refseg/reaseg) conditions the queries: ``last`` (X-SAM) or ``mean``."""
 
     def __post_init__(self):
-        _check_positive(self, "hidden_dim", "num_queries", "decoder_layers", "encoder_layers", "num_heads",
-                        "dim_feedforward", "feature_size", "mask_feature_size", "num_linear_classes")  # fmt: skip
+        _check_positive(
+            self,
+            "hidden_dim",
+            "num_queries",
+            "decoder_layers",
+            "encoder_layers",
+            "num_heads",
+            "dim_feedforward",
+            "feature_size",
+            "mask_feature_size",
+            "num_linear_classes",
+        )
         _check_heads(self, "hidden_dim", "num_heads")
         if self.feature_size % 32:
             raise ValueError(f"feature_size {self.feature_size} must be a multiple of 32 (GroupNorm(32))")
@@ -207,7 +361,14 @@ class LossConfig:
         _check_positive(self, "train_num_points", "oversample_ratio")
         if not 0.0 <= self.importance_sample_ratio <= 1.0:
             raise ValueError(f"importance_sample_ratio {self.importance_sample_ratio} outside [0, 1]")
-        for n in ("lm_weight", "seg_weight", "class_weight", "mask_weight", "dice_weight", "no_object_weight"):
+        for n in (
+            "lm_weight",
+            "seg_weight",
+            "class_weight",
+            "mask_weight",
+            "dice_weight",
+            "no_object_weight",
+        ):
             if getattr(self, n) < 0:
                 raise ValueError(f"LossConfig.{n} must be >= 0")
 
@@ -274,12 +435,18 @@ class XSamConfig:
 
     def __post_init__(self):
         if self.processor.siglip_size != self.siglip.image_size:
-            raise ValueError(f"processor.siglip_size {self.processor.siglip_size} != siglip.image_size {self.siglip.image_size}")
+            raise ValueError(
+                f"processor.siglip_size {self.processor.siglip_size} != siglip.image_size {self.siglip.image_size}"
+            )
         if self.processor.sam_size != self.sam.image_size:
-            raise ValueError(f"processor.sam_size {self.processor.sam_size} != sam.image_size {self.sam.image_size}")
+            raise ValueError(
+                f"processor.sam_size {self.processor.sam_size} != sam.image_size {self.sam.image_size}"
+            )
         shuffled = self.sam.grid * self.projector.seg_downsample
         if shuffled != int(shuffled):
-            raise ValueError(f"SAM grid {self.sam.grid} × seg_downsample {self.projector.seg_downsample} is not whole")
+            raise ValueError(
+                f"SAM grid {self.sam.grid} × seg_downsample {self.projector.seg_downsample} is not whole"
+            )
         self.special_tokens = tuple(self.special_tokens)
         if self.special_tokens[:1] != ("<SEG>",):
             raise ValueError("special_tokens must start with '<SEG>'")

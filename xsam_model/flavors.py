@@ -19,14 +19,42 @@ from xsam_model.config import (
 # model alive: 3 SAM levels at strides 4/8/16, pixel shuffle 0.5, FPN lateral, aux losses, region tokens.
 DEBUG = XSamConfig(
     name="debug",
-    siglip=SiglipEncoderConfig(hidden_size=32, intermediate_size=64, num_layers=2, num_heads=2, image_size=32, patch_size=8),
-    sam=SamEncoderConfig(hidden_size=32, num_layers=4, num_heads=2, mlp_dim=64, image_size=64, patch_size=8,
-                         window_size=4, global_attn_indexes=(1, 3), connector_layers=(2, 3, 4)),  # fmt: skip
-    llm=LLMConfig(folder="debug-llm", vocab_size=387, hidden_size=64, intermediate_size=128, num_layers=2,
-                  num_heads=4, num_kv_heads=4, max_position_embeddings=1024),  # fmt: skip
+    siglip=SiglipEncoderConfig(
+        hidden_size=32, intermediate_size=64, num_layers=2, num_heads=2, image_size=32, patch_size=8
+    ),
+    sam=SamEncoderConfig(
+        hidden_size=32,
+        num_layers=4,
+        num_heads=2,
+        mlp_dim=64,
+        image_size=64,
+        patch_size=8,
+        window_size=4,
+        global_attn_indexes=(1, 3),
+        connector_layers=(2, 3, 4),
+    ),
+    llm=LLMConfig(
+        folder="debug-llm",
+        vocab_size=387,
+        hidden_size=64,
+        intermediate_size=128,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=4,
+        max_position_embeddings=1024,
+    ),
     connector=ConnectorConfig(hidden_dim=32),
-    decoder=DecoderConfig(hidden_dim=32, num_queries=8, decoder_layers=3, encoder_layers=1, num_heads=4,
-                          dim_feedforward=64, encoder_feedforward_dim=64, feature_size=32, mask_feature_size=32),  # fmt: skip
+    decoder=DecoderConfig(
+        hidden_dim=32,
+        num_queries=8,
+        decoder_layers=3,
+        encoder_layers=1,
+        num_heads=4,
+        dim_feedforward=64,
+        encoder_feedforward_dim=64,
+        feature_size=32,
+        mask_feature_size=32,
+    ),
     loss=LossConfig(train_num_points=256),
     region=RegionSamplerConfig(num_points=16, pool=4),
     processor=ProcessorConfig(siglip_size=32, sam_size=64, max_length=512),

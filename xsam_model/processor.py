@@ -65,13 +65,17 @@ class ProcessorError(ValueError):
 class XSamProcessor:
     """Callable ``(sample, image_bytes) -> dict[str, Tensor]``; see the module docstring for the keys."""
 
-    def __init__(self, config: ProcessorConfig, tokenizer, special_tokens: Sequence[str] = ("<SEG>", "<p>", "</p>")):
+    def __init__(
+        self, config: ProcessorConfig, tokenizer, special_tokens: Sequence[str] = ("<SEG>", "<p>", "</p>")
+    ):
         self.config = config
         self.tokenizer = tokenizer
         vocab = tokenizer.get_vocab()
         missing = [t for t in special_tokens if t not in vocab]
         if missing:
-            raise ProcessorError(f"tokenizer lacks {missing}; run xsam_model.tokenizer.prepare_tokenizer first")
+            raise ProcessorError(
+                f"tokenizer lacks {missing}; run xsam_model.tokenizer.prepare_tokenizer first"
+            )
         self.seg_id, self.p_open_id, self.p_close_id = (vocab[t] for t in special_tokens[:3])
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         self._cat_index = {c: i for i, c in enumerate(config.category_ids)}
@@ -146,25 +150,43 @@ class XSamProcessor:
             elif tok == self.seg_id:
                 seg_ids[t], n_seg = n_seg, n_seg + 1
         if k + 1 != len(sample.phrases):
-            raise ProcessorError(f"{sample.key}: {k + 1} <p> spans in tokens but {len(sample.phrases)} phrases")
-        return {"input_ids": torch.tensor(ids, dtype=torch.long), "labels": torch.tensor(labels, dtype=torch.long),
-                "cond_ids": torch.tensor(cond_ids, dtype=torch.long), "seg_ids": torch.tensor(seg_ids, dtype=torch.long)}  # fmt: skip
+            raise ProcessorError(
+                f"{sample.key}: {k + 1} <p> spans in tokens but {len(sample.phrases)} phrases"
+            )
+        return {
+            "input_ids": torch.tensor(ids, dtype=torch.long),
+            "labels": torch.tensor(labels, dtype=torch.long),
+            "cond_ids": torch.tensor(cond_ids, dtype=torch.long),
+            "seg_ids": torch.tensor(seg_ids, dtype=torch.long),
+        }
 
     # ------------------------------------------------------------------ image and masks
     def sam_scaled_size(self, h: int, w: int) -> tuple[int, int]:
         """Size inside the padded SAM frame: longest side = sam_size (rounded like HF's SAM processor)."""
         return decode.scaled_size(h, w, self.config.sam_size)
 
-    def images(self, image_bytes: bytes, expect_hw: tuple[int, int] | None) -> tuple[torch.Tensor, torch.Tensor, tuple[int, int]]:
+    def images(
+        self, image_bytes: bytes, expect_hw: tuple[int, int] | None
+    ) -> tuple[torch.Tensor, torch.Tensor, tuple[int, int]]:
         """Image bytes → SigLIP 3×S×S float, SAM 3×L×L float (zero-padded), (h, w) inside the SAM frame."""
         c = self.config
-        x = decode.image_inputs(image_bytes, siglip_size=c.siglip_size, sam_size=c.sam_size,
-                                siglip_mean=c.siglip_mean, siglip_std=c.siglip_std, sam_mean=c.sam_mean,
-                                sam_std=c.sam_std)  # fmt: skip
+        x = decode.image_inputs(
+            image_bytes,
+            siglip_size=c.siglip_size,
+            sam_size=c.sam_size,
+            siglip_mean=c.siglip_mean,
+            siglip_std=c.siglip_std,
+            sam_mean=c.sam_mean,
+            sam_std=c.sam_std,
+        )
         if expect_hw is not None and tuple(x["image_hw"]) != tuple(expect_hw):
             h, w = x["image_hw"]
             raise ProcessorError(f"image is {h}x{w}, the Sample says {expect_hw[0]}x{expect_hw[1]}")
-        return torch.from_numpy(x["pixel_values"]), torch.from_numpy(x["extra_pixel_values"]), tuple(x["scaled_size"])
+        return (
+            torch.from_numpy(x["pixel_values"]),
+            torch.from_numpy(x["extra_pixel_values"]),
+            tuple(x["scaled_size"]),
+        )
 
     def _to_sam_frame(self, rles: list[dict], size: tuple[int, int]) -> torch.Tensor:
         """N RLEs → N×L×L uint8: nearest-exact resize to ``size``, zero pad bottom/right. In a DataLoader worker
@@ -189,7 +211,9 @@ class XSamProcessor:
             [self._cat_index.get(m.category_id, -100) for m in sample.masks], dtype=torch.long
         )
         if sample.ignore is not None:
-            item["ignore_mask"] = torch.from_numpy(decode.masks_to_frame_any([sample.ignore], size, pad_to=c.sam_size))
+            item["ignore_mask"] = torch.from_numpy(
+                decode.masks_to_frame_any([sample.ignore], size, pad_to=c.sam_size)
+            )
         else:
             item["ignore_mask"] = torch.zeros(c.sam_size, c.sam_size, dtype=torch.bool)
         # 0/1 uint8 → bool is a reinterpretation, not a copy
@@ -197,10 +221,14 @@ class XSamProcessor:
         # the r-th <region> slot must sit inside the span of its region's phrase
         slots = (item["input_ids"] == c.region_token_index).nonzero().flatten()
         if len(slots) != len(sample.regions):
-            raise ProcessorError(f"{sample.key}: {len(slots)} <region> slots but {len(sample.regions)} regions")
+            raise ProcessorError(
+                f"{sample.key}: {len(slots)} <region> slots but {len(sample.regions)} regions"
+            )
         for r, pos in zip(sample.regions, slots.tolist(), strict=True):
             if item["cond_ids"][pos].item() != r.label:
-                raise ProcessorError(f"{sample.key}: region with label {r.label} fills a slot of span {item['cond_ids'][pos].item()}")
+                raise ProcessorError(
+                    f"{sample.key}: region with label {r.label} fills a slot of span {item['cond_ids'][pos].item()}"
+                )
         item["scaled_size"] = torch.tensor(size, dtype=torch.long)
         item["task"], item["key"] = sample.task, sample.key
         return item

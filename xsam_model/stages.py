@@ -27,15 +27,29 @@ _SIGLIP_LAYER = re.compile(r"^vision_encoder\.(?:vision_model\.)?encoder\.layers
 # stage → (module prefix, lr multiplier); order is the order of the parameter groups
 STAGE_GROUPS: dict[int, tuple[tuple[str, float], ...]] = {
     # s1 segmentor fine-tune: SAM encoder ×0.1, connector, re-initialised M2F decoder, linear 133-class head
-    1: (("sam_encoder", 0.1), ("seg_connector", 1.0), ("mask_decoder.pixel_decoder", 1.0),
-        ("mask_decoder.transformer", 1.0), ("mask_decoder.linear_head", 1.0)),
+    1: (
+        ("sam_encoder", 0.1),
+        ("seg_connector", 1.0),
+        ("mask_decoder.pixel_decoder", 1.0),
+        ("mask_decoder.transformer", 1.0),
+        ("mask_decoder.linear_head", 1.0),
+    ),
     # s2 alignment pre-train: only the two projectors into the LLM
     2: (("visual_projector", 1.0), ("seg_projector", 1.0)),
     # s3 mixed fine-tune: everything, SigLIP and SAM ×0.1, phrase (cosine) head with its bg embedding
-    3: (("vision_encoder", 0.1), ("sam_encoder", 0.1), ("llm", 1.0), ("visual_projector", 1.0),
-        ("seg_projector", 1.0), ("llm_projector", 1.0), ("seg_connector", 1.0), ("mask_decoder.pixel_decoder", 1.0),
-        ("mask_decoder.transformer", 1.0), ("mask_decoder.phrase_head", 1.0)),
-}  # fmt: skip
+    3: (
+        ("vision_encoder", 0.1),
+        ("sam_encoder", 0.1),
+        ("llm", 1.0),
+        ("visual_projector", 1.0),
+        ("seg_projector", 1.0),
+        ("llm_projector", 1.0),
+        ("seg_connector", 1.0),
+        ("mask_decoder.pixel_decoder", 1.0),
+        ("mask_decoder.transformer", 1.0),
+        ("mask_decoder.phrase_head", 1.0),
+    ),
+}
 
 
 class WeightMismatchError(ValueError):
@@ -59,7 +73,9 @@ def unused_parameters(model: nn.Module) -> set[str]:
     out = set()
     for name, _ in model.named_parameters():
         m = _SIGLIP_LAYER.match(name)
-        if (m and int(m.group(1)) >= first_unused) or ("post_layernorm" in name and name.startswith("vision_encoder.")):
+        if (m and int(m.group(1)) >= first_unused) or (
+            "post_layernorm" in name and name.startswith("vision_encoder.")
+        ):
             out.add(name)
     return out
 
@@ -88,19 +104,32 @@ def stage_view(model: nn.Module, stage: int) -> list[dict]:
 
 def param_groups(model: nn.Module, stage: int, lr: float, weight_decay: float = 0.0) -> list[dict]:
     """Torch-optimizer groups for ``stage``: ``lr`` × the group's multiplier (calls :func:`stage_view`)."""
-    return [{"params": g["params"], "lr": lr * g["lr_mult"], "weight_decay": weight_decay, "name": g["name"],
-             "lr_mult": g["lr_mult"]} for g in stage_view(model, stage)]  # fmt: skip
+    return [
+        {
+            "params": g["params"],
+            "lr": lr * g["lr_mult"],
+            "weight_decay": weight_decay,
+            "name": g["name"],
+            "lr_mult": g["lr_mult"],
+        }
+        for g in stage_view(model, stage)
+    ]
 
 
 def export_trainable(model: nn.Module, stage: int | None = None) -> dict[str, torch.Tensor]:
     """State dict of the trainable parameters (of ``stage``, else those with ``requires_grad``), on CPU."""
     params = dict(model.named_parameters())
-    names = trainable_names(model, stage) if stage is not None else [n for n, p in params.items() if p.requires_grad]
+    names = (
+        trainable_names(model, stage)
+        if stage is not None
+        else [n for n, p in params.items() if p.requires_grad]
+    )
     return {n: params[n].detach().to("cpu", copy=True).contiguous() for n in names}
 
 
-def load_exported(model: nn.Module, state: dict[str, torch.Tensor], *, stage: int | None = None,
-                  strict: bool = True) -> dict[str, list[str]]:  # fmt: skip
+def load_exported(
+    model: nn.Module, state: dict[str, torch.Tensor], *, stage: int | None = None, strict: bool = True
+) -> dict[str, list[str]]:
     """Copy ``state`` into ``model``'s parameters (dtype cast, device kept).
 
     Missing keys: the parameters of ``stage`` (if given), otherwise every parameter of each stage group that
@@ -112,15 +141,22 @@ def load_exported(model: nn.Module, state: dict[str, torch.Tensor], *, stage: in
     if stage is not None:
         expected = set(trainable_names(model, stage))
     else:
-        prefixes = {p for groups in STAGE_GROUPS.values() for p, _ in groups if any(_under(k, p) for k in state)}
+        prefixes = {
+            p for groups in STAGE_GROUPS.values() for p, _ in groups if any(_under(k, p) for k in state)
+        }
         skip = unused_parameters(model)
         expected = {n for n in params if n not in skip and any(_under(n, p) for p in prefixes)}
     unexpected = sorted(k for k in state if k not in params)
-    mismatched = sorted(f"{k}: file {tuple(v.shape)} vs model {tuple(params[k].shape)}"
-                        for k, v in state.items() if k in params and tuple(v.shape) != tuple(params[k].shape))  # fmt: skip
+    mismatched = sorted(
+        f"{k}: file {tuple(v.shape)} vs model {tuple(params[k].shape)}"
+        for k, v in state.items()
+        if k in params and tuple(v.shape) != tuple(params[k].shape)
+    )
     missing = sorted(expected - set(state))
     if strict and (unexpected or mismatched or missing):
-        lines = [f"{len(missing)} missing, {len(unexpected)} unexpected, {len(mismatched)} shape-mismatched keys"]
+        lines = [
+            f"{len(missing)} missing, {len(unexpected)} unexpected, {len(mismatched)} shape-mismatched keys"
+        ]
         for what, keys in (("missing", missing), ("unexpected", unexpected), ("mismatched", mismatched)):
             lines += [f"  {what}: {k}" for k in keys]
         raise WeightMismatchError("\n".join(lines))

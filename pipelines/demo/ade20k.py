@@ -38,7 +38,9 @@ def _instance_class(name: str) -> int:
     return min(k for k, v in instance_to_class().items() if v == cls)
 
 
-def write(root: Path, rng: random.Random, n_train: int = 4, n_val: int = 2, size: tuple[int, int] = (320, 240)) -> None:
+def write(
+    root: Path, rng: random.Random, n_train: int = 4, n_val: int = 2, size: tuple[int, int] = (320, 240)
+) -> None:
     base = root / ROOT
     width, height = size
     for split, n in (("train", n_train), ("val", n_val)):
@@ -76,7 +78,10 @@ def write_mask2former_files(root: Path) -> None:
     things = set(thing_classes())
     names = class_names()
     mapping = instance_to_class()
-    categories = [{"id": c, "name": names[c], "isthing": int(c in things), "color": [c, c, c]} for c in range(NUM_CLASSES)]
+    categories = [
+        {"id": c, "name": names[c], "isthing": int(c in things), "color": [c, c, c]}
+        for c in range(NUM_CLASSES)
+    ]
     for split, sd in SPLIT_DIRS.items():
         if not (base / "images" / sd).is_dir():
             continue
@@ -90,7 +95,9 @@ def write_mask2former_files(root: Path) -> None:
             images.append({"id": stem, "file_name": img_path.name, "width": width, "height": height})
             sem = np.asarray(Image.open(base / "annotations" / sd / f"{stem}.png"))
             ins = np.asarray(Image.open(base / "annotations_instance" / sd / f"{stem}.png"))
-            (base / "annotations_detectron2" / sd / f"{stem}.png").write_bytes(png_bytes((sem - 1).astype(np.uint8)))
+            (base / "annotations_detectron2" / sd / f"{stem}.png").write_bytes(
+                png_bytes((sem - 1).astype(np.uint8))
+            )
             seg_map = np.zeros(sem.shape, dtype=np.int64)
             segments = []
             for value in np.unique(sem):  # stuff first
@@ -99,8 +106,15 @@ def write_mask2former_files(root: Path) -> None:
                     continue
                 seg_id = cls + 1 + 256 * (len(segments) + 1)
                 seg_map[sem == value] = seg_id
-                segments.append({"id": seg_id, "category_id": cls, "area": int((sem == value).sum()),
-                                 "bbox": _bbox(sem == value), "iscrowd": 0})
+                segments.append(
+                    {
+                        "id": seg_id,
+                        "category_id": cls,
+                        "area": int((sem == value).sum()),
+                        "bbox": _bbox(sem == value),
+                        "iscrowd": 0,
+                    }
+                )
             for g in np.unique(ins[..., 1]):  # then things, pasted over
                 if g == 0:
                     continue
@@ -108,16 +122,34 @@ def write_mask2former_files(root: Path) -> None:
                 cls = mapping[int(np.unique(ins[..., 0][mask])[0])]
                 seg_id = cls + 1 + 256 * (len(segments) + 1)
                 seg_map[mask] = seg_id
-                segments.append({"id": seg_id, "category_id": cls, "area": int(mask.sum()), "bbox": _bbox(mask),
-                                 "iscrowd": 0})
+                segments.append(
+                    {
+                        "id": seg_id,
+                        "category_id": cls,
+                        "area": int(mask.sum()),
+                        "bbox": _bbox(mask),
+                        "iscrowd": 0,
+                    }
+                )
                 rle = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
-                ins_anns.append({"id": len(ins_anns) + 1, "image_id": stem, "iscrowd": 0, "category_id": cls,
-                                 "bbox": _bbox(mask), "segmentation": {"size": rle["size"], "counts": rle["counts"].decode()},
-                                 "area": int(mask_utils.area(rle))})
+                ins_anns.append(
+                    {
+                        "id": len(ins_anns) + 1,
+                        "image_id": stem,
+                        "iscrowd": 0,
+                        "category_id": cls,
+                        "bbox": _bbox(mask),
+                        "segmentation": {"size": rle["size"], "counts": rle["counts"].decode()},
+                        "area": int(mask_utils.area(rle)),
+                    }
+                )
             (base / f"ade20k_panoptic_{split}" / f"{stem}.png").write_bytes(png_bytes(id2rgb(seg_map)))
             pan_anns.append({"image_id": stem, "file_name": f"{stem}.png", "segments_info": segments})
         pan = {"images": images, "annotations": pan_anns, "categories": categories}
-        ins_json = {"images": images, "annotations": ins_anns,
-                    "categories": [{"id": c, "name": names[c]} for c in sorted(things)]}
+        ins_json = {
+            "images": images,
+            "annotations": ins_anns,
+            "categories": [{"id": c, "name": names[c]} for c in sorted(things)],
+        }
         (base / f"ade20k_panoptic_{split}.json").write_text(json.dumps(pan))
         (base / f"ade20k_instance_{split}.json").write_text(json.dumps(ins_json, indent=1))

@@ -14,21 +14,32 @@ from pipelines.demo.draw import id2rgb, jpeg_bytes, make_scene, png_bytes
 # a subset of the real COCO panoptic categories, real ids and names
 THINGS = {"person": 1, "bicycle": 2, "car": 3, "cat": 17, "dog": 18, "bus": 6}
 STUFF = {"sky-other-merged": 187, "grass-merged": 193, "wall-other-merged": 199, "road": 149}
-SUPER = {"person": "person", "bicycle": "vehicle", "car": "vehicle", "bus": "vehicle", "cat": "animal", "dog": "animal"}
+SUPER = {
+    "person": "person",
+    "bicycle": "vehicle",
+    "car": "vehicle",
+    "bus": "vehicle",
+    "cat": "animal",
+    "dog": "animal",
+}
 ROOT = "img_genseg/coco2017"
 
 
 def categories(panoptic: bool) -> list[dict]:
     cats = [{"id": i, "name": n, "supercategory": SUPER[n], "isthing": 1} for n, i in THINGS.items()]
     if panoptic:
-        cats += [{"id": i, "name": n, "supercategory": n.split("-")[0], "isthing": 0} for n, i in STUFF.items()]
+        cats += [
+            {"id": i, "name": n, "supercategory": n.split("-")[0], "isthing": 0} for n, i in STUFF.items()
+        ]
     else:
         for c in cats:
             del c["isthing"]
     return sorted(cats, key=lambda c: c["id"])
 
 
-def write(root: Path, rng: random.Random, n_train: int = 8, n_val: int = 4, size: tuple[int, int] = (320, 240)) -> None:
+def write(
+    root: Path, rng: random.Random, n_train: int = 8, n_val: int = 4, size: tuple[int, int] = (320, 240)
+) -> None:
     base = root / ROOT
     (base / "annotations").mkdir(parents=True, exist_ok=True)
     width, height = size
@@ -44,8 +55,16 @@ def write(root: Path, rng: random.Random, n_train: int = 8, n_val: int = 4, size
             stuff = rng.sample(list(STUFF), 2)
             arr, objects = make_scene(rng, width, height, things, stuff)
             (base / f"{split}2017" / fname).write_bytes(jpeg_bytes(arr))
-            images.append({"id": image_id, "file_name": fname, "width": width, "height": height, "license": 1,
-                           "coco_url": f"http://images.cocodataset.org/{split}2017/{fname}"})
+            images.append(
+                {
+                    "id": image_id,
+                    "file_name": fname,
+                    "width": width,
+                    "height": height,
+                    "license": 1,
+                    "coco_url": f"http://images.cocodataset.org/{split}2017/{fname}",
+                }
+            )
             id_map = np.zeros((height, width), dtype=np.int64)
             segments = []
             crowd_index = len(objects) - 1 if i == 1 else -1  # image 1's front-most thing is a crowd region
@@ -58,8 +77,15 @@ def write(root: Path, rng: random.Random, n_train: int = 8, n_val: int = 4, size
                 rle = mask_utils.encode(np.asfortranarray(obj.mask.astype(np.uint8)))
                 x, y, w, h = (int(v) for v in mask_utils.toBbox(rle))
                 iscrowd = int(k == crowd_index)
-                segments.append({"id": seg_id, "category_id": cat, "area": int(obj.mask.sum()),
-                                 "bbox": [x, y, w, h], "iscrowd": iscrowd})
+                segments.append(
+                    {
+                        "id": seg_id,
+                        "category_id": cat,
+                        "area": int(obj.mask.sum()),
+                        "bbox": [x, y, w, h],
+                        "iscrowd": iscrowd,
+                    }
+                )
                 if obj.kind != "stuff":
                     ann_id += 1
                     if iscrowd:  # COCO stores crowd regions as uncompressed RLE
@@ -69,16 +95,35 @@ def write(root: Path, rng: random.Random, n_train: int = 8, n_val: int = 4, size
                         segm = {"counts": [int(c) for c in counts], "size": [height, width]}
                     else:
                         segm = [[round(v, 2) for v in obj.polygon]]
-                    inst_anns.append({"id": ann_id, "image_id": image_id, "category_id": cat, "iscrowd": iscrowd,
-                                      "segmentation": segm, "area": float(obj.mask.sum()), "bbox": [x, y, w, h]})
+                    inst_anns.append(
+                        {
+                            "id": ann_id,
+                            "image_id": image_id,
+                            "category_id": cat,
+                            "iscrowd": iscrowd,
+                            "segmentation": segm,
+                            "area": float(obj.mask.sum()),
+                            "bbox": [x, y, w, h],
+                        }
+                    )
             png_name = fname.replace(".jpg", ".png")
             (base / f"panoptic_{split}2017" / png_name).write_bytes(png_bytes(id2rgb(id_map)))
             pan_anns.append({"image_id": image_id, "file_name": png_name, "segments_info": segments})
         info = {"description": "xsam demo data (synthetic scenes)", "version": "1.0"}
         licenses = [{"id": 1, "name": "CC0", "url": "https://creativecommons.org/publicdomain/zero/1.0/"}]
-        pan = {"info": info, "licenses": licenses, "images": images, "annotations": pan_anns,
-               "categories": categories(panoptic=True)}
-        inst = {"info": info, "licenses": licenses, "images": images, "annotations": inst_anns,
-                "categories": categories(panoptic=False)}
+        pan = {
+            "info": info,
+            "licenses": licenses,
+            "images": images,
+            "annotations": pan_anns,
+            "categories": categories(panoptic=True),
+        }
+        inst = {
+            "info": info,
+            "licenses": licenses,
+            "images": images,
+            "annotations": inst_anns,
+            "categories": categories(panoptic=False),
+        }
         (base / "annotations" / f"panoptic_{split}2017.json").write_text(json.dumps(pan))
         (base / "annotations" / f"instances_{split}2017.json").write_text(json.dumps(inst))

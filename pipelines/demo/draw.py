@@ -23,7 +23,12 @@ class SceneObject:
     polygon: list[float] | None = None  # flat [x1, y1, …] outline for thing shapes
 
 
-STUFF_COLOURS = {"sky": (135, 190, 235), "grass": (90, 160, 70), "wall": (200, 190, 170), "road": (110, 110, 115)}
+STUFF_COLOURS = {
+    "sky": (135, 190, 235),
+    "grass": (90, 160, 70),
+    "wall": (200, 190, 170),
+    "road": (110, 110, 115),
+}
 THING_COLOURS = [(220, 60, 50), (240, 200, 40), (60, 90, 210), (150, 70, 180), (30, 180, 170), (250, 130, 30)]
 
 

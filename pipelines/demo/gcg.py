@@ -64,13 +64,15 @@ def make_gcg_scene(rng: random.Random, width: int = 320, height: int = 240) -> S
     stuff = rng.sample(STUFF, 2)
     arr, objects = make_scene(rng, width, height, things, stuff)
     named = []
-    for j, obj in enumerate(objects[len(stuff):]):
+    for j, obj in enumerate(objects[len(stuff) :]):
         if obj.mask.sum() >= MIN_VISIBLE:
             named.append((f"a {COLOURS[j % len(COLOURS)]} {obj.category}", obj.mask, obj.polygon))
     for obj in objects[: len(stuff)]:
         rows = np.flatnonzero(obj.mask.any(axis=1))
         y0, y1 = float(rows[0]), float(rows[-1] + 1)
-        named.append((f"the {obj.category}", obj.mask, [0.0, y0, float(width), y0, float(width), y1, 0.0, y1]))
+        named.append(
+            (f"the {obj.category}", obj.mask, [0.0, y0, float(width), y0, float(width), y1, 0.0, y1])
+        )
     things_part = [n for n in named if n[0].startswith("a ")]
     stuff_part = [n for n in named if n[0].startswith("the ")]
     text, phrases = "", []
@@ -105,13 +107,14 @@ def styled(scene: Scene, style: str) -> tuple[str, int]:
     return c[0].upper() + c[1:], 0
 
 
-def grandf_record(scene: Scene, file_name: str, image_id, style: str, nested: bool, split_mask: bool,
-                  with_size: bool = True) -> dict:
+def grandf_record(
+    scene: Scene, file_name: str, image_id, style: str, nested: bool, split_mask: bool, with_size: bool = True
+) -> dict:
     """One GranD-f / OpenPSG record (source_formats.md §4a)."""
     caption, off = styled(scene, style)
     groundings = {}
     for k, p in enumerate(scene.phrases):
-        key = caption[off + p.start: off + p.end]  # the phrase as the caption writes it
+        key = caption[off + p.start : off + p.end]  # the phrase as the caption writes it
         if style == "title":
             key = p.text  # mixed casing: lower-case key, title-cased caption
         if style == "quoted" and k == len(scene.phrases) - 1:
@@ -119,20 +122,24 @@ def grandf_record(scene: Scene, file_name: str, image_id, style: str, nested: bo
         masks = [rle(p.mask)]
         if split_mask and k == 0:  # one phrase's mask split over two RLEs: top and bottom halves
             top = p.mask.copy()
-            top[scene.height // 2:] = False
+            top[scene.height // 2 :] = False
             masks = [rle(top), rle(p.mask & ~top)]
         groundings[key] = {"token_positives": [off + p.start, off + p.end], "rle_masks": masks}
     if nested:  # 'red dog' inside 'a red dog': the greedy overlap rule must drop it
         p = scene.phrases[0]
-        groundings[caption[off + p.start + 2: off + p.end]] = {
-            "token_positives": [off + p.start + 2, off + p.end], "rle_masks": [rle(p.mask)]}
+        groundings[caption[off + p.start + 2 : off + p.end]] = {
+            "token_positives": [off + p.start + 2, off + p.end],
+            "rle_masks": [rle(p.mask)],
+        }
     rec = {"file_name": file_name, "image_id": image_id, "caption": caption, "groundings": groundings}
     if with_size:
         rec.update(height=scene.height, width=scene.width)
     return rec
 
 
-def write_grandf_train(root: Path, rng: random.Random, n_images: int, n_captions: int, size=(320, 240)) -> list[dict]:
+def write_grandf_train(
+    root: Path, rng: random.Random, n_images: int, n_captions: int, size=(320, 240)
+) -> list[dict]:
     """``GranDf_HA_GCG_train.json`` with ``n_captions`` records over ``n_images`` drawn images (records cycle
     through the images and the four caption styles). The benchmark scales this up."""
     img_dir = root / GRANDF_IMAGES
@@ -147,8 +154,17 @@ def write_grandf_train(root: Path, rng: random.Random, n_images: int, n_captions
     records = []
     for r in range(n_captions):
         name, scene = scenes[r % n_images]
-        records.append(grandf_record(scene, name, int(name[3:-4]), styles[r % 4], nested=r % 4 in (0, 2),
-                                     split_mask=r % 4 == 2, with_size=r % 4 != 3))
+        records.append(
+            grandf_record(
+                scene,
+                name,
+                int(name[3:-4]),
+                styles[r % 4],
+                nested=r % 4 in (0, 2),
+                split_mask=r % 4 == 2,
+                with_size=r % 4 != 3,
+            )
+        )
     (root / ANN_TRAIN).mkdir(parents=True, exist_ok=True)
     (root / ANN_TRAIN / "GranDf_HA_GCG_train.json").write_text(json.dumps(records))
     return records
@@ -165,7 +181,9 @@ def _write_psg(root: Path, rng: random.Random, n: int) -> None:
         (img_dir / name).write_bytes(scene.jpeg)
         records.append(grandf_record(scene, name, image_id, "sentence", nested=i == 0, split_mask=False))
     (root / ANN_TRAIN / "OpenPsgGCG_train.json").write_text(json.dumps(records))
-    (root / ANN_TRAIN / "OpenPsgGCG_val.json").write_text(json.dumps(records[-1:]))  # GLaMM: same image folder
+    (root / ANN_TRAIN / "OpenPsgGCG_val.json").write_text(
+        json.dumps(records[-1:])
+    )  # GLaMM: same image folder
 
 
 def _write_refcocog(root: Path, rng: random.Random, n: int) -> None:
@@ -177,12 +195,22 @@ def _write_refcocog(root: Path, rng: random.Random, n: int) -> None:
         image_id = 34 + 41 * i
         name = f"COCO_train2014_{image_id:012d}.jpg"
         (img_dir / name).write_bytes(scene.jpeg)
-        refs = [{"sentence": p.text.capitalize() if k == 0 else p.text, "segmentation": [p.polygon]}
-                for k, p in enumerate(scene.phrases)]
+        refs = [
+            {"sentence": p.text.capitalize() if k == 0 else p.text, "segmentation": [p.polygon]}
+            for k, p in enumerate(scene.phrases)
+        ]
         if i == 0:  # the bare noun of the first phrase overlaps it: dropped by the greedy rule
-            refs.append({"sentence": scene.phrases[0].text.split()[-1], "segmentation": [scene.phrases[0].polygon]})
-        body = {"img_file_name": name, "caption": scene.caption[0].upper() + scene.caption[1:], "refs": refs,
-                "image_id": image_id, "height": scene.height, "width": scene.width}
+            refs.append(
+                {"sentence": scene.phrases[0].text.split()[-1], "segmentation": [scene.phrases[0].polygon]}
+            )
+        body = {
+            "img_file_name": name,
+            "caption": scene.caption[0].upper() + scene.caption[1:],
+            "refs": refs,
+            "image_id": image_id,
+            "height": scene.height,
+            "width": scene.width,
+        }
         records.append({f"{image_id}_{i}": body})  # single-key dicts
     (root / ANN_TRAIN / "RefCOCOg_GCG_train.json").write_text(json.dumps(records))
     (root / ANN_TRAIN / "RefCOCOg_GCG_val.json").write_text(json.dumps(records[-1:]))
@@ -198,23 +226,44 @@ def _write_flickr(root: Path, rng: random.Random, n: int) -> None:
         name = f"{image_id}.jpg"
         (img_dir / name).write_bytes(scene.jpeg)
         caption = scene.caption[0].upper() + scene.caption[1:]
-        images.append({"id": image_id, "file_name": name, "caption": caption, "height": scene.height,
-                       "width": scene.width})
+        images.append(
+            {
+                "id": image_id,
+                "file_name": name,
+                "caption": caption,
+                "height": scene.height,
+                "width": scene.width,
+            }
+        )
         spans = [(p.start, p.end, p.mask) for p in scene.phrases]
         if i == 0:  # 'red dog' inside 'a red dog'
             p = scene.phrases[0]
             spans.append((p.start + 2, p.end, p.mask))
         for s, e, m in spans:
             r = rle(m)
-            x, y, w, h = (float(v) for v in mask_utils.toBbox({"size": r["size"], "counts": r["counts"].encode()}))
-            anns.append({"id": len(anns) + 1, "image_id": image_id, "category_id": 1, "iscrowd": 0, "bbox": [x, y, w, h],
-                         "area": float(m.sum()), "tokens_positive": [[s, e]], "sam_mask": r})
+            x, y, w, h = (
+                float(v) for v in mask_utils.toBbox({"size": r["size"], "counts": r["counts"].encode()})
+            )
+            anns.append(
+                {
+                    "id": len(anns) + 1,
+                    "image_id": image_id,
+                    "category_id": 1,
+                    "iscrowd": 0,
+                    "bbox": [x, y, w, h],
+                    "area": float(m.sum()),
+                    "tokens_positive": [[s, e]],
+                    "sam_mask": r,
+                }
+            )
     cats = [{"id": 1, "name": "object"}]
     (root / ANN_TRAIN / "flickr_mergedGT_GCG_train.json").write_text(
-        json.dumps({"images": images, "annotations": anns, "categories": cats}))
+        json.dumps({"images": images, "annotations": anns, "categories": cats})
+    )
     val_anns = [a for a in anns if a["image_id"] == images[-1]["id"]]
     (root / ANN_TRAIN / "flickr_mergedGT_GCG_val.json").write_text(
-        json.dumps({"images": images[-1:], "annotations": val_anns, "categories": cats}))
+        json.dumps({"images": images[-1:], "annotations": val_anns, "categories": cats})
+    )
 
 
 def _write_val_test(root: Path, rng: random.Random, n: int) -> None:
@@ -227,19 +276,40 @@ def _write_val_test(root: Path, rng: random.Random, n: int) -> None:
             scene = make_gcg_scene(rng)
             image_id = f"sa_{first + 13 * i}"  # string ids: the file is id + ".jpg"
             (img_dir / f"{image_id}.jpg").write_bytes(scene.jpeg)
-            images.append({"id": image_id, "file_name": f"{image_id}.jpg", "height": scene.height, "width": scene.width})
+            images.append(
+                {"id": image_id, "file_name": f"{image_id}.jpg", "height": scene.height, "width": scene.width}
+            )
             for p in scene.phrases:
                 r = rle(p.mask)
-                bbox = [float(v) for v in mask_utils.toBbox({"size": r["size"], "counts": r["counts"].encode()})]
-                mask_anns.append({"id": len(mask_anns) + 1, "image_id": image_id, "category_id": 1, "iscrowd": 0,
-                                  "segmentation": r, "area": float(p.mask.sum()), "bbox": bbox})
-            cap_anns.append({"id": i + 1, "image_id": image_id, "caption": scene.caption[0].upper() + scene.caption[1:],
-                             "labels": [p.text for p in scene.phrases]})
+                bbox = [
+                    float(v) for v in mask_utils.toBbox({"size": r["size"], "counts": r["counts"].encode()})
+                ]
+                mask_anns.append(
+                    {
+                        "id": len(mask_anns) + 1,
+                        "image_id": image_id,
+                        "category_id": 1,
+                        "iscrowd": 0,
+                        "segmentation": r,
+                        "area": float(p.mask.sum()),
+                        "bbox": bbox,
+                    }
+                )
+            cap_anns.append(
+                {
+                    "id": i + 1,
+                    "image_id": image_id,
+                    "caption": scene.caption[0].upper() + scene.caption[1:],
+                    "labels": [p.text for p in scene.phrases],
+                }
+            )
         cats = [{"id": 1, "name": "object"}]
         (root / ANN_VAL_TEST / f"{split}_gcg_coco_mask_gt.json").write_text(
-            json.dumps({"images": images, "annotations": mask_anns, "categories": cats}))
+            json.dumps({"images": images, "annotations": mask_anns, "categories": cats})
+        )
         (root / ANN_VAL_TEST / f"{split}_gcg_coco_caption_gt.json").write_text(
-            json.dumps({"images": [{"id": im["id"]} for im in images], "annotations": cap_anns}))
+            json.dumps({"images": [{"id": im["id"]} for im in images], "annotations": cap_anns})
+        )
 
 
 def write(root: Path, rng: random.Random) -> None:

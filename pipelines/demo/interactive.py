@@ -31,10 +31,15 @@ def _prompts(rng: random.Random, m: np.ndarray) -> dict[str, dict]:
     box = np.zeros_like(m, dtype=np.uint8)
     box[ys.min() : ys.max() + 1, xs.min() : xs.max() + 1] = 1
     stack = np.stack([point, scribble, box, m.astype(np.uint8)], axis=2)
-    return {f"{k}_visual_prompt_mask": r for k, r in zip(("point", "scribble", "box", "mask"), masks.encode(stack), strict=True)}
+    return {
+        f"{k}_visual_prompt_mask": r
+        for k, r in zip(("point", "scribble", "box", "mask"), masks.encode(stack), strict=True)
+    }
 
 
-def write(root: Path, rng: random.Random, n_train: int = 2, n_val: int = 2, size: tuple[int, int] = (320, 240)) -> None:
+def write(
+    root: Path, rng: random.Random, n_train: int = 2, n_val: int = 2, size: tuple[int, int] = (320, 240)
+) -> None:
     base = root / ROOT
     (base / "annotations").mkdir(parents=True, exist_ok=True)
     width, height = size
@@ -53,8 +58,21 @@ def write(root: Path, rng: random.Random, n_train: int = 2, n_val: int = 2, size
                     continue
                 ann_id += 1
                 rle = masks.encode(obj.mask)[0]
-                anns.append({"id": ann_id, "category_id": THINGS[obj.category], "bbox": masks.bbox(rle), "iscrowd": 0,
-                             "segmentation": rle, **_prompts(rng, obj.mask)})
-            items.append({"image": fname, "image_info": {"id": image_id, "file_name": fname, "height": height,
-                                                         "width": width}, "anns": anns})
+                anns.append(
+                    {
+                        "id": ann_id,
+                        "category_id": THINGS[obj.category],
+                        "bbox": masks.bbox(rle),
+                        "iscrowd": 0,
+                        "segmentation": rle,
+                        **_prompts(rng, obj.mask),
+                    }
+                )
+            items.append(
+                {
+                    "image": fname,
+                    "image_info": {"id": image_id, "file_name": fname, "height": height, "width": width},
+                    "anns": anns,
+                }
+            )
         (base / f"annotations/coco_interactive_{split}_psalm.json").write_text(json.dumps(items))

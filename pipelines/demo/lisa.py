@@ -43,7 +43,7 @@ def write(root: Path, rng: random.Random, size: tuple[int, int] = (320, 240)) ->
             (base / split / f"{stem}.jpg").write_bytes(jpeg_bytes(arr))
             target = next(o for o in objs if o.category == things[0])
             other = next(o for o in objs if o.category == things[1])
-            is_sentence = (i % 2 == 0)
+            is_sentence = i % 2 == 0
             text = [LONG[things[0]]] if is_sentence else [PHRASES[things[0]]]
             if split == "train":
                 text.append(f"{PHRASES[things[0]]} in this picture")  # train images carry several questions
@@ -56,13 +56,25 @@ def write(root: Path, rng: random.Random, size: tuple[int, int] = (320, 240)) ->
                 shapes.append(_shape("ignore", [x0, y0, x1, y0, x1, y1, x0, y1]))
             if split == "train" and i == 1:
                 shapes.append(_shape("flag", other.polygon))  # deprecated mark: never part of the mask
-            anno = {"version": "4.5.6", "flags": {}, "text": text, "is_sentence": is_sentence, "shapes": shapes,
-                    "imagePath": f"{stem}.jpg", "imageData": None}
+            anno = {
+                "version": "4.5.6",
+                "flags": {},
+                "text": text,
+                "is_sentence": is_sentence,
+                "shapes": shapes,
+                "imagePath": f"{stem}.jpg",
+                "imageData": None,
+            }
             if i % 2 == 0:
                 anno.update(imageHeight=height, imageWidth=width)
             (base / split / f"{stem}.json").write_text(json.dumps(anno))
             if split == "train" and i < 2:
-                explanations.append({"image": f"{stem}.jpg", "query": text[0],
-                                     "outputs": f"The {things[0]} is the one that fits, because of what it can do."})
+                explanations.append(
+                    {
+                        "image": f"{stem}.jpg",
+                        "query": text[0],
+                        "outputs": f"The {things[0]} is the one that fits, because of what it can do.",
+                    }
+                )
     (base / "explanatory").mkdir(exist_ok=True)
     (base / "explanatory" / "train.json").write_text(json.dumps(explanations))

@@ -37,11 +37,24 @@ CATEGORIES = [
 
 
 def categories() -> list[dict]:
-    return [{"id": i + 1, "name": n, "synonyms": syn, "synset": f"{n.split('_(')[0]}.n.01", "def": n.replace("_", " "),
-             "frequency": f, "image_count": 1, "instance_count": 1} for i, (n, syn, f) in enumerate(CATEGORIES)]
+    return [
+        {
+            "id": i + 1,
+            "name": n,
+            "synonyms": syn,
+            "synset": f"{n.split('_(')[0]}.n.01",
+            "def": n.replace("_", " "),
+            "frequency": f,
+            "image_count": 1,
+            "instance_count": 1,
+        }
+        for i, (n, syn, f) in enumerate(CATEGORIES)
+    ]
 
 
-def write(root: Path, rng: random.Random, n_train: int = 4, n_val: int = 2, size: tuple[int, int] = (320, 240)) -> None:
+def write(
+    root: Path, rng: random.Random, n_train: int = 4, n_val: int = 2, size: tuple[int, int] = (320, 240)
+) -> None:
     width, height = size
     cats = categories()
     by_name = {c["name"]: c["id"] for c in cats}
@@ -51,7 +64,9 @@ def write(root: Path, rng: random.Random, n_train: int = 4, n_val: int = 2, size
         images, anns = [], []
         for i in range(n):
             image_id = first_id + i
-            folder = "train2017" if split == "train" or i == 0 else "val2017"  # v1 val images live in train2017 too
+            folder = (
+                "train2017" if split == "train" or i == 0 else "val2017"
+            )  # v1 val images live in train2017 too
             fname = f"{image_id:012d}.jpg"
             things = rng.sample(list(by_name), 3)
             things.append(things[0])  # two instances of one category
@@ -65,22 +80,42 @@ def write(root: Path, rng: random.Random, n_train: int = 4, n_val: int = 2, size
                 ann_id += 1
                 poly = [round(v, 2) for v in obj.polygon]
                 rle = mask_utils.merge(mask_utils.frPyObjects([poly], height, width))
-                anns.append({"id": ann_id, "image_id": image_id, "category_id": by_name[obj.category],
-                             "segmentation": [poly], "area": float(mask_utils.area(rle)),
-                             "bbox": [round(float(v), 2) for v in mask_utils.toBbox(rle)]})
+                anns.append(
+                    {
+                        "id": ann_id,
+                        "image_id": image_id,
+                        "category_id": by_name[obj.category],
+                        "segmentation": [poly],
+                        "area": float(mask_utils.area(rle)),
+                        "bbox": [round(float(v), 2) for v in mask_utils.toBbox(rle)],
+                    }
+                )
                 present.add(by_name[obj.category])
             absent = sorted(set(by_name.values()) - present)
             neg = rng.sample(absent, 3)
             # one present category is incompletely annotated; one absent one is flagged too, so a prompt that
             # drew negatives from it would be caught
             not_exhaustive = [min(present), next(c for c in absent if c not in neg)]
-            images.append({"id": image_id, "width": width, "height": height, "license": 1,
-                           "coco_url": f"http://images.cocodataset.org/{folder}/{fname}",
-                           "flickr_url": f"http://farm1.staticflickr.com/demo/{image_id}.jpg",
-                           "date_captured": "2013-11-14 16:28:13", "neg_category_ids": neg,
-                           "not_exhaustive_category_ids": not_exhaustive})
-        doc = {"info": {"description": "xsam demo LVIS v1 (synthetic scenes)", "version": "1.0"},
-               "annotations": anns, "images": images,
-               "licenses": [{"id": 1, "name": "CC0", "url": "https://creativecommons.org/publicdomain/zero/1.0/"}],
-               "categories": cats}
+            images.append(
+                {
+                    "id": image_id,
+                    "width": width,
+                    "height": height,
+                    "license": 1,
+                    "coco_url": f"http://images.cocodataset.org/{folder}/{fname}",
+                    "flickr_url": f"http://farm1.staticflickr.com/demo/{image_id}.jpg",
+                    "date_captured": "2013-11-14 16:28:13",
+                    "neg_category_ids": neg,
+                    "not_exhaustive_category_ids": not_exhaustive,
+                }
+            )
+        doc = {
+            "info": {"description": "xsam demo LVIS v1 (synthetic scenes)", "version": "1.0"},
+            "annotations": anns,
+            "images": images,
+            "licenses": [
+                {"id": 1, "name": "CC0", "url": "https://creativecommons.org/publicdomain/zero/1.0/"}
+            ],
+            "categories": cats,
+        }
         (root / ROOT / f"lvis_v1_{split}.json").write_text(json.dumps(doc))

@@ -92,7 +92,12 @@ def _where(poly: list[float], width: int) -> str:
 def _sentences(style: str, colour: str, cat: str, where: str) -> list[str]:
     if style == "refcoco":  # short, with location words
         # the last two are one sentence once lower-cased
-        return [f"{colour} {cat} {where}", f"the {cat} on the {where}", f"The {colour.upper()} {cat}", f"the {colour} {cat}"]
+        return [
+            f"{colour} {cat} {where}",
+            f"the {cat} on the {where}",
+            f"The {colour.upper()} {cat}",
+            f"the {colour} {cat}",
+        ]
     if style == "refcoco+":  # appearance only
         return [f"{colour} {cat}", f"the {colour} one"]
     return [f"a {colour} {cat} that is in the {where} part of the picture"]  # refcocog: longer
@@ -120,19 +125,35 @@ def write(root: Path, rng: random.Random, size: tuple[int, int] = (320, 240)) ->
         arr, objs = make_scene(rng, width, height, things, ["sky", "grass"])
         fname = f"COCO_train2014_{image_id:012d}.jpg"
         (img_dir / fname).write_bytes(jpeg_bytes(arr))
-        images.append({"id": image_id, "file_name": fname, "width": width, "height": height, "license": 1,
-                       "coco_url": f"http://images.cocodataset.org/train2014/{fname}"})
+        images.append(
+            {
+                "id": image_id,
+                "file_name": fname,
+                "width": width,
+                "height": height,
+                "license": 1,
+                "coco_url": f"http://images.cocodataset.org/train2014/{fname}",
+            }
+        )
         objects[image_id] = []
         for k, obj in enumerate(o for o in objs if o.kind != "stuff"):
             if not obj.mask.any():
                 continue
             ann_id += 1
             rle = mask_utils.encode(np.asfortranarray(obj.mask.astype(np.uint8)))
-            ann = {"id": ann_id, "image_id": image_id, "category_id": THINGS[obj.category], "iscrowd": 0,
-                   "segmentation": [[round(v, 2) for v in obj.polygon]], "area": float(obj.mask.sum()),
-                   "bbox": [float(v) for v in mask_utils.toBbox(rle)]}
+            ann = {
+                "id": ann_id,
+                "image_id": image_id,
+                "category_id": THINGS[obj.category],
+                "iscrowd": 0,
+                "segmentation": [[round(v, 2) for v in obj.polygon]],
+                "area": float(obj.mask.sum()),
+                "bbox": [float(v) for v in mask_utils.toBbox(rle)],
+            }
             anns.append(ann)
-            objects[image_id].append((ann, COLOURS[k % len(COLOURS)], obj.category, _where(obj.polygon, width)))
+            objects[image_id].append(
+                (ann, COLOURS[k % len(COLOURS)], obj.category, _where(obj.polygon, width))
+            )
     cats = [{"id": i, "name": n, "supercategory": n} for n, i in sorted(THINGS.items(), key=lambda kv: kv[1])]
     instances = json.dumps({"images": images, "annotations": anns, "categories": cats})
     for dataset in ("refcoco", "refcoco+", "refcocog", "grefcoco"):
@@ -145,9 +166,16 @@ def write(root: Path, rng: random.Random, size: tuple[int, int] = (320, 240)) ->
 
 
 def _ref(ref_id: int, image_id: int, ann_id, cat, split: str, k: int, sents: list[dict]) -> dict:
-    return {"sent_ids": [s["sent_id"] for s in sents], "file_name": f"COCO_train2014_{image_id:012d}_{k}.jpg",
-            "ann_id": ann_id, "ref_id": ref_id, "image_id": image_id, "split": split, "sentences": sents,
-            "category_id": cat}
+    return {
+        "sent_ids": [s["sent_id"] for s in sents],
+        "file_name": f"COCO_train2014_{image_id:012d}_{k}.jpg",
+        "ann_id": ann_id,
+        "ref_id": ref_id,
+        "image_id": image_id,
+        "split": split,
+        "sentences": sents,
+        "category_id": cat,
+    }
 
 
 def _refs(style: str, objects: dict) -> list[dict]:
@@ -158,7 +186,9 @@ def _refs(style: str, objects: dict) -> list[dict]:
             texts = _sentences(style, colour, cat, where)
             if image_id == 9 and cat == "person":
                 texts = ["a person", *texts[1:]]  # both persons of image 9 share this sentence
-            refs.append(_ref(len(refs), image_id, ann["id"], ann["category_id"], split, k, _sent_entries(texts, sid)))
+            refs.append(
+                _ref(len(refs), image_id, ann["id"], ann["category_id"], split, k, _sent_entries(texts, sid))
+            )
     return refs
 
 
@@ -168,16 +198,35 @@ def _grefs(objects: dict) -> list[dict]:
     for image_id, objs in objects.items():
         split = IMAGES[image_id]
         for k, (ann, colour, cat, _) in enumerate(objs):
-            refs.append(_ref(len(refs), image_id, [ann["id"]], [ann["category_id"]], split, k,
-                             _sent_entries([f"{colour} {cat}"], sid)))
+            refs.append(
+                _ref(
+                    len(refs),
+                    image_id,
+                    [ann["id"]],
+                    [ann["category_id"]],
+                    split,
+                    k,
+                    _sent_entries([f"{colour} {cat}"], sid),
+                )
+            )
         if len(objs) < 2:
             continue
         ids = [a["id"] for a, *_ in objs[:2]]
-        refs.append(_ref(len(refs), image_id, ids, [a["category_id"] for a, *_ in objs[:2]], split, len(objs),
-                         _sent_entries([f"the {objs[0][2]} and the {objs[1][2]}"], sid)))
+        refs.append(
+            _ref(
+                len(refs),
+                image_id,
+                ids,
+                [a["category_id"] for a, *_ in objs[:2]],
+                split,
+                len(objs),
+                _sent_entries([f"the {objs[0][2]} and the {objs[1][2]}"], sid),
+            )
+        )
     for image_id in objects:
         split = IMAGES[image_id]
-        no_target = _ref(len(refs), image_id, [-1], [-1], split, 99,
-                         _sent_entries(["the green giraffe"], sid))
+        no_target = _ref(
+            len(refs), image_id, [-1], [-1], split, 99, _sent_entries(["the green giraffe"], sid)
+        )
         refs.append({**no_target, "no_target": True})
     return refs

@@ -20,7 +20,9 @@ from pipelines.demo.draw import jpeg_bytes, make_scene
 ROOT = "img_vgdseg/coco_vgd"
 
 
-def _scene(rng: random.Random, base: Path, split: str, image_id: int, size: tuple[int, int]) -> tuple[dict, list]:
+def _scene(
+    rng: random.Random, base: Path, split: str, image_id: int, size: tuple[int, int]
+) -> tuple[dict, list]:
     """Write one image; return its COCO image entry and ``(category_id, HxW bool mask, polygon)`` per thing."""
     width, height = size
     fname = f"{image_id:012d}.jpg"
@@ -29,14 +31,20 @@ def _scene(rng: random.Random, base: Path, split: str, image_id: int, size: tupl
     arr, objects = make_scene(rng, width, height, things, ["sky-other-merged", "grass-merged"])
     (base / f"coco2017/{split}2017" / fname).write_bytes(jpeg_bytes(arr))
     image = {"id": image_id, "file_name": fname, "width": width, "height": height, "license": 1}
-    return image, [(THINGS[o.category], o.mask, o.polygon) for o in objects if o.kind != "stuff" and o.mask.sum() > 30]
+    return image, [
+        (THINGS[o.category], o.mask, o.polygon) for o in objects if o.kind != "stuff" and o.mask.sum() > 30
+    ]
 
 
 def _categories() -> list[dict]:
-    return sorted(({"id": i, "name": n, "supercategory": SUPER[n]} for n, i in THINGS.items()), key=lambda c: c["id"])
+    return sorted(
+        ({"id": i, "name": n, "supercategory": SUPER[n]} for n, i in THINGS.items()), key=lambda c: c["id"]
+    )
 
 
-def write(root: Path, rng: random.Random, n_train: int = 6, n_val: int = 3, size: tuple[int, int] = (320, 240)) -> None:
+def write(
+    root: Path, rng: random.Random, n_train: int = 6, n_val: int = 3, size: tuple[int, int] = (320, 240)
+) -> None:
     base = root / ROOT
     for d in ("annotations", "coco2017/annotations", "coco2017/train2017", "coco2017/val2017"):
         (base / d).mkdir(parents=True, exist_ok=True)
@@ -48,34 +56,74 @@ def write(root: Path, rng: random.Random, n_train: int = 6, n_val: int = 3, size
         for i in range(n):
             image, objs = _scene(rng, base, split, first_id + 7 * i, size)
             images.append(image)
-            entry = {"image_file": image["file_name"], "image_id": image["id"], "image_size": [height, width],
-                     "image_info": {k: image[k] for k in ("id", "file_name", "height", "width")}, "annotations": []}
+            entry = {
+                "image_file": image["file_name"],
+                "image_id": image["id"],
+                "image_size": [height, width],
+                "image_info": {k: image[k] for k in ("id", "file_name", "height", "width")},
+                "annotations": [],
+            }
             for j, (cat, m, poly) in enumerate(objs):
                 ann_id += 1
                 rle = masks.encode(m)[0]
-                a = {"id": ann_id, "image_id": image["id"], "category_id": cat, "iscrowd": 0,
-                     "segmentation": [[round(v, 2) for v in poly]], "area": float(m.sum()), "bbox": masks.bbox(rle)}
+                a = {
+                    "id": ann_id,
+                    "image_id": image["id"],
+                    "category_id": cat,
+                    "iscrowd": 0,
+                    "segmentation": [[round(v, 2) for v in poly]],
+                    "area": float(m.sum()),
+                    "bbox": masks.bbox(rle),
+                }
                 anns.append(a)
                 no_scribble = i == 0 and j == 1  # objs[1] is the only instance of its category
                 kinds = [k for k in vprompts.PROMPT_TYPES if not (no_scribble and k == "scribble")]
                 vps = vprompts.prompt_rles(m, kinds, seed=0, key=f"demo/{split}/{image['id']}", ann_id=ann_id)
-                entry["annotations"].append({**a, "segmentation": rle, "bbox_mode": 1,
-                                             "visual_prompts": {f"{k}_visual_prompt": v for k, v in vps.items()}})
+                entry["annotations"].append(
+                    {
+                        **a,
+                        "segmentation": rle,
+                        "bbox_mode": 1,
+                        "visual_prompts": {f"{k}_visual_prompt": v for k, v in vps.items()},
+                    }
+                )
             if split == "train" and i == 1:
                 cat = objs[0][0]
                 crowd = np.zeros((height, width), dtype=np.uint8)
                 crowd[5:40, 5:60] = 1
                 counts = masks.encode(crowd)[0]  # a crowd region (compressed RLE is fine for the reader)
-                anns.append({"id": ann_id + 1, "image_id": image["id"], "category_id": cat, "iscrowd": 1,
-                             "segmentation": counts, "area": float(crowd.sum()), "bbox": [5, 5, 55, 35]})
+                anns.append(
+                    {
+                        "id": ann_id + 1,
+                        "image_id": image["id"],
+                        "category_id": cat,
+                        "iscrowd": 1,
+                        "segmentation": counts,
+                        "area": float(crowd.sum()),
+                        "bbox": [5, 5, 55, 35],
+                    }
+                )
                 tiny_cat = next(c for c in THINGS.values() if c not in {o[0] for o in objs})
-                anns.append({"id": ann_id + 2, "image_id": image["id"], "category_id": tiny_cat, "iscrowd": 0,
-                             "segmentation": [[300.0, 220.0, 302.0, 220.0, 302.0, 222.0, 300.0, 222.0]],
-                             "area": 4.0, "bbox": [300, 220, 2, 2]})
+                anns.append(
+                    {
+                        "id": ann_id + 2,
+                        "image_id": image["id"],
+                        "category_id": tiny_cat,
+                        "iscrowd": 0,
+                        "segmentation": [[300.0, 220.0, 302.0, 220.0, 302.0, 222.0, 300.0, 222.0]],
+                        "area": 4.0,
+                        "bbox": [300, 220, 2, 2],
+                    }
+                )
                 ann_id += 2
             released.append(entry)
-        inst = {"info": info, "licenses": [{"id": 1, "name": "CC0", "url": ""}], "images": images,
-                "annotations": anns, "categories": _categories()}
+        inst = {
+            "info": info,
+            "licenses": [{"id": 1, "name": "CC0", "url": ""}],
+            "images": images,
+            "annotations": anns,
+            "categories": _categories(),
+        }
         (base / f"coco2017/annotations/instances_{split}2017.json").write_text(json.dumps(inst))
         if split == "val":  # released prompts for val only: train exercises generation
             rng.shuffle(released)  # X-SAM writes the list from an unordered pool

@@ -22,10 +22,20 @@ SOURCES: dict[str, Source] = {
     for s in (
         CocoPanoptic(),
         CocoInstance(),
-        GrandfGcg(), PsgGcg(), RefcocogGcg(), FlickrGcg(),
-        *REFER_SOURCES, LisaReasonSeg(),
-        CocoVgd(), CocoInteractive(), LlavaPretrain(), LlavaInstruct(),
-        Ade20kPanoptic(), Ade20kSemantic(), Ade20kInstance(), Lvis(),
+        GrandfGcg(),
+        PsgGcg(),
+        RefcocogGcg(),
+        FlickrGcg(),
+        *REFER_SOURCES,
+        LisaReasonSeg(),
+        CocoVgd(),
+        CocoInteractive(),
+        LlavaPretrain(),
+        LlavaInstruct(),
+        Ade20kPanoptic(),
+        Ade20kSemantic(),
+        Ade20kInstance(),
+        Lvis(),
     )
 }
 

@@ -70,7 +70,9 @@ def class_names() -> tuple[str, ...]:
     """The 150 ADE class names (LISA's table), index = 0-based class id."""
     names = json.loads((DATA / "ade20k_classes.json").read_text())
     if len(names) != NUM_CLASSES:
-        raise RuntimeError(f"{DATA / 'ade20k_classes.json'} lists {len(names)} classes, expected {NUM_CLASSES}")
+        raise RuntimeError(
+            f"{DATA / 'ade20k_classes.json'} lists {len(names)} classes, expected {NUM_CLASSES}"
+        )
     return tuple(names)
 
 
@@ -158,7 +160,9 @@ def read_semantic(ctx: ConvertContext, rel: str, h: int, w: int, detectron2: boo
     return label
 
 
-def read_instances(ctx: ConvertContext, key: str, rel: str, h: int, w: int) -> tuple[np.ndarray, dict[int, int]]:
+def read_instances(
+    ctx: ConvertContext, key: str, rel: str, h: int, w: int
+) -> tuple[np.ndarray, dict[int, int]]:
     """Instance PNG -> ``(HxW uint8 instance-id map (G), {instance id: 0-based class})``.
 
     An instance whose pixels carry several R values, or an R value outside the Instance100 table, cannot be
@@ -176,10 +180,18 @@ def read_instances(ctx: ConvertContext, key: str, rel: str, h: int, w: int) -> t
         if (k and inst[k - 1] == i) or (k + 1 < len(inst) and inst[k + 1] == i):
             if i not in bad:
                 bad.append(i)
-                ctx.drop(f"{key}/inst_{i}", "ambiguous_instance_class", f"instance {i} in {rel} has several R values")
+                ctx.drop(
+                    f"{key}/inst_{i}",
+                    "ambiguous_instance_class",
+                    f"instance {i} in {rel} has several R values",
+                )
         elif c not in mapping:
             bad.append(i)
-            ctx.drop(f"{key}/inst_{i}", "unknown_instance_class", f"instance {i} in {rel} has R={c}, not an Instance100 class")
+            ctx.drop(
+                f"{key}/inst_{i}",
+                "unknown_instance_class",
+                f"instance {i} in {rel} has R={c}, not an Instance100 class",
+            )
         else:
             classes[i] = mapping[c]
     g = np.ascontiguousarray(bgr[..., 1])
@@ -219,7 +231,9 @@ class _Ade20k:
             prepared["panoptic_json"] = ov.get("panoptic_json") or f"{root}/ade20k_panoptic_{split}.json"
             prepared["panoptic"] = ov.get("panoptic") or f"{root}/ade20k_panoptic_{split}"
         elif self.kind == "semantic":
-            prepared["annotations"] = ov.get("annotations_detectron2") or f"{root}/annotations_detectron2/{sd}"
+            prepared["annotations"] = (
+                ov.get("annotations_detectron2") or f"{root}/annotations_detectron2/{sd}"
+            )
         else:
             prepared["instance_json"] = ov.get("instance_json") or f"{root}/ade20k_instance_{split}.json"
         return {"raw": raw, "mask2former": prepared}
@@ -247,15 +261,23 @@ class _Ade20k:
         if layout == "mask2former" and self.kind != "semantic":
             yield from self._index_json(files, prefix)
         else:
-            yield from self._index_folders(files, prefix, label_roles=[r for r in ("annotations", "instances") if r in files.dirs])
+            yield from self._index_folders(
+                files, prefix, label_roles=[r for r in ("annotations", "instances") if r in files.dirs]
+            )
 
-    def _index_folders(self, files: SourceFiles, prefix: str, label_roles: list[str]) -> Iterator[dict | Skip]:
+    def _index_folders(
+        self, files: SourceFiles, prefix: str, label_roles: list[str]
+    ) -> Iterator[dict | Skip]:
         """One record per image file, in key order; a missing label PNG is a skip, a label without an image
         an annotation-level skip."""
+
         def listing(role: str, exts: tuple[str, ...]) -> dict[str, str]:
             folder = os.path.join(files.data_root, files.dirs[role])
-            return {os.path.splitext(e.name)[0]: e.name for e in os.scandir(folder)
-                    if e.is_file() and e.name.lower().endswith(exts)}
+            return {
+                os.path.splitext(e.name)[0]: e.name
+                for e in os.scandir(folder)
+                if e.is_file() and e.name.lower().endswith(exts)
+            }
 
         images = listing("images", IMAGE_EXTS)
         labels = {role: listing(role, (".png",)) for role in label_roles}
@@ -264,13 +286,19 @@ class _Ade20k:
         for stem in images:
             k = f"{prefix}/{key_id(stem)}"
             if k in by_key:
-                yield Skip(k, "duplicate_image_id", f"{images[stem]} and {images[by_key[k]]} give the same key")
+                yield Skip(
+                    k, "duplicate_image_id", f"{images[stem]} and {images[by_key[k]]} give the same key"
+                )
                 continue
             by_key[k] = stem
         for role, found in labels.items():
             for stem in sorted(set(found) - set(images)):
-                yield Skip(f"{prefix}/{key_id(stem)}", "label_without_image",
-                           f"{files.dirs[role]}/{found[stem]} has no image in {files.dirs['images']}", level="annotation")
+                yield Skip(
+                    f"{prefix}/{key_id(stem)}",
+                    "label_without_image",
+                    f"{files.dirs[role]}/{found[stem]} has no image in {files.dirs['images']}",
+                    level="annotation",
+                )
         for k in sorted(by_key):
             stem = by_key[k]
             missing = [role for role in label_roles if stem not in labels[role]]
@@ -288,10 +316,16 @@ class _Ade20k:
 
         if self.kind == "panoptic":
             path = files.inputs["panoptic_json"]
-            ann_fields = lambda a: {"file_name": a.get("file_name"), "segments_info": a.get("segments_info") or []}  # noqa: E731
+
+            def ann_fields(a: dict) -> dict:
+                return {"file_name": a.get("file_name"), "segments_info": a.get("segments_info") or []}
+
         else:
             path = files.inputs["instance_json"]
-            ann_fields = lambda a: {k: a.get(k) for k in ("id", "category_id", "iscrowd", "segmentation")}  # noqa: E731
+
+            def ann_fields(a: dict) -> dict:
+                return {k: a.get(k) for k in ("id", "category_id", "iscrowd", "segmentation")}
+
         for item in iter_coco_records(path, prefix, image_fields, ann_fields):
             if isinstance(item, dict):
                 img = item["image"]
@@ -300,8 +334,15 @@ class _Ade20k:
             yield item
 
     # ------------------------------------------------------------------------------------------ convert
-    def sample(self, record: dict, ctx: ConvertContext, h: int, w: int, targets: list[tuple[dict, int, int]],
-               ignore: dict | None) -> Sample:
+    def sample(
+        self,
+        record: dict,
+        ctx: ConvertContext,
+        h: int,
+        w: int,
+        targets: list[tuple[dict, int, int]],
+        ignore: dict | None,
+    ) -> Sample:
         """Assemble the Sample from ``(rle, class, segment/instance id)`` targets and an ignore RLE."""
         key = record["key"]
         if not targets:
@@ -350,7 +391,7 @@ class Ade20kPanoptic(_Ade20k):
         # _THING_BASE + instance id, as Mask2Former's converter does
         stuff_lut = np.arange(256, dtype=np.uint16)
         stuff_lut[[c + 1 for c in thing_classes()]] = 0
-        stuff_lut[NUM_CLASSES + 1:] = 0
+        stuff_lut[NUM_CLASSES + 1 :] = 0
         seg = np.where(inst > 0, inst.astype(np.uint16) + _THING_BASE, stuff_lut[label])
         rles = label_map_rles(seg)  # sorted: stuff by class, then things by instance id
         ignore = rles.pop(0, None)
@@ -360,8 +401,10 @@ class Ade20kPanoptic(_Ade20k):
     def _from_panoptic_png(self, record: dict, ctx: ConvertContext, h: int, w: int) -> Sample:
         anns = record["anns"]
         if len(anns) != 1:
-            raise SkipRecord("no_panoptic_annotation" if not anns else "duplicate_annotation",
-                             f"{record['image_id']} has {len(anns)} entries in annotations[]")
+            raise SkipRecord(
+                "no_panoptic_annotation" if not anns else "duplicate_annotation",
+                f"{record['image_id']} has {len(anns)} entries in annotations[]",
+            )
         ann = anns[0]
         png_name = ann.get("file_name") or f"{record['image_id']}.png"
         rel = f"{ctx.files.dirs['panoptic']}/{png_name}"
@@ -374,8 +417,11 @@ class Ade20kPanoptic(_Ade20k):
         usable = []
         for seg in ann["segments_info"]:
             if seg.get("category_id") not in range(NUM_CLASSES):
-                ctx.drop(f"{record['key']}/seg_{seg.get('id')}", "unknown_category",
-                         f"category_id {seg.get('category_id')} is not an ADE-150 id (0..149)")
+                ctx.drop(
+                    f"{record['key']}/seg_{seg.get('id')}",
+                    "unknown_category",
+                    f"category_id {seg.get('category_id')} is not an ADE-150 id (0..149)",
+                )
             else:
                 usable.append(seg)
         rles = label_map_rles(id_map)
@@ -414,7 +460,11 @@ class Ade20kInstance(_Ade20k):
             for ann in record["anns"]:
                 akey = f"{record['key']}/ann_{image_sort_id(ann.get('id'))}"
                 if ann.get("category_id") not in set(thing_classes()):
-                    ctx.drop(akey, "unknown_category", f"category_id {ann.get('category_id')} is not an ADE thing class")
+                    ctx.drop(
+                        akey,
+                        "unknown_category",
+                        f"category_id {ann.get('category_id')} is not an ADE thing class",
+                    )
                     continue
                 try:
                     rle = masks.segmentation_to_rle(ann.get("segmentation"), h, w)

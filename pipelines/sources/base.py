@@ -26,7 +26,9 @@ from typing import Any, Protocol, runtime_checkable
 
 from pipelines.schema import Sample
 
-DEFAULT_MAX_IMAGE_PIXELS = 100_000_000  # a 10k x 10k image; anything larger is treated as a decompression bomb
+DEFAULT_MAX_IMAGE_PIXELS = (
+    100_000_000  # a 10k x 10k image; anything larger is treated as a decompression bomb
+)
 
 
 class SourceNotFound(FileNotFoundError):
@@ -88,7 +90,9 @@ class SourceFiles:
     data_root: str
     inputs: dict[str, str]  # role -> absolute path of an annotation file (or folder listing)
     dirs: dict[str, str] = field(default_factory=dict)  # role -> folder, relative to data_root
-    info: dict[str, Any] = field(default_factory=dict)  # anything locate learned (e.g. which layout held files)
+    info: dict[str, Any] = field(
+        default_factory=dict
+    )  # anything locate learned (e.g. which layout held files)
 
 
 @dataclass(frozen=True)

@@ -52,7 +52,9 @@ def _category_table(categories: list[dict]) -> dict:
 
 def _locate(name: str, data_root: str, split: str, kind: str, overrides: dict | None) -> SourceFiles:
     overrides = overrides or {}
-    ann = overrides.get("annotations") or os.path.join(data_root, COCO_ROOT, "annotations", f"{kind}_{split}2017.json")
+    ann = overrides.get("annotations") or os.path.join(
+        data_root, COCO_ROOT, "annotations", f"{kind}_{split}2017.json"
+    )
     image_dir = overrides.get("images") or f"{COCO_ROOT}/{split}2017"
     dirs = {"images": image_dir}
     looked = [ann, os.path.join(data_root, image_dir)]
@@ -65,7 +67,11 @@ def _locate(name: str, data_root: str, split: str, kind: str, overrides: dict | 
 
 
 def _genseg_sample(
-    source: str, record: dict, ctx: ConvertContext, targets: list[tuple[dict, int, int]], crowd: list[tuple[dict, int]]
+    source: str,
+    record: dict,
+    ctx: ConvertContext,
+    targets: list[tuple[dict, int, int]],
+    crowd: list[tuple[dict, int]],
 ) -> Sample:
     """Render the Sample from decoded targets ``(rle, category_id, ann_or_segment_id)`` and crowd RLEs."""
     key = record["key"]
@@ -85,7 +91,9 @@ def _genseg_sample(
         source=source,
         task="genseg",
         split=ctx.split,
-        image=ImageRef(path=relpath(ctx.files.dirs["images"], img["file_name"]), width=img["width"], height=img["height"]),
+        image=ImageRef(
+            path=relpath(ctx.files.dirs["images"], img["file_name"]), width=img["width"], height=img["height"]
+        ),
         conversation=genseg_conversation(rng, phrases, ctx.options.image_token),
         phrases=phrases,
         masks=mask_targets(targets, slot),
@@ -109,8 +117,14 @@ class CocoInstance:
     def index(self, files: SourceFiles, split: str, options: BuildOptions) -> Iterator[dict | Skip | Shared]:
         # one pass over the file; annotations stay unparsed in the driver: a record carries their byte
         # spans and the worker converting it reads and parses only its own (COCO train: ~860k polygons)
-        for item in iter_coco_records(files.inputs["annotations"], f"{self.name}/{split}", _image_fields, None,
-                                      categories=_category_table, raw=True):
+        for item in iter_coco_records(
+            files.inputs["annotations"],
+            f"{self.name}/{split}",
+            _image_fields,
+            None,
+            categories=_category_table,
+            raw=True,
+        ):
             if isinstance(item, dict):
                 raw: RawAnns = item.pop("anns")
                 item["ann_spans"] = [[o, n] for o, n in zip(raw.offsets, raw.lengths, strict=True)]
@@ -174,19 +188,25 @@ class CocoPanoptic:
         if not record["anns"]:
             raise SkipRecord("no_panoptic_annotation", f"image {img['id']} has no entry in annotations[]")
         if len(record["anns"]) > 1:
-            raise SkipRecord("duplicate_annotation", f"image {img['id']} has {len(record['anns'])} panoptic entries")
+            raise SkipRecord(
+                "duplicate_annotation", f"image {img['id']} has {len(record['anns'])} panoptic entries"
+            )
         ann = record["anns"][0]
         segments = ann["segments_info"]
         if not segments:
             raise SkipRecord("no_usable_segment", f"image {img['id']}: empty segments_info")
         png_name = ann.get("file_name") or os.path.splitext(img["file_name"])[0] + ".png"
-        png = ctx.read_bytes(relpath(ctx.files.dirs["panoptic"], png_name), missing_reason="missing_panoptic_png")
+        png = ctx.read_bytes(
+            relpath(ctx.files.dirs["panoptic"], png_name), missing_reason="missing_panoptic_png"
+        )
         try:
             id_map = masks.read_panoptic_png(png)
         except OSError as e:
             raise SkipRecord("corrupt_panoptic_png", f"{png_name}: {e}") from None
         if id_map.shape != (h, w):
-            raise SkipRecord("rle_size_mismatch", f"{png_name} is {id_map.shape[0]}x{id_map.shape[1]}, image is {h}x{w}")
+            raise SkipRecord(
+                "rle_size_mismatch", f"{png_name} is {id_map.shape[0]}x{id_map.shape[1]}, image is {h}x{w}"
+            )
         names = ctx.shared["category_names"]
         usable = []
         for seg in segments:
@@ -200,7 +220,11 @@ class CocoPanoptic:
         targets, crowd = [], []
         for seg, rle, a in zip(usable, rles, areas, strict=True):
             if a == 0:
-                ctx.drop(f"{record['key']}/seg_{seg['id']}", "empty_segment", f"segment id {seg['id']} not in {png_name}")
+                ctx.drop(
+                    f"{record['key']}/seg_{seg['id']}",
+                    "empty_segment",
+                    f"segment id {seg['id']} not in {png_name}",
+                )
             elif seg.get("iscrowd"):
                 crowd.append((rle, seg["category_id"]))
             else:

@@ -112,8 +112,12 @@ def _scan_annotations(batch: Batch, scan: _Scan, key_prefix: str, path: str) -> 
         for j, (raw, aid, iid, cid) in enumerate(zip(batch.elements, aids, iids, cids, strict=True)):
             fields = _ann_ids(raw, aid, iid, cid, path, int(offsets[j]))
             if fields is None:
-                yield Skip(f"{key_prefix}/ann_bad", "bad_annotation_entry", f"{raw[:80]!r} is not an object",
-                           level="annotation")
+                yield Skip(
+                    f"{key_prefix}/ann_bad",
+                    "bad_annotation_entry",
+                    f"{raw[:80]!r} is not an object",
+                    level="annotation",
+                )
                 continue
             ids.append(fields[0])
             image_ids.append(fields[1])
@@ -140,23 +144,33 @@ def _scan(path: str, scan: _Scan, key_prefix: str) -> Iterator[Skip]:
     seen: set = set()
     n_bad = 0
     for batch in iter_arrays(
-        path, keys=("images", "annotations", "categories"), patterns={"annotations": ANNOTATION, "images": WITH_ID}
+        path,
+        keys=("images", "annotations", "categories"),
+        patterns={"annotations": ANNOTATION, "images": WITH_ID},
     ):
         if batch.key == "annotations":
             yield from _scan_annotations(batch, scan, key_prefix, path)
         elif batch.key == "images":
-            for raw, off, id_text in zip(batch.elements, batch.offsets.tolist(), batch.captures[0], strict=True):
+            for raw, off, id_text in zip(
+                batch.elements, batch.offsets.tolist(), batch.captures[0], strict=True
+            ):
                 iid = _id_value(id_text)
                 if iid is None:
                     iid = _image_id(raw, path, off)
                 if iid is None or not isinstance(iid, int | float | str):
-                    yield Skip(f"{key_prefix}/bad_image_{n_bad:06d}", "bad_image_entry",
-                               f"image entry {raw[:80]!r} has no usable id")
+                    yield Skip(
+                        f"{key_prefix}/bad_image_{n_bad:06d}",
+                        "bad_image_entry",
+                        f"image entry {raw[:80]!r} has no usable id",
+                    )
                     n_bad += 1
                     continue
                 if iid in seen:
-                    yield Skip(f"{key_prefix}/{image_sort_id(iid)}", "duplicate_image_id",
-                               f"image id {iid} listed twice; first kept")
+                    yield Skip(
+                        f"{key_prefix}/{image_sort_id(iid)}",
+                        "duplicate_image_id",
+                        f"image id {iid} listed twice; first kept",
+                    )
                     continue
                 seen.add(iid)
                 scan.ids.append(iid)
@@ -171,8 +185,9 @@ def _image_id(raw: bytes, path: str, offset: int) -> Any:
     return img.get("id") if isinstance(img, dict) else None
 
 
-def _ann_ids(raw: bytes, aid: bytes | None, iid: bytes | None, cid: bytes | None, path: str,
-             offset: int) -> tuple | None:
+def _ann_ids(
+    raw: bytes, aid: bytes | None, iid: bytes | None, cid: bytes | None, path: str, offset: int
+) -> tuple | None:
     """``(id, image_id, category_id)`` of an annotation off the int fast path; ids not ints -> NO_INT."""
     if iid is not None and aid is not None and cid is not None:
         return int(aid), _id_value(iid), int(cid)  # a string image id (ADE20K files): no need to parse
@@ -205,10 +220,14 @@ def _group(scan: _Scan, key_prefix: str) -> tuple[list, np.ndarray, np.ndarray, 
         for j in orphans.tolist():
             aid = scan.ann_id[j] if scan.ann_id[j] != NO_INT else None
             iid = slot_ids[scan.ann_slot[j]]
-            yield Skip(f"{key_prefix}/ann_{image_sort_id(aid)}", "annotation_without_image",
-                       f"annotation {aid} points at image {iid}, which is not in images[]", level="annotation")
+            yield Skip(
+                f"{key_prefix}/ann_{image_sort_id(aid)}",
+                "annotation_without_image",
+                f"annotation {aid} points at image {iid}, which is not in images[]",
+                level="annotation",
+            )
 
-    order = np.argsort(ann_rank, kind="stable")[len(orphans):]  # orphans (rank -1) sort first
+    order = np.argsort(ann_rank, kind="stable")[len(orphans) :]  # orphans (rank -1) sort first
     starts = np.zeros(n + 1, dtype=np.int64)
     np.cumsum(np.bincount(ann_rank[ann_rank >= 0], minlength=n), out=starts[1:])
     return sorted_ids, image_rows, order, starts, skips()
@@ -235,33 +254,50 @@ def _mapped(path: str) -> Iterator[mmap.mmap | bytes]:
             m.close()
 
 
-def _emit(path: str, scan: _Scan, key_prefix: str, sorted_ids: list, image_rows: np.ndarray, order: np.ndarray,
-          starts: np.ndarray, image_fields: Callable[[dict], dict], ann_fields: Callable | None, ann_list_key: str,
-          raw: bool) -> Iterator[dict]:
+def _emit(
+    path: str,
+    scan: _Scan,
+    key_prefix: str,
+    sorted_ids: list,
+    image_rows: np.ndarray,
+    order: np.ndarray,
+    starts: np.ndarray,
+    image_fields: Callable[[dict], dict],
+    ann_fields: Callable | None,
+    ann_list_key: str,
+    raw: bool,
+) -> Iterator[dict]:
     """Step 3: records in key order, image entries (and annotations unless ``raw``) read back from the file."""
     n = len(sorted_ids)
     img_off, img_len = (np.frombuffer(c, dtype=np.int64) for c in (scan.img_off, scan.img_len))
-    ann_id, ann_cat, ann_off, ann_len = (np.frombuffer(c, dtype=np.int64) for c in (
-        scan.ann_id, scan.ann_cat, scan.ann_off, scan.ann_len))
+    ann_id, ann_cat, ann_off, ann_len = (
+        np.frombuffer(c, dtype=np.int64) for c in (scan.ann_id, scan.ann_cat, scan.ann_off, scan.ann_len)
+    )
     with _mapped(path) as text:
         for b0 in range(0, n, IMAGE_BLOCK):
             b1 = min(b0 + IMAGE_BLOCK, n)
             rows = image_rows[b0:b1]
             img_rows = zip(img_off[rows].tolist(), img_len[rows].tolist(), strict=True)
-            sel = order[starts[b0]:starts[b1]]
+            sel = order[starts[b0] : starts[b1]]
             ids, cats = _with_nones(ann_id[sel]), _with_nones(ann_cat[sel])
             offs, lens = ann_off[sel].tolist(), ann_len[sel].tolist()
-            bounds = (starts[b0:b1 + 1] - starts[b0]).tolist()
+            bounds = (starts[b0 : b1 + 1] - starts[b0]).tolist()
             for k, (i_off, i_len) in enumerate(img_rows):
                 a, b = bounds[k], bounds[k + 1]
                 if raw:
                     anns = RawAnns(ids[a:b], cats[a:b], offs[a:b], lens[a:b])
                 else:
-                    anns = [loads(text[o:o + ln], path, o) for o, ln in zip(offs[a:b], lens[a:b], strict=True)]
+                    anns = [
+                        loads(text[o : o + ln], path, o) for o, ln in zip(offs[a:b], lens[a:b], strict=True)
+                    ]
                     if ann_fields is not None:
                         anns = [ann_fields(x) for x in anns]
-                image = image_fields(loads(text[i_off:i_off + i_len], path, i_off))
-                yield {"key": f"{key_prefix}/{image_sort_id(sorted_ids[b0 + k])}", "image": image, ann_list_key: anns}
+                image = image_fields(loads(text[i_off : i_off + i_len], path, i_off))
+                yield {
+                    "key": f"{key_prefix}/{image_sort_id(sorted_ids[b0 + k])}",
+                    "image": image,
+                    ann_list_key: anns,
+                }
             if isinstance(text, mmap.mmap):  # mapped pages count as resident memory: give back the ones read
                 text.madvise(mmap.MADV_DONTNEED)
 
@@ -295,8 +331,19 @@ def iter_coco_records(
         yield Shared(categories(scan.categories))
     sorted_ids, image_rows, order, starts, skips = _group(scan, key_prefix)
     yield from skips
-    yield from _emit(path, scan, key_prefix, sorted_ids, image_rows, order, starts, image_fields, ann_fields,
-                     ann_list_key, raw)
+    yield from _emit(
+        path,
+        scan,
+        key_prefix,
+        sorted_ids,
+        image_rows,
+        order,
+        starts,
+        image_fields,
+        ann_fields,
+        ann_list_key,
+        raw,
+    )
 
 
 def read_categories(path: str) -> list[dict]:

@@ -169,6 +169,7 @@ class _Drop(Exception):
 def _int_pair(span: Any) -> tuple[int, int]:
     if isinstance(span, list | tuple) and len(span) == 1 and isinstance(span[0], list | tuple):
         span = span[0]  # a one-span list ([[s, e]], Flickr's shape): the text check still guards it
+
     def integral(v: Any) -> bool:
         return isinstance(v, int | float) and not isinstance(v, bool) and float(v).is_integer()
 
@@ -344,8 +345,14 @@ def gcg_sample(
     for p in overlapping:
         # Trimming overlaps is the recipe working as designed, not bad data: counted in the manifest's
         # ``dropped`` and listed in skipped.jsonl like any drop, but never an error under --strict.
-        ctx.drops.append(Skip(f"{key}/phrase_{p.index}", "overlapping_span",
-                              f"{p.phrase!r} [{p.start}, {p.end}) overlaps a kept span", level="annotation"))
+        ctx.drops.append(
+            Skip(
+                f"{key}/phrase_{p.index}",
+                "overlapping_span",
+                f"{p.phrase!r} [{p.start}, {p.end}) overlaps a kept span",
+                level="annotation",
+            )
+        )
         if keep_all_masks:
             untagged.append((p.rle, p.area))
     if not kept:
@@ -434,8 +441,11 @@ def locate_gcg(name: str, data_root: str, layout: Layout, kind: str, overrides: 
                 pass
         hits[d] = n
     chosen = max(present, key=lambda d: (hits[d], -present.index(d)))  # most hits; ties: first candidate
-    info = {"image_dir": chosen, "image_dir_candidates": list(candidates),
-            "image_dir_probe": {"files": len(names), "hits": hits}}
+    info = {
+        "image_dir": chosen,
+        "image_dir_candidates": list(candidates),
+        "image_dir_probe": {"files": len(names), "hits": hits},
+    }
     return SourceFiles(data_root=data_root, inputs=inputs, dirs={"images": chosen}, info=info)
 
 
@@ -548,15 +558,25 @@ class RefcocogGcg(_GcgBase):
         if refs is not None and not isinstance(refs, list):
             raise SkipRecord("bad_groundings", f"refs is a {type(refs).__name__}, not a list")
         groundings = [
-            Grounding(r.get("sentence"), None, r.get("segmentation")) if isinstance(r, dict)
+            Grounding(r.get("sentence"), None, r.get("segmentation"))
+            if isinstance(r, dict)
             else Grounding(r, None, None)  # not a ref dict: placed if it is a phrase, then dropped as no_mask
             for r in refs or []
         ]
         img = record["image"]
-        return gcg_sample(self.name, record, ctx, GcgInput(
-            record["caption"], groundings, img["img_file_name"], img["height"], img["width"],
-            meta={"image_id": img["image_id"]},
-        ))
+        return gcg_sample(
+            self.name,
+            record,
+            ctx,
+            GcgInput(
+                record["caption"],
+                groundings,
+                img["img_file_name"],
+                img["height"],
+                img["width"],
+                meta={"image_id": img["image_id"]},
+            ),
+        )
 
 
 class FlickrGcg(_GcgBase):
@@ -571,7 +591,8 @@ class FlickrGcg(_GcgBase):
     def index(self, files: SourceFiles, split: str, options: BuildOptions) -> Iterator[dict | Skip | Shared]:
         keep = ("id", "tokens_positive", "sam_mask")  # 'ignore' unread: X-SAM keeps those, GLaMM skips them
         yield from iter_coco_records(
-            files.inputs["annotations"], f"{self.name}/{split}",
+            files.inputs["annotations"],
+            f"{self.name}/{split}",
             lambda im: {k: im.get(k) for k in ("id", "file_name", "caption", "height", "width")},
             lambda a: {k: a.get(k) for k in keep},
         )
@@ -583,10 +604,19 @@ class FlickrGcg(_GcgBase):
             tp = a.get("tokens_positive")
             span = tp[0] if isinstance(tp, list) and tp else tp  # X-SAM and GLaMM use the first span only
             groundings.append(Grounding(None, span, a.get("sam_mask"), a.get("id")))
-        return gcg_sample(self.name, record, ctx, GcgInput(
-            img["caption"], groundings, img["file_name"], img["height"], img["width"],
-            meta={"image_id": img["id"], "ann_ids": [g.ann_id for g in groundings]},
-        ))
+        return gcg_sample(
+            self.name,
+            record,
+            ctx,
+            GcgInput(
+                img["caption"],
+                groundings,
+                img["file_name"],
+                img["height"],
+                img["width"],
+                meta={"image_id": img["id"], "ann_ids": [g.ann_id for g in groundings]},
+            ),
+        )
 
 
 # ------------------------------------------------------------------------------------ shared readers
@@ -617,8 +647,14 @@ def grandf_input(record: dict) -> GcgInput:
         v = v if isinstance(v, dict) else {}
         groundings.append(Grounding(phrase, v.get("token_positives"), v.get("rle_masks")))
     img = record["image"]
-    return GcgInput(record["caption"], groundings, img["file_name"], img["height"], img["width"],
-                    meta={"image_id": img["image_id"]})
+    return GcgInput(
+        record["caption"],
+        groundings,
+        img["file_name"],
+        img["height"],
+        img["width"],
+        meta={"image_id": img["image_id"]},
+    )
 
 
 def index_val(files: SourceFiles, prefix: str) -> Iterator[dict | Skip]:
@@ -634,7 +670,8 @@ def index_val(files: SourceFiles, prefix: str) -> Iterator[dict | Skip]:
         captions[iid] = {"caption": ann.get("caption"), "labels": ann.get("labels")}
     in_masks = set()
     for rec in iter_coco_records(
-        files.inputs["annotations"], prefix,
+        files.inputs["annotations"],
+        prefix,
         lambda im: {k: im.get(k) for k in ("id", "height", "width")},
         lambda a: {"id": a.get("id"), "segmentation": a.get("segmentation")},
     ):
@@ -659,6 +696,14 @@ def val_input(record: dict) -> GcgInput:
         detail = f"{len(labels)} labels but {len(anns)} mask annotations"
         raise SkipRecord("label_mask_count_mismatch", detail)
     # GLaMM's evaluator pairs the i-th label with the i-th mask annotation of the image
-    groundings = [Grounding(lab, None, a["segmentation"], a["id"]) for lab, a in zip(labels, anns, strict=True)]
-    return GcgInput(record["caption"], groundings, _val_file_name(img["id"]), img["height"], img["width"],
-                    meta={"image_id": img["id"], "ann_ids": [a["id"] for a in anns], "labels": labels})
+    groundings = [
+        Grounding(lab, None, a["segmentation"], a["id"]) for lab, a in zip(labels, anns, strict=True)
+    ]
+    return GcgInput(
+        record["caption"],
+        groundings,
+        _val_file_name(img["id"]),
+        img["height"],
+        img["width"],
+        meta={"image_id": img["id"], "ann_ids": [a["id"] for a in anns], "labels": labels},
+    )

@@ -56,5 +56,9 @@ def genseg_conversation(rng: random.Random, phrases: Sequence[str], image_token:
 
 def mask_targets(targets: Sequence[tuple[dict, int, object]], slot: dict[int, int]) -> list[MaskTarget]:
     """``(rle, category_id, source id)`` triples to MaskTargets labelled by each category's prompt slot."""
-    return [MaskTarget(rle=r, label=slot[c], category_id=c, iscrowd=0, bbox=masks.bbox(r), area=float(masks.area(r)))
-            for r, c, _ in targets]
+    return [
+        MaskTarget(
+            rle=r, label=slot[c], category_id=c, iscrowd=0, bbox=masks.bbox(r), area=float(masks.area(r))
+        )
+        for r, c, _ in targets
+    ]

@@ -45,9 +45,17 @@ def _image_records(path: str, prefix: str) -> Iterator[dict | Skip]:
             yield Skip(f"{prefix}/item_{i:09d}", "bad_record", f"list item {i} is a {type(item).__name__}")
             continue
         info = item.get("image_info") or {}
-        image = {"id": info.get("id"), "file_name": item.get("image") or info.get("file_name"),
-                 "height": info.get("height"), "width": info.get("width")}
-        yield {"key": f"{prefix}/{image_sort_id(image['id'])}", "image": image, "anns": item.get("anns") or []}
+        image = {
+            "id": info.get("id"),
+            "file_name": item.get("image") or info.get("file_name"),
+            "height": info.get("height"),
+            "width": info.get("width"),
+        }
+        yield {
+            "key": f"{prefix}/{image_sort_id(image['id'])}",
+            "image": image,
+            "anns": item.get("anns") or [],
+        }
 
 
 class CocoInteractive:
@@ -84,7 +92,11 @@ class CocoInteractive:
         last_image = last = None
         for rec in sorted_by_key(only_records()):
             if rec["key"] == last_image:
-                yield Skip(rec["key"], "duplicate_image_id", f"image id {rec['image']['id']} listed twice; first kept")
+                yield Skip(
+                    rec["key"],
+                    "duplicate_image_id",
+                    f"image id {rec['image']['id']} listed twice; first kept",
+                )
                 continue
             last_image = rec["key"]
             out = []
@@ -98,14 +110,25 @@ class CocoInteractive:
                 for kind in vprompts.PROMPT_TYPES:
                     key = f"{base}_{kind}"
                     if ann.get(PROMPT_KEY[kind]) is None:
-                        yield Skip(key, "missing_visual_prompt", f"annotation {aid} has no {PROMPT_KEY[kind]}")
+                        yield Skip(
+                            key, "missing_visual_prompt", f"annotation {aid} has no {PROMPT_KEY[kind]}"
+                        )
                         continue
-                    out.append({"key": key, "image": rec["image"], "ann": fields, "type": kind,
-                                "prompt": ann[PROMPT_KEY[kind]]})
+                    out.append(
+                        {
+                            "key": key,
+                            "image": rec["image"],
+                            "ann": fields,
+                            "type": kind,
+                            "prompt": ann[PROMPT_KEY[kind]],
+                        }
+                    )
             out.sort(key=lambda r: r["key"])
             for r in out:
                 if r["key"] == last:
-                    yield Skip(r["key"], "duplicate_annotation_id", f"annotation id {r['ann']['id']} listed twice")
+                    yield Skip(
+                        r["key"], "duplicate_annotation_id", f"annotation id {r['ann']['id']} listed twice"
+                    )
                     continue
                 last = r["key"]
                 yield r
@@ -142,8 +165,21 @@ class CocoInteractive:
             image=ImageRef(path=f"{ctx.files.dirs['images']}/{img['file_name']}", width=w, height=h),
             conversation=vgd_conversation(rng, 1, ctx.options.image_token),
             phrases=[REGION],
-            masks=[MaskTarget(rle=rle, label=0, category_id=cat, iscrowd=int(bool(ann.get("iscrowd"))),
-                              bbox=masks.bbox(rle), area=float(masks.area(rle)))],
+            masks=[
+                MaskTarget(
+                    rle=rle,
+                    label=0,
+                    category_id=cat,
+                    iscrowd=int(bool(ann.get("iscrowd"))),
+                    bbox=masks.bbox(rle),
+                    area=float(masks.area(rle)),
+                )
+            ],
             regions=[Region(label=0, type=kind, rle=prompt)],
-            meta={"image_id": img.get("id"), "ann_id": ann.get("id"), "category_id": cat, "prompt_type": kind},
+            meta={
+                "image_id": img.get("id"),
+                "ann_id": ann.get("id"),
+                "category_id": cat,
+                "prompt_type": kind,
+            },
         )

@@ -42,7 +42,11 @@ ANNOTATION = (
     rb"|" + _STR + rb"|\{" + _FLAT + rb"\})*+\}"
 )
 # An image-like object capturing its top-level "id" (int or string).
-WITH_ID = rb"\{(?:[^{}\"]++" rb'|"id"\s*+:\s*+(-?\d++(?![.eE])|' + _STR + rb")" rb"|" + _STR + rb"|\{" + _FLAT + rb"\})*+\}"
+WITH_ID = (
+    rb"\{(?:[^{}\"]++"
+    rb'|"id"\s*+:\s*+(-?\d++(?![.eE])|' + _STR + rb")"
+    rb"|" + _STR + rb"|\{" + _FLAT + rb"\})*+\}"
+)
 _WS = re.compile(rb"[ \t\r\n]*+")
 _TOKEN = re.compile(rb"(?:[^\[\]{}\"]++|" + _STR + rb")*+")  # up to the next bracket outside strings
 _SCALAR = re.compile(rb"(?:" + _STR + rb"|[^\s,\]}\"\[{]++)")
@@ -158,15 +162,15 @@ def _split_run(buf: _Buffer, key: str, pat: _Patterns) -> tuple[Batch | None, bo
     """
     data, pos = buf.data, buf.pos
     stride = pat.n_captures + 4  # text before the match, whole match, element, captures, separator
-    parts = pat.split.split(data[pos:pos + _WINDOW])
+    parts = pat.split.split(data[pos : pos + _WINDOW])
     n = (len(parts) - 1) // stride
     if n == 0 or parts[0]:
         return None, False, True
-    seps = parts[3 + pat.n_captures::stride]
+    seps = parts[3 + pat.n_captures :: stride]
     ended = b"]" in seps
     if ended:
         n = seps.index(b"]") + 1
-    gaps = parts[stride::stride][:n - 1]  # text between consecutive matches: must be empty
+    gaps = parts[stride::stride][: n - 1]  # text between consecutive matches: must be empty
     broke_off = bool(b"".join(gaps))
     if broke_off:
         n = next(i for i, g in enumerate(gaps) if g) + 1
@@ -177,7 +181,7 @@ def _split_run(buf: _Buffer, key: str, pat: _Patterns) -> tuple[Batch | None, bo
     np.cumsum(lengths[:-1], out=offsets[1:])
     offsets[1:] += buf.base + pos
     buf.pos = pos + int(lengths.sum())
-    captures = tuple(parts[3 + g::stride][:n] for g in range(pat.n_captures))
+    captures = tuple(parts[3 + g :: stride][:n] for g in range(pat.n_captures))
     return Batch(key, offsets, parts[2::stride][:n], captures), ended, broke_off
 
 
@@ -223,7 +227,9 @@ def _array(buf: _Buffer, key: str, pat: _Patterns, wanted: bool) -> Iterator[Bat
         base_before = buf.base
         offset, raw = buf.element()
         if wanted:
-            yield Batch(key, np.array([offset], np.int64), [raw], tuple([None] for _ in range(pat.n_captures)))
+            yield Batch(
+                key, np.array([offset], np.int64), [raw], tuple([None] for _ in range(pat.n_captures))
+            )
         c = buf.peek()
         buf.pos += 1
         if c == 93:

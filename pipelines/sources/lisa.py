@@ -79,7 +79,9 @@ def _fill(poly: np.ndarray, out: np.ndarray, value: int) -> None:
     cv2.fillPoly(out, [poly], value)
 
 
-def paint_shapes(shapes: list[dict], height: int, width: int, ctx: ConvertContext, key: str) -> tuple[np.ndarray, dict]:
+def paint_shapes(
+    shapes: list[dict], height: int, width: int, ctx: ConvertContext, key: str
+) -> tuple[np.ndarray, dict]:
     """The ``HxW`` uint8 label map (0, :data:`TARGET`, :data:`IGNORE`) and shape counts; bad shapes dropped."""
     polys, counts = [], {"flag": 0, "ignore": 0, "target": 0}
     for i, shape in enumerate(shapes):
@@ -126,11 +128,17 @@ class LisaReasonSeg:
         if folder is None or not os.path.isdir(os.path.join(data_root, folder)):
             raise SourceNotFound(self.name, looked or [os.path.join(data_root, str(folder))])
         inputs = {"annotations": os.path.join(data_root, folder)}  # hashed as a folder listing
-        explanatory = o.get("explanatory") or os.path.join(data_root, os.path.dirname(folder), "explanatory", "train.json")
+        explanatory = o.get("explanatory") or os.path.join(
+            data_root, os.path.dirname(folder), "explanatory", "train.json"
+        )
         if split == "train" and os.path.isfile(explanatory):
             inputs["explanatory"] = explanatory
-        return SourceFiles(data_root=data_root, inputs=inputs, dirs={"images": folder},
-                           info={"explanatory": "explanatory" in inputs})
+        return SourceFiles(
+            data_root=data_root,
+            inputs=inputs,
+            dirs={"images": folder},
+            info={"explanatory": "explanatory" in inputs},
+        )
 
     def index(self, files: SourceFiles, split: str, options: BuildOptions) -> Iterator[dict | Skip | Shared]:
         prefix = f"{self.name}/{split}"
@@ -166,16 +174,32 @@ class LisaReasonSeg:
                 yield Skip(key, "no_questions", f"{found['json']}: empty 'text'")
                 continue
             base = {
-                "image": {"file": found["image"], "height": anno.get("imageHeight"), "width": anno.get("imageWidth")},
+                "image": {
+                    "file": found["image"],
+                    "height": anno.get("imageHeight"),
+                    "width": anno.get("imageWidth"),
+                },
                 "is_sentence": bool(anno.get("is_sentence")),
-                "shapes": [{k: s.get(k) for k in ("label", "points", "shape_type")} if isinstance(s, dict) else s
-                           for s in anno.get("shapes") or []],
+                "shapes": [
+                    {k: s.get(k) for k in ("label", "points", "shape_type")} if isinstance(s, dict) else s
+                    for s in anno.get("shapes") or []
+                ],
             }
             if split == "train":
-                records.append({"key": key, **base, "questions": questions, "explanation": explain.get(found["image"])})
+                records.append(
+                    {"key": key, **base, "questions": questions, "explanation": explain.get(found["image"])}
+                )
             else:
-                records += [{"key": f"{key}_q{i:03d}", **base, "questions": [q], "question_index": i, "explanation": None}
-                            for i, q in enumerate(questions)]
+                records += [
+                    {
+                        "key": f"{key}_q{i:03d}",
+                        **base,
+                        "questions": [q],
+                        "question_index": i,
+                        "explanation": None,
+                    }
+                    for i, q in enumerate(questions)
+                ]
         last = ""
         for r in sorted(records, key=lambda r: r["key"]):
             if r["key"] == last:  # two file names that differ only in characters a key cannot hold
@@ -214,9 +238,13 @@ class LisaReasonSeg:
         rng = ctx.rng(key)
         conversation, explained = [], []
         for i, q in enumerate(record["questions"]):
-            question, answer, explains = self._turn(rng, templates.tag(q), record["is_sentence"], record["explanation"])
+            question, answer, explains = self._turn(
+                rng, templates.tag(q), record["is_sentence"], record["explanation"]
+            )
             explained.append(explains)
-            conversation.append(Turn("user", templates.with_image(question, ctx.options.image_token) if i == 0 else question))
+            conversation.append(
+                Turn("user", templates.with_image(question, ctx.options.image_token) if i == 0 else question)
+            )
             conversation.append(Turn("assistant", answer))
         box, area = masks.bbox(rle), float(masks.area(rle))
         meta = {
@@ -229,12 +257,18 @@ class LisaReasonSeg:
         if "question_index" in record:
             meta["question_index"] = record["question_index"]
         return Sample(
-            key=key, source=self.name, task=self.task, split=ctx.split,
+            key=key,
+            source=self.name,
+            task=self.task,
+            split=ctx.split,
             image=ImageRef(path=path, width=w, height=h),
             conversation=conversation,
             phrases=list(record["questions"]),
-            masks=[MaskTarget(rle=rle, label=i, bbox=box, area=area) for i in range(len(record["questions"]))],
-            ignore=ignore, meta=meta,
+            masks=[
+                MaskTarget(rle=rle, label=i, bbox=box, area=area) for i in range(len(record["questions"]))
+            ],
+            ignore=ignore,
+            meta=meta,
         )
 
     @staticmethod

@@ -59,7 +59,9 @@ def chat_turns(messages, has_image: bool, image_token: str) -> tuple[list[Turn],
         if not isinstance(text, str):
             raise SkipRecord("empty_turn", f"message {i} ({msg.get('from')}) has no text")
         if not text.replace(IMAGE, "").strip() and not (role == "user" and IMAGE in text):
-            raise SkipRecord("empty_turn", f"message {i} ({msg.get('from')}) has no text")  # "<image>" alone is fine
+            raise SkipRecord(
+                "empty_turn", f"message {i} ({msg.get('from')}) has no text"
+            )  # "<image>" alone is fine
         for tok in RESERVED:
             if tok in text:
                 raise SkipRecord("reserved_token_in_text", f"message {i} contains {tok!r}")
@@ -107,7 +109,8 @@ class _Llava:
         ann = overrides.get("annotations") or os.path.join(data_root, LLAVA_ROOT, self.json_rel)
         candidates = [f"{LLAVA_ROOT}/{d}" for d in self.image_dirs]
         images = overrides.get("images") or next(
-            (d for d in candidates if os.path.isdir(os.path.join(data_root, d))), candidates[0])
+            (d for d in candidates if os.path.isdir(os.path.join(data_root, d))), candidates[0]
+        )
         if not os.path.exists(ann) or not os.path.isdir(os.path.join(data_root, images)):
             raise SourceNotFound(self.name, [ann] + [os.path.join(data_root, d) for d in candidates])
         return SourceFiles(data_root=data_root, inputs={"annotations": ann}, dirs={"images": images})
@@ -122,7 +125,9 @@ class _Llava:
                 continue
             image = rec.get("image")
             if image is None and not keep_text:
-                yield Skip(key, "text_only", f"record {rec.get('id')!r} has no image (llava_keep_text_only keeps it)")
+                yield Skip(
+                    key, "text_only", f"record {rec.get('id')!r} has no image (llava_keep_text_only keeps it)"
+                )
                 continue
             yield {"key": key, "id": rec.get("id"), "image": image, "conversations": rec.get("conversations")}
 
@@ -133,7 +138,9 @@ class _Llava:
         image = record.get("image")
         if image is not None and (not isinstance(image, str) or not image):
             raise SkipRecord("bad_record", f"image is {image!r}, not a file name")
-        turns, counts = chat_turns(record.get("conversations"), image is not None, self.image_token(ctx.options))
+        turns, counts = chat_turns(
+            record.get("conversations"), image is not None, self.image_token(ctx.options)
+        )
         ref = None
         if image is not None:
             rel = f"{ctx.files.dirs['images']}/{image}"
@@ -170,4 +177,7 @@ class LlavaInstruct(_Llava):
 
     name = "llava_instruct"
     json_rel = "LLaVA-Instruct-150K/llava_v1_5_mix665k.json"
-    image_dirs = ("llava_images", "LLaVA-Instruct-150K/llava_images")  # X-SAM's config; LLaVA-Instruct's folder
+    image_dirs = (
+        "llava_images",
+        "LLaVA-Instruct-150K/llava_images",
+    )  # X-SAM's config; LLaVA-Instruct's folder

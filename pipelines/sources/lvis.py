@@ -103,7 +103,9 @@ def category_names(cats: Sequence[dict]) -> dict[int, str]:
 
 def category_table(cats: Sequence[dict]) -> dict:
     """The :class:`Shared` data of a split (1203 entries for v1)."""
-    cats = sorted((c for c in cats if isinstance(c, dict) and isinstance(c.get("id"), int)), key=lambda c: c["id"])
+    cats = sorted(
+        (c for c in cats if isinstance(c, dict) and isinstance(c.get("id"), int)), key=lambda c: c["id"]
+    )
     names = category_names(cats)
     return {
         "category_ids": [c["id"] for c in cats],
@@ -125,7 +127,11 @@ def split_categories(pos: Sequence[int], cap: int) -> list[list[int]]:
 
 
 def sample_negatives(
-    rng: random.Random, n: int, present: Sequence[int], verified: Sequence[int], not_exhaustive: Sequence[int],
+    rng: random.Random,
+    n: int,
+    present: Sequence[int],
+    verified: Sequence[int],
+    not_exhaustive: Sequence[int],
     all_ids: Sequence[int],
 ) -> list[int]:
     """``n`` absent categories: verified negatives first, then other categories; never a present or
@@ -150,17 +156,28 @@ class Lvis:
 
     def locate(self, data_root: str, split: str, overrides: dict | None = None) -> SourceFiles:
         overrides = overrides or {}
-        candidates = [overrides["annotations"]] if overrides.get("annotations") else [
-            os.path.join(data_root, LVIS_ROOT, f"lvis_v1_{split}.json"),
-            os.path.join(data_root, LVIS_ROOT, f"lvis_v0.5_{split}.json"),
-        ]
+        candidates = (
+            [overrides["annotations"]]
+            if overrides.get("annotations")
+            else [
+                os.path.join(data_root, LVIS_ROOT, f"lvis_v1_{split}.json"),
+                os.path.join(data_root, LVIS_ROOT, f"lvis_v0.5_{split}.json"),
+            ]
+        )
         ann = next((p for p in candidates if os.path.isfile(p)), None)
-        dirs = {"images": overrides.get("images") or COCO_ROOT, "images2014": overrides.get("images2014") or COCO2014_ROOT}
+        dirs = {
+            "images": overrides.get("images") or COCO_ROOT,
+            "images2014": overrides.get("images2014") or COCO2014_ROOT,
+        }
         image_root = os.path.join(data_root, dirs["images"])
         if ann is None or not os.path.isdir(image_root):
             raise SourceNotFound(self.name, [*candidates, image_root])
-        return SourceFiles(data_root=data_root, inputs={"annotations": ann}, dirs=dirs,
-                           info={"annotation_file": os.path.basename(ann)})
+        return SourceFiles(
+            data_root=data_root,
+            inputs={"annotations": ann},
+            dirs=dirs,
+            info={"annotation_file": os.path.basename(ann)},
+        )
 
     def index(self, files: SourceFiles, split: str, options: BuildOptions) -> Iterator[dict | Skip | Shared]:
         cap = max_phrases(options)
@@ -173,12 +190,24 @@ class Lvis:
 
         def image_fields(img: dict) -> dict:
             path, error = image_path(img, files.dirs["images"], files.dirs["images2014"])
-            return {"id": img.get("id"), "path": path, "path_error": error, "height": img.get("height"),
-                    "width": img.get("width"), "has_url": bool(img.get("coco_url")),
-                    "neg": img.get("neg_category_ids") or [], "not_exhaustive": img.get("not_exhaustive_category_ids") or []}
+            return {
+                "id": img.get("id"),
+                "path": path,
+                "path_error": error,
+                "height": img.get("height"),
+                "width": img.get("width"),
+                "has_url": bool(img.get("coco_url")),
+                "neg": img.get("neg_category_ids") or [],
+                "not_exhaustive": img.get("not_exhaustive_category_ids") or [],
+            }
 
         for item in iter_coco_records(
-            files.inputs["annotations"], f"{self.name}/{split}", image_fields, None, categories=categories, raw=True
+            files.inputs["annotations"],
+            f"{self.name}/{split}",
+            image_fields,
+            None,
+            categories=categories,
+            raw=True,
         ):
             if isinstance(item, dict):
                 yield from _records(item, known, cap)
@@ -218,7 +247,9 @@ class Lvis:
         budget = max(max_phrases(ctx.options) - len(pos), 0)
         n_neg = budget if ctx.split == "val" else rng.randint(0, budget)
         present = seen.union(record.get("present", ()))
-        negs = sample_negatives(rng, n_neg, present, record["neg"], record["not_exhaustive"], ctx.shared["category_ids"])
+        negs = sample_negatives(
+            rng, n_neg, present, record["neg"], record["not_exhaustive"], ctx.shared["category_ids"]
+        )
         cat_ids = pos + negs
         rng.shuffle(cat_ids)
         slot = {c: i for i, c in enumerate(cat_ids)}
@@ -234,9 +265,13 @@ class Lvis:
             conversation=genseg_conversation(rng, phrases, ctx.options.image_token),
             phrases=phrases,
             masks=mask_targets(targets, slot),
-            meta={"image_id": img["id"], "ann_ids": [a for _, _, a in targets], "part": record["part"],
-                  "neg_category_ids": [c for c in negs if c in verified],
-                  "not_exhaustive": [c for c in pos if c in not_exhaustive]},
+            meta={
+                "image_id": img["id"],
+                "ann_ids": [a for _, _, a in targets],
+                "part": record["part"],
+                "neg_category_ids": [c for c in negs if c in verified],
+                "not_exhaustive": [c for c in pos if c in not_exhaustive],
+            },
         )
 
 
@@ -252,30 +287,47 @@ def _records(item: dict, known: set[int], cap: int) -> Iterator[dict | Skip]:
     if not all(c in known for c in cats):
         for i, c in zip(ids, cats, strict=True):
             if c not in known:
-                yield Skip(f"{key}/ann_{image_sort_id(i)}", "unknown_category",
-                           f"annotation {i}: category_id {c} not in categories[]", level="annotation")
+                yield Skip(
+                    f"{key}/ann_{image_sort_id(i)}",
+                    "unknown_category",
+                    f"annotation {i}: category_id {c} not in categories[]",
+                    level="annotation",
+                )
         keep = [j for j, c in enumerate(cats) if c in known]
         ids, cats, offs, lens = ([col[j] for j in keep] for col in (ids, cats, offs, lens))
     if not ids:
         if anns.ids:
             yield Skip(key, "no_annotations", f"image {img['id']}: no annotation of a known category")
         else:  # LVIS has images with only negative labels: nothing to segment, and nothing wrong (a policy skip)
-            yield Skip(key, "only_negative_labels", f"image {img['id']}: no annotations, only negative labels")
+            yield Skip(
+                key, "only_negative_labels", f"image {img['id']}: no annotations, only negative labels"
+            )
         return
     present = sorted(set(cats))
     image = {k: img[k] for k in ("id", "path", "height", "width")}
     if len(present) <= cap:  # the common case: one record, no copying of the columns
-        yield {"key": key, "image": image, "neg": img["neg"], "not_exhaustive": img["not_exhaustive"],
-               "part": [0, 1], "offsets": offs, "lengths": lens}
+        yield {
+            "key": key,
+            "image": image,
+            "neg": img["neg"],
+            "not_exhaustive": img["not_exhaustive"],
+            "part": [0, 1],
+            "offsets": offs,
+            "lengths": lens,
+        }
         return
     parts = split_categories(present, cap)
     for i, part in enumerate(parts):
         members = set(part)
         pick = [j for j, c in enumerate(cats) if c in members]
         yield {
-            "key": f"{key}_p{i:03d}", "image": image, "neg": img["neg"], "not_exhaustive": img["not_exhaustive"],
+            "key": f"{key}_p{i:03d}",
+            "image": image,
+            "neg": img["neg"],
+            "not_exhaustive": img["not_exhaustive"],
             "part": [i, len(parts)],
             "present": present,  # the other parts' categories are present too: never negatives here
             # where each annotation's JSON is in the annotation file: the worker reads and parses its own
-            "offsets": [offs[j] for j in pick], "lengths": [lens[j] for j in pick],
+            "offsets": [offs[j] for j in pick],
+            "lengths": [lens[j] for j in pick],
         }

@@ -58,7 +58,10 @@ IMAGE_LAYOUTS = (
     ("img_refseg/refcocos/images/train2014", "file_name"),  # X-SAM: images/train2014 -> coco2014/train2014
     ("img_refseg/refcocos/images/mscoco/images/train2014", "file_name"),  # refer / LISA layout
     ("img_genseg/coco2014/train2014", "file_name"),  # X-SAM's COCO 2014 folder
-    ("img_genseg/coco2017/train2017", "coco2017_id"),  # train2017 holds every train2014 image as <id:012d>.jpg
+    (
+        "img_genseg/coco2017/train2017",
+        "coco2017_id",
+    ),  # train2017 holds every train2014 image as <id:012d>.jpg
 )
 UNC_SPLITS = ("train", "val", "testA", "testB")
 UMD_SPLITS = ("train", "val", "test")
@@ -104,7 +107,9 @@ def _parse_ref(ref: Any, grefcoco: bool) -> _Ref:
         raise SkipRecord("bad_ref", f"ref {ref.get('ref_id')}: ann_id {raw!r}")
     sents = []
     for k, s in enumerate(ref.get("sentences") or []):
-        text = (s.get("sent") or s.get("raw") or " ".join(s.get("tokens") or [])) if isinstance(s, dict) else ""
+        text = (
+            (s.get("sent") or s.get("raw") or " ".join(s.get("tokens") or [])) if isinstance(s, dict) else ""
+        )
         text = " ".join(str(text).lower().split())
         if text:
             sid = s.get("sent_id")
@@ -167,8 +172,14 @@ class ReferSource:
     task = "refseg"
     version = 1
 
-    def __init__(self, name: str, folders: tuple[str, ...], split_by: str, splits: tuple[str, ...],
-                 grefcoco: bool = False):
+    def __init__(
+        self,
+        name: str,
+        folders: tuple[str, ...],
+        split_by: str,
+        splits: tuple[str, ...],
+        grefcoco: bool = False,
+    ):
         self.name = name
         self.folders = folders  # dataset folder names, first preferred (refcoco+ is also X-SAM's refcocop)
         self.split_by = split_by
@@ -182,7 +193,9 @@ class ReferSource:
 
     def dataset_dirs(self, data_root: str) -> list[str]:
         """Every existing dataset folder of this source under the data root (absolute)."""
-        return [d for r in REFER_ROOTS for f in self.folders if os.path.isdir(d := os.path.join(data_root, r, f))]
+        return [
+            d for r in REFER_ROOTS for f in self.folders if os.path.isdir(d := os.path.join(data_root, r, f))
+        ]
 
     def locate(self, data_root: str, split: str, overrides: dict | None = None) -> SourceFiles:
         o = overrides or {}
@@ -192,7 +205,10 @@ class ReferSource:
             for f in self.folders:
                 d = os.path.join(data_root, r, f)
                 for name in self.refs_names():
-                    cand = (o.get("refs") or os.path.join(d, name), o.get("instances") or os.path.join(d, "instances.json"))
+                    cand = (
+                        o.get("refs") or os.path.join(d, name),
+                        o.get("instances") or os.path.join(d, "instances.json"),
+                    )
                     looked.extend(p for p in cand if p not in looked)
                     if refs is None and all(os.path.isfile(p) for p in cand):
                         refs, inst, folder = *cand, f"{r}/{f}"
@@ -207,10 +223,15 @@ class ReferSource:
             images = os.path.relpath(images, data_root)
         if refs is None or images is None:
             raise SourceNotFound(self.name, looked)
-        info = {"dataset_dir": folder, "images_layout": images, "image_naming": naming,
-                "refs_format": "json" if refs.endswith(".json") else "pickle"}
-        return SourceFiles(data_root=data_root, inputs={"refs": refs, "instances": inst}, dirs={"images": images},
-                           info=info)
+        info = {
+            "dataset_dir": folder,
+            "images_layout": images,
+            "image_naming": naming,
+            "refs_format": "json" if refs.endswith(".json") else "pickle",
+        }
+        return SourceFiles(
+            data_root=data_root, inputs={"refs": refs, "instances": inst}, dirs={"images": images}, info=info
+        )
 
     # ------------------------------------------------------------------ index
     def index(self, files: SourceFiles, split: str, options: BuildOptions) -> Iterator[dict | Skip | Shared]:
@@ -229,8 +250,12 @@ class ReferSource:
         for ref in all_refs:
             if not isinstance(ref, dict) or ref.get("split") != split:
                 if not isinstance(ref, dict):  # of no known split, so not a record of this one
-                    yield Skip(f"{prefix}/ref", "bad_ref", f"a ref is a {type(ref).__name__}, not a dict",
-                               level="annotation")
+                    yield Skip(
+                        f"{prefix}/ref",
+                        "bad_ref",
+                        f"a ref is a {type(ref).__name__}, not a dict",
+                        level="annotation",
+                    )
                 continue
             try:
                 refs.append(_parse_ref(ref, self.grefcoco))
@@ -253,7 +278,9 @@ class ReferSource:
         last = ""
         for iid in sorted(by_image, key=image_sort_id):
             objs = [by_image[iid][k] for k in sorted(by_image[iid])]
-            for r in sorted(make(f"{prefix}/{image_sort_id(iid)}", objs, anns, chunk), key=lambda r: r["key"]):
+            for r in sorted(
+                make(f"{prefix}/{image_sort_id(iid)}", objs, anns, chunk), key=lambda r: r["key"]
+            ):
                 if r["key"] == last:  # only when sent_ids repeat inside one ref
                     yield Skip(r["key"], "duplicate_key", "two sentences share ref_id and sent_id")
                     continue
@@ -264,8 +291,12 @@ class ReferSource:
     def _ref_skip(self, prefix: str, image_id: Any, ref_id: Any, e: SkipRecord, train: bool) -> Skip:
         # eval: the ref's sentences would have been records; train: one object less in its image's samples
         # (an image left with no object at all simply yields no record)
-        return Skip(f"{prefix}/{image_sort_id(image_id)}_{_num(ref_id)}", e.reason, e.detail,
-                    level="annotation" if train else "record")
+        return Skip(
+            f"{prefix}/{image_sort_id(image_id)}_{_num(ref_id)}",
+            e.reason,
+            e.detail,
+            level="annotation" if train else "record",
+        )
 
     def _read_instances(self, path: str, refs: list[_Ref]) -> tuple[dict, dict]:
         """The images and annotations the refs need, streamed from ``instances.json`` (two passes)."""
@@ -284,13 +315,17 @@ class ReferSource:
     @staticmethod
     def _check_ref(ref: _Ref, images: dict, anns: dict) -> SkipRecord | None:
         if ref.image_id not in images:
-            return SkipRecord("unknown_image_id", f"ref {ref.ref_id}: image {ref.image_id} not in instances.json")
+            return SkipRecord(
+                "unknown_image_id", f"ref {ref.ref_id}: image {ref.image_id} not in instances.json"
+            )
         for a in ref.ann_ids:
             if a not in anns:
                 return SkipRecord("unknown_ann_id", f"ref {ref.ref_id}: ann_id {a} not in instances.json")
             if anns[a].get("image_id") != ref.image_id:
-                return SkipRecord("ann_image_mismatch",
-                                  f"ref {ref.ref_id}: ann {a} is on image {anns[a].get('image_id')}, ref on {ref.image_id}")
+                return SkipRecord(
+                    "ann_image_mismatch",
+                    f"ref {ref.ref_id}: ann {a} is on image {anns[a].get('image_id')}, ref on {ref.image_id}",
+                )
         return None
 
     def _train_records(self, stem: str, objs: list[_Object], anns: dict, chunk: int | None) -> list[dict]:
@@ -302,7 +337,9 @@ class ReferSource:
             size = chunk or len(turns)
             for c in range(0, len(turns), size):
                 suffix = f"_{c // size:03d}" if chunk else ""
-                recs.append({"key": f"{stem}_{j:05d}{suffix}", "turns": turns[c : c + size], "no_target": False})
+                recs.append(
+                    {"key": f"{stem}_{j:05d}{suffix}", "turns": turns[c : c + size], "no_target": False}
+                )
         recs.extend(self._no_target_records(stem, objs, anns))
         return recs
 
@@ -312,16 +349,26 @@ class ReferSource:
             if not o.ann_ids:
                 continue
             for text, ids in o.sents.items():
-                recs.append({"key": f"{stem}_{_num(ids['ref_ids'][0])}_{_num(ids['sent_ids'][0])}",
-                             "turns": [o.turn(text, anns)], "no_target": False})
+                recs.append(
+                    {
+                        "key": f"{stem}_{_num(ids['ref_ids'][0])}_{_num(ids['sent_ids'][0])}",
+                        "turns": [o.turn(text, anns)],
+                        "no_target": False,
+                    }
+                )
         return recs + self._no_target_records(stem, objs, anns)
 
     @staticmethod
     def _no_target_records(stem: str, objs: list[_Object], anns: dict) -> list[dict]:
         return [
-            {"key": f"{stem}_nt_{_num(ids['ref_ids'][0])}_{_num(ids['sent_ids'][0])}",
-             "turns": [o.turn(text, anns)], "no_target": True}
-            for o in objs if not o.ann_ids for text, ids in o.sents.items()
+            {
+                "key": f"{stem}_nt_{_num(ids['ref_ids'][0])}_{_num(ids['sent_ids'][0])}",
+                "turns": [o.turn(text, anns)],
+                "no_target": True,
+            }
+            for o in objs
+            if not o.ann_ids
+            for text, ids in o.sents.items()
         ]
 
     # ------------------------------------------------------------------ convert
@@ -330,7 +377,11 @@ class ReferSource:
         h, w = img.get("height"), img.get("width")
         if not h or not w:
             raise SkipRecord("missing_image_size", f"image {img['id']} has no height/width in instances.json")
-        name = f"{img['id']:012d}.jpg" if ctx.files.info.get("image_naming") == "coco2017_id" else img["file_name"]
+        name = (
+            f"{img['id']:012d}.jpg"
+            if ctx.files.info.get("image_naming") == "coco2017_id"
+            else img["file_name"]
+        )
         rng = ctx.rng(key)
         turns = list(record["turns"])
         rng.shuffle(turns)  # archive: objects in random order
@@ -345,8 +396,16 @@ class ReferSource:
                 first_error = first_error or e
                 continue
             if rle is not None:
-                targets.append(MaskTarget(rle=rle, label=len(phrases), category_id=t["category_id"], iscrowd=0,
-                                          bbox=masks.bbox(rle), area=float(masks.area(rle))))
+                targets.append(
+                    MaskTarget(
+                        rle=rle,
+                        label=len(phrases),
+                        category_id=t["category_id"],
+                        iscrowd=0,
+                        bbox=masks.bbox(rle),
+                        area=float(masks.area(rle)),
+                    )
+                )
             phrases.append(t["phrase"])
             kept.append(t)
         if not kept:
@@ -354,7 +413,9 @@ class ReferSource:
         conversation = []
         for i, p in enumerate(phrases):
             q = templates.pick(rng, templates.REFSEG_QUESTIONS).format(phrase=templates.tag(p))
-            conversation.append(Turn("user", templates.with_image(q, ctx.options.image_token) if i == 0 else q))
+            conversation.append(
+                Turn("user", templates.with_image(q, ctx.options.image_token) if i == 0 else q)
+            )
             conversation.append(Turn("assistant", templates.pick(rng, templates.REFSEG_ANSWERS)))
         one = (lambda ids: ids) if self.grefcoco else (lambda ids: ids[0] if ids else None)
         meta = {
@@ -365,9 +426,15 @@ class ReferSource:
             "no_target": record["no_target"],
         }
         return Sample(
-            key=key, source=self.name, task=self.task, split=ctx.split,
+            key=key,
+            source=self.name,
+            task=self.task,
+            split=ctx.split,
             image=ImageRef(path=relpath(ctx.files.dirs["images"], name), width=w, height=h),
-            conversation=conversation, phrases=phrases, masks=targets, meta=meta,
+            conversation=conversation,
+            phrases=phrases,
+            masks=targets,
+            meta=meta,
         )
 
     @staticmethod
@@ -391,8 +458,12 @@ class ReferSource:
         Returns ``({"<file rel. to data root>": {split: [image ids]}}, [errors])``; a file that cannot be read
         safely is an error entry, not an exception.
         """
-        paths = [p for d in self.dataset_dirs(data_root) for pat in ("refs(*).p", "grefs(*).json")
-                 for p in sorted(glob.glob(os.path.join(glob.escape(d), pat)))]
+        paths = [
+            p
+            for d in self.dataset_dirs(data_root)
+            for pat in ("refs(*).p", "grefs(*).json")
+            for p in sorted(glob.glob(os.path.join(glob.escape(d), pat)))
+        ]
         if (overrides or {}).get("refs"):
             paths.append(overrides["refs"])
         found, errors, seen = {}, [], set()
@@ -404,11 +475,17 @@ class ReferSource:
             try:
                 refs = load_refs(p)
             except (UnsafePickleError, MalformedPickle, ValueError) as e:
-                errors.append(f"{self.name}: {str(e).replace(p, rel)}")  # no mount path: the file's hash is stable
+                errors.append(
+                    f"{self.name}: {str(e).replace(p, rel)}"
+                )  # no mount path: the file's hash is stable
                 continue
             splits: dict[str, set] = {}
             for r in refs:
-                if isinstance(r, dict) and r.get("split") not in (None, "train") and r.get("image_id") is not None:
+                if (
+                    isinstance(r, dict)
+                    and r.get("split") not in (None, "train")
+                    and r.get("image_id") is not None
+                ):
                     splits.setdefault(str(r["split"]), set()).add(r.get("image_id"))
             found[rel] = {s: sorted(ids, key=image_sort_id) for s, ids in sorted(splits.items())}
         return found, errors

@@ -55,7 +55,9 @@ RELEASED_KEY = {t: f"{t}_visual_prompt" for t in vprompts.PROMPT_TYPES}
 # ----------------------------------------------------------------------------- shared with coco_interactive
 def vgd_conversation(rng, n_regions: int, image_token: str) -> list[Turn]:
     """One user turn listing ``n_regions`` ``<p><region></p>`` slots, one answer with one ``<SEG>``."""
-    question = templates.pick(rng, templates.VGD_QUESTIONS).format(regions=templates.join_tags([REGION] * n_regions))
+    question = templates.pick(rng, templates.VGD_QUESTIONS).format(
+        regions=templates.join_tags([REGION] * n_regions)
+    )
     return [
         Turn("user", templates.with_image(question, image_token)),
         Turn("assistant", templates.pick(rng, templates.SEG_ANSWERS)),
@@ -97,7 +99,12 @@ def category_table(path: str | None) -> dict:
 # ----------------------------------------------------------------------------- the source
 def _image_fields(img: dict) -> dict:
     file_name = img.get("file_name") or os.path.basename(img.get("coco_url", ""))
-    return {"id": img.get("id"), "file_name": file_name, "height": img.get("height"), "width": img.get("width")}
+    return {
+        "id": img.get("id"),
+        "file_name": file_name,
+        "height": img.get("height"),
+        "width": img.get("width"),
+    }
 
 
 def _released_records(path: str, prefix: str, kinds: tuple[str, ...]) -> Iterator[dict | Skip]:
@@ -117,11 +124,15 @@ def _released_records(path: str, prefix: str, kinds: tuple[str, ...]) -> Iterato
         anns = []
         for a in item.get("annotations") or []:
             vp = a.get("visual_prompts") or {}
-            anns.append({
-                "id": a.get("id"), "category_id": a.get("category_id"), "iscrowd": a.get("iscrowd", 0),
-                "segmentation": a.get("segmentation"),
-                "prompts": {t: vp[RELEASED_KEY[t]] for t in kinds if vp.get(RELEASED_KEY[t]) is not None},
-            })
+            anns.append(
+                {
+                    "id": a.get("id"),
+                    "category_id": a.get("category_id"),
+                    "iscrowd": a.get("iscrowd", 0),
+                    "segmentation": a.get("segmentation"),
+                    "prompts": {t: vp[RELEASED_KEY[t]] for t in kinds if vp.get(RELEASED_KEY[t]) is not None},
+                }
+            )
         yield {"key": f"{prefix}/{image_sort_id(image['id'])}", "image": image, "anns": anns}
 
 
@@ -139,7 +150,9 @@ def _dedup(records: Iterable[dict | Skip]) -> Iterator[dict | Skip]:
 
     for rec in sorted_by_key(only_records()):
         if rec["key"] == last:
-            yield Skip(rec["key"], "duplicate_image_id", f"image id {rec['image']['id']} listed twice; first kept")
+            yield Skip(
+                rec["key"], "duplicate_image_id", f"image id {rec['image']['id']} listed twice; first kept"
+            )
             continue
         last = rec["key"]
         yield rec
@@ -159,9 +172,14 @@ class CocoVgd:
         """Overrides: ``annotations`` (released prompt JSON), ``instances`` (COCO instances), ``images``."""
         overrides = overrides or {}
         base = "train" if split == "train" else "val"
-        released = [f"{VGD_ROOT}/annotations/img_vgdseg_coco_{base}.json", f"{VGD_ROOT}/annotations/coco_vgdseg_{base}.json"]
-        instances = [f"{VGD_ROOT}/coco2017/annotations/instances_{base}2017.json",
-                     f"{COCO_ROOT}/annotations/instances_{base}2017.json"]
+        released = [
+            f"{VGD_ROOT}/annotations/img_vgdseg_coco_{base}.json",
+            f"{VGD_ROOT}/annotations/coco_vgdseg_{base}.json",
+        ]
+        instances = [
+            f"{VGD_ROOT}/coco2017/annotations/instances_{base}2017.json",
+            f"{COCO_ROOT}/annotations/instances_{base}2017.json",
+        ]
         image_dirs = [f"{VGD_ROOT}/coco2017/{base}2017", f"{COCO_ROOT}/{base}2017"]
         ann = overrides.get("annotations") or first_existing(data_root, released)
         inst = overrides.get("instances") or first_existing(data_root, instances)
@@ -172,13 +190,22 @@ class CocoVgd:
         if inst and not os.path.isabs(inst):
             inst = os.path.join(data_root, inst)
         found = ann or inst
-        if not images or not found or not os.path.exists(found) or not os.path.isdir(os.path.join(data_root, images)):
+        if (
+            not images
+            or not found
+            or not os.path.exists(found)
+            or not os.path.isdir(os.path.join(data_root, images))
+        ):
             raise SourceNotFound(self.name, looked)
         inputs = {"annotations": ann} if ann else {"instances": inst}
         if ann and inst:
             inputs["categories"] = inst  # category names for meta only
-        return SourceFiles(data_root=data_root, inputs=inputs, dirs={"images": images},
-                           info={"prompts": "released" if ann else "generated"})
+        return SourceFiles(
+            data_root=data_root,
+            inputs=inputs,
+            dirs={"images": images},
+            info={"prompts": "released" if ann else "generated"},
+        )
 
     def index(self, files: SourceFiles, split: str, options: BuildOptions) -> Iterator[dict | Skip | Shared]:
         prefix = f"{self.name}/{split}"
@@ -189,7 +216,10 @@ class CocoVgd:
             return
         keep = ("id", "category_id", "iscrowd", "segmentation")
         yield from iter_coco_records(  # one pass: the category table arrives as Shared before the records
-            files.inputs["instances"], prefix, _image_fields, lambda a: {k: a.get(k) for k in keep},
+            files.inputs["instances"],
+            prefix,
+            _image_fields,
+            lambda a: {k: a.get(k) for k in keep},
             categories=lambda cats: {"category_names": _names(cats), "form": "generated"},
         )
 
@@ -197,7 +227,9 @@ class CocoVgd:
         return vgd_sample(self.name, record, ctx, VAL_SPLITS.get(ctx.split))
 
 
-def _targets(record: dict, ctx: ConvertContext, h: int, w: int, pending: list) -> tuple[list[dict], list[dict]]:
+def _targets(
+    record: dict, ctx: ConvertContext, h: int, w: int, pending: list
+) -> tuple[list[dict], list[dict]]:
     """Decoded non-crowd targets ``{"ann", "rle", "prompts"}`` and crowd RLEs; bad parts noted in ``pending``."""
     names = ctx.shared.get("category_names")
     targets, crowd = [], []
@@ -205,7 +237,9 @@ def _targets(record: dict, ctx: ConvertContext, h: int, w: int, pending: list) -
         akey = f"{record['key']}/ann_{ann.get('id')}"
         cat = ann.get("category_id")
         if not isinstance(cat, int) or isinstance(cat, bool) or (names is not None and str(cat) not in names):
-            pending.append((akey, "unknown_category", f"category_id {ann.get('category_id')} not in categories[]"))
+            pending.append(
+                (akey, "unknown_category", f"category_id {ann.get('category_id')} not in categories[]")
+            )
             continue
         try:
             rle = masks.segmentation_to_rle(ann.get("segmentation"), h, w)
@@ -268,8 +302,11 @@ def vgd_sample(source: str, record: dict, ctx: ConvertContext, kind: str | None)
     targets, crowd = _targets(record, ctx, h, w, pending)
     if not targets:
         reasons = sorted({r for _, r, _ in pending})
-        raise SkipRecord("no_usable_instance", f"image {img.get('id')}: no non-crowd instance with a valid mask"
-                         + (f" ({', '.join(reasons)})" if reasons else ""))
+        raise SkipRecord(
+            "no_usable_instance",
+            f"image {img.get('id')}: no non-crowd instance with a valid mask"
+            + (f" ({', '.join(reasons)})" if reasons else ""),
+        )
     rng = ctx.rng(key)
     by_cat: dict[int, list[dict]] = {}
     for t in targets:
@@ -317,8 +354,14 @@ def vgd_sample(source: str, record: dict, ctx: ConvertContext, kind: str | None)
         conversation=vgd_conversation(rng, len(slots), ctx.options.image_token),
         phrases=[REGION] * len(slots),
         masks=[
-            MaskTarget(rle=t["rle"], label=slot[t["ann"]["category_id"]], category_id=t["ann"]["category_id"],
-                       iscrowd=0, bbox=masks.bbox(t["rle"]), area=float(masks.area(t["rle"])))
+            MaskTarget(
+                rle=t["rle"],
+                label=slot[t["ann"]["category_id"]],
+                category_id=t["ann"]["category_id"],
+                iscrowd=0,
+                bbox=masks.bbox(t["rle"]),
+                area=float(masks.area(t["rle"])),
+            )
             for t in kept
         ],
         ignore=masks.merge_rles(crowd) if crowd else None,

@@ -30,9 +30,17 @@ def _sample(task: str, idx: int, turns: list[tuple[str, str]], phrases, masks, *
     conv = []
     for q, a in turns:
         conv += [Turn("user", q), Turn("assistant", a)]
-    s = Sample(key=f"src_{task}/train/{idx:04d}", source=f"src_{task}", task=task, split="train",
-               image=ImageRef(path=f"img/{idx}.png", width=W, height=H), conversation=conv,
-               phrases=phrases, masks=masks, **kw)  # fmt: skip
+    s = Sample(
+        key=f"src_{task}/train/{idx:04d}",
+        source=f"src_{task}",
+        task=task,
+        split="train",
+        image=ImageRef(path=f"img/{idx}.png", width=W, height=H),
+        conversation=conv,
+        phrases=phrases,
+        masks=masks,
+        **kw,
+    )
     validate(s)
     return s
 
@@ -40,49 +48,98 @@ def _sample(task: str, idx: int, turns: list[tuple[str, str]], phrases, masks, *
 def make_samples() -> dict[str, Sample]:
     """One Sample per task, in the layouts of recipe §2 (``<image>\\n`` default)."""
     genseg = _sample(
-        "genseg", 1,
-        [("<image>\nCan you segment the image based on the following categories: <p>dog</p>, <p>wall other</p>, "
-          "<p>person</p>? Please output the segmentation masks.", "Sure, <SEG>.")],
+        "genseg",
+        1,
+        [
+            (
+                "<image>\nCan you segment the image based on the following categories: <p>dog</p>, <p>wall other</p>, "
+                "<p>person</p>? Please output the segmentation masks.",
+                "Sure, <SEG>.",
+            )
+        ],
         ["dog", "wall other", "person"],
-        [MaskTarget(rle=box(0, 20, 0, 20), label=0, category_id=18),
-         MaskTarget(rle=box(20, 40, 0, 56), label=1, category_id=199),
-         MaskTarget(rle=box(5, 15, 30, 50), label=2, category_id=1),
-         MaskTarget(rle=box(0, 5, 40, 50), label=2, category_id=1)],
-    )  # fmt: skip
+        [
+            MaskTarget(rle=box(0, 20, 0, 20), label=0, category_id=18),
+            MaskTarget(rle=box(20, 40, 0, 56), label=1, category_id=199),
+            MaskTarget(rle=box(5, 15, 30, 50), label=2, category_id=1),
+            MaskTarget(rle=box(0, 5, 40, 50), label=2, category_id=1),
+        ],
+    )
     refseg = _sample(
-        "refseg", 2,
-        [("<image>\nPlease segment <p>man on left</p> in this image.", "It is <SEG>."),
-         ("Where is the <p>red car</p> in this picture? Please output the segmentation masks.", "Sure, <SEG>.")],
+        "refseg",
+        2,
+        [
+            ("<image>\nPlease segment <p>man on left</p> in this image.", "It is <SEG>."),
+            (
+                "Where is the <p>red car</p> in this picture? Please output the segmentation masks.",
+                "Sure, <SEG>.",
+            ),
+        ],
         ["man on left", "red car"],
         [MaskTarget(rle=box(0, 30, 0, 20), label=0), MaskTarget(rle=box(10, 40, 30, 56), label=1)],
-    )  # fmt: skip
+    )
     reaseg = _sample(
-        "reaseg", 3,
-        [("<image>\n<p>What can hold water here?</p> Please output the segmentation mask.", "It is <SEG>."),
-         ("<p>Which object is the cup?</p> Please output the segmentation mask.", "And <SEG>.")],
+        "reaseg",
+        3,
+        [
+            (
+                "<image>\n<p>What can hold water here?</p> Please output the segmentation mask.",
+                "It is <SEG>.",
+            ),
+            ("<p>Which object is the cup?</p> Please output the segmentation mask.", "And <SEG>."),
+        ],
         ["What can hold water here?", "Which object is the cup?"],
         [MaskTarget(rle=box(8, 30, 8, 30), label=0), MaskTarget(rle=box(8, 30, 8, 30), label=1)],
         ignore=box(30, 40, 30, 56),
-    )  # fmt: skip
+    )
     gcgseg = _sample(
-        "gcgseg", 4,
-        [("<image>\nPlease give a brief description of the image with interleaved segmentation masks.",
-          "<p>a man</p>  in a red shirt is riding <p>a horse</p> . The segmentation mask is <SEG>.")],
+        "gcgseg",
+        4,
+        [
+            (
+                "<image>\nPlease give a brief description of the image with interleaved segmentation masks.",
+                "<p>a man</p>  in a red shirt is riding <p>a horse</p> . The segmentation mask is <SEG>.",
+            )
+        ],
         ["a man", "a horse"],
         [MaskTarget(rle=box(0, 20, 10, 30), label=0), MaskTarget(rle=box(15, 40, 5, 50), label=1)],
-    )  # fmt: skip
+    )
     vgdseg = _sample(
-        "vgdseg", 5,
-        [("<image>\nCan you segment the image based on the following regions: <p><region></p>, <p><region></p>? "
-          "Please output the corresponding segmentation mask.", "Sure, <SEG>.")],
+        "vgdseg",
+        5,
+        [
+            (
+                "<image>\nCan you segment the image based on the following regions: <p><region></p>, <p><region></p>? "
+                "Please output the corresponding segmentation mask.",
+                "Sure, <SEG>.",
+            )
+        ],
         ["region 0", "region 1"],
-        [MaskTarget(rle=box(0, 20, 0, 20), label=0, category_id=18), MaskTarget(rle=box(22, 38, 2, 18), label=0, category_id=18),
-         MaskTarget(rle=box(5, 35, 30, 55), label=1, category_id=1)],
-        regions=[Region(label=0, type="box", rle=box(2, 18, 2, 18)), Region(label=1, type="point", rle=box(18, 22, 40, 44))],
-    )  # fmt: skip
+        [
+            MaskTarget(rle=box(0, 20, 0, 20), label=0, category_id=18),
+            MaskTarget(rle=box(22, 38, 2, 18), label=0, category_id=18),
+            MaskTarget(rle=box(5, 35, 30, 55), label=1, category_id=1),
+        ],
+        regions=[
+            Region(label=0, type="box", rle=box(2, 18, 2, 18)),
+            Region(label=1, type="point", rle=box(18, 22, 40, 44)),
+        ],
+    )
     chat = _sample(
-        "chat", 6,
-        [("<image>\nWhat is the color of the bus?", "The bus is yellow."), ("Describe the picture.", "There are two people here.")],
-        [], [],
-    )  # fmt: skip
-    return {"genseg": genseg, "refseg": refseg, "reaseg": reaseg, "gcgseg": gcgseg, "vgdseg": vgdseg, "chat": chat}
+        "chat",
+        6,
+        [
+            ("<image>\nWhat is the color of the bus?", "The bus is yellow."),
+            ("Describe the picture.", "There are two people here."),
+        ],
+        [],
+        [],
+    )
+    return {
+        "genseg": genseg,
+        "refseg": refseg,
+        "reaseg": reaseg,
+        "gcgseg": gcgseg,
+        "vgdseg": vgdseg,
+        "chat": chat,
+    }

@@ -29,7 +29,9 @@ def test_forward_backward_every_task(debug_model, samples, task):
     batch = _batch(model, samples[task])
     out = model(batch, stage=3)
     assert set(out.losses) == {"lm", "cls", "mask_bce", "dice"}
-    assert torch.isfinite(out.loss) and math.isclose(out.loss.item(), sum(v.item() for v in out.losses.values()), rel_tol=1e-5)
+    assert torch.isfinite(out.loss) and math.isclose(
+        out.loss.item(), sum(v.item() for v in out.losses.values()), rel_tol=1e-5
+    )
     out.loss.backward()
     assert out.losses["lm"] > 0 and _grad_norm(model.llm) > 0 and _grad_norm(model.visual_projector) > 0
     if task == "chat":
@@ -80,7 +82,9 @@ def test_ignore_region_carries_no_mask_loss(debug_model):
     crit: SegLoss = debug_model.criterion
     torch.manual_seed(0)
     L, q = 64, 8
-    preds = [{"masks_queries_logits": torch.randn(1, q, 16, 16), "class_queries_logits": torch.randn(1, q, 3)}]
+    preds = [
+        {"masks_queries_logits": torch.randn(1, q, 16, 16), "class_queries_logits": torch.randn(1, q, 3)}
+    ]
     masks = [torch.zeros(1, L, L, dtype=torch.uint8)]
     masks[0][0, :32] = 1
     labels = [torch.tensor([0])]

@@ -105,7 +105,9 @@ def test_collate_pads_and_checks_one_task(processor, samples):
     assert batch["input_ids"].shape == (2, n1) and batch["attention_mask"].sum(1).tolist() == [n0, n1]
     assert (batch["labels"][0, n0:] == -100).all() and (batch["cond_ids"][0, n0:] == -1).all()
     assert (batch["input_ids"][0, n0:] == processor.pad_id).all()
-    assert batch["pixel_values"].shape[0] == 2 and len(batch["mask_labels"]) == 2 and batch["task"] == "genseg"
+    assert (
+        batch["pixel_values"].shape[0] == 2 and len(batch["mask_labels"]) == 2 and batch["task"] == "genseg"
+    )
     assert processor.collate([b2])["keys"] == [samples["gcgseg"].key]
 
 
@@ -121,7 +123,9 @@ def test_bad_samples_raise(processor, samples):
     s = dataclasses.replace(samples["vgdseg"], regions=list(reversed(samples["vgdseg"].regions)))
     with pytest.raises(ProcessorError, match="region"):
         processor(s, image_bytes(0))
-    s = dataclasses.replace(samples["chat"], conversation=[Turn("assistant", "hi"), *samples["chat"].conversation])
+    s = dataclasses.replace(
+        samples["chat"], conversation=[Turn("assistant", "hi"), *samples["chat"].conversation]
+    )
     with pytest.raises(ProcessorError, match="expected 'user'"):
         processor(s, image_bytes(0))
 

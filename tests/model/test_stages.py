@@ -25,17 +25,33 @@ def model():
 
 
 def _prefixes(names):
-    return {n.split(".")[0] if not n.startswith("mask_decoder") else ".".join(n.split(".")[:2]) for n in names}
+    return {
+        n.split(".")[0] if not n.startswith("mask_decoder") else ".".join(n.split(".")[:2]) for n in names
+    }
 
 
 def test_trainable_sets_per_stage(model):
     s1, s2, s3 = (set(trainable_names(model, s)) for s in (1, 2, 3))
-    assert _prefixes(s1) == {"sam_encoder", "seg_connector", "mask_decoder.pixel_decoder",
-                             "mask_decoder.transformer", "mask_decoder.linear_head"}  # fmt: skip
+    assert _prefixes(s1) == {
+        "sam_encoder",
+        "seg_connector",
+        "mask_decoder.pixel_decoder",
+        "mask_decoder.transformer",
+        "mask_decoder.linear_head",
+    }
     assert _prefixes(s2) == {"visual_projector", "seg_projector"}
-    assert _prefixes(s3) == {"vision_encoder", "sam_encoder", "llm", "visual_projector", "seg_projector",
-                             "llm_projector", "seg_connector", "mask_decoder.pixel_decoder",
-                             "mask_decoder.transformer", "mask_decoder.phrase_head"}  # fmt: skip
+    assert _prefixes(s3) == {
+        "vision_encoder",
+        "sam_encoder",
+        "llm",
+        "visual_projector",
+        "seg_projector",
+        "llm_projector",
+        "seg_connector",
+        "mask_decoder.pixel_decoder",
+        "mask_decoder.transformer",
+        "mask_decoder.phrase_head",
+    }
     assert "mask_decoder.phrase_head.bg_embed" in s3 and "mask_decoder.phrase_head.logit_scale" in s3
     # SigLIP's last layer and final norm come after the selected hidden state (-2): never trained
     unused = unused_parameters(model)
@@ -50,7 +66,9 @@ def test_stage_view_sets_requires_grad_and_multipliers(model):
     in_groups = {id(p) for g in groups for p in g["params"]}
     assert {id(p) for p in model.parameters() if p.requires_grad} == in_groups
     g1 = {g["name"]: g["lr_mult"] for g in stage_view(model, 1)}
-    assert g1["sam_encoder"] == 0.1 and g1["seg_connector"] == 1.0 and not model.llm.lm_head.weight.requires_grad
+    assert (
+        g1["sam_encoder"] == 0.1 and g1["seg_connector"] == 1.0 and not model.llm.lm_head.weight.requires_grad
+    )
     stage_view(model, 2)
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable == set(trainable_names(model, 2))
@@ -74,7 +92,9 @@ def test_every_trainable_parameter_gets_a_gradient(model, samples, stage, task):
 
 def test_export_load_round_trip(model, tmp_path):
     state = export_trainable(model, stage=1)
-    assert set(state) == set(trainable_names(model, 1)) and all(v.device.type == "cpu" for v in state.values())
+    assert set(state) == set(trainable_names(model, 1)) and all(
+        v.device.type == "cpu" for v in state.values()
+    )
     save_file(state, tmp_path / "s1.safetensors")
     torch.manual_seed(2)
     other = build_xsam("debug")
@@ -102,8 +122,12 @@ def test_strict_errors_list_every_key(model):
         load_exported(model, state, stage=2)
     msg = str(err.value)
     assert "2 missing, 1 unexpected, 1 shape-mismatched" in msg
-    for k in ("visual_projector.0.bias", "seg_projector.mlp.0.weight", "visual_projector.9.weight",
-              "seg_projector.mlp.2.weight: file (3, 3)"):  # fmt: skip
+    for k in (
+        "visual_projector.0.bias",
+        "seg_projector.mlp.0.weight",
+        "visual_projector.9.weight",
+        "seg_projector.mlp.2.weight: file (3, 3)",
+    ):
         assert k in msg, k
     # without a stage, a partially present module is still reported missing
     with pytest.raises(WeightMismatchError, match="visual_projector.0.bias"):

@@ -28,7 +28,13 @@ def train_shards(demo_root, tmp_path_factory) -> Path:
 
     out = tmp_path_factory.mktemp("train_shards") / "shards"
     sources = sorted({s for v in TEST_STAGES.values() for s in v})
-    build(str(demo_root), str(out), sources=sources, splits=["train"], options=BuildOptions(samples_per_shard=4),
-          log=lambda _: None)
+    build(
+        str(demo_root),
+        str(out),
+        sources=sources,
+        splits=["train"],
+        options=BuildOptions(samples_per_shard=4),
+        log=lambda _: None,
+    )
     mixture.write(str(out), mixture.compute(str(out), stages=TEST_STAGES, log=lambda _: None))
     return out

@@ -19,9 +19,17 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-PORT_OPTIONS = ("--port", "--dashboard-port", "--ray-client-server-port", "--node-manager-port",
-                "--object-manager-port", "--dashboard-agent-listen-port", "--dashboard-agent-grpc-port",
-                "--metrics-export-port", "--runtime-env-agent-port")  # fmt: skip
+PORT_OPTIONS = (
+    "--port",
+    "--dashboard-port",
+    "--ray-client-server-port",
+    "--node-manager-port",
+    "--object-manager-port",
+    "--dashboard-agent-listen-port",
+    "--dashboard-agent-grpc-port",
+    "--metrics-export-port",
+    "--runtime-env-agent-port",
+)
 
 
 def free_ports(n: int) -> list[int]:
@@ -55,19 +63,43 @@ def local_head(tmp: Path, num_cpus: int = 2) -> Iterator[dict[str, str]]:
     """Yields the environment for ``ray job …`` commands against the head (``RAY_ADDRESS`` = dashboard)."""
     ports = free_ports(len(PORT_OPTIONS) + 1)
     # 100 worker ports clear of the ones just picked (Ray refuses overlaps)
-    lo = next(b for b in range(ports[-1] % 20000 + 30000, 65000, 100) if not any(b <= p < b + 100 for p in ports))
+    lo = next(
+        b for b in range(ports[-1] % 20000 + 30000, 65000, 100) if not any(b <= p < b + 100 for p in ports)
+    )
     ray_tmp = tempfile.mkdtemp(prefix="xr", dir="/tmp")  # Unix socket paths under it must stay < 108 bytes
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
-    args = [ray_bin(), "start", "--head", "--block", f"--num-cpus={num_cpus}", "--include-dashboard=true",
-            "--disable-usage-stats", f"--temp-dir={ray_tmp}",
-            f"--min-worker-port={lo}", f"--max-worker-port={lo + 99}"]  # fmt: skip
+    env = {
+        **os.environ,
+        "RAY_AUTH_MODE": "disabled",
+        "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
+    }
+    args = [
+        ray_bin(),
+        "start",
+        "--head",
+        "--block",
+        f"--num-cpus={num_cpus}",
+        "--include-dashboard=true",
+        "--disable-usage-stats",
+        f"--temp-dir={ray_tmp}",
+        f"--min-worker-port={lo}",
+        f"--max-worker-port={lo + 99}",
+    ]
     args += [f"{opt}={p}" for opt, p in zip(PORT_OPTIONS, ports, strict=False)]
     log = open(tmp / "ray_head.log", "w")  # noqa: SIM115 (closed below)
     head = subprocess.Popen(args, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     env["RAY_ADDRESS"] = f"http://127.0.0.1:{ports[1]}"
     try:
-        wait_for(lambda: head.poll() is not None or subprocess.run(
-            [ray_bin(), "job", "list"], env=env, capture_output=True, timeout=60).returncode == 0, 120, "the Ray head")  # fmt: skip
+        wait_for(
+            lambda: (
+                head.poll() is not None
+                or subprocess.run(
+                    [ray_bin(), "job", "list"], env=env, capture_output=True, timeout=60
+                ).returncode
+                == 0
+            ),
+            120,
+            "the Ray head",
+        )
         if head.poll() is not None:
             raise RuntimeError(f"ray start failed: {(tmp / 'ray_head.log').read_text()[-2000:]}")
         yield env

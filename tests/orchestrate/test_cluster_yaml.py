@@ -47,7 +47,10 @@ def test_project_installed_and_storage_shared(raw):
     setup = "\n".join(raw["setup_commands"])
     assert "pip install" in setup and "-e ~/xsam" in setup and "torch==2.13.0" in setup
     assert any("/mnt/shared" in c for c in raw["initialization_commands"])
-    assert all("RAY_AUTH_MODE=disabled" in c for c in raw["head_start_ray_commands"] + raw["worker_start_ray_commands"]
-               if "ray start" in c)  # fmt: skip
+    assert all(
+        "RAY_AUTH_MODE=disabled" in c
+        for c in raw["head_start_ray_commands"] + raw["worker_start_ray_commands"]
+        if "ray start" in c
+    )
     with pytest.raises(jsonschema.ValidationError):  # the schema does bite
         jsonschema.validate({**raw, "max_workers": "many"}, ray_schema())

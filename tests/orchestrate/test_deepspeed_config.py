@@ -18,8 +18,11 @@ def test_generated_json_matches_the_config_and_parses(stage):
     cfg = STAGES[stage]()
     ds = deepspeed_config(cfg, total_steps=1000, use_gpu=True)
     b = cfg.batch
-    assert (ds["train_batch_size"], ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"]) == (
-        b.global_batch, b.micro_batch, b.grad_accum)  # fmt: skip
+    assert (
+        ds["train_batch_size"],
+        ds["train_micro_batch_size_per_gpu"],
+        ds["gradient_accumulation_steps"],
+    ) == (b.global_batch, b.micro_batch, b.grad_accum)
     assert ds["gradient_clipping"] == cfg.optim.grad_clip
     assert ds["zero_optimization"]["stage"] == 2 and ds["bf16"]["enabled"] and not ds["fp16"]["enabled"]
     assert ds["optimizer"]["params"]["lr"] == cfg.optim.lr
@@ -48,7 +51,9 @@ def test_schedule_warms_up_then_cosine_with_group_multipliers():
     total = 200
     p = deepspeed_config(cfg, total_steps=total, use_gpu=False)["scheduler"]["params"]
     w = [torch.nn.Parameter(torch.zeros(1)) for _ in range(2)]
-    opt = torch.optim.AdamW([{"params": [w[0]], "lr": cfg.optim.lr * 0.1}, {"params": [w[1]], "lr": cfg.optim.lr}])
+    opt = torch.optim.AdamW(
+        [{"params": [w[0]], "lr": cfg.optim.lr * 0.1}, {"params": [w[1]], "lr": cfg.optim.lr}]
+    )
     sched = WarmupCosineLR(opt, **p)
     lrs = []
     for _ in range(total):
@@ -75,4 +80,6 @@ def test_compat_patch_skips_the_shm_op_build():
     patch_deepspeed()  # idempotent
     backend = importlib.import_module("deepspeed.comm.torch")
     assert backend.__file__.endswith("deepspeed/comm/torch.py")
-    assert backend.build_shm_op() is None and backend.TorchBackend.__init__.__globals__["build_shm_op"]() is None
+    assert (
+        backend.build_shm_op() is None and backend.TorchBackend.__init__.__globals__["build_shm_op"]() is None
+    )

@@ -54,8 +54,11 @@ def test_round_trip_and_header(tmp_path, trained):
 
 
 def test_missing_parent_export_says_where(tmp_path):
-    with pytest.raises(ParentExportError, match=r"stage 3 starts from stage 1's export, expected .*model\.safetensors.* in "
-                                                r".*stage1/export \(run stage 1 first"):  # fmt: skip
+    with pytest.raises(
+        ParentExportError,
+        match=r"stage 3 starts from stage 1's export, expected .*model\.safetensors.* in "
+        r".*stage1/export \(run stage 1 first",
+    ):
         resolve_parents(str(tmp_path), 3, stage3().parents)
     _write(tmp_path, 2, {"x": torch.zeros(1)})
     with pytest.raises(ParentExportError, match="export of stage 2, expected stage 1"):

@@ -18,7 +18,9 @@ from xsam_model import build_xsam, export_trainable
 
 
 def _args(shards, run_root, stage=1, **kw) -> RunArgs:
-    return RunArgs(stage=stage, flavor="debug", shards=str(shards), run_root=str(run_root), num_workers=2, **kw)
+    return RunArgs(
+        stage=stage, flavor="debug", shards=str(shards), run_root=str(run_root), num_workers=2, **kw
+    )
 
 
 @pytest.fixture
@@ -37,8 +39,15 @@ def test_plan_from_the_mixture(train_shards, tmp_path):
     assert plan.stage_dir == str(tmp_path / "run" / "stage1") and plan.init_from == {}
     assert plan.run_name == "run" and plan.wandb_dir == str(tmp_path / "run" / "stage1" / "wandb")
     assert plan.code["source_sha256"]
-    full = prepare(RunArgs(stage=1, flavor="xsam-phi3", shards=str(train_shards), run_root=str(tmp_path / "r"),
-                           num_workers=16))  # fmt: skip
+    full = prepare(
+        RunArgs(
+            stage=1,
+            flavor="xsam-phi3",
+            shards=str(train_shards),
+            run_root=str(tmp_path / "r"),
+            num_workers=16,
+        )
+    )
     assert full.total_steps == 36 * mixture.load(str(train_shards)).stage("1").steps_per_epoch(64)
 
 
@@ -55,24 +64,43 @@ def test_missing_shards_or_mixture(train_shards, tmp_path):
 def test_stage_without_data_or_with_a_missing_shard(train_shards, tmp_path):
     copy = tmp_path / "shards"
     shutil.copytree(train_shards, copy)
-    mixture.write(str(copy), mixture.compute(str(copy), stages={"1": ["coco_panoptic"], "2": ["llava_pretrain"]},
-                                             log=lambda _: None))  # fmt: skip
-    with pytest.raises(RunSetupError, match=r"stage 2 has no datasets; missing: llava_pretrain/train \(no manifest"):
+    mixture.write(
+        str(copy),
+        mixture.compute(
+            str(copy), stages={"1": ["coco_panoptic"], "2": ["llava_pretrain"]}, log=lambda _: None
+        ),
+    )
+    with pytest.raises(
+        RunSetupError, match=r"stage 2 has no datasets; missing: llava_pretrain/train \(no manifest"
+    ):
         prepare(_args(copy, tmp_path / "run", stage=2))
     next(copy.glob("coco_panoptic/train/*.tar")).unlink()
-    with pytest.raises(RunSetupError, match=r"1 shards listed in .*mixture.json are not under .*: coco_panoptic/train/"):
+    with pytest.raises(
+        RunSetupError, match=r"1 shards listed in .*mixture.json are not under .*: coco_panoptic/train/"
+    ):
         prepare(_args(copy, tmp_path / "run"))
 
 
 def test_stage_without_its_parent_export(train_shards, tmp_path):
-    with pytest.raises(RunSetupError, match=r"stage 2 starts from stage 1's export, expected .* in .*run/stage1/export"):
+    with pytest.raises(
+        RunSetupError, match=r"stage 2 starts from stage 1's export, expected .* in .*run/stage1/export"
+    ):
         prepare(_args(train_shards, tmp_path / "run", stage=2))
 
 
 def test_batch_that_does_not_divide(train_shards, tmp_path):
-    with pytest.raises(RunSetupError, match=r"global batch 4 is not divisible by micro batch 2 × world size 3 = 6"):
-        prepare(RunArgs(stage=1, flavor="debug", shards=str(train_shards), run_root=str(tmp_path / "run"),
-                        num_workers=3))  # fmt: skip
+    with pytest.raises(
+        RunSetupError, match=r"global batch 4 is not divisible by micro batch 2 × world size 3 = 6"
+    ):
+        prepare(
+            RunArgs(
+                stage=1,
+                flavor="debug",
+                shards=str(train_shards),
+                run_root=str(tmp_path / "run"),
+                num_workers=3,
+            )
+        )
     with pytest.raises(RunSetupError, match="bf16 needs GPUs"):
         prepare(_args(train_shards, tmp_path / "run", precision="bf16"))
 
@@ -82,8 +110,11 @@ def test_export_that_does_not_fit_the_model(train_shards, tmp_path, stage1_expor
     state = export_trainable(build_xsam("debug"), 1)
     state["sam_encoder.vision_encoder.pos_embed"] = torch.zeros(1, 3, 3, 7)
     write_export(str(url), state, {}, {"stage": 1})
-    with pytest.raises(RunSetupError, match=r"(?s)stage 1 export .*model.safetensors: 1 shape-mismatched keys\n"
-                                            r"    sam_encoder.vision_encoder.pos_embed: export \(1, 3, 3, 7\) vs model"):  # fmt: skip
+    with pytest.raises(
+        RunSetupError,
+        match=r"(?s)stage 1 export .*model.safetensors: 1 shape-mismatched keys\n"
+        r"    sam_encoder.vision_encoder.pos_embed: export \(1, 3, 3, 7\) vs model",
+    ):
         prepare(_args(train_shards, stage1_export, stage=2))
     # --init-from points elsewhere: that export is checked instead
     other = tmp_path / "other"
@@ -102,17 +133,41 @@ def test_resume_checks(train_shards, tmp_path):
     cfg = debug(stage1())
     _fake_checkpoint(tmp_path / "run" / "stage1", cfg)
     assert prepare(_args(train_shards, tmp_path / "run")).resume == "auto"
-    with pytest.raises(RunSetupError, match=r"already holds 1 checkpoints \(latest at step 2\); use --resume auto"):
+    with pytest.raises(
+        RunSetupError, match=r"already holds 1 checkpoints \(latest at step 2\); use --resume auto"
+    ):
         prepare(_args(train_shards, tmp_path / "run", resume="never"))
-    with pytest.raises(RunSetupError, match=r"written by a run with other settings .*batch: .*'world_size': 2.* vs "
-                                            r".*'world_size': 1"):  # fmt: skip
-        prepare(RunArgs(stage=1, flavor="debug", shards=str(train_shards), run_root=str(tmp_path / "run"),
-                        num_workers=1))  # fmt: skip
+    with pytest.raises(
+        RunSetupError,
+        match=r"written by a run with other settings .*batch: .*'world_size': 2.* vs "
+        r".*'world_size': 1",
+    ):
+        prepare(
+            RunArgs(
+                stage=1,
+                flavor="debug",
+                shards=str(train_shards),
+                run_root=str(tmp_path / "run"),
+                num_workers=1,
+            )
+        )
 
 
 def test_train_py_reports_bad_input_and_exits(train_shards, tmp_path, capsys):
-    rc = train.main(["--stage", "2", "--flavor", "debug", "--shards", str(train_shards), "--run-root",
-                     str(tmp_path / "run"), "--num-workers", "2"])  # fmt: skip
+    rc = train.main(
+        [
+            "--stage",
+            "2",
+            "--flavor",
+            "debug",
+            "--shards",
+            str(train_shards),
+            "--run-root",
+            str(tmp_path / "run"),
+            "--num-workers",
+            "2",
+        ]
+    )
     assert rc == 2
     assert "error: stage 2 starts from stage 1's export" in capsys.readouterr().err
     with pytest.raises(SystemExit):

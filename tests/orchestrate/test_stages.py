@@ -25,27 +25,40 @@ def test_recipe_values():
     assert (s1.optim.lr, s1.optim.weight_decay, s1.optim.grad_clip) == (1e-4, 0.05, 0.01)
     assert (s2.optim.lr, s2.optim.weight_decay, s2.optim.grad_clip) == (1e-3, 0.0, 1.0)
     assert (s3.optim.lr, s3.optim.weight_decay, s3.optim.grad_clip) == (4e-5, 0.05, 1.0)
-    assert [(c.batch.micro_batch, c.batch.grad_accum, c.batch.world_size, c.batch.global_batch) for c in (s1, s2, s3)] == [
-        (4, 1, 16, 64), (16, 1, 16, 256), (4, 1, 16, 64)]  # fmt: skip
+    assert [
+        (c.batch.micro_batch, c.batch.grad_accum, c.batch.world_size, c.batch.global_batch)
+        for c in (s1, s2, s3)
+    ] == [(4, 1, 16, 64), (16, 1, 16, 256), (4, 1, 16, 64)]
     assert [c.schedule.epochs for c in (s1, s2, s3)] == [36, 1, 1]
     for c in (s1, s2, s3):
         assert c.optim.betas == (0.9, 0.999)
-        assert (c.schedule.warmup_ratio, c.schedule.warmup_start, c.schedule.min_lr_ratio) == (0.03, 1e-5, 0.0)
+        assert (c.schedule.warmup_ratio, c.schedule.warmup_start, c.schedule.min_lr_ratio) == (
+            0.03,
+            1e-5,
+            0.0,
+        )
         assert c.zero_stage == 2
         assert c.model.precision == "auto" and c.model.resolved_precision(True) == "bf16"
         assert c.model.resolved_precision(False) == "fp32"
-        assert c.optim.lr_mults == STAGE_GROUPS[c.stage]  # what trains, and at which lr, is the model's stage view
+        assert (
+            c.optim.lr_mults == STAGE_GROUPS[c.stage]
+        )  # what trains, and at which lr, is the model's stage view
     assert dict(s1.optim.lr_mults)["sam_encoder"] == 0.1
     assert set(dict(s2.optim.lr_mults)) == {"visual_projector", "seg_projector"}
     assert dict(s3.optim.lr_mults)["sam_encoder"] == dict(s3.optim.lr_mults)["vision_encoder"] == 0.1
     assert (s2.data.max_length, s3.data.max_length) == (2319, 2319)
-    assert (s1.model.gradient_checkpointing, s2.model.gradient_checkpointing, s3.model.gradient_checkpointing) == (
-        False, True, True)  # fmt: skip
+    assert (
+        s1.model.gradient_checkpointing,
+        s2.model.gradient_checkpointing,
+        s3.model.gradient_checkpointing,
+    ) == (False, True, True)
     assert [c.checkpoint.every_steps for c in (s1, s2, s3)] == [2000, 2000, 200]
     assert [c.data.loader_workers for c in (s1, s2, s3)] == [4, 8, 4]
     # chaining: stage 2 from stage 1; stage 3 from both, segmentor + connector from 1, projectors from 2
     assert [p.stage for p in s2.parents] == [1] and [p.stage for p in s3.parents] == [1, 2]
-    assert set(s3.parents[0].take) >= {"sam_encoder", "seg_connector"} and s3.parents[0].drop == ("mask_decoder.linear_head",)
+    assert set(s3.parents[0].take) >= {"sam_encoder", "seg_connector"} and s3.parents[0].drop == (
+        "mask_decoder.linear_head",
+    )
     assert s3.parents[1].take == ("visual_projector", "seg_projector")
     assert set(STAGES) == {"1", "2", "3"}
 
@@ -60,11 +73,15 @@ def test_debug_variant_edits_a_copy():
 
 
 def test_batch_arithmetic_is_checked_with_the_numbers():
-    with pytest.raises(StageConfigError, match=r"global batch 64 != micro batch 4 × accumulation 2 × world size 16 = 128"):
+    with pytest.raises(
+        StageConfigError, match=r"global batch 64 != micro batch 4 × accumulation 2 × world size 16 = 128"
+    ):
         BatchConfig(global_batch=64, micro_batch=4, grad_accum=2, world_size=16)
     with pytest.raises(StageConfigError, match=r"64 is not divisible by micro batch 4 × world size 3 = 12"):
         with_world_size(stage1(), 3)
-    eight = with_world_size(stage1(), 8)  # X-SAM's README launches 8 GPUs: keep the global batch, accumulate 2
+    eight = with_world_size(
+        stage1(), 8
+    )  # X-SAM's README launches 8 GPUs: keep the global batch, accumulate 2
     assert (eight.batch.global_batch, eight.batch.grad_accum, eight.batch.world_size) == (64, 2, 8)
     assert with_world_size(stage2(), 4, micro_batch=8).batch.grad_accum == 8
 

@@ -17,8 +17,16 @@ from orchestrate.tracking import Tracker, resolve_mode, run_id, wandb_env
 from pipelines import mixture
 from xsam_model import build_xsam
 
-WANDB_KEYS = ("WANDB_MODE", "WANDB_DIR", "WANDB_CACHE_DIR", "WANDB_DATA_DIR", "WANDB_CONFIG_DIR", "WANDB_SILENT", "WANDB_SERVICE",
-              "WANDB_API_KEY")  # fmt: skip
+WANDB_KEYS = (
+    "WANDB_MODE",
+    "WANDB_DIR",
+    "WANDB_CACHE_DIR",
+    "WANDB_DATA_DIR",
+    "WANDB_CONFIG_DIR",
+    "WANDB_SILENT",
+    "WANDB_SERVICE",
+    "WANDB_API_KEY",
+)
 
 
 @pytest.fixture
@@ -47,7 +55,11 @@ def test_mode_and_folders(monkeypatch, tmp_path):
     assert resolve_mode("disabled") == "disabled"
     env = wandb_env(tmp_path, "offline")
     assert {env[k] for k in ("WANDB_DIR", "WANDB_CACHE_DIR", "WANDB_DATA_DIR", "WANDB_CONFIG_DIR")} <= {
-        str(tmp_path), str(tmp_path / ".cache"), str(tmp_path / ".data"), str(tmp_path / ".config")}  # fmt: skip
+        str(tmp_path),
+        str(tmp_path / ".cache"),
+        str(tmp_path / ".data"),
+        str(tmp_path / ".config"),
+    }
     assert run_id("my run/x", 3, "/a/my run/x").startswith("my-run-x-stage3-")
     assert run_id("run", 1, "/a/run") == run_id("run", 1, "/a/run") != run_id("run", 1, "/b/run")
 
@@ -72,13 +84,22 @@ def test_previews_of_a_fixed_batch(train_shards, model, stage):
     assert model.training  # render restores train mode
 
 
-def test_offline_run_keeps_its_files_under_the_run_root(train_shards, model, tmp_path, clean_wandb_env, monkeypatch):
+def test_offline_run_keeps_its_files_under_the_run_root(
+    train_shards, model, tmp_path, clean_wandb_env, monkeypatch
+):
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
     monkeypatch.delenv("WANDB_MODE", raising=False)
     wdir = tmp_path / "run" / "stage3" / "wandb"
-    t = Tracker(project="xsam-test", run_name="run", stage=3, config={"lr": 1.0}, mode="auto", wandb_dir=wdir,
-                metrics_file=tmp_path / "metrics.jsonl")  # fmt: skip
+    t = Tracker(
+        project="xsam-test",
+        run_name="run",
+        stage=3,
+        config={"lr": 1.0},
+        mode="auto",
+        wandb_dir=wdir,
+        metrics_file=tmp_path / "metrics.jsonl",
+    )
     for step in (1, 2):
         t.log(step, {"loss": 3.0 - step, "loss/lm": 1.0, "lr/llm": 1e-5, "source": "refcoco/train"})
     t.log_mixture(2, {"refcoco/train": 2}, {"refcoco/train": 0.75, "coco_panoptic/train": 0.25})
@@ -92,8 +113,12 @@ def test_offline_run_keeps_its_files_under_the_run_root(train_shards, model, tmp
     assert not (tmp_path / "wandb").exists()  # nothing in the working directory
     rows = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert rows[0]["step"] == 1 and rows[1]["loss"] == 1.0 and rows[2]["mixture/seen/refcoco/train"] == 1.0
-    out = subprocess.run([str(Path(sys.executable).parent / "wandb"), "leet", "inspect", "--summary", "--json",
-                          str(run_dir)], capture_output=True, text=True, timeout=120)  # fmt: skip
+    out = subprocess.run(
+        [str(Path(sys.executable).parent / "wandb"), "leet", "inspect", "--summary", "--json", str(run_dir)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     summary = json.loads(out.stdout)["summary"]
     assert summary["loss"] == 1.0 and summary["mixture/planned/refcoco/train"] == 0.75
     assert summary["mixture/max_abs_gap"] == pytest.approx(0.25)

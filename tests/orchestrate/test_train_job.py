@@ -19,12 +19,14 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def ray_job(env, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
-    return subprocess.run([ray_bin(), "job", *args], env=env, capture_output=True, text=True, timeout=timeout,
-                          cwd=REPO)  # fmt: skip
+    return subprocess.run(
+        [ray_bin(), "job", *args], env=env, capture_output=True, text=True, timeout=timeout, cwd=REPO
+    )
 
 
 def submit(env, entrypoint: list[str]) -> str:
     """Submit without waiting; retried while the fresh head's job agent is not up yet."""
+
     def attempt():
         out = ray_job(env, "submit", "--no-wait", "--working-dir", ".", "--", *entrypoint)
         if out.returncode == 0:
@@ -58,15 +60,35 @@ def test_job_stop_then_submit_again_continues_from_the_checkpoint(train_shards, 
     # Ray Train's placement-group cleaner inside the job looks up "the" local cluster and fails when several
     # run on the machine ("Found multiple active Ray instances"); seen to stall this test on shared dev boxes
     if others := _other_ray_instances():
-        pytest.skip(f"another Ray instance runs on this machine ({others}); this test needs the machine to itself")
+        pytest.skip(
+            f"another Ray instance runs on this machine ({others}); this test needs the machine to itself"
+        )
     run_root = tmp_path / "run"
     sdir = run_root / "stage1"
-    cmd = [sys.executable, "orchestrate/train.py", "--stage", "1", "--flavor", "debug", "--shards", str(train_shards),
-           "--run-root", str(run_root), "--num-workers", "2", "--max-steps", "6", "--trace-data"]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "orchestrate/train.py",
+        "--stage",
+        "1",
+        "--flavor",
+        "debug",
+        "--shards",
+        str(train_shards),
+        "--run-root",
+        str(run_root),
+        "--num-workers",
+        "2",
+        "--max-steps",
+        "6",
+        "--trace-data",
+    ]
     with local_head(tmp_path) as env:
         first = submit(env, [*cmd, "--fault", "hold:2"])  # parks the workers after step 2's checkpoint
-        wait_for(lambda: (sdir / ".held-rank0").exists() or status(env, first) in ("FAILED", "SUCCEEDED"), 400,
-                 "the first job to reach step 2")  # fmt: skip
+        wait_for(
+            lambda: (sdir / ".held-rank0").exists() or status(env, first) in ("FAILED", "SUCCEEDED"),
+            400,
+            "the first job to reach step 2",
+        )
         assert status(env, first) == "RUNNING", logs(env, first)[-3000:]
         stop = ray_job(env, "stop", first)
         assert stop.returncode == 0, stop.stdout + stop.stderr

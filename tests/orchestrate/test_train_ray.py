@@ -37,8 +37,17 @@ def ray_module():
 
 
 def run_stage(shards, run_root, stage: int, **kw):
-    plan = prepare(RunArgs(stage=stage, flavor="debug", shards=str(shards), run_root=str(run_root), num_workers=2,
-                           trace_data=True, **kw))  # fmt: skip
+    plan = prepare(
+        RunArgs(
+            stage=stage,
+            flavor="debug",
+            shards=str(shards),
+            run_root=str(run_root),
+            num_workers=2,
+            trace_data=True,
+            **kw,
+        )
+    )
     return plan, fit(plan)
 
 
@@ -66,14 +75,22 @@ def test_three_stages_chain_through_their_exports(chain):
         batch = 8 if stage == 2 else 4
         assert lineage["steps"] == steps and lineage["samples"] == batch * steps and lineage["restarts"] == 0
         assert lineage["code"]["source_sha256"] and lineage["mixture"]["stage"] == str(stage)
-        assert lineage["shards"]["datasets"] and all(s["sha256"] for d in lineage["shards"]["datasets"] for s in d["shards"])
+        assert lineage["shards"]["datasets"] and all(
+            s["sha256"] for d in lineage["shards"]["datasets"] for s in d["shards"]
+        )
         config = json.loads((sdir / "export" / "config.json").read_text())
-        assert config["deepspeed"]["train_batch_size"] == batch and config["deepspeed"]["zero_optimization"]["stage"] == 2
+        assert (
+            config["deepspeed"]["train_batch_size"] == batch
+            and config["deepspeed"]["zero_optimization"]["stage"] == 2
+        )
         assert config["deepspeed"]["gradient_accumulation_steps"] == batch // 4
         rows = [json.loads(x) for x in (sdir / "metrics.jsonl").read_text().splitlines()]
         losses = [r for r in rows if "loss" in r]
         assert [r["step"] for r in losses] == list(range(1, steps + 1))
-        assert all(math.isfinite(r["loss"]) and r["samples_per_s"] > 0 and 0 <= r["data_wait_share"] < 1 for r in losses)
+        assert all(
+            math.isfinite(r["loss"]) and r["samples_per_s"] > 0 and 0 <= r["data_wait_share"] < 1
+            for r in losses
+        )
         assert any("mixture/max_abs_gap" in r for r in rows)
         assert list((sdir / "wandb" / "wandb").glob("offline-run-*/*.wandb"))
         trace = read_trace(sdir)
@@ -82,18 +99,29 @@ def test_three_stages_chain_through_their_exports(chain):
             assert not set(trace[(step, 0)]["keys"]) & set(trace[(step, 1)]["keys"])
             assert len(trace[(step, 0)]["keys"]) == batch // 2  # micro batch × accumulation
     assert _lineage(root, 1)["parents"] == []
-    assert [(p["stage"], p["export"]) for p in _lineage(root, 2)["parents"]] == [(1, str(root / "stage1" / "export"))]
+    assert [(p["stage"], p["export"]) for p in _lineage(root, 2)["parents"]] == [
+        (1, str(root / "stage1" / "export"))
+    ]
     s3 = {p["stage"]: p for p in _lineage(root, 3)["parents"]}
     assert set(s3) == {1, 2} and s3[1]["tensors_loaded"] > 0 and s3[2]["tensors_loaded"] > 0
     assert s3[1]["model_sha256"] == _lineage(root, 1)["model_sha256"]
     s2 = read_export_state(str(root / "stage2" / "export"))
-    assert {k.split(".")[0] for k in s2} == {"visual_projector", "seg_projector"}  # only the projectors trained
+    assert {k.split(".")[0] for k in s2} == {
+        "visual_projector",
+        "seg_projector",
+    }  # only the projectors trained
     s1 = read_export_state(str(root / "stage1" / "export"))
     assert any(k.startswith("mask_decoder.linear_head.") for k in s1)
-    assert not any(k.startswith("mask_decoder.linear_head.") for k in read_export_state(str(root / "stage3" / "export")))
+    assert not any(
+        k.startswith("mask_decoder.linear_head.") for k in read_export_state(str(root / "stage3" / "export"))
+    )
     assert len(_lineage(root, 3)["source_steps"]) >= 2  # stage 3 mixes sources across steps
     text = summarize(root)  # what the demo prints at the end
-    assert "stage 1: 6 steps" in text and "stage 3: 4 steps" in text and f"from stage 2   {root}/stage2/export" in text
+    assert (
+        "stage 1: 6 steps" in text
+        and "stage 3: 4 steps" in text
+        and f"from stage 2   {root}/stage2/export" in text
+    )
     assert text.count("offline-run-") >= 3 and "wandb sync" in text
 
 
@@ -109,10 +137,15 @@ def test_sigkilled_worker_restarts_from_checkpoint_with_same_data_and_weights(ch
     assert sorted(trace) == sorted(ref)
     assert [trace[k]["keys"] for k in sorted(ref)] == [ref[k]["keys"] for k in sorted(ref)]
     assert {trace[(s, r)]["attempt"] for s in (0, 1) for r in (0, 1)} == {0}  # before the kill
-    assert {trace[(s, r)]["attempt"] for s in range(2, 6) for r in (0, 1)} == {1}  # redone from the checkpoint
+    assert {trace[(s, r)]["attempt"] for s in range(2, 6) for r in (0, 1)} == {
+        1
+    }  # redone from the checkpoint
     lineage = _lineage(tmp_path / "run", 1)
     assert lineage["restarts"] == 1 and lineage["steps"] == 6
-    got, want = read_export_state(str(sdir / "export")), read_export_state(str(ref_root / "stage1" / "export"))
+    got, want = (
+        read_export_state(str(sdir / "export")),
+        read_export_state(str(ref_root / "stage1" / "export")),
+    )
     assert set(got) == set(want)
     torch.manual_seed(plan.cfg.data.seed)  # the initial weights, as every worker builds them
     init = export_trainable(build_xsam("debug"), 1)
@@ -120,6 +153,8 @@ def test_sigkilled_worker_restarts_from_checkpoint_with_same_data_and_weights(ch
     moved = norm({k: want[k] - init[k] for k in want})
     gap = norm({k: got[k] - want[k] for k in want})
     worst = max((got[k] - want[k]).abs().max().item() for k in want)
-    assert moved > 0 and gap <= WEIGHT_RTOL * moved, f"gap {gap:.3g} vs moved {moved:.3g}, max |Δ| {worst:.3g}"
+    assert moved > 0 and gap <= WEIGHT_RTOL * moved, (
+        f"gap {gap:.3g} vs moved {moved:.3g}, max |Δ| {worst:.3g}"
+    )
     first = read_export_state(str(ref_root / "stage1" / "export"))
     assert all(torch.equal(first[k], want[k]) for k in want)  # the reference itself is stable on disk

@@ -17,6 +17,10 @@ def read_split(out: Path, source: str, split: str = "train", with_images: bool =
     """
     d = Path(out) / source / split
     manifest = json.loads((d / "manifest.json").read_text())
-    items = [from_wds(item) for s in manifest["shards"] for item in wds.WebDataset(str(d / s["file"]), shardshuffle=False)]
+    items = [
+        from_wds(item)
+        for s in manifest["shards"]
+        for item in wds.WebDataset(str(d / s["file"]), shardshuffle=False)
+    ]
     skipped = [json.loads(line) for line in (d / "skipped.jsonl").read_text().splitlines()]
     return manifest, (items if with_images else [sample for sample, _ in items]), skipped

@@ -39,11 +39,22 @@ def root(demo, tmp_path) -> Path:
 
 
 def run(root: Path, out: Path, source: str, split: str = "train", overrides: dict | None = None, **options):
-    build(str(root), str(out), sources=[source], splits=[split], options=BuildOptions(**options),
-          overrides={source: overrides} if overrides else None, log=lambda m: None)
+    build(
+        str(root),
+        str(out),
+        sources=[source],
+        splits=[split],
+        options=BuildOptions(**options),
+        overrides={source: overrides} if overrides else None,
+        log=lambda m: None,
+    )
     d = out / source / split
     manifest = json.loads((d / "manifest.json").read_text())
-    samples = [from_wds(i)[0] for s in manifest["shards"] for i in wds.WebDataset(str(d / s["file"]), shardshuffle=False)]
+    samples = [
+        from_wds(i)[0]
+        for s in manifest["shards"]
+        for i in wds.WebDataset(str(d / s["file"]), shardshuffle=False)
+    ]
     skipped = [json.loads(line) for line in (d / "skipped.jsonl").read_text().splitlines()]
     return manifest, samples, skipped
 
@@ -90,7 +101,9 @@ def test_panoptic_stuff_from_labels_things_from_instances(demo, tmp_path, split)
             np.testing.assert_array_equal(masks.decode(m.rle), mask)
             assert m.category_id == instance_to_class()[int(inst[..., 0][mask][0])]
         for m in stuff:
-            np.testing.assert_array_equal(masks.decode(m.rle), (sem == m.category_id + 1) & (inst[..., 1] == 0))
+            np.testing.assert_array_equal(
+                masks.decode(m.rle), (sem == m.category_id + 1) & (inst[..., 1] == 0)
+            )
         if split == "val":
             assert len(s.phrases) == 150
     # the demo's second image has a thing without an instance: its pixels are unlabelled in panoptic
@@ -108,7 +121,8 @@ def test_instance_vocabulary_is_the_thing_classes(demo, tmp_path):
             validate(s)
             _, inst = pngs(demo, s.meta["image_id"], split)
             assert [m.category_id for m in s.masks] == [
-                instance_to_class()[int(inst[..., 0][inst[..., 1] == g][0])] for g in s.meta["segment_ids"]]
+                instance_to_class()[int(inst[..., 0][inst[..., 1] == g][0])] for g in s.meta["segment_ids"]
+            ]
             assert s.ignore is None
             vocab = {clean_category_name(class_names()[c]) for c in thing_classes()}
             assert set(s.phrases) <= vocab
@@ -121,7 +135,9 @@ def test_mask2former_prepared_files_give_the_same_samples(root, tmp_path, source
     write_mask2former_files(root)
     for split in ("train", "val"):
         _, raw, _ = run(root, tmp_path / "raw", source, split, overrides={"layout": "raw"})
-        manifest, prepared, skipped = run(root, tmp_path / "m2f", source, split, overrides={"layout": "mask2former"})
+        manifest, prepared, skipped = run(
+            root, tmp_path / "m2f", source, split, overrides={"layout": "mask2former"}
+        )
         assert manifest["info"] == {"layout": "mask2former"} and not skipped
         assert len(raw) == len(prepared) > 0
         for a, b in zip(raw, prepared, strict=True):
@@ -135,14 +151,17 @@ def test_mask2former_prepared_files_give_the_same_samples(root, tmp_path, source
 
 
 # ---------------------------------------------------------------------------------------------- bad inputs
-def _bad_then_build(root: Path, tmp_path: Path, source: str, reason: str, strict: bool, level: str = "record"):
+def _bad_then_build(
+    root: Path, tmp_path: Path, source: str, reason: str, strict: bool, level: str = "record"
+):
     if strict:
         with pytest.raises(StrictModeError, match=reason):
             run(root, tmp_path / "out", source, strict=True)
         return None
     manifest, samples, skipped = run(root, tmp_path / "out", source)
     assert [(s["key"], s["reason"], s["level"]) for s in skipped] == [
-        (f"{source}/train/ADE_train_00000002", reason, level)]
+        (f"{source}/train/ADE_train_00000002", reason, level)
+    ]
     assert manifest["counts"]["records_in"] == manifest["counts"]["samples"] + 1
     return skipped[0]
 
@@ -186,12 +205,18 @@ def test_instance_with_an_unknown_class_is_dropped_not_the_image(root, tmp_path)
 
 # ---------------------------------------------------------------------------------------------- conformance
 def test_shipped_tables_equal_the_real_upstream_files(real_data):
-    assert (DATA / "ade20k_classes.json").read_bytes() == (real_data / "dvlab-research+LISA__utils__ade20k_classes.json").read_bytes()
+    assert (DATA / "ade20k_classes.json").read_bytes() == (
+        real_data / "dvlab-research+LISA__utils__ade20k_classes.json"
+    ).read_bytes()
     real_map = real_data / "facebookresearch+Mask2Former__datasets__ade20k_instance_catid_mapping.txt"
     assert (DATA / "ade20k_instance_catid_mapping.txt").read_bytes() == real_map.read_bytes()
-    assert class_names() == tuple(json.loads((real_data / "dvlab-research+LISA__utils__ade20k_classes.json").read_text()))
+    assert class_names() == tuple(
+        json.loads((real_data / "dvlab-research+LISA__utils__ade20k_classes.json").read_text())
+    )
     rows = [line.split() for line in real_map.read_text().splitlines()[1:] if line.strip()]
-    assert instance_to_class() == {int(i): int(s) - 1 for i, s, _ in rows}  # Mask2Former's map_id, 1-based keys
+    assert instance_to_class() == {
+        int(i): int(s) - 1 for i, s, _ in rows
+    }  # Mask2Former's map_id, 1-based keys
     assert len(instance_to_class()) == len(thing_classes()) == 100
 
 

@@ -21,9 +21,25 @@ from pipelines.sources import SOURCES
 REPO = Path(__file__).resolve().parents[2]
 # DESIGN §4.2: every source of the product, registered yet or not
 DESIGN_SOURCES = (
-    "coco_panoptic", "coco_instance", "refcoco", "refcoco+", "refcocog", "grefcoco", "lisa_reasonseg",
-    "grandf_gcg", "psg_gcg", "refcocog_gcg", "flickr_gcg", "ade20k_panoptic", "ade20k_semantic",
-    "ade20k_instance", "lvis", "coco_vgd", "coco_interactive", "llava_pretrain", "llava_instruct",
+    "coco_panoptic",
+    "coco_instance",
+    "refcoco",
+    "refcoco+",
+    "refcocog",
+    "grefcoco",
+    "lisa_reasonseg",
+    "grandf_gcg",
+    "psg_gcg",
+    "refcocog_gcg",
+    "flickr_gcg",
+    "ade20k_panoptic",
+    "ade20k_semantic",
+    "ade20k_instance",
+    "lvis",
+    "coco_vgd",
+    "coco_interactive",
+    "llava_pretrain",
+    "llava_instruct",
 )
 COCO = ("coco_panoptic", "coco_instance")
 COCO_ANN = "img_genseg/coco2017/annotations"
@@ -143,7 +159,11 @@ def test_card_numbers_equal_the_manifests(coco_build):
             ]
         assert front_matter(card)["size_categories"] == ["n<1K"]
     dropped = table_rows(section(rendered["coco_instance"], "Dropped annotations by reason"))
-    assert num(dropped["`unknown_category`"][0]) == manifest(coco_build, "coco_instance", "train")["dropped"]["unknown_category"] == 1
+    assert (
+        num(dropped["`unknown_category`"][0])
+        == manifest(coco_build, "coco_instance", "train")["dropped"]["unknown_category"]
+        == 1
+    )
 
 
 def test_cards_regenerate_byte_identically(coco_build, tmp_path):
@@ -202,7 +222,9 @@ def test_partly_built_source_lists_only_built_splits_in_configs(coco_build, tmp_
 def test_note_and_readme(coco_build, tmp_path):
     out = tmp_path / "shards"
     shutil.copytree(coco_build, out)
-    cards.main(["--out", str(out), "--cards-dir", str(tmp_path / "c"), "--readme", "--note", "Nightly build."])
+    cards.main(
+        ["--out", str(out), "--cards-dir", str(tmp_path / "c"), "--readme", "--note", "Nightly build."]
+    )
     readme = (out / "coco_panoptic" / "README.md").read_text()
     assert readme == (tmp_path / "c" / "coco_panoptic.md").read_text()
     assert "> Nightly build." in readme
@@ -234,7 +256,9 @@ def test_committed_cards_match_a_fresh_demo_build(demo_root, tmp_path):
             continue
         old = table_rows(section(path.read_text(), "Build numbers"))
         new = table_rows(section(card, "Build numbers"))
-        if {k: [v[i] for i in count_cols] for k, v in old.items()} != {k: [v[i] for i in count_cols] for k, v in new.items()}:
+        if {k: [v[i] for i in count_cols] for k, v in old.items()} != {
+            k: [v[i] for i in count_cols] for k, v in new.items()
+        }:
             stale.append(name)
         elif skip_section(path.read_text()) != skip_section(card):
             stale.append(name)

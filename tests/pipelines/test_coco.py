@@ -45,14 +45,22 @@ def test_panoptic_round_trip_masks_equal_png(coco_root, tmp_path):
         src = coco_root / sample.image.path
         assert image == src.read_bytes()  # original bytes, never re-encoded
         ann = by_image[sample.meta["image_id"]]
-        id_map = masks.rgb2id(np.asarray(Image.open(coco_root / "img_genseg/coco2017/panoptic_train2017" / ann["file_name"]).convert("RGB")))
+        id_map = masks.rgb2id(
+            np.asarray(
+                Image.open(coco_root / "img_genseg/coco2017/panoptic_train2017" / ann["file_name"]).convert(
+                    "RGB"
+                )
+            )
+        )
         segs = {s["id"]: s for s in ann["segments_info"]}
         assert len(sample.masks) == sum(1 for s in segs.values() if not s["iscrowd"])
         for m, seg_id in zip(sample.masks, sample.meta["ann_ids"], strict=True):
             np.testing.assert_array_equal(masks.decode(m.rle), (id_map == seg_id).astype(np.uint8))
             # the label points at this segment's cleaned category name in the prompt
             raw = names[segs[seg_id]["category_id"]]
-            assert sample.phrases[m.label] == raw.replace("-merged", "").replace("-other", " other").replace("-", " ")
+            assert sample.phrases[m.label] == raw.replace("-merged", "").replace("-other", " other").replace(
+                "-", " "
+            )
         # paper default: every category is in the prompt
         assert len(sample.phrases) == len(pan["categories"])
         assert sample.conversation[0].text.startswith("<image>\n")
@@ -116,7 +124,9 @@ def _corrupt(coco_root: Path) -> dict:
     a3[1]["segmentation"] = [[1, 2, 3, 4]]
     for a in a3[2:]:
         a["category_id"] = 4242
-    d["annotations"].append({**a3[0], "id": 888888, "category_id": 4243, "segmentation": [[1, 1, 9, 1, 9, 9]]})
+    d["annotations"].append(
+        {**a3[0], "id": 888888, "category_id": 4243, "segmentation": [[1, 1, 9, 1, 9, 9]]}
+    )
     # 4: an odd-length polygon on one annotation of an otherwise good image
     a4 = [a for a in anns_of(imgs[4]["id"]) if not a["iscrowd"]]
     a4[0]["segmentation"] = [[1, 2, 3, 4, 5, 6, 7]]
@@ -129,10 +139,20 @@ def _corrupt(coco_root: Path) -> dict:
     imgs[7]["file_name"] = "/etc/passwd"
     path.write_text(json.dumps(d))
     return {
-        "record": {"missing_image": 1, "corrupt_image": 1, "image_too_large": 1, "no_usable_segment": 1,
-                   "duplicate_image_id": 1, "path_outside_root": 2},
-        "annotation": {"rle_size_mismatch": 1, "bad_polygon": 2, "unknown_category": len(a3) - 1,
-                       "annotation_without_image": 1},
+        "record": {
+            "missing_image": 1,
+            "corrupt_image": 1,
+            "image_too_large": 1,
+            "no_usable_segment": 1,
+            "duplicate_image_id": 1,
+            "path_outside_root": 2,
+        },
+        "annotation": {
+            "rle_size_mismatch": 1,
+            "bad_polygon": 2,
+            "unknown_category": len(a3) - 1,
+            "annotation_without_image": 1,
+        },
     }
 
 
@@ -155,7 +175,12 @@ def test_every_bad_input_is_skipped_with_a_reason(coco_root, tmp_path):
 def test_strict_stops_at_the_first_bad_record(coco_root, tmp_path):
     _corrupt(coco_root)
     with pytest.raises(StrictModeError, match="duplicate_image_id|missing_image|path_outside_root"):
-        build(str(coco_root), str(tmp_path / "out"), sources=["coco_instance"], options=BuildOptions(strict=True))
+        build(
+            str(coco_root),
+            str(tmp_path / "out"),
+            sources=["coco_instance"],
+            options=BuildOptions(strict=True),
+        )
 
 
 def test_malformed_json_names_file_and_position(coco_root, tmp_path):

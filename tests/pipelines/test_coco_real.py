@@ -29,7 +29,9 @@ def test_real_panoptic_sample_matches_detection_format_rles(real_data, tmp_path)
     shutil.copy(real_data / f"{PAN}panoptic_examples.json", base / "annotations/panoptic_val2017.json")
     for image_id in ("000000142238", "000000439180"):
         shutil.copy(real_data / f"{PAN}input_images__{image_id}.jpg", base / f"val2017/{image_id}.jpg")
-        shutil.copy(real_data / f"{PAN}panoptic_examples__{image_id}.png", base / f"panoptic_val2017/{image_id}.png")
+        shutil.copy(
+            real_data / f"{PAN}panoptic_examples__{image_id}.png", base / f"panoptic_val2017/{image_id}.png"
+        )
     build(str(tmp_path / "datas"), str(tmp_path / "out"), sources=["coco_panoptic"], splits=["val"])
     manifest, samples, _ = read_split(tmp_path / "out", "coco_panoptic", "val")
     assert manifest["counts"]["samples"] == 2 and manifest["skipped"] == {} and manifest["dropped"] == {}
@@ -44,8 +46,13 @@ def test_real_panoptic_sample_matches_detection_format_rles(real_data, tmp_path)
         for m, seg_id in zip(sample.masks, sample.meta["ann_ids"], strict=True):
             seg = segs[seg_id]
             # the detection-format file lists the same segments; match them by category, area and box
-            ref = [r for r in refs if r["category_id"] == seg["category_id"] and r["area"] == seg["area"]
-                   and [int(v) for v in r["bbox"]] == [int(v) for v in seg["bbox"]]]
+            ref = [
+                r
+                for r in refs
+                if r["category_id"] == seg["category_id"]
+                and r["area"] == seg["area"]
+                and [int(v) for v in r["bbox"]] == [int(v) for v in seg["bbox"]]
+            ]
             assert len(ref) == 1
             np.testing.assert_array_equal(masks.decode(m.rle), masks.decode(ref[0]["segmentation"]))
             assert m.area == seg["area"]
@@ -58,7 +65,9 @@ def test_real_mmdet_instances_convert_with_crowd_as_ignore(real_data, tmp_path):
     src = json.loads((real_data / MMDET).read_text())
     shutil.copy(real_data / MMDET, base / "annotations/instances_val2017.json")
     for img in src["images"]:  # the real JPEGs are not shipped; blank ones of the right size stand in
-        Image.new("RGB", (img["width"], img["height"]), (90, 90, 90)).save(base / "val2017" / img["file_name"])
+        Image.new("RGB", (img["width"], img["height"]), (90, 90, 90)).save(
+            base / "val2017" / img["file_name"]
+        )
     build(str(tmp_path / "datas"), str(tmp_path / "out"), sources=["coco_instance"], splits=["val"])
     manifest, samples, _ = read_split(tmp_path / "out", "coco_instance", "val")
     assert manifest["counts"]["samples"] == 2 and manifest["dropped"] == {}

@@ -39,8 +39,11 @@ def coco_ids(root: Path, split: str) -> set[int]:
 def split_of(out: Path, source: str, split: str = "train"):
     d = out / source / split
     manifest = json.loads((d / "manifest.json").read_text())
-    ids = {from_wds(i)[0].meta["image_id"]
-           for s in manifest["shards"] for i in wds.WebDataset(str(d / s["file"]), shardshuffle=False)}
+    ids = {
+        from_wds(i)[0].meta["image_id"]
+        for s in manifest["shards"]
+        for i in wds.WebDataset(str(d / s["file"]), shardshuffle=False)
+    }
     skipped = [json.loads(line) for line in (d / "skipped.jsonl").read_text().splitlines()]
     return manifest, ids, skipped
 
@@ -51,8 +54,9 @@ def test_eval_images_are_gathered_before_anything_is_converted(root, tmp_path):
     data = json.loads((out / "eval_images.json").read_text())
     assert set(data["image_ids"]) == eval_ids_on_disk(root) and data["errors"] == []
     got = {(e["source"], e["split"]) for e in data["eval_splits"]}
-    assert got == {(s, sp) for s in ("refcoco", "refcoco+", "grefcoco") for sp in ("val", "testA", "testB")} | {
-        ("refcocog", "val"), ("refcocog", "test")}
+    assert got == {
+        (s, sp) for s in ("refcoco", "refcoco+", "grefcoco") for sp in ("val", "testA", "testB")
+    } | {("refcocog", "val"), ("refcocog", "test")}
     assert all(not e["file"].startswith("/") for e in data["eval_splits"])  # hash independent of the mount
 
 

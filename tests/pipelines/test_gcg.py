@@ -41,7 +41,14 @@ read_split = shard_io.read_split
 
 
 def run(root: Path, out: Path, source: str, split: str = "train", **opts):
-    build(str(root), str(out), sources=[source], splits=[split], options=BuildOptions(**opts), log=lambda m: None)
+    build(
+        str(root),
+        str(out),
+        sources=[source],
+        splits=[split],
+        options=BuildOptions(**opts),
+        log=lambda m: None,
+    )
     return read_split(out, source, split)
 
 
@@ -72,7 +79,7 @@ def test_lower_casing_that_changes_length_still_maps_spans():
     cap = Caption.clean(raw)
     assert len(cap.text) == len(raw) + 1
     p = place(cap, Grounding("a red dog", [10, 19], None), 0, {})
-    assert cap.text[p.start:p.end] == "a red dog" and p.start == 11
+    assert cap.text[p.start : p.end] == "a red dog" and p.start == 11
 
 
 def test_place_checks_span_text_against_phrase():
@@ -80,7 +87,7 @@ def test_place_checks_span_text_against_phrase():
     assert place(cap, Grounding("A Man", [1, 6], None), 0, {}).how == "shifted"
     # offsets counted on the already-stripped caption: accepted only because the text matches exactly
     p = place(cap, Grounding("a horse", [12, 19], None), 0, {})
-    assert (p.how, cap.text[p.start:p.end]) == ("unshifted", "a horse")
+    assert (p.how, cap.text[p.start : p.end]) == ("unshifted", "a horse")
     for g, reason in [
         (Grounding("a horse", [30, 37], None), "span_outside_caption"),
         (Grounding("a zebra", [1, 6], None), "phrase_not_in_caption"),
@@ -100,14 +107,23 @@ def test_find_prefers_whole_words_and_takes_the_kth_repeat():
     cap = Caption.clean(text)
     seen: dict = {}
     spans = [place(cap, Grounding("the man", None, None), i, seen) for i in range(3)]
-    assert [(p.start, p.end) for p in spans] == [(21, 28), (33, 40), (33, 40)]  # a 3rd repeat overlaps -> dropped
+    assert [(p.start, p.end) for p in spans] == [
+        (21, 28),
+        (33, 40),
+        (33, 40),
+    ]  # a 3rd repeat overlaps -> dropped
 
 
 def test_overlap_rule_is_xsams_greedy_one():
     from pipelines.sources.gcg import Placed
 
-    ps = [Placed(0, "a red dog", 0, 9), Placed(1, "red dog", 2, 9), Placed(2, "a cat", 14, 19),
-          Placed(3, "dog", 9, 12), Placed(4, "a cat x", 14, 21)]
+    ps = [
+        Placed(0, "a red dog", 0, 9),
+        Placed(1, "red dog", 2, 9),
+        Placed(2, "a cat", 14, 19),
+        Placed(3, "dog", 9, 12),
+        Placed(4, "a cat x", 14, 21),
+    ]
     kept, dropped = remove_overlaps(ps)
     assert [p.index for p in kept] == [0, 2]
     # nested; touching (start == last end, as X-SAM's `start > end`); same start (input order wins)
@@ -118,7 +134,8 @@ def test_tag_caption_matches_the_recipe_literal():
     text = "a man in a red shirt is riding a horse"
     tagged = tag_caption(text, [(31, 38), (0, 5)], force_period=True)  # spans in any order
     assert f"{tagged} The segmentation mask is <SEG>." == (
-        "<p>a man</p>  in a red shirt is riding <p>a horse</p> . The segmentation mask is <SEG>.")
+        "<p>a man</p>  in a red shirt is riding <p>a horse</p> . The segmentation mask is <SEG>."
+    )
     assert tag_caption(text, [(0, 5)]).endswith("riding a horse")  # paper default: no period forced
 
 
@@ -162,7 +179,10 @@ def test_grandf_round_trip_masks_are_unions_of_the_phrase_rles(gcg_root, tmp_pat
     assert samples[0][0].meta["spans"][0] == [first[0] - 1, first[1] - 1]
     assert '"' not in answer(samples[0][0])
     # record 3 has no height/width: the size comes from the image header
-    assert "height" not in records[3] and (samples[3][0].image.width, samples[3][0].image.height) == (320, 240)
+    assert "height" not in records[3] and (samples[3][0].image.width, samples[3][0].image.height) == (
+        320,
+        240,
+    )
 
 
 def test_offsets_counted_on_the_stripped_caption_are_recovered(gcg_root, tmp_path):
@@ -185,11 +205,16 @@ def test_other_sources_round_trip(gcg_root, tmp_path, source):
     for sample, image in samples:
         _check_common(sample, image, gcg_root)
     if source == "refcocog_gcg":
-        recs = [next(iter(r.values())) for r in json.loads((gcg_root / TRAIN / "RefCOCOg_GCG_train.json").read_text())]
+        recs = [
+            next(iter(r.values()))
+            for r in json.loads((gcg_root / TRAIN / "RefCOCOg_GCG_train.json").read_text())
+        ]
         for (sample, _), rec in zip(samples, recs, strict=True):
             polys = {r["sentence"].lower(): r["segmentation"] for r in rec["refs"]}
             for m in sample.masks:
-                want = masks.polygons_to_rle(polys[sample.phrases[m.label]], sample.image.height, sample.image.width)
+                want = masks.polygons_to_rle(
+                    polys[sample.phrases[m.label]], sample.image.height, sample.image.width
+                )
                 np.testing.assert_array_equal(masks.decode(m.rle), masks.decode(want))
     if source == "flickr_gcg":
         coco = json.loads((gcg_root / TRAIN / "flickr_mergedGT_GCG_train.json").read_text())
@@ -214,8 +239,10 @@ def test_grandf_val_test(gcg_root, tmp_path, split):
 
 
 def test_val_label_not_in_caption_keeps_its_mask_untagged(gcg_root, tmp_path):
-    edit_json(gcg_root / VAL_TEST / "val_gcg_coco_caption_gt.json",
-              lambda d: d["annotations"][0]["labels"].__setitem__(0, "a green elephant"))
+    edit_json(
+        gcg_root / VAL_TEST / "val_gcg_coco_caption_gt.json",
+        lambda d: d["annotations"][0]["labels"].__setitem__(0, "a green elephant"),
+    )
     manifest, samples, skipped = run(gcg_root, tmp_path / "out", "grandf_gcg", "val")
     s = samples[0][0]
     assert [m.label for m in s.masks].count(-1) == 1 and "a green elephant" not in s.phrases
@@ -223,7 +250,9 @@ def test_val_label_not_in_caption_keeps_its_mask_untagged(gcg_root, tmp_path):
 
 
 def test_val_label_mask_count_mismatch_is_skipped(gcg_root, tmp_path):
-    edit_json(gcg_root / VAL_TEST / "val_gcg_coco_caption_gt.json", lambda d: d["annotations"][0]["labels"].pop())
+    edit_json(
+        gcg_root / VAL_TEST / "val_gcg_coco_caption_gt.json", lambda d: d["annotations"][0]["labels"].pop()
+    )
     manifest, _, skipped = run(gcg_root, tmp_path / "out", "grandf_gcg", "val")
     assert manifest["skipped"] == {"label_mask_count_mismatch": 1}
 
@@ -232,6 +261,7 @@ def test_val_label_mask_count_mismatch_is_skipped(gcg_root, tmp_path):
 def _grandf_first(fn):
     def edit(recs):
         fn(recs[0])
+
     return edit
 
 
@@ -241,37 +271,106 @@ def _first_grounding(rec):
 
 BAD_INPUTS = {
     # name: (source, file, edit, reason, level)
-    "span_outside_caption": ("grandf_gcg", GRANDF,
-                             _grandf_first(lambda r: _first_grounding(r).update(token_positives=[500, 509])),
-                             "span_outside_caption", "annotation"),
-    "phrase_absent": ("grandf_gcg", GRANDF, _grandf_first(lambda r: r["groundings"].update(
-        {"a green elephant": {"token_positives": [1, 10], "rle_masks": _first_grounding(r)["rle_masks"]}})),
-        "phrase_not_in_caption", "annotation"),
-    "rle_wrong_size": ("grandf_gcg", GRANDF, _grandf_first(lambda r: _first_grounding(r).update(
-        rle_masks=[rle(np.ones((100, 100), bool))])), "rle_size_mismatch", "annotation"),
-    "caption_under_three_words": ("grandf_gcg", GRANDF, _grandf_first(lambda r: r.update(
-        caption="a dog", groundings={"a dog": {"token_positives": [0, 5], "rle_masks": _first_grounding(r)["rle_masks"]}})),
-        "short_caption", "record"),
-    "empty_groundings": ("grandf_gcg", GRANDF, _grandf_first(lambda r: r.update(groundings={})), "empty_groundings", "record"),
-    "no_phrase_placeable": ("grandf_gcg", GRANDF, _grandf_first(lambda r: [g.update(token_positives=[900, 905])
-                                                                          for g in r["groundings"].values()]),
-                            "no_grounded_phrase", "record"),
-    "special_token": ("grandf_gcg", GRANDF, _grandf_first(lambda r: r.update(caption=r["caption"] + " <SEG>")),
-                      "special_token_in_caption", "record"),
-    "refcocog_sentence_absent": ("refcocog_gcg", f"{TRAIN}/RefCOCOg_GCG_train.json",
-                                 lambda d: next(iter(d[1].values()))["refs"][0].update(sentence="a flying saucer"),
-                                 "phrase_not_in_caption", "annotation"),
-    "refcocog_bad_polygon": ("refcocog_gcg", f"{TRAIN}/RefCOCOg_GCG_train.json",
-                             lambda d: next(iter(d[1].values()))["refs"][0].update(segmentation=[[1, 2, 3, 4]]),
-                             "bad_polygon", "annotation"),
-    "flickr_span_outside": ("flickr_gcg", f"{TRAIN}/flickr_mergedGT_GCG_train.json",
-                            lambda d: d["annotations"][0].update(tokens_positive=[[-4, 3]]),
-                            "span_outside_caption", "annotation"),
-    "flickr_short_caption": ("flickr_gcg", f"{TRAIN}/flickr_mergedGT_GCG_train.json",
-                             lambda d: d["images"][0].update(caption="A  dog"), "short_caption", "record"),
-    "flickr_rle_wrong_size": ("flickr_gcg", f"{TRAIN}/flickr_mergedGT_GCG_train.json",
-                              lambda d: d["annotations"][0].update(sam_mask=rle(np.ones((240, 300), bool))),
-                              "rle_size_mismatch", "annotation"),
+    "span_outside_caption": (
+        "grandf_gcg",
+        GRANDF,
+        _grandf_first(lambda r: _first_grounding(r).update(token_positives=[500, 509])),
+        "span_outside_caption",
+        "annotation",
+    ),
+    "phrase_absent": (
+        "grandf_gcg",
+        GRANDF,
+        _grandf_first(
+            lambda r: r["groundings"].update(
+                {
+                    "a green elephant": {
+                        "token_positives": [1, 10],
+                        "rle_masks": _first_grounding(r)["rle_masks"],
+                    }
+                }
+            )
+        ),
+        "phrase_not_in_caption",
+        "annotation",
+    ),
+    "rle_wrong_size": (
+        "grandf_gcg",
+        GRANDF,
+        _grandf_first(lambda r: _first_grounding(r).update(rle_masks=[rle(np.ones((100, 100), bool))])),
+        "rle_size_mismatch",
+        "annotation",
+    ),
+    "caption_under_three_words": (
+        "grandf_gcg",
+        GRANDF,
+        _grandf_first(
+            lambda r: r.update(
+                caption="a dog",
+                groundings={
+                    "a dog": {"token_positives": [0, 5], "rle_masks": _first_grounding(r)["rle_masks"]}
+                },
+            )
+        ),
+        "short_caption",
+        "record",
+    ),
+    "empty_groundings": (
+        "grandf_gcg",
+        GRANDF,
+        _grandf_first(lambda r: r.update(groundings={})),
+        "empty_groundings",
+        "record",
+    ),
+    "no_phrase_placeable": (
+        "grandf_gcg",
+        GRANDF,
+        _grandf_first(lambda r: [g.update(token_positives=[900, 905]) for g in r["groundings"].values()]),
+        "no_grounded_phrase",
+        "record",
+    ),
+    "special_token": (
+        "grandf_gcg",
+        GRANDF,
+        _grandf_first(lambda r: r.update(caption=r["caption"] + " <SEG>")),
+        "special_token_in_caption",
+        "record",
+    ),
+    "refcocog_sentence_absent": (
+        "refcocog_gcg",
+        f"{TRAIN}/RefCOCOg_GCG_train.json",
+        lambda d: next(iter(d[1].values()))["refs"][0].update(sentence="a flying saucer"),
+        "phrase_not_in_caption",
+        "annotation",
+    ),
+    "refcocog_bad_polygon": (
+        "refcocog_gcg",
+        f"{TRAIN}/RefCOCOg_GCG_train.json",
+        lambda d: next(iter(d[1].values()))["refs"][0].update(segmentation=[[1, 2, 3, 4]]),
+        "bad_polygon",
+        "annotation",
+    ),
+    "flickr_span_outside": (
+        "flickr_gcg",
+        f"{TRAIN}/flickr_mergedGT_GCG_train.json",
+        lambda d: d["annotations"][0].update(tokens_positive=[[-4, 3]]),
+        "span_outside_caption",
+        "annotation",
+    ),
+    "flickr_short_caption": (
+        "flickr_gcg",
+        f"{TRAIN}/flickr_mergedGT_GCG_train.json",
+        lambda d: d["images"][0].update(caption="A  dog"),
+        "short_caption",
+        "record",
+    ),
+    "flickr_rle_wrong_size": (
+        "flickr_gcg",
+        f"{TRAIN}/flickr_mergedGT_GCG_train.json",
+        lambda d: d["annotations"][0].update(sam_mask=rle(np.ones((240, 300), bool))),
+        "rle_size_mismatch",
+        "annotation",
+    ),
 }
 
 
@@ -287,7 +386,9 @@ def test_bad_input_is_skipped_with_reason_and_fails_under_strict(gcg_root, tmp_p
     assert manifest["counts"]["records_in"] == manifest["counts"]["samples"] + manifest["counts"]["skipped"]
     if level == "annotation":  # the rest of that record still became a Sample
         assert any(s.key == rows[0]["key"].rsplit("/", 1)[0] for s, _ in samples)
-    first_problem = "span_outside_caption" if name == "no_phrase_placeable" else reason  # strict stops at the drop
+    first_problem = (
+        "span_outside_caption" if name == "no_phrase_placeable" else reason
+    )  # strict stops at the drop
     with pytest.raises(StrictModeError, match=first_problem):
         run(gcg_root, tmp_path / "strict", source, strict=True)
 
@@ -316,25 +417,41 @@ def test_period_option_and_min_words(gcg_root, tmp_path):
 def test_psg_image_folder_probe_records_the_layout(gcg_root, tmp_path):
     manifest, samples, _ = run(gcg_root, tmp_path / "glamm", "psg_gcg")
     assert manifest["dirs"]["images"].endswith("images/coco2017/train2017")
-    assert manifest["info"]["image_dir_probe"]["hits"] == {"img_gcgseg/grand_f/images/coco2017": 0,
-                                                           "img_gcgseg/grand_f/images/coco2017/train2017": 3}
+    assert manifest["info"]["image_dir_probe"]["hits"] == {
+        "img_gcgseg/grand_f/images/coco2017": 0,
+        "img_gcgseg/grand_f/images/coco2017/train2017": 3,
+    }
     # X-SAM's layout: the files directly under coco2017/
     base = gcg_root / "img_gcgseg/grand_f/images/coco2017"
     for f in (base / "train2017").iterdir():
         shutil.move(str(f), base / f.name)
     manifest, samples2, _ = run(gcg_root, tmp_path / "xsam", "psg_gcg")
     assert manifest["dirs"]["images"].endswith("images/coco2017") and len(samples2) == len(samples) == 3
-    assert [s.to_json() for s, _ in samples2] != [s.to_json() for s, _ in samples]  # paths differ, nothing else
+    assert [s.to_json() for s, _ in samples2] != [
+        s.to_json() for s, _ in samples
+    ]  # paths differ, nothing else
     assert [(s.phrases, answer(s)) for s, _ in samples2] == [(s.phrases, answer(s)) for s, _ in samples]
 
 
 @pytest.mark.ray
 def test_ray_build_matches_inline_build(gcg_root, tmp_path, ray_local):
-    build(str(gcg_root), str(tmp_path / "ray"), sources=["grandf_gcg", "flickr_gcg"], splits=["train"],
-          options=BuildOptions(samples_per_shard=2), log=lambda m: None)
+    build(
+        str(gcg_root),
+        str(tmp_path / "ray"),
+        sources=["grandf_gcg", "flickr_gcg"],
+        splits=["train"],
+        options=BuildOptions(samples_per_shard=2),
+        log=lambda m: None,
+    )
     ray_local.shutdown()
-    build(str(gcg_root), str(tmp_path / "inline"), sources=["grandf_gcg", "flickr_gcg"], splits=["train"],
-          options=BuildOptions(samples_per_shard=2), log=lambda m: None)
+    build(
+        str(gcg_root),
+        str(tmp_path / "inline"),
+        sources=["grandf_gcg", "flickr_gcg"],
+        splits=["train"],
+        options=BuildOptions(samples_per_shard=2),
+        log=lambda m: None,
+    )
     for src in ("grandf_gcg", "flickr_gcg"):
         tars = sorted((tmp_path / "ray" / src / "train").glob("*.tar"))
         assert len(tars) >= 2

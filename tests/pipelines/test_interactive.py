@@ -63,11 +63,20 @@ def test_bad_prompts_are_skipped_with_a_reason(int_root, tmp_path):
     path.write_text(json.dumps(items))
     build(str(int_root), str(tmp_path / "out"), sources=["coco_interactive"], splits=["val"])
     manifest, samples, skipped = read_split(tmp_path / "out")
-    assert manifest["skipped"] == {"empty_prompt": 1, "rle_size_mismatch": 1, "missing_visual_prompt": 1,
-                                   "bad_polygon": 3}
+    assert manifest["skipped"] == {
+        "empty_prompt": 1,
+        "rle_size_mismatch": 1,
+        "missing_visual_prompt": 1,
+        "bad_polygon": 3,
+    }
     assert manifest["counts"]["records_in"] == len(samples) + 6
     reasons = {r["key"].rsplit("_", 1)[-1]: r["reason"] for r in skipped if str(a0["id"]) in r["key"]}
     assert reasons == {"box": "empty_prompt", "mask": "rle_size_mismatch"}
     with pytest.raises(StrictModeError):
-        build(str(int_root), str(tmp_path / "strict"), sources=["coco_interactive"], splits=["val"],
-              options=BuildOptions(strict=True))
+        build(
+            str(int_root),
+            str(tmp_path / "strict"),
+            sources=["coco_interactive"],
+            splits=["val"],
+            options=BuildOptions(strict=True),
+        )

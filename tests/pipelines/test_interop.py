@@ -24,8 +24,14 @@ SOURCES = ("coco_panoptic", "coco_instance")
 def shards(demo_root, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("interop") / "shards"
     # 3 samples per shard, so a split spans several shards and order across shards is exercised too
-    build(str(demo_root), str(out), sources=list(SOURCES), splits=["train", "val"],
-          options=BuildOptions(samples_per_shard=3), log=lambda m: None)
+    build(
+        str(demo_root),
+        str(out),
+        sources=list(SOURCES),
+        splits=["train", "val"],
+        options=BuildOptions(samples_per_shard=3),
+        log=lambda m: None,
+    )
     return out
 
 
@@ -69,8 +75,13 @@ def test_webdataset_reads_our_shards(shards, source):
             validate(sample)
             assert sample.key == it["__key__"] and image[:3] == b"\xff\xd8\xff"
         # the decoding pipeline webdataset users write works too
-        decoded = next(iter(wds.WebDataset(shard_paths(shards, source, split), shardshuffle=False)
-                            .decode("pil").to_tuple("__key__", "jpg", "json")))
+        decoded = next(
+            iter(
+                wds.WebDataset(shard_paths(shards, source, split), shardshuffle=False)
+                .decode("pil")
+                .to_tuple("__key__", "jpg", "json")
+            )
+        )
         key, image, meta = decoded
         assert image.size == (meta["image"]["width"], meta["image"]["height"]) and meta["key"] == key
 
@@ -120,7 +131,9 @@ def test_tar_lists_members_in_key_order(shards, source):
     for split in ("train", "val"):
         all_keys = []
         for path in shard_paths(shards, source, split):
-            names = subprocess.run([tar, "tf", path], capture_output=True, text=True, check=True).stdout.split()
+            names = subprocess.run(
+                [tar, "tf", path], capture_output=True, text=True, check=True
+            ).stdout.split()
             keys = [n.rsplit("/", 1)[0] + "/" + n.rsplit("/", 1)[1].split(".", 1)[0] for n in names]
             # each key's members are adjacent (json + image), and keys ascend
             runs = [k for i, k in enumerate(keys) if i == 0 or k != keys[i - 1]]
@@ -155,12 +168,18 @@ def test_hf_features_survive_what_schema_guessing_does_not(tmp_path, offline_hf)
             ext = "png" if i == 3 else "jpg"
             buf = io.BytesIO()
             Image.new("RGB", (w, h), (10 * i, 0, 0)).save(buf, format="PNG" if ext == "png" else "JPEG")
-            s = Sample(key=f"mixed/train/{i:04d}", source="mixed", task="genseg", split="train",
-                       image=ImageRef(f"x/{i}.{ext}", w, h),
-                       conversation=[Turn("user", "<image>\n<p>thing</p>"), Turn("assistant", "<SEG>.")],
-                       phrases=["thing"], masks=[MaskTarget(rle, 0, category_id=1)],
-                       ignore=rle if i == 6 else None,
-                       meta={"image_id": i, **({"no_target": False, "extra": [1, 2]} if i == 6 else {})})
+            s = Sample(
+                key=f"mixed/train/{i:04d}",
+                source="mixed",
+                task="genseg",
+                split="train",
+                image=ImageRef(f"x/{i}.{ext}", w, h),
+                conversation=[Turn("user", "<image>\n<p>thing</p>"), Turn("assistant", "<SEG>.")],
+                phrases=["thing"],
+                masks=[MaskTarget(rle, 0, category_id=1)],
+                ignore=rle if i == 6 else None,
+                meta={"image_id": i, **({"no_target": False, "extra": [1, 2]} if i == 6 else {})},
+            )
             tw.write(to_wds(s, buf.getvalue(), ext))
             expected.append((s, ext))
     ds = load_shards(tmp_path / "out", "mixed", ["train"], cache_dir=str(offline_hf))["train"]

@@ -22,20 +22,25 @@ from pipelines.sources.coco_index import (
 
 ODD_DOC = {
     "info": {"nested": {"deeper": [1, {"x": "}"}]}, "n": 3},
-    "categories": [{"id": 1, "name": "a } { [ ] \" \\ ü"}, {"id": 2, "name": "b"}],
+    "categories": [{"id": 1, "name": 'a } { [ ] " \\ ü'}, {"id": 2, "name": "b"}],
     "annotations": [
         {"id": 1, "image_id": 7, "category_id": 1, "segmentation": [[1.5, 2, 3, 4, 5, 6.25]]},
         {"segmentation": {"size": [4, 4], "counts": "0\\1[2]3"}, "category_id": 2, "image_id": 7, "id": 2},
         {"id": 3, "image_id": "str-id", "category_id": 1, "deep": {"a": {"b": {"c": [1, 2]}}}},
-        {"id": 4.0, "image_id": 8, "category_id": None, "caption": "quote \" brace } bracket ]"},
+        {"id": 4.0, "image_id": 8, "category_id": None, "caption": 'quote " brace } bracket ]'},
         {"id": 5, "image_id": 99, "category_id": 1},
         {"id": 6, "image_id": 8.0, "category_id": 2},
     ],
     "scalars": [1, 2.5, "s", None, True, [1, [2]], {"k": "v"}],
     "empty": [],
     "number": 3,
-    "images": [{"id": 8, "file_name": "b.jpg"}, {"id": 7, "file_name": "a.jpg"}, {"id": "str-id"},
-               {"id": 7, "file_name": "dup.jpg"}, {"file_name": "no id"}],
+    "images": [
+        {"id": 8, "file_name": "b.jpg"},
+        {"id": 7, "file_name": "a.jpg"},
+        {"id": "str-id"},
+        {"id": 7, "file_name": "dup.jpg"},
+        {"file_name": "no id"},
+    ],
 }
 
 
@@ -52,12 +57,16 @@ def test_scanner_yields_every_array_element_like_json_load(tmp_path, indent, bom
     path = _write(tmp_path, ODD_DOC, indent, bom)
     text = Path(path).read_bytes()
     got = defaultdict(list)
-    for batch in json_scan.iter_arrays(path, patterns={"annotations": json_scan.ANNOTATION}, block_size=block):
-        assert len(batch.offsets) == len(batch.elements) and all(len(c) == len(batch.elements) for c in batch.captures)
+    for batch in json_scan.iter_arrays(
+        path, patterns={"annotations": json_scan.ANNOTATION}, block_size=block
+    ):
+        assert len(batch.offsets) == len(batch.elements) and all(
+            len(c) == len(batch.elements) for c in batch.captures
+        )
         for j, (start, raw) in enumerate(zip(batch.offsets.tolist(), batch.elements, strict=True)):
             value = json.loads(raw)
             got[batch.key].append(value)
-            assert text[start:start + len(raw)] == raw  # the offset is where the element is in the file
+            assert text[start : start + len(raw)] == raw  # the offset is where the element is in the file
             if batch.key == "annotations" and batch.captures[1][j] is not None:  # captured ids agree
                 aid, iid, cid = (c[j] for c in batch.captures)
                 assert iid.decode() == json.dumps(value["image_id"])
@@ -73,13 +82,16 @@ def test_scanner_keys_filter_and_categories(tmp_path):
     assert read_categories(path) == ODD_DOC["categories"]
 
 
-@pytest.mark.parametrize("text,match", [
-    ('{"images": [{"id": 1}, {"id": 2}', "end of file"),
-    ('{"images": [{"id": 1} {"id": 2}]}', "expected ','"),
-    ('[{"id": 1}]', "expected '{'"),
-    ('{"images": [{"id": 1}]', "end of file"),
-    ('{"images": [{"id": "unterminated}]}', "end of file"),
-])
+@pytest.mark.parametrize(
+    "text,match",
+    [
+        ('{"images": [{"id": 1}, {"id": 2}', "end of file"),
+        ('{"images": [{"id": 1} {"id": 2}]}', "expected ','"),
+        ('[{"id": 1}]', "expected '{'"),
+        ('{"images": [{"id": 1}]', "end of file"),
+        ('{"images": [{"id": "unterminated}]}', "end of file"),
+    ],
+)
 def test_scanner_malformed_json_fails_with_the_file_named(tmp_path, text, match):
     p = tmp_path / "bad.json"
     p.write_text(text)
@@ -106,8 +118,10 @@ def _reference(doc: dict, prefix: str) -> tuple[list[dict], list[dict]]:
             anns[a["image_id"]].append(a)
         else:
             skips.append("annotation_without_image")
-    records = [{"key": f"{prefix}/{image_sort_id(i)}", "image": images[i], "anns": anns[i]}
-               for i in sorted(images, key=image_sort_id)]
+    records = [
+        {"key": f"{prefix}/{image_sort_id(i)}", "image": images[i], "anns": anns[i]}
+        for i in sorted(images, key=image_sort_id)
+    ]
     return records, sorted(skips)
 
 
@@ -116,7 +130,9 @@ def test_iter_coco_records_matches_a_plain_json_load_reference(tmp_path, monkeyp
     monkeypatch.setattr(json_scan, "BLOCK_SIZE", 16)  # every element crosses a block boundary somewhere
     monkeypatch.setattr(coco_index, "IMAGE_BLOCK", 2)
     path = _write(tmp_path, ODD_DOC, indent)
-    items = list(iter_coco_records(path, "s/train", lambda i: i, lambda a: a, categories=lambda c: {"n": len(c)}))
+    items = list(
+        iter_coco_records(path, "s/train", lambda i: i, lambda a: a, categories=lambda c: {"n": len(c)})
+    )
     records = [x for x in items if isinstance(x, dict)]
     skips = sorted(x.reason for x in items if isinstance(x, Skip))
     shared = [x.data for x in items if isinstance(x, Shared)]
@@ -139,7 +155,9 @@ def test_iter_coco_records_never_loads_the_file_whole(tmp_path, monkeypatch):
         raise AssertionError("json.load of a whole annotation file")
 
     monkeypatch.setattr(json, "load", refuse)
-    assert sum(isinstance(x, dict) for x in iter_coco_records(path, "s/train", lambda i: i, None, raw=True)) == 3
+    assert (
+        sum(isinstance(x, dict) for x in iter_coco_records(path, "s/train", lambda i: i, None, raw=True)) == 3
+    )
 
 
 @pytest.mark.parametrize("indent", [None, 1])
@@ -151,8 +169,12 @@ def test_scanner_runs_split_match_and_walk_paths_on_a_long_array(tmp_path, monke
     rng = random.Random(indent or 0)
     anns = []
     for i in range(400):
-        a = {"id": i, "image_id": rng.choice([1, 2, "x"]), "category_id": rng.randint(1, 3),
-             "segmentation": [[rng.uniform(0, 9) for _ in range(rng.randint(6, 30))]]}
+        a = {
+            "id": i,
+            "image_id": rng.choice([1, 2, "x"]),
+            "category_id": rng.randint(1, 3),
+            "segmentation": [[rng.uniform(0, 9) for _ in range(rng.randint(6, 30))]],
+        }
         if i % 37 == 5:
             a["deep"] = {"a": {"b": {"c": [i]}}}
         if i % 41 == 7:
@@ -163,7 +185,9 @@ def test_scanner_runs_split_match_and_walk_paths_on_a_long_array(tmp_path, monke
     doc = {"annotations": anns, "images": [{"id": 1}, {"id": 2}, {"id": "x"}], "categories": []}
     path = _write(tmp_path, doc, indent)
     got = []
-    for batch in json_scan.iter_arrays(path, patterns={"annotations": json_scan.ANNOTATION}, block_size=block):
+    for batch in json_scan.iter_arrays(
+        path, patterns={"annotations": json_scan.ANNOTATION}, block_size=block
+    ):
         if batch.key == "annotations":
             got += [json.loads(raw) for raw in batch.elements]
     assert got == anns

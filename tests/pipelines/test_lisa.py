@@ -115,8 +115,16 @@ def test_flag_skipped_and_ignore_shape_goes_to_the_ignore_rle(demo, tmp_path):
 
 def test_shapes_are_painted_largest_first(root, tmp_path):
     # file order small-target-then-big-ignore: painting in file order would leave no target at all
-    add_image(root, "val", "zz_nested", {"text": ["the thing"], "is_sentence": False,
-                                          "shapes": [shape("target", SMALL), shape("ignore", BOX)]})
+    add_image(
+        root,
+        "val",
+        "zz_nested",
+        {
+            "text": ["the thing"],
+            "is_sentence": False,
+            "shapes": [shape("target", SMALL), shape("ignore", BOX)],
+        },
+    )
     build(str(root), str(tmp_path / "out"), sources=["lisa_reasonseg"], splits=["val"])
     _, samples, _ = read_split(tmp_path / "out", "val")
     (s,) = [s for s in samples if s.key.startswith("lisa_reasonseg/val/zz_nested")]
@@ -127,7 +135,9 @@ def test_shapes_are_painted_largest_first(root, tmp_path):
 
 def test_explanations_are_chosen_per_turn_with_the_sample_rng(root, tmp_path):
     questions = [f"what is object number {i}?" for i in range(24)]
-    add_image(root, "train", "many", {"text": questions, "is_sentence": True, "shapes": [shape("target", BOX)]})
+    add_image(
+        root, "train", "many", {"text": questions, "is_sentence": True, "shapes": [shape("target", BOX)]}
+    )
     expl = json.loads((root / LISA / "explanatory/train.json").read_text())
     expl.append({"image": "many.jpg", "query": questions[0], "outputs": "Because  it is\nthe one."})
     (root / LISA / "explanatory/train.json").write_text(json.dumps(expl))
@@ -142,7 +152,9 @@ def test_explanations_are_chosen_per_turn_with_the_sample_rng(root, tmp_path):
     flags = many.meta["explained"]
     assert 0 < sum(flags) < len(flags)  # an independent draw per turn, not one per sample
     answers = [t.text for t in many.conversation if t.role == "assistant"]
-    for flag, q, ans in zip(flags, [t.text for t in many.conversation if t.role == "user"], answers, strict=True):
+    for flag, q, ans in zip(
+        flags, [t.text for t in many.conversation if t.role == "user"], answers, strict=True
+    ):
         assert ans.startswith("Because it is the one. ") == flag
         bodies = [x.split("{sent}")[1] for x in templates.REASEG_EXPLAIN_QUESTIONS]
         assert any(q.endswith(body) for body in bodies) == flag
@@ -154,7 +166,12 @@ def test_explanations_are_chosen_per_turn_with_the_sample_rng(root, tmp_path):
 
 
 def test_json_in_cp1252_and_sizes_from_the_image_header(root, tmp_path):
-    add_image(root, "test", "cp", {"text": ["the café sign"], "is_sentence": False, "shapes": [shape("target", BOX)]})
+    add_image(
+        root,
+        "test",
+        "cp",
+        {"text": ["the café sign"], "is_sentence": False, "shapes": [shape("target", BOX)]},
+    )
     p = root / LISA / "test" / "cp.json"
     p.write_bytes(p.read_text().replace("\\u00e9", "é").encode("cp1252"))
     build(str(root), str(tmp_path / "out"), sources=["lisa_reasonseg"], splits=["test"])
@@ -165,32 +182,57 @@ def test_json_in_cp1252_and_sizes_from_the_image_header(root, tmp_path):
 
 # ----------------------------------------------------------------------------- bad input
 def test_polygon_with_fewer_than_3_points_is_dropped(root, tmp_path):
-    add_image(root, "val", "two_points", {"text": ["a"], "is_sentence": False,
-                                           "shapes": [shape("target", BOX), shape("target", [[1, 1], [9, 9]])]})
-    add_image(root, "val", "only_two", {"text": ["b"], "is_sentence": False,
-                                         "shapes": [shape("target", [[1, 1], [9, 9]])]})
+    add_image(
+        root,
+        "val",
+        "two_points",
+        {
+            "text": ["a"],
+            "is_sentence": False,
+            "shapes": [shape("target", BOX), shape("target", [[1, 1], [9, 9]])],
+        },
+    )
+    add_image(
+        root,
+        "val",
+        "only_two",
+        {"text": ["b"], "is_sentence": False, "shapes": [shape("target", [[1, 1], [9, 9]])]},
+    )
     build(str(root), str(tmp_path / "out"), sources=["lisa_reasonseg"], splits=["val"])
     manifest, samples, skipped = read_split(tmp_path / "out", "val")
     assert manifest["dropped"] == {"bad_polygon": 2}
     assert manifest["skipped"] == {"empty_mask": 1}  # the image whose only shape was that polygon
     assert {r["key"] for r in skipped if r["reason"] == "bad_polygon"} == {
-        "lisa_reasonseg/val/two_points_q000/shape_1", "lisa_reasonseg/val/only_two_q000/shape_0"}
+        "lisa_reasonseg/val/two_points_q000/shape_1",
+        "lisa_reasonseg/val/only_two_q000/shape_0",
+    }
     assert any(s.meta["image"] == "two_points.jpg" for s in samples)
     with pytest.raises(StrictModeError, match="bad_polygon"):
-        build(str(root), str(tmp_path / "strict"), sources=["lisa_reasonseg"], splits=["val"],
-              options=BuildOptions(strict=True))
+        build(
+            str(root),
+            str(tmp_path / "strict"),
+            sources=["lisa_reasonseg"],
+            splits=["val"],
+            options=BuildOptions(strict=True),
+        )
 
 
 def test_image_whose_mask_is_empty_is_skipped(root, tmp_path):
-    add_image(root, "train", "nothing", {"text": ["where?"], "is_sentence": False,
-                                          "shapes": [shape("ignore", BOX), shape("flag", SMALL)]})
+    add_image(
+        root,
+        "train",
+        "nothing",
+        {"text": ["where?"], "is_sentence": False, "shapes": [shape("ignore", BOX), shape("flag", SMALL)]},
+    )
     build(str(root), str(tmp_path / "out"), sources=["lisa_reasonseg"])
     manifest, samples, skipped = read_split(tmp_path / "out", "train")
     assert manifest["skipped"] == {"empty_mask": 1}
     assert [r["key"] for r in skipped] == ["lisa_reasonseg/train/nothing"]
     assert manifest["counts"]["records_in"] == len(samples) + 1
     with pytest.raises(StrictModeError, match="empty_mask"):
-        build(str(root), str(tmp_path / "strict"), sources=["lisa_reasonseg"], options=BuildOptions(strict=True))
+        build(
+            str(root), str(tmp_path / "strict"), sources=["lisa_reasonseg"], options=BuildOptions(strict=True)
+        )
 
 
 def test_missing_image_or_json_and_malformed_json_are_skipped(root, tmp_path):

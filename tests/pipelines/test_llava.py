@@ -32,14 +32,31 @@ def msgs(*pairs):
 
 
 def test_turns_follow_x_sam_chat_map_fn():
-    turns, counts = chat_turns(msgs(("gpt", "hi"), ("human", "What is it?\n<image>"), ("gpt", "A cat."),
-                                    ("human", "Colour?"), ("gpt", "Grey."), ("human", "unanswered")), True, "<image>")
+    turns, counts = chat_turns(
+        msgs(
+            ("gpt", "hi"),
+            ("human", "What is it?\n<image>"),
+            ("gpt", "A cat."),
+            ("human", "Colour?"),
+            ("gpt", "Grey."),
+            ("human", "unanswered"),
+        ),
+        True,
+        "<image>",
+    )
     assert [(t.role, t.text) for t in turns] == [
-        ("user", "<image>What is it?"), ("assistant", "A cat."), ("user", "Colour?"), ("assistant", "Grey.")]
+        ("user", "<image>What is it?"),
+        ("assistant", "A cat."),
+        ("user", "Colour?"),
+        ("assistant", "Grey."),
+    ]
     assert counts == {"leading_assistant_dropped": 1, "image_token_added": False, "unanswered_dropped": 1}
     # <image> in a later turn moves to the front of the first user turn; "<image>\n" keeps its newline
-    turns, _ = chat_turns(msgs(("human", "Hello"), ("gpt", "Hi"), ("human", "<image> and now?"), ("gpt", "ok")),
-                          True, "<image>\n")
+    turns, _ = chat_turns(
+        msgs(("human", "Hello"), ("gpt", "Hi"), ("human", "<image> and now?"), ("gpt", "ok")),
+        True,
+        "<image>\n",
+    )
     assert turns[0].text == "<image>\nHello" and turns[2].text == "and now?"
     # an image but no token: the token is added; consecutive messages of one role are joined
     turns, counts = chat_turns(msgs(("human", "a"), ("human", "b"), ("gpt", "c")), True, "<image>\n")
@@ -48,16 +65,19 @@ def test_turns_follow_x_sam_chat_map_fn():
     assert chat_turns(msgs(("human", "<image>"), ("gpt", "a dog")), True, "<image>\n")[0][0].text == "<image>"
 
 
-@pytest.mark.parametrize("messages, has_image, reason", [
-    (msgs(("human", "<image>q"), ("system", "x")), True, "unknown_role"),
-    (msgs(("human", "<image>q"), ("gpt", "  ")), True, "empty_turn"),
-    (msgs(("human", "<image>q"), ("gpt", None)), True, "empty_turn"),
-    (msgs(("human", "<image>q <image>"), ("gpt", "a")), True, "multiple_image_tokens"),
-    (msgs(("human", "<image>q"), ("gpt", "a")), False, "image_token_without_image"),
-    (msgs(("human", "q"), ("gpt", "use <SEG> here")), True, "reserved_token_in_text"),
-    (msgs(("gpt", "a")), True, "no_turns"),
-    ([], True, "no_conversation"),
-])
+@pytest.mark.parametrize(
+    "messages, has_image, reason",
+    [
+        (msgs(("human", "<image>q"), ("system", "x")), True, "unknown_role"),
+        (msgs(("human", "<image>q"), ("gpt", "  ")), True, "empty_turn"),
+        (msgs(("human", "<image>q"), ("gpt", None)), True, "empty_turn"),
+        (msgs(("human", "<image>q <image>"), ("gpt", "a")), True, "multiple_image_tokens"),
+        (msgs(("human", "<image>q"), ("gpt", "a")), False, "image_token_without_image"),
+        (msgs(("human", "q"), ("gpt", "use <SEG> here")), True, "reserved_token_in_text"),
+        (msgs(("gpt", "a")), True, "no_turns"),
+        ([], True, "no_conversation"),
+    ],
+)
 def test_bad_records_raise_skip_with_reason(messages, has_image, reason):
     with pytest.raises(SkipRecord) as e:
         chat_turns(messages, has_image, "<image>")
@@ -66,27 +86,43 @@ def test_bad_records_raise_skip_with_reason(messages, has_image, reason):
 
 def test_pretrain_and_instruct_build(llava_root, tmp_path):
     out = tmp_path / "out"
-    build(str(llava_root), str(out), sources=["llava_pretrain", "llava_instruct"],
-          options=BuildOptions(image_token="<image>"))
+    build(
+        str(llava_root),
+        str(out),
+        sources=["llava_pretrain", "llava_instruct"],
+        options=BuildOptions(image_token="<image>"),
+    )
     manifest, samples, _ = read_split(out, "llava_pretrain")
     assert len(samples) == 4
     for s, image in samples:
         validate(s)
         assert s.task == "chat" and not s.masks
-        assert s.conversation[0].text.startswith("<image>\n")  # stage 2 keeps the newline whatever image_token says
+        assert s.conversation[0].text.startswith(
+            "<image>\n"
+        )  # stage 2 keeps the newline whatever image_token says
         w, h = Image.open(llava_root / s.image.path).size
         assert (s.image.width, s.image.height) == (w, h) and image == (llava_root / s.image.path).read_bytes()
     manifest, samples, skipped = read_split(out, "llava_instruct")
-    assert manifest["skipped"] == {"text_only": 1} and [r["key"] for r in skipped] == ["llava_instruct/train/000000002"]
-    assert [s.key for s, _ in samples] == [f"llava_instruct/train/{i:09d}" for i in (0, 1, 3)]  # file positions
-    assert all(s.conversation[0].text.startswith("<image>") and not s.conversation[0].text.startswith("<image>\n")
-               for s, _ in samples)
+    assert manifest["skipped"] == {"text_only": 1} and [r["key"] for r in skipped] == [
+        "llava_instruct/train/000000002"
+    ]
+    assert [s.key for s, _ in samples] == [
+        f"llava_instruct/train/{i:09d}" for i in (0, 1, 3)
+    ]  # file positions
+    assert all(
+        s.conversation[0].text.startswith("<image>") and not s.conversation[0].text.startswith("<image>\n")
+        for s, _ in samples
+    )
     assert samples[2][0].meta["leading_assistant_dropped"] == 1
 
 
 def test_text_only_records_can_be_kept(llava_root, tmp_path):
-    build(str(llava_root), str(tmp_path / "out"), sources=["llava_instruct"],
-          options=BuildOptions(extra={"llava_keep_text_only": True}))
+    build(
+        str(llava_root),
+        str(tmp_path / "out"),
+        sources=["llava_instruct"],
+        options=BuildOptions(extra={"llava_keep_text_only": True}),
+    )
     manifest, samples, _ = read_split(tmp_path / "out", "llava_instruct")
     assert manifest["skipped"] == {} and len(samples) == 4
     text_only = [s for s, image in samples if s.image is None]
@@ -100,19 +136,33 @@ def test_bad_records_are_skipped_in_the_manifest_and_fail_strict(llava_root, tmp
     bad = [
         {**good, "conversations": msgs(("human", "<image>q"), ("robot", "beep"))},
         {**good, "conversations": msgs(("human", "<image>q"), ("gpt", ""))},
-        {**good, "conversations": msgs(("human", "<image>q"), ("gpt", "a"), ("human", "<image>again"), ("gpt", "b"))},
+        {
+            **good,
+            "conversations": msgs(
+                ("human", "<image>q"), ("gpt", "a"), ("human", "<image>again"), ("gpt", "b")
+            ),
+        },
         {**good, "image": "coco/train2017/missing.jpg"},
     ]
     path.write_text(json.dumps(recs + bad))
     build(str(llava_root), str(tmp_path / "out"), sources=["llava_instruct"])
     manifest, samples, skipped = read_split(tmp_path / "out", "llava_instruct")
-    assert manifest["skipped"] == {"text_only": 1, "unknown_role": 1, "empty_turn": 1, "multiple_image_tokens": 1,
-                                   "missing_image": 1}
+    assert manifest["skipped"] == {
+        "text_only": 1,
+        "unknown_role": 1,
+        "empty_turn": 1,
+        "multiple_image_tokens": 1,
+        "missing_image": 1,
+    }
     assert {r["key"] for r in skipped if r["reason"] == "unknown_role"} == {"llava_instruct/train/000000004"}
     assert len(samples) == 3
     with pytest.raises(StrictModeError, match="unknown_role|text_only"):
-        build(str(llava_root), str(tmp_path / "strict"), sources=["llava_instruct"],
-              options=BuildOptions(strict=True, extra={"llava_keep_text_only": True}))
+        build(
+            str(llava_root),
+            str(tmp_path / "strict"),
+            sources=["llava_instruct"],
+            options=BuildOptions(strict=True, extra={"llava_keep_text_only": True}),
+        )
 
 
 def test_strict_does_not_stop_on_the_text_only_policy_filter(tmp_path):

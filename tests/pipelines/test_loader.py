@@ -102,8 +102,14 @@ def test_loader_frequencies_follow_mixture(three_sources):
 
 # ---------------------------------------------------------------------------------------------- disjoint slices
 def _pass_keys(out, world, workers, steps, **kw):
-    return [[k for b in take(make(out, rank=r, world_size=world, num_workers=workers, **kw), steps) for k, _ in b.data]
-            for r in range(world)]  # fmt: skip
+    return [
+        [
+            k
+            for b in take(make(out, rank=r, world_size=world, num_workers=workers, **kw), steps)
+            for k, _ in b.data
+        ]
+        for r in range(world)
+    ]
 
 
 def test_no_sample_read_by_two_ranks_in_a_pass(tmp_path):
@@ -189,7 +195,10 @@ def test_missing_shard_corrupt_json_and_bad_image_are_counted(tmp_path):
     import tarfile
 
     src = (sdir / "coco_panoptic-train-000000.tar").read_bytes()
-    with tarfile.open(fileobj=io.BytesIO(src)) as t_in, tarfile.open(sdir / "coco_panoptic-train-000000.tar", "w") as t_out:
+    with (
+        tarfile.open(fileobj=io.BytesIO(src)) as t_in,
+        tarfile.open(sdir / "coco_panoptic-train-000000.tar", "w") as t_out,
+    ):
         for m in t_in.getmembers():
             data = t_in.extractfile(m).read()
             if m.name.endswith("000001.json"):
@@ -233,9 +242,13 @@ def test_index_shard_reads_offsets(tmp_path):
 def test_no_target_samples_are_not_trained_on(tmp_path):
     flagged = {0, 3, 4, 7, 10}
     write_source(tmp_path, "grefcoco", [6, 6], flagged=flagged)
-    mixture.write(str(tmp_path), mixture.compute(str(tmp_path), stage3_extra=["grefcoco"], log=lambda m: None))
+    mixture.write(
+        str(tmp_path), mixture.compute(str(tmp_path), stage3_extra=["grefcoco"], log=lambda m: None)
+    )
     loader = make(tmp_path, batch_size=1, shuffle_window=3)
-    seen = [k for b in take(loader, 12 - len(flagged)) for k, _ in b.data]  # exactly the first pass's usable ones
+    seen = [
+        k for b in take(loader, 12 - len(flagged)) for k, _ in b.data
+    ]  # exactly the first pass's usable ones
     assert sorted(int(k.rsplit("/", 1)[1]) for k in seen) == sorted(set(range(12)) - flagged)
     assert 0 < loader.stats()["filtered"]["no_target"] <= len(flagged) and loader.stats()["skipped"] == {}
     # asking for them back
@@ -245,16 +258,32 @@ def test_no_target_samples_are_not_trained_on(tmp_path):
 
 def test_shards_on_fsspec_uris(three_sources):
     local = take(make(three_sources, shuffle_window=5), 20)
-    assert take(MixtureLoader(f"file://{three_sources}", stage=3, batch_size=2, seed=7, transform=key_and_crc,
-                              shuffle_window=5), 20) == local  # fmt: skip
+    assert (
+        take(
+            MixtureLoader(
+                f"file://{three_sources}",
+                stage=3,
+                batch_size=2,
+                seed=7,
+                transform=key_and_crc,
+                shuffle_window=5,
+            ),
+            20,
+        )
+        == local
+    )
     mem = fsspec.filesystem("memory")
     root = "/loader-test-shards"
     for p in three_sources.rglob("*"):
         if p.is_file():
             mem.pipe_file(f"{root}/{p.relative_to(three_sources)}", p.read_bytes())
     try:
-        got = take(MixtureLoader(f"memory://{root}", stage=3, batch_size=2, seed=7, transform=key_and_crc,
-                                 shuffle_window=5), 20)  # fmt: skip
+        got = take(
+            MixtureLoader(
+                f"memory://{root}", stage=3, batch_size=2, seed=7, transform=key_and_crc, shuffle_window=5
+            ),
+            20,
+        )
         assert got == local
     finally:
         mem.rm(root, recursive=True)
@@ -266,11 +295,17 @@ def test_with_the_model_processor(demo_root, tmp_path):
     from pipelines.sources.base import BuildOptions
 
     out = tmp_path / "shards"
-    build(str(demo_root), str(out), sources=["coco_panoptic", "coco_instance"], options=BuildOptions(samples_per_shard=3),
-          log=lambda m: None)
+    build(
+        str(demo_root),
+        str(out),
+        sources=["coco_panoptic", "coco_instance"],
+        options=BuildOptions(samples_per_shard=3),
+        log=lambda m: None,
+    )
     mixture.write(str(out), mixture.compute(str(out), stage3_extra=["coco_instance"], log=lambda m: None))
-    loader = MixtureLoader(str(out), stage=3, batch_size=2, num_workers=1, transform=processor,
-                           collate=processor.collate)  # fmt: skip
+    loader = MixtureLoader(
+        str(out), stage=3, batch_size=2, num_workers=1, transform=processor, collate=processor.collate
+    )
     for b in take(loader, 3):
         size = processor.config.sam_size
         assert b.data["task"] == b.task == "genseg"
@@ -321,13 +356,18 @@ def test_rle_decode_matches_pycocotools():
         decode.rle_to_mask({"size": [5, 5], "counts": rles[1]["counts"]})
 
 
-@pytest.mark.parametrize("hw,longest", [((97, 131), 1024), ((131, 97), 64), ((480, 640), 1024), ((50, 50), 37)])
+@pytest.mark.parametrize(
+    "hw,longest", [((97, 131), 1024), ((131, 97), 64), ((480, 640), 1024), ((50, 50), 37)]
+)
 def test_masks_to_frame_equals_torch_nearest_exact(hw, longest):
     rng = np.random.default_rng(1)
     rles, masks = _random_masks(rng, 4, *hw)
     sh, sw = decode.scaled_size(*hw, longest)
-    ref = F.interpolate(torch.from_numpy(np.ascontiguousarray(masks.transpose(2, 0, 1))).unsqueeze(0),
-                        size=(sh, sw), mode="nearest-exact")[0].numpy()  # fmt: skip
+    ref = F.interpolate(
+        torch.from_numpy(np.ascontiguousarray(masks.transpose(2, 0, 1))).unsqueeze(0),
+        size=(sh, sw),
+        mode="nearest-exact",
+    )[0].numpy()
     out = decode.masks_to_frame(rles, (sh, sw), pad_to=longest)
     assert out.shape == (4, longest, longest)
     assert (out[:, :sh, :sw] == ref).all()
@@ -343,7 +383,14 @@ def test_masks_to_frame_equals_torch_nearest_exact(hw, longest):
 def test_decode_image_equals_pil_and_rejects_garbage():
     rng = np.random.default_rng(2)
     arr = rng.integers(0, 256, (37, 53, 3), dtype=np.uint8)
-    for mode, fmt in (("RGB", "JPEG"), ("L", "JPEG"), ("RGB", "PNG"), ("RGBA", "PNG"), ("L", "PNG"), ("P", "PNG")):
+    for mode, fmt in (
+        ("RGB", "JPEG"),
+        ("L", "JPEG"),
+        ("RGB", "PNG"),
+        ("RGBA", "PNG"),
+        ("L", "PNG"),
+        ("P", "PNG"),
+    ):
         buf = io.BytesIO()
         Image.fromarray(arr).convert(mode).save(buf, fmt)
         data = buf.getvalue()
@@ -366,15 +413,23 @@ def test_image_inputs_shapes_normalisation_and_padding():
     assert x["scaled_size"] == (43, 64) and x["image_hw"] == (60, 90)
     assert np.allclose(x["pixel_values"][0], 1.0) and np.allclose(x["pixel_values"][1:], -1.0)
     sam = x["extra_pixel_values"]
-    assert np.allclose(sam[0, :43], (1 - 0.485) / 0.229, atol=1e-5) and np.allclose(sam[2, :43], -0.406 / 0.225)
+    assert np.allclose(sam[0, :43], (1 - 0.485) / 0.229, atol=1e-5) and np.allclose(
+        sam[2, :43], -0.406 / 0.225
+    )
     assert not sam[:, 43:].any()  # zero pad after normalisation
     with pytest.raises(decode.ImageDecodeError, match="expected"):
         decode.image_inputs(buf.getvalue(), expect_hw=(61, 90))
     given = []
-    y = decode.image_inputs(buf.getvalue(), siglip_size=32, sam_size=64,
-                            alloc=lambda shape, dtype: given.append(np.full(shape, np.nan, dtype)) or given[-1])
+    y = decode.image_inputs(
+        buf.getvalue(),
+        siglip_size=32,
+        sam_size=64,
+        alloc=lambda shape, dtype: given.append(np.full(shape, np.nan, dtype)) or given[-1],
+    )
     assert [g.shape for g in given] == [(3, 32, 32), (3, 64, 64)] and y["extra_pixel_values"] is given[1]
-    assert np.array_equal(y["extra_pixel_values"], sam) and np.array_equal(y["pixel_values"], x["pixel_values"])
+    assert np.array_equal(y["extra_pixel_values"], sam) and np.array_equal(
+        y["pixel_values"], x["pixel_values"]
+    )
     # the SAM frame is a single bilinear resize of the original, close to PIL's
     img = decode.decode_image(buf.getvalue())
     pil = np.asarray(Image.fromarray(img).resize((64, 43), Image.BILINEAR)).astype(int)

@@ -37,10 +37,21 @@ def root(demo, tmp_path) -> Path:
 
 
 def run(root: Path, out: Path, split: str = "train", **options):
-    build(str(root), str(out), sources=["lvis"], splits=[split], options=BuildOptions(**options), log=lambda m: None)
+    build(
+        str(root),
+        str(out),
+        sources=["lvis"],
+        splits=[split],
+        options=BuildOptions(**options),
+        log=lambda m: None,
+    )
     d = out / "lvis" / split
     manifest = json.loads((d / "manifest.json").read_text())
-    samples = [from_wds(i) for s in manifest["shards"] for i in wds.WebDataset(str(d / s["file"]), shardshuffle=False)]
+    samples = [
+        from_wds(i)
+        for s in manifest["shards"]
+        for i in wds.WebDataset(str(d / s["file"]), shardshuffle=False)
+    ]
     skipped = [json.loads(line) for line in (d / "skipped.jsonl").read_text().splitlines()]
     return manifest, samples, skipped
 
@@ -121,22 +132,39 @@ def test_category_names_use_synonyms_clean_and_disambiguate(demo):
     names = category_names(doc(demo, "train")["categories"])
     by_raw = {c["name"]: names[c["id"]] for c in doc(demo, "train")["categories"]}
     assert by_raw["aerosol_can"] == "aerosol can"
-    assert by_raw["bow_(weapon)"] == "bow (weapon)" and by_raw["bow_(decorative_ribbons)"] == "bow (decorative ribbons)"
+    assert (
+        by_raw["bow_(weapon)"] == "bow (weapon)"
+        and by_raw["bow_(decorative_ribbons)"] == "bow (decorative ribbons)"
+    )
     assert by_raw["mouse_(computer_equipment)"] == "mouse"  # no collision, so the qualifier goes
     assert len(set(names.values())) == len(names)
-    cats = [{"id": 1, "name": "x_(a)", "synonyms": ["first_syn", "second"]}, {"id": 2, "name": "y", "synonyms": []}]
+    cats = [
+        {"id": 1, "name": "x_(a)", "synonyms": ["first_syn", "second"]},
+        {"id": 2, "name": "y", "synonyms": []},
+    ]
     assert category_names(cats) == {1: "first syn", 2: "y"}
 
 
 def test_image_paths_from_coco_url_or_v05_file_name():
     base = ("img_genseg/coco2017", "img_genseg/coco2014")
     assert image_path({"coco_url": "http://images.cocodataset.org/train2017/000000000139.jpg"}, *base) == (
-        "img_genseg/coco2017/train2017/000000000139.jpg", None)
+        "img_genseg/coco2017/train2017/000000000139.jpg",
+        None,
+    )
     assert image_path({"file_name": "COCO_val2014_000000266409.jpg"}, *base) == (
-        "img_genseg/coco2014/val2014/COCO_val2014_000000266409.jpg", None)
-    assert image_path({"file_name": "val2017/000000266409.jpg"}, *base)[0] == "img_genseg/coco2017/val2017/000000266409.jpg"
-    for bad in ({"coco_url": "http://example.com/pictures/000000000139.jpg"}, {"coco_url": "http://x/train2017/../a.jpg"},
-                {"id": 5}, {"file_name": "../../etc/passwd"}):
+        "img_genseg/coco2014/val2014/COCO_val2014_000000266409.jpg",
+        None,
+    )
+    assert (
+        image_path({"file_name": "val2017/000000266409.jpg"}, *base)[0]
+        == "img_genseg/coco2017/val2017/000000266409.jpg"
+    )
+    for bad in (
+        {"coco_url": "http://example.com/pictures/000000000139.jpg"},
+        {"coco_url": "http://x/train2017/../a.jpg"},
+        {"id": 5},
+        {"file_name": "../../etc/passwd"},
+    ):
         path, error = image_path(bad, *base)
         assert path is None and error
 
@@ -145,9 +173,13 @@ def test_split_and_negatives_helpers():
     assert split_categories(list(range(7)), 3) == [[0, 1, 2], [3, 4], [5, 6]]
     assert split_categories([4], 100) == [[4]]
     rng = random.Random(0)
-    negs = sample_negatives(rng, 4, present=[1], verified=[2, 3, 1, 99], not_exhaustive=[4], all_ids=range(1, 8))
+    negs = sample_negatives(
+        rng, 4, present=[1], verified=[2, 3, 1, 99], not_exhaustive=[4], all_ids=range(1, 8)
+    )
     assert set(negs[:2]) == {2, 3} and not set(negs) & {1, 4, 99} and len(negs) == 4
-    assert sample_negatives(rng, 50, [1], [], [2], range(1, 5)) and set(sample_negatives(rng, 50, [1], [], [2], range(1, 5))) == {3, 4}
+    assert sample_negatives(rng, 50, [1], [], [2], range(1, 5)) and set(
+        sample_negatives(rng, 50, [1], [], [2], range(1, 5))
+    ) == {3, 4}
 
 
 @pytest.mark.parametrize("strict", [False, True])
@@ -180,7 +212,8 @@ def test_coco_url_without_a_recognisable_folder(root, tmp_path, strict):
         return
     manifest, samples, skipped = run(root, tmp_path / "out", "train")
     assert [(s["key"], s["reason"], s["level"]) for s in skipped] == [
-        ("lvis/train/000000900002", "unrecognised_coco_url", "record")]
+        ("lvis/train/000000900002", "unrecognised_coco_url", "record")
+    ]
     assert manifest["counts"]["records_in"] == manifest["counts"]["samples"] + 1
 
 
@@ -196,7 +229,7 @@ def test_index_carries_annotations_unparsed(demo):
     for r in records:  # records hold where each annotation is in the file, not its polygons
         assert "segmentation" not in json.dumps(r)
         for off, n in zip(r["offsets"], r["lengths"], strict=True):
-            ann = json.loads(text[off:off + n])
+            ann = json.loads(text[off : off + n])
             assert ann == anns[ann["id"]] and ann["image_id"] == r["image"]["id"]
             seen.append(ann["id"])
     assert sorted(seen) == sorted(anns)
@@ -215,7 +248,9 @@ def _real_records(real_data: Path, tmp_path: Path, cap: int):
     # the sample has images with only negative labels: nothing to segment, skipped with a reason
     with_anns = {a["image_id"] for a in json.loads((real_data / REAL).read_text())["annotations"]}
     skips = [x for x in items if isinstance(x, Skip)]
-    assert skips and all(s.reason == "only_negative_labels" and int(s.key.rsplit("/", 1)[1]) not in with_anns for s in skips)
+    assert skips and all(
+        s.reason == "only_negative_labels" and int(s.key.rsplit("/", 1)[1]) not in with_anns for s in skips
+    )
     ctx = ConvertContext(data_root=str(root), split="val", options=options, files=files, shared=shared)
     return src, ctx, [x for x in items if isinstance(x, dict)]
 
@@ -258,18 +293,32 @@ def test_real_v05_names_and_negatives(real_data, tmp_path):
         pos = {m.category_id for m in s.masks}
         negs = set(ids) - pos
         assert len(ids) == 100 and not negs & set(rec["not_exhaustive"])
-        assert {c for c in rec["neg"] if c not in pos} <= negs  # val fills the prompt: all verified negatives in
+        assert {
+            c for c in rec["neg"] if c not in pos
+        } <= negs  # val fills the prompt: all verified negatives in
 
 
 @pytest.mark.ray
 def test_ray_build_equals_inline_build(demo, tmp_path, ray_local):
     """Ray tasks read their annotations back from the file by offset and write the same bytes as inline."""
     options = BuildOptions(samples_per_shard=2, extra={"lvis_max_phrases": 3})
-    build(str(demo), str(tmp_path / "ray"), sources=["lvis", "ade20k_panoptic"], splits=["train"], options=options,
-          log=lambda m: None)
+    build(
+        str(demo),
+        str(tmp_path / "ray"),
+        sources=["lvis", "ade20k_panoptic"],
+        splits=["train"],
+        options=options,
+        log=lambda m: None,
+    )
     ray_local.shutdown()
-    build(str(demo), str(tmp_path / "inline"), sources=["lvis", "ade20k_panoptic"], splits=["train"], options=options,
-          log=lambda m: None)
+    build(
+        str(demo),
+        str(tmp_path / "inline"),
+        sources=["lvis", "ade20k_panoptic"],
+        splits=["train"],
+        options=options,
+        log=lambda m: None,
+    )
     for src in ("lvis", "ade20k_panoptic"):
         tars = sorted((tmp_path / "ray" / src / "train").glob("*.tar"))
         assert len(tars) >= 2
@@ -303,6 +352,8 @@ def test_annotation_file_changed_after_indexing(root):
     record = next(x for x in items if isinstance(x, dict))
     path = Path(files.inputs["annotations"])
     path.write_text(" " * 7 + path.read_text())  # every offset now points 7 bytes early
-    ctx = ConvertContext(data_root=str(root), split="train", options=BuildOptions(), files=files, shared=shared)
+    ctx = ConvertContext(
+        data_root=str(root), split="train", options=BuildOptions(), files=files, shared=shared
+    )
     with pytest.raises(SkipRecord, match="annotation_file_changed"):
         src.to_sample(record, ctx)

@@ -26,15 +26,26 @@ def tiny_jpeg(value: int = 128, size: tuple[int, int] = (16, 12)) -> bytes:
 
 def chat_sample(source: str, i: int, meta: dict | None = None, split: str = "train") -> Sample:
     return Sample(
-        key=f"{source}/{split}/{i:06d}", source=source, task="chat", split=split,
+        key=f"{source}/{split}/{i:06d}",
+        source=source,
+        task="chat",
+        split=split,
         image=ImageRef(path=f"x/{i}.jpg", width=16, height=12),
         conversation=[Turn("user", f"<image>\nWhat is {i}?"), Turn("assistant", f"It is {i}.")],
         meta=dict(meta or {}),
-    )  # fmt: skip
+    )
 
 
-def write_source(out: Path, source: str, shard_sizes: list[int], *, task: str = "chat",
-                 flagged: set[int] = frozenset(), manifest_counts: dict | None = None, split: str = "train") -> list[str]:
+def write_source(
+    out: Path,
+    source: str,
+    shard_sizes: list[int],
+    *,
+    task: str = "chat",
+    flagged: set[int] = frozenset(),
+    manifest_counts: dict | None = None,
+    split: str = "train",
+) -> list[str]:
     """Synthetic shards + manifest for ``source`` in the builder's layout; returns the keys in order.
 
     Sample ``i`` gets ``meta.no_target = True`` when ``i`` is in ``flagged``; its image is a tiny JPEG whose
@@ -51,9 +62,16 @@ def write_source(out: Path, source: str, shard_sizes: list[int], *, task: str = 
                 keys.append(sample.key)
                 i += 1
         shards.append({"file": name, "samples": n, "bytes": (sdir / name).stat().st_size, "sha256": None})
-    manifest = {"schema": 1, "source": source, "task": task, "split": split, "shards": shards,
-                "counts": {"samples": i, "records_in": i, "skipped": 0, **(manifest_counts or {})},
-                "skipped": {}, "fingerprint": f"fp-{source}"}  # fmt: skip
+    manifest = {
+        "schema": 1,
+        "source": source,
+        "task": task,
+        "split": split,
+        "shards": shards,
+        "counts": {"samples": i, "records_in": i, "skipped": 0, **(manifest_counts or {})},
+        "skipped": {},
+        "fingerprint": f"fp-{source}",
+    }
     (sdir / "manifest.json").write_text(json.dumps(manifest))
     return keys
 
@@ -61,12 +79,25 @@ def write_source(out: Path, source: str, shard_sizes: list[int], *, task: str = 
 def fake_manifest(out: Path, source: str, n: int, task: str = "genseg", shard_size: int = 1000) -> None:
     """A manifest only (no tar files): enough for mixture arithmetic at real scale."""
     sizes = [shard_size] * (n // shard_size) + ([n % shard_size] if n % shard_size else [])
-    shards = [{"file": f"{source}-train-{k:06d}.tar", "samples": s, "bytes": s * 100, "sha256": "0" * 64}
-              for k, s in enumerate(sizes)]  # fmt: skip
+    shards = [
+        {"file": f"{source}-train-{k:06d}.tar", "samples": s, "bytes": s * 100, "sha256": "0" * 64}
+        for k, s in enumerate(sizes)
+    ]
     d = out / source / "train"
     d.mkdir(parents=True, exist_ok=True)
-    (d / "manifest.json").write_text(json.dumps({"schema": 1, "source": source, "task": task, "split": "train",
-                                                 "shards": shards, "counts": {"samples": n}, "fingerprint": "f"}))
+    (d / "manifest.json").write_text(
+        json.dumps(
+            {
+                "schema": 1,
+                "source": source,
+                "task": task,
+                "split": "train",
+                "shards": shards,
+                "counts": {"samples": n},
+                "fingerprint": "f",
+            }
+        )
+    )
 
 
 # ---------------------------------------------------------------------------------------------- arithmetic
@@ -109,7 +140,12 @@ def test_compute_from_manifests_at_recipe_scale(tmp_path):
         fake_manifest(tmp_path, src, n)
     mix = mixture.compute(str(tmp_path), log=lambda m: None)
     s3 = mix.stage(3)
-    assert s3.names == ["llava_instruct/train", "coco_panoptic/train", "refcoco/train", "lisa_reasonseg/train"]
+    assert s3.names == [
+        "llava_instruct/train",
+        "coco_panoptic/train",
+        "refcoco/train",
+        "lisa_reasonseg/train",
+    ]
     total = sum(sizes.values())
     lisa = s3.datasets[3]
     assert lisa.samples == 239 and lisa.repeat == pytest.approx(math.sqrt(0.1 * total / 239))
@@ -117,14 +153,23 @@ def test_compute_from_manifests_at_recipe_scale(tmp_path):
     assert s3.samples_per_epoch == sum(int(n * max(1, math.sqrt(0.1 * total / n))) for n in sizes.values())
     assert s3.steps_per_epoch(64) == sum(-(-d.epoch_samples // 64) for d in s3.datasets)
     missing = [m["dataset"] for m in s3.missing]
-    assert missing == ["refcoco+/train", "refcocog/train", "grandf_gcg/train", "refcocog_gcg/train", "psg_gcg/train",
-                       "flickr_gcg/train", "coco_vgd/train"]  # fmt: skip
+    assert missing == [
+        "refcoco+/train",
+        "refcocog/train",
+        "grandf_gcg/train",
+        "refcocog_gcg/train",
+        "psg_gcg/train",
+        "flickr_gcg/train",
+        "coco_vgd/train",
+    ]
     # stage 1 is COCO panoptic alone; stage 2's LLaVA-Pretrain was not built
     assert mix.stage(1).names == ["coco_panoptic/train"] and mix.stage(1).probabilities == [1.0]
     assert mix.stage(2).datasets == () and mix.stage(2).missing[0]["dataset"] == "llava_pretrain/train"
     # the shard list is complete and relative to --out: training never lists folders
     pan = s3.datasets[1]
-    assert len(pan.shards) == 119 and pan.shards[0].file == "coco_panoptic/train/coco_panoptic-train-000000.tar"
+    assert (
+        len(pan.shards) == 119 and pan.shards[0].file == "coco_panoptic/train/coco_panoptic-train-000000.tar"
+    )
     assert sum(sh.samples for sh in pan.shards) == pan.shard_samples == 118_287
 
 
@@ -139,9 +184,13 @@ def test_write_load_round_trip_and_validation(tmp_path):
     assert loaded.stage(3).digest() == mixture.compute(str(tmp_path), log=lambda m: None).stage(3).digest()
     # a hand-edited file that breaks an invariant is refused on load
     d = json.loads((tmp_path / "mixture.json").read_text())
-    for field, value, match in (("probability", 0.9, "sum to"), ("probability", float("nan"), "finite"),
-                                ("probability", -0.2, "finite and > 0"), ("repeat", 0.5, "< 1"),
-                                ("samples", 0, "positive int")):  # fmt: skip
+    for field, value, match in (
+        ("probability", 0.9, "sum to"),
+        ("probability", float("nan"), "finite"),
+        ("probability", -0.2, "finite and > 0"),
+        ("repeat", 0.5, "< 1"),
+        ("samples", 0, "positive int"),
+    ):
         bad = json.loads(json.dumps(d))
         bad["stages"]["3"]["datasets"][0][field] = value
         (tmp_path / "bad.json").write_text(json.dumps(bad))
@@ -165,7 +214,9 @@ def test_flagged_samples_left_out_of_n(tmp_path):
     g = mixture.compute(str(tmp_path), stage3_extra=["grefcoco"], log=lambda m: None).stage(3).datasets[-1]
     assert g.excluded == {"no_target": 3} and g.samples == 9
     # opting out of the exclusion keeps them
-    g = mixture.compute(str(tmp_path), stage3_extra=["grefcoco"], exclude_flags=(), log=lambda m: None).stage(3)
+    g = mixture.compute(str(tmp_path), stage3_extra=["grefcoco"], exclude_flags=(), log=lambda m: None).stage(
+        3
+    )
     assert g.datasets[-1].samples == 12 and g.exclude_flags == ()
     # a source whose every sample is flagged is listed as missing, not given a zero weight
     write_source(tmp_path, "grefcoco", [3], flagged={0, 1, 2})
@@ -191,10 +242,17 @@ def test_build_writes_mixture(demo_root, tmp_path):
     from pipelines.sources.base import BuildOptions
 
     out = tmp_path / "shards"
-    build(str(demo_root), str(out), sources=["coco_panoptic"], options=BuildOptions(samples_per_shard=3),
-          log=lambda m: None)
+    build(
+        str(demo_root),
+        str(out),
+        sources=["coco_panoptic"],
+        options=BuildOptions(samples_per_shard=3),
+        log=lambda m: None,
+    )
     mix = mixture.load(str(out))
     manifest = json.loads((out / "coco_panoptic" / "train" / "manifest.json").read_text())
     s1 = mix.stage(1)
     assert s1.names == ["coco_panoptic/train"] and s1.datasets[0].samples == manifest["counts"]["samples"]
-    assert [sh.file.rsplit("/", 1)[-1] for sh in s1.datasets[0].shards] == [s["file"] for s in manifest["shards"]]
+    assert [sh.file.rsplit("/", 1)[-1] for sh in s1.datasets[0].shards] == [
+        s["file"] for s in manifest["shards"]
+    ]

@@ -64,7 +64,7 @@ class _Spans(HTMLParser):
 
 
 def rgb(hex_colour: str) -> np.ndarray:
-    return np.asarray([int(hex_colour[i: i + 2], 16) for i in (1, 3, 5)], np.float64)
+    return np.asarray([int(hex_colour[i : i + 2], 16) for i in (1, 3, 5)], np.float64)
 
 
 def test_preview_writes_the_expected_files(shards, written):
@@ -85,7 +85,9 @@ def test_preview_writes_the_expected_files(shards, written):
     assert len(parser.cards) == 12  # 2 sources x 2 splits x 3 samples
     assert all((pdir / src).is_file() for src in parser.imgs)
     sheet = Image.open(pdir / "sheets" / "coco_panoptic__train.png")
-    assert sheet.width > 2 * 2 * 300 and sheet.height > 2 * 225  # 2 columns x 2 rows of (image, overlay) tiles
+    assert (
+        sheet.width > 2 * 2 * 300 and sheet.height > 2 * 225
+    )  # 2 columns x 2 rows of (image, overlay) tiles
 
 
 @pytest.mark.parametrize("source", COCO)
@@ -99,7 +101,9 @@ def test_overlay_pixels_are_where_the_masks_are(shards, written, source):
     checked_in = checked_out = checked_edge = 0
     for it in first_items(shards, source, "train", 3):
         s = it.sample
-        out = np.asarray(Image.open(shards / "preview" / f"samples/{s.key}.png").convert("RGB")).astype(np.float64)
+        out = np.asarray(Image.open(shards / "preview" / f"samples/{s.key}.png").convert("RGB")).astype(
+            np.float64
+        )
         img = np.asarray(it.image).astype(np.float64)
         assert out.shape == img.shape == (s.image.height, s.image.width, 3)
         dec = np.stack([masks.decode(m.rle).astype(bool) for m in s.masks])
@@ -147,7 +151,11 @@ def test_mask_outline_and_colour_key():
     m1 = np.zeros((h, w), np.uint8)
     m1[10:30, 35:55] = 1
     s = Sample(
-        key="demo/train/x", source="demo", task="genseg", split="train", image=ImageRef("x.jpg", w, h),
+        key="demo/train/x",
+        source="demo",
+        task="genseg",
+        split="train",
+        image=ImageRef("x.jpg", w, h),
         conversation=[Turn("user", "<image>\n<p>a</p>, <p>b</p>, <p>c</p>"), Turn("assistant", "<SEG>.")],
         phrases=["a", "b", "c"],
         masks=[MaskTarget(masks.encode(m0)[0], 0), MaskTarget(masks.encode(m1)[0], 2)],
@@ -176,7 +184,11 @@ def test_regions_and_ignore_are_drawn():
     target = np.zeros((h, w), np.uint8)
     target[2:6, 2:6] = 1
     s = Sample(
-        key="demo/train/r", source="demo", task="vgdseg", split="train", image=ImageRef("r.jpg", w, h),
+        key="demo/train/r",
+        source="demo",
+        task="vgdseg",
+        split="train",
+        image=ImageRef("r.jpg", w, h),
         conversation=[Turn("user", "<image>\n<p><region></p>"), Turn("assistant", "<SEG>.")],
         phrases=["<region>"],
         masks=[MaskTarget(masks.encode(target)[0], 0)],
@@ -203,10 +215,19 @@ def test_overlapping_masks_get_a_strip_and_tags(shards):
     m[10:50, 10:70] = 1
     rle = masks.encode(m)[0]
     s = Sample(
-        key="demo/train/o", source="demo", task="reaseg", split="train", image=ImageRef("o.jpg", 80, 60),
-        conversation=[Turn("user", "<image>\n<p>q one</p>"), Turn("assistant", "<SEG>."),
-                      Turn("user", "<p>q two</p>"), Turn("assistant", "<SEG>.")],
-        phrases=["q one", "q two"], masks=[MaskTarget(rle, 0), MaskTarget(rle, 1)],
+        key="demo/train/o",
+        source="demo",
+        task="reaseg",
+        split="train",
+        image=ImageRef("o.jpg", 80, 60),
+        conversation=[
+            Turn("user", "<image>\n<p>q one</p>"),
+            Turn("assistant", "<SEG>."),
+            Turn("user", "<p>q two</p>"),
+            Turn("assistant", "<SEG>."),
+        ],
+        phrases=["q one", "q two"],
+        masks=[MaskTarget(rle, 0), MaskTarget(rle, 1)],
     )
     assert preview.masks_overlap(s, (80, 60))
     item = preview.PreviewItem(s, Image.new("RGB", (80, 60), (50, 50, 50)))
@@ -222,7 +243,11 @@ def test_overlapping_masks_get_a_strip_and_tags(shards):
 def test_long_text_wraps_within_the_panel():
     font = preview._font(13)
     s = Sample(
-        key="demo/train/t", source="demo", task="chat", split="train", image=None,
+        key="demo/train/t",
+        source="demo",
+        task="chat",
+        split="train",
+        image=None,
         conversation=[Turn("user", "word " * 200 + "x" * 300), Turn("assistant", "fine")],
     )
     lines = preview.layout_text(preview.conversation_runs(s), {}, 200, font, 17)
@@ -242,8 +267,11 @@ def test_cli_selects_sources(shards, tmp_path):
     preview.main(["--out", str(out), "--source", "coco_instance", "--split", "val", "--n", "2"])
     sheets = sorted(p.name for p in (out / "preview" / "sheets").iterdir())
     assert sheets == ["coco_instance__val.png"]
-    overlays = [p for p in (out / "preview" / "samples" / "coco_instance" / "val").glob("*.png")
-                if not p.name.endswith(".masks.png")]
+    overlays = [
+        p
+        for p in (out / "preview" / "samples" / "coco_instance" / "val").glob("*.png")
+        if not p.name.endswith(".masks.png")
+    ]
     assert len(overlays) == 2
     with pytest.raises(SystemExit):
         preview.main(["--out", str(out), "--source", "no_such_source"])

@@ -179,7 +179,9 @@ def test_grefcoco_multi_target_union_and_no_target_kept(demo, tmp_path):
     for split in UNC:
         _, samples, _ = read_split(out, "grefcoco", split)
         no_target = [s for s, _ in samples if s.meta["no_target"]]
-        assert len(no_target) == len({r["image_id"] for r in refs_of(demo, "grefcoco") if r["split"] == split})
+        assert len(no_target) == len(
+            {r["image_id"] for r in refs_of(demo, "grefcoco") if r["split"] == split}
+        )
         for s in no_target:
             validate(s)  # the schema accepts a refseg turn whose <SEG> has no mask
             assert s.masks == [] and len(s.phrases) == 1 and s.conversation[1].text.count("<SEG>") == 1
@@ -190,7 +192,9 @@ def test_grefcoco_multi_target_union_and_no_target_kept(demo, tmp_path):
             img = images[s.meta["image_id"]]
             union = np.zeros((img["height"], img["width"]), np.uint8)
             for a in s.meta["ann_ids"][t]:
-                union |= masks.decode(masks.polygons_to_rle(anns[a]["segmentation"], img["height"], img["width"]))
+                union |= masks.decode(
+                    masks.polygons_to_rle(anns[a]["segmentation"], img["height"], img["width"])
+                )
             (m,) = [m for m in s.masks if m.label == t]
             np.testing.assert_array_equal(masks.decode(m.rle), union)
 
@@ -206,8 +210,14 @@ def test_grefcoco_official_json_is_read_like_the_pickle(root, tmp_path):
     assert [s["sha256"] for s in a["shards"]] == [s["sha256"] for s in b["shards"]]
 
 
-@pytest.mark.parametrize("layout", ["img_refseg/refcocos/images/mscoco/images/train2014",
-                                    "img_genseg/coco2014/train2014", "img_genseg/coco2017/train2017"])
+@pytest.mark.parametrize(
+    "layout",
+    [
+        "img_refseg/refcocos/images/mscoco/images/train2014",
+        "img_genseg/coco2014/train2014",
+        "img_genseg/coco2017/train2017",
+    ],
+)
 def test_image_folder_is_probed_and_recorded(root, tmp_path, layout):
     src = root / BASE / "images" / "train2014"
     dst = root / layout
@@ -240,8 +250,13 @@ def test_ref_whose_ann_id_is_not_in_instances_json_is_skipped(root, tmp_path):
     assert manifest["dropped"] == {"unknown_ann_id": 1} and samples
     assert all(987654 not in s.meta["ann_ids"] for s, _ in samples)
     with pytest.raises(StrictModeError, match="unknown_ann_id"):
-        build(str(root), str(tmp_path / "strict"), sources=["refcoco"], splits=["val"],
-              options=BuildOptions(strict=True))
+        build(
+            str(root),
+            str(tmp_path / "strict"),
+            sources=["refcoco"],
+            splits=["val"],
+            options=BuildOptions(strict=True),
+        )
 
 
 def test_ref_with_no_sentence_is_skipped(root, tmp_path):
@@ -256,8 +271,13 @@ def test_ref_with_no_sentence_is_skipped(root, tmp_path):
     assert {r["reason"] for r in skipped} == {"no_sentences"}
     assert manifest["counts"]["records_in"] == len(samples) + 2
     with pytest.raises(StrictModeError, match="no_sentences"):
-        build(str(root), str(tmp_path / "strict"), sources=["refcoco"], splits=["testA"],
-              options=BuildOptions(strict=True))
+        build(
+            str(root),
+            str(tmp_path / "strict"),
+            sources=["refcoco"],
+            splits=["testA"],
+            options=BuildOptions(strict=True),
+        )
 
 
 class _Payload:
@@ -278,7 +298,9 @@ def test_refs_pickle_carrying_a_callable_is_refused_and_nothing_runs(root, tmp_p
     for split in ("train", "val"):
         manifest, samples, skipped = read_split(out, "refcoco", split)
         assert manifest["skipped"] == {"unsafe_pickle": 1} and samples == []
-        assert "refs(unc).p: refused to load global io.open" in skipped[0]["detail"]  # builtins.open is io.open
+        assert (
+            "refs(unc).p: refused to load global io.open" in skipped[0]["detail"]
+        )  # builtins.open is io.open
     guard = json.loads((out / "eval_images.json").read_text())
     assert any("refs(unc).p" in e for e in guard["errors"])
     with pytest.raises(StrictModeError, match="unsafe_pickle|refused to load"):
@@ -314,11 +336,21 @@ def test_samples_of_one_image_decode_it_once(demo, tmp_path, monkeypatch):
 # ----------------------------------------------------------------------------- executors
 @pytest.mark.ray
 def test_ray_build_equals_inline_build(demo, tmp_path, ray_local):
-    build(str(demo), str(tmp_path / "ray"), sources=["refcoco", "grefcoco"], splits=["train", "val"],
-          options=BuildOptions(samples_per_shard=4))
+    build(
+        str(demo),
+        str(tmp_path / "ray"),
+        sources=["refcoco", "grefcoco"],
+        splits=["train", "val"],
+        options=BuildOptions(samples_per_shard=4),
+    )
     ray_local.shutdown()
-    build(str(demo), str(tmp_path / "inline"), sources=["refcoco", "grefcoco"], splits=["train", "val"],
-          options=BuildOptions(samples_per_shard=4))
+    build(
+        str(demo),
+        str(tmp_path / "inline"),
+        sources=["refcoco", "grefcoco"],
+        splits=["train", "val"],
+        options=BuildOptions(samples_per_shard=4),
+    )
     for m in sorted((tmp_path / "inline").glob("*/*/manifest.json")):
         other = tmp_path / "ray" / m.relative_to(tmp_path / "inline")
         a, b = json.loads(m.read_text()), json.loads(other.read_text())

@@ -12,16 +12,31 @@ from pipelines import safe_pickle
 from pipelines.demo.refer import dumps_py2
 from pipelines.safe_pickle import MalformedPickle, UnsafePickleError
 
-REF = {"sent_ids": [0, 1], "file_name": "COCO_train2014_000000581857_16.jpg", "ann_id": 1719310, "ref_id": 0,
-       "image_id": 581857, "split": "train", "category_id": 1, "big": 2**40, "neg": -5, "score": 0.25,
-       "ok": True, "none": None,
-       "sentences": [{"tokens": ["the", "lady"], "raw": "THE LADY", "sent_id": 0, "sent": "the lady"},
-                     {"tokens": ["café"], "raw": "Café", "sent_id": 1, "sent": "café"}]}
+REF = {
+    "sent_ids": [0, 1],
+    "file_name": "COCO_train2014_000000581857_16.jpg",
+    "ann_id": 1719310,
+    "ref_id": 0,
+    "image_id": 581857,
+    "split": "train",
+    "category_id": 1,
+    "big": 2**40,
+    "neg": -5,
+    "score": 0.25,
+    "ok": True,
+    "none": None,
+    "sentences": [
+        {"tokens": ["the", "lady"], "raw": "THE LADY", "sent_id": 0, "sent": "the lady"},
+        {"tokens": ["café"], "raw": "Café", "sent_id": 1, "sent": "café"},
+    ],
+}
 
 # What Python 2 ``cPickle.dumps(refs, 0)`` writes for a small refs list (8-bit strings, a long, a tuple)
-PY2_PROTOCOL0 = (b"(lp0\n(dp1\nS'split'\np2\nS'train'\np3\nsS'ann_id'\np4\nL1719310L\nsS'ok'\np5\nI01\n"
-                 b"sS'score'\np6\nF0.5\nsS'none'\np7\nNsS'sentences'\np8\n(lp9\n(dp10\nS'sent'\np11\n"
-                 b"S'the lady'\np12\nsasS'box'\np13\n(I1\nI2\ntp14\nsa.")
+PY2_PROTOCOL0 = (
+    b"(lp0\n(dp1\nS'split'\np2\nS'train'\np3\nsS'ann_id'\np4\nL1719310L\nsS'ok'\np5\nI01\n"
+    b"sS'score'\np6\nF0.5\nsS'none'\np7\nNsS'sentences'\np8\n(lp9\n(dp10\nS'sent'\np11\n"
+    b"S'the lady'\np12\nsasS'box'\np13\n(I1\nI2\ntp14\nsa."
+)
 
 
 class _OpenFile:
@@ -51,8 +66,15 @@ def test_python2_protocol_2_refs_load(tmp_path):
 
 def test_python2_protocol_0_loads():
     assert safe_pickle.loads(PY2_PROTOCOL0) == [
-        {"split": "train", "ann_id": 1719310, "ok": True, "score": 0.5, "none": None,
-         "sentences": [{"sent": "the lady"}], "box": (1, 2)}
+        {
+            "split": "train",
+            "ann_id": 1719310,
+            "ok": True,
+            "score": 0.5,
+            "none": None,
+            "sentences": [{"sent": "the lady"}],
+            "box": (1, 2),
+        }
     ]
 
 

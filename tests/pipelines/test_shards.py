@@ -54,7 +54,9 @@ def test_rerun_reuses_complete_shards_and_option_change_rebuilds(coco20, tmp_pat
     assert [r.reused_shards for r in first] == [0]
     again = build(str(coco20), out, sources=["coco_panoptic"], options=BuildOptions(samples_per_shard=6))
     assert [r.reused_shards for r in again] == [4]
-    reseeded = build(str(coco20), out, sources=["coco_panoptic"], options=BuildOptions(samples_per_shard=6, seed=1))
+    reseeded = build(
+        str(coco20), out, sources=["coco_panoptic"], options=BuildOptions(samples_per_shard=6, seed=1)
+    )
     assert [r.reused_shards for r in reseeded] == [0]
     assert not (tmp_path / "out/coco_panoptic/train/_index").exists()
 
@@ -100,7 +102,9 @@ def test_sigkill_mid_build_then_rerun_is_byte_identical(coco20, tmp_path):
     left = files_under(out)
     assert any(".tmp-" in f for f in left), left  # the kill really happened mid-write
     assert not (out / "coco_panoptic/train/manifest.json").exists()
-    results = build(str(coco20), str(out), sources=["coco_panoptic"], options=BuildOptions(samples_per_shard=4))
+    results = build(
+        str(coco20), str(out), sources=["coco_panoptic"], options=BuildOptions(samples_per_shard=4)
+    )
     assert results[0].reused_shards == 2  # shards 0 and 1 were complete before the kill
     assert shard_hashes(out) == shard_hashes(ref)
     assert files_under(out) == files_under(ref)  # no temporaries, no work folder left

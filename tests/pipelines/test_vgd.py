@@ -140,7 +140,9 @@ def test_instance_too_small_for_any_prompt_is_dropped_not_retried(vgd_root, tmp_
     assert rows == {("record", "mask_too_small_for_prompt"), ("annotation", "mask_too_small_for_prompt")}
     assert len(samples) == 5
     with pytest.raises(StrictModeError, match="mask_too_small_for_prompt"):
-        build(str(vgd_root), str(tmp_path / "strict"), sources=["coco_vgd"], options=BuildOptions(strict=True))
+        build(
+            str(vgd_root), str(tmp_path / "strict"), sources=["coco_vgd"], options=BuildOptions(strict=True)
+        )
 
 
 def test_released_prompt_of_the_wrong_size_is_skipped(vgd_root, tmp_path):
@@ -162,5 +164,10 @@ def test_released_prompt_of_the_wrong_size_is_skipped(vgd_root, tmp_path):
     assert box["dropped"].get("rle_size_mismatch", 0) >= 1
     assert any(r["level"] == "annotation" and r["key"].endswith("/box") for r in box_skipped)
     with pytest.raises(StrictModeError, match="rle_size_mismatch|duplicate_image_id"):
-        build(str(vgd_root), str(tmp_path / "strict"), sources=["coco_vgd"], splits=["val_point"],
-              options=BuildOptions(strict=True))
+        build(
+            str(vgd_root),
+            str(tmp_path / "strict"),
+            sources=["coco_vgd"],
+            splits=["val_point"],
+            options=BuildOptions(strict=True),
+        )

@@ -23,7 +23,9 @@ def blob_mask() -> np.ndarray:
 
 
 def prompt(m: np.ndarray, kind: str, ann_id: object = 1, seed: int = 0) -> np.ndarray:
-    return masks.decode(vprompts.prompt_rle(m, kind, seed=seed, key="src/train/0001", ann_id=ann_id)).astype(bool)
+    return masks.decode(vprompts.prompt_rle(m, kind, seed=seed, key="src/train/0001", ann_id=ann_id)).astype(
+        bool
+    )
 
 
 def grow(m: np.ndarray, r: int) -> np.ndarray:
@@ -112,8 +114,10 @@ def test_prompts_are_deterministic_per_seed_key_and_annotation():
         assert a == vprompts.prompt_rle(m, kind, seed=3, key="k/train/1", ann_id=7)
         assert a["size"] == [H, W] and isinstance(a["counts"], str)
         if kind != "mask":  # the mask prompt has no randomness (as X-SAM's)
-            others = {vprompts.prompt_rle(m, kind, seed=s, key=k, ann_id=i)["counts"]
-                      for s, k, i in ((4, "k/train/1", 7), (3, "k/train/2", 7), (3, "k/train/1", 8))}
+            others = {
+                vprompts.prompt_rle(m, kind, seed=s, key=k, ann_id=i)["counts"]
+                for s, k, i in ((4, "k/train/1", 7), (3, "k/train/2", 7), (3, "k/train/1", 8))
+            }
             assert a["counts"] not in others
     # drawing several types at once gives the same prompts as one at a time
     both = vprompts.prompt_rles(m, ["box", "point"], seed=3, key="k/train/1", ann_id=7)

@@ -7,5 +7,15 @@ from xsam_model.modeling.projector import MLPProjector, SegProjector
 from xsam_model.modeling.region_sampler import RegionSampler
 from xsam_model.modeling.xsam import XSam, XSamOutput
 
-__all__ = ["ConditionedTransformerModule", "MLPProjector", "MaskDecoder", "PhraseClassifier", "RegionSampler",
-           "SegConnector", "SegLoss", "SegProjector", "XSam", "XSamOutput"]  # fmt: skip
+__all__ = [
+    "ConditionedTransformerModule",
+    "MLPProjector",
+    "MaskDecoder",
+    "PhraseClassifier",
+    "RegionSampler",
+    "SegConnector",
+    "SegLoss",
+    "SegProjector",
+    "XSam",
+    "XSamOutput",
+]

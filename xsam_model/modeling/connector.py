@@ -18,10 +18,13 @@ class ConnectorLevel(nn.Module):
         super().__init__()
         out = int(in_dim * scale)
         self.convs = nn.Sequential(
-            nn.Conv2d(in_dim, hidden_dim, 1, bias=False), _ln(hidden_dim),
-            nn.Conv2d(hidden_dim, hidden_dim, 3, padding=1, bias=False), _ln(hidden_dim),
-            nn.Conv2d(hidden_dim, out, 1, bias=False), _ln(out),
-        )  # fmt: skip
+            nn.Conv2d(in_dim, hidden_dim, 1, bias=False),
+            _ln(hidden_dim),
+            nn.Conv2d(hidden_dim, hidden_dim, 3, padding=1, bias=False),
+            _ln(hidden_dim),
+            nn.Conv2d(hidden_dim, out, 1, bias=False),
+            _ln(out),
+        )
         if scale > 1:
             self.resample: nn.Module = nn.PixelShuffle(int(scale))
         elif scale < 1:
@@ -37,7 +40,9 @@ class ConnectorLevel(nn.Module):
 class SegConnector(nn.Module):
     def __init__(self, *, in_dim: int, hidden_dim: int, scale_factors: tuple[float, ...] = (2.0, 1.0, 0.5)):
         super().__init__()
-        self.levels = nn.ModuleList(ConnectorLevel(in_dim=in_dim, hidden_dim=hidden_dim, scale=s) for s in scale_factors)
+        self.levels = nn.ModuleList(
+            ConnectorLevel(in_dim=in_dim, hidden_dim=hidden_dim, scale=s) for s in scale_factors
+        )
         self.out_channels = [int(in_dim / s) for s in scale_factors]
 
     def forward(self, hidden_states: list[torch.Tensor]) -> list[torch.Tensor]:

@@ -68,16 +68,28 @@ class PhraseClassifier(nn.Module):
 class MaskDecoder(nn.Module):
     """Pixel decoder + conditioned transformer decoder + heads. Built parts in, predictions per layer out."""
 
-    def __init__(self, *, pixel_decoder: Mask2FormerPixelDecoder, transformer: ConditionedTransformerModule,
-                 phrase_head: PhraseClassifier, linear_head: nn.Linear):  # fmt: skip
+    def __init__(
+        self,
+        *,
+        pixel_decoder: Mask2FormerPixelDecoder,
+        transformer: ConditionedTransformerModule,
+        phrase_head: PhraseClassifier,
+        linear_head: nn.Linear,
+    ):
         super().__init__()
         self.pixel_decoder = pixel_decoder
         self.transformer = transformer
         self.phrase_head = phrase_head
         self.linear_head = linear_head
 
-    def forward(self, features: list[torch.Tensor], *, seg_embeds: torch.Tensor | None = None,
-                cond: torch.Tensor | None = None, cond_valid: torch.Tensor | None = None) -> list[dict[str, torch.Tensor]]:  # fmt: skip
+    def forward(
+        self,
+        features: list[torch.Tensor],
+        *,
+        seg_embeds: torch.Tensor | None = None,
+        cond: torch.Tensor | None = None,
+        cond_valid: torch.Tensor | None = None,
+    ) -> list[dict[str, torch.Tensor]]:
         """features: 3 × BxCixHixWi (high res first, strides 8/16/32); seg_embeds BxC; cond BxKxC, cond_valid BxK.
 
         Returns one dict per decoder prediction (first = learnable queries only, last = final):
@@ -89,7 +101,9 @@ class MaskDecoder(nn.Module):
         preds = []
         for hidden, masks in zip(out.intermediate_hidden_states, out.masks_queries_logits, strict=True):
             queries = hidden.transpose(0, 1)  # QxBxC → BxQxC
-            logits = self.linear_head(queries) if cond is None else self.phrase_head(queries, cond, cond_valid)
+            logits = (
+                self.linear_head(queries) if cond is None else self.phrase_head(queries, cond, cond_valid)
+            )
             preds.append({"masks_queries_logits": masks, "class_queries_logits": logits})
         return preds
 

@@ -17,7 +17,11 @@ class SegLoss(Mask2FormerLoss):
 
     def __init__(self, config: Mask2FormerConfig):
         super().__init__(config, weight_dict={})
-        self.weights = {"cls": config.class_weight, "mask_bce": config.mask_weight, "dice": config.dice_weight}
+        self.weights = {
+            "cls": config.class_weight,
+            "mask_bce": config.mask_weight,
+            "dice": config.dice_weight,
+        }
 
     def loss_labels(self, class_queries_logits, class_labels, indices):
         b, q, c = class_queries_logits.shape
@@ -35,18 +39,26 @@ class SegLoss(Mask2FormerLoss):
             zero = masks_queries_logits.sum() * 0.0
             return zero, zero
         bi = torch.tensor([i for i, _ in src], device=masks_queries_logits.device)
-        pred = masks_queries_logits[bi, torch.tensor([s for _, s in src], device=bi.device)][:, None]  # Mx1xHxW
+        pred = masks_queries_logits[bi, torch.tensor([s for _, s in src], device=bi.device)][
+            :, None
+        ]  # Mx1xHxW
         target = torch.cat([mask_labels[i][t.to(mask_labels[i].device)] for i, (_, t) in enumerate(indices)])
         target = target[:, None].to(pred.dtype)  # Mx1xLxL
         with torch.no_grad():
             coords = self.sample_points_using_uncertainty(
-                pred.float(), self.calculate_uncertainty, self.num_points, self.oversample_ratio, self.importance_sample_ratio
+                pred.float(),
+                self.calculate_uncertainty,
+                self.num_points,
+                self.oversample_ratio,
+                self.importance_sample_ratio,
             ).to(pred.dtype)
             labels = sample_point(target, coords, align_corners=False).squeeze(1)  # MxP
             keep = torch.ones_like(labels)
             if ignore_mask is not None:
                 ign = ignore_mask[bi][:, None].to(pred.dtype)
-                keep = 1.0 - (sample_point(ign, coords, mode="nearest", align_corners=False).squeeze(1) > 0.5).to(pred.dtype)
+                keep = 1.0 - (
+                    sample_point(ign, coords, mode="nearest", align_corners=False).squeeze(1) > 0.5
+                ).to(pred.dtype)
         logits = sample_point(pred, coords, align_corners=False).squeeze(1).float()  # MxP
         labels, keep = labels.float(), keep.float()
         bce = F.binary_cross_entropy_with_logits(logits, labels, reduction="none")
@@ -61,7 +73,9 @@ class SegLoss(Mask2FormerLoss):
         class_labels: B × Ni long; ignore_mask: BxLxL bool or None. Returns weighted ``cls``, ``mask_bce``,
         ``dice``, each summed over the layers used (all with auxiliary loss, else the final one)."""
         device = predictions[-1]["masks_queries_logits"].device
-        num_masks = torch.tensor(max(sum(len(c) for c in class_labels), 1), dtype=torch.float32, device=device)
+        num_masks = torch.tensor(
+            max(sum(len(c) for c in class_labels), 1), dtype=torch.float32, device=device
+        )
         totals = {k: torch.zeros((), device=device) for k in self.weights}
         for pred in predictions:
             masks, logits = pred["masks_queries_logits"], pred["class_queries_logits"]
@@ -70,11 +84,16 @@ class SegLoss(Mask2FormerLoss):
                 if len(class_labels[i]) == 0:
                     indices.append((torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long)))
                 else:
-                    indices += self.matcher(masks[i : i + 1].float(), logits[i : i + 1].float(),
-                                            [mask_labels[i]], [class_labels[i]])  # fmt: skip
+                    indices += self.matcher(
+                        masks[i : i + 1].float(),
+                        logits[i : i + 1].float(),
+                        [mask_labels[i]],
+                        [class_labels[i]],
+                    )
             bce, dice = self.loss_masks_ignore(masks, mask_labels, indices, num_masks, ignore_mask)
-            totals["cls"] = totals["cls"] + self.weights["cls"] * self.loss_labels(logits, class_labels, indices)
+            totals["cls"] = totals["cls"] + self.weights["cls"] * self.loss_labels(
+                logits, class_labels, indices
+            )
             totals["mask_bce"] = totals["mask_bce"] + self.weights["mask_bce"] * bce
             totals["dice"] = totals["dice"] + self.weights["dice"] * dice
         return totals
-

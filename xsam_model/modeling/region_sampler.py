@@ -25,7 +25,9 @@ class RegionSampler(nn.Module):
         for m in masks:
             yx = m.nonzero()
             if len(yx) == 0:  # an empty prompt: sample the whole frame rather than fail
-                yx = torch.stack(torch.meshgrid(torch.arange(size), torch.arange(size), indexing="ij"), -1).view(-1, 2)
+                yx = torch.stack(
+                    torch.meshgrid(torch.arange(size), torch.arange(size), indexing="ij"), -1
+                ).view(-1, 2)
                 yx = yx.to(m.device)
             pick = torch.randint(len(yx), (self.num_points,), device=m.device)
             coords.append(yx[pick].flip(-1).to(grid.dtype) + 0.5)  # (x, y) pixel centres

@@ -74,11 +74,15 @@ class XSam(nn.Module):
     # ------------------------------------------------------------------ encoders
     def encode_sam(self, extra_pixel_values: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """Bx3xLxL → (BxGxGxC features for the seg projector, 3 × BxGxGxC connector inputs)."""
-        hs = self.sam_encoder(extra_pixel_values, output_hidden_states=True).hidden_states  # (layers+1) × BxGxGxC
+        hs = self.sam_encoder(
+            extra_pixel_values, output_hidden_states=True
+        ).hidden_states  # (layers+1) × BxGxGxC
         c = self.config.sam
         return hs[c.select_layer], [hs[i] for i in c.connector_layers]
 
-    def encode_images(self, pixel_values: torch.Tensor, sam_feats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def encode_images(
+        self, pixel_values: torch.Tensor, sam_feats: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """SigLIP Bx3xSxS + SAM BxGxGxC → (image tokens Bx(Ns+Ng)xD, seg grid Bx(G/2)x(G/2)xD)."""
         hs = self.vision_encoder(pixel_values, output_hidden_states=True).hidden_states
         vis = self.visual_projector(hs[self.config.siglip.select_layer])  # BxNsxD
@@ -86,7 +90,9 @@ class XSam(nn.Module):
         return torch.cat([vis, grid.flatten(1, 2)], 1), grid
 
     # ------------------------------------------------------------------ token expansion
-    def _expand(self, batch: dict[str, Any], image_tokens: torch.Tensor, grid: torch.Tensor) -> dict[str, torch.Tensor]:
+    def _expand(
+        self, batch: dict[str, Any], image_tokens: torch.Tensor, grid: torch.Tensor
+    ) -> dict[str, torch.Tensor]:
         """Replace each ``<image>`` (-200) by its image tokens and each ``<region>`` (-300) by its region tokens;
         labels/cond_ids/seg_ids follow (region tokens keep their span's cond id). Right-padded to the batch max."""
         p = self.config.processor
@@ -95,9 +101,18 @@ class XSam(nn.Module):
         rows: list[dict[str, torch.Tensor]] = []
         for b in range(ids.shape[0]):
             n = int(attn[b].sum())
-            cols = {"embeds": embed[b, :n], "labels": batch["labels"][b, :n],
-                    "cond_ids": batch["cond_ids"][b, :n], "seg_ids": batch["seg_ids"][b, :n]}  # fmt: skip
-            holes = ((ids[b, :n] == p.image_token_index) | (ids[b, :n] == p.region_token_index)).nonzero().flatten().tolist()
+            cols = {
+                "embeds": embed[b, :n],
+                "labels": batch["labels"][b, :n],
+                "cond_ids": batch["cond_ids"][b, :n],
+                "seg_ids": batch["seg_ids"][b, :n],
+            }
+            holes = (
+                ((ids[b, :n] == p.image_token_index) | (ids[b, :n] == p.region_token_index))
+                .nonzero()
+                .flatten()
+                .tolist()
+            )
             regions = None
             if (ids[b, :n] == p.region_token_index).any():
                 regions = self.region_sampler(grid[b], batch["region_masks"][b].to(grid.device))  # RxKxD
@@ -120,9 +135,13 @@ class XSam(nn.Module):
                 start = pos + 1
             rows.append({k: torch.cat([*pieces[k], v[start:]]) for k, v in cols.items()})
         pad = {"embeds": 0.0, "labels": -100, "cond_ids": -1, "seg_ids": -1}
-        out = {k: nn.utils.rnn.pad_sequence([r[k] for r in rows], batch_first=True, padding_value=pad[k]) for k in pad}
+        out = {
+            k: nn.utils.rnn.pad_sequence([r[k] for r in rows], batch_first=True, padding_value=pad[k])
+            for k in pad
+        }
         out["attention_mask"] = nn.utils.rnn.pad_sequence(
-            [torch.ones(len(r["labels"]), dtype=torch.long, device=ids.device) for r in rows], batch_first=True
+            [torch.ones(len(r["labels"]), dtype=torch.long, device=ids.device) for r in rows],
+            batch_first=True,
         )
         return out
 
@@ -130,7 +149,9 @@ class XSam(nn.Module):
     def _conditions(self, hidden: torch.Tensor, cond_ids: torch.Tensor, seg_ids: torch.Tensor):
         """hidden BxTxC (projected) → seg_embeds BxC, cond BxKxC (mean over each span), valid BxK, has_seg B."""
         k = max(int(cond_ids.max()) + 1, 1)
-        onehot = (cond_ids.unsqueeze(1) == torch.arange(k, device=cond_ids.device)[None, :, None]).to(hidden.dtype)
+        onehot = (cond_ids.unsqueeze(1) == torch.arange(k, device=cond_ids.device)[None, :, None]).to(
+            hidden.dtype
+        )
         counts = onehot.sum(-1)  # BxK
         cond = torch.bmm(onehot, hidden) / counts.clamp(min=1).unsqueeze(-1)
         has_seg = (seg_ids >= 0).any(1)
@@ -177,14 +198,20 @@ class XSam(nn.Module):
             if stage == 3 and bool((x["seg_ids"] >= 0).any()):
                 proj = self.llm_projector(hidden)  # BxT'xC
                 seg, cond, valid, _ = self._conditions(proj, x["cond_ids"], x["seg_ids"])
-                predictions = self.mask_decoder(self.seg_connector(pyramid), seg_embeds=seg, cond=cond, cond_valid=valid)
+                predictions = self.mask_decoder(
+                    self.seg_connector(pyramid), seg_embeds=seg, cond=cond, cond_valid=valid
+                )
                 if compute_loss:
                     masks, labels = self._targets(batch, batch["class_labels"], limit=valid.sum(1))
                     losses.update(self._seg_losses(predictions, masks, labels, batch))
         total = sum(losses.values())
         # the per-component values are for logging: detached, so logging never holds the graph
-        return XSamOutput(loss=total, losses={k: v.detach() for k, v in losses.items()},
-                          predictions=predictions, lm_logits=lm_logits)  # fmt: skip
+        return XSamOutput(
+            loss=total,
+            losses={k: v.detach() for k, v in losses.items()},
+            predictions=predictions,
+            lm_logits=lm_logits,
+        )
 
     def _targets(self, batch, labels: list[torch.Tensor], limit):
         """Keep masks whose label is valid for the head in use (≥ 0, and < #phrases for the phrase head)."""
@@ -202,6 +229,9 @@ class XSam(nn.Module):
         preds = predictions if self.config.loss.use_auxiliary_loss else predictions[-1:]
         ignore = batch.get("ignore_mask")
         seg = self.criterion(
-            preds, [m.to(dev) for m in masks], [lab.to(dev) for lab in labels], ignore.to(dev) if ignore is not None else None
+            preds,
+            [m.to(dev) for m in masks],
+            [lab.to(dev) for lab in labels],
+            ignore.to(dev) if ignore is not None else None,
         )
         return {k: self.config.loss.seg_weight * v for k, v in seg.items()}
