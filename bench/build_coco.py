@@ -132,7 +132,7 @@ def io_floor(root: Path, out: Path, decode: bool) -> float:
 def part1(tmp: Path, n: int) -> None:
     import ray
 
-    from pipelines.build import build
+    from pipelines.build.driver import build
     from pipelines.sources.base import BuildOptions
 
     data = tmp / "datas"
@@ -238,8 +238,8 @@ import sys, time
 sys.path.insert(0, {root!r})
 t0 = time.perf_counter()
 import ray  # what the build driver imports, so its footprint is counted
-from pipelines import build, shards
-from pipelines.chunks import spill
+from pipelines.build import driver as build, shards
+from pipelines.build.chunks import spill
 from pipelines.sources import SOURCES
 src = SOURCES["coco_instance"]
 files = src.locate({data!r}, "train")

@@ -11,7 +11,7 @@ nested-overlap captions, split RLEs, records without a size), written under a te
   whole list, then per record X-SAM's caption/phrase cleaning, every RLE decoded to a dense mask and OR-ed,
   and the image opened and decoded with PIL (X-SAM ``_decode_mask`` / GLaMM ``_parse_annotations``).
 - to_sample only: our pure conversion function over indexed records (no image check, no tar writing).
-- build, inline: ``pipelines.build.build`` with Ray not initialised (one worker, everything included).
+- build, inline: ``pipelines.build.driver.build`` with Ray not initialised (one worker, everything included).
 - build, Ray: the same under ``ray.init(num_cpus=W)``; per worker = samples / seconds that worker spent
   converting (from the shard completion markers), and samples / (wall x W) end to end (indexing included).
 """
@@ -34,7 +34,7 @@ import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 from pycocotools import mask as mask_utils  # noqa: E402
 
-from pipelines.build import build  # noqa: E402
+from pipelines.build.driver import build  # noqa: E402
 from pipelines.demo.gcg import GRANDF_IMAGES, write_grandf_train  # noqa: E402
 from pipelines.sources import SOURCES  # noqa: E402
 from pipelines.sources.base import BuildOptions, ConvertContext, Shared, Skip  # noqa: E402

@@ -20,7 +20,7 @@ OpenCV at 1 thread: one process = one loader worker), twice, interleaved with th
      decode, panoptic PNG decode, ``rgb2id``, one boolean mask per segment, ``transformers.image_transforms``
      resize/rescale/normalize/pad for SAM and for every mask, ``SiglipImageProcessor`` for SigLIP;
    - ours on shards built from the same tree: ``MixtureLoader`` (in-process) + a transform made of
-     ``pipelines.decode`` (simplejpeg, cv2, run-length mask scaling) and the processor's tokenizer;
+     ``pipelines.loader.decode`` (simplejpeg, cv2, run-length mask scaling) and the processor's tokenizer;
    - ours with ``xsam_model``'s ``XSamProcessor`` as the transform (PIL + torch, as it is written today);
    - ours on a mix of every demo source (the embedded demo tree, 320x240 images);
    - ours through a ``torch.utils.data.DataLoader`` with 1 worker (tensors cross process boundaries).
@@ -71,7 +71,7 @@ def peak_rss_mb() -> float:
 
 # ---------------------------------------------------------------------------------------------- transforms
 class FastInputs:
-    """``(Sample, image bytes) → model inputs`` with ``pipelines.decode`` (+ the processor's tokenizer if given).
+    """``(Sample, image bytes) → model inputs`` with ``pipelines.loader.decode`` (+ the processor's tokenizer if given).
 
     Same keys and shapes as ``XSamProcessor`` (numpy; torch tensors sharing the arrays with ``as_torch``, which
     a DataLoader moves through shared memory): each image resized once per target size."""
@@ -85,7 +85,7 @@ class FastInputs:
         )
 
     def __call__(self, sample, image_bytes):
-        from pipelines import decode
+        from pipelines.loader import decode
 
         item = dict(self.tokenize(sample)) if self.tokenize else {}
         hw = (sample.image.height, sample.image.width) if sample.image else None
@@ -262,7 +262,7 @@ def child_startup_ours(a: dict) -> dict:
     t0 = time.perf_counter()
     if a.get("torch"):
         import torch  # noqa: F401  (training processes have it)
-    from pipelines.loader import MixtureLoader
+    from pipelines.loader.stream import MixtureLoader
 
     # collate=list: the first batch is a list of items, as the baseline's (no stacked copy in either peak)
     loader = MixtureLoader(a["shards"], stage="bench", batch_size=BATCH, transform=FastInputs(), collate=list)
@@ -297,7 +297,7 @@ def child_steady_baseline(a: dict) -> dict:
 
 
 def _ours_loader(a: dict):
-    from pipelines.loader import MixtureLoader
+    from pipelines.loader.stream import MixtureLoader
 
     tokenize = _make_tokenize(a["text"])
     if a["transform"] == "processor":
@@ -464,7 +464,8 @@ def write_startup_shards(out: Path, n_shards: int, samples: int = 1000, seed: in
     import webdataset as wds
     from PIL import Image
 
-    from pipelines import masks, mixture
+    from pipelines import masks
+    from pipelines.build import mixture
     from pipelines.schema import ImageRef, MaskTarget, Sample, Turn, to_wds
 
     rng = np.random.default_rng(seed)
@@ -522,8 +523,8 @@ def write_startup_shards(out: Path, n_shards: int, samples: int = 1000, seed: in
 
 
 def build_shards(data_root: Path, out: Path, sources: list[str] | None) -> list[str]:
-    from pipelines import mixture
-    from pipelines.build import build
+    from pipelines.build import mixture
+    from pipelines.build.driver import build
     from pipelines.sources.base import BuildOptions
 
     res = build(

@@ -175,7 +175,7 @@ def child_lvis_api(args: dict) -> dict:
 
 
 def child_driver(args: dict) -> dict:
-    from pipelines.chunks import spill
+    from pipelines.build.chunks import spill
     from pipelines.sources import SOURCES
     from pipelines.sources.base import BuildOptions
 
@@ -193,7 +193,7 @@ def child_driver(args: dict) -> dict:
         "skips": len(skips),
     }
     Path(args["out"], "driver.json").write_text(json.dumps({"chunk": chunks[0].__dict__, "shared": shared}))
-    from pipelines import shards
+    from pipelines.build import shards
 
     t1 = time.perf_counter()
     shards.hash_inputs(files)
@@ -202,8 +202,8 @@ def child_driver(args: dict) -> dict:
 
 
 def child_worker(args: dict) -> dict:
-    from pipelines import shards
-    from pipelines.chunks import Chunk
+    from pipelines.build import shards
+    from pipelines.build.chunks import Chunk
     from pipelines.sources import SOURCES
     from pipelines.sources.base import BuildOptions
 
@@ -226,7 +226,7 @@ def child_worker(args: dict) -> dict:
 
 
 def child_ade_index(args: dict) -> dict:
-    from pipelines.chunks import spill
+    from pipelines.build.chunks import spill
     from pipelines.sources import SOURCES
     from pipelines.sources.base import BuildOptions
 

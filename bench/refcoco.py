@@ -15,7 +15,7 @@ sentence):
   + REFER's index, then per sample every turn's polygons decoded to a dense mask and the image opened and
   decoded with PIL (X-SAM ``ImgRefSegDataset`` / LISA ``refer_seg_dataset``).
 - to_sample only: our pure conversion over indexed records (no image check, no tar writing).
-- build inline: ``pipelines.build.build`` with Ray not initialised (one worker, indexing included).
+- build inline: ``pipelines.build.driver.build`` with Ray not initialised (one worker, indexing included).
 - build Ray: the same under ``ray.init(num_cpus=W)``; per worker = samples / seconds that workers spent
   converting (shard completion markers), and samples / (wall x W) end to end.
 """
@@ -40,7 +40,7 @@ import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 from pycocotools import mask as mask_utils  # noqa: E402
 
-from pipelines.build import build  # noqa: E402
+from pipelines.build.driver import build  # noqa: E402
 from pipelines.demo.draw import jpeg_bytes, make_scene  # noqa: E402
 from pipelines.demo.refer import COLOURS, THINGS, dumps_py2  # noqa: E402
 from pipelines.sources import SOURCES  # noqa: E402

@@ -43,8 +43,8 @@ STAGES = {
 
 def demo_shards(out: Path) -> Path:
     """The demo tree's train shards with a mixture whose stage 3 mixes every task the demo has."""
-    from pipelines import mixture
-    from pipelines.build import build
+    from pipelines.build import mixture
+    from pipelines.build.driver import build
     from pipelines.demo_data import write_demo
     from pipelines.sources.base import BuildOptions
 

@@ -3,7 +3,7 @@
     ray job submit --working-dir . -- python orchestrate/build_shards.py --data-root /path/to/datas --out /shared/shards
     python orchestrate/build_shards.py --data-root demo_out/datas --out demo_out/shards   # joins RAY_ADDRESS or starts Ray
 
-Every option is documented in ``--help``; the work itself is in :mod:`pipelines.build`.
+Every option is documented in ``--help``; the work itself is in :mod:`pipelines.build.driver`.
 """
 
 from __future__ import annotations
@@ -17,10 +17,10 @@ sys.path.insert(
     0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 )  # run as a script from anywhere
 
-from pipelines.build import BuildConfigError, build, format_table  # noqa: E402
-from pipelines.jsonstream import MalformedJSON  # noqa: E402
-from pipelines.mixture import mixture_path  # noqa: E402
+from pipelines.build.driver import BuildConfigError, build, format_table  # noqa: E402
+from pipelines.loader.mixture import mixture_path  # noqa: E402
 from pipelines.sources.base import BuildOptions, StrictModeError  # noqa: E402
+from pipelines.sources.readers.jsonstream import MalformedJSON  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -65,7 +65,7 @@ _PACKAGES = ("pipelines", "xsam_model", "orchestrate")
 def code_version() -> dict[str, Any]:
     """Package version, git commit when a checkout is at hand, and a digest of the package sources (which
     identifies the code even inside a ``ray job submit --working-dir`` copy that has no ``.git``)."""
-    from pipelines.build import code_version as build_code_version
+    from pipelines.build.driver import code_version as build_code_version
 
     root = Path(__file__).resolve().parent.parent
     h = hashlib.sha256()

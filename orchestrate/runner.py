@@ -81,9 +81,9 @@ def build_config(a: RunArgs):
 
 
 def check_data(shards: str, mixture_url: str, mixture_stage: str):
-    """The stage's :class:`~pipelines.mixture.StageMixture`, after checking that its shards exist."""
-    from pipelines.mixture import MixtureError
-    from pipelines.mixture import load as load_mixture
+    """The stage's :class:`~pipelines.loader.mixture.StageMixture`, after checking that its shards exist."""
+    from pipelines.loader.mixture import MixtureError
+    from pipelines.loader.mixture import load as load_mixture
 
     fs, root = storage.fs_and_path(shards)
     if not fs.isdir(root):
@@ -92,7 +92,7 @@ def check_data(shards: str, mixture_url: str, mixture_stage: str):
     if not mfs.exists(mpath):
         raise RunSetupError(
             f"mixture not found: expected {mixture_url} (build_shards writes it; "
-            f"`python -m pipelines.mixture --out {shards}` rewrites it)"
+            f"`python -m pipelines.build.mixture --out {shards}` rewrites it)"
         )
     try:
         stage = load_mixture(mixture_url).stage(mixture_stage)

@@ -2,7 +2,7 @@
 
 Each worker: build the model and its stage view, load the parents' exports (checked key by key), call
 ``deepspeed.initialize`` with the generated config, open this rank's slice of the mixture
-(:class:`pipelines.loader.MixtureLoader`), continue from the latest checkpoint if there is one, and run the
+(:class:`pipelines.loader.stream.MixtureLoader`), continue from the latest checkpoint if there is one, and run the
 steps. Every ``checkpoint.every_steps`` steps every rank writes its DeepSpeed shard and loader state into a
 temporary folder, and all ranks report it together (:mod:`orchestrate.checkpointing`). At the end rank 0
 writes the stage export (:mod:`orchestrate.exports`).
@@ -123,8 +123,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     from orchestrate.deepspeed_config import deepspeed_config
     from orchestrate.plan import model_config
     from orchestrate.tracking import Tracker
-    from pipelines.loader import MixtureLoader
-    from pipelines.mixture import load as load_mixture
+    from pipelines.loader.mixture import load as load_mixture
+    from pipelines.loader.stream import MixtureLoader
     from xsam_model import build_xsam, export_trainable
     from xsam_model.modeling.xsam import LOSS_KEYS
 

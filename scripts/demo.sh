@@ -32,8 +32,8 @@ submit_job python orchestrate/build_shards.py --data-root "$OUT/datas" --out "$O
   --samples-per-shard 4
 
 echo "== written under $OUT/shards:"
-python -m pipelines.summary --out "$OUT/shards"
-python -m pipelines.preview --out "$OUT/shards" --n 4
+python -m pipelines.inspect.summary --out "$OUT/shards"
+python -m pipelines.inspect.preview --out "$OUT/shards" --n 4
 echo "   open $OUT/shards/preview/index.html to look at the samples"
 if [ "${DEMO_TRAIN:-1}" = "1" ] && [ -x scripts/train_demo.sh ]; then
   scripts/train_demo.sh "$OUT"

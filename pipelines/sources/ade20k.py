@@ -54,8 +54,8 @@ from pipelines.sources.base import (
     SourceNotFound,
     key_id,
 )
-from pipelines.sources.coco_index import image_sort_id, iter_coco_records
 from pipelines.sources.genseg import clean_category_name, genseg_conversation, mask_targets, prompt_categories
+from pipelines.sources.readers.coco_index import image_sort_id, iter_coco_records
 
 ADE_ROOT = "img_ovseg/ade20k"
 SPLIT_DIRS = {"train": "training", "val": "validation"}

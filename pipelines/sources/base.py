@@ -6,7 +6,7 @@ A source turns raw files under the data root into Samples in three steps (DESIGN
 2. ``index(files, split, options)`` streams the annotation files once (never loading a huge JSON whole) and
    yields **records**: plain JSON-able dicts, one per would-be Sample, each with a ``"key"``, in key order,
    plus index-time :class:`Skip` entries for units that can never become a record (duplicate ids,
-   annotations of missing images). Records are spilled to chunk files by :mod:`pipelines.chunks`;
+   annotations of missing images). Records are spilled to chunk files by :mod:`pipelines.build.chunks`;
 3. ``to_sample(record, ctx)`` is a pure function of one record (plus reads under the data root through
    ``ctx``) returning a :class:`~pipelines.schema.Sample`, or raising :class:`SkipRecord`.
 
@@ -24,11 +24,16 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any, Protocol, runtime_checkable
 
+from pipelines.build.options import (
+    POLICY_REASONS,
+    BuildOptions,
+    Skip,
+    SkipRecord,
+    StrictModeError,
+)
 from pipelines.schema import Sample
 
-DEFAULT_MAX_IMAGE_PIXELS = (
-    100_000_000  # a 10k x 10k image; anything larger is treated as a decompression bomb
-)
+__all__ = ["POLICY_REASONS", "BuildOptions", "Skip", "SkipRecord", "StrictModeError"]
 
 
 class SourceNotFound(FileNotFoundError):
@@ -38,42 +43,6 @@ class SourceNotFound(FileNotFoundError):
         super().__init__(f"{source}: not found: {', '.join(looked_at)}")
         self.source = source
         self.looked_at = looked_at
-
-
-class SkipRecord(Exception):
-    """This record becomes no Sample. ``reason`` is a stable snake_case name counted in the manifest."""
-
-    def __init__(self, reason: str, detail: str = ""):
-        super().__init__(f"{reason}: {detail}" if detail else reason)
-        self.reason = reason
-        self.detail = detail
-
-
-class StrictModeError(RuntimeError):
-    """Raised under ``--strict`` at the first skipped record or dropped annotation."""
-
-
-# Skips that are deliberate filters, not bad data: counted and listed like any skip, but ``--strict`` does
-# not stop on them (RefCOCO eval images kept out of COCO training splits; LLaVA text-only records in stage 3;
-# LVIS images that carry only negative labels).
-POLICY_REASONS = frozenset({"eval_image_leak", "text_only", "only_negative_labels"})
-
-
-@dataclass(frozen=True)
-class Skip:
-    """One skipped unit, as written to ``skipped.jsonl``.
-
-    level "record": a would-be Sample that was not written (counted in ``records in``);
-    level "annotation": a part of a record that was dropped while the rest became a Sample.
-    """
-
-    key: str
-    reason: str
-    detail: str = ""
-    level: str = "record"
-
-    def to_dict(self) -> dict:
-        return {"key": self.key, "reason": self.reason, "detail": self.detail, "level": self.level}
 
 
 @dataclass(frozen=True)
@@ -93,32 +62,6 @@ class SourceFiles:
     info: dict[str, Any] = field(
         default_factory=dict
     )  # anything locate learned (e.g. which layout held files)
-
-
-@dataclass(frozen=True)
-class BuildOptions:
-    """Options that change what a build writes (all are in the manifest and the resume fingerprint)."""
-
-    seed: int = 0
-    samples_per_shard: int = 1000
-    strict: bool = False
-    max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
-    image_token: str = "<image>\n"  # paper (AAAI26_Archive) default; X-SAM main uses "<image>"
-    genseg_num_class: int | None = None  # None: every category in the prompt (paper); 128: X-SAM main
-    keep_eval_images: bool = False
-    extra: dict[str, Any] = field(default_factory=dict)  # source-specific options, e.g. {"refseg_chunk": 8}
-
-    def to_dict(self) -> dict:
-        return {
-            "seed": self.seed,
-            "samples_per_shard": self.samples_per_shard,
-            "strict": self.strict,
-            "max_image_pixels": self.max_image_pixels,
-            "image_token": self.image_token,
-            "genseg_num_class": self.genseg_num_class,
-            "keep_eval_images": self.keep_eval_images,
-            "extra": dict(sorted(self.extra.items())),
-        }
 
 
 def record_rng(seed: int, key: str) -> random.Random:

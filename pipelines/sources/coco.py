@@ -28,9 +28,9 @@ from pipelines.sources.base import (
     SourceNotFound,
     relpath,
 )
-from pipelines.sources.coco_index import RawAnns, iter_coco_records, read_spans
 from pipelines.sources.genseg import clean_category_name, genseg_conversation, mask_targets, prompt_categories
-from pipelines.sources.json_scan import loads
+from pipelines.sources.readers.coco_index import RawAnns, iter_coco_records, read_spans
+from pipelines.sources.readers.json_scan import loads
 
 COCO_ROOT = "img_genseg/coco2017"
 
@@ -109,7 +109,7 @@ class CocoInstance:
     task = "genseg"
     splits = ("train", "val")
     version = 1
-    eval_image_guard_splits = ("train",)  # RefCOCO/+/g eval images left out (pipelines/eval_guard.py)
+    eval_image_guard_splits = ("train",)  # RefCOCO/+/g eval images left out (pipelines/build/eval_guard.py)
 
     def locate(self, data_root: str, split: str, overrides: dict | None = None) -> SourceFiles:
         return _locate(self.name, data_root, split, "instances", overrides)
@@ -168,7 +168,7 @@ class CocoPanoptic:
     task = "genseg"
     splits = ("train", "val")
     version = 1
-    eval_image_guard_splits = ("train",)  # RefCOCO/+/g eval images left out (pipelines/eval_guard.py)
+    eval_image_guard_splits = ("train",)  # RefCOCO/+/g eval images left out (pipelines/build/eval_guard.py)
 
     def locate(self, data_root: str, split: str, overrides: dict | None = None) -> SourceFiles:
         return _locate(self.name, data_root, split, "panoptic", overrides)

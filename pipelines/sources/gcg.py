@@ -42,8 +42,7 @@ from itertools import islice
 from typing import Any
 
 from pipelines import masks, templates
-from pipelines.images import image_size
-from pipelines.jsonstream import iter_items
+from pipelines.build.images import image_size
 from pipelines.masks import MaskFormatError
 from pipelines.schema import IMAGE, P_CLOSE, P_OPEN, REGION, SEG, ImageRef, MaskTarget, Sample, Turn
 from pipelines.sources.base import (
@@ -57,7 +56,8 @@ from pipelines.sources.base import (
     key_id,
     relpath,
 )
-from pipelines.sources.coco_index import image_sort_id, iter_coco_records
+from pipelines.sources.readers.coco_index import image_sort_id, iter_coco_records
+from pipelines.sources.readers.jsonstream import iter_items
 
 GCG_ROOT = "img_gcgseg/grand_f"
 ANN_TRAIN = f"{GCG_ROOT}/annotations/train"

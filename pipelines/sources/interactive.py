@@ -18,7 +18,6 @@ import os
 from collections.abc import Iterator
 
 from pipelines import masks, vprompts
-from pipelines.jsonstream import iter_items
 from pipelines.masks import MaskFormatError
 from pipelines.schema import REGION, ImageRef, MaskTarget, Region, Sample
 from pipelines.sources.base import (
@@ -30,7 +29,8 @@ from pipelines.sources.base import (
     SourceFiles,
     SourceNotFound,
 )
-from pipelines.sources.coco_index import image_sort_id
+from pipelines.sources.readers.coco_index import image_sort_id
+from pipelines.sources.readers.jsonstream import iter_items
 from pipelines.sources.vgd import COCO_ROOT, first_existing, sorted_by_key, vgd_conversation
 
 INT_ROOT = "img_intseg/coco_int"

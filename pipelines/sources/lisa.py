@@ -27,8 +27,7 @@ import cv2
 import numpy as np
 
 from pipelines import masks, templates
-from pipelines.images import image_size
-from pipelines.jsonstream import load_small
+from pipelines.build.images import image_size
 from pipelines.schema import ImageRef, MaskTarget, Sample, Turn
 from pipelines.sources.base import (
     BuildOptions,
@@ -41,6 +40,7 @@ from pipelines.sources.base import (
     key_id,
     relpath,
 )
+from pipelines.sources.readers.jsonstream import load_small
 
 LISA_ROOTS = ("img_reaseg/lisa", "img_reaseg/lisa/ReasonSeg")
 IMAGE_EXTS = (".jpg", ".jpeg", ".png")

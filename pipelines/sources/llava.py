@@ -26,8 +26,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 
-from pipelines.images import image_size
-from pipelines.jsonstream import iter_items
+from pipelines.build.images import image_size
 from pipelines.schema import IMAGE, P_CLOSE, P_OPEN, REGION, SEG, ImageRef, Sample, Turn
 from pipelines.sources.base import (
     BuildOptions,
@@ -38,6 +37,7 @@ from pipelines.sources.base import (
     SourceFiles,
     SourceNotFound,
 )
+from pipelines.sources.readers.jsonstream import iter_items
 
 LLAVA_ROOT = "img_chat/llava"
 ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}

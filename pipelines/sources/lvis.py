@@ -45,8 +45,8 @@ from pipelines.sources.base import (
     SourceFiles,
     SourceNotFound,
 )
-from pipelines.sources.coco_index import RawAnns, image_sort_id, iter_coco_records, read_spans
 from pipelines.sources.genseg import clean_category_name, genseg_conversation, mask_targets
+from pipelines.sources.readers.coco_index import RawAnns, image_sort_id, iter_coco_records, read_spans
 
 LVIS_ROOT = "img_ovseg/lvis"
 COCO_ROOT = "img_genseg/coco2017"

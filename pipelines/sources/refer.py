@@ -4,7 +4,7 @@ Layout (DESIGN §4.1, source_formats §3): ``img_refseg/refcocos/<dataset>/{refs
 (``refcoco+`` is also found as X-SAM's ``refcocop``; gRefCOCO's official ``grefs(unc).json`` is read as well as
 X-SAM's pickle). Images are COCO train2014, found at the first of :data:`IMAGE_LAYOUTS` that exists; their
 file names come from ``instances.json`` (a ref's own ``file_name`` carries a decoy ``_N`` suffix). The refs
-pickle is read with :mod:`pipelines.safe_pickle`, never ``pickle.load``.
+pickle is read with :mod:`pipelines.sources.readers.safe_pickle`, never ``pickle.load``.
 
 Samples (recipe §2.4, §10):
 
@@ -35,9 +35,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pipelines import masks, templates
-from pipelines.jsonstream import iter_items
 from pipelines.masks import MaskFormatError
-from pipelines.safe_pickle import MalformedPickle, UnsafePickleError, load_file
 from pipelines.schema import ImageRef, MaskTarget, Sample, Turn
 from pipelines.sources.base import (
     BuildOptions,
@@ -50,7 +48,9 @@ from pipelines.sources.base import (
     key_id,
     relpath,
 )
-from pipelines.sources.coco_index import image_sort_id
+from pipelines.sources.readers.coco_index import image_sort_id
+from pipelines.sources.readers.jsonstream import iter_items
+from pipelines.sources.readers.safe_pickle import MalformedPickle, UnsafePickleError, load_file
 
 REFER_ROOTS = ("img_refseg/refcocos", "img_refseg")  # X-SAM main; without the refcocos/ level
 # (folder relative to the data root, how a file is named in it); the first folder that exists is used

@@ -31,7 +31,6 @@ from collections import Counter
 from collections.abc import Iterable, Iterator
 
 from pipelines import masks, templates, vprompts
-from pipelines.jsonstream import iter_items
 from pipelines.masks import MaskFormatError
 from pipelines.schema import REGION, ImageRef, MaskTarget, Region, Sample, Turn
 from pipelines.sources.base import (
@@ -43,8 +42,9 @@ from pipelines.sources.base import (
     SourceFiles,
     SourceNotFound,
 )
-from pipelines.sources.coco_index import image_sort_id, iter_coco_records, read_categories
 from pipelines.sources.genseg import clean_category_name
+from pipelines.sources.readers.coco_index import image_sort_id, iter_coco_records, read_categories
+from pipelines.sources.readers.jsonstream import iter_items
 
 VGD_ROOT = "img_vgdseg/coco_vgd"
 COCO_ROOT = "img_genseg/coco2017"
@@ -166,7 +166,7 @@ class CocoVgd:
     task = "vgdseg"
     splits = ("train", *VAL_SPLITS)
     version = 1
-    eval_image_guard_splits = ("train",)  # RefCOCO/+/g eval images left out (pipelines/eval_guard.py)
+    eval_image_guard_splits = ("train",)  # RefCOCO/+/g eval images left out (pipelines/build/eval_guard.py)
 
     def locate(self, data_root: str, split: str, overrides: dict | None = None) -> SourceFiles:
         """Overrides: ``annotations`` (released prompt JSON), ``instances`` (COCO instances), ``images``."""

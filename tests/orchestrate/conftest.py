@@ -22,8 +22,8 @@ TEST_STAGES = {
 @pytest.fixture(scope="session")
 def train_shards(demo_root, tmp_path_factory) -> Path:
     """Demo shards (train split) plus a ``mixture.json`` whose three stages all have data."""
-    from pipelines import mixture
-    from pipelines.build import build
+    from pipelines.build import mixture
+    from pipelines.build.driver import build
     from pipelines.sources.base import BuildOptions
 
     out = tmp_path_factory.mktemp("train_shards") / "shards"

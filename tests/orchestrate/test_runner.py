@@ -13,7 +13,8 @@ from orchestrate.checkpointing import TRAIN_STATE, TrainState
 from orchestrate.exports import write_export
 from orchestrate.runner import RunArgs, RunSetupError, prepare
 from orchestrate.stages import debug, stage1
-from pipelines import mixture
+from pipelines.build import mixture
+from pipelines.loader import mixture as mixture_file
 from xsam_model import build_xsam, export_trainable
 
 
@@ -34,7 +35,7 @@ def stage1_export(tmp_path):
 
 def test_plan_from_the_mixture(train_shards, tmp_path):
     plan = prepare(_args(train_shards, tmp_path / "run", max_steps=None))
-    steps = mixture.load(str(train_shards)).stage("1").steps_per_epoch(4)
+    steps = mixture_file.load(str(train_shards)).stage("1").steps_per_epoch(4)
     assert plan.steps_per_epoch == steps and plan.total_steps == 6  # the debug variant's max_steps
     assert plan.stage_dir == str(tmp_path / "run" / "stage1") and plan.init_from == {}
     assert plan.run_name == "run" and plan.wandb_dir == str(tmp_path / "run" / "stage1" / "wandb")
@@ -48,7 +49,7 @@ def test_plan_from_the_mixture(train_shards, tmp_path):
             num_workers=16,
         )
     )
-    assert full.total_steps == 36 * mixture.load(str(train_shards)).stage("1").steps_per_epoch(64)
+    assert full.total_steps == 36 * mixture_file.load(str(train_shards)).stage("1").steps_per_epoch(64)
 
 
 def test_missing_shards_or_mixture(train_shards, tmp_path):

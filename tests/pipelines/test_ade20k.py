@@ -13,7 +13,7 @@ import webdataset as wds
 from PIL import Image
 
 from pipelines import masks
-from pipelines.build import build
+from pipelines.build.driver import build
 from pipelines.demo.ade20k import write_mask2former_files
 from pipelines.demo.draw import png_bytes
 from pipelines.demo_data import write_demo

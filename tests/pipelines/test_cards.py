@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipelines import cards
-from pipelines.build import build
-from pipelines.hf import FEATURES_YAML
+from pipelines.build.driver import build
+from pipelines.inspect import cards
+from pipelines.inspect.hf import FEATURES_YAML
 from pipelines.sources import SOURCES
 
 REPO = Path(__file__).resolve().parents[2]
@@ -99,7 +99,7 @@ def num(cell: str) -> int:
 def test_every_registered_and_design_source_has_prose():
     names = set(cards.card_text_names())
     missing = sorted((set(SOURCES) | set(DESIGN_SOURCES)) - names)
-    assert not missing, f"no pipelines/card_texts/<source>.md for {missing}"
+    assert not missing, f"no pipelines/inspect/card_texts/<source>.md for {missing}"
     for name in sorted(set(SOURCES) | set(DESIGN_SOURCES)):
         text = cards.load_card_text(name)  # raises on a missing section or header field
         if name in SOURCES:
@@ -190,7 +190,9 @@ def test_front_matter_is_a_valid_hf_card(coco_build):
         assert fm["license"] == "cc-by-4.0"
         assert "image-segmentation" in fm["task_categories"]
         assert fm["source_datasets"] and fm["pretty_name"]
-        assert fm["dataset_info"]["features"] == FEATURES_YAML  # explicit column types (pipelines/hf.py)
+        assert (
+            fm["dataset_info"]["features"] == FEATURES_YAML
+        )  # explicit column types (pipelines/inspect/hf.py)
         (config,) = fm["configs"]
         assert [d["split"] for d in config["data_files"]] == ["train", "val"]
         for d in config["data_files"]:  # globs are relative to <out>/<source>/ and match the shards
@@ -235,7 +237,7 @@ def test_note_and_readme(coco_build, tmp_path):
 def test_committed_cards_cover_every_source():
     committed = {p.stem for p in (REPO / "dataset_cards").glob("*.md")}
     missing = sorted((set(SOURCES) | set(DESIGN_SOURCES)) - committed)
-    assert not missing, f"dataset_cards/ lacks {missing}: run `python -m pipelines.cards --demo`"
+    assert not missing, f"dataset_cards/ lacks {missing}: run `python -m pipelines.inspect.cards --demo`"
     for name in committed:
         text = (REPO / "dataset_cards" / f"{name}.md").read_text()
         assert cards.DEMO_NOTE in text, f"{name}: committed card does not say it comes from the demo build"
@@ -244,7 +246,7 @@ def test_committed_cards_cover_every_source():
 
 def test_committed_cards_match_a_fresh_demo_build(demo_root, tmp_path):
     """The committed cards' counts are those of the demo build (byte counts and hashes may differ across
-    image libraries, so only counts are compared). Fix: `python -m pipelines.cards --demo`."""
+    image libraries, so only counts are compared). Fix: `python -m pipelines.inspect.cards --demo`."""
     shards = cards.build_demo(tmp_path, data_root=demo_root)
     fresh = cards.render_cards(str(shards), note=cards.DEMO_NOTE)
     count_cols = [i for i, (c, _) in enumerate(cards.NUMBER_COLUMNS) if c != "bytes"]
@@ -262,4 +264,6 @@ def test_committed_cards_match_a_fresh_demo_build(demo_root, tmp_path):
             stale.append(name)
         elif skip_section(path.read_text()) != skip_section(card):
             stale.append(name)
-    assert not stale, f"dataset_cards/ out of date for {stale}: run `python -m pipelines.cards --demo`"
+    assert not stale, (
+        f"dataset_cards/ out of date for {stale}: run `python -m pipelines.inspect.cards --demo`"
+    )

@@ -13,11 +13,11 @@ import webdataset as wds
 from PIL import Image
 
 from pipelines import masks
-from pipelines.build import build
+from pipelines.build.driver import build
 from pipelines.demo_data import write_demo
-from pipelines.jsonstream import MalformedJSON
 from pipelines.schema import validate
 from pipelines.sources.base import BuildOptions, StrictModeError
+from pipelines.sources.readers.jsonstream import MalformedJSON
 from tests.pipelines import shard_io
 
 ANN = "img_genseg/coco2017/annotations"
@@ -212,7 +212,7 @@ def test_symlinked_folders_inside_the_root_are_followed(tmp_path):
 
 
 def test_missing_named_source_is_a_configuration_error(tmp_path):
-    from pipelines.build import BuildConfigError
+    from pipelines.build.driver import BuildConfigError
 
     (tmp_path / "datas").mkdir()
     with pytest.raises(BuildConfigError, match="not found"):

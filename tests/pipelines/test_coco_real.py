@@ -10,7 +10,7 @@ import numpy as np
 from PIL import Image
 
 from pipelines import masks
-from pipelines.build import build
+from pipelines.build.driver import build
 from tests.pipelines.test_coco import read_split
 
 PAN = "cocodataset+panopticapi__sample_data__"

@@ -9,12 +9,12 @@ from pathlib import Path
 import pytest
 import webdataset as wds
 
-from pipelines import safe_pickle
-from pipelines.build import build
+from pipelines.build.driver import build
+from pipelines.build.eval_guard import REASON, EvalGuard
 from pipelines.demo_data import write_demo
-from pipelines.eval_guard import REASON, EvalGuard
 from pipelines.schema import from_wds
 from pipelines.sources.base import BuildOptions, Skip
+from pipelines.sources.readers import safe_pickle
 
 REFER = "img_refseg/refcocos"
 

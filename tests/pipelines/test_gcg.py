@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from pipelines import masks
-from pipelines.build import build
+from pipelines.build.driver import build
 from pipelines.demo.gcg import rle
 from pipelines.demo_data import write_demo
 from pipelines.schema import validate

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from pipelines import masks, vprompts
-from pipelines.build import build
+from pipelines.build.driver import build
 from pipelines.demo_data import write_demo
 from pipelines.schema import REGION, validate
 from pipelines.sources.base import BuildOptions, StrictModeError

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 import webdataset as wds
 
-from pipelines import cards
-from pipelines.build import build
+from pipelines.build.driver import build
+from pipelines.inspect import cards
 from pipelines.schema import Sample, from_wds, validate
 from pipelines.sources.base import BuildOptions
 
@@ -91,7 +91,7 @@ def test_hf_datasets_webdataset_builder_reads_our_shards(shards, source, offline
     import datasets
 
     files = {split: str(shards / source / split / "*.tar") for split in ("train", "val")}
-    # plain call, the builder guessing column types (fine here; see pipelines/hf.py for why real data needs
+    # plain call, the builder guessing column types (fine here; see pipelines/inspect/hf.py for why real data needs
     # explicit features, tested below)
     ds = datasets.load_dataset("webdataset", data_files=files, cache_dir=str(offline_hf))
     assert set(ds) == {"train", "val"}
@@ -110,7 +110,7 @@ def test_hf_datasets_webdataset_builder_reads_our_shards(shards, source, offline
 
 
 def test_hf_datasets_loads_a_shard_folder_through_its_card(shards, offline_hf, tmp_path):
-    """`pipelines.cards --readme` writes the card into <out>/<source>/README.md; its `configs` globs make
+    """`pipelines.inspect.cards --readme` writes the card into <out>/<source>/README.md; its `configs` globs make
     `datasets.load_dataset("<out>/<source>")` find every split."""
     import datasets
 
@@ -146,14 +146,14 @@ def test_tar_lists_members_in_key_order(shards, source):
 
 def test_hf_features_survive_what_schema_guessing_does_not(tmp_path, offline_hf):
     """A shard whose first samples have no ``ignore`` and one ``meta`` key, then a sample with both, and a PNG
-    among JPEGs: ``pipelines.hf.load_shards`` (explicit features) reads every Sample back exactly."""
+    among JPEGs: ``pipelines.inspect.hf.load_shards`` (explicit features) reads every Sample back exactly."""
     import io
 
     import numpy as np
     from PIL import Image
 
     from pipelines import masks
-    from pipelines.hf import load_shards
+    from pipelines.inspect.hf import load_shards
     from pipelines.schema import ImageRef, MaskTarget, Turn, to_wds
 
     h, w = 24, 32
@@ -191,12 +191,12 @@ def test_hf_features_survive_what_schema_guessing_does_not(tmp_path, offline_hf)
 
 @pytest.mark.slow
 def test_every_source_opens_in_hf_datasets_and_webdataset(demo_root, tmp_path, offline_hf):
-    """Every registered source's demo shards (all splits) load through ``pipelines.hf.load_shards`` and the
+    """Every registered source's demo shards (all splits) load through ``pipelines.inspect.hf.load_shards`` and the
     dataset card's ``dataset_info``, each Sample JSON exactly as written, and through plain webdataset."""
     import datasets
 
-    from pipelines.hf import load_shards
-    from pipelines.preview import list_splits
+    from pipelines.inspect.hf import load_shards
+    from pipelines.inspect.preview import list_splits
     from pipelines.sources import SOURCES as registry
 
     out = cards.build_demo(tmp_path, data_root=demo_root)

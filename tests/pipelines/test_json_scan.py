@@ -9,16 +9,16 @@ from pathlib import Path
 
 import pytest
 
-from pipelines.jsonstream import MalformedJSON
-from pipelines.sources import coco_index, json_scan
 from pipelines.sources.base import Shared, Skip
-from pipelines.sources.coco_index import (
+from pipelines.sources.readers import coco_index, json_scan
+from pipelines.sources.readers.coco_index import (
     RawAnns,
     image_sort_id,
     iter_coco_records,
     read_categories,
     read_spans,
 )
+from pipelines.sources.readers.jsonstream import MalformedJSON
 
 ODD_DOC = {
     "info": {"nested": {"deeper": [1, {"x": "}"}]}, "n": 3},

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from pipelines.build import build
+from pipelines.build.driver import build
 from pipelines.demo_data import write_demo
 from pipelines.schema import validate
 from pipelines.sources.base import BuildOptions, SkipRecord, StrictModeError

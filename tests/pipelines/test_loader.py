@@ -16,8 +16,10 @@ import torch.nn.functional as F
 from PIL import Image
 from pycocotools import mask as mask_utils
 
-from pipelines import decode, mixture
-from pipelines.loader import LoaderError, MixtureLoader, index_shard, step_sources
+from pipelines.build import mixture
+from pipelines.loader import decode
+from pipelines.loader import mixture as mixture_file
+from pipelines.loader.stream import LoaderError, MixtureLoader, index_shard, step_sources
 from tests.pipelines.test_mixture import write_source
 
 
@@ -55,7 +57,7 @@ def make(out, **kw):
 def test_every_global_step_is_single_source_across_ranks_and_workers(three_sources):
     steps = 24
     per_rank = [take(make(three_sources, rank=r, world_size=2, num_workers=2), steps) for r in range(2)]
-    stage = mixture.load(str(three_sources)).stage(3)
+    stage = mixture_file.load(str(three_sources)).stage(3)
     expected = [stage.names[i] for i in step_sources(7, np.arange(steps), stage.probabilities)]
     for s in range(steps):
         a, b = per_rank[0][s], per_rank[1][s]
@@ -291,7 +293,7 @@ def test_shards_on_fsspec_uris(three_sources):
 
 def test_with_the_model_processor(demo_root, tmp_path):
     processor = pytest.importorskip("xsam_model.builder").build_processor("debug")
-    from pipelines.build import build
+    from pipelines.build.driver import build
     from pipelines.sources.base import BuildOptions
 
     out = tmp_path / "shards"

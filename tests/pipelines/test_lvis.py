@@ -14,7 +14,7 @@ import pytest
 import webdataset as wds
 
 from pipelines import masks
-from pipelines.build import build
+from pipelines.build.driver import build
 from pipelines.demo_data import write_demo
 from pipelines.schema import from_wds, validate
 from pipelines.sources import SOURCES

@@ -12,8 +12,9 @@ import pytest
 import webdataset as wds
 from PIL import Image
 
-from pipelines import mixture
-from pipelines.mixture import MixtureError, balance_weights
+from pipelines.build import mixture
+from pipelines.build.mixture import MixtureError, balance_weights
+from pipelines.loader import mixture as mixture_file
 from pipelines.schema import ImageRef, Sample, Turn, to_wds
 
 
@@ -178,8 +179,8 @@ def test_write_load_round_trip_and_validation(tmp_path):
     fake_manifest(tmp_path, "lisa_reasonseg", 239)
     path = mixture.write(str(tmp_path), mixture.compute(str(tmp_path), log=lambda m: None))
     assert path == str(tmp_path / "mixture.json")
-    loaded = mixture.load(str(tmp_path))
-    assert loaded == mixture.load(path)
+    loaded = mixture_file.load(str(tmp_path))
+    assert loaded == mixture_file.load(path)
     assert loaded.to_dict() == json.loads((tmp_path / "mixture.json").read_text())
     assert loaded.stage(3).digest() == mixture.compute(str(tmp_path), log=lambda m: None).stage(3).digest()
     # a hand-edited file that breaks an invariant is refused on load
@@ -195,7 +196,7 @@ def test_write_load_round_trip_and_validation(tmp_path):
         bad["stages"]["3"]["datasets"][0][field] = value
         (tmp_path / "bad.json").write_text(json.dumps(bad))
         with pytest.raises(MixtureError, match=match):
-            mixture.load(str(tmp_path / "bad.json"))
+            mixture_file.load(str(tmp_path / "bad.json"))
     with pytest.raises(KeyError, match="no stage"):
         loaded.stage(4)
 
@@ -230,7 +231,7 @@ def test_cli_rewrites_and_rejects_unknown_extra(tmp_path, capsys):
     fake_manifest(tmp_path, "ade20k_panoptic", 20_000, task="ovseg")
     assert mixture.main(["--out", str(tmp_path), "--t", "0.5", "--stage3-extra", "ade20k_panoptic"]) == 0
     assert "mixture written to" in capsys.readouterr().out
-    mix = mixture.load(str(tmp_path))
+    mix = mixture_file.load(str(tmp_path))
     assert mix.t == 0.5 and mix.stage(3).names == ["coco_panoptic/train", "ade20k_panoptic/train"]
     assert mix.stage(3).datasets[0].repeat == pytest.approx(math.sqrt(0.5 * 21_000 / 1000))
     with pytest.raises(MixtureError, match="unknown source"):
@@ -238,7 +239,7 @@ def test_cli_rewrites_and_rejects_unknown_extra(tmp_path, capsys):
 
 
 def test_build_writes_mixture(demo_root, tmp_path):
-    from pipelines.build import build
+    from pipelines.build.driver import build
     from pipelines.sources.base import BuildOptions
 
     out = tmp_path / "shards"
@@ -249,7 +250,7 @@ def test_build_writes_mixture(demo_root, tmp_path):
         options=BuildOptions(samples_per_shard=3),
         log=lambda m: None,
     )
-    mix = mixture.load(str(out))
+    mix = mixture_file.load(str(out))
     manifest = json.loads((out / "coco_panoptic" / "train" / "manifest.json").read_text())
     s1 = mix.stage(1)
     assert s1.names == ["coco_panoptic/train"] and s1.datasets[0].samples == manifest["counts"]["samples"]

@@ -12,8 +12,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipelines import masks, preview
-from pipelines.build import build
+from pipelines import masks
+from pipelines.build.driver import build
+from pipelines.inspect import preview
 from pipelines.schema import ImageRef, MaskTarget, Region, Sample, Turn
 
 COCO = ("coco_panoptic", "coco_instance")

@@ -11,12 +11,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipelines import masks, safe_pickle
-from pipelines.build import build
+from pipelines import masks
+from pipelines.build.driver import build
 from pipelines.demo.refer import dumps_py2
 from pipelines.demo_data import write_demo
 from pipelines.schema import validate
 from pipelines.sources.base import BuildOptions, StrictModeError
+from pipelines.sources.readers import safe_pickle
 from pipelines.sources.refer import combinations
 from tests.pipelines import shard_io
 
@@ -322,7 +323,7 @@ def test_bad_polygon_drops_one_object_and_skips_a_single_turn_sample(root, tmp_p
 
 def test_samples_of_one_image_decode_it_once(demo, tmp_path, monkeypatch):
     """Train samples of an image are consecutive; the writer's full-decode check runs once per image."""
-    from pipelines import images as image_checks
+    from pipelines.build import images as image_checks
 
     calls = []
     real = image_checks._decode_jpeg

@@ -8,9 +8,9 @@ import pickle
 
 import pytest
 
-from pipelines import safe_pickle
 from pipelines.demo.refer import dumps_py2
-from pipelines.safe_pickle import MalformedPickle, UnsafePickleError
+from pipelines.sources.readers import safe_pickle
+from pipelines.sources.readers.safe_pickle import MalformedPickle, UnsafePickleError
 
 REF = {
     "sent_ids": [0, 1],

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from pipelines.build import build
+from pipelines.build.driver import build
 from pipelines.demo import coco
 from pipelines.sources.base import BuildOptions
 
@@ -73,8 +73,8 @@ KILLER = textwrap.dedent(
     """
     import os, signal, sys
     sys.path.insert(0, {root!r})
-    from pipelines import shards
-    from pipelines.build import build
+    from pipelines.build import shards
+    from pipelines.build.driver import build
     from pipelines.sources.base import BuildOptions
 
     calls = 0

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from pipelines import masks
-from pipelines.build import BuildConfigError, build
+from pipelines.build.driver import BuildConfigError, build
 from pipelines.demo_data import write_demo
 from pipelines.schema import REGION, validate
 from pipelines.sources.base import BuildOptions, StrictModeError

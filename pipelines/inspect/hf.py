@@ -1,6 +1,6 @@
 """Reading our shards with Hugging Face ``datasets``: explicit features, so no schema guessing.
 
-    from pipelines.hf import load_shards
+    from pipelines.inspect.hf import load_shards
     ds = load_shards("<out>", "coco_panoptic")            # DatasetDict of every built split
     sample = pipelines.schema.Sample.from_dict(ds["train"][0]["json"])
 

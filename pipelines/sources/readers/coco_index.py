@@ -1,7 +1,7 @@
 """Memory-bounded indexing of COCO-style JSON (``images`` / ``annotations`` / ``categories``).
 
 ``pycocotools.COCO()`` / ``lvis.LVIS()`` load the whole file and build Python objects for every annotation
-(≈3 GB for a 450 MB LVIS-scale file). Here the file is read **once** by :mod:`pipelines.sources.json_scan`,
+(≈3 GB for a 450 MB LVIS-scale file). Here the file is read **once** by :mod:`pipelines.sources.readers.json_scan`,
 whatever the order of its top-level keys (LVIS puts ``images`` last), and nothing but ids and byte offsets is
 kept:
 
@@ -32,7 +32,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from pipelines.sources.base import Shared, Skip
-from pipelines.sources.json_scan import ANNOTATION, WITH_ID, Batch, iter_arrays, loads
+from pipelines.sources.readers.json_scan import ANNOTATION, WITH_ID, Batch, iter_arrays, loads
 
 IMAGE_BLOCK = 1000  # images read back per step; bounds the mapped pages resident at once
 NO_INT = -(2**63)  # "not an int" in the int64 id columns (the annotation text still has the value)

@@ -23,8 +23,8 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 from pipelines import storage
-from pipelines.chunks import Chunk, read_chunk
-from pipelines.images import load_image
+from pipelines.build.chunks import Chunk, read_chunk
+from pipelines.build.images import load_image
 from pipelines.schema import SCHEMA_VERSION, SampleError, to_wds
 from pipelines.sources.base import (
     POLICY_REASONS,

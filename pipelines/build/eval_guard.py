@@ -20,7 +20,7 @@ from dataclasses import dataclass, replace
 
 from pipelines import storage
 from pipelines.sources.base import BuildOptions, Shared, Skip, SourceFiles, StrictModeError
-from pipelines.sources.coco_index import image_sort_id
+from pipelines.sources.readers.coco_index import image_sort_id
 
 REASON = "eval_image_leak"
 FILE_NAME = "eval_images.json"
@@ -90,7 +90,7 @@ def prepare(
     options: BuildOptions,
     log: Callable[[str], None] = print,
 ) -> EvalGuard:
-    """Gather the eval image ids, write ``<out>/eval_images.json``, return the guard for :mod:`pipelines.build`."""
+    """Gather the eval image ids, write ``<out>/eval_images.json``, return the guard for :mod:`pipelines.build.driver`."""
     data = gather(data_root, overrides)
     for e in data["errors"]:
         if options.strict:

@@ -10,11 +10,15 @@ from __future__ import annotations
 
 import io
 import warnings
+from typing import TYPE_CHECKING
 
 import simplejpeg
 from PIL import Image
 
-from pipelines.sources.base import ConvertContext, SkipRecord
+from pipelines.build.options import SkipRecord
+
+if TYPE_CHECKING:
+    from pipelines.sources.base import ConvertContext
 
 JPEG_MAGIC = b"\xff\xd8\xff"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

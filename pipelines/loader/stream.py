@@ -51,8 +51,8 @@ from typing import Any
 
 import numpy as np
 
-from pipelines import mixture as mixture_mod
-from pipelines.decode import ImageDecodeError
+from pipelines.loader import mixture as mixture_mod
+from pipelines.loader.decode import ImageDecodeError
 from pipelines.schema import IMAGE_EXTS, Sample
 
 STATE_FORMAT = "xsam-loader/1"
@@ -496,7 +496,7 @@ def _passthrough(x):
 
 def _lane_dataset_cls():
     """The DataLoader-facing dataset, built on first use so importing this module does not import torch
-    (start-up RSS); it is published as ``pipelines.loader._LaneDataset`` so spawn workers can unpickle it."""
+    (start-up RSS); it is published as ``pipelines.loader.stream._LaneDataset`` so spawn workers can unpickle it."""
     if "_LaneDataset" in globals():
         return globals()["_LaneDataset"]
     import torch.utils.data
@@ -541,7 +541,7 @@ class MixtureLoader:
         grad_accum: micro-batches per global step (all from the step's dataset).
         transform: ``(Sample, image bytes | None) -> item`` — e.g. ``XSamProcessor``; default keeps both.
         collate: ``list[item] -> batch`` — e.g. ``processor.collate``; default ``list``.
-        mixture: a :class:`~pipelines.mixture.Mixture`, a path/URI of ``mixture.json``; default
+        mixture: a :class:`~pipelines.loader.mixture.Mixture`, a path/URI of ``mixture.json``; default
             ``<shards>/mixture.json``.
         shuffle_window: samples per shuffle window (memory: one window per dataset per worker).
         strict: raise :class:`LoaderError` at the first unreadable sample instead of skipping it.

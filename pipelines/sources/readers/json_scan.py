@@ -25,7 +25,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from pipelines.jsonstream import MalformedJSON
+from pipelines.sources.readers.jsonstream import MalformedJSON
 
 BLOCK_SIZE = 8 << 20
 

@@ -17,8 +17,9 @@ from dataclasses import dataclass
 
 import ray
 
-from pipelines import eval_guard, mixture, shards, storage
-from pipelines.chunks import spill
+from pipelines import storage
+from pipelines.build import eval_guard, mixture, shards
+from pipelines.build.chunks import spill
 from pipelines.sources import SOURCES
 from pipelines.sources.base import POLICY_REASONS, BuildOptions, SourceFiles, SourceNotFound
 

@@ -1,6 +1,6 @@
 """A preview gallery of built shards: PNG contact sheets and one static HTML page.
 
-    python -m pipelines.preview --out SHARDS [--source S[,S2]] [--split SPLIT] [--n 16] [--preview-dir DIR]
+    python -m pipelines.inspect.preview --out SHARDS [--source S[,S2]] [--split SPLIT] [--n 16] [--preview-dir DIR]
 
 For each built ``<source>/<split>`` (found through its ``manifest.json``) the first ``n`` samples in key order
 are drawn: the image with every mask tinted in its phrase's colour (and outlined), the ignore region hatched

@@ -1,0 +1,179 @@
+"""The mixture file's types and its reader (DESIGN §4.5): what the loader and training read.
+
+``<out>/mixture.json`` is written by :mod:`pipelines.build.mixture` at the end of every build; this module
+holds its frozen dataclasses (one :class:`StageMixture` per training stage, one :class:`DatasetWeight` per
+source/split with its shards) and :func:`load`, which re-validates the file (finite, positive probabilities
+summing to 1) like torchtitan's dataset-mix configs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from dataclasses import asdict, dataclass, field
+
+from pipelines import storage
+
+MIXTURE_FILE = "mixture.json"
+MIXTURE_VERSION = 1
+# Samples whose ``meta[flag]`` is true are not trained on (the loader skips them; N_d leaves them out).
+EXCLUDE_FLAGS: tuple[str, ...] = ("no_target",)
+
+
+class MixtureError(ValueError):
+    """A mixture that breaks an invariant (non-finite or non-positive weight, sum ≠ 1, bad counts)."""
+
+
+# ---------------------------------------------------------------------------------------------- frozen data
+@dataclass(frozen=True)
+class ShardRef:
+    file: str  # relative to the shards root: "<source>/<split>/<source>-<split>-000000.tar"
+    samples: int
+    bytes: int
+    sha256: str | None = None
+
+
+@dataclass(frozen=True)
+class DatasetWeight:
+    name: str  # "<source>/<split>"
+    source: str
+    split: str
+    task: str
+    samples: int  # N_d: trainable samples (shard samples minus excluded ones)
+    fraction: float  # f_d
+    repeat: float  # r_d
+    epoch_samples: int  # int(N_d·r_d)
+    probability: float  # p_d
+    shards: tuple[ShardRef, ...]
+    shard_samples: int  # samples in the shards, excluded ones included (the loader indexes these)
+    excluded: dict[str, int] = field(default_factory=dict)  # flag → samples left out
+    fingerprint: str | None = None  # the manifest's build fingerprint (lineage)
+
+
+@dataclass(frozen=True)
+class StageMixture:
+    stage: str
+    t: float
+    datasets: tuple[DatasetWeight, ...]
+    missing: tuple[dict, ...] = ()  # {"dataset": "refcoco/train", "reason": "..."} for each wanted but absent
+    exclude_flags: tuple[str, ...] = EXCLUDE_FLAGS
+
+    def __post_init__(self):
+        validate_stage(self)
+
+    @property
+    def names(self) -> list[str]:
+        return [d.name for d in self.datasets]
+
+    @property
+    def probabilities(self) -> list[float]:
+        return [d.probability for d in self.datasets]
+
+    @property
+    def samples_per_epoch(self) -> int:
+        return sum(d.epoch_samples for d in self.datasets)
+
+    def steps_per_epoch(self, global_batch: int) -> int:
+        """Σ_d ceil(N_d·r_d / global_batch): X-SAM's iterations per epoch with single-source batches."""
+        return sum(-(-d.epoch_samples // global_batch) for d in self.datasets)
+
+    def digest(self) -> str:
+        """sha256 of the canonical JSON: a loader state refers to the mixture it was made with."""
+        return hashlib.sha256(json.dumps(stage_to_dict(self), sort_keys=True).encode()).hexdigest()
+
+
+def validate_stage(s: StageMixture) -> None:
+    """Raise :class:`MixtureError` unless every weight is finite and positive and they sum to 1."""
+    where = f"stage {s.stage}"
+    if not math.isfinite(s.t) or s.t < 0:
+        raise MixtureError(f"{where}: t={s.t!r} must be finite and >= 0")
+    names = [d.name for d in s.datasets]
+    if len(set(names)) != len(names):
+        raise MixtureError(f"{where}: duplicate datasets {names}")
+    for d in s.datasets:
+        if not (isinstance(d.samples, int) and d.samples > 0):
+            raise MixtureError(f"{where}: {d.name} has {d.samples!r} samples (must be a positive int)")
+        for k in ("fraction", "repeat", "probability"):
+            v = getattr(d, k)
+            if not (isinstance(v, float | int) and math.isfinite(v) and v > 0):
+                raise MixtureError(f"{where}: {d.name}.{k}={v!r} must be finite and > 0")
+        if d.repeat < 1:
+            raise MixtureError(f"{where}: {d.name}.repeat={d.repeat} < 1")
+        if d.shard_samples != sum(sh.samples for sh in d.shards):
+            raise MixtureError(f"{where}: {d.name}: shard_samples {d.shard_samples} != sum over its shards")
+        if d.samples + sum(d.excluded.values()) != d.shard_samples:
+            raise MixtureError(f"{where}: {d.name}: samples + excluded != shard_samples")
+    if s.datasets:
+        total = math.fsum(d.probability for d in s.datasets)
+        if abs(total - 1.0) > 1e-9:
+            raise MixtureError(f"{where}: probabilities sum to {total!r}, not 1")
+
+
+@dataclass(frozen=True)
+class Mixture:
+    t: float
+    stages: dict[str, StageMixture]
+    version: int = MIXTURE_VERSION
+
+    def stage(self, name: str | int) -> StageMixture:
+        key = str(name)
+        if key not in self.stages:
+            raise KeyError(f"mixture has no stage {key!r}; it has {sorted(self.stages)}")
+        return self.stages[key]
+
+    def to_dict(self) -> dict:
+        return {
+            "version": self.version,
+            "t": self.t,
+            "stages": {k: stage_to_dict(v) for k, v in sorted(self.stages.items())},
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Mixture:
+        if d.get("version") != MIXTURE_VERSION:
+            raise MixtureError(f"mixture version {d.get('version')!r} is not {MIXTURE_VERSION}")
+        return cls(
+            t=d["t"], stages={k: stage_from_dict(v) for k, v in d["stages"].items()}, version=d["version"]
+        )
+
+
+def stage_to_dict(s: StageMixture) -> dict:
+    return {
+        "stage": s.stage,
+        "t": s.t,
+        "exclude_flags": list(s.exclude_flags),
+        "samples": sum(d.samples for d in s.datasets),
+        "samples_per_epoch": s.samples_per_epoch,
+        "datasets": [{**asdict(d), "shards": [asdict(sh) for sh in d.shards]} for d in s.datasets],
+        "missing": [dict(m) for m in s.missing],
+    }
+
+
+def stage_from_dict(d: dict) -> StageMixture:
+    datasets = tuple(
+        DatasetWeight(
+            **{**x, "shards": tuple(ShardRef(**sh) for sh in x["shards"]), "excluded": dict(x["excluded"])}
+        )
+        for x in d["datasets"]
+    )
+    return StageMixture(
+        stage=str(d["stage"]),
+        t=d["t"],
+        datasets=datasets,
+        missing=tuple(d.get("missing", ())),
+        exclude_flags=tuple(d.get("exclude_flags", EXCLUDE_FLAGS)),
+    )
+
+
+def mixture_path(out_url: str) -> str:
+    return storage.join(str(out_url), MIXTURE_FILE)
+
+
+def load(path_or_url: str) -> Mixture:
+    """Read and validate a ``mixture.json`` (a folder/URI is taken to hold one)."""
+    url = str(path_or_url)
+    if not url.endswith(".json"):
+        url = mixture_path(url)
+    fs, path = storage.fs_and_path(url)
+    return Mixture.from_dict(storage.read_json(fs, path))
