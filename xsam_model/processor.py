@@ -32,7 +32,7 @@ tensors to B×Tmax (ids with the pad id, labels with -100, cond/seg ids with -1)
 ``attention_mask`` B×Tmax (1 = real token); ``mask_labels``, ``class_labels``, ``category_labels`` and
 ``region_masks`` stay per-sample lists (ragged); ``task`` is one str, ``keys`` a list of str.
 
-Images and masks go through the loader's :mod:`pipelines.decode` (libjpeg-turbo / OpenCV decode, one OpenCV resize
+Images and masks go through the loader's :mod:`pipelines.loader.decode` (libjpeg-turbo / OpenCV decode, one OpenCV resize
 per encoder from the decoded original — a box filter when shrinking, within ~2/255 of PIL's antialiased resize —
 single-pass normalisation into the padded frame, and masks scaled in run-length space with exactly torch's
 ``nearest-exact`` pixels); the tensors share those numpy buffers (no copies).
@@ -47,7 +47,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from pipelines import decode
+from pipelines.loader import decode
 from pipelines.schema import IMAGE, REGION, Sample
 from xsam_model.config import ProcessorConfig
 
