@@ -157,13 +157,16 @@ class PanopticQuality:
     fp: dict[int, int] = field(default_factory=dict)
     fn: dict[int, int] = field(default_factory=dict)
 
-    def add(self, truth: PanopticTruth, pred: Sequence[tuple[dict, int]], gt_map: np.ndarray,
-            pred_map: np.ndarray) -> None:
+    def add(
+        self, truth: PanopticTruth, pred: Sequence[tuple[dict, int]], gt_map: np.ndarray, pred_map: np.ndarray
+    ) -> None:
         """``gt_map``: 0 = VOID, 1..n = ``truth.segments``, n+1.. = crowd in ``truth.crowd`` order;
         ``pred_map``: 0 = none, 1..k = ``pred`` (both from :func:`paint`)."""
         n, k = len(truth.segments), len(pred)
         crowd_cats = list(truth.crowd)
-        inter = np.bincount(gt_map.astype(np.int64) * (k + 1) + pred_map, minlength=(n + len(crowd_cats) + 1) * (k + 1))
+        inter = np.bincount(
+            gt_map.astype(np.int64) * (k + 1) + pred_map, minlength=(n + len(crowd_cats) + 1) * (k + 1)
+        )
         inter = inter.reshape(-1, k + 1)
         gt_area, pred_area = inter[1 : n + 1].sum(1), inter.sum(0)[1:]
         void = inter[0, 1:]
@@ -252,7 +255,9 @@ class SemanticIoU:
         gt = self.conf.sum(1)
         pred = self.conf[:, 1:].sum(0)
         return {
-            c: float(inter[i] / (gt[i] + pred[i] - inter[i])) for i, c in enumerate(self.categories) if gt[i] > 0
+            c: float(inter[i] / (gt[i] + pred[i] - inter[i]))
+            for i, c in enumerate(self.categories)
+            if gt[i] > 0
         }
 
     def result(self) -> dict[str, float]:
@@ -280,27 +285,46 @@ class MaskAP:
     order is its sorted image ids): only the order of detections with equal scores depends on it.
     """
 
-    def __init__(self, category_ids: Sequence[int]):
-        self.category_ids = sorted(set(category_ids))
+    def __init__(self, category_ids: Sequence[int] | None):
+        """``category_ids``: COCOeval's ``catIds`` (detections of other categories are not evaluated);
+        ``None``: every category that occurs."""
+        self.fixed = category_ids is not None
+        self.category_ids = sorted(set(category_ids or ()))
         self.entries: dict[int, list[tuple[object, list]]] = {}  # category -> [(order key, per-area entries)]
         self._eval = COCOeval(iouType="segm")
-        self._eval.params.catIds = self.category_ids
+        self._allowed = set(self.category_ids)
 
-    def add(self, order_key: object, truths: Sequence[ApTruth], dets: Sequence[tuple[dict, int, float]]) -> None:
+    def add(
+        self, order_key: object, truths: Sequence[ApTruth], dets: Sequence[tuple[dict, int, float]]
+    ) -> None:
         ev, p = self._eval, self._eval.params
         ev._gts, ev._dts = {}, {}
         for j, t in enumerate(truths, start=1):
             area = float(t.area) if t.area is not None else float(rle_area(t.rle))
-            g = {"id": j, "image_id": 0, "category_id": t.category_id, "segmentation": t.rle, "area": area,
-                 "iscrowd": int(t.iscrowd), "ignore": int(t.iscrowd)}
+            g = {
+                "id": j,
+                "image_id": 0,
+                "category_id": t.category_id,
+                "segmentation": t.rle,
+                "area": area,
+                "iscrowd": int(t.iscrowd),
+                "ignore": int(t.iscrowd),
+            }
             ev._gts.setdefault((0, t.category_id), []).append(g)
         for j, (rle, cat, score) in enumerate(dets, start=1):
-            d = {"id": j, "image_id": 0, "category_id": cat, "segmentation": rle, "area": float(rle_area(rle)),
-                 "score": score, "iscrowd": 0}
+            d = {
+                "id": j,
+                "image_id": 0,
+                "category_id": cat,
+                "segmentation": rle,
+                "area": float(rle_area(rle)),
+                "score": score,
+                "iscrowd": 0,
+            }
             ev._dts.setdefault((0, cat), []).append(d)
         cats = sorted({c for _, c in ev._gts} | {c for _, c in ev._dts})
         for c in cats:
-            if c not in self._eval.params.catIds:
+            if self.fixed and c not in self._allowed:
                 continue
             ev._gts.setdefault((0, c), [])
             ev._dts.setdefault((0, c), [])
@@ -315,6 +339,8 @@ class MaskAP:
     def evaluate(self) -> COCOeval:
         """A COCOeval whose ``eval`` holds the accumulated precision/recall of every category."""
         p = self._eval.params
+        if not self.fixed:
+            self.category_ids = sorted(self.entries)
         T, R, A, M = len(p.iouThrs), len(p.recThrs), len(p.areaRng), len(p.maxDets)
         precision = -np.ones((T, R, len(self.category_ids), A, M))
         recall = -np.ones((T, len(self.category_ids), A, M))
@@ -334,8 +360,13 @@ class MaskAP:
             scores[:, :, k] = ev.eval["scores"][:, :, 0]
         out = COCOeval(iouType="segm")
         out.params.catIds = self.category_ids
-        out.eval = {"params": out.params, "counts": [T, R, len(self.category_ids), A, M],
-                    "precision": precision, "recall": recall, "scores": scores}
+        out.eval = {
+            "params": out.params,
+            "counts": [T, R, len(self.category_ids), A, M],
+            "precision": precision,
+            "recall": recall,
+            "scores": scores,
+        }
         return out
 
     def result(self) -> dict[str, float]:
@@ -343,15 +374,21 @@ class MaskAP:
         with contextlib.redirect_stdout(io.StringIO()):
             ev.summarize()
         names = ("AP", "AP50", "AP75", "APs", "APm", "APl")
-        return {n: (100 * float(v) if v > -1 else float("nan")) for n, v in zip(names, ev.stats[:6], strict=True)}
+        return {
+            n: (100 * float(v) if v > -1 else float("nan")) for n, v in zip(names, ev.stats[:6], strict=True)
+        }
 
 
 def _compact(e: dict | None) -> dict | None:
     """What ``accumulate`` reads of an ``evaluateImg`` entry (ids dropped, matches as booleans)."""
     if e is None:
         return None
-    return {"dtScores": e["dtScores"], "dtMatches": e["dtMatches"] > 0, "dtIgnore": e["dtIgnore"],
-            "gtIgnore": np.asarray(e["gtIgnore"], bool)}
+    return {
+        "dtScores": e["dtScores"],
+        "dtMatches": e["dtMatches"] > 0,
+        "dtIgnore": e["dtIgnore"],
+        "gtIgnore": np.asarray(e["gtIgnore"], bool),
+    }
 
 
 # ------------------------------------------------------------------------------------------ cIoU / gIoU
@@ -461,8 +498,9 @@ class GcgGrounding:
     recall_hits: int = 0
     recall_total: int = 0
 
-    def add(self, order_key: object, gt: Sequence[dict], pred: Sequence[dict],
-            sims: np.ndarray | None) -> None:
+    def add(
+        self, order_key: object, gt: Sequence[dict], pred: Sequence[dict], sims: np.ndarray | None
+    ) -> None:
         """``gt``/``pred``: one RLE per ground-truth mask / predicted span; ``sims``: ``gt x pred`` text
         similarity of their phrases, or ``None`` when recall is not computed."""
         self.ap.add(order_key, [ApTruth(r, 1) for r in gt], [(r, 1, 1.0) for r in pred])
@@ -481,8 +519,10 @@ class GcgGrounding:
         self.recall_total += other.recall_total
 
     def result(self, with_recall: bool) -> dict[str, float]:
-        out = {"AP50": self.ap.result()["AP50"],
-               "mIoU": 100 * self.miou_sum.value() / self.images if self.images else float("nan")}
+        out = {
+            "AP50": self.ap.result()["AP50"],
+            "mIoU": 100 * self.miou_sum.value() / self.images if self.images else float("nan"),
+        }
         if with_recall:
             out["recall"] = 100 * self.recall_hits / self.recall_total if self.recall_total else float("nan")
         return out

@@ -82,7 +82,9 @@ def _line_key(raw: bytes, path: str, n: int) -> str:
         obj = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         cut = "" if raw.endswith(b"\n") else " (truncated last line?)"
-        raise EvaluationError(f"{where(path, n)}: not valid JSON{cut}: {e.msg if hasattr(e, 'msg') else e}") from None
+        raise EvaluationError(
+            f"{where(path, n)}: not valid JSON{cut}: {e.msg if hasattr(e, 'msg') else e}"
+        ) from None
     if not isinstance(obj, dict):
         raise EvaluationError(f"{where(path, n)}: a line must be a JSON object, got {type(obj).__name__}")
     key = obj.get("key")
@@ -91,15 +93,41 @@ def _line_key(raw: bytes, path: str, n: int) -> str:
     return key
 
 
+class PredictionReader:
+    """Reads single lines back by :class:`PredRef` (one open file, one seek per line)."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self._f = open(path, "rb")
+
+    def read(self, ref: PredRef) -> Prediction:
+        self._f.seek(ref.offset)
+        raw = self._f.read(ref.length)
+        if len(raw) != ref.length:
+            raise EvaluationError(f"{where(self.path, ref.line)}: the file changed while it was scored")
+        try:
+            obj = json.loads(raw)
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise EvaluationError(
+                f"{where(self.path, ref.line)}: the file changed while it was scored"
+            ) from None
+        return parse_prediction(obj, self.path, ref.line)
+
+    def close(self) -> None:
+        self._f.close()
+
+    def __enter__(self) -> PredictionReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
 def read_predictions(path: str, refs: Iterable[PredRef]) -> Iterator[Prediction]:
-    """Parse and structurally check the lines at ``refs`` (one open file, one seek per line)."""
-    with open(path, "rb") as f:
+    """Parse and structurally check the lines at ``refs``."""
+    with PredictionReader(path) as reader:
         for ref in refs:
-            f.seek(ref.offset)
-            raw = f.read(ref.length)
-            if len(raw) != ref.length:
-                raise EvaluationError(f"{where(path, ref.line)}: the file changed while it was scored")
-            yield parse_prediction(json.loads(raw), path, ref.line)
+            yield reader.read(ref)
 
 
 # ------------------------------------------------------------------------------------------ one line

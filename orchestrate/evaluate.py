@@ -1,0 +1,68 @@
+"""Score predictions against built val sets (a Ray job, or a plain command).
+
+    ray job submit --working-dir . -- python orchestrate/evaluate.py --predictions /shared/preds.jsonl \
+        --shards /shared/shards --data-root /shared/datas --sets coco_panoptic/val,refcoco/val --out /shared/eval
+    python orchestrate/evaluate.py --predictions preds.jsonl --shards demo_out/shards --data-root demo_out/datas --out eval
+
+Writes ``<out>/results.json`` (``{"<source>/<split>": {"<metric>": percent}}``), ``<out>/details.json`` and a
+wandb run (``job_type="eval"``, offline by default), and prints the table. Bad input (a predictions file
+whose keys are not the sets', a malformed line, an unknown set, …) exits with code 2 and one line on stderr.
+The work itself is in :mod:`orchestrate.evaluation`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+sys.path.insert(
+    0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+)  # run as a script from anywhere
+
+from orchestrate.evaluation import EvaluationError, score_predictions  # noqa: E402
+from orchestrate.evaluation.report import format_table  # noqa: E402
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    source = p.add_mutually_exclusive_group(required=True)  # inference (--export) joins this group
+    source.add_argument("--predictions", help="predictions.jsonl to score (one line per sample key)")
+    p.add_argument("--shards", required=True, help="the shard folder the val sets were built into")
+    p.add_argument("--data-root", default="", help="the folder the build read (COCO sets read originals)")
+    p.add_argument("--sets", help="comma list of <source>/<split>; default: every set the predictions cover")
+    p.add_argument("--out", required=True, help="folder for results.json, details.json and the wandb run")
+    p.add_argument("--num-workers", type=int, default=1, help="> 1: score shards as Ray tasks (default: 1)")
+    p.add_argument("--text-sim-model", help="local sentence-embedding folder for GCG recall (else omitted)")
+    p.add_argument("--wandb-mode", default="offline", choices=("offline", "online", "disabled", "auto"))
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr)
+    try:
+        results = score_predictions(
+            args.predictions,
+            args.shards,
+            args.data_root,
+            sets=[s.strip() for s in args.sets.split(",") if s.strip()] if args.sets else None,
+            out_dir=args.out,
+            num_workers=args.num_workers,
+            text_sim_model=args.text_sim_model,
+            wandb_mode=args.wandb_mode,
+        )
+    except EvaluationError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    import json
+
+    details = json.load(open(os.path.join(args.out, "details.json")))["sets"]
+    print(format_table(results, details))
+    print(f"results: {os.path.join(args.out, 'results.json')}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

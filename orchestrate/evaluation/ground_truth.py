@@ -1,0 +1,309 @@
+"""Per-set ground truth: the val shards, plus the original annotation files where shards lack what a metric
+needs.
+
+A set is one built ``<source>/<split>``. Its samples (keys, image sizes, masks, phrases, turns) come from
+its shards, read here and nowhere else (:func:`iter_shard_samples`). Two COCO sets also read the files the
+build read, under ``--data-root``, because a sample keeps only what training needs:
+
+* ``coco_panoptic``: a sample's ``ignore`` is the union of its crowd regions; PQ needs each crowd region's
+  category (an unmatched prediction lying on same-category crowd is not a false positive), so crowd segments
+  are read back from the panoptic JSON and PNG (only for the images that have crowd);
+* ``coco_instance``: COCOeval counts crowd annotations per category and uses the annotation's ``area``
+  (polygon area) for APs/APm/APl, so every annotation of an image is read back from the instances JSON
+  (byte spans indexed once; a worker parses only its images').
+
+Each original file's SHA-256 must equal the one the set's manifest recorded: scoring against a file other
+than the one the shards were built from is an error.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tarfile
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+from orchestrate.evaluation.errors import EvaluationError
+from orchestrate.evaluation.metrics import ApTruth, PanopticTruth
+from pipelines import masks as mask_ops
+from pipelines.masks import MaskFormatError
+from pipelines.schema import SEG, Sample, SampleError
+from pipelines.sources import SOURCES
+from pipelines.sources.base import SourceNotFound, relpath
+from pipelines.sources.readers.coco_index import RawAnns, iter_coco_records, read_categories, read_spans
+from pipelines.storage import fs_and_path, join
+
+# which scorer a source's sets get (orchestrate/evaluation/scoring.py)
+SOURCE_KINDS = {
+    "coco_panoptic": "panoptic",
+    "ade20k_panoptic": "panoptic",
+    "ade20k_semantic": "semantic",
+    "coco_instance": "instance",
+    "ade20k_instance": "instance",
+    "refcoco": "refer",
+    "refcoco+": "refer",
+    "refcocog": "refer",
+    "grefcoco": "grefer",
+    "lisa_reasonseg": "reason",
+    "coco_interactive": "interactive",
+    "grandf_gcg": "gcg",
+    "psg_gcg": "gcg",
+    "refcocog_gcg": "gcg",
+    "flickr_gcg": "gcg",
+    "coco_vgd": "vgd",
+}
+NOT_SCORED = {
+    "lvis": "LVIS needs its federated AP (per-image negative / not-exhaustive categories), not implemented; "
+    "X-SAM reports no LVIS number",
+    "llava_pretrain": "chat: X-SAM scores chat with VLMEvalKit",
+    "llava_instruct": "chat: X-SAM scores chat with VLMEvalKit",
+}
+
+
+@dataclass
+class EvalSet:
+    """One built ``<source>/<split>`` and what scoring it needs besides its shards."""
+
+    name: str
+    source: str
+    split: str
+    task: str
+    kind: str
+    folder: str  # the split's shard folder (path or URI)
+    shards: list[str]  # shard file names, in manifest order
+    num_samples: int
+    categories: dict[int, bool] | None = None  # category id -> isthing; None: the set has no vocabulary
+    category_names: dict[int, str] = field(default_factory=dict)
+    crowd: dict[str, tuple[str, list[tuple[int, int]]]] = field(
+        default_factory=dict
+    )  # key -> (png, [(id, cat)])
+    annotations: dict[str, list[tuple[int, int]]] = field(default_factory=dict)  # key -> byte spans
+    annotation_file: str | None = None
+    data_root: str = ""
+
+    def shard_path(self, name: str) -> str:
+        return join(self.folder, name)
+
+
+# ------------------------------------------------------------------------------------------ shards
+def iter_shard_samples(path: str) -> Iterator[Sample]:
+    """The Samples of one shard in member order (image bytes are skipped, not decoded): the one place
+    evaluation reads shards."""
+    fs, p = fs_and_path(path)
+    with fs.open(p, "rb") as f, tarfile.open(fileobj=f, mode="r|") as tar:
+        for member in tar:
+            if not member.isfile() or not member.name.endswith(".json"):
+                continue
+            raw = tar.extractfile(member).read()
+            try:
+                yield Sample.from_dict(json.loads(raw))
+            except (json.JSONDecodeError, KeyError, TypeError, SampleError) as e:
+                raise EvaluationError(f"{path}: member {member.name}: not a schema-1 sample: {e}") from None
+
+
+def built_sets(shards: str) -> list[str]:
+    """Every ``<source>/<split>`` with a manifest under ``shards``."""
+    fs, root = fs_and_path(shards)
+    found = fs.glob(f"{root}/*/*/manifest.json")
+    return sorted("/".join(p.rstrip("/").split("/")[-3:-1]) for p in found)
+
+
+def open_set(shards: str, data_root: str, name: str) -> EvalSet:
+    """The :class:`EvalSet` of ``name`` (``<source>/<split>``); an error when it was not built, has no metric,
+    or needs original files that are missing or changed."""
+    source, sep, split = name.partition("/")
+    if not sep or not split or "/" in split:
+        raise EvaluationError(f"--sets: {name!r} is not <source>/<split>")
+    fs, root = fs_and_path(shards)
+    folder = f"{root}/{source}/{split}"
+    if not fs.exists(f"{folder}/manifest.json"):
+        raise EvaluationError(
+            f"--sets: {name} was not built under {shards} (built: {', '.join(built_sets(shards))})"
+        )
+    with fs.open(f"{folder}/manifest.json", "rb") as f:
+        manifest = json.load(f)
+    if source not in SOURCE_KINDS:
+        reason = NOT_SCORED.get(source, "no metric is defined for this source")
+        raise EvaluationError(f"--sets: {name} cannot be scored: {reason}")
+    evs = EvalSet(
+        name=name,
+        source=source,
+        split=split,
+        task=manifest.get("task", ""),
+        kind=SOURCE_KINDS[source],
+        folder=join(shards.rstrip("/"), source, split),
+        shards=[s["file"] for s in manifest["shards"]],
+        num_samples=int(manifest["counts"]["samples"]),
+        data_root=data_root,
+    )
+    _add_originals(evs, manifest)
+    return evs
+
+
+# ------------------------------------------------------------------------------------------ original files
+def _add_originals(evs: EvalSet, manifest: dict) -> None:
+    if evs.source.startswith("ade20k_"):
+        table = _ade_table(evs.source)
+        evs.categories = {int(c): bool(v) for c, v in table["isthing"].items()}
+        evs.category_names = {int(c): n for c, n in table["category_names"].items()}
+        return
+    if evs.source not in ("coco_panoptic", "coco_instance", "coco_vgd"):
+        return
+    files = _locate(evs)
+    role = (
+        "annotations"
+        if evs.source != "coco_vgd"
+        else next((r for r in ("instances", "categories") if r in files.inputs), None)
+    )
+    if role is None:  # VGD from X-SAM's released prompts without the instances file: no vocabulary
+        return
+    path = files.inputs[role]
+    _check_hash(evs, manifest, role, path)
+    evs.annotation_file = path
+    if evs.source == "coco_vgd":
+        cats = read_categories(path)
+        evs.categories = {int(c["id"]): True for c in cats}
+        evs.category_names = {int(c["id"]): str(c.get("name")) for c in cats}
+        return
+    _index_coco(evs, path, files.dirs.get("panoptic"))
+
+
+def _ade_table(source: str) -> dict:
+    from pipelines.sources.ade20k import category_table
+
+    return category_table(SOURCES[source].vocabulary())
+
+
+def _locate(evs: EvalSet):
+    if not evs.data_root:
+        raise EvaluationError(f"{evs.name}: --data-root is needed (the original annotation file is read)")
+    try:
+        return SOURCES[evs.source].locate(evs.data_root, evs.split)
+    except SourceNotFound as e:
+        raise EvaluationError(
+            f"{evs.name}: original annotation files not found under --data-root: {e}"
+        ) from None
+
+
+def _check_hash(evs: EvalSet, manifest: dict, role: str, path: str) -> None:
+    recorded = {i.get("role"): i.get("sha256") for i in manifest.get("inputs", [])}
+    want = recorded.get(role)
+    if want is None:
+        return
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    if h.hexdigest() != want:
+        raise EvaluationError(
+            f"{path}: not the file {evs.name} was built from (sha256 {h.hexdigest()[:12]}…, manifest {want[:12]}…)"
+        )
+
+
+def _index_coco(evs: EvalSet, path: str, panoptic_dir: str | None) -> None:
+    """Categories, plus per image key: crowd segments (panoptic) or annotation byte spans (instances)."""
+    panoptic = evs.source == "coco_panoptic"
+    fields = (
+        (lambda a: {"file_name": a.get("file_name"), "segments_info": a.get("segments_info") or []})
+        if panoptic
+        else None
+    )
+    for item in iter_coco_records(
+        path,
+        evs.name,
+        lambda img: {"id": img.get("id")},
+        fields,
+        categories=lambda c: {"cats": c},
+        raw=not panoptic,
+    ):
+        if not isinstance(item, dict):
+            if hasattr(item, "data") and "cats" in item.data:
+                cats = item.data["cats"]
+                evs.categories = {int(c["id"]): bool(c.get("isthing", 1)) for c in cats}
+                evs.category_names = {int(c["id"]): str(c.get("name")) for c in cats}
+            continue
+        if panoptic:
+            anns = item["anns"]
+            crowd = [
+                (s["id"], s["category_id"]) for a in anns for s in a["segments_info"] if s.get("iscrowd")
+            ]
+            if crowd and len(anns) == 1:
+                evs.crowd[item["key"]] = (relpath(panoptic_dir, anns[0]["file_name"]), crowd)
+        else:
+            raw: RawAnns = item["anns"]
+            evs.annotations[item["key"]] = list(zip(raw.offsets, raw.lengths, strict=True))
+
+
+def crowd_regions(evs: EvalSet, key: str, hw: tuple[int, int]) -> dict[int, dict]:
+    """COCO panoptic: ``{category_id: RLE}`` of an image's crowd segments (same-category ones merged)."""
+    if key not in evs.crowd:
+        return {}
+    png_rel, segments = evs.crowd[key]
+    png = os.path.join(evs.data_root, png_rel)
+    try:
+        with open(png, "rb") as f:
+            id_map = mask_ops.read_panoptic_png(f.read())
+    except OSError as e:
+        raise EvaluationError(f"{png}: cannot read the panoptic PNG of {key}: {e}") from None
+    if id_map.shape != tuple(hw):
+        raise EvaluationError(f"{png}: {id_map.shape[0]}x{id_map.shape[1]}, but {key} is {hw[0]}x{hw[1]}")
+    rles = mask_ops.id_map_to_rles(id_map, [s for s, _ in segments])
+    by_cat: dict[int, list[dict]] = {}
+    for (_, cat), rle in zip(segments, rles, strict=True):
+        by_cat.setdefault(int(cat), []).append(rle)
+    return {c: mask_ops.merge_rles(r) for c, r in by_cat.items()}
+
+
+def coco_instances(evs: EvalSet, key: str, hw: tuple[int, int]) -> list[ApTruth]:
+    """COCO instances: every annotation of an image (crowd included) with its own ``area``."""
+    spans = evs.annotations.get(key, [])
+    out = []
+    for (off, _), text in zip(spans, read_spans(evs.annotation_file, spans), strict=True):
+        ann = json.loads(text)
+        cat = ann.get("category_id")
+        if evs.categories is not None and cat not in evs.categories:
+            continue  # COCOeval evaluates only the file's categories
+        try:
+            rle = mask_ops.segmentation_to_rle(ann.get("segmentation"), *hw)
+        except MaskFormatError as e:
+            raise EvaluationError(f"{evs.annotation_file}: annotation at byte {off} ({key}): {e}") from None
+        area = ann.get("area")
+        out.append(
+            ApTruth(rle, int(cat), int(bool(ann.get("iscrowd"))), float(area) if area is not None else None)
+        )
+    return out
+
+
+# ------------------------------------------------------------------------------------------ per sample
+def image_hw(sample: Sample) -> tuple[int, int]:
+    if sample.image is None:
+        raise EvaluationError(f"{sample.key}: a sample without an image cannot be scored")
+    return sample.image.height, sample.image.width
+
+
+def seg_turns(sample: Sample) -> int:
+    """How many ``<SEG>`` the reference answers hold (refseg/reaseg: one per assistant turn)."""
+    return sum(t.text.count(SEG) for t in sample.conversation if t.role == "assistant")
+
+
+def panoptic_truth(evs: EvalSet, sample: Sample) -> PanopticTruth:
+    hw = image_hw(sample)
+    segments = [(m.rle, int(m.category_id)) for m in sample.masks if not m.iscrowd]
+    crowd = crowd_regions(evs, sample.key, hw) if evs.source == "coco_panoptic" else {}
+    return PanopticTruth(segments=segments, crowd=crowd, hw=hw)
+
+
+def instance_truth(evs: EvalSet, sample: Sample) -> list[ApTruth]:
+    if evs.source == "coco_instance":
+        return coco_instances(evs, sample.key, image_hw(sample))
+    return [ApTruth(m.rle, int(m.category_id), int(m.iscrowd)) for m in sample.masks]
+
+
+def turn_targets(sample: Sample) -> list[dict | None]:
+    """Per ``<SEG>`` turn, the union of its target masks (``None``: no target)."""
+    by_label: dict[int, list[dict]] = {}
+    for m in sample.masks:
+        by_label.setdefault(m.label, []).append(m.rle)
+    return [mask_ops.merge_rles(by_label[t]) if t in by_label else None for t in range(seg_turns(sample))]
