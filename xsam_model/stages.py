@@ -146,25 +146,26 @@ def load_exported(
         }
         skip = unused_parameters(model)
         expected = {n for n in params if n not in skip and any(_under(n, p) for p in prefixes)}
-    unexpected = sorted(k for k in state if k not in params)
-    mismatched = sorted(
-        f"{k}: file {tuple(v.shape)} vs model {tuple(params[k].shape)}"
-        for k, v in state.items()
-        if k in params and tuple(v.shape) != tuple(params[k].shape)
+    from xsam_model.weight_fit import check_fit
+
+    # every parameter is a known name; only those of `expected` must be present
+    report = check_fit(
+        {n: p.shape for n, p in params.items()},
+        {k: v.shape for k, v in state.items()},
+        optional=set(params) - expected,
     )
-    missing = sorted(expected - set(state))
-    if strict and (unexpected or mismatched or missing):
-        lines = [
-            f"{len(missing)} missing, {len(unexpected)} unexpected, {len(mismatched)} shape-mismatched keys"
-        ]
-        for what, keys in (("missing", missing), ("unexpected", unexpected), ("mismatched", mismatched)):
-            lines += [f"  {what}: {k}" for k in keys]
-        raise WeightMismatchError("\n".join(lines))
-    bad = set(unexpected) | {m.split(":")[0] for m in mismatched}
+    if strict:
+        report.raise_if_bad(error=WeightMismatchError)
+    bad = set(report.unexpected) | {k for k, _, _ in report.mismatched}
     loaded = []
     with torch.no_grad():
         for k, v in state.items():
             if k not in bad:
                 params[k].copy_(v.to(device=params[k].device, dtype=params[k].dtype))
                 loaded.append(k)
-    return {"loaded": loaded, "missing": missing, "unexpected": unexpected, "mismatched": mismatched}
+    return {
+        "loaded": loaded,
+        "missing": list(report.missing),
+        "unexpected": list(report.unexpected),
+        "mismatched": report.mismatch_lines("file"),
+    }
