@@ -26,6 +26,7 @@ from pipelines import storage
 from pipelines.build.chunks import Chunk, read_chunk
 from pipelines.build.images import load_image
 from pipelines.schema import SCHEMA_VERSION, SampleError, to_wds
+from pipelines.shard_store import COUNTED_FLAGS, Manifest, ShardEntry, shard_name, split_dir
 from pipelines.sources.base import (
     POLICY_REASONS,
     BuildOptions,
@@ -37,14 +38,6 @@ from pipelines.sources.base import (
 )
 
 TAR_MTIME = 0.0
-
-
-def shard_name(source: str, split: str, index: int) -> str:
-    return f"{source}-{split}-{index:06d}.tar"
-
-
-def split_dir(out_url: str, source: str, split: str) -> str:
-    return storage.join(out_url, source, split)
 
 
 def index_dir(out_url: str, source: str, split: str) -> str:
@@ -105,6 +98,8 @@ def completed_part(
         return None
     if part.fingerprint != fingerprint or part.chunk_digest != chunk.digest:
         return None
+    if any(flag not in part.stats for flag in COUNTED_FLAGS):  # a marker from before flags were counted
+        return None
     if part.file is not None:
         tar = storage.join(split_dir(out_url, source, split), part.file)
         if not fs.exists(tar) or fs.size(tar) != part.bytes:
@@ -129,7 +124,7 @@ def convert_chunk(
         data_root=files.data_root, split=split, options=options, files=files, shared=shared or {}
     )
     part = PartResult(chunk=chunk.index, fingerprint=fingerprint, chunk_digest=chunk.digest, records_in=0)
-    counts: Counter = Counter()
+    counts: Counter = Counter(dict.fromkeys(COUNTED_FLAGS, 0))  # every flag recorded, zero included
     categories: Counter = Counter()
     name = shard_name(source.name, split, chunk.index)
     final = storage.join(split_dir(out_url, source.name, split), name)
@@ -196,6 +191,8 @@ def _convert_one(
     counts["masks"] += len(sample.masks)
     counts["regions"] += len(sample.regions)
     counts["turns"] += sum(t.role == "user" for t in sample.conversation)
+    for flag in COUNTED_FLAGS:
+        counts[flag] += bool(sample.meta.get(flag))
     categories.update(str(m.category_id) for m in sample.masks if m.category_id is not None)
 
 
@@ -252,7 +249,8 @@ def write_manifest(
     wall_time_s: float,
     code_version: dict,
 ) -> dict:
-    """Write ``manifest.json`` and ``skipped.jsonl`` for a finished split; check nothing was lost."""
+    """Write ``manifest.json`` (a :class:`~pipelines.shard_store.Manifest`) and ``skipped.jsonl`` for a finished
+    split; check nothing was lost. Returns the manifest's JSON dict."""
     fs, _ = storage.fs_and_path(out_url)
     parts = sorted(parts, key=lambda p: p.chunk)
     skip_rows = [s.to_dict() for s in index_skips] + [s for p in parts for s in p.skips]
@@ -270,45 +268,41 @@ def write_manifest(
     for p in parts:
         categories.update(p.stats.get("category_counts", {}))
         stats.update({k: v for k, v in p.stats.items() if k != "category_counts"})
-    manifest = {
-        "schema": SCHEMA_VERSION,
-        "source": source.name,
-        "task": source.task,
-        "split": split,
-        "shards": [
-            {"file": p.file, "samples": p.samples, "bytes": p.bytes, "sha256": p.sha256}
-            for p in parts
-            if p.file
-        ],
-        "counts": {
+    manifest = Manifest(
+        schema=SCHEMA_VERSION,
+        source=source.name,
+        task=source.task,
+        split=split,
+        shards=tuple(ShardEntry(p.file, p.samples, p.bytes, p.sha256) for p in parts if p.file),
+        counts={
             "records_in": records_in,
             "samples": samples,
             "skipped": sum(skipped.values()),
             "dropped_annotations": sum(dropped.values()),
-            **dict(sorted(stats.items())),
+            **dict(sorted(stats.items())),  # masks, regions, turns and every COUNTED_FLAGS count
         },
-        "skipped": dict(sorted(skipped.items())),
-        "dropped": dict(sorted(dropped.items())),
-        "category_counts": dict(
+        skipped=dict(sorted(skipped.items())),
+        dropped=dict(sorted(dropped.items())),
+        category_counts=dict(
             sorted(categories.items(), key=lambda kv: int(kv[0]) if kv[0].lstrip("-").isdigit() else 0)
         ),
-        "inputs": input_hashes,
-        "dirs": files.dirs,
-        "info": files.info,
-        "options": options.to_dict(),
-        "source_version": source.version,
-        "code_version": code_version,
-        "fingerprint": fp,
-        "wall_time_s": round(wall_time_s, 3),
-    }
+        inputs=input_hashes,
+        dirs=files.dirs,
+        info=files.info,
+        options=options.to_dict(),
+        source_version=source.version,
+        code_version=code_version,
+        fingerprint=fp,
+        wall_time_s=round(wall_time_s, 3),
+    )
     sdir = split_dir(out_url, source.name, split)
     with storage.atomic_write(fs, storage.join(sdir, "skipped.jsonl")) as f:
         for row in skip_rows:
             f.write(json.dumps(row, sort_keys=True).encode() + b"\n")
-    storage.write_json(fs, storage.join(sdir, "manifest.json"), manifest)
+    manifest.write(out_url)  # last: a split is complete once its manifest exists
     # shards of chunks that no longer exist (the input shrank) must not linger beside the manifest
-    listed = {s["file"] for s in manifest["shards"]}
+    listed = {s.file for s in manifest.shards}
     for p in fs.glob(f"{sdir}/{source.name}-{split}-*.tar"):
         if p.rsplit("/", 1)[-1] not in listed:
             fs.rm(p)
-    return manifest
+    return manifest.to_dict()

@@ -23,7 +23,7 @@ How a micro-batch is chosen — a pure function of ``(seed, micro_step, rank, pe
   epoch[, window])``; when the slice runs out the next epoch re-shuffles and repeats it. This is a shuffle
   buffer whose content is a function of the position, so a resumed run reads exactly what an uninterrupted
   one would without replaying anything. A window is read with one ranged read per shard it touches (the
-  shard's member offsets come from one scan of its tar headers), and only the current window of each dataset
+  shard's member offsets come from one scan of its tar headers: :class:`pipelines.shard_store.ShardReader`), and only the current window of each dataset
   is held in memory.
 - **Use.** A sample's JSON is parsed, its exclusion flags checked (gRefCOCO ``no_target``), and ``transform
   (sample, image_bytes)`` called only when it is about to enter a batch; RLE masks are decoded (if at all) by
@@ -39,12 +39,8 @@ from __future__ import annotations
 
 import copy
 import json
-import re
-import tarfile
-import time
 import warnings
 import zlib
-from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -53,11 +49,11 @@ import numpy as np
 
 from pipelines.loader import mixture as mixture_mod
 from pipelines.loader.decode import ImageDecodeError
-from pipelines.schema import IMAGE_EXTS, Sample
+from pipelines.schema import Sample
+from pipelines.shard_store import RawSample, ShardReader
 
 STATE_FORMAT = "xsam-loader/1"
 _MASK64 = np.uint64(0xFFFFFFFFFFFFFFFF)
-_MEMBER = re.compile(r"^((?:.*/|)[^./]+)\.([^/]+)$")  # webdataset's key.ext split (keys hold no '.')
 _TAG_WINDOWS, _TAG_INNER = 1, 2  # keep the two per-epoch RNG streams apart
 _MAX_ERRORS = 16  # recent skip details kept in stats
 
@@ -94,151 +90,6 @@ def _rng(seed: int, *parts: int) -> np.random.Generator:
     return np.random.default_rng([seed & 0xFFFFFFFF, seed >> 32 & 0xFFFFFFFF, *parts])
 
 
-# ---------------------------------------------------------------------------------------------- shard access
-@dataclass
-class ShardIndex:
-    """Where each complete sample's members lie in one tar (arrays of length ``n``; image -1 when absent)."""
-
-    n: int
-    keys: list[str]
-    json_off: np.ndarray
-    json_len: np.ndarray
-    img_off: np.ndarray
-    img_len: np.ndarray
-    img_ext: list[str | None]
-    error: str | None = None  # why the scan ended early
-    reason: str = "truncated_shard"
-
-
-def index_shard(fs, path: str, expected: int | None = None) -> ShardIndex:
-    """Scan a tar's headers (data is seeked over, not read) into a :class:`ShardIndex`.
-
-    A scan that stops early (truncated file, bad header) keeps the samples completed before it; with
-    ``expected`` from the manifest, fewer samples than expected is reported as truncation too.
-    """
-    keys, rows, exts = [], [], []
-    cur_key, cur = None, {}
-    error, reason = None, "truncated_shard"
-
-    def flush():
-        if cur_key is not None and "json" in cur:
-            img = next(((e, *cur[e]) for e in IMAGE_EXTS if e in cur), (None, -1, -1))
-            keys.append(cur_key)
-            rows.append((*cur["json"], img[1], img[2]))
-            exts.append(img[0])
-
-    try:
-        size = fs.size(path)
-        with fs.open(path, "rb") as f, tarfile.open(fileobj=f, mode="r:") as tar:
-            for ti in tar:
-                if not ti.isfile():
-                    continue
-                if ti.offset_data + ti.size > size:
-                    error = f"member {ti.name} ends at byte {ti.offset_data + ti.size} of a {size}-byte file"
-                    cur_key = None  # the sample in progress is incomplete
-                    break
-                m = _MEMBER.match(ti.name)
-                if m is None:
-                    continue
-                key, ext = m.group(1), m.group(2)
-                if key != cur_key:
-                    flush()
-                    cur_key, cur = key, {}
-                cur[ext] = (ti.offset_data, ti.size)
-            else:
-                flush()
-    except FileNotFoundError as e:
-        error, reason = f"{type(e).__name__}: {e}", "unreadable_shard"
-    except (tarfile.TarError, OSError, EOFError, ValueError) as e:
-        error = f"{type(e).__name__}: {e}"
-        reason = "truncated_shard" if keys else "unreadable_shard"
-    if error is None and expected is not None and len(keys) < expected:
-        error = f"{len(keys)} complete samples, the manifest lists {expected}"
-    arr = np.asarray(rows, dtype=np.int64).reshape(-1, 4)
-    return ShardIndex(len(keys), keys, arr[:, 0], arr[:, 1], arr[:, 2], arr[:, 3], exts, error, reason)
-
-
-@dataclass
-class _Raw:
-    """One slice position's bytes, or why there are none."""
-
-    key: str | None
-    json: bytes | None = None
-    image: bytes | None = None
-    reason: str | None = None
-    detail: str = ""
-
-
-class _ShardReader:
-    """Per-process access to shards: cached indexes (bounded LRU) and ranged reads, with a few retries."""
-
-    def __init__(self, root: str, storage_options: dict | None, max_indexes: int, stats: dict):
-        from fsspec.core import url_to_fs
-
-        self.fs, self.root = url_to_fs(root, **(storage_options or {}))
-        self.root = self.root.rstrip("/")
-        self.indexes: OrderedDict[str, ShardIndex] = OrderedDict()
-        self.max_indexes = max_indexes
-        self.stats = stats
-
-    def path(self, rel: str) -> str:
-        return f"{self.root}/{rel}"
-
-    def index(self, rel: str, expected: int) -> ShardIndex:
-        if rel in self.indexes:
-            self.indexes.move_to_end(rel)
-            return self.indexes[rel]
-        idx = index_shard(self.fs, self.path(rel), expected)  # a failed scan is kept: counted per sample
-        self.stats["shards_indexed"] += 1
-        self.indexes[rel] = idx
-        while len(self.indexes) > self.max_indexes:
-            self.indexes.popitem(last=False)
-        return idx
-
-    def read(self, rel: str, expected: int, lo: int, hi: int) -> list[_Raw]:
-        """Samples ``lo..hi-1`` of a shard (local indices), read with one ranged request."""
-        idx = self.index(rel, expected)
-        out: list[_Raw] = []
-        have = range(lo, min(hi, idx.n))
-        if len(have):
-            offs = np.concatenate([idx.json_off[lo : have.stop], idx.img_off[lo : have.stop]])
-            ends = np.concatenate(
-                [
-                    idx.json_off[lo : have.stop] + idx.json_len[lo : have.stop],
-                    idx.img_off[lo : have.stop] + idx.img_len[lo : have.stop],
-                ]
-            )
-            start, stop = int(offs[offs >= 0].min()), int(ends.max())
-            try:
-                blob = _retry(lambda: self.fs.cat_file(self.path(rel), start=start, end=stop))
-            except OSError as e:
-                return [_Raw(None, reason="unreadable_shard", detail=f"{rel}: {e}") for _ in range(lo, hi)]
-            self.stats["bytes_read"] += len(blob)
-            for j in have:
-                jo, jl = int(idx.json_off[j]) - start, int(idx.json_len[j])
-                image = None
-                if idx.img_off[j] >= 0:
-                    io_, il = int(idx.img_off[j]) - start, int(idx.img_len[j])
-                    image = blob[io_ : io_ + il]
-                out.append(_Raw(idx.keys[j], blob[jo : jo + jl], image))
-        for j in range(max(lo, idx.n), hi):
-            out.append(_Raw(None, reason=idx.reason, detail=f"{rel} sample {j}: {idx.error}"))
-        return out
-
-
-def _retry(fn: Callable[[], Any], attempts: int = 3, retry_on: tuple = (OSError,)) -> Any:
-    """Call ``fn``; retry transient storage errors (not a missing file) with a short back-off."""
-    for i in range(attempts):
-        try:
-            return fn()
-        except FileNotFoundError:
-            raise
-        except retry_on:
-            if i == attempts - 1:
-                raise
-            time.sleep(0.2 * 2**i)
-
-
 # ---------------------------------------------------------------------------------------------- one dataset, one consumer
 class _Cursor:
     """A consumer's view of one dataset: its slice, the epoch orders, and the current window's bytes."""
@@ -250,7 +101,7 @@ class _Cursor:
         consumers: int,
         seed: int,
         window: int,
-        reader: _ShardReader,
+        reader: ShardReader,
     ):
         self.d, self.reader, self.seed = d, reader, seed
         self.tag = zlib.crc32(d.name.encode())
@@ -273,7 +124,7 @@ class _Cursor:
             self._epoch = (epoch, order, np.cumsum(sizes))
         return self._epoch
 
-    def get(self, position: int) -> _Raw:
+    def get(self, position: int) -> RawSample:
         """The raw sample at ``position`` (0, 1, … over all epochs) of this consumer's stream."""
         epoch, i = divmod(position, self.length)
         _, order, cum = self._epoch_order(epoch)
@@ -288,10 +139,10 @@ class _Cursor:
             self._loaded = (epoch, wid, inner, self._read(lo, hi))
         return self._loaded[3][int(self._loaded[2][offset])]
 
-    def _read(self, lo: int, hi: int) -> list[_Raw]:
+    def _read(self, lo: int, hi: int) -> list[RawSample]:
         """Global sample range [lo, hi) of this dataset → raws, one ranged read per shard touched."""
         self.reader.stats["windows_read"] += 1
-        out: list[_Raw] = []
+        out: list[RawSample] = []
         first = int(np.searchsorted(self.shard_starts, lo, side="right")) - 1
         for s in range(first, len(self.d.shards)):
             s0, s1 = int(self.shard_starts[s]), int(self.shard_starts[s + 1])
@@ -395,7 +246,7 @@ class MixtureStream:
         if first_micro_step % self.lanes != lane:
             raise ValueError(f"micro-step {first_micro_step} does not belong to lane {lane} of {self.lanes}")
         positions, stats = dict(positions), copy.deepcopy(stats)
-        reader = _ShardReader(self.shards, self.storage_options, self.max_cached_indexes, stats)
+        reader = ShardReader(self.shards, self.storage_options, self.max_cached_indexes, stats)
         consumer, consumers = self.rank * self.lanes + lane, self.world_size * self.lanes
         cursors = {}
         m = first_micro_step
@@ -452,7 +303,7 @@ class MixtureStream:
         stats["skipped"][reason] = stats["skipped"].get(reason, 0) + 1
         stats["errors"] = (stats["errors"] + [f"{key}: {reason}: {detail}"[:300]])[-_MAX_ERRORS:]
 
-    def _use(self, raw: _Raw, d: mixture_mod.DatasetWeight, stats: dict) -> Any | None:
+    def _use(self, raw: RawSample, d: mixture_mod.DatasetWeight, stats: dict) -> Any | None:
         """Raw bytes → transformed item, or None (skipped / filtered, counted)."""
         if raw.reason is not None:
             return self._skip(stats, raw.reason, raw.key, raw.detail)
@@ -737,8 +588,6 @@ __all__ = [
     "LoaderError",
     "MixtureLoader",
     "MixtureStream",
-    "ShardIndex",
-    "index_shard",
     "step_sources",
     "step_uniforms",
 ]

@@ -19,7 +19,8 @@ from pycocotools import mask as mask_utils
 from pipelines.build import mixture
 from pipelines.loader import decode
 from pipelines.loader import mixture as mixture_file
-from pipelines.loader.stream import LoaderError, MixtureLoader, index_shard, step_sources
+from pipelines.loader.stream import LoaderError, MixtureLoader, step_sources
+from pipelines.shard_store import index_shard
 from tests.pipelines.test_mixture import write_source
 
 

@@ -1,0 +1,390 @@
+"""The shard store (DESIGN §4.4): a build's layout on disk, its typed manifests, and the one tar reader.
+
+Layout under a build's ``<out>`` (a local folder or any fsspec URI)::
+
+    <source>/<split>/<source>-<split>-000000.tar   samples in key order: <key>.json + <key>.jpg|png (no image: chat)
+    <source>/<split>/manifest.json                 :class:`Manifest`: shards, counts, skips, inputs, options, versions
+    <source>/<split>/skipped.jsonl                 every skipped record and dropped annotation (:func:`read_skipped`)
+
+Everything that reads a build goes through this module: the loader (:class:`ShardReader`: a header scan per
+shard, then ranged reads), the mixture (:func:`list_manifests`-style :meth:`Manifest.read` and the per-flag
+counts, never a tar scan), the preview gallery, dataset cards, the summary, Hugging Face interop, the training
+previews and the tests (:func:`iter_samples`). The writer (:mod:`pipelines.build.shards`) writes its manifest
+through :class:`Manifest` too, so the JSON keys are defined once. Imports only the shared core (storage,
+schema), the stdlib, fsspec and numpy: it runs in conversion tasks, DataLoader workers and offline tools alike.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import tarfile
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field, fields
+from typing import IO, Any
+
+import numpy as np
+
+from pipelines import storage
+from pipelines.schema import IMAGE_EXTS, Sample, from_wds
+
+MANIFEST_FILE = "manifest.json"
+SKIPPED_FILE = "skipped.jsonl"
+# Sample flags (``meta[flag]`` true) whose sample count every manifest records under ``counts[flag]``, so the
+# mixture can leave flagged samples out of N_d without reading a shard (gRefCOCO's no-target expressions).
+COUNTED_FLAGS: tuple[str, ...] = ("no_target",)
+# webdataset's key.ext split of a member name: keys hold no '.', so the first '.' of the last path component
+# starts the extension ("refcoco/train/000000000009_00000.json" -> key "refcoco/train/000000000009_00000").
+_MEMBER = re.compile(r"^((?:.*/|)[^./]+)\.([^/]+)$")
+
+
+class ShardStoreError(ValueError):
+    """A build's files are missing, malformed or older than this code expects (the message names the file)."""
+
+
+class MissingManifestError(ShardStoreError):
+    """``<out>/<source>/<split>/manifest.json`` does not exist: that split was not built (or not finished)."""
+
+
+# ---------------------------------------------------------------------------------------------- layout
+def split_dir(out_url: str, source: str, split: str) -> str:
+    return storage.join(str(out_url), source, split)
+
+
+def shard_name(source: str, split: str, index: int) -> str:
+    return f"{source}-{split}-{index:06d}.tar"
+
+
+def manifest_path(out_url: str, source: str, split: str) -> str:
+    return storage.join(split_dir(out_url, source, split), MANIFEST_FILE)
+
+
+# ---------------------------------------------------------------------------------------------- manifests
+@dataclass(frozen=True)
+class ShardEntry:
+    """One shard of a split, as the manifest lists it (``file`` relative to the split's folder)."""
+
+    file: str
+    samples: int
+    bytes: int
+    sha256: str | None = None
+
+
+_REQUIRED = ("schema", "source", "task", "split", "shards", "counts")
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """``<out>/<source>/<split>/manifest.json``; :meth:`to_dict` is exactly the JSON the writer writes."""
+
+    schema: int
+    source: str
+    task: str
+    split: str
+    shards: tuple[ShardEntry, ...]
+    counts: dict[str, int]  # records_in, samples, skipped, dropped_annotations, masks, regions, turns, flags
+    skipped: dict[str, int] = field(default_factory=dict)  # reason -> records skipped
+    dropped: dict[str, int] = field(default_factory=dict)  # reason -> annotations dropped
+    category_counts: dict[str, int] = field(default_factory=dict)  # category id (str) -> masks
+    inputs: list[dict] = field(default_factory=list)  # {"role", "path", "bytes", "sha256", "kind"} per input
+    dirs: dict[str, str] = field(default_factory=dict)
+    info: dict = field(default_factory=dict)  # what locating the source's files found
+    options: dict = field(default_factory=dict)  # BuildOptions.to_dict()
+    source_version: int | None = None
+    code_version: dict = field(default_factory=dict)
+    fingerprint: str | None = None
+    wall_time_s: float | None = None
+    extra: dict = field(default_factory=dict)  # keys a newer writer added: kept, written back unchanged
+    url: str | None = field(default=None, compare=False, repr=False)  # where it was read from (not written)
+
+    @property
+    def name(self) -> str:
+        """``"<source>/<split>"``: the dataset name the mixture and the loader use."""
+        return f"{self.source}/{self.split}"
+
+    @property
+    def samples(self) -> int:
+        return int(self.counts["samples"])
+
+    def flag_count(self, flag: str) -> int:
+        """Samples whose ``meta[flag]`` is true; an error naming the file when the writer did not count it."""
+        if flag not in self.counts:
+            raise ShardStoreError(
+                f"{self.url or self.name}: counts has no {flag!r} (written before the writer counted sample "
+                f"flags); rebuild {self.name} (the same build command re-converts it, with identical shards)"
+            )
+        return int(self.counts[flag])
+
+    def to_dict(self) -> dict[str, Any]:
+        out = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("extra", "url")}
+        out["shards"] = [dict(s.__dict__) for s in self.shards]
+        return {**out, **self.extra}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], url: str | None = None) -> Manifest:
+        where = url or "manifest"
+        if not isinstance(d, dict):
+            raise ShardStoreError(f"{where}: not a JSON object")
+        missing = [k for k in _REQUIRED if k not in d]
+        if missing:
+            raise ShardStoreError(f"{where}: missing key(s) {missing}")
+        if "samples" not in d["counts"]:
+            raise ShardStoreError(f"{where}: counts has no 'samples'")
+        known = {f.name for f in fields(cls)} - {"extra", "url"}
+        try:
+            shards = tuple(ShardEntry(**s) for s in d["shards"])
+        except TypeError as e:
+            raise ShardStoreError(f"{where}: a shard entry is malformed: {e}") from e
+        kwargs = {k: v for k, v in d.items() if k in known and k != "shards"}
+        extra = {k: v for k, v in d.items() if k not in known}
+        return cls(**kwargs, shards=shards, extra=extra, url=url)
+
+    @classmethod
+    def read(cls, out_url: str, source: str, split: str) -> Manifest:
+        """The manifest of ``<out_url>/<source>/<split>``; :class:`MissingManifestError` when there is none."""
+        fs, path = storage.fs_and_path(manifest_path(out_url, source, split))
+        if not fs.exists(path):
+            raise MissingManifestError(f"{path}: no manifest; build {source}/{split} first")
+        return cls.read_file(fs, path)
+
+    @classmethod
+    def read_file(cls, fs, path: str) -> Manifest:
+        try:
+            d = storage.read_json(fs, path)
+        except ValueError as e:
+            raise ShardStoreError(f"{path}: not valid JSON: {e}") from e
+        return cls.from_dict(d, url=path)
+
+    def write(self, out_url: str) -> str:
+        """Write ``manifest.json`` atomically (canonical JSON); returns its path."""
+        fs, path = storage.fs_and_path(manifest_path(out_url, self.source, self.split))
+        storage.write_json(fs, path, self.to_dict())
+        return path
+
+
+def list_manifests(
+    out_url: str, sources: Sequence[str] | None = None, splits: Sequence[str] | None = None
+) -> list[Manifest]:
+    """Every built split's manifest under ``out_url`` (optionally only these sources/splits), in path order."""
+    fs, root = storage.fs_and_path(out_url)
+    if not fs.exists(root):
+        return []
+    found = []
+    for path in sorted(fs.glob(f"{root}/*/*/{MANIFEST_FILE}")):
+        m = Manifest.read_file(fs, path)
+        if (sources is None or m.source in sources) and (splits is None or m.split in splits):
+            found.append(m)
+    return found
+
+
+def read_skipped(out_url: str, source: str, split: str) -> list[dict]:
+    """The rows of ``skipped.jsonl`` (key, level, reason, detail), in the file's order."""
+    fs, path = storage.fs_and_path(storage.join(split_dir(out_url, source, split), SKIPPED_FILE))
+    with fs.open(path, "rb") as f:
+        return [json.loads(line) for line in f.read().splitlines() if line.strip()]
+
+
+# ---------------------------------------------------------------------------------------------- tar members
+class TruncatedShardError(ShardStoreError):
+    """A member's data runs past the end of the file: the shard was cut short."""
+
+
+@dataclass(frozen=True)
+class TarMember:
+    """One ``<key>.<ext>`` member: where its data lies in the tar, and the data when it was read."""
+
+    key: str
+    ext: str
+    offset: int
+    size: int
+    data: bytes | None = None
+
+
+def iter_members(
+    f: IO[bytes], *, read_data: bool = True, file_size: int | None = None
+) -> Iterator[TarMember]:
+    """The regular ``<key>.<ext>`` members of an open tar, in tar order (other members are passed over).
+
+    ``read_data=False`` scans headers only and seeks over the data (``f`` must be seekable); otherwise the tar
+    is streamed once. With ``file_size``, a member that ends past it raises :class:`TruncatedShardError` (a
+    header scan alone would take a shard cut at a member boundary for a complete one).
+    """
+    with tarfile.open(fileobj=f, mode="r|" if read_data else "r:") as tar:
+        for ti in tar:
+            if not ti.isfile():
+                continue
+            if file_size is not None and ti.offset_data + ti.size > file_size:
+                raise TruncatedShardError(
+                    f"member {ti.name} ends at byte {ti.offset_data + ti.size} of a {file_size}-byte file"
+                )
+            m = _MEMBER.match(ti.name)
+            if m is None:
+                continue
+            data = tar.extractfile(ti).read() if read_data else None
+            yield TarMember(m.group(1), m.group(2), ti.offset_data, ti.size, data)
+
+
+def group_samples(members: Iterator[TarMember]) -> Iterator[tuple[str, dict[str, TarMember]]]:
+    """``(key, {ext: member})`` per run of consecutive members with one key. A sample still open when
+    ``members`` raises is not yielded (it may be incomplete)."""
+    key, group = None, {}
+    for m in members:
+        if m.key != key:
+            if key is not None:
+                yield key, group
+            key, group = m.key, {}
+        group[m.ext] = m
+    if key is not None:
+        yield key, group
+
+
+def iter_shard_samples(fs, path: str) -> Iterator[tuple[Sample, bytes | None]]:
+    """``(Sample, image bytes or None)`` of one shard, in key order (streamed: one pass, nothing seeked)."""
+    with fs.open(path, "rb") as f:
+        for key, group in group_samples(iter_members(f, read_data=True)):
+            if "json" not in group:
+                raise ShardStoreError(f"{path}: sample {key} has no .json member")
+            yield from_wds({"__key__": key, **{ext: m.data for ext, m in group.items()}})
+
+
+def iter_samples(
+    out_url: str, source: str, split: str, manifest: Manifest | None = None
+) -> Iterator[tuple[Sample, bytes | None]]:
+    """``(Sample, image bytes or None)`` of a built split, in shard and key order (its manifest's shards)."""
+    manifest = manifest or Manifest.read(out_url, source, split)
+    fs, sdir = storage.fs_and_path(split_dir(out_url, source, split))
+    for shard in manifest.shards:
+        yield from iter_shard_samples(fs, storage.join(sdir, shard.file))
+
+
+# ---------------------------------------------------------------------------------------------- random access
+@dataclass
+class ShardIndex:
+    """Where each complete sample's members lie in one tar (arrays of length ``n``; image -1 when absent)."""
+
+    n: int
+    keys: list[str]
+    json_off: np.ndarray
+    json_len: np.ndarray
+    img_off: np.ndarray
+    img_len: np.ndarray
+    img_ext: list[str | None]
+    error: str | None = None  # why the scan ended early
+    reason: str = "truncated_shard"
+
+
+def index_shard(fs, path: str, expected: int | None = None) -> ShardIndex:
+    """Scan a tar's headers (data is seeked over, not read) into a :class:`ShardIndex`.
+
+    A scan that stops early (truncated file, bad header) keeps the samples completed before it; with
+    ``expected`` from the manifest, fewer samples than expected is reported as truncation too.
+    """
+    keys, rows, exts = [], [], []
+    error, reason = None, "truncated_shard"
+    try:
+        size = fs.size(path)
+        with fs.open(path, "rb") as f:
+            for key, group in group_samples(iter_members(f, read_data=False, file_size=size)):
+                if "json" not in group:
+                    continue
+                j, img = group["json"], next((group[e] for e in IMAGE_EXTS if e in group), None)
+                keys.append(key)
+                rows.append((j.offset, j.size, *((img.offset, img.size) if img else (-1, -1))))
+                exts.append(img.ext if img else None)
+    except TruncatedShardError as e:
+        error = str(e)
+    except FileNotFoundError as e:
+        error, reason = f"{type(e).__name__}: {e}", "unreadable_shard"
+    except (tarfile.TarError, OSError, EOFError, ValueError) as e:
+        error = f"{type(e).__name__}: {e}"
+        reason = "truncated_shard" if keys else "unreadable_shard"
+    if error is None and expected is not None and len(keys) < expected:
+        error = f"{len(keys)} complete samples, the manifest lists {expected}"
+    arr = np.asarray(rows, dtype=np.int64).reshape(-1, 4)
+    return ShardIndex(len(keys), keys, arr[:, 0], arr[:, 1], arr[:, 2], arr[:, 3], exts, error, reason)
+
+
+@dataclass
+class RawSample:
+    """One sample's undecoded bytes from a ranged read, or why there are none (``reason``)."""
+
+    key: str | None
+    json: bytes | None = None
+    image: bytes | None = None
+    reason: str | None = None
+    detail: str = ""
+
+
+class ShardReader:
+    """Per-process random access to a build's shards: cached indexes (bounded LRU) and ranged reads, with a
+    few retries. ``counters`` (the loader's stats) gets ``shards_indexed`` and ``bytes_read`` added in place."""
+
+    def __init__(self, root: str, storage_options: dict | None, max_indexes: int, counters: dict):
+        from fsspec.core import url_to_fs
+
+        self.fs, self.root = url_to_fs(root, **(storage_options or {}))
+        self.root = self.root.rstrip("/")
+        self.indexes: OrderedDict[str, ShardIndex] = OrderedDict()
+        self.max_indexes = max_indexes
+        self.stats = counters
+
+    def path(self, rel: str) -> str:
+        return f"{self.root}/{rel}"
+
+    def index(self, rel: str, expected: int) -> ShardIndex:
+        if rel in self.indexes:
+            self.indexes.move_to_end(rel)
+            return self.indexes[rel]
+        idx = index_shard(self.fs, self.path(rel), expected)  # a failed scan is kept: counted per sample
+        self.stats["shards_indexed"] += 1
+        self.indexes[rel] = idx
+        while len(self.indexes) > self.max_indexes:
+            self.indexes.popitem(last=False)
+        return idx
+
+    def read(self, rel: str, expected: int, lo: int, hi: int) -> list[RawSample]:
+        """Samples ``lo..hi-1`` of a shard (``rel`` to the root; local indices), read with one ranged request."""
+        idx = self.index(rel, expected)
+        out: list[RawSample] = []
+        have = range(lo, min(hi, idx.n))
+        if len(have):
+            offs = np.concatenate([idx.json_off[lo : have.stop], idx.img_off[lo : have.stop]])
+            ends = np.concatenate(
+                [
+                    idx.json_off[lo : have.stop] + idx.json_len[lo : have.stop],
+                    idx.img_off[lo : have.stop] + idx.img_len[lo : have.stop],
+                ]
+            )
+            start, stop = int(offs[offs >= 0].min()), int(ends.max())
+            try:
+                blob = _retry(lambda: self.fs.cat_file(self.path(rel), start=start, end=stop))
+            except OSError as e:
+                return [
+                    RawSample(None, reason="unreadable_shard", detail=f"{rel}: {e}") for _ in range(lo, hi)
+                ]
+            self.stats["bytes_read"] += len(blob)
+            for j in have:
+                jo, jl = int(idx.json_off[j]) - start, int(idx.json_len[j])
+                image = None
+                if idx.img_off[j] >= 0:
+                    io_, il = int(idx.img_off[j]) - start, int(idx.img_len[j])
+                    image = blob[io_ : io_ + il]
+                out.append(RawSample(idx.keys[j], blob[jo : jo + jl], image))
+        for j in range(max(lo, idx.n), hi):
+            out.append(RawSample(None, reason=idx.reason, detail=f"{rel} sample {j}: {idx.error}"))
+        return out
+
+
+def _retry(fn: Callable[[], Any], attempts: int = 3, retry_on: tuple = (OSError,)) -> Any:
+    """Call ``fn``; retry transient storage errors (not a missing file) with a short back-off."""
+    for i in range(attempts):
+        try:
+            return fn()
+        except FileNotFoundError:
+            raise
+        except retry_on:
+            if i == attempts - 1:
+                raise
+            time.sleep(0.2 * 2**i)
