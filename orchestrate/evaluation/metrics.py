@@ -241,14 +241,14 @@ class SemanticIoU:
         keep = gt_cls > 0
         k = len(self.categories)
         idx = (gt_cls[keep].astype(np.int64) - 1) * (k + 1) + pred_cls[keep]
-        self.conf += np.bincount(idx, minlength=k * (k + 1)).reshape(k, k + 1)
+        self.conf = self.conf + np.bincount(idx, minlength=k * (k + 1)).reshape(k, k + 1)
 
     def class_map(self, cats: Sequence[int]) -> np.ndarray:
         """Lookup ``segment index + 1 -> class index + 1`` (0 stays 0) for segments of categories ``cats``."""
         return np.asarray([0] + [self._index[c] + 1 for c in cats], np.int32)
 
     def merge(self, other: SemanticIoU) -> None:
-        self.conf += other.conf
+        self.conf = self.conf + other.conf  # not in place: an array from Ray's object store is read-only
 
     def per_class(self) -> dict[int, float]:
         inter = np.diag(self.conf[:, 1:])
