@@ -80,7 +80,7 @@ def build_config(a: RunArgs):
     return cfg
 
 
-def check_data(shards: str, mixture_url: str, mixture_stage: str):
+def check_data(shards: str, mixture_url: str, mixture_stage: int):
     """The stage's :class:`~pipelines.loader.mixture.StageMixture`, after checking that its shards exist."""
     from pipelines.loader.mixture import MixtureError
     from pipelines.loader.mixture import load as load_mixture
