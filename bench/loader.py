@@ -42,6 +42,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 BATCH = 4
+BENCH_STAGE = 1  # the one stage of the mixtures this bench writes
 ENV = {  # the same allocator and thread settings for every child (glibc's dynamic mmap threshold moves figures):
     # blocks < 32 MB come from the heap and are reused, so per-sample buffers do not page-fault every time
     "MALLOC_MMAP_THRESHOLD_": str(32 << 20),
@@ -265,7 +266,9 @@ def child_startup_ours(a: dict) -> dict:
     from pipelines.loader.stream import MixtureLoader
 
     # collate=list: the first batch is a list of items, as the baseline's (no stacked copy in either peak)
-    loader = MixtureLoader(a["shards"], stage="bench", batch_size=BATCH, transform=FastInputs(), collate=list)
+    loader = MixtureLoader(
+        a["shards"], stage=BENCH_STAGE, batch_size=BATCH, transform=FastInputs(), collate=list
+    )
     batch = next(iter(loader))
     return {"seconds": time.perf_counter() - t0, "peak_rss_mb": peak_rss_mb(), "samples": len(batch.data)}
 
@@ -459,7 +462,7 @@ def write_instances_corpus(root: Path, n_images: int, anns_per_image: float = 7.
 
 def write_startup_shards(out: Path, n_shards: int, samples: int = 1000, seed: int = 0) -> None:
     """One real shard of ``samples`` genseg samples (64x48 image, ~7 polygon masks as RLE, like the corpus) and
-    ``n_shards - 1`` hard links to it, with a manifest and a one-dataset mixture ("bench" stage)."""
+    ``n_shards - 1`` hard links to it, with a manifest and a one-dataset mixture (stage ``BENCH_STAGE``)."""
     import numpy as np
     import webdataset as wds
     from PIL import Image
@@ -467,6 +470,7 @@ def write_startup_shards(out: Path, n_shards: int, samples: int = 1000, seed: in
     from pipelines import masks
     from pipelines.build import mixture
     from pipelines.schema import ImageRef, MaskTarget, Sample, Turn, to_wds
+    from pipelines.shard_store import Manifest, ShardEntry
 
     rng = np.random.default_rng(seed)
     sdir = out / "coco_instance" / "train"
@@ -500,25 +504,17 @@ def write_startup_shards(out: Path, n_shards: int, samples: int = 1000, seed: in
             )
             w.write(to_wds(s, buf.getvalue(), "jpg"))
     size = first.stat().st_size
-    shards = [{"file": first.name, "samples": samples, "bytes": size, "sha256": None}]
+    shards = [ShardEntry(first.name, samples, size)]
     for k in range(1, n_shards):
         name = f"coco_instance-train-{k:06d}.tar"
         os.link(first, sdir / name)
-        shards.append({"file": name, "samples": samples, "bytes": size, "sha256": None})
-    (sdir / "manifest.json").write_text(
-        json.dumps(
-            {
-                "schema": 1,
-                "source": "coco_instance",
-                "task": "genseg",
-                "split": "train",
-                "shards": shards,
-                "counts": {"samples": samples * n_shards},
-            }
-        )
-    )
+        shards.append(ShardEntry(name, samples, size))
+    counts = {"samples": samples * n_shards}
+    Manifest(
+        schema=1, source="coco_instance", task="genseg", split="train", shards=tuple(shards), counts=counts
+    ).write(str(out))
     mixture.write(
-        str(out), mixture.compute(str(out), stages={"bench": ["coco_instance"]}, log=lambda m: None)
+        str(out), mixture.compute(str(out), stages={BENCH_STAGE: ["coco_instance"]}, log=lambda m: None)
     )
 
 
@@ -535,7 +531,7 @@ def build_shards(data_root: Path, out: Path, sources: list[str] | None) -> list[
         log=lambda m: None,
     )
     names = sorted({r.source for r in res if r.samples})
-    mix = mixture.compute(str(out), stages={"bench": names}, log=lambda m: None)
+    mix = mixture.compute(str(out), stages={BENCH_STAGE: names}, log=lambda m: None)
     mixture.write(str(out), mix)
     return names
 
@@ -622,19 +618,19 @@ def main() -> None:
             runs["ours"].append(
                 run_child(
                     "steady_ours",
-                    {**common, "shards": str(tmp / "pan_shards"), "stage": "bench", "transform": "fast"},
+                    {**common, "shards": str(tmp / "pan_shards"), "stage": BENCH_STAGE, "transform": "fast"},
                 )
             )
         runs["ours+XSamProcessor"].append(
             run_child(
                 "steady_ours",
-                {**common, "shards": str(tmp / "pan_shards"), "stage": "bench", "transform": "processor"},
+                {**common, "shards": str(tmp / "pan_shards"), "stage": BENCH_STAGE, "transform": "processor"},
             )
         )
         runs["ours, demo mix"].append(
             run_child(
                 "steady_ours",
-                {**common, "shards": str(tmp / "demo_shards"), "stage": "bench", "transform": "fast"},
+                {**common, "shards": str(tmp / "demo_shards"), "stage": BENCH_STAGE, "transform": "fast"},
             )
         )
         runs["ours, DataLoader 1 worker"].append(
@@ -643,7 +639,7 @@ def main() -> None:
                 {
                     **common,
                     "shards": str(tmp / "pan_shards"),
-                    "stage": "bench",
+                    "stage": BENCH_STAGE,
                     "transform": "fast",
                     "workers": 1,
                 },
@@ -674,7 +670,7 @@ def main() -> None:
             "rss",
             {
                 "shards": str(tmp / "demo_shards"),
-                "stage": "bench",
+                "stage": BENCH_STAGE,
                 "transform": "fast",
                 "text": text,
                 "n": rss_n,

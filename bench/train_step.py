@@ -35,9 +35,9 @@ os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.expanduser("~/.cache/xsam_
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 STAGES = {
-    "1": ["coco_panoptic"],
-    "2": ["coco_panoptic"],
-    "3": ["coco_panoptic", "refcoco", "refcoco+", "lisa_reasonseg", "grandf_gcg", "psg_gcg"],
+    1: ["coco_panoptic"],
+    2: ["coco_panoptic"],
+    3: ["coco_panoptic", "refcoco", "refcoco+", "lisa_reasonseg", "grandf_gcg", "psg_gcg"],
 }
 
 
@@ -146,7 +146,7 @@ def fmt(name: str, r: dict, base: dict | None) -> str:
 def bench_cpu(args, shards: Path, out: Path) -> None:
     loader_options = (0,) if args.small else (0, 1)
     print(
-        f"cpu  debug flavor, stage 3 mixture of {len(STAGES['3'])} sources, micro batch 2 per worker, "
+        f"cpu  debug flavor, stage 3 mixture of {len(STAGES[3])} sources, micro batch 2 per worker, "
         f"{args.steps} timed steps after {args.warmup} warm-up steps"
     )
     for lw in loader_options:

@@ -9,18 +9,19 @@ For each stage, each dataset ``d`` = (source, split "train") found under ``--out
     samples per epoch = Σ int(N_d·r_d)                               (the recipe's integer dataset lengths)
 
 ``N_d`` is the manifest's sample count minus samples whose ``meta`` carries an exclusion flag
-(gRefCOCO's ``no_target`` expressions are left out of training by default). The file also lists each
-dataset's shards (paths relative to ``--out``), so training never lists folders, and the datasets a stage
-wants but that are not there (``missing``). Training reads this file and never recomputes it; every load
-re-validates it (finite, positive probabilities summing to 1), like torchtitan's dataset-mix configs.
+(gRefCOCO's ``no_target`` expressions are left out of training by default), counted by the writer into the
+manifest's ``counts``: no shard is read here. A manifest written before those counts existed is an error
+that asks to rebuild that split. Stages are ints (1, 2, 3); ``mixture.json`` keys them "1", "2", "3" (JSON
+keys are strings). The file also lists each dataset's shards (paths relative to ``--out``), so training never
+lists folders, and the datasets a stage wants but that are not there (``missing``). Training reads this file
+and never recomputes it; every load re-validates it (finite, positive probabilities summing to 1), like
+torchtitan's dataset-mix configs.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import math
-import tarfile
 from collections.abc import Callable, Mapping, Sequence
 
 from pipelines import storage
@@ -34,15 +35,16 @@ from pipelines.loader.mixture import (
     StageMixture,
     mixture_path,
 )
+from pipelines.shard_store import Manifest, MissingManifestError
 
 DEFAULT_T = 0.1
 TRAIN_SPLIT = "train"
 
 # Recipe §1.2: the datasets of each stage, in the recipe's order. Other sources only when asked for.
-STAGE_DATASETS: dict[str, tuple[str, ...]] = {
-    "1": ("coco_panoptic",),
-    "2": ("llava_pretrain",),
-    "3": (
+STAGE_DATASETS: dict[int, tuple[str, ...]] = {
+    1: ("coco_panoptic",),
+    2: ("llava_pretrain",),
+    3: (
         "llava_instruct",
         "coco_panoptic",
         "refcoco",
@@ -80,8 +82,8 @@ CONTRACT_SOURCES: tuple[str, ...] = (
     "llava_instruct",
 )
 
-# Sources whose samples may carry such flags: counted from ``manifest.counts[flag]`` when the writer
-# recorded it there, otherwise by reading the shards' JSON members once (small sources only).
+# Sources whose samples may carry such flags; N_d subtracts ``manifest.counts[flag]`` (the writer counts every
+# flag of shard_store.COUNTED_FLAGS, so these must be among them).
 FLAGGED_SOURCES: dict[str, tuple[str, ...]] = {"grefcoco": ("no_target",)}
 
 
@@ -106,41 +108,78 @@ def balance_weights(counts: Mapping[str, int], t: float = DEFAULT_T) -> dict[str
 
 
 # ---------------------------------------------------------------------------------------------- from manifests
-def read_manifest(out_url: str, source: str, split: str = TRAIN_SPLIT) -> dict | None:
-    fs, root = storage.fs_and_path(out_url)
-    path = storage.join(root, source, split, "manifest.json")
-    return storage.read_json(fs, path) if fs.exists(path) else None
+def _manifest(out_url: str, source: str, cache: dict[str, Manifest | None]) -> Manifest | None:
+    """The train manifest of ``source`` (read once per compute), or None when that source was not built."""
+    if source not in cache:
+        try:
+            cache[source] = Manifest.read(out_url, source, TRAIN_SPLIT)
+        except MissingManifestError:
+            cache[source] = None
+    return cache[source]
 
 
-def count_flagged(out_url: str, manifest: dict, flags: Sequence[str]) -> dict[str, int]:
-    """Samples whose ``meta[flag]`` is true, per flag: from ``manifest.counts`` when recorded there,
-    else by streaming the shards' JSON members (image members are skipped over, not parsed)."""
-    counts = manifest.get("counts", {})
-    if all(f in counts for f in flags):
-        return {f: int(counts[f]) for f in flags}
-    fs, root = storage.fs_and_path(out_url)
-    found = dict.fromkeys(flags, 0)
-    sdir = storage.join(root, manifest["source"], manifest["split"])
-    for sh in manifest["shards"]:
-        with fs.open(storage.join(sdir, sh["file"]), "rb") as f, tarfile.open(fileobj=f, mode="r|") as tar:
-            for member in tar:
-                if not member.name.endswith(".json"):
-                    continue
-                meta = json.loads(tar.extractfile(member).read()).get("meta") or {}
-                for flag in flags:
-                    found[flag] += bool(meta.get(flag))
-    return found
+def _dataset_weight(name: str, m: Manifest, samples: int, excluded: dict[str, int], w: dict) -> DatasetWeight:
+    shards = tuple(
+        ShardRef(file=f"{m.source}/{m.split}/{sh.file}", samples=sh.samples, bytes=sh.bytes, sha256=sh.sha256)
+        for sh in m.shards
+    )
+    return DatasetWeight(
+        name=name,
+        source=m.source,
+        split=m.split,
+        task=m.task,
+        samples=samples,
+        fraction=w["fraction"],
+        repeat=w["repeat"],
+        epoch_samples=w["epoch_samples"],
+        probability=w["probability"],
+        shards=shards,
+        shard_samples=sum(s.samples for s in shards),
+        excluded=excluded,
+        fingerprint=m.fingerprint,
+    )
+
+
+def compute_stage(
+    out_url: str,
+    stage: int,
+    sources: Sequence[str],
+    t: float,
+    exclude_flags: Sequence[str],
+    cache: dict[str, Manifest | None],
+) -> StageMixture:
+    """One stage's mixture over the train manifests of ``sources`` (absent or empty ones: ``missing``)."""
+    found: dict[str, tuple[Manifest, int, dict[str, int]]] = {}
+    missing = []
+    for source in sources:
+        name = f"{source}/{TRAIN_SPLIT}"
+        m = _manifest(out_url, source, cache)
+        if m is None:
+            missing.append({"dataset": name, "reason": "no manifest (source not built)"})
+            continue
+        excluded = {f: m.flag_count(f) for f in FLAGGED_SOURCES.get(source, ()) if f in exclude_flags}
+        n = m.samples - sum(excluded.values())
+        if n <= 0:
+            reason = f"no trainable samples ({m.samples} in shards, excluded {excluded})"
+            missing.append({"dataset": name, "reason": reason})
+            continue
+        found[name] = (m, n, excluded)
+    weights = balance_weights({k: v[1] for k, v in found.items()}, t) if found else {}
+    datasets = tuple(_dataset_weight(name, *found[name], w) for name, w in weights.items())
+    return StageMixture(
+        stage=stage, t=t, datasets=datasets, missing=tuple(missing), exclude_flags=tuple(exclude_flags)
+    )
 
 
 def compute(
     out_url: str,
     t: float = DEFAULT_T,
-    stages: Mapping[str, Sequence[str]] | None = None,
+    stages: Mapping[int, Sequence[str]] | None = None,
     stage3_extra: Sequence[str] = (),
     exclude_flags: Sequence[str] = EXCLUDE_FLAGS,
     log: Callable[[str], None] = print,
 ) -> Mixture:
-    """The mixture of every stage from the train manifests under ``out_url``."""
+    """The mixture of every stage (int keys) from the train manifests under ``out_url``."""
     stages = {k: list(v) for k, v in (stages or STAGE_DATASETS).items()}
     if stage3_extra:
         from pipelines.sources import SOURCES
@@ -149,74 +188,13 @@ def compute(
         unknown = [s for s in stage3_extra if s not in known]
         if unknown:
             raise MixtureError(f"unknown source(s) {unknown} in stage3_extra; known: {sorted(known)}")
-        stages["3"] = stages.get("3", []) + [s for s in stage3_extra if s not in stages.get("3", [])]
-    manifests: dict[str, dict | None] = {}
+        stages[3] = stages.get(3, []) + [s for s in stage3_extra if s not in stages.get(3, [])]
+    cache: dict[str, Manifest | None] = {}
     result = {}
     for stage, sources in stages.items():
-        counts: dict[str, int] = {}
-        info: dict[str, dict] = {}
-        missing = []
-        for source in sources:
-            name = f"{source}/{TRAIN_SPLIT}"
-            if source not in manifests:
-                manifests[source] = read_manifest(out_url, source)
-            m = manifests[source]
-            if m is None:
-                missing.append({"dataset": name, "reason": "no manifest (source not built)"})
-                continue
-            flags = [f for f in FLAGGED_SOURCES.get(source, ()) if f in exclude_flags]
-            excluded = count_flagged(out_url, m, flags) if flags else {}
-            n = m["counts"]["samples"] - sum(excluded.values())
-            if n <= 0:
-                missing.append(
-                    {
-                        "dataset": name,
-                        "reason": f"no trainable samples ({m['counts']['samples']} in "
-                        f"shards, excluded {excluded})",
-                    }
-                )
-                continue
-            counts[name] = n
-            info[name] = {"manifest": m, "excluded": excluded}
-        weights = balance_weights(counts, t) if counts else {}
-        datasets = []
-        for name, w in weights.items():
-            m = info[name]["manifest"]
-            shards = tuple(
-                ShardRef(
-                    file=f"{m['source']}/{m['split']}/{sh['file']}",
-                    samples=sh["samples"],
-                    bytes=sh["bytes"],
-                    sha256=sh.get("sha256"),
-                )
-                for sh in m["shards"]
-            )
-            datasets.append(
-                DatasetWeight(
-                    name=name,
-                    source=m["source"],
-                    split=m["split"],
-                    task=m["task"],
-                    samples=counts[name],
-                    fraction=w["fraction"],
-                    repeat=w["repeat"],
-                    epoch_samples=w["epoch_samples"],
-                    probability=w["probability"],
-                    shards=shards,
-                    shard_samples=sum(s.samples for s in shards),
-                    excluded=info[name]["excluded"],
-                    fingerprint=m.get("fingerprint"),
-                )
-            )
-        result[stage] = StageMixture(
-            stage=stage,
-            t=t,
-            datasets=tuple(datasets),
-            missing=tuple(missing),
-            exclude_flags=tuple(exclude_flags),
-        )
-        if missing:
-            log(f"mixture stage {stage}: missing {', '.join(x['dataset'] for x in missing)}")
+        result[stage] = compute_stage(out_url, stage, sources, t, exclude_flags, cache)
+        if result[stage].missing:
+            log(f"mixture stage {stage}: missing {', '.join(x['dataset'] for x in result[stage].missing)}")
     return Mixture(t=t, stages=result)
 
 

@@ -53,7 +53,7 @@ class DatasetWeight:
 
 @dataclass(frozen=True)
 class StageMixture:
-    stage: str
+    stage: int  # 1, 2, 3 (the JSON file keys and labels it "1", "2", "3": JSON keys are strings)
     t: float
     datasets: tuple[DatasetWeight, ...]
     missing: tuple[dict, ...] = ()  # {"dataset": "refcoco/train", "reason": "..."} for each wanted but absent
@@ -86,6 +86,8 @@ class StageMixture:
 def validate_stage(s: StageMixture) -> None:
     """Raise :class:`MixtureError` unless every weight is finite and positive and they sum to 1."""
     where = f"stage {s.stage}"
+    if not isinstance(s.stage, int) or isinstance(s.stage, bool):
+        raise MixtureError(f"{where}: stage must be an int (1, 2, 3), got {s.stage!r}")
     if not math.isfinite(s.t) or s.t < 0:
         raise MixtureError(f"{where}: t={s.t!r} must be finite and >= 0")
     names = [d.name for d in s.datasets]
@@ -113,20 +115,21 @@ def validate_stage(s: StageMixture) -> None:
 @dataclass(frozen=True)
 class Mixture:
     t: float
-    stages: dict[str, StageMixture]
+    stages: dict[int, StageMixture]
     version: int = MIXTURE_VERSION
 
-    def stage(self, name: str | int) -> StageMixture:
-        key = str(name)
-        if key not in self.stages:
-            raise KeyError(f"mixture has no stage {key!r}; it has {sorted(self.stages)}")
-        return self.stages[key]
+    def stage(self, stage: int) -> StageMixture:
+        if not isinstance(stage, int) or isinstance(stage, bool):
+            raise TypeError(f"a mixture stage is an int (1, 2, 3), got {stage!r}")
+        if stage not in self.stages:
+            raise KeyError(f"mixture has no stage {stage}; it has {sorted(self.stages)}")
+        return self.stages[stage]
 
     def to_dict(self) -> dict:
         return {
             "version": self.version,
             "t": self.t,
-            "stages": {k: stage_to_dict(v) for k, v in sorted(self.stages.items())},
+            "stages": {str(k): stage_to_dict(v) for k, v in sorted(self.stages.items())},
         }
 
     @classmethod
@@ -134,13 +137,23 @@ class Mixture:
         if d.get("version") != MIXTURE_VERSION:
             raise MixtureError(f"mixture version {d.get('version')!r} is not {MIXTURE_VERSION}")
         return cls(
-            t=d["t"], stages={k: stage_from_dict(v) for k, v in d["stages"].items()}, version=d["version"]
+            t=d["t"],
+            stages={_stage_key(k): stage_from_dict(v) for k, v in d["stages"].items()},
+            version=d["version"],
         )
+
+
+def _stage_key(key: str) -> int:
+    """A stage key of the JSON file ("1") as the int it stands for."""
+    try:
+        return int(key)
+    except ValueError:
+        raise MixtureError(f"mixture stage key {key!r} is not an int") from None
 
 
 def stage_to_dict(s: StageMixture) -> dict:
     return {
-        "stage": s.stage,
+        "stage": str(s.stage),  # a string in the file, as before: the digest (and so resume) is unchanged
         "t": s.t,
         "exclude_flags": list(s.exclude_flags),
         "samples": sum(d.samples for d in s.datasets),
@@ -158,7 +171,7 @@ def stage_from_dict(d: dict) -> StageMixture:
         for x in d["datasets"]
     )
     return StageMixture(
-        stage=str(d["stage"]),
+        stage=_stage_key(str(d["stage"])),
         t=d["t"],
         datasets=datasets,
         missing=tuple(d.get("missing", ())),

@@ -23,8 +23,8 @@ How a micro-batch is chosen — a pure function of ``(seed, micro_step, rank, pe
   epoch[, window])``; when the slice runs out the next epoch re-shuffles and repeats it. This is a shuffle
   buffer whose content is a function of the position, so a resumed run reads exactly what an uninterrupted
   one would without replaying anything. A window is read with one ranged read per shard it touches (the
-  shard's member offsets come from one scan of its tar headers: :class:`pipelines.shard_store.ShardReader`), and only the current window of each dataset
-  is held in memory.
+  shard's member offsets come from one scan of its tar headers, :class:`pipelines.shard_store.ShardReader`),
+  and only the current window of each dataset is held in memory.
 - **Use.** A sample's JSON is parsed, its exclusion flags checked (gRefCOCO ``no_target``), and ``transform
   (sample, image_bytes)`` called only when it is about to enter a batch; RLE masks are decoded (if at all) by
   the transform. Anything unreadable — a truncated or missing shard, a corrupt JSON member, an image the
@@ -384,7 +384,7 @@ class MixtureLoader:
 
     Args:
         shards: the shards root (local folder or fsspec URI) holding ``<source>/<split>/*.tar``.
-        stage: which stage of the mixture ("1", "2", "3").
+        stage: which stage of the mixture (1, 2, 3).
         batch_size: samples per micro-batch on this rank.
         rank, world_size: this rank and the number of ranks (data-parallel).
         num_workers: DataLoader worker processes (0 = in this process); the lanes of the sampling contract.
@@ -407,7 +407,7 @@ class MixtureLoader:
         self,
         shards: str,
         *,
-        stage: str | int,
+        stage: int,
         batch_size: int,
         rank: int = 0,
         world_size: int = 1,
@@ -534,6 +534,9 @@ class MixtureLoader:
     def load_state_dict(self, state: dict) -> None:
         """Continue from ``state``; every identity field (seed, rank, sizes, mixture) must match."""
         mine = self._identity()
+        # states saved before stages were ints hold "1", "2", "3"
+        if isinstance(state.get("stage"), str) and state["stage"].isdigit():
+            state = {**state, "stage": int(state["stage"])}
         diff = {k: (state.get(k), v) for k, v in mine.items() if state.get(k) != v}
         if diff:
             raise ValueError(

@@ -35,7 +35,7 @@ def stage1_export(tmp_path):
 
 def test_plan_from_the_mixture(train_shards, tmp_path):
     plan = prepare(_args(train_shards, tmp_path / "run", max_steps=None))
-    steps = mixture_file.load(str(train_shards)).stage("1").steps_per_epoch(4)
+    steps = mixture_file.load(str(train_shards)).stage(1).steps_per_epoch(4)
     assert plan.steps_per_epoch == steps and plan.total_steps == 6  # the debug variant's max_steps
     assert plan.stage_dir == str(tmp_path / "run" / "stage1") and plan.init_from == {}
     assert plan.run_name == "run" and plan.wandb_dir == str(tmp_path / "run" / "stage1" / "wandb")
@@ -49,7 +49,7 @@ def test_plan_from_the_mixture(train_shards, tmp_path):
             num_workers=16,
         )
     )
-    assert full.total_steps == 36 * mixture_file.load(str(train_shards)).stage("1").steps_per_epoch(64)
+    assert full.total_steps == 36 * mixture_file.load(str(train_shards)).stage(1).steps_per_epoch(64)
 
 
 def test_missing_shards_or_mixture(train_shards, tmp_path):
@@ -67,9 +67,7 @@ def test_stage_without_data_or_with_a_missing_shard(train_shards, tmp_path):
     shutil.copytree(train_shards, copy)
     mixture.write(
         str(copy),
-        mixture.compute(
-            str(copy), stages={"1": ["coco_panoptic"], "2": ["llava_pretrain"]}, log=lambda _: None
-        ),
+        mixture.compute(str(copy), stages={1: ["coco_panoptic"], 2: ["llava_pretrain"]}, log=lambda _: None),
     )
     with pytest.raises(
         RunSetupError, match=r"stage 2 has no datasets; missing: llava_pretrain/train \(no manifest"

@@ -66,7 +66,7 @@ def test_mode_and_folders(monkeypatch, tmp_path):
 
 @pytest.mark.parametrize("stage", [1, 3])
 def test_previews_of_a_fixed_batch(train_shards, model, stage):
-    stage_mix = mixture_file.load(str(train_shards)).stage(str(stage))
+    stage_mix = mixture_file.load(str(train_shards)).stage(stage)
     batch, samples = fixed_batch(str(train_shards), stage_mix, model.processor, 2)
     again, _ = fixed_batch(str(train_shards), stage_mix, model.processor, 2)
     assert batch["keys"] == again["keys"] and len(samples) == 2  # the same samples every time
@@ -103,7 +103,7 @@ def test_offline_run_keeps_its_files_under_the_run_root(
     for step in (1, 2):
         t.log(step, {"loss": 3.0 - step, "loss/lm": 1.0, "lr/llm": 1e-5, "source": "refcoco/train"})
     t.log_mixture(2, {"refcoco/train": 2}, {"refcoco/train": 0.75, "coco_panoptic/train": 0.25})
-    stage_mix = mixture_file.load(str(train_shards)).stage("3")
+    stage_mix = mixture_file.load(str(train_shards)).stage(3)
     batch, samples = fixed_batch(str(train_shards), stage_mix, model.processor, 2)
     p = model.config.processor
     t.log_predictions(2, render(model, batch, samples, stage=3, mean=p.sam_mean, std=p.sam_std))

@@ -16,6 +16,7 @@ from pipelines.build import mixture
 from pipelines.build.mixture import MixtureError, balance_weights
 from pipelines.loader import mixture as mixture_file
 from pipelines.schema import ImageRef, Sample, Turn, to_wds
+from pipelines.shard_store import ShardStoreError
 
 
 # ---------------------------------------------------------------------------------------------- shared helpers
@@ -49,8 +50,9 @@ def write_source(
 ) -> list[str]:
     """Synthetic shards + manifest for ``source`` in the builder's layout; returns the keys in order.
 
-    Sample ``i`` gets ``meta.no_target = True`` when ``i`` is in ``flagged``; its image is a tiny JPEG whose
-    grey level encodes ``i`` (so tests can check bytes travel with their JSON)."""
+    Sample ``i`` gets ``meta.no_target = True`` when ``i`` is in ``flagged`` and the manifest counts them, as the
+    writer does (``manifest_counts`` overrides or, with ``{"no_target": None}``, removes that count); its image
+    is a tiny JPEG whose grey level encodes ``i`` (so tests can check bytes travel with their JSON)."""
     sdir = out / source / split
     sdir.mkdir(parents=True, exist_ok=True)
     keys, shards, i = [], [], 0
@@ -69,7 +71,17 @@ def write_source(
         "task": task,
         "split": split,
         "shards": shards,
-        "counts": {"samples": i, "records_in": i, "skipped": 0, **(manifest_counts or {})},
+        "counts": {
+            k: v
+            for k, v in {
+                "samples": i,
+                "records_in": i,
+                "skipped": 0,
+                "no_target": len(flagged),
+                **(manifest_counts or {}),
+            }.items()
+            if v is not None
+        },
         "skipped": {},
         "fingerprint": f"fp-{source}",
     }
@@ -199,6 +211,11 @@ def test_write_load_round_trip_and_validation(tmp_path):
             mixture_file.load(str(tmp_path / "bad.json"))
     with pytest.raises(KeyError, match="no stage"):
         loaded.stage(4)
+    # stages are ints in code; the file keys (and labels) them "1", "2", "3" since JSON keys are strings
+    assert sorted(loaded.stages) == [1, 2, 3] and sorted(d["stages"]) == ["1", "2", "3"]
+    assert [d["stages"][k]["stage"] for k in ("1", "2", "3")] == ["1", "2", "3"]
+    with pytest.raises(TypeError, match="is an int"):
+        loaded.stage("3")
 
 
 def test_flagged_samples_left_out_of_n(tmp_path):
@@ -210,10 +227,20 @@ def test_flagged_samples_left_out_of_n(tmp_path):
     g = mix.stage(3).datasets[-1]
     assert (g.name, g.samples, g.shard_samples, g.excluded) == ("grefcoco/train", 8, 12, {"no_target": 4})
     assert g.repeat == pytest.approx(max(1.0, math.sqrt(0.1 * 28 / 8)))
-    # a writer that records the count in the manifest is trusted (no shard scan)
+    # the count comes from the manifest, never from the shards
     write_source(tmp_path, "grefcoco", [6, 6], flagged=flagged, manifest_counts={"no_target": 3})
     g = mixture.compute(str(tmp_path), stage3_extra=["grefcoco"], log=lambda m: None).stage(3).datasets[-1]
     assert g.excluded == {"no_target": 3} and g.samples == 9
+    # a manifest written before the writer counted flags is an error naming it, asking for a rebuild
+    write_source(tmp_path, "grefcoco", [6, 6], flagged=flagged, manifest_counts={"no_target": None})
+    with pytest.raises(
+        ShardStoreError, match=r"grefcoco/train/manifest.json: counts has no 'no_target'.*rebuild"
+    ):
+        mixture.compute(str(tmp_path), stage3_extra=["grefcoco"], log=lambda m: None)
+    # ... unless the flag is not excluded: then nothing needs the count
+    g = mixture.compute(str(tmp_path), stage3_extra=["grefcoco"], exclude_flags=(), log=lambda m: None)
+    assert g.stage(3).datasets[-1].samples == 12
+    write_source(tmp_path, "grefcoco", [6, 6], flagged=flagged)
     # opting out of the exclusion keeps them
     g = mixture.compute(str(tmp_path), stage3_extra=["grefcoco"], exclude_flags=(), log=lambda m: None).stage(
         3
