@@ -8,8 +8,8 @@ label map (one label per confident query) next to the ground truth, in the SAM f
 
 from __future__ import annotations
 
-import tarfile
 from collections.abc import Sequence
+from itertools import islice
 from typing import Any
 
 import numpy as np
@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from pipelines import storage
-from pipelines.schema import from_wds
+from pipelines.shard_store import iter_shard_samples
 
 SEG_TASKS = ("genseg", "refseg", "reaseg", "gcgseg", "vgdseg", "ovseg", "intseg")
 
@@ -25,24 +25,8 @@ SEG_TASKS = ("genseg", "refseg", "reaseg", "gcgseg", "vgdseg", "ovseg", "intseg"
 def read_samples(shards_url: str, shard_files: Sequence[str], n: int) -> list[tuple[Any, bytes | None]]:
     """The first ``n`` (Sample, image bytes) of the given shards (paths relative to ``shards_url``), in order."""
     fs, root = storage.fs_and_path(shards_url)
-    out: list[tuple[Any, bytes | None]] = []
-    for rel in shard_files:
-        groups: dict[str, dict] = {}
-        with fs.open(storage.join(root, rel), "rb") as f, tarfile.open(fileobj=f, mode="r|") as tar:
-            for m in tar:
-                key, _, ext = m.name.partition(".")
-                groups.setdefault(key, {"__key__": key})[ext] = tar.extractfile(m).read()
-                done = [
-                    g for g in groups.values() if "json" in g and any(e in g for e in ("jpg", "png", "jpeg"))
-                ]
-                if len(out) + len(done) >= n:
-                    break
-        for g in groups.values():
-            if "json" in g and len(out) < n:
-                out.append(from_wds(g))
-        if len(out) >= n:
-            break
-    return out
+    pairs = (p for rel in shard_files for p in iter_shard_samples(fs, storage.join(root, rel)))
+    return list(islice(pairs, n))
 
 
 def fixed_batch(shards_url: str, stage_mixture, processor, n: int) -> tuple[dict | None, list]:

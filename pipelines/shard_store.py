@@ -2,16 +2,16 @@
 
 Layout under a build's ``<out>`` (a local folder or any fsspec URI)::
 
-    <source>/<split>/<source>-<split>-000000.tar   samples in key order: <key>.json + <key>.jpg|png (no image: chat)
-    <source>/<split>/manifest.json                 :class:`Manifest`: shards, counts, skips, inputs, options, versions
-    <source>/<split>/skipped.jsonl                 every skipped record and dropped annotation (:func:`read_skipped`)
+    <source>/<split>/<source>-<split>-000000.tar  samples in key order: <key>.json [+ <key>.jpg|png]
+    <source>/<split>/manifest.json                :class:`Manifest`: shards, counts, skips, inputs, options
+    <source>/<split>/skipped.jsonl                every skipped record and dropped annotation
 
 Everything that reads a build goes through this module: the loader (:class:`ShardReader`: a header scan per
 shard, then ranged reads), the mixture (:func:`list_manifests`-style :meth:`Manifest.read` and the per-flag
 counts, never a tar scan), the preview gallery, dataset cards, the summary, Hugging Face interop, the training
 previews and the tests (:func:`iter_samples`). The writer (:mod:`pipelines.build.shards`) writes its manifest
 through :class:`Manifest` too, so the JSON keys are defined once. Imports only the shared core (storage,
-schema), the stdlib, fsspec and numpy: it runs in conversion tasks, DataLoader workers and offline tools alike.
+schema), the stdlib, fsspec and numpy: it runs in conversion tasks, DataLoader workers and offline tools.
 """
 
 from __future__ import annotations
@@ -143,7 +143,7 @@ class Manifest:
 
     @classmethod
     def read(cls, out_url: str, source: str, split: str) -> Manifest:
-        """The manifest of ``<out_url>/<source>/<split>``; :class:`MissingManifestError` when there is none."""
+        """The manifest of ``<out_url>/<source>/<split>``; :class:`MissingManifestError` if there is none."""
         fs, path = storage.fs_and_path(manifest_path(out_url, source, split))
         if not fs.exists(path):
             raise MissingManifestError(f"{path}: no manifest; build {source}/{split} first")
@@ -167,7 +167,7 @@ class Manifest:
 def list_manifests(
     out_url: str, sources: Sequence[str] | None = None, splits: Sequence[str] | None = None
 ) -> list[Manifest]:
-    """Every built split's manifest under ``out_url`` (optionally only these sources/splits), in path order."""
+    """Every built split's manifest under ``out_url`` (optionally only some sources/splits), in path order."""
     fs, root = storage.fs_and_path(out_url)
     if not fs.exists(root):
         return []
@@ -319,7 +319,7 @@ class RawSample:
 
 class ShardReader:
     """Per-process random access to a build's shards: cached indexes (bounded LRU) and ranged reads, with a
-    few retries. ``counters`` (the loader's stats) gets ``shards_indexed`` and ``bytes_read`` added in place."""
+    few retries. ``counters`` (the loader's stats) gets ``shards_indexed`` and ``bytes_read`` added to."""
 
     def __init__(self, root: str, storage_options: dict | None, max_indexes: int, counters: dict):
         from fsspec.core import url_to_fs
@@ -345,7 +345,7 @@ class ShardReader:
         return idx
 
     def read(self, rel: str, expected: int, lo: int, hi: int) -> list[RawSample]:
-        """Samples ``lo..hi-1`` of a shard (``rel`` to the root; local indices), read with one ranged request."""
+        """Samples ``lo..hi-1`` of shard ``rel`` (relative to the root), read with one ranged request."""
         idx = self.index(rel, expected)
         out: list[RawSample] = []
         have = range(lo, min(hi, idx.n))

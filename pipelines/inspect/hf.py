@@ -19,6 +19,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
+from pipelines.shard_store import list_manifests
+
 # The columns of a shard as Hugging Face sees them; YAML form of ``datasets.Features`` (dataset-card syntax).
 FEATURES_YAML: list[dict[str, str]] = [
     {"name": "jpg", "dtype": "image"},
@@ -41,7 +43,7 @@ def data_files(out: str | Path, source: str, splits: Sequence[str] | None = None
     """``{split: "<out>/<source>/<split>/<source>-<split>-*.tar"}`` for the given (default: every built) split."""
     root = Path(out) / source
     if splits is None:
-        splits = sorted(p.parent.name for p in root.glob("*/manifest.json"))
+        splits = sorted(m.split for m in list_manifests(str(out), sources=[source]))
     return {s: str(root / s / f"{source}-{s}-*.tar") for s in splits}
 
 

@@ -2,11 +2,11 @@
 
     python -m pipelines.inspect.preview --out SHARDS [--source S[,S2]] [--split SPLIT] [--n 16] [--preview-dir DIR]
 
-For each built ``<source>/<split>`` (found through its ``manifest.json``) the first ``n`` samples in key order
-are drawn: the image with every mask tinted in its phrase's colour (and outlined), the ignore region hatched
-grey, visual-prompt regions hatched and outlined in their slot's colour; beside it the conversation, each
-``<p>…</p>`` phrase in the same colour, and the sample key. Phrases without a mask or region (absent
-categories listed as negatives) stay grey. Written under ``<out>/preview/``::
+For each built ``<source>/<split>`` (found through its ``manifest.json``; read with :mod:`pipelines.shard_store`)
+the first ``n`` samples in key order are drawn: the image with every mask tinted in its phrase's colour (and
+outlined), the ignore region hatched grey, visual-prompt regions hatched and outlined in their slot's colour;
+beside it the conversation, each ``<p>…</p>`` phrase in the same colour, and the sample key. Phrases without
+a mask or region (absent categories listed as negatives) stay grey. Written under ``<out>/preview/``::
 
     index.html                                   every previewed sample: overlay, coloured conversation, legend
     sheets/<source>__<split>.png                 contact sheet: overlay + rendered conversation per sample
@@ -22,9 +22,9 @@ import html
 import io
 import json
 import re
-import tarfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
+from itertools import islice
 from pathlib import Path
 
 import numpy as np
@@ -32,7 +32,8 @@ from PIL import Image, ImageDraw, ImageFont
 
 from pipelines import masks as mask_utils
 from pipelines import storage
-from pipelines.schema import Sample, from_wds
+from pipelines.schema import Sample
+from pipelines.shard_store import Manifest, iter_samples, list_manifests
 
 # Distinct, saturated colours (tab10 + a few more), assigned to phrases that have a mask or region, in label
 # order; they cycle past the end (a sample with more than 16 drawn phrases reuses colours).
@@ -74,59 +75,12 @@ class PreviewItem:
 
 
 # ---------------------------------------------------------------- reading shards
-def list_splits(
-    out_url: str, sources: Sequence[str] | None = None, splits: Sequence[str] | None = None
-) -> list[tuple[str, str, dict]]:
-    """``(source, split, manifest)`` of every built split under ``out_url``, sorted."""
-    fs, root = storage.fs_and_path(out_url)
-    found = []
-    for path in sorted(fs.glob(f"{root}/*/*/manifest.json")):
-        m = storage.read_json(fs, path)
-        if (sources is None or m["source"] in sources) and (splits is None or m["split"] in splits):
-            found.append((m["source"], m["split"], m))
-    return found
-
-
-def _split_member(name: str) -> tuple[str, str]:
-    """``'src/split/id.json'`` -> ``('src/split/id', 'json')``: keys hold no '.', so the first '.' of the
-    last path component starts the extension."""
-    head, _, base = name.rpartition("/")
-    stem, _, ext = base.partition(".")
-    return (f"{head}/{stem}" if head else stem), ext
-
-
-def iter_shard_items(out_url: str, source: str, split: str, manifest: dict) -> Iterator[dict]:
-    """Undecoded webdataset items ``{"__key__", "json", "jpg"|"png"}`` of a split, in shard and key order."""
-    fs, _ = storage.fs_and_path(out_url)
-    sdir = storage.join(out_url.rstrip("/"), source, split)
-    for shard in manifest["shards"]:
-        with (
-            fs.open(f"{storage.fs_and_path(sdir)[1]}/{shard['file']}", "rb") as f,
-            tarfile.open(fileobj=f, mode="r|") as tar,
-        ):
-            item: dict = {}
-            for member in tar:
-                if not member.isfile():
-                    continue
-                key, ext = _split_member(member.name)
-                if item and item["__key__"] != key:
-                    yield item
-                    item = {}
-                item["__key__"] = key
-                item[ext] = tar.extractfile(member).read()
-            if item:
-                yield item
-
-
-def read_items(out_url: str, source: str, split: str, manifest: dict, n: int) -> list[PreviewItem]:
-    """The first ``n`` samples of a split, decoded."""
+def read_items(out_url: str, manifest: Manifest, n: int) -> list[PreviewItem]:
+    """The first ``n`` samples of a built split (its manifest's shards, in key order), decoded."""
     items = []
-    for raw in iter_shard_items(out_url, source, split, manifest):
-        sample, image_bytes = from_wds(raw)
+    for sample, image_bytes in islice(iter_samples(out_url, manifest.source, manifest.split, manifest), n):
         image = Image.open(io.BytesIO(image_bytes)).convert("RGB") if image_bytes is not None else None
         items.append(PreviewItem(sample, image))
-        if len(items) >= n:
-            break
     return items
 
 
@@ -698,8 +652,9 @@ def write_preview(
     written: list[Path] = []
     groups = []
     strips: set[str] = set()
-    for source, split, manifest in list_splits(out_url, sources, splits):
-        items = read_items(out_url, source, split, manifest, n)
+    for manifest in list_manifests(out_url, sources, splits):
+        source, split = manifest.source, manifest.split
+        items = read_items(out_url, manifest, n)
         sheet_rel = f"sheets/{source}__{split}.png"
         sheet_path = pdir / sheet_rel
         sheet_path.parent.mkdir(parents=True, exist_ok=True)
@@ -735,7 +690,7 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     sources = args.source.split(",") if args.source else None
     splits = args.split.split(",") if args.split else None
-    if not list_splits(args.out, sources, splits):
+    if not list_manifests(args.out, sources, splits):
         p.error(f"no built split under {args.out}" + (f" for --source {args.source}" if sources else ""))
     files = write_preview(args.out, sources, splits, args.n, args.preview_dir)
     print(f"wrote {files[0]} and {len(files) - 1} PNG files")

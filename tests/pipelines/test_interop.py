@@ -196,13 +196,13 @@ def test_every_source_opens_in_hf_datasets_and_webdataset(demo_root, tmp_path, o
     import datasets
 
     from pipelines.inspect.hf import load_shards
-    from pipelines.inspect.preview import list_splits
+    from pipelines.shard_store import list_manifests
     from pipelines.sources import SOURCES as registry
 
     out = cards.build_demo(tmp_path, data_root=demo_root)
     by_source: dict[str, list[str]] = {}
-    for source, split, _ in list_splits(str(out)):
-        by_source.setdefault(source, []).append(split)
+    for m in list_manifests(str(out)):
+        by_source.setdefault(m.source, []).append(m.split)
     assert set(by_source) == set(registry)  # the demo data has every source
     cards.write_readmes(cards.render_cards(str(out)), str(out))
     for source, splits in sorted(by_source.items()):

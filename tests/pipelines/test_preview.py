@@ -16,6 +16,7 @@ from pipelines import masks
 from pipelines.build.driver import build
 from pipelines.inspect import preview
 from pipelines.schema import ImageRef, MaskTarget, Region, Sample, Turn
+from pipelines.shard_store import list_manifests
 
 COCO = ("coco_panoptic", "coco_instance")
 
@@ -33,8 +34,8 @@ def written(shards) -> list[Path]:
 
 
 def first_items(shards: Path, source: str, split: str, n: int) -> list[preview.PreviewItem]:
-    (entry,) = preview.list_splits(str(shards), [source], [split])
-    return preview.read_items(str(shards), source, split, entry[2], n)
+    (manifest,) = list_manifests(str(shards), [source], [split])
+    return preview.read_items(str(shards), manifest, n)
 
 
 class _Spans(HTMLParser):
