@@ -9,7 +9,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import webdataset as wds
 from PIL import Image
 
 from pipelines import masks
@@ -17,11 +16,13 @@ from pipelines.build.driver import build
 from pipelines.demo.ade20k import write_mask2former_files
 from pipelines.demo.draw import png_bytes
 from pipelines.demo_data import write_demo
-from pipelines.schema import from_wds, validate
+from pipelines.errors import StrictModeError
+from pipelines.schema import validate
 from pipelines.sources import SOURCES
 from pipelines.sources.ade20k import DATA, class_names, instance_to_class, thing_classes
-from pipelines.sources.base import BuildOptions, StrictModeError
+from pipelines.sources.base import BuildOptions
 from pipelines.sources.genseg import clean_category_name
+from tests.pipelines import shard_io
 
 ADE = "img_ovseg/ade20k"
 SOURCE_NAMES = ("ade20k_panoptic", "ade20k_semantic", "ade20k_instance")
@@ -46,17 +47,8 @@ def run(root: Path, out: Path, source: str, split: str = "train", overrides: dic
         splits=[split],
         options=BuildOptions(**options),
         overrides={source: overrides} if overrides else None,
-        log=lambda m: None,
     )
-    d = out / source / split
-    manifest = json.loads((d / "manifest.json").read_text())
-    samples = [
-        from_wds(i)[0]
-        for s in manifest["shards"]
-        for i in wds.WebDataset(str(d / s["file"]), shardshuffle=False)
-    ]
-    skipped = [json.loads(line) for line in (d / "skipped.jsonl").read_text().splitlines()]
-    return manifest, samples, skipped
+    return shard_io.read_split(out, source, split, with_images=False)
 
 
 def pngs(root: Path, stem: str, split: str = "train") -> tuple[np.ndarray, np.ndarray]:

@@ -9,14 +9,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import webdataset as wds
 from PIL import Image
 
 from pipelines import masks
 from pipelines.build.driver import build
 from pipelines.demo_data import write_demo
+from pipelines.errors import StrictModeError
 from pipelines.schema import validate
-from pipelines.sources.base import BuildOptions, StrictModeError
+from pipelines.sources.base import BuildOptions
 from pipelines.sources.readers.jsonstream import MalformedJSON
 from tests.pipelines import shard_io
 
@@ -229,8 +229,5 @@ def test_image_bytes_png_images_are_kept_as_png(coco_root, tmp_path):
     Image.open(p).save(buf, format="PNG")
     p.write_bytes(buf.getvalue())
     build(str(coco_root), str(tmp_path / "out"), sources=["coco_instance"])
-    d = tmp_path / "out/coco_instance/train"
-    manifest = json.loads((d / "manifest.json").read_text())
-    items = [i for s in manifest["shards"] for i in wds.WebDataset(str(d / s["file"]), shardshuffle=False)]
-    assert sum("png" in i for i in items) == 1
+    assert shard_io.member_exts(tmp_path / "out", "coco_instance").count("png") == 1
     shutil.rmtree(tmp_path / "out")

@@ -7,14 +7,14 @@ import shutil
 from pathlib import Path
 
 import pytest
-import webdataset as wds
 
 from pipelines.build.driver import build
 from pipelines.build.eval_guard import REASON, EvalGuard
 from pipelines.demo_data import write_demo
-from pipelines.schema import from_wds
-from pipelines.sources.base import BuildOptions, Skip
+from pipelines.errors import Skip
+from pipelines.sources.base import BuildOptions
 from pipelines.sources.readers import safe_pickle
+from tests.pipelines import shard_io
 
 REFER = "img_refseg/refcocos"
 
@@ -37,15 +37,8 @@ def coco_ids(root: Path, split: str) -> set[int]:
 
 
 def split_of(out: Path, source: str, split: str = "train"):
-    d = out / source / split
-    manifest = json.loads((d / "manifest.json").read_text())
-    ids = {
-        from_wds(i)[0].meta["image_id"]
-        for s in manifest["shards"]
-        for i in wds.WebDataset(str(d / s["file"]), shardshuffle=False)
-    }
-    skipped = [json.loads(line) for line in (d / "skipped.jsonl").read_text().splitlines()]
-    return manifest, ids, skipped
+    manifest, samples, skipped = shard_io.read_split(out, source, split, with_images=False)
+    return manifest, {s.meta["image_id"] for s in samples}, skipped
 
 
 def test_eval_images_are_gathered_before_anything_is_converted(root, tmp_path):

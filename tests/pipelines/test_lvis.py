@@ -11,15 +11,16 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import webdataset as wds
 
 from pipelines import masks
 from pipelines.build.driver import build
 from pipelines.demo_data import write_demo
-from pipelines.schema import from_wds, validate
+from pipelines.errors import Skip, SkipRecord, StrictModeError
+from pipelines.schema import validate
 from pipelines.sources import SOURCES
-from pipelines.sources.base import BuildOptions, ConvertContext, Shared, Skip, SkipRecord, StrictModeError
+from pipelines.sources.base import BuildOptions, ConvertContext, Shared
 from pipelines.sources.lvis import category_names, image_path, sample_negatives, split_categories
+from tests.pipelines import shard_io
 
 LVIS = "img_ovseg/lvis"
 REAL = "lvis-dataset+lvis-api__data__lvis_val_100.json"
@@ -43,17 +44,8 @@ def run(root: Path, out: Path, split: str = "train", **options):
         sources=["lvis"],
         splits=[split],
         options=BuildOptions(**options),
-        log=lambda m: None,
     )
-    d = out / "lvis" / split
-    manifest = json.loads((d / "manifest.json").read_text())
-    samples = [
-        from_wds(i)
-        for s in manifest["shards"]
-        for i in wds.WebDataset(str(d / s["file"]), shardshuffle=False)
-    ]
-    skipped = [json.loads(line) for line in (d / "skipped.jsonl").read_text().splitlines()]
-    return manifest, samples, skipped
+    return shard_io.read_split(out, "lvis", split)
 
 
 def doc(root: Path, split: str) -> dict:
@@ -308,7 +300,6 @@ def test_ray_build_equals_inline_build(demo, tmp_path, ray_local):
         sources=["lvis", "ade20k_panoptic"],
         splits=["train"],
         options=options,
-        log=lambda m: None,
     )
     ray_local.shutdown()
     build(
@@ -317,7 +308,6 @@ def test_ray_build_equals_inline_build(demo, tmp_path, ray_local):
         sources=["lvis", "ade20k_panoptic"],
         splits=["train"],
         options=options,
-        log=lambda m: None,
     )
     for src in ("lvis", "ade20k_panoptic"):
         tars = sorted((tmp_path / "ray" / src / "train").glob("*.tar"))
