@@ -31,6 +31,7 @@ import yaml
 
 from pipelines import storage
 from pipelines.inspect.hf import FEATURES_YAML
+from pipelines.shard_store import list_manifests
 
 CARD_TEXTS_PACKAGE = "pipelines.inspect.card_texts"
 # The sections every source's prose must have (a test holds each card text to this list).
@@ -162,14 +163,10 @@ def source_info(name: str, text: CardText) -> SourceInfo:
 
 # ---------------------------------------------------------------- manifests
 def read_manifests(out_url: str) -> dict[str, dict[str, dict]]:
-    """``{source: {split: manifest}}`` for every ``<out>/<source>/<split>/manifest.json``."""
-    fs, root = storage.fs_and_path(out_url)
+    """``{source: {split: manifest JSON}}`` for every ``<out>/<source>/<split>/manifest.json``."""
     found: dict[str, dict[str, dict]] = {}
-    if not fs.exists(root):
-        return found
-    for path in sorted(fs.glob(f"{root}/*/*/manifest.json")):
-        m = storage.read_json(fs, path)
-        found.setdefault(m["source"], {})[m["split"]] = m
+    for m in list_manifests(out_url):
+        found.setdefault(m.source, {})[m.split] = m.to_dict()
     return found
 
 
