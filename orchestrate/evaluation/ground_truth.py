@@ -21,13 +21,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tarfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from orchestrate.evaluation.errors import EvaluationError
 from orchestrate.evaluation.metrics import ApTruth, PanopticTruth
 from pipelines import masks as mask_ops
+from pipelines import shard_store
 from pipelines.masks import MaskFormatError
 from pipelines.schema import SEG, Sample, SampleError
 from pipelines.sources import SOURCES
@@ -89,25 +89,19 @@ class EvalSet:
 
 # ------------------------------------------------------------------------------------------ shards
 def iter_shard_samples(path: str) -> Iterator[Sample]:
-    """The Samples of one shard in member order (image bytes are skipped, not decoded): the one place
-    evaluation reads shards."""
+    """The Samples of one shard in key order (through :mod:`pipelines.shard_store`, the project's one tar
+    reader; image bytes are dropped): the one place evaluation reads shards."""
     fs, p = fs_and_path(path)
-    with fs.open(p, "rb") as f, tarfile.open(fileobj=f, mode="r|") as tar:
-        for member in tar:
-            if not member.isfile() or not member.name.endswith(".json"):
-                continue
-            raw = tar.extractfile(member).read()
-            try:
-                yield Sample.from_dict(json.loads(raw))
-            except (json.JSONDecodeError, KeyError, TypeError, SampleError) as e:
-                raise EvaluationError(f"{path}: member {member.name}: not a schema-1 sample: {e}") from None
+    try:
+        for sample, _ in shard_store.iter_shard_samples(fs, p):
+            yield sample
+    except (shard_store.ShardStoreError, SampleError, ValueError, KeyError, OSError) as e:
+        raise EvaluationError(f"{path}: cannot read the shard: {e}") from None
 
 
 def built_sets(shards: str) -> list[str]:
     """Every ``<source>/<split>`` with a manifest under ``shards``."""
-    fs, root = fs_and_path(shards)
-    found = fs.glob(f"{root}/*/*/manifest.json")
-    return sorted("/".join(p.rstrip("/").split("/")[-3:-1]) for p in found)
+    return [m.name for m in shard_store.list_manifests(shards)]
 
 
 def open_set(shards: str, data_root: str, name: str) -> EvalSet:
@@ -116,14 +110,13 @@ def open_set(shards: str, data_root: str, name: str) -> EvalSet:
     source, sep, split = name.partition("/")
     if not sep or not split or "/" in split:
         raise EvaluationError(f"--sets: {name!r} is not <source>/<split>")
-    fs, root = fs_and_path(shards)
-    folder = f"{root}/{source}/{split}"
-    if not fs.exists(f"{folder}/manifest.json"):
-        raise EvaluationError(
-            f"--sets: {name} was not built under {shards} (built: {', '.join(built_sets(shards))})"
-        )
-    with fs.open(f"{folder}/manifest.json", "rb") as f:
-        manifest = json.load(f)
+    try:
+        manifest = shard_store.Manifest.read(shards, source, split)
+    except shard_store.MissingManifestError:
+        built = ", ".join(built_sets(shards)) or "nothing"
+        raise EvaluationError(f"--sets: {name} was not built under {shards} (built: {built})") from None
+    except shard_store.ShardStoreError as e:
+        raise EvaluationError(f"--sets: {name}: {e}") from None
     if source not in SOURCE_KINDS:
         reason = NOT_SCORED.get(source, "no metric is defined for this source")
         raise EvaluationError(f"--sets: {name} cannot be scored: {reason}")
@@ -131,19 +124,19 @@ def open_set(shards: str, data_root: str, name: str) -> EvalSet:
         name=name,
         source=source,
         split=split,
-        task=manifest.get("task", ""),
+        task=manifest.task,
         kind=SOURCE_KINDS[source],
-        folder=join(shards.rstrip("/"), source, split),
-        shards=[s["file"] for s in manifest["shards"]],
-        num_samples=int(manifest["counts"]["samples"]),
+        folder=shard_store.split_dir(shards, source, split),
+        shards=[s.file for s in manifest.shards],
+        num_samples=manifest.samples,
         data_root=data_root,
     )
-    _add_originals(evs, manifest)
+    _add_originals(evs, manifest.inputs)
     return evs
 
 
 # ------------------------------------------------------------------------------------------ original files
-def _add_originals(evs: EvalSet, manifest: dict) -> None:
+def _add_originals(evs: EvalSet, inputs: list[dict]) -> None:
     if evs.source.startswith("ade20k_"):
         table = _ade_table(evs.source)
         evs.categories = {int(c): bool(v) for c, v in table["isthing"].items()}
@@ -160,7 +153,7 @@ def _add_originals(evs: EvalSet, manifest: dict) -> None:
     if role is None:  # VGD from X-SAM's released prompts without the instances file: no vocabulary
         return
     path = files.inputs[role]
-    _check_hash(evs, manifest, role, path)
+    _check_hash(evs, inputs, role, path)
     evs.annotation_file = path
     if evs.source == "coco_vgd":
         cats = read_categories(path)
@@ -187,8 +180,8 @@ def _locate(evs: EvalSet):
         ) from None
 
 
-def _check_hash(evs: EvalSet, manifest: dict, role: str, path: str) -> None:
-    recorded = {i.get("role"): i.get("sha256") for i in manifest.get("inputs", [])}
+def _check_hash(evs: EvalSet, inputs: list[dict], role: str, path: str) -> None:
+    recorded = {i.get("role"): i.get("sha256") for i in inputs}
     want = recorded.get(role)
     if want is None:
         return
@@ -274,6 +267,17 @@ def coco_instances(evs: EvalSet, key: str, hw: tuple[int, int]) -> list[ApTruth]
             ApTruth(rle, int(cat), int(bool(ann.get("iscrowd"))), float(area) if area is not None else None)
         )
     return out
+
+
+def prompt_vocabulary(evs: EvalSet) -> list[tuple[int, str]]:
+    """X-SAM's evaluation prompt for a genseg/ovseg set: every category of the set in id order, as
+    ``(category_id, phrase)`` (phrases cleaned as the build cleans them). Inference lists these, so a
+    predicted phrase index maps back to its ``category_id``."""
+    from pipelines.sources.genseg import clean_category_name
+
+    if evs.categories is None:
+        raise EvaluationError(f"{evs.name}: the set has no category vocabulary")
+    return [(c, clean_category_name(evs.category_names.get(c, str(c)))) for c in sorted(evs.categories)]
 
 
 # ------------------------------------------------------------------------------------------ per sample

@@ -38,7 +38,7 @@ import numpy as np
 from pycocotools import mask as mask_utils
 from pycocotools.cocoeval import COCOeval
 
-from orchestrate.evaluation.predictions import rle_problem
+from orchestrate.evaluation.predictions import decode_counts, rle_problem
 
 IOU_MATCH = 0.5  # PQ: a match has IoU strictly above this
 GCG_IOU, GCG_TEXT = 0.5, 0.5  # GLaMM recall thresholds (at least)
@@ -78,50 +78,38 @@ class ExactSum:
 # ------------------------------------------------------------------------------------------ RLE painting
 def rle_runs(rle: dict) -> tuple[np.ndarray, np.ndarray]:
     """``(starts, ends)`` of the foreground runs of a compressed RLE, in column-major pixel order."""
-    counts = _counts(rle["counts"])
-    bounds = np.cumsum(counts)
+    bounds = np.cumsum(decode_counts(rle["counts"]))
     return bounds[0:-1:2], bounds[1::2]
-
-
-def _counts(s: str) -> np.ndarray:
-    # pycocotools' rleFrString in numpy; callers pass RLEs that predictions.rle_problem accepted or that
-    # pycocotools wrote
-    c = np.frombuffer(s.encode("ascii"), np.uint8).astype(np.int64) - 48
-    last = (c & 0x20) == 0
-    group = np.concatenate(([0], np.cumsum(last)[:-1]))
-    starts = np.flatnonzero(np.concatenate(([True], last[:-1])))
-    pos = np.arange(c.size) - starts[group]
-    x = np.zeros(starts.size, np.int64)
-    np.add.at(x, group, (c & 0x1F) << (5 * pos))
-    neg = (c[last] & 0x10) != 0
-    x[neg] -= np.left_shift(1, 5 * (pos[last][neg] + 1))
-    cnts = x.copy()
-    cnts[3::2] = np.cumsum(x[1::2])[1:]
-    if x.size > 4:
-        cnts[4::2] = x[2] + np.cumsum(x[4::2])
-    return cnts
 
 
 def paint(rles: Sequence[dict], num_pixels: int) -> tuple[np.ndarray, bool]:
     """Label map ``(num_pixels,)`` int32 in RLE pixel order: pixel = 1 + index of the RLE covering it, 0 =
-    none; and whether any two RLEs overlap (then the map is not meaningful)."""
-    delta = np.zeros(num_pixels + 1, np.int64)
-    cover = np.zeros(num_pixels + 1, np.int32)
-    for i, rle in enumerate(rles, start=1):
-        s, e = rle_runs(rle)
-        np.add.at(delta, s, i)
-        np.add.at(delta, e, -i)
-        np.add.at(cover, s, 1)
-        np.add.at(cover, e, -1)
-    overlap = bool(rles) and int(np.cumsum(cover[:-1]).max(initial=0)) > 1
-    return np.cumsum(delta[:-1]).astype(np.int32), overlap
+    none; and whether any two RLEs overlap (then the map is all 0). Built from the runs: sorted run starts,
+    one ``np.repeat`` over runs and the gaps between them."""
+    if not rles:
+        return np.zeros(num_pixels, np.int32), False
+    runs = [rle_runs(r) for r in rles]
+    s = np.concatenate([a for a, _ in runs])
+    e = np.concatenate([b for _, b in runs])
+    v = np.concatenate([np.full(len(a), i, np.int32) for i, (a, _) in enumerate(runs, start=1)])
+    keep = e > s
+    order = np.argsort(s[keep], kind="stable")
+    s, e, v = s[keep][order], e[keep][order], v[keep][order]
+    if (s[1:] < e[:-1]).any():
+        return np.zeros(num_pixels, np.int32), True
+    values = np.zeros(2 * len(s) + 1, np.int32)
+    values[1::2] = v  # gap, run, gap, run, …, gap
+    bounds = np.empty(2 * len(s) + 2, np.int64)
+    bounds[0], bounds[-1] = 0, num_pixels
+    bounds[1:-1:2], bounds[2:-1:2] = s, e
+    return np.repeat(values, np.diff(bounds)), False
 
 
 def check_rle(rle: dict, hw: tuple[int, int]) -> str | None:
     """Why ``rle`` is not a compressed RLE of an ``hw`` image, or ``None``."""
     if list(rle["size"]) != list(hw):
         return f"RLE size {list(rle['size'])} != image size {list(hw)}"
-    return rle_problem(rle["counts"], hw[0] * hw[1])
+    return rle_problem(rle["counts"], hw[0] * hw[1])  # cheap again: decode_counts is cached
 
 
 def rle_area(rle: dict) -> int:

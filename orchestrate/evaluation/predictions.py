@@ -16,6 +16,7 @@ its C decoder read or write out of bounds).
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 from collections.abc import Iterable, Iterator
@@ -214,29 +215,43 @@ def rle_problem(counts: object, num_pixels: int) -> str | None:
         return "counts must be a compressed RLE string (uncompressed lists are not accepted)"
     if not counts:
         return "empty counts"
-    try:
-        c = np.frombuffer(counts.encode("ascii"), np.uint8).astype(np.int64) - 48
-    except UnicodeEncodeError:
+    if not counts.isascii():
         return "counts has non-ASCII characters"
-    if c.min() < 0 or c.max() > 63:
+    c = np.frombuffer(counts.encode("ascii"), np.uint8)
+    if c.min() < 48 or c.max() > 111:
         return "counts has characters outside the RLE alphabet"
-    last = (c & 0x20) == 0  # a group ends at a char without the continuation bit
-    if not last[-1]:
+    if (c[-1] - 48) & 0x20:
         return "counts ends inside a number (truncated)"
-    group = np.concatenate(([0], np.cumsum(last)[:-1]))  # group index of every char
-    starts = np.flatnonzero(np.concatenate(([True], last[:-1])))
-    pos = np.arange(c.size) - starts[group]  # position of a char inside its group
-    if pos.max() >= _MAX_GROUP:
+    cnts = decode_counts(counts)
+    if cnts is None:
         return "counts has a number too long for 32 bits"
-    x = np.zeros(starts.size, np.int64)
-    np.add.at(x, group, (c & 0x1F) << (5 * pos))
-    neg = (c[last] & 0x10) != 0
-    x[neg] -= np.left_shift(1, 5 * (pos[last][neg] + 1))  # sign-extend, as `x |= -1 << 5k`
-    cnts = x.copy()
-    cnts[3::2] = np.cumsum(x[1::2])[1:]  # m >= 3: x[m] + cnts[m-2]
-    cnts[4::2] = x[2] + np.cumsum(x[4::2]) if x.size > 4 else cnts[4::2]
     if (cnts < 0).any() or (cnts >= 2**32).any():
         return "counts decodes to a negative or oversized run"
     if int(cnts.sum()) != num_pixels:
         return f"counts cover {int(cnts.sum())} pixels, the size says {num_pixels}"
     return None
+
+
+@functools.lru_cache(maxsize=4096)
+def decode_counts(counts: str) -> np.ndarray | None:
+    """The run lengths of a compressed RLE string (``None`` if a number has more than 7 characters).
+
+    Unchecked: call it on strings :func:`rle_problem` accepted or pycocotools wrote. Cached, because a
+    prediction's RLEs are validated when read and decoded again when painted.
+    """
+    c = np.frombuffer(counts.encode("ascii"), np.uint8).astype(np.int64) - 48
+    last = (c & 0x20) == 0  # a number ends at a char without the continuation bit
+    starts = np.flatnonzero(np.concatenate(([True], last[:-1])))
+    group = np.cumsum(np.concatenate(([False], last[:-1])))  # number index of every char
+    pos = np.arange(c.size) - starts[group]  # position of a char inside its number
+    if pos.max() >= _MAX_GROUP:
+        return None
+    x = np.add.reduceat((c & 0x1F) << (5 * pos), starts)
+    neg = (c[last] & 0x10) != 0
+    x[neg] -= np.left_shift(1, 5 * (pos[last][neg] + 1))  # sign-extend, as `x |= -1 << 5k`
+    cnts = x.copy()
+    cnts[3::2] = np.cumsum(x[1::2])[1:]  # m >= 3: x[m] + cnts[m-2]
+    if x.size > 4:
+        cnts[4::2] = x[2] + np.cumsum(x[4::2])
+    cnts.flags.writeable = False  # shared through the cache
+    return cnts

@@ -15,40 +15,10 @@ import pytest
 from orchestrate import evaluate
 from orchestrate.evaluation import EvaluationError, score_predictions
 from orchestrate.evaluation import ground_truth as gt
-from pipelines.build.driver import build
-from pipelines.build.options import BuildOptions
-from tests.evaluation.helpers import set_lines, write_jsonl
+from tests.evaluation.helpers import write_jsonl
 from tests.evaluation.test_metrics import rle
 
-VAL_SPLITS = ["val", "val_point", "val_box", "val_scribble", "val_mask"]
 ROOT = Path(__file__).resolve().parents[2]
-
-
-@pytest.fixture(scope="module")
-def demo_val(demo_root, tmp_path_factory) -> tuple[Path, Path, list[str]]:
-    """The demo's val splits built inline, two samples per shard (so sets span several shards)."""
-    out = tmp_path_factory.mktemp("eval") / "shards"
-    build(
-        str(demo_root),
-        str(out),
-        splits=VAL_SPLITS,
-        options=BuildOptions(samples_per_shard=2),
-        log=lambda m: None,
-    )
-    names = [n for n in gt.built_sets(str(out)) if n.split("/")[0] in gt.SOURCE_KINDS]
-    return demo_root, out, names
-
-
-@pytest.fixture(scope="module")
-def perfect(demo_val) -> dict[str, list[dict]]:
-    datas, shards, names = demo_val
-    return {n: set_lines(shards, datas, n) for n in names}
-
-
-@pytest.fixture
-def no_java(monkeypatch):
-    """METEOR/CIDEr start Java (slow): the fast tests hide it and check the note instead."""
-    monkeypatch.setattr("orchestrate.evaluation.captions.shutil.which", lambda name: None)
 
 
 def _all(perfect: dict[str, list[dict]]) -> list[dict]:
