@@ -3,13 +3,13 @@
     ray job submit --working-dir . -- python orchestrate/build_shards.py --data-root /path/to/datas --out /shared/shards
     python orchestrate/build_shards.py --data-root demo_out/datas --out demo_out/shards   # joins RAY_ADDRESS or starts Ray
 
-Every option is documented in ``--help``; the work itself is in :mod:`pipelines.build.driver`.
+Every option is documented in ``--help``; the work itself is in :mod:`pipelines.build.driver`. Bad input or
+configuration ends with exit code 2 and one line naming the file or option at fault.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 
@@ -17,10 +17,11 @@ sys.path.insert(
     0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 )  # run as a script from anywhere
 
-from pipelines.build.driver import BuildConfigError, build, format_table  # noqa: E402
+from pipelines.build.driver import build, format_table  # noqa: E402
+from pipelines.build.options import BuildOptions, SourceOptions  # noqa: E402
+from pipelines.errors import BuildConfigError, run_cli  # noqa: E402
 from pipelines.loader.mixture import mixture_path  # noqa: E402
-from pipelines.sources.base import BuildOptions, StrictModeError  # noqa: E402
-from pipelines.sources.readers.jsonstream import MalformedJSON  # noqa: E402
+from pipelines.logs import add_verbosity_flags, configure_logging, verbosity  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -61,9 +62,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         action="append",
         default=[],
         metavar="KEY=VALUE",
-        help="a source-specific option (BuildOptions.extra), VALUE parsed as JSON when it can be, "
-        "e.g. refseg_chunk=8, gcg_force_period=true, lvis_max_phrases=100",
+        help="a source-specific option, checked against its type (booleans: true/false), e.g. "
+        f"refseg_chunk=8, gcg_force_period=true, lvis_max_phrases=100; valid: {', '.join(SourceOptions.names())}",
     )
+    add_verbosity_flags(p)
     return p.parse_args(argv)
 
 
@@ -78,22 +80,8 @@ def parse_overrides(items: list[str]) -> dict[str, dict[str, str]]:
     return out
 
 
-def parse_extra(items: list[str]) -> dict:
-    extra = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise BuildConfigError(f"--option {item!r}: expected KEY=VALUE")
-        try:
-            extra[key] = json.loads(value)
-        except json.JSONDecodeError:
-            extra[key] = value
-    return extra
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    options = BuildOptions(
+def options_from(args: argparse.Namespace) -> BuildOptions:
+    return BuildOptions(
         seed=args.seed,
         samples_per_shard=args.samples_per_shard,
         strict=args.strict,
@@ -101,8 +89,15 @@ def main(argv: list[str] | None = None) -> int:
         image_token="<image>" if args.no_image_newline else "<image>\n",
         genseg_num_class=args.genseg_num_class,
         keep_eval_images=args.keep_eval_images,
-        extra=parse_extra(args.option),
+        extra=SourceOptions.from_args(args.option),
     )
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    configure_logging(verbosity(args))
+    options = options_from(args)  # checked before Ray starts: a bad option fails in a second
+    overrides = parse_overrides(args.path)
     import ray
 
     ray.init(
@@ -118,11 +113,8 @@ def main(argv: list[str] | None = None) -> int:
             splits=args.splits.split(","),
             options=options,
             num_workers=args.num_workers,
-            overrides=parse_overrides(args.path),
+            overrides=overrides,
         )
-    except (BuildConfigError, StrictModeError, MalformedJSON) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
     finally:
         ray.shutdown()
     print(format_table(results))
@@ -132,4 +124,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_cli(main))

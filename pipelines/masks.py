@@ -14,14 +14,7 @@ import numpy as np
 from PIL import Image
 from pycocotools import mask as mask_utils
 
-
-class MaskFormatError(ValueError):
-    """An annotation's segmentation cannot be turned into a mask; ``reason`` is a stable skip reason."""
-
-    def __init__(self, reason: str, detail: str):
-        super().__init__(f"{reason}: {detail}")
-        self.reason = reason
-        self.detail = detail
+from pipelines.errors import MaskFormatError
 
 
 def _str_counts(rle: dict) -> dict:

@@ -15,6 +15,8 @@ import re
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from pipelines.errors import SampleError
+
 SCHEMA_VERSION = 1
 
 TASKS = ("genseg", "refseg", "reaseg", "gcgseg", "ovseg", "vgdseg", "intseg", "chat")
@@ -35,10 +37,6 @@ IMAGE_EXTS = ("jpg", "png")
 
 SEG, P_OPEN, P_CLOSE, IMAGE, REGION = "<SEG>", "<p>", "</p>", "<image>", "<region>"
 _KEY_RE = re.compile(r"^[A-Za-z0-9_+\-]+/[A-Za-z0-9_\-]+/[A-Za-z0-9_\-/]+$")
-
-
-class SampleError(ValueError):
-    """A Sample breaks an invariant of the schema."""
 
 
 @dataclass

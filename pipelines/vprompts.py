@@ -48,18 +48,9 @@ import numpy as np
 from pycocotools import mask as mask_utils
 
 from pipelines import masks
+from pipelines.errors import PromptTooSmall
 
 PROMPT_TYPES = ("point", "scribble", "box", "mask")
-
-
-class PromptTooSmall(ValueError):
-    """The mask has no connected component large enough to hold a prompt."""
-
-    reason = "mask_too_small_for_prompt"
-
-    def __init__(self, detail: str):
-        super().__init__(f"{self.reason}: {detail}")
-        self.detail = detail
 
 
 @dataclass(frozen=True)

@@ -8,24 +8,26 @@ that writes one shard and a completion marker; the driver only gathers small res
 
 from __future__ import annotations
 
+import logging
 import os
 import subprocess
-import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
+import warnings
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import ray
 
 from pipelines import storage
 from pipelines.build import eval_guard, mixture, shards
-from pipelines.build.chunks import spill
+from pipelines.build.chunks import Chunk, spill
+from pipelines.build.options import BuildOptions
+from pipelines.errors import BuildConfigError, Skip, SourceNotFound
+from pipelines.logs import Progress, quiet_third_party_warnings
 from pipelines.sources import SOURCES
-from pipelines.sources.base import POLICY_REASONS, BuildOptions, SourceFiles, SourceNotFound
+from pipelines.sources.base import SourceFiles
 
-
-class BuildConfigError(ValueError):
-    """Bad configuration (unknown source, a named source whose files are missing): fails at once."""
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -63,7 +65,6 @@ def resolve_jobs(
     sources: Sequence[str] | None,
     splits: Sequence[str],
     overrides: dict[str, dict[str, str]],
-    log: Callable[[str], None] = print,
 ) -> list[tuple[object, str, SourceFiles]]:
     """The (source, split, files) to build. Named sources must exist; unnamed ones are skipped if absent."""
     explicit = sources is not None
@@ -83,7 +84,7 @@ def resolve_jobs(
             except SourceNotFound as e:
                 if explicit:
                     raise BuildConfigError(str(e)) from None
-                log(f"skip {name}/{split}: {e}")
+                logger.info("skip %s/%s: %s", name, split, e)
                 continue
             jobs.append((src, split, files))
     return jobs
@@ -93,6 +94,7 @@ def resolve_jobs(
 def _convert_task(source_name, files, split, options, chunk, out_url, fp, shared):
     from pipelines.sources import SOURCES as registry  # imported in the worker
 
+    quiet_third_party_warnings()  # a worker process: the driver's warning filters do not reach it
     return shards.convert_chunk(registry[source_name], files, split, options, chunk, out_url, fp, shared)
 
 
@@ -116,25 +118,33 @@ def _run_chunks(
         yield ray.get(ready[0])
 
 
-def build_split(
+@dataclass
+class _Indexed:
+    """A split after indexing: its (possibly guard-extended) files, input hashes, fingerprint and chunks."""
+
+    files: SourceFiles
+    hashes: list[dict]
+    fp: str
+    chunks: list[Chunk]
+    index_skips: list[Skip]
+    shared: dict
+
+
+def index_split(
     src,
     split: str,
     files: SourceFiles,
     out_url: str,
     options: BuildOptions,
-    num_workers: int,
-    log: Callable[[str], None] = print,
-    guard: eval_guard.EvalGuard | None = None,
-) -> SplitResult:
-    t0 = time.perf_counter()
-    fs, _ = storage.fs_and_path(out_url)
-    sdir = shards.split_dir(out_url, src.name, split)
-    storage.remove_temporaries(fs, sdir)
+    guard: eval_guard.EvalGuard | None,
+) -> _Indexed:
+    """Hash the inputs and stream the source's index into chunk files; index-time skips go through the
+    error policy here, before anything is converted."""
     if guard is not None:  # RefCOCO eval images are left out of this split: eval_images.json is an input
         files = guard.with_input(files)
     hashes = shards.hash_inputs(files)
     fp = shards.fingerprint(src, files, split, options, hashes)
-    log(f"{src.name}/{split}: indexing {', '.join(files.inputs.values())}")
+    logger.info("%s/%s: indexing %s", src.name, split, ", ".join(files.inputs.values()))
     items = src.index(files, split, options)
     chunks, index_skips, shared = spill(
         guard.exclude(items) if guard is not None else items,
@@ -142,37 +152,36 @@ def build_split(
         shards.index_dir(out_url, src.name, split),
         options.samples_per_shard,
     )
-    if options.strict and (bad := [s for s in index_skips if s.reason not in POLICY_REASONS]):
-        s = bad[0]
-        raise shards.StrictModeError(f"{s.key}: {s.reason}: {s.detail}")
-    done = {c.index: p for c in chunks if (p := shards.completed_part(out_url, src.name, split, c, fp))}
-    todo = [c for c in chunks if c.index not in done]
-    log(
-        f"{src.name}/{split}: {sum(c.records for c in chunks)} records in {len(chunks)} chunks; "
-        f"{len(done)} shards already complete, {len(todo)} to build"
-    )
+    for skip in index_skips:
+        options.policy.check(skip)
+    return _Indexed(files, hashes, fp, chunks, index_skips, shared)
+
+
+def build_split(
+    src,
+    split: str,
+    files: SourceFiles,
+    out_url: str,
+    options: BuildOptions,
+    num_workers: int,
+    guard: eval_guard.EvalGuard | None = None,
+) -> SplitResult:
+    t0 = time.perf_counter()
+    fs, _ = storage.fs_and_path(out_url)
+    storage.remove_temporaries(fs, shards.split_dir(out_url, src.name, split))
+    ix = index_split(src, split, files, out_url, options, guard)
+    done = {c.index: p for c in ix.chunks if (p := shards.completed_part(out_url, src.name, split, c, ix.fp))}
+    todo = [c for c in ix.chunks if c.index not in done]
+    records = sum(c.records for c in ix.chunks)
+    logger.debug("%s/%s: %d records, %d shards already complete", src.name, split, records, len(done))
     parts = list(done.values())
-    samples_done = 0
-    for part in _run_chunks(src, files, split, options, todo, out_url, fp, shared, num_workers):
-        parts.append(part)
-        samples_done += part.samples
-        el = time.perf_counter() - t0
-        log(
-            f"  {src.name}/{split}: shard {len(parts)}/{len(chunks)} ({samples_done} samples, "
-            f"{samples_done / max(el, 1e-9):.1f} samples/s)"
-        )
+    with Progress(logger, f"{src.name}/{split}", len(ix.chunks), done=len(done)) as progress:
+        for part in _run_chunks(src, ix.files, split, options, todo, out_url, ix.fp, ix.shared, num_workers):
+            parts.append(part)
+            progress.update(1, part.samples)
+    wall = time.perf_counter() - t0
     manifest = shards.write_manifest(
-        out_url,
-        src,
-        split,
-        files,
-        options,
-        parts,
-        index_skips,
-        hashes,
-        fp,
-        time.perf_counter() - t0,
-        code_version(),
+        out_url, src, split, ix.files, options, parts, ix.index_skips, ix.hashes, ix.fp, wall, code_version()
     )
     fs.rm(shards.index_dir(out_url, src.name, split), recursive=True)
     return SplitResult(
@@ -195,28 +204,32 @@ def build(
     options: BuildOptions | None = None,
     num_workers: int | None = None,
     overrides: dict[str, dict[str, str]] | None = None,
-    log: Callable[[str], None] = print,
+    log: object = None,
 ) -> list[SplitResult]:
     """Build shards for every requested (source, split).
 
     Conversion runs as Ray tasks when Ray is initialised (``ray.init`` by the caller), inline otherwise.
+    Progress goes to this package's loggers (a command line shows it; library use stays quiet unless
+    logging is configured). ``log`` is deprecated and ignored; it goes once no caller passes it.
     """
+    if log is not None:
+        warnings.warn("build(log=...) is ignored: the build logs through logging", DeprecationWarning, 2)
     options = options or BuildOptions()
     if not os.path.isdir(data_root):
         raise BuildConfigError(f"--data-root {data_root!r} is not a folder")
-    jobs = resolve_jobs(os.path.abspath(data_root), sources, splits, overrides or {}, log)
+    jobs = resolve_jobs(os.path.abspath(data_root), sources, splits, overrides or {})
     if not jobs:
         raise BuildConfigError(f"no source found under {data_root} for splits {list(splits)}")
     workers = num_workers or (
         max(1, int(ray.available_resources().get("CPU", 1))) if ray.is_initialized() else 1
     )
-    guard = eval_guard.prepare(os.path.abspath(data_root), out_url, overrides or {}, options, log)
+    guard = eval_guard.prepare(os.path.abspath(data_root), out_url, overrides or {}, options)
     results = [
-        build_split(src, split, files, out_url, options, workers, log, guard.for_split(src, split))
+        build_split(src, split, files, out_url, options, workers, guard.for_split(src, split))
         for src, split, files in jobs
     ]
     # balance-resampling weights over every train manifest now under out_url (not only this run's)
-    log(f"mixture weights written to {mixture.write_mixture(out_url, log=log)}")
+    logger.info("mixture weights written to %s", mixture.write_mixture(out_url))
     return results
 
 
@@ -231,7 +244,3 @@ def format_table(results: Sequence[SplitResult]) -> str:
             f"{r.bytes / 1e6:>9.2f} {r.seconds:>8.1f}"
         )
     return "\n".join(rows)
-
-
-def eprint(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)

@@ -15,12 +15,17 @@ of the eval set rebuilds exactly the shards it affects.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator
+import logging
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, replace
 
 from pipelines import storage
-from pipelines.sources.base import BuildOptions, Shared, Skip, SourceFiles, StrictModeError
+from pipelines.build.options import BuildOptions
+from pipelines.errors import Skip
+from pipelines.sources.base import Shared, SourceFiles
 from pipelines.sources.readers.coco_index import image_sort_id
+
+logger = logging.getLogger(__name__)
 
 REASON = "eval_image_leak"
 FILE_NAME = "eval_images.json"
@@ -88,14 +93,15 @@ def prepare(
     out_url: str,
     overrides: dict[str, dict[str, str]],
     options: BuildOptions,
-    log: Callable[[str], None] = print,
 ) -> EvalGuard:
-    """Gather the eval image ids, write ``<out>/eval_images.json``, return the guard for :mod:`pipelines.build.driver`."""
+    """Gather the eval image ids, write ``<out>/eval_images.json``, return the guard for :mod:`pipelines.build.driver`.
+
+    A refs file that cannot be read is an ``unreadable_refs`` skip under the build's error policy: a warning
+    by default (its eval images cannot be left out), an error under ``--strict``."""
     data = gather(data_root, overrides)
     for e in data["errors"]:
-        if options.strict:
-            raise StrictModeError(f"eval-leakage guard: {e}")
-        log(f"eval-leakage guard: WARNING: {e}")
+        options.policy.check(Skip("eval-leakage guard", "unreadable_refs", e))
+        logger.warning("eval-leakage guard: %s", e)
     fs, _ = storage.fs_and_path(out_url)
     path = storage.join(out_url.rstrip("/"), FILE_NAME)
     storage.write_json(fs, path, data)
@@ -103,7 +109,11 @@ def prepare(
     action = (
         "kept (--keep-eval-images)" if options.keep_eval_images else "left out of guarded training splits"
     )
-    log(
-        f"eval-leakage guard: {n} RefCOCO/+/g/gRefCOCO eval image ids in {len(data['eval_splits'])} splits -> {path}; {action}"
+    logger.info(
+        "eval-leakage guard: %d RefCOCO/+/g/gRefCOCO eval image ids in %d splits -> %s; %s",
+        n,
+        len(data["eval_splits"]),
+        path,
+        action,
     )
     return EvalGuard(path=path, image_ids=frozenset(data["image_ids"]), keep=options.keep_eval_images)

@@ -21,8 +21,10 @@ torchtitan's dataset-mix configs.
 from __future__ import annotations
 
 import argparse
+import logging
 import math
-from collections.abc import Callable, Mapping, Sequence
+import warnings
+from collections.abc import Mapping, Sequence
 
 from pipelines import storage
 from pipelines.loader.mixture import (
@@ -36,6 +38,8 @@ from pipelines.loader.mixture import (
     mixture_path,
 )
 from pipelines.shard_store import Manifest, MissingManifestError
+
+logger = logging.getLogger(__name__)
 
 DEFAULT_T = 0.1
 TRAIN_SPLIT = "train"
@@ -177,9 +181,14 @@ def compute(
     stages: Mapping[int, Sequence[str]] | None = None,
     stage3_extra: Sequence[str] = (),
     exclude_flags: Sequence[str] = EXCLUDE_FLAGS,
-    log: Callable[[str], None] = print,
+    log: object = None,
 ) -> Mixture:
-    """The mixture of every stage (int keys) from the train manifests under ``out_url``."""
+    """The mixture of every stage (int keys) from the train manifests under ``out_url``.
+
+    ``log`` is deprecated and ignored (messages go to this module's logger); it goes once no caller passes it.
+    """
+    if log is not None:
+        warnings.warn("mixture.compute(log=...) is ignored: it logs through logging", DeprecationWarning, 2)
     stages = {k: list(v) for k, v in (stages or STAGE_DATASETS).items()}
     if stage3_extra:
         from pipelines.sources import SOURCES
@@ -194,7 +203,8 @@ def compute(
     for stage, sources in stages.items():
         result[stage] = compute_stage(out_url, stage, sources, t, exclude_flags, cache)
         if result[stage].missing:
-            log(f"mixture stage {stage}: missing {', '.join(x['dataset'] for x in result[stage].missing)}")
+            missing = ", ".join(x["dataset"] for x in result[stage].missing)
+            logger.info("mixture stage %s: missing %s", stage, missing)
     return Mixture(t=t, stages=result)
 
 
@@ -205,11 +215,9 @@ def write(out_url: str, mixture: Mixture) -> str:
     return mixture_path(out_url)
 
 
-def write_mixture(
-    out_url: str, t: float = DEFAULT_T, stage3_extra: Sequence[str] = (), log: Callable[[str], None] = print
-) -> str:
+def write_mixture(out_url: str, t: float = DEFAULT_T, stage3_extra: Sequence[str] = ()) -> str:
     """compute + write (what ``build()`` calls at its end)."""
-    return write(out_url, compute(out_url, t=t, stage3_extra=stage3_extra, log=log))
+    return write(out_url, compute(out_url, t=t, stage3_extra=stage3_extra))
 
 
 def format_table(mixture: Mixture) -> str:

@@ -1,58 +1,174 @@
-"""What a build is asked to do and how it treats bad data: :class:`BuildOptions` and the skip carriers.
+"""What a build is asked to do and how it treats bad data: :class:`BuildOptions`, :class:`SourceOptions` and
+:class:`ErrorPolicy`.
 
-Everything here is imported by both the build driver and the sources (which raise :class:`SkipRecord`), so
-this module depends on nothing else in the project.
+Everything here is imported by both the build driver and the sources, so this module depends on nothing in
+the project but :mod:`pipelines.errors`. Options are validated when they are made: a bad value is a
+:class:`~pipelines.errors.BuildConfigError` naming the option, before anything is read.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
 from typing import Any
+
+from pipelines.errors import BuildConfigError, Skip, SkipRecord, StrictModeError, XsamError
+
+__all__ = [
+    "DEFAULT_MAX_IMAGE_PIXELS",
+    "POLICY_REASONS",
+    "BuildOptions",
+    "ErrorPolicy",
+    "Skip",
+    "SkipRecord",
+    "SourceOptions",
+    "StrictModeError",
+]
 
 DEFAULT_MAX_IMAGE_PIXELS = (
     100_000_000  # a 10k x 10k image; anything larger is treated as a decompression bomb
 )
 
-
-class SkipRecord(Exception):
-    """This record becomes no Sample. ``reason`` is a stable snake_case name counted in the manifest."""
-
-    def __init__(self, reason: str, detail: str = ""):
-        super().__init__(f"{reason}: {detail}" if detail else reason)
-        self.reason = reason
-        self.detail = detail
-
-
-class StrictModeError(RuntimeError):
-    """Raised under ``--strict`` at the first skipped record or dropped annotation."""
-
-
 # Skips that are deliberate filters, not bad data: counted and listed like any skip, but ``--strict`` does
 # not stop on them (RefCOCO eval images kept out of COCO training splits; LLaVA text-only records in stage 3;
-# LVIS images that carry only negative labels).
-POLICY_REASONS = frozenset({"eval_image_leak", "text_only", "only_negative_labels"})
+# LVIS images that carry only negative labels; GCG phrases whose span overlaps a kept one, X-SAM's rule).
+POLICY_REASONS = frozenset({"eval_image_leak", "text_only", "only_negative_labels", "overlapping_span"})
 
 
 @dataclass(frozen=True)
-class Skip:
-    """One skipped unit, as written to ``skipped.jsonl``.
+class ErrorPolicy:
+    """The one place that decides what a skip does (webdataset's ``handler=`` idea): by default every skip
+    is recorded and counted by reason; ``strict`` turns the first one into an error, except the deliberate
+    filters in ``filters``, which are always recorded.
 
-    level "record": a would-be Sample that was not written (counted in ``records in``);
-    level "annotation": a part of a record that was dropped while the rest became a Sample.
+    Every site that meets bad data builds a :class:`~pipelines.errors.Skip` and hands it to :meth:`check`.
     """
 
-    key: str
-    reason: str
-    detail: str = ""
-    level: str = "record"
+    strict: bool = False
+    filters: frozenset[str] = POLICY_REASONS
+    error: type[XsamError] = StrictModeError  # what strict mode raises (the loader raises LoaderError)
+
+    def stops(self, reason: str) -> bool:
+        """Whether a skip with ``reason`` ends the run under this policy."""
+        return self.strict and reason not in self.filters
+
+    def check(self, skip: Skip, cause: BaseException | None = None) -> Skip:
+        """``skip`` itself, to be recorded; raises :attr:`error` (``<key>: <reason>: <detail>``) instead when
+        the policy stops on it."""
+        if self.stops(skip.reason):
+            raise self.error(str(skip)) from cause
+        return skip
+
+
+# ---------------------------------------------------------------------------------------------- option parsing
+_TRUE = frozenset({"true", "1", "yes", "on"})
+_FALSE = frozenset({"false", "0", "no", "off"})
+_NONE = frozenset({"none", "null"})
+
+
+def parse_bool(name: str, value: Any) -> bool:
+    """``value`` as a bool: a bool, 0/1, or one of true/false/yes/no/on/off/1/0 (any case); else an error
+    naming the option (``bool("False")`` is True, so strings are never passed to ``bool``)."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int) and value in (0, 1):
+        return bool(value)
+    if isinstance(value, str) and value.strip().lower() in _TRUE | _FALSE:
+        return value.strip().lower() in _TRUE
+    raise BuildConfigError(f"option {name}: {value!r} is not a boolean (true or false)")
+
+
+def parse_int(name: str, value: Any, minimum: int) -> int:
+    """``value`` as an int >= ``minimum`` (an int, or a string of one); else an error naming the option."""
+    if isinstance(value, str):
+        try:
+            value = int(value.strip())
+        except ValueError:
+            raise BuildConfigError(f"option {name}: {value!r} is not an integer") from None
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise BuildConfigError(f"option {name}: {value!r} is not an integer")
+    if value < minimum:
+        raise BuildConfigError(f"option {name}: {value} is below its minimum {minimum}")
+    return value
+
+
+@dataclass(frozen=True)
+class SourceOptions:
+    """Options that one source family reads (CLI ``--option KEY=VALUE``, or ``BuildOptions(extra={...})``).
+
+    Defaults are the paper recipe's; each option names the source family that reads it. Values are checked
+    when the object is made, so a typo or a bad value fails the build before anything is read.
+    """
+
+    refseg_chunk: int | None = None
+    """refcoco/+/g/grefcoco train: split an image's objects into samples of at most N objects (None: one
+    sample per image, the recipe)."""
+    gcg_force_period: bool = False
+    """GCG sources: end every caption with '.', as X-SAM main does (the archive code adds none)."""
+    gcg_min_words: int = 3
+    """GCG sources: captions with fewer words are skipped (GLaMM's rule)."""
+    lvis_max_phrases: int = 100
+    """lvis: at most this many positive categories per sample; an image with more becomes several."""
+    llava_keep_text_only: bool = False
+    """llava_*: keep text-only records (image None) instead of skipping them as ``text_only``."""
+
+    def __post_init__(self):
+        for f in fields(self):
+            object.__setattr__(self, f.name, _PARSERS[f.name](f.name, getattr(self, f.name)))
+
+    @classmethod
+    def names(cls) -> list[str]:
+        return [f.name for f in fields(cls)]
+
+    @classmethod
+    def from_mapping(cls, values: Mapping[str, Any]) -> SourceOptions:
+        """Options from ``{name: value}`` (values may be strings, as on the command line)."""
+        known = cls.names()
+        unknown = sorted(k for k in values if k not in known)
+        if unknown:
+            raise BuildConfigError(f"unknown source option(s) {unknown}; valid: {known}")
+        return cls(**values)
+
+    @classmethod
+    def from_args(cls, items: list[str]) -> SourceOptions:
+        """Options from ``KEY=VALUE`` strings (the CLI's repeated ``--option``)."""
+        values = {}
+        for item in items:
+            key, sep, value = item.partition("=")
+            if not sep or not key.strip():
+                raise BuildConfigError(f"--option {item!r}: expected KEY=VALUE")
+            values[key.strip()] = value
+        return cls.from_mapping(values)
 
     def to_dict(self) -> dict:
-        return {"key": self.key, "reason": self.reason, "detail": self.detail, "level": self.level}
+        """The options that differ from their defaults, sorted (what the manifest's ``options.extra`` holds:
+        default options give ``{}``)."""
+        default = SourceOptions()
+        return {
+            f.name: getattr(self, f.name)
+            for f in sorted(fields(self), key=lambda f: f.name)
+            if getattr(self, f.name) != getattr(default, f.name)
+        }
+
+
+# field -> its parser (the annotations above say the type; these do the checking)
+_PARSERS = {
+    "refseg_chunk": lambda n, v: None if v is None or _is_none(v) else parse_int(n, v, 1),
+    "gcg_force_period": parse_bool,
+    "gcg_min_words": lambda n, v: parse_int(n, v, 0),
+    "lvis_max_phrases": lambda n, v: parse_int(n, v, 1),
+    "llava_keep_text_only": parse_bool,
+}
+
+
+def _is_none(v: Any) -> bool:
+    return isinstance(v, str) and v.strip().lower() in _NONE
 
 
 @dataclass(frozen=True)
 class BuildOptions:
-    """Options that change what a build writes (all are in the manifest and the resume fingerprint)."""
+    """Options that change what a build writes (all are in the manifest and, but ``strict``, the resume
+    fingerprint). ``extra`` may be given as a mapping; it is parsed into :class:`SourceOptions`."""
 
     seed: int = 0
     samples_per_shard: int = 1000
@@ -61,7 +177,26 @@ class BuildOptions:
     image_token: str = "<image>\n"  # paper (AAAI26_Archive) default; X-SAM main uses "<image>"
     genseg_num_class: int | None = None  # None: every category in the prompt (paper); 128: X-SAM main
     keep_eval_images: bool = False
-    extra: dict[str, Any] = field(default_factory=dict)  # source-specific options, e.g. {"refseg_chunk": 8}
+    extra: SourceOptions = field(default_factory=SourceOptions)  # source-specific options
+
+    def __post_init__(self):
+        if isinstance(self.extra, Mapping):
+            object.__setattr__(self, "extra", SourceOptions.from_mapping(self.extra))
+        elif not isinstance(self.extra, SourceOptions):
+            raise BuildConfigError(
+                f"extra: expected SourceOptions or a mapping, got {type(self.extra).__name__}"
+            )
+        parse_int("samples_per_shard", self.samples_per_shard, 1)
+        parse_int("max_image_pixels", self.max_image_pixels, 1)
+        if self.genseg_num_class is not None:
+            parse_int("genseg_num_class", self.genseg_num_class, 1)
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise BuildConfigError(f"option seed: {self.seed!r} is not an integer")
+
+    @property
+    def policy(self) -> ErrorPolicy:
+        """How this build treats a skip (see :class:`ErrorPolicy`)."""
+        return ErrorPolicy(strict=self.strict)
 
     def to_dict(self) -> dict:
         return {
@@ -72,5 +207,5 @@ class BuildOptions:
             "image_token": self.image_token,
             "genseg_num_class": self.genseg_num_class,
             "keep_eval_images": self.keep_eval_images,
-            "extra": dict(sorted(self.extra.items())),
+            "extra": self.extra.to_dict(),
         }

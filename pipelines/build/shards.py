@@ -25,17 +25,11 @@ from dataclasses import dataclass, field
 from pipelines import storage
 from pipelines.build.chunks import Chunk, read_chunk
 from pipelines.build.images import load_image
-from pipelines.schema import SCHEMA_VERSION, SampleError, to_wds
+from pipelines.build.options import BuildOptions
+from pipelines.errors import SampleError, Skip, SkipRecord
+from pipelines.schema import SCHEMA_VERSION, to_wds
 from pipelines.shard_store import COUNTED_FLAGS, Manifest, ShardEntry, shard_name, split_dir
-from pipelines.sources.base import (
-    POLICY_REASONS,
-    BuildOptions,
-    ConvertContext,
-    Skip,
-    SkipRecord,
-    SourceFiles,
-    StrictModeError,
-)
+from pipelines.sources.base import ConvertContext, SourceFiles
 
 TAR_MTIME = 0.0
 
@@ -176,11 +170,8 @@ def _convert_one(
             image_bytes, ext = load_image(ctx, sample.image.path, sample.image.height, sample.image.width)
         item = to_wds(sample, image_bytes, ext)
     except (SkipRecord, SampleError) as e:
-        reason = e.reason if isinstance(e, SkipRecord) else "invalid_sample"
-        detail = e.detail if isinstance(e, SkipRecord) else str(e)
-        if options.strict and reason not in POLICY_REASONS:
-            raise StrictModeError(f"{key}: {reason}: {detail}") from e
-        part.skips.append(Skip(key, reason, detail).to_dict())
+        skip = e.at(key) if isinstance(e, SkipRecord) else Skip(key, "invalid_sample", str(e))
+        part.skips.append(options.policy.check(skip, cause=e).to_dict())
         part.skips.extend(d.to_dict() for d in ctx.drops)
         return
     if sample.key != key:

@@ -30,6 +30,7 @@ from pathlib import Path
 import yaml
 
 from pipelines import storage
+from pipelines.errors import CardTextError
 from pipelines.inspect.hf import FEATURES_YAML
 from pipelines.shard_store import list_manifests
 
@@ -73,10 +74,6 @@ NUMBER_COLUMNS = (
     ("regions", "regions"),
     ("user turns", "turns"),
 )
-
-
-class CardTextError(ValueError):
-    """A card text file is missing or malformed."""
 
 
 @dataclass
@@ -465,7 +462,7 @@ def build_demo(out: str | Path, data_root: str | Path | None = None) -> Path:
 
     root = Path(data_root) if data_root else write_demo(Path(out) / "datas")
     splits = sorted({s for src in SOURCES.values() for s in src.splits})
-    build(str(root), str(Path(out) / "shards"), splits=splits, log=lambda _msg: None)
+    build(str(root), str(Path(out) / "shards"), splits=splits)
     return Path(out) / "shards"
 
 

@@ -32,6 +32,8 @@ import numpy as np
 import simplejpeg
 from PIL import Image
 
+from pipelines.errors import ImageDecodeError
+
 JPEG_MAGIC = b"\xff\xd8\xff"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -46,10 +48,6 @@ _INTERP = {
     "bicubic": cv2.INTER_CUBIC,
     "area": cv2.INTER_AREA,
 }
-
-
-class ImageDecodeError(ValueError):
-    """The bytes are not a decodable JPEG/PNG (the loader counts it as ``corrupt_image``)."""
 
 
 # ---------------------------------------------------------------------------------------------- images

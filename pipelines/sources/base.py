@@ -24,25 +24,12 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any, Protocol, runtime_checkable
 
-from pipelines.build.options import (
-    POLICY_REASONS,
-    BuildOptions,
-    Skip,
-    SkipRecord,
-    StrictModeError,
-)
+from pipelines.build.options import BuildOptions
+from pipelines.errors import Skip, SkipRecord, SourceNotFound, StrictModeError
 from pipelines.schema import Sample
 
-__all__ = ["POLICY_REASONS", "BuildOptions", "Skip", "SkipRecord", "StrictModeError"]
-
-
-class SourceNotFound(FileNotFoundError):
-    """A source's files are not under the data root. ``looked_at`` lists every path tried."""
-
-    def __init__(self, source: str, looked_at: list[str]):
-        super().__init__(f"{source}: not found: {', '.join(looked_at)}")
-        self.source = source
-        self.looked_at = looked_at
+# What a source needs besides this module, importable from here too (``orchestrate`` and the benches do).
+__all__ = ["BuildOptions", "Skip", "SkipRecord", "SourceNotFound", "StrictModeError"]
 
 
 @dataclass(frozen=True)
@@ -148,7 +135,6 @@ class ConvertContext:
             raise SkipRecord(missing_reason, f"{rel} is a folder") from None
 
     def drop(self, key: str, reason: str, detail: str = "") -> None:
-        """Note an annotation dropped from a record that still becomes a Sample."""
-        if self.options.strict:
-            raise StrictModeError(f"{key}: {reason}: {detail}")
-        self.drops.append(Skip(key, reason, detail, level="annotation"))
+        """Note an annotation dropped from a record that still becomes a Sample (the build's error policy
+        may stop here instead)."""
+        self.drops.append(self.options.policy.check(Skip(key, reason, detail, level="annotation")))

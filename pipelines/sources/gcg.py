@@ -23,8 +23,8 @@ out a good phrase. Overlap drops are the recipe at work, not bad data: they do n
 
 Answer (recipe §2.6): ``<p>`` and ``</p> `` around each kept span (right to left; the space after ``</p>`` is
 X-SAM's), ``.strip()``, a space and one ``<SEG>`` suffix. The paper (``AAAI26_Archive``) does not force a
-trailing period; ``BuildOptions.extra["gcg_force_period"] = True`` adds one as X-SAM main does. Captions
-under ``extra["gcg_min_words"]`` (default 3, GLaMM's rule) words are skipped. Mask k is the union of phrase
+trailing period; the source option ``gcg_force_period=true`` adds one as X-SAM main does. Captions
+under ``gcg_min_words`` (default 3, GLaMM's rule) words are skipped. Mask k is the union of phrase
 k's masks, label k = its span's order in the answer.
 
 Val/test samples keep every ground-truth mask: a label that cannot be placed in the caption leaves its mask
@@ -161,11 +161,6 @@ class Placed:
     how: str = "shifted"  # shifted | unshifted | found
 
 
-class _Drop(Exception):
-    def __init__(self, reason: str, detail: str):
-        self.reason, self.detail = reason, detail
-
-
 def _int_pair(span: Any) -> tuple[int, int]:
     if isinstance(span, list | tuple) and len(span) == 1 and isinstance(span[0], list | tuple):
         span = span[0]  # a one-span list ([[s, e]], Flickr's shape): the text check still guards it
@@ -175,11 +170,11 @@ def _int_pair(span: Any) -> tuple[int, int]:
 
     if isinstance(span, list | tuple) and len(span) == 2 and all(integral(v) for v in span):
         return int(span[0]), int(span[1])
-    raise _Drop("bad_span", f"span {span!r} is not a [start, end] pair of integers")
+    raise SkipRecord("bad_span", f"span {span!r} is not a [start, end] pair of integers")
 
 
 def place(cap: Caption, g: Grounding, index: int, seen: dict[str, int]) -> Placed:
-    """Where grounding ``g`` sits in the clean caption, or :class:`_Drop` saying why it cannot be placed.
+    """Where grounding ``g`` sits in the clean caption, or :class:`SkipRecord` saying why it cannot be placed.
 
     ``seen`` counts earlier find-placed phrases, so the k-th identical phrase takes the k-th occurrence.
     """
@@ -187,12 +182,12 @@ def place(cap: Caption, g: Grounding, index: int, seen: dict[str, int]) -> Place
     phrase = None
     if g.phrase is not None:
         if not isinstance(g.phrase, str):
-            raise _Drop("bad_phrase", f"phrase {g.phrase!r} is not a string")
+            raise SkipRecord("bad_phrase", f"phrase {g.phrase!r} is not a string")
         phrase = clean_phrase(g.phrase)
         if not phrase:
-            raise _Drop("empty_phrase", f"phrase {g.phrase!r} is empty after cleaning")
+            raise SkipRecord("empty_phrase", f"phrase {g.phrase!r} is empty after cleaning")
         if phrase not in text:
-            raise _Drop("phrase_not_in_caption", f"{phrase!r} not in {text!r}")
+            raise SkipRecord("phrase_not_in_caption", f"{phrase!r} not in {text!r}")
     if g.span is None:  # find it (phrase is set: the readers guarantee one of the two)
         occ = find_occurrences(text, phrase)
         k = seen.get(phrase, 0)
@@ -202,13 +197,13 @@ def place(cap: Caption, g: Grounding, index: int, seen: dict[str, int]) -> Place
     s, e = _int_pair(g.span)
     n = len(cap.raw)
     if not (0 <= s <= n and 0 <= e <= n):
-        raise _Drop("span_outside_caption", f"span [{s}, {e}) outside a caption of {n} characters")
+        raise SkipRecord("span_outside_caption", f"span [{s}, {e}) outside a caption of {n} characters")
     if s >= e:
-        raise _Drop("empty_span", f"span [{s}, {e}) is empty")
+        raise SkipRecord("empty_span", f"span [{s}, {e}) is empty")
     cs, ce = _trim(text, cap.to_clean(s), cap.to_clean(e))
     if phrase is None:
         if cs >= ce:
-            raise _Drop("empty_span", f"span [{s}, {e}) covers no caption text")
+            raise SkipRecord("empty_span", f"span [{s}, {e}) covers no caption text")
         return Placed(index, text[cs:ce], cs, ce)
     if text[cs:ce] == phrase:
         return Placed(index, phrase, cs, ce)
@@ -217,7 +212,7 @@ def place(cap: Caption, g: Grounding, index: int, seen: dict[str, int]) -> Place
     us, ue = _trim(text, min(s, len(text)), min(e, len(text)))
     if text[us:ue] == phrase:
         return Placed(index, phrase, us, ue, how="unshifted")
-    raise _Drop("span_text_mismatch", f"span [{s}, {e}) reads {text[cs:ce]!r}, phrase is {phrase!r}")
+    raise SkipRecord("span_text_mismatch", f"span [{s}, {e}) reads {text[cs:ce]!r}, phrase is {phrase!r}")
 
 
 def remove_overlaps(placed: list[Placed]) -> tuple[list[Placed], list[Placed]]:
@@ -272,13 +267,13 @@ def _image_hw(ctx: ConvertContext, rel: str, height: Any, width: Any) -> tuple[i
 def _mask(g: Grounding, h: int, w: int) -> dict:
     segm = g.segm
     if segm is None or segm == [] or segm == {}:
-        raise _Drop("no_mask", "the phrase has no mask")
+        raise SkipRecord("no_mask", "the phrase has no mask")
     try:
         rle = masks.segmentation_to_rle(segm, h, w)
-    except MaskFormatError as e:
-        raise _Drop(e.reason, e.detail) from None
+    except MaskFormatError:
+        raise  # already a SkipRecord with its reason
     except (TypeError, ValueError, KeyError) as e:  # malformed counts / sizes inside pycocotools
-        raise _Drop("bad_segmentation", f"{type(e).__name__}: {e}") from None
+        raise SkipRecord("bad_segmentation", f"{type(e).__name__}: {e}") from None
     return rle
 
 
@@ -300,11 +295,11 @@ def gcg_sample(
     """Clean, place, check masks, remove overlaps, render. ``keep_all_masks`` (val/test): masks of phrases
     that cannot be tagged stay, with label -1."""
     key = record["key"]
-    extra = ctx.options.extra
+    opts = ctx.options.extra
     if not isinstance(inp.caption, str) or not inp.caption.strip('"').strip():
         raise SkipRecord("missing_caption", f"caption {inp.caption!r}")
     cap = Caption.clean(inp.caption)
-    min_words = int(extra.get("gcg_min_words", 3))
+    min_words = opts.gcg_min_words
     if len(cap.text.split()) < min_words:
         raise SkipRecord("short_caption", f"{cap.text!r} has fewer than {min_words} words")
     if any(t in cap.text for t in _SPECIAL):
@@ -323,7 +318,7 @@ def gcg_sample(
         akey = f"{key}/phrase_{i}"
         try:
             p = place(cap, g, i, seen)
-        except _Drop as d:
+        except SkipRecord as d:
             ctx.drop(akey, d.reason, d.detail)
             p = None
         if p is None and not keep_all_masks:
@@ -332,8 +327,8 @@ def gcg_sample(
             rle = _mask(g, h, w)
             area = masks.area(rle)
             if area == 0:
-                raise _Drop("empty_mask", "the mask covers no pixel")
-        except _Drop as d:
+                raise SkipRecord("empty_mask", "the mask covers no pixel")
+        except SkipRecord as d:
             ctx.drop(akey, d.reason, f"{p.phrase!r}: {d.detail}" if p else d.detail)
             continue
         if p is None:
@@ -344,14 +339,12 @@ def gcg_sample(
     kept, overlapping = remove_overlaps(placed)
     for p in overlapping:
         # Trimming overlaps is the recipe working as designed, not bad data: counted in the manifest's
-        # ``dropped`` and listed in skipped.jsonl like any drop, but never an error under --strict.
-        ctx.drops.append(
-            Skip(
-                f"{key}/phrase_{p.index}",
-                "overlapping_span",
-                f"{p.phrase!r} [{p.start}, {p.end}) overlaps a kept span",
-                level="annotation",
-            )
+        # ``dropped`` and listed in skipped.jsonl like any drop; a filter of the error policy, so never an
+        # error under --strict.
+        ctx.drop(
+            f"{key}/phrase_{p.index}",
+            "overlapping_span",
+            f"{p.phrase!r} [{p.start}, {p.end}) overlaps a kept span",
         )
         if keep_all_masks:
             untagged.append((p.rle, p.area))
@@ -360,8 +353,7 @@ def gcg_sample(
         raise SkipRecord("no_grounded_phrase", f"none of {n} phrases could be placed with a mask")
 
     rng = ctx.rng(key)
-    force_period = bool(extra.get("gcg_force_period", False))
-    tagged = tag_caption(cap.text, [(p.start, p.end) for p in kept], force_period)
+    tagged = tag_caption(cap.text, [(p.start, p.end) for p in kept], opts.gcg_force_period)
     labelled = [(k, p.rle, p.area) for k, p in enumerate(kept)] + [(-1, rle, area) for rle, area in untagged]
     targets = [MaskTarget(rle=r, label=k, bbox=masks.bbox(r), area=float(a)) for k, r, a in labelled]
     how = [p.how for p in kept]

@@ -12,7 +12,7 @@ dropped (counted). ``llava_pretrain`` always uses ``<image>\\n`` (X-SAM's stage-
 token argument on either branch); ``llava_instruct`` uses ``BuildOptions.image_token``.
 
 Text-only records (about 40.7k in mix665k) are left out by default, as X-SAM's stage 3
-(``exclude_pure_text=True``), each counted under ``text_only``; ``extra={"llava_keep_text_only": True}``
+(``exclude_pure_text=True``), each counted under ``text_only``; the source option ``llava_keep_text_only``
 keeps them as Samples with ``image=None``. Bad records are skipped with a reason: an unknown role
 (``unknown_role``), an empty or non-text message (``empty_turn``), more than one ``<image>``
 (``multiple_image_tokens``), ``<image>`` in a record without an image (``image_token_without_image``), or
@@ -101,7 +101,6 @@ class _Llava:
     task = "chat"
     splits = ("train",)
     version = 1
-    keep_text_only_default = False
 
     def locate(self, data_root: str, split: str, overrides: dict | None = None) -> SourceFiles:
         """Overrides: ``annotations`` (the JSON list), ``images`` (folder relative to the data root)."""
@@ -116,7 +115,7 @@ class _Llava:
         return SourceFiles(data_root=data_root, inputs={"annotations": ann}, dirs={"images": images})
 
     def index(self, files: SourceFiles, split: str, options: BuildOptions) -> Iterator[dict | Skip | Shared]:
-        keep_text = bool(options.extra.get("llava_keep_text_only", self.keep_text_only_default))
+        keep_text = options.extra.llava_keep_text_only
         prefix = f"{self.name}/{split}"
         for i, rec in enumerate(iter_items(files.inputs["annotations"], "item")):
             key = f"{prefix}/{i:09d}"  # file position: streamed in key order, no sort

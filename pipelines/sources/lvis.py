@@ -16,7 +16,7 @@ something else than an annotation of its image at an offset skips the record (``
 Prompts (recipe §2.2 machinery, LVIS semantics): positives are the image's annotated categories; negatives
 come first from its verified-absent ``neg_category_ids``, then from the other categories, and never from
 ``not_exhaustive_category_ids`` (present, but not every instance is annotated). The phrase list is capped
-(``BuildOptions.extra["lvis_max_phrases"]``, default 100): an image with more positive categories than the
+(source option ``lvis_max_phrases``, default 100): an image with more positive categories than the
 cap is split at index time into several records (keys ``…_p000``, ``…_p001``), each with a share of the
 categories and all their annotations, so no annotation is lost. Train samples draw ``randint(0, cap - |pos|)``
 negatives as genseg does; val samples fill the prompt up to the cap. Every annotation is an instance target
@@ -51,18 +51,10 @@ from pipelines.sources.readers.coco_index import RawAnns, image_sort_id, iter_co
 LVIS_ROOT = "img_ovseg/lvis"
 COCO_ROOT = "img_genseg/coco2017"
 COCO2014_ROOT = "img_genseg/coco2014"
-DEFAULT_MAX_PHRASES = 100
 
 _URL_FOLDER = re.compile(r"^(?:train|val|test|unlabeled)20\d\d$")
 _FILE = re.compile(r"^[\w\-]+\.(?:jpg|jpeg|png)$", re.IGNORECASE)
 _V05_FILE = re.compile(r"^COCO_(train|val|test)(20\d\d)_\d+\.jpg$")
-
-
-def max_phrases(options: BuildOptions) -> int:
-    cap = int(options.extra.get("lvis_max_phrases", DEFAULT_MAX_PHRASES))
-    if cap < 1:
-        raise ValueError(f"lvis_max_phrases must be >= 1, got {cap}")
-    return cap
 
 
 def image_path(img: dict, images_dir: str, images2014_dir: str) -> tuple[str | None, str | None]:
@@ -180,7 +172,7 @@ class Lvis:
         )
 
     def index(self, files: SourceFiles, split: str, options: BuildOptions) -> Iterator[dict | Skip | Shared]:
-        cap = max_phrases(options)
+        cap = options.extra.lvis_max_phrases
         known: set[int] = set()
 
         def categories(cats: list[dict]) -> dict:
@@ -244,7 +236,7 @@ class Lvis:
             raise SkipRecord("no_usable_annotation", f"image {img['id']}: no annotation with a valid mask")
         rng = ctx.rng(key)
         pos = sorted({c for _, c, _ in targets})
-        budget = max(max_phrases(ctx.options) - len(pos), 0)
+        budget = max(ctx.options.extra.lvis_max_phrases - len(pos), 0)
         n_neg = budget if ctx.split == "val" else rng.randint(0, budget)
         present = seen.union(record.get("present", ()))
         negs = sample_negatives(

@@ -13,7 +13,7 @@ Samples (recipe §2.4, §10):
   an image gives ``min(prod n_i, sum n_i)`` samples (``n_i`` = unique sentences of object i), each choosing
   one sentence per object; unlike X-SAM's ``islice(product(...))``, which never reaches the later sentences
   of the first objects, every sentence of every object is used at least once (:func:`combinations`).
-  ``BuildOptions.extra["refseg_chunk"] = 8`` splits each of those into samples of at most 8 objects
+  The source option ``refseg_chunk=8`` splits each of those into samples of at most 8 objects
   (X-SAM main).
 * **eval** (every other split): one single-turn sample per (object, unique sentence).
 * Sentences are lower-cased and de-duplicated per object; the merged ``sent_ids`` stay in ``meta``.
@@ -271,9 +271,7 @@ class ReferSource:
                 continue
             objs = by_image.setdefault(ref.image_id, {})
             objs.setdefault(ref.ann_ids, _Object(ref.ann_ids)).add(ref)
-        chunk = options.extra.get("refseg_chunk") if train else None
-        if chunk is not None and (not isinstance(chunk, int) or chunk < 1):
-            raise ValueError(f"BuildOptions.extra['refseg_chunk'] must be a positive int, got {chunk!r}")
+        chunk = options.extra.refseg_chunk if train else None  # validated by SourceOptions
         make = self._train_records if train else self._eval_records
         last = ""
         for iid in sorted(by_image, key=image_sort_id):

@@ -56,7 +56,7 @@ def coco_build(demo_root, tmp_path_factory) -> Path:
     data["annotations"][0]["category_id"] = 4242  # -> dropped unknown_category
     inst.write_text(json.dumps(data))
     out = root.parent / "shards"
-    build(str(root), str(out), sources=list(COCO), splits=["train", "val"], log=lambda m: None)
+    build(str(root), str(out), sources=list(COCO), splits=["train", "val"])
     return out
 
 

@@ -14,12 +14,12 @@ from pipelines import masks
 from pipelines.build.driver import build
 from pipelines.demo.gcg import rle
 from pipelines.demo_data import write_demo
+from pipelines.errors import SkipRecord, StrictModeError
 from pipelines.schema import validate
-from pipelines.sources.base import BuildOptions, StrictModeError
+from pipelines.sources.base import BuildOptions
 from pipelines.sources.gcg import (
     Caption,
     Grounding,
-    _Drop,
     find_occurrences,
     place,
     remove_overlaps,
@@ -47,7 +47,6 @@ def run(root: Path, out: Path, source: str, split: str = "train", **opts):
         sources=[source],
         splits=[split],
         options=BuildOptions(**opts),
-        log=lambda m: None,
     )
     return read_split(out, source, split)
 
@@ -96,7 +95,7 @@ def test_place_checks_span_text_against_phrase():
         (Grounding("a man", ["1", 6], None), "bad_span"),
         (Grounding('""', [1, 6], None), "empty_phrase"),
     ]:
-        with pytest.raises(_Drop) as e:
+        with pytest.raises(SkipRecord) as e:
             place(cap, g, 0, {})
         assert e.value.reason == reason
 
@@ -441,7 +440,6 @@ def test_ray_build_matches_inline_build(gcg_root, tmp_path, ray_local):
         sources=["grandf_gcg", "flickr_gcg"],
         splits=["train"],
         options=BuildOptions(samples_per_shard=2),
-        log=lambda m: None,
     )
     ray_local.shutdown()
     build(
@@ -450,7 +448,6 @@ def test_ray_build_matches_inline_build(gcg_root, tmp_path, ray_local):
         sources=["grandf_gcg", "flickr_gcg"],
         splits=["train"],
         options=BuildOptions(samples_per_shard=2),
-        log=lambda m: None,
     )
     for src in ("grandf_gcg", "flickr_gcg"):
         tars = sorted((tmp_path / "ray" / src / "train").glob("*.tar"))

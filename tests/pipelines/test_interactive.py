@@ -12,8 +12,9 @@ import pytest
 from pipelines import masks, vprompts
 from pipelines.build.driver import build
 from pipelines.demo_data import write_demo
+from pipelines.errors import StrictModeError
 from pipelines.schema import REGION, validate
-from pipelines.sources.base import BuildOptions, StrictModeError
+from pipelines.sources.base import BuildOptions
 from tests.pipelines import shard_io
 
 ANN = "img_intseg/coco_int/annotations/coco_interactive_val_psalm.json"

@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from pipelines.sources.base import Shared, Skip
+from pipelines.errors import Skip
+from pipelines.sources.base import Shared
 from pipelines.sources.readers import coco_index, json_scan
 from pipelines.sources.readers.coco_index import (
     RawAnns,

@@ -12,8 +12,9 @@ import pytest
 from pipelines import masks, templates
 from pipelines.build.driver import build
 from pipelines.demo_data import write_demo
+from pipelines.errors import StrictModeError
 from pipelines.schema import validate
-from pipelines.sources.base import BuildOptions, StrictModeError
+from pipelines.sources.base import BuildOptions
 from tests.pipelines import shard_io
 
 LISA = "img_reaseg/lisa"

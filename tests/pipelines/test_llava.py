@@ -10,8 +10,9 @@ from PIL import Image
 
 from pipelines.build.driver import build
 from pipelines.demo_data import write_demo
+from pipelines.errors import SkipRecord, StrictModeError
 from pipelines.schema import validate
-from pipelines.sources.base import BuildOptions, SkipRecord, StrictModeError
+from pipelines.sources.base import BuildOptions
 from pipelines.sources.llava import chat_turns
 from tests.pipelines import shard_io
 

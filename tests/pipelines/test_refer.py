@@ -15,8 +15,9 @@ from pipelines import masks
 from pipelines.build.driver import build
 from pipelines.demo.refer import dumps_py2
 from pipelines.demo_data import write_demo
+from pipelines.errors import StrictModeError
 from pipelines.schema import validate
-from pipelines.sources.base import BuildOptions, StrictModeError
+from pipelines.sources.base import BuildOptions
 from pipelines.sources.readers import safe_pickle
 from pipelines.sources.refer import combinations
 from tests.pipelines import shard_io

@@ -12,8 +12,9 @@ import pytest
 from pipelines import masks
 from pipelines.build.driver import BuildConfigError, build
 from pipelines.demo_data import write_demo
+from pipelines.errors import StrictModeError
 from pipelines.schema import REGION, validate
-from pipelines.sources.base import BuildOptions, StrictModeError
+from pipelines.sources.base import BuildOptions
 from pipelines.vprompts import PROMPT_TYPES
 from tests.pipelines import shard_io
 

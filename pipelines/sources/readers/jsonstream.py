@@ -11,14 +11,12 @@ from typing import Any
 
 import ijson
 
+from pipelines.errors import MalformedJSON
+
 try:  # the C backend is ~10x faster; fall back quietly where it is not built
     _ijson = ijson.get_backend("yajl2_c")
 except ImportError:  # pragma: no cover
     _ijson = ijson
-
-
-class MalformedJSON(ValueError):
-    """A JSON input cannot be parsed. Names the file and where parsing stopped."""
 
 
 def _fail(path: str, f, err: Exception) -> MalformedJSON:

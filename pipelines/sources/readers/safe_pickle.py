@@ -20,21 +20,7 @@ import os
 import pickle
 from typing import Any
 
-
-class UnsafePickleError(pickle.UnpicklingError):
-    """A pickle tried to load a global (or a persistent id) outside the allow-list. Names file and global."""
-
-    def __init__(self, path: str, what: str):
-        super().__init__(
-            f"{path}: refused to load {what}: only lists, dicts, tuples, sets, str/bytes, numbers, bools and "
-            "None may be unpickled (nothing from this file was run)"
-        )
-        self.path = path
-        self.what = what
-
-
-class MalformedPickle(pickle.UnpicklingError):
-    """The file is not a complete, well-formed pickle of allowed objects (truncated, corrupt, wrong type)."""
+from pipelines.errors import MalformedPickle, UnsafePickleError
 
 
 def _set(items=()) -> set:
