@@ -16,10 +16,11 @@ from pipelines.build.driver import build
 from pipelines.demo.ade20k import write_mask2former_files
 from pipelines.demo.draw import png_bytes
 from pipelines.demo_data import write_demo
+from pipelines.errors import StrictModeError
 from pipelines.schema import validate
 from pipelines.sources import SOURCES
 from pipelines.sources.ade20k import DATA, class_names, instance_to_class, thing_classes
-from pipelines.sources.base import BuildOptions, StrictModeError
+from pipelines.sources.base import BuildOptions
 from pipelines.sources.genseg import clean_category_name
 from tests.pipelines import shard_io
 
@@ -46,7 +47,6 @@ def run(root: Path, out: Path, source: str, split: str = "train", overrides: dic
         splits=[split],
         options=BuildOptions(**options),
         overrides={source: overrides} if overrides else None,
-        log=lambda m: None,
     )
     return shard_io.read_split(out, source, split, with_images=False)
 

@@ -14,8 +14,9 @@ from PIL import Image
 from pipelines import masks
 from pipelines.build.driver import build
 from pipelines.demo_data import write_demo
+from pipelines.errors import StrictModeError
 from pipelines.schema import validate
-from pipelines.sources.base import BuildOptions, StrictModeError
+from pipelines.sources.base import BuildOptions
 from pipelines.sources.readers.jsonstream import MalformedJSON
 from tests.pipelines import shard_io
 

@@ -11,7 +11,8 @@ import pytest
 from pipelines.build.driver import build
 from pipelines.build.eval_guard import REASON, EvalGuard
 from pipelines.demo_data import write_demo
-from pipelines.sources.base import BuildOptions, Skip
+from pipelines.errors import Skip
+from pipelines.sources.base import BuildOptions
 from pipelines.sources.readers import safe_pickle
 from tests.pipelines import shard_io
 

@@ -15,9 +15,10 @@ import pytest
 from pipelines import masks
 from pipelines.build.driver import build
 from pipelines.demo_data import write_demo
+from pipelines.errors import Skip, SkipRecord, StrictModeError
 from pipelines.schema import validate
 from pipelines.sources import SOURCES
-from pipelines.sources.base import BuildOptions, ConvertContext, Shared, Skip, SkipRecord, StrictModeError
+from pipelines.sources.base import BuildOptions, ConvertContext, Shared
 from pipelines.sources.lvis import category_names, image_path, sample_negatives, split_categories
 from tests.pipelines import shard_io
 
@@ -43,7 +44,6 @@ def run(root: Path, out: Path, split: str = "train", **options):
         sources=["lvis"],
         splits=[split],
         options=BuildOptions(**options),
-        log=lambda m: None,
     )
     return shard_io.read_split(out, "lvis", split)
 
@@ -300,7 +300,6 @@ def test_ray_build_equals_inline_build(demo, tmp_path, ray_local):
         sources=["lvis", "ade20k_panoptic"],
         splits=["train"],
         options=options,
-        log=lambda m: None,
     )
     ray_local.shutdown()
     build(
@@ -309,7 +308,6 @@ def test_ray_build_equals_inline_build(demo, tmp_path, ray_local):
         sources=["lvis", "ade20k_panoptic"],
         splits=["train"],
         options=options,
-        log=lambda m: None,
     )
     for src in ("lvis", "ade20k_panoptic"):
         tars = sorted((tmp_path / "ray" / src / "train").glob("*.tar"))
