@@ -14,15 +14,12 @@ import math
 from dataclasses import asdict, dataclass, field
 
 from pipelines import storage
+from pipelines.errors import MixtureError
 
 MIXTURE_FILE = "mixture.json"
 MIXTURE_VERSION = 1
 # Samples whose ``meta[flag]`` is true are not trained on (the loader skips them; N_d leaves them out).
 EXCLUDE_FLAGS: tuple[str, ...] = ("no_target",)
-
-
-class MixtureError(ValueError):
-    """A mixture that breaks an invariant (non-finite or non-positive weight, sum ≠ 1, bad counts)."""
 
 
 # ---------------------------------------------------------------------------------------------- frozen data

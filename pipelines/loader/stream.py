@@ -47,19 +47,15 @@ from typing import Any
 
 import numpy as np
 
+from pipelines.build.options import ErrorPolicy
+from pipelines.errors import ImageDecodeError, LoaderError, Skip
 from pipelines.loader import mixture as mixture_mod
-from pipelines.loader.decode import ImageDecodeError
 from pipelines.schema import Sample
 from pipelines.shard_store import RawSample, ShardReader
 
 STATE_FORMAT = "xsam-loader/1"
-_MASK64 = np.uint64(0xFFFFFFFFFFFFFFFF)
 _TAG_WINDOWS, _TAG_INNER = 1, 2  # keep the two per-epoch RNG streams apart
 _MAX_ERRORS = 16  # recent skip details kept in stats
-
-
-class LoaderError(RuntimeError):
-    """Strict mode met a bad sample/shard, or the loader cannot go on (a dataset with no usable sample)."""
 
 
 # ---------------------------------------------------------------------------------------------- step → source
@@ -226,6 +222,8 @@ class MixtureStream:
             shuffle_window,
             strict,
         )
+        # no deliberate filters at load time: strict stops at the first unreadable sample of any kind
+        self.policy = ErrorPolicy(strict=strict, filters=frozenset(), error=LoaderError)
         self.transform = transform or _default_transform
         self.collate = collate or list
         self.exclude_flags = tuple(stage.exclude_flags if exclude_flags is None else exclude_flags)
@@ -293,13 +291,11 @@ class MixtureStream:
         return items, position
 
     def _skip(self, stats: dict, reason: str, key: str | None, detail: str) -> None:
-        if self.strict:
-            raise LoaderError(f"{key or '?'}: {reason}: {detail}")
+        """Count a sample that cannot be used (the first of each reason is also a warning), unless the
+        error policy stops on it."""
+        skip = self.policy.check(Skip(key or "?", reason, detail))
         if reason not in stats["skipped"]:
-            warnings.warn(
-                f"loader: skipping {key or '?'}: {reason}: {detail} (counted in stats; strict=True raises)",
-                stacklevel=3,
-            )
+            warnings.warn(f"loader: skipping {skip} (counted in stats; strict=True raises)", stacklevel=3)
         stats["skipped"][reason] = stats["skipped"].get(reason, 0) + 1
         stats["errors"] = (stats["errors"] + [f"{key}: {reason}: {detail}"[:300]])[-_MAX_ERRORS:]
 
