@@ -11,7 +11,8 @@ shard, then ranged reads), the mixture (:func:`list_manifests`-style :meth:`Mani
 counts, never a tar scan), the preview gallery, dataset cards, the summary, Hugging Face interop, the training
 previews and the tests (:func:`iter_samples`). The writer (:mod:`pipelines.build.shards`) writes its manifest
 through :class:`Manifest` too, so the JSON keys are defined once. Imports only the shared core (storage,
-schema), the stdlib, fsspec and numpy: it runs in conversion tasks, DataLoader workers and offline tools.
+schema, errors), the stdlib, fsspec and numpy: it runs in conversion tasks, DataLoader workers and offline
+tools.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from typing import IO, Any
 import numpy as np
 
 from pipelines import storage
+from pipelines.errors import XsamError
 from pipelines.schema import IMAGE_EXTS, Sample, from_wds
 
 MANIFEST_FILE = "manifest.json"
@@ -40,7 +42,7 @@ COUNTED_FLAGS: tuple[str, ...] = ("no_target",)
 _MEMBER = re.compile(r"^((?:.*/|)[^./]+)\.([^/]+)$")
 
 
-class ShardStoreError(ValueError):
+class ShardStoreError(XsamError, ValueError):
     """A build's files are missing, malformed or older than this code expects (the message names the file)."""
 
 
