@@ -27,7 +27,6 @@ import logging
 import os
 import pickle
 import re
-import sys
 import uuid
 import zipfile
 from collections.abc import Iterable, Mapping
@@ -37,6 +36,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from pipelines.errors import XsamError, run_cli
 from xsam_model.stages import trainable_names, unused_parameters
 from xsam_model.weight_fit import check_fit
 
@@ -46,7 +46,7 @@ IMPORT_STAGES = (1, 3)
 """The stages whose weights X-SAM releases (s1 segmentor fine-tune, s3 mixed fine-tune)."""
 
 
-class ConvertError(ValueError):
+class ConvertError(XsamError, ValueError):
     """A checkpoint or export that cannot be converted; the message lists every offending key."""
 
 
@@ -386,7 +386,10 @@ def export_checkpoint(export: str, out: str | Path) -> Path:
     if not fs.exists(f"{path}/{exports.LINEAGE_FILE}"):
         raise ConvertError(f"{export}: not a stage export (no {exports.LINEAGE_FILE})")
     stage = storage.read_json(fs, f"{path}/{exports.LINEAGE_FILE}").get("stage")
-    exports.find_export(export, stage)  # all three files, and a lineage that names its stage
+    try:
+        exports.find_export(export, stage)  # all three files present
+    except exports.ParentExportError as e:
+        raise ConvertError(str(e)) from None
     state = exports.read_export_state(export)
     written = write_checkpoint(to_xsam(state, source=export), out)
     logger.info("stage-%s export %s → %s (%d tensors)", stage, export, written, len(state))
@@ -412,27 +415,20 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from orchestrate.exports import ParentExportError
-
+    """The CLI; run through :func:`pipelines.errors.run_cli`, a :class:`ConvertError` is one line on stderr and
+    exit code 2."""
     a = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        if a.command == "import":
-            lin = import_checkpoint(
-                a.xsam_checkpoint, stage=a.stage, out=a.out, flavor=a.flavor, init_dir=a.init_dir
-            )
-            dropped = sum(len(v) for v in lin["dropped"].values())
-            print(
-                f"wrote stage-{a.stage} export {a.out}: {lin['tensors']} tensors, {dropped} X-SAM keys dropped"
-            )
-        else:
-            print(f"wrote {export_checkpoint(a.export, a.out)}")
-    except (ConvertError, ParentExportError) as e:
-        # one line: the summary, then every listed key
-        print(f"convert: error: {'; '.join(str(e).splitlines())}", file=sys.stderr)
-        return 2
+    if a.command == "import":
+        lin = import_checkpoint(
+            a.xsam_checkpoint, stage=a.stage, out=a.out, flavor=a.flavor, init_dir=a.init_dir
+        )
+        dropped = sum(len(v) for v in lin["dropped"].values())
+        print(f"wrote stage-{a.stage} export {a.out}: {lin['tensors']} tensors, {dropped} X-SAM keys dropped")
+    else:
+        print(f"wrote {export_checkpoint(a.export, a.out)}")
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    raise SystemExit(run_cli(main))
