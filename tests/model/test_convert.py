@@ -245,6 +245,37 @@ def test_every_parameter_has_one_xsam_name_and_back(model_a):
     assert all(kmap.to_ours(x) == n and not kmap.dropped(x) for n, x in xsam.items())
 
 
+def _xsam_pixel_shuffle(x: torch.Tensor, scale: float) -> torch.Tensor:
+    """X-SAM's ``model/utils/pixel_shuffle.py`` on channels-first input: BxCxHxW → Bx(C/s²)x(H·s)x(W·s)."""
+    x = x.permute(0, 2, 3, 1)
+    b, h, w, c = x.shape
+    x = x.reshape(b, h, int(w * scale), int(c // scale)).permute(0, 2, 1, 3)
+    x = x.reshape(b, int(w * scale), int(h * scale), int(c // (scale * scale))).permute(0, 2, 1, 3)
+    return x.permute(0, 3, 1, 2)
+
+
+def test_connector_computes_xsam_connector_with_mapped_weights(model_a):
+    """The one place where names and shapes could match and numbers still differ (fidelity D8): X-SAM's
+    ``ConvConnectorLayer`` (convs, then its pixel shuffle by the level's scale) with our connector's weights
+    renamed by the mapping gives our connector's output, channel for channel, at every level."""
+    z = debug_sizes(model_a)
+    xsam = _connector(z.sam.hidden_size, z.connector_hidden, z.scales)
+    ours = {f"seg_connector.{k}": v for k, v in model_a.seg_connector.state_dict().items()}
+    xsam.load_state_dict({k.removeprefix("seg_connector."): v for k, v in to_xsam(ours).items()})
+    g = model_a.config.sam.grid
+    torch.manual_seed(3)
+    feats = [torch.randn(2, g, g, z.sam.hidden_size) for _ in z.scales]  # SAM hidden states, channels last
+    with torch.no_grad():
+        got = model_a.seg_connector(feats)
+        want = [
+            _xsam_pixel_shuffle(layer.model(f.permute(0, 3, 1, 2)), s)
+            for layer, f, s in zip(xsam.model, feats, z.scales, strict=True)
+        ]
+    assert [tuple(t.shape) for t in got] == [tuple(t.shape) for t in want]
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+
+
 @pytest.mark.parametrize("stage", [1, 3])
 def test_synthetic_file_has_xsam_keys_and_shapes(model_a, stage):
     """At the debug sizes the renamed state dict plus X-SAM-only parts is exactly X-SAM's module tree."""
