@@ -9,11 +9,16 @@ Deterministic: the same seed writes the same bytes. Each source family owns its 
 from __future__ import annotations
 
 import argparse
+import logging
 import random
 from collections.abc import Callable
 from pathlib import Path
 
 from pipelines.demo import ade20k, coco, gcg, interactive, lisa, llava, lvis, refer, vgd
+from pipelines.errors import DemoDataError, run_cli
+from pipelines.logs import add_verbosity_flags, configure_logging, verbosity
+
+logger = logging.getLogger(__name__)
 
 DEMO_WRITERS: dict[str, Callable[[Path, random.Random], None]] = {
     "coco": coco.write,
@@ -30,6 +35,11 @@ DEMO_WRITERS: dict[str, Callable[[Path, random.Random], None]] = {
 
 def write_demo(root: str | Path, seed: int = 0, families: list[str] | None = None) -> Path:
     """Write the demo tree under ``root`` (created if needed); returns ``root``."""
+    unknown = sorted(set(families or ()) - set(DEMO_WRITERS))
+    if unknown:
+        raise DemoDataError(
+            f"unknown demo famil{'y' if len(unknown) == 1 else 'ies'} {unknown}; known: {sorted(DEMO_WRITERS)}"
+        )
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     for name in families or list(DEMO_WRITERS):
@@ -38,15 +48,18 @@ def write_demo(root: str | Path, seed: int = 0, families: list[str] | None = Non
     return root
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--families", help=f"comma list of {sorted(DEMO_WRITERS)} (default: all)")
-    args = p.parse_args()
+    add_verbosity_flags(p)
+    args = p.parse_args(argv)
+    configure_logging(verbosity(args))
     root = write_demo(args.out, args.seed, args.families.split(",") if args.families else None)
-    print(f"demo data written under {root}")
+    logger.info("demo data written under %s", root)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(run_cli(main))

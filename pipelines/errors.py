@@ -76,6 +76,10 @@ class CardTextError(XsamError, ValueError):
     """A dataset-card text file is missing or malformed."""
 
 
+class DemoDataError(XsamError, ValueError):
+    """A demo-data request that cannot be met (an unknown family)."""
+
+
 class OutputError(XsamError, ValueError):
     """An output location an offline tool cannot use (e.g. a remote folder where a local one is needed), or
     nothing built where a tool expected shards."""

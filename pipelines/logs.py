@@ -51,7 +51,7 @@ def configure_logging(verbosity: int = 0) -> None:
     root = logging.getLogger()
     handler = next((h for h in root.handlers if getattr(h, _HANDLER_TAG, False)), None)
     if handler is None:
-        handler = logging.StreamHandler(sys.stderr)
+        handler = _StderrHandler()
         setattr(handler, _HANDLER_TAG, True)
         root.addHandler(handler)
     handler.setFormatter(_ConsoleFormatter(with_names=verbosity > 0))
@@ -67,6 +67,18 @@ def quiet_third_party_warnings() -> None:
     pattern = rf"({'|'.join(NOISY_PACKAGES)})(\.|$)"
     for category in (FutureWarning, DeprecationWarning):
         warnings.filterwarnings("ignore", category=category, module=pattern)
+
+
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever ``sys.stderr`` is when a record is emitted (pytest and notebooks swap it)."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value) -> None:
+        pass
 
 
 class _ConsoleFormatter(logging.Formatter):

@@ -27,6 +27,7 @@ import warnings
 from collections.abc import Mapping, Sequence
 
 from pipelines import storage
+from pipelines.errors import OutputError, run_cli
 from pipelines.loader.mixture import (
     EXCLUDE_FLAGS,
     MIXTURE_FILE,
@@ -37,7 +38,8 @@ from pipelines.loader.mixture import (
     StageMixture,
     mixture_path,
 )
-from pipelines.shard_store import Manifest, MissingManifestError
+from pipelines.logs import add_verbosity_flags, configure_logging, verbosity
+from pipelines.shard_store import Manifest, MissingManifestError, list_manifests
 
 logger = logging.getLogger(__name__)
 
@@ -246,14 +248,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--stage3-extra", default="", help="comma list of sources added to stage 3 (e.g. grefcoco,lvis)"
     )
+    add_verbosity_flags(p)
     args = p.parse_args(argv)
+    configure_logging(verbosity(args))
+    if not list_manifests(args.out):
+        raise OutputError(
+            f"--out {args.out}: no <source>/<split>/manifest.json under it (nothing built there)"
+        )
     extra = [s for s in args.stage3_extra.split(",") if s]
     mix = compute(args.out, t=args.t, stage3_extra=extra)
     path = write(args.out, mix)
-    print(format_table(mix))
+    print(format_table(mix))  # the result asked for: stdout
     print(f"mixture written to {path}")
     return 0
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(run_cli(main))

@@ -19,8 +19,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import re
-import sys
 import tempfile
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -30,9 +30,12 @@ from pathlib import Path
 import yaml
 
 from pipelines import storage
-from pipelines.errors import CardTextError
+from pipelines.errors import CardTextError, OutputError, run_cli
 from pipelines.inspect.hf import FEATURES_YAML
+from pipelines.logs import add_verbosity_flags, configure_logging, verbosity
 from pipelines.shard_store import list_manifests
+
+logger = logging.getLogger(__name__)
 
 CARD_TEXTS_PACKAGE = "pipelines.inspect.card_texts"
 # The sections every source's prose must have (a test holds each card text to this list).
@@ -466,7 +469,7 @@ def build_demo(out: str | Path, data_root: str | Path | None = None) -> Path:
     return Path(out) / "shards"
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", help="the shard folder of a build (holds <source>/<split>/manifest.json)")
     p.add_argument(
@@ -479,7 +482,11 @@ def main(argv: list[str] | None = None) -> None:
         action="store_true",
         help="build the embedded demo data in a temporary folder and write the example cards from it",
     )
+    add_verbosity_flags(p)
     args = p.parse_args(argv)
+    configure_logging(verbosity(args))
+    if args.out and not args.demo and not _exists(args.out):
+        raise OutputError(f"--out {args.out} does not exist")
     if args.demo:
         with tempfile.TemporaryDirectory(prefix="xsam-cards-demo-") as tmp:
             shards = build_demo(tmp)
@@ -495,8 +502,14 @@ def main(argv: list[str] | None = None) -> None:
         print(f"wrote {path}")
     not_built = [n for n, c in cards.items() if "\nNot built: " in c]
     if not_built:
-        print(f"not built (cards carry 'not built'): {', '.join(not_built)}", file=sys.stderr)
+        logger.warning("not built (cards carry 'not built'): %s", ", ".join(not_built))
+    return 0
+
+
+def _exists(out_url: str) -> bool:
+    fs, root = storage.fs_and_path(out_url)
+    return fs.exists(root)
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(run_cli(main))

@@ -32,6 +32,8 @@ from PIL import Image, ImageDraw, ImageFont
 
 from pipelines import masks as mask_utils
 from pipelines import storage
+from pipelines.errors import OutputError, run_cli
+from pipelines.logs import add_verbosity_flags, configure_logging, verbosity
 from pipelines.schema import Sample
 from pipelines.shard_store import Manifest, iter_samples, list_manifests
 
@@ -647,7 +649,7 @@ def write_preview(
     """Render every selected split; returns the files written (HTML first). ``preview_dir`` defaults to
     ``<out>/preview`` (``out_url`` must then be a local folder)."""
     if preview_dir is None and "://" in str(out_url) and not str(out_url).startswith("file://"):
-        raise ValueError(f"{out_url} is not a local folder: give a local preview_dir (--preview-dir)")
+        raise OutputError(f"--out {out_url} is not a local folder: give a local --preview-dir")
     pdir = Path(preview_dir) if preview_dir else Path(storage.fs_and_path(out_url)[1]) / "preview"
     written: list[Path] = []
     groups = []
@@ -678,7 +680,7 @@ def write_preview(
     return [index, *written]
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True, help="the shard folder of a build")
     p.add_argument("--source", help="comma list of sources (default: every built source)")
@@ -687,14 +689,19 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument(
         "--preview-dir", help="where to write (default: <out>/preview; needed when --out is remote)"
     )
+    add_verbosity_flags(p)
     args = p.parse_args(argv)
+    configure_logging(verbosity(args))
     sources = args.source.split(",") if args.source else None
     splits = args.split.split(",") if args.split else None
     if not list_manifests(args.out, sources, splits):
-        p.error(f"no built split under {args.out}" + (f" for --source {args.source}" if sources else ""))
+        raise OutputError(
+            f"--out {args.out}: no built split" + (f" of --source {args.source}" if sources else "")
+        )
     files = write_preview(args.out, sources, splits, args.n, args.preview_dir)
     print(f"wrote {files[0]} and {len(files) - 1} PNG files")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(run_cli(main))

@@ -8,13 +8,21 @@ from __future__ import annotations
 import argparse
 
 from pipelines import storage
+from pipelines.errors import OutputError, run_cli
+from pipelines.logs import add_verbosity_flags, configure_logging, verbosity
 from pipelines.shard_store import list_manifests
 
 
 def summarize(out_url: str) -> str:
+    """The table; :class:`~pipelines.errors.OutputError` when ``out_url`` holds no built split."""
     fs, root = storage.fs_and_path(out_url)
+    manifests = list_manifests(out_url)
+    if not manifests:
+        raise OutputError(
+            f"--out {out_url}: no <source>/<split>/manifest.json under it (nothing built there)"
+        )
     rows = [f"{'source/split':<32} {'samples':>8} {'skipped':>8} {'dropped':>8} {'shards':>7} {'MB':>8}"]
-    for m in list_manifests(out_url):
+    for m in manifests:
         c = m.counts
         mb = sum(s.bytes for s in m.shards) / 1e6
         rows.append(
@@ -28,11 +36,15 @@ def summarize(out_url: str) -> str:
     return "\n".join(rows)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", required=True)
-    print(summarize(p.parse_args().out))
+    p.add_argument("--out", required=True, help="the shard folder or URI of a build")
+    add_verbosity_flags(p)
+    args = p.parse_args(argv)
+    configure_logging(verbosity(args))
+    print(summarize(args.out))  # the table asked for: stdout
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(run_cli(main))

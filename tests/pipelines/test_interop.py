@@ -30,7 +30,6 @@ def shards(demo_root, tmp_path_factory) -> Path:
         sources=list(SOURCES),
         splits=["train", "val"],
         options=BuildOptions(samples_per_shard=3),
-        log=lambda m: None,
     )
     return out
 

@@ -14,6 +14,7 @@ from PIL import Image
 
 from pipelines import masks
 from pipelines.build.driver import build
+from pipelines.errors import OutputError
 from pipelines.inspect import preview
 from pipelines.schema import ImageRef, MaskTarget, Region, Sample, Turn
 from pipelines.shard_store import list_manifests
@@ -24,7 +25,7 @@ COCO = ("coco_panoptic", "coco_instance")
 @pytest.fixture(scope="module")
 def shards(demo_root, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("preview") / "shards"
-    build(str(demo_root), str(out), sources=list(COCO), splits=["train", "val"], log=lambda m: None)
+    build(str(demo_root), str(out), sources=list(COCO), splits=["train", "val"])
     return out
 
 
@@ -275,5 +276,5 @@ def test_cli_selects_sources(shards, tmp_path):
         if not p.name.endswith(".masks.png")
     ]
     assert len(overlays) == 2
-    with pytest.raises(SystemExit):
+    with pytest.raises(OutputError, match="no built split of --source no_such_source"):
         preview.main(["--out", str(out), "--source", "no_such_source"])
