@@ -479,3 +479,24 @@ def test_module_entry_point_exit_code_and_one_line(tmp_path):
     assert r.returncode == 2 and r.stderr.strip().splitlines() == [
         f"error: {tmp_path}: not a stage export (no lineage.json)"
     ]
+
+
+def test_init_dir_is_checked_and_recorded(model_a, tmp_path, capsys):
+    src = tmp_path / "pytorch_model.bin"
+    torch.save(synthetic_checkpoint(model_a, 1), src)
+    inits = tmp_path / "inits"
+    cfg = model_a.config
+    folders = [cfg.siglip.folder, cfg.sam.folder, cfg.llm.folder, cfg.decoder.folder]
+    for f in folders[:2]:
+        (inits / f).mkdir(parents=True)
+        (inits / f / "config.json").write_text("{}")
+    args = ["import", "--xsam-checkpoint", src, "--stage", 1, "--flavor", "debug", "--init-dir", inits]
+    rc, msg = run_cli([*args, "--out", tmp_path / "e"], capsys)
+    assert rc == 2 and f"{folders[2]}, {folders[3]}" in msg and not (tmp_path / "e").exists()
+    for f in folders[2:]:
+        (inits / f).mkdir(parents=True)
+        (inits / f / "config.json").write_text("{}")
+    rc, msg = run_cli([*args, "--out", tmp_path / "e"], capsys)
+    assert rc == 0, msg
+    info = exports.find_export(str(tmp_path / "e"), 1)
+    assert info.config["stage"]["model"]["init_dir"] == str(inits) == info.lineage["init_dir"]
