@@ -43,6 +43,63 @@ def _free_port_block(size: int = 500) -> int:
     raise RuntimeError("no free port block")
 
 
+# Every pipelines entry point, given bad input or configuration: (argv after the module, words in the message).
+BAD_INPUT = {
+    "build_shards: bad boolean": (
+        [
+            "orchestrate/build_shards.py",
+            "--data-root",
+            "{tmp}",
+            "--out",
+            "{tmp}/o",
+            "--option",
+            "gcg_force_period=maybe",
+        ],
+        ["gcg_force_period", "'maybe'", "not a boolean"],
+    ),
+    "build_shards: unknown option": (
+        [
+            "orchestrate/build_shards.py",
+            "--data-root",
+            "{tmp}",
+            "--out",
+            "{tmp}/o",
+            "--option",
+            "refseg_chunks=8",
+        ],
+        ["refseg_chunks", "valid", "refseg_chunk"],
+    ),
+    "build_shards: bad --path": (
+        ["orchestrate/build_shards.py", "--data-root", "{tmp}", "--out", "{tmp}/o", "--path", "coco=/x"],
+        ["--path", "SOURCE.ROLE=PATH"],
+    ),
+    "summary: nothing built": (["-m", "pipelines.inspect.summary", "--out", "{tmp}/none"], ["{tmp}/none"]),
+    "preview: nothing built": (["-m", "pipelines.inspect.preview", "--out", "{tmp}/none"], ["{tmp}/none"]),
+    "cards: no such --out": (["-m", "pipelines.inspect.cards", "--out", "{tmp}/none"], ["{tmp}/none"]),
+    "mixture: nothing built": (["-m", "pipelines.build.mixture", "--out", "{tmp}/none"], ["{tmp}/none"]),
+    "demo_data: unknown family": (
+        ["-m", "pipelines.demo_data", "--out", "{tmp}/d", "--families", "coco,cocoa"],
+        ["cocoa", "known"],
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_INPUT))
+def test_entry_points_answer_bad_input_with_exit_2_and_one_line(case, tmp_path):
+    args, words = BAD_INPUT[case]
+    argv = [a.format(tmp=tmp_path) for a in args]
+    env = _env()
+    env.pop("RAY_ADDRESS", None)
+    done = subprocess.run(
+        [sys.executable, *argv], cwd=ROOT, capture_output=True, text=True, env=env, timeout=300
+    )
+    assert done.returncode == 2, done.stderr[-3000:]
+    err = done.stderr.strip()
+    assert err.startswith("error: ") and "\n" not in err and "Traceback" not in done.stderr, done.stderr
+    for w in words:
+        assert w.format(tmp=tmp_path) in err, err
+
+
 @pytest.mark.ray
 def test_cli_script_builds_and_reports_errors(tmp_path):
     from pipelines.demo_data import write_demo
@@ -71,6 +128,7 @@ def test_cli_script_builds_and_reports_errors(tmp_path):
         [*cmd[:-4], "--sources", "refcocoo"], capture_output=True, text=True, env=env, timeout=600
     )
     assert bad.returncode == 2 and "unknown source" in bad.stderr
+    assert "Traceback" not in bad.stderr
 
 
 @pytest.mark.ray

@@ -171,6 +171,9 @@ def test_grandf_round_trip_masks_are_unions_of_the_phrase_rles(gcg_root, tmp_pat
             for r in by_phrase[sample.phrases[m.label]]["rle_masks"]:
                 want |= masks.decode(r)
             np.testing.assert_array_equal(masks.decode(m.rle), want)
+    # overlap drops are the recipe, a filter of the error policy: --strict records them and goes on
+    strict = run(gcg_root, tmp_path / "strict", "grandf_gcg", strict=True)
+    assert strict[0]["dropped"] == manifest["dropped"] and strict[2] == skipped
     # record 2 splits its first phrase over two RLEs: the mask is their union, the whole drawn shape
     assert len(next(iter(records[2]["groundings"].values()))["rle_masks"]) == 2
     # record 0's caption is wrapped in quotes, its offsets count the quote: spans shifted by one
