@@ -232,7 +232,7 @@ def rle_problem(counts: object, num_pixels: int) -> str | None:
     return None
 
 
-@functools.lru_cache(maxsize=4096)
+@functools.lru_cache(maxsize=512)  # about one image's GT + predicted RLEs, a few MB at most
 def decode_counts(counts: str) -> np.ndarray | None:
     """The run lengths of a compressed RLE string (``None`` if a number has more than 7 characters).
 

@@ -93,8 +93,9 @@ def test_meteor_and_cider_equal_pycocoevalcap_run_directly():
     refs = ["a man rides a horse on the beach.", "two dogs play in the grass", "a red car beside the road."]
     hyps = ["a man riding a horse", "dogs playing on grass", ""]  # an empty caption keeps its place
     got, why = caption_scores(refs, hyps)
+    same, _ = caption_scores(refs, refs)  # the same METEOR process
     captions.close()
-    assert why is None
+    assert why is None and same["METEOR"] == pytest.approx(100.0)
     tok = PTBTokenizer()
     r = tok.tokenize({i: [{"caption": c}] for i, c in enumerate(refs)})
     h = tok.tokenize({i: [{"caption": c or "."}] for i, c in enumerate(hyps)})
@@ -104,6 +105,16 @@ def test_meteor_and_cider_equal_pycocoevalcap_run_directly():
     del meteor
     c, _ = Cider().compute_score(r, h)
     assert got == {"METEOR": pytest.approx(100 * m, abs=1e-9), "CIDEr": pytest.approx(100 * c, abs=1e-9)}
-    same, _ = caption_scores(refs, refs)
-    captions.close()
-    assert same["METEOR"] == pytest.approx(100.0)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("java") is None, reason="pycocoevalcap needs Java")
+def test_every_demo_gcg_set_scores_meteor_100_on_its_ground_truth(demo_val, perfect, tmp_path):
+    datas, shards, names = demo_val
+    gcg = [n for n in names if n.split("/")[0].endswith("_gcg")]
+    path = write_jsonl(tmp_path / "gcg.jsonl", [x for n in gcg for x in perfect[n]])
+    results = score_predictions(str(path), str(shards), str(datas))
+    assert sorted(results) == sorted(gcg)
+    for name, r in results.items():
+        assert r["METEOR"] == pytest.approx(100.0) and r["AP50"] == 100.0 and r["mIoU"] == 100.0, name
+        assert r["CIDEr"] >= 0.0  # CIDEr's weights come from the set: a perfect caption is not a fixed value
