@@ -179,17 +179,6 @@ def rle_counts(rle: dict) -> np.ndarray:
     return vals
 
 
-def rle_to_mask(rle: dict) -> np.ndarray:
-    """One COCO RLE → ``HxW`` uint8 (0/1) at its own size; equals ``pycocotools.mask.decode``."""
-    h, w = (int(v) for v in rle["size"])
-    counts = rle_counts(rle)
-    if counts.sum() != h * w:
-        raise ValueError(f"RLE counts sum to {int(counts.sum())}, size is {h}x{w}")
-    values = np.zeros(len(counts), np.uint8)
-    values[1::2] = 1
-    return cv2.transpose(np.repeat(values, counts).reshape(w, h))
-
-
 @functools.lru_cache(maxsize=64)
 def _nearest_exact_index(n_in: int, n_out: int) -> np.ndarray:
     """Source index of each output position, exactly as torch's ``nearest-exact`` computes it

@@ -12,7 +12,6 @@ import pytest
 from PIL import Image
 
 from pipelines import masks
-from pipelines.build.driver import build
 from pipelines.demo.ade20k import write_mask2former_files
 from pipelines.demo.draw import png_bytes
 from pipelines.demo_data import write_demo
@@ -20,9 +19,8 @@ from pipelines.errors import StrictModeError
 from pipelines.schema import validate
 from pipelines.sources import SOURCES
 from pipelines.sources.ade20k import DATA, class_names, instance_to_class, thing_classes
-from pipelines.sources.base import BuildOptions
 from pipelines.sources.genseg import clean_category_name
-from tests.pipelines import shard_io
+from tests.helpers import build_and_read
 
 ADE = "img_ovseg/ade20k"
 SOURCE_NAMES = ("ade20k_panoptic", "ade20k_semantic", "ade20k_instance")
@@ -40,15 +38,7 @@ def root(demo, tmp_path) -> Path:
 
 
 def run(root: Path, out: Path, source: str, split: str = "train", overrides: dict | None = None, **options):
-    build(
-        str(root),
-        str(out),
-        sources=[source],
-        splits=[split],
-        options=BuildOptions(**options),
-        overrides={source: overrides} if overrides else None,
-    )
-    return shard_io.read_split(out, source, split, with_images=False)
+    return build_and_read(root, out, source, split, overrides=overrides, with_images=False, **options)
 
 
 def pngs(root: Path, stem: str, split: str = "train") -> tuple[np.ndarray, np.ndarray]:

@@ -17,6 +17,7 @@ from pipelines.build.driver import build
 from pipelines.inspect import cards
 from pipelines.inspect.hf import FEATURES_YAML
 from pipelines.sources import SOURCES
+from tests.helpers import manifest
 
 REPO = Path(__file__).resolve().parents[2]
 # DESIGN §4.2: every source of the product, registered yet or not
@@ -58,10 +59,6 @@ def coco_build(demo_root, tmp_path_factory) -> Path:
     out = root.parent / "shards"
     build(str(root), str(out), sources=list(COCO), splits=["train", "val"])
     return out
-
-
-def manifest(out: Path, source: str, split: str) -> dict:
-    return json.loads((out / source / split / "manifest.json").read_text())
 
 
 def front_matter(card: str) -> dict:

@@ -18,7 +18,7 @@ from pipelines.errors import StrictModeError
 from pipelines.schema import validate
 from pipelines.sources.base import BuildOptions
 from pipelines.sources.readers.jsonstream import MalformedJSON
-from tests.pipelines import shard_io
+from tests.helpers import member_exts, read_split
 
 ANN = "img_genseg/coco2017/annotations"
 
@@ -26,9 +26,6 @@ ANN = "img_genseg/coco2017/annotations"
 @pytest.fixture
 def coco_root(tmp_path) -> Path:
     return write_demo(tmp_path / "datas", families=["coco"])
-
-
-read_split = shard_io.read_split
 
 
 def test_panoptic_round_trip_masks_equal_png(coco_root, tmp_path):
@@ -229,5 +226,5 @@ def test_image_bytes_png_images_are_kept_as_png(coco_root, tmp_path):
     Image.open(p).save(buf, format="PNG")
     p.write_bytes(buf.getvalue())
     build(str(coco_root), str(tmp_path / "out"), sources=["coco_instance"])
-    assert shard_io.member_exts(tmp_path / "out", "coco_instance").count("png") == 1
+    assert member_exts(tmp_path / "out", "coco_instance").count("png") == 1
     shutil.rmtree(tmp_path / "out")

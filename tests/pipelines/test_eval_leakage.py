@@ -14,7 +14,7 @@ from pipelines.demo_data import write_demo
 from pipelines.errors import Skip
 from pipelines.sources.base import BuildOptions
 from pipelines.sources.readers import safe_pickle
-from tests.pipelines import shard_io
+from tests.helpers import read_split
 
 REFER = "img_refseg/refcocos"
 
@@ -37,7 +37,7 @@ def coco_ids(root: Path, split: str) -> set[int]:
 
 
 def split_of(out: Path, source: str, split: str = "train"):
-    manifest, samples, skipped = shard_io.read_split(out, source, split, with_images=False)
+    manifest, samples, skipped = read_split(out, source, split, with_images=False)
     return manifest, {s.meta["image_id"] for s in samples}, skipped
 
 

@@ -25,7 +25,7 @@ from pipelines.sources.gcg import (
     remove_overlaps,
     tag_caption,
 )
-from tests.pipelines import shard_io
+from tests.helpers import build_and_read, edit_json
 
 TRAIN = "img_gcgseg/grand_f/annotations/train"
 VAL_TEST = "img_gcgseg/grand_f/annotations/val_test"
@@ -37,24 +37,7 @@ def gcg_root(tmp_path) -> Path:
     return write_demo(tmp_path / "datas", families=["gcg"])
 
 
-read_split = shard_io.read_split
-
-
-def run(root: Path, out: Path, source: str, split: str = "train", **opts):
-    build(
-        str(root),
-        str(out),
-        sources=[source],
-        splits=[split],
-        options=BuildOptions(**opts),
-    )
-    return read_split(out, source, split)
-
-
-def edit_json(path: Path, fn) -> None:
-    data = json.loads(path.read_text())
-    fn(data)
-    path.write_text(json.dumps(data))
+run = build_and_read
 
 
 def answer(sample) -> str:

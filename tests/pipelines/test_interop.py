@@ -16,6 +16,7 @@ from pipelines.build.driver import build
 from pipelines.inspect import cards
 from pipelines.schema import Sample, from_wds, validate
 from pipelines.sources.base import BuildOptions
+from tests.helpers import manifest
 
 SOURCES = ("coco_panoptic", "coco_instance")
 
@@ -42,10 +43,6 @@ def offline_hf(tmp_path, monkeypatch) -> Path:
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     monkeypatch.setenv("HF_DATASETS_CACHE", str(cache))
     return cache
-
-
-def manifest(out: Path, source: str, split: str) -> dict:
-    return json.loads((out / source / split / "manifest.json").read_text())
 
 
 def shard_paths(out: Path, source: str, split: str) -> list[str]:

@@ -15,7 +15,7 @@ from pipelines.demo_data import write_demo
 from pipelines.errors import StrictModeError
 from pipelines.schema import validate
 from pipelines.sources.base import BuildOptions
-from tests.pipelines import shard_io
+from tests import helpers
 
 LISA = "img_reaseg/lisa"
 
@@ -31,7 +31,7 @@ def root(tmp_path) -> Path:
 
 
 def read_split(out: Path, split: str, source: str = "lisa_reasonseg"):
-    return shard_io.read_split(out, source, split, with_images=False)
+    return helpers.read_split(out, source, split, with_images=False)
 
 
 def annos(root: Path, split: str) -> dict[str, dict]:

@@ -14,7 +14,7 @@ from pipelines.errors import SkipRecord, StrictModeError
 from pipelines.schema import validate
 from pipelines.sources.base import BuildOptions
 from pipelines.sources.llava import chat_turns
-from tests.pipelines import shard_io
+from tests.helpers import read_split
 
 INSTRUCT = "img_chat/llava/LLaVA-Instruct-150K/llava_v1_5_mix665k.json"
 
@@ -22,10 +22,6 @@ INSTRUCT = "img_chat/llava/LLaVA-Instruct-150K/llava_v1_5_mix665k.json"
 @pytest.fixture
 def llava_root(tmp_path) -> Path:
     return write_demo(tmp_path / "datas", families=["llava"])
-
-
-def read_split(out: Path, source: str):
-    return shard_io.read_split(out, source, "train")
 
 
 def msgs(*pairs):

@@ -20,7 +20,7 @@ from pipelines.schema import validate
 from pipelines.sources import SOURCES
 from pipelines.sources.base import BuildOptions, ConvertContext, Shared
 from pipelines.sources.lvis import category_names, image_path, sample_negatives, split_categories
-from tests.pipelines import shard_io
+from tests.helpers import build_and_read, edit_json
 
 LVIS = "img_ovseg/lvis"
 REAL = "lvis-dataset+lvis-api__data__lvis_val_100.json"
@@ -38,14 +38,7 @@ def root(demo, tmp_path) -> Path:
 
 
 def run(root: Path, out: Path, split: str = "train", **options):
-    build(
-        str(root),
-        str(out),
-        sources=["lvis"],
-        splits=[split],
-        options=BuildOptions(**options),
-    )
-    return shard_io.read_split(out, "lvis", split)
+    return build_and_read(root, out, "lvis", split, **options)
 
 
 def doc(root: Path, split: str) -> dict:
@@ -53,9 +46,7 @@ def doc(root: Path, split: str) -> dict:
 
 
 def edit(root: Path, split: str, fn) -> None:
-    d = doc(root, split)
-    fn(d)
-    (root / LVIS / f"lvis_v1_{split}.json").write_text(json.dumps(d))
+    edit_json(root / LVIS / f"lvis_v1_{split}.json", fn)
 
 
 def prompt_ids(sample, names: dict[str, int]) -> list[int]:

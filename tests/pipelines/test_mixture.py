@@ -2,91 +2,17 @@
 
 from __future__ import annotations
 
-import io
 import json
 import math
 from pathlib import Path
 
-import numpy as np
 import pytest
-import webdataset as wds
-from PIL import Image
 
 from pipelines.build import mixture
 from pipelines.build.mixture import MixtureError, balance_weights
 from pipelines.loader import mixture as mixture_file
-from pipelines.schema import ImageRef, Sample, Turn, to_wds
 from pipelines.shard_store import ShardStoreError
-
-
-# ---------------------------------------------------------------------------------------------- shared helpers
-def tiny_jpeg(value: int = 128, size: tuple[int, int] = (16, 12)) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(np.full((size[1], size[0], 3), value, np.uint8)).save(buf, "JPEG", quality=90)
-    return buf.getvalue()
-
-
-def chat_sample(source: str, i: int, meta: dict | None = None, split: str = "train") -> Sample:
-    return Sample(
-        key=f"{source}/{split}/{i:06d}",
-        source=source,
-        task="chat",
-        split=split,
-        image=ImageRef(path=f"x/{i}.jpg", width=16, height=12),
-        conversation=[Turn("user", f"<image>\nWhat is {i}?"), Turn("assistant", f"It is {i}.")],
-        meta=dict(meta or {}),
-    )
-
-
-def write_source(
-    out: Path,
-    source: str,
-    shard_sizes: list[int],
-    *,
-    task: str = "chat",
-    flagged: set[int] = frozenset(),
-    manifest_counts: dict | None = None,
-    split: str = "train",
-) -> list[str]:
-    """Synthetic shards + manifest for ``source`` in the builder's layout; returns the keys in order.
-
-    Sample ``i`` gets ``meta.no_target = True`` when ``i`` is in ``flagged`` and the manifest counts them, as the
-    writer does (``manifest_counts`` overrides or, with ``{"no_target": None}``, removes that count); its image
-    is a tiny JPEG whose grey level encodes ``i`` (so tests can check bytes travel with their JSON)."""
-    sdir = out / source / split
-    sdir.mkdir(parents=True, exist_ok=True)
-    keys, shards, i = [], [], 0
-    for s, n in enumerate(shard_sizes):
-        name = f"{source}-{split}-{s:06d}.tar"
-        with wds.TarWriter(str(sdir / name), encoder=False, mtime=0.0) as w:
-            for _ in range(n):
-                sample = chat_sample(source, i, {"no_target": i in flagged} if flagged else None, split)
-                w.write(to_wds(sample, tiny_jpeg(i % 256), "jpg"))
-                keys.append(sample.key)
-                i += 1
-        shards.append({"file": name, "samples": n, "bytes": (sdir / name).stat().st_size, "sha256": None})
-    manifest = {
-        "schema": 1,
-        "source": source,
-        "task": task,
-        "split": split,
-        "shards": shards,
-        "counts": {
-            k: v
-            for k, v in {
-                "samples": i,
-                "records_in": i,
-                "skipped": 0,
-                "no_target": len(flagged),
-                **(manifest_counts or {}),
-            }.items()
-            if v is not None
-        },
-        "skipped": {},
-        "fingerprint": f"fp-{source}",
-    }
-    (sdir / "manifest.json").write_text(json.dumps(manifest))
-    return keys
+from tests.helpers import write_source
 
 
 def fake_manifest(out: Path, source: str, n: int, task: str = "genseg", shard_size: int = 1000) -> None:

@@ -20,7 +20,7 @@ from pipelines.schema import validate
 from pipelines.sources.base import BuildOptions
 from pipelines.sources.readers import safe_pickle
 from pipelines.sources.refer import combinations
-from tests.pipelines import shard_io
+from tests.helpers import read_split
 
 BASE = "img_refseg/refcocos"
 UNC = ["train", "val", "testA", "testB"]
@@ -36,10 +36,6 @@ def demo(tmp_path_factory) -> Path:
 def root(tmp_path) -> Path:
     """A demo tree a test may corrupt."""
     return write_demo(tmp_path / "datas", families=["refer"])
-
-
-def read_split(out: Path, source: str, split: str):
-    return shard_io.read_split(out, source, split)
 
 
 def refs_of(root: Path, dataset: str = "refcoco", name: str = "refs(unc).p") -> list[dict]:
