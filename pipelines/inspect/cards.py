@@ -175,13 +175,6 @@ def _n(v: int | float) -> str:
     return f"{int(v):,}"
 
 
-def _human_bytes(n: int) -> str:
-    for unit, size in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
-        if n >= size:
-            return f"{n / size:.1f} {unit}"
-    return f"{n} B"
-
-
 def size_category(total_samples: int) -> str:
     for bound, name in _SIZE_BUCKETS:
         if total_samples < bound:

@@ -12,13 +12,19 @@ import pytest
 from PIL import Image
 
 from pipelines import masks
-from pipelines.demo.ade20k import write_mask2former_files
-from pipelines.demo.draw import png_bytes
+from pipelines.demo.draw import id2rgb, png_bytes
 from pipelines.demo_data import write_demo
 from pipelines.errors import StrictModeError
 from pipelines.schema import validate
 from pipelines.sources import SOURCES
-from pipelines.sources.ade20k import DATA, class_names, instance_to_class, thing_classes
+from pipelines.sources.ade20k import (
+    DATA,
+    NUM_CLASSES,
+    SPLIT_DIRS,
+    class_names,
+    instance_to_class,
+    thing_classes,
+)
 from pipelines.sources.genseg import clean_category_name
 from tests.helpers import build_and_read
 
@@ -39,6 +45,84 @@ def root(demo, tmp_path) -> Path:
 
 def run(root: Path, out: Path, source: str, split: str = "train", overrides: dict | None = None, **options):
     return build_and_read(root, out, source, split, overrides=overrides, with_images=False, **options)
+
+
+# ---------------------------------------------------------------------------------------------- Mask2Former layout
+def _bbox(mask: np.ndarray) -> list[int]:
+    ys, xs = np.nonzero(mask)
+    return [int(xs.min()), int(ys.min()), int(xs.max() - xs.min() + 1), int(ys.max() - ys.min() + 1)]
+
+
+def _segment(seg_id: int, cls: int, mask: np.ndarray) -> dict:
+    return {"id": seg_id, "category_id": cls, "area": int(mask.sum()), "bbox": _bbox(mask), "iscrowd": 0}
+
+
+def _instance_ann(ann_id: int, stem: str, cls: int, mask: np.ndarray) -> dict:
+    return {
+        "id": ann_id,
+        "image_id": stem,
+        "iscrowd": 0,
+        "category_id": cls,
+        "bbox": _bbox(mask),
+        "segmentation": masks.encode(mask)[0],
+        "area": int(mask.sum()),
+    }
+
+
+def _m2f_image(base: Path, split: str, stem: str, ins_anns: list[dict]) -> list[dict]:
+    """One image's derived files (detectron2 semantic PNG, panoptic PNG); its segments; its instances appended
+    to ``ins_anns``. Stuff segments first, then things pasted over, as ``prepare_ade20k_pan_seg.py`` does."""
+    sd, things, mapping = SPLIT_DIRS[split], set(thing_classes()), instance_to_class()
+    sem = np.asarray(Image.open(base / "annotations" / sd / f"{stem}.png"))
+    ins = np.asarray(Image.open(base / "annotations_instance" / sd / f"{stem}.png"))
+    (base / "annotations_detectron2" / sd / f"{stem}.png").write_bytes(png_bytes((sem - 1).astype(np.uint8)))
+    seg_map = np.zeros(sem.shape, dtype=np.int64)
+    segments = []
+    for value in np.unique(sem):
+        if value == 0 or int(value) - 1 in things:
+            continue
+        segments.append(_segment(int(value) + 256 * (len(segments) + 1), int(value) - 1, sem == value))
+        seg_map[sem == value] = segments[-1]["id"]
+    for g in np.unique(ins[..., 1]):
+        if g == 0:
+            continue
+        mask = ins[..., 1] == g
+        cls = mapping[int(np.unique(ins[..., 0][mask])[0])]
+        segments.append(_segment(cls + 1 + 256 * (len(segments) + 1), cls, mask))
+        seg_map[mask] = segments[-1]["id"]
+        ins_anns.append(_instance_ann(len(ins_anns) + 1, stem, cls, mask))
+    (base / f"ade20k_panoptic_{split}" / f"{stem}.png").write_bytes(png_bytes(id2rgb(seg_map)))
+    return segments
+
+
+def write_mask2former_files(root: Path) -> None:
+    """Mask2Former's derived files (what ``prepare_ade20k_{pan,sem,ins}_seg.py`` write) beside the raw demo
+    ones, so a test can check that both layouts give the same Samples."""
+    base, names, things = root / ADE, class_names(), sorted(thing_classes())
+    categories = [
+        {"id": c, "name": names[c], "isthing": int(c in things), "color": [c, c, c]}
+        for c in range(NUM_CLASSES)
+    ]
+    for split, sd in SPLIT_DIRS.items():
+        if not (base / "images" / sd).is_dir():
+            continue
+        (base / f"ade20k_panoptic_{split}").mkdir(exist_ok=True)
+        (base / "annotations_detectron2" / sd).mkdir(parents=True, exist_ok=True)
+        images, pan_anns, ins_anns = [], [], []
+        for img_path in sorted((base / "images" / sd).glob("*.jpg")):
+            with Image.open(img_path) as im:
+                width, height = im.size
+            images.append({"id": img_path.stem, "file_name": img_path.name, "width": width, "height": height})
+            segments = _m2f_image(base, split, img_path.stem, ins_anns)
+            pan_anns.append(
+                {"image_id": img_path.stem, "file_name": f"{img_path.stem}.png", "segments_info": segments}
+            )
+        pan = {"images": images, "annotations": pan_anns, "categories": categories}
+        ins_cats = [{"id": c, "name": names[c]} for c in things]
+        (base / f"ade20k_panoptic_{split}.json").write_text(json.dumps(pan))
+        (base / f"ade20k_instance_{split}.json").write_text(
+            json.dumps({"images": images, "annotations": ins_anns, "categories": ins_cats}, indent=1)
+        )
 
 
 def pngs(root: Path, stem: str, split: str = "train") -> tuple[np.ndarray, np.ndarray]:

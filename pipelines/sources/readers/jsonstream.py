@@ -36,15 +36,6 @@ def iter_items(path: str, prefix: str) -> Iterator[Any]:
             raise _fail(path, f, e) from None
 
 
-def iter_kv(path: str, prefix: str) -> Iterator[tuple[str, Any]]:
-    """Yield ``(key, value)`` of the object at ``prefix`` (``""`` for the top level)."""
-    with open(path, "rb") as f:
-        try:
-            yield from _ijson.kvitems(f, prefix, use_float=True)
-        except (ijson.JSONError, ijson.IncompleteJSONError) as e:
-            raise _fail(path, f, e) from None
-
-
 def load_small(path: str) -> Any:
     """``json.load`` for files known to be small, with the same error form as the streaming readers."""
     with open(path, "rb") as f:
@@ -56,16 +47,3 @@ def load_small(path: str) -> Any:
             ) from None
         except UnicodeDecodeError as e:
             raise MalformedJSON(f"{path}: not UTF-8 text at byte {e.start}") from None
-
-
-def top_level_keys(path: str) -> list[str]:
-    """The top-level keys in file order (a cheap event scan that builds no values)."""
-    keys: list[str] = []
-    with open(path, "rb") as f:
-        try:
-            for prefix, event, value in _ijson.parse(f):
-                if prefix == "" and event == "map_key":
-                    keys.append(value)
-        except (ijson.JSONError, ijson.IncompleteJSONError) as e:
-            raise _fail(path, f, e) from None
-    return keys
