@@ -1,6 +1,9 @@
 # Two commands do everything on a fresh machine with Python 3.11, pip and make:
 #   make demo   -- builds the venv, writes demo data, runs the pipeline as Ray jobs
 #   make test   -- builds the venv, runs the test suite
+# For development:
+#   make lint       -- ruff check + ruff format --check (CI runs it before the tests)
+#   make test-fast  -- the suite without the tests that start Ray clusters or DeepSpeed workers (marker `ray`)
 PYTHON ?= python3.11
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -13,7 +16,9 @@ export WANDB_MODE ?= offline
 export DS_ACCELERATOR ?= cpu
 export TORCH_EXTENSIONS_DIR ?= $(HOME)/.cache/xsam_torch_extensions
 
-.PHONY: venv demo test lint bench clean
+LINT_PATHS := pipelines xsam_model orchestrate tests bench
+
+.PHONY: venv demo test test-fast lint clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV) || python3 -m venv $(VENV)
@@ -30,8 +35,12 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q -p no:cacheprovider tests
 
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -p no:cacheprovider -m "not ray" tests
+
 lint: $(STAMP)
-	$(VENV)/bin/ruff check pipelines xsam_model orchestrate tests bench
+	$(VENV)/bin/ruff check $(LINT_PATHS)
+	$(VENV)/bin/ruff format --check $(LINT_PATHS)
 
 clean:
 	rm -rf $(VENV) demo_out
