@@ -1,5 +1,5 @@
 """Training step throughput through the real path: Ray Train workers running DeepSpeed ZeRO-2 on the
-mixture loader (orchestrate/train_loop.py), stage 3 (all tasks), read back from each run's metrics.jsonl.
+mixture loader (orchestrate/trainer.py), stage 3 (all tasks), read back from each run's metrics.jsonl.
 
     .venv/bin/python bench/train_step.py            # CPU: debug flavor, 1 and 2 workers, 30 steps each
     .venv/bin/python bench/train_step.py --small    # 10 steps, 1 and 2 workers, loader workers 0 only
@@ -45,8 +45,8 @@ def demo_shards(out: Path) -> Path:
     """The demo tree's train shards with a mixture whose stage 3 mixes every task the demo has."""
     from pipelines.build import mixture
     from pipelines.build.driver import build
+    from pipelines.build.options import BuildOptions
     from pipelines.demo_data import write_demo
-    from pipelines.sources.base import BuildOptions
 
     root = write_demo(out / "datas")
     shards = out / "shards"
@@ -57,9 +57,8 @@ def demo_shards(out: Path) -> Path:
         sources=sources,
         splits=["train"],
         options=BuildOptions(samples_per_shard=8),
-        log=lambda _: None,
     )
-    mixture.write(str(shards), mixture.compute(str(shards), stages=STAGES, log=lambda _: None))
+    mixture.write(str(shards), mixture.compute(str(shards), stages=STAGES))
     return shards
 
 

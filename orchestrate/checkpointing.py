@@ -21,14 +21,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from orchestrate.errors import ResumeError
+from orchestrate.run_layout import StageLayout
 from pipelines import storage
 
 DS_TAG = "deepspeed"
 TRAIN_STATE = "train_state.json"
-
-
-class ResumeError(ValueError):
-    """A checkpoint that this run cannot continue from (different batch, world size, stage …)."""
 
 
 def loader_file(rank: int) -> str:
@@ -94,11 +92,11 @@ def restore(engine, checkpoint, *, rank: int, resume_key: dict) -> tuple[TrainSt
         return state, json.loads(loader.read_text())
 
 
-def list_checkpoints(stage_url: str) -> list[tuple[int, str]]:
-    """``[(step, checkpoint folder)]`` under a stage folder, oldest first (read from their train states)."""
-    fs, path = storage.fs_and_path(stage_url)
+def list_checkpoints(layout: StageLayout) -> list[tuple[int, str]]:
+    """``[(step, checkpoint folder)]`` of a stage, oldest first (read from their train states)."""
+    fs, _ = storage.fs_and_path(layout.dir)
     out = []
-    for f in fs.glob(f"{path}/checkpoint_*/{TRAIN_STATE}"):
+    for f in fs.glob(f"{layout.checkpoint_glob}/{TRAIN_STATE}"):
         try:
             step = int(storage.read_json(fs, f)["step"])
         except (OSError, ValueError, KeyError):

@@ -1,16 +1,16 @@
-"""Run-root layout, stage exports and the checks that chain stages (DESIGN §4.7).
+"""Stage exports and the checks that chain stages (DESIGN §4.7).
 
-    <run-root>/stage{1,2,3}/                    one Ray Train run per stage (RunConfig(name, storage_path))
-        checkpoint_<time>/                      DeepSpeed shards of every rank + loader_rank<r>.json + train_state.json
-        export/model.safetensors                the stage's trainable weights
-        export/config.json                      the resolved stage config and model config
-        export/lineage.json                     shards, mixture, parent exports, code version, steps (written last)
-        metrics.jsonl, wandb/, trace/           per-step metrics (rank 0), offline wandb runs, data order (opt-in)
+An export folder (``<run-root>/stage<N>/export``, :mod:`orchestrate.run_layout`) holds::
+
+    model.safetensors       the stage's trainable weights
+    config.json             the resolved stage config and model config
+    lineage.json            shards, mixture, parent exports, code version, steps (written last)
 
 A stage starts from its parents' exports (:class:`~orchestrate.stages.ParentSpec`). :func:`check_parents`
 reads only the safetensors headers, so the driver can refuse a bad chain before any worker starts: every
 parameter under ``take`` must be in the export with its shape, and every key of the export must be taken or
-deliberately dropped. X-SAM loads with ``strict=False`` after dropping mismatches, so errors pass silently.
+deliberately dropped (:func:`xsam_model.weight_fit.check_fit`, the check ``load_exported`` makes too).
+X-SAM loads with ``strict=False`` after dropping mismatches, so errors pass silently.
 """
 
 from __future__ import annotations
@@ -25,37 +25,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from orchestrate.errors import ParentExportError
+from orchestrate.run_layout import RunLayout
 from orchestrate.stages import ParentSpec
 from pipelines import storage
+from xsam_model.weight_fit import check_fit
 
 MODEL_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
 LINEAGE_FILE = "lineage.json"
-
-
-class ParentExportError(ValueError):
-    """A parent export is missing or does not fit the model; the message lists every key and path involved."""
-
-
-# ---------------------------------------------------------------------------------------------- layout
-def stage_name(stage: int) -> str:
-    return f"stage{stage}"
-
-
-def stage_dir(run_root: str, stage: int) -> str:
-    return storage.join(str(run_root), stage_name(stage))
-
-
-def export_dir(run_root: str, stage: int) -> str:
-    return storage.join(stage_dir(run_root, stage), "export")
-
-
-def is_local(url: str) -> bool:
-    return "://" not in str(url) or str(url).startswith("file://")
-
-
-def local_path(url: str) -> Path:
-    return Path(str(url).removeprefix("file://"))
 
 
 # ---------------------------------------------------------------------------------------------- code version
@@ -154,33 +132,27 @@ def check_parents(
     """Check every parent export against the model's parameter shapes.
 
     Missing: a model parameter under a ``take`` prefix (and not in ``skip``, the parameters that never train)
-    absent from the export. Mismatched: shape differs. Unused: an export key under neither ``take`` nor
+    absent from the export. Mismatched: shape differs. Unexpected: an export key under neither ``take`` nor
     ``drop``, or taken but unknown to the model. All problems of all parents go into one error.
     """
     skip = set(skip)
     plan, problems = LoadPlan(), []
     for spec in parents:
         info = exports[spec.stage]
-        expected = {n for n in param_shapes if n not in skip and any(_under(n, p) for p in spec.take)}
-        taken, dropped, missing, mismatched, unused = [], [], [], [], []
-        for key, meta in info.keys.items():
-            if any(_under(key, p) for p in spec.drop):
-                dropped.append(key)
-            elif not any(_under(key, p) for p in spec.take):
-                unused.append(f"{key} (not under {list(spec.take)} nor dropped {list(spec.drop)})")
-            elif key not in param_shapes:
-                unused.append(f"{key} (no such parameter in the model)")
-            elif tuple(meta["shape"]) != tuple(param_shapes[key]):
-                mismatched.append(f"{key}: export {tuple(meta['shape'])} vs model {tuple(param_shapes[key])}")
-            else:
-                taken.append(key)
-        missing = sorted(expected - set(info.keys))
-        for what, keys in (("missing", missing), ("shape-mismatched", mismatched), ("unused", unused)):
-            if keys:
-                problems.append(f"stage {spec.stage} export {info.model_url}: {len(keys)} {what} keys")
-                problems += [f"    {k}" for k in sorted(keys)]
-        plan.take[spec.stage] = sorted(taken)
-        plan.dropped[spec.stage] = sorted(dropped)
+        dropped = sorted(k for k in info.keys if any(_under(k, p) for p in spec.drop))
+        provided = {k: meta["shape"] for k, meta in info.keys.items() if k not in set(dropped)}
+        expected = {n: s for n, s in param_shapes.items() if any(_under(n, p) for p in spec.take)}
+        report = check_fit(expected, provided, optional=skip | set(dropped))
+        if not report.ok:
+            why = f"not under {list(spec.take)} nor dropped {list(spec.drop)}"
+            notes = {
+                k: "no such parameter in the model" if any(_under(k, p) for p in spec.take) else why
+                for k in report.unexpected
+            }
+            header = f"stage {spec.stage} export {info.model_url}"
+            problems.append(report.message(header, provided_as="export", notes=notes))
+        plan.take[spec.stage] = sorted(k for k in provided if k in expected)
+        plan.dropped[spec.stage] = dropped
     if problems:
         raise ParentExportError("parent exports do not fit the model:\n" + "\n".join(problems))
     return plan
@@ -193,7 +165,7 @@ def resolve_parents(
     init_from = dict(init_from or {})
     return {
         p.stage: find_export(
-            init_from.get(p.stage) or export_dir(run_root, p.stage), p.stage, needed_by=stage
+            init_from.get(p.stage) or RunLayout(run_root).stage(p.stage).export_dir, p.stage, needed_by=stage
         )
         for p in parents
     }
@@ -267,3 +239,61 @@ def read_export_state(url: str):
     fs, path = storage.fs_and_path(storage.join(url, MODEL_FILE))
     with fs.open(path, "rb") as f:
         return load_bytes(f.read())
+
+
+# ---------------------------------------------------------------------------------------------- lineage
+def _parent_lineage(init_from: Mapping[int, str], loaded: Mapping[int, int]) -> list[dict]:
+    out = []
+    for stage, url in sorted(init_from.items()):
+        info = find_export(url, stage)
+        out.append(
+            {
+                "stage": stage,
+                "export": url,
+                "model_sha256": info.lineage.get("model_sha256"),
+                "tensors_loaded": loaded.get(stage, 0),
+                "code": info.lineage.get("code"),
+            }
+        )
+    return out
+
+
+def stage_lineage(
+    plan, stage_mixture, state, *, loaded: Mapping[int, int], final_losses: dict, loader_stats: dict
+) -> dict:
+    """What ``lineage.json`` records: the shards and mixture read, the parent exports, the code, and what
+    the run did (``plan``: :class:`~orchestrate.plan.RunPlan`, ``state``: the final
+    :class:`~orchestrate.checkpointing.TrainState`)."""
+    datasets = [
+        {
+            "name": d.name,
+            "samples": d.samples,
+            "probability": d.probability,
+            "fingerprint": d.fingerprint,
+            "shards": [{"file": s.file, "sha256": s.sha256} for s in d.shards],
+        }
+        for d in stage_mixture.datasets
+    ]
+    return {
+        "stage": plan.stage,
+        "name": plan.cfg.name,
+        "run_root": plan.run_root,
+        "run_name": plan.run_name,
+        "shards": {"root": plan.shards, "datasets": datasets},
+        "mixture": {
+            "path": plan.mixture,
+            "stage": stage_mixture.stage,
+            "digest": stage_mixture.digest(),
+            "t": stage_mixture.t,
+        },
+        "parents": _parent_lineage(plan.init_from, loaded),
+        "code": plan.code,
+        "steps": state.step,
+        "samples": state.samples,
+        "tokens": state.tokens,
+        "source_steps": state.source_steps,
+        "restarts": state.attempt,
+        "final_losses": final_losses,
+        "loader_skipped": loader_stats.get("skipped", {}),
+        "world_size": plan.cfg.batch.world_size,
+    }

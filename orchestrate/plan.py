@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
-from orchestrate.exports import export_dir, is_local, local_path, stage_dir
+from orchestrate.run_layout import StageLayout
 from orchestrate.stages import StageConfig
 
 
@@ -33,9 +33,6 @@ class RunPlan:
     trace_data: bool = False
     """Write the keys of every micro-batch to ``<stage>/trace/rank<r>.jsonl`` (order checks)."""
     wandb_dir: str | None = None
-    fault: str | None = None
-    """Test hook: ``kill:STEP:RANK`` (SIGKILL that worker once, after the step's checkpoint is committed) or
-    ``hold:STEP`` (wait at that step until ``<stage>/.release`` exists)."""
     code: dict = field(default_factory=dict)
 
     @property
@@ -43,16 +40,9 @@ class RunPlan:
         return self.cfg.stage
 
     @property
-    def stage_dir(self) -> str:
-        return stage_dir(self.run_root, self.stage)
-
-    @property
-    def export_dir(self) -> str:
-        return export_dir(self.run_root, self.stage)
-
-    def local_stage_dir(self):
-        """The stage folder as a local Path, or None for a remote run root."""
-        return local_path(self.stage_dir) if is_local(self.run_root) else None
+    def layout(self) -> StageLayout:
+        """This stage's folder under the run root and what it holds."""
+        return StageLayout(self.run_root, self.stage)
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)

@@ -53,6 +53,28 @@ def _label_map(masks: torch.Tensor, order: Sequence[int], labels: Sequence[int])
     return out.numpy()
 
 
+def _image(batch: dict, b: int, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
+    """Sample ``b``'s SAM-frame pixels, de-normalised and cropped to the image: HxWx3 uint8."""
+    h, w = (int(v) for v in batch["scaled_size"][b])
+    img = batch["extra_pixel_values"][b].float().cpu()
+    img = (img * torch.tensor(std)[:, None, None] + torch.tensor(mean)[:, None, None]).clamp(0, 1)
+    return (img[:, :h, :w].permute(1, 2, 0).numpy() * 255).astype(np.uint8)
+
+
+def _truth_labels(model, batch: dict, b: int, sample, stage: int) -> tuple[dict[int, str], torch.Tensor]:
+    """``({label map value: name}, per-mask class labels)`` of sample ``b`` (label -1 = no class)."""
+    if stage != 1:
+        return {i + 1: p for i, p in enumerate(sample.phrases)}, batch["class_labels"][b]
+    # linear head: class = index into the processor's category ids; name them by phrase
+    cats = model.config.processor.category_ids
+    names = {i + 1: f"category {cid}" for i, cid in enumerate(cats)}
+    truth_labels = batch["category_labels"][b]
+    for m, c in zip(sample.masks, truth_labels.tolist(), strict=False):
+        if c >= 0 and 0 <= m.label < len(sample.phrases):
+            names[c + 1] = sample.phrases[m.label]
+    return names, truth_labels
+
+
 @torch.no_grad()
 def render(
     model,
@@ -82,20 +104,9 @@ def render(
     probs = final["class_queries_logits"].float().softmax(-1)[..., :-1]  # drop no-object: BxQxC
     previews = []
     for b, sample in enumerate(samples):
-        h, w = (int(v) for v in batch["scaled_size"][b])
-        img = batch["extra_pixel_values"][b].float().cpu()
-        img = (img * torch.tensor(std)[:, None, None] + torch.tensor(mean)[:, None, None]).clamp(0, 1)
-        image = (img[:, :h, :w].permute(1, 2, 0).numpy() * 255).astype(np.uint8)
-        if stage == 1:  # linear head: class = index into the processor's category ids; name them by phrase
-            cats = model.config.processor.category_ids
-            names = {i + 1: f"category {cid}" for i, cid in enumerate(cats)}
-            truth_labels = batch["category_labels"][b]
-            for m, c in zip(sample.masks, truth_labels.tolist(), strict=False):
-                if c >= 0 and 0 <= m.label < len(sample.phrases):
-                    names[c + 1] = sample.phrases[m.label]
-        else:
-            names = {i + 1: p for i, p in enumerate(sample.phrases)}
-            truth_labels = batch["class_labels"][b]
+        image = _image(batch, b, mean, std)
+        h, w = image.shape[:2]
+        names, truth_labels = _truth_labels(model, batch, b, sample, stage)
         score, label = probs[b].max(-1)  # Q
         keep = [int(q) for q in score.argsort() if score[q] >= score_threshold][
             -max_masks:
@@ -104,13 +115,8 @@ def render(
         gt = batch["mask_labels"][b][:, :h, :w].bool()
         valid = [i for i in range(len(truth_labels)) if truth_labels[i] >= 0]
         truth = _label_map(gt, valid, truth_labels.tolist())
-        names.update(
-            {
-                i: names.get(i, f"class {i - 1}")
-                for i in np.unique(np.concatenate([pred.ravel(), truth.ravel()]))
-                if i
-            }
-        )
+        shown = np.unique(np.concatenate([pred.ravel(), truth.ravel()]))
+        names.update({i: names.get(i, f"class {i - 1}") for i in shown if i})
         previews.append(
             {
                 "image": image,

@@ -10,18 +10,20 @@ device), and that an existing checkpoint of this stage was written with the same
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
-from orchestrate import checkpointing, exports
+from orchestrate import checkpointing, console, exports
+from orchestrate.callbacks import Callback, DataTrace, PredictionPreviews, ProgressLine, from_env
+from orchestrate.errors import ParentExportError, RunSetupError, StageConfigError
 from orchestrate.plan import RunPlan, param_shapes
-from orchestrate.stages import StageConfigError, get_stage, with_world_size
+from orchestrate.run_layout import RunLayout, StageLayout, resolve
+from orchestrate.stages import get_stage, with_world_size
 from pipelines import storage
 
-
-class RunSetupError(ValueError):
-    """Bad input found before the run started (message: what was expected, and where)."""
+logger = logging.getLogger(__name__)
 
 
 @dataclass(kw_only=True)
@@ -51,7 +53,6 @@ class RunArgs:
     checkpoint_every: int | None = None
     max_failures: int | None = None
     trace_data: bool = False
-    fault: str | None = None
 
 
 def build_config(a: RunArgs):
@@ -111,8 +112,10 @@ def check_data(shards: str, mixture_url: str, mixture_stage: int):
     return stage
 
 
-def check_resume(cfg, stage_url: str, resume: str) -> None:
-    found = checkpointing.list_checkpoints(stage_url)
+def check_resume(cfg, layout: StageLayout, resume: str) -> None:
+    """An existing checkpoint of this stage (or ``--resume PATH``) was written with this run's settings."""
+    stage_url = layout.dir
+    found = checkpointing.list_checkpoints(layout)
     if resume == "never" and found:
         raise RunSetupError(
             f"{stage_url} already holds {len(found)} checkpoints (latest at step {found[-1][0]}); "
@@ -138,92 +141,104 @@ def check_resume(cfg, stage_url: str, resume: str) -> None:
             raise RunSetupError(str(e)) from e
 
 
+def _checked_parents(cfg, run_root: str, init_from: dict[int, str]) -> dict[int, str]:
+    """Each parent export's folder, after checking it against the model built on the meta device."""
+    if not cfg.parents:
+        return {}
+    try:
+        found = exports.resolve_parents(run_root, cfg.stage, cfg.parents, init_from)
+        shapes, skip = param_shapes(cfg)
+        exports.check_parents(shapes, cfg.parents, found, skip=skip)
+    except ParentExportError as e:
+        raise RunSetupError(str(e)) from e
+    return {k: v.url for k, v in found.items()}
+
+
 def prepare(a: RunArgs) -> RunPlan:
-    """Everything checked and resolved; raises :class:`RunSetupError` / ``StageConfigError`` at once."""
+    """Everything checked and resolved; raises :class:`RunSetupError` at once."""
     try:
         cfg = build_config(a)
     except StageConfigError as e:
         raise RunSetupError(f"stage {a.stage}: {e}") from e
-    run_root = a.run_root if "://" in a.run_root else str(Path(a.run_root).expanduser().resolve())
-    shards = a.shards if "://" in a.shards else str(Path(a.shards).expanduser().resolve())
+    run_root, shards = resolve(a.run_root), resolve(a.shards)
     mixture_url = a.mixture or storage.join(shards, "mixture.json")
     stage_mixture = check_data(shards, mixture_url, cfg.data.mixture_stage)
     steps_per_epoch = stage_mixture.steps_per_epoch(cfg.batch.global_batch)
-    total = cfg.schedule.total_steps(steps_per_epoch)
-
-    init_from = {}
-    if cfg.parents:
-        try:
-            found = exports.resolve_parents(run_root, cfg.stage, cfg.parents, a.init_from)
-            shapes, skip = param_shapes(cfg)
-            exports.check_parents(shapes, cfg.parents, found, skip=skip)
-        except exports.ParentExportError as e:
-            raise RunSetupError(str(e)) from e
-        init_from = {k: v.url for k, v in found.items()}
-    stage_url = exports.stage_dir(run_root, cfg.stage)
-    check_resume(cfg, stage_url, a.resume)
-
-    wandb_dir = a.wandb_dir
-    if wandb_dir is None:
-        base = (
-            exports.local_path(stage_url)
-            if exports.is_local(run_root)
-            else Path("wandb_runs") / f"stage{cfg.stage}"
-        )
-        wandb_dir = str(Path(base, "wandb").resolve())
+    init_from = _checked_parents(cfg, run_root, a.init_from)
+    layout = RunLayout(run_root).stage(cfg.stage)
+    check_resume(cfg, layout, a.resume)
     return RunPlan(
         cfg=cfg,
         run_root=run_root,
-        run_name=a.run_name or Path(run_root.rstrip("/")).name or "xsam",
+        run_name=a.run_name or RunLayout(run_root).name or "xsam",
         shards=shards,
         mixture=mixture_url,
         init_from=init_from,
-        total_steps=total,
+        total_steps=cfg.schedule.total_steps(steps_per_epoch),
         steps_per_epoch=steps_per_epoch,
         use_gpu=a.use_gpu,
         resume=a.resume,
         trace_data=a.trace_data,
-        wandb_dir=wandb_dir,
-        fault=a.fault,
+        wandb_dir=a.wandb_dir or layout.default_wandb_dir(),
         code=exports.code_version(),
     )
 
 
-def fit(plan: RunPlan, *, cpus_per_worker: float = 1.0):
-    """Run the stage with Ray Train (re-running with the same run root continues from its latest checkpoint)."""
+def default_callbacks(plan: RunPlan) -> list[Callback]:
+    """What every worker runs besides the loop: the progress line, prediction previews, the data trace
+    (``--trace-data``), then any named in ``XSAM_TRAIN_CALLBACKS`` (:func:`orchestrate.callbacks.from_env`)."""
+    callbacks: list[Callback] = [ProgressLine(plan.cfg.tracking.progress_every_s), PredictionPreviews()]
+    if plan.trace_data:
+        callbacks.append(DataTrace())
+    return callbacks + from_env()
+
+
+def fit(
+    plan: RunPlan,
+    *,
+    cpus_per_worker: float = 1.0,
+    callbacks: Sequence[Callback] | None = None,
+    verbosity: int = 0,
+):
+    """Run the stage with Ray Train (re-running with the same run root continues from its latest checkpoint).
+    ``callbacks``: default :func:`default_callbacks`."""
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    from orchestrate.train_loop import train_loop_per_worker
+    from orchestrate.trainer import train_loop_per_worker
 
-    fs, path = storage.fs_and_path(plan.stage_dir)
+    fs, path = storage.fs_and_path(plan.layout.dir)
     fs.makedirs(path, exist_ok=True)
-    if plan.fault and plan.fault.startswith("hold"):
-        release = Path(path) / ".release"
-        release.unlink(missing_ok=True)
+    callbacks = default_callbacks(plan) if callbacks is None else list(callbacks)
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"plan": plan},
+        train_loop_config={"plan": plan, "callbacks": callbacks, "verbosity": verbosity},
         scaling_config=ray.train.ScalingConfig(
             num_workers=plan.cfg.batch.world_size,
             use_gpu=plan.use_gpu,
             resources_per_worker={"CPU": cpus_per_worker},
         ),
         run_config=ray.train.RunConfig(
-            name=exports.stage_name(plan.stage),
+            name=plan.layout.name,
             storage_path=plan.run_root,
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=plan.cfg.checkpoint.keep),
             failure_config=ray.train.FailureConfig(max_failures=plan.cfg.checkpoint.max_failures),
+            logging_config=ray.train.LoggingConfig(log_level=console.ray_train_log_level(verbosity)),
         ),
     )
     return trainer.fit()
 
 
-def ray_init(num_cpus: int | None = None) -> None:
+def ray_init(num_cpus: int | None = None, verbosity: int = 0) -> None:
     """Join the cluster of a submitted job (or ``RAY_ADDRESS``); else start a local one."""
     import ray
 
     if ray.is_initialized():
         return
     address = os.environ.get("RAY_ADDRESS")
-    ray.init(address=address or None, num_cpus=None if address else num_cpus, log_to_driver=True)
+    ray.init(
+        address=address or None,
+        num_cpus=None if address else num_cpus,
+        log_to_driver=True,
+        logging_level=console.framework_level(verbosity),
+    )

@@ -1,14 +1,16 @@
 """The three X-SAM training stages as typed configs: one function per stage, variants by editing a copy.
 
-    cfg = STAGES["3"]()                                  # the recipe (reference/xsam_recipe.md §4), 16 GPUs
+    cfg = STAGES[3]()                                    # the recipe (reference/xsam_recipe.md §4), 16 GPUs
     cfg = debug(stage3())                                # tiny model, a few steps, CPU-friendly
     cfg = with_world_size(cfg, 8)                        # same global batch on 8 GPUs (accumulation × 2)
 
 Batch sizes are defined once, in :class:`BatchConfig` (global = micro × accumulation × world size, checked);
 the DeepSpeed JSON is generated from the config by :mod:`orchestrate.deepspeed_config`, never edited by hand.
-Learning-rate multipliers per parameter group come from the model's stage view
-(:data:`xsam_model.stages.STAGE_GROUPS`) so the two never disagree; they are copied here to show up in the
-resolved config and in wandb.
+Each thing is defined once, keyed by the stage number (an int): hyperparameters here; what trains, its
+parameter groups and their learning-rate multipliers in the model's stage view
+(:data:`xsam_model.stages.STAGE_GROUPS`, shown in :meth:`StageConfig.to_dict` so they reach the resolved
+config and wandb); the datasets of a stage in :data:`pipelines.build.mixture.STAGE_DATASETS`, read here only
+through ``mixture.json`` (:attr:`DataConfig.mixture_stage`).
 """
 
 from __future__ import annotations
@@ -18,11 +20,8 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from orchestrate.errors import StageConfigError
 from xsam_model.stages import STAGE_GROUPS
-
-
-class StageConfigError(ValueError):
-    """A stage config whose fields contradict each other; the message gives the arithmetic or the choices."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -67,7 +66,8 @@ class BatchConfig:
 
 @dataclass(frozen=True, kw_only=True)
 class OptimConfig:
-    """AdamW (β = 0.9/0.999) with per-group learning-rate multipliers."""
+    """AdamW (β = 0.9/0.999); each parameter group runs at ``lr`` × its multiplier from the model's stage
+    view (:data:`xsam_model.stages.STAGE_GROUPS`)."""
 
     lr: float
     weight_decay: float
@@ -75,8 +75,6 @@ class OptimConfig:
     """Global gradient-norm clip (``gradient_clipping``); stage 1 uses X-SAM's 0.01."""
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-8
-    lr_mults: tuple[tuple[str, float], ...] = ()
-    """(parameter-group prefix, multiplier) in group order; filled from the model's stage view."""
 
     def __post_init__(self):
         if not self.lr > 0 or self.weight_decay < 0 or not self.grad_clip > 0:
@@ -84,8 +82,6 @@ class OptimConfig:
                 f"need lr > 0, weight_decay >= 0, grad_clip > 0; got {self.lr}, "
                 f"{self.weight_decay}, {self.grad_clip}"
             )
-        if any(m <= 0 for _, m in self.lr_mults):
-            raise StageConfigError(f"lr multipliers must be > 0: {self.lr_mults}")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -159,8 +155,8 @@ class ParentSpec:
 class DataConfig:
     """What the loader reads. Datasets and their weights come from ``mixture.json`` (never recomputed)."""
 
-    mixture_stage: str
-    """Key of this stage in ``mixture.json`` ("1", "2", "3")."""
+    mixture_stage: int
+    """The stage of ``mixture.json`` to read (1, 2, 3): its datasets, probabilities and shards."""
     seed: int = 1024
     """X-SAM's ``--seed 1024``; seeds the per-step source draw and the per-rank shuffles."""
     loader_workers: int = 4
@@ -194,6 +190,8 @@ class TrackingConfig:
     predictions_every: int = 500
     """Every K steps (and at the end): predictions on a fixed batch as images; 0 = never."""
     num_predictions: int = 4
+    progress_every_s: float = 30.0
+    """Seconds between the console's progress lines (rank 0; also at the first and the last step)."""
 
     def __post_init__(self):
         if self.mode not in ("auto", "offline", "online", "disabled"):
@@ -230,15 +228,17 @@ class StageConfig:
         for p in self.parents:
             if p.stage >= self.stage:
                 raise StageConfigError(f"stage {self.stage} cannot start from stage {p.stage}")
-        names = tuple(n for n, _ in self.optim.lr_mults)
-        model_names = tuple(n for n, _ in STAGE_GROUPS[self.stage])
-        if names and names != model_names:
-            raise StageConfigError(
-                f"lr_mults groups {names} != the model's stage-{self.stage} groups {model_names}"
-            )
+
+    @property
+    def lr_mults(self) -> tuple[tuple[str, float], ...]:
+        """(parameter-group prefix, lr multiplier) of this stage, in group order: the model's stage view."""
+        return STAGE_GROUPS[self.stage]
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        """Every field, plus the stage view's lr multipliers under ``optim.lr_mults``."""
+        d = dataclasses.asdict(self)
+        d["optim"]["lr_mults"] = self.lr_mults
+        return d
 
     def resume_key(self) -> dict:
         """Fields a resumed run must share with the run that wrote its checkpoint (anything else, e.g. a
@@ -248,13 +248,10 @@ class StageConfig:
             "flavor": self.model.flavor,
             "batch": dataclasses.asdict(self.batch),
             "zero_stage": self.zero_stage,
-            "mixture_stage": self.data.mixture_stage,
+            # a string, as in the checkpoints written before stages were keyed by int: they stay resumable
+            "mixture_stage": str(self.data.mixture_stage),
             "seed": self.data.seed,
         }
-
-
-def _mults(stage: int) -> tuple[tuple[str, float], ...]:
-    return tuple(STAGE_GROUPS[stage])
 
 
 # ---------------------------------------------------------------------------------------------- the recipe
@@ -265,9 +262,9 @@ def stage1() -> StageConfig:
         stage=1,
         name="s1_segmentor_finetune",
         model=ModelConfig(gradient_checkpointing=False),
-        data=DataConfig(mixture_stage="1", loader_workers=4, max_length=None),
+        data=DataConfig(mixture_stage=1, loader_workers=4, max_length=None),
         batch=BatchConfig(global_batch=64, micro_batch=4, grad_accum=1, world_size=16),
-        optim=OptimConfig(lr=1e-4, weight_decay=0.05, grad_clip=0.01, lr_mults=_mults(1)),
+        optim=OptimConfig(lr=1e-4, weight_decay=0.05, grad_clip=0.01),
         schedule=ScheduleConfig(epochs=36),
         checkpoint=CheckpointPolicy(every_steps=2000, keep=2),
     )
@@ -280,9 +277,9 @@ def stage2() -> StageConfig:
         stage=2,
         name="s2_alignment_pretrain",
         model=ModelConfig(gradient_checkpointing=True),
-        data=DataConfig(mixture_stage="2", loader_workers=8, max_length=2319),
+        data=DataConfig(mixture_stage=2, loader_workers=8, max_length=2319),
         batch=BatchConfig(global_batch=256, micro_batch=16, grad_accum=1, world_size=16),
-        optim=OptimConfig(lr=1e-3, weight_decay=0.0, grad_clip=1.0, lr_mults=_mults(2)),
+        optim=OptimConfig(lr=1e-3, weight_decay=0.0, grad_clip=1.0),
         schedule=ScheduleConfig(epochs=1),
         checkpoint=CheckpointPolicy(every_steps=2000, keep=2),
         parents=(
@@ -299,9 +296,9 @@ def stage3() -> StageConfig:
         stage=3,
         name="s3_mixed_finetune",
         model=ModelConfig(gradient_checkpointing=True),
-        data=DataConfig(mixture_stage="3", loader_workers=4, max_length=2319),
+        data=DataConfig(mixture_stage=3, loader_workers=4, max_length=2319),
         batch=BatchConfig(global_batch=64, micro_batch=4, grad_accum=1, world_size=16),
-        optim=OptimConfig(lr=4e-5, weight_decay=0.05, grad_clip=1.0, lr_mults=_mults(3)),
+        optim=OptimConfig(lr=4e-5, weight_decay=0.05, grad_clip=1.0),
         schedule=ScheduleConfig(epochs=1),
         checkpoint=CheckpointPolicy(every_steps=200, keep=2),
         parents=(
@@ -322,7 +319,7 @@ def stage3() -> StageConfig:
     )
 
 
-STAGES: dict[str, Callable[[], StageConfig]] = {"1": stage1, "2": stage2, "3": stage3}
+STAGES: dict[int, Callable[[], StageConfig]] = {1: stage1, 2: stage2, 3: stage3}
 
 
 # ---------------------------------------------------------------------------------------------- variants
@@ -351,12 +348,11 @@ def with_world_size(
     )
 
 
-def get_stage(stage: int | str, *, flavor: str = "xsam-phi3") -> StageConfig:
+def get_stage(stage: int, *, flavor: str = "xsam-phi3") -> StageConfig:
     """``STAGES[stage]()``; the ``debug`` flavor also gets :func:`debug`'s small batch and few steps."""
-    key = str(stage)
-    if key not in STAGES:
+    if stage not in STAGES:
         raise StageConfigError(f"unknown stage {stage!r}; choose one of {sorted(STAGES)}")
-    cfg = STAGES[key]()
+    cfg = STAGES[stage]()
     if flavor == "debug":
         return debug(cfg)
     return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, flavor=flavor))

@@ -7,6 +7,9 @@ Offline runs are uploaded later with ``wandb sync <run-root>/stage<N>/wandb/wand
 
 The run id is derived from the run name, stage and run root, so a worker group restarted by Ray Train (or a job
 submitted again) continues the same wandb run (``resume="allow"``).
+
+Only rank 0 tracks: :func:`make_tracker` gives it a :class:`Tracker` and every other rank a
+:class:`NullTracker` with the same methods, so the training loop calls them without asking for its rank.
 """
 
 from __future__ import annotations
@@ -17,7 +20,10 @@ import os
 import re
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from orchestrate.plan import RunPlan
 
 
 def resolve_mode(mode: str) -> str:
@@ -49,8 +55,51 @@ def run_id(run_name: str, stage: int, run_root: str = "") -> str:
     return re.sub(r"[^A-Za-z0-9_-]", "-", f"{run_name}-stage{stage}-{tag}")[:120]
 
 
+class NullTracker:
+    """The tracker of every rank but 0: :class:`Tracker`'s methods, doing nothing."""
+
+    active = False
+    """Whether anything logged here is kept (callbacks skip costly work for an inactive tracker)."""
+
+    def log(self, step: int, metrics: Mapping[str, Any]) -> None:
+        pass
+
+    def log_mixture(self, step: int, seen_steps: Mapping[str, int], planned: Mapping[str, float]) -> None:
+        pass
+
+    def log_predictions(self, step: int, previews: list[dict]) -> None:
+        pass
+
+    def summary(self, values: Mapping[str, Any]) -> None:
+        pass
+
+    def finish(self) -> str | None:
+        return None
+
+
+def make_tracker(plan: RunPlan, rank: int, config: Mapping[str, Any]) -> Tracker | NullTracker:
+    """Rank 0: wandb (mode from the stage config) and ``metrics.jsonl`` in a local stage folder; else a
+    :class:`NullTracker`."""
+    if rank != 0:
+        return NullTracker()
+    local = plan.layout.local_dir()
+    return Tracker(
+        project=plan.cfg.tracking.project,
+        run_name=plan.run_name,
+        stage=plan.stage,
+        config=config,
+        mode=plan.cfg.tracking.mode,
+        wandb_dir=plan.wandb_dir,
+        metrics_file=plan.layout.metrics_jsonl if local else None,
+        run_root=plan.run_root,
+    )
+
+
 class Tracker:
-    """Rank 0's tracker. ``Tracker(None, ...)`` (other ranks, or tracking disabled) logs nothing."""
+    """Rank 0's tracker: wandb (unless its mode is ``disabled`` or ``wandb_dir`` is None) and a
+    ``metrics.jsonl`` (when ``metrics_file`` is given)."""
+
+    active = True
 
     def __init__(
         self,

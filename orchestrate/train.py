@@ -4,115 +4,134 @@
         --run-root /shared/runs/xsam-a --init-dir /shared/inits --num-workers 16 --use-gpu
     python orchestrate/train.py --stage 1 --flavor debug --shards demo_out/shards --run-root demo_out/runs \
         --num-workers 2 --max-steps 6                                     # joins RAY_ADDRESS or starts Ray
+    python orchestrate/train.py --stage 3 --print-config                  # the resolved config, nothing run
 
 Stage N starts from stage N-1's export under the same --run-root (stage 3: from stages 1 and 2) unless
 --init-from says otherwise; submitting a stage again continues from its latest checkpoint. Where things go:
-<run-root>/stage<N>/ (checkpoints, export/, metrics.jsonl, wandb/). The work is in orchestrate/runner.py
-and orchestrate/train_loop.py.
+<run-root>/stage<N>/ (checkpoints, export/, metrics.jsonl, wandb/), see orchestrate/run_layout.py. The work
+is in orchestrate/runner.py (driver) and orchestrate/trainer.py (workers). Bad input or configuration exits
+with code 2 and a one-line message; a failed training run with code 1 and Ray's error. -v/-q: more or less
+on the console (one progress line per stage by default; framework logs with -v).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import logging
 import os
 import sys
 
-sys.path.insert(
-    0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-)  # run as a script from anywhere
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run as a script
 
-from orchestrate.runner import RunArgs, RunSetupError, fit, prepare, ray_init  # noqa: E402
+from orchestrate.console import configure_logging  # noqa: E402
+from orchestrate.runner import RunArgs, build_config, fit, prepare, ray_init  # noqa: E402
+from pipelines.errors import run_cli  # noqa: E402
+from pipelines.logs import add_verbosity_flags  # noqa: E402
+
+logger = logging.getLogger("orchestrate.train")
 
 
-def parse_args(argv: list[str] | None = None) -> RunArgs:
+def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--stage", type=int, required=True, choices=(1, 2, 3))
-    p.add_argument(
-        "--flavor", default="xsam-phi3", help="model flavor: xsam-phi3 (recipe) or debug (tiny, CPU)"
-    )
-    p.add_argument("--shards", required=True, help="shards folder/URI (with mixture.json)")
-    p.add_argument("--mixture", help="mixture.json to use (default: <shards>/mixture.json)")
-    p.add_argument("--run-root", required=True, help="folder/URI holding stage1/ stage2/ stage3/")
-    p.add_argument("--run-name", help="wandb group (default: the run root's folder name)")
-    p.add_argument("--init-dir", help="X-SAM's inits/ folder with the pretrained HF sub-folders")
-    p.add_argument(
+    add = p.add_argument
+    add("--stage", type=int, required=True, choices=(1, 2, 3))
+    add("--flavor", default="xsam-phi3", help="model flavor: xsam-phi3 (recipe) or debug (tiny, CPU)")
+    add("--shards", help="shards folder/URI (with mixture.json); required unless --print-config")
+    add("--mixture", help="mixture.json to use (default: <shards>/mixture.json)")
+    add("--run-root", help="folder/URI holding stage1/ stage2/ stage3/; required unless --print-config")
+    add("--run-name", help="wandb group (default: the run root's folder name)")
+    add("--init-dir", help="X-SAM's inits/ folder with the pretrained HF sub-folders")
+    add(
         "--init-from",
         action="append",
         default=[],
         metavar="STAGE=EXPORT",
         help="a parent export other than <run-root>/stage<K>/export, e.g. 1=/runs/a/stage1/export",
     )
-    p.add_argument(
-        "--num-workers", type=int, help="Ray Train workers, one per GPU (default: the recipe's 16)"
-    )
-    p.add_argument("--use-gpu", action="store_true")
-    p.add_argument("--cpus-per-worker", type=float, default=1.0)
-    p.add_argument(
-        "--max-steps", type=int, help="stop after N optimizer steps (default: the recipe's epochs)"
-    )
-    p.add_argument("--zero-stage", type=int, choices=(0, 1, 2))
-    p.add_argument(
-        "--global-batch", type=int, help="default: the recipe's (accumulation absorbs fewer workers)"
-    )
-    p.add_argument("--micro-batch", type=int)
-    p.add_argument("--loader-workers", type=int, help="DataLoader processes per training worker")
-    p.add_argument("--precision", choices=("auto", "bf16", "fp32"))
-    p.add_argument("--checkpoint-every", type=int, help="optimizer steps between checkpoints")
-    p.add_argument("--max-failures", type=int, help="worker-group restarts from the last checkpoint")
-    p.add_argument(
+    add("--num-workers", type=int, help="Ray Train workers, one per GPU (default: the recipe's 16)")
+    add("--use-gpu", action="store_true")
+    add("--cpus-per-worker", type=float, default=1.0)
+    add("--max-steps", type=int, help="stop after N optimizer steps (default: the recipe's epochs)")
+    add("--zero-stage", type=int, choices=(0, 1, 2))
+    add("--global-batch", type=int, help="default: the recipe's (accumulation absorbs fewer workers)")
+    add("--micro-batch", type=int)
+    add("--loader-workers", type=int, help="DataLoader processes per training worker")
+    add("--precision", choices=("auto", "bf16", "fp32"))
+    add("--checkpoint-every", type=int, help="optimizer steps between checkpoints")
+    add("--max-failures", type=int, help="worker-group restarts from the last checkpoint")
+    add(
         "--resume", default="auto", help="auto (latest checkpoint of this stage), never, or a checkpoint path"
     )
-    p.add_argument(
+    add(
         "--wandb-mode",
         choices=("auto", "offline", "online", "disabled"),
         help="auto: online when WANDB_API_KEY is set, else offline under the run root",
     )
-    p.add_argument("--wandb-dir", help="default: <run-root>/stage<N>/wandb")
-    p.add_argument("--trace-data", action="store_true", help="record every micro-batch's sample keys")
-    p.add_argument("--fault", help=argparse.SUPPRESS)  # test hook, see orchestrate.plan.RunPlan.fault
+    add("--wandb-dir", help="default: <run-root>/stage<N>/wandb")
+    add("--trace-data", action="store_true", help="record every micro-batch's sample keys")
+    add("--print-config", action="store_true", help="print the resolved stage config (JSON) and exit")
+    add_verbosity_flags(p)
+    return p
+
+
+def parse_args(argv: list[str] | None = None) -> tuple[RunArgs, argparse.Namespace]:
+    """``(RunArgs, the namespace)``; the namespace also holds ``verbose``, ``quiet`` and ``print_config``."""
+    p = _parser()
     a = p.parse_args(argv)
+    if not a.print_config and not (a.shards and a.run_root):
+        p.error("the following arguments are required: --shards, --run-root")
     init_from = {}
     for item in a.init_from:
         k, sep, v = item.partition("=")
         if not sep or not k.isdigit():
             p.error(f"--init-from {item!r}: expected STAGE=EXPORT_FOLDER")
         init_from[int(k)] = v
-    kw = {k: v for k, v in vars(a).items() if k != "init_from"}
-    return RunArgs(**kw, init_from=init_from)
+    skip = {"init_from", "print_config", "verbose", "quiet", "shards", "run_root"}
+    kw = {k: v for k, v in vars(a).items() if k not in skip}
+    return RunArgs(**kw, shards=a.shards or "", run_root=a.run_root or "", init_from=init_from), a
+
+
+def _report(plan, result) -> None:
+    """The result table (stdout): where the stage's outputs are."""
+    layout = plan.layout
+    losses = ", ".join(f"{k.removeprefix('loss/')} {v:.4g}" for k, v in result.metrics.items() if k != "step")
+    print(f"stage {plan.stage} finished: {result.metrics.get('step')} steps; {losses}")
+    print(f"  checkpoint  {result.checkpoint.path if result.checkpoint else None}")
+    print(f"  export      {layout.export_dir}")
+    print(f"  metrics     {layout.metrics_jsonl}")
+    print(f"  wandb       {plan.wandb_dir} (offline runs: wandb sync {plan.wandb_dir}/wandb/offline-run-*)")
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    try:
-        plan = prepare(args)
-    except (RunSetupError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    """Run through :func:`pipelines.errors.run_cli`: an orchestrate error is exit code 2 and one line."""
+    args, ns = parse_args(argv)
+    verbosity = ns.verbose - ns.quiet
+    configure_logging(verbosity)
+    if ns.print_config:
+        print(json.dumps(build_config(args).to_dict(), indent=2))
+        return 0
+    plan = prepare(args)
     b = plan.cfg.batch
-    print(
+    logger.info(
         f"stage {plan.stage} ({plan.cfg.name}): {plan.total_steps} steps, global batch {b.global_batch} = "
         f"{b.micro_batch} × {b.grad_accum} × {b.world_size} workers, ZeRO-{plan.cfg.zero_stage}; "
-        f"run folder {plan.stage_dir}",
-        flush=True,
+        f"run folder {plan.layout.dir}"
     )
-    ray_init(num_cpus=None)
+    ray_init(num_cpus=None, verbosity=verbosity)
     import ray
     import ray.train
 
     try:
-        result = fit(plan, cpus_per_worker=args.cpus_per_worker)
+        result = fit(plan, cpus_per_worker=args.cpus_per_worker, verbosity=verbosity)
     except ray.train.TrainingFailedError as e:
         print(f"error: stage {plan.stage} failed: {e}", file=sys.stderr)
         return 1
     finally:
         ray.shutdown()
-    print(f"stage {plan.stage} finished: metrics {result.metrics}")
-    print(f"  checkpoint  {result.checkpoint.path if result.checkpoint else None}")
-    print(f"  export      {plan.export_dir}")
-    print(f"  metrics     {plan.stage_dir}/metrics.jsonl")
-    print(f"  wandb       {plan.wandb_dir} (offline runs: wandb sync {plan.wandb_dir}/wandb/offline-run-*)")
+    _report(plan, result)
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_cli(main))

@@ -13,9 +13,9 @@ os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.expanduser("~/.cache/xsam_
 # Stage 2 trains on LLaVA-Pretrain captions; the demo tree may not have them, so coco_panoptic's
 # conversations stand in (stage 2 only needs an image and a conversation: LM loss on the projectors).
 TEST_STAGES = {
-    "1": ["coco_panoptic"],
-    "2": ["coco_panoptic"],
-    "3": ["coco_panoptic", "refcoco", "refcoco+", "lisa_reasonseg", "grandf_gcg"],
+    1: ["coco_panoptic"],
+    2: ["coco_panoptic"],
+    3: ["coco_panoptic", "refcoco", "refcoco+", "lisa_reasonseg", "grandf_gcg"],
 }
 
 
@@ -24,7 +24,7 @@ def train_shards(demo_root, tmp_path_factory) -> Path:
     """Demo shards (train split) plus a ``mixture.json`` whose three stages all have data."""
     from pipelines.build import mixture
     from pipelines.build.driver import build
-    from pipelines.sources.base import BuildOptions
+    from pipelines.build.options import BuildOptions
 
     out = tmp_path_factory.mktemp("train_shards") / "shards"
     sources = sorted({s for v in TEST_STAGES.values() for s in v})
@@ -34,7 +34,6 @@ def train_shards(demo_root, tmp_path_factory) -> Path:
         sources=sources,
         splits=["train"],
         options=BuildOptions(samples_per_shard=4),
-        log=lambda _: None,
     )
-    mixture.write(str(out), mixture.compute(str(out), stages=TEST_STAGES, log=lambda _: None))
+    mixture.write(str(out), mixture.compute(str(out), stages=TEST_STAGES))
     return out

@@ -11,7 +11,7 @@ from orchestrate.deepspeed_config import deepspeed_config
 from orchestrate.stages import STAGES, with_world_size
 
 
-@pytest.mark.parametrize("stage", ["1", "2", "3"])
+@pytest.mark.parametrize("stage", [1, 2, 3])
 def test_generated_json_matches_the_config_and_parses(stage):
     from deepspeed.runtime.config import DeepSpeedConfig
 
@@ -37,7 +37,7 @@ def test_generated_json_matches_the_config_and_parses(stage):
 
 
 def test_cpu_runs_fp32_without_fused_ops():
-    ds = deepspeed_config(STAGES["3"](), total_steps=10, use_gpu=False)
+    ds = deepspeed_config(STAGES[3](), total_steps=10, use_gpu=False)
     assert not ds["bf16"]["enabled"]
     assert ds["optimizer"]["params"]["torch_adam"] is True and "fused" not in ds["optimizer"]["params"]
     assert ds["zero_optimization"]["overlap_comm"] is False
@@ -47,7 +47,7 @@ def test_schedule_warms_up_then_cosine_with_group_multipliers():
     """3 % linear warm-up from 1e-5 × lr, then cosine to 0, each group at its multiple of lr."""
     from deepspeed.runtime.lr_schedules import WarmupCosineLR
 
-    cfg = STAGES["3"]()
+    cfg = STAGES[3]()
     total = 200
     p = deepspeed_config(cfg, total_steps=total, use_gpu=False)["scheduler"]["params"]
     w = [torch.nn.Parameter(torch.zeros(1)) for _ in range(2)]

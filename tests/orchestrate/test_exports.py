@@ -109,9 +109,13 @@ def test_an_export_that_does_not_fit_lists_every_key(tmp_path, trained):
         check_parents(shapes, cfg.parents, resolve_parents(str(tmp_path), 3, cfg.parents), skip=skip)
     msg = str(e.value)
     assert "stage 1 export" in msg and "model.safetensors" in msg
-    assert f"1 missing keys\n    {gone}" in msg
-    assert f"{grown}: export ({shapes[grown][0] + 1}, {shapes[grown][1]}) vs model {shapes[grown]}" in msg
-    assert "segmentor.old_head.weight (not under" in msg
+    assert "1 missing, 1 unexpected, 1 shape-mismatched keys" in msg  # the counts of xsam_model.weight_fit
+    assert f"    missing     {gone}\n" in msg
+    assert (
+        f"mismatched  {grown}: export ({shapes[grown][0] + 1}, {shapes[grown][1]}) vs model {shapes[grown]}"
+        in msg
+    )
+    assert "unexpected  segmentor.old_head.weight (not under ['sam_encoder'" in msg
     assert "stage 2 export" not in msg  # the other parent is fine
 
 

@@ -2,18 +2,21 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 
 import pytest
 import torch
 
-from orchestrate import train
+from orchestrate import summary, train
 from orchestrate.checkpointing import TRAIN_STATE, TrainState
+from orchestrate.errors import RunSetupError
 from orchestrate.exports import write_export
-from orchestrate.runner import RunArgs, RunSetupError, prepare
-from orchestrate.stages import debug, stage1
+from orchestrate.runner import RunArgs, prepare
+from orchestrate.stages import StageConfig, debug, stage1
 from pipelines.build import mixture
+from pipelines.errors import run_cli
 from pipelines.loader import mixture as mixture_file
 from xsam_model import build_xsam, export_trainable
 
@@ -37,7 +40,7 @@ def test_plan_from_the_mixture(train_shards, tmp_path):
     plan = prepare(_args(train_shards, tmp_path / "run", max_steps=None))
     steps = mixture_file.load(str(train_shards)).stage(1).steps_per_epoch(4)
     assert plan.steps_per_epoch == steps and plan.total_steps == 6  # the debug variant's max_steps
-    assert plan.stage_dir == str(tmp_path / "run" / "stage1") and plan.init_from == {}
+    assert plan.layout.dir == str(tmp_path / "run" / "stage1") and plan.init_from == {}
     assert plan.run_name == "run" and plan.wandb_dir == str(tmp_path / "run" / "stage1" / "wandb")
     assert plan.code["source_sha256"]
     full = prepare(
@@ -67,7 +70,7 @@ def test_stage_without_data_or_with_a_missing_shard(train_shards, tmp_path):
     shutil.copytree(train_shards, copy)
     mixture.write(
         str(copy),
-        mixture.compute(str(copy), stages={1: ["coco_panoptic"], 2: ["llava_pretrain"]}, log=lambda _: None),
+        mixture.compute(str(copy), stages={1: ["coco_panoptic"], 2: ["llava_pretrain"]}),
     )
     with pytest.raises(
         RunSetupError, match=r"stage 2 has no datasets; missing: llava_pretrain/train \(no manifest"
@@ -111,8 +114,8 @@ def test_export_that_does_not_fit_the_model(train_shards, tmp_path, stage1_expor
     write_export(str(url), state, {}, {"stage": 1})
     with pytest.raises(
         RunSetupError,
-        match=r"(?s)stage 1 export .*model.safetensors: 1 shape-mismatched keys\n"
-        r"    sam_encoder.vision_encoder.pos_embed: export \(1, 3, 3, 7\) vs model",
+        match=r"(?s)stage 1 export .*model.safetensors: 0 missing, 0 unexpected, 1 shape-mismatched keys\n"
+        r"    mismatched  sam_encoder.vision_encoder.pos_embed: export \(1, 3, 3, 7\) vs model",
     ):
         prepare(_args(train_shards, stage1_export, stage=2))
     # --init-from points elsewhere: that export is checked instead
@@ -153,7 +156,8 @@ def test_resume_checks(train_shards, tmp_path):
 
 
 def test_train_py_reports_bad_input_and_exits(train_shards, tmp_path, capsys):
-    rc = train.main(
+    rc = run_cli(
+        train.main,
         [
             "--stage",
             "2",
@@ -165,9 +169,52 @@ def test_train_py_reports_bad_input_and_exits(train_shards, tmp_path, capsys):
             str(tmp_path / "run"),
             "--num-workers",
             "2",
-        ]
+        ],
     )
     assert rc == 2
     assert "error: stage 2 starts from stage 1's export" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         train.parse_args(["--stage", "1", "--shards", "x", "--run-root", "y", "--init-from", "one=/x"])
+
+
+def test_bad_input_is_one_line_and_exit_code_2(train_shards, tmp_path, capsys):
+    """train.py and summary.py: an orchestrate error is exit code 2 and its message, never a traceback."""
+    args = [
+        "--stage",
+        "1",
+        "--flavor",
+        "debug",
+        "--shards",
+        str(tmp_path / "none"),
+        "--run-root",
+        str(tmp_path),
+    ]
+    assert run_cli(train.main, args) == 2
+    err = capsys.readouterr().err
+    assert (
+        err
+        == f"error: shards folder not found: {tmp_path / 'none'} (build it with orchestrate/build_shards.py)\n"
+    )
+    assert run_cli(summary.main, ["--run-root", str(tmp_path / "nowhere")]) == 2
+    assert capsys.readouterr().err == f"error: run root not found: {tmp_path / 'nowhere'}\n"
+    (tmp_path / "run" / "stage1" / "export").mkdir(parents=True)
+    (tmp_path / "run" / "stage1" / "export" / "lineage.json").write_text("{")
+    assert run_cli(summary.main, ["--run-root", str(tmp_path / "run"), "-q"]) == 2
+    assert capsys.readouterr().err.startswith(
+        f"error: {tmp_path}/run/stage1/export/lineage.json: not a readable"
+    )
+
+
+def test_print_config_needs_no_other_flag(capsys):
+    assert (
+        run_cli(train.main, ["--stage", "1", "--print-config", "--num-workers", "8", "--max-steps", "9"]) == 0
+    )
+    cfg = json.loads(capsys.readouterr().out)
+    assert set(cfg) == {f.name for f in dataclasses.fields(StageConfig)}  # every field
+    assert cfg["batch"] == {"global_batch": 64, "micro_batch": 4, "grad_accum": 2, "world_size": 8}
+    assert cfg["schedule"]["max_steps"] == 9 and cfg["data"]["mixture_stage"] == 1
+    assert cfg["optim"]["lr_mults"][0] == ["sam_encoder", 0.1]
+    assert run_cli(train.main, ["--stage", "1", "--print-config", "--num-workers", "3"]) == 2  # 64 ∤ 4 × 3
+    assert capsys.readouterr().err.startswith("error: global batch 64 is not divisible")
+    with pytest.raises(SystemExit):  # without --print-config, shards and run root are required
+        train.parse_args(["--stage", "1"])

@@ -40,12 +40,13 @@ def test_recipe_values():
         assert c.zero_stage == 2
         assert c.model.precision == "auto" and c.model.resolved_precision(True) == "bf16"
         assert c.model.resolved_precision(False) == "fp32"
-        assert (
-            c.optim.lr_mults == STAGE_GROUPS[c.stage]
-        )  # what trains, and at which lr, is the model's stage view
-    assert dict(s1.optim.lr_mults)["sam_encoder"] == 0.1
-    assert set(dict(s2.optim.lr_mults)) == {"visual_projector", "seg_projector"}
-    assert dict(s3.optim.lr_mults)["sam_encoder"] == dict(s3.optim.lr_mults)["vision_encoder"] == 0.1
+        # what trains, and at which lr, is the model's stage view: defined there once, shown in the config
+        assert c.lr_mults == STAGE_GROUPS[c.stage]
+        assert c.to_dict()["optim"]["lr_mults"] == STAGE_GROUPS[c.stage]
+        assert c.data.mixture_stage == c.stage and c.resume_key()["mixture_stage"] == str(c.stage)
+    assert dict(s1.lr_mults)["sam_encoder"] == 0.1
+    assert set(dict(s2.lr_mults)) == {"visual_projector", "seg_projector"}
+    assert dict(s3.lr_mults)["sam_encoder"] == dict(s3.lr_mults)["vision_encoder"] == 0.1
     assert (s2.data.max_length, s3.data.max_length) == (2319, 2319)
     assert (
         s1.model.gradient_checkpointing,
@@ -60,7 +61,7 @@ def test_recipe_values():
         "mask_decoder.linear_head",
     )
     assert s3.parents[1].take == ("visual_projector", "seg_projector")
-    assert set(STAGES) == {"1", "2", "3"}
+    assert set(STAGES) == {1, 2, 3} and all(STAGES[n]().stage == n for n in STAGES)
 
 
 def test_debug_variant_edits_a_copy():
@@ -95,6 +96,8 @@ def test_bad_fields_refused():
         dataclasses.replace(stage2(), parents=(dataclasses.replace(stage3().parents[0], stage=3),))
     with pytest.raises(StageConfigError, match="unknown stage"):
         get_stage(4)
+    with pytest.raises(StageConfigError, match=r"unknown stage '3'"):  # keyed by int only
+        get_stage("3")
 
 
 def test_total_steps_and_warmup():

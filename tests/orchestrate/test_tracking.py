@@ -123,3 +123,34 @@ def test_offline_run_keeps_its_files_under_the_run_root(
     assert summary["loss"] == 1.0 and summary["mixture/planned/refcoco/train"] == 0.75
     assert summary["mixture/max_abs_gap"] == pytest.approx(0.25)
     assert summary["predictions"]["count"] == 2
+
+
+def test_other_ranks_get_a_null_tracker_with_the_same_methods(tmp_path):
+    import inspect
+
+    from orchestrate.plan import RunPlan
+    from orchestrate.stages import debug, stage3
+    from orchestrate.tracking import NullTracker, make_tracker
+
+    public = lambda cls: {n for n in vars(cls) if not n.startswith("_") and callable(getattr(cls, n))}  # noqa: E731
+    assert public(NullTracker) == public(Tracker) - {"__init__"}
+    for name in public(NullTracker):
+        assert inspect.signature(getattr(NullTracker, name)) == inspect.signature(getattr(Tracker, name)), (
+            name
+        )
+    plan = RunPlan(
+        cfg=debug(stage3()),
+        run_root=str(tmp_path),
+        run_name="r",
+        shards="s",
+        mixture="m",
+        total_steps=2,
+        steps_per_epoch=1,
+    )
+    null = make_tracker(plan, 1, {})
+    assert isinstance(null, NullTracker) and not null.active
+    null.log(1, {"loss": 1.0})
+    null.log_mixture(1, {"a": 1}, {"a": 1.0})
+    null.log_predictions(1, [{"image": None}])
+    null.summary({"x": 1})
+    assert null.finish() is None and not list(tmp_path.iterdir())  # nothing written anywhere

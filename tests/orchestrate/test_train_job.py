@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from orchestrate.train_loop import read_trace
+from orchestrate.callbacks import read_trace
 from tests.orchestrate.ray_head import local_head, ray_bin, wait_for
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.timeout(900)]  # a hung rendezvous fails, not CI
@@ -24,11 +24,13 @@ def ray_job(env, *args: str, timeout: float = 120) -> subprocess.CompletedProces
     )
 
 
-def submit(env, entrypoint: list[str]) -> str:
-    """Submit without waiting; retried while the fresh head's job agent is not up yet."""
+def submit(env, entrypoint: list[str], env_vars: dict[str, str] | None = None) -> str:
+    """Submit without waiting; retried while the fresh head's job agent is not up yet. ``env_vars`` go to
+    the job's runtime environment (its driver and workers)."""
+    runtime = ["--runtime-env-json", json.dumps({"env_vars": env_vars})] if env_vars else []
 
     def attempt():
-        out = ray_job(env, "submit", "--no-wait", "--working-dir", ".", "--", *entrypoint)
+        out = ray_job(env, "submit", "--no-wait", "--working-dir", ".", *runtime, "--", *entrypoint)
         if out.returncode == 0:
             return re.search(r"raysubmit_\w+", out.stdout + out.stderr).group(0)
         assert "No available agent" in out.stdout + out.stderr, out.stdout + out.stderr
@@ -83,7 +85,12 @@ def test_job_stop_then_submit_again_continues_from_the_checkpoint(train_shards, 
         "--trace-data",
     ]
     with local_head(tmp_path) as env:
-        first = submit(env, [*cmd, "--fault", "hold:2"])  # parks the workers after step 2's checkpoint
+        # the test's fault callback parks the workers after step 2's checkpoint
+        first = submit(
+            env,
+            cmd,
+            {"XSAM_TRAIN_CALLBACKS": "tests.orchestrate.faults:from_env", "XSAM_TEST_FAULT": "hold:2"},
+        )
         wait_for(
             lambda: (sdir / ".held-rank0").exists() or status(env, first) in ("FAILED", "SUCCEEDED"),
             400,

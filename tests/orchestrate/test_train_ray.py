@@ -9,10 +9,11 @@ import math
 import pytest
 import torch
 
+from orchestrate.callbacks import read_trace
 from orchestrate.exports import read_export_state
-from orchestrate.runner import RunArgs, fit, prepare
+from orchestrate.runner import RunArgs, default_callbacks, fit, prepare
 from orchestrate.summary import summarize
-from orchestrate.train_loop import read_trace
+from tests.orchestrate.faults import KillWorker
 from xsam_model import build_xsam, export_trainable
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.timeout(900)]  # a hung rendezvous fails, not CI
@@ -36,7 +37,7 @@ def ray_module():
         ray.shutdown()
 
 
-def run_stage(shards, run_root, stage: int, **kw):
+def run_stage(shards, run_root, stage: int, *, extra_callbacks=(), **kw):
     plan = prepare(
         RunArgs(
             stage=stage,
@@ -48,7 +49,7 @@ def run_stage(shards, run_root, stage: int, **kw):
             **kw,
         )
     )
-    return plan, fit(plan)
+    return plan, fit(plan, callbacks=[*default_callbacks(plan), *extra_callbacks])
 
 
 @pytest.fixture(scope="module")
@@ -74,7 +75,7 @@ def test_three_stages_chain_through_their_exports(chain):
         lineage = _lineage(root, stage)
         batch = 8 if stage == 2 else 4
         assert lineage["steps"] == steps and lineage["samples"] == batch * steps and lineage["restarts"] == 0
-        assert lineage["code"]["source_sha256"] and lineage["mixture"]["stage"] == str(stage)
+        assert lineage["code"]["source_sha256"] and lineage["mixture"]["stage"] == stage
         assert lineage["shards"]["datasets"] and all(
             s["sha256"] for d in lineage["shards"]["datasets"] for s in d["shards"]
         )
@@ -129,7 +130,9 @@ def test_sigkilled_worker_restarts_from_checkpoint_with_same_data_and_weights(ch
     """Rank 1 is SIGKILLed after step 3 (checkpoints at steps 2, 4, 6): Ray Train restarts the group from the
     step-2 checkpoint; the run ends with the data order and weights of the uninterrupted stage-1 run."""
     ref_root, _ = chain
-    plan, result = run_stage(train_shards, tmp_path / "run", 1, max_steps=6, fault="kill:3:1")
+    plan, result = run_stage(
+        train_shards, tmp_path / "run", 1, max_steps=6, extra_callbacks=[KillWorker(3, 1)]
+    )
     assert result.metrics["step"] == 6
     sdir = tmp_path / "run" / "stage1"
     assert (sdir / ".fault-kill-done").exists()

@@ -1,0 +1,366 @@
+"""The per-worker training loop as a small :class:`Trainer`: setup, step, log, checkpoint, export.
+
+Ray Train runs :func:`train_loop_per_worker` on every worker (shaped like Ray's DeepSpeed example). The
+trainer builds the model and its stage view, loads the parents' exports (checked key by key), calls
+``deepspeed.initialize`` with the generated config, opens this rank's slice of the mixture
+(:class:`pipelines.loader.stream.MixtureLoader`), continues from the latest checkpoint if there is one, and
+runs the steps. Every ``checkpoint.every_steps`` steps every rank writes its DeepSpeed shard and loader state
+and all ranks report them together (:mod:`orchestrate.checkpointing`). At the end rank 0 writes the stage
+export (:mod:`orchestrate.exports`). Rank 0 tracks (wandb, ``metrics.jsonl``); the others get a null
+tracker. Everything else per step is a callback the runner registered (:mod:`orchestrate.callbacks`).
+
+Determinism: the loader's order is a pure function of its state, and the random draws inside a step (the
+loss's point sampling) are seeded from ``(seed, micro-step, rank)``, so a run restarted from a checkpoint
+computes what an uninterrupted run would have computed.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+from orchestrate import checkpointing, console, exports
+from orchestrate.callbacks import Callback
+from orchestrate.checkpointing import TrainState
+from orchestrate.plan import RunPlan
+
+logger = logging.getLogger(__name__)
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    """Ray Train's entry on every worker: the plan the driver checked, the callbacks the runner chose."""
+    trainer = Trainer(
+        config["plan"], callbacks=config.get("callbacks", ()), verbosity=config.get("verbosity", 0)
+    )
+    trainer.setup()
+    trainer.fit()
+    trainer.export()
+    trainer.finish()
+
+
+def _worker_env(use_gpu: bool) -> None:
+    """Set before DeepSpeed is imported: the accelerator (no guessing on mixed boxes) and where JIT-built
+    ops are cached (the CPU shared-memory op costs ~30 s to build once)."""
+    os.environ.setdefault("DS_ACCELERATOR", "cuda" if use_gpu else "cpu")
+    os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.expanduser("~/.cache/xsam_torch_extensions"))
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
+def optimizer_groups(model, cfg) -> list[dict]:
+    """The stage view's parameter groups at ``lr`` × their multiplier (also sets ``requires_grad``)."""
+    from xsam_model import stage_view
+
+    return [
+        {
+            "params": g["params"],
+            "name": g["name"],
+            "lr": cfg.optim.lr * g["lr_mult"],
+            "weight_decay": cfg.optim.weight_decay,
+        }
+        for g in stage_view(model, cfg.stage)
+    ]
+
+
+def to_device(batch: dict, device, float_dtype) -> dict:
+    """Move tensors (and lists of tensors) to ``device``; floating tensors to the engine's dtype."""
+    import torch
+
+    def move(x):
+        if isinstance(x, torch.Tensor):
+            return x.to(device, dtype=float_dtype if x.is_floating_point() else None, non_blocking=True)
+        if isinstance(x, list) and x and isinstance(x[0], torch.Tensor):
+            return [move(t) for t in x]
+        return x
+
+    return {k: move(v) for k, v in batch.items()}
+
+
+def llm_tokens(batch: dict, stage: int, image_tokens: int) -> int:
+    """Tokens the LLM processed in ``batch``: text (attention mask) plus the image tokens; 0 in stage 1."""
+    if stage == 1:
+        return 0
+    return int(batch["attention_mask"].sum()) + image_tokens * int(batch["attention_mask"].shape[0])
+
+
+def _seed_micro_step(seed: int, micro_step: int, rank: int) -> None:
+    import torch
+
+    torch.manual_seed((seed * 1_000_003 + micro_step) * 4099 + rank)
+
+
+class Trainer:
+    """One worker's part of one stage. ``setup()``, ``fit()``, ``export()``, ``finish()``, in that order."""
+
+    def __init__(self, plan: RunPlan, *, callbacks: Sequence[Callback] = (), verbosity: int = 0):
+        self.plan, self.cfg = plan, plan.cfg
+        self.callbacks = list(callbacks)
+        self.verbosity = verbosity
+        self.state = TrainState(resume_key=self.cfg.resume_key())
+        self.last_losses: dict[str, float] = {}
+        """The latest step's losses (averaged over ranks and micro-batches)."""
+        self.step_keys: list[str] = []
+        """This rank's sample keys of the latest step."""
+        self.loaded: dict[int, int] = {}
+        """Tensors loaded from each parent stage's export."""
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    # ------------------------------------------------------------------------------------------ setup
+    def setup(self) -> None:
+        """Distributed context, model + parents + DeepSpeed engine, loader, resume, tracker; then
+        ``on_train_start`` of every callback."""
+        console.quiet_frameworks(self.verbosity)  # before DeepSpeed's import
+        _worker_env(self.plan.use_gpu)
+        import ray.train
+        import ray.train.torch
+        import torch
+
+        from orchestrate.tracking import make_tracker
+
+        ctx = ray.train.get_context()
+        self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
+        if self.world != self.cfg.batch.world_size:
+            raise RuntimeError(
+                f"{self.world} Ray Train workers but the batch config is for {self.cfg.batch.world_size}"
+            )
+        self.device = ray.train.torch.get_device()
+        precision = self.cfg.model.resolved_precision(self.plan.use_gpu)
+        self.dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+        self._build_engine()
+        self._build_loader()
+        self._resume()
+        self.tracker = make_tracker(
+            self.plan, self.rank, {**self.plan.to_dict(), "deepspeed": self.ds_config}
+        )
+        for cb in self.callbacks:
+            cb.on_train_start(self)
+
+    def _build_engine(self) -> None:
+        import deepspeed
+        import torch
+
+        from orchestrate.deepspeed_compat import patch_deepspeed
+        from orchestrate.deepspeed_config import deepspeed_config
+        from orchestrate.plan import model_config
+        from xsam_model import build_xsam
+
+        cfg = self.cfg
+        torch.manual_seed(
+            cfg.data.seed
+        )  # identical initial weights on every rank (DeepSpeed broadcasts anyway)
+        model = build_xsam(model_config(cfg), init_dir=cfg.model.init_dir)
+        self.loaded = self._load_parents(model)
+        groups = optimizer_groups(model, cfg)
+        self.group_names = [g["name"] for g in groups]
+        self.ds_config = deepspeed_config(cfg, total_steps=self.plan.total_steps, use_gpu=self.plan.use_gpu)
+        patch_deepspeed()
+        self.engine, _, _, self.scheduler = deepspeed.initialize(
+            model=model, model_parameters=groups, config=self.ds_config
+        )
+        self.processor = model.processor
+        if self.processor is None:
+            raise RuntimeError(f"flavor {cfg.model.flavor!r} built without a tokenizer; give --init-dir")
+        self.image_tokens = model.config.num_image_tokens
+
+    def _load_parents(self, model) -> dict[int, int]:
+        """The parents' exports into ``model`` (checked again here: the driver checked on the meta device)."""
+        if not self.cfg.parents:
+            return {}
+        from xsam_model.stages import unused_parameters
+
+        parents = exports.resolve_parents(
+            self.plan.run_root, self.cfg.stage, self.cfg.parents, self.plan.init_from
+        )
+        shapes = {n: tuple(p.shape) for n, p in model.named_parameters()}
+        load_plan = exports.check_parents(shapes, self.cfg.parents, parents, skip=unused_parameters(model))
+        return exports.load_parent_weights(model, load_plan, parents)
+
+    def _build_loader(self) -> None:
+        from pipelines.loader.mixture import load as load_mixture
+        from pipelines.loader.stream import MixtureLoader
+
+        cfg, plan = self.cfg, self.plan
+        self.stage_mixture = load_mixture(plan.mixture).stage(cfg.data.mixture_stage)
+        self.loader = MixtureLoader(
+            plan.shards,
+            stage=cfg.data.mixture_stage,
+            batch_size=cfg.batch.micro_batch,
+            rank=self.rank,
+            world_size=self.world,
+            num_workers=cfg.data.loader_workers,
+            seed=cfg.data.seed,
+            grad_accum=cfg.batch.grad_accum,
+            transform=self.processor,
+            collate=self.processor.collate,
+            mixture=self.stage_mixture,
+            shuffle_window=cfg.data.shuffle_buffer,
+            pin_memory=plan.use_gpu,
+        )
+
+    def _resume(self) -> None:
+        """Continue from Ray Train's latest checkpoint of this stage (or ``--resume PATH``), if any."""
+        import ray.train
+
+        checkpoint = ray.train.get_checkpoint()
+        if checkpoint is None and self.plan.resume not in ("auto", "never"):
+            checkpoint = ray.train.Checkpoint(self.plan.resume)
+        if checkpoint is None:
+            return
+        self.state, loader_state = checkpointing.restore(
+            self.engine, checkpoint, rank=self.rank, resume_key=self.cfg.resume_key()
+        )
+        self.loader.load_state_dict(loader_state)
+        self.state.attempt += 1
+        logger.log(
+            logging.INFO if self.is_main else logging.DEBUG,
+            "resumed stage %d at step %d from %s (rank %d)",
+            self.cfg.stage,
+            self.state.step,
+            checkpoint.path,
+            self.rank,
+        )
+
+    # ------------------------------------------------------------------------------------------ steps
+    def fit(self) -> None:
+        """Steps until ``plan.total_steps``: step, log, checkpoint when due, then ``on_step_end``."""
+        batches = iter(self.loader)
+        while self.state.step < self.plan.total_steps:
+            metrics = self.step(batches)
+            self.log(metrics)
+            step = self.state.step
+            if step % self.cfg.checkpoint.every_steps == 0 or step == self.plan.total_steps:
+                self.checkpoint()
+            for cb in self.callbacks:
+                cb.on_step_end(self, step, metrics)
+
+    def step(self, batches: Iterator) -> dict[str, Any]:
+        """One optimizer step: ``grad_accum`` micro-batches (forward, backward, engine step), one all-reduce of
+        the losses, tokens and data wait; returns the step's metrics."""
+        import torch
+
+        from xsam_model.modeling.xsam import LOSS_KEYS
+
+        cfg, step = self.cfg, self.state.step
+        t0 = time.perf_counter()
+        wait, tokens, keys, source = 0.0, 0, [], None
+        sums = torch.zeros(1 + len(LOSS_KEYS), dtype=torch.float64)
+        for _ in range(cfg.batch.grad_accum):
+            tw = time.perf_counter()
+            b = next(batches)
+            wait += time.perf_counter() - tw
+            if b.step != step:
+                raise RuntimeError(f"loader at step {b.step}, trainer at step {step}")
+            source = b.source
+            batch = to_device(b.data, self.device, self.dtype)
+            _seed_micro_step(cfg.data.seed, b.micro_step, self.rank)
+            out = self.engine(batch, stage=cfg.stage)
+            self.engine.backward(out.loss)
+            self.engine.step()
+            sums += torch.tensor(
+                [out.loss.item(), *(float(out.losses[k]) for k in LOSS_KEYS)], dtype=torch.float64
+            )
+            tokens += llm_tokens(b.data, cfg.stage, self.image_tokens)
+            keys += list(b.data["keys"])
+        self.step_keys = keys
+        return self._advance(sums, tokens, wait, source, time.perf_counter() - t0)
+
+    def _advance(self, sums, tokens: int, wait: float, source: str, step_time: float) -> dict[str, Any]:
+        """All-reduce the step's sums (losses averaged over ranks and micro-batches, tokens and data wait
+        summed), count the step in the train state, and return its metrics."""
+        import torch
+        import torch.distributed as dist
+
+        from xsam_model.modeling.xsam import LOSS_KEYS
+
+        cfg, state = self.cfg, self.state
+        red = torch.cat([sums, torch.tensor([tokens, wait], dtype=torch.float64)]).to(self.device)
+        dist.all_reduce(red)
+        red = red.cpu().tolist()
+        n_micro = cfg.batch.grad_accum * self.world
+        state.step += 1
+        state.samples += cfg.batch.global_batch
+        state.tokens += int(red[-2])
+        state.source_steps[source] = state.source_steps.get(source, 0) + 1
+        grad_norm = self.engine.get_global_grad_norm()
+        self.last_losses = {
+            "loss": red[0] / n_micro,
+            **{f"loss/{k}": red[1 + i] / n_micro for i, k in enumerate(LOSS_KEYS)},
+        }
+        return {
+            **self.last_losses,
+            **{f"lr/{n}": lr for n, lr in zip(self.group_names, self.scheduler.get_last_lr(), strict=True)},
+            "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
+            "samples_per_s": cfg.batch.global_batch / step_time,
+            "tokens_per_s": red[-2] / step_time,
+            "step_time_s": step_time,
+            "data_wait_s": red[-1] / self.world,
+            "data_wait_share": red[-1] / self.world / step_time,
+            "source": source,
+            "samples": state.samples,
+        }
+
+    def log(self, metrics: dict[str, Any]) -> None:
+        """The step's metrics, and every ``mixture_every`` steps (and at the end) the mixture seen so far."""
+        step = self.state.step
+        self.tracker.log(step, metrics)
+        if step % self.cfg.tracking.mixture_every == 0 or step == self.plan.total_steps:
+            self.tracker.log_mixture(step, self.state.source_steps, self.loader.planned)
+
+    def checkpoint(self) -> None:
+        """Every rank: DeepSpeed shard + loader state, reported to Ray Train together (a barrier)."""
+        checkpointing.save(
+            self.engine,
+            rank=self.rank,
+            loader_state=self.loader.state_dict(),
+            train_state=self.state,
+            metrics={"step": self.state.step, **self.last_losses},
+        )
+        for cb in self.callbacks:
+            cb.on_checkpoint(self, self.state.step)
+
+    # ------------------------------------------------------------------------------------------ the end
+    def export(self) -> None:
+        """Rank 0: the stage's trainable weights, resolved config and lineage under ``<stage>/export``."""
+        from xsam_model import export_trainable
+
+        if not self.is_main:
+            return
+        lineage = exports.stage_lineage(
+            self.plan,
+            self.stage_mixture,
+            self.state,
+            loaded=self.loaded,
+            final_losses=self.last_losses,
+            loader_stats=self.loader.stats(),
+        )
+        config = {
+            "stage": self.cfg.to_dict(),
+            "model": self.engine.module.config.to_dict(),
+            "deepspeed": self.ds_config,
+            "plan": self.plan.to_dict(),
+        }
+        export_dir = self.plan.layout.export_dir
+        exports.write_export(
+            export_dir, export_trainable(self.engine.module, self.cfg.stage), config, lineage
+        )
+        self.tracker.summary({"export": export_dir, **{f"final/{k}": v for k, v in self.last_losses.items()}})
+
+    def finish(self) -> None:
+        """``on_train_end`` of every callback, then close the tracker."""
+        for cb in self.callbacks:
+            cb.on_train_end(self)
+        run_dir = self.tracker.finish()
+        if self.is_main:
+            logger.info(
+                "stage %d done at step %d; export %s; wandb %s",
+                self.cfg.stage,
+                self.state.step,
+                self.plan.layout.export_dir,
+                run_dir,
+            )

@@ -1,0 +1,71 @@
+"""Worker faults for the Ray Train tests, as trainer callbacks (never part of a production run).
+
+In-process tests pass them to :func:`orchestrate.runner.fit`; a test that submits ``orchestrate/train.py`` as a
+Ray job names :func:`from_env` in ``XSAM_TRAIN_CALLBACKS`` and the fault in ``XSAM_TEST_FAULT``::
+
+    XSAM_TRAIN_CALLBACKS=tests.orchestrate.faults:from_env XSAM_TEST_FAULT=hold:2
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+from orchestrate.callbacks import Callback
+
+FAULT_ENV = "XSAM_TEST_FAULT"
+
+
+def _committed() -> None:
+    """Wait until what was reported so far is registered, so a restart will find it."""
+    import ray.train
+
+    ray.train.get_all_reported_checkpoints(consistency_mode=ray.train.CheckpointConsistencyMode.COMMITTED)
+
+
+class KillWorker(Callback):
+    """SIGKILL rank ``rank`` once (a marker file in the stage folder) after step ``step`` and its checkpoint."""
+
+    def __init__(self, step: int, rank: int):
+        self.step, self.rank = step, rank
+
+    def on_step_end(self, trainer, step, metrics) -> None:
+        if step != self.step or trainer.rank != self.rank:
+            return
+        marker = trainer.plan.layout.local_dir() / ".fault-kill-done"
+        if marker.exists():
+            return
+        _committed()
+        marker.write_text(str(os.getpid()))
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+class HoldAtStep(Callback):
+    """Park every worker after step ``step`` (and its checkpoint) until ``<stage>/.release`` exists; each
+    rank writes ``<stage>/.held-rank<r>`` once parked."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_step_end(self, trainer, step, metrics) -> None:
+        if step != self.step:
+            return
+        folder = trainer.plan.layout.local_dir()
+        _committed()
+        (folder / f".held-rank{trainer.rank}").write_text(str(os.getpid()))
+        while not (folder / ".release").exists():
+            time.sleep(0.2)
+
+
+def from_env() -> list[Callback]:
+    """``XSAM_TEST_FAULT``: ``kill:STEP:RANK`` or ``hold:STEP`` (unset: no fault)."""
+    spec = os.environ.get(FAULT_ENV, "")
+    kind, *args = spec.split(":") if spec else ("",)
+    if kind == "kill":
+        return [KillWorker(int(args[0]), int(args[1]))]
+    if kind == "hold":
+        return [HoldAtStep(int(args[0]))]
+    if kind:
+        raise ValueError(f"{FAULT_ENV}={spec!r}: expected kill:STEP:RANK or hold:STEP")
+    return []
