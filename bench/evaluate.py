@@ -37,8 +37,14 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 SET, H, W, SEGMENTS, PER_SHARD = "ade20k_panoptic/val", 480, 640, 20, 250
-ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "RAY_AUTH_MODE": "disabled",
-       "PYTHONWARNINGS": "ignore", "MALLOC_ARENA_MAX": "2"}  # fmt: skip
+ENV = {
+    "OMP_NUM_THREADS": "1",
+    "MKL_NUM_THREADS": "1",
+    "OPENBLAS_NUM_THREADS": "1",
+    "RAY_AUTH_MODE": "disabled",
+    "PYTHONWARNINGS": "ignore",
+    "MALLOC_ARENA_MAX": "2",
+}
 
 
 def peak_rss_mb() -> float:
@@ -95,20 +101,40 @@ def write_set(work: Path, n: int) -> None:
         g, p = label_map_rles(gt), label_map_rles(pred)
         key = f"{SET}/{i:08d}"
         masks = [MaskTarget(rle=g[s], label=0, category_id=c) for s, c in gt_cat.items()]
-        sample = Sample(key=key, source="ade20k_panoptic", task="ovseg", split="val", image=ImageRef("x.jpg", W, H),
-                        conversation=[Turn("user", "<image>\n<p>x</p>"), Turn("assistant", "<SEG>")], phrases=["x"], masks=masks)  # fmt: skip
+        sample = Sample(
+            key=key,
+            source="ade20k_panoptic",
+            task="ovseg",
+            split="val",
+            image=ImageRef("x.jpg", W, H),
+            conversation=[Turn("user", "<image>\n<p>x</p>"), Turn("assistant", "<SEG>")],
+            phrases=["x"],
+            masks=masks,
+        )
         for ext, data in (("json", sample.to_json()), ("jpg", b"\xff\xd8\xff\xd9")):
             info = tarfile.TarInfo(f"{key}.{ext}")
             info.size = len(data)
             tar.addfile(info, io.BytesIO(data))
         rng = np.random.default_rng(10**6 + i)
-        line = {"key": key, "panoptic": [{"rle": p[s], "category_id": c} for s, c in pred_cat.items()],
-                "instances": [{"rle": p[s], "category_id": c, "score": round(float(rng.random()), 3)} for s, c in pred_cat.items()]}  # fmt: skip
+        line = {
+            "key": key,
+            "panoptic": [{"rle": p[s], "category_id": c} for s, c in pred_cat.items()],
+            "instances": [
+                {"rle": p[s], "category_id": c, "score": round(float(rng.random()), 3)}
+                for s, c in pred_cat.items()
+            ],
+        }
         preds.write(json.dumps(line) + "\n")
     tar.close()
     preds.close()
-    manifest = {"schema": 1, "source": "ade20k_panoptic", "task": "ovseg", "split": "val", "shards": shards,
-                "counts": {"samples": n}}  # fmt: skip
+    manifest = {
+        "schema": 1,
+        "source": "ade20k_panoptic",
+        "task": "ovseg",
+        "split": "val",
+        "shards": shards,
+        "counts": {"samples": n},
+    }
     (folder / "manifest.json").write_text(json.dumps(manifest))
 
 
@@ -202,10 +228,27 @@ def _ap_inputs(work: Path) -> tuple[dict, list]:
             images.append({"id": iid, "height": H, "width": W})
             for m in s.masks:
                 if m.category_id in things:
-                    anns.append({"id": len(anns) + 1, "image_id": iid, "category_id": m.category_id, "segmentation": m.rle,
-                                 "area": 0.0, "iscrowd": 0, "bbox": [0, 0, 1, 1]})  # fmt: skip
-            dets += [{"image_id": iid, "category_id": d["category_id"], "segmentation": d["rle"], "score": d["score"]}
-                     for d in preds[s.key]["instances"] if d["category_id"] in things]  # fmt: skip
+                    anns.append(
+                        {
+                            "id": len(anns) + 1,
+                            "image_id": iid,
+                            "category_id": m.category_id,
+                            "segmentation": m.rle,
+                            "area": 0.0,
+                            "iscrowd": 0,
+                            "bbox": [0, 0, 1, 1],
+                        }
+                    )
+            dets += [
+                {
+                    "image_id": iid,
+                    "category_id": d["category_id"],
+                    "segmentation": d["rle"],
+                    "score": d["score"],
+                }
+                for d in preds[s.key]["instances"]
+                if d["category_id"] in things
+            ]
     from pycocotools import mask as mu
 
     for a in anns:
@@ -268,9 +311,14 @@ def main() -> None:
     a = p.parse_args()
     if a.child:
         mode, work = a.child[0], Path(a.child[1])
-        out = {"ours": lambda: child_ours(work, 1), "ray2": lambda: child_ours(work, 2), "reference": lambda: child_reference(work),
-               "ap_ours": lambda: child_ap(work, "ours"), "ap_pycocotools": lambda: child_ap(work, "pycocotools"),
-               "ap_faster": lambda: child_ap(work, "faster")}[mode]()  # fmt: skip
+        out = {
+            "ours": lambda: child_ours(work, 1),
+            "ray2": lambda: child_ours(work, 2),
+            "reference": lambda: child_reference(work),
+            "ap_ours": lambda: child_ap(work, "ours"),
+            "ap_pycocotools": lambda: child_ap(work, "pycocotools"),
+            "ap_faster": lambda: child_ap(work, "faster"),
+        }[mode]()
         print(json.dumps({**out, "rss_mb": peak_rss_mb()}))
         return
     work = Path(a.workdir or tempfile.mkdtemp(prefix="bench_eval_"))
@@ -286,16 +334,20 @@ def main() -> None:
     print(
         f"PQ + mIoU  reference loop  {ref['s']:7.1f} s  peak RSS {ref['rss_mb']:6.0f} MB  PQ {ref['PQ']:.4f}  mIoU {ref['mIoU']:.4f}"
     )
-    print(f"PQ + mIoU  ours (inline)   {ours['s']:7.1f} s  peak RSS {ours['rss_mb']:6.0f} MB  PQ {ours['PQ']:.4f}  mIoU {ours['mIoU']:.4f}"
-          f"   -> {ref['s'] / ours['s']:.2f}x faster, {ref['rss_mb'] / ours['rss_mb']:.2f}x less memory")  # fmt: skip
+    print(
+        f"PQ + mIoU  ours (inline)   {ours['s']:7.1f} s  peak RSS {ours['rss_mb']:6.0f} MB  PQ {ours['PQ']:.4f}  mIoU {ours['mIoU']:.4f}"
+        f"   -> {ref['s'] / ours['s']:.2f}x faster, {ref['rss_mb'] / ours['rss_mb']:.2f}x less memory"
+    )
     print(
         f"PQ + mIoU  ours (2 Ray)    {r['ray2']['s']:7.1f} s  -> {ours['s'] / r['ray2']['s']:.2f}x vs inline (same PQ: {r['ray2']['PQ'] == ours['PQ']})"
     )
     pc = r["ap_pycocotools"]
     for name in ("ap_pycocotools", "ap_faster", "ap_ours"):
         x = r[name]
-        print(f"mask AP    {name[3:]:<15} {x['s']:7.1f} s  peak RSS {x['rss_mb']:6.0f} MB  AP {x['AP']:.4f}  AP50 {x['AP50']:.4f}"
-              f"   -> {pc['s'] / x['s']:.2f}x vs pycocotools")  # fmt: skip
+        print(
+            f"mask AP    {name[3:]:<15} {x['s']:7.1f} s  peak RSS {x['rss_mb']:6.0f} MB  AP {x['AP']:.4f}  AP50 {x['AP50']:.4f}"
+            f"   -> {pc['s'] / x['s']:.2f}x vs pycocotools"
+        )
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ The work itself is in :mod:`orchestrate.evaluation`.
 from __future__ import annotations
 
 import argparse
-import logging
+import json
 import os
 import sys
 
@@ -21,8 +21,10 @@ sys.path.insert(
     0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 )  # run as a script from anywhere
 
-from orchestrate.evaluation import EvaluationError, score_predictions  # noqa: E402
+from orchestrate.evaluation import score_predictions  # noqa: E402
 from orchestrate.evaluation.report import format_table  # noqa: E402
+from pipelines.errors import run_cli  # noqa: E402
+from pipelines.logs import configure_logging  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -36,33 +38,30 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--num-workers", type=int, default=1, help="> 1: score shards as Ray tasks (default: 1)")
     p.add_argument("--text-sim-model", help="local sentence-embedding folder for GCG recall (else omitted)")
     p.add_argument("--wandb-mode", default="offline", choices=("offline", "online", "disabled", "auto"))
+    p.add_argument("-v", "--verbose", action="count", default=0, help="more detail (-vv: every library)")
+    p.add_argument("-q", "--quiet", action="count", default=0, help="warnings only (-qq: errors only)")
     return p.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr)
-    try:
-        results = score_predictions(
-            args.predictions,
-            args.shards,
-            args.data_root,
-            sets=[s.strip() for s in args.sets.split(",") if s.strip()] if args.sets else None,
-            out_dir=args.out,
-            num_workers=args.num_workers,
-            text_sim_model=args.text_sim_model,
-            wandb_mode=args.wandb_mode,
-        )
-    except EvaluationError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    import json
-
-    details = json.load(open(os.path.join(args.out, "details.json")))["sets"]
+    configure_logging(args.verbose - args.quiet)
+    results = score_predictions(
+        args.predictions,
+        args.shards,
+        args.data_root,
+        sets=[s.strip() for s in args.sets.split(",") if s.strip()] if args.sets else None,
+        out_dir=args.out,
+        num_workers=args.num_workers,
+        text_sim_model=args.text_sim_model,
+        wandb_mode=args.wandb_mode,
+    )
+    with open(os.path.join(args.out, "details.json")) as f:
+        details = json.load(f)["sets"]
     print(format_table(results, details))
     print(f"results: {os.path.join(args.out, 'results.json')}")
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_cli(main))

@@ -6,13 +6,10 @@ it as is (exit code 2, no traceback).
 
 from __future__ import annotations
 
-try:  # the project's exception base, where it exists
-    from pipelines.errors import XsamError as _Base  # type: ignore[import-not-found]
-except ImportError:  # pragma: no cover - depends on the layout of the day
-    _Base = ValueError
+from pipelines.errors import XsamError
 
 
-class EvaluationError(_Base):
+class EvaluationError(XsamError, ValueError):
     """Predictions, ground truth or options that cannot be scored; the message says where and why."""
 
 

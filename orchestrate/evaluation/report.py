@@ -15,9 +15,32 @@ from pathlib import Path
 
 # column order of the table: the papers' order, then anything else alphabetically
 METRIC_ORDER = (
-    "PQ", "PQ_th", "PQ_st", "SQ", "SQ_th", "SQ_st", "RQ", "RQ_th", "RQ_st", "mIoU", "AP", "AP50", "AP75", "APs",
-    "APm", "APl", "cIoU", "gIoU", "cIoU_ReLA", "gIoU_ReLA", "N-acc", "T-acc", "METEOR", "CIDEr", "recall",
-)  # fmt: skip
+    "PQ",
+    "PQ_th",
+    "PQ_st",
+    "SQ",
+    "SQ_th",
+    "SQ_st",
+    "RQ",
+    "RQ_th",
+    "RQ_st",
+    "mIoU",
+    "AP",
+    "AP50",
+    "AP75",
+    "APs",
+    "APm",
+    "APl",
+    "cIoU",
+    "gIoU",
+    "cIoU_ReLA",
+    "gIoU_ReLA",
+    "N-acc",
+    "T-acc",
+    "METEOR",
+    "CIDEr",
+    "recall",
+)
 
 
 def _json_value(v: float) -> float | None:

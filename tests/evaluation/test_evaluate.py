@@ -15,6 +15,7 @@ import pytest
 from orchestrate import evaluate
 from orchestrate.evaluation import EvaluationError, score_predictions
 from orchestrate.evaluation import ground_truth as gt
+from pipelines.errors import run_cli
 from tests.evaluation.helpers import write_jsonl
 from tests.evaluation.test_metrics import rle
 
@@ -43,8 +44,20 @@ def test_demo_builds_every_kind_of_set(demo_val):
 def test_perfect_predictions_score_100_on_every_demo_val_set(demo_val, perfect, no_java, tmp_path, capsys):
     datas, shards, names = demo_val
     preds = write_jsonl(tmp_path / "predictions.jsonl", _all(perfect))
-    rc = evaluate.main(["--predictions", str(preds), "--shards", str(shards), "--data-root", str(datas),
-                        "--out", str(tmp_path / "eval"), "--wandb-mode", "offline"])  # fmt: skip
+    rc = evaluate.main(
+        [
+            "--predictions",
+            str(preds),
+            "--shards",
+            str(shards),
+            "--data-root",
+            str(datas),
+            "--out",
+            str(tmp_path / "eval"),
+            "--wandb-mode",
+            "offline",
+        ]
+    )
     assert rc == 0
     results = json.loads((tmp_path / "eval/results.json").read_text())
     assert sorted(results) == sorted(names)
@@ -69,8 +82,17 @@ def test_perturbed_predictions_score_below_100(demo_val, perfect, no_java):
             shards.parent / f"perturbed-{name.replace('/', '_')}.jsonl", _perturb(name, perfect[name])
         )
         results[name] = score_predictions(str(path), str(shards), str(datas), sets=[name])[name]
-    headline = {"panoptic": "PQ", "semantic": "mIoU", "instance": "AP", "vgd": "AP", "refer": "cIoU",
-                "grefer": "cIoU", "reason": "gIoU", "interactive": "gIoU", "gcg": "mIoU"}  # fmt: skip
+    headline = {
+        "panoptic": "PQ",
+        "semantic": "mIoU",
+        "instance": "AP",
+        "vgd": "AP",
+        "refer": "cIoU",
+        "grefer": "cIoU",
+        "reason": "gIoU",
+        "interactive": "gIoU",
+        "gcg": "mIoU",
+    }
     for name, metrics in results.items():
         value = metrics[headline[gt.SOURCE_KINDS[name.split("/")[0]]]]
         assert value < 100.0 - 1e-9, (name, metrics)
@@ -95,11 +117,22 @@ def _run_bad(demo_val, tmp_path, capsys, lines: list[dict] | str, sets: str | No
         path.write_text(lines)
     else:
         write_jsonl(path, lines)
-    argv = ["--predictions", str(path), "--shards", str(shards), "--data-root", str(datas), "--out", str(tmp_path / "o"),
-            "--wandb-mode", "disabled"]  # fmt: skip
+    argv = [
+        "--predictions",
+        str(path),
+        "--shards",
+        str(shards),
+        "--data-root",
+        str(datas),
+        "--out",
+        str(tmp_path / "o"),
+        "--wandb-mode",
+        "disabled",
+        "-q",  # progress lines off: stderr holds only the error line
+    ]
     if sets:
         argv += ["--sets", sets]
-    assert evaluate.main(argv) == 2
+    assert run_cli(evaluate.main, argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: ")
     return err[0]
@@ -173,12 +206,27 @@ def test_cli_bad_input_is_exit_2_one_line_no_traceback(demo_val, perfect, tmp_pa
     name, lines = _first(perfect, "refcoco")
     path = write_jsonl(tmp_path / "p.jsonl", lines[1:])
     proc = subprocess.run(
-        [sys.executable, str(ROOT / "orchestrate/evaluate.py"), "--predictions", str(path), "--shards", str(shards),
-         "--data-root", str(datas), "--out", str(tmp_path / "o"), "--wandb-mode", "disabled"],
-        capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
+        [
+            sys.executable,
+            str(ROOT / "orchestrate/evaluate.py"),
+            "--predictions",
+            str(path),
+            "--shards",
+            str(shards),
+            "--data-root",
+            str(datas),
+            "--out",
+            str(tmp_path / "o"),
+            "--wandb-mode",
+            "disabled",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 2
-    errors = [ln for ln in proc.stderr.splitlines() if not ln[:4].isdigit()]  # log lines start with the date
+    assert "Traceback" not in proc.stderr
+    errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("error")]  # the rest is progress
     assert errors == [f"error: {path}: 1 keys of {name} have no prediction: {lines[0]['key']}"]
     assert "Traceback" not in proc.stderr
 
@@ -192,8 +240,13 @@ def test_score_predictions_raises_evaluation_error(demo_val, perfect):
 def test_nan_metrics_are_null_in_results(demo_val, perfect, no_java, tmp_path):
     datas, shards, _ = demo_val
     name, lines = _first(perfect, "coco_instance")
-    score = score_predictions(str(write_jsonl(tmp_path / "p.jsonl", lines)), str(shards), str(datas),
-                              out_dir=str(tmp_path / "o"), wandb_mode="disabled")  # fmt: skip
+    score = score_predictions(
+        str(write_jsonl(tmp_path / "p.jsonl", lines)),
+        str(shards),
+        str(datas),
+        out_dir=str(tmp_path / "o"),
+        wandb_mode="disabled",
+    )
     written = json.loads((tmp_path / "o/results.json").read_text())[name]
     for metric, value in score[name].items():
         assert (written[metric] is None) == math.isnan(value)

@@ -101,8 +101,16 @@ def test_real_instances_ap_equals_cocoeval_on_the_original_file(real_data, tmp_p
     key_to_id = {
         s.key: s.meta["image_id"] for sh in evs.shards for s in gt.iter_shard_samples(evs.shard_path(sh))
     }
-    dets = [{"image_id": key_to_id[x["key"]], "category_id": i["category_id"], "segmentation": i["rle"], "score": i["score"]}
-            for x in lines for i in x["instances"]]  # fmt: skip
+    dets = [
+        {
+            "image_id": key_to_id[x["key"]],
+            "category_id": i["category_id"],
+            "segmentation": i["rle"],
+            "score": i["score"],
+        }
+        for x in lines
+        for i in x["instances"]
+    ]
     with contextlib.redirect_stdout(io.StringIO()):
         coco = COCO(str(base / "annotations/instances_val2017.json"))
         ev = COCOeval(coco, coco.loadRes(dets), "segm")
