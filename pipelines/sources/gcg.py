@@ -289,17 +289,11 @@ class GcgInput:
     meta: dict = field(default_factory=dict)
 
 
-def gcg_sample(
-    source: str, record: dict, ctx: ConvertContext, inp: GcgInput, keep_all_masks: bool = False
-) -> Sample:
-    """Clean, place, check masks, remove overlaps, render. ``keep_all_masks`` (val/test): masks of phrases
-    that cannot be tagged stay, with label -1."""
-    key = record["key"]
-    opts = ctx.options.extra
+def _checked_caption(inp: GcgInput, min_words: int) -> Caption:
+    """The cleaned caption, or a record skip: missing, too short, holding a special token, no grounding."""
     if not isinstance(inp.caption, str) or not inp.caption.strip('"').strip():
         raise SkipRecord("missing_caption", f"caption {inp.caption!r}")
     cap = Caption.clean(inp.caption)
-    min_words = opts.gcg_min_words
     if len(cap.text.split()) < min_words:
         raise SkipRecord("short_caption", f"{cap.text!r} has fewer than {min_words} words")
     if any(t in cap.text for t in _SPECIAL):
@@ -308,11 +302,16 @@ def gcg_sample(
         raise SkipRecord("empty_groundings", "the caption has no grounded phrase")
     if not isinstance(inp.file_name, str) or not inp.file_name:
         raise SkipRecord("missing_file_name", f"file name {inp.file_name!r}")
-    rel = relpath(ctx.files.dirs["images"], inp.file_name)
-    h, w = _image_hw(ctx, rel, inp.height, inp.width)
+    return cap
 
+
+def _place_all(
+    key: str, cap: Caption, inp: GcgInput, hw: tuple[int, int], ctx: ConvertContext, keep_all_masks: bool
+) -> tuple[list[Placed], list[tuple[dict, int]]]:
+    """Each grounding placed in the caption with its checked mask; a phrase that cannot be placed or whose
+    mask is unusable is a dropped annotation. Returns (placed, untagged (rle, area) kept for val/test)."""
     placed: list[Placed] = []
-    untagged: list[tuple[dict, int]] = []  # val/test: (rle, area) of masks kept without a phrase
+    untagged: list[tuple[dict, int]] = []
     seen: dict[str, int] = {}
     for i, g in enumerate(inp.groundings):
         akey = f"{key}/phrase_{i}"
@@ -324,7 +323,7 @@ def gcg_sample(
         if p is None and not keep_all_masks:
             continue
         try:
-            rle = _mask(g, h, w)
+            rle = _mask(g, *hw)
             area = masks.area(rle)
             if area == 0:
                 raise SkipRecord("empty_mask", "the mask covers no pixel")
@@ -336,6 +335,11 @@ def gcg_sample(
             continue
         p.rle, p.area = rle, area
         placed.append(p)
+    return placed, untagged
+
+
+def _keep_apart(key: str, placed: list[Placed], ctx: ConvertContext, untagged: list | None) -> list[Placed]:
+    """:func:`remove_overlaps`, each loser a counted drop (its mask joins ``untagged`` when that is kept)."""
     kept, overlapping = remove_overlaps(placed)
     for p in overlapping:
         # Trimming overlaps is the recipe working as designed, not bad data: counted in the manifest's
@@ -346,8 +350,23 @@ def gcg_sample(
             "overlapping_span",
             f"{p.phrase!r} [{p.start}, {p.end}) overlaps a kept span",
         )
-        if keep_all_masks:
+        if untagged is not None:
             untagged.append((p.rle, p.area))
+    return kept
+
+
+def gcg_sample(
+    source: str, record: dict, ctx: ConvertContext, inp: GcgInput, keep_all_masks: bool = False
+) -> Sample:
+    """Clean, place, check masks, remove overlaps, render. ``keep_all_masks`` (val/test): masks of phrases
+    that cannot be tagged stay, with label -1."""
+    key = record["key"]
+    opts = ctx.options.extra
+    cap = _checked_caption(inp, opts.gcg_min_words)
+    rel = relpath(ctx.files.dirs["images"], inp.file_name)
+    h, w = _image_hw(ctx, rel, inp.height, inp.width)
+    placed, untagged = _place_all(key, cap, inp, (h, w), ctx, keep_all_masks)
+    kept = _keep_apart(key, placed, ctx, untagged if keep_all_masks else None)
     if not kept:
         n = len(inp.groundings)
         raise SkipRecord("no_grounded_phrase", f"none of {n} phrases could be placed with a mask")

@@ -144,62 +144,13 @@ class LisaReasonSeg:
         prefix = f"{self.name}/{split}"
         folder = files.inputs["annotations"]
         explain = self._explanations(files.inputs.get("explanatory"))
-        stems: dict[str, dict[str, str]] = {}
-        for name in sorted(os.listdir(folder)):
-            stem, ext = os.path.splitext(name)
-            if ext.lower() == ".json":
-                stems.setdefault(stem, {})["json"] = name
-            elif ext.lower() in IMAGE_EXTS:
-                stems.setdefault(stem, {}).setdefault("image", name)
         records = []
-        for stem, found in stems.items():
-            key = f"{prefix}/{key_id(stem)}"
-            if "json" not in found:
-                yield Skip(key, "missing_annotation", f"{found['image']} has no {stem}.json")
-                continue
-            if "image" not in found:
-                yield Skip(key, "missing_image", f"{found['json']} has no image beside it")
-                continue
-            try:
-                anno = _read_json(os.path.join(folder, found["json"]))
-                if not isinstance(anno, dict):
-                    raise ValueError(f"top level is a {type(anno).__name__}")
-            except ValueError as e:
-                yield Skip(key, "malformed_json", f"{found['json']}: {e}")
-                continue
-            text = anno.get("text")
-            questions = [" ".join(str(q).split()) for q in ([text] if isinstance(text, str) else text or [])]
-            questions = [q for q in questions if q]
-            if not questions:
-                yield Skip(key, "no_questions", f"{found['json']}: empty 'text'")
-                continue
-            base = {
-                "image": {
-                    "file": found["image"],
-                    "height": anno.get("imageHeight"),
-                    "width": anno.get("imageWidth"),
-                },
-                "is_sentence": bool(anno.get("is_sentence")),
-                "shapes": [
-                    {k: s.get(k) for k in ("label", "points", "shape_type")} if isinstance(s, dict) else s
-                    for s in anno.get("shapes") or []
-                ],
-            }
-            if split == "train":
-                records.append(
-                    {"key": key, **base, "questions": questions, "explanation": explain.get(found["image"])}
-                )
+        for stem, found in _pair_files(folder).items():
+            made = _stem_records(f"{prefix}/{key_id(stem)}", stem, found, folder, split, explain)
+            if isinstance(made, Skip):
+                yield made
             else:
-                records += [
-                    {
-                        "key": f"{key}_q{i:03d}",
-                        **base,
-                        "questions": [q],
-                        "question_index": i,
-                        "explanation": None,
-                    }
-                    for i, q in enumerate(questions)
-                ]
+                records += made
         last = ""
         for r in sorted(records, key=lambda r: r["key"]):
             if r["key"] == last:  # two file names that differ only in characters a key cannot hold
@@ -280,3 +231,50 @@ class LisaReasonSeg:
             return q, f"{explanation} {templates.pick(rng, templates.REASEG_EXPLAIN_SUFFIXES)}", True
         pool = templates.REASEG_LONG_QUESTIONS if is_sentence else templates.REASEG_SHORT_QUESTIONS
         return templates.pick(rng, pool).format(sent=sent), templates.pick(rng, templates.SEG_ANSWERS), False
+
+
+def _pair_files(folder: str) -> dict[str, dict[str, str]]:
+    """stem -> {"json": name, "image": name} of the files in a LISA split folder (first image extension wins)."""
+    stems: dict[str, dict[str, str]] = {}
+    for name in sorted(os.listdir(folder)):
+        stem, ext = os.path.splitext(name)
+        if ext.lower() == ".json":
+            stems.setdefault(stem, {})["json"] = name
+        elif ext.lower() in IMAGE_EXTS:
+            stems.setdefault(stem, {}).setdefault("image", name)
+    return stems
+
+
+def _stem_records(
+    key: str, stem: str, found: dict[str, str], folder: str, split: str, explain: dict
+) -> list[dict] | Skip:
+    """The records of one image (train: one with every question; eval: one per question), or why none."""
+    if "json" not in found:
+        return Skip(key, "missing_annotation", f"{found['image']} has no {stem}.json")
+    if "image" not in found:
+        return Skip(key, "missing_image", f"{found['json']} has no image beside it")
+    try:
+        anno = _read_json(os.path.join(folder, found["json"]))
+        if not isinstance(anno, dict):
+            raise ValueError(f"top level is a {type(anno).__name__}")
+    except ValueError as e:
+        return Skip(key, "malformed_json", f"{found['json']}: {e}")
+    text = anno.get("text")
+    questions = [" ".join(str(q).split()) for q in ([text] if isinstance(text, str) else text or [])]
+    questions = [q for q in questions if q]
+    if not questions:
+        return Skip(key, "no_questions", f"{found['json']}: empty 'text'")
+    base = {
+        "image": {"file": found["image"], "height": anno.get("imageHeight"), "width": anno.get("imageWidth")},
+        "is_sentence": bool(anno.get("is_sentence")),
+        "shapes": [
+            {k: s.get(k) for k in ("label", "points", "shape_type")} if isinstance(s, dict) else s
+            for s in anno.get("shapes") or []
+        ],
+    }
+    if split == "train":
+        return [{"key": key, **base, "questions": questions, "explanation": explain.get(found["image"])}]
+    return [
+        {"key": f"{key}_q{i:03d}", **base, "questions": [q], "question_index": i, "explanation": None}
+        for i, q in enumerate(questions)
+    ]

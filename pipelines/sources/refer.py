@@ -383,31 +383,7 @@ class ReferSource:
         rng = ctx.rng(key)
         turns = list(record["turns"])
         rng.shuffle(turns)  # archive: objects in random order
-        phrases, targets, kept, first_error = [], [], [], None
-        for t in turns:
-            try:
-                rle = self._target_rle(t, h, w)
-            except SkipRecord as e:
-                if len(turns) == 1:
-                    raise
-                ctx.drop(f"{key}/ann_{key_id(*t['ann_ids'])}", e.reason, e.detail)
-                first_error = first_error or e
-                continue
-            if rle is not None:
-                targets.append(
-                    MaskTarget(
-                        rle=rle,
-                        label=len(phrases),
-                        category_id=t["category_id"],
-                        iscrowd=0,
-                        bbox=masks.bbox(rle),
-                        area=float(masks.area(rle)),
-                    )
-                )
-            phrases.append(t["phrase"])
-            kept.append(t)
-        if not kept:
-            raise SkipRecord(first_error.reason, f"no usable object: {first_error.detail}")
+        phrases, targets, kept = self._targets(key, turns, h, w, ctx)
         conversation = []
         for i, p in enumerate(phrases):
             q = templates.pick(rng, templates.REFSEG_QUESTIONS).format(phrase=templates.tag(p))
@@ -434,6 +410,38 @@ class ReferSource:
             masks=targets,
             meta=meta,
         )
+
+    def _targets(
+        self, key: str, turns: list[dict], h: int, w: int, ctx: ConvertContext
+    ) -> tuple[list[str], list[MaskTarget], list[dict]]:
+        """(phrases, mask targets, kept turns): a turn whose target is unusable is a dropped annotation, unless
+        it is the only one (then the record is skipped), or none is left."""
+        phrases, targets, kept, first_error = [], [], [], None
+        for t in turns:
+            try:
+                rle = self._target_rle(t, h, w)
+            except SkipRecord as e:
+                if len(turns) == 1:
+                    raise
+                ctx.drop(f"{key}/ann_{key_id(*t['ann_ids'])}", e.reason, e.detail)
+                first_error = first_error or e
+                continue
+            if rle is not None:
+                targets.append(
+                    MaskTarget(
+                        rle=rle,
+                        label=len(phrases),
+                        category_id=t["category_id"],
+                        iscrowd=0,
+                        bbox=masks.bbox(rle),
+                        area=float(masks.area(rle)),
+                    )
+                )
+            phrases.append(t["phrase"])
+            kept.append(t)
+        if not kept:
+            raise SkipRecord(first_error.reason, f"no usable object: {first_error.detail}")
+        return phrases, targets, kept
 
     @staticmethod
     def _target_rle(turn: dict, h: int, w: int) -> dict | None:

@@ -29,6 +29,7 @@ import os
 import tempfile
 from collections import Counter
 from collections.abc import Iterable, Iterator
+from typing import Any
 
 from pipelines import masks, templates, vprompts
 from pipelines.masks import MaskFormatError
@@ -290,24 +291,11 @@ def _pick_prompt(
     return None
 
 
-def vgd_sample(source: str, record: dict, ctx: ConvertContext, kind: str | None) -> Sample:
-    """One image -> one VGD Sample. ``kind``: the fixed prompt type of a val split, None for train."""
-    key, img = record["key"], record["image"]
-    h, w = img.get("height"), img.get("width")
-    if not h or not w:
-        raise SkipRecord("missing_image_size", f"image {img.get('id')} has no height/width")
-    if not isinstance(img.get("file_name"), str) or not img["file_name"]:
-        raise SkipRecord("missing_file_name", f"image {img.get('id')} has no file name")
-    pending: list[tuple[str, str, str]] = []  # annotation drops, noted only if the record becomes a Sample
-    targets, crowd = _targets(record, ctx, h, w, pending)
-    if not targets:
-        reasons = sorted({r for _, r, _ in pending})
-        raise SkipRecord(
-            "no_usable_instance",
-            f"image {img.get('id')}: no non-crowd instance with a valid mask"
-            + (f" ({', '.join(reasons)})" if reasons else ""),
-        )
-    rng = ctx.rng(key)
+def _choose_prompts(
+    key: str, image_id: Any, targets: list[dict], kind: str | None, ctx: ConvertContext, rng, pending: list
+) -> dict[int, tuple[dict, str, dict]]:
+    """category -> (instance, prompt type, prompt RLE) for each category with an instance that can hold a
+    prompt; the instances of a category without one join ``pending`` drops; none at all skips the record."""
     by_cat: dict[int, list[dict]] = {}
     for t in targets:
         by_cat.setdefault(t["ann"]["category_id"], []).append(t)
@@ -326,7 +314,41 @@ def vgd_sample(source: str, record: dict, ctx: ConvertContext, kind: str | None)
         reason = failures.most_common(1)[0][0]
         detail = ", ".join(f"{r}: {n}" for r, n in sorted(failures.items()))
         example = next((f"; {k}: {d}" for k, r, d in pending if r == reason), "")
-        raise SkipRecord(reason, f"image {img.get('id')}: no instance gives a prompt ({detail}){example}")
+        raise SkipRecord(reason, f"image {image_id}: no instance gives a prompt ({detail}){example}")
+    return chosen
+
+
+def _mask_target(t: dict, label: int) -> MaskTarget:
+    rle = t["rle"]
+    return MaskTarget(
+        rle=rle,
+        label=label,
+        category_id=t["ann"]["category_id"],
+        iscrowd=0,
+        bbox=masks.bbox(rle),
+        area=float(masks.area(rle)),
+    )
+
+
+def vgd_sample(source: str, record: dict, ctx: ConvertContext, kind: str | None) -> Sample:
+    """One image -> one VGD Sample. ``kind``: the fixed prompt type of a val split, None for train."""
+    key, img = record["key"], record["image"]
+    h, w = img.get("height"), img.get("width")
+    if not h or not w:
+        raise SkipRecord("missing_image_size", f"image {img.get('id')} has no height/width")
+    if not isinstance(img.get("file_name"), str) or not img["file_name"]:
+        raise SkipRecord("missing_file_name", f"image {img.get('id')} has no file name")
+    pending: list[tuple[str, str, str]] = []  # annotation drops, noted only if the record becomes a Sample
+    targets, crowd = _targets(record, ctx, h, w, pending)
+    if not targets:
+        reasons = sorted({r for _, r, _ in pending})
+        raise SkipRecord(
+            "no_usable_instance",
+            f"image {img.get('id')}: no non-crowd instance with a valid mask"
+            + (f" ({', '.join(reasons)})" if reasons else ""),
+        )
+    rng = ctx.rng(key)
+    chosen = _choose_prompts(key, img.get("id"), targets, kind, ctx, rng, pending)
     slots = sorted(chosen)
     if kind is None:
         rng.shuffle(slots)  # train: shuffled slots; val: id order, as X-SAM evaluates
@@ -353,17 +375,7 @@ def vgd_sample(source: str, record: dict, ctx: ConvertContext, kind: str | None)
         image=ImageRef(path=f"{ctx.files.dirs['images']}/{img['file_name']}", width=w, height=h),
         conversation=vgd_conversation(rng, len(slots), ctx.options.image_token),
         phrases=[REGION] * len(slots),
-        masks=[
-            MaskTarget(
-                rle=t["rle"],
-                label=slot[t["ann"]["category_id"]],
-                category_id=t["ann"]["category_id"],
-                iscrowd=0,
-                bbox=masks.bbox(t["rle"]),
-                area=float(masks.area(t["rle"])),
-            )
-            for t in kept
-        ],
+        masks=[_mask_target(t, slot[t["ann"]["category_id"]]) for t in kept],
         ignore=masks.merge_rles(crowd) if crowd else None,
         regions=[Region(label=slot[c], type=chosen[c][1], rle=chosen[c][2]) for c in slots],
         meta=meta,
