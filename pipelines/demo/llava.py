@@ -26,6 +26,11 @@ def _image(rng: random.Random, path: Path, size: tuple[int, int]) -> list[str]:
 
 def write(root: Path, rng: random.Random, size: tuple[int, int] = (320, 240)) -> None:
     base = root / ROOT
+    _write_pretrain(base, rng, size)
+    _write_instruct(base, rng, size)
+
+
+def _write_pretrain(base: Path, rng: random.Random, size: tuple[int, int]) -> None:
     pretrain = []
     for i in range(4):
         rel = f"00000/{i:09d}.jpg"
@@ -49,6 +54,8 @@ def write(root: Path, rng: random.Random, size: tuple[int, int] = (320, 240)) ->
     (base / "LLaVA-Pretrain").mkdir(parents=True, exist_ok=True)
     (base / "LLaVA-Pretrain/blip_laion_cc_sbu_558k.json").write_text(json.dumps(pretrain))
 
+
+def _write_instruct(base: Path, rng: random.Random, size: tuple[int, int]) -> None:
     imgs = base / "llava_images"
     coco = "coco/train2017/000000000009.jpg"
     gqa = "gqa/images/2354786.jpg"
