@@ -244,21 +244,14 @@ def write_manifest(
     split; check nothing was lost. Returns the manifest's JSON dict."""
     fs, _ = storage.fs_and_path(out_url)
     parts = sorted(parts, key=lambda p: p.chunk)
-    skip_rows = [s.to_dict() for s in index_skips] + [s for p in parts for s in p.skips]
-    skip_rows.sort(key=lambda s: (s["key"], s["level"], s["reason"], s["detail"]))
-    skipped = Counter(s["reason"] for s in skip_rows if s["level"] == "record")
-    dropped = Counter(s["reason"] for s in skip_rows if s["level"] == "annotation")
+    skip_rows, skipped, dropped = _tally_skips(index_skips, parts)
     records_in = sum(p.records_in for p in parts) + sum(s.level == "record" for s in index_skips)
     samples = sum(p.samples for p in parts)
     if records_in != samples + sum(skipped.values()):  # the contract: nothing is lost silently
         raise RuntimeError(
             f"{source.name}/{split}: {records_in} records in != {samples} samples + {sum(skipped.values())} skipped"
         )
-    stats: Counter = Counter()
-    categories: Counter = Counter()
-    for p in parts:
-        categories.update(p.stats.get("category_counts", {}))
-        stats.update({k: v for k, v in p.stats.items() if k != "category_counts"})
+    stats, categories = _sum_stats(parts)
     manifest = Manifest(
         schema=SCHEMA_VERSION,
         source=source.name,
@@ -291,9 +284,33 @@ def write_manifest(
         for row in skip_rows:
             f.write(json.dumps(row, sort_keys=True).encode() + b"\n")
     manifest.write(out_url)  # last: a split is complete once its manifest exists
-    # shards of chunks that no longer exist (the input shrank) must not linger beside the manifest
+    _remove_unlisted_shards(fs, sdir, manifest)
+    return manifest.to_dict()
+
+
+def _tally_skips(index_skips: list[Skip], parts: list[PartResult]) -> tuple[list[dict], Counter, Counter]:
+    """Every skip row of a split in ``skipped.jsonl`` order, and the counts by reason of skipped records and
+    dropped annotations."""
+    rows = [s.to_dict() for s in index_skips] + [s for p in parts for s in p.skips]
+    rows.sort(key=lambda s: (s["key"], s["level"], s["reason"], s["detail"]))
+    skipped = Counter(s["reason"] for s in rows if s["level"] == "record")
+    dropped = Counter(s["reason"] for s in rows if s["level"] == "annotation")
+    return rows, skipped, dropped
+
+
+def _sum_stats(parts: list[PartResult]) -> tuple[Counter, Counter]:
+    """(masks/regions/turns/flag counts, category id -> masks) summed over a split's parts."""
+    stats: Counter = Counter()
+    categories: Counter = Counter()
+    for p in parts:
+        categories.update(p.stats.get("category_counts", {}))
+        stats.update({k: v for k, v in p.stats.items() if k != "category_counts"})
+    return stats, categories
+
+
+def _remove_unlisted_shards(fs, sdir: str, manifest: Manifest) -> None:
+    """Shards of chunks that no longer exist (the input shrank) must not linger beside the manifest."""
     listed = {s.file for s in manifest.shards}
-    for p in fs.glob(f"{sdir}/{source.name}-{split}-*.tar"):
+    for p in fs.glob(f"{sdir}/{manifest.source}-{manifest.split}-*.tar"):
         if p.rsplit("/", 1)[-1] not in listed:
             fs.rm(p)
-    return manifest.to_dict()
