@@ -153,7 +153,6 @@ def part1(tmp: Path, n: int) -> None:
                     sources=["coco_panoptic"],
                     options=BuildOptions(samples_per_shard=100),
                     num_workers=workers,
-                    log=lambda m: None,
                 )
                 dt = time.perf_counter() - t0
             rates[workers] = res[0].samples / dt

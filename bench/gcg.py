@@ -91,7 +91,6 @@ def timed_build(root: Path, out: Path, per_shard: int) -> tuple[int, float]:
         sources=["grandf_gcg"],
         splits=["train"],
         options=BuildOptions(samples_per_shard=per_shard),
-        log=lambda m: None,
     )
     return res.samples, time.perf_counter() - t0
 

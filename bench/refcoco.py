@@ -181,7 +181,6 @@ def timed_build(root: Path, out: Path, split: str, per_shard: int) -> tuple[int,
         sources=["refcoco"],
         splits=[split],
         options=BuildOptions(samples_per_shard=per_shard),
-        log=lambda m: None,
     )
     return res.samples, time.perf_counter() - t0
 
