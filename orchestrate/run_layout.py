@@ -24,12 +24,8 @@ from pipelines import storage
 STAGE_NUMBERS = (1, 2, 3)
 
 
-def is_local(url: str) -> bool:
+def _is_local(url: str) -> bool:
     return "://" not in str(url) or str(url).startswith("file://")
-
-
-def local_path(url: str) -> Path:
-    return Path(str(url).removeprefix("file://"))
 
 
 def resolve(url: str) -> str:
@@ -62,17 +58,13 @@ class StageLayout:
         return storage.join(self.dir, "metrics.jsonl")
 
     @property
-    def trace_dir(self) -> str:
-        return storage.join(self.dir, "trace")
-
-    @property
     def checkpoint_glob(self) -> str:
         """fsspec glob of this stage's Ray Train checkpoint folders (a path, no protocol)."""
         return f"{storage.fs_and_path(self.dir)[1]}/checkpoint_*"
 
     def local_dir(self) -> Path | None:
         """The stage folder as a local path, or None for a remote run root."""
-        return local_path(self.dir) if is_local(self.run_root) else None
+        return Path(self.dir.removeprefix("file://")) if _is_local(self.run_root) else None
 
     def default_wandb_dir(self) -> str:
         """``<stage>/wandb`` for a local run root, else ``./wandb_runs/stage<N>/wandb`` (absolute)."""

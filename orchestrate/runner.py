@@ -10,7 +10,6 @@ device), and that an existing checkpoint of this stage was written with the same
 from __future__ import annotations
 
 import dataclasses
-import logging
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -22,8 +21,6 @@ from orchestrate.plan import RunPlan, param_shapes
 from orchestrate.run_layout import RunLayout, StageLayout, resolve
 from orchestrate.stages import get_stage, with_world_size
 from pipelines import storage
-
-logger = logging.getLogger(__name__)
 
 
 @dataclass(kw_only=True)

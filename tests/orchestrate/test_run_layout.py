@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from orchestrate.run_layout import RunLayout, is_local, local_path, resolve
+from orchestrate.run_layout import RunLayout, resolve
 
 
 def test_local_run_root(tmp_path):
@@ -13,7 +13,7 @@ def test_local_run_root(tmp_path):
     assert run.name == "a" and [s.stage for s in run.stages()] == [1, 2, 3]
     assert s2.name == "stage2" and s2.dir == str(tmp_path / "runs" / "a" / "stage2")
     assert s2.export_dir == f"{s2.dir}/export" and s2.metrics_jsonl == f"{s2.dir}/metrics.jsonl"
-    assert s2.trace_dir == f"{s2.dir}/trace" and s2.checkpoint_glob == f"{s2.dir}/checkpoint_*"
+    assert s2.checkpoint_glob == f"{s2.dir}/checkpoint_*"
     assert s2.local_dir() == Path(s2.dir) and s2.trace_file(1) == Path(s2.dir, "trace", "rank1.jsonl")
     assert s2.default_wandb_dir() == str(Path(s2.dir, "wandb"))
 
@@ -30,6 +30,5 @@ def test_remote_run_root_keeps_wandb_local(tmp_path, monkeypatch):
 
 def test_url_helpers(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    assert is_local("/x") and is_local("file:///x") and not is_local("gs://b/x")
-    assert local_path("file:///x/y") == Path("/x/y")
+    assert RunLayout("file:///x/y").stage(1).local_dir() == Path("/x/y/stage1")
     assert resolve("rel") == str(tmp_path / "rel") and resolve("s3://b/k") == "s3://b/k"
