@@ -30,7 +30,7 @@ import json, sys
 from pipelines.build.mixture import STAGE_DATASETS, compute
 stages = {k: list(v) for k, v in STAGE_DATASETS.items()}
 stages[2] = ["coco_panoptic"]
-mix = compute(sys.argv[1], stages=stages, log=lambda _: None)
+mix = compute(sys.argv[1], stages=stages)
 open(sys.argv[2], "w").write(json.dumps(mix.to_dict(), indent=1, sort_keys=True))
 ' "$SHARDS" "$MIXTURE"
   echo "note: no llava_pretrain shards, so stage 2 of the demo reads coco_panoptic instead: $MIXTURE"
