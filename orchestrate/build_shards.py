@@ -10,6 +10,7 @@ configuration ends with exit code 2 and one line naming the file or option at fa
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 
@@ -103,7 +104,8 @@ def main(argv: list[str] | None = None) -> int:
     ray.init(
         address=os.environ.get("RAY_ADDRESS"),
         num_cpus=None if os.environ.get("RAY_ADDRESS") else args.num_workers,
-        log_to_driver=True,
+        log_to_driver=True,  # a task's errors and warnings still reach the console
+        logging_level=logging.INFO if verbosity(args) > 0 else logging.WARNING,  # no start-up chatter
     )
     try:
         results = build(

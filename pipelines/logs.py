@@ -156,5 +156,8 @@ class Progress:
     def __enter__(self) -> Progress:
         return self
 
-    def __exit__(self, *exc) -> None:
-        self.close()
+    def __exit__(self, exc_type, *exc) -> None:
+        if exc_type is None:
+            self.close()
+        elif self.bar is not None:  # failed: leave the bar where it stopped, no final line
+            self.bar.close()
