@@ -1,8 +1,14 @@
-"""Score predictions against built val sets (a Ray job, or a plain command).
+"""Score predictions against built val sets, or run a stage export over them first (a Ray job, or a command).
 
     ray job submit --working-dir . -- python orchestrate/evaluate.py --predictions /shared/preds.jsonl \
         --shards /shared/shards --data-root /shared/datas --sets coco_panoptic/val,refcoco/val --out /shared/eval
     python orchestrate/evaluate.py --predictions preds.jsonl --shards demo_out/shards --data-root demo_out/datas --out eval
+    python orchestrate/evaluate.py --export RUN/stage3/export --shards SHARDS --data-root DATAS \
+        --sets refcoco/val,coco_panoptic/val --out DIR --num-workers 4 --use-gpu [--max-samples N]
+
+``--export`` runs inference over the sets' val shards on Ray workers that each load the model once
+(:mod:`orchestrate.evaluation.inference`), streams ``<out>/predictions.jsonl`` and scores it as
+``--predictions`` would; its wandb run joins the training run's group and shows prediction overlays.
 
 Writes ``<out>/results.json`` (``{"<source>/<split>": {"<metric>": percent}}``), ``<out>/details.json`` and a
 wandb run (``job_type="eval"``, offline by default), and prints the table. Bad input (a predictions file
@@ -31,6 +37,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     source = p.add_mutually_exclusive_group(required=True)  # inference (--export) joins this group
     source.add_argument("--predictions", help="predictions.jsonl to score (one line per sample key)")
+    source.add_argument("--export", help="a stage export (RUN/stage3/export): run inference, then score it")
     p.add_argument("--shards", required=True, help="the shard folder the val sets were built into")
     p.add_argument("--data-root", default="", help="the folder the build read (COCO sets read originals)")
     p.add_argument("--sets", help="comma list of <source>/<split>; default: every set the predictions cover")
@@ -38,28 +45,74 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--num-workers", type=int, default=1, help="> 1: score shards as Ray tasks (default: 1)")
     p.add_argument("--text-sim-model", help="local sentence-embedding folder for GCG recall (else omitted)")
     p.add_argument("--wandb-mode", default="offline", choices=("offline", "online", "disabled", "auto"))
+    add_inference_args(p)
     p.add_argument("-v", "--verbose", action="count", default=0, help="more detail (-vv: every library)")
     p.add_argument("-q", "--quiet", action="count", default=0, help="warnings only (-qq: errors only)")
     return p.parse_args(argv)
 
 
+def add_inference_args(p: argparse.ArgumentParser) -> None:
+    """Options of ``--export`` (inference over the sets, :mod:`orchestrate.evaluation.inference`)."""
+    g = p.add_argument_group("inference (--export)")
+    g.add_argument("--use-gpu", action="store_true", help="one GPU per worker, bf16 (default: CPU, fp32)")
+    g.add_argument("--max-samples", type=int, help="only each set's first N samples (scored on those)")
+    g.add_argument("--mode", default="auto", choices=("auto", "teacher", "generate"), help="auto: as X-SAM")
+    g.add_argument("--batch-size", type=int, default=4, help="samples per forward (default: 4)")
+    g.add_argument("--max-new-tokens", type=int, default=512, help="per generated answer (default: 512)")
+    g.add_argument("--no-kv-cache", action="store_true", help="generate without the KV cache (checks)")
+    g.add_argument("--overlays", type=int, default=2, help="prediction overlays per set in wandb")
+
+
+def run_export(args: argparse.Namespace, sets: list[str] | None) -> dict:
+    from orchestrate.evaluation.inference import InferenceOptions, evaluate_export
+
+    options = InferenceOptions(
+        mode=args.mode,
+        batch_size=args.batch_size,
+        max_new_tokens=args.max_new_tokens,
+        use_cache=not args.no_kv_cache,
+        device="cuda" if args.use_gpu else "cpu",
+        max_samples=args.max_samples,
+        overlays=args.overlays,
+    )
+    return evaluate_export(
+        args.export,
+        args.shards,
+        args.data_root,
+        sets,
+        args.out,
+        options,
+        num_workers=args.num_workers,
+        use_gpu=args.use_gpu,
+        text_sim_model=args.text_sim_model,
+        wandb_mode=args.wandb_mode,
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     configure_logging(args.verbose - args.quiet)
+    sets = [s.strip() for s in args.sets.split(",") if s.strip()] if args.sets else None
+    if args.export:
+        return _print(run_export(args, sets), args.out)
     results = score_predictions(
         args.predictions,
         args.shards,
         args.data_root,
-        sets=[s.strip() for s in args.sets.split(",") if s.strip()] if args.sets else None,
+        sets=sets,
         out_dir=args.out,
         num_workers=args.num_workers,
         text_sim_model=args.text_sim_model,
         wandb_mode=args.wandb_mode,
     )
-    with open(os.path.join(args.out, "details.json")) as f:
+    return _print(results, args.out)
+
+
+def _print(results: dict, out: str) -> int:
+    with open(os.path.join(out, "details.json")) as f:
         details = json.load(f)["sets"]
     print(format_table(results, details))
-    print(f"results: {os.path.join(args.out, 'results.json')}")
+    print(f"results: {os.path.join(out, 'results.json')}")
     return 0
 
 
