@@ -72,6 +72,9 @@ def resolve_jobs(
     unknown = [n for n in names if n not in SOURCES]
     if unknown:
         raise BuildConfigError(f"unknown source(s) {unknown}; known: {sorted(SOURCES)}")
+    unknown = sorted(n for n in overrides if n not in SOURCES)
+    if unknown:
+        raise BuildConfigError(f"--path names unknown source(s) {unknown}; known: {sorted(SOURCES)}")
     jobs = []
     for name in names:
         src = SOURCES[name]

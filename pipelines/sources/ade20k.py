@@ -42,6 +42,7 @@ import numpy as np
 from PIL import Image
 
 from pipelines import masks
+from pipelines.errors import BuildConfigError
 from pipelines.masks import MaskFormatError, label_map_rles
 from pipelines.schema import ImageRef, Sample
 from pipelines.sources.base import (
@@ -243,7 +244,7 @@ class _Ade20k:
         layouts = self.layouts(ov.get("root") or ADE_ROOT, split, ov)
         wanted = ov.get("layout")
         if wanted is not None and wanted not in layouts:
-            raise ValueError(f"{self.name}: layout {wanted!r} is not one of {sorted(layouts)}")
+            raise BuildConfigError(f"--path {self.name}.layout={wanted}: not one of {sorted(layouts)}")
         looked: list[str] = []
         for layout in [wanted] if wanted else list(layouts):
             roles = layouts[layout]

@@ -14,7 +14,7 @@ from PIL import Image
 from pipelines import masks
 from pipelines.demo.draw import id2rgb, png_bytes
 from pipelines.demo_data import write_demo
-from pipelines.errors import StrictModeError
+from pipelines.errors import BuildConfigError, StrictModeError
 from pipelines.schema import validate
 from pipelines.sources import SOURCES
 from pipelines.sources.ade20k import (
@@ -214,6 +214,10 @@ def test_mask2former_prepared_files_give_the_same_samples(root, tmp_path, source
     shutil.rmtree(root / ADE / "annotations")
     shutil.rmtree(root / ADE / "annotations_instance")
     assert SOURCES[source].locate(str(root), "train").info == {"layout": "mask2former"}
+    with pytest.raises(
+        BuildConfigError, match=rf"--path {source}.layout=m2f: not one of \['mask2former', 'raw'\]"
+    ):
+        SOURCES[source].locate(str(root), "train", {"layout": "m2f"})
 
 
 # ---------------------------------------------------------------------------------------------- bad inputs

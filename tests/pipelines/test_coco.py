@@ -216,6 +216,8 @@ def test_missing_named_source_is_a_configuration_error(tmp_path):
         build(str(tmp_path / "datas"), str(tmp_path / "out"), sources=["coco_panoptic"])
     with pytest.raises(BuildConfigError, match="unknown source"):
         build(str(tmp_path / "datas"), str(tmp_path / "out"), sources=["coco_panoptix"])
+    with pytest.raises(BuildConfigError, match=r"--path names unknown source\(s\) \['coco_panoptix'\]"):
+        build(str(tmp_path / "datas"), str(tmp_path / "out"), overrides={"coco_panoptix": {"images": "x"}})
 
 
 def test_image_bytes_png_images_are_kept_as_png(coco_root, tmp_path):
