@@ -186,6 +186,8 @@ class BuildOptions:
             raise BuildConfigError(
                 f"extra: expected SourceOptions or a mapping, got {type(self.extra).__name__}"
             )
+        for name in ("strict", "keep_eval_images"):  # "False" must not be true
+            object.__setattr__(self, name, parse_bool(name, getattr(self, name)))
         parse_int("samples_per_shard", self.samples_per_shard, 1)
         parse_int("max_image_pixels", self.max_image_pixels, 1)
         if self.genseg_num_class is not None:

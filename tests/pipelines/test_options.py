@@ -90,11 +90,17 @@ def test_an_unknown_option_is_an_error_naming_the_valid_ones():
         ({"genseg_num_class": 0}, "genseg_num_class: 0 is below its minimum 1"),
         ({"seed": "0"}, "seed: '0' is not an integer"),
         ({"extra": ["refseg_chunk=8"]}, "extra: expected SourceOptions or a mapping"),
+        ({"strict": "maybe"}, "strict: 'maybe' is not a boolean"),
     ],
 )
 def test_bad_build_options_fail_when_made(kwargs, match):
     with pytest.raises(BuildConfigError, match=match):
         BuildOptions(**kwargs)
+
+
+def test_boolean_build_options_parse_strictly():
+    assert BuildOptions(strict="False").strict is False and BuildOptions(strict="true").policy.strict is True
+    assert BuildOptions(keep_eval_images="0").to_dict()["keep_eval_images"] is False
 
 
 def test_policy_skips_by_default_and_strict_stops_except_on_filters():
