@@ -24,7 +24,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, fields
-from typing import IO, Any
+from typing import IO, Any, NamedTuple
 
 import numpy as np
 
@@ -193,8 +193,7 @@ class TruncatedShardError(ShardStoreError):
     """A member's data runs past the end of the file: the shard was cut short."""
 
 
-@dataclass(frozen=True)
-class TarMember:
+class TarMember(NamedTuple):  # a tuple, not a dataclass: one per member of every scanned shard
     """One ``<key>.<ext>`` member: where its data lies in the tar, and the data when it was read."""
 
     key: str
@@ -213,19 +212,120 @@ def iter_members(
     is streamed once. With ``file_size``, a member that ends past it raises :class:`TruncatedShardError` (a
     header scan alone would take a shard cut at a member boundary for a complete one).
     """
-    with tarfile.open(fileobj=f, mode="r|" if read_data else "r:") as tar:
+    entries = _streamed_members(f) if read_data else _header_members(f, file_size)
+    for name, offset, size, read in entries:
+        if file_size is not None and offset + size > file_size:
+            raise TruncatedShardError(
+                f"member {name} ends at byte {offset + size} of a {file_size}-byte file"
+            )
+        m = _MEMBER.match(name)
+        if m is not None:
+            yield TarMember(m.group(1), m.group(2), offset, size, read() if read else None)
+
+
+_Entry = tuple[str, int, int, Callable[[], bytes] | None]  # name, data offset, size, reader of the data
+
+
+def _streamed_members(f: IO[bytes]) -> Iterator[_Entry]:
+    with tarfile.open(fileobj=f, mode="r|") as tar:
         for ti in tar:
-            if not ti.isfile():
-                continue
-            if file_size is not None and ti.offset_data + ti.size > file_size:
-                raise TruncatedShardError(
-                    f"member {ti.name} ends at byte {ti.offset_data + ti.size} of a {file_size}-byte file"
-                )
-            m = _MEMBER.match(ti.name)
-            if m is None:
-                continue
-            data = tar.extractfile(ti).read() if read_data else None
-            yield TarMember(m.group(1), m.group(2), ti.offset_data, ti.size, data)
+            if ti.isfile():
+                yield ti.name, ti.offset_data, ti.size, tar.extractfile(ti).read
+
+
+def _header_members(f: IO[bytes], file_size: int | None) -> Iterator[_Entry]:
+    """Regular members from the headers alone. What our writer writes — a pax header holding only times (the
+    float mtime) before a ustar header of a regular file — is parsed here, much faster than ``tarfile`` does
+    it (a 1000-sample shard's index: ~40 ms instead of ~145 ms); at the first header that is anything else
+    (the end of the archive, other pax records, GNU extensions, a bad checksum, a short read) ``tarfile``
+    takes over from that byte, so what is found and what is raised are ``tarfile``'s own (the tests compare
+    the two on every truncation and on corrupted headers)."""
+    pos, checked = 0, set()
+    while True:
+        if pos and (pos > file_size if file_size is not None else _past_end(f, pos)):
+            raise tarfile.ReadError("unexpected end of data")  # tarfile's check: the previous member is whole
+        f.seek(pos)
+        member = _simple_member(f, pos, checked)
+        if member is None:
+            break
+        name, offset, size = member
+        yield name, offset, size, None
+        pos = offset + _blocks(size)
+    f.seek(pos)
+    with tarfile.open(fileobj=f, mode="r:") as tar:  # starts at f.tell(): offsets stay absolute
+        for ti in tar:
+            if ti.isfile():
+                yield ti.name, ti.offset_data, ti.size, None
+
+
+_BLOCK = 512
+# mode, uid, gid, mtime, device major/minor: the numbers of a header besides size and checksum
+_OTHER_NUMBERS = ((100, 108), (108, 116), (116, 124), (136, 148), (329, 337), (337, 345))
+_PAX_TIME = re.compile(rb"(\d+) (?:mtime|atime|ctime)=[^\n]*\n")  # records that change no name or offset
+
+
+def _blocks(size: int) -> int:
+    return -(-size // _BLOCK) * _BLOCK
+
+
+def _past_end(f: IO[bytes], pos: int) -> bool:
+    f.seek(pos - 1)
+    return not f.read(1)
+
+
+def _simple_member(f: IO[bytes], pos: int, checked: set[bytes]) -> tuple[str, int, int] | None:
+    """``(name, data offset, size)`` of the member whose header starts at ``pos`` (``f`` is there), when its
+    headers are [pax times] + ustar regular file; None otherwise."""
+    head = f.read(_BLOCK)
+    header = _ustar(head, checked)
+    if header is not None and header[0] == b"x":
+        pax = f.read(_blocks(header[2]) + _BLOCK)
+        if len(pax) != _blocks(header[2]) + _BLOCK or not _only_times(pax[:-_BLOCK]):
+            return None
+        pos, header = pos + len(head) + len(pax) - _BLOCK, _ustar(pax[-_BLOCK:], checked)
+    if header is None or header[0] not in (b"0", b"\0") or header[1].endswith("/"):  # "/": maybe a directory
+        return None
+    return header[1], pos + _BLOCK, header[2]
+
+
+def _ustar(buf: bytes, checked: set[bytes]) -> tuple[bytes, str, int] | None:
+    """``(type flag, name, size)`` of a header block, by tarfile's rules (every number plain octal, the
+    checksum, the ustar prefix, names in tarfile's encoding with surrogateescape); None when tarfile would
+    see an end, an error or a number this does not parse. ``checked``: the bytes of the numbers besides
+    size and checksum already found to parse (a writer repeats them in every header)."""
+    if len(buf) != _BLOCK:
+        return None
+    try:
+        others = buf[100:124] + buf[136:148] + buf[329:345]
+        if others not in checked:
+            for a, b in _OTHER_NUMBERS:  # tarfile parses each: one it cannot ends its scan
+                _octal(buf[a:b])
+            checked.add(others)
+        size, checksum = _octal(buf[124:136]), _octal(buf[148:156])
+    except ValueError:
+        return None
+    if checksum != 256 + sum(buf[:148]) + sum(buf[156:]):  # all zeros (the end) fails here too
+        return None
+    name = buf[:100].split(b"\0", 1)[0].decode(tarfile.ENCODING, "surrogateescape")
+    prefix = buf[345:500].split(b"\0", 1)[0].decode(tarfile.ENCODING, "surrogateescape")
+    return buf[156:157], (f"{prefix}/{name}" if prefix else name), size
+
+
+def _octal(field: bytes) -> int:
+    if field[0] & 0x80:  # base-256: left to tarfile
+        raise ValueError(field)
+    return int(field.split(b"\0", 1)[0].strip() or b"0", 8)
+
+
+def _only_times(data: bytes) -> bool:
+    """Whether a pax header's (padded) data holds only well-framed time records, as tarfile reads them."""
+    pos = 0
+    while pos < len(data) and data[pos] != 0:
+        m = _PAX_TIME.match(data, pos)
+        if m is None or int(m.group(1)) != m.end() - pos:
+            return False
+        pos = m.end()
+    return True
 
 
 def group_samples(members: Iterator[TarMember]) -> Iterator[tuple[str, dict[str, TarMember]]]:

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import tarfile
 from pathlib import Path
@@ -245,3 +246,121 @@ def test_a_shard_cut_short_is_reported_not_read_as_complete(built, tmp_path):
     assert idx.n == 1 and idx.reason == "truncated_shard" and "ends at byte" in idx.error
     with open(cut, "rb") as f, pytest.raises(tarfile.TarError):  # streamed: the short read itself fails
         list(shard_store.group_samples(shard_store.iter_members(f)))
+
+
+# ---------------------------------------------------------------------------------------------- header fast path
+def tarfile_index(path: Path) -> tuple[list[tuple], str | None]:
+    """What ``index_shard`` finds, computed by ``tarfile`` alone (the scan it did before its header fast path):
+    ``([(key, json offset, json size, image offset, image size, image ext)], error)``."""
+    size = path.stat().st_size
+    rows: list[tuple] = []
+    key, group = None, {}
+
+    def close():
+        if key is not None and "json" in group:
+            ext = next((e for e in ("jpg", "png") if e in group), None)
+            rows.append((key, *group["json"], *(group[ext] if ext else (-1, -1)), ext))
+
+    try:
+        with open(path, "rb") as f, tarfile.open(fileobj=f, mode="r:") as tar:
+            for ti in tar:
+                if not ti.isfile():
+                    continue
+                if ti.offset_data + ti.size > size:
+                    end = ti.offset_data + ti.size
+                    return rows, f"member {ti.name} ends at byte {end} of a {size}-byte file"
+                head, _, base = ti.name.rpartition("/")
+                if "." not in base or base.startswith("."):
+                    continue
+                k, ext = (
+                    f"{head}/{base.split('.', 1)[0]}" if head else base.split(".", 1)[0],
+                    base.split(".", 1)[1],
+                )
+                if k != key:
+                    close()
+                    key, group = k, {}
+                group[ext] = (ti.offset_data, ti.size)
+        close()
+    except (tarfile.TarError, OSError, EOFError, ValueError) as e:
+        return rows, f"{type(e).__name__}: {e}"
+    return rows, None
+
+
+def store_index(path: Path) -> tuple[list[tuple], str | None]:
+    idx = shard_store.index_shard(fsspec.filesystem("file"), str(path))
+    cols = (idx.json_off, idx.json_len, idx.img_off, idx.img_len)
+    rows = [(k, *(int(c[j]) for c in cols), idx.img_ext[j]) for j, k in enumerate(idx.keys)]
+    return rows, idx.error
+
+
+def test_header_scan_equals_tarfile_on_every_truncation_and_corruption(built, tmp_path):
+    for path in sorted(built.glob("*/*/*.tar")):
+        assert store_index(path) == tarfile_index(path) and store_index(path)[1] is None
+    src = sorted((built / "grefcoco/train").glob("*.tar"))[0]
+    raw = src.read_bytes()
+    cut = tmp_path / "cut.tar"
+    cuts = sorted({*range(0, len(raw), 211), *(b + d for b in range(0, len(raw), 512) for d in (-1, 0, 1))})
+    for n in cuts:
+        cut.write_bytes(raw[:n])
+        assert store_index(cut) == tarfile_index(cut), n
+    # a changed byte in the headers of the first members (pax header, pax data, ustar header): name, mode,
+    # size, checksum, type flag, magic, prefix, pax record, a NUL
+    for block in range(9):
+        for field in (0, 3, 100, 104, 125, 131, 149, 156, 257, 345, 511):
+            for value in (0, ord("0"), ord("9"), ord("x"), 0x80):
+                bad = bytearray(raw)
+                bad[block * 512 + field] = value
+                cut.write_bytes(bad)
+                assert store_index(cut) == tarfile_index(cut), (block, field, value)
+
+
+def _fix_checksum(header: bytearray) -> None:
+    header[148:156] = b" " * 8
+    header[148:156] = b"%06o\0 " % sum(header)
+
+
+def test_header_scan_equals_tarfile_on_other_writers(tmp_path):
+    """Headers our writer never writes are tarfile's to read: long and non-ASCII names, GNU and ustar formats,
+    directories and links, other pax records, base-256 numbers, an unparsable number under a valid checksum."""
+    files = {
+        "a/" + "k" * 120 + ".json": b"{}",  # pax path record / GNU long name / ustar prefix
+        "a/b" * 40 + "/x.json": b"{}",  # > 100 characters: a ustar prefix
+        "a/é.json": b"{}",
+        "a/plain.json": b"{}",
+        "a/plain.jpg": b"\xff" * 700,
+    }
+    for fmt in (tarfile.PAX_FORMAT, tarfile.GNU_FORMAT, tarfile.USTAR_FORMAT):
+        path = tmp_path / f"fmt{fmt}.tar"
+        with tarfile.open(path, "w", format=fmt) as tar:
+            for name, data in reversed(files.items()):  # plain names first: the fast path reads those
+                if fmt == tarfile.USTAR_FORMAT and (len(name.rsplit("/", 1)[1]) > 100 or not name.isascii()):
+                    continue
+                ti = tarfile.TarInfo(name)
+                ti.size, ti.mtime = len(data), 0.5 if fmt == tarfile.PAX_FORMAT else 0
+                tar.addfile(ti, io.BytesIO(data))
+            d = tarfile.TarInfo("a")
+            d.type = tarfile.DIRTYPE
+            tar.addfile(d)
+            link = tarfile.TarInfo("a/link.json")
+            link.type, link.linkname = tarfile.SYMTYPE, "a/plain.json"
+            tar.addfile(link)
+        assert store_index(path) == tarfile_index(path), fmt
+        rows = store_index(path)[0]
+        assert ("a/plain", "jpg") in [(r[0], r[5]) for r in rows] and len(rows) >= 2
+    raw = bytearray((tmp_path / f"fmt{tarfile.USTAR_FORMAT}.tar").read_bytes())
+    assert raw[:12] == b"a/plain.jpg\0"
+    v7_directory = ((11, b"/"), (156, b"\0"))  # an old-style directory (its 700 bytes are not skipped)
+    for edits in (
+        [(100, b"\x80")],
+        [(108, b"9")],
+        [(136, b"z")],
+        [(329, b"8")],
+        [(124, b"\xff")],
+        v7_directory,
+    ):
+        bad = bytearray(raw)
+        for field, value in edits:  # in the first header, which the fast path would read
+            bad[field : field + len(value)] = value
+        _fix_checksum(memoryview(bad)[:512])
+        (tmp_path / "bad.tar").write_bytes(bad)
+        assert store_index(tmp_path / "bad.tar") == tarfile_index(tmp_path / "bad.tar"), edits
