@@ -14,7 +14,8 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 from pipelines import storage
-from pipelines.sources.base import Shared, Skip
+from pipelines.errors import Skip
+from pipelines.sources.base import Shared
 
 
 class IndexOrderError(RuntimeError):

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 import simplejpeg
 from PIL import Image
 
-from pipelines.build.options import SkipRecord
+from pipelines.errors import SkipRecord
 
 if TYPE_CHECKING:
     from pipelines.sources.base import ConvertContext
