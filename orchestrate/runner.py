@@ -19,7 +19,7 @@ from orchestrate.callbacks import Callback, DataTrace, PredictionPreviews, Progr
 from orchestrate.errors import ParentExportError, RunSetupError, StageConfigError
 from orchestrate.plan import RunPlan, param_shapes
 from orchestrate.run_layout import RunLayout, StageLayout, resolve
-from orchestrate.stages import get_stage, with_world_size
+from orchestrate.stages import EvalConfig, get_stage, with_world_size
 from pipelines import storage
 
 
@@ -50,6 +50,11 @@ class RunArgs:
     checkpoint_every: int | None = None
     max_failures: int | None = None
     trace_data: bool = False
+    eval_every: int | None = None
+    eval_sets: str | None = None
+    """Comma list of ``<source>/<split>`` val sets for ``--eval-every``."""
+    eval_max_samples: int = 16
+    eval_data_root: str = ""
 
 
 def build_config(a: RunArgs):
@@ -74,6 +79,12 @@ def build_config(a: RunArgs):
         cfg = rep(cfg, checkpoint=rep(cfg.checkpoint, every_steps=a.checkpoint_every))
     if a.max_failures is not None:
         cfg = rep(cfg, checkpoint=rep(cfg.checkpoint, max_failures=a.max_failures))
+    if a.eval_every is not None:
+        sets = tuple(s.strip() for s in (a.eval_sets or "").split(",") if s.strip())
+        evaluation = EvalConfig(
+            every_steps=a.eval_every, sets=sets, max_samples=a.eval_max_samples, data_root=a.eval_data_root
+        )
+        cfg = rep(cfg, evaluation=evaluation)
     cfg.model.resolved_precision(a.use_gpu)  # bf16 without GPUs is refused here
     return cfg
 
@@ -162,6 +173,10 @@ def prepare(a: RunArgs) -> RunPlan:
     stage_mixture = check_data(shards, mixture_url, cfg.data.mixture_stage)
     steps_per_epoch = stage_mixture.steps_per_epoch(cfg.batch.global_batch)
     init_from = _checked_parents(cfg, run_root, a.init_from)
+    if cfg.evaluation is not None:
+        from orchestrate.eval_callback import check_evaluation
+
+        check_evaluation(cfg, shards)
     layout = RunLayout(run_root).stage(cfg.stage)
     check_resume(cfg, layout, a.resume)
     return RunPlan(
@@ -184,7 +199,12 @@ def prepare(a: RunArgs) -> RunPlan:
 def default_callbacks(plan: RunPlan) -> list[Callback]:
     """What every worker runs besides the loop: the progress line, prediction previews, the data trace
     (``--trace-data``), then any named in ``XSAM_TRAIN_CALLBACKS`` (:func:`orchestrate.callbacks.from_env`)."""
+    from orchestrate.eval_callback import SourceLosses, StageEval
+
     callbacks: list[Callback] = [ProgressLine(plan.cfg.tracking.progress_every_s), PredictionPreviews()]
+    callbacks.append(SourceLosses())
+    if plan.cfg.evaluation is not None:
+        callbacks.append(StageEval(plan.cfg.evaluation))
     if plan.trace_data:
         callbacks.append(DataTrace())
     return callbacks + from_env()

@@ -201,6 +201,32 @@ class TrackingConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
+class EvalConfig:
+    """Evaluation while training (:class:`orchestrate.eval_callback.StageEval`): every ``every_steps`` steps,
+    inference on the first ``max_samples`` samples of each val set, scored and logged to the run."""
+
+    every_steps: int
+    sets: tuple[str, ...]
+    """``<source>/<split>`` names of built val sets."""
+    max_samples: int = 16
+    data_root: str = ""
+    """The folder the build read (COCO sets read their original annotation files)."""
+    batch_size: int = 2
+    max_new_tokens: int = 128
+    """Per generated answer (GCG captions are generated; X-SAM's 512 is the evaluate.py default)."""
+    mode: str = "auto"
+    """``auto`` (X-SAM: teacher-forced, GCG generated), ``teacher`` or ``generate``."""
+
+    def __post_init__(self):
+        if self.every_steps <= 0 or self.max_samples <= 0 or self.batch_size <= 0 or not self.sets:
+            raise StageConfigError(
+                f"evaluation needs every_steps, max_samples, batch_size > 0 and a set; got {self}"
+            )
+        if self.mode not in ("auto", "teacher", "generate"):
+            raise StageConfigError(f"evaluation mode must be auto, teacher or generate, got {self.mode!r}")
+
+
+@dataclass(frozen=True, kw_only=True)
 class StageConfig:
     """Everything one stage needs; :func:`to_dict` is what lands in the export and in wandb."""
 
@@ -216,6 +242,8 @@ class StageConfig:
     parents: tuple[ParentSpec, ...] = ()
     zero_stage: int = 2
     """DeepSpeed ZeRO stage (X-SAM: 2 everywhere). 3 is refused: exports read whole parameters."""
+    evaluation: EvalConfig | None = None
+    """Evaluation while training (``--eval-every``); None = none."""
 
     def __post_init__(self):
         if self.stage not in STAGE_GROUPS:
@@ -228,6 +256,8 @@ class StageConfig:
         for p in self.parents:
             if p.stage >= self.stage:
                 raise StageConfigError(f"stage {self.stage} cannot start from stage {p.stage}")
+        if self.evaluation is not None and self.stage == 2:
+            raise StageConfigError("stage 2 trains the projectors only: it has no masks to evaluate")
 
     @property
     def lr_mults(self) -> tuple[tuple[str, float], ...]:

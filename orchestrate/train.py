@@ -70,6 +70,10 @@ def _parser() -> argparse.ArgumentParser:
     )
     add("--wandb-dir", help="default: <run-root>/stage<N>/wandb")
     add("--trace-data", action="store_true", help="record every micro-batch's sample keys")
+    add("--eval-every", type=int, metavar="STEPS", help="evaluate on val sets every STEPS steps (stage 3, 1)")
+    add("--eval-sets", help="comma list of built <source>/<split> val sets for --eval-every")
+    add("--eval-max-samples", type=int, default=16, help="samples per set evaluated (the first N)")
+    add("--eval-data-root", default="", help="the folder the build read (COCO sets read originals)")
     add("--print-config", action="store_true", help="print the resolved stage config (JSON) and exit")
     add_verbosity_flags(p)
     return p
