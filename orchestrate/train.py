@@ -99,7 +99,11 @@ def parse_args(argv: list[str] | None = None) -> tuple[RunArgs, argparse.Namespa
 def _report(plan, result) -> None:
     """The result table (stdout): where the stage's outputs are."""
     layout = plan.layout
-    losses = ", ".join(f"{k.removeprefix('loss/')} {v:.4g}" for k, v in result.metrics.items() if k != "step")
+    losses = ", ".join(  # components a stage does not compute are 0
+        f"{k.removeprefix('loss/')} {v:.4g}"
+        for k, v in result.metrics.items()
+        if k == "loss" or (k != "step" and v)
+    )
     print(f"stage {plan.stage} finished: {result.metrics.get('step')} steps; {losses}")
     print(f"  checkpoint  {result.checkpoint.path if result.checkpoint else None}")
     print(f"  export      {layout.export_dir}")

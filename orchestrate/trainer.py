@@ -356,8 +356,8 @@ class Trainer:
         for cb in self.callbacks:
             cb.on_train_end(self)
         run_dir = self.tracker.finish()
-        if self.is_main:
-            logger.info(
+        if self.is_main:  # the driver prints the result table; this line is for -v and the worker logs
+            logger.debug(
                 "stage %d done at step %d; export %s; wandb %s",
                 self.cfg.stage,
                 self.state.step,
