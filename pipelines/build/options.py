@@ -92,6 +92,14 @@ def parse_int(name: str, value: Any, minimum: int) -> int:
     return value
 
 
+def parse_choice(name: str, value: Any, choices: tuple[str, ...]) -> str:
+    """``value`` as one of ``choices`` (any case, surrounding spaces ignored); else an error naming the
+    option and the valid values."""
+    if isinstance(value, str) and value.strip().lower() in choices:
+        return value.strip().lower()
+    raise BuildConfigError(f"option {name}: {value!r} is not one of {list(choices)}")
+
+
 @dataclass(frozen=True)
 class SourceOptions:
     """Options that one source family reads (CLI ``--option KEY=VALUE``, or ``BuildOptions(extra={...})``).
@@ -107,10 +115,24 @@ class SourceOptions:
     """GCG sources: end every caption with '.', as X-SAM main does (the archive code adds none)."""
     gcg_min_words: int = 3
     """GCG sources: captions with fewer words are skipped (GLaMM's rule)."""
+    gcg_min_words_sources: str = "flickr"
+    """Which GCG sources apply ``gcg_min_words``: ``flickr`` (the paper: X-SAM checks Flickr only) or
+    ``all`` (this project's behaviour before issue 16)."""
     lvis_max_phrases: int = 100
     """lvis: at most this many positive categories per sample; an image with more becomes several."""
     llava_keep_text_only: bool = False
-    """llava_*: keep text-only records (image None) instead of skipping them as ``text_only``."""
+    """llava_*: keep text-only records (image None), as the paper's stage 3 trains them; the default skips
+    them as ``text_only`` (X-SAM main's ``exclude_pure_text``) until the processor takes an image-less
+    sample (issue 16: the flip to the paper's default waits for that)."""
+    coco_category_names: str = "paper"
+    """coco_panoptic/coco_instance phrases: ``paper`` (the archive's ``tag_categories``: '-other' dropped, so
+    'wall', 'sky') or ``main`` (X-SAM main's cleaning: 'wall other', 'sky other')."""
+    ade20k_category_names: str = "xsam"
+    """ade20k_panoptic/_semantic phrases: ``xsam`` (the Mask2Former synonym lists X-SAM's evaluation prompts
+    with, e.g. 'road, route') or ``lisa`` (LISA's single names, this project's behaviour before issue 16)."""
+    polygon_bad_parts: str = "drop_part"
+    """A polygon part with fewer than 6 numbers or an odd count: ``drop_part`` keeps the annotation's good
+    parts (X-SAM) or ``drop_annotation`` drops the whole annotation (this project before issue 16)."""
 
     def __post_init__(self):
         for f in fields(self):
@@ -156,8 +178,12 @@ _PARSERS = {
     "refseg_chunk": lambda n, v: None if v is None or _is_none(v) else parse_int(n, v, 1),
     "gcg_force_period": parse_bool,
     "gcg_min_words": lambda n, v: parse_int(n, v, 0),
+    "gcg_min_words_sources": lambda n, v: parse_choice(n, v, ("flickr", "all")),
     "lvis_max_phrases": lambda n, v: parse_int(n, v, 1),
     "llava_keep_text_only": parse_bool,
+    "coco_category_names": lambda n, v: parse_choice(n, v, ("paper", "main")),
+    "ade20k_category_names": lambda n, v: parse_choice(n, v, ("xsam", "lisa")),
+    "polygon_bad_parts": lambda n, v: parse_choice(n, v, ("drop_part", "drop_annotation")),
 }
 
 

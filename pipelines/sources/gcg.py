@@ -24,7 +24,9 @@ out a good phrase. Overlap drops are the recipe at work, not bad data: they do n
 Answer (recipe §2.6): ``<p>`` and ``</p> `` around each kept span (right to left; the space after ``</p>`` is
 X-SAM's), ``.strip()``, a space and one ``<SEG>`` suffix. The paper (``AAAI26_Archive``) does not force a
 trailing period; the source option ``gcg_force_period=true`` adds one as X-SAM main does. Captions
-under ``gcg_min_words`` (default 3, GLaMM's rule) words are skipped. Mask k is the union of phrase
+under ``gcg_min_words`` (default 3, GLaMM's rule) words are skipped on ``flickr_gcg`` only, as the paper's
+code checks Flickr only; ``gcg_min_words_sources=all`` applies it to all four (this project before issue 16).
+``psg_gcg``'s train split (COCO train2017 images) leaves out the RefCOCO/+/g eval images, as the COCO sources. Mask k is the union of phrase
 k's masks, label k = its span's order in the answer.
 
 Val/test samples keep every ground-truth mask: a label that cannot be placed in the caption leaves its mask
@@ -362,7 +364,8 @@ def gcg_sample(
     that cannot be tagged stay, with label -1."""
     key = record["key"]
     opts = ctx.options.extra
-    cap = _checked_caption(inp, opts.gcg_min_words)
+    min_words = opts.gcg_min_words if source == "flickr_gcg" or opts.gcg_min_words_sources == "all" else 0
+    cap = _checked_caption(inp, min_words)
     rel = relpath(ctx.files.dirs["images"], inp.file_name)
     h, w = _image_hw(ctx, rel, inp.height, inp.width)
     placed, untagged = _place_all(key, cap, inp, (h, w), ctx, keep_all_masks)
@@ -470,6 +473,14 @@ def _unwrap(item: Any) -> dict:
     return item if isinstance(item, dict) else {}
 
 
+def _coco_id(image_id: Any, file_name: Any) -> int | None:
+    """A COCO image id from an int ``image_id`` or a ``<digits>.jpg`` file name, else None."""
+    if isinstance(image_id, int) and not isinstance(image_id, bool):
+        return image_id
+    stem = os.path.splitext(os.path.basename(file_name))[0] if isinstance(file_name, str) else ""
+    return int(stem) if stem.isdigit() else None
+
+
 def _val_file_name(image_id: Any) -> str | None:
     return f"{image_id}.jpg" if isinstance(image_id, str | int) and not isinstance(image_id, bool) else None
 
@@ -533,9 +544,13 @@ class PsgGcg(_GcgBase):
     splits = ("train", "val")
     files = {"train": "OpenPsgGCG_train.json", "val": "OpenPsgGCG_val.json"}
     image_dirs = (f"{IMAGES}/coco2017", f"{IMAGES}/coco2017/train2017")  # X-SAM's layout, then GLaMM's
+    eval_image_guard_splits = ("train",)  # COCO train2017 images: RefCOCO/+/g eval images left out
 
     def index(self, files: SourceFiles, split: str, options: BuildOptions) -> Iterator[dict | Skip | Shared]:
-        yield from index_grandf(files.inputs["annotations"], f"{self.name}/{split}")
+        for rec in index_grandf(files.inputs["annotations"], f"{self.name}/{split}"):
+            if isinstance(rec, dict):  # the eval-leakage guard reads record["image"]["id"] (COCO ids)
+                rec["image"]["id"] = _coco_id(rec["image"].get("image_id"), rec["image"].get("file_name"))
+            yield rec
 
     def to_sample(self, record: dict, ctx: ConvertContext) -> Sample:
         return gcg_sample(self.name, record, ctx, grandf_input(record))

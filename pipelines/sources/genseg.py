@@ -27,6 +27,21 @@ def clean_category_name(name: str) -> str:
     return " ".join(name.lower().split())
 
 
+def paper_category_name(name: str) -> str:
+    """The archive's ``tag_categories`` (the paper's prompts): 'wall-other-merged' -> 'wall'.
+
+    Drops '-merged', '-other' and '-stuff', turns '-' into a space, lower-cases (whitespace collapsed, which
+    changes no COCO or ADE20K name but keeps a stray trailing space out of a phrase).
+    """
+    name = name.replace("-merged", "").replace("-other", "").replace("-stuff", "").replace("-", " ")
+    return " ".join(name.lower().split())
+
+
+def category_namer(naming: str):
+    """``paper`` -> :func:`paper_category_name`; ``main`` -> :func:`clean_category_name`."""
+    return paper_category_name if naming == "paper" else clean_category_name
+
+
 def prompt_categories(
     rng: random.Random, present: Sequence[int], all_ids: Sequence[int], num_class: int | None
 ) -> list[int]:

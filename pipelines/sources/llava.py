@@ -11,9 +11,11 @@ user turn, consecutive messages of one role are joined by a newline, and an unan
 dropped (counted). ``llava_pretrain`` always uses ``<image>\\n`` (X-SAM's stage-2 map function has no image
 token argument on either branch); ``llava_instruct`` uses ``BuildOptions.image_token``.
 
-Text-only records (about 40.7k in mix665k) are left out by default, as X-SAM's stage 3
-(``exclude_pure_text=True``), each counted under ``text_only``; the source option ``llava_keep_text_only``
-keeps them as Samples with ``image=None``. Bad records are skipped with a reason: an unknown role
+Text-only records (about 40.7k in mix665k) are left out by default, each counted under ``text_only``, as
+X-SAM *main*'s stage 3 (``exclude_pure_text=True``). The paper's code trains them (the archive's
+``ImgConvDataset`` never reads that argument); the source option ``llava_keep_text_only`` keeps them as
+Samples with ``image=None`` and becomes the default once the processor takes an image-less sample. ``llava_instruct``'s train split leaves out the RefCOCO/+/g eval images
+among its COCO train2017 images (``coco/train2017/<id>.jpg``), as the COCO sources do. Bad records are skipped with a reason: an unknown role
 (``unknown_role``), an empty or non-text message (``empty_turn``), more than one ``<image>``
 (``multiple_image_tokens``), ``<image>`` in a record without an image (``image_token_without_image``), or
 text holding a token the model reserves (``<SEG>``, ``<p>``, ``</p>``, ``<region>``: ``reserved_token_in_text``).
@@ -94,6 +96,14 @@ def chat_turns(messages, has_image: bool, image_token: str) -> tuple[list[Turn],
     return merged, counts
 
 
+def coco_train2017_id(image: object) -> int | None:
+    """The COCO image id of a ``coco/train2017/<digits>.jpg`` file name, else None."""
+    if not isinstance(image, str) or not image.startswith("coco/train2017/"):
+        return None
+    stem = os.path.splitext(os.path.basename(image))[0]
+    return int(stem) if stem.isdigit() else None
+
+
 class _Llava:
     name: str
     json_rel: str
@@ -128,13 +138,19 @@ class _Llava:
                     key, "text_only", f"record {rec.get('id')!r} has no image (llava_keep_text_only keeps it)"
                 )
                 continue
-            yield {"key": key, "id": rec.get("id"), "image": image, "conversations": rec.get("conversations")}
+            yield {
+                "key": key,
+                "id": rec.get("id"),
+                # the eval-leakage guard reads record["image"]["id"]: a COCO train2017 id, else None
+                "image": {"file_name": image, "id": coco_train2017_id(image)},
+                "conversations": rec.get("conversations"),
+            }
 
     def image_token(self, options: BuildOptions) -> str:
         return options.image_token
 
     def to_sample(self, record: dict, ctx: ConvertContext) -> Sample:
-        image = record.get("image")
+        image = record["image"]["file_name"]
         if image is not None and (not isinstance(image, str) or not image):
             raise SkipRecord("bad_record", f"image is {image!r}, not a file name")
         turns, counts = chat_turns(
@@ -175,6 +191,7 @@ class LlavaInstruct(_Llava):
     """LLaVA-1.5 mix665k instructions (stage 3)."""
 
     name = "llava_instruct"
+    eval_image_guard_splits = ("train",)  # its COCO train2017 images: RefCOCO/+/g eval images left out
     json_rel = "LLaVA-Instruct-150K/llava_v1_5_mix665k.json"
     image_dirs = (
         "llava_images",

@@ -105,3 +105,35 @@ def test_any_source_can_opt_in():
     items = [{"key": "v/train/a", "image": {"id": 16}}, {"key": "v/train/b", "image": {"id": 17}}]
     out = list(guard.exclude(items))
     assert isinstance(out[0], Skip) and out[0].reason == REASON and out[1] is items[1]
+
+
+def test_llava_instruct_and_psg_gcg_leave_eval_images_out(tmp_path):
+    """Both read COCO train2017 images: their records carry the COCO id, so the guard leaves eval images out."""
+    from pipelines.sources.base import SourceFiles
+    from pipelines.sources.gcg import PsgGcg
+    from pipelines.sources.llava import LlavaInstruct
+
+    guard = EvalGuard(path="mem://eval_images.json", image_ids=frozenset({16}), keep=False)
+    chat = [{"from": "human", "value": "<image>q"}, {"from": "gpt", "value": "a"}]
+    llava = tmp_path / "llava.json"
+    images = ["coco/train2017/000000000016.jpg", "coco/train2017/000000000017.jpg", "gqa/images/16.jpg", None]
+    llava.write_text(
+        json.dumps([{"id": str(i), "image": im, "conversations": chat} for i, im in enumerate(images)])
+    )
+    psg = tmp_path / "psg.json"
+    psg.write_text(
+        json.dumps(
+            [
+                {"file_name": "000000000016.jpg", "image_id": 16, "caption": "a b c", "groundings": {}},
+                {"file_name": "000000000017.jpg", "image_id": 17, "caption": "a b c", "groundings": {}},
+            ]
+        )
+    )
+    for src, path in ((LlavaInstruct(), llava), (PsgGcg(), psg)):
+        assert guard.for_split(src, "train") is guard
+        files = SourceFiles(data_root=str(tmp_path), inputs={"annotations": str(path)}, dirs={"images": "x"})
+        out = list(guard.exclude(src.index(files, "train", BuildOptions())))
+        left_out = [x for x in out if isinstance(x, Skip) and x.reason == REASON]
+        assert len(left_out) == 1 and "image 16 " in left_out[0].detail
+        kept = [x for x in out if isinstance(x, dict)]
+        assert [x["image"]["id"] for x in kept] == ([17, None] if src.name == "llava_instruct" else [17])

@@ -286,7 +286,7 @@ BAD_INPUTS = {
         "rle_size_mismatch",
         "annotation",
     ),
-    "caption_under_three_words": (
+    "caption_under_three_words": (  # the paper checks Flickr only; gcg_min_words_sources=all checks all four
         "grandf_gcg",
         GRANDF,
         _grandf_first(
@@ -363,7 +363,8 @@ BAD_INPUTS = {
 def test_bad_input_is_skipped_with_reason_and_fails_under_strict(gcg_root, tmp_path, name):
     source, rel, edit, reason, level = BAD_INPUTS[name]
     edit_json(gcg_root / rel, edit)
-    manifest, samples, skipped = run(gcg_root, tmp_path / "out", source)
+    opts = {"extra": {"gcg_min_words_sources": "all"}} if reason == "short_caption" else {}
+    manifest, samples, skipped = run(gcg_root, tmp_path / "out", source, **opts)
     rows = [s for s in skipped if s["reason"] == reason]
     assert rows and all(r["level"] == level and r["detail"] for r in rows)
     table = manifest["skipped"] if level == "record" else manifest["dropped"]
@@ -375,7 +376,7 @@ def test_bad_input_is_skipped_with_reason_and_fails_under_strict(gcg_root, tmp_p
         "span_outside_caption" if name == "no_phrase_placeable" else reason
     )  # strict stops at the drop
     with pytest.raises(StrictModeError, match=first_problem):
-        run(gcg_root, tmp_path / "strict", source, strict=True)
+        run(gcg_root, tmp_path / "strict", source, strict=True, **opts)
 
 
 def test_bad_groundings_type_is_skipped(gcg_root, tmp_path):
@@ -395,8 +396,14 @@ def test_period_option_and_min_words(gcg_root, tmp_path):
     _, forced, _ = run(gcg_root, tmp_path / "b", "grandf_gcg", extra={"gcg_force_period": True})
     main = tag_caption(s.meta["caption"], s.meta["spans"], force_period=True)
     assert main.endswith("</p> .") and answer(forced[0][0]).startswith(main + " ")  # X-SAM main
+    # the paper checks the word minimum on Flickr only; gcg_min_words_sources=all is the old behaviour
     manifest, _, _ = run(gcg_root, tmp_path / "c", "grandf_gcg", extra={"gcg_min_words": 50})
+    assert "short_caption" not in manifest["skipped"]
+    extra = {"gcg_min_words": 50, "gcg_min_words_sources": "all"}
+    manifest, _, _ = run(gcg_root, tmp_path / "d", "grandf_gcg", extra=extra)
     assert manifest["skipped"] == {"short_caption": 5}
+    manifest, _, _ = run(gcg_root, tmp_path / "e", "flickr_gcg", extra={"gcg_min_words": 50})
+    assert manifest["skipped"].get("short_caption", 0) == manifest["counts"]["records_in"] > 0
 
 
 def test_psg_image_folder_probe_records_the_layout(gcg_root, tmp_path):
