@@ -35,6 +35,12 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 
+def _source(metrics: Mapping[str, Any]) -> str | None:
+    """The step's source (the loader names a dataset ``<source>/<split>``)."""
+    name = metrics.get("source")
+    return str(name).split("/")[0] if name else None
+
+
 def _parts(metrics: Mapping[str, Any]) -> dict[str, float]:
     """``{"total": loss, "lm": …, …}`` of a step's metrics."""
     out = {"total": float(metrics["loss"])} if "loss" in metrics else {}
@@ -46,7 +52,7 @@ class SourceLosses(Callback):
     """Rank 0 logs each step's losses under the step's source: ``loss_by_source/<source>/<part>``."""
 
     def on_step_end(self, trainer: Trainer, step: int, metrics: Mapping[str, Any]) -> None:
-        source = metrics.get("source")
+        source = _source(metrics)
         if not trainer.is_main or not source:
             return
         trainer.tracker.log(step, {f"loss_by_source/{source}/{k}": v for k, v in _parts(metrics).items()})
@@ -126,8 +132,8 @@ class StageEval(Callback):
         self.window: dict[str, list[float]] = {}  # source -> total losses since the last evaluation
 
     def on_step_end(self, trainer: Trainer, step: int, metrics: Mapping[str, Any]) -> None:
-        if metrics.get("source") and "loss" in metrics:
-            self.window.setdefault(metrics["source"], []).append(float(metrics["loss"]))
+        if _source(metrics) and "loss" in metrics:
+            self.window.setdefault(_source(metrics), []).append(float(metrics["loss"]))
         if step % self.cfg.every_steps == 0:
             self.evaluate(trainer, step)
 

@@ -43,11 +43,13 @@ def debug_model():
 
 
 class RecordingTracker:
+    """The tracker's methods, recorded; ``run.log`` receives the wandb tables."""
+
     active = True
-    run = None
 
     def __init__(self):
-        self.rows, self.summaries = [], {}
+        self.rows, self.summaries, self.tables = [], {}, []
+        self.run = SimpleNamespace(log=self.tables.append)
 
     def log(self, step, metrics):
         self.rows.append({"step": step, **metrics})
@@ -74,7 +76,7 @@ def stand_in(model, shards, run_dir, *, step=0):
 def _run(cb, trainer, steps):
     cb.on_train_start(trainer)
     for step in steps:
-        cb.on_step_end(trainer, step, {"loss": 1.0 + step, "loss/lm": 0.5, "source": "refcoco"})
+        cb.on_step_end(trainer, step, {"loss": 1.0 + step, "loss/lm": 0.5, "source": "refcoco/train"})
 
 
 def test_evaluates_at_the_configured_steps_and_again_after_a_resume(
@@ -95,6 +97,13 @@ def test_evaluates_at_the_configured_steps_and_again_after_a_resume(
     lines = (tmp_path / "stage3" / "eval" / "step_0000002" / "predictions.jsonl").read_text().splitlines()
     assert len(lines) == 2 + 2 + 2  # the first 2 samples of each set
     assert first.tracker.summaries["eval/latest/refcoco/val/cIoU"] == evals[-1]["eval/refcoco/val/cIoU"]
+    # each set's metrics next to its source's mean training loss since the previous evaluation (steps 1, 2)
+    table = first.tracker.tables[0]["eval/by_source"]
+    rows = [dict(zip(table.columns, r, strict=True)) for r in table.data]
+    assert {
+        (r["source"], r["source_train_loss"], r["source_steps"]) for r in rows if r["set"] == "refcoco/val"
+    } == {("refcoco", 2.5, 2)}
+    assert all(r["source_train_loss"] is None for r in rows if r["source"] != "refcoco")
     # training state untouched: weights, the global RNG, train mode
     assert all(torch.equal(weights[k], v) for k, v in model.state_dict().items())
     assert torch.equal(rng, torch.get_rng_state()) and model.training
