@@ -72,6 +72,11 @@ class LoaderError(XsamError, RuntimeError):
     sample, a state that does not fit)."""
 
 
+class BuildError(XsamError, RuntimeError):
+    """A build cannot finish: a conversion worker died (a crash in a native library) or another build holds the
+    output folder. The message names the chunk and records, or the other build's host and pid."""
+
+
 class CardTextError(XsamError, ValueError):
     """A dataset-card text file is missing or malformed."""
 

@@ -14,6 +14,7 @@ import numpy as np
 from PIL import Image
 from pycocotools import mask as mask_utils
 
+from pipelines import validate
 from pipelines.errors import MaskFormatError
 
 
@@ -35,15 +36,11 @@ def _bytes_counts(rle: dict) -> dict:
 def polygons_to_rle(polygons: Sequence[Sequence[float]], height: int, width: int) -> dict:
     """Polygons ``[[x1, y1, x2, y2, …], …]`` (parts OR-ed) to one compressed RLE.
 
-    A part with fewer than 6 numbers (3 points) or an odd count is a :class:`MaskFormatError`.
+    A part with fewer than 6 numbers (3 points) or an odd count is a :class:`MaskFormatError`, and so is a
+    coordinate that is not a finite number near the image (:func:`pipelines.validate.check_polygons`).
     """
-    if not polygons:
-        raise MaskFormatError("bad_polygon", "empty polygon list")
-    for part in polygons:
-        if not isinstance(part, list | tuple) or len(part) < 6 or len(part) % 2:
-            n = len(part) if isinstance(part, list | tuple) else type(part).__name__
-            raise MaskFormatError("bad_polygon", f"polygon part with {n} numbers (need an even count >= 6)")
-    rles = mask_utils.frPyObjects([list(map(float, p)) for p in polygons], height, width)
+    polygons = [list(p) if isinstance(p, tuple) else p for p in polygons] if polygons else polygons
+    rles = mask_utils.frPyObjects(validate.check_polygons(polygons, height, width), height, width)
     return _str_counts(mask_utils.merge(rles))
 
 
@@ -59,10 +56,7 @@ def segmentation_to_rle(segm, height: int, width: int) -> dict:
     if isinstance(segm, list):
         return polygons_to_rle(segm, height, width)
     if isinstance(segm, dict) and "counts" in segm and "size" in segm:
-        if [int(segm["size"][0]), int(segm["size"][1])] != [height, width]:
-            raise MaskFormatError(
-                "rle_size_mismatch", f"RLE size {list(segm['size'])} != image {[height, width]}"
-            )
+        validate.check_rle(segm, height, width)  # pycocotools decodes runs without bounds checks
         if isinstance(segm["counts"], list):  # uncompressed (crowd) RLE
             return _str_counts(mask_utils.frPyObjects(segm, height, width))
         return _str_counts(segm)

@@ -22,7 +22,7 @@ from pipelines import storage
 from pipelines.build import eval_guard, mixture, shards
 from pipelines.build.chunks import Chunk, spill
 from pipelines.build.options import BuildOptions
-from pipelines.errors import BuildConfigError, Skip, SourceNotFound
+from pipelines.errors import BuildConfigError, BuildError, Skip, SourceNotFound
 from pipelines.logs import Progress, quiet_third_party_warnings
 from pipelines.sources import SOURCES
 from pipelines.sources.base import SourceFiles
@@ -112,13 +112,30 @@ def _run_chunks(
         return
     shared_ref = ray.put(shared)
     pending: list = []
+    chunk_of: dict = {}
     queue = list(chunks)
     while queue or pending:
         while queue and len(pending) < num_workers:
             c = queue.pop(0)
-            pending.append(_convert_task.remote(src.name, files, split, options, c, out_url, fp, shared_ref))
+            ref = _convert_task.options(max_retries=0).remote(
+                src.name, files, split, options, c, out_url, fp, shared_ref
+            )
+            pending.append(ref)
+            chunk_of[ref] = c
         ready, pending = ray.wait(pending, num_returns=1)
-        yield ray.get(ready[0])
+        yield _chunk_result(ready[0], chunk_of.pop(ready[0]), f"{src.name}/{split}")
+
+
+def _chunk_result(ref, chunk: Chunk, where: str) -> shards.PartResult:
+    """A chunk task's result; a worker that died (a segfault in a native library, the OOM killer) is a
+    :class:`BuildError` naming the chunk and its records, so the records can be looked at or left out."""
+    try:
+        return ray.get(ref)
+    except (ray.exceptions.WorkerCrashedError, ray.exceptions.OutOfMemoryError) as e:
+        raise BuildError(
+            f"{where}: the worker converting chunk {chunk.index} ({chunk.records} records, {chunk.first_key} .. "
+            f"{chunk.last_key}, {chunk.path}) died: {type(e).__name__}; rerun with -v to see its last lines"
+        ) from None
 
 
 @dataclass
@@ -149,12 +166,19 @@ def index_split(
     fp = shards.fingerprint(src, files, split, options, hashes)
     logger.info("%s/%s: indexing %s", src.name, split, ", ".join(files.inputs.values()))
     items = src.index(files, split, options)
-    chunks, index_skips, shared = spill(
-        guard.exclude(items) if guard is not None else items,
-        out_url,
-        shards.index_dir(out_url, src.name, split),
-        options.samples_per_shard,
-    )
+    try:
+        chunks, index_skips, shared = spill(
+            guard.exclude(items) if guard is not None else items,
+            out_url,
+            shards.index_dir(out_url, src.name, split),
+            options.samples_per_shard,
+        )
+    except (
+        OSError
+    ) as e:  # an annotation path that is a folder, unreadable, a symlink loop: one line naming it
+        raise BuildConfigError(
+            f"{src.name}/{split}: cannot read {e.filename or '?'}: {e.strerror or e}"
+        ) from None
     for skip in index_skips:
         options.policy.check(skip)
     return _Indexed(files, hashes, fp, chunks, index_skips, shared)

@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import stat
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -26,7 +28,7 @@ from pipelines import storage
 from pipelines.build.chunks import Chunk, read_chunk
 from pipelines.build.images import load_image
 from pipelines.build.options import BuildOptions
-from pipelines.errors import SampleError, Skip, SkipRecord
+from pipelines.errors import BuildConfigError, SampleError, Skip, SkipRecord
 from pipelines.schema import SCHEMA_VERSION, to_wds
 from pipelines.shard_store import COUNTED_FLAGS, Manifest, ShardEntry, shard_name, split_dir
 from pipelines.sources.base import ConvertContext, SourceFiles
@@ -169,8 +171,8 @@ def _convert_one(
         if sample.image is not None:
             image_bytes, ext = load_image(ctx, sample.image.path, sample.image.height, sample.image.width)
         item = to_wds(sample, image_bytes, ext)
-    except (SkipRecord, SampleError) as e:
-        skip = e.at(key) if isinstance(e, SkipRecord) else Skip(key, "invalid_sample", str(e))
+    except (SkipRecord, SampleError, *_MALFORMED) as e:
+        skip = _skip_of(key, e)
         part.skips.append(options.policy.check(skip, cause=e).to_dict())
         part.skips.extend(d.to_dict() for d in ctx.drops)
         return
@@ -185,6 +187,19 @@ def _convert_one(
     for flag in COUNTED_FLAGS:
         counts[flag] += bool(sample.meta.get(flag))
     categories.update(str(m.category_id) for m in sample.masks if m.category_id is not None)
+
+
+# What a record's values may still raise deep in a source after validation missed a case (a missing key, a
+# string where a number belongs, an int beyond C's range): a skip naming the record, never a dead build.
+_MALFORMED = (KeyError, TypeError, IndexError, OverflowError, RecursionError, AttributeError)
+
+
+def _skip_of(key: str, e: Exception) -> Skip:
+    if isinstance(e, SkipRecord):
+        return e.at(key)
+    if isinstance(e, SampleError):
+        return Skip(key, "invalid_sample", str(e))
+    return Skip(key, "malformed_record", f"{type(e).__name__}: {str(e)[:200]}")
 
 
 def fingerprint(
@@ -208,6 +223,7 @@ def hash_inputs(files: SourceFiles) -> list[dict]:
     out = []
     for role, path in sorted(files.inputs.items()):
         fs, p = storage.fs_and_path(path)
+        _check_input(fs, p, role)
         if fs.isdir(p):
             h = hashlib.sha256()
             size = 0
@@ -225,6 +241,23 @@ def hash_inputs(files: SourceFiles) -> list[dict]:
                 h.update(block)
         out.append({"role": role, "path": path, "bytes": fs.size(p), "sha256": h.hexdigest(), "kind": "file"})
     return out
+
+
+def _check_input(fs, path: str, role: str) -> None:
+    """An annotation input is a regular file or a folder that can be read: a FIFO would hang the build in
+    ``open`` and a symlink loop or a missing permission would fail later naming nothing."""
+    if getattr(fs, "protocol", None) not in ("file", ("file", "local")):
+        return
+    try:
+        st = os.stat(path)
+        if stat.S_ISDIR(st.st_mode):
+            os.listdir(path)
+        elif stat.S_ISREG(st.st_mode):
+            os.close(os.open(path, os.O_RDONLY))
+        else:
+            raise BuildConfigError(f"{role} input {path} is not a regular file or folder")
+    except OSError as e:
+        raise BuildConfigError(f"{role} input {path}: cannot read: {e.strerror or e}") from None
 
 
 def write_manifest(

@@ -42,6 +42,7 @@ import numpy as np
 from PIL import Image
 
 from pipelines import masks
+from pipelines.build.images import DECODER_ERRORS, guarded_decode, image_size, png_header, read_panoptic_png
 from pipelines.errors import BuildConfigError
 from pipelines.masks import MaskFormatError, label_map_rles
 from pipelines.schema import ImageRef, Sample
@@ -106,35 +107,31 @@ def category_table(vocabulary: tuple[int, ...]) -> dict:
 def _image_size(ctx: ConvertContext, rel: str) -> tuple[int, int]:
     """``(height, width)`` from the image header (the writer reads and checks the whole file later)."""
     try:
-        with Image.open(ctx.path(rel)) as im:
-            w, h = im.size
-    except FileNotFoundError:
-        raise SkipRecord("missing_image", f"{rel} not found under the data root") from None
-    except (OSError, SyntaxError, ValueError) as e:
+        return image_size(ctx.read_bytes(rel, missing_reason="missing_image"))
+    except DECODER_ERRORS as e:
         raise SkipRecord("corrupt_image", f"{rel}: {e}") from None
-    return h, w
 
 
 def _read_png(ctx: ConvertContext, rel: str, modes: tuple[str, ...], missing: str, bad: str) -> np.ndarray:
     """``HxW`` (L, P) or ``HxWxC`` in OpenCV's B, G, R(, A) order (RGB, RGBA) uint8 pixels of a PNG."""
     data = ctx.read_bytes(rel, missing_reason=missing)
-    try:
-        with Image.open(io.BytesIO(data)) as im:  # the header says the mode; P must go through PIL (indices)
-            mode = im.mode
-            if mode not in modes:
-                raise SkipRecord(bad, f"{rel} is mode {mode}, expected one of {modes}")
-            arr = np.asarray(im) if mode == "P" else None
-    except SkipRecord:
-        raise
-    except (OSError, SyntaxError, ValueError) as e:
-        raise SkipRecord(bad, f"{rel}: {e}") from None
-    if arr is None:  # libpng through OpenCV decodes about twice as fast as PIL for RGB
-        arr = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
-        if arr is None:
-            raise SkipRecord(bad, f"{rel}: cannot be decoded")
+    _, _, mode = png_header(data, rel, ctx.options.max_image_pixels, bad)  # the pixel limit before decoding
+    if mode not in modes:
+        raise SkipRecord(bad, f"{rel} is mode {mode}, expected one of {modes}")
+    # P must go through PIL (indices); libpng through OpenCV decodes about twice as fast as PIL for RGB
+    arr = guarded_decode(_decode_palette if mode == "P" else _decode_cv2, data, rel, bad)
     if arr.dtype != np.uint8:
         raise SkipRecord(bad, f"{rel} holds {arr.dtype}, expected uint8")
     return arr
+
+
+def _decode_palette(data: bytes) -> np.ndarray:
+    with Image.open(io.BytesIO(data)) as im:
+        return np.asarray(im)
+
+
+def _decode_cv2(data: bytes) -> np.ndarray | None:
+    return cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
 
 
 def _check_size(arr: np.ndarray, h: int, w: int, rel: str, reason: str) -> None:
@@ -410,10 +407,7 @@ class Ade20kPanoptic(_Ade20k):
         png_name = ann.get("file_name") or f"{record['image_id']}.png"
         rel = f"{ctx.files.dirs['panoptic']}/{png_name}"
         png = ctx.read_bytes(rel, missing_reason="missing_panoptic_png")
-        try:
-            id_map = masks.read_panoptic_png(png)
-        except OSError as e:
-            raise SkipRecord("bad_panoptic_png", f"{rel}: {e}") from None
+        id_map = read_panoptic_png(png, rel, ctx.options.max_image_pixels, "bad_panoptic_png")
         _check_size(id_map, h, w, rel, "label_size_mismatch")
         usable = []
         for seg in ann["segments_info"]:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import os
 import random
+import stat
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
@@ -88,6 +89,17 @@ def key_id(*parts: Any) -> str:
     return "".join(c if c.isalnum() or c in "_-" else "_" for c in out)
 
 
+def _file_kind(mode: int) -> str:
+    for test, name in (
+        (stat.S_ISFIFO, "FIFO"),
+        (stat.S_ISSOCK, "socket"),
+        (stat.S_ISCHR, "character device"),
+    ):
+        if test(mode):
+            return name
+    return "block device" if stat.S_ISBLK(mode) else "special file"
+
+
 @runtime_checkable
 class Source(Protocol):
     """One source family member (e.g. ``coco_panoptic``). Implementations are plain classes, one per file."""
@@ -126,13 +138,32 @@ class ConvertContext:
         return safe_join(self.data_root, rel)
 
     def read_bytes(self, rel: str, missing_reason: str = "missing_file") -> bytes:
+        """The bytes of the regular file ``rel`` under the data root, or :class:`SkipRecord`.
+
+        ``os.stat`` comes first: a FIFO, device or socket is refused before ``open`` (opening a FIFO blocks
+        forever), and the read is bounded by the size the directory entry reports (a file that grows while
+        being read, or a device that never ends, cannot take the build's memory).
+        """
         p = self.path(rel)
         try:
-            return p.read_bytes()
+            st = os.stat(p)
+            if stat.S_ISDIR(st.st_mode):
+                raise SkipRecord(missing_reason, f"{rel} is a folder")
+            if not stat.S_ISREG(st.st_mode):
+                raise SkipRecord(
+                    "not_a_regular_file", f"{rel} is a {_file_kind(st.st_mode)}, not a regular file"
+                )
+            with open(p, "rb") as f:
+                data = f.read(st.st_size)
         except FileNotFoundError:
             raise SkipRecord(missing_reason, f"{rel} not found under the data root") from None
-        except IsADirectoryError:
-            raise SkipRecord(missing_reason, f"{rel} is a folder") from None
+        except OSError as e:  # permission, a symlink loop, an I/O error
+            raise SkipRecord("unreadable_file", f"{rel}: {e.strerror or e}") from None
+        if len(data) != st.st_size:
+            raise SkipRecord(
+                "unreadable_file", f"{rel}: read {len(data)} of {st.st_size} bytes (file changed)"
+            )
+        return data
 
     def drop(self, key: str, reason: str, detail: str = "") -> None:
         """Note an annotation dropped from a record that still becomes a Sample (the build's error policy

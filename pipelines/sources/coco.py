@@ -15,7 +15,8 @@ from collections.abc import Iterator
 
 import numpy as np
 
-from pipelines import masks
+from pipelines import masks, validate
+from pipelines.build.images import read_panoptic_png
 from pipelines.masks import MaskFormatError
 from pipelines.schema import ImageRef, Sample
 from pipelines.sources.base import (
@@ -30,7 +31,6 @@ from pipelines.sources.base import (
 )
 from pipelines.sources.genseg import clean_category_name, genseg_conversation, mask_targets, prompt_categories
 from pipelines.sources.readers.coco_index import RawAnns, iter_coco_records, read_spans
-from pipelines.sources.readers.json_scan import loads
 
 COCO_ROOT = "img_genseg/coco2017"
 
@@ -48,6 +48,31 @@ def _category_table(categories: list[dict]) -> dict:
         "category_raw_names": {str(c["id"]): c["name"] for c in cats},
         "isthing": {str(c["id"]): int(c.get("isthing", 1)) for c in cats},
     }
+
+
+def _image_hw(img: dict) -> tuple[int, int]:
+    """The annotation's ``(height, width)`` of an image, checked to be positive ints of a sane size."""
+    if not img.get("height") or not img.get("width"):
+        raise SkipRecord("missing_image_size", f"image {img['id']} has no height/width")
+    h = validate.check_int(img["height"], f"image {img['id']} height", 1, validate.MAX_SIDE, "bad_image_size")
+    w = validate.check_int(img["width"], f"image {img['id']} width", 1, validate.MAX_SIDE, "bad_image_size")
+    return h, w
+
+
+def _segments(ann: dict, image_id) -> list[dict]:
+    """A panoptic entry's ``segments_info``: a non-empty list of objects with an int id and a category id."""
+    segments = ann.get("segments_info")
+    if not isinstance(segments, list):
+        raise SkipRecord(
+            "wrong_type", f"image {image_id}: segments_info is {type(segments).__name__}, not a list"
+        )
+    if not segments:
+        raise SkipRecord("no_usable_segment", f"image {image_id}: empty segments_info")
+    for i, seg in enumerate(segments):
+        what = f"image {image_id} segments_info[{i}]"
+        validate.check_int(validate.require(seg, "id", int, what), f"{what}.id", 0, (1 << 24) - 1)
+        validate.require(seg, "category_id", (int, str), what)
+    return segments
 
 
 def _locate(name: str, data_root: str, split: str, kind: str, overrides: dict | None) -> SourceFiles:
@@ -130,20 +155,32 @@ class CocoInstance:
                 item["ann_spans"] = [[o, n] for o, n in zip(raw.offsets, raw.lengths, strict=True)]
             yield item
 
-    def _annotations(self, record: dict, ctx: ConvertContext) -> list[dict]:
+    def _annotations(self, record: dict, ctx: ConvertContext) -> Iterator[tuple[str, dict]]:
+        """``(annotation key, annotation)`` of each parsed annotation; one that cannot be used (too deep,
+        not an object, no id, segmentation or category) is dropped with its reason."""
         path = ctx.files.inputs["annotations"]
         spans = [tuple(s) for s in record["ann_spans"]]
-        return [loads(text, path, off) for text, (off, _) in zip(read_spans(path, spans), spans, strict=True)]
+        for text, (off, _) in zip(read_spans(path, spans), spans, strict=True):
+            akey = f"{record['key']}/ann_at_{off}"
+            try:
+                ann = validate.loads(text, f"{path} byte {off}")
+                ann_id = validate.check_id(
+                    validate.require(ann, "id", (int, str), "annotation"), "annotation id"
+                )
+                akey = f"{record['key']}/ann_{ann_id}"
+                validate.require(ann, "category_id", (int, str), "annotation")
+                validate.require(ann, "segmentation", (list, dict), "annotation")
+            except SkipRecord as e:
+                ctx.drop(akey, e.reason, f"{path} byte {off}: {e.detail}")
+                continue
+            yield akey, ann
 
     def to_sample(self, record: dict, ctx: ConvertContext) -> Sample:
         img = record["image"]
-        h, w = img["height"], img["width"]
-        if not h or not w:
-            raise SkipRecord("missing_image_size", f"image {img['id']} has no height/width")
+        h, w = _image_hw(img)
         names = ctx.shared["category_names"]
         targets, crowd = [], []
-        for ann in self._annotations(record, ctx):
-            akey = f"{record['key']}/ann_{ann.get('id')}"
+        for akey, ann in self._annotations(record, ctx):
             if str(ann["category_id"]) not in names:
                 ctx.drop(akey, "unknown_category", f"category_id {ann['category_id']} not in categories[]")
                 continue
@@ -184,7 +221,7 @@ class CocoPanoptic:
 
     def to_sample(self, record: dict, ctx: ConvertContext) -> Sample:
         img = record["image"]
-        h, w = img["height"], img["width"]
+        h, w = _image_hw(img)
         if not record["anns"]:
             raise SkipRecord("no_panoptic_annotation", f"image {img['id']} has no entry in annotations[]")
         if len(record["anns"]) > 1:
@@ -192,17 +229,11 @@ class CocoPanoptic:
                 "duplicate_annotation", f"image {img['id']} has {len(record['anns'])} panoptic entries"
             )
         ann = record["anns"][0]
-        segments = ann["segments_info"]
-        if not segments:
-            raise SkipRecord("no_usable_segment", f"image {img['id']}: empty segments_info")
+        segments = _segments(ann, img["id"])
         png_name = ann.get("file_name") or os.path.splitext(img["file_name"])[0] + ".png"
-        png = ctx.read_bytes(
-            relpath(ctx.files.dirs["panoptic"], png_name), missing_reason="missing_panoptic_png"
-        )
-        try:
-            id_map = masks.read_panoptic_png(png)
-        except OSError as e:
-            raise SkipRecord("corrupt_panoptic_png", f"{png_name}: {e}") from None
+        rel = relpath(ctx.files.dirs["panoptic"], png_name)
+        png = ctx.read_bytes(rel, missing_reason="missing_panoptic_png")
+        id_map = read_panoptic_png(png, rel, ctx.options.max_image_pixels, "corrupt_panoptic_png")
         if id_map.shape != (h, w):
             raise SkipRecord(
                 "rle_size_mismatch", f"{png_name} is {id_map.shape[0]}x{id_map.shape[1]}, image is {h}x{w}"

@@ -26,8 +26,8 @@ from collections.abc import Iterator
 import cv2
 import numpy as np
 
-from pipelines import masks, templates
-from pipelines.build.images import image_size
+from pipelines import masks, templates, validate
+from pipelines.build.images import DECODER_ERRORS, image_size
 from pipelines.schema import ImageRef, MaskTarget, Sample, Turn
 from pipelines.sources.base import (
     BuildOptions,
@@ -51,6 +51,8 @@ def _read_json(path: str) -> dict:
     """LISA's reader falls back to cp1252 for a few files that are not UTF-8."""
     with open(path, "rb") as f:
         raw = f.read()
+    if validate.too_deep(raw):
+        raise ValueError(f"JSON nested deeper than {validate.MAX_DEPTH} levels")
     for enc in ("utf-8", "cp1252"):
         try:
             return json.loads(raw.decode(enc))
@@ -59,19 +61,19 @@ def _read_json(path: str) -> dict:
     raise ValueError("neither UTF-8 nor cp1252 text")
 
 
-def _shape_polygon(shape: dict) -> np.ndarray:
-    """``Nx2`` int32 points of a shape (a LabelMe rectangle's 2 corners become 4); ``bad_polygon`` if < 3."""
+def _shape_polygon(shape: dict, height: int, width: int) -> np.ndarray:
+    """``Nx2`` int32 points of a shape (a LabelMe rectangle's 2 corners become 4); ``bad_polygon`` if < 3,
+    ``bad_coordinate`` for a point that is not a finite number near the image (before OpenCV sees it)."""
     pts = shape.get("points")
-    try:
-        arr = np.asarray(pts, dtype=np.float64).reshape(-1, 2)
-    except (TypeError, ValueError):
-        raise SkipRecord("bad_polygon", f"points are not [x, y] pairs: {str(pts)[:80]}") from None
-    if shape.get("shape_type") == "rectangle" and len(arr) == 2:
-        (x0, y0), (x1, y1) = arr
-        arr = np.asarray([[x0, y0], [x1, y0], [x1, y1], [x0, y1]])
-    if len(arr) < 3 or not np.isfinite(arr).all():
-        raise SkipRecord("bad_polygon", f"polygon with {len(arr)} points (need >= 3)")
-    return arr.astype(np.int32)  # LISA truncates coordinates the same way
+    if not isinstance(pts, list) or not all(isinstance(p, list) and len(p) == 2 for p in pts):
+        raise SkipRecord("bad_polygon", f"points are not [x, y] pairs: {str(pts)[:80]}")
+    if shape.get("shape_type") == "rectangle" and len(pts) == 2:
+        (x0, y0), (x1, y1) = pts
+        pts = [[x0, y0], [x1, y0], [x1, y1], [x0, y1]]
+    if len(pts) < 3:
+        raise SkipRecord("bad_polygon", f"polygon with {len(pts)} points (need >= 3)")
+    flat = validate.check_polygons([[v for p in pts for v in p]], height, width)[0]
+    return np.asarray(flat, dtype=np.float64).reshape(-1, 2).astype(np.int32)  # LISA truncates the same way
 
 
 def _fill(poly: np.ndarray, out: np.ndarray, value: int) -> None:
@@ -90,7 +92,7 @@ def paint_shapes(
             counts["flag"] += 1
             continue
         try:
-            poly = _shape_polygon(shape if isinstance(shape, dict) else {})
+            poly = _shape_polygon(shape if isinstance(shape, dict) else {}, height, width)
         except SkipRecord as e:
             ctx.drop(f"{key}/shape_{i}", e.reason, e.detail)
             continue
@@ -178,8 +180,14 @@ class LisaReasonSeg:
         if not (isinstance(h, int) and isinstance(w, int) and h > 0 and w > 0):
             try:  # not in the JSON: read it from the image header
                 h, w = image_size(ctx.read_bytes(path, missing_reason="missing_image"))
-            except (OSError, ValueError) as e:
+            except DECODER_ERRORS as e:
                 raise SkipRecord("corrupt_image", f"{img['file']}: {e}") from None
+        h = validate.check_int(h, f"{img['file']} height", 1, validate.MAX_SIDE, "bad_image_size")
+        w = validate.check_int(w, f"{img['file']} width", 1, validate.MAX_SIDE, "bad_image_size")
+        if h * w > ctx.options.max_image_pixels:  # the label map below is h*w bytes: refuse before painting
+            raise SkipRecord(
+                "image_too_large", f"{img['file']}: {w}x{h} > {ctx.options.max_image_pixels} pixels"
+            )
         label_map, counts = paint_shapes(record["shapes"], h, w, ctx, key)
         target = label_map == TARGET
         if not target.any():

@@ -100,6 +100,15 @@ def _ints(values: list) -> list[int]:
         return out
 
 
+def _int64s(values: list[int]) -> array:
+    """``values`` as an int64 array; an id beyond int64 (an annotation file may hold any integer) becomes
+    :data:`NO_INT`, so the record's own checks refuse it instead of the scan dying in an ``OverflowError``."""
+    try:
+        return array("q", values)
+    except OverflowError:
+        return array("q", [v if -(1 << 63) <= v < (1 << 63) else NO_INT for v in values])
+
+
 def _scan_annotations(batch: Batch, scan: _Scan, key_prefix: str, path: str) -> Iterator[Skip]:
     aids, iids, cids = batch.captures
     offsets = batch.offsets
@@ -133,8 +142,8 @@ def _scan_annotations(batch: Batch, scan: _Scan, key_prefix: str, path: str) -> 
                 s = slots[image_ids[j]] = len(slots)
             got[j] = s
     scan.ann_slot.extend(got)
-    scan.ann_id.extend(ids)
-    scan.ann_cat.extend(cats)
+    scan.ann_id.extend(_int64s(ids))
+    scan.ann_cat.extend(_int64s(cats))
     scan.ann_off.frombytes(offsets.astype(np.int64).tobytes())
     scan.ann_len.frombytes(lengths.tobytes())
 

@@ -291,6 +291,9 @@ def loads(raw: bytes, path: str, offset: int | None = None) -> object:
     """``json.loads`` of one scanned element, failing with the file and (when known) the byte position named."""
     try:
         return json.loads(raw)
+    except RecursionError:
+        where = f" near byte {offset}" if offset is not None else ""
+        raise MalformedJSON(f"{path}: JSON nested too deeply{where}") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         pos = getattr(e, "pos", None) if isinstance(e, json.JSONDecodeError) else getattr(e, "start", None)
         where = f" near byte {offset + (pos or 0)}" if offset is not None else ""

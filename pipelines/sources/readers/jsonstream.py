@@ -11,6 +11,7 @@ from typing import Any
 
 import ijson
 
+from pipelines import validate
 from pipelines.errors import MalformedJSON
 
 try:  # the C backend is ~10x faster; fall back quietly where it is not built
@@ -28,7 +29,11 @@ def _fail(path: str, f, err: Exception) -> MalformedJSON:
 
 
 def iter_items(path: str, prefix: str) -> Iterator[Any]:
-    """Yield each element under ``prefix`` (ijson prefix, e.g. ``"images.item"`` or ``"item"``)."""
+    """Yield each element under ``prefix`` (ijson prefix, e.g. ``"images.item"`` or ``"item"``).
+
+    The file's nesting depth is checked first: ijson's C backend crashes on a deep enough element."""
+    if (pos := validate.file_too_deep(path)) is not None:
+        raise MalformedJSON(f"{path}: JSON nested deeper than {validate.MAX_DEPTH} levels at byte {pos}")
     with open(path, "rb") as f:
         try:
             yield from _ijson.items(f, prefix, use_float=True)
@@ -47,3 +52,5 @@ def load_small(path: str) -> Any:
             ) from None
         except UnicodeDecodeError as e:
             raise MalformedJSON(f"{path}: not UTF-8 text at byte {e.start}") from None
+        except RecursionError:
+            raise MalformedJSON(f"{path}: JSON nested too deeply") from None
