@@ -50,6 +50,7 @@ import numpy as np
 from pipelines.build.options import ErrorPolicy
 from pipelines.errors import ImageDecodeError, LoaderError, Skip
 from pipelines.loader import mixture as mixture_mod
+from pipelines.loader import redraw
 from pipelines.schema import Sample
 from pipelines.shard_store import RawSample, ShardReader
 
@@ -198,6 +199,7 @@ class MixtureStream:
         exclude_flags: Sequence[str] | None = None,
         storage_options: dict | None = None,
         max_cached_indexes: int = 256,
+        redraw_conversations: bool = True,
     ):
         if not stage.datasets:
             raise LoaderError(
@@ -229,6 +231,8 @@ class MixtureStream:
         self.exclude_flags = tuple(stage.exclude_flags if exclude_flags is None else exclude_flags)
         self.storage_options = storage_options
         self.max_cached_indexes = max_cached_indexes
+        # X-SAM re-draws wordings per access: use u of a sample (its u-th epoch) is pipelines.loader.redraw's
+        self.redraw_conversations = bool(redraw_conversations)
         self.names = stage.names
         self.probabilities = np.asarray(stage.probabilities, dtype=np.float64)
 
@@ -275,8 +279,9 @@ class MixtureStream:
         items, bad = [], 0
         while len(items) < self.batch_size:
             raw = cur.get(position)
+            use = position // cur.length  # the epoch of this consumer's slice: each key once per epoch
             position += 1
-            item = self._use(raw, cur.d, stats)
+            item = self._use(raw, cur.d, stats, use)
             if item is None:
                 bad += 1
                 if bad >= cur.length + self.batch_size:  # a whole pass without a usable sample
@@ -299,7 +304,7 @@ class MixtureStream:
         stats["skipped"][reason] = stats["skipped"].get(reason, 0) + 1
         stats["errors"] = (stats["errors"] + [f"{key}: {reason}: {detail}"[:300]])[-_MAX_ERRORS:]
 
-    def _use(self, raw: RawSample, d: mixture_mod.DatasetWeight, stats: dict) -> Any | None:
+    def _use(self, raw: RawSample, d: mixture_mod.DatasetWeight, stats: dict, use: int = 0) -> Any | None:
         """Raw bytes → transformed item, or None (skipped / filtered, counted)."""
         if raw.reason is not None:
             return self._skip(stats, raw.reason, raw.key, raw.detail)
@@ -317,6 +322,8 @@ class MixtureStream:
                 return None
         if sample.image is not None and raw.image is None:
             return self._skip(stats, "missing_image", raw.key, "no image member in the shard")
+        if self.redraw_conversations:  # a re-drawn sample that breaks the schema raises LoaderError
+            sample = redraw.redraw(sample, self.seed, use)
         try:
             return self.transform(sample, raw.image)
         except LoaderError:
@@ -421,6 +428,7 @@ class MixtureLoader:
         pin_memory: bool = False,
         multiprocessing_context=None,
         opencv_threads: int | None = 1,
+        redraw_conversations: bool = True,
     ):
         if isinstance(mixture, mixture_mod.StageMixture):
             stage_mix = mixture
@@ -443,6 +451,7 @@ class MixtureLoader:
             strict=strict,
             exclude_flags=exclude_flags,
             storage_options=storage_options,
+            redraw_conversations=redraw_conversations,
         )
         self.dataloader_kwargs = {
             "prefetch_factor": prefetch_factor if num_workers else None,
