@@ -250,7 +250,8 @@ def build(
     workers = num_workers or (
         max(1, int(ray.available_resources().get("CPU", 1))) if ray.is_initialized() else 1
     )
-    guard = eval_guard.prepare(os.path.abspath(data_root), out_url, overrides or {}, options)
+    guarded = any(split in getattr(src, "eval_image_guard_splits", ()) for src, split, _ in jobs)
+    guard = eval_guard.prepare(os.path.abspath(data_root), out_url, overrides or {}, options, guarded)
     results = [
         build_split(src, split, files, out_url, options, workers, guard.for_split(src, split))
         for src, split, files in jobs

@@ -21,7 +21,7 @@ from dataclasses import dataclass, replace
 
 from pipelines import storage
 from pipelines.build.options import BuildOptions
-from pipelines.errors import Skip
+from pipelines.errors import BuildConfigError, Skip
 from pipelines.sources.base import Shared, SourceFiles
 from pipelines.sources.readers.coco_index import image_sort_id
 
@@ -93,14 +93,20 @@ def prepare(
     out_url: str,
     overrides: dict[str, dict[str, str]],
     options: BuildOptions,
+    guarded: bool = True,
 ) -> EvalGuard:
     """Gather the eval image ids, write ``<out>/eval_images.json``, return the guard for :mod:`pipelines.build.driver`.
 
-    A refs file that cannot be read is an ``unreadable_refs`` skip under the build's error policy: a warning
-    by default (its eval images cannot be left out), an error under ``--strict``."""
+    The guard fails closed: a refs file that cannot be read means its eval images cannot be left out, so when
+    this build converts a ``guarded`` split it stops with a :class:`BuildConfigError` naming the file, unless
+    ``--keep-eval-images`` says the eval images may be trained on anyway (then it is a warning)."""
     data = gather(data_root, overrides)
+    if data["errors"] and guarded and not options.keep_eval_images:
+        raise BuildConfigError(
+            f"eval-leakage guard: {data['errors'][0]} (a guarded training split would take its eval images; "
+            "repair or remove the file, or pass --keep-eval-images)"
+        )
     for e in data["errors"]:
-        options.policy.check(Skip("eval-leakage guard", "unreadable_refs", e))
         logger.warning("eval-leakage guard: %s", e)
     fs, _ = storage.fs_and_path(out_url)
     path = storage.join(out_url.rstrip("/"), FILE_NAME)

@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pipelines import masks, templates
+from pipelines.errors import BuildError
 from pipelines.masks import MaskFormatError
 from pipelines.schema import ImageRef, MaskTarget, Sample, Turn
 from pipelines.sources.base import (
@@ -239,12 +240,9 @@ class ReferSource:
         path = files.inputs["refs"]
         try:
             all_refs = load_refs(path)
-        except UnsafePickleError as e:
-            yield Skip(f"{prefix}/{os.path.basename(path)}", "unsafe_pickle", str(e))
-            return
-        except MalformedPickle as e:
-            yield Skip(f"{prefix}/{os.path.basename(path)}", "malformed_pickle", str(e))
-            return
+        except (UnsafePickleError, MalformedPickle) as e:
+            # every record of the split is in this file: it is the split that fails, not one record of it
+            raise BuildError(f"{prefix}: refs file {path} cannot be loaded: {e}") from None
         train = split == "train"
         refs: list[_Ref] = []
         for ref in all_refs:
