@@ -56,7 +56,13 @@ from pipelines.sources.base import (
     SourceNotFound,
     key_id,
 )
-from pipelines.sources.genseg import clean_category_name, genseg_conversation, mask_targets, prompt_categories
+from pipelines.sources.genseg import (
+    clean_category_name,
+    genseg_conversation,
+    mask_targets,
+    paper_category_name,
+    prompt_categories,
+)
 from pipelines.sources.readers.coco_index import image_sort_id, iter_coco_records
 
 ADE_ROOT = "img_ovseg/ade20k"
@@ -79,6 +85,18 @@ def class_names() -> tuple[str, ...]:
 
 
 @cache
+def xsam_class_names() -> tuple[str, ...]:
+    """The 150 names X-SAM's panoptic/semantic evaluation prompts with (Mask2Former's synonym lists, through
+    the archive's ``tag_categories``), index = 0-based class id."""
+    names = json.loads((DATA / "ade20k_classes_xsam.json").read_text())
+    if len(names) != NUM_CLASSES:
+        raise RuntimeError(
+            f"{DATA / 'ade20k_classes_xsam.json'} lists {len(names)} classes, expected {NUM_CLASSES}"
+        )
+    return tuple(paper_category_name(n) for n in names)
+
+
+@cache
 def instance_to_class() -> dict[int, int]:
     """Instance100 class (1-based, the R value of an instance PNG) -> 0-based ADE-150 class id."""
     out = {}
@@ -94,11 +112,16 @@ def thing_classes() -> tuple[int, ...]:
     return tuple(sorted(set(instance_to_class().values())))
 
 
-def category_table(vocabulary: tuple[int, ...]) -> dict:
-    names, things = class_names(), set(thing_classes())
+def category_table(vocabulary: tuple[int, ...], naming: str = "lisa") -> dict:
+    """Ids, phrases and thing flags; ``naming``: ``xsam`` (:func:`xsam_class_names`) or ``lisa``."""
+    things = set(thing_classes())
+    if naming == "xsam":
+        phrases = {str(i): xsam_class_names()[i] for i in vocabulary}
+    else:
+        phrases = {str(i): clean_category_name(class_names()[i]) for i in vocabulary}
     return {
         "category_ids": list(vocabulary),
-        "category_names": {str(i): clean_category_name(names[i]) for i in vocabulary},
+        "category_names": phrases,
         "isthing": {str(i): int(i in things) for i in vocabulary},
     }
 
@@ -253,7 +276,9 @@ class _Ade20k:
         raise SourceNotFound(self.name, looked)
 
     def index(self, files: SourceFiles, split: str, options: BuildOptions) -> Iterator[dict | Skip | Shared]:
-        yield Shared(category_table(self.vocabulary()))
+        # X-SAM's instance names equal LISA's; panoptic/semantic prompts follow the ade20k_category_names option
+        naming = "lisa" if self.kind == "instance" else options.extra.ade20k_category_names
+        yield Shared(category_table(self.vocabulary(), naming))
         prefix = f"{self.name}/{split}"
         layout = files.info["layout"]
         if layout == "mask2former" and self.kind != "semantic":

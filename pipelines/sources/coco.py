@@ -29,7 +29,7 @@ from pipelines.sources.base import (
     SourceNotFound,
     relpath,
 )
-from pipelines.sources.genseg import clean_category_name, genseg_conversation, mask_targets, prompt_categories
+from pipelines.sources.genseg import category_namer, genseg_conversation, mask_targets, prompt_categories
 from pipelines.sources.readers.coco_index import RawAnns, iter_coco_records, read_spans
 
 COCO_ROOT = "img_genseg/coco2017"
@@ -40,11 +40,13 @@ def _image_fields(img: dict) -> dict:
     return {"id": img["id"], "file_name": file_name, "height": img.get("height"), "width": img.get("width")}
 
 
-def _category_table(categories: list[dict]) -> dict:
+def _category_table(categories: list[dict], naming: str) -> dict:
+    """Ids in id order and their phrases; ``naming`` is the ``coco_category_names`` option."""
     cats = sorted(categories, key=lambda c: c["id"])
+    name = category_namer(naming)
     return {
         "category_ids": [c["id"] for c in cats],
-        "category_names": {str(c["id"]): clean_category_name(c["name"]) for c in cats},
+        "category_names": {str(c["id"]): name(c["name"]) for c in cats},
         "category_raw_names": {str(c["id"]): c["name"] for c in cats},
         "isthing": {str(c["id"]): int(c.get("isthing", 1)) for c in cats},
     }
@@ -106,7 +108,10 @@ def _genseg_sample(
     shared = ctx.shared
     rng = ctx.rng(key)
     present = [c for _, c, _ in targets] + [c for _, c in crowd]
-    cat_ids = prompt_categories(rng, present, shared["category_ids"], ctx.options.genseg_num_class)
+    if ctx.split == "train":
+        cat_ids = prompt_categories(rng, present, shared["category_ids"], ctx.options.genseg_num_class)
+    else:  # X-SAM's evaluation prompt: the whole vocabulary in id order, never sub-sampled or shuffled
+        cat_ids = list(shared["category_ids"])
     slot = {c: i for i, c in enumerate(cat_ids)}
     phrases = [shared["category_names"][str(c)] for c in cat_ids]
 
@@ -147,7 +152,7 @@ class CocoInstance:
             f"{self.name}/{split}",
             _image_fields,
             None,
-            categories=_category_table,
+            categories=lambda c: _category_table(c, options.extra.coco_category_names),
             raw=True,
         ):
             if isinstance(item, dict):
@@ -216,7 +221,7 @@ class CocoPanoptic:
             f"{self.name}/{split}",
             _image_fields,
             lambda a: {"file_name": a.get("file_name"), "segments_info": a.get("segments_info") or []},
-            categories=_category_table,
+            categories=lambda c: _category_table(c, options.extra.coco_category_names),
         )
 
     def to_sample(self, record: dict, ctx: ConvertContext) -> Sample:

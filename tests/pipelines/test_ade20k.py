@@ -24,6 +24,7 @@ from pipelines.sources.ade20k import (
     class_names,
     instance_to_class,
     thing_classes,
+    xsam_class_names,
 )
 from pipelines.sources.genseg import clean_category_name
 from tests.helpers import build_and_read
@@ -142,10 +143,10 @@ def test_semantic_masks_are_the_label_png_classes(demo, tmp_path, split):
         assert sorted(m.category_id for m in s.masks) == sorted(int(v) - 1 for v in np.unique(sem) if v)
         for m in s.masks:
             np.testing.assert_array_equal(masks.decode(m.rle), sem == m.category_id + 1)
-            assert s.phrases[m.label] == clean_category_name(class_names()[m.category_id])
+            assert s.phrases[m.label] == xsam_class_names()[m.category_id]
         np.testing.assert_array_equal(masks.decode(s.ignore), sem == 0)
         if split == "val":  # evaluation prompts: all 150 classes in id order
-            assert s.phrases == [clean_category_name(n) for n in class_names()]
+            assert s.phrases == list(xsam_class_names())
 
 
 @pytest.mark.parametrize("split", ["train", "val"])
@@ -177,6 +178,17 @@ def test_panoptic_stuff_from_labels_things_from_instances(demo, tmp_path, split)
     sem, inst = pngs(demo, s.meta["image_id"], split)
     orphan = np.isin(sem, [c + 1 for c in things]) & (inst[..., 1] == 0)
     assert orphan.any() and masks.decode(s.ignore)[orphan].all()
+
+
+@pytest.mark.parametrize("source", ["ade20k_panoptic", "ade20k_semantic"])
+def test_val_phrases_are_x_sams_evaluation_names_or_lisas_by_option(demo, tmp_path, source):
+    names = xsam_class_names()
+    assert len(names) == NUM_CLASSES and names[6] == "road, route" and names[8] == "window"
+    assert sum(a != clean_category_name(b) for a, b in zip(names, class_names(), strict=True)) > 40
+    _, samples, _ = run(demo, tmp_path / "x", source, "val")
+    assert samples and all(s.phrases == list(names) for s in samples)
+    _, samples, _ = run(demo, tmp_path / "l", source, "val", extra={"ade20k_category_names": "lisa"})
+    assert samples and all(s.phrases == [clean_category_name(n) for n in class_names()] for s in samples)
 
 
 def test_instance_vocabulary_is_the_thing_classes(demo, tmp_path):

@@ -55,9 +55,9 @@ def test_panoptic_round_trip_masks_equal_png(coco_root, tmp_path):
             np.testing.assert_array_equal(masks.decode(m.rle), (id_map == seg_id).astype(np.uint8))
             # the label points at this segment's cleaned category name in the prompt
             raw = names[segs[seg_id]["category_id"]]
-            assert sample.phrases[m.label] == raw.replace("-merged", "").replace("-other", " other").replace(
-                "-", " "
-            )
+            # paper naming (the archive's tag_categories): '-merged', '-other', '-stuff' dropped
+            paper = raw.replace("-merged", "").replace("-other", "").replace("-stuff", "").replace("-", " ")
+            assert sample.phrases[m.label] == paper
         # paper default: every category is in the prompt
         assert len(sample.phrases) == len(pan["categories"])
         assert sample.conversation[0].text.startswith("<image>\n")
@@ -70,8 +70,42 @@ def test_panoptic_crowd_goes_to_ignore_and_names_are_cleaned(coco_root, tmp_path
     crowded = [s for s, _ in samples if s.meta["num_crowd"]]
     assert crowded and all(s.ignore is not None and masks.area(s.ignore) > 0 for s in crowded)
     phrases = set(samples[0][0].phrases)
-    assert {"sky other", "wall other", "grass", "person"} <= phrases
+    assert {"sky", "wall", "grass", "person"} <= phrases and not {"sky other", "wall other"} & phrases
     assert not any("-" in p for p in phrases)
+    main_out = tmp_path / "main"
+    build(
+        str(coco_root),
+        str(main_out),
+        sources=["coco_panoptic"],
+        options=BuildOptions(extra={"coco_category_names": "main"}),
+    )
+    _, main_samples, _ = read_split(main_out, "coco_panoptic")
+    assert {"sky other", "wall other", "grass", "person"} <= set(main_samples[0][0].phrases)
+
+
+@pytest.mark.parametrize("num_class", [None, 4])
+def test_val_prompts_list_the_whole_vocabulary_in_id_order(coco_root, tmp_path, num_class):
+    out = tmp_path / "out"
+    build(
+        str(coco_root),
+        str(out),
+        sources=["coco_panoptic", "coco_instance"],
+        splits=["val"],
+        options=BuildOptions(genseg_num_class=num_class),
+    )
+    for source, kind in (("coco_panoptic", "panoptic"), ("coco_instance", "instances")):
+        cats = json.loads((coco_root / ANN / f"{kind}_val2017.json").read_text())["categories"]
+        _, samples, _ = read_split(out, source, "val")
+        assert samples
+        for s, _ in samples:
+            names = [c["name"] for c in sorted(cats, key=lambda c: c["id"])]
+            assert s.phrases == [
+                n.replace("-merged", "").replace("-other", "").replace("-", " ") for n in names
+            ]
+            assert all(
+                s.phrases[m.label] and m.category_id == sorted(cats, key=lambda c: c["id"])[m.label]["id"]
+                for m in s.masks
+            )
 
 
 def test_instances_crowd_is_not_a_target(coco_root, tmp_path):
