@@ -85,6 +85,15 @@ def parse_args(argv: list[str] | None = None) -> tuple[RunArgs, argparse.Namespa
     a = p.parse_args(argv)
     if not a.print_config and not (a.shards and a.run_root):
         p.error("the following arguments are required: --shards, --run-root")
+    if a.num_workers is not None and a.num_workers < 1:  # 0 used to mean "the recipe's default" silently
+        p.error(f"--num-workers {a.num_workers}: needs at least 1 worker")
+    if (
+        a.run_root
+        and "://" not in a.run_root
+        and os.path.exists(a.run_root)
+        and not os.path.isdir(a.run_root)
+    ):
+        p.error(f"--run-root {a.run_root}: is a file, expected a folder (or a path that can be created)")
     init_from = {}
     for item in a.init_from:
         k, sep, v = item.partition("=")
