@@ -130,9 +130,6 @@ class SourceOptions:
     ade20k_category_names: str = "xsam"
     """ade20k_panoptic/_semantic phrases: ``xsam`` (the Mask2Former synonym lists X-SAM's evaluation prompts
     with, e.g. 'road, route') or ``lisa`` (LISA's single names, this project's behaviour before issue 16)."""
-    polygon_bad_parts: str = "drop_part"
-    """A polygon part with fewer than 6 numbers or an odd count: ``drop_part`` keeps the annotation's good
-    parts (X-SAM) or ``drop_annotation`` drops the whole annotation (this project before issue 16)."""
 
     def __post_init__(self):
         for f in fields(self):
@@ -183,7 +180,6 @@ _PARSERS = {
     "llava_keep_text_only": parse_bool,
     "coco_category_names": lambda n, v: parse_choice(n, v, ("paper", "main")),
     "ade20k_category_names": lambda n, v: parse_choice(n, v, ("xsam", "lisa")),
-    "polygon_bad_parts": lambda n, v: parse_choice(n, v, ("drop_part", "drop_annotation")),
 }
 
 
