@@ -55,7 +55,11 @@ def code_version() -> dict[str, Any]:
 
 # ---------------------------------------------------------------------------------------------- reading
 def safetensors_header(url: str) -> dict[str, dict]:
-    """``{key: {"dtype", "shape"}}`` from a safetensors file's JSON header, without reading the tensors."""
+    """``{key: {"dtype", "shape"}}`` from a safetensors file's JSON header, without reading the tensors.
+
+    The file must be complete: its size is 8 + the header's length + the end of the last tensor the header
+    describes, so a truncated copy (an interrupted upload or export) is refused here, on the driver, and not
+    by a worker after Ray's retries."""
     fs, path = storage.fs_and_path(url)
     with fs.open(path, "rb") as f:
         raw = f.read(8)
@@ -64,9 +68,23 @@ def safetensors_header(url: str) -> dict[str, dict]:
         (n,) = struct.unpack("<Q", raw)
         if n > 100 * 2**20:
             raise ParentExportError(f"{url}: not a safetensors file (header length {n})")
-        header = json.loads(f.read(n))
-    header.pop("__metadata__", None)
-    return {k: {"dtype": v["dtype"], "shape": tuple(v["shape"])} for k, v in header.items()}
+        text = f.read(n)
+    try:
+        header = json.loads(text)
+        meta = {k: v for k, v in header.items() if k != "__metadata__"}
+        data_end = max((int(v["data_offsets"][1]) for v in meta.values()), default=0)
+        keys = {k: {"dtype": v["dtype"], "shape": tuple(v["shape"])} for k, v in meta.items()}
+    except (ValueError, TypeError, KeyError, IndexError, AttributeError) as e:
+        raise ParentExportError(
+            f"{url}: truncated or damaged safetensors header ({type(e).__name__}: {e}); re-export it"
+        ) from None
+    size, expected = fs.size(path), 8 + n + data_end
+    if size != expected:
+        raise ParentExportError(
+            f"{url}: truncated or damaged safetensors file: {size} bytes, its header describes {expected} "
+            f"(re-export it, or copy it again)"
+        )
+    return keys
 
 
 @dataclass

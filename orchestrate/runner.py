@@ -2,9 +2,11 @@
 before a worker starts (so bad input fails at once, not after Ray Train's retries), then run the
 ``TorchTrainer``.
 
-Checked up front: the batch arithmetic, the shards folder and ``mixture.json`` (and that the stage has
-datasets whose shards exist), each parent export (keys and shapes against the model built on the meta
-device), and that an existing checkpoint of this stage was written with the same settings.
+Checked up front: the flavor, ``--init-dir`` (every pretrained folder a full flavor loads), ``--init-from``
+(only parents the stage has; stage 3 may also start from a stage-3 export), the batch arithmetic, the shards
+folder and ``mixture.json`` (and that the stage has datasets whose shards exist), each parent export (keys and
+shapes against the model built on the meta device; a truncated ``model.safetensors`` is refused by its size),
+and that an existing checkpoint of this stage was written with the same settings.
 """
 
 from __future__ import annotations
@@ -19,8 +21,11 @@ from orchestrate.callbacks import Callback, DataTrace, PredictionPreviews, Progr
 from orchestrate.errors import ParentExportError, RunSetupError, StageConfigError
 from orchestrate.plan import RunPlan, param_shapes
 from orchestrate.run_layout import RunLayout, StageLayout, resolve
-from orchestrate.stages import EvalConfig, get_stage, with_world_size
+from orchestrate.stages import SELF_PARENT_STAGES, EvalConfig, get_stage, with_self_parent, with_world_size
 from pipelines import storage
+
+RANDOM_INIT_FLAVORS = ("debug",)
+"""Flavors that may be built from random weights (no ``--init-dir``): the tiny CPU model."""
 
 
 @dataclass(kw_only=True)
@@ -57,9 +62,65 @@ class RunArgs:
     eval_data_root: str = ""
 
 
+def check_flavor(flavor: str) -> None:
+    """``flavor`` is a key of :data:`xsam_model.XSAM_FLAVORS` (else it fails on the driver, not in a worker)."""
+    from xsam_model.flavors import XSAM_FLAVORS
+
+    if flavor not in XSAM_FLAVORS:
+        raise StageConfigError(
+            f"unknown --flavor {flavor!r}; known flavors: {', '.join(sorted(XSAM_FLAVORS))}"
+        )
+
+
+def apply_init_from(cfg, init_from: dict[int, str]):
+    """``cfg`` with its parents as ``--init-from`` asks: each named stage must be a parent of this stage,
+    except ``--init-from <stage>=EXPORT`` on a stage that may start from its own export
+    (:func:`~orchestrate.stages.with_self_parent`), which then replaces every other parent."""
+    if cfg.stage in init_from and cfg.stage in SELF_PARENT_STAGES:
+        others = sorted(k for k in init_from if k != cfg.stage)
+        if others:
+            raise StageConfigError(
+                f"--init-from {cfg.stage}=… starts stage {cfg.stage} from one export of its own stage; "
+                f"drop --init-from {', '.join(map(str, others))}"
+            )
+        return with_self_parent(cfg)
+    have = sorted(p.stage for p in cfg.parents)
+    unknown = sorted(k for k in init_from if k not in have)
+    if unknown:
+        parents = ", ".join(map(str, have)) if have else "none"
+        selfp = f" or {cfg.stage}" if cfg.stage in SELF_PARENT_STAGES else ""
+        raise StageConfigError(
+            f"--init-from {unknown[0]}=…: stage {cfg.stage} has no stage-{unknown[0]} parent "
+            f"(its parents: {parents}{selfp})"
+        )
+    return cfg
+
+
+def check_init_dir(cfg) -> None:
+    """A flavor built from pretrained parts has ``--init-dir`` with every Hugging Face folder it loads;
+    without it the full model would train from random weights (until the OOM killer stops it)."""
+    from xsam_model.builder import resolve_config
+
+    mc = resolve_config(cfg.model.flavor)
+    folders = (mc.siglip.folder, mc.sam.folder, mc.llm.folder, mc.decoder.folder)
+    if cfg.model.init_dir is None:
+        if cfg.model.flavor in RANDOM_INIT_FLAVORS:
+            return
+        raise RunSetupError(
+            f"--flavor {cfg.model.flavor} needs --init-dir (X-SAM's inits/ folder with {', '.join(folders)})"
+        )
+    absent = [f for f in folders if not os.path.isfile(os.path.join(cfg.model.init_dir, f, "config.json"))]
+    if absent:
+        raise RunSetupError(
+            f"--init-dir {cfg.model.init_dir}: missing {', '.join(absent)} (Hugging Face folders with "
+            f"config.json, X-SAM's inits/ layout)"
+        )
+
+
 def build_config(a: RunArgs):
     """The stage's recipe config (or its debug variant) with the command line's overrides applied."""
-    cfg = get_stage(a.stage, flavor=a.flavor)
+    check_flavor(a.flavor)
+    cfg = apply_init_from(get_stage(a.stage, flavor=a.flavor), a.init_from)
     world = a.num_workers or cfg.batch.world_size
     cfg = with_world_size(cfg, world, global_batch=a.global_batch, micro_batch=a.micro_batch)
     rep = dataclasses.replace
@@ -168,6 +229,7 @@ def prepare(a: RunArgs) -> RunPlan:
         cfg = build_config(a)
     except StageConfigError as e:
         raise RunSetupError(f"stage {a.stage}: {e}") from e
+    check_init_dir(cfg)
     run_root, shards = resolve(a.run_root), resolve(a.shards)
     mixture_url = a.mixture or storage.join(shards, "mixture.json")
     stage_mixture = check_data(shards, mixture_url, cfg.data.mixture_stage)

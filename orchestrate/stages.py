@@ -254,7 +254,8 @@ class StageConfig:
                 f"does not gather), got {self.zero_stage}"
             )
         for p in self.parents:
-            if p.stage >= self.stage:
+            own = p.stage == self.stage and self.stage in SELF_PARENT_STAGES and len(self.parents) == 1
+            if p.stage >= self.stage and not own:
                 raise StageConfigError(f"stage {self.stage} cannot start from stage {p.stage}")
         if self.evaluation is not None and self.stage == 2:
             raise StageConfigError("stage 2 trains the projectors only: it has no masks to evaluate")
@@ -282,6 +283,11 @@ class StageConfig:
             "mixture_stage": str(self.data.mixture_stage),
             "seed": self.data.seed,
         }
+
+
+SELF_PARENT_STAGES = (3,)
+"""Stages that may start from an export of their own stage (:func:`with_self_parent`): stage 3 trains
+everything, so a stage-3 export is a complete starting point."""
 
 
 # ---------------------------------------------------------------------------------------------- the recipe
@@ -350,6 +356,20 @@ def stage3() -> StageConfig:
 
 
 STAGES: dict[int, Callable[[], StageConfig]] = {1: stage1, 2: stage2, 3: stage3}
+
+
+def with_self_parent(cfg: StageConfig) -> StageConfig:
+    """``cfg`` starting from an export of its own stage instead of its usual parents: every module the stage
+    trains is taken from that one export (e.g. X-SAM's released stage-3 weights imported by
+    ``python -m xsam_model.convert import``, as the start of another stage-3 run). Only
+    :data:`SELF_PARENT_STAGES`."""
+    if cfg.stage not in SELF_PARENT_STAGES:
+        raise StageConfigError(
+            f"stage {cfg.stage} cannot start from an export of stage {cfg.stage} "
+            f"(only stage {', '.join(map(str, SELF_PARENT_STAGES))} can)"
+        )
+    own = ParentSpec(stage=cfg.stage, take=tuple(p for p, _ in STAGE_GROUPS[cfg.stage]))
+    return dataclasses.replace(cfg, parents=(own,))
 
 
 # ---------------------------------------------------------------------------------------------- variants

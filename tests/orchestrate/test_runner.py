@@ -36,6 +36,17 @@ def stage1_export(tmp_path):
     return tmp_path / "run"
 
 
+def _inits(root):
+    """The full flavor's Hugging Face folders (config.json only: the driver checks they are there)."""
+    from xsam_model.builder import resolve_config
+
+    mc = resolve_config("xsam-phi3")
+    for f in (mc.siglip.folder, mc.sam.folder, mc.llm.folder, mc.decoder.folder):
+        (root / f).mkdir(parents=True)
+        (root / f / "config.json").write_text("{}")
+    return root
+
+
 def test_plan_from_the_mixture(train_shards, tmp_path):
     plan = prepare(_args(train_shards, tmp_path / "run", max_steps=None))
     steps = mixture_file.load(str(train_shards)).stage(1).steps_per_epoch(4)
@@ -50,6 +61,7 @@ def test_plan_from_the_mixture(train_shards, tmp_path):
             shards=str(train_shards),
             run_root=str(tmp_path / "r"),
             num_workers=16,
+            init_dir=str(_inits(tmp_path / "inits")),
         )
     )
     assert full.total_steps == 36 * mixture_file.load(str(train_shards)).stage(1).steps_per_epoch(64)
