@@ -37,7 +37,9 @@ from xsam_model.modeling import (
     SegProjector,
     XSam,
 )
-from xsam_model.modeling.decoder import init_mask2former_weights
+from xsam_model.modeling.checkpointing import enable_hf_checkpointing, enable_layer_checkpointing
+from xsam_model.modeling.connector import init_connector_weights
+from xsam_model.modeling.decoder import init_mask2former_weights, init_xsam_decoder_weights
 from xsam_model.processor import XSamProcessor
 from xsam_model.tokenizer import build_debug_tokenizer, load_tokenizer, prepare_tokenizer
 
@@ -47,6 +49,17 @@ def _folder(init_dir: str | Path, name: str, what: str) -> Path:
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"{what}: expected a Hugging Face folder with config.json at {path}")
     return path
+
+
+def resolve_attn_implementation(requested: str, device: str | torch.device | None) -> str:
+    """``auto`` → ``flash_attention_2`` when the ``flash_attn`` package is installed and the model is built for
+    CUDA (``device`` cuda, or no device and CUDA available), else ``sdpa``; any other value is kept."""
+    if requested != "auto":
+        return requested
+    from transformers.utils import is_flash_attn_2_available
+
+    on_cuda = torch.device(device).type == "cuda" if device is not None else torch.cuda.is_available()
+    return "flash_attention_2" if on_cuda and is_flash_attn_2_available() else "sdpa"
 
 
 def resolve_config(flavor_or_config: str | XSamConfig) -> XSamConfig:
@@ -101,6 +114,7 @@ def llm_hf_config(cfg: XSamConfig) -> Phi3Config:
         bos_token_id=1,
         eos_token_id=32000 if c.vocab_size > 32000 else 2,
         pad_token_id=32000 if c.vocab_size > 32000 else 0,
+        **({"attn_implementation": c.attn_implementation} if c.attn_implementation != "auto" else {}),
     )
 
 
@@ -216,6 +230,70 @@ def _random_parts(cfg: XSamConfig):
     return siglip, sam, llm, m2f_hf_config(cfg), tok
 
 
+def _special_tokens(cfg: XSamConfig, llm, tok, ctx: torch.device, meta: bool):
+    """Add the special tokens and size the embeddings as X-SAM (``resize_token_embeddings(len(tok))``). Without
+    a tokenizer (meta, random full flavor) the rows are ``llm.tokenizer_size + len(special_tokens)``: the same
+    shapes and ids as the tokenizer path (D14). Returns (tokenizer or None, token ids)."""
+    rows = llm.get_input_embeddings().weight.shape[0]
+    if tok is not None:
+        cfg.llm = dataclasses.replace(cfg.llm, tokenizer_size=len(tok))
+        tok = prepare_tokenizer(tok, cfg.special_tokens)
+        ids = {t: tok.convert_tokens_to_ids(t) for t in cfg.special_tokens}
+        new_vocab = len(tok)
+    else:
+        base = cfg.llm.tokenizer_size if cfg.llm.tokenizer_size is not None else rows
+        ids = {t: base + i for i, t in enumerate(cfg.special_tokens)}
+        new_vocab = base + len(cfg.special_tokens)
+    if new_vocab != rows:
+        with ctx:
+            llm.resize_token_embeddings(new_vocab, mean_resizing=not meta)
+    cfg.llm = dataclasses.replace(cfg.llm, vocab_size=new_vocab)
+    return tok, ids
+
+
+def _decoder_and_connector(cfg: XSamConfig, m2f: Mask2FormerConfig) -> tuple[SegConnector, MaskDecoder]:
+    d = cfg.decoder
+    connector = SegConnector(
+        in_dim=cfg.sam.hidden_size,
+        hidden_dim=cfg.connector.hidden_dim,
+        scale_factors=cfg.connector.scale_factors,
+    )
+    decoder = MaskDecoder(
+        pixel_decoder=Mask2FormerPixelDecoder(m2f, feature_channels=connector.out_channels),
+        transformer=ConditionedTransformerModule(in_features=m2f.feature_size, config=m2f),
+        phrase_head=PhraseClassifier(
+            dim=m2f.hidden_dim,
+            logit_scale_init=d.logit_scale_init,
+            clamp=d.logit_clamp,
+            bg_init_std=d.bg_init_std,
+        ),
+        linear_head=nn.Linear(m2f.hidden_dim, d.num_linear_classes + 1),
+    )
+    if d.init == "xsam":
+        init_xsam_decoder_weights(decoder.pixel_decoder, m2f)
+        init_xsam_decoder_weights(decoder.transformer, m2f)
+        init_connector_weights(connector, std=getattr(m2f, "init_std", 0.02))
+    else:
+        init_mask2former_weights(decoder.pixel_decoder, m2f)
+        init_mask2former_weights(decoder.transformer, m2f)
+    return connector, decoder
+
+
+def apply_checkpointing(model: XSam) -> None:
+    """Switch activation checkpointing of each part on or off as its sub-config says (``gradient_checkpointing``);
+    call again after editing ``model.config`` (e.g. with :func:`xsam_model.config.with_checkpointing`)."""
+    c = model.config
+    for sub, part in ((c.siglip, model.vision_encoder), (c.sam, model.sam_encoder), (c.llm, model.llm)):
+        if sub.gradient_checkpointing:
+            enable_hf_checkpointing(part)
+        elif part.is_activation_checkpointing:
+            part.activation_checkpointing_disable()
+    for proj in (model.visual_projector, model.seg_projector.mlp, model.llm_projector):
+        proj.gradient_checkpointing = c.projector.gradient_checkpointing
+    model.seg_connector.gradient_checkpointing = c.connector.gradient_checkpointing
+    enable_layer_checkpointing(model.mask_decoder, c.decoder.gradient_checkpointing)
+
+
 def build_xsam(
     flavor_or_config: str | XSamConfig = "debug",
     init_dir: str | Path | None = None,
@@ -229,74 +307,44 @@ def build_xsam(
     for the decoder config only); the decoder, connector and projectors always start random.
     ``device="meta"``: structure only, no memory (and no ``init_dir``). ``dtype``: e.g. ``torch.bfloat16``.
     The model's ``processor`` is set when a tokenizer is known (``init_dir``, or the debug flavor's BPE).
+    ``model.config`` is the resolved config (sizes from the folders, attention kernel, vocabulary).
     """
     cfg = resolve_config(flavor_or_config)
     meta = device is not None and torch.device(device).type == "meta"
     if meta and init_dir is not None:
         raise ValueError("device='meta' builds from configs only; drop init_dir")
+    cfg.llm = dataclasses.replace(
+        cfg.llm, attn_implementation=resolve_attn_implementation(cfg.llm.attn_implementation, device)
+    )
+    ctx = torch.device(device) if device is not None else torch.device("cpu")
     if init_dir is not None:
         siglip, sam, llm, m2f, tok = _load_parts(cfg, init_dir, dtype)
-        ctx = torch.device(device) if device is not None else torch.device("cpu")
     else:
-        ctx = torch.device(device) if device is not None else torch.device("cpu")
         with ctx:
             siglip, sam, llm, m2f, tok = _random_parts(cfg)
     sam.vision_encoder.neck = nn.Identity()  # X-SAM reads SAM's hidden states; the 256-ch neck is unused
-
-    # special tokens: from the tokenizer, or (no tokenizer, e.g. meta / random full flavor) appended rows
-    if tok is not None:
-        tok = prepare_tokenizer(tok, cfg.special_tokens)
-        ids = {t: tok.convert_tokens_to_ids(t) for t in cfg.special_tokens}
-        new_vocab = len(tok)
-    else:
-        base = llm.get_input_embeddings().weight.shape[0]
-        ids = {t: base + i for i, t in enumerate(cfg.special_tokens)}
-        new_vocab = base + len(cfg.special_tokens)
-    if new_vocab != llm.get_input_embeddings().weight.shape[0]:
-        with ctx:
-            llm.resize_token_embeddings(new_vocab, mean_resizing=not meta)
-    cfg.llm = dataclasses.replace(cfg.llm, vocab_size=new_vocab)
-    if cfg.llm.gradient_checkpointing:
-        llm.gradient_checkpointing_enable()
-
-    d_llm, d_dec = cfg.llm.hidden_size, m2f.hidden_dim
+    tok, ids = _special_tokens(cfg, llm, tok, ctx, meta)
+    d_llm, d_dec, depth = cfg.llm.hidden_size, m2f.hidden_dim, cfg.projector.depth
     with ctx:
-        connector = SegConnector(
-            in_dim=cfg.sam.hidden_size,
-            hidden_dim=cfg.connector.hidden_dim,
-            scale_factors=cfg.connector.scale_factors,
-        )
-        decoder = MaskDecoder(
-            pixel_decoder=Mask2FormerPixelDecoder(m2f, feature_channels=connector.out_channels),
-            transformer=ConditionedTransformerModule(in_features=m2f.feature_size, config=m2f),
-            phrase_head=PhraseClassifier(
-                dim=d_dec, logit_scale_init=cfg.decoder.logit_scale_init, clamp=cfg.decoder.logit_clamp
-            ),
-            linear_head=nn.Linear(d_dec, cfg.decoder.num_linear_classes + 1),
-        )
-        init_mask2former_weights(decoder.pixel_decoder, m2f)
-        init_mask2former_weights(decoder.transformer, m2f)
+        connector, decoder = _decoder_and_connector(cfg, m2f)
+        r = cfg.region
         model = XSam(
             config=cfg,
             vision_encoder=siglip,
             sam_encoder=sam,
             llm=llm,
-            visual_projector=MLPProjector(
-                in_dim=cfg.siglip.hidden_size, out_dim=d_llm, depth=cfg.projector.depth
-            ),
+            visual_projector=MLPProjector(in_dim=cfg.siglip.hidden_size, out_dim=d_llm, depth=depth),
             seg_projector=SegProjector(
-                in_dim=cfg.sam.hidden_size,
-                out_dim=d_llm,
-                ratio=cfg.projector.seg_downsample,
-                depth=cfg.projector.depth,
+                in_dim=cfg.sam.hidden_size, out_dim=d_llm, ratio=cfg.projector.seg_downsample, depth=depth
             ),
-            llm_projector=MLPProjector(in_dim=d_llm, out_dim=d_dec, depth=cfg.projector.depth),
+            llm_projector=MLPProjector(in_dim=d_llm, out_dim=d_dec, depth=depth),
             seg_connector=connector,
             mask_decoder=decoder,
-            region_sampler=RegionSampler(num_points=cfg.region.num_points, pool=cfg.region.pool),
-            criterion=SegLoss(m2f),
+            region_sampler=RegionSampler(num_points=r.num_points, pool=r.pool, num_tokens=r.num_tokens),
+            criterion=SegLoss(m2f, num_masks_reduce=cfg.loss.num_masks_reduce),
             special_token_ids=ids,
         )
+    apply_checkpointing(model)
     if device is not None:
         model.to(
             device

@@ -1,13 +1,18 @@
 """Typed configs of the X-SAM model, one dataclass per component, plus :class:`XSamConfig`.
 
-Defaults are the full ``xsam-phi3`` sizes of the paper recipe (reference/xsam_recipe.md §5); the ``debug``
-flavor in :mod:`xsam_model.flavors` edits a copy. Every relationship between fields that would otherwise fail
-deep inside a forward pass is checked in ``__post_init__``.
+Defaults are the full ``xsam-phi3`` sizes and the paper's behaviour: X-SAM's ``AAAI26_Archive`` branch
+(reference/xsam_fidelity.md Part 1). Where X-SAM's later ``main`` branch differs, its behaviour is a named value
+of a field, documented on that field, and :func:`main_branch` sets all of them at once (the ``xsam-phi3-main``
+flavor). The ``debug`` flavor in :mod:`xsam_model.flavors` edits a copy. Every relationship between fields that
+would otherwise fail deep inside a forward pass is checked in ``__post_init__``; :func:`config_dict` turns any
+resolved config into a plain dict of every field (``--print-config``).
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
 
 # COCO panoptic category ids in contiguous order (80 things then 53 stuff): index = stage-1 linear class.
 COCO_PANOPTIC_CATEGORY_IDS: tuple[int, ...] = (
@@ -154,6 +159,15 @@ def _check_positive(obj, *names: str) -> None:
             raise ValueError(f"{type(obj).__name__}.{n} must be > 0, got {v!r}")
 
 
+def _check_choice(obj, name: str, choices: tuple[str, ...]) -> None:
+    if getattr(obj, name) not in choices:
+        raise ValueError(f"{type(obj).__name__}.{name} must be one of {choices}, got {getattr(obj, name)!r}")
+
+
+ATTN_IMPLEMENTATIONS = ("auto", "eager", "sdpa", "flash_attention_2")
+SEG_REDUCE = ("per_seg", "main", "last", "mean")
+
+
 def _check_heads(obj, dim: str, heads: str) -> None:
     if getattr(obj, dim) % getattr(obj, heads):
         raise ValueError(
@@ -176,6 +190,8 @@ class SiglipEncoderConfig:
     patch_size: int = 14
     select_layer: int = -2
     """Index into ``hidden_states`` whose tokens go to the visual projector (recipe: -2)."""
+    gradient_checkpointing: bool = False
+    """Recompute each SigLIP layer in backward (X-SAM: on in stages 2 and 3; see :func:`stage_checkpointing`)."""
 
     def __post_init__(self):
         _check_positive(
@@ -210,6 +226,10 @@ class SamEncoderConfig:
     """Index into ``hidden_states`` feeding the seg projector (recipe: -2)."""
     connector_layers: tuple[int, ...] = (12, 18, 24)
     """Indices into ``hidden_states`` (0 = patch embedding) feeding the segmentation connector."""
+    gradient_checkpointing: bool = False
+    """Recompute each SAM layer in backward (non-reentrant, as X-SAM in stages 2 and 3). At 1024² the four
+    global-attention layers hold GB-sized attention and relative-position tensors for backward, so the stage
+    configs turn it on wherever SAM trains (stage 1 too, which X-SAM runs without)."""
 
     def __post_init__(self):
         _check_positive(self, "hidden_size", "num_layers", "num_heads", "mlp_dim", "image_size", "patch_size")
@@ -252,10 +272,18 @@ class LLMConfig:
     max_position_embeddings: int = 4096
     rope_theta: float = 10000.0
     tie_word_embeddings: bool = False
-    attn_implementation: str = "sdpa"
-    """``eager`` | ``sdpa`` | ``flash_attention_2`` (GPU only)."""
+    attn_implementation: str = "auto"
+    """``auto`` | ``eager`` | ``sdpa`` | ``flash_attention_2``. ``auto`` (default) resolves at build time to
+    ``flash_attention_2`` (X-SAM's kernel) when the ``flash_attn`` package is installed and the model is built
+    for CUDA (``device`` cuda, or no device and CUDA available), else ``sdpa``; the resolved value is written
+    back. Both honour Phi-3's sliding window, so the choice changes speed, not results."""
     gradient_checkpointing: bool = False
     """Recomputes each decoder layer in backward (X-SAM turns it on in stages 2 and 3)."""
+    tokenizer_size: int | None = 32011
+    """``len(tokenizer)`` of the LLM folder's tokenizer before the special tokens (Phi-3-mini: 32011). Builds
+    without a tokenizer (meta, random) size the embeddings to ``tokenizer_size + len(special_tokens)`` (32014),
+    exactly as the tokenizer path's ``resize_token_embeddings(len(tok))`` does; None appends the special rows
+    to ``vocab_size`` instead (32067, the old meta size)."""
 
     def __post_init__(self):
         _check_positive(
@@ -263,6 +291,11 @@ class LLMConfig:
         )
         _check_heads(self, "hidden_size", "num_heads")
         _check_heads(self, "num_heads", "num_kv_heads")
+        _check_choice(self, "attn_implementation", ATTN_IMPLEMENTATIONS)
+        if self.tokenizer_size is not None and not 0 < self.tokenizer_size <= self.vocab_size:
+            raise ValueError(
+                f"LLMConfig.tokenizer_size {self.tokenizer_size} must be in 1..vocab_size ({self.vocab_size})"
+            )
 
 
 @dataclass(kw_only=True)
@@ -273,6 +306,8 @@ class ProjectorConfig:
     """Linear layers per MLP (2 = Linear → GELU → Linear)."""
     seg_downsample: float = 0.5
     """Pixel-shuffle ratio before the seg projector: 64×64×1024 → 32×32×4096 (1024 LLM tokens)."""
+    gradient_checkpointing: bool = False
+    """Recompute the visual, seg and LLM projectors in backward (X-SAM: on in stages 2 and 3)."""
 
     def __post_init__(self):
         _check_positive(self, "depth")
@@ -286,7 +321,10 @@ class ConnectorConfig:
 
     hidden_dim: int = 512
     scale_factors: tuple[float, ...] = (2.0, 1.0, 0.5)
-    """Per level: > 1 upsamples (pixel shuffle), < 1 downsamples; channels become sam_hidden / scale."""
+    """Per level: > 1 upsamples, < 1 downsamples, with X-SAM's (InternVL) pixel shuffle, so the convs' weights
+    map 1:1 onto X-SAM's ``seg_connector``; channels become sam_hidden / scale."""
+    gradient_checkpointing: bool = False
+    """Recompute each connector level in backward (X-SAM: on in stages 2 and 3)."""
 
     def __post_init__(self):
         _check_positive(self, "hidden_dim")
@@ -318,9 +356,38 @@ class DecoderConfig:
     """Stage-1 linear head classes (COCO panoptic); one no-object logit is added."""
     logit_scale_init: float = 2.659260036932778
     """Phrase-head temperature, log(1/0.07)."""
-    logit_clamp: float = 50.0
-    seg_reduce: str = "last"
-    """How a sample with several ``<SEG>`` (refseg/reaseg) conditions the queries: ``last`` (X-SAM) or ``mean``."""
+    logit_clamp: float = 500.0
+    """Phrase logits are clamped to ±this: 500 (paper); ``main`` clamps at 50, which bites once exp(scale) > 50.
+    Padding phrase columns are masked with -1e9 in both (main: -1e6; either is zero probability)."""
+    bg_init_std: float = 1.0
+    """Std of the background ("no-object") phrase embedding's normal init: 1.0 = X-SAM's ``nn.Embedding``
+    default (both branches); 0.02 was this project's earlier choice."""
+    seg_reduce: str = "per_seg"
+    """How a batch of a task in ``seg_reduce_tasks`` (several ``<SEG>``, one per phrase) is decoded:
+
+    - ``per_seg`` (paper): the pixel decoder runs once per image; the transformer decoder runs once per ``<SEG>``
+      (one batched call) with that ``<SEG>`` added to the queries and one target, the masks of its phrase;
+      classes are the concatenated phrases of the whole per-rank batch plus the background, labels offset by
+      the cumulative phrase counts (the other samples' phrases are negatives).
+    - ``main`` (X-SAM ``main``, ``use_repeat_cond=False``): one decoder run per image conditioned on the
+      sample's last ``<SEG>``, all its masks as targets, classes over the batch's concatenated phrases (main
+      picks ``seg_embeds[cond_len - 1]`` of the flattened batch, another sample's ``<SEG>`` for b > 0; that
+      indexing bug is not reproduced).
+    - ``last`` / ``mean`` (this project before): one run per image conditioned on the last ``<SEG>`` / the mean
+      of its ``<SEG>`` embeddings, classes over the sample's own phrases only.
+    """
+    seg_reduce_tasks: tuple[str, ...] = ("refseg", "reaseg")
+    """Tasks decoded with ``seg_reduce``; every other task has one ``<SEG>`` per sample and runs one decoder
+    pass per image over its own (padded) phrases, as in both X-SAM branches."""
+    init: str = "xsam"
+    """Initialisation of the re-initialised pixel and transformer decoders: ``xsam`` (X-SAM's
+    ``XSegmentor._init_weights`` applied module by module: xavier on the pixel decoder and the masked-attention
+    layers, N(0, 0.02) on embeddings and linears, level embeddings 0; and the connector's convs N(0, 0.02), as
+    X-SAM's ``ConnectorModel``) or ``transformers`` (transformers' ``Mask2FormerPreTrainedModel._init_weights``
+    and PyTorch's default connector init, this project's earlier choice)."""
+    gradient_checkpointing: bool = False
+    """Recompute each deformable-encoder and masked-attention layer in backward (X-SAM checkpoints its whole
+    segmentor, decoder included, in stages 2 and 3)."""
 
     def __post_init__(self):
         _check_positive(
@@ -338,8 +405,11 @@ class DecoderConfig:
         _check_heads(self, "hidden_dim", "num_heads")
         if self.feature_size % 32:
             raise ValueError(f"feature_size {self.feature_size} must be a multiple of 32 (GroupNorm(32))")
-        if self.seg_reduce not in ("last", "mean"):
-            raise ValueError(f"seg_reduce must be 'last' or 'mean', got {self.seg_reduce!r}")
+        _check_choice(self, "seg_reduce", SEG_REDUCE)
+        _check_choice(self, "init", ("xsam", "transformers"))
+        self.seg_reduce_tasks = tuple(self.seg_reduce_tasks)
+        if not self.logit_clamp > 0 or self.bg_init_std < 0:
+            raise ValueError("DecoderConfig needs logit_clamp > 0 and bg_init_std >= 0")
 
 
 @dataclass(kw_only=True)
@@ -356,9 +426,19 @@ class LossConfig:
     oversample_ratio: float = 3.0
     importance_sample_ratio: float = 0.75
     use_auxiliary_loss: bool = True
+    ignore_pixels: str = "background"
+    """Pixels in a sample's ``ignore_mask`` (LISA "ignore" shapes, COCO/VGD crowd regions): ``background``
+    (paper: they are plain background in the target, the mask is unused) or ``exclude`` (no BCE/Dice there;
+    this project's earlier choice)."""
+    num_masks_reduce: str = "global"
+    """Normaliser of the mask losses: ``global`` (paper, Mask2Former/DETR: the target-mask count summed over
+    the data-parallel ranks / world size, at least 1; every rank must compute the segmentation loss in the same
+    steps, which the loader's one-task-per-step batches guarantee) or ``local`` (this rank's count)."""
 
     def __post_init__(self):
         _check_positive(self, "train_num_points", "oversample_ratio")
+        _check_choice(self, "ignore_pixels", ("background", "exclude"))
+        _check_choice(self, "num_masks_reduce", ("global", "local"))
         if not 0.0 <= self.importance_sample_ratio <= 1.0:
             raise ValueError(f"importance_sample_ratio {self.importance_sample_ratio} outside [0, 1]")
         for n in (
@@ -375,19 +455,24 @@ class LossConfig:
 
 @dataclass(kw_only=True)
 class RegionSamplerConfig:
-    """Turns each ``<region>`` prompt mask into tokens: ``num_points`` points pooled by ``pool``."""
+    """Turns each ``<region>`` prompt mask into ``num_tokens`` LLM tokens: ``num_points`` points sampled in the
+    mask (without replacement when it has that many pixels), read from the seg-projector grid, then pooled.
+
+    Paper: ``pool="max", num_tokens=1`` (X-SAM's naive sampler, ``AdaptiveMaxPool1d(1)``). ``main``:
+    ``pool="mean", num_tokens=64`` (mean over groups of 4 consecutive points), which adds 63 tokens per region.
+    """
 
     num_points: int = 256
-    pool: int = 4
+    pool: str = "max"
+    """``max`` (adaptive max pooling to ``num_tokens``) or ``mean`` (means of ``num_points / num_tokens``
+    consecutive points)."""
+    num_tokens: int = 1
 
     def __post_init__(self):
-        _check_positive(self, "num_points", "pool")
-        if self.num_points % self.pool:
-            raise ValueError(f"num_points {self.num_points} not divisible by pool {self.pool}")
-
-    @property
-    def num_tokens(self) -> int:
-        return self.num_points // self.pool
+        _check_positive(self, "num_points", "num_tokens")
+        _check_choice(self, "pool", ("max", "mean"))
+        if self.num_points % self.num_tokens:
+            raise ValueError(f"num_points {self.num_points} not divisible by num_tokens {self.num_tokens}")
 
 
 @dataclass(kw_only=True)
@@ -463,4 +548,61 @@ class XSamConfig:
         return self.siglip.num_tokens + int(self.sam.grid * self.projector.seg_downsample) ** 2
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        """Every field, nested, as plain Python values (see :func:`config_dict`)."""
+        return config_dict(self)
+
+
+def config_dict(obj: Any) -> Any:
+    """A config (any dataclass, nested) as plain Python values: dicts of every field, tuples as lists. For
+    ``--print-config`` and run records; :func:`json.dumps` takes the result as is."""
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return {f.name: config_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, list | tuple):
+        return [config_dict(v) for v in obj]
+    if isinstance(obj, dict):
+        return {str(k): config_dict(v) for k, v in obj.items()}
+    return obj
+
+
+# The sub-configs with a ``gradient_checkpointing`` switch, by the names used in stage recipes.
+CHECKPOINT_PARTS: dict[str, str] = {
+    "siglip": "siglip",
+    "sam": "sam",
+    "llm": "llm",
+    "projectors": "projector",
+    "connector": "connector",
+    "decoder": "decoder",
+}
+
+
+def with_checkpointing(cfg: XSamConfig, parts: tuple[str, ...] | list[str]) -> XSamConfig:
+    """A copy of ``cfg`` with activation checkpointing on for exactly ``parts`` (keys of
+    :data:`CHECKPOINT_PARTS`) and off for the others."""
+    unknown = sorted(set(parts) - set(CHECKPOINT_PARTS))
+    if unknown:
+        raise ValueError(f"unknown checkpointing parts {unknown}; known: {sorted(CHECKPOINT_PARTS)}")
+    out = dataclasses.replace(cfg)
+    for part, attr in CHECKPOINT_PARTS.items():
+        setattr(out, attr, dataclasses.replace(getattr(cfg, attr), gradient_checkpointing=part in parts))
+    return out
+
+
+def stage_checkpointing(stage: int) -> tuple[str, ...]:
+    """Parts to checkpoint in ``stage``: stages 2 and 3 everything, as X-SAM (``use_activation_checkpointing``
+    on: LLM, SigLIP, SAM, projectors, connector and the Mask2Former layers); stage 1 the SAM encoder only,
+    which X-SAM does not do (its 16 GPUs have room) but which bounds SAM's 1024² global-attention memory."""
+    if stage == 1:
+        return ("sam",)
+    if stage in (2, 3):
+        return tuple(CHECKPOINT_PARTS)
+    raise ValueError(f"stage must be 1, 2 or 3, got {stage!r}")
+
+
+def main_branch(cfg: XSamConfig) -> XSamConfig:
+    """A copy of ``cfg`` with every model choice where X-SAM's ``main`` differs from the paper set to main's:
+    ``main`` decoding of refseg/reaseg, 64 mean-pooled region tokens, phrase logits clamped at ±50. (Its
+    stage-1 cosine schedule is :class:`xsam_model.schedule.ScheduleConfig` ``kind="cosine"``.)"""
+    out = dataclasses.replace(cfg, name=f"{cfg.name}-main")
+    out.decoder = dataclasses.replace(cfg.decoder, seg_reduce="main", logit_clamp=50.0)
+    out.region = dataclasses.replace(cfg.region, pool="mean", num_tokens=cfg.region.num_points // 4)
+    return out

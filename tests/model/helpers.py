@@ -143,3 +143,21 @@ def make_samples() -> dict[str, Sample]:
         "vgdseg": vgdseg,
         "chat": chat,
     }
+
+
+def refseg_sample(idx: int, n_turns: int) -> Sample:
+    """A refseg Sample with ``n_turns`` question/answer turns: phrase k, one ``<SEG>`` and one mask per turn."""
+    names = ["man on left", "red car", "small dog", "tree behind", "white cup"]
+    turns = []
+    for k in range(n_turns):
+        q = f"Please segment <p>{names[k]}</p> in this image."
+        turns.append(("<image>\n" + q if k == 0 else q, "It is <SEG>."))
+    boxes = [
+        box(0, 30, 0, 20),
+        box(10, 40, 30, 56),
+        box(20, 40, 0, 25),
+        box(0, 15, 20, 50),
+        box(25, 40, 40, 56),
+    ]
+    masks = [MaskTarget(rle=boxes[k], label=k) for k in range(n_turns)]
+    return _sample("refseg", idx, turns, names[:n_turns], masks)

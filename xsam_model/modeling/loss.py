@@ -1,9 +1,11 @@
 """Segmentation losses: transformers' Mask2Former Hungarian matcher and loss, extended for a per-batch
-number of classes (phrases), samples without targets, and an ignore region."""
+number of classes (phrases), samples without targets, an optional ignore region, and X-SAM's mask-count
+normaliser averaged over the data-parallel ranks."""
 
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from transformers import Mask2FormerConfig
 from transformers.models.mask2former.modeling_mask2former import Mask2FormerLoss, sample_point
@@ -15,13 +17,28 @@ class SegLoss(Mask2FormerLoss):
     ``class_queries_logits`` may have any number of columns; the last one is always "no-object".
     """
 
-    def __init__(self, config: Mask2FormerConfig):
+    def __init__(self, config: Mask2FormerConfig, *, num_masks_reduce: str = "global"):
         super().__init__(config, weight_dict={})
         self.weights = {
             "cls": config.class_weight,
             "mask_bce": config.mask_weight,
             "dice": config.dice_weight,
         }
+        if num_masks_reduce not in ("global", "local"):
+            raise ValueError(f"num_masks_reduce must be 'global' or 'local', got {num_masks_reduce!r}")
+        self.num_masks_reduce = num_masks_reduce
+
+    def num_masks(self, class_labels, device) -> torch.Tensor:
+        """The mask losses' normaliser: this rank's target count, or with ``global`` (X-SAM, DETR) the count
+        summed over the process group divided by the world size; at least 1. A collective: with ``global`` under
+        ``torch.distributed`` every rank must call it in the same steps."""
+        n = torch.tensor(float(sum(len(c) for c in class_labels)), device=device)
+        if self.num_masks_reduce == "global" and dist.is_available() and dist.is_initialized():
+            world = dist.get_world_size()
+            if world > 1:
+                dist.all_reduce(n, op=dist.ReduceOp.SUM)
+                n = n / world
+        return n.clamp(min=1.0)
 
     def loss_labels(self, class_queries_logits, class_labels, indices):
         b, q, c = class_queries_logits.shape
@@ -71,11 +88,10 @@ class SegLoss(Mask2FormerLoss):
     def forward(self, predictions, mask_labels, class_labels, ignore_mask=None) -> dict[str, torch.Tensor]:
         """predictions: per-layer dicts from :class:`MaskDecoder` (last = final); mask_labels: B × NixLxL;
         class_labels: B × Ni long; ignore_mask: BxLxL bool or None. Returns weighted ``cls``, ``mask_bce``,
-        ``dice``, each summed over the layers used (all with auxiliary loss, else the final one)."""
+        ``dice``, each summed over the layers used (all with auxiliary loss, else the final one). The batch
+        may be any list of decoder runs (images, or per-``<SEG>`` runs)."""
         device = predictions[-1]["masks_queries_logits"].device
-        num_masks = torch.tensor(
-            max(sum(len(c) for c in class_labels), 1), dtype=torch.float32, device=device
-        )
+        num_masks = self.num_masks(class_labels, device)
         totals = {k: torch.zeros((), device=device) for k in self.weights}
         for pred in predictions:
             masks, logits = pred["masks_queries_logits"], pred["class_queries_logits"]

@@ -5,15 +5,23 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from xsam_model.modeling.checkpointing import maybe_checkpoint
+
 
 class MLPProjector(nn.Sequential):
-    """``depth`` Linear layers with GELU between them: in_dim → out_dim (→ out_dim …)."""
+    """``depth`` Linear layers with GELU between them: in_dim → out_dim (→ out_dim …). With
+    ``gradient_checkpointing`` the whole MLP is recomputed in backward (as X-SAM's projectors)."""
 
     def __init__(self, *, in_dim: int, out_dim: int, depth: int = 2):
         layers: list[nn.Module] = [nn.Linear(in_dim, out_dim)]
         for _ in range(depth - 1):
             layers += [nn.GELU(), nn.Linear(out_dim, out_dim)]
         super().__init__(*layers)
+        self.gradient_checkpointing = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """...xin_dim → ...xout_dim."""
+        return maybe_checkpoint(super().forward, x, enabled=self.gradient_checkpointing and self.training)
 
 
 def pixel_shuffle(x: torch.Tensor, ratio: float) -> torch.Tensor:

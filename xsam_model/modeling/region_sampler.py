@@ -1,4 +1,10 @@
-"""Region sampler: each ``<region>`` prompt mask → ``num_points / pool`` LLM tokens (X-SAM's naive sampler)."""
+"""Region sampler: each ``<region>`` prompt mask → ``num_tokens`` LLM tokens (X-SAM's naive sampler).
+
+Geometry as X-SAM (both branches, ``model/utils/point_sample.py``): ``num_points`` pixels of the mask, drawn
+without replacement when the mask has at least that many (else all of them plus random repeats); pixel
+``(y, x)`` of the L×L frame maps to ``(y / L, x / L)`` and is read bilinearly with ``align_corners=True``, so
+every point lies inside the grid of cell centres and never reads padding.
+"""
 
 from __future__ import annotations
 
@@ -7,31 +13,50 @@ import torch.nn.functional as F
 from torch import nn
 
 
+def sample_pixels(
+    mask: torch.Tensor, num_points: int, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """LxL bool → num_points×2 long (y, x) pixels of the mask: a random subset when it has ≥ num_points
+    pixels, else every pixel then random repeats. An empty mask samples the whole frame (X-SAM would fail)."""
+    yx = mask.nonzero()
+    if len(yx) == 0:
+        size = mask.shape[-1]
+        yx = torch.stack(torch.meshgrid(torch.arange(size), torch.arange(size), indexing="ij"), -1).view(
+            -1, 2
+        )
+        yx = yx.to(mask.device)
+    n = len(yx)
+    if n >= num_points:
+        pick = torch.randperm(n, generator=generator, device="cpu")[:num_points].to(yx.device)
+        return yx[pick]
+    extra = torch.randint(n, (num_points - n,), generator=generator, device="cpu").to(yx.device)
+    return torch.cat([yx, yx[extra]])
+
+
 class RegionSampler(nn.Module):
-    """Sample ``num_points`` points uniformly (with repetition) inside a prompt mask, read the seg-projector
-    feature grid there bilinearly, and average-pool groups of ``pool`` points. No parameters."""
+    """Read the seg-projector feature grid at ``num_points`` points of each prompt mask and pool them to
+    ``num_tokens`` tokens: ``max`` (adaptive max pooling; 1 token = the paper) or ``mean`` (means of
+    consecutive groups; 64 tokens = ``main``). No parameters."""
 
-    def __init__(self, *, num_points: int = 256, pool: int = 4):
+    def __init__(self, *, num_points: int = 256, pool: str = "max", num_tokens: int = 1):
         super().__init__()
-        self.num_points = num_points
-        self.pool = pool
+        if pool not in ("max", "mean") or num_points % num_tokens:
+            raise ValueError(f"pool must be max or mean and num_points % num_tokens == 0; got {pool}")
+        self.num_points, self.pool, self.num_tokens = num_points, pool, num_tokens
 
-    def forward(self, grid: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
-        """grid: GxGxD features covering the padded SAM frame; masks: RxLxL bool → Rx(P/pool)xD."""
+    def forward(
+        self, grid: torch.Tensor, masks: torch.Tensor, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
+        """grid: GxGxD features covering the padded SAM frame; masks: RxLxL bool → R×num_tokens×D."""
         r, size = masks.shape[0], masks.shape[-1]
         if r == 0:
-            return grid.new_zeros(0, self.num_points // self.pool, grid.shape[-1])
-        coords = []
-        for m in masks:
-            yx = m.nonzero()
-            if len(yx) == 0:  # an empty prompt: sample the whole frame rather than fail
-                yx = torch.stack(
-                    torch.meshgrid(torch.arange(size), torch.arange(size), indexing="ij"), -1
-                ).view(-1, 2)
-                yx = yx.to(m.device)
-            pick = torch.randint(len(yx), (self.num_points,), device=m.device)
-            coords.append(yx[pick].flip(-1).to(grid.dtype) + 0.5)  # (x, y) pixel centres
-        xy = torch.stack(coords) / size * 2 - 1  # RxPx2 in [-1, 1]
-        feats = grid.permute(2, 0, 1).unsqueeze(0).expand(r, -1, -1, -1)  # RxDxGxG
-        pts = F.grid_sample(feats, xy.unsqueeze(1), mode="bilinear", align_corners=False)  # RxDx1xP
-        return F.avg_pool1d(pts.squeeze(2), self.pool).transpose(1, 2)  # Rx(P/pool)xD
+            return grid.new_zeros(0, self.num_tokens, grid.shape[-1])
+        yx = torch.stack([sample_pixels(m, self.num_points, generator) for m in masks])  # RxPx2
+        xy = yx.flip(-1).float() / size * 2 - 1  # RxPx2 in [-1, 1), x first for grid_sample
+        feats = grid.permute(2, 0, 1).unsqueeze(0).expand(r, -1, -1, -1).float()  # RxDxGxG
+        pts = F.grid_sample(feats, xy.unsqueeze(1), mode="bilinear", align_corners=True).squeeze(2)  # RxDxP
+        if self.pool == "max":
+            pooled = F.adaptive_max_pool1d(pts, self.num_tokens)
+        else:
+            pooled = F.avg_pool1d(pts, self.num_points // self.num_tokens)
+        return pooled.transpose(1, 2).to(grid.dtype)  # Rx(num_tokens)xD

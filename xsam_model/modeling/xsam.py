@@ -10,6 +10,7 @@ builds them. One forward serves the three training stages (recipe §4):
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,6 +24,9 @@ from xsam_model.modeling.decoder import MaskDecoder
 from xsam_model.modeling.loss import SegLoss
 from xsam_model.modeling.projector import MLPProjector, SegProjector
 from xsam_model.modeling.region_sampler import RegionSampler
+from xsam_model.modeling.seg_plan import plan_decoding
+
+logger = logging.getLogger(__name__)
 
 LOSS_KEYS = ("lm", "cls", "mask_bce", "dice")
 
@@ -35,8 +39,13 @@ class XSamOutput:
     """``lm``, ``cls``, ``mask_bce``, ``dice`` (weighted, summed over decoder layers; 0 when not computed),
     detached: for logging."""
     predictions: list[dict[str, torch.Tensor]] | None = None
-    """Per decoder layer ``masks_queries_logits`` BxQxH0xW0 and ``class_queries_logits`` BxQxC (last = final)."""
+    """Per decoder layer ``masks_queries_logits`` RxQxH0xW0 and ``class_queries_logits`` RxQxC (last = final),
+    one row per decoder run: R = B, except per-``<SEG>`` decoding (see ``runs``)."""
     lm_logits: torch.Tensor | None = None
+    runs: torch.Tensor | None = None
+    """Rx2 long: (image, ``<SEG>`` index) of each prediction row; the index is -1 when a run is a whole image."""
+    metrics: dict[str, torch.Tensor] = field(default_factory=dict)
+    """Per-step counters for logging: ``dropped_targets`` (stage 1's masks with an unknown category)."""
 
 
 class XSam(nn.Module):
@@ -145,93 +154,107 @@ class XSam(nn.Module):
         )
         return out
 
-    # ------------------------------------------------------------------ conditioning
-    def _conditions(self, hidden: torch.Tensor, cond_ids: torch.Tensor, seg_ids: torch.Tensor):
-        """hidden BxTxC (projected) → seg_embeds BxC, cond BxKxC (mean over each span), valid BxK, has_seg B."""
-        k = max(int(cond_ids.max()) + 1, 1)
-        onehot = (cond_ids.unsqueeze(1) == torch.arange(k, device=cond_ids.device)[None, :, None]).to(
-            hidden.dtype
-        )
-        counts = onehot.sum(-1)  # BxK
-        cond = torch.bmm(onehot, hidden) / counts.clamp(min=1).unsqueeze(-1)
-        has_seg = (seg_ids >= 0).any(1)
-        if self.config.decoder.seg_reduce == "last":
-            # X-SAM conditions the queries with one <SEG> per image: the last one
-            w = (seg_ids == seg_ids.max(1, keepdim=True).values) & (seg_ids >= 0)
-        else:
-            w = seg_ids >= 0
-        w = w.to(hidden.dtype)
-        seg = torch.bmm(w.unsqueeze(1), hidden).squeeze(1) / w.sum(1, keepdim=True).clamp(min=1)
-        return seg, cond, counts > 0, has_seg
-
     # ------------------------------------------------------------------ forward
     def forward(self, batch: dict[str, Any], *, stage: int = 3, compute_loss: bool = True) -> XSamOutput:
         """batch: :func:`xsam_model.processor.collate` output (keys and shapes documented there).
 
         stage 1: ``extra_pixel_values`` Bx3xLxL + targets → linear-head predictions and seg losses.
         stage 2: + ``pixel_values`` Bx3xSxS, tokens BxT → LM loss.
-        stage 3: + phrase-head seg losses when the batch has ``<SEG>`` tokens (not for chat).
+        stage 3: + phrase-head seg losses when the batch has ``<SEG>`` tokens (not for chat); a batch of a task in
+        ``DecoderConfig.seg_reduce_tasks`` is decoded as ``seg_reduce`` says (:mod:`.seg_plan`).
         """
         if stage not in (1, 2, 3):
             raise ValueError(f"stage must be 1, 2 or 3, got {stage}")
         dev = batch["extra_pixel_values"].device
         zero = torch.zeros((), device=dev)
         losses = {k: zero for k in LOSS_KEYS}
+        metrics = {"dropped_targets": zero}
         sam_feats, pyramid = self.encode_sam(batch["extra_pixel_values"])
-        predictions, lm_logits = None, None
-
+        out = XSamOutput(loss=zero, losses=losses, metrics=metrics)
         if stage == 1:
-            predictions = self.mask_decoder(self.seg_connector(pyramid))
+            out.predictions = self.mask_decoder(self.seg_connector(pyramid))
+            b = batch["extra_pixel_values"].shape[0]
+            out.runs = _image_runs(b, dev)
             if compute_loss:
-                masks, labels = self._targets(batch, batch["category_labels"], limit=None)
-                losses.update(self._seg_losses(predictions, masks, labels, batch))
+                n = self.config.decoder.num_linear_classes
+                masks, labels, dropped = self._targets(batch, batch["category_labels"], [n] * b, -100)
+                metrics["dropped_targets"] = torch.tensor(float(dropped), device=dev)
+                losses.update(self._seg_losses(out.predictions, masks, labels, batch, None))
         else:
-            image_tokens, grid = self.encode_images(batch["pixel_values"], sam_feats)
-            x = self._expand(batch, image_tokens, grid)
-            out = self.llm.model(inputs_embeds=x["embeds"], attention_mask=x["attention_mask"])
-            hidden = out.last_hidden_state  # BxT'xD
-            lm_logits = self.llm.lm_head(hidden)  # BxT'xV
-            if compute_loss:
-                losses["lm"] = self.config.loss.lm_weight * F.cross_entropy(
-                    lm_logits[:, :-1].flatten(0, 1).float(), x["labels"][:, 1:].flatten(), ignore_index=-100
-                )
-            if stage == 3 and bool((x["seg_ids"] >= 0).any()):
-                proj = self.llm_projector(hidden)  # BxT'xC
-                seg, cond, valid, _ = self._conditions(proj, x["cond_ids"], x["seg_ids"])
-                predictions = self.mask_decoder(
-                    self.seg_connector(pyramid), seg_embeds=seg, cond=cond, cond_valid=valid
-                )
-                if compute_loss:
-                    masks, labels = self._targets(batch, batch["class_labels"], limit=valid.sum(1))
-                    losses.update(self._seg_losses(predictions, masks, labels, batch))
-        total = sum(losses.values())
+            self._stage23(batch, stage, compute_loss, sam_feats, pyramid, out)
+        out.loss = sum(losses.values())
         # the per-component values are for logging: detached, so logging never holds the graph
-        return XSamOutput(
-            loss=total,
-            losses={k: v.detach() for k, v in losses.items()},
-            predictions=predictions,
-            lm_logits=lm_logits,
+        out.losses = {k: v.detach() for k, v in losses.items()}
+        return out
+
+    def _stage23(self, batch, stage: int, compute_loss: bool, sam_feats, pyramid, out: XSamOutput) -> None:
+        image_tokens, grid = self.encode_images(batch["pixel_values"], sam_feats)
+        x = self._expand(batch, image_tokens, grid)
+        hidden = self.llm.model(
+            inputs_embeds=x["embeds"], attention_mask=x["attention_mask"]
+        ).last_hidden_state
+        out.lm_logits = self.llm.lm_head(hidden)  # BxT'xV
+        if compute_loss:
+            out.losses["lm"] = self.config.loss.lm_weight * F.cross_entropy(
+                out.lm_logits[:, :-1].flatten(0, 1).float(), x["labels"][:, 1:].flatten(), ignore_index=-100
+            )
+        if stage != 3 or not bool((x["seg_ids"] >= 0).any()):
+            return
+        d = self.config.decoder
+        mode = d.seg_reduce if batch.get("task") in d.seg_reduce_tasks else "last"
+        masks = labels = None
+        if compute_loss:
+            n_phrases = (x["cond_ids"].amax(1) + 1).tolist()  # spans are numbered 0..K-1 per sample
+            masks, labels, _ = self._targets(batch, batch["class_labels"], n_phrases, None)
+        proj = self.llm_projector(hidden)  # BxT'xC
+        plan = plan_decoding(mode, proj, x["cond_ids"], x["seg_ids"], masks, labels)
+        out.predictions = self.mask_decoder(
+            self.seg_connector(pyramid),
+            seg_embeds=plan.seg_embeds,
+            cond=plan.cond,
+            cond_valid=plan.valid,
+            rows=plan.rows,
         )
+        out.runs = plan.runs
+        if compute_loss:
+            out.losses.update(self._seg_losses(out.predictions, plan.masks, plan.labels, batch, plan.rows))
 
-    def _targets(self, batch, labels: list[torch.Tensor], limit):
-        """Keep masks whose label is valid for the head in use (≥ 0, and < #phrases for the phrase head)."""
-        masks_out, labels_out = [], []
+    def _targets(self, batch, labels: list[torch.Tensor], n_classes: list[int], unknown: int | None):
+        """Per sample: the masks and labels for the head in use, checked. A label outside ``[0, n_classes[b])``
+        is an error naming the sample (a pipeline off-by-one must not silently remove supervision), except
+        ``unknown`` (stage 1's -100 = a category outside the head), which is dropped and counted."""
+        masks_out, labels_out, dropped = [], [], 0
+        keys = batch.get("keys") or []
         for i, (m, lab) in enumerate(zip(batch["mask_labels"], labels, strict=True)):
-            keep = lab >= 0
-            if limit is not None:
-                keep &= lab < int(limit[i])
-            masks_out.append(m[keep])
-            labels_out.append(lab[keep])
-        return masks_out, labels_out
+            skip = lab == unknown if unknown is not None else torch.zeros_like(lab, dtype=torch.bool)
+            bad = ((lab < 0) | (lab >= int(n_classes[i]))) & ~skip
+            if bool(bad.any()):
+                key = keys[i] if i < len(keys) else f"sample {i}"
+                raise TargetLabelError(
+                    f"{key}: mask label(s) {lab[bad].tolist()} outside [0, {int(n_classes[i])})"
+                    + (f" (and not the unknown label {unknown})" if unknown is not None else "")
+                )
+            dropped += int(skip.sum())
+            masks_out.append(m[~skip.to(m.device)])
+            labels_out.append(lab[~skip])
+        if dropped:
+            logger.debug("dropped %d target masks with the unknown label %s", dropped, unknown)
+        return masks_out, labels_out, dropped
 
-    def _seg_losses(self, predictions, masks, labels, batch) -> dict[str, torch.Tensor]:
+    def _seg_losses(self, predictions, masks, labels, batch, rows) -> dict[str, torch.Tensor]:
         dev = predictions[-1]["masks_queries_logits"].device
         preds = predictions if self.config.loss.use_auxiliary_loss else predictions[-1:]
-        ignore = batch.get("ignore_mask")
-        seg = self.criterion(
-            preds,
-            [m.to(dev) for m in masks],
-            [lab.to(dev) for lab in labels],
-            ignore.to(dev) if ignore is not None else None,
-        )
+        ignore = None
+        if self.config.loss.ignore_pixels == "exclude" and batch.get("ignore_mask") is not None:
+            ignore = batch["ignore_mask"].to(dev)
+            ignore = ignore[rows.to(dev)] if rows is not None else ignore
+        seg = self.criterion(preds, [m.to(dev) for m in masks], [lab.to(dev) for lab in labels], ignore)
         return {k: self.config.loss.seg_weight * v for k, v in seg.items()}
+
+
+class TargetLabelError(ValueError):
+    """A target mask's label does not index the head's classes (the message names the sample)."""
+
+
+def _image_runs(b: int, device) -> torch.Tensor:
+    return torch.stack([torch.arange(b, device=device), torch.full((b,), -1, device=device)], 1)
