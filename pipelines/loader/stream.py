@@ -49,8 +49,8 @@ import numpy as np
 
 from pipelines.build.options import ErrorPolicy
 from pipelines.errors import ImageDecodeError, LoaderError, Skip
+from pipelines.loader import grouping, redraw
 from pipelines.loader import mixture as mixture_mod
-from pipelines.loader import redraw
 from pipelines.schema import Sample
 from pipelines.shard_store import RawSample, ShardReader
 
@@ -200,6 +200,7 @@ class MixtureStream:
         storage_options: dict | None = None,
         max_cached_indexes: int = 256,
         redraw_conversations: bool = True,
+        length_group: int = 8,
     ):
         if not stage.datasets:
             raise LoaderError(
@@ -211,6 +212,7 @@ class MixtureStream:
             ("lanes", lanes),
             ("grad_accum", grad_accum),
             ("shuffle_window", shuffle_window),
+            ("length_group", length_group),
         ):
             if not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name} must be a positive int, got {v!r}")
@@ -233,6 +235,8 @@ class MixtureStream:
         self.max_cached_indexes = max_cached_indexes
         # X-SAM re-draws wordings per access: use u of a sample (its u-th epoch) is pipelines.loader.redraw's
         self.redraw_conversations = bool(redraw_conversations)
+        # micro-batches per length-sorted group (pipelines.loader.grouping); 1 = ungrouped, as main
+        self.length_group = length_group if batch_size > 1 else 1
         self.names = stage.names
         self.probabilities = np.asarray(stage.probabilities, dtype=np.float64)
 
@@ -241,13 +245,19 @@ class MixtureStream:
         return step_sources(self.seed, np.asarray(micro_steps) // self.grad_accum, self.probabilities)
 
     def iter_lane(
-        self, lane: int, first_micro_step: int, positions: dict[str, int], stats: dict
+        self,
+        lane: int,
+        first_micro_step: int,
+        positions: dict[str, int],
+        stats: dict,
+        groups: dict[str, int] | None = None,
     ) -> Iterator[tuple[dict, Any]]:
-        """Micro-steps ``first, first + L, …`` of ``lane``: yields ``(meta, collated batch)``; ``positions``
-        and ``stats`` are this lane's start state (copied, not mutated)."""
+        """Micro-steps ``first, first + L, …`` of ``lane``: yields ``(meta, collated batch)``; ``positions``,
+        ``stats`` and ``groups`` (micro-batches handed out of each dataset's current length group) are this
+        lane's start state (copied, not mutated)."""
         if first_micro_step % self.lanes != lane:
             raise ValueError(f"micro-step {first_micro_step} does not belong to lane {lane} of {self.lanes}")
-        positions, stats = dict(positions), copy.deepcopy(stats)
+        positions, stats, groups = dict(positions), copy.deepcopy(stats), dict(groups or {})
         reader = ShardReader(self.shards, self.storage_options, self.max_cached_indexes, stats)
         consumer, consumers = self.rank * self.lanes + lane, self.world_size * self.lanes
         cursors = {}
@@ -258,7 +268,12 @@ class MixtureStream:
                 d = self.stage.datasets[di]
                 if d.name not in cursors:
                     cursors[d.name] = _Cursor(d, consumer, consumers, self.seed, self.shuffle_window, reader)
-                items, positions[d.name] = self._take(cursors[d.name], positions.get(d.name, 0), stats)
+                if self.length_group > 1:
+                    items, positions[d.name], groups[d.name] = grouping.take(
+                        self, cursors[d.name], positions.get(d.name, 0), groups.get(d.name, 0), stats
+                    )
+                else:
+                    items, positions[d.name] = self._take(cursors[d.name], positions.get(d.name, 0), stats)
                 data = self.collate(items)
                 stats["batches"] += 1
                 stats["batches_by_source"][d.name] = stats["batches_by_source"].get(d.name, 0) + 1
@@ -269,6 +284,7 @@ class MixtureStream:
                     "source": d.name,
                     "task": d.task,
                     "position": positions[d.name],
+                    "group": groups.get(d.name, 0),
                     "stats": copy.deepcopy(stats),
                 }
                 yield meta, data
@@ -306,6 +322,11 @@ class MixtureStream:
 
     def _use(self, raw: RawSample, d: mixture_mod.DatasetWeight, stats: dict, use: int = 0) -> Any | None:
         """Raw bytes → transformed item, or None (skipped / filtered, counted)."""
+        sample = self.prepare(raw, d, stats, use)
+        return None if sample is None else self.transform_one(sample, raw.image, raw.key, stats)
+
+    def prepare(self, raw: RawSample, d: mixture_mod.DatasetWeight, stats: dict, use: int) -> Sample | None:
+        """Raw bytes → the (re-drawn) Sample of this use, or None (skipped / filtered, counted)."""
         if raw.reason is not None:
             return self._skip(stats, raw.reason, raw.key, raw.detail)
         try:
@@ -324,8 +345,12 @@ class MixtureStream:
             return self._skip(stats, "missing_image", raw.key, "no image member in the shard")
         if self.redraw_conversations:  # a re-drawn sample that breaks the schema raises LoaderError
             sample = redraw.redraw(sample, self.seed, use)
+        return sample
+
+    def transform_one(self, sample: Sample, image: bytes | None, key: str, stats: dict) -> Any | None:
+        """``transform(sample, image)``, or None when it fails (counted; strict raises)."""
         try:
-            return self.transform(sample, raw.image)
+            return self.transform(sample, image)
         except LoaderError:
             raise
         except Exception as e:  # noqa: BLE001 — a bad sample must not stop training; counted, shown, strict raises
@@ -334,7 +359,7 @@ class MixtureStream:
                 if isinstance(e, ImageDecodeError) or _is_pil_decode_error(e)
                 else "transform_error"
             )
-            return self._skip(stats, reason, raw.key, f"{type(e).__name__}: {e}")
+            return self._skip(stats, reason, key, f"{type(e).__name__}: {e}")
 
 
 def _is_pil_decode_error(e: Exception) -> bool:
@@ -358,8 +383,11 @@ def _lane_dataset_cls():
     class _LaneDataset(torch.utils.data.IterableDataset):
         """Worker ``w`` of an iteration starting at micro-step ``m0`` serves lane ``(m0 + w) % L``."""
 
-        def __init__(self, stream: MixtureStream, start: int, positions: list[dict], stats: list[dict]):
+        def __init__(
+            self, stream: MixtureStream, start: int, positions: list[dict], stats: list[dict], groups: list[dict]
+        ):
             self.stream, self.start, self.positions, self.stats = stream, start, positions, stats
+            self.groups = groups
 
         def __iter__(self):
             info = torch.utils.data.get_worker_info()
@@ -369,7 +397,9 @@ def _lane_dataset_cls():
                     f"DataLoader has {n} workers but the stream was built for {self.stream.lanes}"
                 )
             lane = (self.start + w) % n
-            yield from self.stream.iter_lane(lane, self.start + w, self.positions[lane], self.stats[lane])
+            yield from self.stream.iter_lane(
+                lane, self.start + w, self.positions[lane], self.stats[lane], self.groups[lane]
+            )
 
     _LaneDataset.__module__ = __name__
     globals()["_LaneDataset"] = _LaneDataset
@@ -404,6 +434,8 @@ class MixtureLoader:
         prefetch_factor, pin_memory, multiprocessing_context: passed to ``torch.utils.data.DataLoader``.
         opencv_threads: OpenCV threads set in this process before workers start (inherited by them; default 1,
             one core per worker); None leaves OpenCV alone.
+        length_group: micro-batches per length-sorted group of a dataset (:mod:`pipelines.loader.grouping`,
+            X-SAM's length grouping); 1 = ungrouped (``main``). No effect at ``batch_size=1``.
     """
 
     def __init__(
@@ -429,6 +461,7 @@ class MixtureLoader:
         multiprocessing_context=None,
         opencv_threads: int | None = 1,
         redraw_conversations: bool = True,
+        length_group: int = 8,
     ):
         if isinstance(mixture, mixture_mod.StageMixture):
             stage_mix = mixture
@@ -452,6 +485,7 @@ class MixtureLoader:
             exclude_flags=exclude_flags,
             storage_options=storage_options,
             redraw_conversations=redraw_conversations,
+            length_group=length_group,
         )
         self.dataloader_kwargs = {
             "prefetch_factor": prefetch_factor if num_workers else None,
@@ -462,13 +496,14 @@ class MixtureLoader:
         self._micro_step = 0
         lanes = self.stream.lanes
         self._positions = [dict.fromkeys(self.stream.names, 0) for _ in range(lanes)]
+        self._groups = [dict.fromkeys(self.stream.names, 0) for _ in range(lanes)]
         self._stats = [new_stats(self.stream.names) for _ in range(lanes)]
 
     # ------------------------------------------------------------------ iteration
     def __iter__(self) -> Iterator[Batch]:
         start = self._micro_step
         if self.num_workers == 0:
-            source = self.stream.iter_lane(0, start, self._positions[0], self._stats[0])
+            source = self.stream.iter_lane(0, start, self._positions[0], self._stats[0], self._groups[0])
         else:
             import torch.utils.data
 
@@ -479,7 +514,11 @@ class MixtureLoader:
 
                 cv2.setNumThreads(self.opencv_threads)
             ds = _lane_dataset_cls()(
-                self.stream, start, copy.deepcopy(self._positions), copy.deepcopy(self._stats)
+                self.stream,
+                start,
+                copy.deepcopy(self._positions),
+                copy.deepcopy(self._stats),
+                copy.deepcopy(self._groups),
             )
             source = iter(
                 torch.utils.data.DataLoader(
@@ -498,6 +537,7 @@ class MixtureLoader:
                 )
             self._micro_step += 1
             self._positions[meta["lane"]][meta["source"]] = meta["position"]
+            self._groups[meta["lane"]][meta["source"]] = meta["group"]
             self._stats[meta["lane"]] = meta["stats"]
             yield Batch(meta["step"], meta["micro_step"], meta["source"], meta["task"], data)
 
@@ -524,6 +564,7 @@ class MixtureLoader:
             "grad_accum": s.grad_accum,
             "shuffle_window": s.shuffle_window,
             "exclude_flags": list(s.exclude_flags),
+            "length_group": s.length_group,
         }
 
     def state_dict(self) -> dict:
@@ -533,6 +574,7 @@ class MixtureLoader:
             "micro_step": self._micro_step,
             "step": self.step,
             "positions": {n: [p[n] for p in self._positions] for n in self.stream.names},
+            "groups": {n: [g[n] for g in self._groups] for n in self.stream.names},
             "stats": copy.deepcopy(self._stats),
         }
 
@@ -542,6 +584,8 @@ class MixtureLoader:
         # states saved before stages were ints hold "1", "2", "3"
         if isinstance(state.get("stage"), str) and state["stage"].isdigit():
             state = {**state, "stage": int(state["stage"])}
+        if "length_group" not in state:  # states saved before length grouping: ungrouped
+            state = {**state, "length_group": 1}
         diff = {k: (state.get(k), v) for k, v in mine.items() if state.get(k) != v}
         if diff:
             raise ValueError(
@@ -555,6 +599,11 @@ class MixtureLoader:
         self._micro_step = int(state["micro_step"])
         self._positions = [
             {n: int(state["positions"][n][lane]) for n in self.stream.names}
+            for lane in range(self.stream.lanes)
+        ]
+        groups = state.get("groups", {})
+        self._groups = [
+            {n: int(groups.get(n, [0] * self.stream.lanes)[lane]) for n in self.stream.names}
             for lane in range(self.stream.lanes)
         ]
         self._stats = copy.deepcopy(state["stats"])
