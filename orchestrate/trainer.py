@@ -22,7 +22,7 @@ import time
 from collections.abc import Iterator, Sequence
 from typing import Any
 
-from orchestrate import checkpointing, console, exports
+from orchestrate import checkpointing, console, exports, fingerprint
 from orchestrate.callbacks import Callback
 from orchestrate.checkpointing import TrainState
 from orchestrate.plan import RunPlan
@@ -142,11 +142,9 @@ class Trainer:
             cb.on_train_start(self)
 
     def _build_engine(self) -> None:
-        import deepspeed
         import torch
 
-        from orchestrate.deepspeed_compat import patch_deepspeed
-        from orchestrate.deepspeed_config import deepspeed_config
+        from orchestrate.deepspeed_config import initialize
         from orchestrate.plan import model_config
         from xsam_model import build_xsam
 
@@ -158,10 +156,14 @@ class Trainer:
         self.loaded = self._load_parents(model)
         groups = optimizer_groups(model, cfg)
         self.group_names = [g["name"] for g in groups]
-        self.ds_config = deepspeed_config(cfg, total_steps=self.plan.total_steps, use_gpu=self.plan.use_gpu)
-        patch_deepspeed()
-        self.engine, _, _, self.scheduler = deepspeed.initialize(
-            model=model, model_parameters=groups, config=self.ds_config
+        # the stage's lr schedule (cfg.schedule.lr) as DeepSpeed's client scheduler, epochs in the plan's steps
+        self.engine, self.scheduler, self.ds_config = initialize(
+            model,
+            groups,
+            cfg,
+            total_steps=self.plan.total_steps,
+            steps_per_epoch=self.plan.steps_per_epoch,
+            use_gpu=self.plan.use_gpu,
         )
         self.processor = model.processor
         if self.processor is None:
@@ -216,6 +218,7 @@ class Trainer:
             self.engine, checkpoint, rank=self.rank, resume_key=self.cfg.resume_key()
         )
         self.loader.load_state_dict(loader_state)
+        self.scheduler.apply()  # this plan's lr at the restored step (the optimizer restored the saved one)
         self.state.attempt += 1
         logger.log(
             logging.INFO if self.is_main else logging.DEBUG,
@@ -241,7 +244,8 @@ class Trainer:
 
     def step(self, batches: Iterator) -> dict[str, Any]:
         """One optimizer step: ``grad_accum`` micro-batches (forward, backward, engine step), one all-reduce of
-        the losses, tokens and data wait; returns the step's metrics."""
+        the losses, tokens and data wait; returns the step's metrics, with the global batch's
+        ``data/source`` and ``data/fingerprint`` (:mod:`orchestrate.fingerprint`)."""
         import torch
 
         from xsam_model.modeling.xsam import LOSS_KEYS
@@ -268,7 +272,9 @@ class Trainer:
             tokens += llm_tokens(b.data, cfg.stage, self.image_tokens)
             keys += list(b.data["keys"])
         self.step_keys = keys
-        return self._advance(sums, tokens, wait, source, time.perf_counter() - t0)
+        metrics = self._advance(sums, tokens, wait, source, time.perf_counter() - t0)
+        # a collective on every rank (orchestrate.fingerprint): the global batch's keys, then its digest
+        return {**metrics, **fingerprint.step_fields(source, fingerprint.gather_keys(keys))}
 
     def _advance(self, sums, tokens: int, wait: float, source: str, step_time: float) -> dict[str, Any]:
         """All-reduce the step's sums (losses averaged over ranks and micro-batches, tokens and data wait
