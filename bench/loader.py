@@ -3,6 +3,7 @@ in the same run; asserts nothing.
 
     python bench/loader.py              # 118,287-image start-up, 240 timed samples per variant, 10,000 for RSS
     python bench/loader.py --small      # 10,000-image start-up, 48 timed samples, 2,000 for RSS (a quick check)
+    python bench/loader.py --small --no-verify   # ours without the per-sample sha256 check (issue 20)
 
 Every measurement runs in its own subprocess (peak RSS isolated, same allocator settings, ``OMP/MKL`` threads and
 OpenCV at 1 thread: one process = one loader worker), twice, interleaved with the baseline; the better run counts.
@@ -23,7 +24,9 @@ OpenCV at 1 thread: one process = one loader worker), twice, interleaved with th
      ``pipelines.loader.decode`` (simplejpeg, cv2, run-length mask scaling) and the processor's tokenizer;
    - ours with ``xsam_model``'s ``XSamProcessor`` as the transform (PIL + torch, as it is written today);
    - ours on a mix of every demo source (the embedded demo tree, 320x240 images);
-   - ours through a ``torch.utils.data.DataLoader`` with 1 worker (tensors cross process boundaries).
+   - ours through a ``torch.utils.data.DataLoader`` with 1 worker (tensors cross process boundaries);
+   - ours with the per-sample sha256 check off (``verify=False``), interleaved with "ours": their ratio is the
+     check's cost (issue 20: >= 0.95x).
 3. RSS over 10,000 samples of the demo mix with full inputs: RSS after 1,000 (warm) vs the maximum after.
 """
 
@@ -316,6 +319,7 @@ def _ours_loader(a: dict):
         collate=collate,
         num_workers=a.get("workers", 0),
         seed=a.get("seed", 0),
+        verify=a.get("verify", True),
     )
 
 
@@ -547,6 +551,11 @@ def main() -> None:
     p.add_argument("--workdir", help="scratch folder (default: a temp dir, removed at the end)")
     p.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
     p.add_argument("--no-text", action="store_true", help="skip tokenisation on both sides")
+    p.add_argument(
+        "--no-verify",
+        action="store_true",
+        help="ours without the per-sample sha256 check (the 'ours, verification off' line is always measured)",
+    )
     args = p.parse_args()
     if args.child:
         print(json.dumps(CHILDREN[args.child[0]](json.loads(args.child[1]))))
@@ -603,10 +612,11 @@ def main() -> None:
             )
 
         # 2. steady state -----------------------------------------------------------------------
-        common = {"warmup": warmup, "n": timed, "text": text}
+        common = {"warmup": warmup, "n": timed, "text": text, "verify": not args.no_verify}
         runs: dict[str, list] = {
             "baseline": [],
             "ours": [],
+            "ours, verification off": [],
             "ours+XSamProcessor": [],
             "ours, demo mix": [],
             "ours, DataLoader 1 worker": [],
@@ -619,6 +629,18 @@ def main() -> None:
                 run_child(
                     "steady_ours",
                     {**common, "shards": str(tmp / "pan_shards"), "stage": BENCH_STAGE, "transform": "fast"},
+                )
+            )
+            runs["ours, verification off"].append(
+                run_child(
+                    "steady_ours",
+                    {
+                        **common,
+                        "shards": str(tmp / "pan_shards"),
+                        "stage": BENCH_STAGE,
+                        "transform": "fast",
+                        "verify": False,
+                    },
                 )
             )
         runs["ours+XSamProcessor"].append(
@@ -663,6 +685,13 @@ def main() -> None:
             )
         print(
             "   targets: ours >= 2x baseline and >= 60 samples/s per worker; the DataLoader line counts main + worker CPU"
+        )
+        on = best(runs["ours"], "samples_per_cpu_s")
+        off = best(runs["ours, verification off"], "samples_per_cpu_s")
+        print(
+            f"   per-sample sha256 check (issue 20): ours{' (--no-verify)' if args.no_verify else ''} / "
+            f"verification off = {on['samples_per_cpu_s'] / off['samples_per_cpu_s']:.3f}x per CPU-s, "
+            f"{on['samples_per_s'] / off['samples_per_s']:.3f}x wall (target >= 0.95x)"
         )
 
         # 3. RSS -------------------------------------------------------------------------------

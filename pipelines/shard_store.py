@@ -3,11 +3,13 @@
 Layout under a build's ``<out>`` (a local folder or any fsspec URI)::
 
     <source>/<split>/<source>-<split>-000000.tar  samples in key order: <key>.json [+ <key>.jpg|png]
+    <source>/<split>/<source>-<split>-000000.tar.idx.json   its member index: offsets, sizes, sample digests
     <source>/<split>/manifest.json                :class:`Manifest`: shards, counts, skips, inputs, options
     <source>/<split>/skipped.jsonl                every skipped record and dropped annotation
 
-Everything that reads a build goes through this module: the loader (:class:`ShardReader`: a header scan per
-shard, then ranged reads), the mixture (:func:`list_manifests`-style :meth:`Manifest.read` and the per-flag
+Everything that reads a build goes through this module: the loader (:class:`ShardReader`: the shard's member
+index — or, in builds older than the index, a header scan — then ranged reads, each sample's sha256 checked
+against the index, whose own sha256 the manifest records), the mixture (:func:`list_manifests`-style :meth:`Manifest.read` and the per-flag
 counts, never a tar scan), the preview gallery, dataset cards, the summary, Hugging Face interop, the training
 previews and the tests (:func:`iter_samples`). The writer (:mod:`pipelines.build.shards`) writes its manifest
 through :class:`Manifest` too, so the JSON keys are defined once. Imports only the shared core (storage,
@@ -17,6 +19,7 @@ tools.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import tarfile
@@ -72,6 +75,9 @@ class ShardEntry:
     samples: int
     bytes: int
     sha256: str | None = None
+    index_sha256: str | None = None
+    """sha256 of the shard's member index (``<file>.idx.json``, :func:`member_index`); None in builds made
+    before the index existed (the loader then scans the tar's headers)."""
 
 
 _REQUIRED = ("schema", "source", "task", "split", "shards", "counts")
@@ -375,6 +381,7 @@ class ShardIndex:
     img_ext: list[str | None]
     error: str | None = None  # why the scan ended early
     reason: str = "truncated_shard"
+    digests: list[str] | None = None  # sha256 of json + image bytes per sample (from the member index)
 
 
 def index_shard(fs, path: str, expected: int | None = None) -> ShardIndex:
@@ -408,6 +415,64 @@ def index_shard(fs, path: str, expected: int | None = None) -> ShardIndex:
     return ShardIndex(len(keys), keys, arr[:, 0], arr[:, 1], arr[:, 2], arr[:, 3], exts, error, reason)
 
 
+INDEX_SUFFIX = ".idx.json"
+INDEX_VERSION = 1
+
+
+def sample_digest(json_bytes: bytes, image: bytes | None) -> str:
+    """sha256 of a sample's bytes as stored: its JSON member, then its image member (if any)."""
+    h = hashlib.sha256(json_bytes)
+    if image:
+        h.update(image)
+    return h.hexdigest()
+
+
+def member_index(idx: ShardIndex, file: str, size: int, sha256: str, digests: Sequence[str]) -> bytes:
+    """The canonical JSON bytes of a shard's member index (``<file>.idx.json``): per sample its key, the
+    offset and size of its JSON and image members and :func:`sample_digest`; plus the shard's size and
+    sha256, so a tar swapped or grown behind the index is found by one ``stat``."""
+    if len(digests) != idx.n:
+        raise ShardStoreError(f"{file}: {idx.n} samples in the tar, {len(digests)} digests written")
+    doc = {
+        "version": INDEX_VERSION,
+        "file": file,
+        "bytes": int(size),
+        "sha256": sha256,
+        "samples": idx.n,
+        "keys": idx.keys,
+        "json": np.stack([idx.json_off, idx.json_len], 1).tolist(),
+        "image": [
+            None if e is None else [e, int(o), int(n)]
+            for e, o, n in zip(idx.img_ext, idx.img_off, idx.img_len, strict=True)
+        ],
+        "digest": list(digests),
+    }
+    return json.dumps(doc, sort_keys=True, separators=(",", ":")).encode() + b"\n"
+
+
+def read_member_index(raw: bytes, where: str) -> tuple[ShardIndex, int]:
+    """``(ShardIndex with digests, the tar's size)`` from the bytes of a member index."""
+    try:
+        d = json.loads(raw)
+        if d.get("version") != INDEX_VERSION:
+            raise ValueError(f"version {d.get('version')!r}, this code reads {INDEX_VERSION}")
+        n = int(d["samples"])
+        js = np.asarray(d["json"], dtype=np.int64).reshape(-1, 2)
+        img = [
+            (e, o, k) if e is not None else (None, -1, -1)
+            for e, o, k in (x or (None, -1, -1) for x in d["image"])
+        ]
+        keys, digests = list(d["keys"]), list(d["digest"])
+        if not (len(keys) == len(js) == len(img) == len(digests) == n):
+            raise ValueError(f"{n} samples but lists of {len(keys)}, {len(js)}, {len(img)}, {len(digests)}")
+    except (ValueError, TypeError, KeyError, AttributeError) as e:
+        raise ShardStoreError(f"{where}: not a member index: {e}") from None
+    offs = np.asarray([o for _, o, _ in img], dtype=np.int64)
+    lens = np.asarray([k for _, _, k in img], dtype=np.int64)
+    idx = ShardIndex(n, keys, js[:, 0], js[:, 1], offs, lens, [e for e, _, _ in img], digests=digests)
+    return idx, int(d["bytes"])
+
+
 @dataclass
 class RawSample:
     """One sample's undecoded bytes from a ranged read, or why there are none (``reason``)."""
@@ -421,9 +486,22 @@ class RawSample:
 
 class ShardReader:
     """Per-process random access to a build's shards: cached indexes (bounded LRU) and ranged reads, with a
-    few retries. ``counters`` (the loader's stats) gets ``shards_indexed`` and ``bytes_read`` added to."""
+    few retries. ``counters`` (the loader's stats) gets ``shards_indexed`` and ``bytes_read`` added to.
 
-    def __init__(self, root: str, storage_options: dict | None, max_indexes: int, counters: dict):
+    A shard with a member index (``<shard>.idx.json``) is read through it: the index's sha256 must be the one
+    its manifest (via ``mixture.json``) records, its sample count the manifest's, and the tar's size the one
+    the index records — else every sample of the shard is a ``shard_mismatch`` (a swapped, grown or cut
+    shard). ``verify``: each sample's sha256 is checked as it is read; a changed byte is a
+    ``digest_mismatch``. Builds without an index are read through a header scan (no per-sample digest)."""
+
+    def __init__(
+        self,
+        root: str,
+        storage_options: dict | None,
+        max_indexes: int,
+        counters: dict,
+        verify: bool = True,
+    ):
         from fsspec.core import url_to_fs
 
         self.fs, self.root = url_to_fs(root, **(storage_options or {}))
@@ -431,24 +509,78 @@ class ShardReader:
         self.indexes: OrderedDict[str, ShardIndex] = OrderedDict()
         self.max_indexes = max_indexes
         self.stats = counters
+        self.verify = verify
 
     def path(self, rel: str) -> str:
         return f"{self.root}/{rel}"
 
-    def index(self, rel: str, expected: int) -> ShardIndex:
+    def index(
+        self, rel: str, expected: int, size: int | None = None, index_sha256: str | None = None
+    ) -> ShardIndex:
         if rel in self.indexes:
             self.indexes.move_to_end(rel)
             return self.indexes[rel]
-        idx = index_shard(self.fs, self.path(rel), expected)  # a failed scan is kept: counted per sample
+        idx = self._load_index(rel, expected, size, index_sha256)  # a failed one is kept: counted per sample
         self.stats["shards_indexed"] += 1
         self.indexes[rel] = idx
         while len(self.indexes) > self.max_indexes:
             self.indexes.popitem(last=False)
         return idx
 
-    def read(self, rel: str, expected: int, lo: int, hi: int) -> list[RawSample]:
+    def _load_index(self, rel: str, expected: int, size: int | None, index_sha256: str | None) -> ShardIndex:
+        """The member index when there is one (checked against the manifest), else a header scan."""
+        path = self.path(rel)
+        try:
+            raw = _retry(lambda: self.fs.cat_file(path + INDEX_SUFFIX))
+        except FileNotFoundError:
+            raw = None
+        except OSError as e:
+            return _failed(f"{rel}{INDEX_SUFFIX}: {e}", "unreadable_shard")
+        if raw is None:
+            if index_sha256 is not None:
+                return _failed(f"{rel}{INDEX_SUFFIX} is missing (its manifest lists one)", "shard_mismatch")
+            idx = index_shard(self.fs, path, expected)
+            if idx.error is None and idx.n > expected:
+                return _failed(f"{rel}: {idx.n} samples, the manifest lists {expected}", "shard_mismatch")
+            return idx
+        got = hashlib.sha256(raw).hexdigest()
+        if index_sha256 is not None and got != index_sha256:
+            return _failed(
+                f"{rel}{INDEX_SUFFIX}: sha256 {got[:12]}…, the manifest records {index_sha256[:12]}… "
+                f"(a shard of another build?)",
+                "shard_mismatch",
+            )
+        try:
+            idx, tar_size = read_member_index(raw, rel + INDEX_SUFFIX)
+            actual = _retry(lambda: self.fs.size(path))
+        except ShardStoreError as e:
+            return _failed(str(e), "shard_mismatch")
+        except OSError as e:
+            return _failed(f"{rel}: {type(e).__name__}: {e}", "unreadable_shard")
+        problems = []
+        if idx.n != expected:
+            problems.append(f"its index lists {idx.n} samples, the manifest {expected}")
+        if actual != tar_size or (size is not None and actual != size):
+            problems.append(
+                f"{actual} bytes, its index records {tar_size}"
+                + (f", the manifest {size}" if size is not None else "")
+            )
+        if problems:
+            return _failed(f"{rel}: " + "; ".join(problems), "shard_mismatch")
+        return idx
+
+    def read(
+        self,
+        rel: str,
+        expected: int,
+        lo: int,
+        hi: int,
+        *,
+        size: int | None = None,
+        index_sha256: str | None = None,
+    ) -> list[RawSample]:
         """Samples ``lo..hi-1`` of shard ``rel`` (relative to the root), read with one ranged request."""
-        idx = self.index(rel, expected)
+        idx = self.index(rel, expected, size, index_sha256)
         out: list[RawSample] = []
         have = range(lo, min(hi, idx.n))
         if len(have):
@@ -467,16 +599,30 @@ class ShardReader:
                     RawSample(None, reason="unreadable_shard", detail=f"{rel}: {e}") for _ in range(lo, hi)
                 ]
             self.stats["bytes_read"] += len(blob)
+            check = self.verify and idx.digests is not None
             for j in have:
                 jo, jl = int(idx.json_off[j]) - start, int(idx.json_len[j])
                 image = None
                 if idx.img_off[j] >= 0:
                     io_, il = int(idx.img_off[j]) - start, int(idx.img_len[j])
                     image = blob[io_ : io_ + il]
-                out.append(RawSample(idx.keys[j], blob[jo : jo + jl], image))
+                raw = RawSample(idx.keys[j], blob[jo : jo + jl], image)
+                if check and sample_digest(raw.json, image) != idx.digests[j]:
+                    raw = RawSample(
+                        idx.keys[j],
+                        reason="digest_mismatch",
+                        detail=f"{rel} sample {j}: its bytes do not match the sha256 in {rel}{INDEX_SUFFIX}",
+                    )
+                out.append(raw)
         for j in range(max(lo, idx.n), hi):
             out.append(RawSample(None, reason=idx.reason, detail=f"{rel} sample {j}: {idx.error}"))
         return out
+
+
+def _failed(error: str, reason: str) -> ShardIndex:
+    """An index with no usable sample: every sample of the shard is skipped with ``reason``."""
+    empty = np.zeros(0, dtype=np.int64)
+    return ShardIndex(0, [], empty, empty, empty, empty, [], error, reason)
 
 
 def _retry(fn: Callable[[], Any], attempts: int = 3, retry_on: tuple = (OSError,)) -> Any:

@@ -126,7 +126,13 @@ def _manifest(out_url: str, source: str, cache: dict[str, Manifest | None]) -> M
 
 def _dataset_weight(name: str, m: Manifest, samples: int, excluded: dict[str, int], w: dict) -> DatasetWeight:
     shards = tuple(
-        ShardRef(file=f"{m.source}/{m.split}/{sh.file}", samples=sh.samples, bytes=sh.bytes, sha256=sh.sha256)
+        ShardRef(
+            file=f"{m.source}/{m.split}/{sh.file}",
+            samples=sh.samples,
+            bytes=sh.bytes,
+            sha256=sh.sha256,
+            index_sha256=sh.index_sha256,
+        )
         for sh in m.shards
     )
     return DatasetWeight(

@@ -3,6 +3,7 @@
 Layout under ``--out``::
 
     <source>/<split>/<source>-<split>-000000.tar     one shard per index chunk, samples in key order
+    <source>/<split>/<source>-<split>-000000.tar.idx.json   its member index (offsets, sizes, sample digests)
     <source>/<split>/manifest.json                   shards, counts, skips by reason, inputs, options, versions
     <source>/<split>/skipped.jsonl                   every skipped record and dropped annotation
     <source>/<split>/_parts/000000.json              per-shard completion markers (what resume checks)
@@ -30,7 +31,17 @@ from pipelines.build.images import load_image
 from pipelines.build.options import BuildOptions
 from pipelines.errors import BuildConfigError, SampleError, Skip, SkipRecord
 from pipelines.schema import SCHEMA_VERSION, to_wds
-from pipelines.shard_store import COUNTED_FLAGS, Manifest, ShardEntry, shard_name, split_dir
+from pipelines.shard_store import (
+    COUNTED_FLAGS,
+    INDEX_SUFFIX,
+    Manifest,
+    ShardEntry,
+    index_shard,
+    member_index,
+    sample_digest,
+    shard_name,
+    split_dir,
+)
 from pipelines.sources.base import ConvertContext, SourceFiles
 
 TAR_MTIME = 0.0
@@ -53,6 +64,7 @@ class PartResult:
     file: str | None = None  # shard file name, None when every record was skipped
     bytes: int = 0
     sha256: str | None = None
+    index_sha256: str | None = None  # of ``<file>.idx.json``, the shard's member index
     skips: list[dict] = field(default_factory=list)  # Skip.to_dict() of records and dropped annotations
     stats: dict = field(default_factory=dict)  # masks, regions, turns, category_counts
     seconds: float = 0.0
@@ -100,7 +112,20 @@ def completed_part(
         tar = storage.join(split_dir(out_url, source, split), part.file)
         if not fs.exists(tar) or fs.size(tar) != part.bytes:
             return None
+        if part.index_sha256 is None or _sha256_of(fs, tar + INDEX_SUFFIX) != part.index_sha256:
+            return None  # a marker from before member indexes, or an index that is gone or changed
     return part
+
+
+def _sha256_of(fs, path: str) -> str | None:
+    """sha256 of a file's bytes; None when it does not exist."""
+    if not fs.exists(path):
+        return None
+    h = hashlib.sha256()
+    with fs.open(path, "rb") as f:
+        while block := f.read(8 << 20):
+            h.update(block)
+    return h.hexdigest()
 
 
 def convert_chunk(
@@ -124,6 +149,7 @@ def convert_chunk(
     categories: Counter = Counter()
     name = shard_name(source.name, split, chunk.index)
     final = storage.join(split_dir(out_url, source.name, split), name)
+    digests: list[tuple[str, str]] = []  # (key, sample_digest) of every sample written
     try:
         with storage.atomic_write(fs, final) as raw:
             hw = _HashingWriter(raw)
@@ -132,15 +158,17 @@ def convert_chunk(
             writer = wds.TarWriter(hw, user="xsam", group="xsam", mode=0o444, mtime=TAR_MTIME, encoder=False)
             try:
                 for record in read_chunk(chunk.path):
-                    _convert_one(source, record, ctx, options, part, writer, counts, categories)
+                    _convert_one(source, record, ctx, options, part, writer, counts, categories, digests)
             finally:
                 writer.close()  # also on a strict-mode error, before the temporary file is removed
             if part.samples == 0:
                 raise _EmptyShard()  # aborts the atomic write: no empty tar files
         part.file, part.bytes, part.sha256 = name, hw.n, hw.h.hexdigest()
+        part.index_sha256 = _write_member_index(fs, final, part, digests)
     except _EmptyShard:
-        if fs.exists(final):  # an earlier build of this chunk had samples
-            fs.rm(final)
+        for stale in (final, final + INDEX_SUFFIX):
+            if fs.exists(stale):  # an earlier build of this chunk had samples
+                fs.rm(stale)
     part.stats = {**counts, "category_counts": dict(sorted(categories.items()))}
     part.seconds = round(time.perf_counter() - t0, 3)
     storage.write_json(fs, marker_path(out_url, source.name, split, part.chunk), part.to_dict())
@@ -149,6 +177,19 @@ def convert_chunk(
 
 class _EmptyShard(Exception):
     pass
+
+
+def _write_member_index(fs, tar: str, part: PartResult, digests: list[tuple[str, str]]) -> str:
+    """Write ``<tar>.idx.json`` (:func:`pipelines.shard_store.member_index`) from one header scan of the tar
+    just written and the digests computed while writing; returns its sha256 (for the manifest). The keys the
+    scan finds must be the keys written, in order."""
+    idx = index_shard(fs, tar, part.samples)
+    if idx.error is not None or idx.keys != [k for k, _ in digests]:
+        raise RuntimeError(f"{tar}: the tar just written does not read back ({idx.error or 'keys differ'})")
+    raw = member_index(idx, part.file, part.bytes, part.sha256, [d for _, d in digests])
+    with storage.atomic_write(fs, tar + INDEX_SUFFIX) as f:
+        f.write(raw)
+    return hashlib.sha256(raw).hexdigest()
 
 
 def _convert_one(
@@ -160,8 +201,10 @@ def _convert_one(
     writer,
     counts: Counter,
     categories: Counter,
+    digests: list[tuple[str, str]],
 ) -> None:
-    """Record -> Sample -> checked image -> tar members; a skip is recorded in ``part`` instead."""
+    """Record -> Sample -> checked image -> tar members (and the sample's digest); a skip is recorded in
+    ``part`` instead."""
     part.records_in += 1
     ctx.drops = []
     key = record["key"]
@@ -179,6 +222,7 @@ def _convert_one(
     if sample.key != key:
         raise RuntimeError(f"{source.name}.to_sample changed the key {key!r} to {sample.key!r}")
     writer.write(item)
+    digests.append((key, sample_digest(item["json"], image_bytes)))
     part.samples += 1
     part.skips.extend(d.to_dict() for d in ctx.drops)
     counts["masks"] += len(sample.masks)
@@ -290,7 +334,9 @@ def write_manifest(
         source=source.name,
         task=source.task,
         split=split,
-        shards=tuple(ShardEntry(p.file, p.samples, p.bytes, p.sha256) for p in parts if p.file),
+        shards=tuple(
+            ShardEntry(p.file, p.samples, p.bytes, p.sha256, p.index_sha256) for p in parts if p.file
+        ),
         counts={
             "records_in": records_in,
             "samples": samples,
@@ -344,6 +390,8 @@ def _sum_stats(parts: list[PartResult]) -> tuple[Counter, Counter]:
 def _remove_unlisted_shards(fs, sdir: str, manifest: Manifest) -> None:
     """Shards of chunks that no longer exist (the input shrank) must not linger beside the manifest."""
     listed = {s.file for s in manifest.shards}
-    for p in fs.glob(f"{sdir}/{manifest.source}-{manifest.split}-*.tar"):
-        if p.rsplit("/", 1)[-1] not in listed:
-            fs.rm(p)
+    listed |= {f + INDEX_SUFFIX for f in listed}
+    for pattern in ("*.tar", "*.tar" + INDEX_SUFFIX):
+        for p in fs.glob(f"{sdir}/{manifest.source}-{manifest.split}-{pattern}"):
+            if p.rsplit("/", 1)[-1] not in listed:
+                fs.rm(p)

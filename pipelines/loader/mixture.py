@@ -29,6 +29,7 @@ class ShardRef:
     samples: int
     bytes: int
     sha256: str | None = None
+    index_sha256: str | None = None  # its member index's sha256 (None: a build from before the index)
 
 
 @dataclass(frozen=True)
@@ -148,6 +149,15 @@ def _stage_key(key: str) -> int:
         raise MixtureError(f"mixture stage key {key!r} is not an int") from None
 
 
+def _shard_dict(sh: ShardRef) -> dict:
+    """A shard's JSON; ``index_sha256`` only when there is one, so a mixture written before member indexes
+    keeps its digest (and the loader states that refer to it stay resumable)."""
+    d = asdict(sh)
+    if d["index_sha256"] is None:
+        del d["index_sha256"]
+    return d
+
+
 def stage_to_dict(s: StageMixture) -> dict:
     return {
         "stage": str(s.stage),  # a string in the file, as before: the digest (and so resume) is unchanged
@@ -155,7 +165,7 @@ def stage_to_dict(s: StageMixture) -> dict:
         "exclude_flags": list(s.exclude_flags),
         "samples": sum(d.samples for d in s.datasets),
         "samples_per_epoch": s.samples_per_epoch,
-        "datasets": [{**asdict(d), "shards": [asdict(sh) for sh in d.shards]} for d in s.datasets],
+        "datasets": [{**asdict(d), "shards": [_shard_dict(sh) for sh in d.shards]} for d in s.datasets],
         "missing": [dict(m) for m in s.missing],
     }
 

@@ -146,7 +146,10 @@ class _Cursor:
             if s0 >= hi:
                 break
             a, b = max(lo, s0) - s0, min(hi, s1) - s0
-            out += self.reader.read(self.d.shards[s].file, self.d.shards[s].samples, a, b)
+            ref = self.d.shards[s]
+            out += self.reader.read(
+                ref.file, ref.samples, a, b, size=ref.bytes, index_sha256=ref.index_sha256
+            )
         return out
 
 
@@ -200,6 +203,7 @@ class MixtureStream:
         storage_options: dict | None = None,
         max_cached_indexes: int = 256,
         redraw_conversations: bool = True,
+        verify: bool = True,
         length_group: int = 8,
     ):
         if not stage.datasets:
@@ -235,6 +239,7 @@ class MixtureStream:
         self.max_cached_indexes = max_cached_indexes
         # X-SAM re-draws wordings per access: use u of a sample (its u-th epoch) is pipelines.loader.redraw's
         self.redraw_conversations = bool(redraw_conversations)
+        self.verify = bool(verify)  # each sample's sha256 against its shard's member index (issue 20)
         # micro-batches per length-sorted group (pipelines.loader.grouping); 1 = ungrouped, as main
         self.length_group = length_group if batch_size > 1 else 1
         self.names = stage.names
@@ -258,7 +263,7 @@ class MixtureStream:
         if first_micro_step % self.lanes != lane:
             raise ValueError(f"micro-step {first_micro_step} does not belong to lane {lane} of {self.lanes}")
         positions, stats, groups = dict(positions), copy.deepcopy(stats), dict(groups or {})
-        reader = ShardReader(self.shards, self.storage_options, self.max_cached_indexes, stats)
+        reader = ShardReader(self.shards, self.storage_options, self.max_cached_indexes, stats, self.verify)
         consumer, consumers = self.rank * self.lanes + lane, self.world_size * self.lanes
         cursors = {}
         m = first_micro_step
@@ -345,6 +350,7 @@ class MixtureStream:
             return self._skip(stats, "missing_image", raw.key, "no image member in the shard")
         if self.redraw_conversations:  # a re-drawn sample that breaks the schema raises LoaderError
             sample = redraw.redraw(sample, self.seed, use)
+        sample.meta["draw"] = [self.seed, use]  # the transform's own draws (stage-1 jitter) key on these
         return sample
 
     def transform_one(self, sample: Sample, image: bytes | None, key: str, stats: dict) -> Any | None:
@@ -384,7 +390,12 @@ def _lane_dataset_cls():
         """Worker ``w`` of an iteration starting at micro-step ``m0`` serves lane ``(m0 + w) % L``."""
 
         def __init__(
-            self, stream: MixtureStream, start: int, positions: list[dict], stats: list[dict], groups: list[dict]
+            self,
+            stream: MixtureStream,
+            start: int,
+            positions: list[dict],
+            stats: list[dict],
+            groups: list[dict],
         ):
             self.stream, self.start, self.positions, self.stats = stream, start, positions, stats
             self.groups = groups
@@ -429,6 +440,8 @@ class MixtureLoader:
             ``<shards>/mixture.json``.
         shuffle_window: samples per shuffle window (memory: one window per dataset per worker).
         strict: raise :class:`LoaderError` at the first unreadable sample instead of skipping it.
+        verify: check each sample's sha256 against its shard's member index as it is read (a changed byte is
+            a ``digest_mismatch`` skip, an error under ``strict``); False only to measure what it costs.
         exclude_flags: skip samples whose ``meta[flag]`` is true; default the mixture's (``no_target``).
         storage_options: passed to fsspec for ``shards``.
         prefetch_factor, pin_memory, multiprocessing_context: passed to ``torch.utils.data.DataLoader``.
@@ -461,6 +474,7 @@ class MixtureLoader:
         multiprocessing_context=None,
         opencv_threads: int | None = 1,
         redraw_conversations: bool = True,
+        verify: bool = True,
         length_group: int = 8,
     ):
         if isinstance(mixture, mixture_mod.StageMixture):
@@ -485,6 +499,7 @@ class MixtureLoader:
             exclude_flags=exclude_flags,
             storage_options=storage_options,
             redraw_conversations=redraw_conversations,
+            verify=verify,
             length_group=length_group,
         )
         self.dataloader_kwargs = {
