@@ -62,6 +62,39 @@ def check_resume_key(saved: dict, current: dict, where: str) -> None:
         )
 
 
+def check_loader_layout(checkpoint_url: str, world_size: int, lanes: int) -> None:
+    """The checkpoint's loader states were written by ``world_size`` ranks × ``lanes`` DataLoader lanes
+    (``max(1, loader workers)``), one ``loader_rank<r>.json`` per rank; else :class:`ResumeError` with both
+    layouts. A checkpoint without loader states is left to :func:`restore` to refuse.
+
+    Why: :class:`~pipelines.loader.stream.MixtureLoader` keeps its positions per (rank, lane) slice, so a
+    state fits only the layout that wrote it (a world-size-free state is issue 21 item 1). Checked on the
+    driver, so a changed ``--num-workers`` or ``--loader-workers`` is one line before Ray starts instead of a
+    failure in every worker, retried ``max_failures`` times."""
+    fs, path = storage.fs_and_path(checkpoint_url)
+    files = fs.glob(f"{path}/loader_rank*.json")
+    if not files:
+        return
+    ranks = sorted(int(f.rsplit("loader_rank", 1)[1].removesuffix(".json")) for f in files)
+    try:
+        state = storage.read_json(fs, f"{path}/{loader_file(ranks[0])}")
+        saved_world, saved_lanes = int(state["world_size"]), int(state["lanes"])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ResumeError(f"{checkpoint_url}/{loader_file(ranks[0])}: unreadable loader state ({e})") from e
+    if ranks != list(range(saved_world)):
+        raise ResumeError(
+            f"checkpoint {checkpoint_url} holds loader states of ranks {ranks}, but they were written by "
+            f"{saved_world} ranks (incomplete checkpoint?)"
+        )
+    if (saved_world, saved_lanes) != (world_size, lanes):
+        raise ResumeError(
+            f"checkpoint {checkpoint_url} was written by {saved_world} workers × {saved_lanes} loader lanes, "
+            f"this run has {world_size} × {lanes}: the loader state is kept per (rank, lane), so resume with "
+            f"--num-workers {saved_world} --loader-workers {saved_lanes if saved_lanes > 1 else '0 (or 1)'} "
+            f"(resuming on another world size or worker count is not supported yet)"
+        )
+
+
 def save(engine, *, rank: int, loader_state: dict, train_state: TrainState, metrics: dict[str, Any]) -> None:
     """Every rank: write its shard + loader state into a temporary folder and report it (a barrier)."""
     import ray.train

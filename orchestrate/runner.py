@@ -152,7 +152,7 @@ def build_config(a: RunArgs):
 
 def check_data(shards: str, mixture_url: str, mixture_stage: int):
     """The stage's :class:`~pipelines.loader.mixture.StageMixture`, after checking that its shards exist."""
-    from pipelines.loader.mixture import MixtureError
+    from pipelines.loader.mixture import MixtureError, check_generations
     from pipelines.loader.mixture import load as load_mixture
 
     fs, root = storage.fs_and_path(shards)
@@ -166,6 +166,7 @@ def check_data(shards: str, mixture_url: str, mixture_stage: int):
         )
     try:
         stage = load_mixture(mixture_url).stage(mixture_stage)
+        check_generations(shards, stage)  # no shard of a newer (or unfinished) build under an old mixture
     except (KeyError, MixtureError) as e:
         raise RunSetupError(f"{mixture_url}: {e}") from e
     if not stage.datasets:
@@ -204,7 +205,9 @@ def check_resume(cfg, layout: StageLayout, resume: str) -> None:
         found = [(0, resume)]
     if found:
         saved = checkpointing.latest_train_state(found[-1][1])
-        try:
+        try:  # the loader layout first: its message names the world sizes and worker counts
+            lanes = max(1, cfg.data.loader_workers)
+            checkpointing.check_loader_layout(found[-1][1], cfg.batch.world_size, lanes)
             checkpointing.check_resume_key(saved.resume_key, cfg.resume_key(), found[-1][1])
         except checkpointing.ResumeError as e:
             raise RunSetupError(str(e)) from e
