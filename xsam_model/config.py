@@ -491,6 +491,11 @@ class ProcessorConfig:
     region_token_index: int = -300
     category_ids: tuple[int, ...] = COCO_PANOPTIC_CATEGORY_IDS
     """Dataset category ids in the order of the stage-1 linear head."""
+    sam_scale_jitter: tuple[float, float] | None = None
+    """Large-scale jitter of the SAM image and its masks: scale ~ U(lo, hi), fit into (L·scale)², centre crop
+    to L, pad (X-SAM stage 1: (0.1, 2.0), see :func:`stage_processor`); None = longest side L."""
+    siglip_pad_square: bool = False
+    """Centre the image on a square of the SigLIP mean colour before the SigLIP resize (X-SAM stage 2)."""
 
     def __post_init__(self):
         _check_positive(self, "siglip_size", "sam_size")
@@ -499,6 +504,13 @@ class ProcessorConfig:
             raise ValueError("max_length must be positive or None")
         if self.image_token_index >= 0 or self.region_token_index >= 0:
             raise ValueError("placeholder indices must be negative (they are never vocabulary ids)")
+        if self.sam_scale_jitter is not None:
+            lo, hi = self.sam_scale_jitter
+            if not 0 < lo <= hi:
+                raise ValueError(
+                    f"sam_scale_jitter must be (lo, hi) with 0 < lo <= hi, got {self.sam_scale_jitter!r}"
+                )
+            self.sam_scale_jitter = (float(lo), float(hi))
 
 
 @dataclass(kw_only=True)
@@ -596,6 +608,15 @@ def stage_checkpointing(stage: int) -> tuple[str, ...]:
     if stage in (2, 3):
         return tuple(CHECKPOINT_PARTS)
     raise ValueError(f"stage must be 1, 2 or 3, got {stage!r}")
+
+
+def stage_processor(cfg: ProcessorConfig, stage: int) -> ProcessorConfig:
+    """``cfg`` with the stage transforms of X-SAM's paper configs: stage 1 large-scale jitter (0.1, 2.0) of the
+    SAM image and masks, stage 2 the SigLIP image padded to a square, stage 3 neither."""
+    if stage not in (1, 2, 3):
+        raise ValueError(f"stage must be 1, 2 or 3, got {stage!r}")
+    jitter = (0.1, 2.0) if stage == 1 else None
+    return dataclasses.replace(cfg, sam_scale_jitter=jitter, siglip_pad_square=stage == 2)
 
 
 def main_branch(cfg: XSamConfig) -> XSamConfig:

@@ -41,6 +41,7 @@ single-pass normalisation into the padded frame, and masks scaled in run-length 
 from __future__ import annotations
 
 import re
+import zlib
 from collections.abc import Sequence
 from typing import Any
 
@@ -55,6 +56,7 @@ from xsam_model.config import ProcessorConfig
 INSTRUCTION = "<|user|>\n{input}<|end|>\n<|assistant|>\n"
 SUFFIX = "<|end|>"
 SEP = "\n"
+_TAG_JITTER = 4  # keeps the jitter draw apart from the loader's other (seed, key, use) streams
 _SPLIT = re.compile(f"({re.escape(IMAGE)}|{re.escape(REGION)})")
 
 
@@ -165,10 +167,21 @@ class XSamProcessor:
         """Size inside the padded SAM frame: longest side = sam_size (rounded like HF's SAM processor)."""
         return decode.scaled_size(h, w, self.config.sam_size)
 
+    def jitter_scale(self, sample: Sample) -> float | None:
+        """This use's large-scale-jitter scale ~ U(lo, hi) (``config.sam_scale_jitter``), a pure function of
+        ``(seed, key, use)`` — the loader puts ``[seed, use]`` in ``meta["draw"]``; [0, 0] without it."""
+        if self.config.sam_scale_jitter is None:
+            return None
+        seed, use = (int(v) for v in sample.meta.get("draw", (0, 0)))
+        key = [seed & 0xFFFFFFFF, seed >> 32 & 0xFFFFFFFF, zlib.crc32(sample.key.encode()), use, _TAG_JITTER]
+        lo, hi = self.config.sam_scale_jitter
+        return float(np.random.default_rng(key).uniform(lo, hi))
+
     def images(
-        self, image_bytes: bytes, expect_hw: tuple[int, int] | None
-    ) -> tuple[torch.Tensor, torch.Tensor, tuple[int, int]]:
-        """Image bytes → SigLIP 3×S×S float, SAM 3×L×L float (zero-padded), (h, w) inside the SAM frame."""
+        self, image_bytes: bytes, expect_hw: tuple[int, int] | None, sam_scale: float | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, tuple[int, int], tuple[int, ...] | None]:
+        """Image bytes → SigLIP 3×S×S float, SAM 3×L×L float (zero-padded), (h, w) inside the SAM frame, and the
+        jitter geometry (None without ``sam_scale``) for the masks."""
         c = self.config
         x = decode.image_inputs(
             image_bytes,
@@ -178,6 +191,8 @@ class XSamProcessor:
             siglip_std=c.siglip_std,
             sam_mean=c.sam_mean,
             sam_std=c.sam_std,
+            sam_scale=sam_scale,
+            siglip_pad_square=c.siglip_pad_square,
         )
         if expect_hw is not None and tuple(x["image_hw"]) != tuple(expect_hw):
             h, w = x["image_hw"]
@@ -186,15 +201,21 @@ class XSamProcessor:
             torch.from_numpy(x["pixel_values"]),
             torch.from_numpy(x["extra_pixel_values"]),
             tuple(x["scaled_size"]),
+            x["sam_geometry"],
         )
 
-    def _to_sam_frame(self, rles: list[dict], size: tuple[int, int]) -> torch.Tensor:
+    def _to_sam_frame(
+        self, rles: list[dict], size: tuple[int, int], geom: tuple[int, ...] | None = None
+    ) -> torch.Tensor:
         """N RLEs → N×L×L uint8: nearest-exact resize to ``size``, zero pad bottom/right. In a DataLoader worker
         the masks are written straight into shared memory (they travel as a per-sample list, and a tensor that
         is already shared crosses to the main process without another copy)."""
         L = self.config.sam_size
         out = _empty((len(rles), L, L), torch.uint8)
-        decode.masks_to_frame(rles, size, pad_to=L, out=out.numpy())
+        if geom is None:
+            decode.masks_to_frame(rles, size, pad_to=L, out=out.numpy())
+        else:  # the image's large-scale jitter, same geometry
+            decode.jitter_masks(rles, geom, pad_to=L, out=out.numpy())
         return out
 
     # ------------------------------------------------------------------ the call
@@ -204,20 +225,22 @@ class XSamProcessor:
         if image_bytes is None:
             raise ProcessorError(f"{sample.key}: no image bytes (text-only samples are not supported)")
         hw = (sample.image.height, sample.image.width) if sample.image else None
-        item["pixel_values"], item["extra_pixel_values"], size = self.images(image_bytes, hw)
-        item["mask_labels"] = self._to_sam_frame([m.rle for m in sample.masks], size)
+        item["pixel_values"], item["extra_pixel_values"], size, geom = self.images(
+            image_bytes, hw, self.jitter_scale(sample)
+        )
+        item["mask_labels"] = self._to_sam_frame([m.rle for m in sample.masks], size, geom)
         item["class_labels"] = torch.tensor([m.label for m in sample.masks], dtype=torch.long)
         item["category_labels"] = torch.tensor(
             [self._cat_index.get(m.category_id, -100) for m in sample.masks], dtype=torch.long
         )
         if sample.ignore is not None:
-            item["ignore_mask"] = torch.from_numpy(
-                decode.masks_to_frame_any([sample.ignore], size, pad_to=c.sam_size)
-            )
+            item["ignore_mask"] = self._to_sam_frame([sample.ignore], size, geom)[0].view(torch.bool)
         else:
             item["ignore_mask"] = torch.zeros(c.sam_size, c.sam_size, dtype=torch.bool)
         # 0/1 uint8 → bool is a reinterpretation, not a copy
-        item["region_masks"] = self._to_sam_frame([r.rle for r in sample.regions], size).view(torch.bool)
+        item["region_masks"] = self._to_sam_frame([r.rle for r in sample.regions], size, geom).view(
+            torch.bool
+        )
         # the r-th <region> slot must sit inside the span of its region's phrase
         slots = (item["input_ids"] == c.region_token_index).nonzero().flatten()
         if len(slots) != len(sample.regions):

@@ -237,6 +237,72 @@ def masks_to_frame_any(rles: Sequence[dict], hw: tuple[int, int], pad_to: int | 
     return masks_to_frame(rles, hw, pad_to).any(axis=0)
 
 
+# ---------------------------------------------------------------------------------------------- stage transforms
+def expand_to_square(img: np.ndarray, fill: Sequence[int]) -> np.ndarray:
+    """``HxWx3`` → ``MxMx3`` (M = max(H, W)), the image centred on a ``fill`` background — LLaVA/X-SAM's
+    ``expand2square`` (stage-2 SigLIP input, filled with the SigLIP mean colour), before the one resize."""
+    h, w = img.shape[:2]
+    if h == w:
+        return img
+    m = max(h, w)
+    top, left = (m - h) // 2, (m - w) // 2
+    return cv2.copyMakeBorder(
+        img, top, m - h - top, left, m - w - left, cv2.BORDER_CONSTANT, value=tuple(int(v) for v in fill)
+    )
+
+
+def jitter_geometry(h: int, w: int, size: int, scale: float) -> tuple[int, int, int, int, int, int]:
+    """Large-scale jitter (X-SAM stage 1, ``image_processing_sam.py``): fit ``h×w`` into ``(size·scale)²``,
+    then centre-crop to at most ``size×size``. Returns ``(rh, rw, top, left, ch, cw)``: the fitted size, the
+    crop's corner in it and the crop's size (the image part of the padded frame)."""
+    target = int(size * scale + 0.5)
+    r = min(target / h, target / w)
+    rh, rw = max(1, int(h * r + 0.5)), max(1, int(w * r + 0.5))
+    ch, cw = min(size, rh), min(size, rw)
+    return rh, rw, (rh - ch) // 2, (rw - cw) // 2, ch, cw
+
+
+def _inverse_affine(h: int, w: int, geom: tuple[int, ...]) -> np.ndarray:
+    """Output pixel → source pixel (pixel centres, as ``cv2.resize``) of the fitted-and-cropped frame."""
+    rh, rw, top, left = geom[:4]
+    sy, sx = h / rh, w / rw
+    return np.array([[sx, 0, (left + 0.5) * sx - 0.5], [0, sy, (top + 0.5) * sy - 0.5]], np.float64)
+
+
+def jitter_image(img: np.ndarray, geom: tuple[int, ...]) -> np.ndarray:
+    """``HxWx3`` → the ``ch×cw`` crop of the image fitted to ``rh×rw``, with one resample: a plain resize
+    (box filter when shrinking) when nothing is cropped, else one affine warp straight into the crop (an
+    enlarged image is never built)."""
+    h, w = img.shape[:2]
+    rh, rw, top, left, ch, cw = geom
+    if (ch, cw) == (rh, rw):
+        return resize(img, (rh, rw), "bilinear")
+    if rh <= h and rw <= w:  # shrinking but cropped (a huge image): box filter, then slice
+        return np.ascontiguousarray(resize(img, (rh, rw), "bilinear")[top : top + ch, left : left + cw])
+    m = _inverse_affine(h, w, geom)
+    flags = cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP
+    return cv2.warpAffine(img, m, (cw, ch), flags=flags, borderMode=cv2.BORDER_REPLICATE)
+
+
+def jitter_masks(
+    rles: Sequence[dict], geom: tuple[int, ...], pad_to: int, out: np.ndarray | None = None
+) -> np.ndarray:
+    """N RLEs → ``N×P×P`` uint8 through the same geometry as :func:`jitter_image` (nearest), zero-padded."""
+    rh, rw, top, left, ch, cw = geom
+    out = _padded((len(rles),), (ch, cw), pad_to, np.uint8, out)
+    if not rles:
+        return out
+    h, w = (int(v) for v in rles[0]["size"])
+    if (ch, cw) == (rh, rw) or (rh <= h and rw <= w):
+        full = masks_to_frame(rles, (rh, rw))
+        out[:, :ch, :cw] = full[:, top : top + ch, left : left + cw]
+        return out
+    m = _inverse_affine(h, w, geom)
+    for i, src in enumerate(masks_to_frame(rles, (h, w))):
+        cv2.warpAffine(src, m, (cw, ch), dst=out[i, :ch, :cw], flags=cv2.INTER_NEAREST | cv2.WARP_INVERSE_MAP)
+    return out
+
+
 # ---------------------------------------------------------------------------------------------- both encoders
 def image_inputs(
     data: bytes,
@@ -249,6 +315,8 @@ def image_inputs(
     sam_std: Sequence[float] = SAM_STD,
     expect_hw: tuple[int, int] | None = None,
     alloc: Callable[[tuple[int, ...], type], np.ndarray] | None = None,
+    sam_scale: float | None = None,
+    siglip_pad_square: bool = False,
 ) -> dict[str, np.ndarray | tuple[int, int]]:
     """Image bytes → X-SAM's two encoder inputs, each resized once from the decoded original.
 
@@ -256,6 +324,11 @@ def image_inputs(
     ``extra_pixel_values`` 3×L×L float32 (SAM: longest side L bilinear, normalised, zero pad bottom/right),
     ``scaled_size`` (h, w) inside the SAM frame, ``image_hw`` the decoded size. ``alloc(shape, dtype)``, if
     given, provides the two output arrays (e.g. numpy views of shared-memory tensors).
+
+    Stage transforms: ``sam_scale`` = one large-scale-jitter draw (:func:`jitter_geometry`; the SAM image is
+    fitted into ``(L·scale)²``, centre-cropped to L, padded; ``sam_geometry`` is returned for
+    :func:`jitter_masks`, None without jitter); ``siglip_pad_square`` centres the image on a square of the SigLIP
+    mean colour before its resize (:func:`expand_to_square`).
     """
     img = decode_image(data)
     if expect_hw is not None and img.shape[:2] != tuple(expect_hw):
@@ -263,14 +336,26 @@ def image_inputs(
             f"image is {img.shape[0]}x{img.shape[1]}, expected {expect_hw[0]}x{expect_hw[1]}"
         )
     new = alloc or (lambda shape, dtype: None)
+    square = expand_to_square(img, [int(m * 255) for m in siglip_mean]) if siglip_pad_square else img
     siglip = normalize_chw(
-        resize(img, (siglip_size, siglip_size), "bicubic"),
+        resize(square, (siglip_size, siglip_size), "bicubic"),
         siglip_mean,
         siglip_std,
         out=new((3, siglip_size, siglip_size), np.float32),
     )
-    sam_img, hw = resize_longest(img, sam_size, "bilinear")
+    geom = None
+    if sam_scale is None:
+        sam_img, hw = resize_longest(img, sam_size, "bilinear")
+    else:
+        geom = jitter_geometry(img.shape[0], img.shape[1], sam_size, sam_scale)
+        sam_img, hw = jitter_image(img, geom), geom[4:]
     sam = normalize_chw(
         sam_img, sam_mean, sam_std, pad_to=sam_size, out=new((3, sam_size, sam_size), np.float32)
     )
-    return {"pixel_values": siglip, "extra_pixel_values": sam, "scaled_size": hw, "image_hw": img.shape[:2]}
+    return {
+        "pixel_values": siglip,
+        "extra_pixel_values": sam,
+        "scaled_size": hw,
+        "image_hw": img.shape[:2],
+        "sam_geometry": geom,
+    }
