@@ -1,12 +1,15 @@
-"""The DeepSpeed JSON, generated from a :class:`~orchestrate.stages.StageConfig` (never edited by hand).
+"""What ``deepspeed.initialize`` gets, generated from a :class:`~orchestrate.stages.StageConfig` (never edited
+by hand): the DeepSpeed JSON and the client learning-rate scheduler; :func:`initialize` is the one call.
 
-It mirrors X-SAM's ``deepspeed_zero2.json`` (large buckets, overlapped communication, contiguous gradients,
-``zero_allow_untested_optimizer``) with the ``auto`` fields filled from the stage config, plus the optimizer
-and the warm-up + cosine schedule so DeepSpeed saves and restores both with its checkpoints.
-
-The schedule is DeepSpeed's ``WarmupCosineLR`` (linear warm-up from ``warmup_start`` × lr, cosine to
-``min_lr_ratio`` × lr, per-group multipliers kept). Unlike mmengine it runs the very first optimizer step at
-lr 0 and then follows X-SAM's curve one step late: irrelevant at the recipe's thousands of steps.
+The JSON mirrors X-SAM's ``deepspeed_zero2.json`` (large buckets, overlapped communication, contiguous
+gradients, ``zero_allow_untested_optimizer``) with the ``auto`` fields filled from the stage config, plus the
+optimizer. It has no ``scheduler`` section: the schedule is the stage's one
+:class:`xsam_model.schedule.ScheduleConfig` (``cfg.schedule.lr``: warm-up then ``multistep`` in stage 1, as the
+paper, or ``cosine``), run as a ``LambdaLR`` (:class:`StageLR`) that DeepSpeed builds on its optimizer, steps
+after every optimizer step and saves/restores with its checkpoints. A ``LambdaLR`` multiplies every parameter
+group's own base lr, so the stage's per-group lr multipliers hold throughout. Optimizer step ``t`` (0-based)
+runs at ``lr_group × lr_lambda(t)``, X-SAM's (mmengine's) curve, epochs converted with the mixture's steps
+per epoch.
 
 On CPU (gloo) it runs fp32, no overlapped communication, and ``torch_adam`` so DeepSpeed does not compile
 its fused Adam op (about 45 s on a 2-core box). On GPUs: bf16 and torch's fused AdamW kernel.
@@ -14,14 +17,18 @@ its fused Adam op (about 45 s on a 2-core box). On GPUs: bf16 and torch's fused 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
+import torch
+
 from orchestrate.stages import StageConfig
+from xsam_model.schedule import lr_lambda
 
 
-def deepspeed_config(cfg: StageConfig, *, total_steps: int, use_gpu: bool) -> dict[str, Any]:
-    """``cfg`` as a DeepSpeed config dict. ``total_steps`` = optimizer steps of the whole run."""
-    b, o, s = cfg.batch, cfg.optim, cfg.schedule
+def deepspeed_config(cfg: StageConfig, *, use_gpu: bool) -> dict[str, Any]:
+    """``cfg`` as a DeepSpeed config dict (the schedule is :func:`lr_scheduler`'s, not in the JSON)."""
+    b, o = cfg.batch, cfg.optim
     precision = cfg.model.resolved_precision(use_gpu)
     zero: dict[str, Any] = {"stage": cfg.zero_stage}
     if cfg.zero_stage > 0:
@@ -55,16 +62,65 @@ def deepspeed_config(cfg: StageConfig, *, total_steps: int, use_gpu: bool) -> di
         "bf16": {"enabled": precision == "bf16"},
         "fp16": {"enabled": False},
         "optimizer": {"type": "AdamW", "params": adam},
-        "scheduler": {
-            "type": "WarmupCosineLR",
-            "params": {
-                "total_num_steps": total_steps,
-                "warmup_num_steps": s.warmup_steps(total_steps),
-                "warmup_min_ratio": s.warmup_start,
-                "warmup_type": "linear",
-                "cos_min_ratio": s.min_lr_ratio,
-            },
-        },
         "steps_per_print": 10**9,  # we log ourselves
         "wall_clock_breakdown": False,
     }
+
+
+class StageLR(torch.optim.lr_scheduler.LambdaLR):
+    """The stage's ``LambdaLR``. Its checkpoint holds the step count (and base lrs), not the multiplier: a
+    resumed run recomputes the multiplier from its own plan, so a resume with a longer ``--max-steps``
+    stretches the cosine (and the checkpoint holds no pickled config classes)."""
+
+    def state_dict(self) -> dict[str, Any]:
+        state = super().state_dict()
+        state["lr_lambdas"] = [None] * len(self.lr_lambdas)
+        return state
+
+    def apply(self) -> None:
+        """Set every group's lr to ``base_lr × multiplier(last_epoch)`` (after a resume: DeepSpeed restores
+        the optimizer's saved lrs after the scheduler state)."""
+        lrs = [base * fn(self.last_epoch) for base, fn in zip(self.base_lrs, self.lr_lambdas, strict=True)]
+        for group, lr in zip(self.optimizer.param_groups, lrs, strict=True):
+            group["lr"] = lr
+        self._last_lr = lrs
+
+
+def lr_scheduler(
+    cfg: StageConfig, *, total_steps: int, steps_per_epoch: float
+) -> Callable[[torch.optim.Optimizer], StageLR]:
+    """``optimizer -> StageLR`` of ``cfg.schedule.lr`` over ``total_steps`` optimizer steps, epoch milestones
+    at ``steps_per_epoch`` steps each; the form ``deepspeed.initialize(lr_scheduler=...)`` takes."""
+    fn = lr_lambda(cfg.schedule.lr, total_steps, steps_per_epoch)
+
+    def make(optimizer: torch.optim.Optimizer) -> StageLR:
+        return StageLR(optimizer, fn)
+
+    return make
+
+
+def initialize(
+    model: torch.nn.Module,
+    groups: list[dict],
+    cfg: StageConfig,
+    *,
+    total_steps: int,
+    steps_per_epoch: float,
+    use_gpu: bool,
+) -> tuple[Any, StageLR, dict[str, Any]]:
+    """``deepspeed.initialize`` of ``model`` with parameter ``groups`` (each at its own lr), the generated
+    JSON and the stage's scheduler: ``(engine, scheduler, ds_config)``. Needs ``torch.distributed`` set up
+    (Ray Train's workers; a test's one-process gloo group)."""
+    import deepspeed
+
+    from orchestrate.deepspeed_compat import patch_deepspeed
+
+    ds_config = deepspeed_config(cfg, use_gpu=use_gpu)
+    patch_deepspeed()
+    engine, _, _, scheduler = deepspeed.initialize(
+        model=model,
+        model_parameters=groups,
+        config=ds_config,
+        lr_scheduler=lr_scheduler(cfg, total_steps=total_steps, steps_per_epoch=steps_per_epoch),
+    )
+    return engine, scheduler, ds_config

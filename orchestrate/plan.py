@@ -51,14 +51,16 @@ class RunPlan:
 
 
 def model_config(cfg: StageConfig):
-    """The :class:`xsam_model.XSamConfig` of ``cfg``: its flavor with the stage's max length and
-    gradient checkpointing."""
+    """The :class:`xsam_model.XSamConfig` the stage builds: its flavor with the stage's max length, activation
+    checkpointing (``cfg.model.checkpointing``, :func:`xsam_model.config.with_checkpointing`) and attention
+    kernel. ``attn_implementation="auto"`` stays ``auto`` here; the build resolves it for its device."""
     from xsam_model.builder import resolve_config
+    from xsam_model.config import with_checkpointing
 
-    mc = resolve_config(cfg.model.flavor)
+    mc = with_checkpointing(resolve_config(cfg.model.flavor), cfg.model.checkpointing)
     if cfg.data.max_length is not None:
         mc.processor = dataclasses.replace(mc.processor, max_length=cfg.data.max_length)
-    mc.llm = dataclasses.replace(mc.llm, gradient_checkpointing=cfg.model.gradient_checkpointing)
+    mc.llm = dataclasses.replace(mc.llm, attn_implementation=cfg.model.attn_implementation)
     return mc
 
 

@@ -5,7 +5,9 @@
     cfg = with_world_size(cfg, 8)                        # same global batch on 8 GPUs (accumulation × 2)
 
 Batch sizes are defined once, in :class:`BatchConfig` (global = micro × accumulation × world size, checked);
-the DeepSpeed JSON is generated from the config by :mod:`orchestrate.deepspeed_config`, never edited by hand.
+the DeepSpeed JSON and the learning-rate schedule (:attr:`StageSchedule.lr`, one
+:class:`xsam_model.schedule.ScheduleConfig`) are generated from the config by :mod:`orchestrate.deepspeed_config`,
+never edited by hand.
 Each thing is defined once, keyed by the stage number (an int): hyperparameters here; what trains, its
 parameter groups and their learning-rate multipliers in the model's stage view
 (:data:`xsam_model.stages.STAGE_GROUPS`, shown in :meth:`StageConfig.to_dict` so they reach the resolved
@@ -21,6 +23,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from orchestrate.errors import StageConfigError
+from xsam_model.config import ATTN_IMPLEMENTATIONS, CHECKPOINT_PARTS, stage_checkpointing
+from xsam_model.schedule import ScheduleConfig
 from xsam_model.stages import STAGE_GROUPS
 
 
@@ -85,24 +89,23 @@ class OptimConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
-class ScheduleConfig:
-    """Linear warm-up from ``warmup_start`` × lr over the first ``warmup_ratio`` of steps, then cosine to
-    ``min_lr_ratio`` × lr (mmengine LinearLR(start_factor=1e-5) + CosineAnnealingLR(eta_min=0) in X-SAM)."""
+class StageSchedule:
+    """How long a stage runs and its learning-rate schedule. The schedule is defined once, by ``lr`` (an
+    :class:`xsam_model.schedule.ScheduleConfig`: warm-up then cosine or multistep), and runs as the client
+    ``LambdaLR`` handed to ``deepspeed.initialize`` (:func:`orchestrate.deepspeed_config.lr_scheduler`)."""
 
     epochs: float
     max_steps: int | None = None
-    """Stop after this many optimizer steps; None = epochs × the mixture's steps per epoch."""
-    warmup_ratio: float = 0.03
-    warmup_start: float = 1e-5
-    min_lr_ratio: float = 0.0
+    """Stop after this many optimizer steps; None = epochs × the mixture's steps per epoch. The schedule keeps
+    its epoch milestones (a short run never reaches them) and its cosine spans the steps actually run."""
+    lr: ScheduleConfig = field(default_factory=ScheduleConfig)
+    """Warm-up (3 % from 1e-5 × lr) then ``cosine`` to 0 (stages 2, 3) or ``multistep`` (stage 1, paper)."""
 
     def __post_init__(self):
         if self.max_steps is not None and self.max_steps <= 0:
             raise StageConfigError(f"max_steps must be positive, got {self.max_steps}")
-        if not 0 <= self.warmup_ratio < 1 or not self.epochs > 0:
-            raise StageConfigError(
-                f"need 0 <= warmup_ratio < 1 and epochs > 0; got {self.warmup_ratio}, {self.epochs}"
-            )
+        if not self.epochs > 0:
+            raise StageConfigError(f"need epochs > 0; got {self.epochs}")
 
     def total_steps(self, steps_per_epoch: int) -> int:
         """``steps_per_epoch``: Σ_d ceil(N_d·r_d / global batch) from the mixture (X-SAM's single-source
@@ -112,7 +115,7 @@ class ScheduleConfig:
         return max(1, math.ceil(self.epochs * steps_per_epoch))
 
     def warmup_steps(self, total: int) -> int:
-        return max(1, round(self.warmup_ratio * total))
+        return self.lr.num_warmup_steps(total)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -123,13 +126,30 @@ class ModelConfig:
     """A key of :data:`xsam_model.XSAM_FLAVORS`."""
     init_dir: str | None = None
     """X-SAM's ``inits/`` folder (HF sub-folders); None = random weights (the debug flavor)."""
-    gradient_checkpointing: bool = False
+    checkpointing: tuple[str, ...] = ()
+    """Parts recomputed in backward (activation checkpointing), keys of
+    :data:`xsam_model.config.CHECKPOINT_PARTS`; the recipe sets :func:`xsam_model.config.stage_checkpointing`
+    (stages 2, 3: all parts, as X-SAM; stage 1: the SAM encoder, which trains there). Applied to the flavor's
+    config by :func:`orchestrate.plan.model_config` (:func:`xsam_model.config.with_checkpointing`)."""
+    attn_implementation: str = "auto"
+    """The LLM's attention kernel (``LLMConfig.attn_implementation``): ``auto`` resolves at build time to
+    ``flash_attention_2`` when ``flash_attn`` is installed and the model is built for CUDA, else ``sdpa``."""
     precision: str = "auto"
     """``auto`` (bf16 on GPUs, fp32 on CPU), ``bf16`` or ``fp32``."""
 
     def __post_init__(self):
         if self.precision not in ("auto", "bf16", "fp32"):
             raise StageConfigError(f"precision must be auto, bf16 or fp32, got {self.precision!r}")
+        object.__setattr__(self, "checkpointing", tuple(self.checkpointing))
+        unknown = sorted(set(self.checkpointing) - set(CHECKPOINT_PARTS))
+        if unknown:
+            raise StageConfigError(
+                f"unknown checkpointing parts {unknown}; known: {', '.join(sorted(CHECKPOINT_PARTS))}"
+            )
+        if self.attn_implementation not in ATTN_IMPLEMENTATIONS:
+            raise StageConfigError(
+                f"attn_implementation must be one of {ATTN_IMPLEMENTATIONS}, got {self.attn_implementation!r}"
+            )
 
     def resolved_precision(self, use_gpu: bool) -> str:
         if self.precision == "auto":
@@ -236,7 +256,7 @@ class StageConfig:
     data: DataConfig
     batch: BatchConfig
     optim: OptimConfig
-    schedule: ScheduleConfig
+    schedule: StageSchedule
     checkpoint: CheckpointPolicy
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     parents: tuple[ParentSpec, ...] = ()
@@ -293,15 +313,18 @@ everything, so a stage-3 export is a complete starting point."""
 # ---------------------------------------------------------------------------------------------- the recipe
 def stage1() -> StageConfig:
     """Segmentor fine-tune on COCO panoptic: SAM-L encoder (lr × 0.1) + connector + re-initialised Mask2Former
-    decoder + linear 133-class head; lr 1e-4, wd 0.05, clip 0.01, 4/GPU × 16 GPUs, 36 epochs."""
+    decoder + linear 133-class head; lr 1e-4, wd 0.05, clip 0.01, 4/GPU × 16 GPUs, 36 epochs; warm-up then
+    × 0.1 at epochs 24 and 30 (the paper's s1 config, ``AAAI26_Archive``; ``main`` uses a cosine)."""
     return StageConfig(
         stage=1,
         name="s1_segmentor_finetune",
-        model=ModelConfig(gradient_checkpointing=False),
+        model=ModelConfig(checkpointing=stage_checkpointing(1)),
         data=DataConfig(mixture_stage=1, loader_workers=4, max_length=None),
         batch=BatchConfig(global_batch=64, micro_batch=4, grad_accum=1, world_size=16),
         optim=OptimConfig(lr=1e-4, weight_decay=0.05, grad_clip=0.01),
-        schedule=ScheduleConfig(epochs=36),
+        schedule=StageSchedule(
+            epochs=36, lr=ScheduleConfig(kind="multistep", milestones=(24, 30), gamma=0.1)
+        ),
         checkpoint=CheckpointPolicy(every_steps=2000, keep=2),
     )
 
@@ -312,11 +335,11 @@ def stage2() -> StageConfig:
     return StageConfig(
         stage=2,
         name="s2_alignment_pretrain",
-        model=ModelConfig(gradient_checkpointing=True),
+        model=ModelConfig(checkpointing=stage_checkpointing(2)),
         data=DataConfig(mixture_stage=2, loader_workers=8, max_length=2319),
         batch=BatchConfig(global_batch=256, micro_batch=16, grad_accum=1, world_size=16),
         optim=OptimConfig(lr=1e-3, weight_decay=0.0, grad_clip=1.0),
-        schedule=ScheduleConfig(epochs=1),
+        schedule=StageSchedule(epochs=1, lr=ScheduleConfig(kind="cosine")),
         checkpoint=CheckpointPolicy(every_steps=2000, keep=2),
         parents=(
             # stage 2 does not run the decoder: the connector and the decoder wait for stage 3
@@ -331,11 +354,11 @@ def stage3() -> StageConfig:
     return StageConfig(
         stage=3,
         name="s3_mixed_finetune",
-        model=ModelConfig(gradient_checkpointing=True),
+        model=ModelConfig(checkpointing=stage_checkpointing(3)),
         data=DataConfig(mixture_stage=3, loader_workers=4, max_length=2319),
         batch=BatchConfig(global_batch=64, micro_batch=4, grad_accum=1, world_size=16),
         optim=OptimConfig(lr=4e-5, weight_decay=0.05, grad_clip=1.0),
-        schedule=ScheduleConfig(epochs=1),
+        schedule=StageSchedule(epochs=1, lr=ScheduleConfig(kind="cosine")),
         checkpoint=CheckpointPolicy(every_steps=200, keep=2),
         parents=(
             # segmentor (SAM encoder + decoder) and connector from stage 1; its linear 133-class head is
@@ -374,11 +397,12 @@ def with_self_parent(cfg: StageConfig) -> StageConfig:
 
 # ---------------------------------------------------------------------------------------------- variants
 def debug(cfg: StageConfig, *, steps: int = 6) -> StageConfig:
-    """The tiny ``debug`` model on CPU: 2 workers × micro batch 2, a few steps, checkpoint every 2 steps."""
+    """The tiny ``debug`` model on CPU: 2 workers × micro batch 2, a few steps, checkpoint every 2 steps. It
+    keeps the stage's schedule and activation checkpointing, so those code paths run on CPU too."""
     return dataclasses.replace(
         cfg,
         name=cfg.name + "_debug",
-        model=dataclasses.replace(cfg.model, flavor="debug", init_dir=None, gradient_checkpointing=False),
+        model=dataclasses.replace(cfg.model, flavor="debug", init_dir=None),
         data=dataclasses.replace(cfg.data, loader_workers=0, shuffle_buffer=16, max_length=None),
         batch=BatchConfig(global_batch=4, micro_batch=2, grad_accum=1, world_size=2),
         schedule=dataclasses.replace(cfg.schedule, max_steps=steps),

@@ -17,6 +17,7 @@ from orchestrate.stages import (
     stage3,
     with_world_size,
 )
+from xsam_model.config import CHECKPOINT_PARTS
 from xsam_model.stages import STAGE_GROUPS
 
 
@@ -32,7 +33,7 @@ def test_recipe_values():
     assert [c.schedule.epochs for c in (s1, s2, s3)] == [36, 1, 1]
     for c in (s1, s2, s3):
         assert c.optim.betas == (0.9, 0.999)
-        assert (c.schedule.warmup_ratio, c.schedule.warmup_start, c.schedule.min_lr_ratio) == (
+        assert (c.schedule.lr.warmup_ratio, c.schedule.lr.warmup_start, c.schedule.lr.min_lr_ratio) == (
             0.03,
             1e-5,
             0.0,
@@ -48,11 +49,18 @@ def test_recipe_values():
     assert set(dict(s2.lr_mults)) == {"visual_projector", "seg_projector"}
     assert dict(s3.lr_mults)["sam_encoder"] == dict(s3.lr_mults)["vision_encoder"] == 0.1
     assert (s2.data.max_length, s3.data.max_length) == (2319, 2319)
-    assert (
-        s1.model.gradient_checkpointing,
-        s2.model.gradient_checkpointing,
-        s3.model.gradient_checkpointing,
-    ) == (False, True, True)
+    # the paper's stage 1: warm-up then × 0.1 at epochs 24 and 30; stages 2 and 3: warm-up then cosine
+    assert (s1.schedule.lr.kind, s1.schedule.lr.milestones, s1.schedule.lr.gamma) == (
+        "multistep",
+        (24, 30),
+        0.1,
+    )
+    assert s2.schedule.lr.kind == s3.schedule.lr.kind == "cosine"
+    # activation checkpointing: the SAM encoder where it trains (stage 1); everything in stages 2 and 3
+    assert s1.model.checkpointing == ("sam",)
+    assert {"siglip", "sam", "projectors", "connector"} <= set(s2.model.checkpointing)
+    assert s2.model.checkpointing == s3.model.checkpointing == tuple(CHECKPOINT_PARTS)
+    assert all(c.model.attn_implementation == "auto" for c in (s1, s2, s3))
     assert [c.checkpoint.every_steps for c in (s1, s2, s3)] == [2000, 2000, 200]
     assert [c.data.loader_workers for c in (s1, s2, s3)] == [4, 8, 4]
     # chaining: stage 2 from stage 1; stage 3 from both, segmentor + connector from 1, projectors from 2
@@ -96,6 +104,10 @@ def test_bad_fields_refused():
         dataclasses.replace(stage2(), parents=(dataclasses.replace(stage3().parents[0], stage=3),))
     with pytest.raises(StageConfigError, match="unknown stage"):
         get_stage(4)
+    with pytest.raises(StageConfigError, match=r"unknown checkpointing parts \['vit'\]"):
+        dataclasses.replace(stage1().model, checkpointing=("sam", "vit"))
+    with pytest.raises(StageConfigError, match="attn_implementation"):
+        dataclasses.replace(stage1().model, attn_implementation="flash")
     with pytest.raises(StageConfigError, match=r"unknown stage '3'"):  # keyed by int only
         get_stage("3")
 
