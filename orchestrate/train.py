@@ -25,6 +25,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run as a script
 
 from orchestrate.console import configure_logging  # noqa: E402
+from orchestrate.plan import model_config  # noqa: E402
 from orchestrate.runner import RunArgs, build_config, fit, prepare, ray_init  # noqa: E402
 from pipelines.errors import run_cli  # noqa: E402
 from pipelines.logs import add_verbosity_flags  # noqa: E402
@@ -74,7 +75,11 @@ def _parser() -> argparse.ArgumentParser:
     add("--eval-sets", help="comma list of built <source>/<split> val sets for --eval-every")
     add("--eval-max-samples", type=int, default=16, help="samples per set evaluated (the first N)")
     add("--eval-data-root", default="", help="the folder the build read (COCO sets read originals)")
-    add("--print-config", action="store_true", help="print the resolved stage config (JSON) and exit")
+    add(
+        "--print-config",
+        action="store_true",
+        help="print the resolved stage and model configs (JSON, every field) and exit",
+    )
     add_verbosity_flags(p)
     return p
 
@@ -120,13 +125,24 @@ def _report(plan, result) -> None:
     print(f"  wandb       {plan.wandb_dir} (offline runs: wandb sync {plan.wandb_dir}/wandb/offline-run-*)")
 
 
+def resolved_config(args: RunArgs) -> dict:
+    """What ``--print-config`` prints: the stage config (optimisation, schedule, data, batch, checkpointing,
+    parents, ...) under ``stage`` and the model config the stage builds (the flavor with the stage's
+    checkpointing, attention kernel and max length; every field) under ``model`` — the keys of an export's
+    ``config.json``. Needs no shards, run root or Ray."""
+    from xsam_model.config import config_dict
+
+    cfg = build_config(args)
+    return {"stage": cfg.to_dict(), "model": config_dict(model_config(cfg))}
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run through :func:`pipelines.errors.run_cli`: an orchestrate error is exit code 2 and one line."""
     args, ns = parse_args(argv)
     verbosity = ns.verbose - ns.quiet
     configure_logging(verbosity)
     if ns.print_config:
-        print(json.dumps(build_config(args).to_dict(), indent=2))
+        print(json.dumps(resolved_config(args), indent=2))
         return 0
     plan = prepare(args)
     b = plan.cfg.batch

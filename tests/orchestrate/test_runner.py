@@ -221,7 +221,8 @@ def test_print_config_needs_no_other_flag(capsys):
     assert (
         run_cli(train.main, ["--stage", "1", "--print-config", "--num-workers", "8", "--max-steps", "9"]) == 0
     )
-    cfg = json.loads(capsys.readouterr().out)
+    # "stage"; the model's config under "model" is checked in tests/orchestrate/test_print_config.py
+    cfg = json.loads(capsys.readouterr().out)["stage"]
     assert set(cfg) == {f.name for f in dataclasses.fields(StageConfig)}  # every field
     assert cfg["batch"] == {"global_batch": 64, "micro_batch": 4, "grad_accum": 2, "world_size": 8}
     assert cfg["schedule"]["max_steps"] == 9 and cfg["data"]["mixture_stage"] == 1

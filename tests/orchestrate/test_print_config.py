@@ -1,0 +1,65 @@
+"""``train.py --stage N --print-config`` prints the resolved config, every field of the stage config and of the
+model config the stage builds, as JSON, and needs no other flag (no shards, run root or Ray)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+
+from orchestrate import train
+from orchestrate.stages import StageConfig
+from pipelines.errors import run_cli
+from xsam_model.config import CHECKPOINT_PARTS, XSamConfig
+
+
+def _print_config(capsys, *argv: str) -> dict:
+    assert run_cli(train.main, [*argv, "--print-config"]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def _field_names(cls) -> set[str]:
+    return {f.name for f in dataclasses.fields(cls)}
+
+
+@pytest.mark.parametrize(
+    "stage,kind,parts", [(1, "multistep", {"sam"}), (2, "cosine", None), (3, "cosine", None)]
+)
+def test_every_field_of_stage_and_model(capsys, stage, kind, parts):
+    out = _print_config(capsys, "--stage", str(stage))
+    assert set(out) == {"stage", "model"}
+    s, m = out["stage"], out["model"]
+    assert set(s) == _field_names(StageConfig) and s["stage"] == stage
+    assert {"optim", "schedule", "data", "batch"} <= set(s) and s["batch"]["world_size"] == 16
+    assert s["schedule"]["lr"]["kind"] == kind and s["schedule"]["lr"]["warmup_ratio"] == 0.03
+    if kind == "multistep":
+        assert (s["schedule"]["epochs"], s["schedule"]["lr"]["milestones"]) == (36, [24, 30])
+    # the model: every field of every sub-config, the paper's defaults, the stage's checkpointing
+    assert set(m) == _field_names(XSamConfig) and m["name"] == "xsam-phi3"
+    for f in dataclasses.fields(XSamConfig):
+        if dataclasses.is_dataclass(getattr(XSamConfig(), f.name)):
+            assert set(m[f.name]) == _field_names(type(getattr(XSamConfig(), f.name))), f.name
+    assert m["decoder"]["seg_reduce"] == "per_seg"
+    assert (m["region"]["pool"], m["region"]["num_tokens"]) == ("max", 1)
+    assert m["llm"]["attn_implementation"] == "auto"
+    on = {part for part, attr in CHECKPOINT_PARTS.items() if m[attr]["gradient_checkpointing"]}
+    assert on == (parts or set(CHECKPOINT_PARTS)) == set(s["model"]["checkpointing"])
+    if stage > 1:
+        assert m["processor"]["max_length"] == s["data"]["max_length"] == 2319
+
+
+def test_the_model_is_the_flavor_the_stage_builds(capsys):
+    main = _print_config(capsys, "--stage", "3", "--flavor", "xsam-phi3-main")["model"]
+    assert main["name"] == "xsam-phi3-main" and main["decoder"]["seg_reduce"] == "main"
+    assert (main["region"]["pool"], main["region"]["num_tokens"]) == ("mean", 64)
+    debug = _print_config(capsys, "--stage", "1", "--flavor", "debug")
+    assert debug["model"]["name"] == "debug" and debug["model"]["sam"]["hidden_size"] == 32
+    assert (
+        debug["model"]["sam"]["gradient_checkpointing"]
+        and not debug["model"]["llm"]["gradient_checkpointing"]
+    )
+    assert (
+        debug["stage"]["schedule"]["max_steps"] == 6
+        and debug["stage"]["schedule"]["lr"]["kind"] == "multistep"
+    )
