@@ -77,7 +77,9 @@ def test_stage_view_sets_requires_grad_and_multipliers(model):
         stage_view(model, 0)
 
 
-@pytest.mark.parametrize("stage,task", [(1, "genseg"), (2, "chat"), (3, "genseg"), (3, "refseg"), (3, "vgdseg")])
+@pytest.mark.parametrize(
+    "stage,task", [(1, "genseg"), (2, "chat"), (3, "genseg"), (3, "refseg"), (3, "vgdseg")]
+)
 def test_every_trainable_parameter_gets_a_gradient(model, samples, stage, task):
     """No trainable parameter is left without a gradient (DDP/ZeRO would stall or error on it)."""
     stage_view(model, stage)
