@@ -152,7 +152,7 @@ def build_config(a: RunArgs):
 
 def check_data(shards: str, mixture_url: str, mixture_stage: int):
     """The stage's :class:`~pipelines.loader.mixture.StageMixture`, after checking that its shards exist."""
-    from pipelines.loader.mixture import MixtureError
+    from pipelines.loader.mixture import MixtureError, check_generations
     from pipelines.loader.mixture import load as load_mixture
 
     fs, root = storage.fs_and_path(shards)
@@ -166,6 +166,7 @@ def check_data(shards: str, mixture_url: str, mixture_stage: int):
         )
     try:
         stage = load_mixture(mixture_url).stage(mixture_stage)
+        check_generations(shards, stage)  # no shard of a newer (or unfinished) build under an old mixture
     except (KeyError, MixtureError) as e:
         raise RunSetupError(f"{mixture_url}: {e}") from e
     if not stage.datasets:

@@ -103,6 +103,8 @@ class Manifest:
     source_version: int | None = None
     code_version: dict = field(default_factory=dict)
     fingerprint: str | None = None
+    generation: str | None = None
+    """The build generation this manifest commits (:func:`generation_of`); None before issue 20."""
     wall_time_s: float | None = None
     extra: dict = field(default_factory=dict)  # keys a newer writer added: kept, written back unchanged
     url: str | None = field(default=None, compare=False, repr=False)  # where it was read from (not written)
@@ -170,6 +172,13 @@ class Manifest:
         fs, path = storage.fs_and_path(manifest_path(out_url, self.source, self.split))
         storage.write_json(fs, path, self.to_dict())
         return path
+
+
+def generation_of(fingerprint: str | None, shards: Sequence[ShardEntry]) -> str:
+    """A split's build generation: a digest of its build fingerprint and every shard's file, size and
+    sha256s — what the loader trains on. The manifest, written last, names it; ``mixture.json`` pins it."""
+    basis = {"fingerprint": fingerprint, "shards": [dict(s.__dict__) for s in shards]}
+    return hashlib.sha256(json.dumps(basis, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def list_manifests(

@@ -199,6 +199,8 @@ def build_split(
     ix = index_split(src, split, files, out_url, options, guard)
     done = {c.index: p for c in ix.chunks if (p := shards.completed_part(out_url, src.name, split, c, ix.fp))}
     todo = [c for c in ix.chunks if c.index not in done]
+    if todo and shards.retire_manifest(out_url, src.name, split):  # the old generation ends here
+        logger.info("%s/%s: previous manifest removed until this build commits", src.name, split)
     records = sum(c.records for c in ix.chunks)
     logger.debug("%s/%s: %d records, %d shards already complete", src.name, split, records, len(done))
     parts = list(done.values())

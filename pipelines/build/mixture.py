@@ -21,6 +21,7 @@ torchtitan's dataset-mix configs.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import logging
 import math
 import warnings
@@ -149,7 +150,15 @@ def _dataset_weight(name: str, m: Manifest, samples: int, excluded: dict[str, in
         shard_samples=sum(s.samples for s in shards),
         excluded=excluded,
         fingerprint=m.fingerprint,
+        generation=m.generation,
+        manifest_sha256=_sha256_of(m.url) if m.url else None,
     )
+
+
+def _sha256_of(url: str) -> str:
+    fs, path = storage.fs_and_path(url)
+    with fs.open(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
 
 
 def compute_stage(

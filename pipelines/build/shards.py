@@ -9,9 +9,12 @@ Layout under ``--out``::
     <source>/<split>/_parts/000000.json              per-shard completion markers (what resume checks)
     <source>/<split>/_index/                         index chunk files (removed when the split completes)
 
-Determinism: tar members carry mtime 0, uid/gid 0, mode 0444 and fixed user names; the JSON member is
+Commit: a split's manifest is written last and names its build generation; before any shard is replaced,
+the previous manifest is removed (:func:`retire_manifest`), so a killed rebuild leaves no manifest that
+describes partly-new shards. Determinism: tar members carry mtime 0, uid/gid 0, mode 0444 and fixed user names; the JSON member is
 canonical; images are the original bytes. Resume: a shard counts as done when its tar exists with the size
-its completion marker recorded and the marker's fingerprint (source version, options, input hashes, chunk
+its completion marker recorded (and the sha256, re-read), its member index is the recorded one, and the
+marker's fingerprint (source version, options, input hashes, chunk
 digest) matches the current build; everything else is rebuilt.
 """
 
@@ -36,7 +39,9 @@ from pipelines.shard_store import (
     INDEX_SUFFIX,
     Manifest,
     ShardEntry,
+    generation_of,
     index_shard,
+    manifest_path,
     member_index,
     sample_digest,
     shard_name,
@@ -110,8 +115,8 @@ def completed_part(
         return None
     if part.file is not None:
         tar = storage.join(split_dir(out_url, source, split), part.file)
-        if not fs.exists(tar) or fs.size(tar) != part.bytes:
-            return None
+        if not fs.exists(tar) or fs.size(tar) != part.bytes or _sha256_of(fs, tar) != part.sha256:
+            return None  # gone, cut, or changed since it was written: rebuilt
         if part.index_sha256 is None or _sha256_of(fs, tar + INDEX_SUFFIX) != part.index_sha256:
             return None  # a marker from before member indexes, or an index that is gone or changed
     return part
@@ -329,14 +334,13 @@ def write_manifest(
             f"{source.name}/{split}: {records_in} records in != {samples} samples + {sum(skipped.values())} skipped"
         )
     stats, categories = _sum_stats(parts)
+    entries = tuple(ShardEntry(p.file, p.samples, p.bytes, p.sha256, p.index_sha256) for p in parts if p.file)
     manifest = Manifest(
         schema=SCHEMA_VERSION,
         source=source.name,
         task=source.task,
         split=split,
-        shards=tuple(
-            ShardEntry(p.file, p.samples, p.bytes, p.sha256, p.index_sha256) for p in parts if p.file
-        ),
+        shards=entries,
         counts={
             "records_in": records_in,
             "samples": samples,
@@ -356,6 +360,7 @@ def write_manifest(
         source_version=source.version,
         code_version=code_version,
         fingerprint=fp,
+        generation=generation_of(fp, entries),
         wall_time_s=round(wall_time_s, 3),
     )
     sdir = split_dir(out_url, source.name, split)
@@ -365,6 +370,17 @@ def write_manifest(
     manifest.write(out_url)  # last: a split is complete once its manifest exists
     _remove_unlisted_shards(fs, sdir, manifest)
     return manifest.to_dict()
+
+
+def retire_manifest(out_url: str, source: str, split: str) -> bool:
+    """Before a build replaces any shard of a split, its manifest goes: the previous generation no longer
+    describes the shards, so nothing may train on them (a mixture naming that generation is refused) until
+    the new manifest commits the new one. Returns whether there was one."""
+    fs, path = storage.fs_and_path(manifest_path(out_url, source, split))
+    if not fs.exists(path):
+        return False
+    fs.rm(path)
+    return True
 
 
 def _tally_skips(index_skips: list[Skip], parts: list[PartResult]) -> tuple[list[dict], Counter, Counter]:

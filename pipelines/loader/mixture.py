@@ -47,6 +47,8 @@ class DatasetWeight:
     shard_samples: int  # samples in the shards, excluded ones included (the loader indexes these)
     excluded: dict[str, int] = field(default_factory=dict)  # flag → samples left out
     fingerprint: str | None = None  # the manifest's build fingerprint (lineage)
+    generation: str | None = None  # the build generation its manifest committed (checked by the loader)
+    manifest_sha256: str | None = None  # of the manifest.json it was computed from (lineage)
 
 
 @dataclass(frozen=True)
@@ -158,6 +160,41 @@ def _shard_dict(sh: ShardRef) -> dict:
     return d
 
 
+def _dataset_dict(d: DatasetWeight) -> dict:
+    """A dataset's JSON; ``generation``/``manifest_sha256`` only when known (older mixtures keep their
+    digest)."""
+    out = {**asdict(d), "shards": [_shard_dict(sh) for sh in d.shards]}
+    for k in ("generation", "manifest_sha256"):
+        if out[k] is None:
+            del out[k]
+    return out
+
+
+def check_generations(shards: str, stage: StageMixture) -> None:
+    """Every dataset's manifest under ``shards`` still commits the build generation ``mixture.json`` was
+    computed from; else :class:`MixtureError` in one line: which split, what changed, how to fix it.
+    Datasets of mixtures written before generations existed are not checked."""
+    from pipelines.shard_store import Manifest, MissingManifestError
+
+    for d in stage.datasets:
+        if d.generation is None:
+            continue
+        try:
+            now = Manifest.read(shards, d.source, d.split).generation
+        except MissingManifestError:
+            raise MixtureError(
+                f"{d.name}: its manifest is gone from {shards}: a rebuild of {d.name} started and has not "
+                f"finished, so its shards are partly new; finish that build (it rewrites mixture.json) "
+                f"before training"
+            ) from None
+        if now != d.generation:
+            raise MixtureError(
+                f"{d.name}: mixture.json was computed from build generation {d.generation}, its manifest now "
+                f"commits {now} (rebuilt since); rewrite mixture.json (python -m pipelines.build.mixture "
+                f"--out {shards}) or restore the shards it was computed from"
+            )
+
+
 def stage_to_dict(s: StageMixture) -> dict:
     return {
         "stage": str(s.stage),  # a string in the file, as before: the digest (and so resume) is unchanged
@@ -165,7 +202,7 @@ def stage_to_dict(s: StageMixture) -> dict:
         "exclude_flags": list(s.exclude_flags),
         "samples": sum(d.samples for d in s.datasets),
         "samples_per_epoch": s.samples_per_epoch,
-        "datasets": [{**asdict(d), "shards": [_shard_dict(sh) for sh in d.shards]} for d in s.datasets],
+        "datasets": [_dataset_dict(d) for d in s.datasets],
         "missing": [dict(m) for m in s.missing],
     }
 

@@ -48,7 +48,7 @@ from typing import Any
 import numpy as np
 
 from pipelines.build.options import ErrorPolicy
-from pipelines.errors import ImageDecodeError, LoaderError, Skip
+from pipelines.errors import ImageDecodeError, LoaderError, MixtureError, Skip
 from pipelines.loader import grouping, redraw
 from pipelines.loader import mixture as mixture_mod
 from pipelines.schema import Sample
@@ -482,6 +482,10 @@ class MixtureLoader:
         else:
             mix = mixture if isinstance(mixture, mixture_mod.Mixture) else mixture_mod.load(mixture or shards)
             stage_mix = mix.stage(stage)
+        try:  # the shards are still the generation the mixture was computed from (issue 20)
+            mixture_mod.check_generations(str(shards), stage_mix)
+        except MixtureError as e:
+            raise LoaderError(str(e)) from None
         self.num_workers, self.opencv_threads = num_workers, opencv_threads
         self.stream = MixtureStream(
             shards,
