@@ -15,7 +15,7 @@ input_ids           T long         token ids; ``<image>`` = -200, ``<region>`` =
 labels              T long         target ids on assistant text (+ its ``<|end|>``), -100 elsewhere
 cond_ids            T long         k on the k-th ``<p>…</p>`` span (both tags included), -1 elsewhere
 seg_ids             T long         k on the k-th ``<SEG>``, -1 elsewhere
-pixel_values        3×S×S float    SigLIP image (plain resize, normalised)
+pixel_values        3×S×S float    SigLIP image (plain resize, normalised); zeros for a sample without image
 extra_pixel_values  3×L×L float    SAM image: longest side L, normalised, zero-padded bottom/right
 mask_labels         N×L×L uint8    target masks in the SAM frame (nearest resize, zero pad)
 class_labels        N long         phrase index of each mask (-1 = no phrase)
@@ -223,7 +223,7 @@ class XSamProcessor:
         item: dict[str, Any] = self.tokenize(sample)
         c = self.config
         if image_bytes is None:
-            raise ProcessorError(f"{sample.key}: no image bytes (text-only samples are not supported)")
+            return self._text_only(item, sample)
         hw = (sample.image.height, sample.image.width) if sample.image else None
         item["pixel_values"], item["extra_pixel_values"], size, geom = self.images(
             image_bytes, hw, self.jitter_scale(sample)
@@ -253,6 +253,27 @@ class XSamProcessor:
                     f"{sample.key}: region with label {r.label} fills a slot of span {item['cond_ids'][pos].item()}"
                 )
         item["scaled_size"] = torch.tensor(size, dtype=torch.long)
+        item["task"], item["key"] = sample.task, sample.key
+        return item
+
+    def _text_only(self, item: dict[str, Any], sample: Sample) -> dict[str, Any]:
+        """A sample without an image (LLaVA's text-only conversations, kept as the paper trained on them): zero
+        encoder inputs, as X-SAM's ``ImgConvDataset`` gives them, and no ``<image>`` token, so the model inserts
+        no image features; no masks or regions."""
+        c = self.config
+        if sample.image is not None:
+            raise ProcessorError(f"{sample.key}: no image bytes for {sample.image.path}")
+        if (item["input_ids"] == c.image_token_index).any() or sample.masks or sample.regions:
+            raise ProcessorError(f"{sample.key}: a sample without an image has an <image>, masks or regions")
+        L, S = c.sam_size, c.siglip_size
+        item["pixel_values"] = torch.zeros(3, S, S)
+        item["extra_pixel_values"] = torch.zeros(3, L, L)
+        item["mask_labels"] = torch.zeros(0, L, L, dtype=torch.uint8)
+        item["class_labels"] = torch.zeros(0, dtype=torch.long)
+        item["category_labels"] = torch.zeros(0, dtype=torch.long)
+        item["ignore_mask"] = torch.zeros(L, L, dtype=torch.bool)
+        item["region_masks"] = torch.zeros(0, L, L, dtype=torch.bool)
+        item["scaled_size"] = torch.tensor((L, L), dtype=torch.long)  # X-SAM: the whole (empty) frame
         item["task"], item["key"] = sample.task, sample.key
         return item
 

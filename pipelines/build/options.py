@@ -120,10 +120,10 @@ class SourceOptions:
     ``all`` (this project's behaviour before issue 16)."""
     lvis_max_phrases: int = 100
     """lvis: at most this many positive categories per sample; an image with more becomes several."""
-    llava_keep_text_only: bool = False
-    """llava_*: keep text-only records (image None), as the paper's stage 3 trains them; the default skips
-    them as ``text_only`` (X-SAM main's ``exclude_pure_text``) until the processor takes an image-less
-    sample (issue 16: the flip to the paper's default waits for that)."""
+    llava_keep_text_only: bool = True
+    """llava_*: keep text-only records (image None), as the paper's stage 3 trains them (the processor gives
+    them zero encoder inputs and no image token); ``false`` skips them as ``text_only`` (X-SAM main's
+    ``exclude_pure_text``)."""
     coco_category_names: str = "paper"
     """coco_panoptic/coco_instance phrases: ``paper`` (the archive's ``tag_categories``: '-other' dropped, so
     'wall', 'sky') or ``main`` (X-SAM main's cleaning: 'wall other', 'sky other')."""

@@ -11,10 +11,10 @@ user turn, consecutive messages of one role are joined by a newline, and an unan
 dropped (counted). ``llava_pretrain`` always uses ``<image>\\n`` (X-SAM's stage-2 map function has no image
 token argument on either branch); ``llava_instruct`` uses ``BuildOptions.image_token``.
 
-Text-only records (about 40.7k in mix665k) are left out by default, each counted under ``text_only``, as
-X-SAM *main*'s stage 3 (``exclude_pure_text=True``). The paper's code trains them (the archive's
-``ImgConvDataset`` never reads that argument); the source option ``llava_keep_text_only`` keeps them as
-Samples with ``image=None`` and becomes the default once the processor takes an image-less sample. ``llava_instruct``'s train split leaves out the RefCOCO/+/g eval images
+Text-only records (about 40.7k in mix665k) are kept by default as Samples with ``image=None``, as the paper's
+code trains them (the archive's ``ImgConvDataset`` never reads ``exclude_pure_text``; the processor gives them
+zero encoder inputs and no image token); ``llava_keep_text_only=false`` leaves them out, each counted under
+``text_only``, as X-SAM *main*'s stage 3 (``exclude_pure_text=True``). ``llava_instruct``'s train split leaves out the RefCOCO/+/g eval images
 among its COCO train2017 images (``coco/train2017/<id>.jpg``), as the COCO sources do. Bad records are skipped with a reason: an unknown role
 (``unknown_role``), an empty or non-text message (``empty_turn``), more than one ``<image>``
 (``multiple_image_tokens``), ``<image>`` in a record without an image (``image_token_without_image``), or
@@ -135,7 +135,7 @@ class _Llava:
             image = rec.get("image")
             if image is None and not keep_text:
                 yield Skip(
-                    key, "text_only", f"record {rec.get('id')!r} has no image (llava_keep_text_only keeps it)"
+                    key, "text_only", f"record {rec.get('id')!r} has no image (llava_keep_text_only=false)"
                 )
                 continue
             yield {

@@ -100,30 +100,33 @@ def test_pretrain_and_instruct_build(llava_root, tmp_path):
         w, h = Image.open(llava_root / s.image.path).size
         assert (s.image.width, s.image.height) == (w, h) and image == (llava_root / s.image.path).read_bytes()
     manifest, samples, skipped = read_split(out, "llava_instruct")
-    assert manifest["skipped"] == {"text_only": 1} and [r["key"] for r in skipped] == [
-        "llava_instruct/train/000000002"
-    ]
+    # the paper's default keeps the text-only record (position 2) as a Sample with no image
+    assert manifest["skipped"] == {} and not skipped
     assert [s.key for s, _ in samples] == [
-        f"llava_instruct/train/{i:09d}" for i in (0, 1, 3)
+        f"llava_instruct/train/{i:09d}" for i in range(4)
     ]  # file positions
+    assert samples[2][0].image is None and samples[2][1] is None
+    assert "<image>" not in samples[2][0].conversation[0].text
     assert all(
         s.conversation[0].text.startswith("<image>") and not s.conversation[0].text.startswith("<image>\n")
         for s, _ in samples
+        if s.image is not None
     )
-    assert samples[2][0].meta["leading_assistant_dropped"] == 1
+    assert samples[3][0].meta["leading_assistant_dropped"] == 1
 
 
-def test_text_only_records_can_be_kept(llava_root, tmp_path):
+def test_text_only_records_can_be_left_out_as_main(llava_root, tmp_path):
     build(
         str(llava_root),
         str(tmp_path / "out"),
         sources=["llava_instruct"],
-        options=BuildOptions(extra={"llava_keep_text_only": True}),
+        options=BuildOptions(extra={"llava_keep_text_only": False}),
     )
-    manifest, samples, _ = read_split(tmp_path / "out", "llava_instruct")
-    assert manifest["skipped"] == {} and len(samples) == 4
-    text_only = [s for s, image in samples if s.image is None]
-    assert len(text_only) == 1 and "<image>" not in text_only[0].conversation[0].text
+    manifest, samples, skipped = read_split(tmp_path / "out", "llava_instruct")
+    assert manifest["skipped"] == {"text_only": 1} and [r["key"] for r in skipped] == [
+        "llava_instruct/train/000000002"
+    ]
+    assert len(samples) == 3 and all(s.image is not None for s, _ in samples)
 
 
 def test_bad_records_are_skipped_in_the_manifest_and_fail_strict(llava_root, tmp_path):
@@ -145,20 +148,19 @@ def test_bad_records_are_skipped_in_the_manifest_and_fail_strict(llava_root, tmp
     build(str(llava_root), str(tmp_path / "out"), sources=["llava_instruct"])
     manifest, samples, skipped = read_split(tmp_path / "out", "llava_instruct")
     assert manifest["skipped"] == {
-        "text_only": 1,
         "unknown_role": 1,
         "empty_turn": 1,
         "multiple_image_tokens": 1,
         "missing_image": 1,
     }
     assert {r["key"] for r in skipped if r["reason"] == "unknown_role"} == {"llava_instruct/train/000000004"}
-    assert len(samples) == 3
-    with pytest.raises(StrictModeError, match="unknown_role|text_only"):
+    assert len(samples) == 4
+    with pytest.raises(StrictModeError, match="unknown_role"):
         build(
             str(llava_root),
             str(tmp_path / "strict"),
             sources=["llava_instruct"],
-            options=BuildOptions(strict=True, extra={"llava_keep_text_only": True}),
+            options=BuildOptions(strict=True),
         )
 
 
@@ -169,7 +171,8 @@ def test_strict_does_not_stop_on_the_text_only_policy_filter(tmp_path):
     from pipelines.demo_data import write_demo
 
     root = write_demo(tmp_path / "datas", families=["llava"])
-    build(str(root), str(tmp_path / "out"), sources=["llava_instruct"], options=BuildOptions(strict=True))
+    options = BuildOptions(strict=True, extra={"llava_keep_text_only": False})
+    build(str(root), str(tmp_path / "out"), sources=["llava_instruct"], options=options)
     manifest = _json.loads((tmp_path / "out/llava_instruct/train/manifest.json").read_text())
     assert manifest["skipped"].get("text_only", 0) >= 1
     assert manifest["counts"]["samples"] >= 1
