@@ -21,6 +21,7 @@ import ray
 from pipelines import storage
 from pipelines.build import eval_guard, mixture, shards
 from pipelines.build.chunks import Chunk, spill
+from pipelines.build.lock import build_lock
 from pipelines.build.options import BuildOptions
 from pipelines.errors import BuildConfigError, BuildError, Skip, SourceNotFound
 from pipelines.logs import Progress, quiet_third_party_warnings
@@ -254,12 +255,13 @@ def build(
     )
     guarded = any(split in getattr(src, "eval_image_guard_splits", ()) for src, split, _ in jobs)
     guard = eval_guard.prepare(os.path.abspath(data_root), out_url, overrides or {}, options, guarded)
-    results = [
-        build_split(src, split, files, out_url, options, workers, guard.for_split(src, split))
-        for src, split, files in jobs
-    ]
-    # balance-resampling weights over every train manifest now under out_url (not only this run's)
-    logger.info("mixture weights written to %s", mixture.write_mixture(out_url))
+    with build_lock(out_url):  # one build per --out: two would remove each other's temporary files
+        results = [
+            build_split(src, split, files, out_url, options, workers, guard.for_split(src, split))
+            for src, split, files in jobs
+        ]
+        # balance-resampling weights over every train manifest now under out_url (not only this run's)
+        logger.info("mixture weights written to %s", mixture.write_mixture(out_url))
     return results
 
 
