@@ -11,8 +11,9 @@ import torch
 
 from orchestrate.callbacks import read_trace
 from orchestrate.exports import read_export_state
+from orchestrate.fingerprint import fingerprint, read_fingerprints
 from orchestrate.runner import RunArgs, default_callbacks, fit, prepare
-from orchestrate.summary import summarize
+from orchestrate.summary import compare_runs, summarize
 from tests.orchestrate.faults import KillWorker
 from xsam_model import build_xsam, export_trainable
 
@@ -99,6 +100,15 @@ def test_three_stages_chain_through_their_exports(chain):
             assert trace[(step, 0)]["source"] == trace[(step, 1)]["source"]
             assert not set(trace[(step, 0)]["keys"]) & set(trace[(step, 1)]["keys"])
             assert len(trace[(step, 0)]["keys"]) == batch // 2  # micro batch × accumulation
+        # each step's fingerprint is the digest of both ranks' keys (gathered across the workers)
+        fingerprints = read_fingerprints(str(sdir / "metrics.jsonl"))
+        assert fingerprints == {
+            step + 1: (
+                trace[(step, 0)]["source"],
+                fingerprint(trace[(step, 0)]["keys"] + trace[(step, 1)]["keys"]),
+            )
+            for step in range(steps)
+        }
     assert _lineage(root, 1)["parents"] == []
     assert [(p["stage"], p["export"]) for p in _lineage(root, 2)["parents"]] == [
         (1, str(root / "stage1" / "export"))
@@ -139,6 +149,9 @@ def test_sigkilled_worker_restarts_from_checkpoint_with_same_data_and_weights(ch
     trace, ref = read_trace(sdir), read_trace(ref_root / "stage1")
     assert sorted(trace) == sorted(ref)
     assert [trace[k]["keys"] for k in sorted(ref)] == [ref[k]["keys"] for k in sorted(ref)]
+    # the same proof from the per-step fingerprints alone (what a user runs: summary --compare)
+    same, report = compare_runs(str(ref_root), str(tmp_path / "run"), stage=1)
+    assert same and "stage 1: same data (6 common steps, 0 differ" in report, report
     assert {trace[(s, r)]["attempt"] for s in (0, 1) for r in (0, 1)} == {0}  # before the kill
     assert {trace[(s, r)]["attempt"] for s in range(2, 6) for r in (0, 1)} == {
         1
