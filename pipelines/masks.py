@@ -7,7 +7,7 @@ Shapes: dense masks are ``HxW`` uint8/bool; a stack of masks is ``HxWxN`` in For
 from __future__ import annotations
 
 import io
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import cv2
 import numpy as np
@@ -33,19 +33,30 @@ def _bytes_counts(rle: dict) -> dict:
     }
 
 
-def polygons_to_rle(polygons: Sequence[Sequence[float]], height: int, width: int) -> dict:
+def polygons_to_rle(
+    polygons: Sequence[Sequence[float]],
+    height: int,
+    width: int,
+    on_bad_part: Callable[[str, str], None] | None = None,
+) -> dict:
     """Polygons ``[[x1, y1, x2, y2, …], …]`` (parts OR-ed) to one compressed RLE.
 
-    A part with fewer than 6 numbers (3 points) or an odd count is a :class:`MaskFormatError`, and so is a
-    coordinate that is not a finite number near the image (:func:`pipelines.validate.check_polygons`).
+    A part with fewer than 6 numbers (3 points) or an odd count is a :class:`MaskFormatError` — or, with
+    ``on_bad_part(reason, detail)``, left out and reported while the good parts are kept (X-SAM's rule); a
+    coordinate that is not a finite number near the image is always an error
+    (:func:`pipelines.validate.check_polygons`).
     """
     polygons = [list(p) if isinstance(p, tuple) else p for p in polygons] if polygons else polygons
-    rles = mask_utils.frPyObjects(validate.check_polygons(polygons, height, width), height, width)
+    parts = validate.check_polygons(polygons, height, width, on_bad_part)
+    rles = mask_utils.frPyObjects(parts, height, width)
     return _str_counts(mask_utils.merge(rles))
 
 
-def segmentation_to_rle(segm, height: int, width: int) -> dict:
-    """Any COCO ``segmentation`` (polygons, uncompressed RLE, compressed RLE) to compressed RLE.
+def segmentation_to_rle(
+    segm, height: int, width: int, on_bad_part: Callable[[str, str], None] | None = None
+) -> dict:
+    """Any COCO ``segmentation`` (polygons, uncompressed RLE, compressed RLE) to compressed RLE
+    (``on_bad_part``: see :func:`polygons_to_rle`).
 
     The RLE's own size must equal ``(height, width)``; a mismatch is a :class:`MaskFormatError`
     (``rle_size_mismatch``), never a silent resize.
@@ -54,7 +65,7 @@ def segmentation_to_rle(segm, height: int, width: int) -> dict:
         # X-SAM's refer data wraps one RLE in a list; several are OR-ed
         return merge_rles([segmentation_to_rle(s, height, width) for s in segm])
     if isinstance(segm, list):
-        return polygons_to_rle(segm, height, width)
+        return polygons_to_rle(segm, height, width, on_bad_part)
     if isinstance(segm, dict) and "counts" in segm and "size" in segm:
         validate.check_rle(segm, height, width)  # pycocotools decodes runs without bounds checks
         if isinstance(segm["counts"], list):  # uncompressed (crowd) RLE

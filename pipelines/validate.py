@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -58,8 +59,14 @@ def require(record: Any, key: str, types: type | tuple[type, ...], what: str) ->
     return value
 
 
-def check_polygons(polygons: Any, height: int, width: int) -> list[list[float]]:
+def check_polygons(
+    polygons: Any, height: int, width: int, on_bad_part: Callable[[str, str], None] | None = None
+) -> list[list[float]]:
     """Polygon parts as float lists, each with an even count >= 6 of finite numbers near the image.
+
+    ``on_bad_part(reason, detail)``: a part with too few numbers or an odd count is left out and reported
+    (``bad_polygon_part``), the good parts kept, as X-SAM filters parts (only when a good part remains: a
+    polygon with no good part is a ``bad_polygon`` error); without it, such a part fails the whole polygon.
 
     A coordinate may lie outside the image (COCO has slightly negative ones) but not by more than the image's
     larger side: pycocotools rasterises the outline at 5x and casts to C ints, so 1e300 or NaN is undefined
@@ -69,11 +76,15 @@ def check_polygons(polygons: Any, height: int, width: int) -> list[list[float]]:
         raise MaskFormatError("bad_polygon", "empty polygon list")
     side = max(height, width)
     lo, hi = -float(side), 2.0 * side
-    out = []
-    for part in polygons:
+    out, bad = [], []
+    for i, part in enumerate(polygons):
         if not isinstance(part, list) or len(part) < 6 or len(part) % 2:
             n = len(part) if isinstance(part, list) else type(part).__name__
-            raise MaskFormatError("bad_polygon", f"polygon part with {n} numbers (need an even count >= 6)")
+            detail = f"polygon part {i} with {n} numbers (need an even count >= 6)"
+            if on_bad_part is None:
+                raise MaskFormatError("bad_polygon", detail)
+            bad.append(detail)
+            continue
         try:
             arr = np.asarray(part, dtype=np.float64)
         except (TypeError, ValueError, OverflowError):
@@ -88,6 +99,10 @@ def check_polygons(polygons: Any, height: int, width: int) -> list[list[float]]:
                 f"polygon coordinate {arr[np.argmax(np.abs(arr))]:g} outside [{lo:g}, {hi:g}]",
             )
         out.append(arr.tolist())
+    if not out:
+        raise MaskFormatError("bad_polygon", f"no usable polygon part: {'; '.join(bad)[:200]}")
+    for detail in bad:  # reported once the polygon is known to survive, so nothing is counted twice
+        on_bad_part("bad_polygon_part", detail)
     return out
 
 

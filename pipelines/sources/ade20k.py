@@ -487,7 +487,7 @@ class Ade20kInstance(_Ade20k):
                     )
                     continue
                 try:
-                    rle = masks.segmentation_to_rle(ann.get("segmentation"), h, w)
+                    rle = masks.segmentation_to_rle(ann.get("segmentation"), h, w, ctx.part_dropper(akey))
                 except MaskFormatError as e:
                     ctx.drop(akey, e.reason, e.detail)
                     continue

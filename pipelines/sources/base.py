@@ -165,6 +165,11 @@ class ConvertContext:
             )
         return data
 
+    def part_dropper(self, key: str):
+        """``on_bad_part`` for :func:`pipelines.masks.segmentation_to_rle`: a polygon part left out of
+        annotation ``key`` (its good parts kept, X-SAM's rule) is counted as a dropped annotation part."""
+        return lambda reason, detail: self.drop(key, reason, detail)
+
     def drop(self, key: str, reason: str, detail: str = "") -> None:
         """Note an annotation dropped from a record that still becomes a Sample (the build's error policy
         may stop here instead)."""

@@ -190,7 +190,7 @@ class CocoInstance:
                 ctx.drop(akey, "unknown_category", f"category_id {ann['category_id']} not in categories[]")
                 continue
             try:
-                rle = masks.segmentation_to_rle(ann["segmentation"], h, w)
+                rle = masks.segmentation_to_rle(ann["segmentation"], h, w, ctx.part_dropper(akey))
             except MaskFormatError as e:
                 ctx.drop(akey, e.reason, e.detail)
                 continue

@@ -224,7 +224,7 @@ class Lvis:
             seen.add(cat)  # present even if its mask turns out unusable: never a negative then
             akey = f"{key}/ann_{ann_id}"
             try:
-                rle = masks.segmentation_to_rle(ann.get("segmentation"), h, w)
+                rle = masks.segmentation_to_rle(ann.get("segmentation"), h, w, ctx.part_dropper(akey))
             except MaskFormatError as e:
                 ctx.drop(akey, e.reason, e.detail)
                 continue

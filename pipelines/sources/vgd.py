@@ -243,7 +243,9 @@ def _targets(
             )
             continue
         try:
-            rle = masks.segmentation_to_rle(ann.get("segmentation"), h, w)
+            rle = masks.segmentation_to_rle(
+                ann.get("segmentation"), h, w, lambda r, d, k=akey: pending.append((k, r, d))
+            )
         except MaskFormatError as e:
             pending.append((akey, e.reason, e.detail))
             continue

@@ -338,3 +338,18 @@ def test_annotation_file_changed_after_indexing(root):
     )
     with pytest.raises(SkipRecord, match="annotation_file_changed"):
         src.to_sample(record, ctx)
+
+
+def test_a_polygon_with_one_bad_part_keeps_its_good_parts(root, tmp_path):
+    d = doc(root, "train")
+    target = next(a for a in d["annotations"] if isinstance(a["segmentation"], list))
+
+    def add_bad_part(d):
+        next(a for a in d["annotations"] if a["id"] == target["id"])["segmentation"].append([1, 2, 3, 4])
+
+    edit(root, "train", add_bad_part)
+    manifest, samples, skipped = run(root, tmp_path / "out", "train")
+    assert [(s["reason"], s["level"]) for s in skipped] == [("bad_polygon_part", "annotation")]
+    assert manifest["dropped"] == {"bad_polygon_part": 1}
+    s = next(s for s, _ in samples if s.meta["image_id"] == target["image_id"])
+    assert target["id"] in s.meta["ann_ids"]  # the annotation stays, with its good parts

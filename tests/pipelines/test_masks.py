@@ -82,3 +82,20 @@ def test_panoptic_id_map_to_rles_matches_per_segment_equality():
     for seg_id, rle in zip(wanted, rles, strict=True):
         np.testing.assert_array_equal(masks.decode(rle), (id_map == seg_id).astype(np.uint8))
     assert masks.area(rles[-1]) == 0
+
+
+def test_a_polygon_keeps_its_good_parts_and_reports_the_bad_one():
+    good = [[2.0, 2.0, 20.0, 2.0, 20.0, 15.0, 2.0, 15.0]]
+    dropped = []
+    rle = masks.segmentation_to_rle(
+        [good[0], [1, 2, 3, 4], [5, 6, 7]], 30, 40, lambda r, d: dropped.append((r, d))
+    )
+    assert rle == masks.polygons_to_rle(good, 30, 40)  # the good part only, unchanged
+    assert [r for r, _ in dropped] == ["bad_polygon_part", "bad_polygon_part"]
+    assert "part 1 with 4 numbers" in dropped[0][1] and "part 2 with 3 numbers" in dropped[1][1]
+    with pytest.raises(MaskFormatError, match="no usable polygon part"):  # nothing good: the polygon fails,
+        masks.segmentation_to_rle([[1, 2, 3, 4]], 30, 40, lambda r, d: dropped.append((r, d)))
+    assert len(dropped) == 2  # ...and no part is counted on top of it
+    with pytest.raises(MaskFormatError) as e:  # without a reporter, one bad part fails it (LISA's shapes)
+        masks.segmentation_to_rle([good[0], [1, 2, 3, 4]], 30, 40)
+    assert e.value.reason == "bad_polygon"
