@@ -30,6 +30,10 @@ How a micro-batch is chosen — a pure function of ``(seed, micro_step, rank, pe
   the transform. Anything unreadable — a truncated or missing shard, a corrupt JSON member, an image the
   transform cannot decode — is skipped, counted by reason in :meth:`MixtureLoader.stats` and the next sample
   taken; ``strict=True`` raises :class:`LoaderError` instead.
+- **Pinned generation.** The loader pins each split's build generation (``mixture.json``'s, checked against
+  the manifests when it is made). A window that meets a damaged or missing shard first re-reads that split's
+  manifest: another generation, or none (a rebuild in progress), stops the run with one ``LoaderError``
+  ("the shards of <split> changed under this run"); the same generation is real damage, a counted skip.
 
 The state (:meth:`MixtureLoader.state_dict`) is plain JSON: the next micro-step and, per dataset, per lane,
 the number of slice positions consumed, plus cumulative counters. Save one per rank.
@@ -52,7 +56,7 @@ from pipelines.errors import ImageDecodeError, LoaderError, MixtureError, Skip
 from pipelines.loader import grouping, redraw
 from pipelines.loader import mixture as mixture_mod
 from pipelines.schema import Sample
-from pipelines.shard_store import RawSample, ShardReader
+from pipelines.shard_store import Manifest, MissingManifestError, RawSample, ShardReader, ShardStoreError
 
 STATE_FORMAT = "xsam-loader/1"
 _TAG_WINDOWS, _TAG_INNER = 1, 2  # keep the two per-epoch RNG streams apart
@@ -99,8 +103,9 @@ class _Cursor:
         seed: int,
         window: int,
         reader: ShardReader,
+        shards: str = "",
     ):
-        self.d, self.reader, self.seed = d, reader, seed
+        self.d, self.reader, self.seed, self.shards = d, reader, seed, shards
         self.tag = zlib.crc32(d.name.encode())
         self.consumer = consumer
         self.shard_starts = np.concatenate([[0], np.cumsum([s.samples for s in d.shards])]).astype(np.int64)
@@ -150,7 +155,33 @@ class _Cursor:
             out += self.reader.read(
                 ref.file, ref.samples, a, b, size=ref.bytes, index_sha256=ref.index_sha256
             )
+        if any(r.reason in _CHANGED_REASONS for r in out):
+            check_pinned(self.shards, self.d)  # a rebuild landing under the run, not bad data
         return out
+
+
+# a sample read as one of these may mean the split was rebuilt since the run pinned its generation
+_CHANGED_REASONS = frozenset({"digest_mismatch", "shard_mismatch", "unreadable_shard", "truncated_shard"})
+
+
+def check_pinned(shards: str, d: mixture_mod.DatasetWeight) -> None:
+    """Stop with :class:`LoaderError` when ``d``'s manifest no longer commits the generation this run pinned
+    (``mixture.json``'s, checked when the loader was made): a rebuild landed or is in progress. The same
+    generation means the damage is real, and the caller keeps it a counted skip. Called once per window read
+    that met a damaged sample, so clean reads never touch the manifest."""
+    if d.generation is None:  # mixtures written before generations: nothing pinned
+        return
+    try:
+        now = Manifest.read(shards, d.source, d.split).generation
+    except MissingManifestError:
+        now = "none (its manifest is gone: a rebuild is in progress)"
+    except (ShardStoreError, OSError, ValueError) as e:
+        now = f"unreadable manifest ({type(e).__name__})"
+    if now != d.generation:
+        raise LoaderError(
+            f"the shards of {d.name} changed under this run (generation {d.generation} → {now}): "
+            f"let the rebuild finish, rewrite mixture.json and resume"
+        )
 
 
 # ---------------------------------------------------------------------------------------------- the stream
@@ -272,7 +303,9 @@ class MixtureStream:
             for m, di in zip(block.tolist(), self.sources_of(block).tolist(), strict=True):
                 d = self.stage.datasets[di]
                 if d.name not in cursors:
-                    cursors[d.name] = _Cursor(d, consumer, consumers, self.seed, self.shuffle_window, reader)
+                    cursors[d.name] = _Cursor(
+                        d, consumer, consumers, self.seed, self.shuffle_window, reader, self.shards
+                    )
                 if self.length_group > 1:
                     items, positions[d.name], groups[d.name] = grouping.take(
                         self, cursors[d.name], positions.get(d.name, 0), groups.get(d.name, 0), stats
