@@ -4,7 +4,12 @@ A shard stores one rendering of each conversation (use 0, seeded by ``(seed, key
 use of the sample re-draws its wording from the Sample's structured fields with an RNG that is a pure function
 of ``(seed, key, use)``, so a resumed run sees exactly the text an uninterrupted one would have seen:
 
-* genseg / vgdseg: the question and answer wordings (the phrase list and its order stay: labels are slots);
+* genseg (train): the category prompt as the archive's ``use_variant_cat`` (stage 3): with probability 0.5 the
+  whole vocabulary, else the present categories plus ``randint(0, 10000 − |present|)`` absent ones (so nearly
+  always all of them), shuffled either way; mask labels follow their phrase. "Present" = a category with a
+  target mask (a crowd-only category is not known to the Sample and counts as absent; its pixels are ignored
+  anyway). ``redraw(..., variant_categories=False)`` keeps the stored list. Then the wordings;
+* ovseg / vgdseg: the question and answer wordings (the phrase list and its order stay: labels are slots);
 * refseg: the turn order (labels follow their turn) and each turn's question and answer wording;
 * reaseg (LISA): each turn's 0.5 coin between the plain and the explanatory answer, and its wordings; the
   explanation is ``meta["explanation"]`` when the shard has it, else read back from an explained turn of the
@@ -26,7 +31,7 @@ from pipelines import templates
 from pipelines.errors import LoaderError
 from pipelines.schema import IMAGE, Sample, Turn, validate
 
-__all__ = ["redraw", "use_rng"]
+__all__ = ["redraw", "use_rng", "variant_prompt"]
 
 
 def use_rng(seed: int, key: str, use: int) -> random.Random:
@@ -54,6 +59,28 @@ def _genseg(sample: Sample, rng: random.Random) -> Sample:
     answer = templates.pick(rng, templates.SEG_ANSWERS)
     return replace(
         sample, conversation=[Turn("user", _with_image(sample, question)), Turn("assistant", answer)]
+    )
+
+
+VARIANT_NUM_CLASS = 10000  # the archive's GenSegDataset num_class, which its stage-3 COCO config leaves as is
+
+
+def variant_prompt(sample: Sample, rng: random.Random) -> Sample:
+    """The archive's ``use_variant_cat`` prompt (module docstring): phrases re-chosen and shuffled, each mask's
+    label moved to its phrase's new slot."""
+    n = len(sample.phrases)
+    pos = sorted({m.label for m in sample.masks if m.label >= 0})
+    if rng.random() < 0.5:
+        neg = sorted(set(range(n)) - set(pos))
+        keep = pos + rng.sample(neg, min(len(neg), rng.randint(0, max(VARIANT_NUM_CLASS - len(pos), 0))))
+    else:
+        keep = list(range(n))
+    rng.shuffle(keep)
+    slot = {old: new for new, old in enumerate(keep)}
+    return replace(
+        sample,
+        phrases=[sample.phrases[o] for o in keep],
+        masks=[replace(m, label=slot[m.label]) if m.label >= 0 else m for m in sample.masks],
     )
 
 
@@ -154,14 +181,17 @@ _BY_TASK = {
 }
 
 
-def redraw(sample: Sample, seed: int, use: int) -> Sample:
+def redraw(sample: Sample, seed: int, use: int, variant_categories: bool = True) -> Sample:
     """The Sample as used for the ``use``-th time: use 0 is the stored rendering; later uses re-draw the
-    conversation (see the module docstring). Raises :class:`LoaderError` (source and key) if the re-drawn
-    Sample breaks a schema invariant."""
+    conversation (see the module docstring; ``variant_categories=False``: genseg keeps its stored category
+    list). Raises :class:`LoaderError` (source and key) if the re-drawn Sample breaks a schema invariant."""
     fn = _BY_TASK.get(sample.task)
     if use == 0 or fn is None or not sample.conversation:
         return sample
-    out = fn(sample, use_rng(seed, sample.key, use))
+    rng = use_rng(seed, sample.key, use)
+    if variant_categories and sample.task == "genseg" and sample.split == "train" and sample.phrases:
+        sample = variant_prompt(sample, rng)
+    out = fn(sample, rng)
     try:
         validate(out)
     except Exception as e:  # noqa: BLE001 — any invariant broken is this module's bug, named with the sample

@@ -132,3 +132,39 @@ def test_loader_redraws_per_epoch_resumes_exactly_and_can_be_turned_off(demo_bui
     resumed = MixtureLoader(str(shards), **kw)
     resumed.load_state_dict(json.loads(json.dumps(first.state_dict())))
     assert take(resumed, 50) == run[70:]
+
+
+def test_variant_prompt_coin_lands_near_half(demo_samples, monkeypatch):
+    """With num_class = |present| the sub-sampled branch lists the positives only: it shows the 0.5 coin."""
+    from pipelines.loader import redraw as redraw_mod
+
+    s = demo_samples["coco_panoptic"][0]
+    present = {s.phrases[m.label] for m in s.masks}
+    assert len(present) < len(s.phrases)
+    monkeypatch.setattr(redraw_mod, "VARIANT_NUM_CLASS", len(present))
+    only_pos = sum(set(redraw(s, 9, use).phrases) == present for use in range(1, 1001))
+    assert 0.44 < only_pos / 1000 < 0.56
+
+
+def test_genseg_category_prompt_is_redrawn_as_use_variant_cat(demo_samples):
+    s = demo_samples["coco_panoptic"][0]
+    n, present = len(s.phrases), {s.phrases[m.label] for m in s.masks}
+    full, orders, labels_ok = 0, set(), True
+    uses = 400
+    for use in range(1, uses + 1):
+        r = redraw(s, 3, use)
+        validate(r)
+        assert present <= set(r.phrases) and set(r.phrases) <= set(s.phrases)  # positives always listed
+        labels_ok &= all(
+            r.phrases[m.label] == s.phrases[old.label] for m, old in zip(r.masks, s.masks, strict=True)
+        )
+        full += len(r.phrases) == n
+        orders.add(tuple(r.phrases))
+        assert all(f"<p>{p}</p>" in r.conversation[0].text for p in r.phrases)
+    assert labels_ok and len(orders) == uses  # shuffled every use
+    # half the uses list everything; the other half add randint(0, 10000 - |pos|) negatives: nearly all too
+    assert full / uses > 0.9
+    kept = redraw(s, 3, 1, variant_categories=False)
+    assert kept.phrases == s.phrases
+    val = replace(s, key=s.key.replace("/train/", "/val/"), split="val")
+    assert redraw(val, 3, 1).phrases == s.phrases  # eval prompts are never re-chosen
