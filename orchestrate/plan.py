@@ -55,12 +55,14 @@ def model_config(cfg: StageConfig):
     checkpointing (``cfg.model.checkpointing``, :func:`xsam_model.config.with_checkpointing`) and attention
     kernel. ``attn_implementation="auto"`` stays ``auto`` here; the build resolves it for its device."""
     from xsam_model.builder import resolve_config
-    from xsam_model.config import with_checkpointing
+    from xsam_model.config import stage_processor, with_checkpointing
 
     mc = with_checkpointing(resolve_config(cfg.model.flavor), cfg.model.checkpointing)
     if cfg.data.max_length is not None:
         mc.processor = dataclasses.replace(mc.processor, max_length=cfg.data.max_length)
     mc.llm = dataclasses.replace(mc.llm, attn_implementation=cfg.model.attn_implementation)
+    # X-SAM's stage transforms: stage-1 large-scale jitter, stage-2 SigLIP image padded to a square
+    mc.processor = stage_processor(mc.processor, cfg.stage)
     return mc
 
 

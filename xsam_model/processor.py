@@ -169,8 +169,9 @@ class XSamProcessor:
 
     def jitter_scale(self, sample: Sample) -> float | None:
         """This use's large-scale-jitter scale ~ U(lo, hi) (``config.sam_scale_jitter``), a pure function of
-        ``(seed, key, use)`` — the loader puts ``[seed, use]`` in ``meta["draw"]``; [0, 0] without it."""
-        if self.config.sam_scale_jitter is None:
+        ``(seed, key, use)`` — the loader puts ``[seed, use]`` in ``meta["draw"]``; [0, 0] without it. Only
+        training samples are jittered: evaluation sees the plain longest-side frame."""
+        if self.config.sam_scale_jitter is None or sample.split != "train":
             return None
         seed, use = (int(v) for v in sample.meta.get("draw", (0, 0)))
         key = [seed & 0xFFFFFFFF, seed >> 32 & 0xFFFFFFFF, zlib.crc32(sample.key.encode()), use, _TAG_JITTER]

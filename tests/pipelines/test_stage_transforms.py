@@ -123,3 +123,24 @@ def test_processor_applies_one_jitter_to_image_masks_and_ignore():
         again = proc(s, tiny_jpeg(200, (sample.image.width, sample.image.height)))
         assert (again["mask_labels"] == item["mask_labels"]).all()  # same (seed, key, use): same draw
     assert len(sizes) > 1  # the scale changes with the use
+
+
+def test_each_stage_config_gets_its_transforms():
+    from orchestrate.plan import model_config
+    from orchestrate.stages import stage1, stage2, stage3
+
+    p1, p2, p3 = (model_config(c()).processor for c in (stage1, stage2, stage3))
+    assert p1.sam_scale_jitter == (0.1, 2.0) and not p1.siglip_pad_square
+    assert p2.sam_scale_jitter is None and p2.siglip_pad_square
+    assert p3.sam_scale_jitter is None and not p3.siglip_pad_square
+
+
+def test_evaluation_samples_are_not_jittered():
+    from xsam_model.processor import XSamProcessor
+    from xsam_model.tokenizer import build_debug_tokenizer, prepare_tokenizer
+
+    tok = prepare_tokenizer(build_debug_tokenizer(), ("<SEG>", "<p>", "</p>"))
+    proc = XSamProcessor(stage_processor(ProcessorConfig(), 1), tok)
+    s = task_sample("genseg")
+    val = replace(s, key=s.key.replace("/train/", "/val/"), split="val", meta={"draw": [0, 3]})
+    assert proc.jitter_scale(val) is None and proc.jitter_scale(replace(val, split="train", key=s.key))
