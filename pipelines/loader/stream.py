@@ -441,9 +441,12 @@ def _lane_dataset_cls():
                     f"DataLoader has {n} workers but the stream was built for {self.stream.lanes}"
                 )
             lane = (self.start + w) % n
-            yield from self.stream.iter_lane(
-                lane, self.start + w, self.positions[lane], self.stats[lane], self.groups[lane]
-            )
+            try:
+                yield from self.stream.iter_lane(
+                    lane, self.start + w, self.positions[lane], self.stats[lane], self.groups[lane]
+                )
+            except LoaderError as e:  # handed over as an item: PyTorch would glue a traceback to the line
+                yield {"error": str(e)}, None
 
     _LaneDataset.__module__ = __name__
     globals()["_LaneDataset"] = _LaneDataset
@@ -583,6 +586,8 @@ class MixtureLoader:
                 )
             )
         for meta, data in source:
+            if "error" in meta:  # a worker's LoaderError, raised here with its one line
+                raise LoaderError(meta["error"])
             if meta["micro_step"] != self._micro_step:  # DataLoader round-robin is what makes lanes work
                 raise LoaderError(
                     f"expected micro-step {self._micro_step}, a worker produced {meta['micro_step']}"
