@@ -14,6 +14,9 @@ from xsam_model.modeling.loss import SegLoss
 
 
 def _rank(rank: int, world: int, port: int, out_dir: str) -> None:
+    # A forked child must not enter the OpenMP pool the parent's earlier tests started (libgomp is not
+    # fork-safe: the matcher's first parallel op hangs); one intra-op thread keeps every op inline.
+    torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     try:
         cfg = Mask2FormerConfig(train_num_points=64)
