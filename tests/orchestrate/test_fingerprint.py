@@ -41,8 +41,12 @@ def test_gather_keys_without_a_process_group_is_the_local_keys():
 
 
 def _gather_worker(rank: int, world: int, init: str, out: str) -> None:
+    import torch
     import torch.distributed as dist
 
+    torch.set_num_threads(
+        1
+    )  # a forked child must not enter the parent's OpenMP pool (libgomp is not fork-safe)
     dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
     try:
         keys = [f"src/train/r{rank}-{i}" for i in range(rank + 1)]  # ranks may hold different counts
