@@ -24,7 +24,7 @@ from xsam_model.modeling.decoder import MaskDecoder
 from xsam_model.modeling.loss import SegLoss
 from xsam_model.modeling.projector import MLPProjector, SegProjector
 from xsam_model.modeling.region_sampler import RegionSampler
-from xsam_model.modeling.seg_plan import plan_decoding
+from xsam_model.modeling.seg_plan import DecodePlan, plan_decoding
 
 logger = logging.getLogger(__name__)
 
@@ -218,6 +218,25 @@ class XSam(nn.Module):
         out.runs = plan.runs
         if compute_loss:
             out.losses.update(self._seg_losses(out.predictions, plan.masks, plan.labels, batch, plan.rows))
+
+    def decode_states(
+        self, pyramid: list[torch.Tensor], hidden: torch.Tensor, cond_ids, seg_ids, task: str | None
+    ) -> tuple[list[dict[str, torch.Tensor]], DecodePlan]:
+        """Stage-3 decoding of final LLM states without targets (inference: :mod:`xsam_model.inference`):
+        hidden BxTxD with cond_ids/seg_ids BxT, pyramid = the connector inputs from :meth:`encode_sam`. The
+        task's ``seg_reduce`` mode, as in :meth:`forward`. Returns the decoder's per-layer predictions (R runs)
+        and the plan (``runs``: each run's image and ``<SEG>``)."""
+        d = self.config.decoder
+        mode = d.seg_reduce if task in d.seg_reduce_tasks else "last"
+        plan = plan_decoding(mode, self.llm_projector(hidden), cond_ids, seg_ids)
+        preds = self.mask_decoder(
+            self.seg_connector(pyramid),
+            seg_embeds=plan.seg_embeds,
+            cond=plan.cond,
+            cond_valid=plan.valid,
+            rows=plan.rows,
+        )
+        return preds, plan
 
     def _targets(self, batch, labels: list[torch.Tensor], n_classes: list[int], unknown: int | None):
         """Per sample: the masks and labels for the head in use, checked. A label outside ``[0, n_classes[b])``
