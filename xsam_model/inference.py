@@ -35,7 +35,6 @@ import torch
 from torch import nn
 
 from pipelines.schema import Sample
-from xsam_model.modeling.seg_plan import plan_decoding
 from xsam_model.postprocess import Geometry
 from xsam_model.processor import XSamProcessor
 
@@ -523,14 +522,8 @@ class Inferencer:
         ]
         if not any(num_seg):
             return out
-        plan = plan_decoding(mode, model.llm_projector(hidden), cond, seg)
-        final = model.mask_decoder(
-            model.seg_connector(pyramid),
-            seg_embeds=plan.seg_embeds,
-            cond=plan.cond,
-            cond_valid=plan.valid,
-            rows=plan.rows,
-        )[-1]
+        preds, plan = model.decode_states(pyramid, hidden, cond, seg, task)
+        final = preds[-1]
         shared = mode in ("main", "per_seg")  # classes = the batch's phrases concatenated
         offsets = [sum(spans[:b]) for b in range(len(spans))]
         per_sample: dict[int, list[int]] = {}
