@@ -20,7 +20,7 @@ extra_pixel_values  3×L×L float    SAM image: longest side L, normalised, zero
 mask_labels         N×L×L uint8    target masks in the SAM frame (nearest resize, zero pad)
 class_labels        N long         phrase index of each mask (-1 = no phrase)
 category_labels     N long         index of the mask's category in ``category_ids`` (-100 = unknown)
-ignore_mask         L×L bool       pixels excluded from the mask losses (reaseg "ignore" shapes)
+ignore_mask         L×L bool       reaseg "ignore" shapes, COCO/VGD crowd (loss: LossConfig.ignore_pixels)
 region_masks        R×L×L bool     visual prompt of the r-th ``<region>`` slot, in slot order
 scaled_size         2 long         (h, w) of the image inside the padded SAM frame
 task, key           str            the Sample's task and key
