@@ -92,6 +92,8 @@ class FastInputs:
         from pipelines.loader import decode
 
         item = dict(self.tokenize(sample)) if self.tokenize else {}
+        if image_bytes is None:  # LLaVA's text-only conversations: zero encoder inputs, as XSamProcessor
+            return self._text_only(item, sample)
         hw = (sample.image.height, sample.image.width) if sample.image else None
         x = decode.image_inputs(
             image_bytes, siglip_size=self.siglip_size, sam_size=self.sam_size, expect_hw=hw
@@ -107,6 +109,22 @@ class FastInputs:
         )
         item["class_labels"] = [m.label for m in sample.masks]
         item["scaled_size"], item["task"], item["key"] = size, sample.task, sample.key
+        return self._finish(item)
+
+    def _text_only(self, item: dict, sample) -> dict:
+        import numpy as np
+
+        S, L = self.siglip_size, self.sam_size
+        item["pixel_values"] = np.zeros((3, S, S), np.float32)
+        item["extra_pixel_values"] = np.zeros((3, L, L), np.float32)
+        item["mask_labels"] = np.zeros((0, L, L), np.uint8)
+        item["ignore_mask"] = np.zeros((L, L), bool)
+        item["region_masks"] = np.zeros((0, L, L), bool)
+        item["class_labels"], item["scaled_size"] = [], (L, L)
+        item["task"], item["key"] = sample.task, sample.key
+        return self._finish(item)
+
+    def _finish(self, item: dict) -> dict:
         if self.as_torch:
             import torch
 
