@@ -253,7 +253,8 @@ class Trainer:
         cfg, step = self.cfg, self.state.step
         t0 = time.perf_counter()
         wait, tokens, keys, source = 0.0, 0, [], None
-        sums = torch.zeros(1 + len(LOSS_KEYS), dtype=torch.float64)
+        # loss, its parts, then stage 1's masks with an unknown category (dropped from the targets, counted)
+        sums = torch.zeros(2 + len(LOSS_KEYS), dtype=torch.float64)
         for _ in range(cfg.batch.grad_accum):
             tw = time.perf_counter()
             b = next(batches)
@@ -267,7 +268,12 @@ class Trainer:
             self.engine.backward(out.loss)
             self.engine.step()
             sums += torch.tensor(
-                [out.loss.item(), *(float(out.losses[k]) for k in LOSS_KEYS)], dtype=torch.float64
+                [
+                    out.loss.item(),
+                    *(float(out.losses[k]) for k in LOSS_KEYS),
+                    float(out.metrics.get("dropped_targets", 0.0)),
+                ],
+                dtype=torch.float64,
             )
             tokens += llm_tokens(b.data, cfg.stage, self.image_tokens)
             keys += list(b.data["keys"])
@@ -302,6 +308,7 @@ class Trainer:
             **self.last_losses,
             **{f"lr/{n}": lr for n, lr in zip(self.group_names, self.scheduler.get_last_lr(), strict=True)},
             "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
+            "dropped_targets": int(red[1 + len(LOSS_KEYS)]),  # summed over ranks and micro-batches
             "samples_per_s": cfg.batch.global_batch / step_time,
             "tokens_per_s": red[-2] / step_time,
             "step_time_s": step_time,

@@ -93,6 +93,8 @@ def test_three_stages_chain_through_their_exports(chain):
             math.isfinite(r["loss"]) and r["samples_per_s"] > 0 and 0 <= r["data_wait_share"] < 1
             for r in losses
         )
+        # stage 1's unknown-category masks are counted in every step's record, never silently dropped
+        assert all(isinstance(r["dropped_targets"], int) and r["dropped_targets"] >= 0 for r in losses)
         assert any("mixture/max_abs_gap" in r for r in rows)
         assert list((sdir / "wandb" / "wandb").glob("offline-run-*/*.wandb"))
         trace = read_trace(sdir)
