@@ -4,9 +4,8 @@ X-SAM's released ``pytorch_model.bin`` files hold the archive branch's ``XSamMod
 trained in that stage, under X-SAM's module names. The mapping (reference/xsam_fidelity.md, "Checkpoint
 compatibility") is a prefix-rename table (:data:`RENAMES`), one reshape (:data:`LEADING_AXIS`: X-SAM keeps a
 leading axis of 1 on the phrase head's scale and background embedding) and a drop list (:data:`DROPS`: parts
-we do not build). With X-SAM's pixel shuffle in our connector (the model-recipe issue) its convs and the
-pixel decoder's input projections load 1:1; while the connector still uses ``nn.PixelShuffle``'s channel order,
-:func:`d8_reorder` permutes them (fidelity D8; :func:`connector_in_old_order` says which case holds). ::
+we do not build). Our connector uses X-SAM's pixel shuffle (which settles fidelity D8), so its convs and the
+pixel decoder's input projections load 1:1, with no channel permutation. ::
 
     python -m xsam_model.convert import --xsam-checkpoint inits/X-SAM/s3_mixed_finetune/<cfg>/pytorch_model.bin \\
         --stage 3 [--flavor xsam-phi3] [--init-dir inits] --out runs/xsam/stage3/export
@@ -166,64 +165,6 @@ def _xsam_rank(key: str) -> int:
     return next((i for i, p in enumerate(XSAM_ORDER) if key.startswith(p)), len(XSAM_ORDER))
 
 
-# ---------------------------------------------------------------------------------------------- D8 (transitional)
-_CONV_OUT = re.compile(r"^seg_connector\.levels\.(\d+)\.convs\.4\.weight$")
-_PROJ_IN = re.compile(r"^mask_decoder\.pixel_decoder\.input_projections\.\d+\.0\.weight$")
-
-
-def connector_in_old_order(connector: nn.Module | None = None) -> bool:
-    """True while our connector resamples with ``nn.PixelShuffle``/``nn.PixelUnshuffle`` (this project's channel
-    order before the model-recipe issue switched it to X-SAM's pixel shuffle); only then does
-    :func:`d8_reorder` apply. ``connector``: a model's ``seg_connector``; None = the current code's."""
-    if connector is None:
-        from xsam_model.modeling import SegConnector
-
-        connector = SegConnector(in_dim=8, hidden_dim=4)
-    return any(isinstance(m, nn.PixelShuffle | nn.PixelUnshuffle) for m in connector.modules())
-
-
-def _old_from_xsam(c: int, up: bool) -> torch.Tensor:
-    """Index into X-SAM's channels of each old-order channel ``c'·4 + i·2 + j`` (sub-pixel row i, column j).
-    Up (×2, ``c`` conv rows): X-SAM row ``j·c/2 + i·c/4 + c'``. Down (×½, ``c`` conv rows, 4c outputs):
-    X-SAM output ``i·2c + j·c + c'``."""
-    n = c // 4 if up else c
-    cc, i, j = torch.arange(n).view(-1, 1, 1), torch.arange(2).view(1, -1, 1), torch.arange(2).view(1, 1, -1)
-    idx = j * (c // 2) + i * (c // 4) + cc if up else i * (2 * c) + j * c + cc
-    return idx.reshape(-1)
-
-
-def d8_reorder(state: Mapping[str, torch.Tensor], *, to: str) -> dict[str, torch.Tensor]:
-    """Fidelity D8 for a connector in the old order (:func:`connector_in_old_order`), on our names: ``to``
-    ``"ours"`` turns X-SAM's channel order into the old one, ``"xsam"`` back. The ×2 level's last conv and
-    layer norm rows are permuted; the ×½ level's outputs reach the pixel decoder in another order, which the
-    input projection reading them (4× that conv's rows) absorbs in its weight's columns."""
-    if to not in ("ours", "xsam"):
-        raise ValueError(f"to must be 'ours' or 'xsam', got {to!r}")
-    out = dict(state)
-    for key, w in state.items():
-        if not (m := _CONV_OUT.match(key)):
-            continue
-        level = f"seg_connector.levels.{m.group(1)}.convs"
-        rows, ins = w.shape[0], state[f"{level}.0.weight"].shape[1]  # out = SAM width × the level's scale
-        if rows == ins:
-            continue  # ×1: no resampling
-        up = rows > ins
-        perm = _old_from_xsam(rows, up)
-        if to == "xsam":
-            perm = torch.argsort(perm)
-        if up:
-            for k in (f"{level}.4.weight", f"{level}.5.weight", f"{level}.5.bias"):
-                out[k] = state[k].index_select(0, perm.to(state[k].device))
-            continue
-        proj = [k for k, v in state.items() if _PROJ_IN.match(k) and v.shape[1] == 4 * rows]
-        if len(proj) != 1:
-            raise ConvertError(
-                f"D8: no single pixel-decoder input projection reads {key}'s {4 * rows} channels"
-            )
-        out[proj[0]] = state[proj[0]].index_select(1, perm.to(state[proj[0]].device))
-    return out
-
-
 # ---------------------------------------------------------------------------------------------- X-SAM → ours
 @dataclass
 class Mapped:
@@ -283,21 +224,13 @@ def from_xsam(
     state = {}
     for key, (ours, _) in expected.items():
         state[ours] = provided[key].reshape(params[ours]) if ours in LEADING_AXIS else provided[key]
-    if connector_in_old_order(model.seg_connector):
-        state = d8_reorder(state, to="ours")
     return Mapped(state=state, dropped=dropped)
 
 
 # ---------------------------------------------------------------------------------------------- ours → X-SAM
-def to_xsam(
-    state: Mapping[str, torch.Tensor], *, source: str = "export", old_connector_order: bool | None = None
-) -> dict[str, torch.Tensor]:
+def to_xsam(state: Mapping[str, torch.Tensor], *, source: str = "export") -> dict[str, torch.Tensor]:
     """Our state dict (e.g. a stage export) in X-SAM's archive names and shapes, in the order of
-    ``XSamModel.state_dict()``. A key no rule covers is a :class:`ConvertError` (all of them listed).
-    ``old_connector_order``: the weights come from a connector in the old channel order (None: ask the current
-    code, :func:`connector_in_old_order`)."""
-    if connector_in_old_order() if old_connector_order is None else old_connector_order:
-        state = d8_reorder(state, to="xsam")
+    ``XSamModel.state_dict()``. A key no rule covers is a :class:`ConvertError` (all of them listed)."""
     kmap = keymap(state)
     out: dict[str, torch.Tensor] = {}
     unmapped = []

@@ -8,8 +8,6 @@ Expectations on our side come from the model built in the test, never from a key
 
 from __future__ import annotations
 
-import copy
-import types
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -43,8 +41,6 @@ from xsam_model.convert import (
     DROPS,
     UNUSED_REASON,
     ConvertError,
-    connector_in_old_order,
-    d8_reorder,
     from_xsam,
     keymap,
     main,
@@ -261,8 +257,8 @@ def _xsam_pixel_shuffle(x: torch.Tensor, scale: float) -> torch.Tensor:
 def test_connector_computes_xsam_connector_with_mapped_weights(model_a):
     """The one place where names and shapes could match and numbers still differ (fidelity D8): X-SAM's
     ``ConvConnectorLayer`` (convs, then its pixel shuffle by the level's scale) with our weights converted by
-    the mapping gives our connector's output, channel for channel, at every level (with a connector still in
-    the old order the ×½ level matches after the pixel decoder's input projection, which is what reads it)."""
+    the mapping gives our connector's output, channel for channel, at every level, and the pixel decoder's
+    input projection that reads the ×½ level gives the same result on both."""
     z = debug_sizes(model_a)
     xsam = _connector(z.sam.hidden_size, z.connector_hidden, z.scales)
     ours = {f"seg_connector.{k}": v for k, v in model_a.seg_connector.state_dict().items()}
@@ -291,72 +287,9 @@ def test_connector_computes_xsam_connector_with_mapped_weights(model_a):
         w_xsam = converted[keymap(ours).to_xsam(proj)]
         projected = (nn.functional.conv2d(got[2], ours[proj]), nn.functional.conv2d(want[2], w_xsam))
     assert [tuple(t.shape) for t in got] == [tuple(t.shape) for t in want]
-    exact = got if not connector_in_old_order(model_a.seg_connector) else got[:2]
-    for a, b in zip(exact, want, strict=False):
+    for a, b in zip(got, want, strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
     torch.testing.assert_close(*projected, rtol=0, atol=1e-5)
-
-
-def _old_order(connector: nn.Module) -> nn.Module:
-    """A copy of our connector as it was before the model-recipe issue: convs, then ``nn.PixelShuffle(2)`` /
-    ``nn.PixelUnshuffle(2)`` (this project's old channel order, fidelity D8)."""
-    old = copy.deepcopy(connector)
-    for level in old.levels:
-        rows, ins = level.convs[4].weight.shape[0], level.convs[0].weight.shape[1]
-        level.resample = (
-            nn.PixelShuffle(2) if rows > ins else nn.PixelUnshuffle(2) if rows < ins else nn.Identity()
-        )
-        level.forward = types.MethodType(
-            lambda self, x: self.resample(self.convs(x.permute(0, 3, 1, 2))), level
-        )
-    return old
-
-
-def test_d8_reorder_makes_an_old_order_connector_compute_xsams(model_a):
-    """Until the connector switch lands: X-SAM's connector weights reordered by ``d8_reorder`` make a
-    connector in the old order compute X-SAM's levels ×2 and ×1, and the ×½ level after the pixel decoder's
-    input projection; the reverse gives X-SAM's tensors back bit for bit."""
-    old = _old_order(model_a.seg_connector)
-    assert connector_in_old_order(old) and not connector_in_old_order(model_a.seg_connector)
-    z = debug_sizes(model_a)
-    torch.manual_seed(4)
-    xsam = _connector(z.sam.hidden_size, z.connector_hidden, z.scales)
-    for p in xsam.parameters():  # layer norms start at 1/0, which would hide a permutation of their rows
-        nn.init.normal_(p)
-    proj = nn.Conv2d(int(z.sam.hidden_size / z.scales[-1]), z.m2f.feature_size, 1)
-    kmap = keymap(n for n, _ in model_a.named_parameters())
-    xsam_state = {kmap.to_ours(f"seg_connector.{k}"): v for k, v in xsam.state_dict().items()}
-    xsam_state["mask_decoder.pixel_decoder.input_projections.0.0.weight"] = proj.weight.detach()
-    old_state = d8_reorder(xsam_state, to="ours")
-    old.load_state_dict(
-        {k.removeprefix("seg_connector."): v for k, v in old_state.items() if "connector" in k}
-    )
-    g = model_a.config.sam.grid
-    feats = [torch.randn(1, g, g, z.sam.hidden_size) for _ in z.scales]
-    with torch.no_grad():
-        got = old(feats)
-        want = [
-            _xsam_pixel_shuffle(layer.model(f.permute(0, 3, 1, 2)), s)
-            for layer, f, s in zip(xsam.model, feats, z.scales, strict=True)
-        ]
-        w_old = old_state["mask_decoder.pixel_decoder.input_projections.0.0.weight"]
-        projected = (nn.functional.conv2d(got[2], w_old), nn.functional.conv2d(want[2], proj.weight))
-    torch.testing.assert_close(got[0], want[0], rtol=0, atol=1e-5)
-    torch.testing.assert_close(got[1], want[1], rtol=0, atol=1e-5)
-    assert not torch.allclose(got[2], want[2])  # the ×½ level differs by a channel permutation …
-    torch.testing.assert_close(*projected, rtol=0, atol=1e-4)  # … which the projection absorbs
-    back = d8_reorder(old_state, to="xsam")
-    assert all(torch.equal(back[k], v) for k, v in xsam_state.items())
-    # through the converter: an old-order model's export goes to X-SAM and back unchanged
-    model_old = copy.deepcopy(model_a)
-    model_old.seg_connector = old
-    state = export_trainable(model_old, 1)
-    ckpt = to_xsam(state, old_connector_order=True)
-    assert not torch.equal(
-        ckpt["seg_connector.model.0.model.4.weight"], state["seg_connector.levels.0.convs.4.weight"]
-    )
-    mapped = from_xsam(ckpt, model_old, 1)
-    assert all(torch.equal(mapped.state[k], v) for k, v in state.items())
 
 
 @pytest.mark.parametrize("stage", [1, 3])
