@@ -55,6 +55,9 @@ class RunArgs:
     checkpoint_every: int | None = None
     max_failures: int | None = None
     trace_data: bool = False
+    lr: float | None = None
+    grad_clip: float | None = None
+    lr_schedule: str | None = None
     eval_every: int | None = None
     eval_sets: str | None = None
     """Comma list of ``<source>/<split>`` val sets for ``--eval-every``."""
@@ -140,6 +143,11 @@ def build_config(a: RunArgs):
         cfg = rep(cfg, checkpoint=rep(cfg.checkpoint, every_steps=a.checkpoint_every))
     if a.max_failures is not None:
         cfg = rep(cfg, checkpoint=rep(cfg.checkpoint, max_failures=a.max_failures))
+    if a.lr is not None or a.grad_clip is not None:
+        optim = rep(cfg.optim, lr=a.lr or cfg.optim.lr, grad_clip=a.grad_clip or cfg.optim.grad_clip)
+        cfg = rep(cfg, optim=optim)
+    if a.lr_schedule is not None:
+        cfg = rep(cfg, schedule=rep(cfg.schedule, lr=rep(cfg.schedule.lr, kind=a.lr_schedule)))
     if a.eval_every is not None:
         sets = tuple(s.strip() for s in (a.eval_sets or "").split(",") if s.strip())
         evaluation = EvalConfig(
