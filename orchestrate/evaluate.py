@@ -40,7 +40,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     source.add_argument("--export", help="a stage export (RUN/stage3/export): run inference, then score it")
     p.add_argument("--shards", required=True, help="the shard folder the val sets were built into")
     p.add_argument("--data-root", default="", help="the folder the build read (COCO sets read originals)")
-    p.add_argument("--sets", help="comma list of <source>/<split>; default: every set the predictions cover")
+    p.add_argument(
+        "--sets",
+        help="comma list of <source>/<split>; default: every set the predictions cover (--export: every "
+        "built split but train that has a metric)",
+    )
     p.add_argument("--out", required=True, help="folder for results.json, details.json and the wandb run")
     p.add_argument("--num-workers", type=int, default=1, help="> 1: score shards as Ray tasks (default: 1)")
     p.add_argument("--text-sim-model", help="local sentence-embedding folder for GCG recall (else omitted)")

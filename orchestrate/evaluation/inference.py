@@ -503,6 +503,13 @@ def _set_samples(evs: gt.EvalSet, wanted: set[str]) -> Iterator[Sample]:
             return
 
 
+def default_sets(shards: str) -> list[str]:
+    """Every built set that has a metric, training splits left out."""
+    return [
+        n for n in gt.built_sets(shards) if n.split("/")[0] in gt.SOURCE_KINDS and n.split("/")[1] != "train"
+    ]
+
+
 def evaluate_export(
     export: str,
     shards: str,
@@ -518,11 +525,11 @@ def evaluate_export(
 ) -> dict[str, dict[str, float]]:
     """Inference, then scoring: ``{set: {metric: percent}}``; ``results.json``, ``details.json``,
     ``inference.json``, ``predictions.jsonl`` and a wandb eval run under ``out_dir``. ``sets`` None: every
-    built set that has a metric."""
+    built eval split that has a metric (:func:`default_sets`)."""
     from orchestrate.evaluation import score_predictions
     from orchestrate.evaluation.report import write_outputs
 
-    names = list(sets) if sets else [n for n in gt.built_sets(shards) if n.split("/")[0] in gt.SOURCE_KINDS]
+    names = list(sets) if sets else default_sets(shards)
     run = run_inference(
         export, shards, data_root, names, out_dir, options, num_workers=num_workers, use_gpu=use_gpu
     )
