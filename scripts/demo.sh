@@ -58,4 +58,5 @@ python -m pipelines.inspect.preview --out "$OUT/shards" --n 4
 echo "   open $OUT/shards/preview/index.html to look at the samples"
 if [ "${DEMO_TRAIN:-1}" = "1" ] && [ -x scripts/train_demo.sh ]; then
   scripts/train_demo.sh "$OUT"
+  scripts/eval_demo.sh "$OUT"
 fi

@@ -5,14 +5,16 @@
 #   scripts/train_demo.sh DEMO_OUT        # DEMO_OUT holds shards/ (with mixture.json) from the shard demo
 #
 # Needs a running Ray head in RAY_ADDRESS (scripts/demo.sh starts one and calls this script). Knobs:
-# TRAIN_STEPS (default 4), TRAIN_WORKERS (default 2). The run goes to DEMO_OUT/runs/demo; submitting a stage
-# again continues from its latest checkpoint (delete that folder to start over).
+# TRAIN_STEPS (default 4; stages 2 and 3), TRAIN_STEPS_STAGE1 (default 600), TRAIN_WORKERS (default 2). The run
+# goes to DEMO_OUT/runs/demo; submitting a stage again continues from its latest checkpoint (delete that folder
+# to start over). Stage 3 evaluates refcoco/val and coco_panoptic/val at its last step (--eval-every).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT="$(cd "${1:?usage: scripts/train_demo.sh DEMO_OUT}" && pwd)"
 : "${RAY_ADDRESS:?set RAY_ADDRESS to the dashboard of a Ray head, e.g. http://127.0.0.1:8265}"
 export RAY_AUTH_MODE="${RAY_AUTH_MODE:-disabled}" WANDB_MODE="${WANDB_MODE:-offline}"
 STEPS="${TRAIN_STEPS:-4}"
+STAGE1_STEPS="${TRAIN_STEPS_STAGE1:-600}"
 WORKERS="${TRAIN_WORKERS:-2}"
 SHARDS="$OUT/shards"
 RUN_ROOT="$OUT/runs/demo"
@@ -37,9 +39,20 @@ open(sys.argv[2], "w").write(json.dumps(mix.to_dict(), indent=1, sort_keys=True)
 fi
 
 for stage in 1 2 3; do
-  echo "== training stage $stage (debug flavor, $WORKERS CPU workers, $STEPS steps) as a Ray job"
+  steps="$STEPS" every=2 extra=()
+  if [ "$stage" = 1 ]; then
+    # Long enough that the demo's segmentor learns (scripts/eval_demo.sh prints its PQ next to an untrained
+    # one): the recipe's lr 1e-4, clip 0.01 and epoch milestones suit SAM-L's pretrained weights, not a random
+    # debug model on six images, so the demo's stage 1 runs at lr 2e-3, clip 1, cosine.
+    steps="$STAGE1_STEPS" every=$((STAGE1_STEPS / 2)) extra=(--lr 2e-3 --grad-clip 1 --lr-schedule cosine)
+  elif [ "$stage" = 3 ]; then  # evaluation while training, at the last step
+    extra=(--eval-every "$STEPS" --eval-sets refcoco/val,coco_panoptic/val --eval-max-samples 4
+      --eval-data-root "$OUT/datas")
+  fi
+  echo "== training stage $stage (debug flavor, $WORKERS CPU workers, $steps steps) as a Ray job"
   submit_job python orchestrate/train.py --stage "$stage" --flavor debug --shards "$SHARDS" --mixture "$MIXTURE" \
-    --run-root "$RUN_ROOT" --num-workers "$WORKERS" --max-steps "$STEPS" --checkpoint-every 2
+    --run-root "$RUN_ROOT" --num-workers "$WORKERS" --max-steps "$steps" --checkpoint-every "$every" \
+    ${extra[@]+"${extra[@]}"}
 done
 
 echo "== training summary"
