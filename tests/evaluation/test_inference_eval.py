@@ -10,30 +10,14 @@ import json
 
 import numpy as np
 import pytest
-import torch
 
 from orchestrate import evaluate, predict
 from orchestrate.evaluation import score_predictions
 from orchestrate.evaluation.inference import InferenceOptions, run_inference
 from pipelines.errors import run_cli
+from tests.evaluation.debug_exports import write_debug_export
 
 FAST_SETS = ["refcoco/val", "coco_panoptic/val", "grandf_gcg/val", "coco_vgd/val_box"]
-
-
-def write_debug_export(path, stage: int, seed: int = 0) -> str:
-    """A stage export of the debug model with seeded random weights, shaped like a trained one."""
-    from orchestrate import exports
-    from xsam_model import build_xsam, export_trainable
-
-    torch.manual_seed(seed)
-    model = build_xsam("debug")
-    exports.write_export(
-        str(path),
-        export_trainable(model, stage),
-        {"stage": {"model": {"flavor": "debug", "init_dir": None}}, "model": model.config.to_dict()},
-        {"stage": stage, "run_name": "demo", "run_root": str(path.parent)},
-    )
-    return str(path)
 
 
 @pytest.fixture(scope="module")

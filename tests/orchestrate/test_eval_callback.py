@@ -149,3 +149,78 @@ def test_bad_evaluation_configs_fail_before_training(val_shards, demo_root):
     )
     with pytest.raises(EvaluationError, match="stage-1"):
         check_evaluation(stage1, str(val_shards))
+
+
+# ---------------------------------------------------------------------------------------------- Ray Train
+@pytest.fixture(scope="module")
+def ray_module():
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        yield
+    finally:
+        ray.shutdown()
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_ray_train_stage3_evaluates_at_the_same_steps_after_a_restart(ray_module, demo_root, tmp_path):
+    """Stage 3 on two Ray Train workers, evaluating every 2 steps: rank 1 SIGKILLed after step 3 restarts the
+    group from the step-2 checkpoint, and the run logs its evaluations at steps 2 and 4 with the numbers of
+    an uninterrupted run."""
+    from orchestrate.runner import RunArgs, default_callbacks, fit, prepare
+    from pipelines.build import mixture
+    from pipelines.build.driver import build
+    from pipelines.build.options import BuildOptions
+    from tests.evaluation.debug_exports import write_debug_export
+    from tests.orchestrate.conftest import TEST_STAGES
+    from tests.orchestrate.faults import KillWorker
+
+    shards = tmp_path / "shards"
+    sources = sorted({s for v in TEST_STAGES.values() for s in v})
+    build(
+        str(demo_root),
+        str(shards),
+        sources=sources,
+        splits=["train", "val"],
+        options=BuildOptions(samples_per_shard=4),
+    )
+    mixture.write(str(shards), mixture.compute(str(shards), stages=TEST_STAGES))
+    parents = {}
+    for stage in (1, 2):
+        parents[stage] = write_debug_export(tmp_path / "parents" / f"stage{stage}" / "export", stage)
+
+    def run(root, extra=()):
+        plan = prepare(
+            RunArgs(
+                stage=3,
+                flavor="debug",
+                shards=str(shards),
+                run_root=str(root),
+                init_from=parents,
+                num_workers=2,
+                max_steps=4,
+                checkpoint_every=2,
+                eval_every=2,
+                eval_sets="refcoco/val,coco_panoptic/val",
+                eval_max_samples=3,
+                eval_data_root=str(demo_root),
+            )
+        )
+        fit(plan, callbacks=[*default_callbacks(plan), *extra])
+        rows = [json.loads(x) for x in (root / "stage3" / "metrics.jsonl").read_text().splitlines()]
+        return [r for r in rows if "eval/seconds" in r]
+
+    straight = run(tmp_path / "a")
+    restarted = run(tmp_path / "b", [KillWorker(3, 1)])
+    assert (tmp_path / "b" / "stage3" / ".fault-kill-done").exists()
+    assert [r["step"] for r in straight] == [2, 4] and [r["step"] for r in restarted] == [2, 4]
+    for a, b in zip(straight, restarted, strict=True):
+        keys = [k for k in a if k.startswith("eval/") and k != "eval/seconds"]
+        assert keys and {k: b[k] for k in keys} == pytest.approx({k: a[k] for k in keys}, rel=1e-3, abs=1e-3)
+    lines = (
+        (tmp_path / "b" / "stage3" / "eval" / "step_0000004" / "predictions.jsonl").read_text().splitlines()
+    )
+    assert len(lines) == 3 + 3  # both ranks' parts gathered
