@@ -93,10 +93,9 @@ KILLER = textwrap.dedent(
 )
 
 
-def test_sigkill_mid_build_then_rerun_is_byte_identical(coco20, tmp_path):
-    ref, out = tmp_path / "ref", tmp_path / "out"
-    build(str(coco20), str(ref), sources=["coco_panoptic"], options=BuildOptions(samples_per_shard=4))
-    script = KILLER.format(root=str(ROOT), kill_at=10, data=str(coco20), out=str(out))
+def _kill_then_rerun(coco20, ref, out, kill_at: int):
+    """SIGKILL a build of ``coco20`` at its ``kill_at``-th conversion, re-run it, check it equals ``ref``."""
+    script = KILLER.format(root=str(ROOT), kill_at=kill_at, data=str(coco20), out=str(out))
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
     assert proc.returncode == -9, proc.stderr
     left = files_under(out)
@@ -105,12 +104,30 @@ def test_sigkill_mid_build_then_rerun_is_byte_identical(coco20, tmp_path):
     results = build(
         str(coco20), str(out), sources=["coco_panoptic"], options=BuildOptions(samples_per_shard=4)
     )
-    assert results[0].reused_shards == 2  # shards 0 and 1 were complete before the kill
     assert shard_hashes(out) == shard_hashes(ref)
     assert files_under(out) == files_under(ref)  # no temporaries, no work folder left
     for f in files_under(ref):
         if f.endswith(".tar") or f.endswith(".jsonl"):
             assert (out / f).read_bytes() == (ref / f).read_bytes()
+    return results
+
+
+def test_sigkill_mid_build_then_rerun_is_byte_identical(coco20, tmp_path):
+    ref = tmp_path / "ref"
+    build(str(coco20), str(ref), sources=["coco_panoptic"], options=BuildOptions(samples_per_shard=4))
+    results = _kill_then_rerun(coco20, ref, tmp_path / "out", kill_at=10)
+    assert results[0].reused_shards == 2  # shards 0 and 1 were complete before the kill
+
+
+@pytest.mark.slow
+def test_sigkill_at_20_random_points_then_rerun_is_byte_identical(coco20, tmp_path):
+    """20 kill points drawn (seeded) over the build's conversions: every re-run equals an uninterrupted build."""
+    ref = tmp_path / "ref"
+    build(str(coco20), str(ref), sources=["coco_panoptic"], options=BuildOptions(samples_per_shard=4))
+    points = random.Random(20).choices(range(1, 21), k=20)  # 20 records: conversions 1..20
+    for i, kill_at in enumerate(points):
+        results = _kill_then_rerun(coco20, ref, tmp_path / f"out{i}", kill_at)
+        assert results[0].reused_shards == (kill_at - 1) // 4  # the shards completed before the kill
 
 
 @pytest.mark.ray
