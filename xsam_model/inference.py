@@ -34,14 +34,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from pipelines.errors import XsamError
 from pipelines.schema import Sample
 from xsam_model.postprocess import Geometry
 from xsam_model.processor import XSamProcessor
-
-try:  # the project's exception base, where it exists
-    from pipelines.errors import XsamError as _Base  # type: ignore[import-not-found]
-except ImportError:  # pragma: no cover - depends on the layout of the day
-    _Base = ValueError
 
 MODES = ("teacher", "generate")
 STOP_TOKENS = ("<|end|>",)
@@ -51,7 +47,7 @@ LogitsHook = Callable[[int, torch.Tensor], torch.Tensor]
 """``(step, B×V logits) -> B×V logits`` applied before the greedy pick (constrained decoding, tests)."""
 
 
-class InferenceError(_Base, ValueError):
+class InferenceError(XsamError, ValueError):
     """Inputs inference cannot run on (a stage without a decoder, a prompt without a user turn, …)."""
 
 
