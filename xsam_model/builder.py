@@ -172,8 +172,13 @@ def _load_parts(cfg: XSamConfig, init_dir: str | Path, dtype):
     )
     m2f = Mask2FormerConfig.from_pretrained(_folder(init_dir, cfg.decoder.folder, "Mask2Former config"))
     tok = load_tokenizer(llm_dir)
-    # the folders are the truth for sizes: write them back so the resolved config describes the model
-    sc, vc, lc = siglip.config, sam.config, llm.config
+    _sizes_from_folders(cfg, siglip.config, sam.config, llm.config, m2f)
+    return siglip, sam, llm, m2f_hf_config(cfg, m2f), tok
+
+
+def _sizes_from_folders(cfg: XSamConfig, sc, vc, lc, m2f) -> None:
+    """The folders are the truth for sizes: write them back into ``cfg`` so the resolved config describes
+    the model (``sc``/``vc``/``lc``: the SigLIP, SAM and LLM HF configs; ``m2f``: the Mask2Former config)."""
     cfg.siglip = dataclasses.replace(
         cfg.siglip,
         hidden_size=sc.hidden_size,
@@ -219,7 +224,6 @@ def _load_parts(cfg: XSamConfig, init_dir: str | Path, dtype):
         cfg.processor, siglip_size=cfg.siglip.image_size, sam_size=cfg.sam.image_size
     )
     XSamConfig.__post_init__(cfg)  # re-check cross-component relations after the update
-    return siglip, sam, llm, m2f_hf_config(cfg, m2f), tok
 
 
 def _random_parts(cfg: XSamConfig):

@@ -364,12 +364,17 @@ def write_manifest(
         wall_time_s=round(wall_time_s, 3),
     )
     sdir = split_dir(out_url, source.name, split)
-    with storage.atomic_write(fs, storage.join(sdir, "skipped.jsonl")) as f:
-        for row in skip_rows:
-            f.write(json.dumps(row, sort_keys=True).encode() + b"\n")
+    _write_skipped(fs, sdir, skip_rows)
     manifest.write(out_url)  # last: a split is complete once its manifest exists
     _remove_unlisted_shards(fs, sdir, manifest)
     return manifest.to_dict()
+
+
+def _write_skipped(fs, sdir: str, skip_rows: list[dict]) -> None:
+    """``skipped.jsonl``: one sorted-key JSON row per skipped record or dropped annotation."""
+    with storage.atomic_write(fs, storage.join(sdir, "skipped.jsonl")) as f:
+        for row in skip_rows:
+            f.write(json.dumps(row, sort_keys=True).encode() + b"\n")
 
 
 def retire_manifest(out_url: str, source: str, split: str) -> bool:

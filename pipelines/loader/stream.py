@@ -459,6 +459,21 @@ def __getattr__(name: str):
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
+def _stage_mixture(shards: str, stage: int, mixture) -> mixture_mod.StageMixture:
+    """The stage's mixture (given, or read from ``mixture`` / ``<shards>/mixture.json``), after checking that
+    the shards are still the build generation it was computed from (:class:`LoaderError` otherwise)."""
+    if isinstance(mixture, mixture_mod.StageMixture):
+        stage_mix = mixture
+    else:
+        mix = mixture if isinstance(mixture, mixture_mod.Mixture) else mixture_mod.load(mixture or shards)
+        stage_mix = mix.stage(stage)
+    try:
+        mixture_mod.check_generations(str(shards), stage_mix)
+    except MixtureError as e:
+        raise LoaderError(str(e)) from None
+    return stage_mix
+
+
 class MixtureLoader:
     """One rank's loader over a stage's mixture (see the module docstring for the sampling contract).
 
@@ -513,15 +528,7 @@ class MixtureLoader:
         verify: bool = True,
         length_group: int = 8,
     ):
-        if isinstance(mixture, mixture_mod.StageMixture):
-            stage_mix = mixture
-        else:
-            mix = mixture if isinstance(mixture, mixture_mod.Mixture) else mixture_mod.load(mixture or shards)
-            stage_mix = mix.stage(stage)
-        try:  # the shards are still the generation the mixture was computed from (issue 20)
-            mixture_mod.check_generations(str(shards), stage_mix)
-        except MixtureError as e:
-            raise LoaderError(str(e)) from None
+        stage_mix = _stage_mixture(shards, stage, mixture)
         self.num_workers, self.opencv_threads = num_workers, opencv_threads
         self.stream = MixtureStream(
             shards,
