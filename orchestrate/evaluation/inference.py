@@ -427,18 +427,17 @@ def _inline(export: str, options: InferenceOptions, work) -> Iterator[ShardLines
 def _ray(
     export: str, options: InferenceOptions, work, num_workers: int, use_gpu: bool
 ) -> Iterator[ShardLines]:
-    """``num_workers`` Ray actors, each with the model loaded once; results in job order."""
+    """``num_workers`` Ray actors, each with the model loaded once and two jobs queued (so it never waits for
+    the driver between shards); results in job order."""
     import ray
-    from ray.util import ActorPool
 
     if not ray.is_initialized():  # the caller's Ray, else the job's cluster (RAY_ADDRESS), else a local one
         address = os.environ.get("RAY_ADDRESS")
         ray.init(address=address, num_cpus=None if address else num_workers, log_to_driver=True)
     actor = ray.remote(num_cpus=1, num_gpus=1 if use_gpu else 0)(ShardPredictor)
-    n = min(num_workers, len(work)) or 1
-    pool = ActorPool([actor.remote(export, options) for _ in range(n)])
+    actors = [actor.remote(export, options) for _ in range(max(1, min(num_workers, len(work))))]
     try:
-        yield from pool.map(lambda a, w: a.predict.remote(*w), work)
+        yield from _in_order(ray, actors, work, depth=2)
     except ray.exceptions.RayTaskError as e:
         if isinstance(e.cause, EvaluationError):
             raise EvaluationError(str(e.cause)) from None
@@ -446,6 +445,28 @@ def _ray(
     except ray.exceptions.RayActorError as e:
         cause = getattr(e, "cause", None) or getattr(e, "error_msg", "")
         raise EvaluationError(f"an inference worker failed to start: {cause}") from None
+    finally:
+        for a in actors:
+            ray.kill(a)
+
+
+def _in_order(ray, actors: list, work: list, depth: int) -> Iterator[ShardLines]:
+    """Job i runs on actor ``i % n``; each actor holds up to ``depth`` queued jobs; results come back in job
+    order as soon as every earlier one is in."""
+    n, submitted, nxt = len(actors), 0, 0
+    pending: dict = {}
+    done: dict[int, ShardLines] = {}
+    while nxt < len(work):
+        while submitted < len(work) and submitted < nxt + depth * n:
+            ref = actors[submitted % n].predict.remote(*work[submitted])
+            pending[ref] = submitted
+            submitted += 1
+        ready, _ = ray.wait(list(pending), num_returns=1)
+        i = pending.pop(ready[0])
+        done[i] = ray.get(ready[0])
+        while nxt in done:
+            yield done.pop(nxt)
+            nxt += 1
 
 
 def _write_json(path: str, obj: Any) -> None:
