@@ -175,6 +175,7 @@ class Tracker:
             return
         import wandb
 
+        previews = _same_size(previews)  # wandb warns on every panel whose images differ in size
         images = [
             wandb.Image(
                 p["image"],
@@ -200,3 +201,20 @@ class Tracker:
             self.run.finish()
             self.run = None
         return self.run_dir
+
+
+def _same_size(previews: list[dict]) -> list[dict]:
+    """Pad each preview's ``image`` HxWx3 (black) and ``pred``/``truth`` HxW (label 0 = none) at the bottom and
+    right to the largest H and W of the list, so one wandb panel holds images of one size."""
+    import numpy as np
+
+    h = max(p["image"].shape[0] for p in previews)
+    w = max(p["image"].shape[1] for p in previews)
+
+    def pad(a):
+        extra = [(0, h - a.shape[0]), (0, w - a.shape[1])] + [(0, 0)] * (a.ndim - 2)
+        return np.pad(a, extra)
+
+    return [
+        {**p, "image": pad(p["image"]), "pred": pad(p["pred"]), "truth": pad(p["truth"])} for p in previews
+    ]

@@ -154,3 +154,25 @@ def test_other_ranks_get_a_null_tracker_with_the_same_methods(tmp_path):
     null.log_predictions(1, [{"image": None}])
     null.summary({"x": 1})
     assert null.finish() is None and not list(tmp_path.iterdir())  # nothing written anywhere
+
+
+def test_previews_are_padded_to_one_size_for_one_wandb_panel():
+    import numpy as np
+
+    from orchestrate.tracking import _same_size
+
+    small = {
+        "image": np.ones((2, 3, 3), np.uint8),
+        "pred": np.ones((2, 3), int),
+        "truth": np.ones((2, 3), int),
+    }
+    tall = {
+        "image": np.ones((4, 1, 3), np.uint8),
+        "pred": np.ones((4, 1), int),
+        "truth": np.ones((4, 1), int),
+    }
+    out = _same_size([small, tall])
+    assert [p["image"].shape for p in out] == [(4, 3, 3), (4, 3, 3)]
+    assert [p["pred"].shape for p in out] == [(4, 3), (4, 3)]
+    assert out[0]["image"][:2, :3].all() and not out[0]["image"][2:].any()  # the original, then black
+    assert out[1]["truth"][:, :1].all() and not out[1]["truth"][:, 1:].any()  # label 0 = none

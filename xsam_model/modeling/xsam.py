@@ -190,8 +190,9 @@ class XSam(nn.Module):
     def _stage23(self, batch, stage: int, compute_loss: bool, sam_feats, pyramid, out: XSamOutput) -> None:
         image_tokens, grid = self.encode_images(batch["pixel_values"], sam_feats)
         x = self._expand(batch, image_tokens, grid)
+        # one full pass: no KV cache to build (transformers warns when it meets gradient checkpointing)
         hidden = self.llm.model(
-            inputs_embeds=x["embeds"], attention_mask=x["attention_mask"]
+            inputs_embeds=x["embeds"], attention_mask=x["attention_mask"], use_cache=False
         ).last_hidden_state
         out.lm_logits = self.llm.lm_head(hidden)  # BxT'xV
         if compute_loss:
