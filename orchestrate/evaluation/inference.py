@@ -23,7 +23,6 @@ import dataclasses
 import json
 import logging
 import os
-import re
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -52,7 +51,6 @@ OUTPUT_KIND = {
 (:data:`xsam_model.postprocess.OUTPUT_KINDS`)."""
 VOCAB_KINDS = ("panoptic", "semantic", "instance")
 """Sets prompted with their whole vocabulary."""
-_SPAN = re.compile(r"<p>(.*?)</p>", re.DOTALL)
 
 
 @dataclass(frozen=True)
