@@ -9,24 +9,41 @@ One checkpoint folder, merged by Ray Train from what each rank reported (``ray.t
         loader_rank<r>.json                     each rank's :class:`pipelines.loader.stream.MixtureLoader` state
         train_state.json                        step, samples, mixture seen, resume key (rank 0)
 
+        universal/…                             DeepSpeed's universal format of deepspeed/, made by the driver
+                                                when a later run resumes on another world size
+                                                (:mod:`orchestrate.universal`)
+
 Resuming is Ray Train v2's: run ``fit()`` again with the same ``RunConfig(name, storage_path)`` and
 ``ray.train.get_checkpoint()`` returns the latest checkpoint (v2 refuses ``resume_from_checkpoint``).
+
+Another world size: the resume key holds the global batch, not the world size or the micro × accumulation
+split, so a stage continues on another ``--num-workers`` / ``--loader-workers`` when its global batch is kept.
+The DeepSpeed state then loads from the universal conversion (ZeRO-1/2) or directly (ZeRO-0, unpartitioned);
+the loader state loads on any rank when it is world-size-free (``xsam-loader/2``: rank 0's step and global
+cursors, each rank's own counters when the checkpoint has them); an ``xsam-loader/1`` state still fits only
+the (ranks, lanes) layout that wrote it.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from orchestrate import universal
 from orchestrate.errors import ResumeError
 from orchestrate.run_layout import StageLayout
 from pipelines import storage
 
+logger = logging.getLogger(__name__)
+
 DS_TAG = "deepspeed"
 TRAIN_STATE = "train_state.json"
+WORLD_FREE_LOADER_FORMATS = ("xsam-loader/2",)
+"""Loader state formats that hold no rank or lane (step + per-dataset global cursors): any rank loads them."""
 
 
 def loader_file(rank: int) -> str:
@@ -46,6 +63,15 @@ class TrainState:
     resume_key: dict = field(default_factory=dict)
     attempt: int = 0
     """How many times this stage has (re)started; 0 = the first start."""
+    layout: dict = field(default_factory=dict)
+    """How the run that wrote the checkpoint was split: ``world_size``, ``micro_batch``, ``grad_accum``,
+    ``loader_workers`` (empty in checkpoints written before elastic resume: see :meth:`saved_world_size`)."""
+
+    def saved_world_size(self) -> int:
+        """Ranks that wrote the checkpoint (older checkpoints kept it in the resume key's batch)."""
+        if "world_size" in self.layout:
+            return int(self.layout["world_size"])
+        return int(self.resume_key.get("batch", {}).get("world_size", 0))
 
     @classmethod
     def from_dict(cls, d: dict) -> TrainState:
@@ -53,6 +79,11 @@ class TrainState:
 
 
 def check_resume_key(saved: dict, current: dict, where: str) -> None:
+    """Every field of ``current`` (:meth:`~orchestrate.stages.StageConfig.resume_key`) as in ``saved``; else
+    :class:`ResumeError` listing each difference. Keys written before elastic resume held the whole batch
+    split (``batch``); only its global batch is compared now."""
+    if "global_batch" not in saved and isinstance(saved.get("batch"), dict):
+        saved = {**saved, "global_batch": saved["batch"].get("global_batch")}
     diff = {k: (saved.get(k), v) for k, v in current.items() if saved.get(k) != v}
     if diff:
         raise ResumeError(
@@ -63,23 +94,28 @@ def check_resume_key(saved: dict, current: dict, where: str) -> None:
 
 
 def check_loader_layout(checkpoint_url: str, world_size: int, lanes: int) -> None:
-    """The checkpoint's loader states were written by ``world_size`` ranks × ``lanes`` DataLoader lanes
-    (``max(1, loader workers)``), one ``loader_rank<r>.json`` per rank; else :class:`ResumeError` with both
-    layouts. A checkpoint without loader states is left to :func:`restore` to refuse.
+    """The checkpoint's loader states fit a run of ``world_size`` ranks × ``lanes`` DataLoader lanes
+    (``max(1, loader workers)``); else :class:`ResumeError` with both layouts. A checkpoint without loader
+    states is left to :func:`restore` to refuse.
 
-    Why: :class:`~pipelines.loader.stream.MixtureLoader` keeps its positions per (rank, lane) slice, so a
-    state fits only the layout that wrote it (a world-size-free state is issue 21 item 1). Checked on the
-    driver, so a changed ``--num-workers`` or ``--loader-workers`` is one line before Ray starts instead of a
-    failure in every worker, retried ``max_failures`` times."""
+    A world-size-free state (:data:`WORLD_FREE_LOADER_FORMATS`) fits any layout: only rank 0's file must be
+    there. An ``xsam-loader/1`` state keeps its positions per (rank, lane) slice, so it fits only the layout
+    that wrote it, with one ``loader_rank<r>.json`` per rank. Checked on the driver, so a changed
+    ``--num-workers`` or ``--loader-workers`` is one line before Ray starts instead of a failure in every
+    worker, retried ``max_failures`` times."""
     fs, path = storage.fs_and_path(checkpoint_url)
     files = fs.glob(f"{path}/loader_rank*.json")
     if not files:
         return
     ranks = sorted(int(f.rsplit("loader_rank", 1)[1].removesuffix(".json")) for f in files)
+    state = _read_loader_state(fs, path, checkpoint_url, ranks[0])
+    if state.get("format") in WORLD_FREE_LOADER_FORMATS:
+        if ranks[0] != 0:
+            raise ResumeError(f"checkpoint {checkpoint_url} lacks {loader_file(0)} (incomplete checkpoint?)")
+        return
     try:
-        state = storage.read_json(fs, f"{path}/{loader_file(ranks[0])}")
         saved_world, saved_lanes = int(state["world_size"]), int(state["lanes"])
-    except (OSError, ValueError, KeyError, TypeError) as e:
+    except (ValueError, KeyError, TypeError) as e:
         raise ResumeError(f"{checkpoint_url}/{loader_file(ranks[0])}: unreadable loader state ({e})") from e
     if ranks != list(range(saved_world)):
         raise ResumeError(
@@ -89,10 +125,60 @@ def check_loader_layout(checkpoint_url: str, world_size: int, lanes: int) -> Non
     if (saved_world, saved_lanes) != (world_size, lanes):
         raise ResumeError(
             f"checkpoint {checkpoint_url} was written by {saved_world} workers × {saved_lanes} loader lanes, "
-            f"this run has {world_size} × {lanes}: the loader state is kept per (rank, lane), so resume with "
-            f"--num-workers {saved_world} --loader-workers {saved_lanes if saved_lanes > 1 else '0 (or 1)'} "
-            f"(resuming on another world size or worker count is not supported yet)"
+            f"this run has {world_size} × {lanes}: its loader state ({state.get('format', 'xsam-loader/1')}) "
+            f"is kept per (rank, lane), so resume with --num-workers {saved_world} --loader-workers "
+            f"{saved_lanes if saved_lanes > 1 else '0 (or 1)'} (states written since the world-size-free "
+            f"loader, {WORLD_FREE_LOADER_FORMATS[0]}, resume on any)"
         )
+
+
+def _read_loader_state(fs, path: str, checkpoint_url: str, rank: int) -> dict:
+    try:
+        return storage.read_json(fs, f"{path}/{loader_file(rank)}")
+    except (OSError, ValueError) as e:
+        raise ResumeError(f"{checkpoint_url}/{loader_file(rank)}: unreadable loader state ({e})") from e
+
+
+def prepare_deepspeed_state(checkpoint_url: str, world_size: int, zero_stage: int) -> bool:
+    """Driver side, before Ray Train starts: make the checkpoint loadable on ``world_size`` ranks. A ZeRO-1/2
+    checkpoint of another world size is converted to DeepSpeed's universal format once
+    (:func:`orchestrate.universal.convert`, reused on later resumes). Returns whether the workers load the
+    universal folder (:func:`loads_universal` says the same on their side)."""
+    saved_world = latest_train_state(checkpoint_url).saved_world_size()
+    if not saved_world or not universal.needs_universal(saved_world, world_size, zero_stage):
+        return False  # 0: a layout this checkpoint does not record; DeepSpeed's own load says what it finds
+    logger.info(
+        "checkpoint %s was written by %d workers, this run has %d: DeepSpeed's ZeRO-%d state goes through "
+        "its universal format",
+        checkpoint_url,
+        saved_world,
+        world_size,
+        zero_stage,
+    )
+    universal.convert(checkpoint_url, DS_TAG)
+    return True
+
+
+def loads_universal(checkpoint, world_size: int, zero_stage: int) -> bool:
+    """Worker side, before ``deepspeed.initialize``: whether the DeepSpeed state of ``checkpoint`` (a
+    ``ray.train.Checkpoint``) must come from its universal folder (then the engine is built with
+    ``load_universal``); :class:`ResumeError` when that folder is needed but missing (the driver converts
+    it: submit the stage again). Reads two small files through the checkpoint's own filesystem."""
+    import pyarrow.fs as pafs
+
+    fs, path = checkpoint.filesystem, checkpoint.path
+    with fs.open_input_stream(f"{path}/{TRAIN_STATE}") as f:
+        saved_world = TrainState.from_dict(json.loads(f.read())).saved_world_size()
+    if not saved_world or not universal.needs_universal(saved_world, world_size, zero_stage):
+        return False
+    done = fs.get_file_info(f"{path}/{universal.UNIVERSAL_DIR}/{universal.DONE_FILE}")
+    if done.type == pafs.FileType.NotFound:
+        raise ResumeError(
+            f"checkpoint {path} was written by {saved_world} workers (ZeRO-{zero_stage}), this run has "
+            f"{world_size}, and it has no {universal.UNIVERSAL_DIR}/ conversion: resume through "
+            f"orchestrate/train.py, whose driver converts it"
+        )
+    return True
 
 
 def save(engine, *, rank: int, loader_state: dict, train_state: TrainState, metrics: dict[str, Any]) -> None:
@@ -107,22 +193,72 @@ def save(engine, *, rank: int, loader_state: dict, train_state: TrainState, metr
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
 
 
-def restore(engine, checkpoint, *, rank: int, resume_key: dict) -> tuple[TrainState, dict]:
-    """Load DeepSpeed states (model, optimizer partition, scheduler) and return (train state, loader state)."""
+def restore(
+    engine, checkpoint, *, rank: int, resume_key: dict, universal_state: bool = False
+) -> tuple[TrainState, dict, bool]:
+    """Load DeepSpeed states (model, optimizer partition, scheduler) and return (train state, loader state,
+    whether the loader state's counters are this rank's: :func:`loader_state_for_rank`).
+    ``universal_state``: from the checkpoint's universal folder (another world size wrote it; the engine was
+    built with ``load_universal``, :func:`loads_universal`)."""
     with checkpoint.as_directory() as d:
         d = Path(d)
-        state_file, loader = d / TRAIN_STATE, d / loader_file(rank)
-        if not state_file.is_file() or not loader.is_file():
-            raise ResumeError(
-                f"checkpoint {checkpoint.path} lacks {TRAIN_STATE} or {loader.name} (was it written "
-                f"with another world size?)"
-            )
+        state_file = d / TRAIN_STATE
+        if not state_file.is_file():
+            raise ResumeError(f"checkpoint {checkpoint.path} lacks {TRAIN_STATE}")
         state = TrainState.from_dict(json.loads(state_file.read_text()))
         check_resume_key(state.resume_key, resume_key, str(checkpoint.path))
-        path, _ = engine.load_checkpoint(str(d), tag=DS_TAG, load_module_strict=True)
+        loader_state, own_stats = loader_state_for_rank(d, rank, str(checkpoint.path))
+        ds_dir = d / universal.UNIVERSAL_DIR if universal_state else d
+        path, _ = engine.load_checkpoint(str(ds_dir), tag=DS_TAG, load_module_strict=True)
         if path is None:
-            raise ResumeError(f"DeepSpeed found no states under {d}/{DS_TAG}")
-        return state, json.loads(loader.read_text())
+            raise ResumeError(f"DeepSpeed found no states under {ds_dir}/{DS_TAG}")
+        if universal_state:
+            _load_buffers(engine, ds_dir / DS_TAG)
+        return state, loader_state, own_stats
+
+
+def loader_state_for_rank(d: Path, rank: int, where: str) -> tuple[dict, bool]:
+    """This rank's loader state from checkpoint folder ``d``, and whether its counters (``stats``) are this
+    rank's own. World-size-free states (:data:`WORLD_FREE_LOADER_FORMATS`): rank 0's step and cursors,
+    with this rank's own counters when the checkpoint has a file for it; else (a rank the writing run did
+    not have) the loader starts its counters at zero (``keep_stats=False``; logged). Older states: this
+    rank's own file (the driver checked the layout)."""
+    first, own = d / loader_file(0), d / loader_file(rank)
+    if first.is_file():
+        state = json.loads(first.read_text())
+        if state.get("format") in WORLD_FREE_LOADER_FORMATS:
+            if rank == 0:
+                return state, True
+            if own.is_file():
+                return {**state, "stats": json.loads(own.read_text()).get("stats")}, True
+            logger.info(
+                "rank %d: checkpoint %s has no %s (written by fewer workers): its loader counters start at "
+                "zero; the data order comes from rank 0's step and cursors",
+                rank,
+                where,
+                own.name,
+            )
+            return state, False
+    if not own.is_file():
+        raise ResumeError(f"checkpoint {where} lacks {own.name} (was it written with another world size?)")
+    return json.loads(own.read_text()), True
+
+
+def _load_buffers(engine, tag_dir: Path) -> None:
+    """After a universal load: the module's buffers from the saved module state. DeepSpeed's universal load
+    restores parameters from ``zero/`` only (frozen ones are rebuilt identically by every run); a buffer
+    a forward pass updates would otherwise restart from its initial value."""
+    import torch
+
+    buffers = dict(engine.module.named_buffers())
+    if not buffers:
+        return
+    files = sorted(tag_dir.glob("mp_rank_*_model_states.pt"))
+    saved = torch.load(files[0], map_location="cpu", weights_only=False)["module"]
+    with torch.no_grad():
+        for name, buf in buffers.items():
+            if name in saved:
+                buf.copy_(saved[name].to(buf.device, buf.dtype))
 
 
 def list_checkpoints(layout: StageLayout) -> list[tuple[int, str]]:

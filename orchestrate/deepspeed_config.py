@@ -26,8 +26,10 @@ from orchestrate.stages import StageConfig
 from xsam_model.schedule import lr_lambda
 
 
-def deepspeed_config(cfg: StageConfig, *, use_gpu: bool) -> dict[str, Any]:
-    """``cfg`` as a DeepSpeed config dict (the schedule is :func:`lr_scheduler`'s, not in the JSON)."""
+def deepspeed_config(cfg: StageConfig, *, use_gpu: bool, load_universal: bool = False) -> dict[str, Any]:
+    """``cfg`` as a DeepSpeed config dict (the schedule is :func:`lr_scheduler`'s, not in the JSON).
+    ``load_universal``: the engine will load a universal checkpoint (:mod:`orchestrate.universal`), written
+    by another world size; DeepSpeed reads the flag at ``load_checkpoint`` time, saving is unchanged."""
     b, o = cfg.batch, cfg.optim
     precision = cfg.model.resolved_precision(use_gpu)
     zero: dict[str, Any] = {"stage": cfg.zero_stage}
@@ -52,7 +54,7 @@ def deepspeed_config(cfg: StageConfig, *, use_gpu: bool) -> dict[str, Any]:
     }
     if use_gpu:
         adam["fused"] = True  # torch.optim.AdamW(fused=True): one kernel, no DeepSpeed op build
-    return {
+    out = {
         "train_batch_size": b.global_batch,
         "train_micro_batch_size_per_gpu": b.micro_batch,
         "gradient_accumulation_steps": b.grad_accum,
@@ -65,6 +67,9 @@ def deepspeed_config(cfg: StageConfig, *, use_gpu: bool) -> dict[str, Any]:
         "steps_per_print": 10**9,  # we log ourselves
         "wall_clock_breakdown": False,
     }
+    if load_universal:
+        out["checkpoint"] = {"load_universal": True}
+    return out
 
 
 class StageLR(torch.optim.lr_scheduler.LambdaLR):
@@ -107,15 +112,16 @@ def initialize(
     total_steps: int,
     steps_per_epoch: float,
     use_gpu: bool,
+    load_universal: bool = False,
 ) -> tuple[Any, StageLR, dict[str, Any]]:
     """``deepspeed.initialize`` of ``model`` with parameter ``groups`` (each at its own lr), the generated
     JSON and the stage's scheduler: ``(engine, scheduler, ds_config)``. Needs ``torch.distributed`` set up
-    (Ray Train's workers; a test's one-process gloo group)."""
+    (Ray Train's workers; a test's one-process gloo group). ``load_universal``: see :func:`deepspeed_config`."""
     import deepspeed
 
     from orchestrate.deepspeed_compat import patch_deepspeed
 
-    ds_config = deepspeed_config(cfg, use_gpu=use_gpu)
+    ds_config = deepspeed_config(cfg, use_gpu=use_gpu, load_universal=load_universal)
     patch_deepspeed()
     engine, _, _, scheduler = deepspeed.initialize(
         model=model,

@@ -6,7 +6,9 @@ Checked up front: the flavor, ``--init-dir`` (every pretrained folder a full fla
 (only parents the stage has; stage 3 may also start from a stage-3 export), the batch arithmetic, the shards
 folder and ``mixture.json`` (and that the stage has datasets whose shards exist), each parent export (keys and
 shapes against the model built on the meta device; a truncated ``model.safetensors`` is refused by its size),
-and that an existing checkpoint of this stage was written with the same settings.
+and that an existing checkpoint of this stage was written with the same settings (its global batch, seed,
+mixture, stage…; not its world size: a checkpoint of another ``--num-workers`` is converted here, once, to
+DeepSpeed's universal format, :mod:`orchestrate.universal`).
 """
 
 from __future__ import annotations
@@ -217,6 +219,8 @@ def check_resume(cfg, layout: StageLayout, resume: str) -> None:
             lanes = max(1, cfg.data.loader_workers)
             checkpointing.check_loader_layout(found[-1][1], cfg.batch.world_size, lanes)
             checkpointing.check_resume_key(saved.resume_key, cfg.resume_key(), found[-1][1])
+            # another world size: DeepSpeed's universal conversion, here once, before any worker starts
+            checkpointing.prepare_deepspeed_state(found[-1][1], cfg.batch.world_size, cfg.zero_stage)
         except checkpointing.ResumeError as e:
             raise RunSetupError(str(e)) from e
 

@@ -293,11 +293,12 @@ class StageConfig:
 
     def resume_key(self) -> dict:
         """Fields a resumed run must share with the run that wrote its checkpoint (anything else, e.g. a
-        longer ``max_steps``, may change between submissions)."""
+        longer ``max_steps``, may change between submissions). The global batch, not how it is split: a
+        stage resumes on another world size or micro-batch × accumulation split (elastic resume)."""
         return {
             "stage": self.stage,
             "flavor": self.model.flavor,
-            "batch": dataclasses.asdict(self.batch),
+            "global_batch": self.batch.global_batch,
             "zero_stage": self.zero_stage,
             # a string, as in the checkpoints written before stages were keyed by int: they stay resumable
             "mixture_stage": str(self.data.mixture_stage),

@@ -10,8 +10,9 @@ export (:mod:`orchestrate.exports`). Rank 0 tracks (wandb, ``metrics.jsonl``); t
 tracker. Everything else per step is a callback the runner registered (:mod:`orchestrate.callbacks`).
 
 Determinism: the loader's order is a pure function of its state, and the random draws inside a step (the
-loss's point sampling) are seeded from ``(seed, micro-step, rank)``, so a run restarted from a checkpoint
-computes what an uninterrupted run would have computed.
+loss's point sampling) are seeded from ``(seed, step, the micro-batch's sample keys)``, so a run restarted
+from a checkpoint, on the same or another world size, computes what an uninterrupted run would have computed
+(up to the order of float reductions when the world size changes).
 """
 
 from __future__ import annotations
@@ -86,10 +87,16 @@ def llm_tokens(batch: dict, stage: int, image_tokens: int) -> int:
     return int(batch["attention_mask"].sum()) + image_tokens * int(batch["attention_mask"].shape[0])
 
 
-def _seed_micro_step(seed: int, micro_step: int, rank: int) -> None:
+def _seed_micro_batch(seed: int, step: int, keys: Sequence[str]) -> None:
+    """Seed the draws inside one micro-batch's forward (the loss's point sampling) from ``(seed, step, its
+    sample keys)``: a function of what the micro-batch holds, not of which rank or micro-step ran it, so a run
+    resumed on another world size draws the same points for the same micro-batch."""
+    import hashlib
+
     import torch
 
-    torch.manual_seed((seed * 1_000_003 + micro_step) * 4099 + rank)
+    text = "\0".join([str(seed), str(step), *keys])
+    torch.manual_seed(int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "little") & (2**63 - 1))
 
 
 class Trainer:
@@ -132,16 +139,29 @@ class Trainer:
         self.device = ray.train.torch.get_device()
         precision = self.cfg.model.resolved_precision(self.plan.use_gpu)
         self.dtype = torch.bfloat16 if precision == "bf16" else torch.float32
-        self._build_engine()
+        checkpoint = self._find_checkpoint()
+        # a checkpoint of another world size: DeepSpeed reads the driver's universal conversion, which the
+        # engine must know about from its config on
+        universal = checkpoint is not None and checkpointing.loads_universal(
+            checkpoint, self.world, self.cfg.zero_stage
+        )
+        self._build_engine(load_universal=universal)
         self._build_loader()
-        self._resume()
+        if checkpoint is not None:
+            self._resume(checkpoint, universal)
+        self.state.layout = {
+            "world_size": self.world,
+            "micro_batch": self.cfg.batch.micro_batch,
+            "grad_accum": self.cfg.batch.grad_accum,
+            "loader_workers": self.cfg.data.loader_workers,
+        }
         self.tracker = make_tracker(
             self.plan, self.rank, {**self.plan.to_dict(), "deepspeed": self.ds_config}
         )
         for cb in self.callbacks:
             cb.on_train_start(self)
 
-    def _build_engine(self) -> None:
+    def _build_engine(self, *, load_universal: bool = False) -> None:
         import torch
 
         from orchestrate.deepspeed_config import initialize
@@ -164,6 +184,7 @@ class Trainer:
             total_steps=self.plan.total_steps,
             steps_per_epoch=self.plan.steps_per_epoch,
             use_gpu=self.plan.use_gpu,
+            load_universal=load_universal,
         )
         self.processor = model.processor
         if self.processor is None:
@@ -205,28 +226,38 @@ class Trainer:
             pin_memory=plan.use_gpu,
         )
 
-    def _resume(self) -> None:
-        """Continue from Ray Train's latest checkpoint of this stage (or ``--resume PATH``), if any."""
+    def _find_checkpoint(self):
+        """Ray Train's latest checkpoint of this stage, else ``--resume PATH``'s, else None."""
         import ray.train
 
         checkpoint = ray.train.get_checkpoint()
         if checkpoint is None and self.plan.resume not in ("auto", "never"):
             checkpoint = ray.train.Checkpoint(self.plan.resume)
-        if checkpoint is None:
-            return
-        self.state, loader_state = checkpointing.restore(
-            self.engine, checkpoint, rank=self.rank, resume_key=self.cfg.resume_key()
+        return checkpoint
+
+    def _resume(self, checkpoint, universal: bool) -> None:
+        """Continue from ``checkpoint``; ``universal``: its DeepSpeed state from the universal conversion."""
+        self.state, loader_state, own_stats = checkpointing.restore(
+            self.engine,
+            checkpoint,
+            rank=self.rank,
+            resume_key=self.cfg.resume_key(),
+            universal_state=universal,
         )
-        self.loader.load_state_dict(loader_state)
+        if own_stats:
+            self.loader.load_state_dict(loader_state)
+        else:  # a rank the writing run did not have: rank 0's order, counters from zero
+            self.loader.load_state_dict(loader_state, keep_stats=False)
         self.scheduler.apply()  # this plan's lr at the restored step (the optimizer restored the saved one)
         self.state.attempt += 1
         logger.log(
             logging.INFO if self.is_main else logging.DEBUG,
-            "resumed stage %d at step %d from %s (rank %d)",
+            "resumed stage %d at step %d from %s (rank %d)%s",
             self.cfg.stage,
             self.state.step,
             checkpoint.path,
             self.rank,
+            f" on {self.world} workers through DeepSpeed's universal checkpoint" if universal else "",
         )
 
     # ------------------------------------------------------------------------------------------ steps
@@ -263,7 +294,7 @@ class Trainer:
                 raise RuntimeError(f"loader at step {b.step}, trainer at step {step}")
             source = b.source
             batch = to_device(b.data, self.device, self.dtype)
-            _seed_micro_step(cfg.data.seed, b.micro_step, self.rank)
+            _seed_micro_batch(cfg.data.seed, step, list(b.data["keys"]))
             out = self.engine(batch, stage=cfg.stage)
             self.engine.backward(out.loss)
             self.engine.step()

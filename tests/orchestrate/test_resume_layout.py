@@ -1,6 +1,7 @@
-"""A checkpoint's loader states fit only the (world size, loader workers) that wrote them: the driver refuses
-another layout in one line naming both, before any Ray worker starts (until issue 21 item 1 makes the loader
-state world-size-free)."""
+"""Which checkpoint layouts the driver accepts before any Ray worker starts. An ``xsam-loader/1`` state fits
+only the (world size, loader workers) that wrote it: another layout is refused in one line naming both. A
+world-size-free ``xsam-loader/2`` state (issue 21) resumes on any layout with the same global batch; the
+resume key no longer holds the world size, but still refuses another global batch."""
 
 from __future__ import annotations
 
@@ -8,25 +9,32 @@ import json
 
 import pytest
 
-from orchestrate.checkpointing import TRAIN_STATE, TrainState, loader_file
+from orchestrate.checkpointing import TRAIN_STATE, TrainState, loader_file, loader_state_for_rank
 from orchestrate.errors import RunSetupError
 from orchestrate.runner import RunArgs, prepare
 from orchestrate.stages import debug, stage1
-from pipelines.loader.stream import MixtureLoader
 
 
-def _checkpoint(train_shards, stage_dir, *, world: int, loader_workers: int, ranks=None) -> None:
-    """A checkpoint folder as ``checkpointing.save`` leaves it: train state + real loader states per rank."""
+def _v1_state(rank: int, world: int, loader_workers: int) -> dict:
+    """The identity fields an ``xsam-loader/1`` state carried (what the driver reads of it)."""
+    return {"format": "xsam-loader/1", "rank": rank, "world_size": world, "lanes": max(1, loader_workers)}
+
+
+def _v2_state(rank: int) -> dict:
+    """A world-size-free state: step and global cursors, this rank's counters (no rank, no sizes)."""
+    return {"format": "xsam-loader/2", "step": 2, "cursors": {"coco_panoptic/train": 8}, "stats": {"r": rank}}
+
+
+def _checkpoint(stage_dir, *, world: int, loader_workers: int, ranks=None, v2=False, zero=2) -> None:
+    """A checkpoint folder as ``checkpointing.save`` leaves it: train state + a loader state per rank."""
     ck = stage_dir / "checkpoint_2026-01-01_00-00-00.000000"
     ck.mkdir(parents=True)
-    key = debug(stage1()).resume_key()
-    key["batch"] = {**key["batch"], "world_size": world, "grad_accum": 4 // (2 * world)}
-    (ck / TRAIN_STATE).write_text(json.dumps(TrainState(step=2, resume_key=key).__dict__))
+    key = {**debug(stage1()).resume_key(), "zero_stage": zero}
+    layout = {"world_size": world, "micro_batch": 2, "grad_accum": 4 // (2 * world), "loader_workers": 0}
+    (ck / TRAIN_STATE).write_text(json.dumps(TrainState(step=2, resume_key=key, layout=layout).__dict__))
     for rank in range(world) if ranks is None else ranks:
-        loader = MixtureLoader(
-            str(train_shards), stage=1, batch_size=2, rank=rank, world_size=world, num_workers=loader_workers
-        )
-        (ck / loader_file(rank)).write_text(json.dumps(loader.state_dict()))
+        state = _v2_state(rank) if v2 else _v1_state(rank, world, loader_workers)
+        (ck / loader_file(rank)).write_text(json.dumps(state))
 
 
 def _prepare(train_shards, run_root, **kw):
@@ -35,7 +43,7 @@ def _prepare(train_shards, run_root, **kw):
 
 
 def test_same_layout_resumes(train_shards, tmp_path):
-    _checkpoint(train_shards, tmp_path / "run" / "stage1", world=2, loader_workers=0)
+    _checkpoint(tmp_path / "run" / "stage1", world=2, loader_workers=0)
     assert _prepare(train_shards, tmp_path / "run").resume == "auto"
     assert _prepare(train_shards, tmp_path / "run", loader_workers=1).resume == "auto"  # 0 and 1: one lane
 
@@ -48,15 +56,65 @@ def test_same_layout_resumes(train_shards, tmp_path):
         ((2, 2), {}, r"2 workers × 2 loader lanes, this run has 2 × 1: .*--num-workers 2 --loader-workers 2"),
     ],
 )
-def test_other_world_size_or_loader_workers_is_refused(train_shards, tmp_path, saved, now, message):
-    _checkpoint(train_shards, tmp_path / "run" / "stage1", world=saved[0], loader_workers=saved[1])
+def test_v1_state_on_other_world_size_or_loader_workers_is_refused(
+    train_shards, tmp_path, saved, now, message
+):
+    _checkpoint(tmp_path / "run" / "stage1", world=saved[0], loader_workers=saved[1])
     with pytest.raises(RunSetupError, match=message):
         _prepare(train_shards, tmp_path / "run", **now)
 
 
-def test_checkpoint_missing_a_rank_is_refused(train_shards, tmp_path):
-    _checkpoint(train_shards, tmp_path / "run" / "stage1", world=2, loader_workers=0, ranks=[0])
+def test_v1_checkpoint_missing_a_rank_is_refused(train_shards, tmp_path):
+    _checkpoint(tmp_path / "run" / "stage1", world=2, loader_workers=0, ranks=[0])
     with pytest.raises(
         RunSetupError, match=r"holds loader states of ranks \[0\], but they were written by 2"
     ):
         _prepare(train_shards, tmp_path / "run")
+
+
+@pytest.mark.parametrize(
+    "now", [{"num_workers": 1}, {"loader_workers": 2}, {"num_workers": 4, "micro_batch": 1}]
+)
+def test_v2_state_resumes_on_any_layout(train_shards, tmp_path, now):
+    # ZeRO-0 here: nothing to convert (the universal conversion of ZeRO-1/2 is test_elastic_deepspeed's)
+    _checkpoint(tmp_path / "run" / "stage1", world=2, loader_workers=0, v2=True, zero=0)
+    plan = _prepare(train_shards, tmp_path / "run", zero_stage=0, **now)
+    assert plan.cfg.batch.global_batch == 4 and plan.resume == "auto"
+
+
+def test_v2_state_with_another_global_batch_is_refused(train_shards, tmp_path):
+    _checkpoint(tmp_path / "run" / "stage1", world=2, loader_workers=0, v2=True, zero=0)
+    with pytest.raises(RunSetupError, match=r"other settings .*global_batch: 4 vs 8"):
+        _prepare(train_shards, tmp_path / "run", zero_stage=0, num_workers=1, global_batch=8)
+
+
+def test_global_batch_that_cannot_be_kept_names_the_numbers(train_shards, tmp_path):
+    _checkpoint(tmp_path / "run" / "stage1", world=2, loader_workers=0, v2=True, zero=0)
+    with pytest.raises(
+        RunSetupError, match=r"global batch 4 is not divisible by micro batch 2 × world size 3"
+    ):
+        _prepare(train_shards, tmp_path / "run", zero_stage=0, num_workers=3)
+
+
+def test_v2_state_of_a_rank_the_writer_did_not_have(tmp_path):
+    """Rank 0's order everywhere; each rank's own counters when its file exists, else fresh ones."""
+    _checkpoint(tmp_path, world=2, loader_workers=0, v2=True)
+    (ck,) = tmp_path.glob("checkpoint_*")
+    assert loader_state_for_rank(ck, 0, "ck") == (_v2_state(0), True)
+    assert loader_state_for_rank(ck, 1, "ck") == ({**_v2_state(0), "stats": {"r": 1}}, True)
+    assert loader_state_for_rank(ck, 2, "ck") == (_v2_state(0), False)
+
+
+def test_old_resume_key_with_the_whole_batch_still_resumes(train_shards, tmp_path):
+    """Checkpoints written before elastic resume hold ``batch`` (the whole split) in their key: their global
+    batch is compared, and their world size read from it."""
+    _checkpoint(tmp_path / "run" / "stage1", world=2, loader_workers=0)
+    (ck,) = (tmp_path / "run" / "stage1").glob("checkpoint_*")
+    state = json.loads((ck / TRAIN_STATE).read_text())
+    key = {k: v for k, v in state["resume_key"].items() if k != "global_batch"}
+    key["batch"] = {"global_batch": 4, "micro_batch": 2, "grad_accum": 1, "world_size": 2}
+    (ck / TRAIN_STATE).write_text(json.dumps({**state, "resume_key": key, "layout": {}}))
+    assert TrainState.from_dict(json.loads((ck / TRAIN_STATE).read_text())).saved_world_size() == 2
+    assert _prepare(train_shards, tmp_path / "run").resume == "auto"
+    with pytest.raises(RunSetupError, match=r"global_batch: 4 vs 8"):
+        _prepare(train_shards, tmp_path / "run", global_batch=8)

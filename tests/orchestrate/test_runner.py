@@ -151,18 +151,16 @@ def test_resume_checks(train_shards, tmp_path):
         RunSetupError, match=r"already holds 1 checkpoints \(latest at step 2\); use --resume auto"
     ):
         prepare(_args(train_shards, tmp_path / "run", resume="never"))
-    with pytest.raises(
-        RunSetupError,
-        match=r"written by a run with other settings .*batch: .*'world_size': 2.* vs "
-        r".*'world_size': 1",
-    ):
+    # another world size keeps the global batch (elastic resume); another global batch is refused
+    with pytest.raises(RunSetupError, match=r"written by a run with other settings .*global_batch: 4 vs 8"):
         prepare(
             RunArgs(
                 stage=1,
                 flavor="debug",
                 shards=str(train_shards),
                 run_root=str(tmp_path / "run"),
-                num_workers=1,
+                num_workers=2,
+                global_batch=8,
             )
         )
 

@@ -124,4 +124,6 @@ def test_resume_key_ignores_schedule_and_tracking():
     a = stage1()
     b = dataclasses.replace(a, schedule=dataclasses.replace(a.schedule, max_steps=5))
     assert a.resume_key() == b.resume_key()
-    assert a.resume_key() != with_world_size(a, 8).resume_key()
+    # the global batch, not its split over workers: a stage resumes on another world size
+    assert a.resume_key() == with_world_size(a, 8).resume_key()
+    assert a.resume_key() != with_world_size(a, 8, global_batch=128).resume_key()
