@@ -1,38 +1,47 @@
-"""Length grouping within a step's source: a window sort of micro-batches by text length (issue 16 item 5).
+"""Length grouping within a step's source, world-size-free (X-SAM's length grouping; issue 16 item 5, issue 21).
 
-X-SAM groups samples of similar length so a micro-batch pads little. Our loader draws one source per global
-step (every micro-batch of a step comes from that dataset), so grouping happens inside one dataset's stream of
-one consumer (rank × lane):
+X-SAM groups samples of similar length so a micro-batch pads little. Our loader draws one dataset per global
+step and takes the next ``G`` positions (``G`` = global batch) of that dataset's global stream
+(:mod:`pipelines.loader.order`); grouping permutes positions inside a group of global batches, with nothing
+in it that depends on the ranks, DataLoader workers or the micro-batch × accumulation split:
 
-- A **group** is the next ``G·B`` usable samples of the consumer's stream from position ``p0`` (``G`` =
-  ``length_group`` micro-batches, ``B`` = batch size), parsed and re-drawn but not yet transformed (only JSON and
-  image bytes are held: a few MB). A group stops at the end of the slice's epoch (in whole micro-batches), so
-  every pass over the slice still holds each sample once.
-- They are sorted by :func:`text_length` (ties by stream order), cut into ``G`` micro-batches of ``B``, and the
-  micro-batches are handed out in an order drawn from ``(seed, dataset, consumer, p0)``, so the k-th
-  micro-batch of a group is not always its shortest.
-- The loader state keeps ``p0`` and ``k`` (micro-batches of the group already handed out) per dataset and lane;
-  a resumed run re-reads the group from ``p0`` — the same samples, the same sort — and continues at ``k``.
-- A sample whose transform fails (corrupt image) is replaced by the nearest sample in the sorted group that
-  transforms, so the micro-batch keeps ``B`` samples (the replacement is used twice; the skip is counted);
-  a group with no sample that transforms is a :class:`LoaderError`.
+- A **group** is ``L`` (``length_group``) consecutive global batches of a dataset's stream, counted from
+  the first global batch that starts in each epoch ``e`` of the stream, ``T_e = ceil(e·N / G)`` (``N``
+  samples): group ``k`` of epoch ``e`` is global batches ``[T_e + k·L, min(T_e + (k+1)·L, T_{e+1}))``, so a
+  group never mixes two epochs beyond the one global batch that straddles an epoch end.
+- Every position is resolved at the JSON level (the stream's sample, or the replacement drawn for it when it
+  is unreadable, filtered or lacks its image — :meth:`pipelines.loader.order.WindowOrder.candidate`), re-drawn
+  for its epoch, and measured with :func:`text_length`.
+- The group's positions are sorted by ``(length, position)``, cut into ``L`` global batches of ``G`` in
+  sorted order, and the global batches handed out in an order drawn from ``(seed, dataset, e, k)``: the group's
+  ``i``-th global batch is chunk ``i`` of that order. Inside it the length order is kept, so micro-batch
+  ``j`` (``j = a·W + r``) gets ``B`` neighbours in length.
 
-``G = 1`` (or ``B = 1``) is the ungrouped stream of ``main``.
+Cost: every rank — and every DataLoader worker that serves one of the group's micro-batches — needs the
+lengths of the whole group, so it reads the JSON member (only the JSON member: one small ranged read per
+sample; images are read only for its own micro-batches) of all ``L·G`` positions of each group it serves,
+and parses and re-draws them. A rank trains on ``L·G / W`` of those samples, so it reads ``W`` JSON members
+(up to ``W ×`` its workers) per sample it trains on — e.g. ``G = 64``, ``L = 8`` on 8 ranks: 512 JSON reads
+per group for 64 samples trained on, next to 64 image reads and transforms. Only positions, lengths and
+attempt numbers are kept (a few ints per position), never the samples. JSON-only reads are not checked against
+the per-sample sha256 (it covers JSON + image); a changed byte is still caught when the rank that trains on
+the sample reads it whole, and the sample is then replaced as any unusable one is — the sort stays the same
+on every rank because every rank sorts on the same JSON bytes.
+
+``L = 1`` (or ``G = 1``) is the ungrouped stream.
 """
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
 
 import numpy as np
 
-from pipelines.errors import LoaderError
+from pipelines.loader.order import rng
 from pipelines.schema import Sample
 
-_TAG_GROUP = 3  # keeps the chunk-order stream apart from the loader's window/inner shuffles
+_TAG_GROUP = 3  # keeps the chunk-order stream apart from the order's window/inner/replacement draws
 
 
 def text_length(sample: Sample) -> int:
@@ -41,118 +50,70 @@ def text_length(sample: Sample) -> int:
     return sum(len(t.text) for t in sample.conversation)
 
 
-def chunk_order(lengths: Sequence[int], batch_size: int, rng: np.random.Generator) -> list[list[int]]:
-    """Indices of ``len(lengths)`` samples → micro-batches of ``batch_size`` (the last may be shorter), each
-    holding neighbours in length order; the micro-batches in a random order drawn from ``rng``."""
+def chunk_order(lengths: Sequence[int], size: int, gen: np.random.Generator) -> list[list[int]]:
+    """Indices of ``len(lengths)`` items → chunks of ``size`` (the last may be shorter), each holding
+    neighbours in ``(length, index)`` order and kept in that order; the chunks in an order drawn from ``gen``."""
     order = sorted(range(len(lengths)), key=lambda i: (lengths[i], i))
-    chunks = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
-    return [chunks[int(j)] for j in rng.permutation(len(chunks))]
+    chunks = [order[i : i + size] for i in range(0, len(order), size)]
+    return [chunks[int(j)] for j in gen.permutation(len(chunks))]
 
 
 @dataclass
-class Group:
-    """One consumer's current group of a dataset: start and end positions, the prepared samples (sorted
-    order is ``chunks``)."""
+class Resolved:
+    """A position resolved at the JSON level: the first attempt that parsed and passed the checks, and the
+    failures (``(kind, reason, key, detail)``) of the attempts before it — counted by the rank that trains on
+    the position, not by every rank that only measured it."""
 
-    start: int
-    stop: int
-    prepared: list[tuple[Sample, bytes | None, str]]  # (sample, image bytes, key) in stream order
-    chunks: list[list[int]]
-
-
-def collect(
-    start: int,
-    count: int,
-    prepare: Callable[[int], tuple[Sample, bytes | None, str] | None],
-    max_bad: int,
-    name: str,
-) -> tuple[list[tuple[Sample, bytes | None, str]], int]:
-    """The next ``count`` usable prepared samples from stream position ``start``; returns them and the
-    position after the last one. ``max_bad`` unusable samples in a row is a :class:`LoaderError`."""
-    out, bad, position = [], 0, start
-    while len(out) < count:
-        got = prepare(position)
-        position += 1
-        if got is None:
-            bad += 1
-            if bad >= max_bad:
-                raise LoaderError(
-                    f"{name}: no usable sample in {bad} consecutive positions from {position - bad}"
-                )
-            continue
-        bad = 0
-        out.append(got)
-    return out, position
+    attempt: int
+    length: int
+    failures: list[tuple[str, str, str | None, str]] = field(default_factory=list)
 
 
-def fill(
-    group: Group,
-    k: int,
-    transform: Callable[[Sample, bytes | None, str], Any | None],
-    name: str,
-) -> list[Any]:
-    """Transformed items of the group's ``k``-th micro-batch; a failed transform is replaced by the nearest
-    sample (in sorted order) of the group that transforms."""
-    sorted_all = sorted(range(len(group.prepared)), key=lambda i: (text_length(group.prepared[i][0]), i))
-    rank_of = {i: r for r, i in enumerate(sorted_all)}
-    items, missing = [], 0
-    for i in group.chunks[k]:
-        item = transform(*group.prepared[i])
-        if item is None:
-            missing += 1
-        else:
-            items.append(item)
-    if missing:
-        members = set(group.chunks[k])
-        centre = rank_of[group.chunks[k][0]]
-        by_distance = sorted(
-            (r for r in range(len(sorted_all)) if sorted_all[r] not in members),
-            key=lambda r: (abs(r - centre), r),
-        )
-        for r in by_distance:
-            if missing == 0:
-                break
-            item = transform(*group.prepared[sorted_all[r]])
-            if item is not None:
-                items.append(item)
-                missing -= 1
-        if missing:
-            raise LoaderError(f"{name}: no sample of a length group from position {group.start} transforms")
-    return items
+@dataclass
+class _Group:
+    key: tuple[int, int]  # (epoch, group within the epoch)
+    first: int  # its first global batch
+    chunks: list[list[int]]  # stream positions of each global batch of the group, in hand-out order
+    resolved: dict[int, Resolved]
 
 
-def take(stream: Any, cur: Any, position: int, k: int, stats: dict) -> tuple[list[Any], int, int]:
-    """The ``k``-th micro-batch of the group that starts at ``position`` of cursor ``cur`` (a
-    ``pipelines.loader.stream._Cursor``) of ``stream`` (a ``MixtureStream``); returns ``(items, position,
-    k)`` for the next call: the same ``position`` and ``k + 1`` inside the group, the group's end and 0 after
-    its last micro-batch."""
-    group = getattr(cur, "group", None)
-    if group is None or group.start != position:
-        # re-built mid-group only on a resume: its skips were counted before the checkpoint
-        count_in = stats if k == 0 else copy.deepcopy(stats)
+class LengthGroups:
+    """One process's length groups, the current one per dataset (``resolve`` measures positions)."""
 
-        def prepare(p: int):
-            raw = cur.get(p)
-            sample = stream.prepare(raw, cur.d, count_in, p // cur.length)
-            return None if sample is None else (sample, raw.image, raw.key)
+    def __init__(self, seed: int, global_batch: int, length_group: int):
+        self.seed, self.global_batch, self.length_group = int(seed), int(global_batch), int(length_group)
+        self._groups: dict[str, _Group] = {}
 
-        # a group ends with the slice's epoch (as far as whole micro-batches allow), so a pass over the slice
-        # still holds each sample once
-        b = stream.batch_size
-        left = cur.length - position % cur.length
-        prepared, stop = collect(
-            position,
-            max(b, min(stream.length_group * b, left // b * b)),
-            prepare,
-            cur.length + stream.batch_size,
-            cur.d.name,
-        )
-        rng = np.random.default_rng([stream.seed & 0xFFFFFFFF, _TAG_GROUP, cur.tag, cur.consumer, position])
-        chunks = chunk_order([text_length(s) for s, _, _ in prepared], stream.batch_size, rng)
-        group = cur.group = Group(position, stop, prepared, chunks)
-    items = fill(group, k, lambda s, img, key: stream.transform_one(s, img, key, stats), cur.d.name)
-    stats["samples"] += len(items)
-    if k + 1 < len(group.chunks):
-        return items, position, k + 1
-    cur.group = None
-    return items, group.stop, 0
+    def bounds(self, n: int, t: int) -> tuple[int, int, int]:
+        """``(epoch, group, its first global batch, one past its last)`` for global batch ``t`` of
+        a dataset of ``n`` samples — groups restart with each epoch of the stream (see the module doc)."""
+        g, size = self.global_batch, self.length_group
+        epoch = t * g // n
+        first_of_epoch = -(-epoch * n // g)  # T_e: the first global batch starting inside epoch e
+        end_of_epoch = -(-(epoch + 1) * n // g)
+        k = (t - first_of_epoch) // size
+        lo = first_of_epoch + k * size
+        return epoch, k, lo, min(lo + size, end_of_epoch)
+
+    def global_batch_positions(
+        self, name: str, tag: int, n: int, t: int, resolve: Callable[[list[int]], list[Resolved]]
+    ) -> tuple[list[int], dict[int, Resolved]]:
+        """The stream positions of global batch ``t`` of dataset ``name`` (``n`` samples), in length order,
+        and how each was resolved; ``resolve`` measures a list of positions at the JSON level."""
+        epoch, k, lo, hi = self.bounds(n, t)
+        group = self._groups.get(name)
+        if group is None or group.key != (epoch, k):
+            self._groups.pop(name, None)  # at most one group per dataset held
+            g = self.global_batch
+            positions = list(range(lo * g, hi * g))
+            resolved = resolve(positions)
+            chunks = chunk_order([r.length for r in resolved], g, rng(self.seed, _TAG_GROUP, tag, epoch, k))
+            group = _Group(
+                (epoch, k),
+                lo,
+                [[positions[i] for i in c] for c in chunks],
+                dict(zip(positions, resolved, strict=True)),
+            )
+            self._groups[name] = group
+        chunk = group.chunks[t - group.first]
+        return chunk, {p: group.resolved[p] for p in chunk}

@@ -1,5 +1,6 @@
-"""The training-side loader: one source per global step across ranks and workers, disjoint slices, exact resume,
-empirical mixture frequencies, bad shards counted, fsspec URIs; and the decode helpers it offers."""
+"""The training-side loader: one source per global step across ranks and workers, disjoint micro-batches within
+a global batch, exact resume, empirical mixture frequencies, bad shards counted and replaced, fsspec URIs; and
+the decode helpers it offers. Resume across world sizes: tests/pipelines/test_loader_elastic.py."""
 
 from __future__ import annotations
 
@@ -103,7 +104,7 @@ def test_loader_frequencies_follow_mixture(three_sources):
         assert abs(seen[name] - planned[name]) < 4.5 * sd, (name, seen, planned)
 
 
-# ---------------------------------------------------------------------------------------------- disjoint slices
+# ---------------------------------------------------------------------------------------------- disjoint batches
 def _pass_keys(out, world, workers, steps, **kw):
     return [
         [
@@ -119,12 +120,13 @@ def test_no_sample_read_by_two_ranks_in_a_pass(tmp_path):
     """64 samples in 3 unequal shards, 2 ranks x 2 workers, batch 4: 8 steps are exactly one pass."""
     keys = write_source(tmp_path, "coco_panoptic", [30, 20, 14])
     mixture.write(str(tmp_path), mixture.compute(str(tmp_path)))
-    per_rank = _pass_keys(tmp_path, 2, 2, 8, stage=1, batch_size=4)
-    assert len(per_rank[0]) == len(per_rank[1]) == 32
-    assert not set(per_rank[0]) & set(per_rank[1])
-    assert sorted(per_rank[0] + per_rank[1]) == keys  # every sample once
-    # the order within a pass is shuffled, not the shard order
-    assert per_rank[0] != sorted(per_rank[0])
+    for length_group in (1, 8):
+        per_rank = _pass_keys(tmp_path, 2, 2, 8, stage=1, batch_size=4, length_group=length_group)
+        assert len(per_rank[0]) == len(per_rank[1]) == 32
+        assert not set(per_rank[0]) & set(per_rank[1])
+        assert sorted(per_rank[0] + per_rank[1]) == keys  # every sample once
+        # the order within a pass is shuffled, not the shard order
+        assert per_rank[0] != sorted(per_rank[0])
 
 
 def test_fewer_shards_than_consumers_split_inside_a_shard(tmp_path):
@@ -153,44 +155,52 @@ def test_resume_gives_the_batches_of_an_uninterrupted_run(three_sources, workers
 
 
 def test_state_must_fit_the_loader(three_sources):
-    state = make(three_sources, num_workers=2).state_dict()
-    with pytest.raises(ValueError, match="lanes"):
-        make(three_sources, num_workers=3).load_state_dict(state)
+    first = make(three_sources, num_workers=2)
+    take(first, 6)
+    state = first.state_dict()
+    other_lanes = make(three_sources, num_workers=3)
+    other_lanes.load_state_dict(state)  # worker count is no part of the state any more
+    assert other_lanes.micro_step == 6
     with pytest.raises(ValueError, match="seed"):
         make(three_sources, num_workers=2, seed=8).load_state_dict(state)
-    with pytest.raises(ValueError, match="rank"):
-        make(three_sources, num_workers=2, rank=1, world_size=2).load_state_dict(state)
+    with pytest.raises(ValueError, match="global_batch: 2 vs 4"):
+        make(three_sources, rank=1, world_size=2, batch_size=2).load_state_dict(state)
+    with pytest.raises(ValueError, match="shuffle_window"):
+        make(three_sources, shuffle_window=5).load_state_dict(state)
+    bad = {**state, "cursors": {**state["cursors"], "refcoco/train": state["cursors"]["refcoco/train"] + 2}}
+    with pytest.raises(ValueError, match="cursors"):
+        make(three_sources).load_state_dict(bad)
 
 
 # ---------------------------------------------------------------------------------------------- bad shards
-def _one_pass(loader, n_total, name):
-    """Batches of size 1 until this (single-consumer) loader has gone once through all ``n_total`` positions."""
-    keys = []
-    for b in loader:
-        keys += [k for k, _ in b.data]
-        if loader.state_dict()["positions"][name][0] >= n_total:
-            return keys
+def _one_pass(loader, n_total):
+    """Keys of the first ``n_total`` batches of size 1 of a one-rank, one-source loader: one pass over the
+    dataset's stream, an unusable sample replaced by a draw."""
+    return [k for b in take(loader, n_total) for k, _ in b.data]
 
 
-def test_truncated_shard_is_skipped_and_counted(tmp_path):
+def test_truncated_shard_is_skipped_counted_and_replaced(tmp_path):
     keys = write_source(tmp_path, "coco_panoptic", [10, 10, 10])
     mixture.write(str(tmp_path), mixture.compute(str(tmp_path)))
     tar = tmp_path / "coco_panoptic" / "train" / "coco_panoptic-train-000001.tar"
     tar.write_bytes(tar.read_bytes()[: tar.stat().st_size // 2])  # cut in the middle of a member
     loader = make(tmp_path, stage=1, batch_size=1, shuffle_window=4)
     with pytest.warns(UserWarning, match="truncated_shard"):
-        seen = _one_pass(loader, 30, "coco_panoptic/train")
+        seen = _one_pass(loader, 30)
     lost = sorted(set(keys) - set(seen))
-    assert len(seen) == len(set(seen)) == 30 - len(lost)
+    assert len(seen) == 30  # every position of the pass got a usable sample
     assert 0 < len(lost) < 10 and all(k in keys[10:20] for k in lost)  # part of the middle shard survives
-    assert loader.stats()["skipped"] == {"truncated_shard": len(lost)}
+    # each lost sample's own position counted once, failed replacement draws (if any) once more each
+    assert set(loader.stats()["skipped"]) == {"truncated_shard"}
+    assert loader.stats()["skipped"]["truncated_shard"] >= len(lost)
+    assert len(seen) - len(set(seen)) == len(lost)  # the replacements are samples the pass also holds
     assert any("truncated_shard" in e for e in loader.stats()["errors"])
     with pytest.raises(LoaderError, match="truncated_shard"):
-        _one_pass(make(tmp_path, stage=1, batch_size=1, strict=True), 30, "coco_panoptic/train")
+        _one_pass(make(tmp_path, stage=1, batch_size=1, strict=True), 30)
 
 
 def test_missing_shard_corrupt_json_and_bad_image_are_counted(tmp_path):
-    write_source(tmp_path, "coco_panoptic", [5, 5, 5])
+    keys = write_source(tmp_path, "coco_panoptic", [5, 5, 5])
     mixture.write(str(tmp_path), mixture.compute(str(tmp_path)))
     sdir = tmp_path / "coco_panoptic" / "train"
     (sdir / "coco_panoptic-train-000002.tar").unlink()
@@ -216,16 +226,23 @@ def test_missing_shard_corrupt_json_and_bad_image_are_counted(tmp_path):
 
     loader = make(tmp_path, stage=1, batch_size=1, transform=decoding)
     with pytest.warns(UserWarning):
-        seen = _one_pass(loader, 15, "coco_panoptic/train")
-    assert len(seen) == 15 - 5 - 2
-    assert loader.stats()["skipped"] == {"unreadable_shard": 5, "corrupt_json": 1, "corrupt_image": 1}
+        seen = _one_pass(loader, 15)
+    good = set(keys[:5] + keys[5:10]) - {keys[1], keys[3]}
+    assert len(seen) == 15 and set(seen) == good  # every usable sample at its own position, replacements too
+    skipped = loader.stats()["skipped"]
+    assert set(skipped) == {"unreadable_shard", "corrupt_json", "corrupt_image"}
+    assert skipped["unreadable_shard"] >= 5 and skipped["corrupt_json"] >= 1 and skipped["corrupt_image"] >= 1
+    assert loader.stats()["samples"] == 15
 
 
 def test_a_dataset_with_no_usable_sample_fails_clearly(tmp_path):
     write_source(tmp_path, "coco_panoptic", [4])
     mixture.write(str(tmp_path), mixture.compute(str(tmp_path)))
     (tmp_path / "coco_panoptic" / "train" / "coco_panoptic-train-000000.tar").write_bytes(b"not a tar")
-    with pytest.warns(UserWarning), pytest.raises(LoaderError, match="no usable sample"):
+    with pytest.warns(UserWarning), pytest.raises(LoaderError, match="coco_panoptic/train: no usable sample"):
+        take(make(tmp_path, stage=1, length_group=1), 1)
+    # grouped: the lengths of the group are measured first, and that finds it (nothing counted yet)
+    with pytest.raises(LoaderError, match="coco_panoptic/train: no usable sample.*unreadable_shard"):
         take(make(tmp_path, stage=1), 1)
 
 
@@ -247,11 +264,10 @@ def test_no_target_samples_are_not_trained_on(tmp_path):
     write_source(tmp_path, "grefcoco", [6, 6], flagged=flagged)
     mixture.write(str(tmp_path), mixture.compute(str(tmp_path), stage3_extra=["grefcoco"]))
     loader = make(tmp_path, batch_size=1, shuffle_window=3)
-    seen = [
-        k for b in take(loader, 12 - len(flagged)) for k, _ in b.data
-    ]  # exactly the first pass's usable ones
-    assert sorted(int(k.rsplit("/", 1)[1]) for k in seen) == sorted(set(range(12)) - flagged)
-    assert 0 < loader.stats()["filtered"]["no_target"] <= len(flagged) and loader.stats()["skipped"] == {}
+    seen = [k for b in take(loader, 12) for k, _ in b.data]  # one pass: flagged positions get replacements
+    usable = set(range(12)) - flagged
+    assert {int(k.rsplit("/", 1)[1]) for k in seen} == usable  # each usable one at its own position
+    assert loader.stats()["filtered"]["no_target"] >= len(flagged) and loader.stats()["skipped"] == {}
     # asking for them back
     loader = make(tmp_path, batch_size=1, exclude_flags=())
     assert len({k for b in take(loader, 12) for k, _ in b.data}) == 12
