@@ -94,7 +94,14 @@ def resolve_jobs(
     return jobs
 
 
-@ray.remote(num_cpus=1)
+TASK_RETRIES = 3
+"""Times Ray runs a chunk again after its worker process or node died (a lost or preempted node, the OOM
+killer). Safe: a chunk's shard is a pure function of the chunk, written under a temporary name and renamed
+when complete, so a retry writes the same bytes; a chunk that crashes its worker every time still ends as
+one :class:`BuildError` naming it, after the retries."""
+
+
+@ray.remote(num_cpus=1, max_retries=TASK_RETRIES)
 def _convert_task(source_name, files, split, options, chunk, out_url, fp, shared):
     from pipelines.sources import SOURCES as registry  # imported in the worker
 
@@ -118,9 +125,7 @@ def _run_chunks(
     while queue or pending:
         while queue and len(pending) < num_workers:
             c = queue.pop(0)
-            ref = _convert_task.options(max_retries=0).remote(
-                src.name, files, split, options, c, out_url, fp, shared_ref
-            )
+            ref = _convert_task.remote(src.name, files, split, options, c, out_url, fp, shared_ref)
             pending.append(ref)
             chunk_of[ref] = c
         ready, pending = ray.wait(pending, num_returns=1)
@@ -128,11 +133,16 @@ def _run_chunks(
 
 
 def _chunk_result(ref, chunk: Chunk, where: str) -> shards.PartResult:
-    """A chunk task's result; a worker that died (a segfault in a native library, the OOM killer) is a
-    :class:`BuildError` naming the chunk and its records, so the records can be looked at or left out."""
+    """A chunk task's result; a worker or node that died on every attempt (a segfault in a native library,
+    the OOM killer, nodes lost) is a :class:`BuildError` naming the chunk and its records, so the records can
+    be looked at or left out."""
     try:
         return ray.get(ref)
-    except (ray.exceptions.WorkerCrashedError, ray.exceptions.OutOfMemoryError) as e:
+    except (
+        ray.exceptions.WorkerCrashedError,
+        ray.exceptions.OutOfMemoryError,
+        ray.exceptions.NodeDiedError,
+    ) as e:
         raise BuildError(
             f"{where}: the worker converting chunk {chunk.index} ({chunk.records} records, {chunk.first_key} .. "
             f"{chunk.last_key}, {chunk.path}) died: {type(e).__name__}; rerun with -v to see its last lines"
@@ -209,6 +219,8 @@ def build_split(
         for part in _run_chunks(src, ix.files, split, options, todo, out_url, ix.fp, ix.shared, num_workers):
             parts.append(part)
             progress.update(1, part.samples)
+    # a node lost mid-conversion leaves its half-written temporary (Ray converted that chunk again elsewhere)
+    storage.remove_temporaries(fs, shards.split_dir(out_url, src.name, split))
     wall = time.perf_counter() - t0
     manifest = shards.write_manifest(
         out_url, src, split, ix.files, options, parts, ix.index_skips, ix.hashes, ix.fp, wall, code_version()
