@@ -70,6 +70,16 @@ class Region:
 
 
 @dataclass
+class PoolPrompt:
+    """Every visual prompt of one instance, for prompts drawn at batch time (vgdseg train: X-SAM picks each
+    ``<region>``'s prompt among all same-category instances of the batch, of any prompt type)."""
+
+    category_id: int
+    ann_id: int | None
+    prompts: dict[str, dict]  # prompt type (point | scribble | box | mask) -> compressed RLE, non-empty only
+
+
+@dataclass
 class Sample:
     key: str  # "<source>/<split>/<id>"; no '.' so tar member names split cleanly
     source: str
@@ -83,12 +93,15 @@ class Sample:
     regions: list[Region] = field(default_factory=list)
     meta: dict[str, Any] = field(default_factory=dict)
     schema: int = SCHEMA_VERSION
+    prompt_pool: list[PoolPrompt] = field(default_factory=list)
+    """vgdseg train: the prompts of every instance of the slot categories (the stored ``regions`` are use 0's
+    pick among them); written to JSON only when non-empty, so every other Sample's bytes are unchanged."""
 
     # ---------------------------------------------------------------- (de)serialisation
     def to_dict(self) -> dict:
         # hand-written rather than dataclasses.asdict: asdict deep-copies every RLE and dominated the
         # writer's profile; key order does not matter because to_json sorts keys
-        return {
+        d = {
             "schema": self.schema,
             "key": self.key,
             "source": self.source,
@@ -102,6 +115,9 @@ class Sample:
             "regions": [dict(r.__dict__) for r in self.regions],
             "meta": self.meta,
         }
+        if self.prompt_pool:
+            d["prompt_pool"] = [dict(p.__dict__) for p in self.prompt_pool]
+        return d
 
     def to_json(self) -> bytes:
         """Canonical JSON bytes: sorted keys, no spaces, so equal Samples give equal bytes."""
@@ -125,6 +141,7 @@ class Sample:
             regions=[Region(**r) for r in d.get("regions", [])],
             meta=dict(d.get("meta", {})),
             schema=d["schema"],
+            prompt_pool=[PoolPrompt(**p) for p in d.get("prompt_pool", [])],
         )
 
 
@@ -190,8 +207,24 @@ def validate(s: Sample) -> None:
         _check_rle(r.rle, hw, f"region {i}")
     if s.ignore is not None:
         _check_rle(s.ignore, hw, "ignore")
+    _check_pool(s, hw)
     if s.task == "chat" and s.masks:
         raise SampleError("chat samples carry no masks")
+
+
+def _check_pool(s: Sample, hw: tuple[int, int] | None) -> None:
+    """``prompt_pool``: vgdseg only; each entry an int category with known prompt types at the image size."""
+    if s.prompt_pool and s.task != "vgdseg":
+        raise SampleError(f"task {s.task}: prompt_pool is for vgdseg samples only")
+    for i, p in enumerate(s.prompt_pool):
+        if not isinstance(p.category_id, int) or isinstance(p.category_id, bool):
+            raise SampleError(f"prompt_pool {i}: category_id {p.category_id!r} is not an int")
+        if not isinstance(p.prompts, dict) or not p.prompts:
+            raise SampleError(f"prompt_pool {i}: no prompt")
+        for kind, rle in p.prompts.items():
+            if kind not in REGION_TYPES:
+                raise SampleError(f"prompt_pool {i}: unknown prompt type {kind!r}")
+            _check_rle(rle, hw, f"prompt_pool {i} {kind}")
 
 
 # ---------------------------------------------------------------- webdataset members

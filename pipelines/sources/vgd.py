@@ -17,9 +17,12 @@ the prompt type uniformly among the ones that instance has, each val split fixes
 ``ignore``. Instances whose masks are too small for any prompt stay targets while another instance of their
 category can give the prompt; a category with no promptable instance is dropped (counted, per annotation).
 
-Negatives (absent categories whose prompts come from other images, X-SAM ``[archive]``) are a batch-time
-matter: shards hold positives only and ``meta["slot_category_ids"]`` (the category of every slot) tells a
-loader which categories are absent and which other samples' regions can serve as their prompts.
+Train samples also carry ``prompt_pool``: every prompt type of every kept instance (compressed RLEs, the
+released prompts as given or all four generated ones). The stored conversation and ``regions`` are use 0's
+rendering (same-image prompts, as above, so previews and schema checks read them as before); at batch time the
+processor re-draws each slot's prompt among all instances of its category in the micro-batch, from any image,
+and adds X-SAM ``[archive]``'s negatives (absent categories whose prompts come from other images of the batch,
+no target) — :mod:`pipelines.loader.vgd_draw`. ``meta["slot_category_ids"]`` gives every slot's category.
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ from typing import Any
 
 from pipelines import masks, templates, vprompts
 from pipelines.masks import MaskFormatError
-from pipelines.schema import REGION, ImageRef, MaskTarget, Region, Sample, Turn
+from pipelines.schema import REGION, ImageRef, MaskTarget, PoolPrompt, Region, Sample, Turn
 from pipelines.sources.base import (
     BuildOptions,
     ConvertContext,
@@ -166,7 +169,7 @@ class CocoVgd:
     name = "coco_vgd"
     task = "vgdseg"
     splits = ("train", *VAL_SPLITS)
-    version = 1
+    version = 2  # 2: train samples carry prompt_pool
     eval_image_guard_splits = ("train",)  # RefCOCO/+/g eval images left out (pipelines/build/eval_guard.py)
 
     def locate(self, data_root: str, split: str, overrides: dict | None = None) -> SourceFiles:
@@ -283,14 +286,47 @@ def _pick_prompt(
                 continue
             k = avail[rng.randrange(len(avail))]
             return t, k, t["prompts"][k]
-        try:
-            inst = vprompts.analyse(masks.decode(t["rle"]), bbox=masks.bbox(t["rle"]))
-        except vprompts.PromptTooSmall:
+        inst = _analysed(t)
+        if inst is None:
             failures[vprompts.PromptTooSmall.reason] += 1
             continue
         k = kind or vprompts.PROMPT_TYPES[rng.randrange(len(vprompts.PROMPT_TYPES))]
         return t, k, vprompts.prompt_rle(inst, k, seed=ctx.options.seed, key=key, ann_id=ann_id)
     return None
+
+
+def _analysed(t: dict) -> vprompts.InstanceMask | None:
+    """The target's mask reduced for prompt drawing (None: too small for any prompt), computed once."""
+    if "inst" not in t:
+        try:
+            t["inst"] = vprompts.analyse(masks.decode(t["rle"]), bbox=masks.bbox(t["rle"]))
+        except vprompts.PromptTooSmall:
+            t["inst"] = None
+    return t["inst"]
+
+
+def _prompt_pool(key: str, kept: list[dict], ctx: ConvertContext) -> list[PoolPrompt]:
+    """Every prompt type of every kept instance (train): what the batch-time draw picks from. The generated
+    prompts are seeded as the stored region's (``(seed, key, ann id, type)``), so the region is one of them;
+    an instance too small for any prompt has no entry (it stays a target)."""
+    pool = []
+    for t in kept:
+        ann_id = t["ann"].get("id")
+        if ctx.shared.get("form") == "released":
+            prompts = {k: t["prompts"][k] for k in vprompts.PROMPT_TYPES if k in t["prompts"]}
+        else:
+            inst = _analysed(t)
+            drawn = (
+                {}
+                if inst is None
+                else vprompts.prompt_rles(
+                    inst, vprompts.PROMPT_TYPES, seed=ctx.options.seed, key=key, ann_id=ann_id
+                )
+            )
+            prompts = {k: r for k, r in drawn.items() if masks.area(r) > 0}  # as the released form's
+        if prompts:
+            pool.append(PoolPrompt(category_id=t["ann"]["category_id"], ann_id=ann_id, prompts=prompts))
+    return pool
 
 
 def _choose_prompts(
@@ -381,4 +417,5 @@ def vgd_sample(source: str, record: dict, ctx: ConvertContext, kind: str | None)
         ignore=masks.merge_rles(crowd) if crowd else None,
         regions=[Region(label=slot[c], type=chosen[c][1], rle=chosen[c][2]) for c in slots],
         meta=meta,
+        prompt_pool=_prompt_pool(key, kept, ctx) if kind is None else [],
     )
