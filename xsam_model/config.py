@@ -496,6 +496,12 @@ class ProcessorConfig:
     to L, pad (X-SAM stage 1: (0.1, 2.0), see :func:`stage_processor`); None = longest side L."""
     siglip_pad_square: bool = False
     """Centre the image on a square of the SigLIP mean colour before the SigLIP resize (X-SAM stage 2)."""
+    vgd_cross_image: bool = True
+    """vgdseg train batches: each ``<region>`` slot's prompt is drawn among all instances of its category in the
+    micro-batch, any image (X-SAM, both branches); False = the sample's stored same-image prompt."""
+    vgd_negatives: bool = True
+    """vgdseg train batches: X-SAM archive's negatives (p=0.5, ``randint(0, 5)`` absent categories, prompts from
+    other images, no target); False = none (X-SAM ``main``)."""
 
     def __post_init__(self):
         _check_positive(self, "siglip_size", "sam_size")
@@ -621,9 +627,10 @@ def stage_processor(cfg: ProcessorConfig, stage: int) -> ProcessorConfig:
 
 def main_branch(cfg: XSamConfig) -> XSamConfig:
     """A copy of ``cfg`` with every model choice where X-SAM's ``main`` differs from the paper set to main's:
-    ``main`` decoding of refseg/reaseg, 64 mean-pooled region tokens, phrase logits clamped at ±50. (Its
-    stage-1 cosine schedule is :class:`xsam_model.schedule.ScheduleConfig` ``kind="cosine"``.)"""
+    ``main`` decoding of refseg/reaseg, 64 mean-pooled region tokens, phrase logits clamped at ±50, no VGD
+    negatives. (Its stage-1 cosine schedule is :class:`xsam_model.schedule.ScheduleConfig` ``kind="cosine"``.)"""
     out = dataclasses.replace(cfg, name=f"{cfg.name}-main")
     out.decoder = dataclasses.replace(cfg.decoder, seg_reduce="main", logit_clamp=50.0)
     out.region = dataclasses.replace(cfg.region, pool="mean", num_tokens=cfg.region.num_points // 4)
+    out.processor = dataclasses.replace(cfg.processor, vgd_negatives=False)
     return out

@@ -30,7 +30,15 @@ The batch from :meth:`XSamProcessor.collate` stacks the fixed-size tensors (``pi
 ``extra_pixel_values`` B×3×L×L, ``ignore_mask`` B×L×L, ``scaled_size`` B×2), right-pads the four token
 tensors to B×Tmax (ids with the pad id, labels with -100, cond/seg ids with -1) and adds
 ``attention_mask`` B×Tmax (1 = real token); ``mask_labels``, ``class_labels``, ``category_labels`` and
-``region_masks`` stay per-sample lists (ragged); ``task`` is one str, ``keys`` a list of str.
+``region_masks`` stay per-sample lists (ragged); ``task`` is one str, ``keys`` a list of str. A vgdseg batch
+adds ``region_image`` (per sample, R long: the batch image whose grid each region's features are read from).
+
+vgdseg train samples with a ``prompt_pool`` get their ``<region>`` prompts in :meth:`XSamProcessor.collate`
+(issue 16 item 1, :mod:`pipelines.loader.vgd_draw`): each slot's prompt drawn among all instances of its
+category in the micro-batch, any image (``ProcessorConfig.vgd_cross_image``), plus the paper's negatives
+(``ProcessorConfig.vgd_negatives``: extra slots, re-tokenized, no target); such an item carries ``vgd`` (its
+prompt pool as compressed RLEs and its SAM geometry) instead of ``region_masks`` until then, and the batch
+carries ``vgd_counts`` (the draw's counters).
 
 Images and masks go through the loader's :mod:`pipelines.loader.decode` (libjpeg-turbo / OpenCV decode, one OpenCV resize
 per encoder from the decoded original — a box filter when shrinking, within ~2/255 of PIL's antialiased resize —
@@ -42,14 +50,17 @@ from __future__ import annotations
 
 import re
 import zlib
+from collections import Counter
 from collections.abc import Sequence
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
 import torch
 
-from pipelines.loader import decode
-from pipelines.schema import IMAGE, REGION, Sample
+from pipelines import templates
+from pipelines.loader import decode, vgd_draw
+from pipelines.schema import IMAGE, P_CLOSE, P_OPEN, REGION, Sample, Turn
 from xsam_model.config import ProcessorConfig
 
 # Phi-3 chat template (recipe §2.1): INSTRUCTION, SUFFIX (= EOS, carries loss), SEP (no loss). SYSTEM is "".
@@ -58,10 +69,24 @@ SUFFIX = "<|end|>"
 SEP = "\n"
 _TAG_JITTER = 4  # keeps the jitter draw apart from the loader's other (seed, key, use) streams
 _SPLIT = re.compile(f"({re.escape(IMAGE)}|{re.escape(REGION)})")
+_SLOT = re.escape(P_OPEN + REGION + P_CLOSE)
+_SLOT_LIST = re.compile(f"{_SLOT}(?:, {_SLOT})*")  # a VGD question's "<p><region></p>, <p><region></p>, …"
 
 
 class ProcessorError(ValueError):
     """A Sample cannot be turned into model inputs (the loader may skip it and count the reason)."""
+
+
+@dataclass
+class VgdPending:
+    """A vgdseg train item whose ``<region>`` prompts are drawn in :meth:`XSamProcessor.collate`: its Sample, its
+    image's SAM frame (``size`` inside the padded frame, jitter ``geom``) to decode a chosen prompt into, and
+    the planner's view of it (slot categories and prompt pool, compressed RLEs: nothing decoded yet)."""
+
+    sample: Sample
+    size: tuple[int, int]
+    geom: tuple[int, ...] | None
+    entry: vgd_draw.VgdEntry
 
 
 class XSamProcessor:
@@ -81,6 +106,9 @@ class XSamProcessor:
         self.seg_id, self.p_open_id, self.p_close_id = (vocab[t] for t in special_tokens[:3])
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         self._cat_index = {c: i for i, c in enumerate(config.category_ids)}
+        self.vgd_counts: Counter = Counter()
+        """Batch-time VGD draw counters summed over this processor's collates (``pipelines.loader.vgd_draw``
+        COUNTERS); each batch also carries its own as ``batch["vgd_counts"]``."""
 
     # ------------------------------------------------------------------ text
     def _encode(self, text: str) -> list[int]:
@@ -238,10 +266,13 @@ class XSamProcessor:
             item["ignore_mask"] = self._to_sam_frame([sample.ignore], size, geom)[0].view(torch.bool)
         else:
             item["ignore_mask"] = torch.zeros(c.sam_size, c.sam_size, dtype=torch.bool)
-        # 0/1 uint8 → bool is a reinterpretation, not a copy
-        item["region_masks"] = self._to_sam_frame([r.rle for r in sample.regions], size, geom).view(
-            torch.bool
-        )
+        pending = self._vgd_pending(sample, size, geom)
+        if pending is None:  # 0/1 uint8 → bool is a reinterpretation, not a copy
+            item["region_masks"] = self._to_sam_frame([r.rle for r in sample.regions], size, geom).view(
+                torch.bool
+            )
+        else:  # drawn and decoded in collate, among the micro-batch's prompts
+            item["vgd"] = pending
         # the r-th <region> slot must sit inside the span of its region's phrase
         slots = (item["input_ids"] == c.region_token_index).nonzero().flatten()
         if len(slots) != len(sample.regions):
@@ -279,7 +310,124 @@ class XSamProcessor:
         return item
 
     def collate(self, items: Sequence[dict[str, Any]]) -> dict[str, Any]:
-        return collate(items, pad_token_id=self.pad_id)
+        """:func:`collate`, after drawing the prompts of vgdseg train items (:mod:`pipelines.loader.vgd_draw`):
+        their ``region_masks`` (in the source image's SAM frame), ``region_image`` (R long: the batch image each
+        region comes from), and, for negatives, re-tokenized text and re-numbered ``class_labels``. The batch
+        then carries the draw's counters as ``vgd_counts`` (a dict of ints)."""
+        if not any("vgd" in it for it in items):
+            return collate(items, pad_token_id=self.pad_id)
+        items, counts = self._draw_vgd(items)
+        batch = collate(items, pad_token_id=self.pad_id)
+        batch["vgd_counts"] = dict(counts)
+        self.vgd_counts.update(counts)
+        return batch
+
+    # ------------------------------------------------------------------ VGD prompts at batch time
+    def draw_options(self) -> vgd_draw.DrawOptions:
+        return vgd_draw.DrawOptions(
+            cross_image=self.config.vgd_cross_image, negatives=self.config.vgd_negatives
+        )
+
+    def _vgd_pending(
+        self, sample: Sample, size: tuple[int, int], geom: tuple[int, ...] | None
+    ) -> VgdPending | None:
+        """The collate-time draw's view of a vgdseg train sample with a prompt pool, or None (today's stored
+        regions): no pool (an older shard, val), both options off, or regions not one per slot in order."""
+        c = self.config
+        if (
+            sample.task != "vgdseg"
+            or sample.split != "train"
+            or not sample.prompt_pool
+            or not (c.vgd_cross_image or c.vgd_negatives)
+            or [r.label for r in sample.regions] != list(range(len(sample.phrases)))
+        ):
+            return None
+        slots = sample.meta.get("slot_category_ids")
+        if not isinstance(slots, list) or len(slots) != len(sample.phrases):
+            raise ProcessorError(f"{sample.key}: meta slot_category_ids does not name one category per slot")
+        seed, use = (int(v) for v in sample.meta.get("draw", (0, 0)))
+        extendable = _slot_list(sample) is not None
+        entry = vgd_draw.VgdEntry(sample.key, use, seed, list(slots), sample.prompt_pool, extendable)
+        return VgdPending(sample, size, geom, entry)
+
+    def _draw_vgd(self, items: Sequence[dict[str, Any]]) -> tuple[list[dict[str, Any]], Counter]:
+        """Plan the batch's draws, then give each pending item its drawn regions (and text, for negatives)."""
+        pos = [b for b, it in enumerate(items) if "vgd" in it]
+        plans, counts = vgd_draw.plan_batch([items[b]["vgd"].entry for b in pos], self.draw_options())
+        out = list(items)
+        for b, plan in zip(pos, plans, strict=True):
+            out[b] = self._apply_plan(items, pos, b, plan, counts)
+        return out, counts
+
+    def _apply_plan(
+        self,
+        items: Sequence[dict[str, Any]],
+        pos: list[int],
+        b: int,
+        plan: vgd_draw.SamplePlan,
+        counts: Counter,
+    ) -> dict[str, Any]:
+        it = dict(items[b])
+        v: VgdPending = it.pop("vgd")
+        if plan.negatives:
+            tok = self._with_slots(v.sample, plan)
+            if tok is None:  # the longer question does not fit max_length: this sample keeps its positives
+                n = plan.negatives
+                for k in ("vgd_negatives", "vgd_slots", "vgd_cross_image"):
+                    counts[k] -= n
+                counts["vgd_negative_too_long"] += 1
+                plan = plan.without_negatives()
+            else:
+                it.update(tok)
+        new = plan.label_map
+        it["class_labels"] = torch.tensor([new[int(x)] for x in it["class_labels"]], dtype=torch.long)
+        src = [b if p.stored is not None else pos[p.image] for p in plan.slots]
+        rles = [v.sample.regions[p.stored].rle if p.stored is not None else p.rle for p in plan.slots]
+        it["region_masks"] = self._regions_in_frames(items, src, rles)
+        it["region_image"] = torch.tensor(src, dtype=torch.long)
+        slots = (it["input_ids"] == self.config.region_token_index).nonzero().flatten()
+        if len(slots) != len(plan.slots) or it["cond_ids"][slots].tolist() != list(range(len(slots))):
+            raise ProcessorError(f"{v.sample.key}: drawn regions do not fill the <region> slots in order")
+        return it
+
+    def _regions_in_frames(
+        self, items: Sequence[dict[str, Any]], src: list[int], rles: list[dict]
+    ) -> torch.Tensor:
+        """R prompts → R×L×L bool, prompt r decoded in the SAM frame of batch image ``src[r]`` (its size and
+        jitter); only the chosen prompts are ever decoded."""
+        L = self.config.sam_size
+        out = _empty((len(rles), L, L), torch.uint8)
+        for j in sorted(set(src)):
+            rows = [r for r, s in enumerate(src) if s == j]
+            v: VgdPending = items[j]["vgd"]
+            out[rows] = self._to_sam_frame([rles[r] for r in rows], v.size, v.geom)
+        return out.view(torch.bool)
+
+    def _with_slots(self, sample: Sample, plan: vgd_draw.SamplePlan) -> dict[str, torch.Tensor] | None:
+        """The sample's tokens with its question's slot list re-written for the plan's slots (negatives
+        included; the wording and the answer stay), or None if that no longer fits ``max_length``."""
+        m = _slot_list(sample)
+        text = sample.conversation[0].text
+        text = text[: m.start()] + templates.join_tags([REGION] * len(plan.slots)) + text[m.end() :]
+        old_of_new = {n: o for o, n in plan.label_map.items()}
+        phrases = [
+            sample.phrases[old_of_new[i]] if i in old_of_new else REGION for i in range(len(plan.slots))
+        ]
+        conversation = [Turn("user", text), *sample.conversation[1:]]
+        try:
+            return self.tokenize(replace(sample, conversation=conversation, phrases=phrases))
+        except ProcessorError:
+            return None
+
+
+def _slot_list(sample: Sample) -> re.Match | None:
+    """The first user turn's one ``<p><region></p>`` list holding every slot, or None (negatives need it)."""
+    if not sample.conversation or sample.conversation[0].role != "user":
+        return None
+    found = list(_SLOT_LIST.finditer(sample.conversation[0].text))
+    if len(found) != 1 or found[0].group().count(REGION) != len(sample.phrases):
+        return None
+    return found[0]
 
 
 def _in_worker() -> bool:
@@ -315,8 +463,12 @@ def collate(items: Sequence[dict[str, Any]], pad_token_id: int = 0) -> dict[str,
     tasks = {it["task"] for it in items}
     if len(tasks) != 1:
         raise ValueError(f"a batch must hold one task (X-SAM requirement), got {sorted(tasks)}")
+    pending = [it["key"] for it in items if "vgd" in it]
+    if pending:
+        raise ValueError(f"{pending[0]}: vgdseg prompts are drawn by XSamProcessor.collate, not collate")
+    task = tasks.pop()
     ids = [it["input_ids"] for it in items]
-    return {
+    batch = {
         "input_ids": _pad(ids, pad_token_id),
         "attention_mask": _pad([torch.ones_like(x) for x in ids], 0),
         "labels": _pad([it["labels"] for it in items], -100),
@@ -330,6 +482,12 @@ def collate(items: Sequence[dict[str, Any]], pad_token_id: int = 0) -> dict[str,
         "class_labels": [it["class_labels"] for it in items],
         "category_labels": [it["category_labels"] for it in items],
         "region_masks": [it["region_masks"] for it in items],
-        "task": tasks.pop(),
+        "task": task,
         "keys": [it["key"] for it in items],
     }
+    if task == "vgdseg":  # which batch image each region's prompt (and features) comes from
+        batch["region_image"] = [
+            it.get("region_image", torch.full((len(it["region_masks"]),), b, dtype=torch.long))
+            for b, it in enumerate(items)
+        ]
+    return batch

@@ -47,13 +47,17 @@ class RegionSampler(nn.Module):
     def forward(
         self, grid: torch.Tensor, masks: torch.Tensor, generator: torch.Generator | None = None
     ) -> torch.Tensor:
-        """grid: GxGxD features covering the padded SAM frame; masks: RxLxL bool → R×num_tokens×D."""
+        """grid: GxGxD features covering the padded SAM frame, or RxGxGxD (region r read from grid r: its source
+        image's); masks: RxLxL bool → R×num_tokens×D."""
         r, size = masks.shape[0], masks.shape[-1]
         if r == 0:
             return grid.new_zeros(0, self.num_tokens, grid.shape[-1])
+        if grid.dim() == 4 and grid.shape[0] != r:
+            raise ValueError(f"{grid.shape[0]} grids for {r} region masks")
         yx = torch.stack([sample_pixels(m, self.num_points, generator) for m in masks])  # RxPx2
         xy = yx.flip(-1).float() / size * 2 - 1  # RxPx2 in [-1, 1), x first for grid_sample
-        feats = grid.permute(2, 0, 1).unsqueeze(0).expand(r, -1, -1, -1).float()  # RxDxGxG
+        per_region = grid if grid.dim() == 4 else grid.unsqueeze(0).expand(r, -1, -1, -1)
+        feats = per_region.permute(0, 3, 1, 2).float()  # RxDxGxG
         pts = F.grid_sample(feats, xy.unsqueeze(1), mode="bilinear", align_corners=True).squeeze(2)  # RxDxP
         if self.pool == "max":
             pooled = F.adaptive_max_pool1d(pts, self.num_tokens)

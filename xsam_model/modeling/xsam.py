@@ -103,7 +103,10 @@ class XSam(nn.Module):
         self, batch: dict[str, Any], image_tokens: torch.Tensor, grid: torch.Tensor
     ) -> dict[str, torch.Tensor]:
         """Replace each ``<image>`` (-200) by its image tokens and each ``<region>`` (-300) by its region tokens;
-        labels/cond_ids/seg_ids follow (region tokens keep their span's cond id). Right-padded to the batch max."""
+        labels/cond_ids/seg_ids follow (region tokens keep their span's cond id). Right-padded to the batch max.
+
+        Region r of sample b is read from the grid of batch image ``batch["region_image"][b][r]`` (VGD prompts
+        drawn from another image of the batch, as X-SAM); without that key, from sample b's own grid."""
         p = self.config.processor
         ids, attn = batch["input_ids"], batch["attention_mask"]
         embed = self.llm.get_input_embeddings()(ids.clamp(min=0))  # BxTxD
@@ -124,7 +127,7 @@ class XSam(nn.Module):
             )
             regions = None
             if (ids[b, :n] == p.region_token_index).any():
-                regions = self.region_sampler(grid[b], batch["region_masks"][b].to(grid.device))  # RxKxD
+                regions = self._region_tokens(batch, b, grid)  # RxKxD
             pieces: dict[str, list[torch.Tensor]] = {k: [] for k in cols}
             start, r = 0, 0
             for pos in holes:
@@ -153,6 +156,19 @@ class XSam(nn.Module):
             batch_first=True,
         )
         return out
+
+    def _region_tokens(self, batch: dict[str, Any], b: int, grid: torch.Tensor) -> torch.Tensor:
+        """Sample b's R region masks (LxL, each in its source image's SAM frame) → RxKxD tokens sampled from
+        their source images' grids (grid: Bxgxgxd)."""
+        masks = batch["region_masks"][b].to(grid.device)
+        src = batch.get("region_image")
+        if src is None:
+            return self.region_sampler(grid[b], masks)
+        src = src[b].to(grid.device)
+        if len(src) != len(masks) or bool(((src < 0) | (src >= grid.shape[0])).any()):
+            key = (batch.get("keys") or [f"sample {b}"] * (b + 1))[b]
+            raise ValueError(f"{key}: region_image {src.tolist()} does not name a batch image per region")
+        return self.region_sampler(grid[src], masks)
 
     # ------------------------------------------------------------------ forward
     def forward(self, batch: dict[str, Any], *, stage: int = 3, compute_loss: bool = True) -> XSamOutput:
