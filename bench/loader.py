@@ -4,6 +4,8 @@ in the same run; asserts nothing.
     python bench/loader.py              # 118,287-image start-up, 240 timed samples per variant, 10,000 for RSS
     python bench/loader.py --small      # 10,000-image start-up, 48 timed samples, 2,000 for RSS (a quick check)
     python bench/loader.py --small --no-verify   # ours without the per-sample sha256 check (issue 20)
+    git worktree add /tmp/loader_base <commit> && python bench/loader.py --small --base-tree /tmp/loader_base
+                                        # + the loader of another checkout, interleaved with ours (issue 21)
 
 Every measurement runs in its own subprocess (peak RSS isolated, same allocator settings, ``OMP/MKL`` threads and
 OpenCV at 1 thread: one process = one loader worker), twice, interleaved with the baseline; the better run counts.
@@ -26,7 +28,12 @@ OpenCV at 1 thread: one process = one loader worker), twice, interleaved with th
    - ours on a mix of every demo source (the embedded demo tree, 320x240 images);
    - ours through a ``torch.utils.data.DataLoader`` with 1 worker (tensors cross process boundaries);
    - ours with the per-sample sha256 check off (``verify=False``), interleaved with "ours": their ratio is the
-     check's cost (issue 20: >= 0.95x).
+     check's cost (issue 20: >= 0.95x);
+   - ours as rank 0 of 4 (``world_size=4``): one rank's share of each global batch, with length grouping's
+     JSON reads of the other ranks' samples (issue 21);
+   - with ``--base-tree DIR``: the same "ours" child run from another checkout's ``bench/loader.py`` (its
+     loader, e.g. the per-(rank, lane) one before issue 21), interleaved with "ours" on the same shards:
+     their ratio is the new order's per-worker cost (issue 21: >= 0.9x).
 3. RSS over 10,000 samples of the demo mix with full inputs: RSS after 1,000 (warm) vs the maximum after.
 """
 
@@ -338,6 +345,7 @@ def _ours_loader(a: dict):
         num_workers=a.get("workers", 0),
         seed=a.get("seed", 0),
         verify=a.get("verify", True),
+        **({"rank": 0, "world_size": a["world_size"]} if a.get("world_size") else {}),
     )
 
 
@@ -412,13 +420,17 @@ CHILDREN = {
 }
 
 
-def run_child(role: str, args: dict, timeout: int = 1800, allocator: bool = True) -> dict:
+def run_child(
+    role: str, args: dict, timeout: int = 1800, allocator: bool = True, tree: str | None = None
+) -> dict:
     """Run one measurement in a fresh interpreter; ``allocator=False`` keeps glibc's default malloc settings
-    (start-up and RSS figures are about what a user gets, steady-state timings about the code)."""
+    (start-up and RSS figures are about what a user gets, steady-state timings about the code); ``tree``: run
+    that checkout's ``bench/loader.py`` (and so its loader) instead of this one."""
     env = {**os.environ, **{k: v for k, v in ENV.items() if allocator or not k.startswith("MALLOC_")}}
+    script = str(Path(tree) / "bench" / "loader.py") if tree else __file__
     t0 = time.perf_counter()
     p = subprocess.run(
-        [sys.executable, __file__, "--child", role, json.dumps(args)],
+        [sys.executable, script, "--child", role, json.dumps(args)],
         env=env,
         capture_output=True,
         text=True,
@@ -574,6 +586,11 @@ def main() -> None:
         action="store_true",
         help="ours without the per-sample sha256 check (the 'ours, verification off' line is always measured)",
     )
+    p.add_argument(
+        "--base-tree",
+        help="another checkout (e.g. `git worktree add /tmp/loader_base <commit>`): its loader is measured "
+        "as 'ours, base tree', interleaved with ours",
+    )
     args = p.parse_args()
     if args.child:
         print(json.dumps(CHILDREN[args.child[0]](json.loads(args.child[1]))))
@@ -638,7 +655,11 @@ def main() -> None:
             "ours+XSamProcessor": [],
             "ours, demo mix": [],
             "ours, DataLoader 1 worker": [],
+            "ours, rank 0 of 4": [],
         }
+        if args.base_tree:
+            runs["ours, base tree"] = []
+        fast = {**common, "shards": str(tmp / "pan_shards"), "stage": BENCH_STAGE, "transform": "fast"}
         for _ in range(2):
             runs["baseline"].append(
                 run_child("steady_baseline", {**common, "data_root": str(tmp / "pan"), "ann": str(pan_ann)})
@@ -649,18 +670,10 @@ def main() -> None:
                     {**common, "shards": str(tmp / "pan_shards"), "stage": BENCH_STAGE, "transform": "fast"},
                 )
             )
-            runs["ours, verification off"].append(
-                run_child(
-                    "steady_ours",
-                    {
-                        **common,
-                        "shards": str(tmp / "pan_shards"),
-                        "stage": BENCH_STAGE,
-                        "transform": "fast",
-                        "verify": False,
-                    },
-                )
-            )
+            runs["ours, verification off"].append(run_child("steady_ours", {**fast, "verify": False}))
+            if args.base_tree:
+                runs["ours, base tree"].append(run_child("steady_ours", fast, tree=args.base_tree))
+            runs["ours, rank 0 of 4"].append(run_child("steady_ours", {**fast, "world_size": 4}))
         runs["ours+XSamProcessor"].append(
             run_child(
                 "steady_ours",
@@ -706,6 +719,14 @@ def main() -> None:
         )
         on = best(runs["ours"], "samples_per_cpu_s")
         off = best(runs["ours, verification off"], "samples_per_cpu_s")
+        if args.base_tree:
+            new = best(runs["ours"], "samples_per_cpu_s")
+            old = best(runs["ours, base tree"], "samples_per_cpu_s")
+            print(
+                f"   world-size-free order (issue 21): ours / base tree ({args.base_tree}) = "
+                f"{new['samples_per_cpu_s'] / old['samples_per_cpu_s']:.3f}x per CPU-s, "
+                f"{new['samples_per_s'] / old['samples_per_s']:.3f}x wall (target >= 0.9x)"
+            )
         print(
             f"   per-sample sha256 check (issue 20): ours{' (--no-verify)' if args.no_verify else ''} / "
             f"verification off = {on['samples_per_cpu_s'] / off['samples_per_cpu_s']:.3f}x per CPU-s, "

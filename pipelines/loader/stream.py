@@ -295,6 +295,7 @@ class MixtureStream:
         self.names = stage.names
         self.probabilities = np.asarray(stage.probabilities, dtype=np.float64)
         self._warned: set[str] = set()
+        self._plan: StepPlan | None = None
 
     # ------------------------------------------------------------------ the plan
     def sources_of(self, micro_steps: np.ndarray) -> np.ndarray:
@@ -303,7 +304,10 @@ class MixtureStream:
 
     def cursors(self, step: int) -> dict[str, int]:
         """Dataset → global stream position at the start of global ``step`` (positions consumed before it)."""
-        counts = StepPlan(self.seed, self.probabilities).counts_before(step)
+        # kept: a checkpoint every k steps extends the cached blocks instead of redrawing them from step 0
+        if self._plan is None:
+            self._plan = StepPlan(self.seed, self.probabilities)
+        counts = self._plan.counts_before(step)
         return {n: int(self.global_batch * c) for n, c in zip(self.names, counts.tolist(), strict=True)}
 
     def context(self) -> _Context:
@@ -596,7 +600,14 @@ def _v1_to_v2(state: dict, stream: MixtureStream, identity: dict) -> dict:
     stats = new_stats(stream.names)
     for lane_stats in state.get("stats", []):
         merge_stats(stats, lane_stats)
-    return {**identity, "split": _split(stream), "micro_step": int(state["micro_step"]), "stats": stats}
+    micro = int(state["micro_step"])
+    return {
+        **identity,
+        "split": _split(stream),
+        "micro_step": micro,
+        "step": micro // stream.grad_accum,
+        "stats": stats,
+    }
 
 
 def _split(s: MixtureStream) -> dict:
@@ -805,7 +816,7 @@ class MixtureLoader:
             raise ValueError(f"loader state format {state.get('format')!r}: this loader reads {STATE_FORMAT}")
         _fit(state, mine)
         micro = _resume_micro_step(state, self.stream)
-        saved_step = int(state["micro_step"]) // int(state["split"]["grad_accum"])
+        saved_step = int(state["step"])
         if "cursors" in state:
             expected = self.stream.cursors(saved_step)
             if state["cursors"] != expected:
