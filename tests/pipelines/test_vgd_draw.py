@@ -203,3 +203,24 @@ def test_bad_input_is_counted_not_fatal():
         assert plans[0].negatives == 0
         seen += counts["vgd_negative_not_extendable"]
     assert seen > 0 and set(counts) == set(COUNTERS)
+
+
+def test_released_train_pool_holds_the_released_prompts_as_given(tmp_path):
+    root = write_demo(tmp_path / "datas", families=["vgd"])
+    released = root / "img_vgdseg/coco_vgd/annotations/img_vgdseg_coco_val.json"
+    out = tmp_path / "out"
+    over = {"coco_vgd": {"annotations": str(released), "images": "img_vgdseg/coco_vgd/coco2017/val2017"}}
+    build(str(root), str(out), sources=["coco_vgd"], overrides=over)  # the val file read as a train split
+    manifest, samples, _ = helpers.read_split(out, "coco_vgd", "train", with_images=False)
+    assert manifest["info"] == {"prompts": "released"} and samples
+    given = {
+        a["id"]: {k[: -len("_visual_prompt")]: v for k, v in a["visual_prompts"].items() if v}
+        for e in json.loads(released.read_text())
+        for a in e["annotations"]
+    }
+    for s in samples:
+        for p in s.prompt_pool:
+            assert p.prompts == {k: v for k, v in given[p.ann_id].items() if masks.area(v) > 0}
+        by_ann = {p.ann_id: p for p in s.prompt_pool}
+        for r, aid in zip(s.regions, s.meta["prompt_ann_ids"], strict=True):
+            assert by_ann[aid].prompts[r.type] == r.rle
