@@ -22,13 +22,14 @@ order`); ranks, DataLoader workers and the micro-batch × accumulation split onl
 - **Micro-batches.** Micro-step ``m`` of a rank is accumulation step ``a = m % grad_accum`` of global step
   ``m // grad_accum``; it is micro-batch ``j = a·world_size + rank`` of the step and takes positions
   ``[c + j·B, c + (j+1)·B)`` (``B`` = batch_size). So the SET of samples of each global batch does not depend
-  on the (world size, workers, micro × accumulation) split with ``G`` fixed; micro-batches of a step are
-  disjoint (a global batch repeats a sample only where it crosses an epoch end of a dataset smaller than
-  ``G``, or through a replacement draw).
+  on the (world size, workers, micro × accumulation) split with ``G`` fixed; micro-batches of a step hold
+  disjoint positions (a global batch holds a sample twice only when it straddles the end of an epoch of its
+  dataset, or through a replacement draw).
 - **Length grouping** (``length_group`` > 1, default 8, :mod:`pipelines.loader.grouping`): positions are
-  permuted inside groups of ``length_group`` consecutive global batches of a dataset's stream (sorted by
-  text length, cut into global batches of ``G``, handed out in an order drawn from ``(seed, dataset,
-  group)``); micro-batch ``j`` takes the ``j``-th ``B`` of its global batch's length order.
+  permuted inside groups of ``length_group`` consecutive global batches of a dataset's stream, counted per
+  epoch of the stream (sorted by text length, cut into global batches of ``G``, handed out in an order drawn
+  from ``(seed, dataset, epoch, group)``); micro-batch ``j`` takes the ``j``-th ``B`` of its global batch's
+  length order. Every rank measures the whole group from JSON-only reads (the cost is in that module).
 - **Lanes.** Micro-step ``m`` is served by DataLoader worker lane ``m % L`` (``L`` = workers, 1 without);
   PyTorch hands out worker results round-robin. A lane keeps no positions of its own: everything follows
   from the micro-step number.
@@ -51,7 +52,8 @@ order`); ranks, DataLoader workers and the micro-batch × accumulation split onl
   ("the shards of <split> changed under this run"); the same generation is real damage, a counted skip.
 
 The state (:meth:`MixtureLoader.state_dict`, format ``xsam-loader/2``) is plain JSON with no rank or worker
-count in its data: identity fields, the next micro-step and its step, the per-dataset global cursors at that
+count in its data: identity fields, the split it was written under (informative; it decides only where a
+state inside a step can resume), the next micro-step and its step, the per-dataset global cursors at that
 step (recomputed and compared on load) and this rank's counters. Any rank's state resumes any rank of any
 world size / worker count / split with the same global batch (see :meth:`MixtureLoader.load_state_dict`).
 """
