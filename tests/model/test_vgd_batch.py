@@ -9,6 +9,7 @@ options off give today's batch, and a drawn micro-batch trains a step of the deb
 from __future__ import annotations
 
 import random
+from collections import Counter
 from dataclasses import replace
 
 import pytest
@@ -230,3 +231,37 @@ def test_bad_vgd_items(processor, bad):
         seen += batch["vgd_counts"]["vgd_negative_too_long"]
         assert len(batch["region_masks"][j]) == len(vgd_sample(j, 0).phrases)
     assert seen > 0
+
+
+def test_demo_coco_vgd_through_the_loader_workers(processor, tmp_path):
+    """The demo's coco_vgd train split through MixtureLoader's DataLoader worker: the loader's ``(seed, use)``
+    reach the collate, batches cross images and add negatives, and a second loader draws the same."""
+    from pipelines.build import mixture
+    from pipelines.build.driver import build
+    from pipelines.demo_data import write_demo
+    from pipelines.loader.stream import MixtureLoader
+
+    root = write_demo(tmp_path / "datas", families=["vgd"])
+    out = tmp_path / "shards"
+    build(str(root), str(out), sources=["coco_vgd"])
+    mixture.write(str(out), mixture.compute(str(out)))
+
+    def batches() -> list[dict]:
+        kw = {"stage": 3, "batch_size": 3, "num_workers": 1, "seed": 5, "length_group": 1}
+        loader = MixtureLoader(str(out), transform=processor, collate=processor.collate, **kw)
+        got = []
+        for b in loader:
+            got.append(b.data)
+            if len(got) == 12:
+                return got
+        raise AssertionError("loader ended")
+
+    first, second = batches(), batches()
+    totals = Counter()
+    for a, b in zip(first, second, strict=True):
+        assert a["task"] == "vgdseg" and a["keys"] == b["keys"]
+        assert all(torch.equal(x, y) for x, y in zip(a["region_masks"], b["region_masks"], strict=True))
+        assert all(torch.equal(x, y) for x, y in zip(a["region_image"], b["region_image"], strict=True))
+        assert torch.equal(a["input_ids"], b["input_ids"])
+        totals.update(a["vgd_counts"])
+    assert totals["vgd_cross_image"] > totals["vgd_negatives"] > 0
