@@ -1,7 +1,7 @@
 """DeepSpeed state across world sizes on a tiny engine (gloo, forked processes, no Ray): a ZeRO-1/2
 checkpoint of 2 ranks goes through the universal conversion (:mod:`orchestrate.universal`) and continues on
-1 rank, a ZeRO-0 one loads directly; the continued step equals the 2-rank run's next step up to float
-reduction order. A conversion DeepSpeed cannot do is one ResumeError line."""
+1 rank, a ZeRO-0 one loads directly; fp32 and bf16; the continued step equals the 2-rank run's next step up
+to float reduction order. A conversion DeepSpeed cannot do is one ResumeError line."""
 
 from __future__ import annotations
 
@@ -29,7 +29,9 @@ GLOBAL_BATCH, MICRO = 4, 2
 # one rank): a few ulps of the gradient (relative ~1e-7). Adam's update m/(sqrt(v)+eps) is scale-free, so a
 # relative gradient error e changes a weight by about lr × e (≤ 1e-3 × 1e-6 here); 1e-6 absolute leaves
 # two orders of magnitude of margin, while the step itself moves weights by ~lr = 1e-3 (asserted below, so
-# the comparison is not vacuous). On the dev box the gap was exactly 0 for ZeRO-0/1/2.
+# the comparison is not vacuous). bf16 (weights rounded to 8 bits after each step) has the same bound here:
+# the fp32 master copy takes the step, and equal masters round to equal bf16 weights. On the dev box the
+# gap was exactly 0 for ZeRO-0/1/2 in fp32 and bf16.
 ATOL = 1e-6
 
 
@@ -50,27 +52,47 @@ def _batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.randn(GLOBAL_BATCH, 8, generator=g), torch.randn(GLOBAL_BATCH, 4, generator=g)
 
 
-def _engine(world: int, zero: int, load_universal: bool):
-    from orchestrate.deepspeed_config import initialize
+def _engine(world: int, zero: int, load_universal: bool, bf16: bool = False):
+    """Our generated DeepSpeed config and scheduler on a tiny model; ``bf16``: the same config with bf16
+    on (DeepSpeed runs it on CPU; our stage configs keep CPU runs fp32), initialised directly."""
+    import deepspeed
+
+    from orchestrate.deepspeed_compat import patch_deepspeed
+    from orchestrate.deepspeed_config import deepspeed_config, initialize, lr_scheduler
 
     cfg = with_world_size(dataclasses.replace(debug(stage1()), zero_stage=zero), world, micro_batch=MICRO)
     cfg = dataclasses.replace(cfg, optim=dataclasses.replace(cfg.optim, lr=1e-3, grad_clip=100.0))
     model = _model()
     groups = [{"params": list(model.parameters()), "name": "all", "lr": 1e-3, "weight_decay": 0.05}]
-    engine, _, _ = initialize(
-        model, groups, cfg, total_steps=10, steps_per_epoch=10, use_gpu=False, load_universal=load_universal
-    )
-    return engine, cfg
+    if not bf16:
+        engine, _, _ = initialize(
+            model,
+            groups,
+            cfg,
+            total_steps=10,
+            steps_per_epoch=10,
+            use_gpu=False,
+            load_universal=load_universal,
+        )
+        return engine
+    ds = deepspeed_config(cfg, use_gpu=False, load_universal=load_universal)
+    ds["bf16"] = {"enabled": True}
+    patch_deepspeed()
+    sched = lr_scheduler(cfg, total_steps=10, steps_per_epoch=10)
+    engine, *_ = deepspeed.initialize(model=model, model_parameters=groups, config=ds, lr_scheduler=sched)
+    return engine
 
 
 def _train_step(engine, step: int, rank: int, world: int) -> None:
     """Rank ``rank``'s micro-batches of the global batch (rank-major: the same samples in each micro-batch
     whatever the world size), forward/backward/step each."""
     x, y = _batch(step)
+    dtype = next(engine.module.parameters()).dtype
     accum = GLOBAL_BATCH // (MICRO * world)
     for k in range(accum):
         lo = (rank * accum + k) * MICRO
-        loss = torch.nn.functional.mse_loss(engine(x[lo : lo + MICRO]), y[lo : lo + MICRO])
+        out = engine(x[lo : lo + MICRO].to(dtype)).float()
+        loss = torch.nn.functional.mse_loss(out, y[lo : lo + MICRO])
         engine.backward(loss)
         engine.step()
 
@@ -79,9 +101,9 @@ def _weights(engine) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in engine.module.state_dict().items()}
 
 
-def _save_run(rank: int, world: int, zero: int, ckpt: str) -> dict:
+def _save_run(rank: int, world: int, zero: int, ckpt: str, bf16: bool = False) -> dict:
     """2 steps, checkpoint, a 3rd step: the weights after step 2 and after step 3."""
-    engine, _ = _engine(world, zero, False)
+    engine = _engine(world, zero, False, bf16)
     for step in range(2):
         _train_step(engine, step, rank, world)
     engine.save_checkpoint(ckpt, tag=DS_TAG)
@@ -90,9 +112,9 @@ def _save_run(rank: int, world: int, zero: int, ckpt: str) -> dict:
     return {"saved": saved, "final": _weights(engine)}
 
 
-def _resume_run(rank: int, world: int, zero: int, ckpt: str, use_universal: bool) -> dict:
+def _resume_run(rank: int, world: int, zero: int, ckpt: str, use_universal: bool, bf16: bool = False) -> dict:
     """Load the checkpoint (its universal folder when asked), then step 3: the weights at both points."""
-    engine, _ = _engine(world, zero, use_universal)
+    engine = _engine(world, zero, use_universal, bf16)
     load_dir = str(Path(ckpt) / universal.UNIVERSAL_DIR) if use_universal else ckpt
     path, _ = engine.load_checkpoint(load_dir, tag=DS_TAG, load_module_strict=True)
     assert path is not None
@@ -138,10 +160,16 @@ def _spawn(fn, world: int, *args) -> dict:
     return torch.load(io.BytesIO(results[0]), weights_only=True)
 
 
+BF16 = pytest.param(
+    True, marks=pytest.mark.slow, id="bf16"
+)  # the same paths in bf16: DeepSpeed's other optimizers
+
+
+@pytest.mark.parametrize("bf16", [pytest.param(False, id="fp32"), BF16])
 @pytest.mark.parametrize("zero", [0, 1, 2])
-def test_zero_state_continues_on_another_world_size(zero, tmp_path):
+def test_zero_state_continues_on_another_world_size(zero, bf16, tmp_path):
     ckpt = str(tmp_path / "ckpt")
-    ref = _spawn(_save_run, 2, zero, ckpt)
+    ref = _spawn(_save_run, 2, zero, ckpt, bf16)
     needed = universal.needs_universal(2, 1, zero)
     assert needed == (zero > 0)  # ZeRO-0 keeps the optimizer whole in mp_rank_00_model_states.pt
     if needed:
@@ -150,7 +178,7 @@ def test_zero_state_continues_on_another_world_size(zero, tmp_path):
         stamp = done.stat().st_mtime_ns
         universal.convert(ckpt, DS_TAG)  # idempotent: a second resume reuses the first conversion
         assert done.stat().st_mtime_ns == stamp and done.read_text().strip() == DS_TAG
-    got = _spawn(_resume_run, 1, zero, ckpt, needed)
+    got = _spawn(_resume_run, 1, zero, ckpt, needed, bf16)
     assert got["global_steps"] == 3
     for name, want in ref["saved"].items():
         assert torch.equal(got["loaded"][name], want), name  # weights restored exactly
