@@ -59,12 +59,14 @@ def _keys(sample, image_bytes):
 
 
 def _one_pass(out: Path, **kw) -> tuple[list[str], dict]:
+    """One pass over the split's global stream (batch 1, one rank: one position per step); an unusable
+    sample's position holds a replacement drawn from the split (issue 21)."""
     loader = MixtureLoader(str(out), stage=1, batch_size=1, seed=3, transform=_keys, shuffle_window=4, **kw)
     total = Manifest.read(str(out), SOURCE, "train").samples
     keys = []
     for b in loader:
         keys += b.data
-        if loader.state_dict()["positions"][NAME][0] >= total:
+        if len(keys) == total:
             return keys, loader.stats()
     raise AssertionError("unreachable")
 
@@ -115,8 +117,8 @@ def test_a_flipped_byte_is_a_counted_digest_mismatch_and_strict_stops(out, where
     bad = _flip(out, 1, where)
     with pytest.warns(UserWarning, match="digest_mismatch"):
         seen, stats = _one_pass(out)
-    assert stats["skipped"] == {"digest_mismatch": 1}
-    assert bad not in seen and sorted(seen + [bad]) == sorted(clean)
+    assert set(stats["skipped"]) == {"digest_mismatch"} and stats["skipped"]["digest_mismatch"] >= 1
+    assert bad not in seen and len(seen) == len(clean) and set(seen) == set(clean) - {bad}
     with pytest.raises(LoaderError, match="digest_mismatch"):
         _one_pass(out, strict=True)
     # the check can be switched off (to measure its cost): then the changed sample goes through
@@ -134,7 +136,8 @@ def test_a_same_named_shard_from_another_build_is_refused(builds, out):
             )
         with pytest.warns(UserWarning, match="shard_mismatch"):
             seen, stats = _one_pass(out)
-        assert stats["skipped"] == {"shard_mismatch": 4} and not set(seen) & set(ours)
+        assert set(stats["skipped"]) == {"shard_mismatch"} and stats["skipped"]["shard_mismatch"] >= 4
+        assert not set(seen) & set(ours)
         with pytest.raises(LoaderError, match=r"shard_mismatch.*coco_panoptic-train-000000\.tar"):
             _one_pass(out, strict=True)
 
@@ -154,7 +157,7 @@ def test_a_shard_with_extra_samples_is_detected_without_an_index_too(builds, out
     shutil.copy(_shard(builds[1]), _shard(out))  # 5 samples where the manifest lists 4
     with pytest.warns(UserWarning, match="shard_mismatch"):
         seen, stats = _one_pass(out)
-    assert stats["skipped"] == {"shard_mismatch": 4}
+    assert set(stats["skipped"]) == {"shard_mismatch"} and stats["skipped"]["shard_mismatch"] >= 4
     assert any("5 samples, the manifest lists 4" in e for e in stats["errors"])
 
 
