@@ -9,6 +9,7 @@ import dataclasses
 import io
 import multiprocessing as mp
 import os
+import shutil
 import socket
 import traceback
 from pathlib import Path
@@ -189,13 +190,46 @@ def test_zero_state_continues_on_another_world_size(zero, bf16, tmp_path):
     assert moved > 100 * ATOL
 
 
-def test_unconvertible_checkpoint_is_one_resume_error(tmp_path):
+@pytest.fixture(scope="module")
+def zero2_checkpoint(tmp_path_factory) -> Path:
+    """A ZeRO-2 fp32 checkpoint written by 2 ranks (read-only for the tests: copy before changing it)."""
+    ckpt = tmp_path_factory.mktemp("zero2") / "ckpt"
+    _spawn(_save_run, 2, 2, str(ckpt))
+    return ckpt
+
+
+def test_unconvertible_checkpoint_is_one_resume_error(zero2_checkpoint, tmp_path):
     """A ZeRO-2 checkpoint missing one rank's optimizer partition cannot be converted: one line, no file."""
     ckpt = tmp_path / "ckpt"
-    _spawn(_save_run, 2, 2, str(ckpt))
+    shutil.copytree(zero2_checkpoint, ckpt)
     (part,) = (ckpt / DS_TAG).glob("zero_pp_rank_1_*optim_states.pt")
     part.unlink()
     with pytest.raises(ResumeError, match=r"universal-checkpoint conversion failed \(exit \d+\): .+") as e:
         universal.convert(str(ckpt), DS_TAG)
     assert "\n" not in str(e.value)
     assert not (ckpt / universal.UNIVERSAL_DIR).exists() and not list(ckpt.glob(".tmp-*"))
+
+
+def test_remote_checkpoint_is_converted_locally_and_uploaded(zero2_checkpoint, tmp_path):
+    """A checkpoint on an fsspec URI (memory:// standing in for s3:// or gs://): downloaded, converted,
+    uploaded under a temporary name and renamed; the same files as a local conversion."""
+    import fsspec
+
+    fs = fsspec.filesystem("memory")
+    url = f"memory://elastic-{os.getpid()}/ckpt"
+    fs.put(str(zero2_checkpoint / DS_TAG), f"{url}/{DS_TAG}", recursive=True)
+    assert universal.is_converted(url) is False
+    try:
+        assert universal.convert(url, DS_TAG) == f"{url}/{universal.UNIVERSAL_DIR}"
+        assert universal.is_converted(url)
+        local = tmp_path / "ckpt"
+        shutil.copytree(zero2_checkpoint, local)
+        universal.convert(str(local), DS_TAG)
+        out = local / universal.UNIVERSAL_DIR
+        want = sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file())
+        root = f"/elastic-{os.getpid()}/ckpt/{universal.UNIVERSAL_DIR}/"
+        got = sorted(p.removeprefix(root) for p in fs.find(f"{url}/{universal.UNIVERSAL_DIR}"))
+        assert got == want and any(p.endswith("exp_avg.pt") for p in got), (got, want)
+        assert not [p for p in fs.find(url) if "/.tmp-" in p]
+    finally:
+        fs.rm(f"memory://elastic-{os.getpid()}", recursive=True)
