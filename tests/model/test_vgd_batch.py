@@ -265,3 +265,22 @@ def test_demo_coco_vgd_through_the_loader_workers(processor, tmp_path):
         assert torch.equal(a["input_ids"], b["input_ids"])
         totals.update(a["vgd_counts"])
     assert totals["vgd_cross_image"] > totals["vgd_negatives"] > 0
+
+
+@pytest.mark.parametrize("pool,tokens", [("max", 1), ("mean", 4)])
+def test_region_sampler_reads_each_region_from_its_image(pool, tokens):
+    from xsam_model.modeling.region_sampler import RegionSampler
+
+    sampler = RegionSampler(num_points=16, pool=pool, num_tokens=tokens)
+    grids = torch.randn(3, 8, 8, 6, generator=torch.Generator().manual_seed(0))
+    masks = torch.rand(5, 32, 32, generator=torch.Generator().manual_seed(1)) > 0.8
+    image = torch.tensor([2, 0, 2, 1, 0])
+    torch.manual_seed(3)
+    got = sampler(grids, masks, image=image)
+    torch.manual_seed(3)  # one region at a time from its own grid: the same point draws in the same order
+    want = torch.cat([sampler(grids[int(i)], masks[r : r + 1]) for r, i in enumerate(image)])
+    assert got.shape == (5, tokens, 6) and torch.equal(got, want)
+    torch.manual_seed(3)
+    assert not torch.allclose(sampler(grids[0], masks), got)  # every region from image 0 differs
+    with pytest.raises(ValueError, match="one image index per region"):
+        sampler(grids, masks, image=image[:4])

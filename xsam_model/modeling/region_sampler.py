@@ -45,20 +45,31 @@ class RegionSampler(nn.Module):
         self.num_points, self.pool, self.num_tokens = num_points, pool, num_tokens
 
     def forward(
-        self, grid: torch.Tensor, masks: torch.Tensor, generator: torch.Generator | None = None
+        self,
+        grid: torch.Tensor,
+        masks: torch.Tensor,
+        generator: torch.Generator | None = None,
+        image: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """grid: GxGxD features covering the padded SAM frame, or RxGxGxD (region r read from grid r: its source
-        image's); masks: RxLxL bool → R×num_tokens×D."""
+        """grid: GxGxD features covering the padded SAM frame, or BxGxGxD with ``image`` (R long: region r is
+        read from ``grid[image[r]]``, its source image's); masks: RxLxL bool → R×num_tokens×D."""
         r, size = masks.shape[0], masks.shape[-1]
         if r == 0:
             return grid.new_zeros(0, self.num_tokens, grid.shape[-1])
-        if grid.dim() == 4 and grid.shape[0] != r:
-            raise ValueError(f"{grid.shape[0]} grids for {r} region masks")
+        if grid.dim() == 3:
+            grid, image = grid.unsqueeze(0), torch.zeros(r, dtype=torch.long, device=grid.device)
+        elif image is None or image.shape != (r,):
+            raise ValueError(f"a batch of grids needs one image index per region ({r} masks)")
         yx = torch.stack([sample_pixels(m, self.num_points, generator) for m in masks])  # RxPx2
         xy = yx.flip(-1).float() / size * 2 - 1  # RxPx2 in [-1, 1), x first for grid_sample
-        per_region = grid if grid.dim() == 4 else grid.unsqueeze(0).expand(r, -1, -1, -1)
-        feats = per_region.permute(0, 3, 1, 2).float()  # RxDxGxG
-        pts = F.grid_sample(feats, xy.unsqueeze(1), mode="bilinear", align_corners=True).squeeze(2)  # RxDxP
+        parts, order = [], []
+        for j in torch.unique(image).tolist():  # one read per source grid: no per-region copy of a grid
+            rows = (image == j).nonzero().flatten()
+            feats = grid[j].permute(2, 0, 1).unsqueeze(0).float()  # 1xDxGxG
+            pts = F.grid_sample(feats, xy[rows].unsqueeze(0), mode="bilinear", align_corners=True)  # 1xDxRjxP
+            parts.append(pts[0].transpose(0, 1))  # RjxDxP
+            order.append(rows)
+        pts = torch.cat(parts)[torch.argsort(torch.cat(order))]  # RxDxP, regions in their order
         if self.pool == "max":
             pooled = F.adaptive_max_pool1d(pts, self.num_tokens)
         else:

@@ -168,7 +168,7 @@ class XSam(nn.Module):
         if len(src) != len(masks) or bool(((src < 0) | (src >= grid.shape[0])).any()):
             key = (batch.get("keys") or [f"sample {b}"] * (b + 1))[b]
             raise ValueError(f"{key}: region_image {src.tolist()} does not name a batch image per region")
-        return self.region_sampler(grid[src], masks)
+        return self.region_sampler(grid, masks, image=src)
 
     # ------------------------------------------------------------------ forward
     def forward(self, batch: dict[str, Any], *, stage: int = 3, compute_loss: bool = True) -> XSamOutput:
