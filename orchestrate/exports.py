@@ -240,14 +240,27 @@ def write_export(url: str, state: Mapping[str, Any], config: dict, lineage: dict
         }
         storage.write_json(fs, f"{tmp}/{CONFIG_FILE}", config)
         storage.write_json(fs, f"{tmp}/{LINEAGE_FILE}", lineage)
-        if fs.exists(path):
-            fs.rm(path, recursive=True)
-        fs.mv(tmp, path, recursive=True)
+        _move_into_place(fs, tmp, path)
     except BaseException:
         if fs.exists(tmp):
             fs.rm(tmp, recursive=True)
         raise
     return url
+
+
+def _move_into_place(fs, tmp: str, path: str) -> None:
+    """Replace the export folder ``path`` by ``tmp``: one rename on a local file system; file by file on an
+    object store, which has no folders to rename (a recursive move copies the folder's own key, which does
+    not exist there), lineage.json last, so a reader that finds the lineage finds a complete export."""
+    if fs.exists(path):
+        fs.rm(path, recursive=True)
+    if "file" in fs.protocol:
+        fs.mv(tmp, path, recursive=True)
+        return
+    for name in (MODEL_FILE, CONFIG_FILE, LINEAGE_FILE):
+        fs.mv(f"{tmp}/{name}", f"{path}/{name}")
+    if fs.exists(tmp):
+        fs.rm(tmp, recursive=True)
 
 
 def read_export_state(url: str):
