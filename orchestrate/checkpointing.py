@@ -159,26 +159,32 @@ def prepare_deepspeed_state(checkpoint_url: str, world_size: int, zero_stage: in
     return True
 
 
-def loads_universal(checkpoint, world_size: int, zero_stage: int) -> bool:
+def loads_universal(checkpoint, world_size: int, zero_stage: int, *, run_root: str, rank: int) -> bool:
     """Worker side, before ``deepspeed.initialize``: whether the DeepSpeed state of ``checkpoint`` (a
     ``ray.train.Checkpoint``) must come from its universal folder (then the engine is built with
-    ``load_universal``); :class:`ResumeError` when that folder is needed but missing (the driver converts
-    it: submit the stage again). Reads two small files through the checkpoint's own filesystem."""
-    import pyarrow.fs as pafs
+    ``load_universal``). The driver converts before Ray starts when it knows the world size; under an
+    elastic worker range (:func:`orchestrate.runner.fit`'s ``min_workers``) only the workers know it, so
+    rank 0 converts a checkpoint still lacking the folder while the others wait (a collective: every rank
+    calls this)."""
+    import torch.distributed as dist
 
     fs, path = checkpoint.filesystem, checkpoint.path
     with fs.open_input_stream(f"{path}/{TRAIN_STATE}") as f:
         saved_world = TrainState.from_dict(json.loads(f.read())).saved_world_size()
     if not saved_world or not universal.needs_universal(saved_world, world_size, zero_stage):
         return False
-    done = fs.get_file_info(f"{path}/{universal.UNIVERSAL_DIR}/{universal.DONE_FILE}")
-    if done.type == pafs.FileType.NotFound:
-        raise ResumeError(
-            f"checkpoint {path} was written by {saved_world} workers (ZeRO-{zero_stage}), this run has "
-            f"{world_size}, and it has no {universal.UNIVERSAL_DIR}/ conversion: resume through "
-            f"orchestrate/train.py, whose driver converts it"
-        )
+    if rank == 0:
+        universal.convert(_checkpoint_url(path, run_root), DS_TAG)  # reused when the driver made it
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
     return True
+
+
+def _checkpoint_url(path: str, run_root: str) -> str:
+    """A Ray checkpoint's path as a URL :mod:`pipelines.storage` opens: Ray drops the scheme of its
+    ``storage_path`` (``s3://b/run`` → ``b/run/…``), which the run root still has."""
+    scheme = run_root.split("://", 1)[0] if "://" in run_root else ""
+    return f"{scheme}://{path}" if scheme and "://" not in path else path
 
 
 def save(engine, *, rank: int, loader_state: dict, train_state: TrainState, metrics: dict[str, Any]) -> None:
@@ -270,7 +276,7 @@ def list_checkpoints(layout: StageLayout) -> list[tuple[int, str]]:
             step = int(storage.read_json(fs, f)["step"])
         except (OSError, ValueError, KeyError):
             continue
-        out.append((step, f.rsplit("/", 1)[0]))
+        out.append((step, storage.url_of(fs, f.rsplit("/", 1)[0])))  # s3://… keeps its protocol
     return sorted(out)
 
 
