@@ -287,20 +287,43 @@ def default_callbacks(plan: RunPlan) -> list[Callback]:
     return callbacks + from_env()
 
 
+def elastic_workers(cfg, min_workers: int | None) -> int | tuple[int, int]:
+    """``ScalingConfig.num_workers``: the plan's worker count, or with ``min_workers`` the range
+    ``(min_workers, plan's count)`` — Ray Train v2 then starts, and restarts after a lost node, with as many
+    workers as the cluster fits in that range. Every count of the range must keep the global batch with the
+    plan's micro batch; else :class:`RunSetupError` naming the numbers."""
+    top = cfg.batch.world_size
+    if min_workers is None or min_workers == top:
+        return top
+    if not 1 <= min_workers < top:
+        raise RunSetupError(f"min_workers {min_workers}: expected 1 ≤ min_workers ≤ --num-workers {top}")
+    for world in range(min_workers, top):
+        try:
+            cfg.batch.resized(world, micro_batch=cfg.batch.micro_batch)
+        except StageConfigError as e:
+            raise RunSetupError(f"min_workers {min_workers}: on {world} workers the {e}") from e
+    return (min_workers, top)
+
+
 def fit(
     plan: RunPlan,
     *,
     cpus_per_worker: float = 1.0,
     callbacks: Sequence[Callback] | None = None,
     verbosity: int = 0,
+    min_workers: int | None = None,
 ):
     """Run the stage with Ray Train (re-running with the same run root continues from its latest checkpoint).
-    ``callbacks``: default :func:`default_callbacks`."""
+    ``callbacks``: default :func:`default_callbacks`. ``min_workers``: an elastic worker range
+    (:func:`elastic_workers`); the workers then recompute accumulation for the count Ray gives them and, for
+    a checkpoint of another count, convert its DeepSpeed state themselves
+    (:func:`orchestrate.checkpointing.loads_universal`)."""
     import ray.train
     from ray.train.torch import TorchTrainer
 
     from orchestrate.trainer import train_loop_per_worker
 
+    num_workers = elastic_workers(plan.cfg, min_workers)
     fs, path = storage.fs_and_path(plan.layout.dir)
     fs.makedirs(path, exist_ok=True)
     callbacks = default_callbacks(plan) if callbacks is None else list(callbacks)
@@ -308,7 +331,7 @@ def fit(
         train_loop_per_worker,
         train_loop_config={"plan": plan, "callbacks": callbacks, "verbosity": verbosity},
         scaling_config=ray.train.ScalingConfig(
-            num_workers=plan.cfg.batch.world_size,
+            num_workers=num_workers,
             use_gpu=plan.use_gpu,
             resources_per_worker={"CPU": cpus_per_worker},
         ),

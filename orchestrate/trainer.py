@@ -133,17 +133,15 @@ class Trainer:
         ctx = ray.train.get_context()
         self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
         if self.world != self.cfg.batch.world_size:
-            raise RuntimeError(
-                f"{self.world} Ray Train workers but the batch config is for {self.cfg.batch.world_size}"
-            )
+            self._resize()
         self.device = ray.train.torch.get_device()
         precision = self.cfg.model.resolved_precision(self.plan.use_gpu)
         self.dtype = torch.bfloat16 if precision == "bf16" else torch.float32
         checkpoint = self._find_checkpoint()
-        # a checkpoint of another world size: DeepSpeed reads the driver's universal conversion, which the
-        # engine must know about from its config on
+        # a checkpoint of another world size: DeepSpeed reads its universal conversion, which the engine
+        # must know about from its config on
         universal = checkpoint is not None and checkpointing.loads_universal(
-            checkpoint, self.world, self.cfg.zero_stage
+            checkpoint, self.world, self.cfg.zero_stage, run_root=self.plan.run_root, rank=self.rank
         )
         self._build_engine(load_universal=universal)
         self._build_loader()
@@ -160,6 +158,25 @@ class Trainer:
         )
         for cb in self.callbacks:
             cb.on_train_start(self)
+
+    def _resize(self) -> None:
+        """Ray Train started this group with another worker count than the plan's (an elastic range,
+        :func:`orchestrate.runner.fit`'s ``min_workers``): the same global batch, accumulation recomputed
+        (the driver checked that every count of the range keeps it)."""
+        from orchestrate.stages import with_world_size
+
+        before = self.cfg.batch
+        self.cfg = with_world_size(self.cfg, self.world, micro_batch=before.micro_batch)
+        logger.log(
+            logging.INFO if self.rank == 0 else logging.DEBUG,
+            "Ray Train started %d workers (plan: %d): global batch %d = micro batch %d × accumulation %d × %d",
+            self.world,
+            before.world_size,
+            self.cfg.batch.global_batch,
+            self.cfg.batch.micro_batch,
+            self.cfg.batch.grad_accum,
+            self.world,
+        )
 
     def _build_engine(self, *, load_universal: bool = False) -> None:
         import torch

@@ -1,7 +1,9 @@
 """Elastic resume under Ray Train (issue 21): stage 1 of the debug flavor trained 6 steps on 2 workers, with
 checkpoints at steps 2 and 4, resumed from step 2 on 1 worker (DeepSpeed's universal checkpoint, converted
 once by the driver) and from step 4 on 2 workers with 2 DataLoader workers each: every resumed step trains on
-the uninterrupted run's global batch (per-step fingerprints, ``summary --compare``), with its losses."""
+the uninterrupted run's global batch (per-step fingerprints, ``summary --compare``), with its losses. And an
+elastic worker range (Ray Train v2 ``ScalingConfig(num_workers=(min, max))``) that can start only 1 of 2
+workers: the workers convert the checkpoint themselves and keep the data."""
 
 from __future__ import annotations
 
@@ -9,6 +11,7 @@ import dataclasses
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 
@@ -48,7 +51,7 @@ def ray_module():
         ray.shutdown()
 
 
-def _run(shards, run_root, *, keep: int | None = None, **kw):
+def _run(shards, run_root, *, keep: int | None = None, fit_kw: dict | None = None, **kw):
     plan = prepare(
         RunArgs(stage=1, flavor="debug", shards=str(shards), run_root=str(run_root), max_steps=STEPS, **kw)
     )
@@ -57,7 +60,7 @@ def _run(shards, run_root, *, keep: int | None = None, **kw):
         plan = dataclasses.replace(
             plan, cfg=dataclasses.replace(cfg, checkpoint=dataclasses.replace(cfg.checkpoint, keep=keep))
         )
-    result = fit(plan, callbacks=default_callbacks(plan))
+    result = fit(plan, callbacks=default_callbacks(plan), **(fit_kw or {}))
     assert result.metrics["step"] == STEPS
     return plan
 
@@ -143,3 +146,21 @@ def test_resume_from_step_4_on_two_workers_with_two_loader_workers(reference, tr
     assert not os.path.exists(f"{checkpoints[4]}/{universal.UNIVERSAL_DIR}")  # same world size: no conversion
     _check_same_data(ref_root, tmp_path / "run", 5)
     _check_losses(ref_root, tmp_path / "run", 5)
+
+
+def test_elastic_range_starts_with_the_workers_that_fit(reference, train_shards, tmp_path):
+    """``fit(min_workers=1)`` on a plan of 2 workers, each asking for both CPUs of the cluster: Ray Train v2's
+    elastic policy starts 1 worker; it keeps the global batch (accumulation 2) and, since the driver could not
+    know the count, converts the 2-worker checkpoint itself. The data stays the reference's."""
+    ref_root, checkpoints = reference
+    ckpt = tmp_path / "ckpt4"  # a copy: the conversion is written next to it
+    shutil.copytree(checkpoints[4], ckpt)
+    root = tmp_path / "run"
+    plan = _run(
+        train_shards, root, num_workers=2, resume=str(ckpt), fit_kw={"min_workers": 1, "cpus_per_worker": 2}
+    )
+    assert plan.cfg.batch.world_size == 2  # the driver's plan; the workers ran on what Ray gave them
+    config = json.loads(open(f"{RunLayout(str(root)).stage(1).export_dir}/config.json").read())
+    assert config["stage"]["batch"] == {"global_batch": 4, "micro_batch": 2, "grad_accum": 2, "world_size": 1}
+    assert (ckpt / universal.UNIVERSAL_DIR / universal.DONE_FILE).is_file()  # converted by rank 0
+    _check_same_data(ref_root, root, 5)

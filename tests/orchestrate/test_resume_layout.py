@@ -1,7 +1,8 @@
 """Which checkpoint layouts the driver accepts before any Ray worker starts. An ``xsam-loader/1`` state fits
 only the (world size, loader workers) that wrote it: another layout is refused in one line naming both. A
 world-size-free ``xsam-loader/2`` state (issue 21) resumes on any layout with the same global batch; the
-resume key no longer holds the world size, but still refuses another global batch."""
+resume key no longer holds the world size, but still refuses another global batch. An elastic worker range
+is accepted only when every count in it keeps the global batch."""
 
 from __future__ import annotations
 
@@ -9,10 +10,16 @@ import json
 
 import pytest
 
-from orchestrate.checkpointing import TRAIN_STATE, TrainState, loader_file, loader_state_for_rank
+from orchestrate.checkpointing import (
+    TRAIN_STATE,
+    TrainState,
+    _checkpoint_url,
+    loader_file,
+    loader_state_for_rank,
+)
 from orchestrate.errors import RunSetupError
-from orchestrate.runner import RunArgs, prepare
-from orchestrate.stages import debug, stage1
+from orchestrate.runner import RunArgs, elastic_workers, prepare
+from orchestrate.stages import debug, stage1, with_world_size
 
 
 def _v1_state(rank: int, world: int, loader_workers: int) -> dict:
@@ -118,3 +125,21 @@ def test_old_resume_key_with_the_whole_batch_still_resumes(train_shards, tmp_pat
     assert _prepare(train_shards, tmp_path / "run").resume == "auto"
     with pytest.raises(RunSetupError, match=r"global_batch: 4 vs 8"):
         _prepare(train_shards, tmp_path / "run", global_batch=8)
+
+
+def test_elastic_range_keeps_the_global_batch_on_every_count():
+    cfg = debug(stage1())  # global batch 4 = micro 2 × accumulation 1 × 2 workers
+    assert elastic_workers(cfg, None) == 2 and elastic_workers(cfg, 2) == 2
+    assert elastic_workers(cfg, 1) == (1, 2)
+    wide = with_world_size(cfg, 4, global_batch=8)  # micro 2 × 1 × 4
+    with pytest.raises(
+        RunSetupError, match=r"on 3 workers the global batch 8 is not divisible by micro batch 2"
+    ):
+        elastic_workers(wide, 2)
+    with pytest.raises(RunSetupError, match=r"expected 1 ≤ min_workers ≤ --num-workers 2"):
+        elastic_workers(cfg, 3)
+
+
+def test_ray_checkpoint_path_gets_the_run_root_scheme_back():
+    assert _checkpoint_url("bucket/run/stage1/ck", "s3://bucket/run") == "s3://bucket/run/stage1/ck"
+    assert _checkpoint_url("/tmp/run/stage1/ck", "/tmp/run") == "/tmp/run/stage1/ck"
