@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -55,11 +57,17 @@ def _start_cluster(worker_nodes: int):
 
 
 @pytest.fixture
-def cluster_factory() -> Iterator:
+def cluster_factory(monkeypatch) -> Iterator:
     """``start(worker_nodes) -> (cluster, worker nodes)``; the test connects (``connect``) with the
-    runtime_env it needs. The driver is disconnected and every cluster started is shut down after the test."""
+    runtime_env it needs. The driver is disconnected and every cluster started is shut down after the test.
+
+    The cluster lives under a private ``RAY_TMPDIR``: ``Cluster`` records its address in
+    ``<temp>/ray/ray_current_cluster``, where a plain ``ray.init()`` of another session on this machine would
+    find it and join it (and ``shutdown`` deletes that file, which may be another cluster's)."""
     import ray
 
+    tmp = tempfile.mkdtemp(prefix="xr", dir="/tmp")  # Unix socket paths under it must stay < 108 bytes
+    monkeypatch.setenv("RAY_TMPDIR", tmp)
     started = []
 
     def start(worker_nodes: int):
@@ -73,6 +81,7 @@ def cluster_factory() -> Iterator:
         ray.shutdown()
         for cluster in started:
             cluster.shutdown()
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def connect(cluster, *, env_vars: dict[str, str], setup_hook: str | None = None) -> None:
@@ -246,7 +255,7 @@ class RecordNodesHoldOnce(Callback):
             time.sleep(0.2)
 
 
-def _run_stage1(shards: Path, run_root: Path, extra_callbacks=()):
+def _run_stage1(shards: Path, run_root: Path, extra_callbacks=(), min_workers: int | None = None):
     from orchestrate.runner import RunArgs, default_callbacks, fit, prepare
 
     plan = prepare(
@@ -262,7 +271,41 @@ def _run_stage1(shards: Path, run_root: Path, extra_callbacks=()):
             wandb_mode="disabled",
         )
     )
-    return fit(plan, callbacks=[*default_callbacks(plan), *extra_callbacks])
+    return fit(plan, callbacks=[*default_callbacks(plan), *extra_callbacks], min_workers=min_workers)
+
+
+@pytest.fixture(scope="module")
+def reference_run(train_shards, tmp_path_factory) -> Path:
+    """The uninterrupted run (2 workers, 6 steps) on a local Ray instance of its own; its run root."""
+    import ray
+
+    root = tmp_path_factory.mktemp("multinode_ref") / "run"
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        assert _run_stage1(train_shards, root).metrics["step"] == 6
+    finally:
+        ray.shutdown()
+    return root
+
+
+def _lose_rank1_node_after_step3(cluster, shards: Path, run_root: Path, min_workers: int | None = None):
+    """Run stage 1 with rank 1's node removed after step 3; returns (result, what the watcher saw)."""
+    seen: dict = {}
+    stage_dir = run_root / "stage1"
+    stage_dir.mkdir(parents=True)
+    watcher = threading.Thread(target=_remove_rank1_node, args=(cluster, stage_dir, seen), daemon=True)
+    watcher.start()
+    result = _run_stage1(shards, run_root, [RecordNodesHoldOnce(3)], min_workers=min_workers)
+    watcher.join(timeout=60)
+    assert seen.get("removed") and "error" not in seen, seen
+    assert result.metrics["step"] == 6
+    first = {r: (stage_dir / f".node-a0-rank{r}").read_text() for r in (0, 1)}
+    assert len(set(first.values())) == 2 and seen["removed"] == first[1]  # one rank per node
+    assert len(seen["checkpoints_before"]) == 1  # the step-2 checkpoint only: the restart redoes step 3
+    assert _steps_logged(stage_dir / "metrics.jsonl") == [1, 2, 3, 3, 4, 5, 6]
+    lineage = json.loads((stage_dir / "export" / "lineage.json").read_text())
+    assert lineage["restarts"] == 1 and lineage["steps"] == 6
+    return seen
 
 
 def _remove_rank1_node(cluster, stage_dir: Path, seen: dict) -> None:
@@ -289,34 +332,40 @@ def _steps_logged(metrics_jsonl: Path) -> list[int]:
     return [r["step"] for r in rows if "loss" in r]
 
 
-def test_training_restarts_on_the_remaining_nodes_with_the_same_data(train_shards, tmp_path, cluster_factory):
+def test_training_restarts_on_the_remaining_nodes_with_the_same_data(
+    train_shards, tmp_path, cluster_factory, reference_run
+):
     """Stage 1, 2 workers on 3 one-CPU nodes, checkpoints at steps 2, 4, 6: rank 1's node is removed after
     step 3; Ray Train restarts the group from the step-2 checkpoint on the two nodes left (the spare one
     included), and every step's fingerprint equals the uninterrupted run's."""
     from orchestrate.summary import compare_runs
 
-    cluster, nodes = cluster_factory(3)
+    cluster, _ = cluster_factory(3)
     connect(cluster, env_vars={})
-    assert _run_stage1(train_shards, tmp_path / "ref").metrics["step"] == 6
-
-    seen: dict = {}
+    seen = _lose_rank1_node_after_step3(cluster, train_shards, tmp_path / "run")
     stage_dir = tmp_path / "run" / "stage1"
-    stage_dir.mkdir(parents=True)
-    watcher = threading.Thread(target=_remove_rank1_node, args=(cluster, stage_dir, seen), daemon=True)
-    watcher.start()
-    result = _run_stage1(train_shards, tmp_path / "run", [RecordNodesHoldOnce(3)])
-    watcher.join(timeout=60)
-    assert seen.get("removed") and "error" not in seen, seen
-    assert result.metrics["step"] == 6
-
-    first = {r: (stage_dir / f".node-a0-rank{r}").read_text() for r in (0, 1)}
     again = {r: (stage_dir / f".node-a1-rank{r}").read_text() for r in (0, 1)}
-    assert len(set(first.values())) == 2 and seen["removed"] == first[1]  # one rank per node
     assert len(set(again.values())) == 2 and seen["removed"] not in again.values()  # the nodes left
-    assert len(seen["checkpoints_before"]) == 1  # the step-2 checkpoint only: the restart redid step 3
-    assert _steps_logged(stage_dir / "metrics.jsonl") == [1, 2, 3, 3, 4, 5, 6]
-    lineage = json.loads((stage_dir / "export" / "lineage.json").read_text())
-    assert lineage["restarts"] == 1 and lineage["steps"] == 6
 
-    same, report = compare_runs(str(tmp_path / "ref"), str(tmp_path / "run"), stage=1)
+    same, report = compare_runs(str(reference_run), str(tmp_path / "run"), stage=1)
+    assert same and "stage 1: same data (6 common steps, 0 differ" in report, report
+
+
+def test_training_continues_on_fewer_workers_after_a_lost_node(
+    train_shards, tmp_path, cluster_factory, reference_run
+):
+    """No spare node, an elastic worker range (``min_workers=1``: Ray Train v2 ``ScalingConfig(num_workers=
+    (1, 2))``): after rank 1's node is lost, Ray Train restarts the group with the one worker the cluster
+    still fits, which converts the 2-worker step-2 checkpoint (DeepSpeed universal), accumulates 2
+    micro-batches per step, and trains on the uninterrupted run's global batches."""
+    from orchestrate.summary import compare_runs
+
+    cluster, _ = cluster_factory(2)
+    connect(cluster, env_vars={})
+    seen = _lose_rank1_node_after_step3(cluster, train_shards, tmp_path / "run", min_workers=1)
+    stage_dir = tmp_path / "run" / "stage1"
+    assert sorted(p.name for p in stage_dir.glob(".node-a1-rank*")) == [".node-a1-rank0"]  # one worker
+    assert (stage_dir / ".node-a1-rank0").read_text() != seen["removed"]
+
+    same, report = compare_runs(str(reference_run), str(tmp_path / "run"), stage=1)
     assert same and "stage 1: same data (6 common steps, 0 differ" in report, report
