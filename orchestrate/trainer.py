@@ -291,44 +291,68 @@ class Trainer:
                 cb.on_step_end(self, step, metrics)
 
     def step(self, batches: Iterator) -> dict[str, Any]:
-        """One optimizer step: ``grad_accum`` micro-batches (forward, backward, engine step), one all-reduce of
-        the losses, tokens and data wait; returns the step's metrics, with the global batch's
-        ``data/source`` and ``data/fingerprint`` (:mod:`orchestrate.fingerprint`)."""
+        """One optimizer step: ``grad_accum`` micro-batches (forward, backward, engine step) under the step's
+        mask-loss normaliser, one all-reduce of the losses, tokens, data counters and data wait; returns the
+        step's metrics, with the global batch's ``data/source`` and ``data/fingerprint``
+        (:mod:`orchestrate.fingerprint`)."""
         import torch
 
+        from pipelines.loader.vgd_draw import COUNTERS
         from xsam_model.modeling.xsam import LOSS_KEYS
 
         cfg, step = self.cfg, self.state.step
         t0 = time.perf_counter()
-        wait, tokens, keys, source = 0.0, 0, [], None
-        # loss, its parts, then stage 1's masks with an unknown category (dropped from the targets, counted)
-        sums = torch.zeros(2 + len(LOSS_KEYS), dtype=torch.float64)
-        for _ in range(cfg.batch.grad_accum):
+        micro, wait = [], 0.0
+        for _ in range(cfg.batch.grad_accum):  # the whole step first: its normaliser counts every micro-batch
             tw = time.perf_counter()
             b = next(batches)
             wait += time.perf_counter() - tw
             if b.step != step:
                 raise RuntimeError(f"loader at step {b.step}, trainer at step {step}")
-            source = b.source
-            batch = to_device(b.data, self.device, self.dtype)
-            _seed_micro_batch(cfg.data.seed, step, list(b.data["keys"]))
-            out = self.engine(batch, stage=cfg.stage)
-            self.engine.backward(out.loss)
-            self.engine.step()
-            sums += torch.tensor(
-                [
-                    out.loss.item(),
-                    *(float(out.losses[k]) for k in LOSS_KEYS),
-                    float(out.metrics.get("dropped_targets", 0.0)),
-                ],
-                dtype=torch.float64,
-            )
-            tokens += llm_tokens(b.data, cfg.stage, self.image_tokens)
-            keys += list(b.data["keys"])
+            micro.append(b)
+        tokens, keys, source = 0, [], micro[-1].source
+        # loss, its parts, stage 1's masks with an unknown category (dropped, counted), VGD draw counters
+        sums = torch.zeros(2 + len(LOSS_KEYS) + len(COUNTERS), dtype=torch.float64)
+        with self._step_normaliser(micro):
+            for b in micro:
+                batch = to_device(b.data, self.device, self.dtype)
+                _seed_micro_batch(cfg.data.seed, step, list(b.data["keys"]))
+                out = self.engine(batch, stage=cfg.stage)
+                self.engine.backward(out.loss)
+                self.engine.step()
+                vgd = b.data.get("vgd_counts") or {}
+                sums += torch.tensor(
+                    [
+                        out.loss.item(),
+                        *(float(out.losses[k]) for k in LOSS_KEYS),
+                        float(out.metrics.get("dropped_targets", 0.0)),
+                        *(float(vgd.get(k, 0)) for k in COUNTERS),
+                    ],
+                    dtype=torch.float64,
+                )
+                tokens += llm_tokens(b.data, cfg.stage, self.image_tokens)
+                keys += list(b.data["keys"])
         self.step_keys = keys
         metrics = self._advance(sums, tokens, wait, source, time.perf_counter() - t0)
         # a collective on every rank (orchestrate.fingerprint): the global batch's keys, then its digest
         return {**metrics, **fingerprint.step_fields(source, fingerprint.gather_keys(keys))}
+
+    def _step_normaliser(self, micro: list):
+        """``LossConfig.num_masks_reduce = global_batch``: the target masks of every micro-batch of the step on
+        every rank (one all-reduce) / (world × accumulation), the mask losses' normaliser for the whole step —
+        so the step's gradient does not depend on how the global batch is split. Otherwise nothing to set."""
+        import contextlib
+
+        import torch
+        import torch.distributed as dist
+
+        model = self.engine.module
+        if model.config.loss.num_masks_reduce != "global_batch":
+            return contextlib.nullcontext()
+        count = sum(model.count_loss_targets(b.data, stage=self.cfg.stage) for b in micro)
+        total = torch.tensor([float(count)], dtype=torch.float64, device=self.device)
+        dist.all_reduce(total)
+        return model.criterion.step_normaliser(float(total.item()) / (len(micro) * self.world))
 
     def _advance(self, sums, tokens: int, wait: float, source: str, step_time: float) -> dict[str, Any]:
         """All-reduce the step's sums (losses averaged over ranks and micro-batches, tokens and data wait
@@ -336,6 +360,7 @@ class Trainer:
         import torch
         import torch.distributed as dist
 
+        from pipelines.loader.vgd_draw import COUNTERS
         from xsam_model.modeling.xsam import LOSS_KEYS
 
         cfg, state = self.cfg, self.state
@@ -357,6 +382,7 @@ class Trainer:
             **{f"lr/{n}": lr for n, lr in zip(self.group_names, self.scheduler.get_last_lr(), strict=True)},
             "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
             "dropped_targets": int(red[1 + len(LOSS_KEYS)]),  # summed over ranks and micro-batches
+            **{f"data/{k}": int(red[2 + len(LOSS_KEYS) + i]) for i, k in enumerate(COUNTERS)},
             "samples_per_s": cfg.batch.global_batch / step_time,
             "tokens_per_s": red[-2] / step_time,
             "step_time_s": step_time,

@@ -430,15 +430,19 @@ class LossConfig:
     """Pixels in a sample's ``ignore_mask`` (LISA "ignore" shapes, COCO/VGD crowd regions): ``background``
     (paper: they are plain background in the target, the mask is unused) or ``exclude`` (no BCE/Dice there;
     this project's earlier choice)."""
-    num_masks_reduce: str = "global"
-    """Normaliser of the mask losses: ``global`` (paper, Mask2Former/DETR: the target-mask count summed over
-    the data-parallel ranks / world size, at least 1; every rank must compute the segmentation loss in the same
-    steps, which the loader's one-task-per-step batches guarantee) or ``local`` (this rank's count)."""
+    num_masks_reduce: str = "global_batch"
+    """Normaliser of the mask losses: ``global_batch`` (the target-mask count of the whole global batch /
+    (world size × accumulation), at least 1, counted by the trainer before the step's first forward: X-SAM's
+    ``global`` at the paper's layout, accumulation 1, and the same whatever split of the global batch runs it —
+    a resume on another world size computes the same losses), ``global`` (paper, Mask2Former/DETR: the count
+    summed over the data-parallel ranks of one micro-step / world size; every rank must compute the
+    segmentation loss in the same steps, which the loader's one-task-per-step batches guarantee) or ``local``
+    (this rank's count)."""
 
     def __post_init__(self):
         _check_positive(self, "train_num_points", "oversample_ratio")
         _check_choice(self, "ignore_pixels", ("background", "exclude"))
-        _check_choice(self, "num_masks_reduce", ("global", "local"))
+        _check_choice(self, "num_masks_reduce", ("global_batch", "global", "local"))
         if not 0.0 <= self.importance_sample_ratio <= 1.0:
             raise ValueError(f"importance_sample_ratio {self.importance_sample_ratio} outside [0, 1]")
         for n in (

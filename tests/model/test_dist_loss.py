@@ -50,3 +50,20 @@ def test_num_masks_is_the_global_mean(tmp_path):
     assert [x["local"] for x in r] == [1.0, 3.0]
     for x, local in zip(r, (1, 3), strict=True):  # the dice sum is divided by 2 instead of the local count
         assert abs(x["global_dice"] * 2 - x["local_dice"] * local) < 1e-4 * max(1.0, x["local_dice"])
+
+
+def test_the_step_normaliser_replaces_the_count_only_for_global_batch():
+    """``global_batch``: the trainer's step value (the global batch's targets / (world × accumulation)) divides
+    the mask losses inside ``step_normaliser``; outside it, and for the other modes, the batch's own count."""
+    cfg = Mask2FormerConfig(train_num_points=64)
+    labels = [torch.arange(3)]
+    step_mode, per_micro = (
+        SegLoss(cfg, num_masks_reduce="global_batch"),
+        SegLoss(cfg, num_masks_reduce="global"),
+    )
+    with step_mode.step_normaliser(0.5), per_micro.step_normaliser(7.0):
+        assert float(step_mode.num_masks(labels, "cpu")) == 1.0  # clamped at 1, as X-SAM
+        assert float(per_micro.num_masks(labels, "cpu")) == 3.0
+    with step_mode.step_normaliser(7.0):
+        assert float(step_mode.num_masks(labels, "cpu")) == 7.0
+    assert float(step_mode.num_masks(labels, "cpu")) == 3.0

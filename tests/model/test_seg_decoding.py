@@ -166,3 +166,27 @@ def test_per_seg_applies_only_to_its_tasks(samples):
     last = _model(seg_reduce="last")
     out = last(_batch(last, [refseg_sample(1, 2), refseg_sample(2, 3)]), stage=3)
     assert out.predictions[-1]["class_queries_logits"].shape[::2] == (2, 4)  # max 3 own phrases + background
+
+
+@pytest.mark.parametrize("seg_reduce", ["per_seg", "main"])
+@pytest.mark.parametrize("task", ["genseg", "refseg", "reaseg", "gcgseg", "vgdseg", "chat"])
+def test_count_loss_targets_is_what_the_criterion_divides_by(samples, task, seg_reduce, monkeypatch):
+    """The trainer's ``global_batch`` normaliser counts targets from the batch alone
+    (:meth:`XSam.count_loss_targets`); it must be the number of target masks the forward hands the loss, per
+    stage and decoding mode, or a world-size change would change the losses."""
+    model = _model(seg_reduce=seg_reduce)
+    multi = refseg_sample(5, 3) if task == "refseg" else samples[task]
+    batch = _batch(model, [samples[task], multi])
+    seen = []
+    forward = model.criterion.forward
+
+    def spy(predictions, mask_labels, class_labels, ignore_mask=None):
+        seen.append(sum(len(c) for c in class_labels))
+        return forward(predictions, mask_labels, class_labels, ignore_mask)
+
+    monkeypatch.setattr(model.criterion, "forward", spy)
+    for stage in (1, 3):
+        seen.clear()
+        model(batch, stage=stage)
+        assert model.count_loss_targets(batch, stage=stage) == (seen[0] if seen else 0), (task, stage)
+    assert model.count_loss_targets(batch, stage=2) == 0

@@ -130,13 +130,9 @@ def test_resume_from_step_2_on_one_worker_sees_the_same_data(reference, one_work
     assert os.stat(marker).st_mtime_ns == stamp
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the mask losses' normaliser (num_masks_reduce='global', X-SAM's) is the target count averaged over "
-    "the ranks of one micro-step, so it depends on the world size x accumulation split: on 1 worker each "
-    "micro-batch is normalised by its own count. Losses match once xsam_model normalises over the global batch",
-)
 def test_resume_from_step_2_on_one_worker_has_the_same_losses(reference, one_worker):
+    """1 worker × accumulation 2 computes the losses of 2 workers × 1: the mask losses are normalised by the
+    global batch's target count (``num_masks_reduce = global_batch``), not per micro-step."""
     _check_losses(reference[0], one_worker, 3)
 
 

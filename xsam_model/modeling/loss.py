@@ -1,14 +1,25 @@
 """Segmentation losses: transformers' Mask2Former Hungarian matcher and loss, extended for a per-batch
 number of classes (phrases), samples without targets, an optional ignore region, and X-SAM's mask-count
-normaliser averaged over the data-parallel ranks."""
+normaliser averaged over the data-parallel ranks (per micro-step) or over the whole global batch.
+
+``global_batch``: the trainer counts the target masks of every micro-batch of an optimizer step on every rank
+before the first forward (:meth:`xsam_model.modeling.xsam.XSam.count_loss_targets`), and sets the normaliser
+``M / (world × accumulation)`` for the step with :meth:`SegLoss.step_normaliser`; the gradient is then the same
+whatever the split of the global batch (X-SAM's ``global`` at its own layout, accumulation 1). Without a step
+normaliser (a direct model call, inference) it behaves as ``global``."""
 
 from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from transformers import Mask2FormerConfig
 from transformers.models.mask2former.modeling_mask2former import Mask2FormerLoss, sample_point
+
+REDUCE_MODES = ("global_batch", "global", "local")
 
 
 class SegLoss(Mask2FormerLoss):
@@ -17,23 +28,37 @@ class SegLoss(Mask2FormerLoss):
     ``class_queries_logits`` may have any number of columns; the last one is always "no-object".
     """
 
-    def __init__(self, config: Mask2FormerConfig, *, num_masks_reduce: str = "global"):
+    def __init__(self, config: Mask2FormerConfig, *, num_masks_reduce: str = "global_batch"):
         super().__init__(config, weight_dict={})
         self.weights = {
             "cls": config.class_weight,
             "mask_bce": config.mask_weight,
             "dice": config.dice_weight,
         }
-        if num_masks_reduce not in ("global", "local"):
-            raise ValueError(f"num_masks_reduce must be 'global' or 'local', got {num_masks_reduce!r}")
+        if num_masks_reduce not in REDUCE_MODES:
+            raise ValueError(f"num_masks_reduce must be one of {REDUCE_MODES}, got {num_masks_reduce!r}")
         self.num_masks_reduce = num_masks_reduce
+        self._step_num_masks: float | None = None
+
+    @contextlib.contextmanager
+    def step_normaliser(self, num_masks: float) -> Iterator[None]:
+        """Within the block, the mask losses are divided by ``num_masks`` (at least 1): the global batch's
+        target count / (world × accumulation), set by the trainer for one optimizer step (``global_batch``)."""
+        self._step_num_masks = float(num_masks)
+        try:
+            yield
+        finally:
+            self._step_num_masks = None
 
     def num_masks(self, class_labels, device) -> torch.Tensor:
-        """The mask losses' normaliser: this rank's target count, or with ``global`` (X-SAM, DETR) the count
-        summed over the process group divided by the world size; at least 1. A collective: with ``global`` under
-        ``torch.distributed`` every rank must call it in the same steps."""
+        """The mask losses' normaliser: the step's (``global_batch`` inside :meth:`step_normaliser`), this
+        rank's target count (``local``), or (``global``, X-SAM, DETR; ``global_batch`` outside a step) the count
+        summed over the process group divided by the world size; at least 1. A collective in the last case:
+        under ``torch.distributed`` every rank must call it in the same steps."""
+        if self._step_num_masks is not None and self.num_masks_reduce == "global_batch":
+            return torch.tensor(self._step_num_masks, device=device).clamp(min=1.0)
         n = torch.tensor(float(sum(len(c) for c in class_labels)), device=device)
-        if self.num_masks_reduce == "global" and dist.is_available() and dist.is_initialized():
+        if self.num_masks_reduce != "local" and dist.is_available() and dist.is_initialized():
             world = dist.get_world_size()
             if world > 1:
                 dist.all_reduce(n, op=dist.ReduceOp.SUM)

@@ -125,3 +125,16 @@ def _per_seg_targets(bi, ji, index, masks, labels) -> tuple[list[torch.Tensor], 
         out_m.append(m)
         out_l.append(torch.full((len(m),), col, dtype=torch.long, device=labels[b].device))
     return out_m, out_l
+
+
+def count_targets(mode: str, seg_ids: torch.Tensor, labels: list[torch.Tensor]) -> int:
+    """The number of target masks :func:`plan_decoding` gives the loss, from the token ids alone (no LLM pass):
+    seg_ids BxT, labels B × Ni phrase indices. ``per_seg`` has one target per ``<SEG>`` j of sample b that has a
+    mask labelled j (several masks of a phrase are one union); the other modes keep every mask."""
+    if mode != "per_seg":
+        return sum(len(lab) for lab in labels)
+    total = 0
+    for b, lab in enumerate(labels):
+        segs = seg_ids[b][seg_ids[b] >= 0].unique().tolist()
+        total += len(set(segs) & set(lab.tolist()))
+    return total

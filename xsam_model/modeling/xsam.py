@@ -24,7 +24,7 @@ from xsam_model.modeling.decoder import MaskDecoder
 from xsam_model.modeling.loss import SegLoss
 from xsam_model.modeling.projector import MLPProjector, SegProjector
 from xsam_model.modeling.region_sampler import RegionSampler
-from xsam_model.modeling.seg_plan import DecodePlan, plan_decoding
+from xsam_model.modeling.seg_plan import DecodePlan, count_targets, plan_decoding
 
 logger = logging.getLogger(__name__)
 
@@ -202,6 +202,22 @@ class XSam(nn.Module):
         # the per-component values are for logging: detached, so logging never holds the graph
         out.losses = {k: v.detach() for k, v in losses.items()}
         return out
+
+    def count_loss_targets(self, batch: dict[str, Any], *, stage: int = 3) -> int:
+        """The target masks :meth:`forward` gives the mask losses for ``batch`` (same filtering, same decoding
+        plan), counted from the batch alone (no model pass): the trainer sums it over an optimizer step's
+        micro-batches and ranks for the ``global_batch`` normaliser (``LossConfig.num_masks_reduce``)."""
+        b = len(batch["mask_labels"])
+        if stage == 1:
+            n = self.config.decoder.num_linear_classes
+            return sum(len(m) for m in self._targets(batch, batch["category_labels"], [n] * b, -100)[1])
+        if stage != 3 or not bool((batch["seg_ids"] >= 0).any()):
+            return 0
+        d = self.config.decoder
+        mode = d.seg_reduce if batch.get("task") in d.seg_reduce_tasks else "last"
+        n_phrases = (batch["cond_ids"].amax(1) + 1).tolist()
+        _, labels, _ = self._targets(batch, batch["class_labels"], n_phrases, None)
+        return count_targets(mode, batch["seg_ids"], labels)
 
     def _stage23(self, batch, stage: int, compute_loss: bool, sam_feats, pyramid, out: XSamOutput) -> None:
         image_tokens, grid = self.encode_images(batch["pixel_values"], sam_feats)
