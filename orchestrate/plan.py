@@ -61,6 +61,9 @@ def model_config(cfg: StageConfig):
     if cfg.data.max_length is not None:
         mc.processor = dataclasses.replace(mc.processor, max_length=cfg.data.max_length)
     mc.llm = dataclasses.replace(mc.llm, attn_implementation=cfg.model.attn_implementation)
+    vgd = {k: v for k in ("vgd_cross_image", "vgd_negatives") if (v := getattr(cfg.data, k)) is not None}
+    if vgd:  # VGD prompts drawn at batch time (issue 16): the stage config's switches over the flavor's
+        mc.processor = dataclasses.replace(mc.processor, **vgd)
     # X-SAM's stage transforms: stage-1 large-scale jitter, stage-2 SigLIP image padded to a square
     mc.processor = stage_processor(mc.processor, cfg.stage)
     return mc

@@ -42,6 +42,8 @@ class RunArgs:
     init_dir: str | None = None
     init_from: dict[int, str] = dataclasses.field(default_factory=dict)
     num_workers: int | None = None
+    min_workers: int | None = None
+    """An elastic worker range ``(min_workers, num_workers)`` (:func:`elastic_workers`); None = fixed."""
     use_gpu: bool = False
     cpus_per_worker: float = 1.0
     max_steps: int | None = None
@@ -65,6 +67,8 @@ class RunArgs:
     """Comma list of ``<source>/<split>`` val sets for ``--eval-every``."""
     eval_max_samples: int = 16
     eval_data_root: str = ""
+    vgd_same_image: bool = False
+    vgd_no_negatives: bool = False
 
 
 def check_flavor(flavor: str) -> None:
@@ -139,6 +143,10 @@ def build_config(a: RunArgs):
         cfg = rep(cfg, model=rep(cfg.model, precision=a.precision))
     if a.loader_workers is not None:
         cfg = rep(cfg, data=rep(cfg.data, loader_workers=a.loader_workers))
+    if a.vgd_same_image or a.vgd_no_negatives:
+        vgd = {"vgd_cross_image": False} if a.vgd_same_image else {}
+        vgd |= {"vgd_negatives": False} if a.vgd_no_negatives else {}
+        cfg = rep(cfg, data=rep(cfg.data, **vgd))
     if a.wandb_mode is not None:
         cfg = rep(cfg, tracking=rep(cfg.tracking, mode=a.wandb_mode))
     if a.checkpoint_every is not None:

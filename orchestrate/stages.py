@@ -184,6 +184,12 @@ class DataConfig:
     shuffle_buffer: int = 1000
     max_length: int | None = 2319
     """Text-token cut (X-SAM's Phi-3 figure); None = the flavor's own."""
+    vgd_cross_image: bool | None = None
+    """VGD ``<region>`` prompts drawn among every same-category instance of the micro-batch (paper); False =
+    the stored same-image prompt; None = the flavor's (``ProcessorConfig.vgd_cross_image``)."""
+    vgd_negatives: bool | None = None
+    """VGD negatives (paper: p=0.5, 0–5 absent-category slots with another image's prompt, no target);
+    False = none (X-SAM ``main``); None = the flavor's (``ProcessorConfig.vgd_negatives``)."""
 
 
 @dataclass(frozen=True, kw_only=True)

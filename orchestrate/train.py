@@ -26,7 +26,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 
 from orchestrate.console import configure_logging  # noqa: E402
 from orchestrate.plan import model_config  # noqa: E402
-from orchestrate.runner import RunArgs, build_config, fit, prepare, ray_init  # noqa: E402
+from orchestrate.runner import RunArgs, build_config, elastic_workers, fit, prepare, ray_init  # noqa: E402
 from pipelines.errors import run_cli  # noqa: E402
 from pipelines.logs import add_verbosity_flags  # noqa: E402
 
@@ -51,6 +51,12 @@ def _parser() -> argparse.ArgumentParser:
         help="a parent export other than <run-root>/stage<K>/export, e.g. 1=/runs/a/stage1/export",
     )
     add("--num-workers", type=int, help="Ray Train workers, one per GPU (default: the recipe's 16)")
+    add(
+        "--min-workers",
+        type=int,
+        help="elastic: start (and restart after a lost node) with as many workers as fit, at least this many "
+        "and at most --num-workers; every count must keep the global batch",
+    )
     add("--use-gpu", action="store_true")
     add("--cpus-per-worker", type=float, default=1.0)
     add("--max-steps", type=int, help="stop after N optimizer steps (default: the recipe's epochs)")
@@ -71,6 +77,8 @@ def _parser() -> argparse.ArgumentParser:
     )
     add("--wandb-dir", help="default: <run-root>/stage<N>/wandb")
     add("--trace-data", action="store_true", help="record every micro-batch's sample keys")
+    add("--vgd-same-image", action="store_true", help="VGD prompts from the sample's own image (main)")
+    add("--vgd-no-negatives", action="store_true", help="no VGD negative slots (X-SAM main)")
     add("--lr", type=float, help="peak learning rate (default: the recipe's; groups keep their multipliers)")
     add("--grad-clip", type=float, help="global gradient-norm clip (default: the recipe's)")
     add("--lr-schedule", choices=("cosine", "multistep"), help="after the warm-up (default: the recipe's)")
@@ -147,6 +155,7 @@ def main(argv: list[str] | None = None) -> int:
     if ns.print_config:
         print(json.dumps(resolved_config(args), indent=2))
         return 0
+    elastic_workers(build_config(args), args.min_workers)  # a range that cannot keep the batch: one line, now
     plan = prepare(args)
     b = plan.cfg.batch
     logger.info(
@@ -159,7 +168,9 @@ def main(argv: list[str] | None = None) -> int:
     import ray.train
 
     try:
-        result = fit(plan, cpus_per_worker=args.cpus_per_worker, verbosity=verbosity)
+        result = fit(
+            plan, cpus_per_worker=args.cpus_per_worker, verbosity=verbosity, min_workers=args.min_workers
+        )
     except ray.train.TrainingFailedError as e:
         print(f"error: stage {plan.stage} failed: {e}", file=sys.stderr)
         return 1

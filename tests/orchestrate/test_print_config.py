@@ -63,3 +63,34 @@ def test_the_model_is_the_flavor_the_stage_builds(capsys):
         debug["stage"]["schedule"]["max_steps"] == 6
         and debug["stage"]["schedule"]["lr"]["kind"] == "multistep"
     )
+
+
+def test_vgd_switches_reach_the_processor(capsys):
+    """Paper defaults (cross-image prompts, negatives); each flag turns one off in the model config built."""
+    proc = _print_config(capsys, "--stage", "3")["model"]["processor"]
+    assert (proc["vgd_cross_image"], proc["vgd_negatives"]) == (True, True)
+    out = _print_config(capsys, "--stage", "3", "--vgd-same-image")
+    assert (out["model"]["processor"]["vgd_cross_image"], out["model"]["processor"]["vgd_negatives"]) == (
+        False,
+        True,
+    )
+    assert out["stage"]["data"]["vgd_cross_image"] is False
+    proc = _print_config(capsys, "--stage", "3", "--vgd-no-negatives")["model"]["processor"]
+    assert (proc["vgd_cross_image"], proc["vgd_negatives"]) == (True, False)
+
+
+def test_a_min_workers_range_that_cannot_keep_the_global_batch_is_one_line(capsys, tmp_path):
+    """Global batch 64 with micro batch 4: on 3 workers 64 is not a multiple of 12 — refused before Ray starts."""
+    argv = [
+        "--stage",
+        "3",
+        "--shards",
+        str(tmp_path),
+        "--run-root",
+        str(tmp_path / "r"),
+        "--num-workers",
+        "4",
+    ]
+    assert run_cli(train.main, [*argv, "--min-workers", "3", "--micro-batch", "4"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "min_workers 3" in err[0]

@@ -65,6 +65,14 @@ def chain(ray_module, train_shards, tmp_path_factory):
     return root, plans
 
 
+def _dataset_sizes(plan) -> dict[str, int]:
+    """Samples of each dataset of the plan's stage mixture."""
+    from pipelines.loader.mixture import load
+
+    stage = load(plan.mixture).stage(plan.stage)
+    return {d.name: sum(s.samples for s in d.shards) for d in stage.datasets}
+
+
 def _lineage(root, stage):
     return json.loads((root / f"stage{stage}" / "export" / "lineage.json").read_text())
 
@@ -98,9 +106,17 @@ def test_three_stages_chain_through_their_exports(chain):
         assert any("mixture/max_abs_gap" in r for r in rows)
         assert list((sdir / "wandb" / "wandb").glob("offline-run-*/*.wandb"))
         trace = read_trace(sdir)
+        sizes = _dataset_sizes(plans[stage])
+        drawn: dict[str, int] = {}
         for step in range(steps):  # one source per global step, on every rank
-            assert trace[(step, 0)]["source"] == trace[(step, 1)]["source"]
-            assert not set(trace[(step, 0)]["keys"]) & set(trace[(step, 1)]["keys"])
+            source = trace[(step, 0)]["source"]
+            assert trace[(step, 1)]["source"] == source
+            # the global batch is positions [cursor, cursor + batch) of its dataset's stream: no key twice in it
+            # unless it straddles an epoch end of that dataset (the next epoch starts over)
+            cursor, n = batch * drawn.get(source, 0), sizes[source]
+            drawn[source] = drawn.get(source, 0) + 1
+            if cursor // n == (cursor + batch - 1) // n:
+                assert not set(trace[(step, 0)]["keys"]) & set(trace[(step, 1)]["keys"]), (stage, step)
             assert len(trace[(step, 0)]["keys"]) == batch // 2  # micro batch × accumulation
         # each step's fingerprint is the digest of both ranks' keys (gathered across the workers)
         fingerprints = read_fingerprints(str(sdir / "metrics.jsonl"))
