@@ -3,12 +3,14 @@
 node is removed in the middle of the work with ``cluster.remove_node``, which kills its raylet and every
 worker process on it, as a lost machine would.
 
-- Shard build: the first conversion a chosen node takes stalls there until the node is removed (a worker
-  setup hook, below), so the loss lands mid-build every time; Ray retries that chunk on the surviving node,
-  and the shards, indexes and manifests equal a clean inline build's byte for byte.
+- Shard build: the first conversion a chosen node takes stalls half-way through its shard until the node is
+  removed (a worker setup hook, below), so the loss lands mid-build every time; Ray retries that chunk on
+  the surviving node, and every tar equals a clean inline build's byte for byte (sha256), every index,
+  marker, manifest and mixture.json too but for wall times, the git commit and the output folder's path.
 - Training: a debug stage-1 run on 2 workers (one per node) plus a spare node loses rank 1's node after step
   3; Ray Train (``FailureConfig.max_failures``) restarts the worker group from the step-2 checkpoint on the
-  remaining nodes, and every step's data fingerprint equals an uninterrupted run's.
+  remaining nodes, and every step's data fingerprint equals an uninterrupted run's. Without a spare node, an
+  elastic worker range (``min_workers=1``) restarts it on the one worker left, with the same fingerprints.
 
 Every node of the simulated cluster shares this machine's disk, so the run root and the shard folder are
 "shared storage" here; a real cluster needs a shared file system or an object store for both.
