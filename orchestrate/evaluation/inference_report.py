@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from orchestrate.evaluation import ground_truth as gt
+from orchestrate.tracking import same_size
 
 if TYPE_CHECKING:
     from orchestrate.evaluation.inference import InferenceRun, SetJob
@@ -119,7 +120,9 @@ def log_eval_run(
     try:
         rows = [[s, m, v] for s, ms in results.items() for m, v in ms.items()]
         logged: dict[str, Any] = {"eval/results": wandb.Table(columns=["set", "metric", "value"], data=rows)}
-        images = [wandb.Image(img, caption=key) for key, img in _overlays(run, overlays)]
+        drawn = _overlays(run, overlays)
+        padded = same_size([img for _, img in drawn]) if drawn else []  # one size per wandb panel
+        images = [wandb.Image(img, caption=key) for (key, _), img in zip(drawn, padded, strict=True)]
         if images:
             logged["eval/predictions"] = images
         wb.log(logged)

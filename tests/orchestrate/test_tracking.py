@@ -176,3 +176,13 @@ def test_previews_are_padded_to_one_size_for_one_wandb_panel():
     assert [p["pred"].shape for p in out] == [(4, 3), (4, 3)]
     assert out[0]["image"][:2, :3].all() and not out[0]["image"][2:].any()  # the original, then black
     assert out[1]["truth"][:, :1].all() and not out[1]["truth"][:, 1:].any()  # label 0 = none
+
+
+def test_evaluation_overlays_are_padded_to_one_size_too():
+    import numpy as np
+
+    from orchestrate.tracking import same_size
+
+    out = same_size([np.ones((2, 5, 3), np.uint8), np.ones((6, 1, 3), np.uint8)])
+    assert [a.shape for a in out] == [(6, 5, 3), (6, 5, 3)]
+    assert out[0][:2].all() and not out[0][2:].any() and out[1][:, :1].all() and not out[1][:, 1:].any()
