@@ -187,16 +187,35 @@ def _checkpoint_url(path: str, run_root: str) -> str:
     return f"{scheme}://{path}" if scheme and "://" not in path else path
 
 
-def save(engine, *, rank: int, loader_state: dict, train_state: TrainState, metrics: dict[str, Any]) -> None:
-    """Every rank: write its shard + loader state into a temporary folder and report it (a barrier)."""
+def save(
+    engine,
+    *,
+    rank: int,
+    loader_state: dict,
+    train_state: TrainState,
+    metrics: dict[str, Any],
+    upload: str = "async",
+) -> None:
+    """Every rank: write its shard + loader state into a local temporary folder and report it to Ray Train
+    (a barrier). ``upload="async"``: Ray Train copies the folder to the run root in a background thread (one
+    upload at a time, in order) and deletes it afterwards, so the next steps train meanwhile; a checkpoint
+    counts once every rank's upload is done, and a worker lost mid-upload resumes from the previous one.
+    ``sync``: the step waits for the upload."""
     import ray.train
 
-    with tempfile.TemporaryDirectory(prefix="xsam-ckpt-") as tmp:
-        engine.save_checkpoint(tmp, tag=DS_TAG)  # collective: every rank writes its optimizer partition
-        (Path(tmp) / loader_file(rank)).write_text(json.dumps(loader_state))
-        if rank == 0:
-            (Path(tmp) / TRAIN_STATE).write_text(json.dumps(asdict(train_state)))
-        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+    # not a TemporaryDirectory: an async upload reads the folder after report() returns, and removes it
+    tmp = tempfile.mkdtemp(prefix="xsam-ckpt-")
+    engine.save_checkpoint(tmp, tag=DS_TAG)  # collective: every rank writes its optimizer partition
+    (Path(tmp) / loader_file(rank)).write_text(json.dumps(loader_state))
+    if rank == 0:
+        (Path(tmp) / TRAIN_STATE).write_text(json.dumps(asdict(train_state)))
+    mode = ray.train.CheckpointUploadMode.ASYNC if upload == "async" else ray.train.CheckpointUploadMode.SYNC
+    ray.train.report(
+        metrics,
+        checkpoint=ray.train.Checkpoint.from_directory(tmp),
+        checkpoint_upload_mode=mode,
+        delete_local_checkpoint_after_upload=True,
+    )
 
 
 def restore(

@@ -199,9 +199,17 @@ class CheckpointPolicy:
     keep: int = 2
     max_failures: int = 3
     """Worker-group restarts Ray Train attempts from the latest checkpoint before giving up."""
+    upload: str = "async"
+    """``async``: Ray Train uploads a checkpoint in the background while training goes on; ``sync``: the step
+    waits for it (a checkpoint's local copy then never outlives its step)."""
 
     def __post_init__(self):
-        if self.every_steps <= 0 or self.keep <= 0 or self.max_failures < -1:
+        if (
+            self.every_steps <= 0
+            or self.keep <= 0
+            or self.max_failures < -1
+            or self.upload not in ("async", "sync")
+        ):
             raise StageConfigError(f"bad checkpoint policy {self}")
 
 

@@ -22,6 +22,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from pipelines import storage
+
 if TYPE_CHECKING:
     from orchestrate.plan import RunPlan
 
@@ -78,11 +80,10 @@ class NullTracker:
 
 
 def make_tracker(plan: RunPlan, rank: int, config: Mapping[str, Any]) -> Tracker | NullTracker:
-    """Rank 0: wandb (mode from the stage config) and ``metrics.jsonl`` in a local stage folder; else a
-    :class:`NullTracker`."""
+    """Rank 0: wandb (mode from the stage config) and the stage's ``metrics.jsonl`` (a local path or a URI:
+    :class:`pipelines.storage.LineLog`); else a :class:`NullTracker`."""
     if rank != 0:
         return NullTracker()
-    local = plan.layout.local_dir()
     return Tracker(
         project=plan.cfg.tracking.project,
         run_name=plan.run_name,
@@ -90,7 +91,7 @@ def make_tracker(plan: RunPlan, rank: int, config: Mapping[str, Any]) -> Tracker
         config=config,
         mode=plan.cfg.tracking.mode,
         wandb_dir=plan.wandb_dir,
-        metrics_file=plan.layout.metrics_jsonl if local else None,
+        metrics_file=plan.layout.metrics_jsonl,
         run_root=plan.run_root,
     )
 
@@ -116,7 +117,8 @@ class Tracker:
         self.mode = resolve_mode(mode)
         self.run = None
         self.run_dir: str | None = None
-        self._metrics = open(metrics_file, "a") if metrics_file else None  # noqa: SIM115 (closed in finish)
+        # a local file appended line by line, or an object rewritten every 30 s (closed in finish)
+        self._metrics = storage.LineLog(str(metrics_file)) if metrics_file else None
         if self.mode == "disabled" or wandb_dir is None:
             return
         os.environ.update(wandb_env(wandb_dir, self.mode))
@@ -147,8 +149,7 @@ class Tracker:
     def log(self, step: int, metrics: Mapping[str, Any]) -> None:
         row = {"step": step, **{k: v for k, v in metrics.items() if isinstance(v, int | float | str)}}
         if self._metrics:
-            self._metrics.write(json.dumps(row) + "\n")
-            self._metrics.flush()
+            self._metrics.write(json.dumps(row))
         if self.run is not None:
             self.run.log({"train/step": step, **metrics})
 
@@ -203,18 +204,23 @@ class Tracker:
         return self.run_dir
 
 
-def _same_size(previews: list[dict]) -> list[dict]:
-    """Pad each preview's ``image`` HxWx3 (black) and ``pred``/``truth`` HxW (label 0 = none) at the bottom and
-    right to the largest H and W of the list, so one wandb panel holds images of one size."""
+def pad_to(a, h: int, w: int):
+    """HxW[xC] array padded with zeros at the bottom and right to h×w."""
     import numpy as np
 
+    return np.pad(a, [(0, h - a.shape[0]), (0, w - a.shape[1])] + [(0, 0)] * (a.ndim - 2))
+
+
+def same_size(images: list) -> list:
+    """HxW[xC] arrays padded (zeros: black, label 0) to the largest H and W of the list: wandb warns on every
+    panel whose images differ in size."""
+    h, w = max(a.shape[0] for a in images), max(a.shape[1] for a in images)
+    return [pad_to(a, h, w) for a in images]
+
+
+def _same_size(previews: list[dict]) -> list[dict]:
+    """Each preview's ``image`` HxWx3 and ``pred``/``truth`` HxW (label 0 = none) padded to the largest H and W
+    of the list, so one wandb panel holds images of one size."""
     h = max(p["image"].shape[0] for p in previews)
     w = max(p["image"].shape[1] for p in previews)
-
-    def pad(a):
-        extra = [(0, h - a.shape[0]), (0, w - a.shape[1])] + [(0, 0)] * (a.ndim - 2)
-        return np.pad(a, extra)
-
-    return [
-        {**p, "image": pad(p["image"]), "pred": pad(p["pred"]), "truth": pad(p["truth"])} for p in previews
-    ]
+    return [{**p, **{k: pad_to(p[k], h, w) for k in ("image", "pred", "truth")}} for p in previews]

@@ -407,6 +407,7 @@ class Trainer:
             loader_state=self.loader.state_dict(),
             train_state=self.state,
             metrics={"step": self.state.step, **self.last_losses},
+            upload=self.cfg.checkpoint.upload,
         )
         for cb in self.callbacks:
             cb.on_checkpoint(self, self.state.step)

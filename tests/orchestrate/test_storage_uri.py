@@ -15,6 +15,7 @@ import pytest
 
 from orchestrate import exports
 from orchestrate.errors import ParentExportError
+from orchestrate.fingerprint import read_fingerprints
 from pipelines import storage
 
 BUCKET = "xsam-test"
@@ -163,6 +164,7 @@ def test_stage_checkpoints_export_and_resume_on_s3(s3, train_shards, ray_local):
     assert fit(plan(4), callbacks=[]).metrics["step"] == 4
     assert [s for s, _ in checkpointing.list_checkpoints(layout)] == [2, 4]
 
+    assert sorted(read_fingerprints(layout.metrics_jsonl)) == [1, 2, 3, 4]  # metrics.jsonl on S3 too
     info = exports.find_export(layout.export_dir, 1)
     assert (
         info.lineage["steps"] == 4 and info.lineage["restarts"] == 1 and info.lineage["run_root"] == run_root
