@@ -68,6 +68,7 @@ class RunArgs:
     eval_max_samples: int = 16
     eval_data_root: str = ""
     vgd_same_image: bool = False
+    stored_categories: bool = False
     vgd_no_negatives: bool = False
 
 
@@ -143,6 +144,8 @@ def build_config(a: RunArgs):
         cfg = rep(cfg, model=rep(cfg.model, precision=a.precision))
     if a.loader_workers is not None:
         cfg = rep(cfg, data=rep(cfg.data, loader_workers=a.loader_workers))
+    if a.stored_categories:
+        cfg = rep(cfg, data=rep(cfg.data, variant_categories=False))
     if a.vgd_same_image or a.vgd_no_negatives:
         vgd = {"vgd_cross_image": False} if a.vgd_same_image else {}
         vgd |= {"vgd_negatives": False} if a.vgd_no_negatives else {}

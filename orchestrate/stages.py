@@ -184,6 +184,9 @@ class DataConfig:
     shuffle_buffer: int = 1000
     max_length: int | None = 2319
     """Text-token cut (X-SAM's Phi-3 figure); None = the flavor's own."""
+    variant_categories: bool = True
+    """Stage-3 genseg category prompts re-drawn per use as the archive's ``use_variant_cat`` (paper); False =
+    the stored category list (``MixtureLoader(variant_categories=...)``)."""
     vgd_cross_image: bool | None = None
     """VGD ``<region>`` prompts drawn among every same-category instance of the micro-batch (paper); False =
     the stored same-image prompt; None = the flavor's (``ProcessorConfig.vgd_cross_image``)."""

@@ -77,6 +77,11 @@ def _parser() -> argparse.ArgumentParser:
     )
     add("--wandb-dir", help="default: <run-root>/stage<N>/wandb")
     add("--trace-data", action="store_true", help="record every micro-batch's sample keys")
+    add(
+        "--stored-categories",
+        action="store_true",
+        help="genseg keeps its stored category prompt (no per-use use_variant_cat re-draw)",
+    )
     add("--vgd-same-image", action="store_true", help="VGD prompts from the sample's own image (main)")
     add("--vgd-no-negatives", action="store_true", help="no VGD negative slots (X-SAM main)")
     add("--lr", type=float, help="peak learning rate (default: the recipe's; groups keep their multipliers)")

@@ -241,6 +241,7 @@ class Trainer:
             mixture=self.stage_mixture,
             shuffle_window=cfg.data.shuffle_buffer,
             pin_memory=plan.use_gpu,
+            variant_categories=cfg.data.variant_categories,
         )
 
     def _find_checkpoint(self):

@@ -260,6 +260,7 @@ class MixtureStream:
         redraw_conversations: bool = True,
         verify: bool = True,
         length_group: int = 8,
+        variant_categories: bool = True,
     ):
         if not stage.datasets:
             raise LoaderError(
@@ -291,6 +292,8 @@ class MixtureStream:
         self.max_cached_indexes = max_cached_indexes
         # X-SAM re-draws wordings per access: use u of a sample (its u-th epoch) is pipelines.loader.redraw's
         self.redraw_conversations = bool(redraw_conversations)
+        # stage-3 genseg's category prompt re-drawn as the archive's use_variant_cat; False: the stored list
+        self.variant_categories = bool(variant_categories)
         self.verify = bool(verify)  # each sample's sha256 against its shard's member index (issue 20)
         # global batches per length-sorted group (pipelines.loader.grouping); 1 = ungrouped
         self.length_group = length_group if self.global_batch > 1 else 1
@@ -464,7 +467,7 @@ class MixtureStream:
         if sample.image is not None and not has_image:
             return ("skipped", "missing_image", raw.key, "no image member in the shard")
         if self.redraw_conversations:  # a re-drawn sample that breaks the schema raises LoaderError
-            sample = redraw.redraw(sample, self.seed, use)
+            sample = redraw.redraw(sample, self.seed, use, self.variant_categories)
         sample.meta["draw"] = [self.seed, use]  # the transform's own draws (stage-1 jitter) key on these
         return sample
 
@@ -559,7 +562,9 @@ def _stage_mixture(shards: str, stage: int, mixture) -> mixture_mod.StageMixture
 
 # ---------------------------------------------------------------------------------------------- state checks
 def _fit(state: dict, mine: dict) -> None:
-    """ValueError naming every identity field where ``state`` and this loader differ."""
+    """ValueError naming every identity field where ``state`` and this loader differ (a state written before
+    ``variant_categories`` was a field re-drew genseg prompts: True)."""
+    state = {"variant_categories": True, **state}
     diff = {k: (state.get(k), v) for k, v in mine.items() if state.get(k) != v}
     if diff:
         raise ValueError(
@@ -580,7 +585,8 @@ def _v1_to_v2(state: dict, stream: MixtureStream, identity: dict) -> dict:
     if isinstance(state.get("stage"), str) and state["stage"].isdigit():
         state["stage"] = int(state["stage"])  # states saved before stages were ints
     state.setdefault("length_group", 1)  # states saved before length grouping: ungrouped
-    v1 = {k: v for k, v in identity.items() if k not in ("format", "global_batch", "redraw_conversations")}
+    skip = ("format", "global_batch", "redraw_conversations", "variant_categories")
+    v1 = {k: v for k, v in identity.items() if k not in skip}
     v1.update(rank=stream.rank, world_size=stream.world_size, lanes=stream.lanes)
     v1.update(batch_size=stream.batch_size, grad_accum=stream.grad_accum)
     if stream.batch_size == 1:  # v1 stored length_group 1 when batch_size was 1
@@ -667,6 +673,8 @@ class MixtureLoader:
             one core per worker); None leaves OpenCV alone.
         length_group: global batches per length-sorted group of a dataset (:mod:`pipelines.loader.grouping`,
             X-SAM's length grouping); 1 = ungrouped. No effect when the global batch is 1.
+        variant_categories: stage-3 genseg train samples get the archive's ``use_variant_cat`` category prompt
+            per use (:func:`pipelines.loader.redraw.variant_prompt`); False keeps the stored category list.
     """
 
     def __init__(
@@ -694,6 +702,7 @@ class MixtureLoader:
         redraw_conversations: bool = True,
         verify: bool = True,
         length_group: int = 8,
+        variant_categories: bool = True,
     ):
         stage_mix = _stage_mixture(shards, stage, mixture)
         self.num_workers, self.opencv_threads = num_workers, opencv_threads
@@ -715,6 +724,7 @@ class MixtureLoader:
             redraw_conversations=redraw_conversations,
             verify=verify,
             length_group=length_group,
+            variant_categories=variant_categories,
         )
         self.dataloader_kwargs = {
             "prefetch_factor": prefetch_factor if num_workers else None,
@@ -788,6 +798,7 @@ class MixtureLoader:
             "exclude_flags": list(s.exclude_flags),
             "length_group": s.length_group,
             "redraw_conversations": s.redraw_conversations,
+            "variant_categories": s.variant_categories,
         }
 
     def state_dict(self) -> dict:

@@ -94,3 +94,11 @@ def test_a_min_workers_range_that_cannot_keep_the_global_batch_is_one_line(capsy
     assert run_cli(train.main, [*argv, "--min-workers", "3", "--micro-batch", "4"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "min_workers 3" in err[0]
+
+
+def test_stored_categories_switches_the_genseg_variant_prompt_off(capsys):
+    assert _print_config(capsys, "--stage", "3")["stage"]["data"]["variant_categories"] is True
+    assert (
+        _print_config(capsys, "--stage", "3", "--stored-categories")["stage"]["data"]["variant_categories"]
+        is False
+    )

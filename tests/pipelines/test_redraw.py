@@ -168,3 +168,31 @@ def test_genseg_category_prompt_is_redrawn_as_use_variant_cat(demo_samples):
     assert kept.phrases == s.phrases
     val = replace(s, key=s.key.replace("/train/", "/val/"), split="val")
     assert redraw(val, 3, 1).phrases == s.phrases  # eval prompts are never re-chosen
+
+
+def phrases_of(sample, image):
+    return (sample.key, sample.task, tuple(sample.phrases))
+
+
+def test_loader_variant_categories_switch(demo_build):
+    """``MixtureLoader(variant_categories=False)`` keeps genseg's stored category list on every use; the
+    default re-draws it (archive ``use_variant_cat``) from the second use on. Other tasks are unaffected."""
+    shards, samples = demo_build
+    stored = {s.key: tuple(s.phrases) for ss in samples.values() for s in ss}
+    kw = {"stage": 3, "batch_size": 2, "seed": 5, "transform": phrases_of, "collate": list, "length_group": 1}
+
+    def genseg(loader, n=150):
+        out = []
+        for i, batch in enumerate(loader):
+            out += [(k, p) for k, task, p in batch.data if task == "genseg"]
+            if i == n:
+                return out
+
+    on = genseg(MixtureLoader(str(shards), **kw))
+    off = genseg(MixtureLoader(str(shards), variant_categories=False, **kw))
+    assert [k for k, _ in on] == [k for k, _ in off] and len(off) > 10
+    assert all(p == stored[k] for k, p in off)
+    assert any(p != stored[k] for k, p in on)
+    state = MixtureLoader(str(shards), **kw).state_dict()
+    with pytest.raises(ValueError, match="variant_categories"):
+        MixtureLoader(str(shards), variant_categories=False, **kw).load_state_dict(state)
