@@ -213,11 +213,19 @@ class XSam(nn.Module):
             return sum(len(m) for m in self._targets(batch, batch["category_labels"], [n] * b, -100)[1])
         if stage != 3 or not bool((batch["seg_ids"] >= 0).any()):
             return 0
+        _, labels = self._phrase_targets(batch, batch["cond_ids"])
+        return count_targets(self._decode_mode(batch.get("task")), batch["seg_ids"], labels)
+
+    def _decode_mode(self, task: str | None) -> str:
+        """The task's stage-3 decoding plan (``DecoderConfig.seg_reduce`` for its tasks, else ``last``)."""
         d = self.config.decoder
-        mode = d.seg_reduce if batch.get("task") in d.seg_reduce_tasks else "last"
-        n_phrases = (batch["cond_ids"].amax(1) + 1).tolist()
-        _, labels, _ = self._targets(batch, batch["class_labels"], n_phrases, None)
-        return count_targets(mode, batch["seg_ids"], labels)
+        return d.seg_reduce if task in d.seg_reduce_tasks else "last"
+
+    def _phrase_targets(self, batch, cond_ids: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Stage-3 targets: per sample its masks and phrase labels, checked against its phrase count (spans
+        of ``cond_ids`` BxT are numbered 0..K-1 per sample)."""
+        masks, labels, _ = self._targets(batch, batch["class_labels"], (cond_ids.amax(1) + 1).tolist(), None)
+        return masks, labels
 
     def _stage23(self, batch, stage: int, compute_loss: bool, sam_feats, pyramid, out: XSamOutput) -> None:
         image_tokens, grid = self.encode_images(batch["pixel_values"], sam_feats)
@@ -233,14 +241,13 @@ class XSam(nn.Module):
             )
         if stage != 3 or not bool((x["seg_ids"] >= 0).any()):
             return
-        d = self.config.decoder
-        mode = d.seg_reduce if batch.get("task") in d.seg_reduce_tasks else "last"
         masks = labels = None
         if compute_loss:
-            n_phrases = (x["cond_ids"].amax(1) + 1).tolist()  # spans are numbered 0..K-1 per sample
-            masks, labels, _ = self._targets(batch, batch["class_labels"], n_phrases, None)
+            masks, labels = self._phrase_targets(batch, x["cond_ids"])
         proj = self.llm_projector(hidden)  # BxT'xC
-        plan = plan_decoding(mode, proj, x["cond_ids"], x["seg_ids"], masks, labels)
+        plan = plan_decoding(
+            self._decode_mode(batch.get("task")), proj, x["cond_ids"], x["seg_ids"], masks, labels
+        )
         out.predictions = self.mask_decoder(
             self.seg_connector(pyramid),
             seg_embeds=plan.seg_embeds,
@@ -259,9 +266,7 @@ class XSam(nn.Module):
         hidden BxTxD with cond_ids/seg_ids BxT, pyramid = the connector inputs from :meth:`encode_sam`. The
         task's ``seg_reduce`` mode, as in :meth:`forward`. Returns the decoder's per-layer predictions (R runs)
         and the plan (``runs``: each run's image and ``<SEG>``)."""
-        d = self.config.decoder
-        mode = d.seg_reduce if task in d.seg_reduce_tasks else "last"
-        plan = plan_decoding(mode, self.llm_projector(hidden), cond_ids, seg_ids)
+        plan = plan_decoding(self._decode_mode(task), self.llm_projector(hidden), cond_ids, seg_ids)
         preds = self.mask_decoder(
             self.seg_connector(pyramid),
             seg_embeds=plan.seg_embeds,
