@@ -31,7 +31,8 @@ The batch from :meth:`XSamProcessor.collate` stacks the fixed-size tensors (``pi
 tensors to B×Tmax (ids with the pad id, labels with -100, cond/seg ids with -1) and adds
 ``attention_mask`` B×Tmax (1 = real token); ``mask_labels``, ``class_labels``, ``category_labels`` and
 ``region_masks`` stay per-sample lists (ragged); ``task`` is one str, ``keys`` a list of str. A vgdseg batch
-adds ``region_image`` (per sample, R long: the batch image whose grid each region's features are read from).
+adds ``region_image`` (per sample, R long: the batch image whose grid each region's features are read from;
+-1 = none, a negative slot the batch had no instance for: an empty mask and zero features, as X-SAM).
 
 vgdseg train samples with a ``prompt_pool`` get their ``<region>`` prompts in :meth:`XSamProcessor.collate`
 (issue 16 item 1, :mod:`pipelines.loader.vgd_draw`): each slot's prompt drawn among all instances of its
@@ -372,16 +373,14 @@ class XSamProcessor:
         if plan.negatives:
             tok = self._with_slots(v.sample, plan)
             if tok is None:  # the longer question does not fit max_length: this sample keeps its positives
-                n = plan.negatives
-                for k in ("vgd_negatives", "vgd_slots", "vgd_cross_image"):
-                    counts[k] -= n
+                counts.subtract(plan.negative_counts(pos.index(b)))
                 counts["vgd_negative_too_long"] += 1
                 plan = plan.without_negatives()
             else:
                 it.update(tok)
         new = plan.label_map
         it["class_labels"] = torch.tensor([new[int(x)] for x in it["class_labels"]], dtype=torch.long)
-        src = [b if p.stored is not None else pos[p.image] for p in plan.slots]
+        src = [b if p.stored is not None else -1 if p.image < 0 else pos[p.image] for p in plan.slots]
         rles = [v.sample.regions[p.stored].rle if p.stored is not None else p.rle for p in plan.slots]
         it["region_masks"] = self._regions_in_frames(items, src, rles)
         it["region_image"] = torch.tensor(src, dtype=torch.long)
@@ -394,10 +393,12 @@ class XSamProcessor:
         self, items: Sequence[dict[str, Any]], src: list[int], rles: list[dict]
     ) -> torch.Tensor:
         """R prompts → R×L×L bool, prompt r decoded in the SAM frame of batch image ``src[r]`` (its size and
-        jitter); only the chosen prompts are ever decoded."""
+        jitter); only the chosen prompts are ever decoded. ``src[r]`` -1 (a negative with no instance to show):
+        an empty mask, and the model gives that region zero features."""
         L = self.config.sam_size
         out = _empty((len(rles), L, L), torch.uint8)
-        for j in sorted(set(src)):
+        out[[r for r, s in enumerate(src) if s < 0]] = 0
+        for j in sorted(set(src) - {-1}):
             rows = [r for r, s in enumerate(src) if s == j]
             v: VgdPending = items[j]["vgd"]
             out[rows] = self._to_sam_frame([rles[r] for r in rows], v.size, v.geom)
