@@ -60,7 +60,7 @@ import numpy as np
 import torch
 
 from pipelines import templates
-from pipelines.loader import decode, vgd_draw
+from pipelines.loader import decode, redraw, vgd_draw
 from pipelines.schema import IMAGE, P_CLOSE, P_OPEN, REGION, Sample, Turn
 from xsam_model.config import ProcessorConfig
 
@@ -72,6 +72,8 @@ _TAG_JITTER = 4  # keeps the jitter draw apart from the loader's other (seed, ke
 _SPLIT = re.compile(f"({re.escape(IMAGE)}|{re.escape(REGION)})")
 _SLOT = re.escape(P_OPEN + REGION + P_CLOSE)
 _SLOT_LIST = re.compile(f"{_SLOT}(?:, {_SLOT})*")  # a VGD question's "<p><region></p>, <p><region></p>, …"
+# the per-step data counters a batch may carry (``vgd_counts``, ``reaseg_counts``), logged as ``data/<name>``
+DATA_COUNTERS = vgd_draw.COUNTERS + redraw.COUNTERS
 
 
 class ProcessorError(ValueError):
@@ -287,6 +289,8 @@ class XSamProcessor:
                 )
         item["scaled_size"] = torch.tensor(size, dtype=torch.long)
         item["task"], item["key"] = sample.task, sample.key
+        if sample.task == "reaseg" and sample.split == "train":  # this use's explanation coins, counted
+            item["reaseg_counts"] = redraw.reaseg_counts(sample)
         return item
 
     def _text_only(self, item: dict[str, Any], sample: Sample) -> dict[str, Any]:
@@ -314,13 +318,18 @@ class XSamProcessor:
         """:func:`collate`, after drawing the prompts of vgdseg train items (:mod:`pipelines.loader.vgd_draw`):
         their ``region_masks`` (in the source image's SAM frame), ``region_image`` (R long: the batch image each
         region comes from), and, for negatives, re-tokenized text and re-numbered ``class_labels``. The batch
-        then carries the draw's counters as ``vgd_counts`` (a dict of ints)."""
+        then carries the draw's counters as ``vgd_counts`` (a dict of ints); a reaseg train batch carries
+        ``reaseg_counts`` (:data:`pipelines.loader.redraw.COUNTERS`, summed over its items)."""
+        reaseg = [it["reaseg_counts"] for it in items if "reaseg_counts" in it]
         if not any("vgd" in it for it in items):
-            return collate(items, pad_token_id=self.pad_id)
-        items, counts = self._draw_vgd(items)
-        batch = collate(items, pad_token_id=self.pad_id)
-        batch["vgd_counts"] = dict(counts)
-        self.vgd_counts.update(counts)
+            batch = collate(items, pad_token_id=self.pad_id)
+        else:
+            items, counts = self._draw_vgd(items)
+            batch = collate(items, pad_token_id=self.pad_id)
+            batch["vgd_counts"] = dict(counts)
+            self.vgd_counts.update(counts)
+        if reaseg:
+            batch["reaseg_counts"] = {k: sum(c[k] for c in reaseg) for k in redraw.COUNTERS}
         return batch
 
     # ------------------------------------------------------------------ VGD prompts at batch time
