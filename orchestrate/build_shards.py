@@ -19,7 +19,7 @@ sys.path.insert(
 )  # run as a script from anywhere
 
 from pipelines.build.driver import build, format_table  # noqa: E402
-from pipelines.build.options import BuildOptions, SourceOptions  # noqa: E402
+from pipelines.build.options import PRESETS, BuildOptions, SourceOptions  # noqa: E402
 from pipelines.errors import BuildConfigError, run_cli  # noqa: E402
 from pipelines.loader.mixture import mixture_path  # noqa: E402
 from pipelines.logs import add_verbosity_flags, configure_logging, verbosity  # noqa: E402
@@ -57,6 +57,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--keep-eval-images", action="store_true", help="keep RefCOCO eval images in COCO train splits"
     )
+    p.add_argument(
+        "--preset",
+        choices=PRESETS,
+        default="default",
+        help="paper: X-SAM's archive data exactly (no eval-image guard, archive refseg sentence "
+        "combinations, LISA images without an explanation skipped); default: this project's choices",
+    )
     p.add_argument("--max-image-pixels", type=int, default=BuildOptions.max_image_pixels)
     p.add_argument(
         "--option",
@@ -91,6 +98,7 @@ def options_from(args: argparse.Namespace) -> BuildOptions:
         genseg_num_class=args.genseg_num_class,
         keep_eval_images=args.keep_eval_images,
         extra=SourceOptions.from_args(args.option),
+        preset=args.preset,
     )
 
 

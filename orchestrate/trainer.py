@@ -298,8 +298,8 @@ class Trainer:
         (:mod:`orchestrate.fingerprint`)."""
         import torch
 
-        from pipelines.loader.vgd_draw import COUNTERS
         from xsam_model.modeling.xsam import LOSS_KEYS
+        from xsam_model.processor import DATA_COUNTERS as COUNTERS
 
         cfg, step = self.cfg, self.state.step
         t0 = time.perf_counter()
@@ -312,7 +312,7 @@ class Trainer:
                 raise RuntimeError(f"loader at step {b.step}, trainer at step {step}")
             micro.append(b)
         tokens, keys, source = 0, [], micro[-1].source
-        # loss, its parts, stage 1's masks with an unknown category (dropped, counted), VGD draw counters
+        # loss, its parts, stage 1's masks with an unknown category (dropped, counted), VGD/reaseg draw counters
         sums = torch.zeros(2 + len(LOSS_KEYS) + len(COUNTERS), dtype=torch.float64)
         with self._step_normaliser(micro):
             for b in micro:
@@ -321,7 +321,7 @@ class Trainer:
                 out = self.engine(batch, stage=cfg.stage)
                 self.engine.backward(out.loss)
                 self.engine.step()
-                vgd = b.data.get("vgd_counts") or {}
+                vgd = {**(b.data.get("vgd_counts") or {}), **(b.data.get("reaseg_counts") or {})}
                 sums += torch.tensor(
                     [
                         out.loss.item(),
@@ -361,8 +361,8 @@ class Trainer:
         import torch
         import torch.distributed as dist
 
-        from pipelines.loader.vgd_draw import COUNTERS
         from xsam_model.modeling.xsam import LOSS_KEYS
+        from xsam_model.processor import DATA_COUNTERS as COUNTERS
 
         cfg, state = self.cfg, self.state
         red = torch.cat([sums, torch.tensor([tokens, wait], dtype=torch.float64)]).to(self.device)

@@ -31,7 +31,8 @@ The batch from :meth:`XSamProcessor.collate` stacks the fixed-size tensors (``pi
 tensors to B×Tmax (ids with the pad id, labels with -100, cond/seg ids with -1) and adds
 ``attention_mask`` B×Tmax (1 = real token); ``mask_labels``, ``class_labels``, ``category_labels`` and
 ``region_masks`` stay per-sample lists (ragged); ``task`` is one str, ``keys`` a list of str. A vgdseg batch
-adds ``region_image`` (per sample, R long: the batch image whose grid each region's features are read from).
+adds ``region_image`` (per sample, R long: the batch image whose grid each region's features are read from;
+-1 = none, a negative slot the batch had no instance for: an empty mask and zero features, as X-SAM).
 
 vgdseg train samples with a ``prompt_pool`` get their ``<region>`` prompts in :meth:`XSamProcessor.collate`
 (issue 16 item 1, :mod:`pipelines.loader.vgd_draw`): each slot's prompt drawn among all instances of its
@@ -59,7 +60,7 @@ import numpy as np
 import torch
 
 from pipelines import templates
-from pipelines.loader import decode, vgd_draw
+from pipelines.loader import decode, redraw, vgd_draw
 from pipelines.schema import IMAGE, P_CLOSE, P_OPEN, REGION, Sample, Turn
 from xsam_model.config import ProcessorConfig
 
@@ -71,6 +72,8 @@ _TAG_JITTER = 4  # keeps the jitter draw apart from the loader's other (seed, ke
 _SPLIT = re.compile(f"({re.escape(IMAGE)}|{re.escape(REGION)})")
 _SLOT = re.escape(P_OPEN + REGION + P_CLOSE)
 _SLOT_LIST = re.compile(f"{_SLOT}(?:, {_SLOT})*")  # a VGD question's "<p><region></p>, <p><region></p>, …"
+# the per-step data counters a batch may carry (``vgd_counts``, ``reaseg_counts``), logged as ``data/<name>``
+DATA_COUNTERS = vgd_draw.COUNTERS + redraw.COUNTERS
 
 
 class ProcessorError(ValueError):
@@ -286,6 +289,8 @@ class XSamProcessor:
                 )
         item["scaled_size"] = torch.tensor(size, dtype=torch.long)
         item["task"], item["key"] = sample.task, sample.key
+        if sample.task == "reaseg" and sample.split == "train":  # this use's explanation coins, counted
+            item["reaseg_counts"] = redraw.reaseg_counts(sample)
         return item
 
     def _text_only(self, item: dict[str, Any], sample: Sample) -> dict[str, Any]:
@@ -313,13 +318,18 @@ class XSamProcessor:
         """:func:`collate`, after drawing the prompts of vgdseg train items (:mod:`pipelines.loader.vgd_draw`):
         their ``region_masks`` (in the source image's SAM frame), ``region_image`` (R long: the batch image each
         region comes from), and, for negatives, re-tokenized text and re-numbered ``class_labels``. The batch
-        then carries the draw's counters as ``vgd_counts`` (a dict of ints)."""
+        then carries the draw's counters as ``vgd_counts`` (a dict of ints); a reaseg train batch carries
+        ``reaseg_counts`` (:data:`pipelines.loader.redraw.COUNTERS`, summed over its items)."""
+        reaseg = [it["reaseg_counts"] for it in items if "reaseg_counts" in it]
         if not any("vgd" in it for it in items):
-            return collate(items, pad_token_id=self.pad_id)
-        items, counts = self._draw_vgd(items)
-        batch = collate(items, pad_token_id=self.pad_id)
-        batch["vgd_counts"] = dict(counts)
-        self.vgd_counts.update(counts)
+            batch = collate(items, pad_token_id=self.pad_id)
+        else:
+            items, counts = self._draw_vgd(items)
+            batch = collate(items, pad_token_id=self.pad_id)
+            batch["vgd_counts"] = dict(counts)
+            self.vgd_counts.update(counts)
+        if reaseg:
+            batch["reaseg_counts"] = {k: sum(c[k] for c in reaseg) for k in redraw.COUNTERS}
         return batch
 
     # ------------------------------------------------------------------ VGD prompts at batch time
@@ -372,16 +382,14 @@ class XSamProcessor:
         if plan.negatives:
             tok = self._with_slots(v.sample, plan)
             if tok is None:  # the longer question does not fit max_length: this sample keeps its positives
-                n = plan.negatives
-                for k in ("vgd_negatives", "vgd_slots", "vgd_cross_image"):
-                    counts[k] -= n
+                counts.subtract(plan.negative_counts(pos.index(b)))
                 counts["vgd_negative_too_long"] += 1
                 plan = plan.without_negatives()
             else:
                 it.update(tok)
         new = plan.label_map
         it["class_labels"] = torch.tensor([new[int(x)] for x in it["class_labels"]], dtype=torch.long)
-        src = [b if p.stored is not None else pos[p.image] for p in plan.slots]
+        src = [b if p.stored is not None else -1 if p.image < 0 else pos[p.image] for p in plan.slots]
         rles = [v.sample.regions[p.stored].rle if p.stored is not None else p.rle for p in plan.slots]
         it["region_masks"] = self._regions_in_frames(items, src, rles)
         it["region_image"] = torch.tensor(src, dtype=torch.long)
@@ -394,10 +402,12 @@ class XSamProcessor:
         self, items: Sequence[dict[str, Any]], src: list[int], rles: list[dict]
     ) -> torch.Tensor:
         """R prompts → R×L×L bool, prompt r decoded in the SAM frame of batch image ``src[r]`` (its size and
-        jitter); only the chosen prompts are ever decoded."""
+        jitter); only the chosen prompts are ever decoded. ``src[r]`` -1 (a negative with no instance to show):
+        an empty mask, and the model gives that region zero features."""
         L = self.config.sam_size
         out = _empty((len(rles), L, L), torch.uint8)
-        for j in sorted(set(src)):
+        out[[r for r, s in enumerate(src) if s < 0]] = 0
+        for j in sorted(set(src) - {-1}):
             rows = [r for r, s in enumerate(src) if s == j]
             v: VgdPending = items[j]["vgd"]
             out[rows] = self._to_sam_frame([rles[r] for r in rows], v.size, v.geom)

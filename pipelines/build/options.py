@@ -9,7 +9,7 @@ the project but :mod:`pipelines.errors`. Options are validated when they are mad
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
 from pipelines.errors import BuildConfigError, Skip, SkipRecord, StrictModeError, XsamError
@@ -17,12 +17,14 @@ from pipelines.errors import BuildConfigError, Skip, SkipRecord, StrictModeError
 __all__ = [
     "DEFAULT_MAX_IMAGE_PIXELS",
     "POLICY_REASONS",
+    "PRESETS",
     "BuildOptions",
     "ErrorPolicy",
     "Skip",
     "SkipRecord",
     "SourceOptions",
     "StrictModeError",
+    "manifest_preset",
 ]
 
 DEFAULT_MAX_IMAGE_PIXELS = (
@@ -31,8 +33,11 @@ DEFAULT_MAX_IMAGE_PIXELS = (
 
 # Skips that are deliberate filters, not bad data: counted and listed like any skip, but ``--strict`` does
 # not stop on them (RefCOCO eval images kept out of COCO training splits; LLaVA text-only records in stage 3;
-# LVIS images that carry only negative labels; GCG phrases whose span overlaps a kept one, X-SAM's rule).
-POLICY_REASONS = frozenset({"eval_image_leak", "text_only", "only_negative_labels", "overlapping_span"})
+# LVIS images that carry only negative labels; GCG phrases whose span overlaps a kept one, X-SAM's rule; LISA
+# images without an explanation under the paper preset).
+POLICY_REASONS = frozenset(
+    {"eval_image_leak", "text_only", "only_negative_labels", "overlapping_span", "no_explanation"}
+)
 
 
 @dataclass(frozen=True)
@@ -130,6 +135,14 @@ class SourceOptions:
     ade20k_category_names: str = "xsam"
     """ade20k_panoptic/_semantic phrases: ``xsam`` (the Mask2Former synonym lists X-SAM's evaluation prompts
     with, e.g. 'road, route') or ``lisa`` (LISA's single names, this project's behaviour before issue 16)."""
+    refseg_combinations: str = "covering"
+    """refcoco/+/g/grefcoco train: which sentence of each object each sample uses: ``covering`` (every sentence
+    at least once, :func:`pipelines.sources.refer.combinations`) or ``archive`` (X-SAM's
+    ``islice(product(...), sum n)``, the ``paper`` preset)."""
+    lisa_unexplained: str = "keep"
+    """lisa_reasonseg train: an image with no explanation entry while the explanatory file has some: ``keep``
+    (plain answers) or ``skip`` (reason ``no_explanation``; X-SAM's archive loses them to a KeyError, the
+    ``paper`` preset)."""
 
     def __post_init__(self):
         for f in fields(self):
@@ -180,7 +193,15 @@ _PARSERS = {
     "llava_keep_text_only": parse_bool,
     "coco_category_names": lambda n, v: parse_choice(n, v, ("paper", "main")),
     "ade20k_category_names": lambda n, v: parse_choice(n, v, ("xsam", "lisa")),
+    "refseg_combinations": lambda n, v: parse_choice(n, v, ("covering", "archive")),
+    "lisa_unexplained": lambda n, v: parse_choice(n, v, ("keep", "skip")),
 }
+
+# Build presets: ``default`` = this project's deliberate data choices (the eval-image guard, covering refseg
+# sentence combinations, LISA images without an explanation kept); ``paper`` = X-SAM's archive data exactly
+# (docs/data.md). A preset sets the options below and wins over them.
+PRESETS = ("default", "paper")
+_PAPER_SOURCE_OPTIONS = {"refseg_combinations": "archive", "lisa_unexplained": "skip"}
 
 
 def _is_none(v: Any) -> bool:
@@ -200,6 +221,7 @@ class BuildOptions:
     genseg_num_class: int | None = None  # None: every category in the prompt (paper); 128: X-SAM main
     keep_eval_images: bool = False
     extra: SourceOptions = field(default_factory=SourceOptions)  # source-specific options
+    preset: str = "default"  # one of PRESETS; ``paper`` keeps eval images and sets _PAPER_SOURCE_OPTIONS
 
     def __post_init__(self):
         if isinstance(self.extra, Mapping):
@@ -208,6 +230,10 @@ class BuildOptions:
             raise BuildConfigError(
                 f"extra: expected SourceOptions or a mapping, got {type(self.extra).__name__}"
             )
+        object.__setattr__(self, "preset", parse_choice("preset", self.preset, PRESETS))
+        if self.preset == "paper":
+            object.__setattr__(self, "keep_eval_images", True)
+            object.__setattr__(self, "extra", replace(self.extra, **_PAPER_SOURCE_OPTIONS))
         for name in ("strict", "keep_eval_images"):  # "False" must not be true
             object.__setattr__(self, name, parse_bool(name, getattr(self, name)))
         parse_int("samples_per_shard", self.samples_per_shard, 1)
@@ -232,4 +258,12 @@ class BuildOptions:
             "genseg_num_class": self.genseg_num_class,
             "keep_eval_images": self.keep_eval_images,
             "extra": self.extra.to_dict(),
+            # only when not the default: default manifests and resume fingerprints stay as they were, and a
+            # manifest without it (older ones too) reads as the default preset (manifest_preset)
+            **({"preset": self.preset} if self.preset != "default" else {}),
         }
+
+
+def manifest_preset(manifest: Mapping[str, Any]) -> str:
+    """The build preset a split's ``manifest.json`` (a dict) was built with; ``default`` when it names none."""
+    return str((manifest.get("options") or {}).get("preset", "default"))

@@ -12,8 +12,9 @@ of ``(seed, key, use)``, so a resumed run sees exactly the text an uninterrupted
 * ovseg / vgdseg: the question and answer wordings (the phrase list and its order stay: labels are slots);
 * refseg: the turn order (labels follow their turn) and each turn's question and answer wording;
 * reaseg (LISA): each turn's 0.5 coin between the plain and the explanatory answer, and its wordings; the
-  explanation is ``meta["explanation"]`` when the shard has it, else read back from an explained turn of the
-  stored rendering (a sample whose stored turns are all plain keeps plain answers: counted by the caller);
+  explanation is ``meta["explanation"]`` (written by the LISA converter since its version 2), else read back
+  from an explained turn of the stored rendering (an older shard's sample whose stored turns are all plain
+  keeps plain answers); every use's draw is counted by :func:`reaseg_counts` (:data:`COUNTERS`);
 * gcgseg: the question wording and the answer's suffix (the tagged caption stays);
 * chat, intseg: unchanged.
 
@@ -31,7 +32,13 @@ from pipelines import templates
 from pipelines.errors import LoaderError
 from pipelines.schema import IMAGE, Sample, Turn, validate
 
-__all__ = ["redraw", "use_rng", "variant_prompt"]
+__all__ = ["COUNTERS", "reaseg_counts", "redraw", "use_rng", "variant_prompt"]
+
+COUNTERS = (
+    "reaseg_turns",  # reaseg train turns used
+    "reaseg_explained_turns",  # ... whose coin asked for the explanation
+    "reaseg_unexplained_samples",  # reaseg train samples used with no explanation to give
+)
 
 
 def use_rng(seed: int, key: str, use: int) -> random.Random:
@@ -128,6 +135,16 @@ def lisa_explanation(sample: Sample) -> str | None:
             if answer.endswith(" " + suffix):
                 return answer[: -len(suffix) - 1]
     return None
+
+
+def reaseg_counts(sample: Sample) -> dict[str, int]:
+    """One use of a reaseg sample, as :data:`COUNTERS` (its ``meta["explained"]``: this use's coins)."""
+    explained = sample.meta.get("explained") or []
+    return {
+        "reaseg_turns": len(sample.phrases),
+        "reaseg_explained_turns": sum(bool(x) for x in explained),
+        "reaseg_unexplained_samples": int(lisa_explanation(sample) is None),
+    }
 
 
 def _reaseg(sample: Sample, rng: random.Random) -> Sample:

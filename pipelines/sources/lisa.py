@@ -12,7 +12,12 @@ target is empty is skipped (``empty_mask``).
 
 Conversation (recipe §2.5): train = one sample per image, one turn per question, every turn's mask the same
 (labels 0..N-1); if the image has an explanation, each turn independently (``rng.random() < 0.5`` with the
-sample's seeded RNG) asks for it and answers ``<explanation> <SEG>-suffix``. Eval splits = one sample per
+sample's seeded RNG) asks for it and answers ``<explanation> <SEG>-suffix``; the explanation is also kept in
+``meta["explanation"]`` so each later use re-flips every turn's coin (:mod:`pipelines.loader.redraw`). Under
+the source option ``lisa_unexplained=skip`` (the ``paper`` preset) a train image with no explanation entry,
+while the explanatory file has some, is skipped as ``no_explanation``, as X-SAM's archive loses it to a
+``KeyError`` inside a ``try`` (there only when its load batch of >= 32 images holds an explained one: the
+batches follow ``os.listdir`` order, which no build can reproduce). Eval splits = one sample per
 question, no explanations. ``meta.is_sentence`` / ``meta.query_type`` ("sentence" | "phrase") keep the query
 type used to split the test set into long and short queries.
 """
@@ -113,7 +118,7 @@ class LisaReasonSeg:
     name = "lisa_reasonseg"
     task = "reaseg"
     splits = ("train", "val", "test")
-    version = 1
+    version = 2  # 2: train samples carry meta["explanation"]
 
     def locate(self, data_root: str, split: str, overrides: dict | None = None) -> SourceFiles:
         o = overrides or {}
@@ -147,8 +152,16 @@ class LisaReasonSeg:
         folder = files.inputs["annotations"]
         explain = self._explanations(files.inputs.get("explanatory"))
         records = []
+        skip_unexplained = options.extra.lisa_unexplained == "skip" and bool(explain)
         for stem, found in _pair_files(folder).items():
-            made = _stem_records(f"{prefix}/{key_id(stem)}", stem, found, folder, split, explain)
+            key = f"{prefix}/{key_id(stem)}"
+            paired = "image" in found and "json" in found
+            if skip_unexplained and split == "train" and paired and found["image"] not in explain:
+                yield Skip(
+                    key, "no_explanation", f"{found.get('image')} has no explanatory entry (paper preset)"
+                )
+                continue
+            made = _stem_records(key, stem, found, folder, split, explain)
             if isinstance(made, Skip):
                 yield made
             else:
@@ -213,6 +226,8 @@ class LisaReasonSeg:
             "explained": explained,
             "shapes": counts,
         }
+        if record["explanation"]:  # so every later use can re-draw it (pipelines/loader/redraw.py)
+            meta["explanation"] = record["explanation"]
         if "question_index" in record:
             meta["question_index"] = record["question_index"]
         return Sample(

@@ -12,7 +12,8 @@ Samples (recipe §2.4, §10):
   one ``<p>sentence</p>`` question and one ``<SEG>`` answer per object, turns in random order. As in X-SAM
   an image gives ``min(prod n_i, sum n_i)`` samples (``n_i`` = unique sentences of object i), each choosing
   one sentence per object; unlike X-SAM's ``islice(product(...))``, which never reaches the later sentences
-  of the first objects, every sentence of every object is used at least once (:func:`combinations`).
+  of the first objects, every sentence of every object is used at least once (:func:`combinations`; the
+  source option ``refseg_combinations=archive``, set by the ``paper`` build preset, gives X-SAM's).
   The source option ``refseg_chunk=8`` splits each of those into samples of at most 8 objects
   (X-SAM main).
 * **eval** (every other split): one single-turn sample per (object, unique sentence).
@@ -147,15 +148,19 @@ class _Object:
         }
 
 
-def combinations(counts: list[int]) -> list[list[int]]:
+def combinations(counts: list[int], mode: str = "covering") -> list[list[int]]:
     """Which sentence each object uses in each train sample: ``min(prod n, sum n)`` samples (X-SAM's count).
 
-    The first ``max(n)`` samples give object ``i`` sentence ``j mod n_i``, so every sentence is used; the
-    rest follow X-SAM's ``itertools.product`` order, skipping combinations already taken (all distinct).
+    ``covering``: the first ``max(n)`` samples give object ``i`` sentence ``j mod n_i``, so every sentence is
+    used; the rest follow X-SAM's ``itertools.product`` order, skipping combinations already taken (all
+    distinct). ``archive`` (the ``paper`` preset): X-SAM's first ``sum n`` combinations of that product, which
+    vary the last object fastest and may never reach the first object's later sentences.
     """
     if not counts:
         return []
     total = min(math.prod(counts), sum(counts))  # >= max(counts), so the covering block always fits
+    if mode == "archive":
+        return [list(c) for c in itertools.islice(itertools.product(*(range(n) for n in counts)), total)]
     out = [[j % n for n in counts] for j in range(max(counts))]
     seen = {tuple(c) for c in out}
     for c in itertools.product(*(range(n) for n in counts)):
@@ -270,13 +275,16 @@ class ReferSource:
             objs = by_image.setdefault(ref.image_id, {})
             objs.setdefault(ref.ann_ids, _Object(ref.ann_ids)).add(ref)
         chunk = options.extra.refseg_chunk if train else None  # validated by SourceOptions
-        make = self._train_records if train else self._eval_records
+        mode = options.extra.refseg_combinations
         last = ""
         for iid in sorted(by_image, key=image_sort_id):
             objs = [by_image[iid][k] for k in sorted(by_image[iid])]
-            for r in sorted(
-                make(f"{prefix}/{image_sort_id(iid)}", objs, anns, chunk), key=lambda r: r["key"]
-            ):
+            stem = f"{prefix}/{image_sort_id(iid)}"
+            if train:
+                made = self._train_records(stem, objs, anns, chunk, mode)
+            else:
+                made = self._eval_records(stem, objs, anns, chunk)
+            for r in sorted(made, key=lambda r: r["key"]):
                 if r["key"] == last:  # only when sent_ids repeat inside one ref
                     yield Skip(r["key"], "duplicate_key", "two sentences share ref_id and sent_id")
                     continue
@@ -324,11 +332,13 @@ class ReferSource:
                 )
         return None
 
-    def _train_records(self, stem: str, objs: list[_Object], anns: dict, chunk: int | None) -> list[dict]:
+    def _train_records(
+        self, stem: str, objs: list[_Object], anns: dict, chunk: int | None, mode: str = "covering"
+    ) -> list[dict]:
         targets = [o for o in objs if o.ann_ids]
         recs = []
         texts = [sorted(o.sents) for o in targets]
-        for j, pick in enumerate(combinations([len(t) for t in texts])):
+        for j, pick in enumerate(combinations([len(t) for t in texts], mode)):
             turns = [o.turn(t[k], anns) for o, t, k in zip(targets, texts, pick, strict=True)]
             size = chunk or len(turns)
             for c in range(0, len(turns), size):

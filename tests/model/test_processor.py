@@ -150,3 +150,21 @@ def test_every_fixture_sample_is_processed():
     proc = build_processor("debug")
     for s in make_samples().values():
         assert proc(s, image_bytes(0))["task"] == s.task
+
+
+def test_reaseg_train_batches_count_this_uses_explanation_draws(processor, samples):
+    """Each use's LISA explanation coins reach the step's ``data/reaseg_*`` counters via the batch."""
+    s = samples["reaseg"]
+    n = len(s.phrases)
+    explained = dataclasses.replace(
+        s, split="train", meta={**s.meta, "explanation": "Because.", "explained": [True] + [False] * (n - 1)}
+    )
+    plain = dataclasses.replace(s, split="train", meta={**s.meta, "explained": [False] * n})
+    batch = processor.collate([processor(explained, image_bytes(0)), processor(plain, image_bytes(1))])
+    assert batch["reaseg_counts"] == {
+        "reaseg_turns": 2 * n,
+        "reaseg_explained_turns": 1,
+        "reaseg_unexplained_samples": 1,
+    }
+    val = dataclasses.replace(s, split="val")
+    assert "reaseg_counts" not in processor.collate([processor(val, image_bytes(0))])

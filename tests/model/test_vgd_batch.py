@@ -93,7 +93,7 @@ def _identify(proc: XSamProcessor, mask: torch.Tensor, src: int) -> int:
 
 
 def test_regions_come_from_the_named_image_and_negatives_carry_no_target(processor):
-    cross = negatives = coin_samples = 0
+    cross = negatives = coin_samples = zeros = total_zero = 0
     for use in range(30):
         batch = processor.collate(_items(processor, use))
         n_neg = 0
@@ -104,6 +104,10 @@ def test_regions_come_from_the_named_image_and_negatives_carry_no_target(process
             ids = batch["input_ids"][b]
             assert int((ids == processor.config.region_token_index).sum()) == len(masks) == len(src)
             for r in range(len(masks)):
+                if int(src[r]) == -1:  # a negative with nothing left to show: no prompt, no target
+                    assert not masks[r].any() and not (labels == r).any()
+                    n_neg, zeros = n_neg + 1, zeros + 1
+                    continue
                 cat = _identify(processor, masks[r], int(src[r]))  # right image, right frame
                 cross += int(src[r]) != b
                 targets = [cats[k] for k in (labels == r).nonzero().flatten().tolist()]
@@ -116,7 +120,9 @@ def test_regions_come_from_the_named_image_and_negatives_carry_no_target(process
             coin_samples += len(masks) > len(own)
         assert batch["vgd_counts"]["vgd_negatives"] == n_neg
         negatives += n_neg
+        total_zero += batch["vgd_counts"]["vgd_negative_zero"]
     assert cross > 0 and negatives > 0 and 20 < coin_samples < 55  # expected ~5/12 of 90
+    assert total_zero == zeros > 0  # the archive's zero-feature fill (every absent instance already shown)
 
 
 def test_same_batch_content_same_draws_in_any_order(processor):
@@ -152,19 +158,20 @@ def test_options_off_give_todays_batch(processor):
         else:
             assert v == ours[k], k
     assert all(torch.equal(x, torch.full_like(x, b)) for b, x in enumerate(ours["region_image"]))
-    # one image: no cross-image draw and no negative, counted
+    # one image: no cross-image draw (counted); a negative there can only get zero features (-1)
     single = processor.collate(_items(processor, 5, which=(0,)))
-    assert single["vgd_counts"]["vgd_single_image_batch"] == 1 and not single["region_image"][0].any()
+    assert single["vgd_counts"]["vgd_single_image_batch"] == 1
+    assert set(single["region_image"][0].tolist()) <= {0, -1}
 
 
 def _drawn_batch(proc: XSamProcessor) -> dict:
-    """The first use whose batch has both a cross-image positive and a negative."""
+    """The first use whose batch has a cross-image positive, a negative shown an instance and a zero one."""
     for use in range(50):
         batch = proc.collate(_items(proc, use))
         c = batch["vgd_counts"]
-        if c["vgd_negatives"] and c["vgd_cross_image"] > c["vgd_negatives"]:
+        if c["vgd_negative_zero"] and c["vgd_cross_image"] > c["vgd_negatives"] > c["vgd_negative_zero"]:
             return batch
-    raise AssertionError("no use in 50 drew both")
+    raise AssertionError("no use in 50 drew all three")
 
 
 def test_model_reads_each_region_from_its_source_grid(debug_model, processor):
@@ -179,21 +186,29 @@ def test_model_reads_each_region_from_its_source_grid(debug_model, processor):
         x = model._expand(batch, image_tokens, grid)
         torch.manual_seed(1)  # the same point draws, region by region, straight from the sampler
         direct = [
-            [model.region_sampler(grid[int(s)], m[None]) for m, s in zip(ms, ss, strict=True)]
+            [
+                model.region_sampler(grid[int(s)], m[None])
+                if s >= 0
+                else grid.new_zeros(1, 1, grid.shape[-1])
+                for m, s in zip(ms, ss, strict=True)
+            ]
             for ms, ss in zip(batch["region_masks"], batch["region_image"], strict=True)
         ]
     shift = model.config.num_image_tokens - 1  # the image placeholder comes first
-    crossed = 0
+    crossed = zeros = 0
     for b in range(3):
         slots = (batch["input_ids"][b] == model.config.processor.region_token_index).nonzero().flatten()
         for r, pos in enumerate(slots.tolist()):
             assert torch.allclose(x["embeds"][b, pos + shift], direct[b][r][0, 0].to(x["embeds"].dtype))
             src = int(batch["region_image"][b][r])
+            if src == -1:  # X-SAM's zero features for a negative with nothing to show
+                zeros += int(not x["embeds"][b, pos + shift].any())
+                continue
             if src != b:  # its own image's grid would give other features
                 torch.manual_seed(2)
                 mine = model.region_sampler(grid[b], batch["region_masks"][b][r : r + 1])
                 crossed += not torch.allclose(mine, direct[b][r])
-    assert crossed > 0
+    assert crossed > 0 and zeros > 0
 
 
 def test_a_drawn_micro_batch_trains_one_step():
@@ -284,3 +299,9 @@ def test_region_sampler_reads_each_region_from_its_image(pool, tokens):
     assert not torch.allclose(sampler(grids[0], masks), got)  # every region from image 0 differs
     with pytest.raises(ValueError, match="one image index per region"):
         sampler(grids, masks, image=image[:4])
+    # -1: zero tokens (X-SAM's fill for a VGD negative with nothing to show); the others' draws unchanged
+    torch.manual_seed(3)
+    keep = sampler(grids, masks[[0, 2, 4]], image=image[[0, 2, 4]])
+    torch.manual_seed(3)
+    got = sampler(grids, masks, image=torch.tensor([2, -1, 2, -1, 0]))
+    assert not got[[1, 3]].any() and torch.equal(got[[0, 2, 4]], keep)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import cv2
@@ -18,6 +19,7 @@ from pipelines.sources.base import BuildOptions
 from tests import helpers
 
 LISA = "img_reaseg/lisa"
+EXPL = "explanatory/train.json"
 
 
 @pytest.fixture(scope="module")
@@ -245,3 +247,56 @@ def test_missing_image_or_json_and_malformed_json_are_skipped(root, tmp_path):
     build(str(root), str(tmp_path / "out"), sources=["lisa_reasonseg"], splits=["test"])
     manifest, _, _ = read_split(tmp_path / "out", "test")
     assert manifest["skipped"] == {"missing_image": 1, "missing_annotation": 1, "malformed_json": 1}
+
+
+def test_the_explanation_is_stored_so_a_plain_stored_rendering_still_draws_it(demo, tmp_path):
+    """An image whose stored (use 0) rendering explained no turn re-draws its explanation in about half of its
+    turns over later uses: the converter keeps it in ``meta["explanation"]`` (before, it was only recoverable
+    from an explained stored turn, so such an image never saw it again)."""
+    from pipelines.loader.redraw import reaseg_counts, redraw
+
+    expl = {e["image"]: " ".join(e["outputs"].split()) for e in json.loads((demo / LISA / EXPL).read_text())}
+    plain = None
+    for seed in range(40):  # a build whose stored rendering of an explained image drew "plain" on every turn
+        _, samples, _ = helpers.build_and_read(
+            demo, tmp_path / f"s{seed}", "lisa_reasonseg", with_images=False, seed=seed
+        )
+        for s in samples:
+            assert s.meta.get("explanation") == expl.get(s.meta["image"])  # absent when there is none
+            if s.meta.get("explanation") and not any(s.meta["explained"]):
+                plain = s
+        if plain:
+            break
+    assert plain is not None and len(plain.phrases) > 1
+
+    def count(sample) -> tuple[int, int]:
+        totals = {"reaseg_turns": 0, "reaseg_explained_turns": 0, "reaseg_unexplained_samples": 0}
+        for use in range(1, 201):
+            r = redraw(sample, 0, use)
+            for k, v in reaseg_counts(r).items():
+                totals[k] += v
+            answers = [t.text for t in r.conversation if t.role == "assistant"]
+            assert [a.startswith(plain.meta["explanation"]) for a in answers] == r.meta["explained"]
+        return totals
+
+    totals = count(plain)
+    assert totals == count(plain)  # a pure function of (seed, key, use)
+    assert totals["reaseg_turns"] == 200 * len(plain.phrases) and totals["reaseg_unexplained_samples"] == 0
+    assert 0.4 < totals["reaseg_explained_turns"] / totals["reaseg_turns"] < 0.6
+    # what a shard written before the explanation was stored gives: never again, counted
+    old = replace(plain, meta={k: v for k, v in plain.meta.items() if k != "explanation"})
+    assert count(old)["reaseg_explained_turns"] == 0 and count(old)["reaseg_unexplained_samples"] == 200
+
+
+def test_paper_preset_skips_train_images_without_an_explanation(demo, tmp_path):
+    kept = helpers.build_and_read(demo, tmp_path / "d", "lisa_reasonseg", with_images=False)
+    paper = helpers.build_and_read(demo, tmp_path / "p", "lisa_reasonseg", with_images=False, preset="paper")
+    (m_keep, s_keep, _), (m_paper, s_paper, skipped) = kept, paper
+    explained = {e["image"] for e in json.loads((demo / LISA / EXPL).read_text())}
+    assert {s.meta["image"] for s in s_paper} == {s.meta["image"] for s in s_keep} & explained
+    assert len(s_paper) == len(s_keep) - 1 and m_paper["skipped"] == {"no_explanation": 1}
+    assert [r["reason"] for r in skipped] == ["no_explanation"] and "no_explanation" not in m_keep["skipped"]
+    # an eval split is never filtered; strict mode does not stop on this deliberate filter
+    _, val, _ = helpers.build_and_read(demo, tmp_path / "v", "lisa_reasonseg", "val", preset="paper")
+    assert val
+    helpers.build_and_read(demo, tmp_path / "strict", "lisa_reasonseg", preset="paper", strict=True)

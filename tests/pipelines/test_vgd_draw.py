@@ -16,7 +16,7 @@ from pipelines import masks
 from pipelines.build.driver import build
 from pipelines.demo_data import write_demo
 from pipelines.errors import SampleError
-from pipelines.loader.vgd_draw import COUNTERS, DrawOptions, VgdEntry, plan_batch
+from pipelines.loader.vgd_draw import COCO_THING_IDS, COUNTERS, FILLS, DrawOptions, VgdEntry, plan_batch
 from pipelines.schema import ImageRef, PoolPrompt, Region, Sample, Turn, validate
 from tests import helpers
 
@@ -111,6 +111,8 @@ def test_cross_image_prompts_from_any_image_holding_the_category():
         plans, _ = plan_batch(entries, ARCHIVE)
         for i, plan in enumerate(plans):
             for p in plan.slots:
+                if p.fill == "zero":  # a negative with nothing to show (tested below)
+                    continue
                 owner = entries[p.image]
                 assert p.category_id in {q.category_id for q in owner.pool}  # prompt of that category...
                 assert p.rle["counts"].startswith(f"{owner.key[-1]}/{p.category_id}/")  # ...from that image
@@ -122,9 +124,12 @@ def test_cross_image_prompts_from_any_image_holding_the_category():
     assert src[("k/a", 1, False)] == 0 and src[("k/c", 5, False)] == 0  # only one image has them
 
 
-def test_negatives_about_half_the_samples_absent_categories_from_other_images():
+def test_negatives_about_half_the_samples_filled_as_the_archive():
+    """The archive's count (coin, then randint(0, 5) categories of the 80 absent from the image), each slot
+    filled by another image's instance of its category, else of any absent category not yet shown, else
+    zero features."""
     coin = any_neg = n = 0
-    per_count = Counter()
+    per_count, fills = Counter(), Counter()
     for use in range(400):
         entries = _entries(use)
         plans, counts = plan_batch(entries, ARCHIVE)
@@ -134,19 +139,78 @@ def test_negatives_about_half_the_samples_absent_categories_from_other_images():
             negs = [p for p in plan.slots if p.negative]
             any_neg += bool(negs)
             per_count[len(negs)] += 1
+            assert len(negs) == plan.requested * plan.coin  # every requested slot is filled
             own = set(entries[i].slots)
-            assert all(p.category_id not in own and p.image != i for p in negs)
-            assert len({p.category_id for p in negs}) == len(negs) <= plan.requested <= 5
+            shown = [p for p in negs if p.fill != "zero"]
+            assert all(p.category_id not in own and p.image not in (i, -1) for p in shown)
+            assert len({p.rle["counts"].rsplit("/", 1)[0] for p in shown}) == len(shown)  # instances once
+            absent = {q.category_id for e in entries for q in e.pool} - own
+            if len(shown) < len(negs):  # zeros only once every absent category of the batch is shown
+                assert {p.category_id for p in shown} == absent
+            assert all(p.image == -1 and p.rle is None for p in negs if p.fill == "zero")
+            fills.update(p.fill for p in negs)
             # the positives keep their relative order; the negatives sit anywhere among them
             assert sorted(plan.label_map.values()) == [k for k, p in enumerate(plan.slots) if not p.negative]
             assert [
                 plan.slots[plan.label_map[s]].category_id for s in range(len(entries[i].slots))
             ] == entries[i].slots
         assert counts["vgd_negatives"] == sum(p.negatives for p in plans)
+        assert counts["vgd_negatives"] == sum(counts[f"vgd_negative_{f}"] for f in FILLS)
+        assert counts["vgd_negative_no_candidate"] == 0
     assert 0.44 < coin / n < 0.56
-    # coin, then randint(0, 5) > 0, capped by the absent categories other images hold (A: 2, B: 2, C: 3)
-    assert 0.36 < any_neg / n < 0.48
-    assert max(per_count) == 3 and per_count[3] > 0
+    assert 0.36 < any_neg / n < 0.48  # coin x P(randint(0, 5) > 0) = 5/12
+    assert max(per_count) == 5 and per_count[5] > 0
+    # a drawn category is rarely one of the batch's (3 of 80): the absent-instance fallback does most
+    assert fills["any_absent"] > 5 * fills["same_category"] > 0 and fills["zero"] > 0
+
+
+def test_negatives_when_every_image_shares_every_category():
+    """A micro-batch whose images share all their categories: the old cap gave no negative at all; the
+    archive still adds them, with zero features (no absent-category instance in the batch)."""
+
+    def batch(use: int) -> list[VgdEntry]:
+        keys = ("a", "b", "c", "d")
+        return [VgdEntry(f"k/{k}", use, 0, [18, 1], [_inst(k, 18, 0), _inst(k, 1, 1)]) for k in keys]
+
+    def run() -> tuple[list, Counter]:
+        slots, totals = [], Counter()
+        for use in range(300):
+            plans, counts = plan_batch(batch(use), ARCHIVE)
+            slots.append([[(p.category_id, p.image, p.fill) for p in x.slots] for x in plans])
+            totals.update(counts)
+        return slots, totals
+
+    slots, totals = run()
+    assert run() == (slots, totals)  # deterministic
+    with_neg = sum(any(f for _, _, f in s) for b in slots for s in b)
+    assert 0.37 < with_neg / 1200 < 0.47  # 0.5 x 5/6
+    assert totals["vgd_negatives"] == totals["vgd_negative_zero"] > 0
+    assert totals["vgd_negative_same_category"] == totals["vgd_negative_any_absent"] == 0
+    assert totals["vgd_negatives"] / totals["vgd_negative_coin"] == pytest.approx(2.5, abs=0.3)
+
+
+def test_negative_fallback_order():
+    """Slot category in the batch: its instance; else another absent category's instance; else zeros."""
+    x = VgdEntry("k/x", 0, 0, [1], [_inst("x", 1, 0)])
+    y = VgdEntry("k/y", 0, 0, [1, 2], [_inst("y", 1, 0), _inst("y", 2, 1), _inst("y", 2, 2)])
+    small = DrawOptions(vocabulary=(1, 2, 3))
+    fills = Counter()
+    for use in range(300):
+        x.use = y.use = use
+        plans, _ = plan_batch([x, y], small)
+        p = plans[0]
+        negs = [s for s in p.slots if s.negative]
+        assert len(negs) == min(p.requested, 2) * p.coin  # the vocabulary's absent categories: 2 and 3
+        assert p.counts["vgd_negative_no_candidate"] == max(p.requested - 2, 0) * p.coin
+        for s in negs:
+            fills[s.fill] += 1
+            if s.fill != "zero":
+                assert s.category_id == 2 and s.image == 1
+        # both drawn, filled in slot order: 2 first takes a 2, then 3 finds 2 shown and gets zeros; 3 first
+        # takes a 2 (absent, not yet shown), then 2 still takes y's other 2
+        if len(negs) == 2:
+            assert [s.fill for s in negs] in (["same_category", "zero"], ["any_absent", "same_category"])
+    assert fills["same_category"] > 0 and fills["any_absent"] > 0 and fills["zero"] > 0
 
 
 def test_draws_are_a_function_of_the_batch_content_only():
@@ -188,12 +252,12 @@ def test_bad_input_is_counted_not_fatal():
     lonely = VgdEntry("k/d", 0, 0, [7, 5], [_inst("d", 5, 0)])
     plans, counts = plan_batch([lonely, *_entries()[:2]], ARCHIVE)
     assert plans[0].slots[plans[0].label_map[0]].stored == 0 and counts["vgd_stored_fallback"] == 1
-    # one image: no cross-image draw, no negative candidate
+    # one image: no cross-image draw; its negatives have nothing to show, so zero features
     for use in range(40):
         plans, counts = plan_batch([_entries(use)[0]], ARCHIVE)
-        assert counts["vgd_single_image_batch"] == 1 and all(p.image == 0 for p in plans[0].slots)
-        assert plans[0].negatives == 0
-        assert counts["vgd_negative_no_candidate"] == plans[0].requested
+        assert counts["vgd_single_image_batch"] == 1
+        assert all(p.image == (-1 if p.negative else 0) for p in plans[0].slots)
+        assert counts["vgd_negative_zero"] == plans[0].negatives == plans[0].requested * plans[0].coin
     # a question whose slot list cannot be extended gets no negatives (counted when asked for)
     seen = 0
     for use in range(60):
@@ -224,3 +288,9 @@ def test_released_train_pool_holds_the_released_prompts_as_given(tmp_path):
         by_ann = {p.ann_id: p for p in s.prompt_pool}
         for r, aid in zip(s.regions, s.meta["prompt_ann_ids"], strict=True):
             assert by_ann[aid].prompts[r.type] == r.rle
+
+
+def test_the_default_vocabulary_is_cocos_80_thing_categories():
+    from xsam_model.config import COCO_PANOPTIC_CATEGORY_IDS
+
+    assert ARCHIVE.vocabulary == COCO_THING_IDS == COCO_PANOPTIC_CATEGORY_IDS[:80]

@@ -52,7 +52,8 @@ class RegionSampler(nn.Module):
         image: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """grid: GxGxD features covering the padded SAM frame, or BxGxGxD with ``image`` (R long: region r is
-        read from ``grid[image[r]]``, its source image's); masks: RxLxL bool → R×num_tokens×D."""
+        read from ``grid[image[r]]``, its source image's; -1: zero tokens, X-SAM's fill for a VGD negative
+        the batch has no instance for); masks: RxLxL bool → R×num_tokens×D."""
         r, size = masks.shape[0], masks.shape[-1]
         if r == 0:
             return grid.new_zeros(0, self.num_tokens, grid.shape[-1])
@@ -60,6 +61,12 @@ class RegionSampler(nn.Module):
             grid, image = grid.unsqueeze(0), torch.zeros(r, dtype=torch.long, device=grid.device)
         elif image is None or image.shape != (r,):
             raise ValueError(f"a batch of grids needs one image index per region ({r} masks)")
+        if bool((image < 0).any()):  # no point is drawn for them: the other regions' draws are unchanged
+            live = (image >= 0).nonzero().flatten()
+            out = grid.new_zeros(r, self.num_tokens, grid.shape[-1])
+            if len(live):
+                out[live] = self(grid, masks[live], generator, image[live])
+            return out
         yx = torch.stack([sample_pixels(m, self.num_points, generator) for m in masks])  # RxPx2
         xy = yx.flip(-1).float() / size * 2 - 1  # RxPx2 in [-1, 1), x first for grid_sample
         parts, order = [], []

@@ -106,7 +106,8 @@ class XSam(nn.Module):
         labels/cond_ids/seg_ids follow (region tokens keep their span's cond id). Right-padded to the batch max.
 
         Region r of sample b is read from the grid of batch image ``batch["region_image"][b][r]`` (VGD prompts
-        drawn from another image of the batch, as X-SAM); without that key, from sample b's own grid."""
+        drawn from another image of the batch, as X-SAM; -1: zero features); without that key, from sample b's
+        own grid."""
         p = self.config.processor
         ids, attn = batch["input_ids"], batch["attention_mask"]
         embed = self.llm.get_input_embeddings()(ids.clamp(min=0))  # BxTxD
@@ -165,7 +166,7 @@ class XSam(nn.Module):
         if src is None:
             return self.region_sampler(grid[b], masks)
         src = src[b].to(grid.device)
-        if len(src) != len(masks) or bool(((src < 0) | (src >= grid.shape[0])).any()):
+        if len(src) != len(masks) or bool(((src < -1) | (src >= grid.shape[0])).any()):
             key = (batch.get("keys") or [f"sample {b}"] * (b + 1))[b]
             raise ValueError(f"{key}: region_image {src.tolist()} does not name a batch image per region")
         return self.region_sampler(grid, masks, image=src)
