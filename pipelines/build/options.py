@@ -199,7 +199,7 @@ _PARSERS = {
 
 # Build presets: ``default`` = this project's deliberate data choices (the eval-image guard, covering refseg
 # sentence combinations, LISA images without an explanation kept); ``paper`` = X-SAM's archive data exactly
-# (docs/data.md). A preset sets the options below and wins over them.
+# (docs/fidelity.md#build-presets-default-and-paper). A preset sets the options below and wins over them.
 PRESETS = ("default", "paper")
 _PAPER_SOURCE_OPTIONS = {"refseg_combinations": "archive", "lisa_unexplained": "skip"}
 
