@@ -70,8 +70,7 @@ from typing import Any
 
 import numpy as np
 
-from pipelines.build.options import ErrorPolicy
-from pipelines.errors import ImageDecodeError, LoaderError, MixtureError, Skip
+from pipelines.errors import ErrorPolicy, ImageDecodeError, LoaderError, MixtureError, Skip
 from pipelines.loader import grouping, redraw
 from pipelines.loader import mixture as mixture_mod
 from pipelines.loader.order import (
