@@ -79,25 +79,3 @@ class StoredDataset:
         if any(r.reason in CHANGED_REASONS for r in out.values()):
             check_pinned(self.shards, self.d)  # a rebuild landing under the run, not bad data
         return out
-
-    def read_json(self, i: int) -> tuple[RawSample, bool]:
-        """Stored sample ``i``'s JSON member only (no image bytes, no digest check) and whether it has an
-        image member — what length grouping measures other ranks' samples with."""
-        s, j = self._locate(int(i))
-        ref = self.d.shards[s]
-        idx = self.reader.index(ref.file, ref.samples, ref.bytes, ref.index_sha256)
-        if j >= idx.n:
-            if idx.reason in CHANGED_REASONS:
-                check_pinned(self.shards, self.d)
-            return RawSample(None, reason=idx.reason, detail=f"{ref.file} sample {j}: {idx.error}"), False
-        start = int(idx.json_off[j])
-        try:
-            blob = self.reader.fs.cat_file(
-                self.reader.path(ref.file), start=start, end=start + int(idx.json_len[j])
-            )
-        except OSError as e:
-            check_pinned(self.shards, self.d)
-            return RawSample(idx.keys[j], reason="unreadable_shard", detail=f"{ref.file}: {e}"), False
-        self.reader.stats["bytes_read"] += len(blob)
-        self.reader.stats["ranged_reads"] = self.reader.stats.get("ranged_reads", 0) + 1
-        return RawSample(idx.keys[j], blob), bool(idx.img_off[j] >= 0)

@@ -29,7 +29,7 @@ order`); ranks, DataLoader workers and the micro-batch × accumulation split onl
   permuted inside groups of ``length_group`` consecutive global batches of a dataset's stream, counted per
   epoch of the stream (sorted by text length, cut into global batches of ``G``, handed out in an order drawn
   from ``(seed, dataset, epoch, group)``); micro-batch ``j`` takes the ``j``-th ``B`` of its global batch's
-  length order. Every rank measures the whole group from JSON-only reads (the cost is in that module).
+  length order. Every rank measures the whole group from verified reads (the cost is in that module).
 - **Lanes.** Micro-step ``m`` is served by DataLoader worker lane ``m % L`` (``L`` = workers, 1 without);
   PyTorch hands out worker results round-robin. A lane keeps no positions of its own: everything follows
   from the micro-step number.
@@ -265,7 +265,7 @@ class MixtureStream:
             if raw is None:
                 i = ds.order.candidate(p, a)
                 raw = ds.read([i])[i]
-            got = self.check(raw, ds.d, use, raw.image is not None)
+            got = self.check(raw, ds.d, use)
             if isinstance(got, tuple):
                 self._count(stats, got)
             else:
@@ -280,23 +280,33 @@ class MixtureStream:
 
     def measure(self, ds: StoredDataset, positions: list[int]) -> list[grouping.Resolved]:
         """JSON-level resolution of ``positions`` for length grouping: the attempt each lands on, its text
-        length, the failures before it (nothing counted here: the rank that trains on it counts them)."""
+        length, the failures before it (nothing counted here: the rank that trains on it counts them).
+
+        Each candidate is read whole and checked against its shard's member index before its JSON is
+        parsed (the sample's sha256 covers JSON and image), a global batch of positions per ranged read, so
+        a changed member is a ``digest_mismatch`` failure here, the same on every rank."""
         out = []
-        for p in positions:
-            use, failures = ds.order.epoch(p), []
-            for a in range(MAX_ATTEMPTS):
-                raw, has_image = ds.read_json(ds.order.candidate(p, a))
-                got = self.check(raw, ds.d, use, has_image)
-                if not isinstance(got, tuple):
-                    out.append(grouping.Resolved(a, grouping.text_length(got), failures))
-                    break
-                failures.append(got)
-            else:
-                raise LoaderError(
-                    f"{ds.d.name}: no usable sample in {MAX_ATTEMPTS} draws for stream position {p} "
-                    f"({ds.n} samples); last: {failures[-1][1]}: {failures[-1][3]}"
-                )
+        for lo in range(0, len(positions), self.global_batch):  # at most G samples' bytes held at once
+            block = positions[lo : lo + self.global_batch]
+            raws = ds.read([ds.order.candidate(p, 0) for p in block])
+            out += [self._measure_one(ds, p, raws[ds.order.candidate(p, 0)]) for p in block]
         return out
+
+    def _measure_one(self, ds: StoredDataset, p: int, raw: RawSample) -> grouping.Resolved:
+        """Position ``p`` resolved from its first candidate's ``raw`` (replacements read one at a time)."""
+        use, failures = ds.order.epoch(p), []
+        for a in range(MAX_ATTEMPTS):
+            if a:
+                i = ds.order.candidate(p, a)
+                raw = ds.read([i])[i]
+            got = self.check(raw, ds.d, use)
+            if not isinstance(got, tuple):
+                return grouping.Resolved(a, grouping.text_length(got), failures)
+            failures.append(got)
+        raise LoaderError(
+            f"{ds.d.name}: no usable sample in {MAX_ATTEMPTS} draws for stream position {p} "
+            f"({ds.n} samples); last: {failures[-1][1]}: {failures[-1][3]}"
+        )
 
     # ------------------------------------------------------------------ one sample
     def _count(self, stats: LoaderStats, failure: _Failure) -> None:
@@ -312,13 +322,16 @@ class MixtureStream:
             warnings.warn(f"loader: skipping {skip} (counted in stats; strict=True raises)", stacklevel=3)
         stats.skip(reason, key, detail)
 
-    def check(self, raw: RawSample, d: DatasetWeight, use: int, has_image: bool) -> Sample | _Failure:
+    def check(self, raw: RawSample, d: DatasetWeight, use: int) -> Sample | _Failure:
         """Raw bytes → the (re-drawn) Sample of this use, or why it cannot be used (nothing counted)."""
         if raw.reason is not None:
             return ("skipped", raw.reason, raw.key, raw.detail)
+        # raw.json was checked against the shard's member index when it was read (ShardReader.read); a build
+        # without an index, or verify=False, can still hand over hostile bytes: a nesting too deep for the
+        # parser (RecursionError) is a corrupt member like any other
         try:
             sample = Sample.from_dict(json.loads(raw.json))
-        except (ValueError, KeyError, TypeError) as e:
+        except (ValueError, KeyError, TypeError, RecursionError) as e:
             return ("skipped", "corrupt_json", raw.key, f"{type(e).__name__}: {e}")
         if sample.source != d.source or sample.key != raw.key:
             return (
@@ -330,7 +343,7 @@ class MixtureStream:
         for flag in self.exclude_flags:
             if sample.meta.get(flag):
                 return ("filtered", flag, raw.key, "")
-        if sample.image is not None and not has_image:
+        if sample.image is not None and raw.image is None:
             return ("skipped", "missing_image", raw.key, "no image member in the shard")
         if self.redraw_conversations:  # a re-drawn sample that breaks the schema raises LoaderError
             sample = redraw.redraw(sample, self.seed, use, self.variant_categories)
