@@ -18,7 +18,7 @@ from collections import defaultdict
 from bench.loader import debug_tokenizer, full_processor
 from pipelines.build import mixture
 from pipelines.inspect.cards import build_demo
-from pipelines.loader.stream import MixtureLoader
+from pipelines.loader import MixtureLoader
 
 
 def padded_share(batches: list[list[int]]) -> float:

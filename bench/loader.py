@@ -291,7 +291,7 @@ def child_startup_ours(a: dict) -> dict:
     t0 = time.perf_counter()
     if a.get("torch"):
         import torch  # noqa: F401  (training processes have it)
-    from pipelines.loader.stream import MixtureLoader
+    from pipelines.loader import MixtureLoader
 
     # collate=list: the first batch is a list of items, as the baseline's (no stacked copy in either peak)
     loader = MixtureLoader(
@@ -328,7 +328,7 @@ def child_steady_baseline(a: dict) -> dict:
 
 
 def _ours_loader(a: dict):
-    from pipelines.loader.stream import MixtureLoader
+    from pipelines.loader import MixtureLoader
 
     tokenize = _make_tokenize(a["text"])
     if a["transform"] == "processor":
@@ -360,7 +360,7 @@ def child_steady_ours(a: dict) -> dict:
     for _ in range(steps):
         n_masks += sum(len(m) for m in next(it).data["mask_labels"])
     dt, dc = time.perf_counter() - t0, _cpu_seconds() - c0
-    st = loader.stats()
+    st = loader.stats().to_dict()
     return {
         "samples_per_s": steps * BATCH / dt,
         "samples_per_cpu_s": steps * BATCH / dc,

@@ -6,7 +6,7 @@ One checkpoint folder, merged by Ray Train from what each rank reported (``ray.t
     checkpoint_<time>/
         latest, deepspeed/…                     DeepSpeed: mp_rank_00_model_states.pt (rank 0) and
                                                 zero_pp_rank_<r>_mp_rank_00_optim_states.pt (every rank)
-        loader_rank<r>.json                     each rank's :class:`pipelines.loader.stream.MixtureLoader` state
+        loader_rank<r>.json                     each rank's :class:`pipelines.loader.MixtureLoader` state
         train_state.json                        step, samples, mixture seen, resume key (rank 0)
 
         universal/…                             DeepSpeed's universal format of deepspeed/, made by the driver

@@ -3,7 +3,7 @@
 Ray Train runs :func:`train_loop_per_worker` on every worker (shaped like Ray's DeepSpeed example). The
 trainer builds the model and its stage view, loads the parents' exports (checked key by key), calls
 ``deepspeed.initialize`` with the generated config, opens this rank's slice of the mixture
-(:class:`pipelines.loader.stream.MixtureLoader`), continues from the latest checkpoint if there is one, and
+(:class:`pipelines.loader.MixtureLoader`), continues from the latest checkpoint if there is one, and
 runs the steps. Every ``checkpoint.every_steps`` steps every rank writes its DeepSpeed shard and loader state
 and all ranks report them together (:mod:`orchestrate.checkpointing`). At the end rank 0 writes the stage
 export (:mod:`orchestrate.exports`). Rank 0 tracks (wandb, ``metrics.jsonl``); the others get a null
@@ -222,8 +222,8 @@ class Trainer:
         return exports.load_parent_weights(model, load_plan, parents)
 
     def _build_loader(self) -> None:
+        from pipelines.loader import MixtureLoader
         from pipelines.loader.mixture import load as load_mixture
-        from pipelines.loader.stream import MixtureLoader
 
         cfg, plan = self.cfg, self.plan
         self.stage_mixture = load_mixture(plan.mixture).stage(cfg.data.mixture_stage)
@@ -426,7 +426,7 @@ class Trainer:
             self.state,
             loaded=self.loaded,
             final_losses=self.last_losses,
-            loader_stats=self.loader.stats(),
+            loader_stats=self.loader.stats().to_dict(),
         )
         config = {
             "stage": self.cfg.to_dict(),

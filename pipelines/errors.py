@@ -10,7 +10,8 @@ also derives from the builtin type callers caught before, e.g. ``ValueError``); 
 Bad *data* is usually not fatal: a record that cannot become a Sample raises :class:`SkipRecord` (``reason``:
 a stable snake_case name counted in the manifest, ``detail``: what was found), and whoever catches it records
 a :class:`Skip` (the same pair plus the key and level, one row of ``skipped.jsonl`` or of the loader's stats).
-Whether a skip stops the build is the error policy's call (:class:`pipelines.build.options.ErrorPolicy`).
+Whether a skip stops the run is the error policy's call (:class:`ErrorPolicy`, shared by the build and the
+loader).
 
 This module imports nothing from the project, so every module may import it.
 """
@@ -165,6 +166,41 @@ class Skip:
 
     def __str__(self) -> str:
         return f"{self.key}: {self.reason}: {self.detail}"
+
+
+# ---------------------------------------------------------------------------------------------- error policy
+# Skips that are deliberate filters, not bad data: counted and listed like any skip, but ``--strict`` does
+# not stop on them (RefCOCO eval images kept out of COCO training splits; LLaVA text-only records in stage 3;
+# LVIS images that carry only negative labels; GCG phrases whose span overlaps a kept one, X-SAM's rule; LISA
+# images without an explanation under the paper preset).
+POLICY_REASONS = frozenset(
+    {"eval_image_leak", "text_only", "only_negative_labels", "overlapping_span", "no_explanation"}
+)
+
+
+@dataclass(frozen=True)
+class ErrorPolicy:
+    """The one place that decides what a skip does (webdataset's ``handler=`` idea): by default every skip
+    is recorded and counted by reason; ``strict`` turns the first one into an error, except the deliberate
+    filters in ``filters``, which are always recorded.
+
+    Every site that meets bad data builds a :class:`Skip` and hands it to :meth:`check`.
+    """
+
+    strict: bool = False
+    filters: frozenset[str] = POLICY_REASONS
+    error: type[XsamError] = StrictModeError  # what strict mode raises (the loader raises LoaderError)
+
+    def stops(self, reason: str) -> bool:
+        """Whether a skip with ``reason`` ends the run under this policy."""
+        return self.strict and reason not in self.filters
+
+    def check(self, skip: Skip, cause: BaseException | None = None) -> Skip:
+        """``skip`` itself, to be recorded; raises :attr:`error` (``<key>: <reason>: <detail>``) instead when
+        the policy stops on it."""
+        if self.stops(skip.reason):
+            raise self.error(str(skip)) from cause
+        return skip
 
 
 # ---------------------------------------------------------------------------------------------- entry points

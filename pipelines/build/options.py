@@ -1,5 +1,5 @@
-"""What a build is asked to do and how it treats bad data: :class:`BuildOptions`, :class:`SourceOptions` and
-:class:`ErrorPolicy`.
+"""What a build is asked to do: :class:`BuildOptions` and :class:`SourceOptions` (how it treats bad data is
+:class:`pipelines.errors.ErrorPolicy`, which :attr:`BuildOptions.policy` makes).
 
 Everything here is imported by both the build driver and the sources, so this module depends on nothing in
 the project but :mod:`pipelines.errors`. Options are validated when they are made: a bad value is a
@@ -12,14 +12,12 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
-from pipelines.errors import BuildConfigError, Skip, SkipRecord, StrictModeError, XsamError
+from pipelines.errors import BuildConfigError, ErrorPolicy, Skip, SkipRecord, StrictModeError
 
 __all__ = [
     "DEFAULT_MAX_IMAGE_PIXELS",
-    "POLICY_REASONS",
     "PRESETS",
     "BuildOptions",
-    "ErrorPolicy",
     "Skip",
     "SkipRecord",
     "SourceOptions",
@@ -30,40 +28,6 @@ __all__ = [
 DEFAULT_MAX_IMAGE_PIXELS = (
     100_000_000  # a 10k x 10k image; anything larger is treated as a decompression bomb
 )
-
-# Skips that are deliberate filters, not bad data: counted and listed like any skip, but ``--strict`` does
-# not stop on them (RefCOCO eval images kept out of COCO training splits; LLaVA text-only records in stage 3;
-# LVIS images that carry only negative labels; GCG phrases whose span overlaps a kept one, X-SAM's rule; LISA
-# images without an explanation under the paper preset).
-POLICY_REASONS = frozenset(
-    {"eval_image_leak", "text_only", "only_negative_labels", "overlapping_span", "no_explanation"}
-)
-
-
-@dataclass(frozen=True)
-class ErrorPolicy:
-    """The one place that decides what a skip does (webdataset's ``handler=`` idea): by default every skip
-    is recorded and counted by reason; ``strict`` turns the first one into an error, except the deliberate
-    filters in ``filters``, which are always recorded.
-
-    Every site that meets bad data builds a :class:`~pipelines.errors.Skip` and hands it to :meth:`check`.
-    """
-
-    strict: bool = False
-    filters: frozenset[str] = POLICY_REASONS
-    error: type[XsamError] = StrictModeError  # what strict mode raises (the loader raises LoaderError)
-
-    def stops(self, reason: str) -> bool:
-        """Whether a skip with ``reason`` ends the run under this policy."""
-        return self.strict and reason not in self.filters
-
-    def check(self, skip: Skip, cause: BaseException | None = None) -> Skip:
-        """``skip`` itself, to be recorded; raises :attr:`error` (``<key>: <reason>: <detail>``) instead when
-        the policy stops on it."""
-        if self.stops(skip.reason):
-            raise self.error(str(skip)) from cause
-        return skip
-
 
 # ---------------------------------------------------------------------------------------------- option parsing
 _TRUE = frozenset({"true", "1", "yes", "on"})
@@ -245,7 +209,7 @@ class BuildOptions:
 
     @property
     def policy(self) -> ErrorPolicy:
-        """How this build treats a skip (see :class:`ErrorPolicy`)."""
+        """How this build treats a skip (see :class:`~pipelines.errors.ErrorPolicy`)."""
         return ErrorPolicy(strict=self.strict)
 
     def to_dict(self) -> dict:

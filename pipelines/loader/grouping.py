@@ -1,4 +1,4 @@
-"""Length grouping within a step's source, world-size-free (X-SAM's length grouping; issue 16 item 5, issue 21).
+"""Length grouping within a step's source, world-size-free (X-SAM's length grouping).
 
 X-SAM groups samples of similar length so a micro-batch pads little. Our loader draws one dataset per global
 step and takes the next ``G`` positions (``G`` = global batch) of that dataset's global stream
@@ -18,15 +18,15 @@ in it that depends on the ranks, DataLoader workers or the micro-batch × accumu
   ``j`` (``j = a·W + r``) gets ``B`` neighbours in length.
 
 Cost: every rank — and every DataLoader worker that serves one of the group's micro-batches — needs the
-lengths of the whole group, so it reads the JSON member (only the JSON member: one small ranged read per
-sample; images are read only for its own micro-batches) of all ``L·G`` positions of each group it serves,
-and parses and re-draws them. A rank trains on ``L·G / W`` of those samples, so it reads ``W`` JSON members
-(up to ``W ×`` its workers) per sample it trains on — e.g. ``G = 64``, ``L = 8`` on 8 ranks: 512 JSON reads
-per group for 64 samples trained on, next to 64 image reads and transforms. Only positions, lengths and
-attempt numbers are kept (a few ints per position), never the samples. JSON-only reads are not checked against
-the per-sample sha256 (it covers JSON + image); a changed byte is still caught when the rank that trains on
-the sample reads it whole, and the sample is then replaced as any unusable one is — the sort stays the same
-on every rank because every rank sorts on the same JSON bytes.
+lengths of the whole group, so it reads all ``L·G`` samples of each group it serves (a global batch of them at
+a time, one ranged read per run of consecutive stored samples), checks each against the sha256 in its shard's
+member index *before* parsing its JSON, and re-draws them. The sha256 covers JSON and image, so the image
+bytes are read too (and dropped at once: at most ``G`` samples' bytes are held). A rank trains on ``L·G / W``
+of those samples, so it reads ``W`` samples (up to ``W ×`` its workers) per sample it trains on — e.g.
+``G = 64``, ``L = 8`` on 8 ranks: 512 sample reads per group for 64 samples trained on. Only positions,
+lengths and attempt numbers are kept (a few ints per position). A changed member is a ``digest_mismatch``
+failure at measuring time, the same on every rank, and the position takes its replacement as any unusable
+one does; bytes that do not match their digest are never parsed (a crafted member cannot crash a rank).
 
 ``L = 1`` (or ``G = 1``) is the ungrouped stream.
 """

@@ -254,7 +254,7 @@ def test_demo_coco_vgd_through_the_loader_workers(processor, tmp_path):
     from pipelines.build import mixture
     from pipelines.build.driver import build
     from pipelines.demo_data import write_demo
-    from pipelines.loader.stream import MixtureLoader
+    from pipelines.loader import MixtureLoader
 
     root = write_demo(tmp_path / "datas", families=["vgd"])
     out = tmp_path / "shards"

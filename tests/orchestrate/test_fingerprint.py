@@ -14,7 +14,7 @@ from orchestrate import fingerprint as fp
 from orchestrate.summary import compare_runs, main
 from orchestrate.tracking import Tracker
 from pipelines.errors import run_cli
-from pipelines.loader.stream import MixtureLoader
+from pipelines.loader import MixtureLoader
 
 KEYS = ["coco_panoptic/train/000000000139", "refcoco/train/r-17", "coco_panoptic/train/000000000285"]
 

@@ -13,8 +13,8 @@ import pytest
 import webdataset as wds
 
 from pipelines.build import mixture
+from pipelines.loader import MixtureLoader
 from pipelines.loader.grouping import chunk_order, text_length
-from pipelines.loader.stream import MixtureLoader
 from pipelines.schema import Turn
 from tests.helpers import chat_sample, tiny_jpeg, to_wds
 
@@ -117,13 +117,13 @@ def test_resume_inside_a_group_is_exact(varied, workers, stop):
     resumed = make(varied, **kw)
     resumed.load_state_dict(state)
     assert take(resumed, 12) == uninterrupted[stop:]
-    assert resumed.stats()["samples"] == make_stats(varied, kw, stop + 12)
+    assert resumed.stats().samples == make_stats(varied, kw, stop + 12)
 
 
 def make_stats(out, kw, n):
     loader = make(out, **kw)
     take(loader, n)
-    return loader.stats()["samples"]
+    return loader.stats().samples
 
 
 def test_micro_batches_of_a_step_are_neighbours_in_length(varied):
@@ -147,5 +147,5 @@ def test_a_failed_transform_keeps_the_batch_size_and_is_counted(varied):
         batches = take(loader, 40)
     assert all(len(b) == 4 for b in batches)
     assert not any(k.endswith("000005") for b in batches for k, _ in b)  # replaced by draws
-    skipped = loader.stats()["skipped"]
+    skipped = loader.stats().skipped
     assert set(skipped) == {"transform_error"} and skipped["transform_error"] >= 1

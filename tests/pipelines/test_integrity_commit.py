@@ -13,7 +13,7 @@ import pytest
 
 from pipelines.build import driver, mixture, shards
 from pipelines.build.options import BuildOptions
-from pipelines.loader.stream import LoaderError, MixtureLoader
+from pipelines.loader import LoaderError, MixtureLoader
 from pipelines.shard_store import Manifest
 
 SOURCE = "coco_panoptic"

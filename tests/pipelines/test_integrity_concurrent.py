@@ -19,7 +19,7 @@ import pytest
 
 from pipelines.build import driver, mixture
 from pipelines.build.options import BuildOptions
-from pipelines.loader.stream import LoaderError, MixtureLoader
+from pipelines.loader import LoaderError, MixtureLoader
 from pipelines.shard_store import Manifest
 
 SOURCE = "coco_panoptic"
@@ -76,7 +76,7 @@ def test_a_rebuild_under_a_running_loader_stops_it_in_one_line(demo_root, tmp_pa
         r"let the rebuild finish, rewrite mixture\.json and resume",
         str(e.value),
     ), str(e.value)
-    assert loader.stats()["skipped"] == {}  # nothing was blamed on the data before the stop
+    assert loader.stats().skipped == {}  # nothing was blamed on the data before the stop
 
 
 def test_a_rebuild_in_progress_under_a_running_loader_stops_it(demo_root, tmp_path):
@@ -102,7 +102,7 @@ def test_damage_in_the_same_generation_stays_a_counted_skip(demo_root, tmp_path)
         b[len(b) // 2] ^= 0xFF
         tar.write_bytes(bytes(b))
     _read_on(batches, 30)  # no stop: the generation is the pinned one, so this is corruption
-    assert loader.stats()["skipped"].get("digest_mismatch", 0) > 0
+    assert loader.stats().skipped.get("digest_mismatch", 0) > 0
 
 
 def _cli(data: Path, out: Path) -> list[str]:

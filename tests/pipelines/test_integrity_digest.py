@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from pipelines.build import mixture
-from pipelines.loader.stream import LoaderError, MixtureLoader
+from pipelines.loader import LoaderError, MixtureLoader
 from pipelines.shard_store import INDEX_SUFFIX, Manifest, index_shard, sample_digest
 
 SOURCE, NAME = "coco_panoptic", "coco_panoptic/train"
@@ -67,7 +67,7 @@ def _one_pass(out: Path, **kw) -> tuple[list[str], dict]:
     for b in loader:
         keys += b.data
         if len(keys) == total:
-            return keys, loader.stats()
+            return keys, loader.stats().to_dict()
     raise AssertionError("unreachable")
 
 

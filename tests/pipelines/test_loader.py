@@ -18,9 +18,9 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 
 from pipelines.build import mixture
-from pipelines.loader import decode
+from pipelines.loader import LoaderError, MixtureLoader, decode
 from pipelines.loader import mixture as mixture_file
-from pipelines.loader.stream import LoaderError, MixtureLoader, step_sources
+from pipelines.loader.order import step_sources
 from pipelines.shard_store import index_shard
 from tests.helpers import write_source
 
@@ -151,7 +151,7 @@ def test_resume_gives_the_batches_of_an_uninterrupted_run(three_sources, workers
     resumed.load_state_dict(state)
     assert take(resumed, 8) == uninterrupted[40:]
     # the counters carry over too
-    assert resumed.stats()["batches"] == 48 == sum(resumed.stats()["batches_by_source"].values())
+    assert resumed.stats().batches == 48 == sum(resumed.stats().batches_by_source.values())
 
 
 def test_state_must_fit_the_loader(three_sources):
@@ -191,10 +191,10 @@ def test_truncated_shard_is_skipped_counted_and_replaced(tmp_path):
     assert len(seen) == 30  # every position of the pass got a usable sample
     assert 0 < len(lost) < 10 and all(k in keys[10:20] for k in lost)  # part of the middle shard survives
     # each lost sample's own position counted once, failed replacement draws (if any) once more each
-    assert set(loader.stats()["skipped"]) == {"truncated_shard"}
-    assert loader.stats()["skipped"]["truncated_shard"] >= len(lost)
+    assert set(loader.stats().skipped) == {"truncated_shard"}
+    assert loader.stats().skipped["truncated_shard"] >= len(lost)
     assert len(seen) - len(set(seen)) == len(lost)  # the replacements are samples the pass also holds
-    assert any("truncated_shard" in e for e in loader.stats()["errors"])
+    assert any("truncated_shard" in e for e in loader.stats().errors)
     with pytest.raises(LoaderError, match="truncated_shard"):
         _one_pass(make(tmp_path, stage=1, batch_size=1, strict=True), 30)
 
@@ -229,10 +229,10 @@ def test_missing_shard_corrupt_json_and_bad_image_are_counted(tmp_path):
         seen = _one_pass(loader, 15)
     good = set(keys[:5] + keys[5:10]) - {keys[1], keys[3]}
     assert len(seen) == 15 and set(seen) == good  # every usable sample at its own position, replacements too
-    skipped = loader.stats()["skipped"]
+    skipped = loader.stats().skipped
     assert set(skipped) == {"unreadable_shard", "corrupt_json", "corrupt_image"}
     assert skipped["unreadable_shard"] >= 5 and skipped["corrupt_json"] >= 1 and skipped["corrupt_image"] >= 1
-    assert loader.stats()["samples"] == 15
+    assert loader.stats().samples == 15
 
 
 def test_a_dataset_with_no_usable_sample_fails_clearly(tmp_path):
@@ -267,7 +267,7 @@ def test_no_target_samples_are_not_trained_on(tmp_path):
     seen = [k for b in take(loader, 12) for k, _ in b.data]  # one pass: flagged positions get replacements
     usable = set(range(12)) - flagged
     assert {int(k.rsplit("/", 1)[1]) for k in seen} == usable  # each usable one at its own position
-    assert loader.stats()["filtered"]["no_target"] >= len(flagged) and loader.stats()["skipped"] == {}
+    assert loader.stats().filtered["no_target"] >= len(flagged) and loader.stats().skipped == {}
     # asking for them back
     loader = make(tmp_path, batch_size=1, exclude_flags=())
     assert len({k for b in take(loader, 12) for k, _ in b.data}) == 12

@@ -16,8 +16,9 @@ from pathlib import Path
 import pytest
 
 from pipelines.build import mixture
+from pipelines.loader import MixtureLoader
 from pipelines.loader.order import StepPlan, WindowOrder, dataset_tag
-from pipelines.loader.stream import MixtureLoader, global_batch_keys
+from pipelines.loader.stream import global_batch_keys
 from tests.helpers import write_source
 from tests.pipelines.test_grouping import write_varied
 
@@ -82,7 +83,7 @@ def run(out, world, workers, bs, accum, *, state=None, until=STEPS, **kw):
             sources[b.step].add(b.source)
             if i == n:
                 break
-        stats.append(loader.stats())
+        stats.append(loader.stats().to_dict())
         states.append(json.loads(json.dumps(loader.state_dict())))  # what a checkpoint stores
     return {s: sorted(k) for s, k in keys.items()}, dict(sources), stats, states
 
@@ -181,8 +182,7 @@ def _v1_state(loader: MixtureLoader, world: int, lanes: int, micro_step: int) ->
     """A state as the per-(rank, lane) loader (``xsam-loader/1``) wrote it."""
     s = loader.stream
     names = s.names
-    lane_stats = {**loader.stats(), "windows_read": 2, "skipped": {"corrupt_json": 1}}
-    lane_stats.pop("micro_step")
+    lane_stats = {**loader.stats().to_dict(), "windows_read": 2, "skipped": {"corrupt_json": 1}}
     return {
         "format": "xsam-loader/1",
         "stage": "3",
@@ -211,10 +211,10 @@ def test_an_old_state_loads_only_with_the_same_sizes(shards, caplog):
     with pytest.raises(ValueError, match="lanes: 1 vs 2"):
         make(shards, 2, 2, 3, 1).load_state_dict(old)
     same = make(shards, 2, 0, 3, 1)
-    with caplog.at_level(logging.WARNING, logger="pipelines.loader.stream"):
+    with caplog.at_level(logging.WARNING, logger="pipelines.loader.state"):
         same.load_state_dict(old)
     assert "continues in the world-size-free order" in caplog.text
-    assert same.micro_step == 4 and same.stats()["skipped"] == {"corrupt_json": 1}
+    assert same.micro_step == 4 and same.stats().skipped == {"corrupt_json": 1}
     fresh = make(shards, 2, 0, 3, 1)
     fresh.load_state_dict(same.state_dict())  # and from then on it is a v2 state
     assert next(iter(fresh)).keys == next(iter(same)).keys

@@ -10,8 +10,8 @@ import pytest
 from pipelines.build import mixture
 from pipelines.errors import LoaderError
 from pipelines.inspect.cards import build_demo
+from pipelines.loader import MixtureLoader
 from pipelines.loader.redraw import lisa_explanation, redraw
-from pipelines.loader.stream import MixtureLoader
 from pipelines.schema import Turn, validate
 from tests.helpers import read_split
 
