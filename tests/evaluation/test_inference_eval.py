@@ -122,15 +122,16 @@ def test_bad_exports_and_sets_are_one_line_errors(demo_val, export3, tmp_path, c
         err = capsys.readouterr().err.strip()
         assert expected in err and len(err.splitlines()) == 1, err
     # weights of another flavor: the export's config names debug, its tensors are cut
-    from orchestrate import exports
+    from xsam_model.export import Export, write_export
 
-    state = exports.read_export_state(export3)
+    state = Export.read(export3).state()
     bad = {k: v for k, v in state.items() if not k.startswith("llm.")}
-    exports.write_export(
+    write_export(
         str(tmp_path / "cut" / "export"),
         bad,
-        {"stage": {"model": {"flavor": "debug", "init_dir": None}}, "model": {}},
-        {"stage": 3},
+        stage=3,
+        config={"stage": {"model": {"flavor": "debug", "init_dir": None}}, "model": {}},
+        lineage={},
     )
     assert (
         run_cli(evaluate.main, ["--export", str(tmp_path / "cut" / "export"), "--sets", "refcoco/val", *base])

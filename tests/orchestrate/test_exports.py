@@ -10,16 +10,13 @@ import torch
 from orchestrate.exports import (
     ParentExportError,
     check_parents,
-    find_export,
     load_parent_weights,
-    read_export_state,
     resolve_parents,
-    safetensors_header,
-    write_export,
 )
 from orchestrate.plan import param_shapes
 from orchestrate.stages import debug, stage2, stage3
 from xsam_model import build_xsam, export_trainable
+from xsam_model.export import Export, ExportError, safetensors_header, write_export
 
 
 @pytest.fixture(scope="module")
@@ -35,22 +32,22 @@ def trained():
 
 def _write(root, stage, state):
     url = str(root / f"stage{stage}" / "export")
-    return write_export(url, state, {"stage": {"stage": stage}}, {"stage": stage})
+    return write_export(url, state, stage=stage, config={"stage": {"stage": stage}}, lineage={})
 
 
 def test_round_trip_and_header(tmp_path, trained):
     state = export_trainable(trained, 1)
     url = _write(tmp_path, 1, state)
-    info = find_export(url, 1)
+    info = Export.find(url, 1)
     assert set(info.keys) == set(state)
     assert all(info.keys[k]["shape"] == tuple(v.shape) for k, v in state.items())
     assert info.lineage["tensors"] == len(state) and len(info.lineage["model_sha256"]) == 64
-    back = read_export_state(url)
+    back = info.state()
     assert all(torch.equal(back[k], v) for k, v in state.items())
     assert safetensors_header(info.model_url) == info.keys
     assert not list(tmp_path.glob("stage1/.tmp-*"))  # written to a temporary folder, then moved
     _write(tmp_path, 1, {k: v * 2 for k, v in state.items()})  # a re-run replaces the export
-    assert torch.equal(read_export_state(url)[next(iter(state))], 2 * next(iter(state.values())))
+    assert torch.equal(Export.find(url, 1).state()[next(iter(state))], 2 * next(iter(state.values())))
 
 
 def test_missing_parent_export_says_where(tmp_path):
@@ -61,8 +58,8 @@ def test_missing_parent_export_says_where(tmp_path):
     ):
         resolve_parents(str(tmp_path), 3, stage3().parents)
     _write(tmp_path, 2, {"x": torch.zeros(1)})
-    with pytest.raises(ParentExportError, match="export of stage 2, expected stage 1"):
-        find_export(str(tmp_path / "stage2" / "export"), 1)
+    with pytest.raises(ExportError, match="export of stage 2, expected stage 1"):
+        Export.find(str(tmp_path / "stage2" / "export"), 1)
 
 
 def test_stage3_takes_segmentor_from_1_and_projectors_from_2(tmp_path, trained):
@@ -120,6 +117,8 @@ def test_an_export_that_does_not_fit_lists_every_key(tmp_path, trained):
 
 
 def test_lineage_is_written_last_and_is_json(tmp_path):
-    url = write_export(str(tmp_path / "e"), {"a": torch.ones(2)}, {"k": 1}, {"stage": 1, "parents": []})
+    url = write_export(
+        str(tmp_path / "e"), {"a": torch.ones(2)}, stage=1, config={"k": 1}, lineage={"parents": []}
+    )
     lineage = json.loads((tmp_path / "e" / "lineage.json").read_text())
     assert lineage["stage"] == 1 and lineage["tensors"] == 1 and url.endswith("/e")
