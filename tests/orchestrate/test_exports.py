@@ -122,3 +122,123 @@ def test_lineage_is_written_last_and_is_json(tmp_path):
     )
     lineage = json.loads((tmp_path / "e" / "lineage.json").read_text())
     assert lineage["stage"] == 1 and lineage["tensors"] == 1 and url.endswith("/e")
+
+
+# ---------------------------------------------------------------------------------------------- verified reads
+def _flip_a_tensor_byte(url: str) -> None:
+    """One byte of the tensor data changed in place (the file keeps its size and a valid header)."""
+    path = f"{url}/model.safetensors"
+    blob = bytearray(open(path, "rb").read())
+    blob[-1] ^= 0x01
+    open(path, "wb").write(bytes(blob))
+
+
+def test_a_flipped_byte_is_refused_on_every_read(tmp_path, trained):
+    url = _write(tmp_path, 1, export_trainable(trained, 1))
+    _flip_a_tensor_byte(url)
+    with pytest.raises(
+        ExportError, match=r"model\.safetensors: sha256 .* differs from .* recorded in its lineage"
+    ):
+        Export.find(url, 1)
+    with pytest.raises(ExportError, match="differs"):
+        Export.find(url, 1, verify=False).state()  # the bytes read are checked, not only the file once
+    with pytest.raises(ParentExportError, match=rf"{url}/model\.safetensors: sha256"):
+        resolve_parents(str(tmp_path), 2, stage2().parents)
+
+
+def test_an_export_without_a_recorded_hash_is_refused(tmp_path, trained):
+    url = _write(tmp_path, 1, export_trainable(trained, 1))
+    lineage = json.loads((tmp_path / "stage1" / "export" / "lineage.json").read_text())
+    del lineage["model_sha256"]
+    (tmp_path / "stage1" / "export" / "lineage.json").write_text(json.dumps(lineage))
+    with pytest.raises(ExportError, match="records no model_sha256"):
+        Export.find(url, 1)
+
+
+def test_the_child_lineage_records_the_hash_of_the_bytes_it_loaded(tmp_path, trained):
+    from orchestrate.exports import _parent_lineage
+    from xsam_model.export import sha256_of
+
+    url = _write(tmp_path, 1, export_trainable(trained, 1))
+    cfg = debug(stage2())
+    shapes, skip = param_shapes(cfg)
+    found = resolve_parents(str(tmp_path), 2, cfg.parents, verify=False)
+    counts = load_parent_weights(
+        build_xsam("debug"), check_parents(shapes, cfg.parents, found, skip=skip), found
+    )
+    loaded_hash = sha256_of(f"{url}/model.safetensors")
+    _flip_a_tensor_byte(url)  # the parent changes after the child loaded it
+    (parent,) = _parent_lineage(found, counts)
+    assert parent["model_sha256"] == loaded_hash == found[1].verified_sha256
+    assert parent["tensors_loaded"] == counts[1] > 0
+
+
+# ---------------------------------------------------------------------------------------------- replacing
+def _mutations(fs_cls):
+    return {"mv": fs_cls.mv, "rm": fs_cls.rm, "open": fs_cls.open}
+
+
+def _write_killed_at(url: str, k: int, state: dict) -> int:
+    """In a forked child: ``write_export`` killed (SIGKILL) just before its ``k``-th file-system change (a
+    rename, a delete, a file opened for writing). Returns the child's exit code (-9 when killed)."""
+    import multiprocessing
+    import os
+    import signal
+
+    from fsspec.implementations.local import LocalFileSystem
+
+    def child():
+        count = [0]
+        original = _mutations(LocalFileSystem)
+
+        def counted(name):
+            def wrapper(self, *args, **kwargs):
+                if name != "open" or "w" in (args[1] if len(args) > 1 else kwargs.get("mode", "rb")):
+                    count[0] += 1
+                    if count[0] == k:
+                        os.kill(os.getpid(), signal.SIGKILL)
+                return original[name](self, *args, **kwargs)
+
+            return wrapper
+
+        for name in original:
+            setattr(LocalFileSystem, name, counted(name))
+        write_export(url, state, stage=1, config={"v": "new"}, lineage={})
+
+    proc = multiprocessing.get_context("fork").Process(target=child)
+    proc.start()
+    proc.join(60)
+    return proc.exitcode
+
+
+def test_an_export_survives_a_kill_at_every_step_of_its_replacement(tmp_path):
+    """Old export in place, a new one written and killed before each file-system change in turn: afterwards
+    an export (the old or the new, complete and verified) is always found, and the next write leaves no
+    temporaries."""
+    old = {"a": torch.zeros(3), "b": torch.ones(2)}
+    new = {k: v + 7 for k, v in old.items()}
+    kills = 0
+    for k in range(1, 40):
+        root = tmp_path / f"k{k}"
+        url = str(root / "export")
+        write_export(url, old, stage=1, config={"v": "old"}, lineage={})
+        code = _write_killed_at(url, k, new)
+        found = Export.find(url, 1)  # verified; a .prev- left by the kill is put back
+        got = found.state()
+        assert found.config["v"] in ("old", "new")
+        assert all(torch.equal(got[n], (old if found.config["v"] == "old" else new)[n]) for n in old)
+        write_export(url, new, stage=1, config={"v": "again"}, lineage={})
+        assert sorted(p.name for p in root.iterdir()) == ["export"], (k, sorted(root.iterdir()))
+        assert Export.find(url, 1).config["v"] == "again"
+        if code == 0:  # no k-th change: every step was covered
+            break
+        assert code == -9, code
+        kills += 1
+    assert kills >= 6  # the writes of the new export's files, and each rename of the swap
+
+
+def test_a_missing_export_is_restored_from_its_previous_copy(tmp_path):
+    url = write_export(str(tmp_path / "export"), {"a": torch.ones(2)}, stage=1, config={}, lineage={})
+    (tmp_path / "export").rename(tmp_path / "export.prev-0000")  # killed between the two renames
+    assert Export.find(url, 1).state()["a"].sum() == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["export"]

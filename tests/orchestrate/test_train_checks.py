@@ -180,3 +180,21 @@ def test_stage3_starts_from_a_stage3_export(tmp_path):
     _export(tmp_path / "s1", 1)
     with pytest.raises(RunSetupError, match="is the export of stage 1, expected stage 3"):
         _checked_parents(cfg, str(tmp_path / "r"), {3: str(tmp_path / "s1")})
+
+
+def test_init_from_a_damaged_export_is_refused_naming_the_file(tmp_path):
+    """``--init-from`` (and the chaining of stages, the same check) hashes the parent's model.safetensors
+    against its lineage on the driver: a byte flipped in place is one line naming the file."""
+    from orchestrate.errors import RunSetupError
+    from orchestrate.runner import RunArgs, _checked_parents, build_config
+
+    _export(tmp_path / "s1", 1)
+    blob = bytearray((tmp_path / "s1" / "model.safetensors").read_bytes())
+    blob[-1] ^= 0x01
+    (tmp_path / "s1" / "model.safetensors").write_bytes(bytes(blob))
+    args = RunArgs(
+        stage=2, flavor="debug", shards="", run_root=str(tmp_path / "r"), init_from={1: str(tmp_path / "s1")}
+    )
+    with pytest.raises(RunSetupError, match=rf"{tmp_path}/s1/model\.safetensors: sha256 \S+ differs") as e:
+        _checked_parents(build_config(args), str(tmp_path / "r"), args.init_from)
+    assert len(str(e.value).splitlines()) == 1
