@@ -128,7 +128,10 @@ def write_checkpoint(state: Mapping, path: str | Path) -> Path:
 
             save_file({k: v.contiguous() for k, v in state.items()}, tmp, metadata={"format": "pt"})
         else:
-            torch.save({k: v.contiguous() for k, v in state.items()}, tmp)
+            # through a file object: torch names the zip's folder "archive", not after the (random) temporary
+            # file name, so the same weights give the same bytes
+            with open(tmp, "wb") as f:
+                torch.save({k: v.contiguous() for k, v in state.items()}, f)
         os.replace(tmp, p)
     finally:
         tmp.unlink(missing_ok=True)

@@ -209,10 +209,13 @@ def from_xsam(
         if k in expected
         for line in _bad_value(k, v, dtypes[expected[k][0]])
     ]
-    if not report.ok or non_tensor or bad_values:
-        name = getattr(getattr(model, "config", None), "name", "?")
+    name = getattr(getattr(model, "config", None), "name", "?")
+    if not report.ok or non_tensor:
         msg = report.message(f"{source}: does not fit stage {stage} of the {name} model", notes=notes)
         raise ConvertError("\n".join([msg, *non_tensor, *bad_values]))
+    if bad_values:
+        head = f"{source}: {len(bad_values)} tensors that the {name} model cannot take"
+        raise ConvertError("\n".join([head, *bad_values]))
     state = {}
     for key, (ours, _) in expected.items():
         state[ours] = provided[key].reshape(params[ours]) if ours in LEADING_AXIS else provided[key]

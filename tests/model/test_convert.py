@@ -521,3 +521,115 @@ def test_init_dir_is_checked_and_recorded(model_a, tmp_path, capsys):
     assert rc == 0, msg
     info = Export.find(str(tmp_path / "e"), 1)
     assert info.config["stage"]["model"]["init_dir"] == str(inits) == info.lineage["init_dir"]
+
+
+# ---------------------------------------------------------------------------------------------- hostile files
+def _import(src, tmp_path, capsys, stage: int = 3):
+    out = tmp_path / "export"
+    rc, msg = run_cli(
+        ["import", "--xsam-checkpoint", src, "--stage", stage, "--flavor", "debug", "--out", out], capsys
+    )
+    return rc, msg, out
+
+
+def _short_record(dst: Path) -> None:
+    """A torch zip checkpoint whose first tensor record is cut to half its length, the records after it
+    intact: a memory map finds bytes where the record should be (the next record's)."""
+    import zipfile
+
+    src = dst.with_name("whole.bin")
+    torch.save({"bg_embeds.weight": torch.arange(100, dtype=torch.float32), "b": torch.ones(50)}, src)
+    with zipfile.ZipFile(src) as zin, zipfile.ZipFile(dst, "w", zipfile.ZIP_STORED) as zout:
+        for info in zin.infolist():
+            data = zin.read(info.filename)
+            zout.writestr(info, data[: len(data) // 2] if info.filename.endswith("/data/0") else data)
+
+
+def test_a_zip_record_shorter_than_its_tensor_is_refused(tmp_path, capsys):
+    """Read with a memory map, torch takes such a tensor from the bytes after the record (wrong weights);
+    read into memory it checks each record's size."""
+    src = tmp_path / "pytorch_model.bin"
+    _short_record(src)
+    rc, msg, out = _import(src, tmp_path, capsys)
+    assert rc == 2 and len(msg.splitlines()) == 1 and str(src) in msg and "record size" in msg, msg
+    assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    "spoil,expected",
+    [
+        (lambda t: t.index_fill_(0, torch.tensor([0]), float("nan")), "not finite  bg_embeds.weight: "),
+        (lambda t: t.fill_(float("inf")), "not finite  bg_embeds.weight: "),
+        (lambda t: t.to(torch.int64), "bad dtype   bg_embeds.weight: torch.int64"),
+        (lambda t: t.to(torch.float64).fill_(1e300), "not finite  bg_embeds.weight"),  # inf as float32
+    ],
+)
+def test_nan_inf_and_dtypes_the_model_cannot_hold_are_refused(model_a, tmp_path, capsys, spoil, expected):
+    ckpt = synthetic_checkpoint(model_a, 3)
+    ckpt["bg_embeds.weight"] = spoil(ckpt["bg_embeds.weight"].clone())
+    src = tmp_path / "pytorch_model.bin"
+    torch.save(ckpt, src)
+    rc, msg, out = _import(src, tmp_path, capsys)
+    assert rc == 2 and len(msg.splitlines()) == 1 and one_line(expected) in msg, msg
+    assert f"{src}: 1 tensors that the debug model cannot take" in msg
+    assert not out.exists()
+
+
+def _fifo(p: Path) -> None:
+    import os
+
+    os.mkfifo(p)
+
+
+@pytest.mark.parametrize(
+    "make,expected",
+    [
+        (lambda p: p.mkdir(), "a folder"),
+        (_fifo, "not a regular file"),
+        (
+            lambda p: p.write_bytes(b"version https://git-lfs.github.com/spec/v1\noid sha256:ab\nsize 9\n"),
+            "a Git LFS pointer",
+        ),
+        (lambda p: p.write_bytes(b"\n<!DOCTYPE html><html><body>Sign in</body></html>"), "an HTML page"),
+        (lambda p: p.write_bytes(b"https://huggingface.co/hao9610/X-SAM/pytorch_model.bin\n"), "starts with"),
+        (lambda p: torch.save("https://huggingface.co/x/pytorch_model.bin", p), "holds a str"),
+        (lambda p: p.write_bytes(b""), "an empty file"),
+    ],
+)
+def test_what_is_not_a_checkpoint_is_named(tmp_path, capsys, make, expected):
+    src = tmp_path / "pytorch_model.bin"
+    make(src)
+    rc, msg, out = _import(src, tmp_path, capsys)  # a FIFO is never opened for reading: no hang
+    assert rc == 2 and len(msg.splitlines()) == 1 and expected in msg and str(src) in msg, msg
+    assert not out.exists()
+
+
+def test_export_out_under_a_file_is_one_line(model_a, tmp_path, capsys):
+    first = tmp_path / "export"
+    write_export(str(first), export_trainable(model_a, 3), stage=3, config={}, lineage={})
+    (tmp_path / "file").write_text("x")
+    rc, msg = run_cli(["export", "--export", first, "--out", tmp_path / "file" / "x.bin"], capsys)
+    assert rc == 2 and len(msg.splitlines()) == 1 and "a file is in the way" in msg, msg
+
+
+def test_the_exported_bin_is_the_same_bytes_for_the_same_weights(model_a, tmp_path, capsys):
+    """Twice from one export, and once from an export of the same tensors given in reverse order."""
+    state = export_trainable(model_a, 3)
+    write_export(str(tmp_path / "e1"), state, stage=3, config={}, lineage={})
+    reverse = {k: state[k] for k in reversed(list(state))}
+    write_export(str(tmp_path / "e2"), reverse, stage=3, config={}, lineage={})
+    blobs = []
+    for export, name in (("e1", "a"), ("e1", "b"), ("e2", "c")):
+        (tmp_path / name).mkdir()
+        rc, msg = run_cli(
+            ["export", "--export", tmp_path / export, "--out", tmp_path / name / "x.bin"], capsys
+        )
+        assert rc == 0, msg
+        blobs.append((tmp_path / name / "x.bin").read_bytes())
+    assert blobs[0] == blobs[1] == blobs[2]
+    keys = list(to_xsam(reverse))
+    assert (
+        keys == list(to_xsam(state))
+        and keys[0].startswith("visual_encoder.")
+        and keys[-1] == "bg_embeds.weight"
+    )
