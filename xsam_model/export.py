@@ -107,6 +107,19 @@ def _siblings(fs, path: str, tag: str) -> list[str]:
     )
 
 
+def _legacy_temporaries(fs, path: str) -> list[str]:
+    """``.tmp-<name>-*`` beside ``path``: what writers before the ``<name>.tmp-`` naming left when killed."""
+    parent, name = path.rsplit("/", 1)
+    if not fs.exists(parent):
+        return []
+    prefix = f"{storage.TMP_MARK}{name}-"
+    return [
+        p.rstrip("/")
+        for p in fs.ls(parent, detail=False)
+        if p.rstrip("/").rsplit("/", 1)[-1].startswith(prefix)
+    ]
+
+
 def _complete(fs, path: str) -> bool:
     return all(fs.exists(f"{path}/{n}") for n in FILES)
 
@@ -302,7 +315,7 @@ def remove_stale(url: str) -> int:
     export itself is complete, restoring it from a ``.prev-*`` first if need be). Returns how many."""
     fs, path = storage.fs_and_path(url)
     recover(url)
-    stale = _siblings(fs, path, TMP_TAG)
+    stale = _siblings(fs, path, TMP_TAG) + _legacy_temporaries(fs, path)
     if _complete(fs, path):
         stale += _siblings(fs, path, PREV_TAG)
     for p in stale:

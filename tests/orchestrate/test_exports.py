@@ -15,6 +15,7 @@ from orchestrate.exports import (
 )
 from orchestrate.plan import param_shapes
 from orchestrate.stages import debug, stage2, stage3
+from tests.orchestrate.faults import write_export_killed_at
 from xsam_model import build_xsam, export_trainable
 from xsam_model.export import Export, ExportError, safetensors_header, write_export
 
@@ -174,43 +175,6 @@ def test_the_child_lineage_records_the_hash_of_the_bytes_it_loaded(tmp_path, tra
 
 
 # ---------------------------------------------------------------------------------------------- replacing
-def _mutations(fs_cls):
-    return {"mv": fs_cls.mv, "rm": fs_cls.rm, "open": fs_cls.open}
-
-
-def _write_killed_at(url: str, k: int, state: dict) -> int:
-    """In a forked child: ``write_export`` killed (SIGKILL) just before its ``k``-th file-system change (a
-    rename, a delete, a file opened for writing). Returns the child's exit code (-9 when killed)."""
-    import multiprocessing
-    import os
-    import signal
-
-    from fsspec.implementations.local import LocalFileSystem
-
-    def child():
-        count = [0]
-        original = _mutations(LocalFileSystem)
-
-        def counted(name):
-            def wrapper(self, *args, **kwargs):
-                if name != "open" or "w" in (args[1] if len(args) > 1 else kwargs.get("mode", "rb")):
-                    count[0] += 1
-                    if count[0] == k:
-                        os.kill(os.getpid(), signal.SIGKILL)
-                return original[name](self, *args, **kwargs)
-
-            return wrapper
-
-        for name in original:
-            setattr(LocalFileSystem, name, counted(name))
-        write_export(url, state, stage=1, config={"v": "new"}, lineage={})
-
-    proc = multiprocessing.get_context("fork").Process(target=child)
-    proc.start()
-    proc.join(60)
-    return proc.exitcode
-
-
 def test_an_export_survives_a_kill_at_every_step_of_its_replacement(tmp_path):
     """Old export in place, a new one written and killed before each file-system change in turn: afterwards
     an export (the old or the new, complete and verified) is always found, and the next write leaves no
@@ -222,7 +186,7 @@ def test_an_export_survives_a_kill_at_every_step_of_its_replacement(tmp_path):
         root = tmp_path / f"k{k}"
         url = str(root / "export")
         write_export(url, old, stage=1, config={"v": "old"}, lineage={})
-        code = _write_killed_at(url, k, new)
+        code = write_export_killed_at(url, k, new, config={"v": "new"})
         found = Export.find(url, 1)  # verified; a .prev- left by the kill is put back
         got = found.state()
         assert found.config["v"] in ("old", "new")
@@ -242,3 +206,13 @@ def test_a_missing_export_is_restored_from_its_previous_copy(tmp_path):
     (tmp_path / "export").rename(tmp_path / "export.prev-0000")  # killed between the two renames
     assert Export.find(url, 1).state()["a"].sum() == 2
     assert sorted(p.name for p in tmp_path.iterdir()) == ["export"]
+
+
+def test_temporaries_of_killed_writers_are_cleaned_by_the_next_write(tmp_path):
+    url = write_export(str(tmp_path / "export"), {"a": torch.ones(2)}, stage=1, config={}, lineage={})
+    for stale in ("export.tmp-1234abcd", ".tmp-export-5678abcd", "export.prev-9abc0000"):
+        (tmp_path / stale).mkdir()
+        (tmp_path / stale / "model.safetensors").write_bytes(b"half")
+    (tmp_path / "other.tmp-1").mkdir()  # another export's: not ours to delete
+    write_export(url, {"a": torch.zeros(2)}, stage=1, config={}, lineage={})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["export", "other.tmp-1"]

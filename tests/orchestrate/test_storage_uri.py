@@ -127,6 +127,36 @@ def test_export_written_replaced_and_read_back_on_s3(s3):
         Export.find(url, 1)
 
 
+@pytest.mark.slow  # a forked writer per step, each talking to the moto server
+def test_an_export_on_s3_survives_a_kill_at_every_step_of_its_replacement(s3):
+    """As on a local disk (tests/orchestrate/test_exports.py), on an object store: no folder rename there,
+    so the old export is copied aside, the lineage removed first and written last. Killed before every
+    copy, move or delete in turn, a complete, verified export is found afterwards, and the next write leaves
+    only the export."""
+    import torch
+
+    from tests.orchestrate.faults import write_export_killed_at
+
+    old = {"a": torch.zeros(3), "b": torch.ones(2)}
+    new = {k: v + 7 for k, v in old.items()}
+    kills = 0
+    for k in range(1, 60):
+        url = f"{s3}/kills/k{k}/export"
+        write_export(url, old, stage=1, config={"v": "old"}, lineage={})
+        code = write_export_killed_at(url, k, new, config={"v": "new"})
+        found = Export.find(url, 1)
+        got = found.state()
+        assert all(torch.equal(got[n], (old if found.config["v"] == "old" else new)[n]) for n in old), k
+        write_export(url, new, stage=1, config={"v": "again"}, lineage={})
+        fs, path = storage.fs_and_path(f"{s3}/kills/k{k}")
+        assert sorted(p.rsplit("/", 1)[-1] for p in fs.ls(path, detail=False)) == ["export"], k
+        if code == 0:
+            break
+        assert code == -9, code
+        kills += 1
+    assert kills >= 8
+
+
 @pytest.mark.ray
 @pytest.mark.slow
 @pytest.mark.timeout(600)
