@@ -100,7 +100,10 @@ def open_export(url: str) -> Export:
 def load_export(url: str, device: str = "cpu", precision: str = "auto", flavor: str | None = None):
     """``(model, Export)``: the export's flavor built (its ``init_dir`` for the tokenizer and the frozen
     parts), the export's weights loaded strictly, in eval mode on ``device``."""
-    info = open_export(url)
+    try:
+        info = Export.read(url, verify=False)  # build_model checks the bytes it loads against the lineage
+    except ExportError as e:
+        raise EvaluationError(f"--export {e}") from None
     opts = InferenceOptions(device=device, precision=precision)
     try:
         return info.build_model(device, opts.dtype(), flavor=flavor), info
