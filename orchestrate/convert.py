@@ -27,11 +27,17 @@ import zipfile
 from collections.abc import Mapping
 from pathlib import Path
 
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load, save_file
+
 from orchestrate.exports import code_version
 from orchestrate.stages import get_stage
 from pipelines.errors import run_cli
+from xsam_model.builder import build_xsam
 from xsam_model.convert import IMPORT_STAGES, ConvertError, from_xsam, to_xsam
 from xsam_model.export import Export, ExportError, sha256_of, write_export
+from xsam_model.flavors import XSAM_FLAVORS
 
 logger = logging.getLogger(__name__)
 
@@ -73,16 +79,11 @@ def read_checkpoint(path: str | Path) -> dict[str, object]:
     """The state dict in an X-SAM checkpoint: ``.bin``/``.pth``/``.pt`` through ``torch.load(weights_only=True)``
     (a pickle that carries anything but tensors and plain containers is refused), or ``.safetensors``. An
     mmengine-style ``{"state_dict": ...}`` wrapper is unwrapped. Values are checked later (:func:`from_xsam`)."""
-    import torch
-
     p = Path(path)
     if p.suffix not in (".bin", ".pth", ".pt", ".safetensors"):
         raise ConvertError(f"{p}: expected a .bin, .pth or .pt (torch.save) or a .safetensors file")
     check_checkpoint_file(p)
     if p.suffix == ".safetensors":
-        from safetensors import SafetensorError
-        from safetensors.torch import load
-
         try:
             obj: object = load(p.read_bytes())
         except (SafetensorError, OSError, ValueError) as e:
@@ -108,8 +109,6 @@ def write_checkpoint(state: Mapping, path: str | Path) -> Path:
     """Write ``state`` for X-SAM: ``.bin``/``.pth``/``.pt`` with ``torch.save`` (what X-SAM's
     ``guess_load_checkpoint`` reads) or ``.safetensors``; through a temporary sibling, so a failed write
     leaves nothing behind."""
-    import torch
-
     p = Path(path)
     if p.suffix not in (".bin", ".pth", ".pt", ".safetensors"):
         raise ConvertError(f"{p}: expected an output name ending in .bin, .pth, .pt or .safetensors")
@@ -124,8 +123,6 @@ def write_checkpoint(state: Mapping, path: str | Path) -> Path:
     tmp = p.with_name(f".{p.name}.{uuid.uuid4().hex[:8]}.tmp")
     try:
         if p.suffix == ".safetensors":
-            from safetensors.torch import save_file
-
             save_file({k: v.contiguous() for k, v in state.items()}, tmp, metadata={"format": "pt"})
         else:
             # through a file object: torch names the zip's folder "archive", not after the (random) temporary
@@ -162,9 +159,6 @@ def import_checkpoint(
 ) -> dict:
     """Convert X-SAM's stage-``stage`` checkpoint at ``path`` into a stage export at ``out`` (folder or URI).
     The model is built from ``flavor`` on the meta device for the checks. Returns the export's lineage."""
-    from xsam_model.builder import build_xsam
-    from xsam_model.flavors import XSAM_FLAVORS
-
     if stage not in IMPORT_STAGES:
         raise ConvertError(f"--stage must be one of {IMPORT_STAGES} (X-SAM releases those), got {stage}")
     if flavor not in XSAM_FLAVORS:
@@ -212,8 +206,6 @@ def export_checkpoint(export: str, out: str | Path) -> Path:
 
 # ---------------------------------------------------------------------------------------------- CLI
 def _parser() -> argparse.ArgumentParser:
-    from xsam_model.flavors import XSAM_FLAVORS
-
     p = argparse.ArgumentParser(prog="python -m orchestrate.convert", description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
     imp = sub.add_parser("import", help="X-SAM checkpoint → stage export")

@@ -36,6 +36,9 @@ from typing import Any
 from pipelines import storage
 from pipelines.errors import XsamError
 
+# safetensors and the model builder (which pulls in transformers) are imported inside the functions that
+# read tensors or build a model: deferred heavy imports
+
 log = logging.getLogger(__name__)
 
 MODEL_FILE = "model.safetensors"
