@@ -60,13 +60,13 @@ def demo_shards(work: Path, sets: list[str]) -> tuple[Path, Path]:
 
 
 def debug_export(path: Path) -> str:
-    from orchestrate import exports
     from xsam_model import build_xsam, export_trainable
+    from xsam_model.export import write_export
 
     torch.manual_seed(0)
     model = build_xsam("debug")
     config = {"stage": {"model": {"flavor": "debug", "init_dir": None}}, "model": model.config.to_dict()}
-    exports.write_export(str(path), export_trainable(model, 3), config, {"stage": 3})
+    write_export(str(path), export_trainable(model, 3), stage=3, config=config, lineage={})
     return str(path)
 
 
@@ -76,7 +76,7 @@ def cpu_run(export: str, datas: Path, shards: Path, sets: list[str], workers: in
     from orchestrate.evaluation import inference as inf
 
     opts = inf.InferenceOptions(batch_size=args.batch_size, max_new_tokens=args.max_new_tokens)
-    info = inf.export_info(export)
+    info = inf.open_export(export)
     jobs = inf.plan_sets(str(shards), str(datas), sets, info, opts.mode)
     # all passes through one pool: each worker loads the model once
     work = inf.shard_jobs(jobs, None) * args.repeat

@@ -64,8 +64,8 @@ def demo_shards(out: Path) -> Path:
 
 def parent_exports(out: Path, flavor: str, init_dir: str | None) -> dict[int, str]:
     """Stage-1 and stage-2 exports of a freshly built model, so stage 3 starts as it would in a real chain."""
-    from orchestrate.exports import write_export
     from xsam_model import build_xsam, export_trainable
+    from xsam_model.export import write_export
 
     model = build_xsam(flavor, init_dir=init_dir)
     urls = {}

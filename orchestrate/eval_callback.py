@@ -67,16 +67,16 @@ def check_evaluation(cfg, shards: str) -> None:
 
 
 def _model_info(cfg, model=None):
-    from orchestrate.evaluation.inference import ExportInfo
+    """The model in training as an :class:`~xsam_model.export.Export` (config only, nothing on storage), so
+    the set checks are the ones ``evaluate.py --export`` makes."""
     from orchestrate.plan import model_config
+    from xsam_model.export import Export
 
     mc = model.config if model is not None else model_config(cfg)
-    return ExportInfo(
+    return Export(
         url=f"the stage-{cfg.stage} model in training",
         stage=cfg.stage,
-        flavor=cfg.model.flavor,
-        init_dir=cfg.model.init_dir,
-        category_ids=tuple(mc.processor.category_ids),
+        config={"stage": cfg.to_dict(), "model": mc.to_dict()},
     )
 
 

@@ -63,9 +63,9 @@ def _boxes(values: list[str]) -> list[tuple[float, ...]]:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     configure_logging(verbosity(args))
-    from orchestrate.evaluation.inference import export_info, load_export
+    from orchestrate.evaluation.inference import load_export, open_export
     from orchestrate.evaluation.one_image import infer_task, predict
-    from orchestrate.overlay import draw, labelled_masks
+    from orchestrate.evaluation.overlay import draw, labelled_masks
     from pipelines.errors import ImageDecodeError
     from pipelines.loader.decode import decode_image
 
@@ -76,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
         raise EvaluationError(f"--image {args.image}: not a decodable JPEG or PNG ({e})") from None
     boxes = _boxes(args.box)
     infer_task(args.prompt, args.task)
-    info = export_info(args.export)
+    info = open_export(args.export)
     if info.stage != 3:
         raise EvaluationError(
             f"--export {args.export} is a stage-{info.stage} export; predict.py needs stage 3"

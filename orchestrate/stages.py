@@ -402,7 +402,7 @@ STAGES: dict[int, Callable[[], StageConfig]] = {1: stage1, 2: stage2, 3: stage3}
 def with_self_parent(cfg: StageConfig) -> StageConfig:
     """``cfg`` starting from an export of its own stage instead of its usual parents: every module the stage
     trains is taken from that one export (e.g. X-SAM's released stage-3 weights imported by
-    ``python -m xsam_model.convert import``, as the start of another stage-3 run). Only
+    ``python -m orchestrate.convert import``, as the start of another stage-3 run). Only
     :data:`SELF_PARENT_STAGES`."""
     if cfg.stage not in SELF_PARENT_STAGES:
         raise StageConfigError(

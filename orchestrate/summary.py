@@ -21,11 +21,11 @@ from pathlib import Path
 
 from orchestrate import fingerprint
 from orchestrate.errors import RunSetupError
-from orchestrate.exports import LINEAGE_FILE
 from orchestrate.run_layout import STAGE_NUMBERS, RunLayout, StageLayout
 from pipelines import storage
 from pipelines.errors import run_cli
 from pipelines.logs import add_verbosity_flags, configure_logging, verbosity
+from xsam_model.export import LINEAGE_FILE
 
 
 def _lineage(path: Path) -> dict:

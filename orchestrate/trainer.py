@@ -112,6 +112,8 @@ class Trainer:
         self.step_keys: list[str] = []
         """This rank's sample keys of the latest step."""
         self.loaded: dict[int, int] = {}
+        self.parents: dict = {}
+        """Stage → the parent :class:`~xsam_model.export.Export` loaded (its bytes verified)."""
         """Tensors loaded from each parent stage's export."""
 
     @property
@@ -214,11 +216,13 @@ class Trainer:
             return {}
         from xsam_model.stages import unused_parameters
 
+        # not hashed here: load_parent_weights checks the bytes it reads against each lineage
         parents = exports.resolve_parents(
-            self.plan.run_root, self.cfg.stage, self.cfg.parents, self.plan.init_from
+            self.plan.run_root, self.cfg.stage, self.cfg.parents, self.plan.init_from, verify=False
         )
         shapes = {n: tuple(p.shape) for n, p in model.named_parameters()}
         load_plan = exports.check_parents(shapes, self.cfg.parents, parents, skip=unused_parameters(model))
+        self.parents = parents
         return exports.load_parent_weights(model, load_plan, parents)
 
     def _build_loader(self) -> None:
@@ -417,6 +421,7 @@ class Trainer:
     def export(self) -> None:
         """Rank 0: the stage's trainable weights, resolved config and lineage under ``<stage>/export``."""
         from xsam_model import export_trainable
+        from xsam_model.export import write_export
 
         if not self.is_main:
             return
@@ -424,6 +429,7 @@ class Trainer:
             self.plan,
             self.stage_mixture,
             self.state,
+            parents=self.parents,
             loaded=self.loaded,
             final_losses=self.last_losses,
             loader_stats=self.loader.stats().to_dict(),
@@ -435,9 +441,8 @@ class Trainer:
             "plan": self.plan.to_dict(),
         }
         export_dir = self.plan.layout.export_dir
-        exports.write_export(
-            export_dir, export_trainable(self.engine.module, self.cfg.stage), config, lineage
-        )
+        state = export_trainable(self.engine.module, self.cfg.stage)
+        write_export(export_dir, state, stage=self.cfg.stage, config=config, lineage=lineage)
         self.tracker.summary({"export": export_dir, **{f"final/{k}": v for k, v in self.last_losses.items()}})
 
     def finish(self) -> None:

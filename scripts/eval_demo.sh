@@ -20,7 +20,7 @@ COMMON=(--shards "$OUT/shards" --data-root "$OUT/datas" --num-workers "$WORKERS"
 source scripts/ray_jobs.sh
 
 echo "== untrained baseline: the weights stage 1 starts from (same seed as training)"
-python -m orchestrate.evaluation.baseline --stage 1 --flavor debug --out "$OUT/runs/untrained/stage1/export" -q
+python -m orchestrate.baseline --stage 1 --flavor debug --out "$OUT/runs/untrained/stage1/export" -q
 
 echo "== evaluating the untrained and the trained stage-1 exports on coco_panoptic/val (Ray jobs)"
 submit_job python orchestrate/evaluate.py --export "$OUT/runs/untrained/stage1/export" --sets coco_panoptic/val \

@@ -1,46 +1,31 @@
-"""X-SAM's archive checkpoints ↔ this project's stage exports (DESIGN §4.9).
+"""X-SAM's archive checkpoints ↔ this project's stage exports: the key mapping (docs/checkpoints.md).
 
 X-SAM's released ``pytorch_model.bin`` files hold the archive branch's ``XSamModel.state_dict()``: every module
 trained in that stage, under X-SAM's module names. The mapping (reference/xsam_fidelity.md, "Checkpoint
 compatibility") is a prefix-rename table (:data:`RENAMES`), one reshape (:data:`LEADING_AXIS`: X-SAM keeps a
 leading axis of 1 on the phrase head's scale and background embedding) and a drop list (:data:`DROPS`: parts
 we do not build). Our connector uses X-SAM's pixel shuffle (which settles fidelity D8), so its convs and the
-pixel decoder's input projections load 1:1, with no channel permutation. ::
+pixel decoder's input projections load 1:1, with no channel permutation.
 
-    python -m xsam_model.convert import --xsam-checkpoint inits/X-SAM/s3_mixed_finetune/<cfg>/pytorch_model.bin \\
-        --stage 3 [--flavor xsam-phi3] [--init-dir inits] --out runs/xsam/stage3/export
-    python -m xsam_model.convert export --export runs/r1/stage3/export --out wkdrs/.../pytorch_model.bin
-
-``import`` reads with ``torch.load(weights_only=True)`` or safetensors (never a full unpickle), checks every
-key and shape against the flavor's model built on the meta device (no memory), and writes a regular stage
-export (:func:`orchestrate.exports.write_export`: ``model.safetensors``, ``config.json``, ``lineage.json``
-naming the source file and its sha256). Every unmapped key, every missing trainable parameter and every shape
-mismatch goes into one :class:`ConvertError`. ``export`` is the reverse; export → X-SAM → import gives a
-byte-identical ``model.safetensors``.
+:func:`from_xsam` checks a state dict against the flavor's model (built on the meta device: no memory): every
+unmapped key, every missing trainable parameter, every shape mismatch, every value that is not a finite tensor
+of a dtype the model holds goes into one :class:`ConvertError`. :func:`to_xsam` is the reverse, in a fixed
+order. The files and the command (``python -m orchestrate.convert import|export``) are
+:mod:`orchestrate.convert`.
 """
 
 from __future__ import annotations
 
-import argparse
-import dataclasses
-import logging
-import os
-import pickle
 import re
-import uuid
-import zipfile
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 from torch import nn
 
-from pipelines.errors import XsamError, run_cli
+from pipelines.errors import XsamError
 from xsam_model.stages import trainable_names, unused_parameters
 from xsam_model.weight_fit import check_fit
-
-logger = logging.getLogger(__name__)
 
 IMPORT_STAGES = (1, 3)
 """The stages whose weights X-SAM releases (s1 segmentor fine-tune, s3 mixed fine-tune)."""
@@ -217,20 +202,47 @@ def from_xsam(
     report = check_fit(
         {k: shape for k, (_, shape) in expected.items()}, {k: v.shape for k, v in provided.items()}
     )
+    dtypes = {n: p.dtype for n, p in model.named_parameters()}
+    bad_values = [
+        line
+        for k, v in provided.items()
+        if k in expected
+        for line in _bad_value(k, v, dtypes[expected[k][0]])
+    ]
+    name = getattr(getattr(model, "config", None), "name", "?")
     if not report.ok or non_tensor:
-        name = getattr(getattr(model, "config", None), "name", "?")
         msg = report.message(f"{source}: does not fit stage {stage} of the {name} model", notes=notes)
-        raise ConvertError("\n".join([msg, *non_tensor]))
+        raise ConvertError("\n".join([msg, *non_tensor, *bad_values]))
+    if bad_values:
+        head = f"{source}: {len(bad_values)} tensors that the {name} model cannot take"
+        raise ConvertError("\n".join([head, *bad_values]))
     state = {}
     for key, (ours, _) in expected.items():
         state[ours] = provided[key].reshape(params[ours]) if ours in LEADING_AXIS else provided[key]
     return Mapped(state=state, dropped=dropped)
 
 
+HOLDS = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+"""File dtypes a floating-point parameter takes (cast on load); anything else is refused."""
+
+
+def _bad_value(key: str, value: torch.Tensor, dtype: torch.dtype) -> list[str]:
+    """The problem lines of one tensor: a dtype the parameter (of ``dtype``) cannot hold, or NaN/Inf (also
+    after the cast to ``dtype``: a float64 beyond float32's range)."""
+    if value.dtype not in HOLDS or not dtype.is_floating_point:
+        return [f"    bad dtype   {key}: {value.dtype} (the model holds {dtype})"]
+    if value.is_meta:  # shapes only (a layout check): no values to look at
+        return []
+    finite = torch.isfinite(value.to(dtype) if value.dtype == torch.float64 else value)
+    if not bool(finite.all()):
+        return [f"    not finite  {key}: {int((~finite).sum())} NaN/Inf values"]
+    return []
+
+
 # ---------------------------------------------------------------------------------------------- ours → X-SAM
 def to_xsam(state: Mapping[str, torch.Tensor], *, source: str = "export") -> dict[str, torch.Tensor]:
-    """Our state dict (e.g. a stage export) in X-SAM's archive names and shapes, in the order of
-    ``XSamModel.state_dict()``. A key no rule covers is a :class:`ConvertError` (all of them listed)."""
+    """Our state dict (e.g. a stage export) in X-SAM's archive names and shapes, in the module order of
+    ``XSamModel.state_dict()`` (names sorted within a module). A key no rule covers is a :class:`ConvertError` (all of them listed)."""
     kmap = keymap(state)
     out: dict[str, torch.Tensor] = {}
     unmapped = []
@@ -246,189 +258,5 @@ def to_xsam(state: Mapping[str, torch.Tensor], *, source: str = "export") -> dic
             *(f"    unmapped    {k}" for k in unmapped),
         ]
         raise ConvertError("\n".join(lines))
-    return {k: out[k] for k in sorted(out, key=_xsam_rank)}
-
-
-# ---------------------------------------------------------------------------------------------- files
-def _first_line(err: BaseException) -> str:
-    return (str(err).strip().splitlines() or [type(err).__name__])[0]
-
-
-def read_checkpoint(path: str | Path) -> dict[str, object]:
-    """The state dict in an X-SAM checkpoint: ``.bin``/``.pth``/``.pt`` through ``torch.load(weights_only=True)``
-    (a pickle that carries anything but tensors and plain containers is refused), or ``.safetensors``. An
-    mmengine-style ``{"state_dict": ...}`` wrapper is unwrapped. Values are checked later (:func:`from_xsam`)."""
-    p = Path(path)
-    if not p.is_file():
-        raise ConvertError(f"{p}: no such file")
-    if p.suffix == ".safetensors":
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
-
-        try:
-            obj: object = load_file(p)
-        except (SafetensorError, OSError, ValueError) as e:
-            raise ConvertError(f"{p}: not a readable safetensors file ({_first_line(e)})") from None
-    elif p.suffix in (".bin", ".pth", ".pt"):
-        try:
-            # mmap: tensors stay in the page cache, not in this process (zip format only)
-            obj = torch.load(p, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(p))
-        except pickle.UnpicklingError as e:
-            raise ConvertError(
-                f"{p}: refused: not plain weights (torch.load weights_only: {_first_line(e)})"
-            ) from None
-        except (RuntimeError, EOFError, OSError, zipfile.BadZipFile) as e:
-            raise ConvertError(f"{p}: not a readable torch checkpoint ({_first_line(e)})") from None
-    else:
-        raise ConvertError(f"{p}: expected a .bin, .pth or .pt (torch.save) or a .safetensors file")
-    if isinstance(obj, Mapping) and isinstance(obj.get("state_dict"), Mapping):
-        obj = obj["state_dict"]
-    if not isinstance(obj, Mapping):
-        raise ConvertError(f"{p}: holds a {type(obj).__name__}, expected a state dict (name → tensor)")
-    return dict(obj)
-
-
-def write_checkpoint(state: Mapping[str, torch.Tensor], path: str | Path) -> Path:
-    """Write ``state`` for X-SAM: ``.bin``/``.pth``/``.pt`` with ``torch.save`` (what X-SAM's
-    ``guess_load_checkpoint`` reads) or ``.safetensors``; through a temporary sibling, so a failed write
-    leaves nothing behind."""
-    p = Path(path)
-    if p.suffix not in (".bin", ".pth", ".pt", ".safetensors"):
-        raise ConvertError(f"{p}: expected an output name ending in .bin, .pth, .pt or .safetensors")
-    p.parent.mkdir(parents=True, exist_ok=True)
-    tmp = p.with_name(f".{p.name}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        if p.suffix == ".safetensors":
-            from safetensors.torch import save_file
-
-            save_file({k: v.contiguous() for k, v in state.items()}, tmp, metadata={"format": "pt"})
-        else:
-            torch.save(dict(state), tmp)
-        os.replace(tmp, p)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return p
-
-
-# ---------------------------------------------------------------------------------------------- commands
-def _check_init_dir(init_dir: str, cfg) -> None:
-    folders = (cfg.siglip.folder, cfg.sam.folder, cfg.llm.folder, cfg.decoder.folder)
-    absent = [f for f in folders if not (Path(init_dir) / f / "config.json").is_file()]
-    if absent:
-        raise ConvertError(
-            f"--init-dir {init_dir}: expected Hugging Face folders with config.json for {', '.join(absent)} "
-            f"(X-SAM's inits/ layout; the export records this folder for training and evaluation)"
-        )
-
-
-def _export_config(model: nn.Module, stage: int, flavor: str, init_dir: str | None, source: dict) -> dict:
-    """``config.json`` of an imported export, shaped like a trained one: the stage recipe (read by tools for
-    its flavor and init folder), the resolved model config, and where the weights came from."""
-    from orchestrate.stages import get_stage
-
-    cfg = get_stage(stage, flavor=flavor)
-    cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, init_dir=init_dir))
-    return {"stage": cfg.to_dict(), "model": model.config.to_dict(), "source": source}
-
-
-def import_checkpoint(
-    path: str | Path,
-    *,
-    stage: int,
-    out: str,
-    flavor: str = "xsam-phi3",
-    init_dir: str | None = None,
-) -> dict:
-    """Convert X-SAM's stage-``stage`` checkpoint at ``path`` into a stage export at ``out`` (folder or URI).
-    The model is built from ``flavor`` on the meta device for the checks. Returns the export's lineage."""
-    from orchestrate import exports
-    from xsam_model.builder import build_xsam
-    from xsam_model.flavors import XSAM_FLAVORS
-
-    if stage not in IMPORT_STAGES:
-        raise ConvertError(f"--stage must be one of {IMPORT_STAGES} (X-SAM releases those), got {stage}")
-    if flavor not in XSAM_FLAVORS:
-        raise ConvertError(f"unknown flavor {flavor!r}; known: {sorted(XSAM_FLAVORS)}")
-    if init_dir is not None:
-        _check_init_dir(init_dir, XSAM_FLAVORS[flavor])
-    xsam_state = read_checkpoint(path)
-    model = build_xsam(flavor, device="meta")
-    mapped = from_xsam(xsam_state, model, stage, source=str(path))
-    source = {
-        "kind": "xsam-archive",
-        "file": str(Path(path).resolve()),
-        "sha256": exports.sha256_of(str(Path(path).resolve())),
-        "bytes": Path(path).stat().st_size,
-        "tensors": len(xsam_state),
-    }
-    lineage = {
-        "stage": stage,
-        "name": f"xsam_s{stage}_import",
-        "source": source,
-        "flavor": flavor,
-        "init_dir": init_dir,
-        "dropped": mapped.dropped,
-        "parents": [],
-        "code": exports.code_version(),
-    }
-    config = _export_config(model, stage, flavor, init_dir, source)
-    exports.write_export(str(out), mapped.state, config, lineage)
-    logger.info("stage-%d export %s: %d tensors from %s", stage, out, len(mapped.state), path)
-    return {**lineage, "tensors": len(mapped.state)}
-
-
-def export_checkpoint(export: str, out: str | Path) -> Path:
-    """Write the stage export at ``export`` (folder or URI) as an X-SAM checkpoint at ``out``."""
-    from orchestrate import exports
-    from pipelines import storage
-
-    fs, path = storage.fs_and_path(export)
-    if not fs.exists(f"{path}/{exports.LINEAGE_FILE}"):
-        raise ConvertError(f"{export}: not a stage export (no {exports.LINEAGE_FILE})")
-    stage = storage.read_json(fs, f"{path}/{exports.LINEAGE_FILE}").get("stage")
-    try:
-        exports.find_export(export, stage)  # all three files present
-    except exports.ParentExportError as e:
-        raise ConvertError(str(e)) from None
-    state = exports.read_export_state(export)
-    written = write_checkpoint(to_xsam(state, source=export), out)
-    logger.info("stage-%s export %s → %s (%d tensors)", stage, export, written, len(state))
-    return written
-
-
-# ---------------------------------------------------------------------------------------------- CLI
-def _parser() -> argparse.ArgumentParser:
-    from xsam_model.flavors import XSAM_FLAVORS
-
-    p = argparse.ArgumentParser(prog="python -m xsam_model.convert", description=__doc__.split("\n\n")[0])
-    sub = p.add_subparsers(dest="command", required=True)
-    imp = sub.add_parser("import", help="X-SAM checkpoint → stage export")
-    imp.add_argument("--xsam-checkpoint", required=True, help="pytorch_model.bin (or .pth/.safetensors)")
-    imp.add_argument("--stage", type=int, required=True, choices=IMPORT_STAGES)
-    imp.add_argument("--flavor", default="xsam-phi3", choices=sorted(XSAM_FLAVORS))
-    imp.add_argument("--init-dir", default=None, help="X-SAM's inits/ folder, recorded in the export")
-    imp.add_argument("--out", required=True, help="export folder (or URI) to write")
-    exp = sub.add_parser("export", help="stage export → X-SAM checkpoint")
-    exp.add_argument("--export", required=True, help="stage export folder (or URI)")
-    exp.add_argument("--out", required=True, help="file to write: .bin/.pth (torch.save) or .safetensors")
-    return p
-
-
-def main(argv: list[str] | None = None) -> int:
-    """The CLI; run through :func:`pipelines.errors.run_cli`, a :class:`ConvertError` is one line on stderr and
-    exit code 2."""
-    a = _parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    if a.command == "import":
-        lin = import_checkpoint(
-            a.xsam_checkpoint, stage=a.stage, out=a.out, flavor=a.flavor, init_dir=a.init_dir
-        )
-        dropped = sum(len(v) for v in lin["dropped"].values())
-        print(f"wrote stage-{a.stage} export {a.out}: {lin['tensors']} tensors, {dropped} X-SAM keys dropped")
-    else:
-        print(f"wrote {export_checkpoint(a.export, a.out)}")
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(run_cli(main))
+    # module order, then name: the same file for the same weights, whatever order ``state`` came in
+    return {k: out[k] for k in sorted(out, key=lambda k: (_xsam_rank(k), k))}

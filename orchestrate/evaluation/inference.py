@@ -33,6 +33,7 @@ from orchestrate.evaluation import ground_truth as gt
 from orchestrate.evaluation.errors import EvaluationError, listing
 from pipelines import storage
 from pipelines.schema import IMAGE, Sample, Turn
+from xsam_model.export import Export, ExportError
 
 log = logging.getLogger(__name__)
 
@@ -87,68 +88,27 @@ class InferenceOptions:
 
 
 # ------------------------------------------------------------------------------------------ the export
-@dataclass
-class ExportInfo:
-    """What an export folder says about itself (tensors not read)."""
-
-    url: str
-    stage: int
-    flavor: str
-    init_dir: str | None
-    category_ids: tuple[int, ...]
-    lineage: dict = field(default_factory=dict)
-
-
-def export_info(url: str) -> ExportInfo:
-    """Stage, flavor and linear-head categories of the export at ``url``; a missing or incomplete export is
-    an :class:`EvaluationError` naming what was expected."""
-    from orchestrate import exports
-    from orchestrate.errors import OrchestrateError
-
-    fs, path = storage.fs_and_path(url)
-    lineage_path = f"{path}/{exports.LINEAGE_FILE}"
-    if not fs.exists(lineage_path):
-        raise EvaluationError(f"--export {url}: not a stage export (expected {exports.LINEAGE_FILE} there)")
-    stage = storage.read_json(fs, lineage_path).get("stage")
+def open_export(url: str) -> Export:
+    """The export at ``url``, its model.safetensors verified against its lineage; a missing, incomplete or
+    damaged export is an :class:`EvaluationError` naming what was expected."""
     try:
-        info = exports.find_export(url, stage)
-    except OrchestrateError as e:
-        raise EvaluationError(f"--export {url}: {e}") from None
-    model_cfg = (info.config.get("stage") or {}).get("model") or {}
-    flavor = model_cfg.get("flavor") or (info.config.get("model") or {}).get("name")
-    if not flavor:
-        raise EvaluationError(f"--export {url}: config.json names no model flavor")
-    proc = (info.config.get("model") or {}).get("processor") or {}
-    return ExportInfo(
-        url=url,
-        stage=int(stage),
-        flavor=str(flavor),
-        init_dir=model_cfg.get("init_dir"),
-        category_ids=tuple(proc.get("category_ids") or ()),
-        lineage=info.lineage,
-    )
+        return Export.read(url)
+    except ExportError as e:
+        raise EvaluationError(f"--export {e}") from None
 
 
 def load_export(url: str, device: str = "cpu", precision: str = "auto", flavor: str | None = None):
-    """``(model, ExportInfo)``: the export's flavor built (its ``init_dir`` for the tokenizer and the frozen
+    """``(model, Export)``: the export's flavor built (its ``init_dir`` for the tokenizer and the frozen
     parts), the export's weights loaded strictly, in eval mode on ``device``."""
-    from orchestrate import exports
-    from xsam_model import WeightMismatchError, build_xsam, load_exported
-
-    info = export_info(url)
-    if flavor is not None and flavor != info.flavor:
-        raise EvaluationError(f"--export {url} is a {info.flavor!r} export, expected flavor {flavor!r}")
-    opts = InferenceOptions(device=device, precision=precision)
-    model = build_xsam(info.flavor, init_dir=info.init_dir, device=device, dtype=opts.dtype())
     try:
-        load_exported(model, exports.read_export_state(url), stage=info.stage, strict=True)
-    except WeightMismatchError as e:
-        first = str(e).strip().splitlines()
-        raise EvaluationError(
-            f"--export {url}: its weights do not fit a stage-{info.stage} {info.flavor!r} model "
-            f"({first[0] if first else 'mismatch'}{' …' if len(first) > 1 else ''})"
-        ) from None
-    return model.eval(), info
+        info = Export.read(url, verify=False)  # build_model checks the bytes it loads against the lineage
+    except ExportError as e:
+        raise EvaluationError(f"--export {e}") from None
+    opts = InferenceOptions(device=device, precision=precision)
+    try:
+        return info.build_model(device, opts.dtype(), flavor=flavor), info
+    except ExportError as e:
+        raise EvaluationError(f"--export {e}") from None
 
 
 # ------------------------------------------------------------------------------------------ sets
@@ -167,7 +127,7 @@ class SetJob:
     """Stage 1: the linear head's column of each vocabulary category."""
 
 
-def plan_sets(shards: str, data_root: str, names: Sequence[str], info: ExportInfo, mode: str) -> list[SetJob]:
+def plan_sets(shards: str, data_root: str, names: Sequence[str], info: Export, mode: str) -> list[SetJob]:
     """Open every set and check that the export can evaluate it (errors name the set and what it needs)."""
     if info.stage == 2:
         raise EvaluationError(
@@ -187,7 +147,7 @@ def plan_sets(shards: str, data_root: str, names: Sequence[str], info: ExportInf
     return jobs
 
 
-def _linear_columns(evs: gt.EvalSet, vocab, info: ExportInfo) -> tuple[int, ...]:
+def _linear_columns(evs: gt.EvalSet, vocab, info: Export) -> tuple[int, ...]:
     if evs.kind not in VOCAB_KINDS:
         raise EvaluationError(
             f"--sets: {evs.name} is a {evs.task} set, but {info.url} is a stage-1 export (segmentor + linear "
@@ -262,7 +222,7 @@ class ShardLines:
 class ShardPredictor:
     """Holds one model (loaded once) and predicts whole shards: inline, or as a Ray actor."""
 
-    def __init__(self, export: str, options: InferenceOptions, model=None, info: ExportInfo | None = None):
+    def __init__(self, export: str, options: InferenceOptions, model=None, info: Export | None = None):
         from xsam_model.inference import MODES, InferenceConfig, Inferencer
 
         if model is None:
@@ -322,7 +282,7 @@ class InferenceRun:
     """What :func:`run_inference` wrote and counted."""
 
     predictions: str
-    info: ExportInfo
+    info: Export
     jobs: list[SetJob]
     samples: dict[str, int] = field(default_factory=dict)
     no_seg: dict[str, int] = field(default_factory=dict)
@@ -383,7 +343,7 @@ def run_inference(
     """Predict every sample of ``sets`` (or each set's first ``options.max_samples``) with the export and write
     ``<out_dir>/predictions.jsonl``. Progress is logged per shard."""
     t0 = time.time()
-    info = export_info(export)
+    info = open_export(export)
     jobs = plan_sets(shards, data_root, sets, info, options.mode)
     work = shard_jobs(jobs, options.max_samples)
     Path(out_dir).mkdir(parents=True, exist_ok=True)

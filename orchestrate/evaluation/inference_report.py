@@ -1,9 +1,9 @@
 """The wandb run of an export's evaluation: the results table, the link to the training run, overlays.
 
 The run (``job_type="eval"``) joins the training run's group and records the training stage's wandb id
-(:func:`orchestrate.tracking.run_id` of the export's lineage: the id that stage's own run has), so the eval
+(:func:`~orchestrate.evaluation.wandb_helpers.run_id` of the export's lineage: the id that stage's own run has), so the eval
 sits next to the run that produced the weights. A few samples per set are shown as prediction overlays drawn
-by :mod:`orchestrate.overlay` (the drawing ``predict.py`` writes too).
+by :mod:`orchestrate.evaluation.overlay` (the drawing ``predict.py`` writes too).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from orchestrate.evaluation import ground_truth as gt
-from orchestrate.tracking import same_size
+from orchestrate.evaluation.wandb_helpers import resolve_mode, run_id, same_size, wandb_env
 
 if TYPE_CHECKING:
     from orchestrate.evaluation.inference import InferenceRun, SetJob
@@ -29,8 +29,6 @@ _SPAN = re.compile(r"<p>(.*?)</p>", re.DOTALL)
 def training_link(lineage: Mapping[str, Any]) -> dict[str, Any]:
     """``{"training_run_id", "training_run_group", "training_stage", "training_run_root"}`` from an export's
     lineage (None values for an export that was imported rather than trained)."""
-    from orchestrate.tracking import run_id
-
     name, root, stage = lineage.get("run_name"), lineage.get("run_root"), lineage.get("stage")
     return {
         "training_run_id": run_id(name, stage, root or "") if name and stage else None,
@@ -41,7 +39,7 @@ def training_link(lineage: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def entry_namer(evs: gt.EvalSet, sample, line: dict):
-    """``name(field, entry)`` for :func:`orchestrate.overlay.labelled_masks` on one sample's line."""
+    """``name(field, entry)`` for :func:`orchestrate.evaluation.overlay.labelled_masks` on one sample's line."""
     spans = [s.strip() for s in _SPAN.findall(line.get("text") or "")]
 
     def name(field: str, entry: dict) -> str:
@@ -60,8 +58,8 @@ def entry_namer(evs: gt.EvalSet, sample, line: dict):
 
 def overlays(run: InferenceRun, per_set: int) -> Iterator[tuple[str, np.ndarray]]:
     """``(caption, RGB array)`` for the first ``per_set`` predicted samples of each set."""
+    from orchestrate.evaluation.overlay import draw, labelled_masks
     from orchestrate.evaluation.predictions import index_predictions
-    from orchestrate.overlay import draw, labelled_masks
     from pipelines import shard_store, storage
     from pipelines.loader.decode import decode_image
 
@@ -96,8 +94,6 @@ def log_eval_run(
 ) -> str | None:
     """One wandb run under ``<out_dir>/wandb``: results table and summary, inference counters, the training
     run's id, prediction overlays. Returns the run's folder."""
-    from orchestrate.tracking import resolve_mode, wandb_env
-
     mode = resolve_mode(mode)
     folder = Path(out_dir) / "wandb"
     os.environ.update(wandb_env(folder, mode))

@@ -93,7 +93,7 @@ def _write(path: Path, obj: object) -> None:
 def log_wandb(out: Path, results: Mapping, details: Mapping, mode: str) -> str | None:
     """One wandb run (``job_type="eval"``) with the results as a table and as summary values; returns the
     run's folder."""
-    from orchestrate.tracking import resolve_mode, wandb_env
+    from orchestrate.evaluation.wandb_helpers import resolve_mode, wandb_env
 
     mode = resolve_mode(mode)
     folder = out / "wandb"

@@ -7,15 +7,16 @@ import torch
 
 def write_debug_export(path, stage: int, seed: int = 0) -> str:
     """A stage export of the debug model with seeded random weights, shaped like a trained one."""
-    from orchestrate import exports
     from xsam_model import build_xsam, export_trainable
+    from xsam_model.export import write_export
 
     torch.manual_seed(seed)
     model = build_xsam("debug")
-    exports.write_export(
+    write_export(
         str(path),
         export_trainable(model, stage),
-        {"stage": {"model": {"flavor": "debug", "init_dir": None}}, "model": model.config.to_dict()},
-        {"stage": stage, "run_name": "demo", "run_root": str(path.parent)},
+        stage=stage,
+        config={"stage": {"model": {"flavor": "debug", "init_dir": None}}, "model": model.config.to_dict()},
+        lineage={"run_name": "demo", "run_root": str(path.parent)},
     )
     return str(path)

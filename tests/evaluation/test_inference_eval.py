@@ -122,15 +122,16 @@ def test_bad_exports_and_sets_are_one_line_errors(demo_val, export3, tmp_path, c
         err = capsys.readouterr().err.strip()
         assert expected in err and len(err.splitlines()) == 1, err
     # weights of another flavor: the export's config names debug, its tensors are cut
-    from orchestrate import exports
+    from xsam_model.export import Export, write_export
 
-    state = exports.read_export_state(export3)
+    state = Export.read(export3).state()
     bad = {k: v for k, v in state.items() if not k.startswith("llm.")}
-    exports.write_export(
+    write_export(
         str(tmp_path / "cut" / "export"),
         bad,
-        {"stage": {"model": {"flavor": "debug", "init_dir": None}}, "model": {}},
-        {"stage": 3},
+        stage=3,
+        config={"stage": {"model": {"flavor": "debug", "init_dir": None}}, "model": {}},
+        lineage={},
     )
     assert (
         run_cli(evaluate.main, ["--export", str(tmp_path / "cut" / "export"), "--sets", "refcoco/val", *base])
@@ -138,6 +139,18 @@ def test_bad_exports_and_sets_are_one_line_errors(demo_val, export3, tmp_path, c
     )
     err = capsys.readouterr().err.strip()
     assert "do not fit a stage-3 'debug' model" in err and len(err.splitlines()) == 1
+    # a byte of the weights flipped in place: refused before anything is scored, naming the file
+    import shutil
+
+    flipped = tmp_path / "flipped" / "export"
+    shutil.copytree(export3, flipped)
+    blob = bytearray((flipped / "model.safetensors").read_bytes())
+    blob[-1] ^= 0x01
+    (flipped / "model.safetensors").write_bytes(bytes(blob))
+    assert run_cli(evaluate.main, ["--export", str(flipped), "--sets", "refcoco/val", *base]) == 2
+    err = capsys.readouterr().err.strip()
+    assert f"{flipped}/model.safetensors: sha256" in err and "differs" in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "o" / "results.json").exists()
 
 
 def test_predict_writes_png_and_json(demo_val, export3, tmp_path, capsys):

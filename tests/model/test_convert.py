@@ -1,4 +1,4 @@
-"""X-SAM archive checkpoints ↔ stage exports (xsam_model.convert).
+"""X-SAM archive checkpoints ↔ stage exports (the mapping: xsam_model.convert; the command: orchestrate.convert).
 
 X-SAM's side is built here, independently of our builder, from transformers' classes under X-SAM's module
 names (archive ``model/xsam.py``, ``segmentors/x_segmentor.py``, ``modules/{projector,connector}``): the
@@ -32,6 +32,7 @@ from transformers.models.mask2former.modeling_mask2former import (
 from transformers.models.sam.modeling_sam import SamLayerNorm
 
 from orchestrate import exports
+from orchestrate.convert import main
 from orchestrate.stages import ParentSpec
 from pipelines import errors
 from tests.model.helpers import image_bytes
@@ -43,9 +44,9 @@ from xsam_model.convert import (
     ConvertError,
     from_xsam,
     keymap,
-    main,
     to_xsam,
 )
+from xsam_model.export import MODEL_FILE, Export, sha256_of, write_export
 from xsam_model.stages import STAGE_GROUPS, trainable_names, unused_parameters
 
 
@@ -226,7 +227,7 @@ def synthetic_checkpoint(model, stage: int) -> dict[str, torch.Tensor]:
 
 
 def run_cli(args: list[str], capsys) -> tuple[int, str]:
-    """``python -m xsam_model.convert ARGS`` in-process: exit code and stderr (one line on error)."""
+    """``python -m orchestrate.convert ARGS`` in-process: exit code and stderr (one line on error)."""
     rc = errors.run_cli(main, [str(a) for a in args])
     return rc, capsys.readouterr().err.strip()
 
@@ -305,7 +306,9 @@ def test_full_flavor_mapping_covers_xsam_archive(stage):
     """Every key of X-SAM's stage-``stage`` state dict at full size maps to a parameter of our xsam-phi3 with
     X-SAM's shape of it, or is dropped on purpose; every parameter we train in that stage is covered."""
     ours = build_xsam("xsam-phi3", device="meta")
-    archive = archive_state(full_sizes(), stage)
+    # a layout check: every tensor on meta (a few HF parameters made with torch.Tensor(n) ignore the meta
+    # device and hold uninitialised memory, which the value check would rightly refuse)
+    archive = {k: v.to("meta") for k, v in archive_state(full_sizes(), stage).items()}
     mapped = from_xsam(archive, ours, stage, source="X-SAM archive")  # raises with every misfit listed
     params = dict(ours.named_parameters())
     assert set(mapped.state) == set(trainable_names(ours, stage))
@@ -361,8 +364,8 @@ def test_import_synthetic_checkpoint_forward_equals_source(
         ["import", "--xsam-checkpoint", src, "--stage", stage, "--flavor", "debug", "--out", out], capsys
     )
     assert rc == 0, err
-    info = exports.find_export(str(out), stage)
-    assert info.lineage["source"]["sha256"] == exports.sha256_of(str(src))
+    info = Export.find(str(out), stage)
+    assert info.lineage["source"]["sha256"] == sha256_of(str(src))
     assert info.lineage["source"]["file"] == str(src.resolve())
     assert info.config["stage"]["model"]["flavor"] == "debug" and info.config["model"]["name"] == "debug"
     dropped = {k for keys in info.lineage["dropped"].values() for k in keys}
@@ -379,7 +382,7 @@ def test_import_synthetic_checkpoint_forward_equals_source(
     batch = proc.collate([proc(samples[task], image_bytes(1))])
     want = _forward(model_a, batch, stage)
     assert not _same_outputs(want, _forward(model_b, batch, stage))  # B starts different
-    load_exported(model_b, exports.read_export_state(str(out)), stage=stage)
+    load_exported(model_b, info.state(), stage=stage)
     assert _same_outputs(want, _forward(model_b, batch, stage))
 
 
@@ -388,7 +391,7 @@ def test_import_synthetic_checkpoint_forward_equals_source(
 def test_export_to_xsam_and_back_is_byte_identical(model_a, tmp_path, capsys, suffix):
     state = export_trainable(model_a, 3)
     first = tmp_path / "stage3" / "export"
-    exports.write_export(str(first), state, {"model": model_a.config.to_dict()}, {"stage": 3})
+    write_export(str(first), state, stage=3, config={"model": model_a.config.to_dict()}, lineage={})
     xsam_file = tmp_path / f"xsam{suffix}"
     rc, err = run_cli(["export", "--export", first, "--out", xsam_file], capsys)
     assert rc == 0, err
@@ -405,7 +408,7 @@ def test_export_to_xsam_and_back_is_byte_identical(model_a, tmp_path, capsys, su
         ["import", "--xsam-checkpoint", xsam_file, "--stage", 3, "--flavor", "debug", "--out", again], capsys
     )
     assert rc == 0, err
-    assert (again / exports.MODEL_FILE).read_bytes() == (first / exports.MODEL_FILE).read_bytes()
+    assert (again / MODEL_FILE).read_bytes() == (first / MODEL_FILE).read_bytes()
 
 
 # ---------------------------------------------------------------------------------------------- errors
@@ -489,13 +492,13 @@ def test_module_entry_point_exit_code_and_one_line(tmp_path):
     import sys
 
     r = subprocess.run(
-        [sys.executable, "-m", "xsam_model.convert", "export", "--export", str(tmp_path), "--out", "x.bin"],
+        [sys.executable, "-m", "orchestrate.convert", "export", "--export", str(tmp_path), "--out", "x.bin"],
         capture_output=True,
         text=True,
         timeout=120,
     )
     assert r.returncode == 2 and r.stderr.strip().splitlines() == [
-        f"error: {tmp_path}: not a stage export (no lineage.json)"
+        f"error: {tmp_path}: not a stage export (expected model.safetensors, config.json, lineage.json there)"
     ]
 
 
@@ -516,5 +519,117 @@ def test_init_dir_is_checked_and_recorded(model_a, tmp_path, capsys):
         (inits / f / "config.json").write_text("{}")
     rc, msg = run_cli([*args, "--out", tmp_path / "e"], capsys)
     assert rc == 0, msg
-    info = exports.find_export(str(tmp_path / "e"), 1)
+    info = Export.find(str(tmp_path / "e"), 1)
     assert info.config["stage"]["model"]["init_dir"] == str(inits) == info.lineage["init_dir"]
+
+
+# ---------------------------------------------------------------------------------------------- hostile files
+def _import(src, tmp_path, capsys, stage: int = 3):
+    out = tmp_path / "export"
+    rc, msg = run_cli(
+        ["import", "--xsam-checkpoint", src, "--stage", stage, "--flavor", "debug", "--out", out], capsys
+    )
+    return rc, msg, out
+
+
+def _short_record(dst: Path) -> None:
+    """A torch zip checkpoint whose first tensor record is cut to half its length, the records after it
+    intact: a memory map finds bytes where the record should be (the next record's)."""
+    import zipfile
+
+    src = dst.with_name("whole.bin")
+    torch.save({"bg_embeds.weight": torch.arange(100, dtype=torch.float32), "b": torch.ones(50)}, src)
+    with zipfile.ZipFile(src) as zin, zipfile.ZipFile(dst, "w", zipfile.ZIP_STORED) as zout:
+        for info in zin.infolist():
+            data = zin.read(info.filename)
+            zout.writestr(info, data[: len(data) // 2] if info.filename.endswith("/data/0") else data)
+
+
+def test_a_zip_record_shorter_than_its_tensor_is_refused(tmp_path, capsys):
+    """Read with a memory map, torch takes such a tensor from the bytes after the record (wrong weights);
+    read into memory it checks each record's size."""
+    src = tmp_path / "pytorch_model.bin"
+    _short_record(src)
+    rc, msg, out = _import(src, tmp_path, capsys)
+    assert rc == 2 and len(msg.splitlines()) == 1 and str(src) in msg and "record size" in msg, msg
+    assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    "spoil,expected",
+    [
+        (lambda t: t.index_fill_(0, torch.tensor([0]), float("nan")), "not finite  bg_embeds.weight: "),
+        (lambda t: t.fill_(float("inf")), "not finite  bg_embeds.weight: "),
+        (lambda t: t.to(torch.int64), "bad dtype   bg_embeds.weight: torch.int64"),
+        (lambda t: t.to(torch.float64).fill_(1e300), "not finite  bg_embeds.weight"),  # inf as float32
+    ],
+)
+def test_nan_inf_and_dtypes_the_model_cannot_hold_are_refused(model_a, tmp_path, capsys, spoil, expected):
+    ckpt = synthetic_checkpoint(model_a, 3)
+    ckpt["bg_embeds.weight"] = spoil(ckpt["bg_embeds.weight"].clone())
+    src = tmp_path / "pytorch_model.bin"
+    torch.save(ckpt, src)
+    rc, msg, out = _import(src, tmp_path, capsys)
+    assert rc == 2 and len(msg.splitlines()) == 1 and one_line(expected) in msg, msg
+    assert f"{src}: 1 tensors that the debug model cannot take" in msg
+    assert not out.exists()
+
+
+def _fifo(p: Path) -> None:
+    import os
+
+    os.mkfifo(p)
+
+
+@pytest.mark.parametrize(
+    "make,expected",
+    [
+        (lambda p: p.mkdir(), "a folder"),
+        (_fifo, "not a regular file"),
+        (
+            lambda p: p.write_bytes(b"version https://git-lfs.github.com/spec/v1\noid sha256:ab\nsize 9\n"),
+            "a Git LFS pointer",
+        ),
+        (lambda p: p.write_bytes(b"\n<!DOCTYPE html><html><body>Sign in</body></html>"), "an HTML page"),
+        (lambda p: p.write_bytes(b"https://huggingface.co/hao9610/X-SAM/pytorch_model.bin\n"), "starts with"),
+        (lambda p: torch.save("https://huggingface.co/x/pytorch_model.bin", p), "holds a str"),
+        (lambda p: p.write_bytes(b""), "an empty file"),
+    ],
+)
+def test_what_is_not_a_checkpoint_is_named(tmp_path, capsys, make, expected):
+    src = tmp_path / "pytorch_model.bin"
+    make(src)
+    rc, msg, out = _import(src, tmp_path, capsys)  # a FIFO is never opened for reading: no hang
+    assert rc == 2 and len(msg.splitlines()) == 1 and expected in msg and str(src) in msg, msg
+    assert not out.exists()
+
+
+def test_export_out_under_a_file_is_one_line(model_a, tmp_path, capsys):
+    first = tmp_path / "export"
+    write_export(str(first), export_trainable(model_a, 3), stage=3, config={}, lineage={})
+    (tmp_path / "file").write_text("x")
+    rc, msg = run_cli(["export", "--export", first, "--out", tmp_path / "file" / "x.bin"], capsys)
+    assert rc == 2 and len(msg.splitlines()) == 1 and "a file is in the way" in msg, msg
+
+
+def test_the_exported_bin_is_the_same_bytes_for_the_same_weights(model_a, tmp_path, capsys):
+    """Twice from one export, and once from an export of the same tensors given in reverse order."""
+    state = export_trainable(model_a, 3)
+    write_export(str(tmp_path / "e1"), state, stage=3, config={}, lineage={})
+    reverse = {k: state[k] for k in reversed(list(state))}
+    write_export(str(tmp_path / "e2"), reverse, stage=3, config={}, lineage={})
+    blobs = []
+    for export, name in (("e1", "a"), ("e1", "b"), ("e2", "c")):
+        (tmp_path / name).mkdir()
+        rc, msg = run_cli(
+            ["export", "--export", tmp_path / export, "--out", tmp_path / name / "x.bin"], capsys
+        )
+        assert rc == 0, msg
+        blobs.append((tmp_path / name / "x.bin").read_bytes())
+    assert blobs[0] == blobs[1] == blobs[2]
+    keys = list(to_xsam(reverse))
+    assert (
+        keys == list(to_xsam(state))
+        and keys[0].startswith("visual_encoder.")
+        and keys[-1] == "bg_embeds.weight"
+    )

@@ -69,3 +69,42 @@ def from_env() -> list[Callback]:
     if kind:
         raise ValueError(f"{FAULT_ENV}={spec!r}: expected kill:STEP:RANK or hold:STEP")
     return []
+
+
+def write_export_killed_at(url: str, k: int, state: dict, config: dict) -> int:
+    """:func:`xsam_model.export.write_export` of ``state`` to ``url`` in a forked child, killed (SIGKILL) just
+    before its ``k``-th change to the file system of ``url`` (a rename, copy or delete, a file opened for
+    writing). Returns the child's exit code: -9 when killed, 0 when the write made fewer than ``k`` changes."""
+    import multiprocessing
+
+    from pipelines import storage
+    from xsam_model.export import write_export
+
+    fs_cls = type(storage.fs_and_path(url)[0])
+
+    def child():
+        count = [0]
+        original = {name: getattr(fs_cls, name) for name in ("mv", "copy", "rm", "open")}
+
+        def counted(name):
+            def wrapper(self, *args, **kwargs):
+                mode = args[1] if len(args) > 1 else kwargs.get("mode", "rb")
+                if name != "open" or "w" in mode:
+                    count[0] += 1
+                    if count[0] == k:
+                        os.kill(os.getpid(), signal.SIGKILL)
+                return original[name](self, *args, **kwargs)
+
+            return wrapper
+
+        for name in original:
+            setattr(fs_cls, name, counted(name))
+        write_export(url, state, stage=1, config=config, lineage={})
+
+    proc = multiprocessing.get_context("fork").Process(target=child)
+    proc.start()
+    proc.join(120)
+    if proc.exitcode is None:
+        proc.kill()
+        raise TimeoutError(f"the export writer killed at change {k} did not finish")
+    return proc.exitcode

@@ -12,13 +12,13 @@ import torch
 from orchestrate import summary, train
 from orchestrate.checkpointing import TRAIN_STATE, TrainState
 from orchestrate.errors import RunSetupError
-from orchestrate.exports import write_export
 from orchestrate.runner import RunArgs, prepare
 from orchestrate.stages import StageConfig, debug, stage1
 from pipelines.build import mixture
 from pipelines.errors import run_cli
 from pipelines.loader import mixture as mixture_file
 from xsam_model import build_xsam, export_trainable
+from xsam_model.export import write_export
 
 
 def _args(shards, run_root, stage=1, **kw) -> RunArgs:
@@ -32,7 +32,7 @@ def stage1_export(tmp_path):
     """A stage-1 export of the debug model under ``tmp_path/run``."""
     model = build_xsam("debug")
     url = str(tmp_path / "run" / "stage1" / "export")
-    write_export(url, export_trainable(model, 1), {}, {"stage": 1})
+    write_export(url, export_trainable(model, 1), stage=1, config={}, lineage={})
     return tmp_path / "run"
 
 
@@ -123,7 +123,7 @@ def test_export_that_does_not_fit_the_model(train_shards, tmp_path, stage1_expor
     url = stage1_export / "stage1" / "export"
     state = export_trainable(build_xsam("debug"), 1)
     state["sam_encoder.vision_encoder.pos_embed"] = torch.zeros(1, 3, 3, 7)
-    write_export(str(url), state, {}, {"stage": 1})
+    write_export(str(url), state, stage=1, config={}, lineage={})
     with pytest.raises(
         RunSetupError,
         match=r"(?s)stage 1 export .*model.safetensors: 0 missing, 0 unexpected, 1 shape-mismatched keys\n"
@@ -132,7 +132,7 @@ def test_export_that_does_not_fit_the_model(train_shards, tmp_path, stage1_expor
         prepare(_args(train_shards, stage1_export, stage=2))
     # --init-from points elsewhere: that export is checked instead
     other = tmp_path / "other"
-    write_export(str(other), export_trainable(build_xsam("debug"), 1), {}, {"stage": 1})
+    write_export(str(other), export_trainable(build_xsam("debug"), 1), stage=1, config={}, lineage={})
     plan = prepare(_args(train_shards, stage1_export, stage=2, init_from={1: str(other)}))
     assert plan.init_from == {1: str(other)}
 

@@ -13,10 +13,9 @@ import socket
 
 import pytest
 
-from orchestrate import exports
-from orchestrate.errors import ParentExportError
 from orchestrate.fingerprint import read_fingerprints
 from pipelines import storage
+from xsam_model.export import Export, ExportError, write_export
 
 BUCKET = "xsam-test"
 
@@ -104,15 +103,17 @@ def test_export_written_replaced_and_read_back_on_s3(s3):
 
     url = f"{s3}/exports/stage1/export"
     state = {"a.weight": torch.arange(6, dtype=torch.float32).reshape(2, 3), "b.bias": torch.ones(4)}
-    exports.write_export(url, state, {"cfg": 1}, {"stage": 1})
-    exports.write_export(url, {k: v * 2 for k, v in state.items()}, {"cfg": 2}, {"stage": 1})  # replaced
-    info = exports.find_export(url, 1)
+    write_export(url, state, stage=1, config={"cfg": 1}, lineage={})
+    write_export(
+        url, {k: v * 2 for k, v in state.items()}, stage=1, config={"cfg": 2}, lineage={}
+    )  # replaced
+    info = Export.find(url, 1)
     assert info.keys == {
         "a.weight": {"dtype": "F32", "shape": (2, 3)},
         "b.bias": {"dtype": "F32", "shape": (4,)},
     }
     assert info.config == {"cfg": 2} and info.lineage["tensors"] == 2
-    got = exports.read_export_state(url)
+    got = info.state()
     assert all(torch.equal(got[k], state[k] * 2) for k in state)
     fs, path = storage.fs_and_path(f"{s3}/exports/stage1")
     assert sorted(os.path.basename(p) for p in fs.find(path)) == [
@@ -122,8 +123,38 @@ def test_export_written_replaced_and_read_back_on_s3(s3):
     ]  # the temporary export folders are gone
     blob = fs.cat_file(f"{path}/export/model.safetensors")
     fs.pipe_file(f"{path}/export/model.safetensors", blob[:-5])  # an interrupted upload
-    with pytest.raises(ParentExportError, match="truncated or damaged safetensors file"):
-        exports.find_export(url, 1)
+    with pytest.raises(ExportError, match="truncated or damaged safetensors file"):
+        Export.find(url, 1)
+
+
+@pytest.mark.slow  # a forked writer per step, each talking to the moto server
+def test_an_export_on_s3_survives_a_kill_at_every_step_of_its_replacement(s3):
+    """As on a local disk (tests/orchestrate/test_exports.py), on an object store: no folder rename there,
+    so the old export is copied aside, the lineage removed first and written last. Killed before every
+    copy, move or delete in turn, a complete, verified export is found afterwards, and the next write leaves
+    only the export."""
+    import torch
+
+    from tests.orchestrate.faults import write_export_killed_at
+
+    old = {"a": torch.zeros(3), "b": torch.ones(2)}
+    new = {k: v + 7 for k, v in old.items()}
+    kills = 0
+    for k in range(1, 60):
+        url = f"{s3}/kills/k{k}/export"
+        write_export(url, old, stage=1, config={"v": "old"}, lineage={})
+        code = write_export_killed_at(url, k, new, config={"v": "new"})
+        found = Export.find(url, 1)
+        got = found.state()
+        assert all(torch.equal(got[n], (old if found.config["v"] == "old" else new)[n]) for n in old), k
+        write_export(url, new, stage=1, config={"v": "again"}, lineage={})
+        fs, path = storage.fs_and_path(f"{s3}/kills/k{k}")
+        assert sorted(p.rsplit("/", 1)[-1] for p in fs.ls(path, detail=False)) == ["export"], k
+        if code == 0:
+            break
+        assert code == -9, code
+        kills += 1
+    assert kills >= 8
 
 
 @pytest.mark.ray
@@ -165,11 +196,11 @@ def test_stage_checkpoints_export_and_resume_on_s3(s3, train_shards, ray_local):
     assert [s for s, _ in checkpointing.list_checkpoints(layout)] == [2, 4]
 
     assert sorted(read_fingerprints(layout.metrics_jsonl)) == [1, 2, 3, 4]  # metrics.jsonl on S3 too
-    info = exports.find_export(layout.export_dir, 1)
+    info = Export.find(layout.export_dir, 1)
     assert (
         info.lineage["steps"] == 4 and info.lineage["restarts"] == 1 and info.lineage["run_root"] == run_root
     )
     model = build_xsam("debug")
-    state = exports.read_export_state(layout.export_dir)
+    state = info.state()
     assert set(state) == set(info.keys) and state
     load_exported(model, state, stage=1, strict=True)  # every stage-1 parameter, nothing else

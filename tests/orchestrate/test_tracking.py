@@ -12,8 +12,9 @@ import numpy as np
 import pytest
 import torch
 
+from orchestrate.evaluation.wandb_helpers import resolve_mode, run_id, wandb_env
 from orchestrate.previews import fixed_batch, render
-from orchestrate.tracking import Tracker, resolve_mode, run_id, wandb_env
+from orchestrate.tracking import Tracker
 from pipelines.loader import mixture as mixture_file
 from xsam_model import build_xsam
 
@@ -181,7 +182,7 @@ def test_previews_are_padded_to_one_size_for_one_wandb_panel():
 def test_evaluation_overlays_are_padded_to_one_size_too():
     import numpy as np
 
-    from orchestrate.tracking import same_size
+    from orchestrate.evaluation.wandb_helpers import same_size
 
     out = same_size([np.ones((2, 5, 3), np.uint8), np.ones((6, 1, 3), np.uint8)])
     assert [a.shape for a in out] == [(6, 5, 3), (6, 5, 3)]

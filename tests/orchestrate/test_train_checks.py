@@ -56,12 +56,12 @@ def _inits(root, skip: str = ""):
 def _export(url, stage: int, seed: int = 0):
     import torch
 
-    from orchestrate.exports import write_export
     from xsam_model import build_xsam, export_trainable
+    from xsam_model.export import write_export
 
     torch.manual_seed(seed)
     model = build_xsam("debug")
-    write_export(str(url), export_trainable(model, stage), {}, {"stage": stage})
+    write_export(str(url), export_trainable(model, stage), stage=stage, config={}, lineage={})
     return model
 
 
@@ -139,7 +139,7 @@ def test_init_from_a_parent_the_stage_does_not_have(tmp_path, capsys):
 
 
 def test_stage3_starts_from_a_stage3_export(tmp_path):
-    """``--init-from 3=EXPORT`` (e.g. X-SAM's released weights imported by ``xsam_model.convert import``):
+    """``--init-from 3=EXPORT`` (e.g. X-SAM's released weights imported by ``orchestrate.convert import``):
     every module stage 3 trains comes from that one export, checked key by key."""
     import torch
 
@@ -147,6 +147,7 @@ def test_stage3_starts_from_a_stage3_export(tmp_path):
     from orchestrate.plan import param_shapes
     from orchestrate.runner import RunArgs, _checked_parents, build_config
     from xsam_model import build_xsam
+    from xsam_model.export import Export, write_export
     from xsam_model.stages import trainable_names
 
     trained = _export(tmp_path / "s3", 3, seed=7)
@@ -167,10 +168,10 @@ def test_stage3_starts_from_a_stage3_export(tmp_path):
     assert set(plan.take[3]) == set(names) - skip
     assert all(torch.equal(got[k], want[k]) for k in plan.take[3])
     # an export missing a trainable module does not fit (xsam_model.weight_fit names it)
-    state = exports.read_export_state(str(tmp_path / "s3"))
+    state = Export.read(str(tmp_path / "s3")).state()
     gone = next(k for k in state if k.startswith("llm_projector."))
     state.pop(gone)
-    exports.write_export(str(tmp_path / "s3b"), state, {}, {"stage": 3})
+    write_export(str(tmp_path / "s3b"), state, stage=3, config={}, lineage={})
     from orchestrate.errors import RunSetupError
 
     with pytest.raises(RunSetupError, match=rf"1 missing.*\n    missing     {gone}"):
@@ -179,3 +180,21 @@ def test_stage3_starts_from_a_stage3_export(tmp_path):
     _export(tmp_path / "s1", 1)
     with pytest.raises(RunSetupError, match="is the export of stage 1, expected stage 3"):
         _checked_parents(cfg, str(tmp_path / "r"), {3: str(tmp_path / "s1")})
+
+
+def test_init_from_a_damaged_export_is_refused_naming_the_file(tmp_path):
+    """``--init-from`` (and the chaining of stages, the same check) hashes the parent's model.safetensors
+    against its lineage on the driver: a byte flipped in place is one line naming the file."""
+    from orchestrate.errors import RunSetupError
+    from orchestrate.runner import RunArgs, _checked_parents, build_config
+
+    _export(tmp_path / "s1", 1)
+    blob = bytearray((tmp_path / "s1" / "model.safetensors").read_bytes())
+    blob[-1] ^= 0x01
+    (tmp_path / "s1" / "model.safetensors").write_bytes(bytes(blob))
+    args = RunArgs(
+        stage=2, flavor="debug", shards="", run_root=str(tmp_path / "r"), init_from={1: str(tmp_path / "s1")}
+    )
+    with pytest.raises(RunSetupError, match=rf"{tmp_path}/s1/model\.safetensors: sha256 \S+ differs") as e:
+        _checked_parents(build_config(args), str(tmp_path / "r"), args.init_from)
+    assert len(str(e.value).splitlines()) == 1

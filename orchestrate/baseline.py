@@ -1,6 +1,6 @@
 """The untrained baseline: an export of the weights a stage starts from, to evaluate next to the trained one.
 
-    python -m orchestrate.evaluation.baseline --stage 1 --flavor debug --out demo_out/runs/untrained/stage1/export
+    python -m orchestrate.baseline --stage 1 --flavor debug --out demo_out/runs/untrained/stage1/export
 
 Every training worker seeds torch with the stage's data seed and builds the model (:class:`orchestrate.trainer
 .Trainer`), so the weights written here are exactly the ones stage ``--stage`` of a run with that seed starts
@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 
+from orchestrate.errors import StageConfigError
 from pipelines.errors import run_cli
 from pipelines.logs import add_verbosity_flags, configure_logging, verbosity
 
@@ -20,14 +21,13 @@ def write_initial_export(stage: int, flavor: str, out: str, init_dir: str | None
     """Build stage ``stage``'s model as a training worker does (same seed) and export its trainable weights."""
     import torch
 
-    from orchestrate import exports
-    from orchestrate.evaluation.errors import EvaluationError
     from orchestrate.plan import model_config
     from orchestrate.stages import get_stage
     from xsam_model import XSAM_FLAVORS, build_xsam, export_trainable
+    from xsam_model.export import write_export
 
     if flavor not in XSAM_FLAVORS:
-        raise EvaluationError(f"--flavor {flavor!r}: expected one of {sorted(XSAM_FLAVORS)}")
+        raise StageConfigError(f"--flavor {flavor!r}: expected one of {sorted(XSAM_FLAVORS)}")
     cfg = get_stage(stage, flavor=flavor)
     torch.manual_seed(cfg.data.seed)  # the trainer's seed before build_xsam
     model = build_xsam(model_config(cfg), init_dir=init_dir or cfg.model.init_dir)
@@ -35,8 +35,8 @@ def write_initial_export(stage: int, flavor: str, out: str, init_dir: str | None
         "stage": {**cfg.to_dict(), "model": {**cfg.to_dict()["model"], "init_dir": init_dir}},
         "model": model.config.to_dict(),
     }
-    lineage = {"stage": stage, "untrained": True, "seed": cfg.data.seed, "steps": 0}
-    return exports.write_export(out, export_trainable(model, stage), config, lineage)
+    lineage = {"untrained": True, "seed": cfg.data.seed, "steps": 0}
+    return write_export(out, export_trainable(model, stage), stage=stage, config=config, lineage=lineage)
 
 
 def main(argv: list[str] | None = None) -> int:
