@@ -232,6 +232,17 @@ class _Ade20k:
     name: str
     kind: str  # panoptic | semantic | instance
     task = "ovseg"
+    path_roles = (
+        "root",
+        "layout",
+        "images",
+        "annotations",
+        "instances",
+        "panoptic_json",
+        "panoptic",
+        "annotations_detectron2",
+        "instance_json",
+    )
     splits = ("train", "val")
     version = 1
 

@@ -108,6 +108,8 @@ class Source(Protocol):
     task: str
     splits: tuple[str, ...]  # splits this source can build
     version: int  # bump when the Samples it writes change; part of the resume fingerprint
+    path_roles: tuple[str, ...]
+    """The roles ``build_shards.py --path SOURCE.ROLE=PATH`` may override (the keys ``locate`` reads)."""
 
     def locate(self, data_root: str, split: str, overrides: dict[str, str] | None = None) -> SourceFiles:
         """Find this split's files (``overrides``: role -> path replacing the default layout)."""

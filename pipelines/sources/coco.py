@@ -137,6 +137,7 @@ class CocoInstance:
 
     name = "coco_instance"
     task = "genseg"
+    path_roles = ("annotations", "images")
     splits = ("train", "val")
     version = 1
     eval_image_guard_splits = ("train",)  # RefCOCO/+/g eval images left out (pipelines/build/eval_guard.py)
@@ -208,6 +209,7 @@ class CocoPanoptic:
 
     name = "coco_panoptic"
     task = "genseg"
+    path_roles = ("annotations", "images", "panoptic")
     splits = ("train", "val")
     version = 1
     eval_image_guard_splits = ("train",)  # RefCOCO/+/g eval images left out (pipelines/build/eval_guard.py)

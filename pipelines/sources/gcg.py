@@ -493,6 +493,7 @@ def _list_key(prefix: str, i: int, file_name: Any) -> str:
 
 class _GcgBase:
     task = "gcgseg"
+    path_roles = ("annotations", "captions", "images")
     version = 1
     kind = "list"
     files: dict[str, str] = {}  # split -> annotation file name under annotations/train

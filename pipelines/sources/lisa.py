@@ -112,6 +112,7 @@ class LisaReasonSeg:
 
     name = "lisa_reasonseg"
     task = "reaseg"
+    path_roles = ("images", "explanatory")
     splits = ("train", "val", "test")
     version = 1
 

@@ -109,6 +109,7 @@ class _Llava:
     json_rel: str
     image_dirs: tuple[str, ...]  # under img_chat/llava/, first existing wins
     task = "chat"
+    path_roles = ("annotations", "images")
     splits = ("train",)
     version = 1
 
