@@ -23,6 +23,7 @@ from pipelines.build.options import BuildOptions, SourceOptions  # noqa: E402
 from pipelines.errors import BuildConfigError, run_cli  # noqa: E402
 from pipelines.loader.mixture import mixture_path  # noqa: E402
 from pipelines.logs import add_verbosity_flags, configure_logging, verbosity  # noqa: E402
+from pipelines.storage import check_writable  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -99,6 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     configure_logging(verbosity(args))
     options = options_from(args)  # checked before Ray starts: a bad option fails in a second
     overrides = parse_overrides(args.path)
+    check_writable(args.out, "--out")  # a read-only or full --out: one line before Ray starts
     import ray
 
     ray.init(

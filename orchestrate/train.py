@@ -26,7 +26,15 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 
 from orchestrate.console import configure_logging  # noqa: E402
 from orchestrate.plan import model_config  # noqa: E402
-from orchestrate.runner import RunArgs, build_config, elastic_workers, fit, prepare, ray_init  # noqa: E402
+from orchestrate.runner import (  # noqa: E402
+    RunArgs,
+    build_config,
+    elastic_workers,
+    fit,
+    prepare,
+    ray_init,
+    stage_lock,
+)
 from pipelines.errors import run_cli  # noqa: E402
 from pipelines.logs import add_verbosity_flags  # noqa: E402
 
@@ -161,26 +169,27 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(resolved_config(args), indent=2))
         return 0
     elastic_workers(build_config(args), args.min_workers)  # a range that cannot keep the batch: one line, now
-    plan = prepare(args)
-    b = plan.cfg.batch
-    logger.info(
-        f"stage {plan.stage} ({plan.cfg.name}): {plan.total_steps} steps, global batch {b.global_batch} = "
-        f"{b.micro_batch} × {b.grad_accum} × {b.world_size} workers, ZeRO-{plan.cfg.zero_stage}; "
-        f"run folder {plan.layout.dir}"
-    )
-    ray_init(num_cpus=None, verbosity=verbosity)
-    import ray
-    import ray.train
-
-    try:
-        result = fit(
-            plan, cpus_per_worker=args.cpus_per_worker, verbosity=verbosity, min_workers=args.min_workers
+    with stage_lock(args):  # one training per stage folder, taken before anything is checked or written
+        plan = prepare(args)
+        b = plan.cfg.batch
+        logger.info(
+            f"stage {plan.stage} ({plan.cfg.name}): {plan.total_steps} steps, global batch {b.global_batch} = "
+            f"{b.micro_batch} × {b.grad_accum} × {b.world_size} workers, ZeRO-{plan.cfg.zero_stage}; "
+            f"run folder {plan.layout.dir}"
         )
-    except ray.train.TrainingFailedError as e:
-        print(f"error: stage {plan.stage} failed: {e}", file=sys.stderr)
-        return 1
-    finally:
-        ray.shutdown()
+        ray_init(num_cpus=None, verbosity=verbosity)
+        import ray
+        import ray.train
+
+        try:
+            result = fit(
+                plan, cpus_per_worker=args.cpus_per_worker, verbosity=verbosity, min_workers=args.min_workers
+            )
+        except ray.train.TrainingFailedError as e:
+            print(f"error: stage {plan.stage} failed: {e}", file=sys.stderr)
+            return 1
+        finally:
+            ray.shutdown()
     _report(plan, result)
     return 0
 
