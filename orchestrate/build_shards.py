@@ -60,6 +60,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--max-image-pixels", type=int, default=BuildOptions.max_image_pixels)
     p.add_argument(
+        "--max-image-bytes",
+        type=int,
+        default=BuildOptions.max_image_bytes,
+        help="skip an image file larger than this, unread (default: 256 MiB)",
+    )
+    p.add_argument(
         "--option",
         action="append",
         default=[],
@@ -88,6 +94,7 @@ def options_from(args: argparse.Namespace) -> BuildOptions:
         samples_per_shard=args.samples_per_shard,
         strict=args.strict,
         max_image_pixels=args.max_image_pixels,
+        max_image_bytes=args.max_image_bytes,
         image_token="<image>" if args.no_image_newline else "<image>\n",
         genseg_num_class=args.genseg_num_class,
         keep_eval_images=args.keep_eval_images,

@@ -239,7 +239,9 @@ class CocoPanoptic:
         segments = _segments(ann, img["id"])
         png_name = ann.get("file_name") or os.path.splitext(img["file_name"])[0] + ".png"
         rel = relpath(ctx.files.dirs["panoptic"], png_name)
-        png = ctx.read_bytes(rel, missing_reason="missing_panoptic_png")
+        png = ctx.read_bytes(
+            rel, missing_reason="missing_panoptic_png", max_bytes=ctx.options.max_image_bytes
+        )
         id_map = read_panoptic_png(png, rel, ctx.options.max_image_pixels, "corrupt_panoptic_png")
         if id_map.shape != (h, w):
             raise SkipRecord(
