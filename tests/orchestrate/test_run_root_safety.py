@@ -9,6 +9,7 @@ an empty Ray snapshot is moved aside, and the resume takes the newest complete c
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -20,6 +21,7 @@ from pathlib import Path
 import pytest
 
 from orchestrate.checkpointing import TRAIN_STATE, TrainState, marker_file
+from orchestrate.fingerprint import read_fingerprints
 from orchestrate.resume_point import SNAPSHOT
 from orchestrate.run_layout import RunLayout
 from orchestrate.runner import TRAIN_LOCK, RunArgs, prepare
@@ -318,3 +320,43 @@ def test_a_legacy_checkpoint_counts_only_when_rays_snapshot_lists_it(tmp_path):
         m.unlink()
     assert list_checkpoints(layout) == []
     assert [s for s, _ in list_checkpoints(layout, registered={name})] == [2]
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_a_real_run_resumes_from_its_newest_complete_checkpoint_past_an_empty_snapshot(
+    train_shards, tmp_path, ray_local, caplog
+):
+    """Ray Train writes the markers (every rank's, after its upload); a re-run past a 0-byte Ray snapshot and
+    a later half-written checkpoint continues from step 2, not from the start and not from the half one."""
+    import shutil
+
+    from orchestrate import exports
+    from orchestrate.runner import fit
+
+    run_root = tmp_path / "run"
+
+    def plan(steps: int):
+        args = RunArgs(
+            stage=1, flavor="debug", shards=str(train_shards), run_root=str(run_root), num_workers=2
+        )
+        return prepare(dataclasses.replace(args, max_steps=steps, checkpoint_every=2, wandb_mode="disabled"))
+
+    assert fit(plan(2), callbacks=[]).metrics["step"] == 2
+    stage = run_root / "stage1"
+    (ck,) = (p for p in stage.glob("checkpoint_*") if p.is_dir())
+    assert (ck / marker_file(0)).is_file() and (ck / marker_file(1)).is_file()
+    cut = stage / "checkpoint_2099-01-01_00-00-00.000000"  # a later upload the disk cut short
+    shutil.copytree(ck, cut)
+    state = json.loads((cut / TRAIN_STATE).read_text())
+    (cut / TRAIN_STATE).write_text(json.dumps({**state, "step": 6}))
+    (cut / marker_file(1)).unlink()
+    (stage / SNAPSHOT).write_text("")  # Ray's list, emptied by the full disk
+
+    second = plan(4)
+    assert second.resume_from == str(ck)
+    assert fit(second, callbacks=[]).metrics["step"] == 4
+    layout = RunLayout(str(run_root)).stage(1)
+    assert sorted(read_fingerprints(layout.metrics_jsonl)) == [1, 2, 3, 4]  # steps 1-2 not trained twice
+    assert exports.find_export(layout.export_dir, 1).lineage["restarts"] == 1
