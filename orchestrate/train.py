@@ -7,7 +7,9 @@
     python orchestrate/train.py --stage 3 --print-config                  # the resolved config, nothing run
 
 Stage N starts from stage N-1's export under the same --run-root (stage 3: from stages 1 and 2) unless
---init-from says otherwise; submitting a stage again continues from its latest checkpoint. Where things go:
+--init-from says otherwise; submitting a stage again continues from its newest complete checkpoint, and a
+submission into a stage folder that a running training holds is refused (<run-root>/stage<N>/.train.lock
+names its host and pid). Where things go:
 <run-root>/stage<N>/ (checkpoints, export/, metrics.jsonl, wandb/), see orchestrate/run_layout.py. The work
 is in orchestrate/runner.py (driver) and orchestrate/trainer.py (workers). Bad input or configuration exits
 with code 2 and a one-line message; a failed training run with code 1 and Ray's error. -v/-q: more or less
