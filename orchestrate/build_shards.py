@@ -23,6 +23,7 @@ from pipelines.build.options import PRESETS, BuildOptions, SourceOptions  # noqa
 from pipelines.errors import BuildConfigError, run_cli  # noqa: E402
 from pipelines.loader.mixture import mixture_path  # noqa: E402
 from pipelines.logs import add_verbosity_flags, configure_logging, verbosity  # noqa: E402
+from pipelines.storage import check_writable  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -66,6 +67,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--max-image-pixels", type=int, default=BuildOptions.max_image_pixels)
     p.add_argument(
+        "--max-image-bytes",
+        type=int,
+        default=BuildOptions.max_image_bytes,
+        help="skip an image file larger than this, unread (default: 256 MiB)",
+    )
+    p.add_argument(
         "--option",
         action="append",
         default=[],
@@ -94,6 +101,7 @@ def options_from(args: argparse.Namespace) -> BuildOptions:
         samples_per_shard=args.samples_per_shard,
         strict=args.strict,
         max_image_pixels=args.max_image_pixels,
+        max_image_bytes=args.max_image_bytes,
         image_token="<image>" if args.no_image_newline else "<image>\n",
         genseg_num_class=args.genseg_num_class,
         keep_eval_images=args.keep_eval_images,
@@ -107,6 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     configure_logging(verbosity(args))
     options = options_from(args)  # checked before Ray starts: a bad option fails in a second
     overrides = parse_overrides(args.path)
+    check_writable(args.out, "--out")  # a read-only or full --out: one line before Ray starts
     import ray
 
     ray.init(

@@ -8,10 +8,18 @@ One checkpoint folder, merged by Ray Train from what each rank reported (``ray.t
                                                 zero_pp_rank_<r>_mp_rank_00_optim_states.pt (every rank)
         loader_rank<r>.json                     each rank's :class:`pipelines.loader.MixtureLoader` state
         train_state.json                        step, samples, mixture seen, resume key (rank 0)
+        complete_rank<r>.json                   rank r's completion marker, written after its upload: the
+                                                files it uploaded with their sizes, and the world size
 
         universal/…                             DeepSpeed's universal format of deepspeed/, made by the driver
                                                 when a later run resumes on another world size
                                                 (:mod:`orchestrate.universal`)
+
+A checkpoint counts only when complete (:func:`checkpoint_complete`): every rank's marker is there and
+every file the markers list has its size. A full disk, a kill or a lost node part-way through an upload
+leaves a folder without all markers, which :func:`list_checkpoints` leaves out (logged), so a resume takes
+the newest complete checkpoint (:mod:`orchestrate.resume_point`, which also keeps Ray Train's own checkpoint
+list in line with it).
 
 Resuming is Ray Train v2's: run ``fit()`` again with the same ``RunConfig(name, storage_path)`` and
 ``ray.train.get_checkpoint()`` returns the latest checkpoint (v2 refuses ``resume_from_checkpoint``).
@@ -29,6 +37,7 @@ from __future__ import annotations
 import json
 import logging
 import tempfile
+from collections.abc import Collection
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -48,6 +57,68 @@ WORLD_FREE_LOADER_FORMATS = ("xsam-loader/2",)
 
 def loader_file(rank: int) -> str:
     return f"loader_rank{rank}.json"
+
+
+def marker_file(rank: int) -> str:
+    return f"complete_rank{rank}.json"
+
+
+MARKER_FORMAT = "xsam-complete/1"
+
+
+def marker_record(local_dir: str | Path, rank: int, world_size: int) -> dict:
+    """Rank ``rank``'s completion marker for its local checkpoint folder: every file in it (relative path →
+    size) and the world size, so a reader knows how many markers make the checkpoint whole."""
+    local = Path(local_dir)
+    files = {
+        p.relative_to(local).as_posix(): p.stat().st_size
+        for p in sorted(local.rglob("*"))
+        if p.is_file() and not p.match("complete_rank*.json")  # markers describe data, not each other
+    }
+    return {"format": MARKER_FORMAT, "rank": rank, "world_size": world_size, "files": files}
+
+
+def upload_then_mark(storage_context, local_dir: str, rank: int, world_size: int):
+    """Ray Train's ``checkpoint_upload_fn`` for this rank: Ray's own upload of its folder
+    (``storage_context.persist_current_checkpoint``, what Ray does without an upload function), then the
+    rank's marker (:func:`marker_record`), written last: an upload cut short by a full disk or a kill leaves
+    no marker, and the checkpoint does not count."""
+    record = marker_record(local_dir, rank, world_size)  # now: Ray deletes the folder after the upload
+
+    def upload(checkpoint, checkpoint_dir_name: str):
+        persisted = storage_context.persist_current_checkpoint(checkpoint, checkpoint_dir_name)
+        with persisted.filesystem.open_output_stream(f"{persisted.path}/{marker_file(rank)}") as f:
+            f.write(json.dumps(record).encode())
+        return persisted
+
+    return upload
+
+
+def checkpoint_complete(checkpoint_url: str) -> str | None:
+    """None when the checkpoint is complete (every rank's marker, and every file they list at its size);
+    else why not, in a few words."""
+    fs, path = storage.fs_and_path(checkpoint_url)
+    markers = {}
+    for f in fs.glob(f"{path}/complete_rank*.json"):
+        try:
+            rec = storage.read_json(fs, f)
+            markers[int(rec["rank"])] = rec
+        except (OSError, ValueError, KeyError, TypeError):
+            return f"{f.rsplit('/', 1)[1]} is unreadable"
+    if not markers:
+        return "no completion marker"
+    world = markers.get(0, {}).get("world_size")
+    if not isinstance(world, int) or world < 1:
+        return "rank 0 did not finish its upload"
+    missing = [r for r in range(world) if r not in markers]
+    if missing:
+        return f"rank(s) {missing} did not finish their upload"
+    sizes = {k.removeprefix(path + "/"): v.get("size") for k, v in fs.find(path, detail=True).items()}
+    for rec in markers.values():
+        for name, size in rec.get("files", {}).items():
+            if sizes.get(name) != size:
+                return f"{name} is {sizes.get(name, 'missing')} bytes, rank {rec['rank']} uploaded {size}"
+    return None
 
 
 @dataclass
@@ -210,11 +281,13 @@ def save(
     if rank == 0:
         (Path(tmp) / TRAIN_STATE).write_text(json.dumps(asdict(train_state)))
     mode = ray.train.CheckpointUploadMode.ASYNC if upload == "async" else ray.train.CheckpointUploadMode.SYNC
+    context = ray.train.get_context()
     ray.train.report(
         metrics,
         checkpoint=ray.train.Checkpoint.from_directory(tmp),
         checkpoint_upload_mode=mode,
         delete_local_checkpoint_after_upload=True,
+        checkpoint_upload_fn=upload_then_mark(context.get_storage(), tmp, rank, context.get_world_size()),
     )
 
 
@@ -286,16 +359,32 @@ def _load_buffers(engine, tag_dir: Path) -> None:
                 buf.copy_(saved[name].to(buf.device, buf.dtype))
 
 
-def list_checkpoints(layout: StageLayout) -> list[tuple[int, str]]:
-    """``[(step, checkpoint folder)]`` of a stage, oldest first (read from their train states)."""
+def list_checkpoints(layout: StageLayout, registered: Collection[str] = ()) -> list[tuple[int, str]]:
+    """``[(step, checkpoint folder)]`` of a stage's complete checkpoints (:func:`checkpoint_complete`),
+    oldest first (steps read from their train states). An incomplete folder is left out with a warning
+    naming it. ``registered``: folder names Ray Train's snapshot lists; such a folder without any marker
+    (written before markers existed) counts as complete, as Ray registers a checkpoint only after every
+    rank's upload."""
     fs, _ = storage.fs_and_path(layout.dir)
     out = []
-    for f in fs.glob(f"{layout.checkpoint_glob}/{TRAIN_STATE}"):
+    folders = [
+        d for d, info in fs.glob(layout.checkpoint_glob, detail=True).items() if info["type"] == "directory"
+    ]
+    for d in sorted(folders):  # not checkpoint_manager_snapshot.json
+        url = storage.url_of(fs, d)  # s3://… keeps its protocol
+        why = checkpoint_complete(url)
+        if why == "no completion marker" and d.rsplit("/", 1)[1] in registered:
+            why = None
         try:
-            step = int(storage.read_json(fs, f)["step"])
-        except (OSError, ValueError, KeyError):
+            step = int(storage.read_json(fs, f"{d}/{TRAIN_STATE}")["step"]) if why is None else -1
+        except (OSError, ValueError, KeyError, TypeError):
+            why = f"{TRAIN_STATE} is unreadable"
+        if why is not None:
+            logger.warning(
+                "checkpoint %s is incomplete (%s): not resumed from; remove it to free its space", url, why
+            )
             continue
-        out.append((step, storage.url_of(fs, f.rsplit("/", 1)[0])))  # s3://… keeps its protocol
+        out.append((step, url))
     return sorted(out)
 
 

@@ -31,6 +31,7 @@ from orchestrate.evaluation import score_predictions  # noqa: E402
 from orchestrate.evaluation.report import format_table  # noqa: E402
 from pipelines.errors import run_cli  # noqa: E402
 from pipelines.logs import configure_logging  # noqa: E402
+from pipelines.storage import check_writable  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -96,6 +97,7 @@ def run_export(args: argparse.Namespace, sets: list[str] | None) -> dict:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     configure_logging(args.verbose - args.quiet)
+    check_writable(args.out, "--out")  # a read-only or full --out: one line now, not after scoring everything
     sets = [s.strip() for s in args.sets.split(",") if s.strip()] if args.sets else None
     if args.export:
         return _print(run_export(args, sets), args.out)

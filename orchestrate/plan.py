@@ -30,6 +30,10 @@ class RunPlan:
     use_gpu: bool = False
     resume: str = "auto"
     """``auto`` (latest checkpoint of this stage, if any), ``never``, or a checkpoint folder."""
+    resume_from: str | None = None
+    """The checkpoint folder the workers start from when Ray Train's ``get_checkpoint()`` has none:
+    ``--resume PATH``, or the newest complete checkpoint where Ray's own list does not name it
+    (:mod:`orchestrate.resume_point`)."""
     trace_data: bool = False
     """Write the keys of every micro-batch to ``<stage>/trace/rank<r>.jsonl`` (order checks)."""
     wandb_dir: str | None = None

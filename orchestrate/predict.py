@@ -19,13 +19,19 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import stat
 import sys
 from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run as a script
 
 from orchestrate.evaluation.errors import EvaluationError  # noqa: E402
-from pipelines.errors import run_cli  # noqa: E402
+from pipelines.build.images import checked_header  # noqa: E402
+from pipelines.build.options import DEFAULT_MAX_IMAGE_BYTES, DEFAULT_MAX_IMAGE_PIXELS  # noqa: E402
+from pipelines.errors import (
+    SkipRecord,  # noqa: E402
+    run_cli,  # noqa: E402
+)
 from pipelines.logs import add_verbosity_flags, configure_logging, verbosity  # noqa: E402
 
 
@@ -33,6 +39,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--export", required=True, help="a stage-3 export folder (RUN/stage3/export)")
     p.add_argument("--image", required=True, help="a JPEG or PNG file")
+    p.add_argument(
+        "--max-image-pixels",
+        type=int,
+        default=DEFAULT_MAX_IMAGE_PIXELS,
+        help="refuse a larger image from its header, before decoding (default: the build's, 100 Mpx)",
+    )
+    p.add_argument(
+        "--max-image-bytes",
+        type=int,
+        default=DEFAULT_MAX_IMAGE_BYTES,
+        help="refuse a larger image file unread (default: the build's, 256 MiB)",
+    )
     p.add_argument(
         "--prompt", required=True, help="the question; phrases in <p>…</p>, visual prompts as <region>"
     )
@@ -60,6 +78,28 @@ def _boxes(values: list[str]) -> list[tuple[float, ...]]:
     return out
 
 
+def read_image(path: str, max_bytes: int, max_pixels: int) -> bytes:
+    """The bytes of ``--image`` under the build's limits: a regular file of at most ``max_bytes`` (checked
+    before reading), whose header claims at most ``max_pixels`` (checked before decoding); else
+    :class:`EvaluationError` in one line."""
+    try:
+        st = os.stat(path)
+    except OSError as e:
+        raise EvaluationError(f"--image {path}: {e.strerror or e}") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise EvaluationError(f"--image {path}: not a regular file")
+    if st.st_size > max_bytes:
+        raise EvaluationError(f"--image {path}: {st.st_size} bytes > {max_bytes} (--max-image-bytes)")
+    with open(path, "rb") as f:
+        data = f.read(st.st_size)
+    try:
+        checked_header(data, path, max_pixels)
+    except SkipRecord as e:
+        hint = " (--max-image-pixels)" if e.reason == "image_too_large" else ""
+        raise EvaluationError(f"--image {e.detail}{hint}") from None
+    return data
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     configure_logging(verbosity(args))
@@ -69,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     from pipelines.errors import ImageDecodeError
     from pipelines.loader.decode import decode_image
 
-    image = Path(args.image).read_bytes()
+    image = read_image(args.image, args.max_image_bytes, args.max_image_pixels)
     try:
         pixels = decode_image(image)  # bad input fails here, before the model loads
     except ImageDecodeError as e:

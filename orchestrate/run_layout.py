@@ -1,11 +1,14 @@
 """Where a run's files go (DESIGN §4.7): the one place that joins paths under a run root.
 
-    <run-root>/stage{1,2,3}/                one Ray Train run per stage (RunConfig(name="stage<N>", storage_path))
-        checkpoint_<time>/                  Ray Train checkpoints (orchestrate.checkpointing)
-        export/                             the stage's export (orchestrate.exports)
-        metrics.jsonl                       per-step metrics, written by rank 0
-        wandb/                              the wandb run (offline runs under wandb/wandb/offline-run-*)
-        trace/rank<r>.jsonl                 the data order, with --trace-data
+    <run-root>/stage{1,2,3}/          one Ray Train run per stage (RunConfig(name="stage<N>", storage_path))
+        .train.lock                   host and pid of the training writing here (runner.stage_lock)
+        checkpoint_<time>/            Ray Train checkpoints, complete when every rank's complete_rank<r>.json
+                                      is there (orchestrate.checkpointing)
+        checkpoint_manager_snapshot.json  Ray Train's list of them (orchestrate.resume_point)
+        export/                       the stage's export (orchestrate.exports)
+        metrics.jsonl                 per-step metrics, written by rank 0
+        wandb/                        the wandb run (offline runs under wandb/wandb/offline-run-*)
+        trace/rank<r>.jsonl           the data order, with --trace-data
 
     layout = RunLayout("/shared/runs/a").stage(2)
     layout.export_dir, layout.metrics_jsonl, layout.local_dir()

@@ -22,9 +22,11 @@ from orchestrate import checkpointing, console, exports
 from orchestrate.callbacks import Callback, DataTrace, PredictionPreviews, ProgressLine, from_env
 from orchestrate.errors import ParentExportError, RunSetupError, StageConfigError
 from orchestrate.plan import RunPlan, param_shapes
+from orchestrate.resume_point import resume_point
 from orchestrate.run_layout import RunLayout, StageLayout, resolve
 from orchestrate.stages import SELF_PARENT_STAGES, EvalConfig, get_stage, with_self_parent, with_world_size
 from pipelines import storage
+from pipelines.folder_lock import folder_lock
 
 RANDOM_INIT_FLAVORS = ("debug",)
 """Flavors that may be built from random weights (no ``--init-dir``): the tiny CPU model."""
@@ -203,10 +205,15 @@ def check_data(shards: str, mixture_url: str, mixture_stage: int):
     return stage
 
 
-def check_resume(cfg, layout: StageLayout, resume: str) -> None:
-    """An existing checkpoint of this stage (or ``--resume PATH``) was written with this run's settings."""
+def check_resume(cfg, layout: StageLayout, resume: str) -> str | None:
+    """An existing complete checkpoint of this stage (or ``--resume PATH``) was written with this run's
+    settings. Returns the checkpoint the workers must be given by path (``--resume PATH``, or the newest
+    complete one where Ray Train's own checkpoint list does not name it: :mod:`orchestrate.resume_point`),
+    else None."""
     stage_url = layout.dir
-    found = checkpointing.list_checkpoints(layout)
+    found, resume_from = (
+        resume_point(layout) if resume == "auto" else (checkpointing.list_checkpoints(layout), None)
+    )
     if resume == "never" and found:
         raise RunSetupError(
             f"{stage_url} already holds {len(found)} checkpoints (latest at step {found[-1][0]}); "
@@ -223,7 +230,7 @@ def check_resume(cfg, layout: StageLayout, resume: str) -> None:
             raise RunSetupError(
                 f"--resume {resume}: expected a checkpoint folder with {checkpointing.TRAIN_STATE}"
             )
-        found = [(0, resume)]
+        found, resume_from = [(0, resume)], resume
     if found:
         saved = checkpointing.latest_train_state(found[-1][1])
         try:  # the loader layout first: its message names the world sizes and worker counts
@@ -234,6 +241,7 @@ def check_resume(cfg, layout: StageLayout, resume: str) -> None:
             checkpointing.prepare_deepspeed_state(found[-1][1], cfg.batch.world_size, cfg.zero_stage)
         except checkpointing.ResumeError as e:
             raise RunSetupError(str(e)) from e
+    return resume_from
 
 
 def _checked_parents(cfg, run_root: str, init_from: dict[int, str]) -> dict[int, str]:
@@ -266,7 +274,7 @@ def prepare(a: RunArgs) -> RunPlan:
 
         check_evaluation(cfg, shards)
     layout = RunLayout(run_root).stage(cfg.stage)
-    check_resume(cfg, layout, a.resume)
+    resume_from = check_resume(cfg, layout, a.resume)
     return RunPlan(
         cfg=cfg,
         run_root=run_root,
@@ -278,10 +286,25 @@ def prepare(a: RunArgs) -> RunPlan:
         steps_per_epoch=steps_per_epoch,
         use_gpu=a.use_gpu,
         resume=a.resume,
+        resume_from=resume_from,
         trace_data=a.trace_data,
         wandb_dir=a.wandb_dir or layout.default_wandb_dir(),
         code=exports.code_version(),
     )
+
+
+TRAIN_LOCK = ".train.lock"
+"""``<run-root>/stage<N>/.train.lock``: the stage folder's one training (:mod:`pipelines.folder_lock`)."""
+
+
+def stage_lock(a: RunArgs):
+    """A context manager holding the stage folder for one training: the driver takes it before it checks,
+    converts or writes anything and before Ray starts, so a second submission into the same stage folder
+    is one line naming the first one's host and pid (two would interleave their metrics and exports). The
+    folder is probe-written first: a read-only or full run root fails here, in one line."""
+    layout = RunLayout(resolve(a.run_root)).stage(a.stage)
+    storage.check_writable(layout.dir, "--run-root")
+    return folder_lock(layout.dir, TRAIN_LOCK, what="training", error=RunSetupError)
 
 
 def default_callbacks(plan: RunPlan) -> list[Callback]:

@@ -7,7 +7,9 @@
     python orchestrate/train.py --stage 3 --print-config                  # the resolved config, nothing run
 
 Stage N starts from stage N-1's export under the same --run-root (stage 3: from stages 1 and 2) unless
---init-from says otherwise; submitting a stage again continues from its latest checkpoint. Where things go:
+--init-from says otherwise; submitting a stage again continues from its newest complete checkpoint, and a
+submission into a stage folder that a running training holds is refused (<run-root>/stage<N>/.train.lock
+names its host and pid). Where things go:
 <run-root>/stage<N>/ (checkpoints, export/, metrics.jsonl, wandb/), see orchestrate/run_layout.py. The work
 is in orchestrate/runner.py (driver) and orchestrate/trainer.py (workers). Bad input or configuration exits
 with code 2 and a one-line message; a failed training run with code 1 and Ray's error. -v/-q: more or less
@@ -26,7 +28,15 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 
 from orchestrate.console import configure_logging  # noqa: E402
 from orchestrate.plan import model_config  # noqa: E402
-from orchestrate.runner import RunArgs, build_config, elastic_workers, fit, prepare, ray_init  # noqa: E402
+from orchestrate.runner import (  # noqa: E402
+    RunArgs,
+    build_config,
+    elastic_workers,
+    fit,
+    prepare,
+    ray_init,
+    stage_lock,
+)
 from pipelines.errors import run_cli  # noqa: E402
 from pipelines.logs import add_verbosity_flags  # noqa: E402
 
@@ -161,26 +171,27 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(resolved_config(args), indent=2))
         return 0
     elastic_workers(build_config(args), args.min_workers)  # a range that cannot keep the batch: one line, now
-    plan = prepare(args)
-    b = plan.cfg.batch
-    logger.info(
-        f"stage {plan.stage} ({plan.cfg.name}): {plan.total_steps} steps, global batch {b.global_batch} = "
-        f"{b.micro_batch} × {b.grad_accum} × {b.world_size} workers, ZeRO-{plan.cfg.zero_stage}; "
-        f"run folder {plan.layout.dir}"
-    )
-    ray_init(num_cpus=None, verbosity=verbosity)
-    import ray
-    import ray.train
-
-    try:
-        result = fit(
-            plan, cpus_per_worker=args.cpus_per_worker, verbosity=verbosity, min_workers=args.min_workers
+    with stage_lock(args):  # one training per stage folder, taken before anything is checked or written
+        plan = prepare(args)
+        b = plan.cfg.batch
+        logger.info(
+            f"stage {plan.stage} ({plan.cfg.name}): {plan.total_steps} steps, global batch {b.global_batch} = "
+            f"{b.micro_batch} × {b.grad_accum} × {b.world_size} workers, ZeRO-{plan.cfg.zero_stage}; "
+            f"run folder {plan.layout.dir}"
         )
-    except ray.train.TrainingFailedError as e:
-        print(f"error: stage {plan.stage} failed: {e}", file=sys.stderr)
-        return 1
-    finally:
-        ray.shutdown()
+        ray_init(num_cpus=None, verbosity=verbosity)
+        import ray
+        import ray.train
+
+        try:
+            result = fit(
+                plan, cpus_per_worker=args.cpus_per_worker, verbosity=verbosity, min_workers=args.min_workers
+            )
+        except ray.train.TrainingFailedError as e:
+            print(f"error: stage {plan.stage} failed: {e}", file=sys.stderr)
+            return 1
+        finally:
+            ray.shutdown()
     _report(plan, result)
     return 0
 

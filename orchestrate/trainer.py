@@ -249,12 +249,13 @@ class Trainer:
         )
 
     def _find_checkpoint(self):
-        """Ray Train's latest checkpoint of this stage, else ``--resume PATH``'s, else None."""
+        """Ray Train's latest checkpoint of this run, else the one the driver chose (``--resume PATH``, or
+        the newest complete one Ray's list did not name: ``plan.resume_from``), else None."""
         import ray.train
 
         checkpoint = ray.train.get_checkpoint()
-        if checkpoint is None and self.plan.resume not in ("auto", "never"):
-            checkpoint = ray.train.Checkpoint(self.plan.resume)
+        if checkpoint is None and self.plan.resume_from:
+            checkpoint = ray.train.Checkpoint(self.plan.resume_from)
         return checkpoint
 
     def _resume(self, checkpoint, universal: bool) -> None:

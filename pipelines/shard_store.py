@@ -81,6 +81,21 @@ class ShardEntry:
 
 
 _REQUIRED = ("schema", "source", "task", "split", "shards", "counts")
+_IDENTITY_FIELDS = (
+    "schema",
+    "source",
+    "task",
+    "split",
+    "counts",
+    "skipped",
+    "dropped",
+    "category_counts",
+    "options",
+    "source_version",
+    "fingerprint",
+    "generation",
+)
+"""The manifest fields :meth:`Manifest.content_sha256` covers besides inputs and shards."""
 
 
 @dataclass(frozen=True)
@@ -166,6 +181,20 @@ class Manifest:
         except ValueError as e:
             raise ShardStoreError(f"{path}: not valid JSON: {e}") from e
         return cls.from_dict(d, url=path)
+
+    def content_sha256(self) -> str:
+        """sha256 of what identifies the split, not of when or where it was built: its schema, source,
+        task, split, source version, options, fingerprint, generation, counts (samples, skips, drops,
+        categories), every input's role, kind, size and sha256 (not its path) and every shard entry (file,
+        size, sha256s). Two builds of the same inputs with the same options give the same digest; the
+        manifest's wall time, code commit and input paths do not enter it."""
+        inputs = [{k: i.get(k) for k in ("role", "kind", "bytes", "sha256")} for i in self.inputs]
+        basis = {
+            **{k: getattr(self, k) for k in _IDENTITY_FIELDS},
+            "inputs": inputs,
+            "shards": [dict(s.__dict__) for s in self.shards],
+        }
+        return hashlib.sha256(json.dumps(basis, sort_keys=True).encode()).hexdigest()
 
     def write(self, out_url: str) -> str:
         """Write ``manifest.json`` atomically (canonical JSON); returns its path."""

@@ -20,6 +20,8 @@ from typing import IO, Any
 import fsspec
 from fsspec.core import url_to_fs
 
+from pipelines.errors import OutputError
+
 TMP_MARK = ".tmp-"
 
 
@@ -67,6 +69,40 @@ def write_json(fs: fsspec.AbstractFileSystem, path: str, obj: Any) -> None:
 def read_json(fs: fsspec.AbstractFileSystem, path: str) -> Any:
     with fs.open(path, "rb") as f:
         return json.load(f)
+
+
+PROBE_BYTES = 1 << 20
+"""What :func:`check_writable` writes: a location with less room than this fails up front."""
+
+
+def check_writable(url: str, what: str) -> None:
+    """Probe-write :data:`PROBE_BYTES` into ``url`` (created if absent) and remove them, so a read-only,
+    full or unreachable output location is one line before any work rather than a traceback after it.
+    ``what`` names the option in the message (``--out``). Raises :class:`pipelines.errors.OutputError`."""
+    fs, root = fs_and_path(url)
+    probe = f"{root}/{TMP_MARK}write-probe-{uuid.uuid4().hex[:8]}"
+    try:
+        fs.makedirs(root, exist_ok=True)
+        if "file" in fs.protocol:  # fsync: the blocks must really be allocated (a full disk fails here)
+            with open(probe, "wb") as f:
+                f.write(b"\0" * PROBE_BYTES)
+                f.flush()
+                os.fsync(f.fileno())
+        else:
+            with fs.open(probe, "wb") as f:
+                f.write(b"\0" * PROBE_BYTES)
+    except OSError as e:
+        reason = e.strerror or str(e) or type(e).__name__
+        raise OutputError(
+            f"{what} {url}: cannot write there ({reason}); free space, fix its permissions or choose "
+            f"another location"
+        ) from None
+    finally:
+        try:
+            if fs.exists(probe):
+                fs.rm(probe)
+        except OSError:
+            pass
 
 
 def remove_temporaries(fs: fsspec.AbstractFileSystem, folder: str) -> int:

@@ -76,6 +76,13 @@ def resolve_jobs(
     unknown = sorted(n for n in overrides if n not in SOURCES)
     if unknown:
         raise BuildConfigError(f"--path names unknown source(s) {unknown}; known: {sorted(SOURCES)}")
+    for name, roles in overrides.items():
+        known_roles = getattr(SOURCES[name], "path_roles", None)
+        bad = sorted(r for r in roles if known_roles is not None and r not in known_roles)
+        if bad:  # locate() would never read it: the override would be ignored silently
+            raise BuildConfigError(
+                f"--path {name}.{bad[0]}=…: {name} has no input role {bad[0]!r}; its roles: {', '.join(known_roles)}"
+            )
     jobs = []
     for name in names:
         src = SOURCES[name]

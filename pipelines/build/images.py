@@ -85,7 +85,7 @@ def load_image(ctx: ConvertContext, rel: str, height: int | None, width: int | N
     ``height``/``width`` are the annotation's claim; a file of another size is ``image_size_mismatch``.
     """
     global _last_ok
-    data = ctx.read_bytes(rel, missing_reason="missing_image")
+    data = ctx.read_bytes(rel, missing_reason="missing_image", max_bytes=ctx.options.max_image_bytes)
     max_pixels = ctx.options.max_image_pixels
     last = _last_ok
     if last is not None and last[1] == max_pixels and last[0] == data:
@@ -149,6 +149,28 @@ def png_header(data: bytes, rel: str, max_pixels: int, bad: str) -> tuple[int, i
     if w * h > max_pixels:
         raise SkipRecord("image_too_large", f"{rel}: {w}x{h} > {max_pixels} pixels")
     return h, w, mode
+
+
+def checked_header(data: bytes, rel: str, max_pixels: int) -> tuple[str, int, int]:
+    """``(ext, height, width)`` of JPEG or PNG ``data`` from its header only, within ``max_pixels`` (the
+    build's pixel limit); else :class:`SkipRecord` ``image_too_large`` or ``corrupt_image``. Nothing is
+    decoded: a 631-byte JPEG claiming 30000x30000 pixels is refused before any allocation."""
+    ext = sniff_ext(data)
+    if ext == "png":
+        if (
+            data[12:16] == b"IHDR" and len(data) >= 24
+        ):  # the size first, in our words (PIL's bomb limit is 2x)
+            w, h = int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
+            if w * h > max_pixels:
+                raise SkipRecord("image_too_large", f"{rel}: {w}x{h} > {max_pixels} pixels")
+        h, w, _ = png_header(data, rel, max_pixels, "corrupt_image")
+        return ext, h, w
+    if ext != "jpg":
+        raise SkipRecord("corrupt_image", f"{rel}: neither JPEG nor PNG data")
+    h, w = _check_jpeg(data, rel)
+    if w * h > max_pixels:
+        raise SkipRecord("image_too_large", f"{rel}: {w}x{h} > {max_pixels} pixels")
+    return ext, h, w
 
 
 def guarded_decode(decode: Callable[[bytes], np.ndarray], data: bytes, rel: str, bad: str) -> np.ndarray:

@@ -21,7 +21,6 @@ torchtitan's dataset-mix configs.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import logging
 import math
 import warnings
@@ -151,14 +150,10 @@ def _dataset_weight(name: str, m: Manifest, samples: int, excluded: dict[str, in
         excluded=excluded,
         fingerprint=m.fingerprint,
         generation=m.generation,
-        manifest_sha256=_sha256_of(m.url) if m.url else None,
+        # what identifies the split, not the manifest's bytes (they hold its wall time): two identical
+        # builds write a byte-identical mixture.json, and a loader state made with one resumes on the other
+        split_sha256=m.content_sha256(),
     )
-
-
-def _sha256_of(url: str) -> str:
-    fs, path = storage.fs_and_path(url)
-    with fs.open(path, "rb") as f:
-        return hashlib.sha256(f.read()).hexdigest()
 
 
 def compute_stage(

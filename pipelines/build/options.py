@@ -15,6 +15,7 @@ from typing import Any
 from pipelines.errors import BuildConfigError, ErrorPolicy, Skip, SkipRecord, StrictModeError
 
 __all__ = [
+    "DEFAULT_MAX_IMAGE_BYTES",
     "DEFAULT_MAX_IMAGE_PIXELS",
     "PRESETS",
     "BuildOptions",
@@ -28,6 +29,10 @@ __all__ = [
 DEFAULT_MAX_IMAGE_PIXELS = (
     100_000_000  # a 10k x 10k image; anything larger is treated as a decompression bomb
 )
+DEFAULT_MAX_IMAGE_BYTES = 256 << 20
+"""An image file larger than this (256 MiB) is skipped (``image_file_too_large``) from its size alone,
+before it is read: an image within the pixel limit is far smaller in any real encoding, while a file padded
+to gigabytes would be read whole into a worker and copied into a shard. ``--max-image-bytes`` raises it."""
 
 # ---------------------------------------------------------------------------------------------- option parsing
 _TRUE = frozenset({"true", "1", "yes", "on"})
@@ -181,6 +186,7 @@ class BuildOptions:
     samples_per_shard: int = 1000
     strict: bool = False
     max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
+    max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES
     image_token: str = "<image>\n"  # paper (AAAI26_Archive) default; X-SAM main uses "<image>"
     genseg_num_class: int | None = None  # None: every category in the prompt (paper); 128: X-SAM main
     keep_eval_images: bool = False
@@ -202,6 +208,7 @@ class BuildOptions:
             object.__setattr__(self, name, parse_bool(name, getattr(self, name)))
         parse_int("samples_per_shard", self.samples_per_shard, 1)
         parse_int("max_image_pixels", self.max_image_pixels, 1)
+        parse_int("max_image_bytes", self.max_image_bytes, 1)
         if self.genseg_num_class is not None:
             parse_int("genseg_num_class", self.genseg_num_class, 1)
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
@@ -213,11 +220,18 @@ class BuildOptions:
         return ErrorPolicy(strict=self.strict)
 
     def to_dict(self) -> dict:
+        # max_image_bytes only when set: builds with the default keep their fingerprint (and shards)
+        size = (
+            {}
+            if self.max_image_bytes == DEFAULT_MAX_IMAGE_BYTES
+            else {"max_image_bytes": self.max_image_bytes}
+        )
         return {
             "seed": self.seed,
             "samples_per_shard": self.samples_per_shard,
             "strict": self.strict,
             "max_image_pixels": self.max_image_pixels,
+            **size,
             "image_token": self.image_token,
             "genseg_num_class": self.genseg_num_class,
             "keep_eval_images": self.keep_eval_images,

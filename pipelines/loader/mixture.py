@@ -48,7 +48,8 @@ class DatasetWeight:
     excluded: dict[str, int] = field(default_factory=dict)  # flag → samples left out
     fingerprint: str | None = None  # the manifest's build fingerprint (lineage)
     generation: str | None = None  # the build generation its manifest committed (checked by the loader)
-    manifest_sha256: str | None = None  # of the manifest.json it was computed from (lineage)
+    manifest_sha256: str | None = None  # of the manifest.json's bytes: mixtures written before split_sha256
+    split_sha256: str | None = None  # Manifest.content_sha256 of the split it was computed from (lineage)
 
 
 @dataclass(frozen=True)
@@ -161,10 +162,10 @@ def _shard_dict(sh: ShardRef) -> dict:
 
 
 def _dataset_dict(d: DatasetWeight) -> dict:
-    """A dataset's JSON; ``generation``/``manifest_sha256`` only when known (older mixtures keep their
-    digest)."""
+    """A dataset's JSON; ``generation``/``manifest_sha256``/``split_sha256`` only when known (older mixtures
+    keep their digest)."""
     out = {**asdict(d), "shards": [_shard_dict(sh) for sh in d.shards]}
-    for k in ("generation", "manifest_sha256"):
+    for k in ("generation", "manifest_sha256", "split_sha256"):
         if out[k] is None:
             del out[k]
     return out

@@ -130,14 +130,16 @@ def category_table(vocabulary: tuple[int, ...], naming: str = "lisa") -> dict:
 def _image_size(ctx: ConvertContext, rel: str) -> tuple[int, int]:
     """``(height, width)`` from the image header (the writer reads and checks the whole file later)."""
     try:
-        return image_size(ctx.read_bytes(rel, missing_reason="missing_image"))
+        return image_size(
+            ctx.read_bytes(rel, missing_reason="missing_image", max_bytes=ctx.options.max_image_bytes)
+        )
     except DECODER_ERRORS as e:
         raise SkipRecord("corrupt_image", f"{rel}: {e}") from None
 
 
 def _read_png(ctx: ConvertContext, rel: str, modes: tuple[str, ...], missing: str, bad: str) -> np.ndarray:
     """``HxW`` (L, P) or ``HxWxC`` in OpenCV's B, G, R(, A) order (RGB, RGBA) uint8 pixels of a PNG."""
-    data = ctx.read_bytes(rel, missing_reason=missing)
+    data = ctx.read_bytes(rel, missing_reason=missing, max_bytes=ctx.options.max_image_bytes)
     _, _, mode = png_header(data, rel, ctx.options.max_image_pixels, bad)  # the pixel limit before decoding
     if mode not in modes:
         raise SkipRecord(bad, f"{rel} is mode {mode}, expected one of {modes}")
@@ -232,6 +234,17 @@ class _Ade20k:
     name: str
     kind: str  # panoptic | semantic | instance
     task = "ovseg"
+    path_roles = (
+        "root",
+        "layout",
+        "images",
+        "annotations",
+        "instances",
+        "panoptic_json",
+        "panoptic",
+        "annotations_detectron2",
+        "instance_json",
+    )
     splits = ("train", "val")
     version = 1
 
@@ -431,7 +444,9 @@ class Ade20kPanoptic(_Ade20k):
         ann = anns[0]
         png_name = ann.get("file_name") or f"{record['image_id']}.png"
         rel = f"{ctx.files.dirs['panoptic']}/{png_name}"
-        png = ctx.read_bytes(rel, missing_reason="missing_panoptic_png")
+        png = ctx.read_bytes(
+            rel, missing_reason="missing_panoptic_png", max_bytes=ctx.options.max_image_bytes
+        )
         id_map = read_panoptic_png(png, rel, ctx.options.max_image_pixels, "bad_panoptic_png")
         _check_size(id_map, h, w, rel, "label_size_mismatch")
         usable = []

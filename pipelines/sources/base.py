@@ -108,6 +108,8 @@ class Source(Protocol):
     task: str
     splits: tuple[str, ...]  # splits this source can build
     version: int  # bump when the Samples it writes change; part of the resume fingerprint
+    path_roles: tuple[str, ...]
+    """The roles ``build_shards.py --path SOURCE.ROLE=PATH`` may override (the keys ``locate`` reads)."""
 
     def locate(self, data_root: str, split: str, overrides: dict[str, str] | None = None) -> SourceFiles:
         """Find this split's files (``overrides``: role -> path replacing the default layout)."""
@@ -137,12 +139,15 @@ class ConvertContext:
     def path(self, rel: str) -> Path:
         return safe_join(self.data_root, rel)
 
-    def read_bytes(self, rel: str, missing_reason: str = "missing_file") -> bytes:
+    def read_bytes(
+        self, rel: str, missing_reason: str = "missing_file", max_bytes: int | None = None
+    ) -> bytes:
         """The bytes of the regular file ``rel`` under the data root, or :class:`SkipRecord`.
 
         ``os.stat`` comes first: a FIFO, device or socket is refused before ``open`` (opening a FIFO blocks
-        forever), and the read is bounded by the size the directory entry reports (a file that grows while
-        being read, or a device that never ends, cannot take the build's memory).
+        forever), a file over ``max_bytes`` is ``image_file_too_large`` unread, and the read is bounded by
+        the size the directory entry reports (a file that grows while being read, or a device that never
+        ends, cannot take the build's memory).
         """
         p = self.path(rel)
         try:
@@ -152,6 +157,10 @@ class ConvertContext:
             if not stat.S_ISREG(st.st_mode):
                 raise SkipRecord(
                     "not_a_regular_file", f"{rel} is a {_file_kind(st.st_mode)}, not a regular file"
+                )
+            if max_bytes is not None and st.st_size > max_bytes:
+                raise SkipRecord(
+                    "image_file_too_large", f"{rel}: {st.st_size} bytes > {max_bytes} (--max-image-bytes)"
                 )
             with open(p, "rb") as f:
                 data = f.read(st.st_size)

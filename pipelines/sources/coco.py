@@ -137,6 +137,7 @@ class CocoInstance:
 
     name = "coco_instance"
     task = "genseg"
+    path_roles = ("annotations", "images")
     splits = ("train", "val")
     version = 1
     eval_image_guard_splits = ("train",)  # RefCOCO/+/g eval images left out (pipelines/build/eval_guard.py)
@@ -208,6 +209,7 @@ class CocoPanoptic:
 
     name = "coco_panoptic"
     task = "genseg"
+    path_roles = ("annotations", "images", "panoptic")
     splits = ("train", "val")
     version = 1
     eval_image_guard_splits = ("train",)  # RefCOCO/+/g eval images left out (pipelines/build/eval_guard.py)
@@ -237,7 +239,9 @@ class CocoPanoptic:
         segments = _segments(ann, img["id"])
         png_name = ann.get("file_name") or os.path.splitext(img["file_name"])[0] + ".png"
         rel = relpath(ctx.files.dirs["panoptic"], png_name)
-        png = ctx.read_bytes(rel, missing_reason="missing_panoptic_png")
+        png = ctx.read_bytes(
+            rel, missing_reason="missing_panoptic_png", max_bytes=ctx.options.max_image_bytes
+        )
         id_map = read_panoptic_png(png, rel, ctx.options.max_image_pixels, "corrupt_panoptic_png")
         if id_map.shape != (h, w):
             raise SkipRecord(

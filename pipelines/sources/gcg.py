@@ -251,7 +251,7 @@ def gcg_conversation(rng, tagged: str, image_token: str) -> list[Turn]:
 def _image_hw(ctx: ConvertContext, rel: str, height: Any, width: Any) -> tuple[int, int]:
     """The annotation's size, or the image header's when the record has none (X-SAM opens the image too)."""
     if height is None or width is None:
-        data = ctx.read_bytes(rel, missing_reason="missing_image")
+        data = ctx.read_bytes(rel, missing_reason="missing_image", max_bytes=ctx.options.max_image_bytes)
         try:
             return image_size(data)
         except Exception as e:  # any undecodable header is the same bad input
@@ -493,6 +493,7 @@ def _list_key(prefix: str, i: int, file_name: Any) -> str:
 
 class _GcgBase:
     task = "gcgseg"
+    path_roles = ("annotations", "captions", "images")
     version = 1
     kind = "list"
     files: dict[str, str] = {}  # split -> annotation file name under annotations/train

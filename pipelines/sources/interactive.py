@@ -63,6 +63,7 @@ class CocoInteractive:
 
     name = "coco_interactive"
     task = "intseg"
+    path_roles = ("annotations", "images")
     splits = ("train", "val")
     version = 1
     eval_image_guard_splits = ("train",)  # COCO train2017 images: RefCOCO/+/g eval images left out

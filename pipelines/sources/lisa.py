@@ -117,6 +117,7 @@ class LisaReasonSeg:
 
     name = "lisa_reasonseg"
     task = "reaseg"
+    path_roles = ("images", "explanatory")
     splits = ("train", "val", "test")
     version = 2  # 2: train samples carry meta["explanation"]
 
@@ -192,7 +193,11 @@ class LisaReasonSeg:
         h, w = img.get("height"), img.get("width")
         if not (isinstance(h, int) and isinstance(w, int) and h > 0 and w > 0):
             try:  # not in the JSON: read it from the image header
-                h, w = image_size(ctx.read_bytes(path, missing_reason="missing_image"))
+                h, w = image_size(
+                    ctx.read_bytes(
+                        path, missing_reason="missing_image", max_bytes=ctx.options.max_image_bytes
+                    )
+                )
             except DECODER_ERRORS as e:
                 raise SkipRecord("corrupt_image", f"{img['file']}: {e}") from None
         h = validate.check_int(h, f"{img['file']} height", 1, validate.MAX_SIDE, "bad_image_size")

@@ -109,6 +109,7 @@ class _Llava:
     json_rel: str
     image_dirs: tuple[str, ...]  # under img_chat/llava/, first existing wins
     task = "chat"
+    path_roles = ("annotations", "images")
     splits = ("train",)
     version = 1
 
@@ -159,7 +160,7 @@ class _Llava:
         ref = None
         if image is not None:
             rel = f"{ctx.files.dirs['images']}/{image}"
-            data = ctx.read_bytes(rel, missing_reason="missing_image")
+            data = ctx.read_bytes(rel, missing_reason="missing_image", max_bytes=ctx.options.max_image_bytes)
             try:
                 h, w = image_size(data)
             except (OSError, ValueError, SyntaxError) as e:

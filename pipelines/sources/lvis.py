@@ -142,6 +142,7 @@ class Lvis:
     """LVIS v1 / v0.5 JSON + COCO images -> ovseg Samples, one per image (or per phrase-cap part)."""
 
     name = "lvis"
+    path_roles = ("annotations", "images", "images2014")
     task = "ovseg"
     splits = ("train", "val")
     version = 1

@@ -177,6 +177,7 @@ class ReferSource:
 
     task = "refseg"
     version = 1
+    path_roles = ("refs", "instances", "images", "image_naming")
 
     def __init__(
         self,

@@ -168,6 +168,7 @@ class CocoVgd:
 
     name = "coco_vgd"
     task = "vgdseg"
+    path_roles = ("annotations", "instances", "images")
     splits = ("train", *VAL_SPLITS)
     version = 2  # 2: train samples carry prompt_pool
     eval_image_guard_splits = ("train",)  # RefCOCO/+/g eval images left out (pipelines/build/eval_guard.py)

@@ -16,6 +16,8 @@ from orchestrate.checkpointing import (
     _checkpoint_url,
     loader_file,
     loader_state_for_rank,
+    marker_file,
+    marker_record,
 )
 from orchestrate.errors import RunSetupError
 from orchestrate.runner import RunArgs, elastic_workers, prepare
@@ -42,6 +44,13 @@ def _checkpoint(stage_dir, *, world: int, loader_workers: int, ranks=None, v2=Fa
     for rank in range(world) if ranks is None else ranks:
         state = _v2_state(rank) if v2 else _v1_state(rank, world, loader_workers)
         (ck / loader_file(rank)).write_text(json.dumps(state))
+    _mark_complete(ck, world)
+
+
+def _mark_complete(ck, world: int) -> None:
+    """Every rank's completion marker, as each writes it after its upload."""
+    for rank in range(world):
+        (ck / marker_file(rank)).write_text(json.dumps(marker_record(ck, rank, world)))
 
 
 def _prepare(train_shards, run_root, **kw):
@@ -121,6 +130,7 @@ def test_old_resume_key_with_the_whole_batch_still_resumes(train_shards, tmp_pat
     key = {k: v for k, v in state["resume_key"].items() if k != "global_batch"}
     key["batch"] = {"global_batch": 4, "micro_batch": 2, "grad_accum": 1, "world_size": 2}
     (ck / TRAIN_STATE).write_text(json.dumps({**state, "resume_key": key, "layout": {}}))
+    _mark_complete(ck, 2)  # as that run wrote it
     assert TrainState.from_dict(json.loads((ck / TRAIN_STATE).read_text())).saved_world_size() == 2
     assert _prepare(train_shards, tmp_path / "run").resume == "auto"
     with pytest.raises(RunSetupError, match=r"global_batch: 4 vs 8"):

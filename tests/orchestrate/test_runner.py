@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from orchestrate import summary, train
-from orchestrate.checkpointing import TRAIN_STATE, TrainState
+from orchestrate.checkpointing import TRAIN_STATE, TrainState, marker_file, marker_record
 from orchestrate.errors import RunSetupError
 from orchestrate.runner import RunArgs, prepare
 from orchestrate.stages import StageConfig, debug, stage1
@@ -141,6 +141,7 @@ def _fake_checkpoint(stage_dir, cfg, step=2):
     ck = stage_dir / "checkpoint_2026-01-01_00-00-00.000000"
     ck.mkdir(parents=True)
     (ck / TRAIN_STATE).write_text(json.dumps(TrainState(step=step, resume_key=cfg.resume_key()).__dict__))
+    (ck / marker_file(0)).write_text(json.dumps(marker_record(ck, 0, 1)))  # a complete checkpoint
 
 
 def test_resume_checks(train_shards, tmp_path):

@@ -14,7 +14,7 @@ from PIL import Image
 from pipelines import masks
 from pipelines.build.driver import build
 from pipelines.demo_data import write_demo
-from pipelines.errors import StrictModeError
+from pipelines.errors import BuildConfigError, StrictModeError
 from pipelines.schema import validate
 from pipelines.sources.base import BuildOptions
 from pipelines.sources.readers.jsonstream import MalformedJSON
@@ -252,6 +252,30 @@ def test_missing_named_source_is_a_configuration_error(tmp_path):
         build(str(tmp_path / "datas"), str(tmp_path / "out"), sources=["coco_panoptix"])
     with pytest.raises(BuildConfigError, match=r"--path names unknown source\(s\) \['coco_panoptix'\]"):
         build(str(tmp_path / "datas"), str(tmp_path / "out"), overrides={"coco_panoptix": {"images": "x"}})
+
+
+def test_an_unknown_path_role_of_a_known_source_is_refused_listing_its_roles(tmp_path):
+    (tmp_path / "datas").mkdir()
+    with pytest.raises(
+        BuildConfigError,
+        match=r"--path coco_panoptic\.annotation=…: coco_panoptic has no input role 'annotation'; "
+        r"its roles: annotations, images, panoptic$",
+    ):  # a typo used to be ignored: the default annotation file was read instead
+        build(
+            str(tmp_path / "datas"), str(tmp_path / "out"), overrides={"coco_panoptic": {"annotation": "x"}}
+        )
+
+
+def test_every_source_declares_the_path_roles_its_locate_reads():
+    import inspect
+
+    from pipelines.sources import SOURCES
+
+    for src in SOURCES.values():
+        assert src.path_roles and len(set(src.path_roles)) == len(src.path_roles), src.name
+        text = inspect.getsource(inspect.getmodule(type(src)))
+        missing = [r for r in src.path_roles if f'"{r}"' not in text]
+        assert not missing, f"{src.name}: roles {missing} are not read by its module"
 
 
 def test_image_bytes_png_images_are_kept_as_png(coco_root, tmp_path):

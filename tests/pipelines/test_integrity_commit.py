@@ -5,6 +5,7 @@ train.py refuse, in one line); a re-run re-reads a "complete" shard's sha256 and
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -45,13 +46,28 @@ def test_the_manifest_names_the_generation_and_the_mixture_pins_it(demo_root, tm
     m = Manifest.read(str(out), SOURCE, "train")
     d = json.loads((out / "mixture.json").read_text())["stages"]["1"]["datasets"][0]
     assert len(m.generation) == 16 and d["generation"] == m.generation
-    import hashlib
-
-    assert (
-        d["manifest_sha256"]
-        == hashlib.sha256((out / SOURCE / "train/manifest.json").read_bytes()).hexdigest()
-    )
+    assert d["split_sha256"] == m.content_sha256() and "manifest_sha256" not in d
     next(iter(_loader(out)))  # loads
+
+
+def test_two_identical_builds_write_a_byte_identical_mixture(demo_root, tmp_path):
+    """mixture.json pins what identifies each split (shards, counts, options, inputs' hashes), not the
+    manifest's bytes, which hold the build's wall time."""
+    for name in ("a", "b"):
+        driver.build(
+            str(demo_root), str(tmp_path / name), sources=[SOURCE], options=BuildOptions(samples_per_shard=4)
+        )
+    a, b = ((tmp_path / n / "mixture.json").read_bytes() for n in ("a", "b"))
+    manifests = [(tmp_path / n / SOURCE / "train/manifest.json").read_bytes() for n in ("a", "b")]
+    assert manifests[0] != manifests[1]  # their wall times differ ...
+    assert a == b  # ... and the mixtures do not
+    driver.build(
+        str(demo_root), str(tmp_path / "c"), sources=[SOURCE], options=BuildOptions(samples_per_shard=3)
+    )
+    assert (tmp_path / "c/mixture.json").read_bytes() != a  # other shards: another mixture
+    m = Manifest.read(str(tmp_path / "a"), SOURCE, "train")
+    changed = dataclasses.replace(m.shards[0], sha256="0" * 64)
+    assert dataclasses.replace(m, shards=(changed, *m.shards[1:])).content_sha256() != m.content_sha256()
 
 
 def test_a_killed_rebuild_with_changed_options_is_refused(demo_root, tmp_path, monkeypatch):
