@@ -231,12 +231,17 @@ class TrackingConfig:
     num_predictions: int = 4
     progress_every_s: float = 30.0
     """Seconds between the console's progress lines (rank 0; also at the first and the last step)."""
+    grad_norm_every: int = 50
+    """Every K optimizer steps: the gradient norm of each trained part, ``grad_norm/<group>``
+    (:mod:`orchestrate.grad_norms`; one extra all-reduce per parameter under ZeRO); 0 = never."""
 
     def __post_init__(self):
         if self.mode not in ("auto", "offline", "online", "disabled"):
             raise StageConfigError(
                 f"tracking mode must be auto, offline, online or disabled, got {self.mode!r}"
             )
+        if not isinstance(self.grad_norm_every, int) or self.grad_norm_every < 0:
+            raise StageConfigError(f"grad_norm_every must be an int >= 0, got {self.grad_norm_every!r}")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -429,7 +434,7 @@ def debug(cfg: StageConfig, *, steps: int = 6) -> StageConfig:
         schedule=dataclasses.replace(cfg.schedule, max_steps=steps),
         checkpoint=dataclasses.replace(cfg.checkpoint, every_steps=2, keep=2),
         tracking=dataclasses.replace(
-            cfg.tracking, mixture_every=2, predictions_every=steps, num_predictions=2
+            cfg.tracking, mixture_every=2, predictions_every=steps, num_predictions=2, grad_norm_every=2
         ),
     )
 
