@@ -126,10 +126,14 @@ def _rank(rank: int, world: int, port: int, out_dir: str) -> None:
     )
     dist.init_process_group("gloo", rank=rank, world_size=world)
     import deepspeed
+    import deepspeed.comm.comm as ds_comm
+    from deepspeed.utils import groups
 
     from orchestrate.deepspeed_compat import patch_deepspeed
 
     patch_deepspeed()  # no shared-memory comm op build on CPU
+    # a forked child inherits DeepSpeed's cached groups of an earlier test's (destroyed) one-rank group
+    ds_comm.cdb, groups._WORLD_GROUP, groups._DATA_PARALLEL_GROUP = None, None, None
     try:
         result = {}
         for zero in (0, 2):
