@@ -8,8 +8,8 @@ optimizer. It has no ``scheduler`` section: the schedule is the stage's one
 paper, or ``cosine``), run as a ``LambdaLR`` (:class:`StageLR`) that DeepSpeed builds on its optimizer, steps
 after every optimizer step and saves/restores with its checkpoints. A ``LambdaLR`` multiplies every parameter
 group's own base lr, so the stage's per-group lr multipliers hold throughout. Optimizer step ``t`` (0-based)
-runs at ``lr_group × lr_lambda(t)``, X-SAM's (mmengine's) curve, epochs converted with the mixture's steps
-per epoch.
+runs at ``lr_group × lr_lambda(t)``, X-SAM's (mmengine's) curve (:mod:`xsam_model.schedule`), epochs
+converted with the mixture's steps per epoch.
 
 On CPU (gloo) it runs fp32, no overlapped communication, and ``torch_adam`` so DeepSpeed does not compile
 its fused Adam op (about 45 s on a 2-core box). On GPUs: bf16 and torch's fused AdamW kernel.
@@ -92,11 +92,13 @@ class StageLR(torch.optim.lr_scheduler.LambdaLR):
 
 
 def lr_scheduler(
-    cfg: StageConfig, *, total_steps: int, steps_per_epoch: float
+    cfg: StageConfig, *, total_steps: int, steps_per_epoch: int
 ) -> Callable[[torch.optim.Optimizer], StageLR]:
-    """``optimizer -> StageLR`` of ``cfg.schedule.lr`` over ``total_steps`` optimizer steps, epoch milestones
-    at ``steps_per_epoch`` steps each; the form ``deepspeed.initialize(lr_scheduler=...)`` takes."""
-    fn = lr_lambda(cfg.schedule.lr, total_steps, steps_per_epoch)
+    """``optimizer -> StageLR`` of ``cfg.schedule.lr`` over ``total_steps`` optimizer steps, epochs converted at
+    ``steps_per_epoch`` steps each; the form ``deepspeed.initialize(lr_scheduler=...)`` takes. The horizon is
+    the stage's epochs (mmengine's ``end = max_epochs``), or the run itself when ``max_steps`` cuts it."""
+    epochs = cfg.schedule.epochs if cfg.schedule.max_steps is None else None
+    fn = lr_lambda(cfg.schedule.lr, total_steps, steps_per_epoch, epochs=epochs)
 
     def make(optimizer: torch.optim.Optimizer) -> StageLR:
         return StageLR(optimizer, fn)
@@ -110,7 +112,7 @@ def initialize(
     cfg: StageConfig,
     *,
     total_steps: int,
-    steps_per_epoch: float,
+    steps_per_epoch: int,
     use_gpu: bool,
     load_universal: bool = False,
 ) -> tuple[Any, StageLR, dict[str, Any]]:

@@ -96,10 +96,12 @@ class StageSchedule:
 
     epochs: float
     max_steps: int | None = None
-    """Stop after this many optimizer steps; None = epochs × the mixture's steps per epoch. The schedule keeps
-    its epoch milestones (a short run never reaches them) and its cosine spans the steps actually run."""
+    """Stop after this many optimizer steps; None = epochs × the mixture's steps per epoch. With it, the
+    schedule's horizon is the run (warm-up 3 % of it, the cosine spans the steps actually run) and the epoch
+    milestones stay (a short run never reaches them); without it, mmengine's epochs → iterations conversion."""
     lr: ScheduleConfig = field(default_factory=ScheduleConfig)
-    """Warm-up (3 % from 1e-5 × lr) then ``cosine`` to 0 (stages 2, 3) or ``multistep`` (stage 1, paper)."""
+    """Warm-up (3 % from 1e-5 × lr) then ``cosine`` to 0 (stages 2, 3) or ``multistep`` (stage 1, paper),
+    with mmengine's semantics (:mod:`xsam_model.schedule`)."""
 
     def __post_init__(self):
         if self.max_steps is not None and self.max_steps <= 0:
@@ -229,12 +231,17 @@ class TrackingConfig:
     num_predictions: int = 4
     progress_every_s: float = 30.0
     """Seconds between the console's progress lines (rank 0; also at the first and the last step)."""
+    grad_norm_every: int = 50
+    """Every K optimizer steps: the gradient norm of each trained part, ``grad_norm/<group>``
+    (:mod:`orchestrate.grad_norms`; one extra all-reduce per parameter under ZeRO); 0 = never."""
 
     def __post_init__(self):
         if self.mode not in ("auto", "offline", "online", "disabled"):
             raise StageConfigError(
                 f"tracking mode must be auto, offline, online or disabled, got {self.mode!r}"
             )
+        if not isinstance(self.grad_norm_every, int) or self.grad_norm_every < 0:
+            raise StageConfigError(f"grad_norm_every must be an int >= 0, got {self.grad_norm_every!r}")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -357,7 +364,8 @@ def stage2() -> StageConfig:
         data=DataConfig(mixture_stage=2, loader_workers=8, max_length=2319),
         batch=BatchConfig(global_batch=256, micro_batch=16, grad_accum=1, world_size=16),
         optim=OptimConfig(lr=1e-3, weight_decay=0.0, grad_clip=1.0),
-        schedule=StageSchedule(epochs=1, lr=ScheduleConfig(kind="cosine")),
+        # X-SAM: 4/GPU × accumulation 4, and mmengine steps the schedule every one of the 4 iterations
+        schedule=StageSchedule(epochs=1, lr=ScheduleConfig(kind="cosine", iters_per_step=4)),
         checkpoint=CheckpointPolicy(every_steps=2000, keep=2),
         parents=(
             # stage 2 does not run the decoder: the connector and the decoder wait for stage 3
@@ -426,7 +434,7 @@ def debug(cfg: StageConfig, *, steps: int = 6) -> StageConfig:
         schedule=dataclasses.replace(cfg.schedule, max_steps=steps),
         checkpoint=dataclasses.replace(cfg.checkpoint, every_steps=2, keep=2),
         tracking=dataclasses.replace(
-            cfg.tracking, mixture_every=2, predictions_every=steps, num_predictions=2
+            cfg.tracking, mixture_every=2, predictions_every=steps, num_predictions=2, grad_norm_every=2
         ),
     )
 

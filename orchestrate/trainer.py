@@ -195,6 +195,9 @@ class Trainer:
         self.loaded = self._load_parents(model)
         groups = optimizer_groups(model, cfg)
         self.group_names = [g["name"] for g in groups]
+        from orchestrate.grad_norms import GradNormProbe
+
+        self.grad_probe = GradNormProbe(model, cfg.stage, cfg.tracking.grad_norm_every)  # grad_norm/<group>
         # the stage's lr schedule (cfg.schedule.lr) as DeepSpeed's client scheduler, epochs in the plan's steps
         self.engine, self.scheduler, self.ds_config = initialize(
             model,
@@ -325,6 +328,7 @@ class Trainer:
                 _seed_micro_batch(cfg.data.seed, step, list(b.data["keys"]))
                 out = self.engine(batch, stage=cfg.stage)
                 self.engine.backward(out.loss)
+                self.grad_probe.after_backward(self.engine, step + 1)  # the step's gradient, before step()
                 self.engine.step()
                 vgd = {**(b.data.get("vgd_counts") or {}), **(b.data.get("reaseg_counts") or {})}
                 sums += torch.tensor(
@@ -387,6 +391,7 @@ class Trainer:
             **self.last_losses,
             **{f"lr/{n}": lr for n, lr in zip(self.group_names, self.scheduler.get_last_lr(), strict=True)},
             "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
+            **self.grad_probe.metrics(),
             "dropped_targets": int(red[1 + len(LOSS_KEYS)]),  # summed over ranks and micro-batches
             **{f"data/{k}": int(red[2 + len(LOSS_KEYS) + i]) for i, k in enumerate(COUNTERS)},
             "samples_per_s": cfg.batch.global_batch / step_time,

@@ -84,9 +84,24 @@ def siglip_hf_config(cfg: XSamConfig) -> SiglipVisionConfig:
     )
 
 
+SAM_INIT_STD = 0.02
+"""Std of a randomly built SAM encoder's linear and conv weights. X-SAM's vendored ``SamModel`` initialises its
+vision encoder with the top-level ``SamConfig.initializer_range`` (0.02); transformers' ``SamVisionConfig``
+defaults to 1e-10 (a value meant only to be overwritten by pretrained weights). At 1e-10 every activation of the
+encoder is ~1e-10 and each LayerNorm (eps 1e-6) scales its gradient up: the step-1 gradient norm of a random
+stage 1 was 1.3e10 (debug) and 1.7e11 (full width).
+
+What remains is X-SAM's own: at random init the patch-embedding bias and the position embedding are 0, so a
+padded (zero) pixel patch enters the first LayerNorm as a zero vector, whose gradient the norm scales by
+1/sqrt(eps) = 1e3. A random SAM's step-1 gradient is still ~1e3 × the other parts' (2.8e5 debug, 3.6e4 full
+width, against 1e1-1e2); pretrained SAM weights (every real run) have neither (docs/training.md, *The step-1
+gradient*)."""
+
+
 def sam_hf_config(cfg: XSamConfig) -> SamVisionConfig:
     c = cfg.sam
     return SamVisionConfig(
+        initializer_range=SAM_INIT_STD,
         hidden_size=c.hidden_size,
         num_hidden_layers=c.num_layers,
         num_attention_heads=c.num_heads,

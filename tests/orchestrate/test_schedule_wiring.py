@@ -90,33 +90,34 @@ def _one_worker(cfg):
     return with_world_size(cfg, 1, global_batch=cfg.batch.micro_batch)
 
 
-def _multistep(t: int, total: int, per_epoch: float) -> float:
-    """Stage 1 (paper): linear warm-up over 3 % of the steps from 1e-5, then × 0.1 at epochs 24 and 30."""
-    warm = round(0.03 * total)
+def _multistep(t: int, total: int, per_epoch: int) -> float:
+    """Stage 1 (paper), mmengine's way: linear warm-up from 1e-5 to 1 at W - 1, W = int(0.03 · 36 · per_epoch),
+    then × 0.1 at W + 24 and W + 30 epochs (milestones count from the warm-up's end)."""
+    warm = int(0.03 * 36 * per_epoch)
     if t < warm:
-        return 1e-5 + (1 - 1e-5) * t / warm
-    return 0.1 ** sum(t >= round(m * per_epoch) for m in (24, 30))
+        return 1e-5 if warm == 1 else 1e-5 + (1 - 1e-5) * t / (warm - 1)
+    return 0.1 ** sum(t >= warm + m * per_epoch for m in (24, 30))
 
 
 def _cosine(t: int, total: int) -> float:
-    """Stages 2, 3: the same warm-up, then a cosine to 0 over the remaining steps."""
-    warm = round(0.03 * total)
+    """Stages 2, 3 over a horizon of ``total`` steps: the same warm-up, then a cosine to 0 from W to ``total``."""
+    warm = int(0.03 * total)
     if t < warm:
-        return 1e-5 + (1 - 1e-5) * t / warm
+        return 1e-5 + (1 - 1e-5) * t / (warm - 1)
     return 0.5 * (1 + math.cos(math.pi * (t - warm) / (total - warm)))
 
 
 def test_stage1_multistep_runs_in_deepspeed_with_group_multipliers(one_rank):
     cfg = _one_worker(stage1())
     assert cfg.schedule.lr.kind == "multistep" and cfg.schedule.lr.milestones == (24.0, 30.0)
-    total, per_epoch = 108, 3  # 36 epochs of 3 steps: warm-up 3 steps, × 0.1 at steps 72 and 90
+    total, per_epoch = 108, 3  # 36 epochs of 3 steps: warm-up 3 steps, × 0.1 at steps 3 + 72 and 3 + 90
     engine, sched, (ma, mb) = _engine(cfg, total, per_epoch)
     assert (ma, mb) == (0.1, 1.0)  # SAM encoder × 0.1, connector × 1
     lrs = _run(engine, total)
-    for t in (0, 1, 2, 3, 50, 71, 72, 89, 90, 107):
+    for t in (0, 1, 2, 3, 50, 74, 75, 92, 93, 107):
         f = _multistep(t, total, per_epoch)
         assert lrs[t] == pytest.approx([cfg.optim.lr * ma * f, cfg.optim.lr * mb * f], rel=1e-9), t
-    assert lrs[72][1] == pytest.approx(0.1 * lrs[71][1]) and lrs[90][1] == pytest.approx(0.01 * lrs[71][1])
+    assert lrs[75][1] == pytest.approx(0.1 * lrs[74][1]) and lrs[93][1] == pytest.approx(0.01 * lrs[74][1])
     # Adam moved each parameter by the lr of every step it ran: the schedule reached the optimizer
     moved = [-float(p.detach().mean()) for p in (engine.module.a, engine.module.b)]
     assert moved == pytest.approx([sum(r[0] for r in lrs), sum(r[1] for r in lrs)], rel=1e-4)
@@ -126,7 +127,7 @@ def test_stage1_multistep_runs_in_deepspeed_with_group_multipliers(one_rank):
 def test_stage3_cosine_runs_in_deepspeed_with_group_multipliers(one_rank):
     cfg = _one_worker(stage3())
     assert cfg.schedule.lr.kind == "cosine"
-    total = 100  # warm-up 3 steps, cosine over 97
+    total = 100  # warm-up 3 steps (1e-5, 0.5, 1), cosine over 97
     engine, _, (ma, mb) = _engine(cfg, total, 100)
     assert (ma, mb) == (0.1, 1.0)  # SigLIP × 0.1, the LLM × 1
     lrs = _run(engine, total)
@@ -140,11 +141,11 @@ def test_a_resumed_engine_continues_the_schedule(one_rank, tmp_path):
     """DeepSpeed saves and restores the client scheduler with its checkpoint; the Trainer then re-applies
     the plan's lr (``StageLR.apply``), so a resume with a longer run follows the longer schedule."""
     cfg = _one_worker(stage1())
-    total, per_epoch = 36, 1  # warm-up 1 step, × 0.1 at steps 24 and 30
+    total, per_epoch = 36, 1  # warm-up 1 step, × 0.1 at steps 1 + 24 and 1 + 30
     first, _, _ = _engine(cfg, total, per_epoch)
     before = _run(first, 22)
     first.save_checkpoint(str(tmp_path), tag="ckpt")
-    straight = before + _run(first, 6)  # steps 22..27 without interruption: across the milestone at 24
+    straight = before + _run(first, 6)  # steps 22..27 without interruption: across the milestone at 25
 
     resumed, sched, (ma, mb) = _engine(cfg, total, per_epoch)
     resumed.load_checkpoint(str(tmp_path), tag="ckpt")
@@ -159,8 +160,9 @@ def test_a_resumed_engine_continues_the_schedule(one_rank, tmp_path):
         [-float(p.detach().mean()) for p in (first.module.a, first.module.b)], rel=1e-6
     )
 
-    # the checkpoint keeps the step, not the multiplier: a cosine of a longer run continues at its own value
-    cos = dataclasses.replace(cfg, schedule=stage3().schedule)
+    # the checkpoint keeps the step, not the multiplier: a cosine of a longer run (--max-steps) continues at
+    # its own value
+    cos = dataclasses.replace(cfg, schedule=dataclasses.replace(stage3().schedule, max_steps=2 * total))
     longer, sched, (ma, mb) = _engine(cos, 2 * total, per_epoch)
     longer.load_checkpoint(str(tmp_path), tag="ckpt")
     sched.apply()

@@ -16,6 +16,7 @@ from orchestrate.runner import RunArgs, default_callbacks, fit, prepare
 from orchestrate.summary import compare_runs, summarize
 from tests.orchestrate.faults import KillWorker
 from xsam_model import build_xsam, export_trainable
+from xsam_model.stages import STAGE_GROUPS
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.timeout(900)]  # a hung rendezvous fails, not CI
 
@@ -101,6 +102,14 @@ def test_three_stages_chain_through_their_exports(chain):
             math.isfinite(r["loss"]) and r["samples_per_s"] > 0 and 0 <= r["data_wait_share"] < 1
             for r in losses
         )
+        # every 2nd step (the debug grad_norm_every): the norm of each trained group, taken under ZeRO 2 at the
+        # accumulation boundary; together they are DeepSpeed's global norm
+        groups = [g for g, _ in STAGE_GROUPS[stage]]
+        for r in losses:
+            parts = [r[f"grad_norm/{g}"] for g in groups if f"grad_norm/{g}" in r]
+            assert len(parts) == (len(groups) if r["step"] % 2 == 0 else 0), (stage, r["step"])
+            if parts:
+                assert math.sqrt(sum(v * v for v in parts)) == pytest.approx(r["grad_norm"], rel=1e-4)
         # stage 1's unknown-category masks are counted in every step's record, never silently dropped
         assert all(isinstance(r["dropped_targets"], int) and r["dropped_targets"] >= 0 for r in losses)
         assert any("mixture/max_abs_gap" in r for r in rows)
