@@ -83,8 +83,7 @@ def overlays(run: InferenceRun, per_set: int) -> Iterator[tuple[str, np.ndarray]
 def _first_samples(job: SetJob, n: int, shard_store, storage) -> list:
     out: list = []
     for shard in job.evs.shards:
-        fs, path = storage.fs_and_path(job.evs.shard_path(shard))
-        for pair in shard_store.iter_shard_samples(fs, path):
+        for pair in gt.read_shard(job.evs, shard):  # verified, as scoring reads it
             out.append(pair)
             if len(out) >= n:
                 return out

@@ -356,7 +356,7 @@ def score_shard(
     scorer = SCORERS[evs.kind](evs, options)
     out = ShardResult(evs.name, scorer)
     with PredictionReader(pred_path) as reader:
-        for sample in gt.iter_shard_samples(evs.shard_path(shard)):
+        for sample in gt.iter_shard_samples(evs, shard):
             out.keys.append(sample.key)
             ref = refs.get(sample.key)
             if ref is None:
