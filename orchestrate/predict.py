@@ -64,12 +64,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     configure_logging(verbosity(args))
     from orchestrate.evaluation.inference import export_info, load_export
-    from orchestrate.evaluation.one_image import infer_task, predict
+    from orchestrate.evaluation.one_image import infer_task, predict, read_image
     from orchestrate.overlay import draw, labelled_masks
     from pipelines.errors import ImageDecodeError
     from pipelines.loader.decode import decode_image
 
-    image = Path(args.image).read_bytes()
+    image = read_image(args.image)
     try:
         pixels = decode_image(image)  # bad input fails here, before the model loads
     except ImageDecodeError as e:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -18,12 +17,11 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from orchestrate.evaluation import ground_truth as gt
+from orchestrate.evaluation.predictions import phrase_spans
 from orchestrate.tracking import same_size
 
 if TYPE_CHECKING:
     from orchestrate.evaluation.inference import InferenceRun, SetJob
-
-_SPAN = re.compile(r"<p>(.*?)</p>", re.DOTALL)
 
 
 def training_link(lineage: Mapping[str, Any]) -> dict[str, Any]:
@@ -42,7 +40,7 @@ def training_link(lineage: Mapping[str, Any]) -> dict[str, Any]:
 
 def entry_namer(evs: gt.EvalSet, sample, line: dict):
     """``name(field, entry)`` for :func:`orchestrate.overlay.labelled_masks` on one sample's line."""
-    spans = [s.strip() for s in _SPAN.findall(line.get("text") or "")]
+    spans = phrase_spans(line.get("text") or "")
 
     def name(field: str, entry: dict) -> str:
         if field in ("panoptic", "instances"):
