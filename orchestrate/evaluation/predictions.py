@@ -279,19 +279,18 @@ def rle_problem(counts: object, num_pixels: int) -> str | None:
         return "counts has a number too long for 32 bits"
     if (cnts < 0).any() or (cnts >= 2**32).any():
         return "counts decodes to a negative or oversized run"
-    if (cnts[1:] == 0).any():
-        return "counts has an empty run after the first (pycocotools never writes one)"
     if int(cnts.sum()) != num_pixels:
         return f"counts cover {int(cnts.sum())} pixels, the size says {num_pixels}"
     return None
 
 
 def max_counts_chars(num_pixels: int) -> int:
-    """The longest compressed RLE string of a mask of ``num_pixels`` pixels: every run after the first
-    covers at least one pixel, so there are at most ``num_pixels + 1`` runs, and each is written in at most
-    ``_MAX_GROUP`` characters (7 x 5 bits hold any 32-bit count). A longer string is refused from its length,
-    before anything is allocated for it."""
-    return _MAX_GROUP * (num_pixels + 1)
+    """The longest compressed RLE string of a mask of ``num_pixels`` pixels: every run but the first and the
+    last covers at least one pixel (pycocotools leaves a run empty only there: the first when the mask starts
+    with a 1, the last after some merges), so there are at most ``num_pixels + 2`` runs, each written in at
+    most ``_MAX_GROUP`` characters (7 x 5 bits hold any 32-bit count). A longer string would need an empty
+    run inside, and is refused from its length, before anything is allocated for it."""
+    return _MAX_GROUP * (num_pixels + 2)
 
 
 def phrase_spans(text: str) -> list[str]:
