@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -37,6 +38,8 @@ from pipelines.sources import SOURCES
 from pipelines.sources.base import SourceNotFound, relpath
 from pipelines.sources.readers.coco_index import RawAnns, iter_coco_records, read_categories, read_spans
 from pipelines.storage import join
+
+log = logging.getLogger(__name__)
 
 # which scorer a source's sets get (orchestrate/evaluation/scoring.py)
 SOURCE_KINDS = {
@@ -149,6 +152,8 @@ def open_set(shards: str, data_root: str, name: str) -> EvalSet:
         entries={s.file: s for s in manifest.shards},
         data_root=data_root,
     )
+    if any(s.index_sha256 is None for s in manifest.shards):
+        log.warning("%s: built before member indexes: its samples are not digest-checked; rebuild it", name)
     _add_originals(evs, manifest.inputs)
     return evs
 
