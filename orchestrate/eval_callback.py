@@ -81,13 +81,12 @@ def _model_info(cfg, model=None):
 
 
 def _first_samples(evs, n: int) -> list:
-    """The first ``n`` (Sample, image bytes) of a set, in shard order."""
-    from pipelines import shard_store, storage
+    """The first ``n`` (Sample, image bytes) of a set, in shard order (verified as evaluation reads them)."""
+    from orchestrate.evaluation import ground_truth as gt
 
     out: list = []
     for shard in evs.shards:
-        fs, path = storage.fs_and_path(evs.shard_path(shard))
-        for pair in shard_store.iter_shard_samples(fs, path):
+        for pair in gt.read_shard(evs, shard):
             out.append(pair)
             if len(out) >= n:
                 return out

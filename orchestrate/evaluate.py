@@ -11,7 +11,9 @@
 ``--predictions`` would; its wandb run joins the training run's group and shows prediction overlays.
 
 Writes ``<out>/results.json`` (``{"<source>/<split>": {"<metric>": percent}}``), ``<out>/details.json`` and a
-wandb run (``job_type="eval"``, offline by default), and prints the table. Bad input (a predictions file
+wandb run (``job_type="eval"``, offline by default), and prints the table. ``--out`` is replaced whole when the
+run is complete (written beside it first, :mod:`orchestrate.evaluation.output`): a killed run leaves the
+previous output as it was. Bad input (a predictions file
 whose keys are not the sets', a malformed line, an unknown set, …) exits with code 2 and one line on stderr.
 The work itself is in :mod:`orchestrate.evaluation`.
 """
@@ -28,6 +30,7 @@ sys.path.insert(
 )  # run as a script from anywhere
 
 from orchestrate.evaluation import score_predictions  # noqa: E402
+from orchestrate.evaluation.output import staged_output  # noqa: E402
 from orchestrate.evaluation.report import format_table  # noqa: E402
 from pipelines.errors import run_cli  # noqa: E402
 from pipelines.logs import configure_logging  # noqa: E402
@@ -68,7 +71,7 @@ def add_inference_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--overlays", type=int, default=2, help="prediction overlays per set in wandb")
 
 
-def run_export(args: argparse.Namespace, sets: list[str] | None) -> dict:
+def run_export(args: argparse.Namespace, sets: list[str] | None, out: str) -> dict:
     from orchestrate.evaluation.inference import InferenceOptions, evaluate_export
 
     options = InferenceOptions(
@@ -85,7 +88,7 @@ def run_export(args: argparse.Namespace, sets: list[str] | None) -> dict:
         args.shards,
         args.data_root,
         sets,
-        args.out,
+        out,
         options,
         num_workers=args.num_workers,
         use_gpu=args.use_gpu,
@@ -99,18 +102,20 @@ def main(argv: list[str] | None = None) -> int:
     configure_logging(args.verbose - args.quiet)
     check_writable(args.out, "--out")  # a read-only or full --out: one line now, not after scoring everything
     sets = [s.strip() for s in args.sets.split(",") if s.strip()] if args.sets else None
-    if args.export:
-        return _print(run_export(args, sets), args.out)
-    results = score_predictions(
-        args.predictions,
-        args.shards,
-        args.data_root,
-        sets=sets,
-        out_dir=args.out,
-        num_workers=args.num_workers,
-        text_sim_model=args.text_sim_model,
-        wandb_mode=args.wandb_mode,
-    )
+    with staged_output(args.out, args.predictions) as (out, predictions):
+        if args.export:
+            results = run_export(args, sets, out)
+        else:
+            results = score_predictions(
+                predictions,
+                args.shards,
+                args.data_root,
+                sets=sets,
+                out_dir=out,
+                num_workers=args.num_workers,
+                text_sim_model=args.text_sim_model,
+                wandb_mode=args.wandb_mode,
+            )
     return _print(results, args.out)
 
 

@@ -659,6 +659,55 @@ class ShardReader:
         return out
 
 
+class VerificationError(ShardStoreError):
+    """A shard's bytes are not the ones its build recorded (a changed sample, a shard cut, grown or swapped,
+    a manifest whose counts disagree); the message names the shard and the sample."""
+
+
+def iter_verified_samples(
+    split_url: str,
+    entry: ShardEntry,
+    *,
+    storage_options: dict | None = None,
+    chunk: int = 64,
+) -> Iterator[tuple[Sample, bytes | None]]:
+    """``(Sample, image bytes or None)`` of one shard in key order, read through the checks the training
+    loader applies (:class:`ShardReader`): the member index's sha256 against the manifest's, its sample count
+    against the manifest's, the tar's size against both, each sample's sha256 as it is read. For readers
+    that must use every sample and nothing else (evaluation): the first sample that fails a check raises
+    :class:`VerificationError` naming the shard and the sample, where the loader counts a skip."""
+    reader = ShardReader(split_url, storage_options, 1, {"shards_indexed": 0, "bytes_read": 0})
+    where = reader.path(entry.file)
+    for lo in range(0, entry.samples, chunk):
+        hi = min(lo + chunk, entry.samples)
+        raws = reader.read(
+            entry.file, entry.samples, lo, hi, size=entry.bytes, index_sha256=entry.index_sha256
+        )
+        for j, raw in enumerate(raws, start=lo):
+            if raw.reason is not None:
+                sample = raw.key if raw.key is not None else f"sample {j} of {entry.samples}"
+                raise VerificationError(f"{where}: {sample}: {raw.reason}: {raw.detail}")
+            try:
+                sample = Sample.from_dict(json.loads(raw.json))
+            except (ValueError, TypeError, KeyError, RecursionError) as e:
+                raise VerificationError(
+                    f"{where}: {raw.key}: not a sample: {type(e).__name__}: {e}"
+                ) from None
+            if sample.key != raw.key:
+                raise VerificationError(f"{where}: {raw.key}: its JSON holds key {sample.key!r}")
+            yield sample, raw.image
+
+
+def check_counts(manifest: Manifest) -> None:
+    """The manifest's sample count is the sum of its shards' (else :class:`VerificationError`): a reader
+    of every shard then sees every sample the build wrote."""
+    listed = sum(int(s.samples) for s in manifest.shards)
+    if listed != manifest.samples:
+        raise VerificationError(
+            f"{manifest.url or manifest.name}: counts.samples is {manifest.samples}, its shards list {listed}"
+        )
+
+
 def _failed(error: str, reason: str) -> ShardIndex:
     """An index with no usable sample: every sample of the shard is skipped with ``reason``."""
     empty = np.zeros(0, dtype=np.int64)

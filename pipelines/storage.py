@@ -14,6 +14,7 @@ import json
 import os
 import time
 import uuid
+from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import IO, Any
 
@@ -164,3 +165,133 @@ class LineLog:
             self._file = None
         else:
             self.sync()
+
+
+# ---------------------------------------------------------------------------------------------- folder swaps
+STAGE_MARK = ".tmp-stage-"
+_COMPLETE = "COMPLETE"  # written into a staging folder once its new version is whole: it may be swapped in
+FAULT_ENV = "XSAM_FAULT_KILL_AT"  # tests: SIGKILL this process at the named point of a swap
+
+
+def fault_point(name: str) -> None:
+    """Kill this process (SIGKILL, as a node loss would) when ``$XSAM_FAULT_KILL_AT`` names ``name``: the
+    tests' way to stop a writer between two steps that must both happen."""
+    if os.environ.get(FAULT_ENV) == name:
+        import signal
+
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+@contextmanager
+def replaced_folder(path: str) -> Iterator[str]:
+    """Write a new version of the local folder ``path`` elsewhere, then swap it in whole::
+
+        with replaced_folder(out) as tmp:   # tmp: <parent>/.tmp-stage-<name>-<host>-<pid>-<hex>/<name>
+            write everything under tmp
+
+    Readers of ``path`` see the complete previous version until the swap, then the complete new one: the
+    swap is one ``renameat2(RENAME_EXCHANGE)`` (or one rename when ``path`` did not exist); where the file
+    system cannot exchange, ``path`` is moved aside and the new folder renamed in, and a writer killed between
+    the two renames is finished by the next one. Staging folders left by dead writers on this host are
+    cleaned (or finished) at start; on an error the staging folder is removed and ``path`` is untouched."""
+    path = os.path.abspath(path).rstrip("/")
+    parent, name = os.path.split(path)
+    os.makedirs(parent, exist_ok=True)
+    recover_staged(path)
+    top = os.path.join(parent, f"{STAGE_MARK}{name}-{_host()}-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    staged = os.path.join(top, name)
+    os.makedirs(staged)
+    try:
+        yield staged
+        open(os.path.join(top, _COMPLETE), "w").close()
+        fault_point("staged")
+        _swap_in(top, staged, path)
+    except BaseException:
+        import shutil
+
+        shutil.rmtree(top, ignore_errors=True)
+        raise
+
+
+def _swap_in(top: str, staged: str, path: str) -> None:
+    import shutil
+
+    if not os.path.lexists(path):
+        os.rename(staged, path)
+    elif not _exchange(staged, path):
+        os.rename(path, os.path.join(top, "previous"))
+        fault_point("moved_aside")
+        os.rename(staged, path)
+    fault_point("swapped")
+    shutil.rmtree(top)  # the previous version, now inside the staging folder
+
+
+def _exchange(a: str, b: str) -> bool:
+    """Atomically swap the paths ``a`` and ``b`` (Linux ``renameat2(RENAME_EXCHANGE)``); False where the
+    C library or the file system cannot."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    fn = getattr(libc, "renameat2", None)
+    if fn is None:
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    if fn(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (22, 38, 95):  # EINVAL, ENOSYS, EOPNOTSUPP: not supported here
+        return False
+    raise OSError(err, os.strerror(err), b)
+
+
+def recover_staged(path: str) -> list[str]:
+    """Deal with the staging folders of ``path`` whose writer (on this host) is gone: a complete one whose
+    swap was cut between its two renames is moved in (``path`` is missing then); every other one is removed.
+    Returns what was done, one line each (also logged)."""
+    import logging
+    import shutil
+
+    parent, name = os.path.split(os.path.abspath(path).rstrip("/"))
+    done = []
+    prefix = f"{STAGE_MARK}{name}-"
+    for entry in sorted(os.listdir(parent)) if os.path.isdir(parent) else []:
+        if not entry.startswith(prefix) or not _writer_gone(entry[len(prefix) :]):
+            continue
+        top = os.path.join(parent, entry)
+        staged = os.path.join(top, name)
+        if (
+            not os.path.lexists(path)
+            and os.path.exists(os.path.join(top, _COMPLETE))
+            and os.path.isdir(staged)
+        ):
+            os.rename(staged, path)
+            done.append(f"{path}: the complete new version a killed writer left in {top} moved in")
+        elif not os.path.lexists(path) and os.path.isdir(os.path.join(top, "previous")):
+            os.rename(os.path.join(top, "previous"), path)
+            done.append(f"{path}: the previous version moved back from {top}")
+        shutil.rmtree(top, ignore_errors=True)
+        done.append(f"removed {top} (left by a killed writer)")
+    for line in done:
+        logging.getLogger(__name__).warning(line)
+    return done
+
+
+def _host() -> str:
+    import socket
+
+    return socket.gethostname().replace("-", "_")
+
+
+def _writer_gone(tail: str) -> bool:
+    """Whether the writer named in a staging folder's ``<host>-<pid>-<hex>`` has exited (only this host's
+    writers can be known gone; another host's folder is left alone)."""
+    parts = tail.rsplit("-", 2)
+    if len(parts) != 3 or parts[0] != _host() or not parts[1].isdigit():
+        return False
+    try:
+        os.kill(int(parts[1]), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return int(parts[1]) == os.getpid()  # our own pid: an earlier writer in this process

@@ -4,7 +4,9 @@ METEOR and CIDEr are what X-SAM's ``COCOEvalCap`` subclass keeps of pycocoevalca
 models on first use, so it cannot run offline): both captions go through pycocoevalcap's PTB tokenizer, then
 ``Meteor`` (``meteor-1.5.jar``) and ``Cider`` score the whole set at once (CIDEr's n-gram weights are
 document frequencies over the set, so it is computed once, after every shard is in). The tokenizer and METEOR
-are Java programs; without ``java`` these two metrics are reported as not computed, with the reason.
+are Java programs; without ``java`` these two metrics are reported as not computed, with the reason. The
+tokenizer runs from a temporary folder (:func:`_ptb_tokenize`): pycocoevalcap's own wrapper writes its input
+file into the package's folder, which a read-only install (a container image, a shared site-packages) refuses.
 
 GCG recall compares phrases with a sentence embedding: the mean of a BERT-style model's last hidden states
 (GLaMM's ``bert-base-uncased`` recipe), loaded only from a local folder.
@@ -16,6 +18,8 @@ import functools
 import os
 import re
 import shutil
+import subprocess
+import tempfile
 from collections.abc import Callable, Sequence
 
 import numpy as np
@@ -44,18 +48,44 @@ def caption_scores(
     if shutil.which("java") is None:
         return {}, "java not found on PATH (pycocoevalcap's PTB tokenizer and METEOR are Java programs)"
     from pycocoevalcap.cider.cider import Cider
-    from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
 
-    tokenizer = PTBTokenizer()
     # one tokenizer line per caption: an empty caption would be an empty line, which the tokenizer's
     # output does not keep apart from its neighbours
-    refs = tokenizer.tokenize({i: [{"caption": _one_line(r)}] for i, r in enumerate(references)})
-    hyps = tokenizer.tokenize({i: [{"caption": _one_line(h)}] for i, h in enumerate(generated)})
-    if sorted(refs) != sorted(hyps) or len(refs) != len(references):
-        raise EvaluationError("pycocoevalcap's PTB tokenizer lost captions (its Java process failed?)")
+    refs = dict(enumerate([t] for t in _ptb_tokenize([_one_line(r) for r in references])))
+    hyps = dict(enumerate([t] for t in _ptb_tokenize([_one_line(h) for h in generated])))
     m, _ = _meteor().compute_score(refs, hyps)
     c, _ = Cider().compute_score(refs, hyps)
     return {"METEOR": 100 * float(m), "CIDEr": 100 * float(c)}, None
+
+
+def _ptb_tokenize(lines: Sequence[str]) -> list[str]:
+    """pycocoevalcap's PTB tokenization of one caption per line (its Stanford CoreNLP jar, lower-cased, its
+    punctuation list removed), with the input file in a temporary folder rather than the package's."""
+    from pycocoevalcap.tokenizer import ptbtokenizer as ptb
+
+    jar = os.path.join(os.path.dirname(os.path.abspath(ptb.__file__)), ptb.STANFORD_CORENLP_3_4_1_JAR)
+    with tempfile.TemporaryDirectory(prefix="xsam-ptb-") as tmp:
+        src = os.path.join(tmp, "captions.txt")
+        with open(src, "w", encoding="utf-8") as f:
+            f.write("\n".join(lines))
+        cmd = [
+            "java",
+            "-cp",
+            jar,
+            "edu.stanford.nlp.process.PTBTokenizer",
+            "-preserveLines",
+            "-lowerCase",
+            src,
+        ]
+        proc = subprocess.run(cmd, cwd=tmp, capture_output=True, check=False)
+    out = proc.stdout.decode("utf-8").split("\n")
+    if proc.returncode != 0 or len(out) < len(lines):
+        why = proc.stderr.decode("utf-8", "replace").strip().splitlines()[-1:] or [f"exit {proc.returncode}"]
+        raise EvaluationError(
+            f"pycocoevalcap's PTB tokenizer failed ({why[0]}): {len(out)} of {len(lines)} lines"
+        )
+    drop = set(ptb.PUNCTUATIONS)
+    return [" ".join(w for w in line.rstrip().split(" ") if w not in drop) for line in out[: len(lines)]]
 
 
 @functools.cache

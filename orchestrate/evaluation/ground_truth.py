@@ -2,7 +2,10 @@
 needs.
 
 A set is one built ``<source>/<split>``. Its samples (keys, image sizes, masks, phrases, turns) come from
-its shards, read here and nowhere else (:func:`iter_shard_samples`). Two COCO sets also read the files the
+its shards, read here and nowhere else (:func:`read_shard`), through the checks the training loader applies
+(:func:`pipelines.shard_store.iter_verified_samples`: the member index against the manifest, each sample's
+sha256, the manifest's counts): a changed byte, a cut or swapped shard or a missing sample stops scoring with
+one line naming the shard and the sample (docs/integrity.md). Two COCO sets also read the files the
 build read, under ``--data-root``, because a sample keeps only what training needs:
 
 * ``coco_panoptic``: a sample's ``ignore`` is the union of its crowd regions; PQ needs each crowd region's
@@ -20,6 +23,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -33,7 +37,9 @@ from pipelines.schema import SEG, Sample, SampleError
 from pipelines.sources import SOURCES
 from pipelines.sources.base import SourceNotFound, relpath
 from pipelines.sources.readers.coco_index import RawAnns, iter_coco_records, read_categories, read_spans
-from pipelines.storage import fs_and_path, join
+from pipelines.storage import join
+
+log = logging.getLogger(__name__)
 
 # which scorer a source's sets get (orchestrate/evaluation/scoring.py)
 SOURCE_KINDS = {
@@ -74,6 +80,7 @@ class EvalSet:
     folder: str  # the split's shard folder (path or URI)
     shards: list[str]  # shard file names, in manifest order
     num_samples: int
+    entries: dict[str, shard_store.ShardEntry] = field(default_factory=dict)  # file -> its manifest entry
     categories: dict[int, bool] | None = None  # category id -> isthing; None: the set has no vocabulary
     category_names: dict[int, str] = field(default_factory=dict)
     crowd: dict[str, tuple[str, list[tuple[int, int]]]] = field(
@@ -88,15 +95,24 @@ class EvalSet:
 
 
 # ------------------------------------------------------------------------------------------ shards
-def iter_shard_samples(path: str) -> Iterator[Sample]:
-    """The Samples of one shard in key order (through :mod:`pipelines.shard_store`, the project's one tar
-    reader; image bytes are dropped): the one place evaluation reads shards."""
-    fs, p = fs_and_path(path)
+def read_shard(evs: EvalSet, shard: str) -> Iterator[tuple[Sample, bytes | None]]:
+    """``(Sample, image bytes or None)`` of one shard of ``evs`` in key order, every sample verified against
+    what the build recorded; the one place evaluation reads shards."""
+    entry = evs.entries.get(shard)
+    if entry is None:
+        raise EvaluationError(f"{evs.shard_path(shard)}: not a shard of {evs.name}'s manifest")
     try:
-        for sample, _ in shard_store.iter_shard_samples(fs, p):
-            yield sample
-    except (shard_store.ShardStoreError, SampleError, ValueError, KeyError, OSError) as e:
-        raise EvaluationError(f"{path}: cannot read the shard: {e}") from None
+        yield from shard_store.iter_verified_samples(evs.folder, entry)
+    except shard_store.ShardStoreError as e:
+        raise EvaluationError(f"{e}; rebuild {evs.name} or restore its shards") from None
+    except (SampleError, ValueError, KeyError, OSError) as e:
+        raise EvaluationError(f"{evs.shard_path(shard)}: cannot read the shard: {e}") from None
+
+
+def iter_shard_samples(evs: EvalSet, shard: str) -> Iterator[Sample]:
+    """The Samples of one shard (image bytes dropped), verified as :func:`read_shard` reads them."""
+    for sample, _ in read_shard(evs, shard):
+        yield sample
 
 
 def built_sets(shards: str) -> list[str]:
@@ -117,6 +133,10 @@ def open_set(shards: str, data_root: str, name: str) -> EvalSet:
         raise EvaluationError(f"--sets: {name} was not built under {shards} (built: {built})") from None
     except shard_store.ShardStoreError as e:
         raise EvaluationError(f"--sets: {name}: {e}") from None
+    try:
+        shard_store.check_counts(manifest)
+    except shard_store.ShardStoreError as e:
+        raise EvaluationError(f"--sets: {name}: {e}") from None
     if source not in SOURCE_KINDS:
         reason = NOT_SCORED.get(source, "no metric is defined for this source")
         raise EvaluationError(f"--sets: {name} cannot be scored: {reason}")
@@ -129,8 +149,11 @@ def open_set(shards: str, data_root: str, name: str) -> EvalSet:
         folder=shard_store.split_dir(shards, source, split),
         shards=[s.file for s in manifest.shards],
         num_samples=manifest.samples,
+        entries={s.file: s for s in manifest.shards},
         data_root=data_root,
     )
+    if any(s.index_sha256 is None for s in manifest.shards):
+        log.warning("%s: built before member indexes: its samples are not digest-checked; rebuild it", name)
     _add_originals(evs, manifest.inputs)
     return evs
 

@@ -31,7 +31,6 @@ from typing import Any
 
 from orchestrate.evaluation import ground_truth as gt
 from orchestrate.evaluation.errors import EvaluationError, listing
-from pipelines import storage
 from pipelines.schema import IMAGE, Sample, Turn
 from xsam_model.export import Export, ExportError
 
@@ -238,13 +237,10 @@ class ShardPredictor:
         }
 
     def predict(self, job: SetJob, shard: str, limit: int | None = None) -> ShardLines:
-        from pipelines import shard_store
-
         t0 = time.perf_counter()
         out = ShardLines(job.evs.name, shard, [])
-        fs, path = storage.fs_and_path(job.evs.shard_path(shard))
         batch: list = []
-        for n, (sample, image) in enumerate(shard_store.iter_shard_samples(fs, path)):
+        for n, (sample, image) in enumerate(gt.read_shard(job.evs, shard)):
             if limit is not None and n >= limit:
                 break
             if image is None:
@@ -474,7 +470,7 @@ def score_subset(
 def _set_samples(evs: gt.EvalSet, wanted: set[str]) -> Iterator[Sample]:
     found = 0
     for shard in evs.shards:
-        for sample in gt.iter_shard_samples(evs.shard_path(shard)):
+        for sample in gt.iter_shard_samples(evs, shard):
             if sample.key in wanted:
                 found += 1
                 yield sample

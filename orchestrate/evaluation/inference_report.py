@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -18,12 +17,11 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from orchestrate.evaluation import ground_truth as gt
+from orchestrate.evaluation.predictions import phrase_spans
 from orchestrate.evaluation.wandb_helpers import resolve_mode, run_id, same_size, wandb_env
 
 if TYPE_CHECKING:
     from orchestrate.evaluation.inference import InferenceRun, SetJob
-
-_SPAN = re.compile(r"<p>(.*?)</p>", re.DOTALL)
 
 
 def training_link(lineage: Mapping[str, Any]) -> dict[str, Any]:
@@ -40,7 +38,7 @@ def training_link(lineage: Mapping[str, Any]) -> dict[str, Any]:
 
 def entry_namer(evs: gt.EvalSet, sample, line: dict):
     """``name(field, entry)`` for :func:`orchestrate.evaluation.overlay.labelled_masks` on one sample's line."""
-    spans = [s.strip() for s in _SPAN.findall(line.get("text") or "")]
+    spans = phrase_spans(line.get("text") or "")
 
     def name(field: str, entry: dict) -> str:
         if field in ("panoptic", "instances"):
@@ -81,8 +79,7 @@ def overlays(run: InferenceRun, per_set: int) -> Iterator[tuple[str, np.ndarray]
 def _first_samples(job: SetJob, n: int, shard_store, storage) -> list:
     out: list = []
     for shard in job.evs.shards:
-        fs, path = storage.fs_and_path(job.evs.shard_path(shard))
-        for pair in shard_store.iter_shard_samples(fs, path):
+        for pair in gt.read_shard(job.evs, shard):  # verified, as scoring reads it
             out.append(pair)
             if len(out) >= n:
                 return out

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from orchestrate.evaluation.errors import EvaluationError
+from orchestrate.evaluation.predictions import phrase_spans
 from pipelines import masks as mask_ops
 from pipelines.schema import IMAGE, REGION, ImageRef, Region, Sample, Turn
 
@@ -29,7 +30,6 @@ TASK_OUTPUT = {
     "intseg": "interactive",
 }
 """Every task whose answer has a ``<SEG>`` (chat has none)."""
-_SPAN = re.compile(r"<p>(.*?)</p>", re.DOTALL)
 
 
 @dataclass
@@ -52,7 +52,7 @@ def infer_task(prompt: str, task: str | None) -> str:
     regions = prompt.count(REGION)
     if regions:
         return "intseg" if regions == 1 else "vgdseg"
-    spans = len(_SPAN.findall(prompt))
+    spans = len(phrase_spans(prompt))
     return "genseg" if spans > 1 else "refseg" if spans == 1 else "gcgseg"
 
 
@@ -61,7 +61,7 @@ def _check_spans(prompt: str) -> list[str]:
     tags = re.findall(r"</?p>", prompt)
     if any(t != ("<p>" if i % 2 == 0 else "</p>") for i, t in enumerate(tags)) or len(tags) % 2:
         raise EvaluationError(f"--prompt: <p> and </p> must alternate without nesting, got {tags}")
-    return [s.strip() for s in _SPAN.findall(prompt)]
+    return phrase_spans(prompt)
 
 
 def box_mask(box: Sequence[float], hw: tuple[int, int]) -> np.ndarray:
@@ -131,7 +131,7 @@ def predict(
 
 
 def _names(line: dict, sample: Sample, kind: str) -> list[str]:
-    spans = [s.strip() for s in _SPAN.findall(line.get("text") or "")]
+    spans = phrase_spans(line.get("text") or "")
     names = []
     for e in line.get("panoptic", []) + line.get("instances", []):
         names.append(sample.phrases[e["category_id"]])

@@ -12,6 +12,11 @@ task does not use may be omitted. This module reads and checks what can be check
 the file is indexed once (key -> byte span, nothing else kept), a worker reads back only the lines it scores,
 and every RLE is validated in numpy before pycocotools sees it (a malformed compressed string would make
 its C decoder read or write out of bounds).
+
+Hostile files are refused in one line before they cost time or memory (docs/evaluation.md): the file must be
+a regular file (a FIFO or ``/dev/zero`` would block or never end), a line at most :data:`MAX_LINE_BYTES`, a
+``text`` at most :data:`MAX_TEXT_CHARS`, a line's JSON nested at most as deep as Python's parser recurses, and
+an RLE's ``counts`` at most :func:`max_counts_chars` of its size (checked from the length, before decoding).
 """
 
 from __future__ import annotations
@@ -19,6 +24,8 @@ from __future__ import annotations
 import functools
 import json
 import math
+import os
+import stat
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
@@ -28,6 +35,13 @@ from orchestrate.evaluation.errors import EvaluationError, listing, where
 
 FIELDS = ("key", "text", "panoptic", "instances", "masks")
 _MAX_GROUP = 7  # chars of one compressed count: 7 x 5 bits covers any uint32 count
+MAX_TEXT_CHARS = 65_536
+"""Longest ``text`` a prediction may hold. A generated answer is at most ``--max-new-tokens`` tokens (512 by
+default: a few KB of text), so 64 K characters leave room for any real answer while bounding what the caption
+cleaning, the ``<p>`` parse and the Java PTB tokenizer are given."""
+MAX_LINE_BYTES = 64 << 20
+"""Longest line of a predictions file (64 MiB): one image's prediction; 200 panoptic segments of a 4K image
+take a few MB. A line is read with this limit, so a file without newlines is refused, not read whole."""
 
 
 @dataclass(frozen=True)
@@ -59,13 +73,11 @@ def index_predictions(path: str) -> dict[str, PredRef]:
     refs: dict[str, PredRef] = {}
     duplicates: list[str] = []
     offset = 0
-    try:
-        f = open(path, "rb")
-    except OSError as e:
-        raise EvaluationError(f"{path}: cannot read the predictions file: {e.strerror}") from None
-    with f:
-        for n, raw in enumerate(f, start=1):
+    with open_regular(path, "the predictions file") as f:
+        for n, raw in enumerate(iter(lambda: f.readline(MAX_LINE_BYTES + 1), b""), start=1):
             length = len(raw)
+            if length > MAX_LINE_BYTES:
+                raise EvaluationError(f"{where(path, n)}: a line longer than {MAX_LINE_BYTES} bytes")
             if raw.strip():
                 key = _line_key(raw, path, n)
                 if key in refs:
@@ -78,10 +90,46 @@ def index_predictions(path: str) -> dict[str, PredRef]:
     return refs
 
 
+def open_regular(path: str, what: str, max_bytes: int | None = None):
+    """``path`` opened for binary reading when it is a regular file (at most ``max_bytes``), else an
+    :class:`EvaluationError` naming it: a FIFO would block the reader, a device such as ``/dev/zero`` never
+    ends. Opened without blocking, so a FIFO is refused rather than waited on."""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    except OSError as e:
+        raise EvaluationError(f"{path}: cannot read {what}: {e.strerror}") from None
+    st = os.fstat(fd)
+    problem = None
+    if not stat.S_ISREG(st.st_mode):
+        kind = (
+            "a FIFO"
+            if stat.S_ISFIFO(st.st_mode)
+            else "a device"
+            if stat.S_ISCHR(st.st_mode)
+            else "not a file"
+        )
+        problem = f"{what} must be a regular file, this is {kind}"
+    elif max_bytes is not None and st.st_size > max_bytes:
+        problem = f"{what} is {st.st_size} bytes, more than the limit of {max_bytes}"
+    if problem:
+        os.close(fd)
+        raise EvaluationError(f"{path}: {problem}")
+    os.set_blocking(fd, True)
+    return os.fdopen(fd, "rb")
+
+
+def load_line(raw: bytes) -> object:
+    """``json.loads`` whose too-deep nesting is a ``ValueError`` like any other malformed line."""
+    try:
+        return json.loads(raw)
+    except RecursionError:
+        raise ValueError("nested too deeply") from None
+
+
 def _line_key(raw: bytes, path: str, n: int) -> str:
     try:
-        obj = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        obj = load_line(raw)
+    except (ValueError, UnicodeDecodeError) as e:
         cut = "" if raw.endswith(b"\n") else " (truncated last line?)"
         raise EvaluationError(
             f"{where(path, n)}: not valid JSON{cut}: {e.msg if hasattr(e, 'msg') else e}"
@@ -99,7 +147,7 @@ class PredictionReader:
 
     def __init__(self, path: str):
         self.path = path
-        self._f = open(path, "rb")
+        self._f = open_regular(path, "the predictions file")
 
     def read(self, ref: PredRef) -> Prediction:
         self._f.seek(ref.offset)
@@ -107,8 +155,8 @@ class PredictionReader:
         if len(raw) != ref.length:
             raise EvaluationError(f"{where(self.path, ref.line)}: the file changed while it was scored")
         try:
-            obj = json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError):
+            obj = load_line(raw)
+        except (ValueError, UnicodeDecodeError):
             raise EvaluationError(
                 f"{where(self.path, ref.line)}: the file changed while it was scored"
             ) from None
@@ -143,6 +191,8 @@ def parse_prediction(obj: dict, path: str, line: int) -> Prediction:
     text = obj.get("text")
     if text is not None and not isinstance(text, str):
         raise EvaluationError(f"{loc}: 'text' must be a string or null, got {type(text).__name__}")
+    if text is not None and len(text) > MAX_TEXT_CHARS:
+        raise EvaluationError(f"{loc}: 'text' has {len(text)} characters, more than {MAX_TEXT_CHARS}")
     pred.text = text
     if "panoptic" in obj:
         pred.panoptic = [
@@ -198,7 +248,7 @@ def _rle(entry: dict, loc: str, what: str) -> dict:
         or not all(isinstance(v, int) and not isinstance(v, bool) and 0 < v < 2**16 for v in size)
     ):
         raise EvaluationError(f"{loc}: {what}.rle.size must be [h, w] (positive ints), got {size!r}")
-    problem = rle_problem(rle["counts"], size[0] * size[1])
+    problem = rle_problem(rle["counts"], size[0] * size[1])  # from its length first, then decoded
     if problem:
         raise EvaluationError(f"{loc}: {what}.rle: {problem}")
     return rle
@@ -215,6 +265,8 @@ def rle_problem(counts: object, num_pixels: int) -> str | None:
         return "counts must be a compressed RLE string (uncompressed lists are not accepted)"
     if not counts:
         return "empty counts"
+    if len(counts) > max_counts_chars(num_pixels):
+        return f"counts has {len(counts)} characters, more than an RLE of {num_pixels} pixels can have"
     if not counts.isascii():
         return "counts has non-ASCII characters"
     c = np.frombuffer(counts.encode("ascii"), np.uint8)
@@ -230,6 +282,30 @@ def rle_problem(counts: object, num_pixels: int) -> str | None:
     if int(cnts.sum()) != num_pixels:
         return f"counts cover {int(cnts.sum())} pixels, the size says {num_pixels}"
     return None
+
+
+def max_counts_chars(num_pixels: int) -> int:
+    """The longest compressed RLE string of a mask of ``num_pixels`` pixels: every run but the first and the
+    last covers at least one pixel (pycocotools leaves a run empty only there: the first when the mask starts
+    with a 1, the last after some merges), so there are at most ``num_pixels + 2`` runs, each written in at
+    most ``_MAX_GROUP`` characters (7 x 5 bits hold any 32-bit count). A longer string would need an empty
+    run inside, and is refused from its length, before anything is allocated for it."""
+    return _MAX_GROUP * (num_pixels + 2)
+
+
+def phrase_spans(text: str) -> list[str]:
+    """The phrases between ``<p>`` and ``</p>`` (stripped), as ``re.findall(r"<p>(.*?)</p>", text,
+    re.DOTALL)`` finds them, in one forward scan: each search starts where the previous one ended, so the
+    time is linear in ``len(text)`` (the regex retries every ``<p>`` to the end of the text: quadratic when
+    ``</p>`` is missing)."""
+    out, pos = [], 0
+    while (start := text.find("<p>", pos)) >= 0:
+        end = text.find("</p>", start + 3)
+        if end < 0:  # no later <p> can be closed either
+            break
+        out.append(text[start + 3 : end].strip())
+        pos = end + 4
+    return out
 
 
 @functools.lru_cache(maxsize=512)  # about one image's GT + predicted RLEs, a few MB at most

@@ -10,7 +10,6 @@ that wants to score what it just wrote.
 from __future__ import annotations
 
 import logging
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -32,11 +31,10 @@ from orchestrate.evaluation.metrics import (
     rle_area,
     rle_union,
 )
-from orchestrate.evaluation.predictions import Prediction, PredictionReader
+from orchestrate.evaluation.predictions import Prediction, PredictionReader, phrase_spans
 from pipelines.schema import Sample
 
 log = logging.getLogger(__name__)
-_SPAN = re.compile(r"<p>(.*?)</p>", re.DOTALL)
 
 
 @dataclass(frozen=True)
@@ -278,7 +276,7 @@ class GcgScorer(_Scorer):
     def add(self, evs, sample, pred, path):
         ck = _Checker(path, pred, sample)
         text = pred.text or ""
-        spans = [s.strip() for s in _SPAN.findall(text)]
+        spans = phrase_spans(text)
         masks = [
             (ck.rle(r, f"masks[{i}]"), ck.label(lb, len(spans), f"masks[{i}]", "<p> spans in 'text'"))
             for i, (r, lb) in enumerate(ck.need("masks", evs.name))
@@ -356,7 +354,7 @@ def score_shard(
     scorer = SCORERS[evs.kind](evs, options)
     out = ShardResult(evs.name, scorer)
     with PredictionReader(pred_path) as reader:
-        for sample in gt.iter_shard_samples(evs.shard_path(shard)):
+        for sample in gt.iter_shard_samples(evs, shard):
             out.keys.append(sample.key)
             ref = refs.get(sample.key)
             if ref is None:

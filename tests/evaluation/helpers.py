@@ -34,9 +34,7 @@ def perfect_line(evs: gt.EvalSet, sample: Sample) -> dict:
 
 def set_lines(shards: Path, data_root: Path, name: str) -> list[dict]:
     evs = gt.open_set(str(shards), str(data_root), name)
-    return [
-        perfect_line(evs, s) for shard in evs.shards for s in gt.iter_shard_samples(evs.shard_path(shard))
-    ]
+    return [perfect_line(evs, s) for shard in evs.shards for s in gt.iter_shard_samples(evs, shard)]
 
 
 def write_jsonl(path: Path, lines: Iterable[dict]) -> Path:

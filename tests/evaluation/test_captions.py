@@ -124,3 +124,71 @@ def test_every_demo_gcg_set_scores_meteor_100_on_its_ground_truth(demo_val, perf
     for name, r in results.items():
         assert r["METEOR"] == pytest.approx(100.0) and r["AP50"] == 100.0 and r["mIoU"] == 100.0, name
         assert r["CIDEr"] >= 0.0  # CIDEr's weights come from the set: a perfect caption is not a fixed value
+
+
+def _without_write_access():
+    """``preexec_fn`` of a child that must not write where the file modes forbid it: root overrides modes
+    (CAP_DAC_OVERRIDE), so the child drops that and its kin from its capability bounding set before exec."""
+    import ctypes
+    import os
+
+    if os.geteuid() != 0:
+        return
+    libc = ctypes.CDLL(None, use_errno=True)
+    for cap in (1, 2, 3):  # CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH, CAP_FOWNER
+        if libc.prctl(24, cap, 0, 0, 0) != 0:  # PR_CAPBSET_DROP
+            raise OSError(ctypes.get_errno(), "prctl(PR_CAPBSET_DROP)")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("java") is None, reason="pycocoevalcap needs Java")
+def test_meteor_and_cider_run_from_a_read_only_install(tmp_path):
+    """pycocoevalcap copied into a read-only folder (its jars and data linked), first on ``sys.path`` of a
+    child that cannot write there: caption_scores still gives METEOR and CIDEr (the PTB tokenizer used to
+    write its input file into the package folder)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import pycocoevalcap
+
+    src = Path(list(pycocoevalcap.__path__)[0])  # a namespace package: no __init__.py
+    site = tmp_path / "site"
+    pkg = site / "pycocoevalcap"
+    shutil.copytree(src, pkg, ignore=shutil.ignore_patterns("__pycache__", "*.jar", "*.gz"))
+    for big in [*src.rglob("*.jar"), *src.rglob("*.gz")]:
+        os.symlink(big, pkg / big.relative_to(src))
+    for d in [site, *(p for p in site.rglob("*") if p.is_dir())]:
+        d.chmod(0o555)
+    root = Path(__file__).resolve().parents[2]
+    code = (
+        "import os, sys\n"
+        "from pycocoevalcap.meteor import meteor\n"
+        "from pycocoevalcap.tokenizer import ptbtokenizer as ptb\n"
+        f"assert ptb.__file__.startswith({str(site)!r}) and meteor.__file__.startswith({str(site)!r})\n"
+        "try:\n"
+        "    open(os.path.join(os.path.dirname(ptb.__file__), 'probe'), 'w')\n"
+        "    sys.exit('the copy is writable: the test would prove nothing')\n"
+        "except PermissionError:\n"
+        "    pass\n"
+        "from orchestrate.evaluation.captions import caption_scores, close\n"
+        "scores, why = caption_scores(['a man rides a horse.'], ['a man rides a horse.'])\n"
+        "close()\n"
+        "print(why, round(scores['METEOR'], 6))\n"
+    )
+    env = {**os.environ, "PYTHONPATH": f"{site}{os.pathsep}{root}", "PYTHONDONTWRITEBYTECODE": "1"}
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-c", code],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=600,
+            preexec_fn=_without_write_access,
+        )
+    finally:
+        for d in [site, *(p for p in site.rglob("*") if p.is_dir())]:
+            d.chmod(0o755)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.split() == ["None", "100.0"]

@@ -180,4 +180,4 @@ def test_predict_writes_png_and_json(demo_val, export3, tmp_path, capsys):
     )
     assert run_cli(predict.main, [*args, "--prompt", "hello", "--task", "chat"]) == 2
     errors = capsys.readouterr().err.strip().splitlines()
-    assert "not a decodable JPEG or PNG" in errors[0] and "no <SEG>-producing task" in errors[1]
+    assert "neither JPEG nor PNG data" in errors[0] and "no <SEG>-producing task" in errors[1]

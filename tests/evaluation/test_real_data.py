@@ -60,7 +60,7 @@ def test_real_panoptic_ground_truth_scores_100_and_crowd_rules_apply(real_panopt
     assert all(v == 100.0 for v in result.values()), result
     # a predicted person segment exactly on the person crowd region: ignored, not a false positive
     key = f"{name}/000000142238"
-    sample = next(s for sh in evs.shards for s in gt.iter_shard_samples(evs.shard_path(sh)) if s.key == key)
+    sample = next(s for sh in evs.shards for s in gt.iter_shard_samples(evs, sh) if s.key == key)
     region = gt.crowd_regions(evs, key, (sample.image.height, sample.image.width))[1]
     on_crowd = copy.deepcopy(lines)
     line = next(x for x in on_crowd if x["key"] == key)
@@ -98,9 +98,7 @@ def test_real_instances_ap_equals_cocoeval_on_the_original_file(real_data, tmp_p
                 inst["category_id"] = 2
     got = score_predictions(str(write_jsonl(tmp_path / "q.jsonl", lines)), str(shards), str(datas))[name]
     evs = gt.open_set(str(shards), str(datas), name)
-    key_to_id = {
-        s.key: s.meta["image_id"] for sh in evs.shards for s in gt.iter_shard_samples(evs.shard_path(sh))
-    }
+    key_to_id = {s.key: s.meta["image_id"] for sh in evs.shards for s in gt.iter_shard_samples(evs, sh)}
     dets = [
         {
             "image_id": key_to_id[x["key"]],
