@@ -19,10 +19,10 @@ sys.path.insert(
 )  # run as a script from anywhere
 
 from pipelines.build.driver import build, format_table  # noqa: E402
-from pipelines.build.options import BuildOptions, SourceOptions  # noqa: E402
+from pipelines.build_options import BuildOptions, SourceOptions  # noqa: E402
 from pipelines.errors import BuildConfigError, run_cli  # noqa: E402
-from pipelines.loader.mixture import mixture_path  # noqa: E402
 from pipelines.logs import add_verbosity_flags, configure_logging, verbosity  # noqa: E402
+from pipelines.mixture_file import mixture_path  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

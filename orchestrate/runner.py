@@ -172,9 +172,9 @@ def build_config(a: RunArgs):
 
 
 def check_data(shards: str, mixture_url: str, mixture_stage: int):
-    """The stage's :class:`~pipelines.loader.mixture.StageMixture`, after checking that its shards exist."""
-    from pipelines.loader.mixture import MixtureError, check_generations
-    from pipelines.loader.mixture import load as load_mixture
+    """The stage's :class:`~pipelines.mixture_file.StageMixture`, after checking that its shards exist."""
+    from pipelines.mixture_file import MixtureError, check_generations
+    from pipelines.mixture_file import load as load_mixture
 
     fs, root = storage.fs_and_path(shards)
     if not fs.isdir(root):

@@ -222,8 +222,8 @@ class Trainer:
         return exports.load_parent_weights(model, load_plan, parents)
 
     def _build_loader(self) -> None:
-        from pipelines.loader.mixture import load as load_mixture
         from pipelines.loader.stream import MixtureLoader
+        from pipelines.mixture_file import load as load_mixture
 
         cfg, plan = self.cfg, self.plan
         self.stage_mixture = load_mixture(plan.mixture).stage(cfg.data.mixture_stage)

@@ -22,7 +22,7 @@ from pipelines import storage
 from pipelines.build import eval_guard, mixture, shards
 from pipelines.build.chunks import Chunk, spill
 from pipelines.build.lock import build_lock
-from pipelines.build.options import BuildOptions
+from pipelines.build_options import BuildOptions
 from pipelines.errors import BuildConfigError, BuildError, Skip, SourceNotFound
 from pipelines.logs import Progress, quiet_third_party_warnings
 from pipelines.sources import SOURCES

@@ -20,7 +20,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, replace
 
 from pipelines import storage
-from pipelines.build.options import BuildOptions
+from pipelines.build_options import BuildOptions
 from pipelines.errors import BuildConfigError, Skip
 from pipelines.sources.base import Shared, SourceFiles
 from pipelines.sources.readers.coco_index import image_sort_id

@@ -29,7 +29,8 @@ from collections.abc import Mapping, Sequence
 
 from pipelines import storage
 from pipelines.errors import OutputError, run_cli
-from pipelines.loader.mixture import (
+from pipelines.logs import add_verbosity_flags, configure_logging, verbosity
+from pipelines.mixture_file import (
     EXCLUDE_FLAGS,
     MIXTURE_FILE,
     DatasetWeight,
@@ -39,7 +40,6 @@ from pipelines.loader.mixture import (
     StageMixture,
     mixture_path,
 )
-from pipelines.logs import add_verbosity_flags, configure_logging, verbosity
 from pipelines.shard_store import Manifest, MissingManifestError, list_manifests
 
 logger = logging.getLogger(__name__)

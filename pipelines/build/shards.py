@@ -30,8 +30,8 @@ from dataclasses import dataclass, field
 
 from pipelines import storage
 from pipelines.build.chunks import Chunk, read_chunk
-from pipelines.build.images import load_image
-from pipelines.build.options import BuildOptions
+from pipelines.build.image_check import load_image
+from pipelines.build_options import BuildOptions
 from pipelines.errors import BuildConfigError, SampleError, Skip, SkipRecord
 from pipelines.schema import SCHEMA_VERSION, to_wds
 from pipelines.shard_store import (

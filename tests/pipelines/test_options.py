@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from pipelines.build.options import BuildOptions, ErrorPolicy, SourceOptions, parse_bool
+from pipelines.build.options import ErrorPolicy
+from pipelines.build_options import BuildOptions, SourceOptions, parse_bool
 from pipelines.errors import BuildConfigError, LoaderError, Skip, StrictModeError
 
 # BuildOptions().to_dict() at d76ba1d, written out: it feeds every manifest and resume fingerprint, so the
