@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass, field
 
 from pipelines import storage
 from pipelines.errors import MixtureError
+from pipelines.shard_store import Manifest, MissingManifestError
 
 MIXTURE_FILE = "mixture.json"
 MIXTURE_VERSION = 1
@@ -174,8 +175,6 @@ def check_generations(shards: str, stage: StageMixture) -> None:
     """Every dataset's manifest under ``shards`` still commits the build generation ``mixture.json`` was
     computed from; else :class:`MixtureError` in one line: which split, what changed, how to fix it.
     Datasets of mixtures written before generations existed are not checked."""
-    from pipelines.shard_store import Manifest, MissingManifestError
-
     for d in stage.datasets:
         if d.generation is None:
             continue

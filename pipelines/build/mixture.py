@@ -41,6 +41,7 @@ from pipelines.mixture_file import (
     mixture_path,
 )
 from pipelines.shard_store import Manifest, MissingManifestError, list_manifests
+from pipelines.sources import SOURCES
 
 logger = logging.getLogger(__name__)
 
@@ -208,8 +209,6 @@ def compute(
         warnings.warn("mixture.compute(log=...) is ignored: it logs through logging", DeprecationWarning, 2)
     stages = {k: list(v) for k, v in (stages or STAGE_DATASETS).items()}
     if stage3_extra:
-        from pipelines.sources import SOURCES
-
         known = set(SOURCES) | set(CONTRACT_SOURCES)
         unknown = [s for s in stage3_extra if s not in known]
         if unknown:

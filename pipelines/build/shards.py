@@ -49,6 +49,8 @@ from pipelines.shard_store import (
 )
 from pipelines.sources.base import ConvertContext, SourceFiles
 
+# Heavy imports (webdataset) are deferred into the shard writer: it imports torch, the driver needs none.
+
 TAR_MTIME = 0.0
 
 
