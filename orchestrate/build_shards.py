@@ -18,6 +18,8 @@ sys.path.insert(
     0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 )  # run as a script from anywhere
 
+import ray
+
 from pipelines.build.driver import build, format_table  # noqa: E402
 from pipelines.build_options import BuildOptions, SourceOptions  # noqa: E402
 from pipelines.errors import BuildConfigError, run_cli  # noqa: E402
@@ -99,8 +101,6 @@ def main(argv: list[str] | None = None) -> int:
     configure_logging(verbosity(args))
     options = options_from(args)  # checked before Ray starts: a bad option fails in a second
     overrides = parse_overrides(args.path)
-    import ray
-
     ray.init(
         address=os.environ.get("RAY_ADDRESS"),
         num_cpus=None if os.environ.get("RAY_ADDRESS") else args.num_workers,

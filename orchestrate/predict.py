@@ -24,8 +24,17 @@ from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run as a script
 
+from PIL import Image
+
 from orchestrate.evaluation.errors import EvaluationError  # noqa: E402
-from pipelines.errors import run_cli  # noqa: E402
+from orchestrate.evaluation.inference import export_info, load_export
+from orchestrate.evaluation.one_image import infer_task, predict
+from orchestrate.overlay import draw, labelled_masks
+from pipelines.errors import (
+    ImageDecodeError,
+    run_cli,  # noqa: E402
+)
+from pipelines.loader.decode import decode_image
 from pipelines.logs import add_verbosity_flags, configure_logging, verbosity  # noqa: E402
 
 
@@ -63,12 +72,6 @@ def _boxes(values: list[str]) -> list[tuple[float, ...]]:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     configure_logging(verbosity(args))
-    from orchestrate.evaluation.inference import export_info, load_export
-    from orchestrate.evaluation.one_image import infer_task, predict
-    from orchestrate.overlay import draw, labelled_masks
-    from pipelines.errors import ImageDecodeError
-    from pipelines.loader.decode import decode_image
-
     image = Path(args.image).read_bytes()
     try:
         pixels = decode_image(image)  # bad input fails here, before the model loads
@@ -88,7 +91,6 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     stem = Path(args.image).stem
-    from PIL import Image
 
     Image.fromarray(draw(pixels, masks, pred.line.get("text"))).save(out / f"{stem}.png")
     record = {

@@ -22,10 +22,14 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
+
 from pipelines import storage
 
 if TYPE_CHECKING:
     from orchestrate.plan import RunPlan
+
+# Heavy imports (wandb) are deferred into the tracker: runs with tracking off never import it.
 
 
 def resolve_mode(mode: str) -> str:
@@ -206,8 +210,6 @@ class Tracker:
 
 def pad_to(a, h: int, w: int):
     """HxW[xC] array padded with zeros at the bottom and right to h×w."""
-    import numpy as np
-
     return np.pad(a, [(0, h - a.shape[0]), (0, w - a.shape[1])] + [(0, 0)] * (a.ndim - 2))
 
 

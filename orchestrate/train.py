@@ -29,6 +29,9 @@ from orchestrate.plan import model_config  # noqa: E402
 from orchestrate.runner import RunArgs, build_config, elastic_workers, fit, prepare, ray_init  # noqa: E402
 from pipelines.errors import run_cli  # noqa: E402
 from pipelines.logs import add_verbosity_flags  # noqa: E402
+from xsam_model.config import config_dict
+
+# Heavy imports (ray) are deferred until the run starts: --help and the config checks need no Ray.
 
 logger = logging.getLogger("orchestrate.train")
 
@@ -146,8 +149,6 @@ def resolved_config(args: RunArgs) -> dict:
     parents, ...) under ``stage`` and the model config the stage builds (the flavor with the stage's
     checkpointing, attention kernel and max length; every field) under ``model`` — the keys of an export's
     ``config.json``. Needs no shards, run root or Ray."""
-    from xsam_model.config import config_dict
-
     cfg = build_config(args)
     return {"stage": cfg.to_dict(), "model": config_dict(model_config(cfg))}
 

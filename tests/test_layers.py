@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import ast
 import re
+import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -411,3 +413,32 @@ def test_local_import_rule_on_synthetic_modules():
         "def f", "import torch\n\n\ndef f"
     )  # torch is loaded anyway: nothing deferred
     assert "defers nothing heavy" in problems(already, {"pipelines.x": {"torch"}})[0]
+
+
+# Entry points and light modules, and the heavy packages importing each may load (hoisting an import must not
+# add one: `--help` of the CLIs and the data-only tools stay quick).
+LIGHT_MODULES = {
+    "pipelines.schema": set(),
+    "pipelines.sources": set(),
+    "pipelines.loader": set(),
+    "pipelines.demo_data": set(),
+    "pipelines.inspect.cards": set(),
+    "pipelines.inspect.preview": set(),
+    "pipelines.build.mixture": set(),
+    "orchestrate.build_shards": {"ray"},
+    "orchestrate.evaluate": set(),
+    "orchestrate.predict": set(),
+    "orchestrate.callbacks": set(),
+    "orchestrate.eval_callback": set(),
+    "orchestrate.tracking": set(),
+}
+
+
+@pytest.mark.parametrize("module", sorted(LIGHT_MODULES))
+def test_light_modules_stay_light(module):
+    code = f"import sys, {module}; print(' '.join(sorted({{m.split('.')[0] for m in sys.modules}})))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
+    loaded = set(out.stdout.split()) & HEAVY
+    assert loaded <= LIGHT_MODULES[module], (
+        f"importing {module} loads {sorted(loaded - LIGHT_MODULES[module])}"
+    )
