@@ -161,7 +161,9 @@ def build_config(a: RunArgs):
     if a.max_failures is not None:
         cfg = rep(cfg, checkpoint=rep(cfg.checkpoint, max_failures=a.max_failures))
     if a.lr is not None or a.grad_clip is not None:
-        optim = rep(cfg.optim, lr=a.lr or cfg.optim.lr, grad_clip=a.grad_clip or cfg.optim.grad_clip)
+        lr = cfg.optim.lr if a.lr is None else a.lr  # 0 is a value (refused by OptimConfig), not "unset"
+        grad_clip = cfg.optim.grad_clip if a.grad_clip is None else a.grad_clip  # 0: no clipping
+        optim = rep(cfg.optim, lr=lr, grad_clip=grad_clip)
         cfg = rep(cfg, optim=optim)
     if a.lr_schedule is not None:
         cfg = rep(cfg, schedule=rep(cfg.schedule, lr=rep(cfg.schedule.lr, kind=a.lr_schedule)))

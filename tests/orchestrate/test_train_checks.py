@@ -179,3 +179,39 @@ def test_stage3_starts_from_a_stage3_export(tmp_path):
     _export(tmp_path / "s1", 1)
     with pytest.raises(RunSetupError, match="is the export of stage 1, expected stage 3"):
         _checked_parents(cfg, str(tmp_path / "r"), {3: str(tmp_path / "s1")})
+
+
+# ---------------------------------------------------------------------------------------------- --lr, --grad-clip
+def test_grad_clip_zero_is_taken_as_given_and_means_no_clipping(tmp_path):
+    from orchestrate.deepspeed_config import deepspeed_config
+    from orchestrate.runner import build_config
+
+    args, _ = parse_args(_args(tmp_path, "--run-root", str(tmp_path / "r"), "--grad-clip", "0"))
+    cfg = build_config(args)
+    assert cfg.optim.grad_clip == 0.0  # used to be replaced by the recipe's 0.01 (a falsy check)
+    assert (
+        deepspeed_config(cfg, use_gpu=False)["gradient_clipping"] == 0.0
+    )  # DeepSpeed clips only when it is > 0
+
+
+def test_lr_given_is_kept_and_the_other_field_keeps_the_recipe(tmp_path):
+    from orchestrate.runner import build_config
+
+    args, _ = parse_args(_args(tmp_path, "--run-root", str(tmp_path / "r"), "--lr", "2e-4"))
+    cfg = build_config(args)
+    assert (cfg.optim.lr, cfg.optim.grad_clip) == (2e-4, 0.01)
+
+
+@pytest.mark.parametrize(
+    ("flag", "value", "message"),
+    [
+        ("--lr", "0", "--lr 0.0: the learning rate must be > 0"),
+        ("--lr", "-0.0001", "--lr -0.0001: the learning rate must be > 0"),
+        ("--grad-clip", "-1", "--grad-clip -1.0: must be >= 0 (0: no clipping)"),
+    ],
+)
+def test_lr_zero_and_negative_values_are_refused_in_one_line(tmp_path, capsys, flag, value, message):
+    with pytest.raises(SystemExit) as e:
+        parse_args(_args(tmp_path, "--run-root", str(tmp_path / "r"), flag, value))
+    assert e.value.code == 2
+    assert message in capsys.readouterr().err
