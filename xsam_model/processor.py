@@ -59,6 +59,7 @@ import numpy as np
 import torch
 
 from pipelines import templates
+from pipelines.errors import XsamError
 from pipelines.loader import decode, vgd_draw
 from pipelines.schema import IMAGE, P_CLOSE, P_OPEN, REGION, Sample, Turn
 from xsam_model.config import ProcessorConfig
@@ -73,7 +74,7 @@ _SLOT = re.escape(P_OPEN + REGION + P_CLOSE)
 _SLOT_LIST = re.compile(f"{_SLOT}(?:, {_SLOT})*")  # a VGD question's "<p><region></p>, <p><region></p>, …"
 
 
-class ProcessorError(ValueError):
+class ProcessorError(XsamError, ValueError):
     """A Sample cannot be turned into model inputs (the loader may skip it and count the reason)."""
 
 

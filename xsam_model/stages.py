@@ -21,6 +21,7 @@ import re
 import torch
 from torch import nn
 
+from pipelines.errors import XsamError
 from xsam_model.weight_fit import check_fit
 
 # transformers 5 flattens SiglipVisionModel (no .vision_model); accept both layouts
@@ -54,7 +55,7 @@ STAGE_GROUPS: dict[int, tuple[tuple[str, float], ...]] = {
 }
 
 
-class WeightMismatchError(ValueError):
+class WeightMismatchError(XsamError, ValueError):
     """Exported weights do not fit the model; the message lists every offending key."""
 
 

@@ -183,7 +183,9 @@ def convert_chunk(
 
 
 class _EmptyShard(Exception):
-    pass
+    """Control flow inside :func:`convert_chunk` only: a chunk whose every record was skipped aborts the
+    atomic write (no empty tar) and is caught right there; it never leaves this module, so it is not an
+    :class:`~pipelines.errors.XsamError`."""
 
 
 def _write_member_index(fs, tar: str, part: PartResult, digests: list[tuple[str, str]]) -> str:
