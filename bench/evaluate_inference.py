@@ -43,7 +43,7 @@ DEFAULT_SETS = "coco_panoptic/val,refcoco/val,coco_vgd/val_box,grandf_gcg/val"
 def demo_shards(work: Path, sets: list[str]) -> tuple[Path, Path]:
     """The demo ``datas/`` tree and its val shards for ``sets`` (built inline, 2 samples per shard)."""
     from pipelines.build.driver import build
-    from pipelines.build.options import BuildOptions
+    from pipelines.build_options import BuildOptions
     from pipelines.demo_data import write_demo
 
     datas = write_demo(work / "datas")

@@ -45,7 +45,7 @@ def demo_shards(out: Path) -> Path:
     """The demo tree's train shards with a mixture whose stage 3 mixes every task the demo has."""
     from pipelines.build import mixture
     from pipelines.build.driver import build
-    from pipelines.build.options import BuildOptions
+    from pipelines.build_options import BuildOptions
     from pipelines.demo_data import write_demo
 
     root = write_demo(out / "datas")

@@ -18,11 +18,13 @@ sys.path.insert(
     0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 )  # run as a script from anywhere
 
+import ray
+
 from pipelines.build.driver import build, format_table  # noqa: E402
-from pipelines.build.options import PRESETS, BuildOptions, SourceOptions  # noqa: E402
+from pipelines.build_options import PRESETS, BuildOptions, SourceOptions  # noqa: E402
 from pipelines.errors import BuildConfigError, run_cli  # noqa: E402
-from pipelines.loader.mixture import mixture_path  # noqa: E402
 from pipelines.logs import add_verbosity_flags, configure_logging, verbosity  # noqa: E402
+from pipelines.mixture_file import mixture_path  # noqa: E402
 from pipelines.storage import check_writable  # noqa: E402
 
 
@@ -116,8 +118,6 @@ def main(argv: list[str] | None = None) -> int:
     options = options_from(args)  # checked before Ray starts: a bad option fails in a second
     overrides = parse_overrides(args.path)
     check_writable(args.out, "--out")  # a read-only or full --out: one line before Ray starts
-    import ray
-
     ray.init(
         address=os.environ.get("RAY_ADDRESS"),
         num_cpus=None if os.environ.get("RAY_ADDRESS") else args.num_workers,

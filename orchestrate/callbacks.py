@@ -34,6 +34,8 @@ from orchestrate.errors import RunSetupError
 if TYPE_CHECKING:
     from orchestrate.trainer import Trainer
 
+# Heavy imports (torch, transformers) are deferred into the preview callback: callbacks load without torch.
+
 logger = logging.getLogger(__name__)
 
 CALLBACKS_ENV = "XSAM_TRAIN_CALLBACKS"

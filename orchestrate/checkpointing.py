@@ -47,6 +47,8 @@ from orchestrate.errors import ResumeError
 from orchestrate.run_layout import StageLayout
 from pipelines import storage
 
+# Heavy imports (torch, ray) are deferred into the functions that need them: the driver reads layouts without.
+
 logger = logging.getLogger(__name__)
 
 DS_TAG = "deepspeed"

@@ -19,6 +19,7 @@ Ray's own errors and warnings (a failed worker, a lost node) are WARNING or abov
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 from pathlib import Path
 
@@ -53,8 +54,6 @@ def configure_logging(verbosity: int = 0) -> None:
 
 def _origin(module: str) -> str:
     """The file of ``module``, found from its top-level package's location (nothing is imported)."""
-    import importlib.util
-
     top, *rest = module.split(".")
     spec = importlib.util.find_spec(top)
     if spec is None or not spec.origin:

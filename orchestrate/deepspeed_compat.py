@@ -16,6 +16,10 @@ The rest of DeepSpeed (ZeRO flattening, checkpoints) handles 0-dim parameters.
 
 from __future__ import annotations
 
+import importlib
+
+# Heavy imports (deepspeed) are deferred into the patch: importing DeepSpeed costs seconds.
+
 _PATCHED = False
 
 
@@ -24,7 +28,6 @@ def patch_deepspeed() -> None:
     global _PATCHED
     if _PATCHED:
         return
-    import importlib
 
     from deepspeed.runtime.engine import DeepSpeedEngine
 

@@ -22,8 +22,11 @@ from typing import Any
 
 import torch
 
+from orchestrate.deepspeed_compat import patch_deepspeed
 from orchestrate.stages import StageConfig
 from xsam_model.schedule import lr_lambda
+
+# Heavy imports (deepspeed) are deferred into initialize: the config is planned on the driver without it.
 
 
 def deepspeed_config(cfg: StageConfig, *, use_gpu: bool, load_universal: bool = False) -> dict[str, Any]:
@@ -120,8 +123,6 @@ def initialize(
     JSON and the stage's scheduler: ``(engine, scheduler, ds_config)``. Needs ``torch.distributed`` set up
     (Ray Train's workers; a test's one-process gloo group). ``load_universal``: see :func:`deepspeed_config`."""
     import deepspeed
-
-    from orchestrate.deepspeed_compat import patch_deepspeed
 
     ds_config = deepspeed_config(cfg, use_gpu=use_gpu, load_universal=load_universal)
     patch_deepspeed()

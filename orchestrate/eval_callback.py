@@ -19,18 +19,31 @@ multiples of ``every_steps``, so a run resumed from a checkpoint evaluates at th
 
 from __future__ import annotations
 
+import json
 import logging
 import math
+import tempfile
 import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from orchestrate.callbacks import Callback
+from orchestrate.evaluation import ground_truth as gt
+from orchestrate.evaluation.inference import (
+    InferenceOptions,
+    ShardPredictor,
+    plan_sets,
+    score_subset,
+)
+from orchestrate.plan import model_config
+from xsam_model.export import Export
 
 if TYPE_CHECKING:
     from orchestrate.stages import EvalConfig
     from orchestrate.trainer import Trainer
+
+# Heavy imports (torch, transformers, wandb) are deferred into the workers' evaluation: the driver needs none.
 
 logger = logging.getLogger(__name__)
 
@@ -61,17 +74,12 @@ class SourceLosses(Callback):
 # ---------------------------------------------------------------------------------------------- checks
 def check_evaluation(cfg, shards: str) -> None:
     """Driver-side: the sets exist and this stage's model can evaluate them (an EvaluationError otherwise)."""
-    from orchestrate.evaluation.inference import plan_sets
-
     plan_sets(shards, cfg.evaluation.data_root, cfg.evaluation.sets, _model_info(cfg), cfg.evaluation.mode)
 
 
 def _model_info(cfg, model=None):
     """The model in training as an :class:`~xsam_model.export.Export` (config only, nothing on storage), so
     the set checks are the ones ``evaluate.py --export`` makes."""
-    from orchestrate.plan import model_config
-    from xsam_model.export import Export
-
     mc = model.config if model is not None else model_config(cfg)
     return Export(
         url=f"the stage-{cfg.stage} model in training",
@@ -82,8 +90,6 @@ def _model_info(cfg, model=None):
 
 def _first_samples(evs, n: int) -> list:
     """The first ``n`` (Sample, image bytes) of a set, in shard order (verified as evaluation reads them)."""
-    from orchestrate.evaluation import ground_truth as gt
-
     out: list = []
     for shard in evs.shards:
         for pair in gt.read_shard(evs, shard):
@@ -111,8 +117,6 @@ class StageEval(Callback):
         self.cfg = cfg
 
     def on_train_start(self, trainer: Trainer) -> None:
-        from orchestrate.evaluation.inference import InferenceOptions, ShardPredictor, plan_sets
-
         cfg, plan = self.cfg, trainer.plan
         model = trainer.engine.module
         info = _model_info(trainer.cfg, model)
@@ -154,11 +158,6 @@ class StageEval(Callback):
         return results
 
     def _score(self, trainer: Trainer, step: int, lines: list[dict]) -> dict[str, dict[str, float]]:
-        import json
-        import tempfile
-
-        from orchestrate.evaluation.inference import score_subset
-
         local = trainer.plan.layout.local_dir()
         folder = (
             (local / "eval" / f"step_{step:07d}") if local else Path(tempfile.mkdtemp(prefix="xsam-eval-"))

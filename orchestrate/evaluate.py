@@ -30,6 +30,7 @@ sys.path.insert(
 )  # run as a script from anywhere
 
 from orchestrate.evaluation import score_predictions  # noqa: E402
+from orchestrate.evaluation.inference import InferenceOptions, evaluate_export
 from orchestrate.evaluation.output import staged_output  # noqa: E402
 from orchestrate.evaluation.report import format_table  # noqa: E402
 from pipelines.errors import run_cli  # noqa: E402
@@ -72,8 +73,6 @@ def add_inference_args(p: argparse.ArgumentParser) -> None:
 
 
 def run_export(args: argparse.Namespace, sets: list[str] | None, out: str) -> dict:
-    from orchestrate.evaluation.inference import InferenceOptions, evaluate_export
-
     options = InferenceOptions(
         mode=args.mode,
         batch_size=args.batch_size,

@@ -37,6 +37,8 @@ from dataclasses import dataclass, field
 from orchestrate.errors import RunSetupError
 from pipelines import storage
 
+# Heavy imports (torch) are deferred into the rank check: fingerprints are computed on the driver without.
+
 SOURCE_FIELD = "data/source"
 FINGERPRINT_FIELD = "data/fingerprint"
 FINGERPRINT_CHARS = 16

@@ -11,6 +11,10 @@ from dataclasses import dataclass, field
 
 from orchestrate.run_layout import StageLayout
 from orchestrate.stages import StageConfig
+from xsam_model import build_xsam
+from xsam_model.builder import resolve_config
+from xsam_model.config import stage_processor, with_checkpointing
+from xsam_model.stages import unused_parameters
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -58,9 +62,6 @@ def model_config(cfg: StageConfig):
     """The :class:`xsam_model.XSamConfig` the stage builds: its flavor with the stage's max length, activation
     checkpointing (``cfg.model.checkpointing``, :func:`xsam_model.config.with_checkpointing`) and attention
     kernel. ``attn_implementation="auto"`` stays ``auto`` here; the build resolves it for its device."""
-    from xsam_model.builder import resolve_config
-    from xsam_model.config import stage_processor, with_checkpointing
-
     mc = with_checkpointing(resolve_config(cfg.model.flavor), cfg.model.checkpointing)
     if cfg.data.max_length is not None:
         mc.processor = dataclasses.replace(mc.processor, max_length=cfg.data.max_length)
@@ -76,8 +77,5 @@ def model_config(cfg: StageConfig):
 def param_shapes(cfg: StageConfig) -> tuple[dict[str, tuple[int, ...]], set[str]]:
     """Parameter shapes of the stage's model built on the meta device (no memory, a few seconds for the full
     flavor), and the names of parameters that never train. Used by the driver to check parent exports."""
-    from xsam_model import build_xsam
-    from xsam_model.stages import unused_parameters
-
     model = build_xsam(model_config(cfg), device="meta")
     return {n: tuple(p.shape) for n, p in model.named_parameters()}, set(unused_parameters(model))

@@ -25,13 +25,16 @@ from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run as a script
 
+from PIL import Image
+
 from orchestrate.evaluation.errors import EvaluationError  # noqa: E402
-from pipelines.build.images import checked_header  # noqa: E402
-from pipelines.build.options import DEFAULT_MAX_IMAGE_BYTES, DEFAULT_MAX_IMAGE_PIXELS  # noqa: E402
-from pipelines.errors import (
-    SkipRecord,  # noqa: E402
-    run_cli,  # noqa: E402
-)
+from orchestrate.evaluation.inference import load_export, open_export  # noqa: E402
+from orchestrate.evaluation.one_image import infer_task, predict  # noqa: E402
+from orchestrate.evaluation.overlay import draw, labelled_masks  # noqa: E402
+from pipelines.build.image_check import checked_header  # noqa: E402
+from pipelines.build_options import DEFAULT_MAX_IMAGE_BYTES, DEFAULT_MAX_IMAGE_PIXELS  # noqa: E402
+from pipelines.errors import ImageDecodeError, SkipRecord, run_cli  # noqa: E402
+from pipelines.loader.decode import decode_image  # noqa: E402
 from pipelines.logs import add_verbosity_flags, configure_logging, verbosity  # noqa: E402
 
 
@@ -103,12 +106,6 @@ def read_image(path: str, max_bytes: int, max_pixels: int) -> bytes:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     configure_logging(verbosity(args))
-    from orchestrate.evaluation.inference import load_export, open_export
-    from orchestrate.evaluation.one_image import infer_task, predict
-    from orchestrate.evaluation.overlay import draw, labelled_masks
-    from pipelines.errors import ImageDecodeError
-    from pipelines.loader.decode import decode_image
-
     image = read_image(args.image, args.max_image_bytes, args.max_image_pixels)
     try:
         pixels = decode_image(image)  # bad input fails here, before the model loads
@@ -128,7 +125,6 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     stem = Path(args.image).stem
-    from PIL import Image
 
     Image.fromarray(draw(pixels, masks, pred.line.get("text"))).save(out / f"{stem}.png")
     record = {

@@ -21,12 +21,20 @@ from dataclasses import dataclass
 from orchestrate import checkpointing, console, exports
 from orchestrate.callbacks import Callback, DataTrace, PredictionPreviews, ProgressLine, from_env
 from orchestrate.errors import ParentExportError, RunSetupError, StageConfigError
+from orchestrate.eval_callback import SourceLosses, StageEval, check_evaluation
 from orchestrate.plan import RunPlan, param_shapes
 from orchestrate.resume_point import resume_point
 from orchestrate.run_layout import RunLayout, StageLayout, resolve
 from orchestrate.stages import SELF_PARENT_STAGES, EvalConfig, get_stage, with_self_parent, with_world_size
+from orchestrate.trainer import train_loop_per_worker
 from pipelines import storage
 from pipelines.folder_lock import folder_lock
+from pipelines.mixture_file import MixtureError, check_generations
+from pipelines.mixture_file import load as load_mixture
+from xsam_model.builder import resolve_config
+from xsam_model.flavors import XSAM_FLAVORS
+
+# Heavy imports (ray) are deferred into fit and the cluster start: planning a run needs no Ray.
 
 RANDOM_INIT_FLAVORS = ("debug",)
 """Flavors that may be built from random weights (no ``--init-dir``): the tiny CPU model."""
@@ -76,8 +84,6 @@ class RunArgs:
 
 def check_flavor(flavor: str) -> None:
     """``flavor`` is a key of :data:`xsam_model.XSAM_FLAVORS` (else it fails on the driver, not in a worker)."""
-    from xsam_model.flavors import XSAM_FLAVORS
-
     if flavor not in XSAM_FLAVORS:
         raise StageConfigError(
             f"unknown --flavor {flavor!r}; known flavors: {', '.join(sorted(XSAM_FLAVORS))}"
@@ -111,8 +117,6 @@ def apply_init_from(cfg, init_from: dict[int, str]):
 def check_init_dir(cfg) -> None:
     """A flavor built from pretrained parts has ``--init-dir`` with every Hugging Face folder it loads;
     without it the full model would train from random weights (until the OOM killer stops it)."""
-    from xsam_model.builder import resolve_config
-
     mc = resolve_config(cfg.model.flavor)
     folders = (mc.siglip.folder, mc.sam.folder, mc.llm.folder, mc.decoder.folder)
     if cfg.model.init_dir is None:
@@ -159,7 +163,9 @@ def build_config(a: RunArgs):
     if a.max_failures is not None:
         cfg = rep(cfg, checkpoint=rep(cfg.checkpoint, max_failures=a.max_failures))
     if a.lr is not None or a.grad_clip is not None:
-        optim = rep(cfg.optim, lr=a.lr or cfg.optim.lr, grad_clip=a.grad_clip or cfg.optim.grad_clip)
+        lr = cfg.optim.lr if a.lr is None else a.lr  # 0 is a value (refused by OptimConfig), not "unset"
+        grad_clip = cfg.optim.grad_clip if a.grad_clip is None else a.grad_clip  # 0: no clipping
+        optim = rep(cfg.optim, lr=lr, grad_clip=grad_clip)
         cfg = rep(cfg, optim=optim)
     if a.lr_schedule is not None:
         cfg = rep(cfg, schedule=rep(cfg.schedule, lr=rep(cfg.schedule.lr, kind=a.lr_schedule)))
@@ -174,10 +180,7 @@ def build_config(a: RunArgs):
 
 
 def check_data(shards: str, mixture_url: str, mixture_stage: int):
-    """The stage's :class:`~pipelines.loader.mixture.StageMixture`, after checking that its shards exist."""
-    from pipelines.loader.mixture import MixtureError, check_generations
-    from pipelines.loader.mixture import load as load_mixture
-
+    """The stage's :class:`~pipelines.mixture_file.StageMixture`, after checking that its shards exist."""
     fs, root = storage.fs_and_path(shards)
     if not fs.isdir(root):
         raise RunSetupError(f"shards folder not found: {shards} (build it with orchestrate/build_shards.py)")
@@ -270,8 +273,6 @@ def prepare(a: RunArgs) -> RunPlan:
     steps_per_epoch = stage_mixture.steps_per_epoch(cfg.batch.global_batch)
     init_from = _checked_parents(cfg, run_root, a.init_from)
     if cfg.evaluation is not None:
-        from orchestrate.eval_callback import check_evaluation
-
         check_evaluation(cfg, shards)
     layout = RunLayout(run_root).stage(cfg.stage)
     resume_from = check_resume(cfg, layout, a.resume)
@@ -310,8 +311,6 @@ def stage_lock(a: RunArgs):
 def default_callbacks(plan: RunPlan) -> list[Callback]:
     """What every worker runs besides the loop: the progress line, prediction previews, the data trace
     (``--trace-data``), then any named in ``XSAM_TRAIN_CALLBACKS`` (:func:`orchestrate.callbacks.from_env`)."""
-    from orchestrate.eval_callback import SourceLosses, StageEval
-
     callbacks: list[Callback] = [ProgressLine(plan.cfg.tracking.progress_every_s), PredictionPreviews()]
     callbacks.append(SourceLosses())
     if plan.cfg.evaluation is not None:
@@ -354,8 +353,6 @@ def fit(
     (:func:`orchestrate.checkpointing.loads_universal`)."""
     import ray.train
     from ray.train.torch import TorchTrainer
-
-    from orchestrate.trainer import train_loop_per_worker
 
     num_workers = elastic_workers(plan.cfg, min_workers)
     fs, path = storage.fs_and_path(plan.layout.dir)

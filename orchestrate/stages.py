@@ -76,14 +76,15 @@ class OptimConfig:
     lr: float
     weight_decay: float
     grad_clip: float
-    """Global gradient-norm clip (``gradient_clipping``); stage 1 uses X-SAM's 0.01."""
+    """Global gradient-norm clip (``gradient_clipping``); stage 1 uses X-SAM's 0.01; 0 turns clipping off (as
+    DeepSpeed reads ``gradient_clipping: 0``)."""
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-8
 
     def __post_init__(self):
-        if not self.lr > 0 or self.weight_decay < 0 or not self.grad_clip > 0:
+        if not self.lr > 0 or not self.weight_decay >= 0 or not self.grad_clip >= 0:
             raise StageConfigError(
-                f"need lr > 0, weight_decay >= 0, grad_clip > 0; got {self.lr}, "
+                f"need lr > 0, weight_decay >= 0, grad_clip >= 0 (0: no clipping); got {self.lr}, "
                 f"{self.weight_decay}, {self.grad_clip}"
             )
 

@@ -26,6 +26,8 @@ from pipelines import storage
 if TYPE_CHECKING:
     from orchestrate.plan import RunPlan
 
+# Heavy imports (wandb) are deferred into the tracker: runs with tracking off never import it.
+
 
 class NullTracker:
     """The tracker of every rank but 0: :class:`Tracker`'s methods, doing nothing."""

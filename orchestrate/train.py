@@ -39,6 +39,9 @@ from orchestrate.runner import (  # noqa: E402
 )
 from pipelines.errors import run_cli  # noqa: E402
 from pipelines.logs import add_verbosity_flags  # noqa: E402
+from xsam_model.config import config_dict
+
+# Heavy imports (ray) are deferred until the run starts: --help and the config checks need no Ray.
 
 logger = logging.getLogger("orchestrate.train")
 
@@ -95,7 +98,7 @@ def _parser() -> argparse.ArgumentParser:
     add("--vgd-same-image", action="store_true", help="VGD prompts from the sample's own image (main)")
     add("--vgd-no-negatives", action="store_true", help="no VGD negative slots (X-SAM main)")
     add("--lr", type=float, help="peak learning rate (default: the recipe's; groups keep their multipliers)")
-    add("--grad-clip", type=float, help="global gradient-norm clip (default: the recipe's)")
+    add("--grad-clip", type=float, help="global gradient-norm clip, 0: none (default: the recipe's)")
     add("--lr-schedule", choices=("cosine", "multistep"), help="after the warm-up (default: the recipe's)")
     add("--eval-every", type=int, metavar="STEPS", help="evaluate on val sets every STEPS steps (stage 3, 1)")
     add("--eval-sets", help="comma list of built <source>/<split> val sets for --eval-every")
@@ -118,6 +121,10 @@ def parse_args(argv: list[str] | None = None) -> tuple[RunArgs, argparse.Namespa
         p.error("the following arguments are required: --shards, --run-root")
     if a.num_workers is not None and a.num_workers < 1:  # 0 used to mean "the recipe's default" silently
         p.error(f"--num-workers {a.num_workers}: needs at least 1 worker")
+    if a.lr is not None and not a.lr > 0:  # 0 used to mean "the recipe's lr" silently; it trains nothing
+        p.error(f"--lr {a.lr}: the learning rate must be > 0")
+    if a.grad_clip is not None and not a.grad_clip >= 0:
+        p.error(f"--grad-clip {a.grad_clip}: must be >= 0 (0: no clipping)")
     if (
         a.run_root
         and "://" not in a.run_root
@@ -156,8 +163,6 @@ def resolved_config(args: RunArgs) -> dict:
     parents, ...) under ``stage`` and the model config the stage builds (the flavor with the stage's
     checkpointing, attention kernel and max length; every field) under ``model`` — the keys of an export's
     ``config.json``. Needs no shards, run root or Ray."""
-    from xsam_model.config import config_dict
-
     cfg = build_config(args)
     return {"stage": cfg.to_dict(), "model": config_dict(model_config(cfg))}
 

@@ -17,16 +17,33 @@ from a checkpoint, on the same or another world size, computes what an uninterru
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import logging
 import os
 import time
 from collections.abc import Iterator, Sequence
 from typing import Any
 
+import torch
+import torch.distributed as dist
+
 from orchestrate import checkpointing, console, exports, fingerprint
 from orchestrate.callbacks import Callback
 from orchestrate.checkpointing import TrainState
-from orchestrate.plan import RunPlan
+from orchestrate.deepspeed_config import initialize
+from orchestrate.plan import RunPlan, model_config
+from orchestrate.stages import with_world_size
+from orchestrate.tracking import make_tracker
+from pipelines.loader import MixtureLoader
+from pipelines.mixture_file import load as load_mixture
+from xsam_model import build_xsam, export_trainable, stage_view
+from xsam_model.export import write_export
+from xsam_model.modeling.xsam import LOSS_KEYS
+from xsam_model.processor import DATA_COUNTERS as COUNTERS
+from xsam_model.stages import unused_parameters
+
+# Heavy imports (ray) are deferred into the worker side: the driver imports this module without Ray.
 
 logger = logging.getLogger(__name__)
 
@@ -53,8 +70,6 @@ def _worker_env(use_gpu: bool) -> None:
 
 def optimizer_groups(model, cfg) -> list[dict]:
     """The stage view's parameter groups at ``lr`` × their multiplier (also sets ``requires_grad``)."""
-    from xsam_model import stage_view
-
     return [
         {
             "params": g["params"],
@@ -68,7 +83,6 @@ def optimizer_groups(model, cfg) -> list[dict]:
 
 def to_device(batch: dict, device, float_dtype) -> dict:
     """Move tensors (and lists of tensors) to ``device``; floating tensors to the engine's dtype."""
-    import torch
 
     def move(x):
         if isinstance(x, torch.Tensor):
@@ -91,10 +105,6 @@ def _seed_micro_batch(seed: int, step: int, keys: Sequence[str]) -> None:
     """Seed the draws inside one micro-batch's forward (the loss's point sampling) from ``(seed, step, its
     sample keys)``: a function of what the micro-batch holds, not of which rank or micro-step ran it, so a run
     resumed on another world size draws the same points for the same micro-batch."""
-    import hashlib
-
-    import torch
-
     text = "\0".join([str(seed), str(step), *keys])
     torch.manual_seed(int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "little") & (2**63 - 1))
 
@@ -128,9 +138,6 @@ class Trainer:
         _worker_env(self.plan.use_gpu)
         import ray.train
         import ray.train.torch
-        import torch
-
-        from orchestrate.tracking import make_tracker
 
         ctx = ray.train.get_context()
         self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
@@ -165,8 +172,6 @@ class Trainer:
         """Ray Train started this group with another worker count than the plan's (an elastic range,
         :func:`orchestrate.runner.fit`'s ``min_workers``): the same global batch, accumulation recomputed
         (the driver checked that every count of the range keeps it)."""
-        from orchestrate.stages import with_world_size
-
         before = self.cfg.batch
         self.cfg = with_world_size(self.cfg, self.world, micro_batch=before.micro_batch)
         logger.log(
@@ -181,12 +186,6 @@ class Trainer:
         )
 
     def _build_engine(self, *, load_universal: bool = False) -> None:
-        import torch
-
-        from orchestrate.deepspeed_config import initialize
-        from orchestrate.plan import model_config
-        from xsam_model import build_xsam
-
         cfg = self.cfg
         torch.manual_seed(
             cfg.data.seed
@@ -217,7 +216,6 @@ class Trainer:
         """The parents' exports into ``model`` (checked again here: the driver checked on the meta device)."""
         if not self.cfg.parents:
             return {}
-        from xsam_model.stages import unused_parameters
 
         # not hashed here: load_parent_weights checks the bytes it reads against each lineage
         parents = exports.resolve_parents(
@@ -229,9 +227,6 @@ class Trainer:
         return exports.load_parent_weights(model, load_plan, parents)
 
     def _build_loader(self) -> None:
-        from pipelines.loader import MixtureLoader
-        from pipelines.loader.mixture import load as load_mixture
-
         cfg, plan = self.cfg, self.plan
         self.stage_mixture = load_mixture(plan.mixture).stage(cfg.data.mixture_stage)
         self.loader = MixtureLoader(
@@ -304,11 +299,6 @@ class Trainer:
         mask-loss normaliser, one all-reduce of the losses, tokens, data counters and data wait; returns the
         step's metrics, with the global batch's ``data/source`` and ``data/fingerprint``
         (:mod:`orchestrate.fingerprint`)."""
-        import torch
-
-        from xsam_model.modeling.xsam import LOSS_KEYS
-        from xsam_model.processor import DATA_COUNTERS as COUNTERS
-
         cfg, step = self.cfg, self.state.step
         t0 = time.perf_counter()
         micro, wait = [], 0.0
@@ -351,11 +341,6 @@ class Trainer:
         """``LossConfig.num_masks_reduce = global_batch``: the target masks of every micro-batch of the step on
         every rank (one all-reduce) / (world × accumulation), the mask losses' normaliser for the whole step —
         so the step's gradient does not depend on how the global batch is split. Otherwise nothing to set."""
-        import contextlib
-
-        import torch
-        import torch.distributed as dist
-
         model = self.engine.module
         if model.config.loss.num_masks_reduce != "global_batch":
             return contextlib.nullcontext()
@@ -367,12 +352,6 @@ class Trainer:
     def _advance(self, sums, tokens: int, wait: float, source: str, step_time: float) -> dict[str, Any]:
         """All-reduce the step's sums (losses averaged over ranks and micro-batches, tokens and data wait
         summed), count the step in the train state, and return its metrics."""
-        import torch
-        import torch.distributed as dist
-
-        from xsam_model.modeling.xsam import LOSS_KEYS
-        from xsam_model.processor import DATA_COUNTERS as COUNTERS
-
         cfg, state = self.cfg, self.state
         red = torch.cat([sums, torch.tensor([tokens, wait], dtype=torch.float64)]).to(self.device)
         dist.all_reduce(red)
@@ -426,9 +405,6 @@ class Trainer:
     # ------------------------------------------------------------------------------------------ the end
     def export(self) -> None:
         """Rank 0: the stage's trainable weights, resolved config and lineage under ``<stage>/export``."""
-        from xsam_model import export_trainable
-        from xsam_model.export import write_export
-
         if not self.is_main:
             return
         lineage = exports.stage_lineage(

@@ -14,6 +14,8 @@ import sys
 import time
 import warnings
 
+from tqdm import tqdm
+
 # Our packages: their loggers follow -v/-q; everyone else's stay at WARNING.
 PACKAGES = ("pipelines", "orchestrate", "xsam_model")
 # Packages whose FutureWarning/DeprecationWarning speak about their own internals, which a user of ours can
@@ -123,8 +125,6 @@ class Progress:
         self.t0 = self.last = time.perf_counter()
         self.bar = None
         if sys.stderr.isatty() and logger.isEnabledFor(logging.INFO) and total > 0:
-            from tqdm import tqdm
-
             self.bar = tqdm(total=total, initial=done, desc=name, unit=unit.rstrip("s"), leave=True)
 
     def update(self, n: int = 1, samples: int = 0) -> None:

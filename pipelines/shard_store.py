@@ -30,6 +30,7 @@ from dataclasses import dataclass, field, fields
 from typing import IO, Any, NamedTuple
 
 import numpy as np
+from fsspec.core import url_to_fs
 
 from pipelines import storage
 from pipelines.errors import XsamError
@@ -542,8 +543,6 @@ class ShardReader:
         counters: dict,
         verify: bool = True,
     ):
-        from fsspec.core import url_to_fs
-
         self.fs, self.root = url_to_fs(root, **(storage_options or {}))
         self.root = self.root.rstrip("/")
         self.indexes: OrderedDict[str, ShardIndex] = OrderedDict()

@@ -20,6 +20,7 @@ from typing import IO, Any
 
 import fsspec
 from fsspec.core import url_to_fs
+from fsspec.implementations.local import LocalFileSystem
 
 from pipelines.errors import OutputError
 
@@ -128,8 +129,6 @@ class LineLog:
     per URL."""
 
     def __init__(self, url: str, *, sync_every_s: float = 30.0):
-        from fsspec.implementations.local import LocalFileSystem
-
         self.url, self.sync_every_s = str(url), sync_every_s
         self.fs, self.path = fs_and_path(url)
         self._file: IO[str] | None = None

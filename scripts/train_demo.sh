@@ -23,7 +23,7 @@ source scripts/ray_jobs.sh
 
 # Stage 2 trains on LLaVA-Pretrain captions. If the demo shards have none, a demo-only mixture lets COCO
 # panoptic's conversations stand in (stage 2 is LM loss on the projectors), so the chain still runs end to end.
-STAGE2_DATASETS=$(python -c 'import sys; from pipelines.loader.mixture import load; print(len(load(sys.argv[1]).stage(2).datasets))' "$MIXTURE")
+STAGE2_DATASETS=$(python -c 'import sys; from pipelines.mixture_file import load; print(len(load(sys.argv[1]).stage(2).datasets))' "$MIXTURE")
 if [ "$STAGE2_DATASETS" = "0" ]; then
   MIXTURE="$OUT/runs/mixture_demo.json"
   mkdir -p "$OUT/runs"

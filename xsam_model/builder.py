@@ -23,6 +23,7 @@ from transformers import (
     SiglipVisionModel,
 )
 from transformers.models.mask2former.modeling_mask2former import Mask2FormerPixelDecoder
+from transformers.utils import is_flash_attn_2_available
 
 from xsam_model.config import XSamConfig
 from xsam_model.flavors import XSAM_FLAVORS
@@ -56,7 +57,6 @@ def resolve_attn_implementation(requested: str, device: str | torch.device | Non
     CUDA (``device`` cuda, or no device and CUDA available), else ``sdpa``; any other value is kept."""
     if requested != "auto":
         return requested
-    from transformers.utils import is_flash_attn_2_available
 
     on_cuda = torch.device(device).type == "cuda" if device is not None else torch.cuda.is_available()
     return "flash_attention_2" if on_cuda and is_flash_attn_2_available() else "sdpa"

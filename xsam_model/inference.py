@@ -33,6 +33,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from transformers import DynamicCache
 
 from pipelines.errors import XsamError
 from pipelines.schema import Sample
@@ -212,8 +213,6 @@ def greedy_generate(
 
 
 def _new_cache(llm: nn.Module):
-    from transformers import DynamicCache
-
     return DynamicCache(config=llm.config)
 
 

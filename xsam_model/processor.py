@@ -60,6 +60,7 @@ import numpy as np
 import torch
 
 from pipelines import templates
+from pipelines.errors import XsamError
 from pipelines.loader import decode, redraw, vgd_draw
 from pipelines.schema import IMAGE, P_CLOSE, P_OPEN, REGION, Sample, Turn
 from xsam_model.config import ProcessorConfig
@@ -76,7 +77,7 @@ _SLOT_LIST = re.compile(f"{_SLOT}(?:, {_SLOT})*")  # a VGD question's "<p><regio
 DATA_COUNTERS = vgd_draw.COUNTERS + redraw.COUNTERS
 
 
-class ProcessorError(ValueError):
+class ProcessorError(XsamError, ValueError):
     """A Sample cannot be turned into model inputs (the loader may skip it and count the reason)."""
 
 

@@ -21,6 +21,9 @@ import re
 import torch
 from torch import nn
 
+from pipelines.errors import XsamError
+from xsam_model.weight_fit import check_fit
+
 # transformers 5 flattens SiglipVisionModel (no .vision_model); accept both layouts
 _SIGLIP_LAYER = re.compile(r"^vision_encoder\.(?:vision_model\.)?encoder\.layers\.(\d+)\.")
 
@@ -52,7 +55,7 @@ STAGE_GROUPS: dict[int, tuple[tuple[str, float], ...]] = {
 }
 
 
-class WeightMismatchError(ValueError):
+class WeightMismatchError(XsamError, ValueError):
     """Exported weights do not fit the model; the message lists every offending key."""
 
 
@@ -146,7 +149,6 @@ def load_exported(
         }
         skip = unused_parameters(model)
         expected = {n for n in params if n not in skip and any(_under(n, p) for p in prefixes)}
-    from xsam_model.weight_fit import check_fit
 
     # every parameter is a known name; only those of `expected` must be present
     report = check_fit(

@@ -14,6 +14,8 @@ from pathlib import Path
 
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
+# Heavy imports (tokenizers) are deferred into the debug-tokenizer builders: only tests train one.
+
 # Phi-3's chat control tokens (added tokens in its tokenizer.json).
 CHAT_TOKENS = ("<|user|>", "<|assistant|>", "<|end|>", "<|system|>", "<|endoftext|>")
 

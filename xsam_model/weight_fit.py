@@ -15,10 +15,12 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
+from pipelines.errors import XsamError
+
 Shape = tuple[int, ...]
 
 
-class WeightFitError(ValueError):
+class WeightFitError(XsamError, ValueError):
     """Weights that do not fit a model; the message lists every missing, unexpected and mismatched key."""
 
 

@@ -14,11 +14,11 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 from pipelines import storage
-from pipelines.errors import Skip
+from pipelines.errors import Skip, XsamError
 from pipelines.sources.base import Shared
 
 
-class IndexOrderError(RuntimeError):
+class IndexOrderError(XsamError, RuntimeError):
     """A source yielded records out of key order (a bug in the source, never bad data)."""
 
 

@@ -15,6 +15,7 @@ import time
 import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from importlib.metadata import PackageNotFoundError, version
 
 import ray
 
@@ -22,7 +23,7 @@ from pipelines import storage
 from pipelines.build import eval_guard, mixture, shards
 from pipelines.build.chunks import Chunk, spill
 from pipelines.build.lock import build_lock
-from pipelines.build.options import BuildOptions
+from pipelines.build_options import BuildOptions
 from pipelines.errors import BuildConfigError, BuildError, Skip, SourceNotFound
 from pipelines.logs import Progress, quiet_third_party_warnings
 from pipelines.sources import SOURCES
@@ -44,8 +45,6 @@ class SplitResult:
 
 
 def code_version() -> dict:
-    from importlib.metadata import PackageNotFoundError, version
-
     try:
         pkg = version("xsam-pipeline")
     except PackageNotFoundError:
@@ -110,10 +109,8 @@ one :class:`BuildError` naming it, after the retries."""
 
 @ray.remote(num_cpus=1, max_retries=TASK_RETRIES)
 def _convert_task(source_name, files, split, options, chunk, out_url, fp, shared):
-    from pipelines.sources import SOURCES as registry  # imported in the worker
-
     quiet_third_party_warnings()  # a worker process: the driver's warning filters do not reach it
-    return shards.convert_chunk(registry[source_name], files, split, options, chunk, out_url, fp, shared)
+    return shards.convert_chunk(SOURCES[source_name], files, split, options, chunk, out_url, fp, shared)
 
 
 def _run_chunks(

@@ -20,10 +20,12 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, replace
 
 from pipelines import storage
-from pipelines.build.options import BuildOptions
+from pipelines.build_options import BuildOptions
 from pipelines.errors import BuildConfigError, Skip
+from pipelines.sources import SOURCES
 from pipelines.sources.base import Shared, SourceFiles
 from pipelines.sources.readers.coco_index import image_sort_id
+from pipelines.sources.refer import ReferSource
 
 logger = logging.getLogger(__name__)
 
@@ -63,9 +65,6 @@ class EvalGuard:
 def gather(data_root: str, overrides: dict[str, dict[str, str]]) -> dict:
     """``eval_images.json`` content: the ids, where each came from (paths relative to the data root, so the
     file's hash does not depend on where the data root is mounted), and refs files that could not be read."""
-    from pipelines.sources import SOURCES
-    from pipelines.sources.refer import ReferSource
-
     ids: set = set()
     splits, errors = [], []
     for src in SOURCES.values():

@@ -28,7 +28,8 @@ from collections.abc import Mapping, Sequence
 
 from pipelines import storage
 from pipelines.errors import OutputError, run_cli
-from pipelines.loader.mixture import (
+from pipelines.logs import add_verbosity_flags, configure_logging, verbosity
+from pipelines.mixture_file import (
     EXCLUDE_FLAGS,
     MIXTURE_FILE,
     DatasetWeight,
@@ -38,8 +39,8 @@ from pipelines.loader.mixture import (
     StageMixture,
     mixture_path,
 )
-from pipelines.logs import add_verbosity_flags, configure_logging, verbosity
 from pipelines.shard_store import Manifest, MissingManifestError, list_manifests
+from pipelines.sources import SOURCES
 
 logger = logging.getLogger(__name__)
 
@@ -203,8 +204,6 @@ def compute(
         warnings.warn("mixture.compute(log=...) is ignored: it logs through logging", DeprecationWarning, 2)
     stages = {k: list(v) for k, v in (stages or STAGE_DATASETS).items()}
     if stage3_extra:
-        from pipelines.sources import SOURCES
-
         known = set(SOURCES) | set(CONTRACT_SOURCES)
         unknown = [s for s in stage3_extra if s not in known]
         if unknown:

@@ -30,8 +30,8 @@ from dataclasses import dataclass, field
 
 from pipelines import storage
 from pipelines.build.chunks import Chunk, read_chunk
-from pipelines.build.images import load_image
-from pipelines.build.options import BuildOptions
+from pipelines.build.image_check import load_image
+from pipelines.build_options import BuildOptions
 from pipelines.errors import BuildConfigError, SampleError, Skip, SkipRecord
 from pipelines.schema import SCHEMA_VERSION, to_wds
 from pipelines.shard_store import (
@@ -48,6 +48,8 @@ from pipelines.shard_store import (
     split_dir,
 )
 from pipelines.sources.base import ConvertContext, SourceFiles
+
+# Heavy imports (webdataset) are deferred into the shard writer: it imports torch, the driver needs none.
 
 TAR_MTIME = 0.0
 
@@ -181,7 +183,9 @@ def convert_chunk(
 
 
 class _EmptyShard(Exception):
-    pass
+    """Control flow inside :func:`convert_chunk` only: a chunk whose every record was skipped aborts the
+    atomic write (no empty tar) and is caught right there; it never leaves this module, so it is not an
+    :class:`~pipelines.errors.XsamError`."""
 
 
 def _write_member_index(fs, tar: str, part: PartResult, digests: list[tuple[str, str]]) -> str:

@@ -30,10 +30,14 @@ from pathlib import Path
 import yaml
 
 from pipelines import storage
+from pipelines.demo_data import write_demo
 from pipelines.errors import CardTextError, OutputError, run_cli
 from pipelines.inspect.hf import FEATURES_YAML
 from pipelines.logs import add_verbosity_flags, configure_logging, verbosity
 from pipelines.shard_store import list_manifests
+from pipelines.sources import SOURCES
+
+# Heavy imports (ray) are deferred into build_demo: only the demo build starts Ray.
 
 logger = logging.getLogger(__name__)
 
@@ -153,8 +157,6 @@ def parse_card_text(source: str, raw: str, where: str) -> CardText:
 
 def source_info(name: str, text: CardText) -> SourceInfo:
     """Task and splits from the registry when the source is registered; the card header's task otherwise."""
-    from pipelines.sources import SOURCES
-
     src = SOURCES.get(name)
     if src is None:
         return SourceInfo(name, str(text.meta["task"]), (), registered=False)
@@ -408,8 +410,6 @@ def _loading_section(info: SourceInfo, splits: list[str]) -> list[str]:
 # ---------------------------------------------------------------- driver
 def card_sources(manifests: Mapping[str, dict]) -> list[str]:
     """Every source that gets a card: the registry, every card text, every built source."""
-    from pipelines.sources import SOURCES
-
     return sorted(set(SOURCES) | set(card_text_names()) | set(manifests))
 
 
@@ -453,8 +453,6 @@ def write_readmes(cards: Mapping[str, str], out_url: str) -> list[str]:
 def build_demo(out: str | Path, data_root: str | Path | None = None) -> Path:
     """Write the demo data (unless ``data_root`` holds it) and build every source and split it has, inline."""
     from pipelines.build.driver import build
-    from pipelines.demo_data import write_demo
-    from pipelines.sources import SOURCES
 
     root = Path(data_root) if data_root else write_demo(Path(out) / "datas")
     splits = sorted({s for src in SOURCES.values() for s in src.splits})

@@ -21,6 +21,8 @@ from pathlib import Path
 
 from pipelines.shard_store import list_manifests
 
+# Heavy imports (datasets) are deferred into the loaders: it costs a second and is optional.
+
 # The columns of a shard as Hugging Face sees them; YAML form of ``datasets.Features`` (dataset-card syntax).
 FEATURES_YAML: list[dict[str, str]] = [
     {"name": "jpg", "dtype": "image"},

@@ -37,6 +37,8 @@ from pipelines.logs import add_verbosity_flags, configure_logging, verbosity
 from pipelines.schema import Sample
 from pipelines.shard_store import Manifest, iter_samples, list_manifests
 
+# Heavy imports (scipy) are deferred into the outline drawing: the other previews do not need it.
+
 # Distinct, saturated colours (tab10 + a few more), assigned to phrases that have a mask or region, in label
 # order; they cycle past the end (a sample with more than 16 drawn phrases reuses colours).
 PALETTE: tuple[tuple[int, int, int], ...] = (

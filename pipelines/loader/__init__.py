@@ -9,7 +9,7 @@ contract, torch-free), :mod:`~pipelines.loader.order` (the data order), :mod:`~p
 dataset's reads), :mod:`~pipelines.loader.grouping` (length grouping), :mod:`~pipelines.loader.state`
 (resume state), :mod:`~pipelines.loader.stats` (counters), :mod:`~pipelines.loader.workers` (the
 DataLoader glue, the only one that imports torch), :mod:`~pipelines.loader.decode` / ``redraw`` /
-``vgd_draw`` (what a sample becomes), :mod:`~pipelines.loader.mixture` (the mixture file).
+``vgd_draw`` (what a sample becomes); the mixture file it reads is :mod:`pipelines.mixture_file`.
 """
 
 from pipelines.errors import LoaderError

@@ -14,8 +14,8 @@ from collections.abc import Sequence
 import numpy as np
 
 from pipelines.errors import LoaderError
-from pipelines.loader.mixture import DatasetWeight
 from pipelines.loader.order import WindowOrder, dataset_tag
+from pipelines.mixture_file import DatasetWeight
 from pipelines.shard_store import Manifest, MissingManifestError, RawSample, ShardReader, ShardStoreError
 
 # a sample read as one of these may mean the split was rebuilt since the run pinned its generation

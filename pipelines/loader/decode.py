@@ -33,9 +33,7 @@ import simplejpeg
 from PIL import Image
 
 from pipelines.errors import ImageDecodeError
-
-JPEG_MAGIC = b"\xff\xd8\xff"
-PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+from pipelines.images import JPEG_MAGIC, PNG_MAGIC
 
 SIGLIP_MEAN = (0.5, 0.5, 0.5)
 SIGLIP_STD = (0.5, 0.5, 0.5)

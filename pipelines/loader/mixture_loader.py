@@ -20,10 +20,10 @@ from typing import Any
 
 from pipelines.errors import LoaderError, MixtureError
 from pipelines.loader import state as state_mod
-from pipelines.loader.mixture import Mixture, StageMixture, check_generations
-from pipelines.loader.mixture import load as load_mixture
 from pipelines.loader.stats import LoaderStats
 from pipelines.loader.stream import MixtureStream
+from pipelines.mixture_file import Mixture, StageMixture, check_generations
+from pipelines.mixture_file import load as load_mixture
 from pipelines.schema import Sample
 
 
@@ -52,7 +52,7 @@ class MixtureLoader:
         grad_accum: micro-batches per global step (all from the step's dataset).
         transform: ``(Sample, image bytes | None) -> item`` — e.g. ``XSamProcessor``; default keeps both.
         collate: ``list[item] -> batch`` — e.g. ``processor.collate``; default ``list``.
-        mixture: a :class:`~pipelines.loader.mixture.Mixture`, a path/URI of ``mixture.json``; default
+        mixture: a :class:`~pipelines.mixture_file.Mixture`, a path/URI of ``mixture.json``; default
             ``<shards>/mixture.json``.
         shuffle_window: consecutive stored samples per window of the global stream's window-local shuffle
             (memory: only a micro-batch's bytes are held, whatever the window).

@@ -69,9 +69,9 @@ from PIL import UnidentifiedImageError
 from pipelines.errors import ErrorPolicy, ImageDecodeError, LoaderError, Skip
 from pipelines.loader import grouping, redraw
 from pipelines.loader.dataset import StoredDataset
-from pipelines.loader.mixture import DatasetWeight, StageMixture
 from pipelines.loader.order import MAX_ATTEMPTS, StepPlan, step_sources
 from pipelines.loader.stats import IO_COUNTERS, LoaderStats
+from pipelines.mixture_file import DatasetWeight, StageMixture
 from pipelines.schema import Sample
 from pipelines.shard_store import RawSample, ShardReader
 

@@ -42,8 +42,8 @@ import numpy as np
 from PIL import Image
 
 from pipelines import masks
-from pipelines.build.images import DECODER_ERRORS, guarded_decode, image_size, png_header, read_panoptic_png
 from pipelines.errors import BuildConfigError
+from pipelines.images import DECODER_ERRORS, guarded_decode, image_size, png_header, read_panoptic_png
 from pipelines.masks import MaskFormatError, label_map_rles
 from pipelines.schema import ImageRef, Sample
 from pipelines.sources.base import (

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any, Protocol, runtime_checkable
 
-from pipelines.build.options import BuildOptions
+from pipelines.build_options import BuildOptions
 from pipelines.errors import Skip, SkipRecord, SourceNotFound, StrictModeError
 from pipelines.schema import Sample
 

@@ -16,7 +16,7 @@ from collections.abc import Iterator
 import numpy as np
 
 from pipelines import masks, validate
-from pipelines.build.images import read_panoptic_png
+from pipelines.images import read_panoptic_png
 from pipelines.masks import MaskFormatError
 from pipelines.schema import ImageRef, Sample
 from pipelines.sources.base import (

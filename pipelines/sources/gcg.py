@@ -44,7 +44,7 @@ from itertools import islice
 from typing import Any
 
 from pipelines import masks, templates
-from pipelines.build.images import image_size
+from pipelines.images import image_size
 from pipelines.masks import MaskFormatError
 from pipelines.schema import IMAGE, P_CLOSE, P_OPEN, REGION, SEG, ImageRef, MaskTarget, Sample, Turn
 from pipelines.sources.base import (

@@ -32,7 +32,7 @@ import cv2
 import numpy as np
 
 from pipelines import masks, templates, validate
-from pipelines.build.images import DECODER_ERRORS, image_size
+from pipelines.images import DECODER_ERRORS, image_size
 from pipelines.schema import ImageRef, MaskTarget, Sample, Turn
 from pipelines.sources.base import (
     BuildOptions,

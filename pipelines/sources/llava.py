@@ -28,7 +28,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 
-from pipelines.build.images import image_size
+from pipelines.images import image_size
 from pipelines.schema import IMAGE, P_CLOSE, P_OPEN, REGION, SEG, ImageRef, Sample, Turn
 from pipelines.sources.base import (
     BuildOptions,

@@ -160,7 +160,7 @@ def test_predictions_that_are_not_a_regular_file_are_refused(demo_val, tmp_path,
 
 @pytest.mark.parametrize("kind", ["fifo", "dev_zero", "too_big"])
 def test_an_image_that_is_not_a_small_regular_file_is_refused(tmp_path, capsys, kind):
-    from pipelines.build.options import DEFAULT_MAX_IMAGE_BYTES
+    from pipelines.build_options import DEFAULT_MAX_IMAGE_BYTES
 
     path = {"fifo": tmp_path / "a.jpg", "dev_zero": Path("/dev/zero"), "too_big": tmp_path / "b.jpg"}[kind]
     if kind == "fifo":

@@ -206,7 +206,7 @@ def test_vocabulary_without_tokenizer_and_attention_kernel(monkeypatch):
     assert build_xsam(tiny, device="meta").llm.get_input_embeddings().weight.shape[0] == 387 + 3
     assert resolve_attn_implementation("auto", "cpu") == "sdpa"
     assert resolve_attn_implementation("eager", "cuda") == "eager"
-    monkeypatch.setattr("transformers.utils.is_flash_attn_2_available", lambda: True)
+    monkeypatch.setattr("xsam_model.builder.is_flash_attn_2_available", lambda: True)
     assert resolve_attn_implementation("auto", "cuda") == "flash_attention_2"
     assert resolve_attn_implementation("auto", "cpu") == "sdpa"
     eager = build_xsam(_cfg(llm={"attn_implementation": "eager"}))

@@ -138,3 +138,20 @@ def test_strict_errors_list_every_key(model):
     report = load_exported(model, state, stage=2, strict=False)
     assert report["unexpected"] == ["visual_projector.9.weight"] and len(report["mismatched"]) == 1
     assert torch.equal(model.seg_projector.mlp[2].weight, before), "a mismatched key is never loaded"
+
+
+def test_a_weight_mismatch_leaving_an_entry_point_is_one_line_and_exit_2(model, capsys):
+    """WeightMismatchError is an XsamError: a CLI that meets it prints one line and exits 2, no traceback."""
+    from pipelines.errors import run_cli
+
+    state = export_trainable(model, stage=2)
+    state.pop("visual_projector.0.bias")
+    state["seg_projector.mlp.2.weight"] = torch.zeros(3, 3)
+
+    def main(argv):
+        load_exported(model, state, stage=2)
+
+    assert run_cli(main, []) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and "Traceback" not in err
+    assert "visual_projector.0.bias" in err and "seg_projector.mlp.2.weight" in err

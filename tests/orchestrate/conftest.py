@@ -24,7 +24,7 @@ def train_shards(demo_root, tmp_path_factory) -> Path:
     """Demo shards (train split) plus a ``mixture.json`` whose three stages all have data."""
     from pipelines.build import mixture
     from pipelines.build.driver import build
-    from pipelines.build.options import BuildOptions
+    from pipelines.build_options import BuildOptions
 
     out = tmp_path_factory.mktemp("train_shards") / "shards"
     sources = sorted({s for v in TEST_STAGES.values() for s in v})

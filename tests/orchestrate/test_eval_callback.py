@@ -24,7 +24,7 @@ SETS = ("refcoco/val", "coco_panoptic/val", "grandf_gcg/val")
 @pytest.fixture(scope="module")
 def val_shards(demo_root, tmp_path_factory):
     from pipelines.build.driver import build
-    from pipelines.build.options import BuildOptions
+    from pipelines.build_options import BuildOptions
 
     out = tmp_path_factory.mktemp("eval_cb") / "shards"
     sources = sorted({s.split("/")[0] for s in SETS})
@@ -173,7 +173,7 @@ def test_ray_train_stage3_evaluates_at_the_same_steps_after_a_restart(ray_module
     from orchestrate.runner import RunArgs, default_callbacks, fit, prepare
     from pipelines.build import mixture
     from pipelines.build.driver import build
-    from pipelines.build.options import BuildOptions
+    from pipelines.build_options import BuildOptions
     from tests.evaluation.debug_exports import write_debug_export
     from tests.orchestrate.conftest import TEST_STAGES
     from tests.orchestrate.faults import KillWorker

@@ -143,7 +143,7 @@ def stall_on_victim() -> None:
 
 def _build(data_root: Path, out: Path):
     from pipelines.build.driver import build
-    from pipelines.build.options import BuildOptions
+    from pipelines.build_options import BuildOptions
 
     return build(str(data_root), str(out), sources=BUILD_SOURCES, options=BuildOptions(samples_per_shard=2))
 

@@ -14,9 +14,9 @@ from orchestrate.checkpointing import TRAIN_STATE, TrainState, marker_file, mark
 from orchestrate.errors import RunSetupError
 from orchestrate.runner import RunArgs, prepare
 from orchestrate.stages import StageConfig, debug, stage1
+from pipelines import mixture_file
 from pipelines.build import mixture
 from pipelines.errors import run_cli
-from pipelines.loader import mixture as mixture_file
 from xsam_model import build_xsam, export_trainable
 from xsam_model.export import write_export
 

@@ -15,7 +15,7 @@ import torch
 from orchestrate.evaluation.wandb_helpers import resolve_mode, run_id, wandb_env
 from orchestrate.previews import fixed_batch, render
 from orchestrate.tracking import Tracker
-from pipelines.loader import mixture as mixture_file
+from pipelines import mixture_file
 from xsam_model import build_xsam
 
 WANDB_KEYS = (

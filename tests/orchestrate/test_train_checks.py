@@ -198,3 +198,39 @@ def test_init_from_a_damaged_export_is_refused_naming_the_file(tmp_path):
     with pytest.raises(RunSetupError, match=rf"{tmp_path}/s1/model\.safetensors: sha256 \S+ differs") as e:
         _checked_parents(build_config(args), str(tmp_path / "r"), args.init_from)
     assert len(str(e.value).splitlines()) == 1
+
+
+# ---------------------------------------------------------------------------------------------- --lr, --grad-clip
+def test_grad_clip_zero_is_taken_as_given_and_means_no_clipping(tmp_path):
+    from orchestrate.deepspeed_config import deepspeed_config
+    from orchestrate.runner import build_config
+
+    args, _ = parse_args(_args(tmp_path, "--run-root", str(tmp_path / "r"), "--grad-clip", "0"))
+    cfg = build_config(args)
+    assert cfg.optim.grad_clip == 0.0  # used to be replaced by the recipe's 0.01 (a falsy check)
+    assert (
+        deepspeed_config(cfg, use_gpu=False)["gradient_clipping"] == 0.0
+    )  # DeepSpeed clips only when it is > 0
+
+
+def test_lr_given_is_kept_and_the_other_field_keeps_the_recipe(tmp_path):
+    from orchestrate.runner import build_config
+
+    args, _ = parse_args(_args(tmp_path, "--run-root", str(tmp_path / "r"), "--lr", "2e-4"))
+    cfg = build_config(args)
+    assert (cfg.optim.lr, cfg.optim.grad_clip) == (2e-4, 0.01)
+
+
+@pytest.mark.parametrize(
+    ("flag", "value", "message"),
+    [
+        ("--lr", "0", "--lr 0.0: the learning rate must be > 0"),
+        ("--lr", "-0.0001", "--lr -0.0001: the learning rate must be > 0"),
+        ("--grad-clip", "-1", "--grad-clip -1.0: must be >= 0 (0: no clipping)"),
+    ],
+)
+def test_lr_zero_and_negative_values_are_refused_in_one_line(tmp_path, capsys, flag, value, message):
+    with pytest.raises(SystemExit) as e:
+        parse_args(_args(tmp_path, "--run-root", str(tmp_path / "r"), flag, value))
+    assert e.value.code == 2
+    assert message in capsys.readouterr().err

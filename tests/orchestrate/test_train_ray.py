@@ -68,7 +68,7 @@ def chain(ray_module, train_shards, tmp_path_factory):
 
 def _dataset_sizes(plan) -> dict[str, int]:
     """Samples of each dataset of the plan's stage mixture."""
-    from pipelines.loader.mixture import load
+    from pipelines.mixture_file import load
 
     stage = load(plan.mixture).stage(plan.stage)
     return {d.name: sum(s.samples for s in d.shards) for d in stage.datasets}

@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from pipelines.build.options import DEFAULT_MAX_IMAGE_BYTES, BuildOptions
+from pipelines.build_options import DEFAULT_MAX_IMAGE_BYTES, BuildOptions
 from pipelines.demo_data import write_demo
 
 REPO = Path(__file__).resolve().parents[2]
@@ -104,7 +104,7 @@ def test_predict_refuses_a_file_over_the_size_limit_unread(tmp_path):
 
 BUILD = """
 from pipelines.build.driver import build
-from pipelines.build.options import BuildOptions
+from pipelines.build_options import BuildOptions
 cap()
 build(sys.argv[1], sys.argv[2], sources=["coco_instance"], options=BuildOptions(max_image_bytes=int(sys.argv[3])))
 """

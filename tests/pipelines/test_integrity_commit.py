@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from pipelines.build import driver, mixture, shards
-from pipelines.build.options import BuildOptions
+from pipelines.build_options import BuildOptions
 from pipelines.loader import LoaderError, MixtureLoader
 from pipelines.shard_store import Manifest
 

@@ -20,7 +20,7 @@ SOURCE, NAME = "coco_panoptic", "coco_panoptic/train"
 
 def _build(demo_root: Path, out: Path, per_shard: int) -> Path:
     from pipelines.build.driver import build
-    from pipelines.build.options import BuildOptions
+    from pipelines.build_options import BuildOptions
 
     build(
         str(demo_root),

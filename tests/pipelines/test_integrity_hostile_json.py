@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
+from pipelines import mixture_file
 from pipelines.build import mixture
 from pipelines.loader import LoaderError, MixtureLoader
-from pipelines.loader import mixture as mixture_file
 from pipelines.shard_store import INDEX_SUFFIX, Manifest
 
 SOURCE = "coco_panoptic"
@@ -25,7 +25,7 @@ SHARD = f"{SOURCE}/train/{SOURCE}-train-000000.tar"
 @pytest.fixture(scope="module")
 def built(demo_root, tmp_path_factory) -> Path:
     from pipelines.build.driver import build
-    from pipelines.build.options import BuildOptions
+    from pipelines.build_options import BuildOptions
 
     out = tmp_path_factory.mktemp("hostile") / "shards"
     build(

@@ -17,9 +17,9 @@ import torch.nn.functional as F
 from PIL import Image
 from pycocotools import mask as mask_utils
 
+from pipelines import mixture_file
 from pipelines.build import mixture
 from pipelines.loader import LoaderError, MixtureLoader, decode
-from pipelines.loader import mixture as mixture_file
 from pipelines.loader.order import step_sources
 from pipelines.shard_store import index_shard
 from tests.helpers import write_source

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
+from pipelines import mixture_file
 from pipelines.build import mixture
 from pipelines.build.mixture import MixtureError, balance_weights
-from pipelines.loader import mixture as mixture_file
 from pipelines.shard_store import ShardStoreError
 from tests.helpers import write_source
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from pipelines.build.options import BuildOptions, SourceOptions, parse_bool
+from pipelines.build_options import BuildOptions, SourceOptions, parse_bool
 from pipelines.errors import BuildConfigError, ErrorPolicy, LoaderError, Skip, StrictModeError
 
 # BuildOptions().to_dict() at d76ba1d, written out: it feeds every manifest and resume fingerprint, so the

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from pipelines.build.driver import build
-from pipelines.build.options import BuildOptions, manifest_preset
+from pipelines.build_options import BuildOptions, manifest_preset
 from pipelines.demo_data import write_demo
 from pipelines.errors import BuildConfigError
 from pipelines.sources.refer import combinations

@@ -316,7 +316,7 @@ def test_bad_polygon_drops_one_object_and_skips_a_single_turn_sample(root, tmp_p
 
 def test_samples_of_one_image_decode_it_once(demo, tmp_path, monkeypatch):
     """Train samples of an image are consecutive; the writer's full-decode check runs once per image."""
-    from pipelines.build import images as image_checks
+    from pipelines.build import image_check as image_checks
 
     calls = []
     real = image_checks._decode_jpeg

@@ -15,8 +15,8 @@ import webdataset as wds
 from pipelines import shard_store
 from pipelines.build import mixture
 from pipelines.build.driver import build
-from pipelines.build.options import BuildOptions
-from pipelines.loader.mixture import EXCLUDE_FLAGS
+from pipelines.build_options import BuildOptions
+from pipelines.mixture_file import EXCLUDE_FLAGS
 from pipelines.schema import ImageRef, Sample, Turn, from_wds, to_wds
 from pipelines.shard_store import Manifest, ShardStoreError
 

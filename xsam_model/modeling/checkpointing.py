@@ -15,6 +15,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
+from transformers.modeling_layers import GradientCheckpointingLayer
 
 
 def maybe_checkpoint(fn: Callable[..., torch.Tensor], *args, enabled: bool) -> torch.Tensor:
@@ -26,8 +27,6 @@ def maybe_checkpoint(fn: Callable[..., torch.Tensor], *args, enabled: bool) -> t
 
 def enable_layer_checkpointing(module: nn.Module, enable: bool = True) -> int:
     """Switch every transformers ``GradientCheckpointingLayer`` under ``module``; returns how many."""
-    from transformers.modeling_layers import GradientCheckpointingLayer
-
     n = 0
     for m in module.modules():
         if isinstance(m, GradientCheckpointingLayer):

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pipelines.errors import XsamError
 from xsam_model.config import XSamConfig
 from xsam_model.modeling.connector import SegConnector
 from xsam_model.modeling.decoder import MaskDecoder
@@ -310,7 +311,7 @@ class XSam(nn.Module):
         return {k: self.config.loss.seg_weight * v for k, v in seg.items()}
 
 
-class TargetLabelError(ValueError):
+class TargetLabelError(XsamError, ValueError):
     """A target mask's label does not index the head's classes (the message names the sample)."""
 
 

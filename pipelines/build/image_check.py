@@ -10,30 +10,16 @@ from __future__ import annotations
 
 import io
 import warnings
-from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-import cv2
-import numpy as np
 import simplejpeg
 from PIL import Image
 
-from pipelines import masks
 from pipelines.errors import SkipRecord
+from pipelines.images import png_header, sniff_ext
 
 if TYPE_CHECKING:
     from pipelines.sources.base import ConvertContext
-
-JPEG_MAGIC = b"\xff\xd8\xff"
-PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-
-
-def sniff_ext(data: bytes) -> str | None:
-    if data.startswith(JPEG_MAGIC):
-        return "jpg"
-    if data.startswith(PNG_MAGIC):
-        return "png"
-    return None
 
 
 def _check_jpeg(data: bytes, rel: str) -> tuple[int, int]:
@@ -108,49 +94,6 @@ def load_image(ctx: ConvertContext, rel: str, height: int | None, width: int | N
     return data, ext
 
 
-def image_size(data: bytes) -> tuple[int, int]:
-    """``(height, width)`` from the header only."""
-    if data.startswith(JPEG_MAGIC):
-        h, w, _, _ = simplejpeg.decode_jpeg_header(data)
-        return h, w
-    with Image.open(io.BytesIO(data)) as im:
-        return im.size[1], im.size[0]
-
-
-# Everything a decoder may raise on hostile bytes: PIL's errors, OpenCV's cv2.error (an assertion on an empty
-# buffer, an allocation failure), numpy's, and an allocation that fails outright.
-DECODER_ERRORS = (
-    OSError,
-    ValueError,
-    SyntaxError,
-    MemoryError,
-    EOFError,
-    cv2.error,
-    Image.DecompressionBombError,
-)
-
-
-def png_header(data: bytes, rel: str, max_pixels: int, bad: str) -> tuple[int, int, str]:
-    """``(height, width, mode)`` of a PNG from its header only; over ``max_pixels`` is ``image_too_large``.
-
-    Nothing is decoded here: this is what keeps a 640 KB PNG claiming 20000x20000 pixels from allocating GBs.
-    """
-    if not data.startswith(PNG_MAGIC):
-        raise SkipRecord(bad, f"{rel}: not PNG data ({len(data)} bytes)")
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # the limit below is ours
-            with Image.open(io.BytesIO(data)) as im:
-                (w, h), mode = im.size, im.mode
-    except Image.DecompressionBombError as e:  # PIL's own limit, far above ours: the same verdict
-        raise SkipRecord("image_too_large", f"{rel}: {e}") from None
-    except DECODER_ERRORS as e:
-        raise SkipRecord(bad, f"{rel}: {e}") from None
-    if w * h > max_pixels:
-        raise SkipRecord("image_too_large", f"{rel}: {w}x{h} > {max_pixels} pixels")
-    return h, w, mode
-
-
 def checked_header(data: bytes, rel: str, max_pixels: int) -> tuple[str, int, int]:
     """``(ext, height, width)`` of JPEG or PNG ``data`` from its header only, within ``max_pixels`` (the
     build's pixel limit); else :class:`SkipRecord` ``image_too_large`` or ``corrupt_image``. Nothing is
@@ -171,23 +114,3 @@ def checked_header(data: bytes, rel: str, max_pixels: int) -> tuple[str, int, in
     if w * h > max_pixels:
         raise SkipRecord("image_too_large", f"{rel}: {w}x{h} > {max_pixels} pixels")
     return ext, h, w
-
-
-def guarded_decode(decode: Callable[[bytes], np.ndarray], data: bytes, rel: str, bad: str) -> np.ndarray:
-    """``decode(data)`` with every decoder error a :class:`SkipRecord` ``bad`` naming ``rel``."""
-    try:
-        arr = decode(data)
-    except SkipRecord:
-        raise
-    except DECODER_ERRORS as e:
-        raise SkipRecord(bad, f"{rel}: {type(e).__name__}: {str(e).strip().splitlines()[-1][:200]}") from None
-    if arr is None:
-        raise SkipRecord(bad, f"{rel}: cannot be decoded")
-    return arr
-
-
-def read_panoptic_png(data: bytes, rel: str, max_pixels: int, bad: str) -> np.ndarray:
-    """A panoptic PNG's ``HxW`` int32 id map (:func:`pipelines.masks.read_panoptic_png`), its size checked
-    against ``max_pixels`` from the header first and every decoder error a skip ``bad``."""
-    png_header(data, rel, max_pixels, bad)
-    return guarded_decode(masks.read_panoptic_png, data, rel, bad)

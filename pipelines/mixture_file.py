@@ -1,4 +1,4 @@
-"""The mixture file's types and its reader (DESIGN §4.5): what the loader and training read.
+"""The mixture file's types and its reader (docs/contracts.md, "Mixture"): what the build writes, the loader reads.
 
 ``<out>/mixture.json`` is written by :mod:`pipelines.build.mixture` at the end of every build; this module
 holds its frozen dataclasses (one :class:`StageMixture` per training stage, one :class:`DatasetWeight` per
@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass, field
 
 from pipelines import storage
 from pipelines.errors import MixtureError
+from pipelines.shard_store import Manifest, MissingManifestError
 
 MIXTURE_FILE = "mixture.json"
 MIXTURE_VERSION = 1
@@ -175,8 +176,6 @@ def check_generations(shards: str, stage: StageMixture) -> None:
     """Every dataset's manifest under ``shards`` still commits the build generation ``mixture.json`` was
     computed from; else :class:`MixtureError` in one line: which split, what changed, how to fix it.
     Datasets of mixtures written before generations existed are not checked."""
-    from pipelines.shard_store import Manifest, MissingManifestError
-
     for d in stage.datasets:
         if d.generation is None:
             continue

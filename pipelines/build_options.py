@@ -1,9 +1,11 @@
-"""What a build is asked to do: :class:`BuildOptions` and :class:`SourceOptions` (how it treats bad data is
-:class:`pipelines.errors.ErrorPolicy`, which :attr:`BuildOptions.policy` makes).
+"""What a build is asked to do: :class:`BuildOptions`, the per-source :class:`SourceOptions` and the build
+presets.
 
-Everything here is imported by both the build driver and the sources, so this module depends on nothing in
-the project but :mod:`pipelines.errors`. Options are validated when they are made: a bad value is a
-:class:`~pipelines.errors.BuildConfigError` naming the option, before anything is read.
+Read by the build driver and by every source (a source's :class:`~pipelines.sources.base.ConvertContext`
+carries the build's options), so it lives in the core. How a build treats bad data is
+:class:`pipelines.errors.ErrorPolicy`, which :attr:`BuildOptions.policy` makes. Options are validated when they
+are made: a bad value is a :class:`~pipelines.errors.BuildConfigError` naming the option, before anything is
+read.
 """
 
 from __future__ import annotations
@@ -12,18 +14,18 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
-from pipelines.errors import BuildConfigError, ErrorPolicy, Skip, SkipRecord, StrictModeError
+from pipelines.errors import BuildConfigError, ErrorPolicy
 
 __all__ = [
     "DEFAULT_MAX_IMAGE_BYTES",
     "DEFAULT_MAX_IMAGE_PIXELS",
     "PRESETS",
     "BuildOptions",
-    "Skip",
-    "SkipRecord",
     "SourceOptions",
-    "StrictModeError",
     "manifest_preset",
+    "parse_bool",
+    "parse_choice",
+    "parse_int",
 ]
 
 DEFAULT_MAX_IMAGE_PIXELS = (
