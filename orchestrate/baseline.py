@@ -16,6 +16,8 @@ from orchestrate.errors import StageConfigError
 from pipelines.errors import run_cli
 from pipelines.logs import add_verbosity_flags, configure_logging, verbosity
 
+# Heavy imports (torch, transformers) are deferred into write_initial_export: `--help` stays light.
+
 
 def write_initial_export(stage: int, flavor: str, out: str, init_dir: str | None = None) -> str:
     """Build stage ``stage``'s model as a training worker does (same seed) and export its trainable weights."""

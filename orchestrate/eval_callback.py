@@ -36,14 +36,13 @@ from orchestrate.evaluation.inference import (
     plan_sets,
     score_subset,
 )
-from orchestrate.plan import model_config
-from xsam_model.export import Export
 
 if TYPE_CHECKING:
     from orchestrate.stages import EvalConfig
     from orchestrate.trainer import Trainer
 
-# Heavy imports (torch, transformers, wandb) are deferred into the workers' evaluation: the driver needs none.
+# Heavy imports (torch, transformers, wandb) are deferred into the workers' evaluation (and the model's config
+# into its set check): the driver needs none.
 
 logger = logging.getLogger(__name__)
 
@@ -80,6 +79,9 @@ def check_evaluation(cfg, shards: str) -> None:
 def _model_info(cfg, model=None):
     """The model in training as an :class:`~xsam_model.export.Export` (config only, nothing on storage), so
     the set checks are the ones ``evaluate.py --export`` makes."""
+    from orchestrate.plan import model_config
+    from xsam_model.export import Export
+
     mc = model.config if model is not None else model_config(cfg)
     return Export(
         url=f"the stage-{cfg.stage} model in training",

@@ -22,8 +22,12 @@ from typing import Any
 from orchestrate.errors import ParentExportError
 from orchestrate.run_layout import RunLayout
 from orchestrate.stages import ParentSpec
+from xsam_model import load_exported
 from xsam_model.export import Export, ExportError
 from xsam_model.weight_fit import check_fit
+
+# Heavy imports (ray) are deferred into code_version: the build driver imports Ray, which the stage
+# chaining never needs.
 
 # ---------------------------------------------------------------------------------------------- code version
 _PACKAGES = ("pipelines", "xsam_model", "orchestrate")
@@ -117,8 +121,6 @@ def load_parent_weights(model, plan: LoadPlan, exports: Mapping[int, Export]) ->
     """Copy the planned tensors into ``model`` (strict: :func:`xsam_model.load_exported` re-checks every key).
     Each file is checked against its lineage's hash as it is read (the export's ``verified_sha256`` is set).
     Returns the number of tensors loaded per parent stage."""
-    from xsam_model import load_exported
-
     counts = {}
     for stage, keys in plan.take.items():
         try:

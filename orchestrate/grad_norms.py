@@ -23,6 +23,9 @@ from torch import nn
 
 from xsam_model.stages import STAGE_GROUPS
 
+# Heavy imports (deepspeed) are deferred into full_grad, the one call that needs the engine's gradients: the
+# parts and the norms' arithmetic load without it.
+
 Parts = dict[str, list[tuple[str, nn.Parameter]]]
 
 

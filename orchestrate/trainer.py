@@ -32,6 +32,7 @@ from orchestrate import checkpointing, console, exports, fingerprint
 from orchestrate.callbacks import Callback
 from orchestrate.checkpointing import TrainState
 from orchestrate.deepspeed_config import initialize
+from orchestrate.grad_norms import GradNormProbe
 from orchestrate.plan import RunPlan, model_config
 from orchestrate.stages import with_world_size
 from orchestrate.tracking import make_tracker
@@ -194,8 +195,6 @@ class Trainer:
         self.loaded = self._load_parents(model)
         groups = optimizer_groups(model, cfg)
         self.group_names = [g["name"] for g in groups]
-        from orchestrate.grad_norms import GradNormProbe
-
         self.grad_probe = GradNormProbe(model, cfg.stage, cfg.tracking.grad_norm_every)  # grad_norm/<group>
         # the stage's lr schedule (cfg.schedule.lr) as DeepSpeed's client scheduler, epochs in the plan's steps
         self.engine, self.scheduler, self.ds_config = initialize(

@@ -10,8 +10,13 @@ store such as MinIO.
 
 from __future__ import annotations
 
+import ctypes
 import json
+import logging
 import os
+import shutil
+import signal
+import socket
 import time
 import uuid
 from collections.abc import Iterator
@@ -176,8 +181,6 @@ def fault_point(name: str) -> None:
     """Kill this process (SIGKILL, as a node loss would) when ``$XSAM_FAULT_KILL_AT`` names ``name``: the
     tests' way to stop a writer between two steps that must both happen."""
     if os.environ.get(FAULT_ENV) == name:
-        import signal
-
         os.kill(os.getpid(), signal.SIGKILL)
 
 
@@ -206,15 +209,11 @@ def replaced_folder(path: str) -> Iterator[str]:
         fault_point("staged")
         _swap_in(top, staged, path)
     except BaseException:
-        import shutil
-
         shutil.rmtree(top, ignore_errors=True)
         raise
 
 
 def _swap_in(top: str, staged: str, path: str) -> None:
-    import shutil
-
     if not os.path.lexists(path):
         os.rename(staged, path)
     elif not _exchange(staged, path):
@@ -228,8 +227,6 @@ def _swap_in(top: str, staged: str, path: str) -> None:
 def _exchange(a: str, b: str) -> bool:
     """Atomically swap the paths ``a`` and ``b`` (Linux ``renameat2(RENAME_EXCHANGE)``); False where the
     C library or the file system cannot."""
-    import ctypes
-
     libc = ctypes.CDLL(None, use_errno=True)
     fn = getattr(libc, "renameat2", None)
     if fn is None:
@@ -247,9 +244,6 @@ def recover_staged(path: str) -> list[str]:
     """Deal with the staging folders of ``path`` whose writer (on this host) is gone: a complete one whose
     swap was cut between its two renames is moved in (``path`` is missing then); every other one is removed.
     Returns what was done, one line each (also logged)."""
-    import logging
-    import shutil
-
     parent, name = os.path.split(os.path.abspath(path).rstrip("/"))
     done = []
     prefix = f"{STAGE_MARK}{name}-"
@@ -276,8 +270,6 @@ def recover_staged(path: str) -> list[str]:
 
 
 def _host() -> str:
-    import socket
-
     return socket.gethostname().replace("-", "_")
 
 

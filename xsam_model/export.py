@@ -33,11 +33,13 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from safetensors.torch import load as load_bytes
+from safetensors.torch import save as save_bytes
+
 from pipelines import storage
 from pipelines.errors import XsamError
-
-# safetensors and the model builder (which pulls in transformers) are imported inside the functions that
-# read tensors or build a model: deferred heavy imports
+from xsam_model.builder import build_xsam
+from xsam_model.stages import WeightMismatchError, load_exported
 
 log = logging.getLogger(__name__)
 
@@ -249,8 +251,6 @@ class Export:
     def state(self, keys=None) -> dict:
         """The tensors (name → tensor, CPU), from bytes checked against the lineage's hash; only ``keys`` if
         given."""
-        from safetensors.torch import load as load_bytes
-
         fs, path = storage.fs_and_path(self.model_url)
         with fs.open(path, "rb") as f:
             blob = f.read()
@@ -261,9 +261,6 @@ class Export:
     def build_model(self, device: str = "cpu", dtype=None, *, flavor: str | None = None):
         """The export's flavor built (its recorded ``init_dir`` for the tokenizer and the frozen parts) with
         the export's weights loaded strictly, in eval mode on ``device``. ``flavor``: refuse any other."""
-        from xsam_model.builder import build_xsam
-        from xsam_model.stages import WeightMismatchError, load_exported
-
         if not self.flavor:
             raise ExportError(f"{self.url}/{CONFIG_FILE} names no model flavor")
         if flavor is not None and flavor != self.flavor:
@@ -285,8 +282,6 @@ def write_export(url: str, state: Mapping[str, Any], *, stage: int, config: dict
     """Write ``state`` (name → tensor), ``config`` and ``lineage`` (``stage``, ``model_sha256``, ``tensors`` and
     ``written_at`` added) as the export at ``url``, replacing any previous one only once the new one is
     complete (see the module docstring). Returns ``url``."""
-    from safetensors.torch import save as save_bytes
-
     fs, path = storage.fs_and_path(url)
     remove_stale(url)
     tmp = f"{path}{TMP_TAG}{uuid.uuid4().hex[:8]}"

@@ -26,6 +26,9 @@ import numpy as np
 
 from orchestrate.evaluation.errors import EvaluationError
 
+# Heavy imports (pycocoevalcap, torch, transformers) are deferred into the scorers that need them: scoring
+# masks alone never loads a caption metric or a text model.
+
 _TAG = re.compile(r"<[^<>]*>")
 
 

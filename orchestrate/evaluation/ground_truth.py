@@ -35,7 +35,9 @@ from pipelines import shard_store
 from pipelines.masks import MaskFormatError
 from pipelines.schema import SEG, Sample, SampleError
 from pipelines.sources import SOURCES
+from pipelines.sources.ade20k import category_table
 from pipelines.sources.base import SourceNotFound, relpath
+from pipelines.sources.genseg import clean_category_name
 from pipelines.sources.readers.coco_index import RawAnns, iter_coco_records, read_categories, read_spans
 from pipelines.storage import join
 
@@ -187,8 +189,6 @@ def _add_originals(evs: EvalSet, inputs: list[dict]) -> None:
 
 
 def _ade_table(source: str) -> dict:
-    from pipelines.sources.ade20k import category_table
-
     return category_table(SOURCES[source].vocabulary())
 
 
@@ -296,8 +296,6 @@ def prompt_vocabulary(evs: EvalSet) -> list[tuple[int, str]]:
     """X-SAM's evaluation prompt for a genseg/ovseg set: every category of the set in id order, as
     ``(category_id, phrase)`` (phrases cleaned as the build cleans them). Inference lists these, so a
     predicted phrase index maps back to its ``category_id``."""
-    from pipelines.sources.genseg import clean_category_name
-
     if evs.categories is None:
         raise EvaluationError(f"{evs.name}: the set has no category vocabulary")
     return [(c, clean_category_name(evs.category_names.get(c, str(c)))) for c in sorted(evs.categories)]

@@ -27,12 +27,25 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from orchestrate.evaluation import captions
 from orchestrate.evaluation import ground_truth as gt
 from orchestrate.evaluation.errors import EvaluationError, listing
+from orchestrate.evaluation.inference_report import log_eval_run
+from orchestrate.evaluation.predictions import PredictionReader, index_predictions
+from orchestrate.evaluation.report import write_outputs
+from orchestrate.evaluation.run import score_predictions
+from orchestrate.evaluation.scoring import SCORERS, ScoreOptions
+from pipelines import shard_store, templates
 from pipelines.schema import IMAGE, Sample, Turn
-from xsam_model.export import Export, ExportError
+
+if TYPE_CHECKING:
+    from xsam_model.export import Export
+
+# Heavy imports (torch, transformers, ray, wandb) are deferred into the functions that load or run the model, the
+# Ray actors and the wandb run: `evaluate.py --help`, `predict.py` and the scorers stay light (the xsam_model
+# package imports the model builder, so even xsam_model.export loads torch).
 
 log = logging.getLogger(__name__)
 
@@ -90,6 +103,8 @@ class InferenceOptions:
 def open_export(url: str) -> Export:
     """The export at ``url``, its model.safetensors verified against its lineage; a missing, incomplete or
     damaged export is an :class:`EvaluationError` naming what was expected."""
+    from xsam_model.export import Export, ExportError
+
     try:
         return Export.read(url)
     except ExportError as e:
@@ -99,6 +114,8 @@ def open_export(url: str) -> Export:
 def load_export(url: str, device: str = "cpu", precision: str = "auto", flavor: str | None = None):
     """``(model, Export)``: the export's flavor built (its ``init_dir`` for the tokenizer and the frozen
     parts), the export's weights loaded strictly, in eval mode on ``device``."""
+    from xsam_model.export import Export, ExportError
+
     try:
         info = Export.read(url, verify=False)  # build_model checks the bytes it loads against the lineage
     except ExportError as e:
@@ -165,8 +182,6 @@ def _linear_columns(evs: gt.EvalSet, vocab, info: Export) -> tuple[int, ...]:
 def vocabulary_prompt(sample: Sample, vocab: Sequence[tuple[int, str]]) -> Sample:
     """X-SAM's evaluation prompt for a genseg/ovseg sample: every category of the set, in id order, with the
     sample's own answer (``<SEG>``). The first wording of our genseg templates."""
-    from pipelines import templates
-
     names = [n for _, n in vocab]
     question = templates.GENSEG_QUESTIONS[0].format(cats=templates.join_tags(names))
     answers = [t.text for t in sample.conversation if t.role == "assistant"]
@@ -304,8 +319,6 @@ class InferenceRun:
 def shard_jobs(jobs: Sequence[SetJob], max_samples: int | None) -> list[tuple[SetJob, str, int | None]]:
     """``(set, shard, limit)`` per shard to run, in set and shard order; with ``max_samples`` a set's
     shards stop once they hold that many samples (counts from the manifest)."""
-    from pipelines import shard_store
-
     out = []
     for job in jobs:
         if max_samples is None:
@@ -437,10 +450,6 @@ def score_subset(
 ) -> tuple[dict[str, dict[str, float]], dict[str, dict]]:
     """Score only the samples ``predictions`` has (a set's first N) with the evaluation's own scorers:
     ``(results, details)`` as :func:`score_predictions` computes them for whole sets."""
-    from orchestrate.evaluation import captions
-    from orchestrate.evaluation.predictions import PredictionReader, index_predictions
-    from orchestrate.evaluation.scoring import SCORERS, ScoreOptions
-
     refs = index_predictions(predictions)
     options = ScoreOptions(text_sim_model=text_sim_model)
     results, details = {}, {}
@@ -501,9 +510,6 @@ def evaluate_export(
     """Inference, then scoring: ``{set: {metric: percent}}``; ``results.json``, ``details.json``,
     ``inference.json``, ``predictions.jsonl`` and a wandb eval run under ``out_dir``. ``sets`` None: every
     built eval split that has a metric (:func:`default_sets`)."""
-    from orchestrate.evaluation import score_predictions
-    from orchestrate.evaluation.report import write_outputs
-
     names = list(sets) if sets else default_sets(shards)
     run = run_inference(
         export, shards, data_root, names, out_dir, options, num_workers=num_workers, use_gpu=use_gpu
@@ -526,7 +532,5 @@ def evaluate_export(
         {"predictions": run.predictions, "shards": shards, "sets": details},
     )
     if wandb_mode and wandb_mode != "disabled":
-        from orchestrate.evaluation.inference_report import log_eval_run
-
         log_eval_run(out_dir, results, details, run, wandb_mode, overlays=options.overlays)
     return results

@@ -17,11 +17,16 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from orchestrate.evaluation import ground_truth as gt
-from orchestrate.evaluation.predictions import phrase_spans
+from orchestrate.evaluation.overlay import draw, labelled_masks
+from orchestrate.evaluation.predictions import index_predictions, phrase_spans
 from orchestrate.evaluation.wandb_helpers import resolve_mode, run_id, same_size, wandb_env
+from pipelines import shard_store, storage
+from pipelines.loader.decode import decode_image
 
 if TYPE_CHECKING:
     from orchestrate.evaluation.inference import InferenceRun, SetJob
+
+# Heavy imports (wandb) are deferred into the run's logging: a run with wandb disabled never loads it.
 
 
 def training_link(lineage: Mapping[str, Any]) -> dict[str, Any]:
@@ -56,11 +61,6 @@ def entry_namer(evs: gt.EvalSet, sample, line: dict):
 
 def overlays(run: InferenceRun, per_set: int) -> Iterator[tuple[str, np.ndarray]]:
     """``(caption, RGB array)`` for the first ``per_set`` predicted samples of each set."""
-    from orchestrate.evaluation.overlay import draw, labelled_masks
-    from orchestrate.evaluation.predictions import index_predictions
-    from pipelines import shard_store, storage
-    from pipelines.loader.decode import decode_image
-
     if per_set <= 0:
         return
     refs = index_predictions(run.predictions)

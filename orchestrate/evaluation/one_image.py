@@ -18,7 +18,11 @@ import numpy as np
 from orchestrate.evaluation.errors import EvaluationError
 from orchestrate.evaluation.predictions import phrase_spans
 from pipelines import masks as mask_ops
+from pipelines.loader.decode import decode_image
 from pipelines.schema import IMAGE, REGION, ImageRef, Region, Sample, Turn
+
+# Heavy imports (torch, transformers) are deferred into predict: `predict.py --help` and argument errors
+# stay light.
 
 TASK_OUTPUT = {
     "genseg": "panoptic",
@@ -77,8 +81,6 @@ def box_mask(box: Sequence[float], hw: tuple[int, int]) -> np.ndarray:
 
 def user_sample(image: bytes, prompt: str, task: str, boxes: Sequence[Sequence[float]]) -> Sample:
     """A one-turn Sample of the image and prompt (``<image>`` added first when missing)."""
-    from pipelines.loader.decode import decode_image
-
     hw = decode_image(image).shape[:2]
     phrases = _check_spans(prompt)
     slots = prompt.count(REGION)

@@ -13,6 +13,10 @@ import os
 from collections.abc import Mapping
 from pathlib import Path
 
+from orchestrate.evaluation.wandb_helpers import resolve_mode, wandb_env
+
+# Heavy imports (wandb) are deferred into log_wandb: a run with wandb disabled never loads it.
+
 # column order of the table: the papers' order, then anything else alphabetically
 METRIC_ORDER = (
     "PQ",
@@ -93,8 +97,6 @@ def _write(path: Path, obj: object) -> None:
 def log_wandb(out: Path, results: Mapping, details: Mapping, mode: str) -> str | None:
     """One wandb run (``job_type="eval"``) with the results as a table and as summary values; returns the
     run's folder."""
-    from orchestrate.evaluation.wandb_helpers import resolve_mode, wandb_env
-
     mode = resolve_mode(mode)
     folder = out / "wandb"
     os.environ.update(wandb_env(folder, mode))

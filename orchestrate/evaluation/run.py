@@ -13,10 +13,14 @@ import time
 from collections.abc import Iterator, Sequence
 from typing import Any
 
+from orchestrate.evaluation import captions
 from orchestrate.evaluation import ground_truth as gt
 from orchestrate.evaluation.errors import EvaluationError, listing
 from orchestrate.evaluation.predictions import PredRef, index_predictions
+from orchestrate.evaluation.report import write_outputs
 from orchestrate.evaluation.scoring import ScoreOptions, ShardResult, score_shard
+
+# Heavy imports (ray) are deferred into the Ray path: scoring inline never loads it.
 
 log = logging.getLogger(__name__)
 
@@ -46,9 +50,7 @@ def score_predictions(
         raise EvaluationError(f"{predictions_path}: no prediction, and no --sets named")
     evsets = [gt.open_set(shards, data_root, n) for n in names]
     if text_sim_model:
-        from orchestrate.evaluation.captions import text_embedder
-
-        text_embedder(text_sim_model)  # a bad folder fails now, not in a worker
+        captions.text_embedder(text_sim_model)  # a bad folder fails now, not in a worker
     by_set = _split_refs(refs, names, predictions_path)
     options = ScoreOptions(text_sim_model=text_sim_model)
     scorers, details = {}, {}
@@ -65,13 +67,9 @@ def score_predictions(
             results[name] = metrics
             details[name] = {"samples": scorer.samples, "notes": notes}
     finally:
-        from orchestrate.evaluation import captions
-
         captions.close()
     log.info("scored %d sets in %.1f s", len(results), time.time() - t0)
     if out_dir:
-        from orchestrate.evaluation.report import write_outputs
-
         write_outputs(out_dir, results, details, predictions_path, shards, wandb_mode)
     return results
 

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from orchestrate.evaluation import ground_truth as gt
-from orchestrate.evaluation.captions import caption_scores, clean_caption
+from orchestrate.evaluation.captions import caption_scores, clean_caption, text_embedder
 from orchestrate.evaluation.errors import EvaluationError, where
 from orchestrate.evaluation.metrics import (
     GcgGrounding,
@@ -292,8 +292,6 @@ class GcgScorer(_Scorer):
         self.samples += 1
 
     def _similarity(self, gt_phrases: list[str | None], pred_phrases: list[str]) -> np.ndarray:
-        from orchestrate.evaluation.captions import text_embedder
-
         embed = text_embedder(self.text_model)
         known = [p for p in gt_phrases if p is not None]
         sims = np.zeros((len(gt_phrases), len(pred_phrases)))

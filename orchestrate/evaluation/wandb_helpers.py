@@ -12,6 +12,8 @@ import os
 import re
 from pathlib import Path
 
+import numpy as np
+
 __all__ = ["pad_to", "resolve_mode", "run_id", "same_size", "wandb_env"]
 
 
@@ -46,8 +48,6 @@ def run_id(run_name: str, stage: int, run_root: str = "") -> str:
 
 def pad_to(a, h: int, w: int):
     """HxW[xC] array padded with zeros at the bottom and right to h×w."""
-    import numpy as np
-
     return np.pad(a, [(0, h - a.shape[0]), (0, w - a.shape[1])] + [(0, 0)] * (a.ndim - 2))
 
 

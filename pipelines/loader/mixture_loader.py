@@ -26,6 +26,9 @@ from pipelines.mixture_file import Mixture, StageMixture, check_generations
 from pipelines.mixture_file import load as load_mixture
 from pipelines.schema import Sample
 
+# Heavy imports (torch) are deferred into the worker path: building shards and reading mixtures import this
+# package and never need it.
+
 
 @dataclass(frozen=True)
 class Batch:

@@ -10,12 +10,12 @@ import pytest
 import torch
 
 from orchestrate.callbacks import read_trace
-from orchestrate.exports import read_export_state
 from orchestrate.fingerprint import fingerprint, read_fingerprints
 from orchestrate.runner import RunArgs, default_callbacks, fit, prepare
 from orchestrate.summary import compare_runs, summarize
 from tests.orchestrate.faults import KillWorker
 from xsam_model import build_xsam, export_trainable
+from xsam_model.export import Export
 from xsam_model.stages import STAGE_GROUPS
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.timeout(900)]  # a hung rendezvous fails, not CI
@@ -143,15 +143,16 @@ def test_three_stages_chain_through_their_exports(chain):
     s3 = {p["stage"]: p for p in _lineage(root, 3)["parents"]}
     assert set(s3) == {1, 2} and s3[1]["tensors_loaded"] > 0 and s3[2]["tensors_loaded"] > 0
     assert s3[1]["model_sha256"] == _lineage(root, 1)["model_sha256"]
-    s2 = read_export_state(str(root / "stage2" / "export"))
+    s2 = Export.read(str(root / "stage2" / "export")).state()
     assert {k.split(".")[0] for k in s2} == {
         "visual_projector",
         "seg_projector",
     }  # only the projectors trained
-    s1 = read_export_state(str(root / "stage1" / "export"))
+    s1 = Export.read(str(root / "stage1" / "export")).state()
     assert any(k.startswith("mask_decoder.linear_head.") for k in s1)
     assert not any(
-        k.startswith("mask_decoder.linear_head.") for k in read_export_state(str(root / "stage3" / "export"))
+        k.startswith("mask_decoder.linear_head.")
+        for k in Export.read(str(root / "stage3" / "export")).state()
     )
     assert len(_lineage(root, 3)["source_steps"]) >= 2  # stage 3 mixes sources across steps
     text = summarize(root)  # what the demo prints at the end
@@ -186,8 +187,8 @@ def test_sigkilled_worker_restarts_from_checkpoint_with_same_data_and_weights(ch
     lineage = _lineage(tmp_path / "run", 1)
     assert lineage["restarts"] == 1 and lineage["steps"] == 6
     got, want = (
-        read_export_state(str(sdir / "export")),
-        read_export_state(str(ref_root / "stage1" / "export")),
+        Export.read(str(sdir / "export")).state(),
+        Export.read(str(ref_root / "stage1" / "export")).state(),
     )
     assert set(got) == set(want)
     torch.manual_seed(plan.cfg.data.seed)  # the initial weights, as every worker builds them
@@ -199,5 +200,5 @@ def test_sigkilled_worker_restarts_from_checkpoint_with_same_data_and_weights(ch
     assert moved > 0 and gap <= WEIGHT_RTOL * moved, (
         f"gap {gap:.3g} vs moved {moved:.3g}, max |Δ| {worst:.3g}"
     )
-    first = read_export_state(str(ref_root / "stage1" / "export"))
+    first = Export.read(str(ref_root / "stage1" / "export")).state()
     assert all(torch.equal(first[k], want[k]) for k in want)  # the reference itself is stable on disk
