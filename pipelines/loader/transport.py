@@ -215,7 +215,7 @@ def _batch_view(flat: torch.Tensor) -> torch.Tensor:
     """This batch's view of a chunk: a tensor over a fresh array of the mapping, whose death (the last tensor
     of the batch in that chunk gone) clears the chunk's in-use byte for the worker."""
     arr = flat.numpy()
-    weakref.finalize(arr, _release, flat)
+    weakref.finalize(arr, _release, flat).atexit = False  # nothing to tell a worker at interpreter exit
     return torch.from_numpy(arr)
 
 

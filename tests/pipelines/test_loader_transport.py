@@ -145,6 +145,26 @@ def test_arena_pack_unpack_and_release():
     assert arena.created == 1
 
 
+def test_the_pin_memory_thread_unpacks(monkeypatch):
+    """The DataLoader's pin thread calls ``Packed.pin_memory`` on a worker's ``(meta, Packed)``: it gets the
+    batch unpacked, every tensor pinned (pinning itself needs CUDA: here a copy stands in for it)."""
+    from torch.utils.data._utils.pin_memory import pin_memory
+
+    pinned = []
+    monkeypatch.setattr(torch.Tensor, "pin_memory", lambda t, *a, **k: pinned.append(t.shape) or t.clone())
+    arena = transport.Arena(chunk_bytes=1 << 20)
+    x = arena.empty((2, 3), torch.float32)
+    x.copy_(torch.ones(2, 3))
+    data = {"x": x, "masks": [torch.arange(4, dtype=torch.uint8)], "task": "genseg"}
+    meta, batch = pin_memory(({"micro_step": 0}, arena.pack(data)))
+    assert meta == {"micro_step": 0}
+    assert_same(data, batch)
+    assert len(pinned) == 2
+    del batch
+    gc.collect()
+    assert arena.chunks[0].free  # the unpacked views died once pinned copies were made
+
+
 @pytest.mark.gpu
 def test_pinned_batches_through_workers(demo_mix, processor):
     """With pin_memory (a GPU run) the pin thread unpacks: same batches, pinned."""
