@@ -708,13 +708,13 @@ def main() -> None:
             f" {timed} timed samples after {warmup} warm-up"
         )
         print(
-            f"   {'':<27}{'per CPU-s':>10} {'wall':>8}   (samples/s; the box is shared, so per CPU-second is the "
+            f"   {'':<30}{'per CPU-s':>10} {'wall':>8}   (samples/s; the box is shared, so per CPU-second is the "
             f"per-worker figure)"
         )
         for name, rs in runs.items():
             r = best(rs, "samples_per_cpu_s")
             print(
-                f"   {name:<27}{r['samples_per_cpu_s']:10.1f} {r['samples_per_s']:8.1f}   {r['samples_per_cpu_s'] / base:5.2f}x "
+                f"   {name:<30}{r['samples_per_cpu_s']:10.1f} {r['samples_per_s']:8.1f}   {r['samples_per_cpu_s'] / base:5.2f}x "
                 f"baseline (wall {r['samples_per_s'] / base_wall:4.2f}x)  {r['masks_per_sample']:.1f} masks/sample"
             )
         print(

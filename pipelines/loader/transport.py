@@ -27,6 +27,7 @@ import weakref
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 
 CHUNK_BYTES = 64 << 20  # a micro-batch of 4 samples at SAM 1024 fills about two
@@ -211,19 +212,22 @@ def _release(flat: torch.Tensor) -> None:
     flat[0] = 0
 
 
-def _batch_view(flat: torch.Tensor) -> torch.Tensor:
-    """This batch's view of a chunk: a tensor over a fresh array of the mapping, whose death (the last tensor
-    of the batch in that chunk gone) clears the chunk's in-use byte for the worker."""
+def _batch_view(flat: torch.Tensor) -> np.ndarray:
+    """This batch's view of a chunk: a fresh array over the mapping, whose death (the last tensor of the batch
+    in that chunk gone: each holds a slice of it) clears the chunk's in-use byte for the worker."""
     arr = flat.numpy()
     weakref.finalize(arr, _release, flat).atexit = False  # nothing to tell a worker at interpreter exit
-    return torch.from_numpy(arr)
+    return arr
 
 
-def _unpack(x: Any, views: dict[int, torch.Tensor]) -> Any:
+def _unpack(x: Any, views: dict[int, np.ndarray]) -> Any:
     if isinstance(x, _Ref):
+        # a storage of its own over its bytes, as a tensor that came through torch's own hand-off has (so
+        # torch.save of a batch, or a tensor's untyped_storage(), sees that tensor alone, not the chunk)
         itemsize = torch.empty(0, dtype=x.dtype).element_size()
-        storage = views[x.chunk].untyped_storage()
-        return torch.empty(0, dtype=x.dtype).set_(storage, x.offset // itemsize, x.shape, x.stride)
+        span = (1 + sum((n - 1) * s for n, s in zip(x.shape, x.stride, strict=True))) * itemsize
+        own = torch.from_numpy(views[x.chunk][x.offset : x.offset + span])
+        return own.view(x.dtype).as_strided(x.shape, x.stride)
     if isinstance(x, _Empty):
         return torch.empty(x.shape, dtype=x.dtype)
     if type(x) is dict:

@@ -6,6 +6,7 @@ never written over."""
 from __future__ import annotations
 
 import gc
+import io
 
 import pytest
 import torch
@@ -132,6 +133,9 @@ def test_arena_pack_unpack_and_release():
     batch = arena.pack(data).unpack()
     assert_same(data, batch)
     assert batch["l"][0].stride() == x.T.stride()
+    # each tensor on a storage of its own (torch.save of a batch works, as with torch's own hand-off)
+    assert batch["ids"].untyped_storage().nbytes() == 5 * 8
+    torch.save(batch, io.BytesIO())
     (chunk,) = arena.chunks
     assert not chunk.free
     keep = batch["row"]
