@@ -133,13 +133,13 @@ class Arena:
         return packed
 
     def _pack(self, x: Any) -> Any:
-        if isinstance(x, torch.Tensor):
+        if isinstance(x, torch.Tensor) and x.device.type == "cpu" and x.layout == torch.strided:
             return self._ref(x)
         if type(x) is dict:
             return {k: self._pack(v) for k, v in x.items()}
         if type(x) in (list, tuple):
             return type(x)(self._pack(v) for v in x)
-        return x  # str, numbers, other objects: pickled as they are
+        return x  # str, numbers, other objects (and any other kind of tensor): pickled as they are
 
     def _ref(self, t: torch.Tensor) -> _Ref | _Empty:
         if t.numel() == 0:
@@ -149,10 +149,7 @@ class Arena:
         if owner is None:  # made outside the arena (token ids, labels): copied in
             dst = self.empty(tuple(t.shape), t.dtype)
             dst.copy_(t)
-            t, owner = (
-                dst,
-                next(c for c in self.batch if c.flat.data_ptr() == dst.untyped_storage().data_ptr()),
-            )
+            return self._ref(dst)
         off = t.data_ptr() - owner.flat.data_ptr()
         return _Ref(owner.id, off, t.dtype, tuple(t.shape), tuple(t.stride()))
 
