@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 import torch
 
-CHUNK_BYTES = 64 << 20  # a micro-batch of 4 samples at SAM 1024 fills about two
+CHUNK_BYTES = 64 << 20  # the largest chunk made for small tensors (a batch of 4 at SAM 1024 fills about two)
 KEEP_IDLE_BYTES = 1 << 30  # idle chunks a worker keeps for reuse beyond this are given back
 _HEADER = 64  # byte 0: 1 while the main process may read the chunk; allocations start after it
 _ALIGN = 64
@@ -50,6 +50,10 @@ def activate(arena: Arena | None) -> None:
 
 def _align(n: int) -> int:
     return -(-n // _ALIGN) * _ALIGN
+
+
+def _mib(n: int) -> int:
+    return -(-n // (1 << 20)) * (1 << 20)
 
 
 @dataclass(eq=False)  # identity: `in` must not compare tensors
@@ -91,6 +95,7 @@ class Arena:
         self.batch: list[_Chunk] = []  # the chunks of the batch being built
         self.dropped: list[int] = []  # chunks given back since the last batch (the main process unmaps them)
         self.created = 0
+        self.batch_bytes = 0  # the largest batch so far: new chunks hold one (up to chunk_bytes)
 
     def empty(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
         """An uninitialised contiguous tensor in this batch's chunks."""
@@ -110,7 +115,8 @@ class Arena:
         if fits:
             c = min(fits, key=lambda c: c.flat.numel())
         else:
-            size = max(self.chunk_bytes, -(-(_HEADER + n) // (1 << 20)) * (1 << 20))
+            # shared memory is zero-filled when made: a small model's batches get small chunks
+            size = max(_mib(_HEADER + n), min(self.chunk_bytes, _mib(self.batch_bytes)))
             storage = torch.UntypedStorage._new_shared(size)
             c = _Chunk(self.created, torch.empty(0, dtype=torch.uint8).set_(storage))
             self.created += 1
@@ -122,6 +128,7 @@ class Arena:
     def pack(self, data: Any) -> Packed:
         """``data`` (dicts, lists, tuples of tensors and plain values) as a :class:`Packed` batch; ends the batch."""
         tree = self._pack(data)
+        self.batch_bytes = max(self.batch_bytes, sum(c.top for c in self.batch))
         new = {}
         for c in self.batch:
             if not c.sent:
