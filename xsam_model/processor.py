@@ -61,7 +61,7 @@ import torch
 
 from pipelines import templates
 from pipelines.errors import XsamError
-from pipelines.loader import decode, redraw, vgd_draw
+from pipelines.loader import decode, redraw, transport, vgd_draw
 from pipelines.schema import IMAGE, P_CLOSE, P_OPEN, REGION, Sample, Turn
 from xsam_model.config import ProcessorConfig
 
@@ -446,11 +446,16 @@ def _in_worker() -> bool:
 
 
 def _empty(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-    """An uninitialised CPU tensor; in shared memory inside a DataLoader worker (as ``default_collate`` does).
-    Elsewhere numpy allocates it: torch's allocator advises huge pages for big blocks, and first writes into
-    them measured ~2x slower than into numpy's memory on the bench box."""
+    """An uninitialised CPU tensor. Inside a loader worker lane, in the worker's reused shared-memory arena
+    (:mod:`pipelines.loader.transport`: the batch crosses to the main process without a copy or fresh pages);
+    in another DataLoader worker, in new shared memory (as ``default_collate`` does). Elsewhere numpy allocates
+    it: torch's allocator advises huge pages for big blocks, and first writes into them measured ~2x slower
+    than into numpy's memory on the bench box."""
     if not _in_worker():
         return torch.from_numpy(np.empty(shape, dtype=torch.empty(0, dtype=dtype).numpy().dtype))
+    arena = transport.current()
+    if arena is not None:
+        return arena.empty(shape, dtype)
     elem = torch.empty(0, dtype=dtype)
     return elem.new(elem._typed_storage()._new_shared(int(np.prod(shape)))).view(shape)
 

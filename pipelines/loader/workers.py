@@ -1,7 +1,8 @@
 """The torch glue: a :class:`MixtureStream` served by ``torch.utils.data.DataLoader`` worker processes.
 
 Micro-step ``m`` is served by worker lane ``m % L`` (``L`` = workers); PyTorch hands out worker results
-round-robin, so the batches come back in micro-step order. This module imports torch (and OpenCV) at the top;
+round-robin, so the batches come back in micro-step order. Each worker's batches cross to this process through
+its reused shared-memory arena (:mod:`pipelines.loader.transport`), not one new shared file per tensor. This module imports torch (and OpenCV) at the top;
 the loader imports it only when it starts workers.
 """
 
@@ -14,6 +15,7 @@ import cv2
 import torch.utils.data
 
 from pipelines.errors import LoaderError
+from pipelines.loader import transport
 from pipelines.loader.stream import MixtureStream
 
 
@@ -28,8 +30,13 @@ class LaneDataset(torch.utils.data.IterableDataset):
         w, n = (info.id, info.num_workers) if info else (0, 1)
         if n != self.stream.lanes:
             raise LoaderError(f"DataLoader has {n} workers but the stream was built for {self.stream.lanes}")
+        arena = transport.Arena() if info else None
+        transport.activate(arena)
         try:
-            yield from self.stream.iter_lane((self.start + w) % n, self.start + w)
+            for meta, data in self.stream.iter_lane((self.start + w) % n, self.start + w):
+                if arena is not None:
+                    meta, data = {**meta, "arena": arena.token}, arena.pack(data)
+                yield meta, data
         except LoaderError as e:  # handed over as an item: PyTorch would glue a traceback to the line
             yield {"error": str(e)}, None
 
@@ -50,13 +57,27 @@ def worker_batches(
         # one core per worker: OpenCV's own pool would oversubscribe. It must be set here, before the fork —
         # cv2.setNumThreads inside a forked worker deadlocks on the parent's pool state.
         cv2.setNumThreads(opencv_threads)
-    return iter(
-        torch.utils.data.DataLoader(
-            LaneDataset(stream, start),
-            batch_size=None,
-            num_workers=num_workers,
-            collate_fn=_passthrough,
-            persistent_workers=False,
-            **dataloader_kwargs,
-        )
+    loader = torch.utils.data.DataLoader(
+        LaneDataset(stream, start),
+        batch_size=None,
+        num_workers=num_workers,
+        collate_fn=_passthrough,
+        persistent_workers=False,
+        **dataloader_kwargs,
     )
+    return _unpacked(loader)
+
+
+def _unpacked(loader: torch.utils.data.DataLoader, forget=transport.forget) -> Iterator[tuple[dict, Any]]:
+    """The workers' ``(meta, Packed)`` as ``(meta, batch)`` (the pin-memory thread may have unpacked already);
+    this process's mappings of a worker's chunks are dropped when the iteration ends (``forget`` is bound
+    early: a generator closed at interpreter exit may find the module's globals gone)."""
+    tokens: set[str] = set()
+    try:
+        for meta, data in loader:
+            if "arena" in meta:
+                tokens.add(meta["arena"])
+            yield meta, data.unpack() if isinstance(data, transport.Packed) else data
+    finally:
+        for token in tokens:
+            forget(token)
