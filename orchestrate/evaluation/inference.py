@@ -497,6 +497,7 @@ def evaluate_export(
     use_gpu: bool = False,
     text_sim_model: str | None = None,
     wandb_mode: str | None = "offline",
+    compare_paper: bool = False,
 ) -> dict[str, dict[str, float]]:
     """Inference, then scoring: ``{set: {metric: percent}}``; ``results.json``, ``details.json``,
     ``inference.json``, ``predictions.jsonl`` and a wandb eval run under ``out_dir``. ``sets`` None: every
@@ -528,5 +529,7 @@ def evaluate_export(
     if wandb_mode and wandb_mode != "disabled":
         from orchestrate.evaluation.inference_report import log_eval_run
 
-        log_eval_run(out_dir, results, details, run, wandb_mode, overlays=options.overlays)
+        log_eval_run(
+            out_dir, results, details, run, wandb_mode, overlays=options.overlays, compare_paper=compare_paper
+        )
     return results
