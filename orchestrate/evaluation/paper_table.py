@@ -36,6 +36,20 @@ PAPER_SETS = "paper"
 """The ``--sets`` word that stands for every set of the paper's table."""
 
 
+RUNBOOK_BUILD = """\
+ray job submit --working-dir . -- python orchestrate/build_shards.py \\
+    --data-root /shared/datas --out /shared/shards --preset paper \\
+    --sources coco_panoptic,coco_instance,ade20k_panoptic,ade20k_instance,ade20k_semantic,refcoco,refcoco+,refcocog,lisa_reasonseg,grandf_gcg,coco_interactive,coco_vgd \\
+    --splits val,testA,testB,test,val_point,val_scribble,val_box,val_mask"""
+"""The runbook's build of exactly the paper's val/test splits (docs/evaluation.md#reproducing-the-papers-table):
+each source builds the splits of the list it has."""
+RUNBOOK_EVALUATE = """\
+ray job submit --working-dir . -- python orchestrate/evaluate.py \\
+    --export /shared/runs/xsam-paper/stage3/export --shards /shared/shards --data-root /shared/datas \\
+    --sets paper --protocol paper --compare-paper --num-workers 8 --use-gpu --out /shared/eval/xsam-paper"""
+"""The runbook's one command that scores the paper's table (docs/evaluation.md#reproducing-the-papers-table)."""
+
+
 @dataclass(frozen=True)
 class PaperRow:
     """One published number and where ours is found."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -275,3 +276,38 @@ def test_compare_paper_says_not_built_for_a_split_the_shards_lack(
     assert any(x.startswith("refcoco/testA ") and x.endswith("[not built]") for x in lines)
     assert any(x.startswith("refcoco+/val ") and x.endswith("[not evaluated]") for x in lines)
     assert any(re.match(r"refcoco/val\s+cIoU\s+100\.00\s+85\.1\s+\+14\.90", x) for x in lines)
+
+
+# ------------------------------------------------------------------------------------------ the runbook
+def _argv(command: str) -> list[str]:
+    """The arguments after the script of a runbook command (line continuations joined)."""
+    words = shlex.split(command.replace("\\\n", " "))
+    return words[next(i for i, w in enumerate(words) if w.endswith(".py")) + 1 :]
+
+
+def test_the_runbook_prints_its_commands_exactly():
+    text = (ROOT / "docs" / "evaluation.md").read_text()
+    assert "## Reproducing the paper's table" in text
+    assert pt.RUNBOOK_BUILD in text and pt.RUNBOOK_EVALUATE in text
+
+
+def test_the_runbook_build_makes_exactly_the_papers_sets(demo_root):
+    from orchestrate import build_shards
+    from pipelines.build.driver import resolve_jobs
+
+    args = build_shards.parse_args(_argv(pt.RUNBOOK_BUILD))
+    assert args.preset == "paper"
+    jobs = resolve_jobs(str(demo_root), args.sources.split(","), args.splits.split(","), {})
+    assert sorted(f"{src.name}/{split}" for src, split, _ in jobs) == sorted(pt.paper_sets())
+
+
+def test_the_runbook_evaluation_parses_and_names_the_papers_sets(capsys):
+    argv = _argv(pt.RUNBOOK_EVALUATE)
+    assert argv[argv.index("--protocol") + 1] == "paper"
+    try:
+        args = evaluate.parse_args(argv)
+    except SystemExit:  # an evaluate.py from before --protocol: the rest of the command must still parse
+        assert "--protocol" in capsys.readouterr().err
+        i = argv.index("--protocol")
+        args = evaluate.parse_args(argv[:i] + argv[i + 2 :])
+    assert args.sets == "paper" and args.compare_paper and args.use_gpu and args.export
