@@ -311,3 +311,23 @@ def test_the_runbook_evaluation_parses_and_names_the_papers_sets(capsys):
         i = argv.index("--protocol")
         args = evaluate.parse_args(argv[:i] + argv[i + 2 :])
     assert args.sets == "paper" and args.compare_paper and args.use_gpu and args.export
+
+
+def test_compare_paper_on_an_export_warns_for_its_flavor_and_logs_the_table(
+    demo_val, no_java, tmp_path, capsys
+):
+    from tests.evaluation.debug_exports import write_debug_export
+
+    datas, shards, _ = demo_val
+    export = write_debug_export(tmp_path / "stage3" / "export", 3)
+    out = tmp_path / "eval"
+    argv = ["--export", export, "--shards", str(shards), "--data-root", str(datas), "--out", str(out)]
+    rc = evaluate.main([*argv, "--sets", "refcoco/val", "--max-samples", "2", "--compare-paper", "-q"])
+    assert rc == 0
+    flavor = json.loads((out / "inference.json").read_text())["flavor"]
+    assert flavor != pt.PAPER_FLAVOR
+    printed = capsys.readouterr().out
+    assert f"warning: flavor {flavor}; the paper's numbers are for X-SAM's flavor xsam-phi3" in printed
+    assert re.search(r"refcoco/val\s+cIoU\s+\d+\.\d\d\s+85\.1\s+[+-]\d+\.\d\d", printed)
+    tables = list((out / "wandb").rglob("paper_table_*.table.json"))
+    assert len(tables) == 1 and len(json.loads(tables[0].read_text())["data"]) == 46
