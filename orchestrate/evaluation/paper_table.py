@@ -137,15 +137,32 @@ def compare(
 
 
 def protocol_of(results: Mapping | None, details: Mapping | None) -> str:
-    """The evaluation protocol a run recorded (top level of ``details.json`` or ``results.json``, a name
-    or ``{"name": …}``), else ``unknown`` (runs from before the protocol was recorded)."""
+    """The evaluation protocol a run recorded, else ``unknown`` (runs from before it was recorded). Read
+    leniently: a top-level ``protocol`` (or ``*protocol*``) of ``details.json`` or ``results.json``, a name or
+    ``{"name": …}``, or the one protocol every set of ``details.json`` names."""
     for doc in (details, results):
-        value = doc.get("protocol") if isinstance(doc, Mapping) else None
-        if isinstance(value, Mapping):
-            value = value.get("name")
-        if isinstance(value, str) and value:
-            return value
-    return "unknown"
+        if not isinstance(doc, Mapping):
+            continue
+        keys = ["protocol"] + sorted(
+            k for k in doc if isinstance(k, str) and "protocol" in k and k != "protocol"
+        )
+        for key in keys:
+            name = _protocol_name(doc.get(key))
+            if name:
+                return name
+    sets = details.get("sets") if isinstance(details, Mapping) else None
+    names = (
+        {_protocol_name(d.get("protocol")) for d in sets.values() if isinstance(d, Mapping)}
+        if sets
+        else set()
+    )
+    return names.pop() if len(names) == 1 and None not in names else "unknown"
+
+
+def _protocol_name(value: object) -> str | None:
+    if isinstance(value, Mapping):
+        value = value.get("name", value.get("protocol"))
+    return value if isinstance(value, str) and value else None
 
 
 def flavor_warning(flavor: str | None) -> str | None:
@@ -210,7 +227,8 @@ def read_eval_folder(results_path: str, shards: str | None = None) -> EvalFolder
     """``results.json`` and, beside it, ``details.json`` (the shards it scored) and ``inference.json`` (the
     export's flavor), each optional; every problem is one :class:`EvaluationError` line."""
     results = _read_json(results_path, "results")
-    if not all(isinstance(v, Mapping) for k, v in results.items() if k != "protocol"):
+    bad = [k for k, v in results.items() if "/" in k and not isinstance(v, Mapping)]  # other keys: metadata
+    if bad or not any(isinstance(v, Mapping) for v in results.values()) and results:
         raise EvaluationError(f"{results_path}: not a results.json ({{set: {{metric: value}}}})")
     folder = os.path.dirname(os.path.abspath(results_path))
     details_path = os.path.join(folder, "details.json")

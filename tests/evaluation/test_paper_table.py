@@ -153,6 +153,11 @@ def test_the_header_shows_the_recorded_protocol_or_unknown():
     assert pt.protocol_of({}, {"protocol": "paper"}) == "paper"
     assert pt.protocol_of({}, {"protocol": {"name": "standard"}}) == "standard"
     assert pt.protocol_of({"protocol": "paper"}, {"sets": {}}) == "paper"
+    assert pt.protocol_of({}, {"eval_protocol": "paper"}) == "paper"
+    per_set = {"sets": {"a/val": {"protocol": "standard"}, "b/val": {"protocol": {"name": "standard"}}}}
+    assert pt.protocol_of({}, per_set) == "standard"
+    per_set["sets"]["b/val"]["protocol"] = "paper"  # two protocols in one run: not one name
+    assert pt.protocol_of({}, per_set) == "unknown"
     assert "(protocol: standard; flavor: xsam-phi3)" in pt.format_comparison(
         pt.compare({}), "xsam-phi3", "standard"
     )
@@ -180,6 +185,10 @@ def test_cli_reads_the_flavor_and_protocol_beside_results(tmp_path, capsys):
     assert re.search(r"refcoco/val\s+cIoU\s+85\.10\s+85\.1\s+\+0\.00", out)
     assert run_cli(pt.main, [str(path), "--flavor", "xsam-debug"]) == 0
     assert "warning: flavor xsam-debug" in capsys.readouterr().out
+    # metadata beside the sets (a recorded protocol) is not a set
+    path = _eval_folder(tmp_path / "meta", {"protocol": {"name": "paper"}, "refcoco/val": {"cIoU": 80.0}})
+    assert run_cli(pt.main, [str(path)]) == 0
+    assert "(protocol: paper; flavor: none)" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize(
