@@ -5,6 +5,8 @@
     python orchestrate/evaluate.py --predictions preds.jsonl --shards demo_out/shards --data-root demo_out/datas --out eval
     python orchestrate/evaluate.py --export RUN/stage3/export --shards SHARDS --data-root DATAS \
         --sets refcoco/val,coco_panoptic/val --out DIR --num-workers 4 --use-gpu [--max-samples N]
+    python orchestrate/evaluate.py --export RUN/stage3/export --shards SHARDS --data-root DATAS \
+        --sets paper --compare-paper --out DIR --num-workers 8 --use-gpu   # the paper's table, ours beside it
 
 ``--export`` runs inference over the sets' val shards on Ray workers that each load the model once
 (:mod:`orchestrate.evaluation.inference`), streams ``<out>/predictions.jsonl`` and scores it as
