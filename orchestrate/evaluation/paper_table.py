@@ -26,8 +26,11 @@ from pathlib import Path
 
 from orchestrate.evaluation import ground_truth as gt
 from orchestrate.evaluation.errors import EvaluationError
+from pipelines.errors import run_cli
 
 log = logging.getLogger(__name__)
+
+# Heavy imports (wandb) are deferred into log_to_wandb: printing a comparison never loads it.
 
 TABLE_FILE = Path(__file__).with_name("paper_table.json")
 PAPER_FLAVOR = "xsam-phi3"
@@ -293,6 +296,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    from pipelines.errors import run_cli
-
     sys.exit(run_cli(main))

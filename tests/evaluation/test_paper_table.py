@@ -16,7 +16,6 @@ from orchestrate import evaluate
 from orchestrate.evaluation import ground_truth as gt
 from orchestrate.evaluation import paper_table as pt
 from pipelines.build.driver import build
-from pipelines.build.options import BuildOptions
 from pipelines.errors import run_cli
 from tests.evaluation.helpers import set_lines, write_jsonl
 
@@ -220,7 +219,7 @@ def test_cli_bad_file_exits_2_with_one_line(tmp_path, content, message):
 def paper_demo(demo_root, tmp_path_factory) -> tuple[Path, Path, dict[str, list[dict]]]:
     """The demo's val and test splits (every set of the paper's table), with perfect predictions."""
     out = tmp_path_factory.mktemp("paper") / "shards"
-    build(str(demo_root), str(out), splits=PAPER_SPLITS, options=BuildOptions(samples_per_shard=4))
+    build(str(demo_root), str(out), splits=PAPER_SPLITS)
     names = [n for n in gt.built_sets(str(out)) if n.split("/")[0] in gt.SOURCE_KINDS]
     return demo_root, out, {n: set_lines(out, demo_root, n) for n in names}
 
