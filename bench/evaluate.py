@@ -3,6 +3,7 @@ nothing.
 
     python bench/evaluate.py                 # 5,000 images 640x480, ~20 segments each (COCO val scale)
     python bench/evaluate.py --images 500    # a quick check
+    python bench/evaluate.py --images 500 --ap-only   # mask AP only: ours vs pycocotools vs faster-coco-eval
 
 A synthetic panoptic val set is written as real shards (``ade20k_panoptic/val``: no original files needed) plus a
 ``predictions.jsonl`` that perturbs the ground truth (shifted masks, swapped categories, dropped segments).
@@ -12,8 +13,10 @@ Every measurement runs in its own subprocess (peak RSS = that process's VmHWM):
    against a straightforward per-image reference loop written here (predictions loaded whole as X-SAM's
    evaluators gather them, dense masks decoded per image, panopticapi-style ``np.unique`` over GT x prediction
    ids, a dense confusion matrix for mIoU); both must print the same PQ and mIoU.
-2. Mask AP on the things of the same set (scores drawn per prediction): pycocotools' ``COCOeval`` vs
-   faster-coco-eval's ``COCOeval_faster`` (load + evaluate + accumulate + summarize), and ours (streaming).
+2. Mask AP on the things of the same set (scores drawn per prediction): pycocotools' ``COCOeval`` and
+   faster-coco-eval's ``COCOeval_faster`` standalone (load + evaluate + accumulate + summarize), and ours
+   (streaming, one image at a time through faster-coco-eval's C++ ``evaluateImg``/``accumulate``); every AP
+   value is printed with its largest difference from pycocotools'. ``--ap-only`` runs this part alone.
 3. ``score_predictions`` with 2 Ray workers (one task per shard) against inline.
 """
 
@@ -37,6 +40,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 SET, H, W, SEGMENTS, PER_SHARD = "ade20k_panoptic/val", 480, 640, 20, 250
+AP_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl")
+JPEG = b"\xff\xd8\xff\xd9"  # a sample's image bytes: scoring never decodes them
 ENV = {
     "OMP_NUM_THREADS": "1",
     "MKL_NUM_THREADS": "1",
@@ -79,16 +84,19 @@ def write_set(work: Path, n: int) -> None:
     """Shards + manifest of ``ade20k_panoptic/val`` and ``predictions.jsonl`` (scores for AP included)."""
     from pipelines.masks import label_map_rles
     from pipelines.schema import ImageRef, MaskTarget, Sample, Turn
+    from pipelines.shard_store import sample_digest
     from pipelines.sources.ade20k import NUM_CLASSES
 
     cats = np.arange(NUM_CLASSES)
     folder = work / "shards" / SET
     folder.mkdir(parents=True, exist_ok=True)
-    shards, tar, preds = [], None, open(work / "predictions.jsonl", "w")
+    shards, tar, preds, digests = [], None, open(work / "predictions.jsonl", "w"), []
     for i in range(n):
         if i % PER_SHARD == 0:
             if tar:
                 tar.close()
+                _seal(folder, shards[-1], digests)
+                digests = []
             shards.append(
                 {
                     "file": f"{SET.replace('/', '-')}-{len(shards):06d}.tar",
@@ -111,7 +119,8 @@ def write_set(work: Path, n: int) -> None:
             phrases=["x"],
             masks=masks,
         )
-        for ext, data in (("json", sample.to_json()), ("jpg", b"\xff\xd8\xff\xd9")):
+        digests.append(sample_digest(sample.to_json(), JPEG))
+        for ext, data in (("json", sample.to_json()), ("jpg", JPEG)):
             info = tarfile.TarInfo(f"{key}.{ext}")
             info.size = len(data)
             tar.addfile(info, io.BytesIO(data))
@@ -126,6 +135,7 @@ def write_set(work: Path, n: int) -> None:
         }
         preds.write(json.dumps(line) + "\n")
     tar.close()
+    _seal(folder, shards[-1], digests)
     preds.close()
     manifest = {
         "schema": 1,
@@ -136,6 +146,24 @@ def write_set(work: Path, n: int) -> None:
         "counts": {"samples": n},
     }
     (folder / "manifest.json").write_text(json.dumps(manifest))
+
+
+def _seal(folder: Path, entry: dict, digests: list[str]) -> None:
+    """The shard's size, sha256 and member index (``<tar>.idx.json``), as the build records them: evaluation
+    verifies every sample it reads against them."""
+    import hashlib
+
+    import fsspec
+
+    from pipelines.shard_store import INDEX_SUFFIX, index_shard, member_index
+
+    path = folder / entry["file"]
+    data = path.read_bytes()
+    entry["bytes"], entry["sha256"] = len(data), hashlib.sha256(data).hexdigest()
+    idx = index_shard(fsspec.filesystem("file"), str(path), entry["samples"])
+    raw = member_index(idx, entry["file"], entry["bytes"], entry["sha256"], digests)
+    Path(str(path) + INDEX_SUFFIX).write_bytes(raw)
+    entry["index_sha256"] = hashlib.sha256(raw).hexdigest()
 
 
 # ------------------------------------------------------------------------------------------ children
@@ -169,7 +197,7 @@ def child_reference(work: Path) -> dict:
     conf = np.zeros((150, 151), np.int64)
     evs = gt.open_set(str(work / "shards"), "", SET)
     for shard in evs.shards:
-        for s in gt.iter_shard_samples(evs.shard_path(shard)):
+        for s in gt.iter_shard_samples(evs, shard):
             g_ids, g_cat = _dense([m.rle for m in s.masks], [m.category_id for m in s.masks], mu)
             p = preds[s.key]["panoptic"]
             p_ids, p_cat = _dense([x["rle"] for x in p], [x["category_id"] for x in p], mu)
@@ -223,7 +251,7 @@ def _ap_inputs(work: Path) -> tuple[dict, list]:
     images, anns, dets = [], [], []
     preds = {x["key"]: x for x in map(json.loads, open(work / "predictions.jsonl"))}
     for shard in evs.shards:
-        for s in gt.iter_shard_samples(evs.shard_path(shard)):
+        for s in gt.iter_shard_samples(evs, shard):
             iid = len(images) + 1
             images.append({"id": iid, "height": H, "width": W})
             for m in s.masks:
@@ -274,7 +302,7 @@ def child_ap(work: Path, impl: str) -> dict:
         for img in gt_json["images"]:
             ap.add(img["id"], gts.get(img["id"], []), by_img.get(img["id"], []))
         r = ap.result()
-        return {"s": time.perf_counter() - t, "AP": r["AP"], "AP50": r["AP50"]}
+        return {"s": time.perf_counter() - t, **{n: r[n] for n in AP_NAMES}}
     if impl == "pycocotools":
         from pycocotools.coco import COCO
         from pycocotools.cocoeval import COCOeval
@@ -290,7 +318,10 @@ def child_ap(work: Path, impl: str) -> dict:
         ev.evaluate()
         ev.accumulate()
         ev.summarize()
-    return {"s": time.perf_counter() - t, "AP": 100 * ev.stats[0], "AP50": 100 * ev.stats[1]}
+    return {
+        "s": time.perf_counter() - t,
+        **{n: 100 * float(v) for n, v in zip(AP_NAMES, ev.stats[:6], strict=True)},
+    }
 
 
 def run_child(work: Path, mode: str) -> dict:
@@ -307,6 +338,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--images", type=int, default=5000)
     p.add_argument("--workdir", help="scratch folder (default: a temp dir)")
+    p.add_argument("--ap-only", action="store_true", help="only the mask AP comparison (part 2)")
     p.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
     a = p.parse_args()
     if a.child:
@@ -327,9 +359,12 @@ def main() -> None:
     print(
         f"synthetic set: {a.images} images {W}x{H}, ~{SEGMENTS} segments each, written in {time.perf_counter() - t:.0f} s"
     )
-    r = {
-        m: run_child(work, m) for m in ("reference", "ours", "ray2", "ap_pycocotools", "ap_faster", "ap_ours")
-    }
+    if not a.ap_only:
+        print_pq({m: run_child(work, m) for m in ("reference", "ours", "ray2")})
+    print_ap({m: run_child(work, m) for m in ("ap_pycocotools", "ap_faster", "ap_ours")})
+
+
+def print_pq(r: dict) -> None:
     ref, ours = r["reference"], r["ours"]
     print(
         f"PQ + mIoU  reference loop  {ref['s']:7.1f} s  peak RSS {ref['rss_mb']:6.0f} MB  PQ {ref['PQ']:.4f}  mIoU {ref['mIoU']:.4f}"
@@ -341,12 +376,20 @@ def main() -> None:
     print(
         f"PQ + mIoU  ours (2 Ray)    {r['ray2']['s']:7.1f} s  -> {ours['s'] / r['ray2']['s']:.2f}x vs inline (same PQ: {r['ray2']['PQ'] == ours['PQ']})"
     )
-    pc = r["ap_pycocotools"]
+
+
+def print_ap(r: dict) -> None:
+    """One line per implementation: time, memory, AP/AP50, the ratios, and the largest difference of its six
+    AP values from pycocotools' (0 = identical)."""
+    pc, fce = r["ap_pycocotools"], r["ap_faster"]
+    labels = {"ap_pycocotools": "pycocotools", "ap_faster": "faster-coco-eval", "ap_ours": "ours (streaming)"}
     for name in ("ap_pycocotools", "ap_faster", "ap_ours"):
         x = r[name]
+        diff = max(abs(x[n] - pc[n]) for n in AP_NAMES if pc[n] == pc[n])
         print(
-            f"mask AP    {name[3:]:<15} {x['s']:7.1f} s  peak RSS {x['rss_mb']:6.0f} MB  AP {x['AP']:.4f}  AP50 {x['AP50']:.4f}"
-            f"   -> {pc['s'] / x['s']:.2f}x vs pycocotools"
+            f"mask AP    {labels[name]:<17} {x['s']:7.2f} s  peak RSS {x['rss_mb']:6.0f} MB  AP {x['AP']:.4f}  "
+            f"AP50 {x['AP50']:.4f}  -> {pc['s'] / x['s']:.2f}x vs pycocotools, {fce['s'] / x['s']:.2f}x vs "
+            f"faster-coco-eval; max |ΔAP| vs pycocotools {diff:.1e}"
         )
 
 

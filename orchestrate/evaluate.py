@@ -5,6 +5,8 @@
     python orchestrate/evaluate.py --predictions preds.jsonl --shards demo_out/shards --data-root demo_out/datas --out eval
     python orchestrate/evaluate.py --export RUN/stage3/export --shards SHARDS --data-root DATAS \
         --sets refcoco/val,coco_panoptic/val --out DIR --num-workers 4 --use-gpu [--max-samples N]
+    python orchestrate/evaluate.py --export RUN/stage3/export --shards SHARDS --data-root DATAS \
+        --sets paper --compare-paper --out DIR --num-workers 8 --use-gpu   # the paper's table, ours beside it
 
 ``--export`` runs inference over the sets' val shards on Ray workers that each load the model once
 (:mod:`orchestrate.evaluation.inference`), streams ``<out>/predictions.jsonl`` and scores it as
@@ -29,9 +31,11 @@ sys.path.insert(
     0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 )  # run as a script from anywhere
 
+from orchestrate.evaluation import ground_truth as gt  # noqa: E402
 from orchestrate.evaluation import score_predictions  # noqa: E402
 from orchestrate.evaluation.inference import InferenceOptions, evaluate_export
 from orchestrate.evaluation.output import staged_output  # noqa: E402
+from orchestrate.evaluation.paper_table import PAPER_SETS, expand_sets, read_eval_folder  # noqa: E402
 from orchestrate.evaluation.report import format_table  # noqa: E402
 from pipelines.errors import run_cli  # noqa: E402
 from pipelines.logs import configure_logging  # noqa: E402
@@ -47,12 +51,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--data-root", default="", help="the folder the build read (COCO sets read originals)")
     p.add_argument(
         "--sets",
-        help="comma list of <source>/<split>; default: every set the predictions cover (--export: every "
-        "built split but train that has a metric)",
+        help="comma list of <source>/<split>; 'paper': every set of X-SAM's published table that is built; "
+        "default: every set the predictions cover (--export: every built split but train that has a metric)",
     )
     p.add_argument("--out", required=True, help="folder for results.json, details.json and the wandb run")
     p.add_argument("--num-workers", type=int, default=1, help="> 1: score shards as Ray tasks (default: 1)")
     p.add_argument("--text-sim-model", help="local sentence-embedding folder for GCG recall (else omitted)")
+    p.add_argument(
+        "--compare-paper",
+        action="store_true",
+        help="print (and log to wandb) X-SAM's published numbers beside ours, one row per number of the paper",
+    )
     p.add_argument("--wandb-mode", default="offline", choices=("offline", "online", "disabled", "auto"))
     add_inference_args(p)
     p.add_argument("-v", "--verbose", action="count", default=0, help="more detail (-vv: every library)")
@@ -93,6 +102,7 @@ def run_export(args: argparse.Namespace, sets: list[str] | None, out: str) -> di
         use_gpu=args.use_gpu,
         text_sim_model=args.text_sim_model,
         wandb_mode=args.wandb_mode,
+        compare_paper=args.compare_paper,
     )
 
 
@@ -101,6 +111,8 @@ def main(argv: list[str] | None = None) -> int:
     configure_logging(args.verbose - args.quiet)
     check_writable(args.out, "--out")  # a read-only or full --out: one line now, not after scoring everything
     sets = [s.strip() for s in args.sets.split(",") if s.strip()] if args.sets else None
+    if sets and PAPER_SETS in sets:
+        sets = expand_sets(sets, gt.built_sets(args.shards))
     with staged_output(args.out, args.predictions) as (out, predictions):
         if args.export:
             results = run_export(args, sets, out)
@@ -114,14 +126,18 @@ def main(argv: list[str] | None = None) -> int:
                 num_workers=args.num_workers,
                 text_sim_model=args.text_sim_model,
                 wandb_mode=args.wandb_mode,
+                compare_paper=args.compare_paper,
             )
-    return _print(results, args.out)
+    return _print(results, args.out, args.compare_paper)
 
 
-def _print(results: dict, out: str) -> int:
+def _print(results: dict, out: str, compare_paper: bool) -> int:
     with open(os.path.join(out, "details.json")) as f:
         details = json.load(f)["sets"]
     print(format_table(results, details))
+    if compare_paper:
+        print()
+        print(read_eval_folder(os.path.join(out, "results.json")).table())
     print(f"results: {os.path.join(out, 'results.json')}")
     return 0
 

@@ -506,6 +506,7 @@ def evaluate_export(
     use_gpu: bool = False,
     text_sim_model: str | None = None,
     wandb_mode: str | None = "offline",
+    compare_paper: bool = False,
 ) -> dict[str, dict[str, float]]:
     """Inference, then scoring: ``{set: {metric: percent}}``; ``results.json``, ``details.json``,
     ``inference.json``, ``predictions.jsonl`` and a wandb eval run under ``out_dir``. ``sets`` None: every
@@ -532,5 +533,7 @@ def evaluate_export(
         {"predictions": run.predictions, "shards": shards, "sets": details},
     )
     if wandb_mode and wandb_mode != "disabled":
-        log_eval_run(out_dir, results, details, run, wandb_mode, overlays=options.overlays)
+        log_eval_run(
+            out_dir, results, details, run, wandb_mode, overlays=options.overlays, compare_paper=compare_paper
+        )
     return results

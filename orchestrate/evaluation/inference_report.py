@@ -18,6 +18,7 @@ import numpy as np
 
 from orchestrate.evaluation import ground_truth as gt
 from orchestrate.evaluation.overlay import draw, labelled_masks
+from orchestrate.evaluation.paper_table import log_to_wandb
 from orchestrate.evaluation.predictions import index_predictions, phrase_spans
 from orchestrate.evaluation.wandb_helpers import resolve_mode, run_id, same_size, wandb_env
 from pipelines import shard_store, storage
@@ -87,10 +88,17 @@ def _first_samples(job: SetJob, n: int, shard_store, storage) -> list:
 
 
 def log_eval_run(
-    out_dir: str, results: Mapping, details: Mapping, run: InferenceRun, mode: str, overlays: int = 2
+    out_dir: str,
+    results: Mapping,
+    details: Mapping,
+    run: InferenceRun,
+    mode: str,
+    overlays: int = 2,
+    compare_paper: bool = False,
 ) -> str | None:
     """One wandb run under ``<out_dir>/wandb``: results table and summary, inference counters, the training
-    run's id, prediction overlays. Returns the run's folder."""
+    run's id, prediction overlays (and with ``compare_paper`` the paper's table beside ours, for the export's
+    flavor). Returns the run's folder."""
     mode = resolve_mode(mode)
     folder = Path(out_dir) / "wandb"
     os.environ.update(wandb_env(folder, mode))
@@ -122,6 +130,8 @@ def log_eval_run(
         wb.summary.update({f"{s}/{m}": v for s, ms in results.items() for m, v in ms.items() if v == v})
         wb.summary.update({f"{s}/samples": d.get("samples") for s, d in details.items()})
         wb.summary.update({f"{s}/no_seg": n for s, n in run.no_seg.items()})
+        if compare_paper:
+            log_to_wandb(wb, out_dir, flavor=run.info.flavor)
         return str(Path(wb.dir).parent)
     finally:
         wb.finish()

@@ -12,8 +12,8 @@ Definitions (``shared/reference/evaluation.md``):
   categories with TP+FP+FN > 0; things and stuff apart.
 * :class:`SemanticIoU` — over the pixels that have a ground-truth class (VOID and crowd ignored),
   IoU_c = |GT_c ∩ P_c| / |GT_c ∪ P_c| summed over the split; mIoU = mean over classes with GT pixels.
-* :class:`MaskAP` — pycocotools' COCOeval (segm): its per-image ``evaluateImg`` run one image at a time, its
-  ``accumulate``/``summarize`` on the merged per-image results, so AP is COCOeval's number.
+* :class:`MaskAP` — COCOeval (segm): faster-coco-eval's C++ ``evaluateImg`` run one image at a time, its C++
+  ``accumulate`` and pycocotools' ``summarize`` on the merged per-image results, so AP is COCOeval's number.
 * :class:`ReferIoU` — cIoU = ΣI/ΣU, gIoU = mean I/U with an empty prediction on an empty target scoring 1;
   gRefCOCO's N-acc/T-acc (ReLA, "no target" = an empty predicted mask).
 * :class:`GcgGrounding` — GLaMM's GCG mIoU (greedy one-to-one max-IoU pairs, mean IoU of the pairs with
@@ -34,6 +34,7 @@ import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
+import faster_coco_eval.faster_eval_api_cpp as _fce  # faster-coco-eval's C++ evaluateImg/accumulate
 import numpy as np
 from pycocotools import mask as mask_utils
 from pycocotools.cocoeval import COCOeval
@@ -265,12 +266,15 @@ class ApTruth:
 
 
 class MaskAP:
-    """COCOeval (segm, default parameters) one image at a time.
+    """COCOeval (segm, default parameters) one image at a time, through faster-coco-eval's C++ core.
 
-    ``add(order_key, truths, dets)`` runs COCOeval's own ``computeIoU`` + ``evaluateImg`` on that image and
-    keeps what ``accumulate`` reads (scores, matches, ignore flags); :meth:`result` replays ``accumulate`` and
-    ``summarize`` per category on the merged entries. Images are ordered by ``order_key`` (COCOeval's
-    order is its sorted image ids): only the order of detections with equal scores depends on it.
+    ``add(order_key, truths, dets)`` computes that image's IoUs (pycocotools' RLE ``iou``, detections in
+    COCOeval's score order, cut at ``maxDets``) and runs faster-coco-eval's ``evaluateImg`` (C++
+    ``COCOevalEvaluateImages``) on it, keeping one ``ImageEvaluation`` per category and area range (they pickle,
+    so Ray tasks return them). :meth:`evaluate` runs faster-coco-eval's ``accumulate`` (C++) per category on the
+    merged entries and :meth:`result` pycocotools' ``summarize``. Images are ordered by ``order_key``
+    (COCOeval's order is its sorted image ids): only the order of detections with equal scores depends on it.
+    The numbers equal pycocotools' COCOeval on the whole set (tests/evaluation/test_metrics.py checks it).
     """
 
     def __init__(self, category_ids: Sequence[int] | None):
@@ -278,47 +282,40 @@ class MaskAP:
         ``None``: every category that occurs."""
         self.fixed = category_ids is not None
         self.category_ids = sorted(set(category_ids or ()))
-        self.entries: dict[int, list[tuple[object, list]]] = {}  # category -> [(order key, per-area entries)]
-        self._eval = COCOeval(iouType="segm")
+        self.entries: dict[int, list[tuple[object, list]]] = {}  # category -> [(order key, per-area evals)]
         self._allowed = set(self.category_ids)
 
     def add(
         self, order_key: object, truths: Sequence[ApTruth], dets: Sequence[tuple[dict, int, float]]
     ) -> None:
-        ev, p = self._eval, self._eval.params
-        ev._gts, ev._dts = {}, {}
+        p = _PARAMS
+        gts: dict[int, list[tuple[dict, dict]]] = {}
         for j, t in enumerate(truths, start=1):
             area = float(t.area) if t.area is not None else float(rle_area(t.rle))
-            g = {
-                "id": j,
-                "image_id": 0,
-                "category_id": t.category_id,
-                "segmentation": t.rle,
-                "area": area,
-                "iscrowd": int(t.iscrowd),
-                "ignore": int(t.iscrowd),
-            }
-            ev._gts.setdefault((0, t.category_id), []).append(g)
+            ann = {"id": j, "area": area, "iscrowd": int(t.iscrowd), "ignore": int(t.iscrowd)}
+            gts.setdefault(t.category_id, []).append((t.rle, ann))
+        dts: dict[int, list[tuple[dict, dict]]] = {}
         for j, (rle, cat, score) in enumerate(dets, start=1):
-            d = {
-                "id": j,
-                "image_id": 0,
-                "category_id": cat,
-                "segmentation": rle,
-                "area": float(rle_area(rle)),
-                "score": score,
-                "iscrowd": 0,
-            }
-            ev._dts.setdefault((0, cat), []).append(d)
-        cats = sorted({c for _, c in ev._gts} | {c for _, c in ev._dts})
+            dts.setdefault(cat, []).append((rle, {"id": j, "area": float(rle_area(rle)), "score": score}))
+        cats = sorted(c for c in set(gts) | set(dts) if not self.fixed or c in self._allowed)
+        if not cats:
+            return
+        gt_set, dt_set, ious = _fce.Dataset(), _fce.Dataset(), []
         for c in cats:
-            if self.fixed and c not in self._allowed:
-                continue
-            ev._gts.setdefault((0, c), [])
-            ev._dts.setdefault((0, c), [])
-            ev.ious = {(0, c): ev.computeIoU(0, c)}
-            per_area = [_compact(ev.evaluateImg(0, c, a, p.maxDets[-1])) for a in p.areaRng]
-            self.entries.setdefault(c, []).append((order_key, per_area))
+            g = gts.get(c, [])
+            d = sorted(dts.get(c, []), key=lambda x: -x[1]["score"])[: p.maxDets[-1]]  # stable, as COCOeval
+            for _, ann in g:
+                gt_set.append(0, c, ann)
+            for _, ann in d:
+                dt_set.append(0, c, ann)
+            crowd = [ann["iscrowd"] for _, ann in g]
+            ious.append(mask_utils.iou([r for r, _ in d], [r for r, _ in g], crowd) if g and d else [])
+        evals = _fce.COCOevalEvaluateImages(
+            p.areaRng, p.maxDets[-1], p.iouThrs, [ious], gt_set, dt_set, [0], cats, True
+        )
+        a = len(p.areaRng)
+        for k, c in enumerate(cats):  # C++ order: category, area range, image
+            self.entries.setdefault(c, []).append((order_key, evals[k * a : (k + 1) * a]))
 
     def merge(self, other: MaskAP) -> None:
         for c, rows in other.entries.items():
@@ -326,7 +323,7 @@ class MaskAP:
 
     def evaluate(self) -> COCOeval:
         """A COCOeval whose ``eval`` holds the accumulated precision/recall of every category."""
-        p = self._eval.params
+        p = _PARAMS
         if not self.fixed:
             self.category_ids = sorted(self.entries)
         T, R, A, M = len(p.iouThrs), len(p.recThrs), len(p.areaRng), len(p.maxDets)
@@ -337,15 +334,12 @@ class MaskAP:
             rows = sorted(self.entries.get(c, []), key=lambda r: r[0])
             if not rows:
                 continue
-            ev = COCOeval(iouType="segm")
-            ev.params.catIds, ev.params.imgIds = [c], list(range(len(rows)))
-            ev.evalImgs = [e[a] for a in range(A) for _, e in rows]
-            ev._paramsEval = copy.deepcopy(ev.params)
-            with contextlib.redirect_stdout(io.StringIO()):
-                ev.accumulate()
-            precision[:, :, k] = ev.eval["precision"][:, :, 0]
-            recall[:, k] = ev.eval["recall"][:, 0]
-            scores[:, :, k] = ev.eval["scores"][:, :, 0]
+            one = copy.copy(p)  # the fields C++ accumulate reads, for this category over its images
+            one.catIds, one.imgIds, one.useCats = [c], list(range(len(rows))), 1
+            acc = _fce.COCOevalAccumulate(one, [e[a] for a in range(A) for _, e in rows])
+            precision[:, :, k] = acc["precision"][:, :, 0]
+            recall[:, k] = acc["recall"][:, 0]
+            scores[:, :, k] = acc["scores"][:, :, 0]
         out = COCOeval(iouType="segm")
         out.params.catIds = self.category_ids
         out.eval = {
@@ -367,16 +361,8 @@ class MaskAP:
         }
 
 
-def _compact(e: dict | None) -> dict | None:
-    """What ``accumulate`` reads of an ``evaluateImg`` entry (ids dropped, matches as booleans)."""
-    if e is None:
-        return None
-    return {
-        "dtScores": e["dtScores"],
-        "dtMatches": e["dtMatches"] > 0,
-        "dtIgnore": e["dtIgnore"],
-        "gtIgnore": np.asarray(e["gtIgnore"], bool),
-    }
+_PARAMS = COCOeval(iouType="segm").params
+"""COCOeval's default segm parameters (IoU and recall thresholds, area ranges, maxDets), read only."""
 
 
 # ------------------------------------------------------------------------------------------ cIoU / gIoU

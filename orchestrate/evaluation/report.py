@@ -13,6 +13,7 @@ import os
 from collections.abc import Mapping
 from pathlib import Path
 
+from orchestrate.evaluation.paper_table import log_to_wandb
 from orchestrate.evaluation.wandb_helpers import resolve_mode, wandb_env
 
 # Heavy imports (wandb) are deferred into log_wandb: a run with wandb disabled never loads it.
@@ -75,8 +76,10 @@ def write_outputs(
     predictions: str,
     shards: str,
     wandb_mode: str | None,
+    compare_paper: bool = False,
 ) -> None:
-    """``results.json`` + ``details.json`` under ``out_dir``, and the wandb eval run (unless disabled)."""
+    """``results.json`` + ``details.json`` under ``out_dir``, and the wandb eval run (unless disabled; with
+    ``compare_paper`` it also holds the paper's table beside ours)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     clean = {s: {m: _json_value(v) for m, v in ms.items()} for s, ms in results.items()}
@@ -85,7 +88,7 @@ def write_outputs(
         out / "details.json", {"predictions": os.path.abspath(predictions), "shards": shards, "sets": details}
     )
     if wandb_mode and wandb_mode != "disabled":
-        log_wandb(out, clean, details, wandb_mode)
+        log_wandb(out, clean, details, wandb_mode, compare_paper)
 
 
 def _write(path: Path, obj: object) -> None:
@@ -94,9 +97,12 @@ def _write(path: Path, obj: object) -> None:
     tmp.replace(path)
 
 
-def log_wandb(out: Path, results: Mapping, details: Mapping, mode: str) -> str | None:
-    """One wandb run (``job_type="eval"``) with the results as a table and as summary values; returns the
-    run's folder."""
+def log_wandb(
+    out: Path, results: Mapping, details: Mapping, mode: str, compare_paper: bool = False
+) -> str | None:
+    """One wandb run (``job_type="eval"``) with the results as a table and as summary values (and the
+    paper's table beside ours with ``compare_paper``: scored predictions have no flavor); returns the run's
+    folder."""
     mode = resolve_mode(mode)
     folder = out / "wandb"
     os.environ.update(wandb_env(folder, mode))
@@ -120,6 +126,8 @@ def log_wandb(out: Path, results: Mapping, details: Mapping, mode: str) -> str |
         run.summary.update(
             {f"{s}/{m}": v for s, ms in results.items() for m, v in ms.items() if v is not None}
         )
+        if compare_paper:
+            log_to_wandb(run, out, flavor=None)
         return str(Path(run.dir).parent)
     finally:
         run.finish()

@@ -39,10 +39,11 @@ def score_predictions(
     num_workers: int = 0,
     text_sim_model: str | None = None,
     wandb_mode: str | None = "offline",
+    compare_paper: bool = False,
 ) -> dict[str, dict[str, float]]:
     """Score ``predictions_path`` on ``sets`` (default: every set its keys belong to) and return
     ``{set: {metric: value in percent}}``. With ``out_dir``: ``results.json``, ``details.json`` and a wandb
-    run there. ``num_workers`` > 1 scores shards as Ray tasks (joining ``RAY_ADDRESS`` or a local Ray)."""
+    run there (with ``compare_paper``: the paper's table beside ours in it too). ``num_workers`` > 1 scores shards as Ray tasks (joining ``RAY_ADDRESS`` or a local Ray)."""
     t0 = time.time()
     refs = index_predictions(predictions_path)
     names = list(sets) if sets else sorted({set_of_key(k) for k in refs})
@@ -70,7 +71,7 @@ def score_predictions(
         captions.close()
     log.info("scored %d sets in %.1f s", len(results), time.time() - t0)
     if out_dir:
-        write_outputs(out_dir, results, details, predictions_path, shards, wandb_mode)
+        write_outputs(out_dir, results, details, predictions_path, shards, wandb_mode, compare_paper)
     return results
 
 

@@ -1,8 +1,9 @@
-"""GCG text metrics: METEOR/CIDEr through pycocoevalcap, recall with a tiny random text model."""
+"""GCG text metrics: METEOR/CIDEr through pycocoevalcap, recall with a tiny text model of known similarities."""
 
 from __future__ import annotations
 
 import copy
+import re
 import shutil
 
 import numpy as np
@@ -10,30 +11,90 @@ import pytest
 
 from orchestrate.evaluation import captions, score_predictions
 from orchestrate.evaluation.captions import caption_scores, clean_caption, text_embedder
+from pipelines.demo import gcg as demo_gcg
 from tests.evaluation.helpers import write_jsonl
 
-WORDS = ["a", "red", "yellow", "blue", "car", "cat", "person", "bicycle", "dog", "the", "sky", "road", "wall"]
+# the words of the demo's GCG phrases ("a red car", "the sky"), each its own direction of the embedding space
+WORDS = ["a", "the", *demo_gcg.COLOURS, *demo_gcg.THINGS, *demo_gcg.STUFF]
+SPECIAL = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+DIM = 32
+
+
+def word_piece_tokenizer():
+    """A BERT-style WordPiece tokenizer with an explicit vocabulary (``[CLS] … [SEP]``, lower case).
+
+    Built from a ``tokenizers`` model and wrapped, because transformers 5's ``BertTokenizerFast(vocab_file=…)``
+    ignores the file: every word became ``[UNK]``, every phrase the same embedding, and recall never met the
+    0.5 text-similarity threshold from below."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {t: i for i, t in enumerate(SPECIAL + WORDS)}
+    tok = Tokenizer(models.WordPiece(vocab=vocab, unk_token="[UNK]"))
+    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tok.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", special_tokens=[("[CLS]", vocab["[CLS]"]), ("[SEP]", vocab["[SEP]"])]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]", sep_token="[SEP]"
+    )
 
 
 @pytest.fixture(scope="module")
 def tiny_text_model(tmp_path_factory) -> str:
-    """A random 2-layer BERT and a word-level tokenizer saved to a folder (nothing downloaded)."""
-    from transformers import BertConfig, BertModel, BertTokenizerFast
+    """A BERT without encoder layers whose phrase embedding is known in closed form (nothing downloaded).
+
+    Position and token-type embeddings are zero and LayerNorm is the identity on the word rows (orthogonal
+    ±1 rows of a Hadamard matrix; special tokens and ``[UNK]`` are zero rows), so the mean of the last hidden
+    states is the sum of the phrase's word rows / (words + 2) and the cosine of two phrases of n words sharing
+    k is k / n: "a red car" vs "a blue car" 2/3 (≥ 0.5), vs "the blue dog" 0."""
+    import torch
+    from scipy.linalg import hadamard
+    from transformers import BertConfig, BertModel
 
     folder = tmp_path_factory.mktemp("text_model")
-    vocab = folder / "vocab.txt"
-    vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]) + "\n")
-    BertTokenizerFast(vocab_file=str(vocab)).save_pretrained(folder)
+    word_piece_tokenizer().save_pretrained(folder)
     cfg = BertConfig(
-        vocab_size=len(WORDS) + 5,
-        hidden_size=32,
-        num_hidden_layers=2,
+        vocab_size=len(SPECIAL) + len(WORDS),
+        hidden_size=DIM,
+        num_hidden_layers=0,
         num_attention_heads=2,
         intermediate_size=64,
         max_position_embeddings=64,
     )
-    BertModel(cfg).eval().save_pretrained(folder)
+    model = BertModel(cfg).eval()
+    rows = torch.zeros(cfg.vocab_size, DIM)
+    rows[len(SPECIAL) :] = torch.tensor(hadamard(DIM)[1 : len(WORDS) + 1], dtype=torch.float32)
+    with torch.no_grad():
+        model.embeddings.word_embeddings.weight.copy_(rows)
+        model.embeddings.position_embeddings.weight.zero_()
+        model.embeddings.token_type_embeddings.weight.zero_()
+        model.embeddings.LayerNorm.weight.fill_(1.0)
+        model.embeddings.LayerNorm.bias.zero_()
+    model.save_pretrained(folder)
     return str(folder)
+
+
+def test_the_fixture_tokenizer_reads_its_vocabulary(tiny_text_model):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_text_model)  # as the text embedder loads it
+    ids = tok("A red car")["input_ids"]
+    vocab = {t: i for i, t in enumerate(SPECIAL + WORDS)}
+    assert ids == [vocab["[CLS]"], vocab["a"], vocab["red"], vocab["car"], vocab["[SEP]"]]
+    assert tok("a zebra")["input_ids"][2] == vocab["[UNK]"]
+
+
+def test_fixture_similarities_fall_on_both_sides_of_the_threshold(tiny_text_model):
+    from orchestrate.evaluation.metrics import GCG_TEXT, cosine_matrix
+
+    embed = text_embedder(tiny_text_model)
+    sims = cosine_matrix(
+        embed(["a red car"]), embed(["a red car", "a blue car", "the blue dog", "a blue dog"])
+    )
+    np.testing.assert_allclose(sims[0], [1.0, 2 / 3, 0.0, 1 / 3], atol=1e-6)
+    assert sims[0, 1] >= GCG_TEXT > sims[0, 2]
 
 
 def test_clean_caption_follows_xsam():
@@ -71,6 +132,55 @@ def test_gcg_recall_with_a_local_text_model(demo_val, perfect, tiny_text_model, 
     )
     total = sum(len(x["masks"]) for x in perfect[name])
     assert result[name]["recall"] == pytest.approx(100 * (total - len(perfect[name])) / total)
+
+
+def _rename_phrases(lines: list[dict], rename) -> list[dict]:
+    """The predictions with every ``<p>phrase</p>`` of the text replaced by ``rename(phrase)`` (masks kept)."""
+    out = copy.deepcopy(lines)
+    for line in out:
+        line["text"] = re.sub(r"<p>(.*?)</p>", lambda m: f"<p>{rename(m.group(1))}</p>", line["text"])
+    return out
+
+
+def _near(phrase: str) -> str:
+    """Another colour in "a <colour> <thing>" (cosine 2/3); two-word phrases kept."""
+    words = phrase.split()
+    if len(words) == 3:
+        c = demo_gcg.COLOURS
+        words[1] = c[(c.index(words[1]) + 1) % len(c)]
+    return " ".join(words)
+
+
+def _far(phrase: str) -> str:
+    """No word in common (cosine 0): "a red car" -> "the yellow dog", "the sky" -> "a grass"."""
+    swap = {"a": "the", "the": "a"}
+    out = []
+    for w in phrase.split():
+        for group in (demo_gcg.COLOURS, demo_gcg.THINGS, demo_gcg.STUFF):
+            if w in group:
+                w = group[(group.index(w) + 1) % len(group)]
+                break
+        out.append(swap.get(w, w))
+    return " ".join(out)
+
+
+def test_gcg_recall_counts_a_pair_only_at_text_similarity_0_5_or_more(
+    demo_val, perfect, tiny_text_model, no_java
+):
+    datas, shards, names = demo_val
+    name = next(n for n in names if n.startswith("grandf_gcg/"))
+    results = {}
+    for label, rename in (("near", _near), ("far", _far)):
+        lines = _rename_phrases(perfect[name], rename)
+        assert lines != perfect[name]
+        path = write_jsonl(shards.parent / f"gcg_{label}.jsonl", lines)
+        results[label] = score_predictions(
+            str(path), str(shards), str(datas), sets=[name], text_sim_model=tiny_text_model
+        )[name]
+    for r in results.values():  # the masks are perfect either way
+        assert r["mIoU"] == 100.0 and r["AP50"] == 100.0
+    assert results["near"]["recall"] == 100.0  # every pair at cosine 2/3 or 1
+    assert results["far"]["recall"] == 0.0  # every pair at cosine 0: below 0.5
 
 
 def test_missing_text_model_folder_is_an_error(demo_val, perfect, tmp_path):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import io
 import math
+import pickle
 import random
 
 import numpy as np
@@ -419,3 +420,41 @@ def test_rle_problem_accepts_every_pycocotools_rle_and_rejects_bad_ones():
         assert rle_problem(r["counts"], h * w + 1) is not None
     assert "truncated" in rle_problem("0j", 4)  # 'j' carries the continuation bit
     assert rle_problem("0 1", 4) is not None and rle_problem(b"01", 4) is not None
+
+
+def test_mask_ap_equals_pycocotools_past_max_dets_and_after_pickling():
+    """faster-coco-eval's C++ path (the per-image entries cross Ray as pickles) keeps COCOeval's numbers on
+    images with more than maxDets (100) detections, many tied scores and crowd regions."""
+    rng = random.Random(11)
+    cats = [1, 2]
+    images, gts, dts = _random_instances(rng, 8, cats)
+    for img in images[:2]:  # 130 small detections on each of two images: COCOeval keeps the 100 best
+        h, w = img["height"], img["width"]
+        for k in range(130):
+            r0, c0 = rng.randint(0, h - 3), rng.randint(0, w - 3)
+            dts.append(
+                {
+                    "image_id": img["id"],
+                    "category_id": cats[k % 2],
+                    "segmentation": rle(rows(h, w, (r0, r0 + 3, c0, c0 + 3))),
+                    "score": round(rng.random(), 2),
+                }
+            )
+    ref = _cocoeval_stats(images, gts, dts, cats)
+    shards = [MaskAP(cats), MaskAP(cats)]
+    for img in images:
+        t = [
+            ApTruth(g["segmentation"], g["category_id"], g["iscrowd"], g["area"])
+            for g in gts
+            if g["image_id"] == img["id"]
+        ]
+        d = [(x["segmentation"], x["category_id"], x["score"]) for x in dts if x["image_id"] == img["id"]]
+        shards[img["id"] % 2].add(img["id"], t, d)
+    merged = pickle.loads(pickle.dumps(shards[0]))
+    merged.merge(pickle.loads(pickle.dumps(shards[1])))
+    names = ("AP", "AP50", "AP75", "APs", "APm", "APl")
+    expected = {n: (100 * v if v > -1 else None) for n, v in zip(names, ref, strict=True)}
+    # to the last bits only: pycocotools' precision is tp / (tp + fp + 2.2e-16), the C++ one tp / (tp + fp)
+    got = {k: (None if math.isnan(v) else v) for k, v in merged.result().items()}
+    assert got == {k: (v if v is None else pytest.approx(v, rel=1e-12)) for k, v in expected.items()}
+    assert 0 < expected["AP"] < 100
