@@ -168,7 +168,7 @@ def _seal(folder: Path, entry: dict, digests: list[str]) -> None:
 
 # ------------------------------------------------------------------------------------------ children
 def child_ours(work: Path, workers: int) -> dict:
-    from orchestrate.evaluation import score_predictions
+    from orchestrate.evaluation.run import score_predictions
 
     if workers > 1:
         import ray

@@ -32,11 +32,11 @@ sys.path.insert(
 )  # run as a script from anywhere
 
 from orchestrate.evaluation import ground_truth as gt  # noqa: E402
-from orchestrate.evaluation import score_predictions  # noqa: E402
 from orchestrate.evaluation.inference import InferenceOptions, evaluate_export
 from orchestrate.evaluation.output import staged_output  # noqa: E402
 from orchestrate.evaluation.paper_table import PAPER_SETS, expand_sets, read_eval_folder  # noqa: E402
 from orchestrate.evaluation.report import format_table  # noqa: E402
+from orchestrate.evaluation.run import score_predictions  # noqa: E402
 from pipelines.errors import run_cli  # noqa: E402
 from pipelines.logs import configure_logging  # noqa: E402
 from pipelines.storage import check_writable  # noqa: E402

@@ -1,10 +1,13 @@
-"""Evaluation: score a ``predictions.jsonl`` (DESIGN §4.8) against built val shards.
+"""Evaluation: score a ``predictions.jsonl`` (docs/contracts.md, "Predictions and results") against built val
+shards, run an export over them, compare with the paper's table.
 
-Public surface: :func:`score_predictions` (what ``orchestrate/evaluate.py`` and inference call),
-:class:`EvaluationError`, and the ground-truth/metric modules for whoever scores in other ways.
+The modules: :mod:`~orchestrate.evaluation.run` (:func:`~orchestrate.evaluation.run.score_predictions`, what
+``orchestrate/evaluate.py`` and inference call), :mod:`~orchestrate.evaluation.inference` (an export over the val
+shards), :mod:`~orchestrate.evaluation.paper_table` (the paper's numbers beside ours), the ground-truth and metric
+modules for whoever scores in other ways, and :class:`EvaluationError`. The package imports only its errors, so
+``python -m orchestrate.evaluation.paper_table`` runs its module once.
 """
 
 from orchestrate.evaluation.errors import EvaluationError
-from orchestrate.evaluation.run import score_predictions
 
-__all__ = ["EvaluationError", "score_predictions"]
+__all__ = ["EvaluationError"]

@@ -29,6 +29,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch.utils.data._utils.pin_memory import pin_memory
 
 CHUNK_BYTES = 64 << 20  # the largest chunk made for small tensors (a batch of 4 at SAM 1024 fills about two)
 KEEP_IDLE_BYTES = 1 << 30  # idle chunks a worker keeps for reuse beyond this are given back
@@ -201,8 +202,6 @@ class Packed:
 
     def pin_memory(self) -> Any:
         """What the DataLoader's pin-memory thread calls: unpack, then pin as it pins any batch."""
-        from torch.utils.data._utils.pin_memory import pin_memory
-
         return pin_memory(self.unpack())
 
 

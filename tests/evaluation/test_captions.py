@@ -9,8 +9,9 @@ import shutil
 import numpy as np
 import pytest
 
-from orchestrate.evaluation import captions, score_predictions
+from orchestrate.evaluation import captions
 from orchestrate.evaluation.captions import caption_scores, clean_caption, text_embedder
+from orchestrate.evaluation.run import score_predictions
 from pipelines.demo import gcg as demo_gcg
 from tests.evaluation.helpers import write_jsonl
 

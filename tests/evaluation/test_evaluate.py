@@ -13,8 +13,9 @@ import numpy as np
 import pytest
 
 from orchestrate import evaluate
-from orchestrate.evaluation import EvaluationError, score_predictions
+from orchestrate.evaluation import EvaluationError
 from orchestrate.evaluation import ground_truth as gt
+from orchestrate.evaluation.run import score_predictions
 from pipelines.errors import run_cli
 from tests.evaluation.helpers import write_jsonl
 from tests.evaluation.test_metrics import rle

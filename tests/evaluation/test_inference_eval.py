@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 
 from orchestrate import evaluate, predict
-from orchestrate.evaluation import score_predictions
 from orchestrate.evaluation.inference import InferenceOptions, run_inference
+from orchestrate.evaluation.run import score_predictions
 from pipelines.errors import run_cli
 from tests.evaluation.debug_exports import write_debug_export
 

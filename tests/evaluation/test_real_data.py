@@ -16,7 +16,7 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
 from orchestrate.evaluation import ground_truth as gt
-from orchestrate.evaluation import score_predictions
+from orchestrate.evaluation.run import score_predictions
 from pipelines.build.driver import build
 from tests.evaluation.helpers import set_lines, write_jsonl
 
