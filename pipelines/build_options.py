@@ -93,7 +93,7 @@ class SourceOptions:
     """GCG sources: captions with fewer words are skipped (GLaMM's rule)."""
     gcg_min_words_sources: str = "flickr"
     """Which GCG sources apply ``gcg_min_words``: ``flickr`` (the paper: X-SAM checks Flickr only) or
-    ``all`` (this project's behaviour before issue 16)."""
+    ``all`` (this project's earlier behaviour)."""
     lvis_max_phrases: int = 100
     """lvis: at most this many positive categories per sample; an image with more becomes several."""
     llava_keep_text_only: bool = True
@@ -105,7 +105,7 @@ class SourceOptions:
     'wall', 'sky') or ``main`` (X-SAM main's cleaning: 'wall other', 'sky other')."""
     ade20k_category_names: str = "xsam"
     """ade20k_panoptic/_semantic phrases: ``xsam`` (the Mask2Former synonym lists X-SAM's evaluation prompts
-    with, e.g. 'road, route') or ``lisa`` (LISA's single names, this project's behaviour before issue 16)."""
+    with, e.g. 'road, route') or ``lisa`` (LISA's single names, this project's earlier behaviour)."""
     refseg_combinations: str = "covering"
     """refcoco/+/g/grefcoco train: which sentence of each object each sample uses: ``covering`` (every sentence
     at least once, :func:`pipelines.sources.refer.combinations`) or ``archive`` (X-SAM's

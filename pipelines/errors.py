@@ -121,7 +121,7 @@ class PromptTooSmall(SkipRecord, ValueError):
 
 
 class SampleError(XsamError, ValueError):
-    """A Sample breaks an invariant of the schema (DESIGN §4.3); the message names the first broken one."""
+    """A Sample breaks an invariant of the schema (docs/contracts.md#sample); the message names the first broken one."""
 
 
 class MalformedJSON(XsamError, ValueError):

@@ -1,4 +1,4 @@
-"""The shard store (DESIGN §4.4): a build's layout on disk, its typed manifests, and the one tar reader.
+"""The shard store (docs/contracts.md#shards-and-manifests): a build's layout on disk, its typed manifests, and the one tar reader.
 
 Layout under a build's ``<out>`` (a local folder or any fsspec URI)::
 
@@ -120,7 +120,7 @@ class Manifest:
     code_version: dict = field(default_factory=dict)
     fingerprint: str | None = None
     generation: str | None = None
-    """The build generation this manifest commits (:func:`generation_of`); None before issue 20."""
+    """The build generation this manifest commits (:func:`generation_of`); None in a manifest written before generations existed."""
     wall_time_s: float | None = None
     extra: dict = field(default_factory=dict)  # keys a newer writer added: kept, written back unchanged
     url: str | None = field(default=None, compare=False, repr=False)  # where it was read from (not written)

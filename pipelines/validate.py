@@ -1,6 +1,6 @@
 """Values from annotation files, checked before they reach a C library (pycocotools, OpenCV, numpy casts).
 
-Annotation files are untrusted (DESIGN §6): Python's ``json`` writes ``NaN`` and ``Infinity``, a careless or
+Annotation files are untrusted (docs/integrity.md): Python's ``json`` writes ``NaN`` and ``Infinity``, a careless or
 hostile file holds strings where numbers belong, counts beyond ``uint32``, ids beyond ``int64`` or nesting
 thousands of levels deep. Each of these crashed a build from inside native code (a segfault in
 pycocotools, an ``OverflowError`` in a numpy cast, a ``RecursionError`` in ``json``). Every check here raises

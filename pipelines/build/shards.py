@@ -1,4 +1,4 @@
-"""Deterministic WebDataset shards and their manifests (DESIGN §4.4).
+"""Deterministic WebDataset shards and their manifests (docs/contracts.md#shards-and-manifests).
 
 Layout under ``--out``::
 

@@ -269,7 +269,7 @@ def _category_section(splits: list[str], manifests: Mapping[str, dict]) -> list[
 def _input_name(inp: dict) -> str:
     """A stable, machine-independent name for a build input: its path from the data-root layout on."""
     parts = inp["path"].replace("\\", "/").rstrip("/").split("/")
-    # DESIGN §4.1: every default path starts at an ``img_*`` task folder under the data root
+    # docs/contracts.md#data-root: every default path starts at an ``img_*`` task folder under the data root
     start = next((i for i, p in enumerate(parts) if p.startswith("img_")), len(parts) - 1)
     name = "/".join(parts[start:])
     return name + "/" if inp.get("kind") == "folder-listing" else name

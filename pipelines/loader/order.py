@@ -1,4 +1,4 @@
-"""The world-size-free data order of a stage (DESIGN §4.6, issue 21 item 1): pure functions of the seed and the
+"""The world-size-free data order of a stage (docs/contracts.md#loader-state, docs/scale.md#elastic-resume-another-world-size-the-same-data): pure functions of the seed and the
 global step, with no rank, DataLoader worker or micro-batch split in them.
 
 - :func:`step_sources` — the dataset of global step ``s``: inverse CDF of a counter-based uniform keyed by

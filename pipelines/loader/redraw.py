@@ -1,4 +1,4 @@
-"""Conversations re-drawn at load time (issue 16 item 2), as X-SAM re-draws them on every ``__getitem__``.
+"""Conversations re-drawn at load time (docs/fidelity.md#data-recipe-fidelity), as X-SAM re-draws them on every ``__getitem__``.
 
 A shard stores one rendering of each conversation (use 0, seeded by ``(seed, key)`` at build time). Each later
 use of the sample re-draws its wording from the Sample's structured fields with an RNG that is a pure function

@@ -1,4 +1,4 @@
-"""VGD prompts drawn at batch time (issue 16 item 1), as X-SAM's paper code draws them.
+"""VGD prompts drawn at batch time (docs/fidelity.md#data-recipe-fidelity), as X-SAM's paper code draws them.
 
 X-SAM ``[archive]`` fills every ``<region>`` slot of a vgdseg sample, at every step, with the prompt of one
 instance of the slot's category picked at random among **all** instances of that category in the per-device
@@ -57,7 +57,7 @@ COUNTERS = (
 @dataclass(frozen=True)
 class DrawOptions:
     """``cross_image``: slots draw among the batch's instances (False: the stored same-image prompt, as
-    before issue 16); ``negatives``: the archive's negatives (False: X-SAM ``main``, which has none)."""
+    earlier); ``negatives``: the archive's negatives (False: X-SAM ``main``, which has none)."""
 
     cross_image: bool = True
     negatives: bool = True

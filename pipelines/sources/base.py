@@ -1,6 +1,6 @@
 """The Source protocol and what every source shares: skips, safe paths, image checks, convert context.
 
-A source turns raw files under the data root into Samples in three steps (DESIGN §2):
+A source turns raw files under the data root into Samples in three steps (docs/architecture.md#the-flow):
 
 1. ``locate(data_root, split)`` finds its files, or raises :class:`SourceNotFound` listing the paths looked at;
 2. ``index(files, split, options)`` streams the annotation files once (never loading a huge JSON whole) and

@@ -1,6 +1,6 @@
 """``llava_pretrain`` and ``llava_instruct``: LLaVA conversations as chat Samples (task chat; recipe §1.3, §2.9).
 
-Inputs (DESIGN §4.1, ``img_chat/llava/``): ``LLaVA-Pretrain/blip_laion_cc_sbu_558k.json`` with images in
+Inputs (docs/contracts.md#data-root, ``img_chat/llava/``): ``LLaVA-Pretrain/blip_laion_cc_sbu_558k.json`` with images in
 ``LLaVA-Pretrain/images`` (stage 2) and ``LLaVA-Instruct-150K/llava_v1_5_mix665k.json`` with images in
 ``llava_images`` (X-SAM's stage-3 config; ``LLaVA-Instruct-150K/llava_images`` is also looked at): JSON lists of ``{id, image?, conversations: [{from: human|gpt, value}]}``.
 

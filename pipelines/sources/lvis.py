@@ -1,6 +1,6 @@
 """``lvis``: LVIS v1 (1203 categories) as open-vocabulary segmentation (task ovseg; source_formats.md §6).
 
-Layout (DESIGN §4.1): ``img_ovseg/lvis/lvis_v1_{train,val}.json`` (``lvis_v0.5_*.json`` accepted), images
+Layout (docs/contracts.md#data-root): ``img_ovseg/lvis/lvis_v1_{train,val}.json`` (``lvis_v0.5_*.json`` accepted), images
 from COCO: ``img_genseg/coco2017/<folder>/<file>`` where ``<folder>/<file>`` are the last two parts of the
 image's ``coco_url`` (v1 has no ``file_name``; v1 *val* images live in ``train2017/`` too, so the URL folder,
 not the split, decides). Without a ``coco_url``, a v0.5 ``file_name`` ``COCO_val2014_….jpg`` is looked up

@@ -1,6 +1,6 @@
 """``refcoco``, ``refcoco+``, ``refcocog``, ``grefcoco``: referring segmentation (task refseg) from refer files.
 
-Layout (DESIGN §4.1, source_formats §3): ``img_refseg/refcocos/<dataset>/{refs(<split_by>).p, instances.json}``
+Layout (docs/contracts.md#data-root, source_formats §3): ``img_refseg/refcocos/<dataset>/{refs(<split_by>).p, instances.json}``
 (``refcoco+`` is also found as X-SAM's ``refcocop``; gRefCOCO's official ``grefs(unc).json`` is read as well as
 X-SAM's pickle). Images are COCO train2014, found at the first of :data:`IMAGE_LAYOUTS` that exists; their
 file names come from ``instances.json`` (a ref's own ``file_name`` carries a decoy ``_N`` suffix). The refs

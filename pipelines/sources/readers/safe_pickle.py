@@ -1,4 +1,4 @@
-"""A restricted unpickler for the refer ``refs(unc).p`` / ``refs(umd).p`` files (DESIGN §6).
+"""A restricted unpickler for the refer ``refs(unc).p`` / ``refs(umd).p`` files (docs/integrity.md).
 
 Those files are Python-2 ``cPickle`` dumps of plain ``list[dict]``: lists, dicts, ``str``/``unicode``,
 ints/longs, floats, bools and None. All of these are pickle *opcodes*; none needs a global. A pickle that
