@@ -18,7 +18,7 @@ applies the task's rule (X-SAM ``dataset/process_fns/postprocess_fns/*``, Mask2F
 - :func:`interactive` — intseg: candidates above ``interactive_threshold`` (or the best one), the candidate
   whose box overlaps the visual prompt's box most.
 
-:func:`encode` turns boolean masks into the compressed RLEs of the predictions contract (DESIGN §4.8).
+:func:`encode` turns boolean masks into the compressed RLEs of the predictions contract (docs/contracts.md#predictions-and-results).
 Every function takes one run's tensors; none keeps state. Masks come back as ``HxW`` bool tensors.
 """
 
@@ -242,7 +242,7 @@ ovseg instance sets, VGD) → scored ``instances``; ``per_turn`` (refseg, reaseg
 
 @dataclass(frozen=True)
 class OutputSpec:
-    """How one sample's decoder output becomes its line of ``predictions.jsonl`` (DESIGN §4.8)."""
+    """How one sample's decoder output becomes its line of ``predictions.jsonl`` (docs/contracts.md#predictions-and-results)."""
 
     kind: str
     categories: tuple[int, ...] | None = None

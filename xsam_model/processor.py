@@ -35,7 +35,7 @@ adds ``region_image`` (per sample, R long: the batch image whose grid each regio
 -1 = none, a negative slot the batch had no instance for: an empty mask and zero features, as X-SAM).
 
 vgdseg train samples with a ``prompt_pool`` get their ``<region>`` prompts in :meth:`XSamProcessor.collate`
-(issue 16 item 1, :mod:`pipelines.loader.vgd_draw`): each slot's prompt drawn among all instances of its
+(:mod:`pipelines.loader.vgd_draw`): each slot's prompt drawn among all instances of its
 category in the micro-batch, any image (``ProcessorConfig.vgd_cross_image``), plus the paper's negatives
 (``ProcessorConfig.vgd_negatives``: extra slots, re-tokenized, no target); such an item carries ``vgd`` (its
 prompt pool as compressed RLEs and its SAM geometry) instead of ``region_masks`` until then, and the batch
