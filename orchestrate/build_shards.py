@@ -30,7 +30,7 @@ from pipelines.storage import check_writable  # noqa: E402
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data-root", required=True, help="folder laid out like X-SAM's datas/ (DESIGN §4.1)")
+    p.add_argument("--data-root", required=True, help="folder laid out like X-SAM's datas/ (docs/contracts.md#data-root)")
     p.add_argument(
         "--out", required=True, help="output folder or fsspec URI (s3://…, gs://…) every node can reach"
     )

@@ -1,6 +1,6 @@
 """Evaluation while training, and each step's losses per source: two :class:`~orchestrate.callbacks.Callback`.
 
-:class:`SourceLosses` (every stage, rank 0): every step draws one source (DESIGN §4.6), so its losses are
+:class:`SourceLosses` (every stage, rank 0): every step draws one source (docs/contracts.md#loader-state), so its losses are
 logged again as ``loss_by_source/<source>/<part>`` (``total``, ``lm``, ``cls``, ``mask_bce``, ``dice``), one
 curve per dataset.
 

@@ -38,7 +38,7 @@ TASK_OUTPUT = {
 
 @dataclass
 class Prediction:
-    """The prediction line (DESIGN §4.8 fields) and, per mask entry, the name it is drawn with."""
+    """The prediction line (docs/contracts.md#predictions-and-results fields) and, per mask entry, the name it is drawn with."""
 
     task: str
     line: dict

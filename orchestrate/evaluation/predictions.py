@@ -1,4 +1,4 @@
-"""``predictions.jsonl``: the contract between inference and scoring (DESIGN §4.8).
+"""``predictions.jsonl``: the contract between inference and scoring (docs/contracts.md#predictions-and-results).
 
 One JSON object per line, one line per sample key::
 
