@@ -138,7 +138,7 @@ _LAYOUTS = {
 
 
 def task_sample(task: str) -> Sample:
-    """A small valid Sample of ``task`` (DESIGN §4.3): one mask per label, one region per ``<region>``."""
+    """A small valid Sample of ``task`` (docs/contracts.md#sample): one mask per label, one region per ``<region>``."""
     users, answers, phrases, labels, regions = _LAYOUTS[task]
     conv = [t for u, a in zip(users, answers, strict=True) for t in (Turn("user", u), Turn("assistant", a))]
     rle = box_rle(2, 8, 3, 10, SAMPLE_H, SAMPLE_W)

@@ -1,4 +1,4 @@
-"""Multi-node on a simulated cluster (issue 21 item 4): ``ray.cluster_utils.Cluster`` starts one raylet per
+"""Multi-node on a simulated cluster (docs/scale.md#multi-node): ``ray.cluster_utils.Cluster`` starts one raylet per
 "node" on this machine (a head with no CPUs, so every task and Ray Train worker runs on a worker node), and a
 node is removed in the middle of the work with ``cluster.remove_node``, which kills its raylet and every
 worker process on it, as a lost machine would.

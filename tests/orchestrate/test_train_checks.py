@@ -1,4 +1,4 @@
-"""Issue 20 item 5 (part): train.py refuses bad arguments at once on the driver, before Ray: exit 2, one line."""
+"""docs/integrity.md: train.py refuses bad arguments at once on the driver, before Ray: exit 2, one line."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """ade20k_panoptic / _semantic / _instance: masks against the raw PNGs, raw vs Mask2Former layouts, the
-vocabularies, bad inputs of issue 7, and the shipped tables against the real upstream files."""
+vocabularies, bad inputs it refuses, and the shipped tables against the real upstream files."""
 
 from __future__ import annotations
 

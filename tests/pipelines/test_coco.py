@@ -1,4 +1,4 @@
-"""COCO panoptic / instances sources: round trip, labels, crowd handling, every bad input of issue 3."""
+"""COCO panoptic / instances sources: round trip, labels, crowd handling, every bad input."""
 
 from __future__ import annotations
 
@@ -132,7 +132,7 @@ def test_num_class_option_samples_categories_like_x_sam_main(coco_root, tmp_path
 
 # ----------------------------------------------------------------------------- bad input
 def _corrupt(coco_root: Path) -> dict:
-    """Apply every bad input of issue 3 to the demo instances train file; returns what to expect."""
+    """Apply every bad input to the demo instances train file; returns what to expect."""
     path = coco_root / ANN / "instances_train2017.json"
     d = json.loads(path.read_text())
     imgs = d["images"]

@@ -1,4 +1,4 @@
-"""GCG sources (issue 6): span cleaning and shifting, overlaps, answer layout, masks, image-folder probe,
+"""GCG sources: span cleaning and shifting, overlaps, answer layout, masks, image-folder probe,
 val/test, every bad input of the issue (skipped with a reason; an error under strict), round trips."""
 
 from __future__ import annotations

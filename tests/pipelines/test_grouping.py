@@ -1,5 +1,5 @@
-"""Length grouping within a step's source (pipelines.loader.grouping, issue 16 item 5; world-size-free since
-issue 21): fewer padded tokens, every sample once per pass, exact resume in the middle of a group, a failed
+"""Length grouping within a step's source (pipelines.loader.grouping,
+world-size-free): fewer padded tokens, every sample once per pass, exact resume in the middle of a group, a failed
 transform keeps the batch size."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Issue 20 item 6: concurrent use is safe. A loader pins the build generation it started with and stops in
+"""docs/integrity.md: concurrent use is safe. A loader pins the build generation it started with and stops in
 one line when a rebuild lands under it (real damage in the same generation stays a counted skip); two builds
 into the same ``--out`` as two real processes: the second stops naming the first's host and pid, the first
 finishes with its shards intact."""

@@ -1,4 +1,4 @@
-"""Other tools open our shards (issue 10): Hugging Face `datasets` (the "webdataset" builder, and a shard
+"""Other tools open our shards: Hugging Face `datasets` (the "webdataset" builder, and a shard
 folder with its dataset card as README.md), plain `webdataset.WebDataset`, and `tar tf` (members in key
 order). Everything offline: HF_HUB_OFFLINE=1, the datasets cache under tmp_path."""
 

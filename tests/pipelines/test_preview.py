@@ -1,4 +1,4 @@
-"""Preview gallery (issue 10): the files it writes, overlay pixels where the masks are (in their phrase's
+"""Preview gallery: the files it writes, overlay pixels where the masks are (in their phrase's
 colour, as the HTML colours the phrase), regions and ignore drawn, conversation colouring and wrapping."""
 
 from __future__ import annotations

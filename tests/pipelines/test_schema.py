@@ -1,4 +1,4 @@
-"""schema.validate against broken Samples: each invariant of DESIGN §4.3 violated once, each caught with its
+"""schema.validate against broken Samples: each invariant of docs/contracts.md#sample violated once, each caught with its
 own message (and the valid Sample of every task passes, so a failure below is the planted defect)."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The shard store (DESIGN §4.4): typed manifests read back exactly as written, one tar reader checked against
+"""The shard store (docs/contracts.md#shards-and-manifests): typed manifests read back exactly as written, one tar reader checked against
 ``tarfile``, the per-flag counts the mixture relies on, and the errors for old or broken builds."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Shard determinism, resume and crash consistency (DESIGN §4.4), inline and under in-process Ray."""
+"""Shard determinism, resume and crash consistency (docs/contracts.md#shards-and-manifests), inline and under in-process Ray."""
 
 from __future__ import annotations
 
