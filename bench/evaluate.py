@@ -1,4 +1,4 @@
-"""Scoring benchmark (issue 17). Prints figures and ratios against baselines measured in the same run; asserts
+"""Scoring benchmark. Prints figures and ratios against baselines measured in the same run; asserts
 nothing.
 
     python bench/evaluate.py                 # 5,000 images 640x480, ~20 segments each (COCO val scale)

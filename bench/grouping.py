@@ -1,4 +1,4 @@
-"""Padding fraction of micro-batches with and without length grouping (issue 16 item 5).
+"""Padding fraction of micro-batches with and without length grouping.
 
     python -m bench.grouping [--batch-size 4] [--micro-batches 400] [--length-group 8]
 

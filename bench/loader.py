@@ -1,11 +1,11 @@
-"""Training-side loader benchmark (issue 9). Prints figures and ratios against an X-SAM-style baseline measured
+"""Training-side loader benchmark. Prints figures and ratios against an X-SAM-style baseline measured
 in the same run; asserts nothing.
 
     python bench/loader.py              # 118,287-image start-up, 240 timed samples per variant, 10,000 for RSS
     python bench/loader.py --small      # 10,000-image start-up, 48 timed samples, 2,000 for RSS (a quick check)
-    python bench/loader.py --small --no-verify   # ours without the per-sample sha256 check (issue 20)
+    python bench/loader.py --small --no-verify   # ours without the per-sample sha256 check
     git worktree add /tmp/loader_base <commit> && python bench/loader.py --small --base-tree /tmp/loader_base
-                                        # + the loader of another checkout, interleaved with ours (issue 21)
+                                        # + the loader of another checkout, interleaved with ours
 
 Every measurement runs in its own subprocess (peak RSS isolated, same allocator settings, ``OMP/MKL`` threads and
 OpenCV at 1 thread: one process = one loader worker), twice, interleaved with the baseline; the better run counts.
@@ -32,12 +32,12 @@ OpenCV at 1 thread: one process = one loader worker), twice, interleaved with th
      interleaved with ours+XSamProcessor in process: their ratio per CPU-second (main + worker) is what the
      process boundary costs (target: within 1.2x);
    - ours with the per-sample sha256 check off (``verify=False``), interleaved with "ours": their ratio is the
-     check's cost (issue 20: >= 0.95x);
+     check's cost (target >= 0.95x);
    - ours as rank 0 of 4 (``world_size=4``): one rank's share of each global batch, with length grouping's
-     JSON reads of the other ranks' samples (issue 21);
+     JSON reads of the other ranks' samples;
    - with ``--base-tree DIR``: the same "ours" child run from another checkout's ``bench/loader.py`` (its
-     loader, e.g. the per-(rank, lane) one before issue 21), interleaved with "ours" on the same shards:
-     their ratio is the new order's per-worker cost (issue 21: >= 0.9x).
+     loader, e.g. the per-(rank, lane) one of the earlier order), interleaved with "ours" on the same shards:
+     their ratio is the new order's per-worker cost (target >= 0.9x).
 3. RSS over 10,000 samples of the demo mix with full inputs: RSS after 1,000 (warm) vs the maximum after.
 """
 
@@ -726,7 +726,7 @@ def main() -> None:
             new = best(runs["ours"], "samples_per_cpu_s")
             old = best(runs["ours, base tree"], "samples_per_cpu_s")
             print(
-                f"   world-size-free order (issue 21): ours / base tree ({args.base_tree}) = "
+                f"   world-size-free order: ours / base tree ({args.base_tree}) = "
                 f"{new['samples_per_cpu_s'] / old['samples_per_cpu_s']:.3f}x per CPU-s, "
                 f"{new['samples_per_s'] / old['samples_per_s']:.3f}x wall (target >= 0.9x)"
             )
@@ -737,7 +737,7 @@ def main() -> None:
             f"{worker / inproc:.3f}x per CPU-s, main + worker (target >= {1 / 1.2:.3f}x: within 1.2x)"
         )
         print(
-            f"   per-sample sha256 check (issue 20): ours{' (--no-verify)' if args.no_verify else ''} / "
+            f"   per-sample sha256 check: ours{' (--no-verify)' if args.no_verify else ''} / "
             f"verification off = {on['samples_per_cpu_s'] / off['samples_per_cpu_s']:.3f}x per CPU-s, "
             f"{on['samples_per_s'] / off['samples_per_s']:.3f}x wall (target >= 0.95x)"
         )

@@ -13,7 +13,7 @@ hard-linked for every image) under a temp dir, then runs each side in its own su
             converting), plus the sha256 of the input it hashes for the manifest, reported apart;
 - worker:   ``shards.convert_chunk()`` of one chunk (polygons -> RLE, image checks, tar writing).
 
-Targets (issue 7): driver peak RSS <= 0.1x and indexing time <= 0.6x of ``lvis.LVIS()``; ADE20K panoptic
+Targets: driver peak RSS <= 0.1x and indexing time <= 0.6x of ``lvis.LVIS()``; ADE20K panoptic
 conversion >= 60 samples/s per worker (raw ADE-sized JPEG + label PNG + instance PNG per sample). Wall times
 depend on what else the machine runs; CPU times (user + system of the child) are the steadier comparison.
 """

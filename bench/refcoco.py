@@ -1,4 +1,4 @@
-"""Conversion throughput of ``refcoco`` per Ray worker (issue 5; target >= 300 samples/s per worker).
+"""Conversion throughput of ``refcoco`` per Ray worker (target >= 300 samples/s per worker).
 
     python bench/refcoco.py                 # 5,000 refs over 2,000 COCO-sized (640x480) images, 2 Ray workers
     python bench/refcoco.py --small         # 500 refs, a quick check

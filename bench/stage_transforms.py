@@ -1,4 +1,4 @@
-"""Cost of the stage transforms per image (issue 16 item 3): stage-1 large-scale jitter of the SAM image and its
+"""Cost of the stage transforms per image: stage-1 large-scale jitter of the SAM image and its
 masks, stage-2 SigLIP pad-to-square, against the plain path (longest side 1024, plain SigLIP resize).
 
     python -m bench.stage_transforms [--images 40] [--masks 12]
