@@ -155,7 +155,8 @@ def _check_rle(rle: Any, hw: tuple[int, int] | None, what: str) -> None:
 
 
 def validate(s: Sample) -> None:
-    """Check every invariant of docs/contracts.md#sample; raise :class:`SampleError` naming the first broken one."""
+    """Check every invariant of docs/contracts.md#sample; raise :class:`SampleError` naming the first broken
+    one."""
     if not _KEY_RE.match(s.key) or "." in s.key:
         raise SampleError(f"key {s.key!r} must be '<source>/<split>/<id>' without '.'")
     if not s.key.startswith(f"{s.source}/{s.split}/"):

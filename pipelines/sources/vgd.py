@@ -235,7 +235,8 @@ class CocoVgd:
 def _targets(
     record: dict, ctx: ConvertContext, h: int, w: int, pending: list
 ) -> tuple[list[dict], list[dict]]:
-    """Decoded non-crowd targets ``{"ann", "rle", "prompts"}`` and crowd RLEs; bad parts noted in ``pending``."""
+    """Decoded non-crowd targets ``{"ann", "rle", "prompts"}`` and crowd RLEs; bad parts noted in
+    ``pending``."""
     names = ctx.shared.get("category_names")
     targets, crowd = [], []
     for ann in record["anns"]:
