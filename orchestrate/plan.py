@@ -21,7 +21,8 @@ from xsam_model.stages import unused_parameters
 class RunPlan:
     cfg: StageConfig
     run_root: str
-    """Local folder or URI holding ``stage1/ stage2/ stage3/`` (docs/contracts.md#runs-checkpoints-and-exports)."""
+    """Local folder or URI holding ``stage1/ stage2/ stage3/``
+    (docs/contracts.md#runs-checkpoints-and-exports)."""
     run_name: str
     """wandb group; defaults to the run root's folder name."""
     shards: str
