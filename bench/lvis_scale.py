@@ -41,7 +41,8 @@ from pipelines.demo.draw import jpeg_bytes, make_scene, png_bytes  # noqa: E402
 W, H = 640, 480
 
 
-# ---------------------------------------------------------------------------------------------- synthetic data
+# ---------------------------------------------------------------------------------------------- synthetic
+# data
 def write_lvis(root: Path, n_images: int, n_anns: int, n_cats: int, seed: int = 0) -> Path:
     """``root/img_ovseg/lvis/lvis_v1_train.json`` + one JPEG hard-linked as every image; returns the JSON."""
     rng = random.Random(seed)
@@ -147,7 +148,8 @@ def write_ade(root: Path, n: int, seed: int = 0, size: tuple[int, int] = (683, 5
         (base / "annotations_instance/training" / f"{stem}.png").write_bytes(png_bytes(inst))
 
 
-# ---------------------------------------------------------------------------------------------- the measured sides
+# ---------------------------------------------------------------------------------------------- the measured
+# sides
 def _usage(t0: float, c0: float) -> dict:
     """Wall and CPU time since ``t0`` / ``c0``; peak RSS of the whole process (imports included)."""
     return {
