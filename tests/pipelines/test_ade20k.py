@@ -48,7 +48,8 @@ def run(root: Path, out: Path, source: str, split: str = "train", overrides: dic
     return build_and_read(root, out, source, split, overrides=overrides, with_images=False, **options)
 
 
-# ---------------------------------------------------------------------------------------------- Mask2Former layout
+# ---------------------------------------------------------------------------------------------- Mask2Former
+# layout
 def _bbox(mask: np.ndarray) -> list[int]:
     ys, xs = np.nonzero(mask)
     return [int(xs.min()), int(ys.min()), int(xs.max() - xs.min() + 1), int(ys.max() - ys.min() + 1)]

@@ -232,7 +232,8 @@ def test_panoptic_png_of_wrong_size_is_skipped(coco_root, tmp_path):
 
 
 def test_symlinked_folders_inside_the_root_are_followed(tmp_path):
-    """X-SAM's layout links image folders; a link inside the root is fine, only annotation paths are untrusted."""
+    """X-SAM's layout links image folders; a link inside the root is fine, only annotation paths are
+    untrusted."""
     real = write_demo(tmp_path / "real", families=["coco"])
     root = tmp_path / "datas" / "img_genseg"
     root.mkdir(parents=True)

@@ -40,7 +40,8 @@ def _build(demo_root: Path, out: Path, seed: int = 0, write_mixture: bool = True
 
 
 def _reading(out: Path, strict: bool = False, workers: int = 0):
-    """A loader reading one sample per batch, one 2-sample window at a time (so later shards are read late)."""
+    """A loader reading one sample per batch, one 2-sample window at a time (so later shards are read
+    late)."""
     loader = MixtureLoader(
         str(out),
         stage=1,

@@ -1,7 +1,8 @@
 """docs/integrity.md: every byte trained on is verified. The writer puts a member index beside each shard
 (offsets, sizes, a sha256 per sample; its own sha256 in the manifest); the loader reads through it and checks
 each sample as it reads it: a flipped byte in an image, a phrase or an RLE is a counted ``digest_mismatch``
-(strict: an error); a same-named shard of another build, or one with extra samples, is a ``shard_mismatch``."""
+(strict: an error); a same-named shard of another build, or one with extra samples, is a
+``shard_mismatch``."""
 
 from __future__ import annotations
 
