@@ -16,7 +16,7 @@ export WANDB_MODE ?= offline
 export DS_ACCELERATOR ?= cpu
 export TORCH_EXTENSIONS_DIR ?= $(HOME)/.cache/xsam_torch_extensions
 
-LINT_PATHS := pipelines xsam_model orchestrate tests bench
+LINT_PATHS := pipelines xsam_model orchestrate tests bench scripts
 
 .PHONY: venv demo test test-fast lint clean
 

@@ -1,4 +1,4 @@
-"""Benchmark the shard build on COCO-format data (issue 3). Prints figures and ratios; asserts nothing.
+"""Benchmark the shard build on COCO-format data. Prints figures and ratios; asserts nothing.
 
     python bench/build_coco.py            # 2,000 panoptic images + a COCO-train-scale instances file
     python bench/build_coco.py --small    # 200 images + a 10k-image instances file (a quick check)

@@ -1,13 +1,13 @@
-"""Scoring benchmark (issue 17). Prints figures and ratios against baselines measured in the same run; asserts
+"""Scoring benchmark. Prints figures and ratios against baselines measured in the same run; asserts
 nothing.
 
     python bench/evaluate.py                 # 5,000 images 640x480, ~20 segments each (COCO val scale)
     python bench/evaluate.py --images 500    # a quick check
     python bench/evaluate.py --images 500 --ap-only   # mask AP only: ours vs pycocotools vs faster-coco-eval
 
-A synthetic panoptic val set is written as real shards (``ade20k_panoptic/val``: no original files needed) plus a
-``predictions.jsonl`` that perturbs the ground truth (shifted masks, swapped categories, dropped segments).
-Every measurement runs in its own subprocess (peak RSS = that process's VmHWM):
+A synthetic panoptic val set is written as real shards (``ade20k_panoptic/val``: no original files needed)
+plus a ``predictions.jsonl`` that perturbs the ground truth (shifted masks, swapped categories, dropped
+segments). Every measurement runs in its own subprocess (peak RSS = that process's VmHWM):
 
 1. PQ + mIoU: ``score_predictions`` inline (streaming: one shard sample and one prediction line at a time)
    against a straightforward per-image reference loop written here (predictions loaded whole as X-SAM's
@@ -182,7 +182,8 @@ def child_ours(work: Path, workers: int) -> dict:
 
 
 def child_reference(work: Path) -> dict:
-    """Per image: dense masks, id maps, ``np.unique`` of GT x prediction ids (panopticapi), dense confusion."""
+    """Per image: dense masks, id maps, ``np.unique`` of GT x prediction ids (panopticapi), dense
+    confusion."""
     from pycocotools import mask as mu
 
     from orchestrate.evaluation import ground_truth as gt

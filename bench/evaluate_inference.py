@@ -1,15 +1,15 @@
 """Inference benchmarks (``evaluate.py --export``): samples/s of a stage-3 export over val shards.
 
-    .venv/bin/python bench/evaluate_inference.py                      # CPU, debug: inline, 1 and 2 Ray workers
+    .venv/bin/python bench/evaluate_inference.py                      # CPU, debug: inline, 1, 2 Ray workers
     .venv/bin/python bench/evaluate_inference.py --device cuda        # GPU: xsam-phi3 bf16, ± KV cache
     .venv/bin/python bench/evaluate_inference.py --device cuda --init-dir /shared/inits   # real tokenizer
 
-CPU part: the demo's val sets (``--sets``, run ``--repeat`` times) with a debug-flavor stage-3 export of random
-weights, X-SAM's protocol (teacher-forced; GCG generated with ``--max-new-tokens``). Reported: wall
+CPU part: the demo's val sets (``--sets``, run ``--repeat`` times) with a debug-flavor stage-3 export of
+random weights, X-SAM's protocol (teacher-forced; GCG generated with ``--max-new-tokens``). Reported: wall
 samples/s (Ray start-up of the actors and model loading included), steady samples/s (after the first result
-came back) and per-worker samples/s over the time the
-workers spent predicting (``ShardLines.seconds``), inline in this process and with 1 and 2 Ray actors
-(``ray.init(num_cpus=2)``); all passes go through one pool, so each worker loads the model once.
+came back) and per-worker samples/s over the time the workers spent predicting (``ShardLines.seconds``),
+inline in this process and with 1 and 2 Ray actors (``ray.init(num_cpus=2)``); all passes go through one pool,
+so each worker loads the model once.
 
 GPU part (``--device cuda``, one GPU): the full ``xsam-phi3`` flavor, random weights, bf16, built on the GPU.
 Without ``--init-dir`` the debug BPE stands in for Phi-3's tokenizer (same special-token layout, more tokens

@@ -1,4 +1,4 @@
-"""Conversion throughput of ``grandf_gcg`` per Ray worker (issue 6; target >= 200 samples/s per worker).
+"""Conversion throughput of ``grandf_gcg`` per Ray worker (target >= 200 samples/s per worker).
 
     python bench/gcg.py                 # 5,000 captions over 64 drawn 320x240 images, 2 Ray workers
     python bench/gcg.py --small         # 500 captions, a quick check

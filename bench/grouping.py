@@ -1,11 +1,12 @@
-"""Padding fraction of micro-batches with and without length grouping (issue 16 item 5).
+"""Padding fraction of micro-batches with and without length grouping.
 
     python -m bench.grouping [--batch-size 4] [--micro-batches 400] [--length-group 8]
 
 Builds the demo shards (every source) into a temporary folder, runs the stage-3 loader with a transform that
-only tokenizes (the debug tokenizer through ``XSamProcessor.tokenize``: the real chat template and placeholders)
-and reports, per source and over all micro-batches, the share of padded token positions when each micro-batch
-is right-padded to its longest sample — with ``length_group=G`` and with ``length_group=1`` (``main``).
+only tokenizes (the debug tokenizer through ``XSamProcessor.tokenize``: the real chat template and
+placeholders) and reports, per source and over all micro-batches, the share of padded token positions when
+each micro-batch is right-padded to its longest sample — with ``length_group=G`` and with ``length_group=1``
+(``main``).
 """
 
 from __future__ import annotations

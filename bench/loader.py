@@ -1,19 +1,21 @@
-"""Training-side loader benchmark (issue 9). Prints figures and ratios against an X-SAM-style baseline measured
+"""Training-side loader benchmark. Prints figures and ratios against an X-SAM-style baseline measured
 in the same run; asserts nothing.
 
-    python bench/loader.py              # 118,287-image start-up, 240 timed samples per variant, 10,000 for RSS
-    python bench/loader.py --small      # 10,000-image start-up, 48 timed samples, 2,000 for RSS (a quick check)
-    python bench/loader.py --small --no-verify   # ours without the per-sample sha256 check (issue 20)
+    python bench/loader.py            # 118,287-image start-up, 240 timed samples per variant, 10,000 for RSS
+    python bench/loader.py --small    # 10,000-image start-up, 48 timed samples, 2,000 for RSS (a quick check)
+    python bench/loader.py --small --no-verify   # ours without the per-sample sha256 check
     git worktree add /tmp/loader_base <commit> && python bench/loader.py --small --base-tree /tmp/loader_base
-                                        # + the loader of another checkout, interleaved with ours (issue 21)
+                                        # + the loader of another checkout, interleaved with ours
 
-Every measurement runs in its own subprocess (peak RSS isolated, same allocator settings, ``OMP/MKL`` threads and
-OpenCV at 1 thread: one process = one loader worker), twice, interleaved with the baseline; the better run counts.
+Every measurement runs in its own subprocess (peak RSS isolated, same allocator settings, ``OMP/MKL`` threads
+and OpenCV at 1 thread: one process = one loader worker), twice, interleaved with the baseline; the better run
+counts.
 
-1. Start-up to the first batch (4 samples) on a COCO-train-scale annotation set — 118,287 images, ~860k polygon
-   annotations (the shape of ``bench/build_coco.py``'s instances corpus, ~380 MB, like ``instances_train2017.json``):
-   - baseline (what every X-SAM rank does): import transformers, ``json.load`` the whole file, index images and
-     annotations, then build the first batch (polygons → masks, SAM 1024 + SigLIP 384 inputs as below);
+1. Start-up to the first batch (4 samples) on a COCO-train-scale annotation set — 118,287 images, ~860k
+   polygon annotations (the shape of ``bench/build_coco.py``'s instances corpus, ~380 MB, like
+   ``instances_train2017.json``):
+   - baseline (what every X-SAM rank does): import transformers, ``json.load`` the whole file, index images
+     and annotations, then build the first batch (polygons → masks, SAM 1024 + SigLIP 384 inputs as below);
    - ours: ``MixtureLoader`` over 119 shards x 1,000 samples of the same shape (one real shard hard-linked, so
      only the listing is COCO-scale on disk — the loader reads the mixture, one shard index and one window).
      Reported without torch in the process (numpy transform) and with ``import torch`` (what training has).
@@ -32,12 +34,12 @@ OpenCV at 1 thread: one process = one loader worker), twice, interleaved with th
      interleaved with ours+XSamProcessor in process: their ratio per CPU-second (main + worker) is what the
      process boundary costs (target: within 1.2x);
    - ours with the per-sample sha256 check off (``verify=False``), interleaved with "ours": their ratio is the
-     check's cost (issue 20: >= 0.95x);
+     check's cost (target >= 0.95x);
    - ours as rank 0 of 4 (``world_size=4``): one rank's share of each global batch, with length grouping's
-     JSON reads of the other ranks' samples (issue 21);
+     JSON reads of the other ranks' samples;
    - with ``--base-tree DIR``: the same "ours" child run from another checkout's ``bench/loader.py`` (its
-     loader, e.g. the per-(rank, lane) one before issue 21), interleaved with "ours" on the same shards:
-     their ratio is the new order's per-worker cost (issue 21: >= 0.9x).
+     loader, e.g. the per-(rank, lane) one of the earlier order), interleaved with "ours" on the same shards:
+     their ratio is the new order's per-worker cost (target >= 0.9x).
 3. RSS over 10,000 samples of the demo mix with full inputs: RSS after 1,000 (warm) vs the maximum after.
 """
 
@@ -79,17 +81,19 @@ def rss_mb() -> float:
 
 
 def peak_rss_mb() -> float:
-    """Peak RSS of this process image (VmHWM; getrusage's maxrss would carry the forking parent's over exec)."""
+    """Peak RSS of this process image (VmHWM; getrusage's maxrss would carry the forking parent's over
+    exec)."""
     with open("/proc/self/status") as f:
         return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 1024
 
 
 # ---------------------------------------------------------------------------------------------- transforms
 class FastInputs:
-    """``(Sample, image bytes) → model inputs`` with ``pipelines.loader.decode`` (+ the processor's tokenizer if given).
+    """``(Sample, image bytes) → model inputs`` with ``pipelines.loader.decode`` (+ the processor's tokenizer
+    if given).
 
-    Same keys and shapes as ``XSamProcessor`` (numpy; torch tensors sharing the arrays with ``as_torch``, which
-    a DataLoader moves through shared memory): each image resized once per target size."""
+    Same keys and shapes as ``XSamProcessor`` (numpy; torch tensors sharing the arrays with ``as_torch``,
+    which a DataLoader moves through shared memory): each image resized once per target size."""
 
     def __init__(self, tokenize=None, siglip_size: int = 384, sam_size: int = 1024, as_torch: bool = False):
         self.tokenize, self.siglip_size, self.sam_size, self.as_torch = (
@@ -392,8 +396,8 @@ def _cpu_seconds() -> float:
 
 
 def child_rss(a: dict) -> dict:
-    """RSS read after every batch; growth = peak over the last 2,000 samples vs peak over the 2,000 after warm-up
-    (peaks, because one batch of many-mask samples legitimately holds more than another)."""
+    """RSS read after every batch; growth = peak over the last 2,000 samples vs peak over the 2,000 after
+    warm-up (peaks, because one batch of many-mask samples legitimately holds more than another)."""
     loader = _ours_loader(a)
     seen, t0 = [], time.perf_counter()
     for k, _ in enumerate(loader, start=1):
@@ -499,8 +503,9 @@ def write_instances_corpus(root: Path, n_images: int, anns_per_image: float = 7.
 
 
 def write_startup_shards(out: Path, n_shards: int, samples: int = 1000, seed: int = 0) -> None:
-    """One real shard of ``samples`` genseg samples (64x48 image, ~7 polygon masks as RLE, like the corpus) and
-    ``n_shards - 1`` hard links to it, with a manifest and a one-dataset mixture (stage ``BENCH_STAGE``)."""
+    """One real shard of ``samples`` genseg samples (64x48 image, ~7 polygon masks as RLE, like the corpus)
+    and ``n_shards - 1`` hard links to it, with a manifest and a one-dataset mixture (stage
+    ``BENCH_STAGE``)."""
     import numpy as np
     import webdataset as wds
     from PIL import Image
@@ -726,7 +731,7 @@ def main() -> None:
             new = best(runs["ours"], "samples_per_cpu_s")
             old = best(runs["ours, base tree"], "samples_per_cpu_s")
             print(
-                f"   world-size-free order (issue 21): ours / base tree ({args.base_tree}) = "
+                f"   world-size-free order: ours / base tree ({args.base_tree}) = "
                 f"{new['samples_per_cpu_s'] / old['samples_per_cpu_s']:.3f}x per CPU-s, "
                 f"{new['samples_per_s'] / old['samples_per_s']:.3f}x wall (target >= 0.9x)"
             )
@@ -737,7 +742,7 @@ def main() -> None:
             f"{worker / inproc:.3f}x per CPU-s, main + worker (target >= {1 / 1.2:.3f}x: within 1.2x)"
         )
         print(
-            f"   per-sample sha256 check (issue 20): ours{' (--no-verify)' if args.no_verify else ''} / "
+            f"   per-sample sha256 check: ours{' (--no-verify)' if args.no_verify else ''} / "
             f"verification off = {on['samples_per_cpu_s'] / off['samples_per_cpu_s']:.3f}x per CPU-s, "
             f"{on['samples_per_s'] / off['samples_per_s']:.3f}x wall (target >= 0.95x)"
         )

@@ -13,7 +13,7 @@ hard-linked for every image) under a temp dir, then runs each side in its own su
             converting), plus the sha256 of the input it hashes for the manifest, reported apart;
 - worker:   ``shards.convert_chunk()`` of one chunk (polygons -> RLE, image checks, tar writing).
 
-Targets (issue 7): driver peak RSS <= 0.1x and indexing time <= 0.6x of ``lvis.LVIS()``; ADE20K panoptic
+Targets: driver peak RSS <= 0.1x and indexing time <= 0.6x of ``lvis.LVIS()``; ADE20K panoptic
 conversion >= 60 samples/s per worker (raw ADE-sized JPEG + label PNG + instance PNG per sample). Wall times
 depend on what else the machine runs; CPU times (user + system of the child) are the steadier comparison.
 """
@@ -41,7 +41,8 @@ from pipelines.demo.draw import jpeg_bytes, make_scene, png_bytes  # noqa: E402
 W, H = 640, 480
 
 
-# ---------------------------------------------------------------------------------------------- synthetic data
+# ---------------------------------------------------------------------------------------------- synthetic
+# data
 def write_lvis(root: Path, n_images: int, n_anns: int, n_cats: int, seed: int = 0) -> Path:
     """``root/img_ovseg/lvis/lvis_v1_train.json`` + one JPEG hard-linked as every image; returns the JSON."""
     rng = random.Random(seed)
@@ -147,7 +148,8 @@ def write_ade(root: Path, n: int, seed: int = 0, size: tuple[int, int] = (683, 5
         (base / "annotations_instance/training" / f"{stem}.png").write_bytes(png_bytes(inst))
 
 
-# ---------------------------------------------------------------------------------------------- the measured sides
+# ---------------------------------------------------------------------------------------------- the measured
+# sides
 def _usage(t0: float, c0: float) -> dict:
     """Wall and CPU time since ``t0`` / ``c0``; peak RSS of the whole process (imports included)."""
     return {

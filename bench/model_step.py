@@ -1,17 +1,18 @@
-"""Model step benchmarks: per-``<SEG>`` decoding cost, the full-width smoke model on CPU, SAM ViT-L's memory at
-1024², and (``--device cuda``) the full ``xsam-phi3`` stage-3 step.
+"""Model step benchmarks: per-``<SEG>`` decoding cost, the full-width smoke model on CPU, SAM ViT-L's memory
+at 1024², and (``--device cuda``) the full ``xsam-phi3`` stage-3 step.
 
-    .venv/bin/python bench/model_step.py                  # CPU: debug per_seg vs last, smoke model, SAM at 1024
-    .venv/bin/python bench/model_step.py --only debug     # one part: debug | smoke | sam
-    .venv/bin/python bench/model_step.py --device cuda    # GPU: xsam-phi3 bf16, batch 1 and 4, ± checkpointing
+    .venv/bin/python bench/model_step.py                # CPU: debug per_seg vs last, smoke model, SAM at 1024
+    .venv/bin/python bench/model_step.py --only debug   # one part: debug | smoke | sam
+    .venv/bin/python bench/model_step.py --device cuda  # GPU: xsam-phi3 bf16, batch 1 and 4, ± checkpointing
 
 CPU parts:
 
 1. ``debug`` flavor, a synthetic refseg batch (``--batch`` samples × ``--turns`` turns, one ``<SEG>`` and mask
-   per turn): forward + backward step time with ``seg_reduce="per_seg"`` (paper) and ``"last"``, and the ratio.
-2. :func:`xsam_model.flavors.full_width_smoke` (every width of ``xsam-phi3``, 2 LLM layers, 224² inputs, fp32),
-   as ``tests/model/test_full_width.py`` runs it: one stage-1 genseg and one stage-3 refseg forward + backward,
-   time and peak RSS (VmHWM of a subprocess).
+   per turn): forward + backward step time with ``seg_reduce="per_seg"`` (paper) and ``"last"``, and the
+   ratio.
+2. :func:`xsam_model.flavors.full_width_smoke` (every width of ``xsam-phi3``, 2 LLM layers, 224² inputs,
+   fp32), as ``tests/model/test_full_width.py`` runs it: one stage-1 genseg and one stage-3 refseg forward +
+   backward, time and peak RSS (VmHWM of a subprocess).
 3. SAM ViT-L alone at 1024², one image, fp32, forward + backward through the hidden states X-SAM reads
    (12, 18, 22, 24), with and without activation checkpointing; each in a subprocess under an address-space
    limit (``--sam-limit-gb``, capped to leave 6 GB of the machine free), so a run that needs more is reported
@@ -20,8 +21,8 @@ CPU parts:
 GPU part: the full flavor (random weights, bf16) stage-3 genseg step (``--phrases`` phrases, one mask each),
 batch 1 and 4, without and with activation checkpointing of every part (X-SAM's stage 3): step time, peak
 memory, MFU. MFU uses analytic model FLOPs (recomputation not counted): 6·N·tokens for every transformer (LLM,
-SigLIP, SAM) plus 12·layers·width·context per token for attention (causal halves the LLM's), over the GPU's dense
-bf16 peak (``--peak-tflops``; default from the device name). The optimizer step is not included.
+SigLIP, SAM) plus 12·layers·width·context per token for attention (causal halves the LLM's), over the GPU's
+dense bf16 peak (``--peak-tflops``; default from the device name). The optimizer step is not included.
 """
 
 from __future__ import annotations

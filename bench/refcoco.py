@@ -1,4 +1,4 @@
-"""Conversion throughput of ``refcoco`` per Ray worker (issue 5; target >= 300 samples/s per worker).
+"""Conversion throughput of ``refcoco`` per Ray worker (target >= 300 samples/s per worker).
 
     python bench/refcoco.py                 # 5,000 refs over 2,000 COCO-sized (640x480) images, 2 Ray workers
     python bench/refcoco.py --small         # 500 refs, a quick check
@@ -7,9 +7,9 @@
 The corpus is the demo refcoco scaled up, written under a temp dir: a Python-2-protocol ``refs(unc).p`` with
 decoy file names, ``instances.json`` with every object of each image (referred or not), train2014 JPEGs drawn
 with ``pipelines.demo.draw`` (``--scenes`` distinct drawings shared round-robin by the image files), 2.5 refs
-per image and 2-4 sentences per ref with case duplicates, as in RefCOCO; 85 % of the images are train, the rest
-val/testA/testB. Figures, for the train split (multi-turn samples, X-SAM's count) and for val (one sample per
-sentence):
+per image and 2-4 sentences per ref with case duplicates, as in RefCOCO; 85 % of the images are train, the
+rest val/testA/testB. Figures, for the train split (multi-turn samples, X-SAM's count) and for val (one sample
+per sentence):
 
 - baseline: what the reference loaders do, measured here on the same files: ``pickle.load`` + ``json.load``
   + REFER's index, then per sample every turn's polygons decoded to a dense mask and the image opened and
@@ -123,7 +123,8 @@ def write_corpus(root: Path, n_refs: int, n_scenes: int, size: tuple[int, int], 
 
 
 def baseline(root: Path, split: str) -> tuple[int, float]:
-    """Reference-style loading: plain pickle + json.load + REFER index; per sample dense masks and PIL decode."""
+    """Reference-style loading: plain pickle + json.load + REFER index; per sample dense masks and PIL
+    decode."""
     t0 = time.perf_counter()
     d = root / BASE / "refcoco"
     with open(d / "refs(unc).p", "rb") as f:

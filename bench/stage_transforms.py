@@ -1,10 +1,10 @@
-"""Cost of the stage transforms per image (issue 16 item 3): stage-1 large-scale jitter of the SAM image and its
+"""Cost of the stage transforms per image: stage-1 large-scale jitter of the SAM image and its
 masks, stage-2 SigLIP pad-to-square, against the plain path (longest side 1024, plain SigLIP resize).
 
     python -m bench.stage_transforms [--images 40] [--masks 12]
 
-A COCO-like 640×480 JPEG with ``--masks`` instance masks; per image: decode + both encoder inputs + the masks in the
-SAM frame, single thread, median over the images (each with its own jitter scale ~ U(0.1, 2.0)).
+A COCO-like 640×480 JPEG with ``--masks`` instance masks; per image: decode + both encoder inputs + the masks
+in the SAM frame, single thread, median over the images (each with its own jitter scale ~ U(0.1, 2.0)).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Visual-prompt generation throughput per worker, per prompt type (issue 8; target >= 500 prompts/s each).
+"""Visual-prompt generation throughput per worker, per prompt type (target >= 500 prompts/s each).
 
     python bench/vprompts.py                  # 5,000 instances; the X-SAM-style baseline on the first 300
     python bench/vprompts.py --small          # 500 instances, baseline on 50: a quick check

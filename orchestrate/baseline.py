@@ -20,7 +20,8 @@ from pipelines.logs import add_verbosity_flags, configure_logging, verbosity
 
 
 def write_initial_export(stage: int, flavor: str, out: str, init_dir: str | None = None) -> str:
-    """Build stage ``stage``'s model as a training worker does (same seed) and export its trainable weights."""
+    """Build stage ``stage``'s model as a training worker does (same seed) and export its trainable
+    weights."""
     import torch
 
     from orchestrate.plan import model_config

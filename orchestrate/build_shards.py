@@ -1,7 +1,9 @@
 """Build WebDataset shards from raw sources (a Ray job).
 
-    ray job submit --working-dir . -- python orchestrate/build_shards.py --data-root /path/to/datas --out /shared/shards
-    python orchestrate/build_shards.py --data-root demo_out/datas --out demo_out/shards   # joins RAY_ADDRESS or starts Ray
+    ray job submit --working-dir . -- python orchestrate/build_shards.py --data-root /path/to/datas \\
+        --out /shared/shards
+    # joins RAY_ADDRESS or starts Ray:
+    python orchestrate/build_shards.py --data-root demo_out/datas --out demo_out/shards
 
 Every option is documented in ``--help``; the work itself is in :mod:`pipelines.build.driver`. Bad input or
 configuration ends with exit code 2 and one line naming the file or option at fault.
@@ -30,7 +32,9 @@ from pipelines.storage import check_writable  # noqa: E402
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data-root", required=True, help="folder laid out like X-SAM's datas/ (DESIGN §4.1)")
+    p.add_argument(
+        "--data-root", required=True, help="folder laid out like X-SAM's datas/ (docs/contracts.md#data-root)"
+    )
     p.add_argument(
         "--out", required=True, help="output folder or fsspec URI (s3://…, gs://…) every node can reach"
     )

@@ -107,8 +107,9 @@ class ProgressLine(Callback):
 
 # ---------------------------------------------------------------------------------------------- data trace
 class DataTrace(Callback):
-    """``--trace-data``: every rank appends ``{step, rank, source, keys, attempt}`` per step (its micro-batches'
-    sample keys) to ``<stage>/trace/rank<r>.jsonl``; :func:`read_trace` reads them back. Local run roots only."""
+    """``--trace-data``: every rank appends ``{step, rank, source, keys, attempt}`` per step (its
+    micro-batches' sample keys) to ``<stage>/trace/rank<r>.jsonl``; :func:`read_trace` reads them back. Local
+    run roots only."""
 
     def on_train_start(self, trainer: Trainer) -> None:
         path = trainer.plan.layout.trace_file(trainer.rank)

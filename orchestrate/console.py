@@ -5,16 +5,18 @@ the training frameworks below). One verbosity, from ``-v`` / ``-q``, drives ever
 driver, and through ``train_loop_config`` each Ray Train worker, which calls :func:`quiet_frameworks`
 (Ray Train owns the workers' root handler, so they get levels and filters, not another handler).
 
-=========  ========================  ==========================================================================
+=========  ========================  ========================================================================
 verbosity  our loggers               the training frameworks
-=========  ========================  ==========================================================================
+=========  ========================  ========================================================================
 ≤ -1 (-q)  WARNING (-qq: ERROR)      as at 0
-0          INFO (progress, results)  Ray Train (and its per-report lines) and DeepSpeed at WARNING, ``ray.init``
-                                     quiet, FutureWarning/DeprecationWarning raised inside them hidden
+0          INFO (progress, results)  Ray Train (and its per-report lines) and DeepSpeed at WARNING,
+                                     ``ray.init`` quiet, FutureWarning/DeprecationWarning raised inside
+                                     them hidden
 ≥ 1 (-v)   DEBUG                     INFO
-=========  ========================  ==========================================================================
+=========  ========================  ========================================================================
 
-Ray's own errors and warnings (a failed worker, a lost node) are WARNING or above and always reach the console.
+Ray's own errors and warnings (a failed worker, a lost node) are WARNING or above and always reach the
+console.
 """
 
 from __future__ import annotations

@@ -1,6 +1,7 @@
 """The checkpoint command: X-SAM's released checkpoints → stage exports, and back (docs/checkpoints.md). ::
 
-    python -m orchestrate.convert import --xsam-checkpoint inits/X-SAM/s3_mixed_finetune/<cfg>/pytorch_model.bin \\
+    python -m orchestrate.convert import \\
+        --xsam-checkpoint inits/X-SAM/s3_mixed_finetune/<cfg>/pytorch_model.bin \\
         --stage 3 [--flavor xsam-phi3] [--init-dir inits] --out runs/xsam/stage3/export
     python -m orchestrate.convert export --export runs/r1/stage3/export --out wkdrs/.../pytorch_model.bin
 
@@ -51,8 +52,8 @@ def _first_line(err: BaseException) -> str:
 
 
 def check_checkpoint_file(p: Path) -> None:
-    """Refuse, naming the file, what is not a checkpoint: a folder, a FIFO or device (reading it could block or
-    never end), an empty file, a Git LFS pointer, an HTML page (a failed download), any other text."""
+    """Refuse, naming the file, what is not a checkpoint: a folder, a FIFO or device (reading it could block
+    or never end), an empty file, a Git LFS pointer, an HTML page (a failed download), any other text."""
     try:
         mode = p.stat().st_mode
     except OSError:
@@ -76,9 +77,10 @@ def check_checkpoint_file(p: Path) -> None:
 
 
 def read_checkpoint(path: str | Path) -> dict[str, object]:
-    """The state dict in an X-SAM checkpoint: ``.bin``/``.pth``/``.pt`` through ``torch.load(weights_only=True)``
-    (a pickle that carries anything but tensors and plain containers is refused), or ``.safetensors``. An
-    mmengine-style ``{"state_dict": ...}`` wrapper is unwrapped. Values are checked later (:func:`from_xsam`)."""
+    """The state dict in an X-SAM checkpoint: ``.bin``/``.pth``/``.pt`` through
+    ``torch.load(weights_only=True)`` (a pickle that carries anything but tensors and plain containers is
+    refused), or ``.safetensors``. An mmengine-style ``{"state_dict": ...}`` wrapper is unwrapped. Values are
+    checked later (:func:`from_xsam`)."""
     p = Path(path)
     if p.suffix not in (".bin", ".pth", ".pt", ".safetensors"):
         raise ConvertError(f"{p}: expected a .bin, .pth or .pt (torch.save) or a .safetensors file")
@@ -221,8 +223,8 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """The CLI; run through :func:`pipelines.errors.run_cli`, a :class:`ConvertError` is one line on stderr and
-    exit code 2."""
+    """The CLI; run through :func:`pipelines.errors.run_cli`, a :class:`ConvertError` is one line on stderr
+    and exit code 2."""
     a = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     if a.command == "import":

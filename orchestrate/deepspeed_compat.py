@@ -7,7 +7,8 @@ ZeRO training talks through ``torch.distributed``. Worse, the build holds a lock
 behind and every later worker waits on it forever. Without the op, ``inference_all_reduce`` falls back to
 ``torch.distributed.all_reduce``.
 
-2. ``DeepSpeedEngine._broadcast_model`` broadcasts every parameter as ``p.data.view(torch.uint8)``, which torch
+2. ``DeepSpeedEngine._broadcast_model`` broadcasts every parameter as ``p.data.view(torch.uint8)``, which
+   torch
 refuses for 0-dim tensors ("self.dim() cannot be 0 to view Float as Byte"). X-SAM's phrase head has one: the
 learnable ``logit_scale``. The patch gives such parameters a 1-element shape for the duration of the
 broadcast only (same storage, so the broadcast still lands in the parameter), then restores their shape.

@@ -4,11 +4,11 @@ by hand): the DeepSpeed JSON and the client learning-rate scheduler; :func:`init
 The JSON mirrors X-SAM's ``deepspeed_zero2.json`` (large buckets, overlapped communication, contiguous
 gradients, ``zero_allow_untested_optimizer``) with the ``auto`` fields filled from the stage config, plus the
 optimizer. It has no ``scheduler`` section: the schedule is the stage's one
-:class:`xsam_model.schedule.ScheduleConfig` (``cfg.schedule.lr``: warm-up then ``multistep`` in stage 1, as the
-paper, or ``cosine``), run as a ``LambdaLR`` (:class:`StageLR`) that DeepSpeed builds on its optimizer, steps
-after every optimizer step and saves/restores with its checkpoints. A ``LambdaLR`` multiplies every parameter
-group's own base lr, so the stage's per-group lr multipliers hold throughout. Optimizer step ``t`` (0-based)
-runs at ``lr_group × lr_lambda(t)``, X-SAM's (mmengine's) curve (:mod:`xsam_model.schedule`), epochs
+:class:`xsam_model.schedule.ScheduleConfig` (``cfg.schedule.lr``: warm-up then ``multistep`` in stage 1, as
+the paper, or ``cosine``), run as a ``LambdaLR`` (:class:`StageLR`) that DeepSpeed builds on its optimizer,
+steps after every optimizer step and saves/restores with its checkpoints. A ``LambdaLR`` multiplies every
+parameter group's own base lr, so the stage's per-group lr multipliers hold throughout. Optimizer step ``t``
+(0-based) runs at ``lr_group × lr_lambda(t)``, X-SAM's (mmengine's) curve (:mod:`xsam_model.schedule`), epochs
 converted with the mixture's steps per epoch.
 
 On CPU (gloo) it runs fp32, no overlapped communication, and ``torch_adam`` so DeepSpeed does not compile
@@ -97,9 +97,9 @@ class StageLR(torch.optim.lr_scheduler.LambdaLR):
 def lr_scheduler(
     cfg: StageConfig, *, total_steps: int, steps_per_epoch: int
 ) -> Callable[[torch.optim.Optimizer], StageLR]:
-    """``optimizer -> StageLR`` of ``cfg.schedule.lr`` over ``total_steps`` optimizer steps, epochs converted at
-    ``steps_per_epoch`` steps each; the form ``deepspeed.initialize(lr_scheduler=...)`` takes. The horizon is
-    the stage's epochs (mmengine's ``end = max_epochs``), or the run itself when ``max_steps`` cuts it."""
+    """``optimizer -> StageLR`` of ``cfg.schedule.lr`` over ``total_steps`` optimizer steps, epochs converted
+    at ``steps_per_epoch`` steps each; the form ``deepspeed.initialize(lr_scheduler=...)`` takes. The horizon
+    is the stage's epochs (mmengine's ``end = max_epochs``), or the run itself when ``max_steps`` cuts it."""
     epochs = cfg.schedule.epochs if cfg.schedule.max_steps is None else None
     fn = lr_lambda(cfg.schedule.lr, total_steps, steps_per_epoch, epochs=epochs)
 
@@ -121,7 +121,8 @@ def initialize(
 ) -> tuple[Any, StageLR, dict[str, Any]]:
     """``deepspeed.initialize`` of ``model`` with parameter ``groups`` (each at its own lr), the generated
     JSON and the stage's scheduler: ``(engine, scheduler, ds_config)``. Needs ``torch.distributed`` set up
-    (Ray Train's workers; a test's one-process gloo group). ``load_universal``: see :func:`deepspeed_config`."""
+    (Ray Train's workers; a test's one-process gloo group). ``load_universal``: see
+    :func:`deepspeed_config`."""
     import deepspeed
 
     ds_config = deepspeed_config(cfg, use_gpu=use_gpu, load_universal=load_universal)

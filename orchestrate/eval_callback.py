@@ -1,8 +1,8 @@
 """Evaluation while training, and each step's losses per source: two :class:`~orchestrate.callbacks.Callback`.
 
-:class:`SourceLosses` (every stage, rank 0): every step draws one source (DESIGN §4.6), so its losses are
-logged again as ``loss_by_source/<source>/<part>`` (``total``, ``lm``, ``cls``, ``mask_bce``, ``dice``), one
-curve per dataset.
+:class:`SourceLosses` (every stage, rank 0): every step draws one source (docs/contracts.md#loader-state), so
+its losses are logged again as ``loss_by_source/<source>/<part>`` (``total``, ``lm``, ``cls``, ``mask_bce``,
+``dice``), one curve per dataset.
 
 :class:`StageEval` (``--eval-every STEPS --eval-sets … --eval-max-samples N``; stage 3, or stage 1 on COCO
 sets): a fixed val subset, the first N samples of each set in shard order, is read once at the start; every

@@ -1,11 +1,13 @@
 """Score predictions against built val sets, or run a stage export over them first (a Ray job, or a command).
 
-    ray job submit --working-dir . -- python orchestrate/evaluate.py --predictions /shared/preds.jsonl \
-        --shards /shared/shards --data-root /shared/datas --sets coco_panoptic/val,refcoco/val --out /shared/eval
-    python orchestrate/evaluate.py --predictions preds.jsonl --shards demo_out/shards --data-root demo_out/datas --out eval
-    python orchestrate/evaluate.py --export RUN/stage3/export --shards SHARDS --data-root DATAS \
+    ray job submit --working-dir . -- python orchestrate/evaluate.py --predictions /shared/preds.jsonl \\
+        --shards /shared/shards --data-root /shared/datas --sets coco_panoptic/val,refcoco/val \\
+        --out /shared/eval
+    python orchestrate/evaluate.py --predictions preds.jsonl --shards demo_out/shards \\
+        --data-root demo_out/datas --out eval
+    python orchestrate/evaluate.py --export RUN/stage3/export --shards SHARDS --data-root DATAS \\
         --sets refcoco/val,coco_panoptic/val --out DIR --num-workers 4 --use-gpu [--max-samples N]
-    python orchestrate/evaluate.py --export RUN/stage3/export --shards SHARDS --data-root DATAS \
+    python orchestrate/evaluate.py --export RUN/stage3/export --shards SHARDS --data-root DATAS \\
         --sets paper --compare-paper --out DIR --num-workers 8 --use-gpu   # the paper's table, ours beside it
 
 ``--export`` runs inference over the sets' val shards on Ray workers that each load the model once
@@ -13,11 +15,10 @@
 ``--predictions`` would; its wandb run joins the training run's group and shows prediction overlays.
 
 Writes ``<out>/results.json`` (``{"<source>/<split>": {"<metric>": percent}}``), ``<out>/details.json`` and a
-wandb run (``job_type="eval"``, offline by default), and prints the table. ``--out`` is replaced whole when the
-run is complete (written beside it first, :mod:`orchestrate.evaluation.output`): a killed run leaves the
-previous output as it was. Bad input (a predictions file
-whose keys are not the sets', a malformed line, an unknown set, …) exits with code 2 and one line on stderr.
-The work itself is in :mod:`orchestrate.evaluation`.
+wandb run (``job_type="eval"``, offline by default), and prints the table. ``--out`` is replaced whole when
+the run is complete (written beside it first, :mod:`orchestrate.evaluation.output`): a killed run leaves the
+previous output as it was. Bad input (a predictions file whose keys are not the sets', a malformed line, an
+unknown set, …) exits with code 2 and one line on stderr. The work itself is in :mod:`orchestrate.evaluation`.
 """
 
 from __future__ import annotations

@@ -5,10 +5,11 @@ An export folder (``<run-root>/stage<N>/export``, :mod:`orchestrate.run_layout`)
 its ``lineage.json`` gets the shards, mixture, parent exports, code version and steps of the run.
 
 A stage starts from its parents' exports (:class:`~orchestrate.stages.ParentSpec`), each verified against
-the ``model_sha256`` its lineage records. :func:`check_parents` reads only the safetensors headers, so the driver can refuse a bad chain before any worker starts: every
-parameter under ``take`` must be in the export with its shape, and every key of the export must be taken or
-deliberately dropped (:func:`xsam_model.weight_fit.check_fit`, the check ``load_exported`` makes too).
-X-SAM loads with ``strict=False`` after dropping mismatches, so errors pass silently.
+the ``model_sha256`` its lineage records. :func:`check_parents` reads only the safetensors headers, so the
+driver can refuse a bad chain before any worker starts: every parameter under ``take`` must be in the export
+with its shape, and every key of the export must be taken or deliberately dropped
+(:func:`xsam_model.weight_fit.check_fit`, the check ``load_exported`` makes too). X-SAM loads with
+``strict=False`` after dropping mismatches, so errors pass silently.
 """
 
 from __future__ import annotations
@@ -160,8 +161,9 @@ def stage_lineage(
     final_losses: dict,
     loader_stats: dict,
 ) -> dict:
-    """What ``lineage.json`` records: the shards and mixture read, the parent exports (``parents``, as loaded),
-    the code, and what the run did (``plan``: :class:`~orchestrate.plan.RunPlan`, ``state``: the final
+    """What ``lineage.json`` records: the shards and mixture read, the parent exports (``parents``, as
+    loaded), the code, and what the run did (``plan``: :class:`~orchestrate.plan.RunPlan`, ``state``: the
+    final
     :class:`~orchestrate.checkpointing.TrainState`)."""
     datasets = [
         {

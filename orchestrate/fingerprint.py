@@ -1,8 +1,10 @@
-"""The per-step data fingerprint (DESIGN §4.6, issue 21 item 3): which samples each global step trained on.
+"""The per-step data fingerprint (docs/training.md#proving-a-run-saw-the-same-data-per-step-data-fingerprint):
+which samples each global step trained on.
 
 Every step's record (``metrics.jsonl`` and wandb) carries two fields:
 
-    data/source        the step's dataset, ``<source>/<split>`` (one per global step, DESIGN §4.6)
+    data/source        the step's dataset, ``<source>/<split>`` (one per global step,
+                       docs/contracts.md#loader-state)
     data/fingerprint   sha256 of the step's GLOBAL batch keys, sorted, as a JSON list; the first 16 hex
                        characters (64 bits: two different batches collide with probability ~2^-64 per
                        comparison, and the field stays readable in a table)

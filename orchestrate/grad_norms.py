@@ -49,7 +49,8 @@ def parameter_parts(named_parameters: Iterable[tuple[str, nn.Parameter]], stage:
 
 
 def full_grad(param: nn.Parameter) -> torch.Tensor | None:
-    """The step's whole gradient of ``param`` (DeepSpeed's ``safe_get_full_grad``; a collective under ZeRO)."""
+    """The step's whole gradient of ``param`` (DeepSpeed's ``safe_get_full_grad``; a collective under
+    ZeRO)."""
     from deepspeed.utils import safe_get_full_grad
 
     return safe_get_full_grad(param)
@@ -72,8 +73,8 @@ def part_grad_norms(
 
 
 class GradNormProbe:
-    """The trainer's hook: ``after_backward`` between the last micro-batch's ``backward`` and ``step`` of every
-    ``every``-th optimizer step (1-based; 0 = never), ``metrics`` adds them to that step's metrics."""
+    """The trainer's hook: ``after_backward`` between the last micro-batch's ``backward`` and ``step`` of
+    every ``every``-th optimizer step (1-based; 0 = never), ``metrics`` adds them to that step's metrics."""
 
     def __init__(self, model: nn.Module, stage: int, every: int):
         self.parts = parameter_parts(model.named_parameters(), stage) if every > 0 else {}

@@ -21,7 +21,8 @@ from xsam_model.stages import unused_parameters
 class RunPlan:
     cfg: StageConfig
     run_root: str
-    """Local folder or URI holding ``stage1/ stage2/ stage3/`` (DESIGN §4.7)."""
+    """Local folder or URI holding ``stage1/ stage2/ stage3/``
+    (docs/contracts.md#runs-checkpoints-and-exports)."""
     run_name: str
     """wandb group; defaults to the run root's folder name."""
     shards: str
@@ -67,7 +68,7 @@ def model_config(cfg: StageConfig):
         mc.processor = dataclasses.replace(mc.processor, max_length=cfg.data.max_length)
     mc.llm = dataclasses.replace(mc.llm, attn_implementation=cfg.model.attn_implementation)
     vgd = {k: v for k in ("vgd_cross_image", "vgd_negatives") if (v := getattr(cfg.data, k)) is not None}
-    if vgd:  # VGD prompts drawn at batch time (issue 16): the stage config's switches over the flavor's
+    if vgd:  # VGD prompts drawn at batch time: the stage config's switches over the flavor's
         mc.processor = dataclasses.replace(mc.processor, **vgd)
     # X-SAM's stage transforms: stage-1 large-scale jitter, stage-2 SigLIP image padded to a square
     mc.processor = stage_processor(mc.processor, cfg.stage)

@@ -8,8 +8,8 @@
         --prompt "What is the object shown by the region <p><region></p>?" --box 10,20,120,200
 
 Writes ``<out>/<image name>.png`` (masks coloured by phrase over the image, the generated answer and a legend
-beside it) and ``<out>/<image name>.json`` (the prediction line in the predictions format, the prompt, the task,
-the export, a name per mask). Phrases go in ``<p>…</p>``; ``--task`` defaults to what the prompt implies
+beside it) and ``<out>/<image name>.json`` (the prediction line in the predictions format, the prompt, the
+task, the export, a name per mask). Phrases go in ``<p>…</p>``; ``--task`` defaults to what the prompt implies
 (:mod:`orchestrate.evaluation.one_image`). Bad input (an image that cannot be decoded, a prompt whose task
 makes no mask, an export that is not stage 3) exits with code 2 and one line on stderr.
 """

@@ -23,7 +23,8 @@ SEG_TASKS = ("genseg", "refseg", "reaseg", "gcgseg", "vgdseg", "ovseg", "intseg"
 
 
 def read_samples(shards_url: str, shard_files: Sequence[str], n: int) -> list[tuple[Any, bytes | None]]:
-    """The first ``n`` (Sample, image bytes) of the given shards (paths relative to ``shards_url``), in order."""
+    """The first ``n`` (Sample, image bytes) of the given shards (paths relative to ``shards_url``), in
+    order."""
     fs, root = storage.fs_and_path(shards_url)
     pairs = (p for rel in shard_files for p in iter_shard_samples(fs, storage.join(root, rel)))
     return list(islice(pairs, n))
@@ -87,7 +88,8 @@ def render(
     score_threshold: float = 0.5,
     max_masks: int = 20,
 ) -> list[dict]:
-    """Model predictions on ``batch`` → ``[{"image", "pred", "truth", "labels", "caption"}]`` (see Tracker)."""
+    """Model predictions on ``batch`` → ``[{"image", "pred", "truth", "labels", "caption"}]`` (see
+    Tracker)."""
     was_training = model.training
     model.eval()
     try:

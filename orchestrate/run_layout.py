@@ -1,4 +1,5 @@
-"""Where a run's files go (DESIGN §4.7): the one place that joins paths under a run root.
+"""Where a run's files go (docs/contracts.md#runs-checkpoints-and-exports): the one place that joins paths
+under a run root.
 
     <run-root>/stage{1,2,3}/          one Ray Train run per stage (RunConfig(name="stage<N>", storage_path))
         .train.lock                   host and pid of the training writing here (runner.stage_lock)

@@ -83,7 +83,8 @@ class RunArgs:
 
 
 def check_flavor(flavor: str) -> None:
-    """``flavor`` is a key of :data:`xsam_model.XSAM_FLAVORS` (else it fails on the driver, not in a worker)."""
+    """``flavor`` is a key of :data:`xsam_model.XSAM_FLAVORS` (else it fails on the driver, not in a
+    worker)."""
     if flavor not in XSAM_FLAVORS:
         raise StageConfigError(
             f"unknown --flavor {flavor!r}; known flavors: {', '.join(sorted(XSAM_FLAVORS))}"
@@ -310,7 +311,8 @@ def stage_lock(a: RunArgs):
 
 def default_callbacks(plan: RunPlan) -> list[Callback]:
     """What every worker runs besides the loop: the progress line, prediction previews, the data trace
-    (``--trace-data``), then any named in ``XSAM_TRAIN_CALLBACKS`` (:func:`orchestrate.callbacks.from_env`)."""
+    (``--trace-data``), then any named in ``XSAM_TRAIN_CALLBACKS``
+    (:func:`orchestrate.callbacks.from_env`)."""
     callbacks: list[Callback] = [ProgressLine(plan.cfg.tracking.progress_every_s), PredictionPreviews()]
     callbacks.append(SourceLosses())
     if plan.cfg.evaluation is not None:

@@ -6,13 +6,13 @@
 
 Batch sizes are defined once, in :class:`BatchConfig` (global = micro × accumulation × world size, checked);
 the DeepSpeed JSON and the learning-rate schedule (:attr:`StageSchedule.lr`, one
-:class:`xsam_model.schedule.ScheduleConfig`) are generated from the config by :mod:`orchestrate.deepspeed_config`,
-never edited by hand.
-Each thing is defined once, keyed by the stage number (an int): hyperparameters here; what trains, its
-parameter groups and their learning-rate multipliers in the model's stage view
-(:data:`xsam_model.stages.STAGE_GROUPS`, shown in :meth:`StageConfig.to_dict` so they reach the resolved
-config and wandb); the datasets of a stage in :data:`pipelines.build.mixture.STAGE_DATASETS`, read here only
-through ``mixture.json`` (:attr:`DataConfig.mixture_stage`).
+:class:`xsam_model.schedule.ScheduleConfig`) are generated from the config by
+:mod:`orchestrate.deepspeed_config`, never edited by hand. Each thing is defined once, keyed by the stage
+number (an int): hyperparameters here; what trains, its parameter groups and their learning-rate multipliers
+in the model's stage view (:data:`xsam_model.stages.STAGE_GROUPS`, shown in :meth:`StageConfig.to_dict` so
+they reach the resolved config and wandb); the datasets of a stage in
+:data:`pipelines.build.mixture.STAGE_DATASETS`, read here only through ``mixture.json``
+(:attr:`DataConfig.mixture_stage`).
 """
 
 from __future__ import annotations
@@ -99,7 +99,8 @@ class StageSchedule:
     max_steps: int | None = None
     """Stop after this many optimizer steps; None = epochs × the mixture's steps per epoch. With it, the
     schedule's horizon is the run (warm-up 3 % of it, the cosine spans the steps actually run) and the epoch
-    milestones stay (a short run never reaches them); without it, mmengine's epochs → iterations conversion."""
+    milestones stay (a short run never reaches them); without it, mmengine's epochs → iterations
+    conversion."""
     lr: ScheduleConfig = field(default_factory=ScheduleConfig)
     """Warm-up (3 % from 1e-5 × lr) then ``cosine`` to 0 (stages 2, 3) or ``multistep`` (stage 1, paper),
     with mmengine's semantics (:mod:`xsam_model.schedule`)."""

@@ -5,8 +5,8 @@ wandb keeps a run's files together only when all four of its folders are set (it
 ``WANDB_CACHE_DIR``, ``WANDB_DATA_DIR`` and ``WANDB_CONFIG_DIR`` under ``<run-root>/stage<N>/wandb``.
 Offline runs are uploaded later with ``wandb sync <run-root>/stage<N>/wandb/wandb/offline-run-*``.
 
-The run id is derived from the run name, stage and run root, so a worker group restarted by Ray Train (or a job
-submitted again) continues the same wandb run (``resume="allow"``).
+The run id is derived from the run name, stage and run root, so a worker group restarted by Ray Train (or a
+job submitted again) continues the same wandb run (``resume="allow"``).
 
 Only rank 0 tracks: :func:`make_tracker` gives it a :class:`Tracker` and every other rank a
 :class:`NullTracker` with the same methods, so the training loop calls them without asking for its rank.
@@ -177,8 +177,8 @@ class Tracker:
 
 
 def _same_size(previews: list[dict]) -> list[dict]:
-    """Each preview's ``image`` HxWx3 and ``pred``/``truth`` HxW (label 0 = none) padded to the largest H and W
-    of the list, so one wandb panel holds images of one size."""
+    """Each preview's ``image`` HxWx3 and ``pred``/``truth`` HxW (label 0 = none) padded to the largest H and
+    W of the list, so one wandb panel holds images of one size."""
     h = max(p["image"].shape[0] for p in previews)
     w = max(p["image"].shape[1] for p in previews)
     return [{**p, **{k: pad_to(p[k], h, w) for k in ("image", "pred", "truth")}} for p in previews]

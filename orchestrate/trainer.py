@@ -196,7 +196,8 @@ class Trainer:
         groups = optimizer_groups(model, cfg)
         self.group_names = [g["name"] for g in groups]
         self.grad_probe = GradNormProbe(model, cfg.stage, cfg.tracking.grad_norm_every)  # grad_norm/<group>
-        # the stage's lr schedule (cfg.schedule.lr) as DeepSpeed's client scheduler, epochs in the plan's steps
+        # the stage's lr schedule (cfg.schedule.lr) as DeepSpeed's client scheduler, epochs in the plan's
+        # steps
         self.engine, self.scheduler, self.ds_config = initialize(
             model,
             groups,
@@ -309,7 +310,8 @@ class Trainer:
                 raise RuntimeError(f"loader at step {b.step}, trainer at step {step}")
             micro.append(b)
         tokens, keys, source = 0, [], micro[-1].source
-        # loss, its parts, stage 1's masks with an unknown category (dropped, counted), VGD/reaseg draw counters
+        # loss, its parts, stage 1's masks with an unknown category (dropped, counted), VGD/reaseg draw
+        # counters
         sums = torch.zeros(2 + len(LOSS_KEYS) + len(COUNTERS), dtype=torch.float64)
         with self._step_normaliser(micro):
             for b in micro:
@@ -337,9 +339,10 @@ class Trainer:
         return {**metrics, **fingerprint.step_fields(source, fingerprint.gather_keys(keys))}
 
     def _step_normaliser(self, micro: list):
-        """``LossConfig.num_masks_reduce = global_batch``: the target masks of every micro-batch of the step on
-        every rank (one all-reduce) / (world × accumulation), the mask losses' normaliser for the whole step —
-        so the step's gradient does not depend on how the global batch is split. Otherwise nothing to set."""
+        """``LossConfig.num_masks_reduce = global_batch``: the target masks of every micro-batch of the step
+        on every rank (one all-reduce) / (world × accumulation), the mask losses' normaliser for the whole
+        step — so the step's gradient does not depend on how the global batch is split. Otherwise nothing to
+        set."""
         model = self.engine.module
         if model.config.loss.num_masks_reduce != "global_batch":
             return contextlib.nullcontext()

@@ -42,7 +42,8 @@ logger = logging.getLogger(__name__)
 UNIVERSAL_DIR = "universal"
 """Sub-folder of a checkpoint holding its universal conversion."""
 DONE_FILE = "latest_universal"
-"""Written by DeepSpeed's converter last (it names the tag folder); its presence marks a finished conversion."""
+"""Written by DeepSpeed's converter last (it names the tag folder); its presence marks a finished
+conversion."""
 
 
 def needs_universal(saved_world: int, world: int, zero_stage: int) -> bool:

@@ -3,9 +3,9 @@ presets.
 
 Read by the build driver and by every source (a source's :class:`~pipelines.sources.base.ConvertContext`
 carries the build's options), so it lives in the core. How a build treats bad data is
-:class:`pipelines.errors.ErrorPolicy`, which :attr:`BuildOptions.policy` makes. Options are validated when they
-are made: a bad value is a :class:`~pipelines.errors.BuildConfigError` naming the option, before anything is
-read.
+:class:`pipelines.errors.ErrorPolicy`, which :attr:`BuildOptions.policy` makes. Options are validated when
+they are made: a bad value is a :class:`~pipelines.errors.BuildConfigError` naming the option, before anything
+is read.
 """
 
 from __future__ import annotations
@@ -36,7 +36,8 @@ DEFAULT_MAX_IMAGE_BYTES = 256 << 20
 before it is read: an image within the pixel limit is far smaller in any real encoding, while a file padded
 to gigabytes would be read whole into a worker and copied into a shard. ``--max-image-bytes`` raises it."""
 
-# ---------------------------------------------------------------------------------------------- option parsing
+# ---------------------------------------------------------------------------------------------- option
+# parsing
 _TRUE = frozenset({"true", "1", "yes", "on"})
 _FALSE = frozenset({"false", "0", "no", "off"})
 _NONE = frozenset({"none", "null"})
@@ -93,7 +94,7 @@ class SourceOptions:
     """GCG sources: captions with fewer words are skipped (GLaMM's rule)."""
     gcg_min_words_sources: str = "flickr"
     """Which GCG sources apply ``gcg_min_words``: ``flickr`` (the paper: X-SAM checks Flickr only) or
-    ``all`` (this project's behaviour before issue 16)."""
+    ``all`` (this project's earlier behaviour)."""
     lvis_max_phrases: int = 100
     """lvis: at most this many positive categories per sample; an image with more becomes several."""
     llava_keep_text_only: bool = True
@@ -105,10 +106,10 @@ class SourceOptions:
     'wall', 'sky') or ``main`` (X-SAM main's cleaning: 'wall other', 'sky other')."""
     ade20k_category_names: str = "xsam"
     """ade20k_panoptic/_semantic phrases: ``xsam`` (the Mask2Former synonym lists X-SAM's evaluation prompts
-    with, e.g. 'road, route') or ``lisa`` (LISA's single names, this project's behaviour before issue 16)."""
+    with, e.g. 'road, route') or ``lisa`` (LISA's single names, this project's earlier behaviour)."""
     refseg_combinations: str = "covering"
-    """refcoco/+/g/grefcoco train: which sentence of each object each sample uses: ``covering`` (every sentence
-    at least once, :func:`pipelines.sources.refer.combinations`) or ``archive`` (X-SAM's
+    """refcoco/+/g/grefcoco train: which sentence of each object each sample uses: ``covering`` (every
+    sentence at least once, :func:`pipelines.sources.refer.combinations`) or ``archive`` (X-SAM's
     ``islice(product(...), sum n)``, the ``paper`` preset)."""
     lisa_unexplained: str = "keep"
     """lisa_reasonseg train: an image with no explanation entry while the explanatory file has some: ``keep``
@@ -245,5 +246,6 @@ class BuildOptions:
 
 
 def manifest_preset(manifest: Mapping[str, Any]) -> str:
-    """The build preset a split's ``manifest.json`` (a dict) was built with; ``default`` when it names none."""
+    """The build preset a split's ``manifest.json`` (a dict) was built with; ``default`` when it names
+    none."""
     return str((manifest.get("options") or {}).get("preset", "default"))

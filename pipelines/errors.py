@@ -74,8 +74,8 @@ class LoaderError(XsamError, RuntimeError):
 
 
 class BuildError(XsamError, RuntimeError):
-    """A build cannot finish: a conversion worker died (a crash in a native library) or another build holds the
-    output folder. The message names the chunk and records, or the other build's host and pid."""
+    """A build cannot finish: a conversion worker died (a crash in a native library) or another build holds
+    the output folder. The message names the chunk and records, or the other build's host and pid."""
 
 
 class CardTextError(XsamError, ValueError):
@@ -121,7 +121,8 @@ class PromptTooSmall(SkipRecord, ValueError):
 
 
 class SampleError(XsamError, ValueError):
-    """A Sample breaks an invariant of the schema (DESIGN §4.3); the message names the first broken one."""
+    """A Sample breaks an invariant of the schema (docs/contracts.md#sample); the message names the first
+    broken one."""
 
 
 class MalformedJSON(XsamError, ValueError):

@@ -84,7 +84,8 @@ class _StderrHandler(logging.StreamHandler):
 
 
 class _ConsoleFormatter(logging.Formatter):
-    """``message`` for INFO, ``warning: message`` / ``error: message`` above it; ``-v`` adds the logger name."""
+    """``message`` for INFO, ``warning: message`` / ``error: message`` above it; ``-v`` adds the logger
+    name."""
 
     def __init__(self, with_names: bool):
         super().__init__()

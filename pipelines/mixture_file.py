@@ -1,4 +1,5 @@
-"""The mixture file's types and its reader (docs/contracts.md, "Mixture"): what the build writes, the loader reads.
+"""The mixture file's types and its reader (docs/contracts.md, "Mixture"): what the build writes, the loader
+reads.
 
 ``<out>/mixture.json`` is written by :mod:`pipelines.build.mixture` at the end of every build; this module
 holds its frozen dataclasses (one :class:`StageMixture` per training stage, one :class:`DatasetWeight` per

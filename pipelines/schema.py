@@ -1,4 +1,4 @@
-"""The Sample: the one contract between shard building and training (DESIGN §4.3, ``schema: 1``).
+"""The Sample: the one contract between shard building and training (docs/contracts.md#sample, ``schema: 1``).
 
 A Sample is one conversation about one image plus its segmentation targets. Masks are COCO *compressed*
 RLE at the original image size (``{"size": [h, w], "counts": str}``), never dense arrays, so a shard stays
@@ -155,7 +155,8 @@ def _check_rle(rle: Any, hw: tuple[int, int] | None, what: str) -> None:
 
 
 def validate(s: Sample) -> None:
-    """Check every invariant of DESIGN §4.3; raise :class:`SampleError` naming the first broken one."""
+    """Check every invariant of docs/contracts.md#sample; raise :class:`SampleError` naming the first broken
+    one."""
     if not _KEY_RE.match(s.key) or "." in s.key:
         raise SampleError(f"key {s.key!r} must be '<source>/<split>/<id>' without '.'")
     if not s.key.startswith(f"{s.source}/{s.split}/"):

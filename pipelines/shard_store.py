@@ -1,4 +1,5 @@
-"""The shard store (DESIGN §4.4): a build's layout on disk, its typed manifests, and the one tar reader.
+"""The shard store (docs/contracts.md#shards-and-manifests): a build's layout on disk, its typed manifests,
+and the one tar reader.
 
 Layout under a build's ``<out>`` (a local folder or any fsspec URI)::
 
@@ -9,12 +10,12 @@ Layout under a build's ``<out>`` (a local folder or any fsspec URI)::
 
 Everything that reads a build goes through this module: the loader (:class:`ShardReader`: the shard's member
 index — or, in builds older than the index, a header scan — then ranged reads, each sample's sha256 checked
-against the index, whose own sha256 the manifest records), the mixture (:func:`list_manifests`-style :meth:`Manifest.read` and the per-flag
-counts, never a tar scan), the preview gallery, dataset cards, the summary, Hugging Face interop, the training
-previews and the tests (:func:`iter_samples`). The writer (:mod:`pipelines.build.shards`) writes its manifest
-through :class:`Manifest` too, so the JSON keys are defined once. Imports only the shared core (storage,
-schema, errors), the stdlib, fsspec and numpy: it runs in conversion tasks, DataLoader workers and offline
-tools.
+against the index, whose own sha256 the manifest records), the mixture (:func:`list_manifests`-style
+:meth:`Manifest.read` and the per-flag counts, never a tar scan), the preview gallery, dataset cards, the
+summary, Hugging Face interop, the training previews and the tests (:func:`iter_samples`). The writer
+(:mod:`pipelines.build.shards`) writes its manifest through :class:`Manifest` too, so the JSON keys are
+defined once. Imports only the shared core (storage, schema, errors), the stdlib, fsspec and numpy: it runs in
+conversion tasks, DataLoader workers and offline tools.
 """
 
 from __future__ import annotations
@@ -120,7 +121,8 @@ class Manifest:
     code_version: dict = field(default_factory=dict)
     fingerprint: str | None = None
     generation: str | None = None
-    """The build generation this manifest commits (:func:`generation_of`); None before issue 20."""
+    """The build generation this manifest commits (:func:`generation_of`); None in a manifest written before
+    generations existed."""
     wall_time_s: float | None = None
     extra: dict = field(default_factory=dict)  # keys a newer writer added: kept, written back unchanged
     url: str | None = field(default=None, compare=False, repr=False)  # where it was read from (not written)

@@ -1,8 +1,8 @@
 """Values from annotation files, checked before they reach a C library (pycocotools, OpenCV, numpy casts).
 
-Annotation files are untrusted (DESIGN §6): Python's ``json`` writes ``NaN`` and ``Infinity``, a careless or
-hostile file holds strings where numbers belong, counts beyond ``uint32``, ids beyond ``int64`` or nesting
-thousands of levels deep. Each of these crashed a build from inside native code (a segfault in
+Annotation files are untrusted (docs/integrity.md): Python's ``json`` writes ``NaN`` and ``Infinity``, a
+careless or hostile file holds strings where numbers belong, counts beyond ``uint32``, ids beyond ``int64`` or
+nesting thousands of levels deep. Each of these crashed a build from inside native code (a segfault in
 pycocotools, an ``OverflowError`` in a numpy cast, a ``RecursionError`` in ``json``). Every check here raises
 :class:`~pipelines.errors.SkipRecord` (or its :class:`~pipelines.errors.MaskFormatError` subclass for
 segmentations) with a reason of its own, so the caller records a skip naming the record instead of dying.
@@ -47,7 +47,8 @@ def check_id(value: Any, what: str) -> int | str:
 
 
 def require(record: Any, key: str, types: type | tuple[type, ...], what: str) -> Any:
-    """``record[key]`` if ``record`` is a dict holding it with one of ``types``; a skip naming it otherwise."""
+    """``record[key]`` if ``record`` is a dict holding it with one of ``types``; a skip naming it
+    otherwise."""
     if not isinstance(record, dict):
         raise SkipRecord("wrong_type", f"{what} is {type(record).__name__}, expected an object")
     if key not in record:

@@ -101,7 +101,8 @@ class Component:
 
 @dataclass
 class InstanceMask:
-    """A mask reduced to what prompt drawing needs: its size and its kept components (sorted top-left first)."""
+    """A mask reduced to what prompt drawing needs: its size and its kept components (sorted top-left
+    first)."""
 
     height: int
     width: int
@@ -269,7 +270,8 @@ def _point(inst: InstanceMask, rng: np.random.Generator, p: PromptParams) -> Win
 
 
 def _iou_inclusive(a: np.ndarray, b: tuple[int, int, int, int]) -> np.ndarray:
-    """IoU of boxes ``a`` (``Nx4`` r0, c0, r1, c1) with ``b``, counting both ends as X-SAM's ``calculate_iou``."""
+    """IoU of boxes ``a`` (``Nx4`` r0, c0, r1, c1) with ``b``, counting both ends as X-SAM's
+    ``calculate_iou``."""
     ih = np.clip(np.minimum(a[:, 2], b[2]) - np.maximum(a[:, 0], b[0]) + 1, 0, None)
     iw = np.clip(np.minimum(a[:, 3], b[3]) - np.maximum(a[:, 1], b[1]) + 1, 0, None)
     inter = ih * iw

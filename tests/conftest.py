@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-# Set before anything imports ray / transformers / wandb / deepspeed (DESIGN §5, stack_notes.md).
+# Set before anything imports ray / transformers / wandb / deepspeed.
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")

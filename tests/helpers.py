@@ -20,7 +20,8 @@ from pipelines.schema import ImageRef, MaskTarget, Region, Sample, Turn, to_wds
 from pipelines.sources.base import BuildOptions
 
 
-# ---------------------------------------------------------------------------------------------- demo trees, builds
+# ---------------------------------------------------------------------------------------------- demo trees,
+# builds
 def demo_tree(folder: Path, *families: str) -> Path:
     """A fresh demo ``datas/`` tree of ``families`` under ``folder`` (a test may edit it)."""
     return write_demo(Path(folder) / "datas", families=list(families))
@@ -29,7 +30,8 @@ def demo_tree(folder: Path, *families: str) -> Path:
 def read_split(out: Path, source: str, split: str = "train", with_images: bool = True):
     """``(manifest dict, samples, skipped rows)`` of ``<out>/<source>/<split>``.
 
-    ``samples`` are ``(Sample, image bytes)`` pairs in shard order, or bare Samples with ``with_images=False``.
+    ``samples`` are ``(Sample, image bytes)`` pairs in shard order, or bare Samples with
+    ``with_images=False``.
     """
     manifest = shard_store.Manifest.read(str(out), source, split)
     items = list(shard_store.iter_samples(str(out), source, split, manifest))
@@ -47,7 +49,8 @@ def build_and_read(
     with_images: bool = True,
     **options,
 ):
-    """Build one ``source``/``split`` inline with ``BuildOptions(**options)`` and read it back (:func:`read_split`)."""
+    """Build one ``source``/``split`` inline with ``BuildOptions(**options)`` and read it back
+    (:func:`read_split`)."""
     build(
         str(root),
         str(out),
@@ -138,7 +141,8 @@ _LAYOUTS = {
 
 
 def task_sample(task: str) -> Sample:
-    """A small valid Sample of ``task`` (DESIGN §4.3): one mask per label, one region per ``<region>``."""
+    """A small valid Sample of ``task`` (docs/contracts.md#sample): one mask per label, one region per
+    ``<region>``."""
     users, answers, phrases, labels, regions = _LAYOUTS[task]
     conv = [t for u, a in zip(users, answers, strict=True) for t in (Turn("user", u), Turn("assistant", a))]
     rle = box_rle(2, 8, 3, 10, SAMPLE_H, SAMPLE_W)
@@ -155,7 +159,8 @@ def task_sample(task: str) -> Sample:
     )
 
 
-# ---------------------------------------------------------------------------------------------- synthetic shards
+# ---------------------------------------------------------------------------------------------- synthetic
+# shards
 def write_source(
     out: Path,
     source: str,
@@ -168,9 +173,9 @@ def write_source(
 ) -> list[str]:
     """Synthetic shards + manifest for ``source`` in the builder's layout; returns the keys in order.
 
-    Sample ``i`` gets ``meta.no_target = True`` when ``i`` is in ``flagged`` and the manifest counts them, as the
-    writer does (``manifest_counts`` overrides or, with ``{"no_target": None}``, removes that count); its image
-    is a tiny JPEG whose grey level encodes ``i`` (so tests can check bytes travel with their JSON)."""
+    Sample ``i`` gets ``meta.no_target = True`` when ``i`` is in ``flagged`` and the manifest counts them, as
+    the writer does (``manifest_counts`` overrides or, with ``{"no_target": None}``, removes that count); its
+    image is a tiny JPEG whose grey level encodes ``i`` (so tests can check bytes travel with their JSON)."""
     sdir = out / source / split
     sdir.mkdir(parents=True, exist_ok=True)
     keys, shards, i = [], [], 0

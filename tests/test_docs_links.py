@@ -1,9 +1,9 @@
 """Every relative link in README.md and docs/*.md, and every ``docs/<page>.md`` cited in the code, resolves.
 
-A link ``[text](path#anchor)`` must point at a file (or folder) the repository tracks, and ``#anchor`` must be a
-heading of the target page under GitHub's slug rules (lowercase; punctuation other than ``-`` and ``_`` dropped;
-spaces become ``-``; a repeated heading gets ``-1``, ``-2``, …). External ``http(s)``/``mailto`` links are not
-fetched. Links inside fenced code blocks and inline code are not links.
+A link ``[text](path#anchor)`` must point at a file (or folder) the repository tracks, and ``#anchor`` must be
+a heading of the target page under GitHub's slug rules (lowercase; punctuation other than ``-`` and ``_``
+dropped; spaces become ``-``; a repeated heading gets ``-1``, ``-2``, …). External ``http(s)``/``mailto``
+links are not fetched. Links inside fenced code blocks and inline code are not links.
 """
 
 from __future__ import annotations
@@ -69,7 +69,8 @@ def links(text: str) -> Iterable[tuple[int, str]]:
 
 
 def tracked_files(root: Path) -> set[str]:
-    """Paths (``/``-separated, relative to ``root``) of the files git tracks; every file when not a checkout."""
+    """Paths (``/``-separated, relative to ``root``) of the files git tracks; every file when not a
+    checkout."""
     try:
         out = subprocess.run(
             ["git", "-C", str(root), "ls-files", "-z"], capture_output=True, check=True, timeout=60
@@ -161,7 +162,8 @@ def _doc_pages(files: set[str]) -> list[str]:
     return sorted(f for f in files if f == "README.md" or re.fullmatch(r"docs/[^/]+\.md", f))
 
 
-# ---------------------------------------------------------------------------------------------- the repository
+# ---------------------------------------------------------------------------------------------- the
+# repository
 def test_readme_and_docs_links_resolve():
     files = tracked_files(ROOT)
     pages = _doc_pages(files)

@@ -43,7 +43,8 @@ def _free_port_block(size: int = 500) -> int:
     raise RuntimeError("no free port block")
 
 
-# Every pipelines entry point, given bad input or configuration: (argv after the module, words in the message).
+# Every pipelines entry point, given bad input or configuration: (argv after the module, words in the
+# message).
 BAD_INPUT = {
     "build_shards: bad boolean": (
         [
@@ -134,7 +135,8 @@ def test_cli_script_builds_and_reports_errors(tmp_path):
 @pytest.mark.ray
 @pytest.mark.slow
 def test_readme_demo_builds_shards_as_a_ray_job(tmp_path):
-    """`make demo`'s script, build part: demo data, a Ray head, `ray job submit`, the summary, head stopped."""
+    """`make demo`'s script, build part: demo data, a Ray head, `ray job submit`, the summary, head
+    stopped."""
     base = _free_port_block()
     ray_tmp = tempfile.mkdtemp(prefix="xr", dir="/tmp")  # AF_UNIX socket paths must stay under 108 bytes
     env = _env(

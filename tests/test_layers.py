@@ -1,5 +1,5 @@
-"""The layers of docs/layers.md hold: every import of every module is an allowed edge, the layers have no cycle,
-and function-local imports only defer heavy packages (each module saying so in one comment).
+"""The layers of docs/layers.md hold: every import of every module is an allowed edge, the layers have no
+cycle, and function-local imports only defer heavy packages (each module saying so in one comment).
 
 The table is parsed from docs/layers.md itself, so the page and this test cannot drift apart.
 """
@@ -40,7 +40,8 @@ HEAVY = frozenset(
 # Edges allowed outside the table while a move is under way: (importing layer, imported module), the exact
 # module, so that no other import into that layer slips through. Empty: every edge follows the table.
 PENDING_EDGES: set[tuple[str, str]] = set()
-# Modules exempt from the function-local import rule while they are rewritten. Empty: the rule holds everywhere.
+# Modules exempt from the function-local import rule while they are rewritten. Empty: the rule holds
+# everywhere.
 PENDING_LOCAL_IMPORTS: set[str] = set()
 PENDING_LOCAL_DIRS: tuple[str, ...] = ()
 

@@ -1,6 +1,7 @@
 """X-SAM model package: configs, flavors, builder, processor, stage views. Small public surface:
 
-from xsam_model import build_xsam, XSAM_FLAVORS, build_processor, collate, stage_view, export_trainable, load_exported
+from xsam_model import build_xsam, XSAM_FLAVORS, build_processor, collate, stage_view, export_trainable,
+load_exported
 """
 
 from xsam_model.builder import build_processor, build_xsam

@@ -53,8 +53,8 @@ def _folder(init_dir: str | Path, name: str, what: str) -> Path:
 
 
 def resolve_attn_implementation(requested: str, device: str | torch.device | None) -> str:
-    """``auto`` → ``flash_attention_2`` when the ``flash_attn`` package is installed and the model is built for
-    CUDA (``device`` cuda, or no device and CUDA available), else ``sdpa``; any other value is kept."""
+    """``auto`` → ``flash_attention_2`` when the ``flash_attn`` package is installed and the model is built
+    for CUDA (``device`` cuda, or no device and CUDA available), else ``sdpa``; any other value is kept."""
     if requested != "auto":
         return requested
 
@@ -85,11 +85,11 @@ def siglip_hf_config(cfg: XSamConfig) -> SiglipVisionConfig:
 
 
 SAM_INIT_STD = 0.02
-"""Std of a randomly built SAM encoder's linear and conv weights. X-SAM's vendored ``SamModel`` initialises its
-vision encoder with the top-level ``SamConfig.initializer_range`` (0.02); transformers' ``SamVisionConfig``
-defaults to 1e-10 (a value meant only to be overwritten by pretrained weights). At 1e-10 every activation of the
-encoder is ~1e-10 and each LayerNorm (eps 1e-6) scales its gradient up: the step-1 gradient norm of a random
-stage 1 was 1.3e10 (debug) and 1.7e11 (full width).
+"""Std of a randomly built SAM encoder's linear and conv weights. X-SAM's vendored ``SamModel`` initialises
+its vision encoder with the top-level ``SamConfig.initializer_range`` (0.02); transformers'
+``SamVisionConfig`` defaults to 1e-10 (a value meant only to be overwritten by pretrained weights). At 1e-10
+every activation of the encoder is ~1e-10 and each LayerNorm (eps 1e-6) scales its gradient up: the step-1
+gradient norm of a random stage 1 was 1.3e10 (debug) and 1.7e11 (full width).
 
 What remains is X-SAM's own: at random init the patch-embedding bias and the position embedding are 0, so a
 padded (zero) pixel patch enters the first LayerNorm as a zero vector, whose gradient the norm scales by
@@ -250,9 +250,9 @@ def _random_parts(cfg: XSamConfig):
 
 
 def _special_tokens(cfg: XSamConfig, llm, tok, ctx: torch.device, meta: bool):
-    """Add the special tokens and size the embeddings as X-SAM (``resize_token_embeddings(len(tok))``). Without
-    a tokenizer (meta, random full flavor) the rows are ``llm.tokenizer_size + len(special_tokens)``: the same
-    shapes and ids as the tokenizer path (D14). Returns (tokenizer or None, token ids)."""
+    """Add the special tokens and size the embeddings as X-SAM (``resize_token_embeddings(len(tok))``).
+    Without a tokenizer (meta, random full flavor) the rows are ``llm.tokenizer_size + len(special_tokens)``:
+    the same shapes and ids as the tokenizer path (D14). Returns (tokenizer or None, token ids)."""
     rows = llm.get_input_embeddings().weight.shape[0]
     if tok is not None:
         cfg.llm = dataclasses.replace(cfg.llm, tokenizer_size=len(tok))
@@ -299,8 +299,9 @@ def _decoder_and_connector(cfg: XSamConfig, m2f: Mask2FormerConfig) -> tuple[Seg
 
 
 def apply_checkpointing(model: XSam) -> None:
-    """Switch activation checkpointing of each part on or off as its sub-config says (``gradient_checkpointing``);
-    call again after editing ``model.config`` (e.g. with :func:`xsam_model.config.with_checkpointing`)."""
+    """Switch activation checkpointing of each part on or off as its sub-config says
+    (``gradient_checkpointing``); call again after editing ``model.config`` (e.g. with
+    :func:`xsam_model.config.with_checkpointing`)."""
     c = model.config
     for sub, part in ((c.siglip, model.vision_encoder), (c.sam, model.sam_encoder), (c.llm, model.llm)):
         if sub.gradient_checkpointing:
@@ -378,7 +379,8 @@ def build_xsam(
 def build_processor(
     flavor_or_config: str | XSamConfig = "debug", init_dir: str | Path | None = None
 ) -> XSamProcessor:
-    """The processor alone (for DataLoader workers): tokenizer from ``init_dir``'s LLM folder, or the debug BPE."""
+    """The processor alone (for DataLoader workers): tokenizer from ``init_dir``'s LLM folder, or the debug
+    BPE."""
     cfg = resolve_config(flavor_or_config)
     if init_dir is not None:
         tok = load_tokenizer(Path(init_dir) / cfg.llm.folder)

@@ -1,11 +1,11 @@
 """Typed configs of the X-SAM model, one dataclass per component, plus :class:`XSamConfig`.
 
 Defaults are the full ``xsam-phi3`` sizes and the paper's behaviour: X-SAM's ``AAAI26_Archive`` branch
-(reference/xsam_fidelity.md Part 1). Where X-SAM's later ``main`` branch differs, its behaviour is a named value
-of a field, documented on that field, and :func:`main_branch` sets all of them at once (the ``xsam-phi3-main``
-flavor). The ``debug`` flavor in :mod:`xsam_model.flavors` edits a copy. Every relationship between fields that
-would otherwise fail deep inside a forward pass is checked in ``__post_init__``; :func:`config_dict` turns any
-resolved config into a plain dict of every field (``--print-config``).
+(reference/xsam_fidelity.md Part 1). Where X-SAM's later ``main`` branch differs, its behaviour is a named
+value of a field, documented on that field, and :func:`main_branch` sets all of them at once (the
+``xsam-phi3-main`` flavor). The ``debug`` flavor in :mod:`xsam_model.flavors` edits a copy. Every relationship
+between fields that would otherwise fail deep inside a forward pass is checked in ``__post_init__``;
+:func:`config_dict` turns any resolved config into a plain dict of every field (``--print-config``).
 """
 
 from __future__ import annotations
@@ -191,7 +191,8 @@ class SiglipEncoderConfig:
     select_layer: int = -2
     """Index into ``hidden_states`` whose tokens go to the visual projector (recipe: -2)."""
     gradient_checkpointing: bool = False
-    """Recompute each SigLIP layer in backward (X-SAM: on in stages 2 and 3; see :func:`stage_checkpointing`)."""
+    """Recompute each SigLIP layer in backward (X-SAM: on in stages 2 and 3; see
+    :func:`stage_checkpointing`)."""
 
     def __post_init__(self):
         _check_positive(
@@ -281,9 +282,9 @@ class LLMConfig:
     """Recomputes each decoder layer in backward (X-SAM turns it on in stages 2 and 3)."""
     tokenizer_size: int | None = 32011
     """``len(tokenizer)`` of the LLM folder's tokenizer before the special tokens (Phi-3-mini: 32011). Builds
-    without a tokenizer (meta, random) size the embeddings to ``tokenizer_size + len(special_tokens)`` (32014),
-    exactly as the tokenizer path's ``resize_token_embeddings(len(tok))`` does; None appends the special rows
-    to ``vocab_size`` instead (32067, the old meta size)."""
+    without a tokenizer (meta, random) size the embeddings to ``tokenizer_size + len(special_tokens)``
+    (32014), exactly as the tokenizer path's ``resize_token_embeddings(len(tok))`` does; None appends the
+    special rows to ``vocab_size`` instead (32067, the old meta size)."""
 
     def __post_init__(self):
         _check_positive(
@@ -357,34 +358,36 @@ class DecoderConfig:
     logit_scale_init: float = 2.659260036932778
     """Phrase-head temperature, log(1/0.07)."""
     logit_clamp: float = 500.0
-    """Phrase logits are clamped to ±this: 500 (paper); ``main`` clamps at 50, which bites once exp(scale) > 50.
-    Padding phrase columns are masked with -1e9 in both (main: -1e6; either is zero probability)."""
+    """Phrase logits are clamped to ±this: 500 (paper); ``main`` clamps at 50, which bites once
+    exp(scale) > 50. Padding phrase columns are masked with -1e9 in both (main: -1e6; either is zero
+    probability)."""
     bg_init_std: float = 1.0
     """Std of the background ("no-object") phrase embedding's normal init: 1.0 = X-SAM's ``nn.Embedding``
     default (both branches); 0.02 was this project's earlier choice."""
     seg_reduce: str = "per_seg"
     """How a batch of a task in ``seg_reduce_tasks`` (several ``<SEG>``, one per phrase) is decoded:
 
-    - ``per_seg`` (paper): the pixel decoder runs once per image; the transformer decoder runs once per ``<SEG>``
-      (one batched call) with that ``<SEG>`` added to the queries and one target, the masks of its phrase;
-      classes are the concatenated phrases of the whole per-rank batch plus the background, labels offset by
-      the cumulative phrase counts (the other samples' phrases are negatives).
+    - ``per_seg`` (paper): the pixel decoder runs once per image; the transformer decoder runs once per
+      ``<SEG>`` (one batched call) with that ``<SEG>`` added to the queries and one target, the masks of its
+      phrase; classes are the concatenated phrases of the whole per-rank batch plus the background, labels
+      offset by the cumulative phrase counts (the other samples' phrases are negatives).
     - ``main`` (X-SAM ``main``, ``use_repeat_cond=False``): one decoder run per image conditioned on the
       sample's last ``<SEG>``, all its masks as targets, classes over the batch's concatenated phrases (main
       picks ``seg_embeds[cond_len - 1]`` of the flattened batch, another sample's ``<SEG>`` for b > 0; that
       indexing bug is not reproduced).
-    - ``last`` / ``mean`` (this project before): one run per image conditioned on the last ``<SEG>`` / the mean
-      of its ``<SEG>`` embeddings, classes over the sample's own phrases only.
+    - ``last`` / ``mean`` (this project before): one run per image conditioned on the last ``<SEG>`` / the
+      mean of its ``<SEG>`` embeddings, classes over the sample's own phrases only.
     """
     seg_reduce_tasks: tuple[str, ...] = ("refseg", "reaseg")
     """Tasks decoded with ``seg_reduce``; every other task has one ``<SEG>`` per sample and runs one decoder
     pass per image over its own (padded) phrases, as in both X-SAM branches."""
     init: str = "xsam"
     """Initialisation of the re-initialised pixel and transformer decoders: ``xsam`` (X-SAM's
-    ``XSegmentor._init_weights`` applied module by module: xavier on the pixel decoder and the masked-attention
-    layers, N(0, 0.02) on embeddings and linears, level embeddings 0; and the connector's convs N(0, 0.02), as
-    X-SAM's ``ConnectorModel``) or ``transformers`` (transformers' ``Mask2FormerPreTrainedModel._init_weights``
-    and PyTorch's default connector init, this project's earlier choice)."""
+    ``XSegmentor._init_weights`` applied module by module: xavier on the pixel decoder and the
+    masked-attention layers, N(0, 0.02) on embeddings and linears, level embeddings 0; and the connector's
+    convs N(0, 0.02), as X-SAM's ``ConnectorModel``) or ``transformers`` (transformers'
+    ``Mask2FormerPreTrainedModel._init_weights`` and PyTorch's default connector init, this project's earlier
+    choice)."""
     gradient_checkpointing: bool = False
     """Recompute each deformable-encoder and masked-attention layer in backward (X-SAM checkpoints its whole
     segmentor, decoder included, in stages 2 and 3)."""
@@ -433,8 +436,8 @@ class LossConfig:
     num_masks_reduce: str = "global_batch"
     """Normaliser of the mask losses: ``global_batch`` (the target-mask count of the whole global batch /
     (world size × accumulation), at least 1, counted by the trainer before the step's first forward: X-SAM's
-    ``global`` at the paper's layout, accumulation 1, and the same whatever split of the global batch runs it —
-    a resume on another world size computes the same losses), ``global`` (paper, Mask2Former/DETR: the count
+    ``global`` at the paper's layout, accumulation 1, and the same whatever split of the global batch runs it
+    — a resume on another world size computes the same losses), ``global`` (paper, Mask2Former/DETR: the count
     summed over the data-parallel ranks of one micro-step / world size; every rank must compute the
     segmentation loss in the same steps, which the loader's one-task-per-step batches guarantee) or ``local``
     (this rank's count)."""
@@ -459,11 +462,13 @@ class LossConfig:
 
 @dataclass(kw_only=True)
 class RegionSamplerConfig:
-    """Turns each ``<region>`` prompt mask into ``num_tokens`` LLM tokens: ``num_points`` points sampled in the
-    mask (without replacement when it has that many pixels), read from the seg-projector grid, then pooled.
+    """Turns each ``<region>`` prompt mask into ``num_tokens`` LLM tokens: ``num_points`` points sampled in
+    the mask (without replacement when it has that many pixels), read from the seg-projector grid, then
+    pooled.
 
     Paper: ``pool="max", num_tokens=1`` (X-SAM's naive sampler, ``AdaptiveMaxPool1d(1)``). ``main``:
-    ``pool="mean", num_tokens=64`` (mean over groups of 4 consecutive points), which adds 63 tokens per region.
+    ``pool="mean", num_tokens=64`` (mean over groups of 4 consecutive points), which adds 63 tokens per
+    region.
     """
 
     num_points: int = 256
@@ -501,11 +506,11 @@ class ProcessorConfig:
     siglip_pad_square: bool = False
     """Centre the image on a square of the SigLIP mean colour before the SigLIP resize (X-SAM stage 2)."""
     vgd_cross_image: bool = True
-    """vgdseg train batches: each ``<region>`` slot's prompt is drawn among all instances of its category in the
-    micro-batch, any image (X-SAM, both branches); False = the sample's stored same-image prompt."""
+    """vgdseg train batches: each ``<region>`` slot's prompt is drawn among all instances of its category in
+    the micro-batch, any image (X-SAM, both branches); False = the sample's stored same-image prompt."""
     vgd_negatives: bool = True
-    """vgdseg train batches: X-SAM archive's negatives (p=0.5, ``randint(0, 5)`` absent categories, prompts from
-    other images, no target); False = none (X-SAM ``main``)."""
+    """vgdseg train batches: X-SAM archive's negatives (p=0.5, ``randint(0, 5)`` absent categories, prompts
+    from other images, no target); False = none (X-SAM ``main``)."""
 
     def __post_init__(self):
         _check_positive(self, "siglip_size", "sam_size")
@@ -538,7 +543,8 @@ class XSamConfig:
     region: RegionSamplerConfig = field(default_factory=RegionSamplerConfig)
     processor: ProcessorConfig = field(default_factory=ProcessorConfig)
     special_tokens: tuple[str, ...] = ("<SEG>", "<p>", "</p>")
-    """Added to the tokenizer (special) and to the LLM embeddings; ``<image>``/``<region>`` are placeholders."""
+    """Added to the tokenizer (special) and to the LLM embeddings; ``<image>``/``<region>`` are
+    placeholders."""
 
     def __post_init__(self):
         if self.processor.siglip_size != self.siglip.image_size:
@@ -621,8 +627,8 @@ def stage_checkpointing(stage: int) -> tuple[str, ...]:
 
 
 def stage_processor(cfg: ProcessorConfig, stage: int) -> ProcessorConfig:
-    """``cfg`` with the stage transforms of X-SAM's paper configs: stage 1 large-scale jitter (0.1, 2.0) of the
-    SAM image and masks, stage 2 the SigLIP image padded to a square, stage 3 neither."""
+    """``cfg`` with the stage transforms of X-SAM's paper configs: stage 1 large-scale jitter (0.1, 2.0) of
+    the SAM image and masks, stage 2 the SigLIP image padded to a square, stage 3 neither."""
     if stage not in (1, 2, 3):
         raise ValueError(f"stage must be 1, 2 or 3, got {stage!r}")
     jitter = (0.1, 2.0) if stage == 1 else None
@@ -632,7 +638,8 @@ def stage_processor(cfg: ProcessorConfig, stage: int) -> ProcessorConfig:
 def main_branch(cfg: XSamConfig) -> XSamConfig:
     """A copy of ``cfg`` with every model choice where X-SAM's ``main`` differs from the paper set to main's:
     ``main`` decoding of refseg/reaseg, 64 mean-pooled region tokens, phrase logits clamped at ±50, no VGD
-    negatives. (Its stage-1 cosine schedule is :class:`xsam_model.schedule.ScheduleConfig` ``kind="cosine"``.)"""
+    negatives. (Its stage-1 cosine schedule is :class:`xsam_model.schedule.ScheduleConfig`
+    ``kind="cosine"``.)"""
     out = dataclasses.replace(cfg, name=f"{cfg.name}-main")
     out.decoder = dataclasses.replace(cfg.decoder, seg_reduce="main", logit_clamp=50.0)
     out.region = dataclasses.replace(cfg.region, pool="mean", num_tokens=cfg.region.num_points // 4)

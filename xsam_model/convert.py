@@ -1,7 +1,7 @@
 """X-SAM's archive checkpoints ↔ this project's stage exports: the key mapping (docs/checkpoints.md).
 
-X-SAM's released ``pytorch_model.bin`` files hold the archive branch's ``XSamModel.state_dict()``: every module
-trained in that stage, under X-SAM's module names. The mapping (reference/xsam_fidelity.md, "Checkpoint
+X-SAM's released ``pytorch_model.bin`` files hold the archive branch's ``XSamModel.state_dict()``: every
+module trained in that stage, under X-SAM's module names. The mapping (reference/xsam_fidelity.md, "Checkpoint
 compatibility") is a prefix-rename table (:data:`RENAMES`), one reshape (:data:`LEADING_AXIS`: X-SAM keeps a
 leading axis of 1 on the phrase head's scale and background embedding) and a drop list (:data:`DROPS`: parts
 we do not build). Our connector uses X-SAM's pixel shuffle (which settles fidelity D8), so its convs and the
@@ -242,7 +242,8 @@ def _bad_value(key: str, value: torch.Tensor, dtype: torch.dtype) -> list[str]:
 # ---------------------------------------------------------------------------------------------- ours → X-SAM
 def to_xsam(state: Mapping[str, torch.Tensor], *, source: str = "export") -> dict[str, torch.Tensor]:
     """Our state dict (e.g. a stage export) in X-SAM's archive names and shapes, in the module order of
-    ``XSamModel.state_dict()`` (names sorted within a module). A key no rule covers is a :class:`ConvertError` (all of them listed)."""
+    ``XSamModel.state_dict()`` (names sorted within a module). A key no rule covers is a :class:`ConvertError`
+    (all of them listed)."""
     kmap = keymap(state)
     out: dict[str, torch.Tensor] = {}
     unmapped = []

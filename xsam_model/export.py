@@ -4,7 +4,8 @@ An export folder (a local path or any fsspec URI) holds::
 
     model.safetensors       the stage's trainable weights
     config.json             the resolved stage config and model config (flavor, init folder, processor)
-    lineage.json            where the weights came from, and ``model_sha256`` of model.safetensors (written last)
+    lineage.json            where the weights came from, and ``model_sha256`` of model.safetensors
+                            (written last)
 
 :func:`write_export` is the only writer (the trainer's export, the untrained baseline, ``convert import``);
 :class:`Export` is the only reader (stage chaining, ``train.py --init-from``, ``evaluate.py --export``,
@@ -12,11 +13,12 @@ An export folder (a local path or any fsspec URI) holds::
 lineage records, so a flipped byte is refused, never trained on or scored (docs/integrity.md).
 
 Replacing an export never deletes the previous one first (docs/checkpoints.md, "Exports"): the new export is
-written into ``<name>.tmp-<id>`` beside it, the old one is moved to ``<name>.prev-<id>``, the new one moved into
-place, then the old one deleted. A writer killed at any step leaves a complete export: the new one, or the old
-one under ``.prev-`` which the next reader puts back. The next writer deletes stale temporaries. Object stores
-have no folder rename, so there the files are copied and moved one by one with ``lineage.json`` removed first
-and written last: a folder without its lineage is incomplete and a reader falls back to the ``.prev-`` copy.
+written into ``<name>.tmp-<id>`` beside it, the old one is moved to ``<name>.prev-<id>``, the new one moved
+into place, then the old one deleted. A writer killed at any step leaves a complete export: the new one, or
+the old one under ``.prev-`` which the next reader puts back. The next writer deletes stale temporaries.
+Object stores have no folder rename, so there the files are copied and moved one by one with ``lineage.json``
+removed first and written last: a folder without its lineage is incomplete and a reader falls back to the
+``.prev-`` copy.
 
 One writer per export folder at a time (the run root's lock holds it for training).
 """
@@ -130,8 +132,8 @@ def _complete(fs, path: str) -> bool:
 
 
 def recover(url: str) -> bool:
-    """Put back the previous export that a writer killed mid-swap left under ``<name>.prev-*`` (when the export
-    folder itself is missing or incomplete). Returns whether one was put back."""
+    """Put back the previous export that a writer killed mid-swap left under ``<name>.prev-*`` (when the
+    export folder itself is missing or incomplete). Returns whether one was put back."""
     fs, path = storage.fs_and_path(url)
     if _complete(fs, path):
         return False
@@ -187,8 +189,8 @@ class Export:
 
     @classmethod
     def find(cls, url: str, stage: int, *, needed_by: int | None = None, verify: bool = True) -> Export:
-        """The export of stage ``stage`` at ``url``; ``needed_by`` names the stage that starts from it (for the
-        message). ``verify`` hashes model.safetensors against the lineage (:meth:`verify`); a caller that
+        """The export of stage ``stage`` at ``url``; ``needed_by`` names the stage that starts from it (for
+        the message). ``verify`` hashes model.safetensors against the lineage (:meth:`verify`); a caller that
         loads the tensors right away may skip it, :meth:`state` checks the bytes it loads."""
         who = f"stage {needed_by} starts from stage {stage}'s export, " if needed_by else ""
         found = cls._open(
@@ -279,8 +281,8 @@ class Export:
 
 # ---------------------------------------------------------------------------------------------- writing
 def write_export(url: str, state: Mapping[str, Any], *, stage: int, config: dict, lineage: dict) -> str:
-    """Write ``state`` (name → tensor), ``config`` and ``lineage`` (``stage``, ``model_sha256``, ``tensors`` and
-    ``written_at`` added) as the export at ``url``, replacing any previous one only once the new one is
+    """Write ``state`` (name → tensor), ``config`` and ``lineage`` (``stage``, ``model_sha256``, ``tensors``
+    and ``written_at`` added) as the export at ``url``, replacing any previous one only once the new one is
     complete (see the module docstring). Returns ``url``."""
     fs, path = storage.fs_and_path(url)
     remove_stale(url)

@@ -86,10 +86,10 @@ def full_width_smoke(
     """``xsam-phi3`` with every width real (SigLIP 1152, SAM 1024, Phi-3 3072 and its 32014-row vocabulary,
     projectors, connector 512 → 512/1024/2048, Mask2Former 256 with 200 queries and 10 + 6 layers) but
     ``llm_layers`` LLM and ``siglip_layers`` SigLIP layers and small inputs. SAM keeps its 24 layers, its
-    global-attention layers and the connector's layer indices 12/18/24, so the real wiring runs; at 224² its grid
-    is 14 (one 14² attention window, a 7² stride-32 level); SigLIP at 224² gives 256 tokens, so the LLM sequence
-    is about 256 + 49 + text. Random weights: a CPU forward + backward of one image in fp32 takes tens of
-    seconds and a few GB."""
+    global-attention layers and the connector's layer indices 12/18/24, so the real wiring runs; at 224² its
+    grid is 14 (one 14² attention window, a 7² stride-32 level); SigLIP at 224² gives 256 tokens, so the LLM
+    sequence is about 256 + 49 + text. Random weights: a CPU forward + backward of one image in fp32 takes
+    tens of seconds and a few GB."""
     cfg = XSamConfig(name="xsam-phi3-smoke")
     cfg.llm = dataclasses.replace(cfg.llm, num_layers=llm_layers)
     cfg.siglip = dataclasses.replace(cfg.siglip, num_layers=siglip_layers, image_size=siglip_size)

@@ -1,4 +1,5 @@
-"""Inference: Samples (or a user's prompt) in, each ``<SEG>``'s decoder output out, with the model's own parts.
+"""Inference: Samples (or a user's prompt) in, each ``<SEG>``'s decoder output out, with the model's own
+parts.
 
 Two modes (:class:`InferenceConfig`):
 
@@ -15,9 +16,9 @@ Either way the states then go through the stage-3 decoding of training (``llm_pr
 :func:`~xsam_model.modeling.seg_plan.plan_decoding` with the task's ``seg_reduce`` mode → connector → mask
 decoder). Every run's classes are restricted to its own sample's phrases (plus "no object"), which is what
 X-SAM's batch-size-1 evaluation sees, so a sample's result does not depend on what it was batched with.
-Stage-1 exports decode with the linear head (no LLM). Results are :class:`Decoded` (final decoder layer of each
-run); :mod:`xsam_model.postprocess` turns them into masks. Everything runs under ``torch.inference_mode``;
-on GPU the model is typically bf16 (inputs follow the model's dtype).
+Stage-1 exports decode with the linear head (no LLM). Results are :class:`Decoded` (final decoder layer of
+each run); :mod:`xsam_model.postprocess` turns them into masks. Everything runs under
+``torch.inference_mode``; on GPU the model is typically bf16 (inputs follow the model's dtype).
 
 Random draws: the region sampler's point draws are seeded per batch from ``(seed, first key)``, so the same
 batch gives the same region tokens in any process.
@@ -111,10 +112,11 @@ class SpecialIds:
 def span_ids(ids: Sequence[int], special: SpecialIds) -> tuple[list[int], list[int], int]:
     """Lenient ``<p>…</p>`` / ``<SEG>`` numbering of any token list (a generated one may be malformed).
 
-    Returns ``(cond_ids, seg_ids, spans)``: span k's tokens (both tags included) get k, the n-th ``<SEG>`` gets
-    n, everything else -1. A span opens at a ``<p>`` outside a span and closes at the next ``</p>`` (a ``<p>``
-    inside a span is content; a stray ``</p>`` is ignored; a span still open at the end is dropped): the same
-    spans the regex ``<p>(.*?)</p>`` finds in the decoded text, so span k is the k-th span of ``text``.
+    Returns ``(cond_ids, seg_ids, spans)``: span k's tokens (both tags included) get k, the n-th ``<SEG>``
+    gets n, everything else -1. A span opens at a ``<p>`` outside a span and closes at the next ``</p>`` (a
+    ``<p>`` inside a span is content; a stray ``</p>`` is ignored; a span still open at the end is dropped):
+    the same spans the regex ``<p>(.*?)</p>`` finds in the decoded text, so span k is the k-th span of
+    ``text``.
     """
     cond, seg = [-1] * len(ids), [-1] * len(ids)
     k, start, n_seg = 0, None, 0
@@ -275,8 +277,8 @@ class Inferencer:
 
     ``model``: a built :class:`~xsam_model.modeling.xsam.XSam` with its processor (weights loaded, any device
     and dtype); ``stage``: 3 (LLM + phrase head) or 1 (segmentor + linear head). A Sample's conversation gives
-    the prompt: in ``teacher`` mode its answers are used as they are; in ``generate`` mode every assistant turn
-    is generated (and a trailing user turn is answered).
+    the prompt: in ``teacher`` mode its answers are used as they are; in ``generate`` mode every assistant
+    turn is generated (and a trailing user turn is answered).
     """
 
     def __init__(self, model: nn.Module, cfg: InferenceConfig = InferenceConfig(), *, stage: int = 3):

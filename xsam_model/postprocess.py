@@ -18,8 +18,9 @@ applies the task's rule (X-SAM ``dataset/process_fns/postprocess_fns/*``, Mask2F
 - :func:`interactive` — intseg: candidates above ``interactive_threshold`` (or the best one), the candidate
   whose box overlaps the visual prompt's box most.
 
-:func:`encode` turns boolean masks into the compressed RLEs of the predictions contract (DESIGN §4.8).
-Every function takes one run's tensors; none keeps state. Masks come back as ``HxW`` bool tensors.
+:func:`encode` turns boolean masks into the compressed RLEs of the predictions contract
+(docs/contracts.md#predictions-and-results). Every function takes one run's tensors; none keeps state. Masks
+come back as ``HxW`` bool tensors.
 """
 
 from __future__ import annotations
@@ -179,7 +180,8 @@ def instances(
     return out
 
 
-# ------------------------------------------------------------------------------------------ one mask per phrase
+# ------------------------------------------------------------------------------------------ one mask per
+# phrase
 def best_query_mask(
     class_logits: torch.Tensor,
     mask_logits: torch.Tensor,
@@ -233,7 +235,8 @@ def interactive(
     return cands[int(np.argmax(ious))]
 
 
-# ------------------------------------------------------------------------------------------ one prediction line
+# ------------------------------------------------------------------------------------------ one prediction
+# line
 OUTPUT_KINDS = ("panoptic", "semantic", "instances", "per_turn", "phrases", "interactive")
 """What a set is scored from: ``panoptic`` / ``semantic`` → ``panoptic`` segments; ``instances`` (genseg and
 ovseg instance sets, VGD) → scored ``instances``; ``per_turn`` (refseg, reaseg) → one mask per ``<SEG>`` turn;
@@ -242,7 +245,8 @@ ovseg instance sets, VGD) → scored ``instances``; ``per_turn`` (refseg, reaseg
 
 @dataclass(frozen=True)
 class OutputSpec:
-    """How one sample's decoder output becomes its line of ``predictions.jsonl`` (DESIGN §4.8)."""
+    """How one sample's decoder output becomes its line of ``predictions.jsonl``
+    (docs/contracts.md#predictions-and-results)."""
 
     kind: str
     categories: tuple[int, ...] | None = None

@@ -35,16 +35,16 @@ adds ``region_image`` (per sample, R long: the batch image whose grid each regio
 -1 = none, a negative slot the batch had no instance for: an empty mask and zero features, as X-SAM).
 
 vgdseg train samples with a ``prompt_pool`` get their ``<region>`` prompts in :meth:`XSamProcessor.collate`
-(issue 16 item 1, :mod:`pipelines.loader.vgd_draw`): each slot's prompt drawn among all instances of its
+(:mod:`pipelines.loader.vgd_draw`): each slot's prompt drawn among all instances of its
 category in the micro-batch, any image (``ProcessorConfig.vgd_cross_image``), plus the paper's negatives
 (``ProcessorConfig.vgd_negatives``: extra slots, re-tokenized, no target); such an item carries ``vgd`` (its
 prompt pool as compressed RLEs and its SAM geometry) instead of ``region_masks`` until then, and the batch
 carries ``vgd_counts`` (the draw's counters).
 
-Images and masks go through the loader's :mod:`pipelines.loader.decode` (libjpeg-turbo / OpenCV decode, one OpenCV resize
-per encoder from the decoded original — a box filter when shrinking, within ~2/255 of PIL's antialiased resize —
-single-pass normalisation into the padded frame, and masks scaled in run-length space with exactly torch's
-``nearest-exact`` pixels); the tensors share those numpy buffers (no copies).
+Images and masks go through the loader's :mod:`pipelines.loader.decode` (libjpeg-turbo / OpenCV decode, one
+OpenCV resize per encoder from the decoded original — a box filter when shrinking, within ~2/255 of PIL's
+antialiased resize — single-pass normalisation into the padded frame, and masks scaled in run-length space
+with exactly torch's ``nearest-exact`` pixels); the tensors share those numpy buffers (no copies).
 """
 
 from __future__ import annotations
@@ -83,9 +83,9 @@ class ProcessorError(XsamError, ValueError):
 
 @dataclass
 class VgdPending:
-    """A vgdseg train item whose ``<region>`` prompts are drawn in :meth:`XSamProcessor.collate`: its Sample, its
-    image's SAM frame (``size`` inside the padded frame, jitter ``geom``) to decode a chosen prompt into, and
-    the planner's view of it (slot categories and prompt pool, compressed RLEs: nothing decoded yet)."""
+    """A vgdseg train item whose ``<region>`` prompts are drawn in :meth:`XSamProcessor.collate`: its Sample,
+    its image's SAM frame (``size`` inside the padded frame, jitter ``geom``) to decode a chosen prompt into,
+    and the planner's view of it (slot categories and prompt pool, compressed RLEs: nothing decoded yet)."""
 
     sample: Sample
     size: tuple[int, int]
@@ -135,7 +135,8 @@ class XSamProcessor:
         return sep
 
     def tokenize(self, sample: Sample) -> dict[str, torch.Tensor]:
-        """Chat template + tokenization → ``input_ids``, ``labels``, ``cond_ids``, ``seg_ids`` (all T long)."""
+        """Chat template + tokenization → ``input_ids``, ``labels``, ``cond_ids``, ``seg_ids`` (all T
+        long)."""
         turns = sample.conversation
         ids: list[int] = []
         labels: list[int] = []
@@ -213,8 +214,8 @@ class XSamProcessor:
     def images(
         self, image_bytes: bytes, expect_hw: tuple[int, int] | None, sam_scale: float | None = None
     ) -> tuple[torch.Tensor, torch.Tensor, tuple[int, int], tuple[int, ...] | None]:
-        """Image bytes → SigLIP 3×S×S float, SAM 3×L×L float (zero-padded), (h, w) inside the SAM frame, and the
-        jitter geometry (None without ``sam_scale``) for the masks."""
+        """Image bytes → SigLIP 3×S×S float, SAM 3×L×L float (zero-padded), (h, w) inside the SAM frame, and
+        the jitter geometry (None without ``sam_scale``) for the masks."""
         c = self.config
         x = decode.image_inputs(
             image_bytes,
@@ -240,9 +241,9 @@ class XSamProcessor:
     def _to_sam_frame(
         self, rles: list[dict], size: tuple[int, int], geom: tuple[int, ...] | None = None
     ) -> torch.Tensor:
-        """N RLEs → N×L×L uint8: nearest-exact resize to ``size``, zero pad bottom/right. In a DataLoader worker
-        the masks are written straight into shared memory (they travel as a per-sample list, and a tensor that
-        is already shared crosses to the main process without another copy)."""
+        """N RLEs → N×L×L uint8: nearest-exact resize to ``size``, zero pad bottom/right. In a DataLoader
+        worker the masks are written straight into shared memory (they travel as a per-sample list, and a
+        tensor that is already shared crosses to the main process without another copy)."""
         L = self.config.sam_size
         out = _empty((len(rles), L, L), torch.uint8)
         if geom is None:
@@ -295,9 +296,9 @@ class XSamProcessor:
         return item
 
     def _text_only(self, item: dict[str, Any], sample: Sample) -> dict[str, Any]:
-        """A sample without an image (LLaVA's text-only conversations, kept as the paper trained on them): zero
-        encoder inputs, as X-SAM's ``ImgConvDataset`` gives them, and no ``<image>`` token, so the model inserts
-        no image features; no masks or regions."""
+        """A sample without an image (LLaVA's text-only conversations, kept as the paper trained on them):
+        zero encoder inputs, as X-SAM's ``ImgConvDataset`` gives them, and no ``<image>`` token, so the model
+        inserts no image features; no masks or regions."""
         c = self.config
         if sample.image is not None:
             raise ProcessorError(f"{sample.key}: no image bytes for {sample.image.path}")
@@ -316,11 +317,12 @@ class XSamProcessor:
         return item
 
     def collate(self, items: Sequence[dict[str, Any]]) -> dict[str, Any]:
-        """:func:`collate`, after drawing the prompts of vgdseg train items (:mod:`pipelines.loader.vgd_draw`):
-        their ``region_masks`` (in the source image's SAM frame), ``region_image`` (R long: the batch image each
-        region comes from), and, for negatives, re-tokenized text and re-numbered ``class_labels``. The batch
-        then carries the draw's counters as ``vgd_counts`` (a dict of ints); a reaseg train batch carries
-        ``reaseg_counts`` (:data:`pipelines.loader.redraw.COUNTERS`, summed over its items)."""
+        """:func:`collate`, after drawing the prompts of vgdseg train items
+        (:mod:`pipelines.loader.vgd_draw`): their ``region_masks`` (in the source image's SAM frame),
+        ``region_image`` (R long: the batch image each region comes from), and, for negatives, re-tokenized
+        text and re-numbered ``class_labels``. The batch then carries the draw's counters as ``vgd_counts`` (a
+        dict of ints); a reaseg train batch carries ``reaseg_counts``
+        (:data:`pipelines.loader.redraw.COUNTERS`, summed over its items)."""
         reaseg = [it["reaseg_counts"] for it in items if "reaseg_counts" in it]
         if not any("vgd" in it for it in items):
             batch = collate(items, pad_token_id=self.pad_id)
@@ -403,8 +405,8 @@ class XSamProcessor:
         self, items: Sequence[dict[str, Any]], src: list[int], rles: list[dict]
     ) -> torch.Tensor:
         """R prompts → R×L×L bool, prompt r decoded in the SAM frame of batch image ``src[r]`` (its size and
-        jitter); only the chosen prompts are ever decoded. ``src[r]`` -1 (a negative with no instance to show):
-        an empty mask, and the model gives that region zero features."""
+        jitter); only the chosen prompts are ever decoded. ``src[r]`` -1 (a negative with no instance to
+        show): an empty mask, and the model gives that region zero features."""
         L = self.config.sam_size
         out = _empty((len(rles), L, L), torch.uint8)
         out[[r for r, s in enumerate(src) if s < 0]] = 0
@@ -448,7 +450,8 @@ def _in_worker() -> bool:
 def _empty(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     """An uninitialised CPU tensor. Inside a loader worker lane, in the worker's reused shared-memory arena
     (:mod:`pipelines.loader.transport`: the batch crosses to the main process without a copy or fresh pages);
-    in another DataLoader worker, in new shared memory (as ``default_collate`` does). Elsewhere numpy allocates
+    in another DataLoader worker, in new shared memory (as ``default_collate`` does). Elsewhere numpy
+    allocates
     it: torch's allocator advises huge pages for big blocks, and first writes into them measured ~2x slower
     than into numpy's memory on the bench box."""
     if not _in_worker():
@@ -461,8 +464,8 @@ def _empty(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
 
 
 def _stack(ts: list[torch.Tensor]) -> torch.Tensor:
-    """``torch.stack`` of same-shape CPU tensors into :func:`_empty` (shared memory inside a DataLoader worker,
-    so the hand-off to the main process is not a second copy)."""
+    """``torch.stack`` of same-shape CPU tensors into :func:`_empty` (shared memory inside a DataLoader
+    worker, so the hand-off to the main process is not a second copy)."""
     out = _empty((len(ts), *ts[0].shape), ts[0].dtype)
     np.stack([t.numpy() for t in ts], out=out.numpy())
     return out

@@ -1,26 +1,28 @@
 """Learning-rate schedules of the three stages as pure multipliers of the base learning rate: mmengine's.
 
 X-SAM (mmengine) runs two chained schedulers, both ``by_epoch=True`` with ``convert_to_iter_based=True``:
-``LinearLR(start_factor=1e-5, begin=0, end=warmup_ratio·max_epochs)`` then, from ``begin=warmup_ratio·max_epochs``
-to ``end=max_epochs``, either ``CosineAnnealingLR(eta_min=0)`` (stages 2 and 3; stage 1 on ``main``) or, in the
-paper's stage 1 (``AAAI26_Archive``), ``MultiStepLR(milestones=[24, 30], gamma=0.1)``. :func:`lr_lambda` gives
-the multiplier at every optimizer step, so one dataclass drives a client ``torch.optim.lr_scheduler.LambdaLR``
-(which keeps per-group lr multipliers) handed to ``deepspeed.initialize``::
+``LinearLR(start_factor=1e-5, begin=0, end=warmup_ratio·max_epochs)`` then, from
+``begin=warmup_ratio·max_epochs`` to ``end=max_epochs``, either ``CosineAnnealingLR(eta_min=0)`` (stages 2 and
+3; stage 1 on ``main``) or, in the paper's stage 1 (``AAAI26_Archive``), ``MultiStepLR(milestones=[24, 30],
+gamma=0.1)``. :func:`lr_lambda` gives the multiplier at every optimizer step, so one dataclass drives a client
+``torch.optim.lr_scheduler.LambdaLR`` (which keeps per-group lr multipliers) handed to
+``deepspeed.initialize``::
 
     config = ScheduleConfig(kind="multistep", milestones=(24, 30), gamma=0.1)
     scheduler = build_lr_scheduler(config, total_steps, steps_per_epoch, epochs=36)  # optimizer -> LambdaLR
-    engine, _, _, sched = deepspeed.initialize(model=..., model_parameters=groups, lr_scheduler=scheduler, ...)
+    engine, _, _, sched = deepspeed.initialize(model=..., model_parameters=groups, lr_scheduler=scheduler,
+    ...)
 
 mmengine's arithmetic, ported (``mmengine/optim/scheduler/param_scheduler.py``):
 
 - **Iterations.** mmengine steps its schedulers after every data iteration (``ParamSchedulerHook.
   after_train_iter``), with ``epoch_length = len(train_dataloader)``; an optimizer step with
-  ``accumulative_counts = a`` runs at iteration ``i = a·t + a - 1`` (0-based), so optimizer step ``t`` gets the
-  value of iteration ``i``. ``a = iters_per_step`` (X-SAM stage 2: 4), ``L = a · steps_per_epoch``.
-- **Epochs to iterations** (``build_iter_from_epoch``): ``begin`` and ``end`` become ``int(x · L)`` (truncated,
-  the config's float product ``warmup_ratio · max_epochs`` first), milestones ``m · L``, and ``T_max`` defaults
-  to ``end - begin``. The warm-up ends, and the decay begins, at ``W = int((warmup_ratio · epochs) · L)``;
-  the decay ends at ``E = int(epochs · L)``.
+  ``accumulative_counts = a`` runs at iteration ``i = a·t + a - 1`` (0-based), so optimizer step ``t`` gets
+  the value of iteration ``i``. ``a = iters_per_step`` (X-SAM stage 2: 4), ``L = a · steps_per_epoch``.
+- **Epochs to iterations** (``build_iter_from_epoch``): ``begin`` and ``end`` become ``int(x · L)``
+  (truncated, the config's float product ``warmup_ratio · max_epochs`` first), milestones ``m · L``, and
+  ``T_max`` defaults to ``end - begin``. The warm-up ends, and the decay begins, at ``W = int((warmup_ratio ·
+  epochs) · L)``; the decay ends at ``E = int(epochs · L)``.
 - **Warm-up** (``LinearParamScheduler``, ``total_iters = end - begin - 1``): ``s + (1 - s) · i / (W - 1)`` for
   ``i < W``, reaching exactly 1 at ``i = W - 1``.
 - **Counting from ``begin``** (``_ParamScheduler.step``): a scheduler counts its own ``last_step`` only from
@@ -32,9 +34,9 @@ mmengine's arithmetic, ported (``mmengine/optim/scheduler/param_scheduler.py``):
   ``min + (1 - min) · (1 + cos(π · j / (E - W))) / 2``.
 
 Without ``epochs`` (a run cut by ``max_steps``) the horizon is the run itself: ``E = a · total_steps`` and
-``W = int(warmup_ratio · E)``, so the cosine spans the steps actually run. Deliberate deviations, both for runs
-under 67 iterations only: ``W = 0`` (mmengine refuses a zero-length ``LinearLR``) means no warm-up; ``W = 1``
-(mmengine's ``total_iters = 0`` never reaches ``end_factor``, leaving every later value × 1e-5) means one
+``W = int(warmup_ratio · E)``, so the cosine spans the steps actually run. Deliberate deviations, both for
+runs under 67 iterations only: ``W = 0`` (mmengine refuses a zero-length ``LinearLR``) means no warm-up; ``W =
+1`` (mmengine's ``total_iters = 0`` never reaches ``end_factor``, leaving every later value × 1e-5) means one
 step at ``s``, then 1.
 """
 
@@ -62,14 +64,14 @@ class ScheduleConfig:
     warmup_start: float = 1e-5
     """Multiplier at step 0 (mmengine ``LinearLR(start_factor=1e-5)``)."""
     milestones: tuple[float, ...] = (24.0, 30.0)
-    """``multistep``: epochs, counted from the end of the warm-up (mmengine's ``begin``), after which the learning
-    rate is multiplied by ``gamma`` (paper: 24 and 30 of 36, i.e. at ≈ 25.08 and 31.08 epochs)."""
+    """``multistep``: epochs, counted from the end of the warm-up (mmengine's ``begin``), after which the
+    learning rate is multiplied by ``gamma`` (paper: 24 and 30 of 36, i.e. at ≈ 25.08 and 31.08 epochs)."""
     gamma: float = 0.1
     min_lr_ratio: float = 0.0
     """``cosine``: final multiplier (X-SAM: eta_min 0)."""
     iters_per_step: int = 1
-    """mmengine scheduler iterations per optimizer step: X-SAM's ``accumulative_counts`` (stage 2: 4), since its
-    schedulers step every data iteration. A property of the recipe, not of this run's batch split."""
+    """mmengine scheduler iterations per optimizer step: X-SAM's ``accumulative_counts`` (stage 2: 4), since
+    its schedulers step every data iteration. A property of the recipe, not of this run's batch split."""
 
     def __post_init__(self):
         if self.kind not in SCHEDULE_KINDS:
@@ -91,8 +93,8 @@ class ScheduleConfig:
             )
 
     def num_warmup_steps(self, total_steps: int) -> int:
-        """Warm-up length ``W`` in scheduler iterations for a run of ``total_steps`` optimizer steps without an
-        epoch horizon (with ``iters_per_step = 1``: optimizer steps); see the module docstring."""
+        """Warm-up length ``W`` in scheduler iterations for a run of ``total_steps`` optimizer steps without
+        an epoch horizon (with ``iters_per_step = 1``: optimizer steps); see the module docstring."""
         return _warmup_end(self, self.iters_per_step * total_steps, None, 1)
 
     def to_dict(self) -> dict:
@@ -156,9 +158,9 @@ def lr_lambda(
 ) -> Callable[[int], float]:
     """The learning-rate multiplier at each optimizer step ``t`` (0-based) of a run of ``total_steps``.
 
-    ``steps_per_epoch`` (optimizer steps; × ``iters_per_step`` = mmengine's ``epoch_length``) converts epochs to
-    iterations as ``convert_to_iter_based``. ``epochs``: the schedule's horizon (the stage's ``max_epochs``);
-    None = the run's ``total_steps`` (a run cut by ``max_steps``).
+    ``steps_per_epoch`` (optimizer steps; × ``iters_per_step`` = mmengine's ``epoch_length``) converts epochs
+    to iterations as ``convert_to_iter_based``. ``epochs``: the schedule's horizon (the stage's
+    ``max_epochs``); None = the run's ``total_steps`` (a run cut by ``max_steps``).
     """
     if total_steps <= 0 or steps_per_epoch <= 0 or int(steps_per_epoch) != steps_per_epoch:
         raise ValueError(

@@ -1,4 +1,5 @@
-"""Inference over built val sets: a stage export → ``predictions.jsonl`` → the metrics (``evaluate.py --export``).
+"""Inference over built val sets: a stage export → ``predictions.jsonl`` → the metrics (``evaluate.py
+--export``).
 
     run = run_inference(export, shards, data_root, ["coco_panoptic/val"], out_dir, InferenceOptions())
     results = evaluate_export(export, shards, data_root, sets, out_dir, options, num_workers=2)
@@ -13,8 +14,8 @@ Per set, X-SAM's protocol (``AAAI26_Archive`` stage-3 ``val_datasets``): genseg 
 with the set's whole vocabulary in category-id order (:func:`ground_truth.prompt_vocabulary`); every benchmark
 is teacher-forced (the reference answer given, ``output_ids_with_output=True``) except GCG, whose caption is
 generated (``mode="auto"``; ``teacher`` or ``generate`` force one mode for every set). A stage-1 export (the
-segmentor with its linear head over COCO's 133 categories) evaluates panoptic, semantic and instance sets whose
-categories its head has; a stage-3 export evaluates every scored set; a stage-2 export has no masks.
+segmentor with its linear head over COCO's 133 categories) evaluates panoptic, semantic and instance sets
+whose categories its head has; a stage-3 export evaluates every scored set; a stage-2 export has no masks.
 """
 
 from __future__ import annotations
@@ -43,9 +44,9 @@ from pipelines.schema import IMAGE, Sample, Turn
 if TYPE_CHECKING:
     from xsam_model.export import Export
 
-# Heavy imports (torch, transformers, ray, wandb) are deferred into the functions that load or run the model, the
-# Ray actors and the wandb run: `evaluate.py --help`, `predict.py` and the scorers stay light (the xsam_model
-# package imports the model builder, so even xsam_model.export loads torch).
+# Heavy imports (torch, transformers, ray, wandb) are deferred into the functions that load or run the model,
+# the Ray actors and the wandb run: `evaluate.py --help`, `predict.py` and the scorers stay light (the
+# xsam_model package imports the model builder, so even xsam_model.export loads torch).
 
 log = logging.getLogger(__name__)
 
@@ -349,8 +350,8 @@ def run_inference(
     num_workers: int = 1,
     use_gpu: bool = False,
 ) -> InferenceRun:
-    """Predict every sample of ``sets`` (or each set's first ``options.max_samples``) with the export and write
-    ``<out_dir>/predictions.jsonl``. Progress is logged per shard."""
+    """Predict every sample of ``sets`` (or each set's first ``options.max_samples``) with the export and
+    write ``<out_dir>/predictions.jsonl``. Progress is logged per shard."""
     t0 = time.time()
     info = open_export(export)
     jobs = plan_sets(shards, data_root, sets, info, options.mode)

@@ -1,9 +1,9 @@
 """The wandb run of an export's evaluation: the results table, the link to the training run, overlays.
 
 The run (``job_type="eval"``) joins the training run's group and records the training stage's wandb id
-(:func:`~orchestrate.evaluation.wandb_helpers.run_id` of the export's lineage: the id that stage's own run has), so the eval
-sits next to the run that produced the weights. A few samples per set are shown as prediction overlays drawn
-by :mod:`orchestrate.evaluation.overlay` (the drawing ``predict.py`` writes too).
+(:func:`~orchestrate.evaluation.wandb_helpers.run_id` of the export's lineage: the id that stage's own run
+has), so the eval sits next to the run that produced the weights. A few samples per set are shown as
+prediction overlays drawn by :mod:`orchestrate.evaluation.overlay` (the drawing ``predict.py`` writes too).
 """
 
 from __future__ import annotations
@@ -43,7 +43,8 @@ def training_link(lineage: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def entry_namer(evs: gt.EvalSet, sample, line: dict):
-    """``name(field, entry)`` for :func:`orchestrate.evaluation.overlay.labelled_masks` on one sample's line."""
+    """``name(field, entry)`` for :func:`orchestrate.evaluation.overlay.labelled_masks` on one sample's
+    line."""
     spans = phrase_spans(line.get("text") or "")
 
     def name(field: str, entry: dict) -> str:

@@ -270,11 +270,12 @@ class MaskAP:
 
     ``add(order_key, truths, dets)`` computes that image's IoUs (pycocotools' RLE ``iou``, detections in
     COCOeval's score order, cut at ``maxDets``) and runs faster-coco-eval's ``evaluateImg`` (C++
-    ``COCOevalEvaluateImages``) on it, keeping one ``ImageEvaluation`` per category and area range (they pickle,
-    so Ray tasks return them). :meth:`evaluate` runs faster-coco-eval's ``accumulate`` (C++) per category on the
-    merged entries and :meth:`result` pycocotools' ``summarize``. Images are ordered by ``order_key``
-    (COCOeval's order is its sorted image ids): only the order of detections with equal scores depends on it.
-    The numbers equal pycocotools' COCOeval on the whole set (tests/evaluation/test_metrics.py checks it).
+    ``COCOevalEvaluateImages``) on it, keeping one ``ImageEvaluation`` per category and area range (they
+    pickle, so Ray tasks return them). :meth:`evaluate` runs faster-coco-eval's ``accumulate`` (C++) per
+    category on the merged entries and :meth:`result` pycocotools' ``summarize``. Images are ordered by
+    ``order_key`` (COCOeval's order is its sorted image ids): only the order of detections with equal scores
+    depends on it. The numbers equal pycocotools' COCOeval on the whole set (tests/evaluation/test_metrics.py
+    checks it).
     """
 
     def __init__(self, category_ids: Sequence[int] | None):

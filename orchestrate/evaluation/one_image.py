@@ -38,7 +38,8 @@ TASK_OUTPUT = {
 
 @dataclass
 class Prediction:
-    """The prediction line (DESIGN §4.8 fields) and, per mask entry, the name it is drawn with."""
+    """The prediction line (docs/contracts.md#predictions-and-results fields) and, per mask entry, the name it
+    is drawn with."""
 
     task: str
     line: dict
@@ -107,8 +108,9 @@ def user_sample(image: bytes, prompt: str, task: str, boxes: Sequence[Sequence[f
 def predict(
     model, image: bytes, prompt: str, *, task: str | None = None, boxes=(), max_new_tokens: int = 512
 ):
-    """Generate the answer to ``prompt`` about ``image`` and post-process it for the task → :class:`Prediction`.
-    ``model``: a stage-3 export's model (:func:`~orchestrate.evaluation.inference.load_export`)."""
+    """Generate the answer to ``prompt`` about ``image`` and post-process it for the task →
+    :class:`Prediction`. ``model``: a stage-3 export's model
+    (:func:`~orchestrate.evaluation.inference.load_export`)."""
     from xsam_model.inference import InferenceConfig, Inferencer
     from xsam_model.postprocess import OutputSpec, prediction_line
 

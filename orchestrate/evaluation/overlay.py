@@ -2,7 +2,8 @@
 
 One drawing for every place a prediction is shown: ``orchestrate/predict.py`` writes it as a PNG, and the
 evaluation's wandb run logs it as its prediction panels. :func:`labelled_masks` reads one line of
-``predictions.jsonl`` (DESIGN §4.8) back into ``(mask, label)`` pairs; :func:`draw` paints them.
+``predictions.jsonl`` (docs/contracts.md#predictions-and-results) back into ``(mask, label)`` pairs;
+:func:`draw` paints them.
 """
 
 from __future__ import annotations

@@ -7,8 +7,8 @@ The paper's numbers are data (``paper_table.json`` beside this module, with thei
 ``docs/mds/benchmarks.md`` images on branch ``AAAI26_Archive``). Each row maps a published number to our
 ``<source>/<split>`` and metric key (COCO-Interactive's "mIoU" is our ``gIoU_<prompt>``, ReasonSeg's test
 short/long/overall are ``gIoU_short``/``gIoU_long``/``gIoU`` of ``lisa_reasonseg/test``, …). A row without our
-number says why: ``not built`` (the shards hold no such split), ``not evaluated`` (``results.json`` has no such
-set), ``not computed`` (the set was scored without this metric, with the note ``details.json`` gives) or
+number says why: ``not built`` (the shards hold no such split), ``not evaluated`` (``results.json`` has no
+such set), ``not computed`` (the set was scored without this metric, with the note ``details.json`` gives) or
 ``undefined`` (the metric was ``null``). See docs/evaluation.md, "Reproducing the paper's table".
 """
 
@@ -44,13 +44,14 @@ ray job submit --working-dir . -- python orchestrate/build_shards.py \\
     --data-root /shared/datas --out /shared/shards --preset paper \\
     --sources coco_panoptic,coco_instance,ade20k_panoptic,ade20k_instance,ade20k_semantic,refcoco,refcoco+,refcocog,lisa_reasonseg,grandf_gcg,coco_interactive,coco_vgd \\
     --splits val,testA,testB,test,val_point,val_scribble,val_box,val_mask"""
-"""The runbook's build of exactly the paper's val/test splits (docs/evaluation.md#reproducing-the-papers-table):
-each source builds the splits of the list it has."""
+"""The runbook's build of exactly the paper's val/test splits
+(docs/evaluation.md#reproducing-the-papers-table): each source builds the splits of the list it has."""
 RUNBOOK_EVALUATE = """\
 ray job submit --working-dir . -- python orchestrate/evaluate.py \\
     --export /shared/runs/xsam-paper/stage3/export --shards /shared/shards --data-root /shared/datas \\
     --sets paper --protocol paper --compare-paper --num-workers 8 --use-gpu --out /shared/eval/xsam-paper"""
-"""The runbook's one command that scores the paper's table (docs/evaluation.md#reproducing-the-papers-table)."""
+"""The runbook's one command that scores the paper's table
+(docs/evaluation.md#reproducing-the-papers-table)."""
 
 
 @dataclass(frozen=True)
@@ -92,7 +93,8 @@ def paper_sets() -> list[str]:
 
 def expand_sets(names: Sequence[str], built: Sequence[str]) -> list[str]:
     """``names`` with the word ``paper`` replaced by the paper's sets that are built (``built``); the paper's
-    sets that are not are logged, and show as "not built" in the comparison. Order kept, duplicates dropped."""
+    sets that are not are logged, and show as "not built" in the comparison. Order kept, duplicates
+    dropped."""
     out: list[str] = []
     for name in names:
         if name != PAPER_SETS:

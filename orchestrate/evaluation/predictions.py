@@ -1,11 +1,12 @@
-"""``predictions.jsonl``: the contract between inference and scoring (DESIGN §4.8).
+"""``predictions.jsonl``: the contract between inference and scoring
+(docs/contracts.md#predictions-and-results).
 
 One JSON object per line, one line per sample key::
 
     {"key": "refcoco/val/…", "text": "<generated answer>" | null,
-     "panoptic":  [{"rle": {"size": [h, w], "counts": "…"}, "category_id": 17}, …],          # PQ, mIoU
-     "instances": [{"rle": {…}, "category_id": 17, "score": 0.93}, …],                       # AP
-     "masks":     [{"rle": {…}, "label": 0}, …]}          # <SEG> turn (refseg/reaseg/intseg) or <p> span (GCG)
+     "panoptic":  [{"rle": {"size": [h, w], "counts": "…"}, "category_id": 17}, …],         # PQ, mIoU
+     "instances": [{"rle": {…}, "category_id": 17, "score": 0.93}, …],                      # AP
+     "masks":     [{"rle": {…}, "label": 0}, …]}         # <SEG> turn (refseg/reaseg/intseg) or <p> span (GCG)
 
 RLEs are COCO *compressed* RLE at the original image size; ``panoptic`` segments never overlap; a field a
 task does not use may be omitted. This module reads and checks what can be checked without the ground truth:

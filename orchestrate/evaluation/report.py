@@ -1,8 +1,9 @@
 """What a scoring run leaves behind: ``results.json``, ``details.json``, a printed table and a wandb run.
 
-``results.json`` is the contract (DESIGN §4.8): ``{"<source>/<split>": {"<metric>": value in percent}}``,
-metric names as the papers print them; a metric that is undefined (no sample of its kind) is ``null``.
-``details.json`` holds per set the number of samples scored and the notes (why a metric is missing).
+``results.json`` is the contract (docs/contracts.md#predictions-and-results): ``{"<source>/<split>":
+{"<metric>": value in percent}}``, metric names as the papers print them; a metric that is undefined (no
+sample of its kind) is ``null``. ``details.json`` holds per set the number of samples scored and the notes
+(why a metric is missing).
 """
 
 from __future__ import annotations

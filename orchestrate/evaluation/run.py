@@ -43,7 +43,8 @@ def score_predictions(
 ) -> dict[str, dict[str, float]]:
     """Score ``predictions_path`` on ``sets`` (default: every set its keys belong to) and return
     ``{set: {metric: value in percent}}``. With ``out_dir``: ``results.json``, ``details.json`` and a wandb
-    run there (with ``compare_paper``: the paper's table beside ours in it too). ``num_workers`` > 1 scores shards as Ray tasks (joining ``RAY_ADDRESS`` or a local Ray)."""
+    run there (with ``compare_paper``: the paper's table beside ours in it too). ``num_workers`` > 1 scores
+    shards as Ray tasks (joining ``RAY_ADDRESS`` or a local Ray)."""
     t0 = time.time()
     refs = index_predictions(predictions_path)
     names = list(sets) if sets else sorted({set_of_key(k) for k in refs})

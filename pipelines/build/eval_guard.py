@@ -4,8 +4,8 @@ Those benchmarks' val/test images are COCO train2014 images, hence inside COCO t
 a model co-trained on COCO panoptic/instances has seen every evaluation image (X-SAM, LISA and PSALM all carry
 this; zamling/PSALM#16). Before converting anything, :func:`prepare` reads every refs file of every refer
 source it finds under the data root and writes ``<out>/eval_images.json``; then the splits a source lists in
-its ``eval_image_guard_splits`` attribute (coco_panoptic/coco_instance: ``("train",)``; coco_vgd may opt in the
-same way) turn each record whose ``record["image"]["id"]`` is one of those ids into a skip with reason
+its ``eval_image_guard_splits`` attribute (coco_panoptic/coco_instance: ``("train",)``; coco_vgd may opt in
+the same way) turn each record whose ``record["image"]["id"]`` is one of those ids into a skip with reason
 :data:`REASON`, counted in the manifest like any other skip. ``BuildOptions.keep_eval_images`` (CLI
 ``--keep-eval-images``) turns the exclusion off; the file is written either way.
 
@@ -94,7 +94,8 @@ def prepare(
     options: BuildOptions,
     guarded: bool = True,
 ) -> EvalGuard:
-    """Gather the eval image ids, write ``<out>/eval_images.json``, return the guard for :mod:`pipelines.build.driver`.
+    """Gather the eval image ids, write ``<out>/eval_images.json``, return the guard for
+    :mod:`pipelines.build.driver`.
 
     The guard fails closed: a refs file that cannot be read means its eval images cannot be left out, so when
     this build converts a ``guarded`` split it stops with a :class:`BuildConfigError` naming the file, unless

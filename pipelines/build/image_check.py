@@ -27,7 +27,8 @@ def _check_jpeg(data: bytes, rel: str) -> tuple[int, int]:
         h, w, _, _ = simplejpeg.decode_jpeg_header(data)
     except ValueError as e:
         raise SkipRecord("corrupt_image", f"{rel}: {e}") from None
-    # libjpeg pads a truncated stream with fake EOI markers and only warns; the EOI marker itself must be there
+    # libjpeg pads a truncated stream with fake EOI markers and only warns; the EOI marker itself must be
+    # there
     if not data.rstrip(b"\x00").endswith(b"\xff\xd9"):
         raise SkipRecord("corrupt_image", f"{rel}: truncated JPEG (no end-of-image marker)")
     return h, w

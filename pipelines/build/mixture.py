@@ -1,4 +1,5 @@
-"""Balance-resampling mixture weights per training stage → ``<out>/mixture.json`` (DESIGN §4.5, recipe §3).
+"""Balance-resampling mixture weights per training stage → ``<out>/mixture.json`` (docs/contracts.md#mixture,
+recipe §3).
 
     python -m pipelines.build.mixture --out /shared/shards [--t 0.1] [--stage3-extra ade20k_panoptic,lvis]
 
@@ -66,7 +67,7 @@ STAGE_DATASETS: dict[int, tuple[str, ...]] = {
     ),
 }
 
-# Every source name of DESIGN §4.2 (the registry may not hold them all yet).
+# Every source name of docs/contracts.md#source-names-and-tasks (the registry may not hold them all yet).
 CONTRACT_SOURCES: tuple[str, ...] = (
     "coco_panoptic",
     "coco_instance",
@@ -114,7 +115,8 @@ def balance_weights(counts: Mapping[str, int], t: float = DEFAULT_T) -> dict[str
     return out
 
 
-# ---------------------------------------------------------------------------------------------- from manifests
+# ---------------------------------------------------------------------------------------------- from
+# manifests
 def _manifest(out_url: str, source: str, cache: dict[str, Manifest | None]) -> Manifest | None:
     """The train manifest of ``source`` (read once per compute), or None when that source was not built."""
     if source not in cache:

@@ -1,21 +1,22 @@
-"""Deterministic WebDataset shards and their manifests (DESIGN §4.4).
+"""Deterministic WebDataset shards and their manifests (docs/contracts.md#shards-and-manifests).
 
 Layout under ``--out``::
 
     <source>/<split>/<source>-<split>-000000.tar     one shard per index chunk, samples in key order
     <source>/<split>/<source>-<split>-000000.tar.idx.json   its member index (offsets, sizes, sample digests)
-    <source>/<split>/manifest.json                   shards, counts, skips by reason, inputs, options, versions
+    <source>/<split>/manifest.json                   shards, counts, skips by reason, inputs, options,
+                                                     versions
     <source>/<split>/skipped.jsonl                   every skipped record and dropped annotation
     <source>/<split>/_parts/000000.json              per-shard completion markers (what resume checks)
     <source>/<split>/_index/                         index chunk files (removed when the split completes)
 
 Commit: a split's manifest is written last and names its build generation; before any shard is replaced,
 the previous manifest is removed (:func:`retire_manifest`), so a killed rebuild leaves no manifest that
-describes partly-new shards. Determinism: tar members carry mtime 0, uid/gid 0, mode 0444 and fixed user names; the JSON member is
-canonical; images are the original bytes. Resume: a shard counts as done when its tar exists with the size
-its completion marker recorded (and the sha256, re-read), its member index is the recorded one, and the
-marker's fingerprint (source version, options, input hashes, chunk
-digest) matches the current build; everything else is rebuilt.
+describes partly-new shards. Determinism: tar members carry mtime 0, uid/gid 0, mode 0444 and fixed user
+names; the JSON member is canonical; images are the original bytes. Resume: a shard counts as done when its
+tar exists with the size its completion marker recorded (and the sha256, re-read), its member index is the
+recorded one, and the marker's fingerprint (source version, options, input hashes, chunk digest) matches the
+current build; everything else is rebuilt.
 """
 
 from __future__ import annotations
@@ -326,8 +327,8 @@ def write_manifest(
     wall_time_s: float,
     code_version: dict,
 ) -> dict:
-    """Write ``manifest.json`` (a :class:`~pipelines.shard_store.Manifest`) and ``skipped.jsonl`` for a finished
-    split; check nothing was lost. Returns the manifest's JSON dict."""
+    """Write ``manifest.json`` (a :class:`~pipelines.shard_store.Manifest`) and ``skipped.jsonl`` for a
+    finished split; check nothing was lost. Returns the manifest's JSON dict."""
     fs, _ = storage.fs_and_path(out_url)
     parts = sorted(parts, key=lambda p: p.chunk)
     skip_rows, skipped, dropped = _tally_skips(index_skips, parts)

@@ -23,7 +23,8 @@ ROOT = "img_vgdseg/coco_vgd"
 def _scene(
     rng: random.Random, base: Path, split: str, image_id: int, size: tuple[int, int]
 ) -> tuple[dict, list]:
-    """Write one image; return its COCO image entry and ``(category_id, HxW bool mask, polygon)`` per thing."""
+    """Write one image; return its COCO image entry and ``(category_id, HxW bool mask, polygon)`` per
+    thing."""
     width, height = size
     fname = f"{image_id:012d}.jpg"
     things = rng.sample(list(THINGS), rng.randint(2, 4))

@@ -4,15 +4,16 @@
     python -m pipelines.inspect.cards --demo [--cards-dir dataset_cards]     # the committed example cards
 
 The prose of each source (what it is, where to get it, its license, the conversation form, recipe defaults and
-our departures, pitfalls) lives in ``pipelines/inspect/card_texts/<source>.md``: a small YAML header (license, task
-categories, source datasets, tags) and the markdown body. Every number in a card (samples per split, skipped
-records and dropped annotations by reason, shards, bytes, masks, categories) is read from
+our departures, pitfalls) lives in ``pipelines/inspect/card_texts/<source>.md``: a small YAML header (license,
+task categories, source datasets, tags) and the markdown body. Every number in a card (samples per split,
+skipped records and dropped annotations by reason, shards, bytes, masks, categories) is read from
 ``<out>/<source>/<split>/manifest.json`` here, never typed by hand; a source or split without a manifest still
 gets its card, with "not built" in place of numbers. Rendering is a pure function of the manifests (no clock,
 no absolute paths, no git hash), so the same manifests give byte-identical cards.
 
-The card's ``configs`` list ``data_files`` globs relative to ``<out>/<source>/``: with ``--readme`` the card is
-also written there as ``README.md``, and ``datasets.load_dataset("<out>/<source>")`` reads the shards with it.
+The card's ``configs`` list ``data_files`` globs relative to ``<out>/<source>/``: with ``--readme`` the card
+is also written there as ``README.md``, and ``datasets.load_dataset("<out>/<source>")`` reads the shards with
+it.
 """
 
 from __future__ import annotations
@@ -269,7 +270,7 @@ def _category_section(splits: list[str], manifests: Mapping[str, dict]) -> list[
 def _input_name(inp: dict) -> str:
     """A stable, machine-independent name for a build input: its path from the data-root layout on."""
     parts = inp["path"].replace("\\", "/").rstrip("/").split("/")
-    # DESIGN §4.1: every default path starts at an ``img_*`` task folder under the data root
+    # docs/contracts.md#data-root: every default path starts at an ``img_*`` task folder under the data root
     start = next((i for i, p in enumerate(parts) if p.startswith("img_")), len(parts) - 1)
     name = "/".join(parts[start:])
     return name + "/" if inp.get("kind") == "folder-listing" else name
@@ -318,7 +319,8 @@ def _front_matter(inp: CardInputs, splits: list[str]) -> str:
     # configs: one per source; one data_files entry per split, globs relative to <out>/<source>/.
     # Only built splits when any are built: a glob that matches nothing makes `load_dataset` fail.
     cfg_splits = [s for s in splits if s in inp.manifests] or splits
-    # explicit column types: HF's webdataset builder would otherwise guess them from 5 samples (pipelines/inspect/hf.py)
+    # explicit column types: HF's webdataset builder would otherwise guess them from 5 samples
+    # (pipelines/inspect/hf.py)
     fm["dataset_info"] = {"features": [dict(f) for f in FEATURES_YAML]}
     if cfg_splits:
         fm["configs"] = [
@@ -438,7 +440,8 @@ def write_cards(cards: Mapping[str, str], cards_dir: str | Path) -> list[Path]:
 
 
 def write_readmes(cards: Mapping[str, str], out_url: str) -> list[str]:
-    """Save each built source's card as ``<out>/<source>/README.md`` (its configs' globs are relative to it)."""
+    """Save each built source's card as ``<out>/<source>/README.md`` (its configs' globs are relative to
+    it)."""
     fs, root = storage.fs_and_path(out_url)
     written = []
     for name, text in sorted(cards.items()):

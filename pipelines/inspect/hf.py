@@ -42,7 +42,8 @@ def hf_features():
 
 
 def data_files(out: str | Path, source: str, splits: Sequence[str] | None = None) -> dict[str, str]:
-    """``{split: "<out>/<source>/<split>/<source>-<split>-*.tar"}`` for the given (default: every built) split."""
+    """``{split: "<out>/<source>/<split>/<source>-<split>-*.tar"}`` for the given (default: every built)
+    split."""
     root = Path(out) / source
     if splits is None:
         splits = sorted(m.split for m in list_manifests(str(out), sources=[source]))

@@ -1,14 +1,17 @@
 """A preview gallery of built shards: PNG contact sheets and one static HTML page.
 
-    python -m pipelines.inspect.preview --out SHARDS [--source S[,S2]] [--split SPLIT] [--n 16] [--preview-dir DIR]
+    python -m pipelines.inspect.preview --out SHARDS [--source S[,S2]] [--split SPLIT] [--n 16] \\
+        [--preview-dir DIR]
 
-For each built ``<source>/<split>`` (found through its ``manifest.json``; read with :mod:`pipelines.shard_store`)
-the first ``n`` samples in key order are drawn: the image with every mask tinted in its phrase's colour (and
-outlined), the ignore region hatched grey, visual-prompt regions hatched and outlined in their slot's colour;
-beside it the conversation, each ``<p>…</p>`` phrase in the same colour, and the sample key. Phrases without
-a mask or region (absent categories listed as negatives) stay grey. Written under ``<out>/preview/``::
+For each built ``<source>/<split>`` (found through its ``manifest.json``; read with
+:mod:`pipelines.shard_store`) the first ``n`` samples in key order are drawn: the image with every mask tinted
+in its phrase's colour (and outlined), the ignore region hatched grey, visual-prompt regions hatched and
+outlined in their slot's colour; beside it the conversation, each ``<p>…</p>`` phrase in the same colour, and
+the sample key. Phrases without a mask or region (absent categories listed as negatives) stay grey. Written
+under ``<out>/preview/``::
 
-    index.html                                   every previewed sample: overlay, coloured conversation, legend
+    index.html                                   every previewed sample: overlay, coloured conversation,
+                                                 legend
     sheets/<source>__<split>.png                 contact sheet: overlay + rendered conversation per sample
     samples/<source>/<split>/<id>.png            the overlay alone (used by index.html), at most 512 px a side
 

@@ -1,4 +1,5 @@
-"""Fast decoding for the training side: image bytes → ``HxWx3`` uint8, resizes, COCO RLE → masks in a target frame.
+"""Fast decoding for the training side: image bytes → ``HxWx3`` uint8, resizes, COCO RLE → masks in a target
+frame.
 
 Pure functions on numpy arrays (no torch), so they run in DataLoader workers, benchmarks and tests alike.
 
@@ -82,7 +83,8 @@ def scaled_size(h: int, w: int, longest: int) -> tuple[int, int]:
 
 
 def resize(img: np.ndarray, hw: tuple[int, int], kind: str = "bicubic") -> np.ndarray:
-    """``HxWxC`` uint8 → ``hw[0]xhw[1]xC``. Shrinking with bilinear/bicubic uses a box filter (antialiasing)."""
+    """``HxWxC`` uint8 → ``hw[0]xhw[1]xC``. Shrinking with bilinear/bicubic uses a box filter
+    (antialiasing)."""
     h, w = img.shape[:2]
     if (h, w) == tuple(hw):
         return img
@@ -235,7 +237,8 @@ def masks_to_frame_any(rles: Sequence[dict], hw: tuple[int, int], pad_to: int | 
     return masks_to_frame(rles, hw, pad_to).any(axis=0)
 
 
-# ---------------------------------------------------------------------------------------------- stage transforms
+# ---------------------------------------------------------------------------------------------- stage
+# transforms
 def expand_to_square(img: np.ndarray, fill: Sequence[int]) -> np.ndarray:
     """``HxWx3`` → ``MxMx3`` (M = max(H, W)), the image centred on a ``fill`` background — LLaVA/X-SAM's
     ``expand2square`` (stage-2 SigLIP input, filled with the SigLIP mean colour), before the one resize."""
@@ -325,8 +328,8 @@ def image_inputs(
 
     Stage transforms: ``sam_scale`` = one large-scale-jitter draw (:func:`jitter_geometry`; the SAM image is
     fitted into ``(L·scale)²``, centre-cropped to L, padded; ``sam_geometry`` is returned for
-    :func:`jitter_masks`, None without jitter); ``siglip_pad_square`` centres the image on a square of the SigLIP
-    mean colour before its resize (:func:`expand_to_square`).
+    :func:`jitter_masks`, None without jitter); ``siglip_pad_square`` centres the image on a square of the
+    SigLIP mean colour before its resize (:func:`expand_to_square`).
     """
     img = decode_image(data)
     if expect_hw is not None and img.shape[:2] != tuple(expect_hw):

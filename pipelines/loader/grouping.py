@@ -13,9 +13,9 @@ in it that depends on the ranks, DataLoader workers or the micro-batch × accumu
   is unreadable, filtered or lacks its image — :meth:`pipelines.loader.order.WindowOrder.candidate`), re-drawn
   for its epoch, and measured with :func:`text_length`.
 - The group's positions are sorted by ``(length, position)``, cut into ``L`` global batches of ``G`` in
-  sorted order, and the global batches handed out in an order drawn from ``(seed, dataset, e, k)``: the group's
-  ``i``-th global batch is chunk ``i`` of that order. Inside it the length order is kept, so micro-batch
-  ``j`` (``j = a·W + r``) gets ``B`` neighbours in length.
+  sorted order, and the global batches handed out in an order drawn from ``(seed, dataset, e, k)``: the
+  group's ``i``-th global batch is chunk ``i`` of that order. Inside it the length order is kept, so
+  micro-batch ``j`` (``j = a·W + r``) gets ``B`` neighbours in length.
 
 Cost: every rank — and every DataLoader worker that serves one of the group's micro-batches — needs the
 lengths of the whole group, so it reads all ``L·G`` samples of each group it serves (a global batch of them at
@@ -52,7 +52,8 @@ def text_length(sample: Sample) -> int:
 
 def chunk_order(lengths: Sequence[int], size: int, gen: np.random.Generator) -> list[list[int]]:
     """Indices of ``len(lengths)`` items → chunks of ``size`` (the last may be shorter), each holding
-    neighbours in ``(length, index)`` order and kept in that order; the chunks in an order drawn from ``gen``."""
+    neighbours in ``(length, index)`` order and kept in that order; the chunks in an order drawn from
+    ``gen``."""
     order = sorted(range(len(lengths)), key=lambda i: (lengths[i], i))
     chunks = [order[i : i + size] for i in range(0, len(order), size)]
     return [chunks[int(j)] for j in gen.permutation(len(chunks))]

@@ -48,7 +48,8 @@ class MixtureLoader:
     Args:
         shards: the shards root (local folder or fsspec URI) holding ``<source>/<split>/*.tar``.
         stage: which stage of the mixture (1, 2, 3).
-        batch_size: samples per micro-batch on this rank (global batch = batch_size × grad_accum × world_size).
+        batch_size: samples per micro-batch on this rank (global batch = batch_size × grad_accum ×
+            world_size).
         rank, world_size: this rank and the number of ranks (data-parallel).
         num_workers: DataLoader worker processes (0 = in this process); the lanes of the sampling contract.
         seed: the run's data seed.
@@ -207,9 +208,9 @@ class MixtureLoader:
         """Continue from ``state`` — any rank's, written under any world size, worker count or batch_size ×
         grad_accum split with the same global batch, seed, mixture and order settings (ValueError naming the
         fields that differ). A state inside a global step resumes only under the same split. An
-        ``xsam-loader/1`` state loads only with every size equal (see :func:`pipelines.loader.state.from_v1`). The cursors are
-        recomputed from ``(seed, step)`` and must equal the saved ones. ``keep_stats=False`` starts this
-        rank's counters at zero (e.g. a rank that did not exist when the state was written)."""
+        ``xsam-loader/1`` state loads only with every size equal (see :func:`pipelines.loader.state.from_v1`).
+        The cursors are recomputed from ``(seed, step)`` and must equal the saved ones. ``keep_stats=False``
+        starts this rank's counters at zero (e.g. a rank that did not exist when the state was written)."""
         s = self.stream
         micro, stats = state_mod.resume(state, self._identity(), self._split(), s.names, s.cursors, s.seed)
         self._micro_step = micro

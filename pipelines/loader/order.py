@@ -1,5 +1,6 @@
-"""The world-size-free data order of a stage (DESIGN §4.6, issue 21 item 1): pure functions of the seed and the
-global step, with no rank, DataLoader worker or micro-batch split in them.
+"""The world-size-free data order of a stage (docs/contracts.md#loader-state,
+docs/scale.md#elastic-resume-another-world-size-the-same-data): pure functions of the seed and the global
+step, with no rank, DataLoader worker or micro-batch split in them.
 
 - :func:`step_sources` — the dataset of global step ``s``: inverse CDF of a counter-based uniform keyed by
   ``(seed, s)`` over the mixture's ``p`` (splitmix64), identical on every rank.
@@ -41,7 +42,8 @@ def _splitmix64(x: np.ndarray) -> np.ndarray:
 
 
 def step_uniforms(seed: int, steps: np.ndarray) -> np.ndarray:
-    """One uniform in [0, 1) per global step, a pure function of ``(seed, step)`` (float64, 53 random bits)."""
+    """One uniform in [0, 1) per global step, a pure function of ``(seed, step)`` (float64, 53 random
+    bits)."""
     key = _splitmix64(np.asarray([seed & 0xFFFFFFFFFFFFFFFF], dtype=np.uint64))[0]
     with np.errstate(over="ignore"):
         x = _splitmix64(np.asarray(steps, dtype=np.int64).astype(np.uint64) ^ key)
@@ -148,7 +150,8 @@ class WindowOrder:
         return int(position) // self.n
 
     def candidate(self, position: int, attempt: int) -> int:
-        """The stored sample tried for ``position`` at ``attempt`` (0: the stream's own; see the module doc)."""
+        """The stored sample tried for ``position`` at ``attempt`` (0: the stream's own; see the module
+        doc)."""
         if attempt == 0:
             return self.index(position)
         draw = int(rng(self.seed, _TAG_REPLACE, self.tag, int(position), int(attempt)).integers(1 << 62))

@@ -1,4 +1,5 @@
-"""Conversations re-drawn at load time (issue 16 item 2), as X-SAM re-draws them on every ``__getitem__``.
+"""Conversations re-drawn at load time (docs/fidelity.md#data-recipe-fidelity), as X-SAM re-draws them on
+every ``__getitem__``.
 
 A shard stores one rendering of each conversation (use 0, seeded by ``(seed, key)`` at build time). Each later
 use of the sample re-draws its wording from the Sample's structured fields with an RNG that is a pure function
@@ -18,8 +19,9 @@ of ``(seed, key, use)``, so a resumed run sees exactly the text an uninterrupted
 * gcgseg: the question wording and the answer's suffix (the tagged caption stays);
 * chat, intseg: unchanged.
 
-Use 0 returns the stored Sample untouched. Every re-drawn Sample is checked with :func:`pipelines.schema.validate`;
-a failure is a :class:`~pipelines.errors.LoaderError` naming the source and key, never a silent fallback.
+Use 0 returns the stored Sample untouched. Every re-drawn Sample is checked with
+:func:`pipelines.schema.validate`; a failure is a :class:`~pipelines.errors.LoaderError` naming the source and
+key, never a silent fallback.
 """
 
 from __future__ import annotations
@@ -73,8 +75,8 @@ VARIANT_NUM_CLASS = 10000  # the archive's GenSegDataset num_class, which its st
 
 
 def variant_prompt(sample: Sample, rng: random.Random) -> Sample:
-    """The archive's ``use_variant_cat`` prompt (module docstring): phrases re-chosen and shuffled, each mask's
-    label moved to its phrase's new slot."""
+    """The archive's ``use_variant_cat`` prompt (module docstring): phrases re-chosen and shuffled, each
+    mask's label moved to its phrase's new slot."""
     n = len(sample.phrases)
     pos = sorted({m.label for m in sample.masks if m.label >= 0})
     if rng.random() < 0.5:
@@ -148,7 +150,8 @@ def reaseg_counts(sample: Sample) -> dict[str, int]:
 
 
 def _reaseg(sample: Sample, rng: random.Random) -> Sample:
-    """Per turn, X-SAM's 0.5 coin between the explanatory and the plain answer (when there is an explanation)."""
+    """Per turn, X-SAM's 0.5 coin between the explanatory and the plain answer (when there is an
+    explanation)."""
     explanation = lisa_explanation(sample)
     pool = (
         templates.REASEG_LONG_QUESTIONS

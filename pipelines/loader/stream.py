@@ -195,8 +195,8 @@ class MixtureStream:
 
     # ------------------------------------------------------------------ micro-batches
     def iter_lane(self, lane: int, first_micro_step: int) -> Iterator[tuple[dict, Any]]:
-        """Micro-steps ``first, first + L, …`` of ``lane``: yields ``(meta, collated batch)``; ``meta["stats"]``
-        holds the counters of that micro-batch alone (the caller adds them up)."""
+        """Micro-steps ``first, first + L, …`` of ``lane``: yields ``(meta, collated batch)``;
+        ``meta["stats"]`` holds the counters of that micro-batch alone (the caller adds them up)."""
         if first_micro_step % self.lanes != lane:
             raise ValueError(f"micro-step {first_micro_step} does not belong to lane {lane} of {self.lanes}")
         ctx = self.context()

@@ -1,14 +1,14 @@
 """Worker → main hand-off of collated batches through shared memory that each worker reuses.
 
 torch's DataLoader moves every tensor of a worker's batch through a shared-memory file of its own: the worker
-creates and zero-fills fresh pages for each tensor of each batch (~30 MB a sample at SAM 1024: the image, every
-mask), one file descriptor per tensor crosses a socket, and the main process unmaps and frees the pages when
-the batch dies. Measured on ``bench/loader.py --small`` that cost more than making the sample (a worker fed
-0.4x the samples per CPU-second of the same processor in process).
+creates and zero-fills fresh pages for each tensor of each batch (~30 MB a sample at SAM 1024: the image,
+every mask), one file descriptor per tensor crosses a socket, and the main process unmaps and frees the pages
+when the batch dies. Measured on ``bench/loader.py --small`` that cost more than making the sample (a worker
+fed 0.4x the samples per CPU-second of the same processor in process).
 
 Here each worker keeps an :class:`Arena` of shared-memory chunks. While a micro-batch is built,
-``XSamProcessor`` allocates its large tensors in the arena (:func:`current`), and :meth:`Arena.pack` copies the
-batch's other tensors (token ids, labels: a few KB) in, so a batch crosses the process boundary as
+``XSamProcessor`` allocates its large tensors in the arena (:func:`current`), and :meth:`Arena.pack` copies
+the batch's other tensors (token ids, labels: a few KB) in, so a batch crosses the process boundary as
 :class:`Packed`: the tree of the batch with each tensor replaced by (chunk, byte offset, dtype, shape,
 stride); a chunk's file descriptor crosses once, the first time the chunk is used. The main process
 (:meth:`Packed.unpack`) rebuilds the same tensors as views of its own mapping of the chunks. A chunk's first
@@ -71,7 +71,8 @@ class _Chunk:
 
 @dataclass(frozen=True)
 class _Ref:
-    """A tensor of a packed batch: ``shape``/``stride`` (elements) of ``dtype`` at ``offset`` bytes in ``chunk``."""
+    """A tensor of a packed batch: ``shape``/``stride`` (elements) of ``dtype`` at ``offset`` bytes in
+    ``chunk``."""
 
     chunk: int
     offset: int
@@ -127,7 +128,8 @@ class Arena:
         return c
 
     def pack(self, data: Any) -> Packed:
-        """``data`` (dicts, lists, tuples of tensors and plain values) as a :class:`Packed` batch; ends the batch."""
+        """``data`` (dicts, lists, tuples of tensors and plain values) as a :class:`Packed` batch; ends the
+        batch."""
         tree = self._pack(data)
         self.batch_bytes = max(self.batch_bytes, sum(c.top for c in self.batch))
         new = {}

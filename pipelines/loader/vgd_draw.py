@@ -1,15 +1,15 @@
-"""VGD prompts drawn at batch time (issue 16 item 1), as X-SAM's paper code draws them.
+"""VGD prompts drawn at batch time (docs/fidelity.md#data-recipe-fidelity), as X-SAM's paper code draws them.
 
 X-SAM ``[archive]`` fills every ``<region>`` slot of a vgdseg sample, at every step, with the prompt of one
 instance of the slot's category picked at random among **all** instances of that category in the per-device
-batch, from any image (``model/xsam.py:394-413``), its features read from that image's grid; the prompt type is
-drawn per access among the instance's non-empty prompts (``dataset/vgdseg_dataset.py:324-330``). With
+batch, from any image (``model/xsam.py:394-413``), its features read from that image's grid; the prompt type
+is drawn per access among the instance's non-empty prompts (``dataset/vgdseg_dataset.py:324-330``). With
 ``use_negative_sample=True, num_class=5`` (stage 3) a sample gets, with probability 0.5, ``randint(0, 5)``
 extra slots for categories absent from its image, drawn among the dataset's whole category list
 (``dataset/vgdseg_dataset.py:237-241``) and shuffled among the positives; no target mask carries their label.
-The model fills every negative slot (``model/xsam.py:401-426``, slots in order): an unused instance of the slot's
-category from another image of the batch, else an unused instance of any category absent from the image and
-not yet shown to it, else zero features. The three fills are counted apart.
+The model fills every negative slot (``model/xsam.py:401-426``, slots in order): an unused instance of the
+slot's category from another image of the batch, else an unused instance of any category absent from the image
+and not yet shown to it, else zero features. The three fills are counted apart.
 
 This module plans those draws from the samples' ``prompt_pool`` (no tensors, nothing decoded): which instance
 and prompt type fills each slot, which negatives are added and where. :meth:`XSamProcessor.collate` decodes
@@ -57,7 +57,7 @@ COUNTERS = (
 @dataclass(frozen=True)
 class DrawOptions:
     """``cross_image``: slots draw among the batch's instances (False: the stored same-image prompt, as
-    before issue 16); ``negatives``: the archive's negatives (False: X-SAM ``main``, which has none)."""
+    earlier); ``negatives``: the archive's negatives (False: X-SAM ``main``, which has none)."""
 
     cross_image: bool = True
     negatives: bool = True
@@ -138,8 +138,8 @@ Instance = tuple[int, int, PoolPrompt]  # (batch index, index in its pool, the i
 
 
 def _by_category(entries: Sequence[VgdEntry]) -> dict[int, list[Instance]]:
-    """category -> [(batch index, pool index, instance)], samples in (key, use) order, instances in pool order;
-    only instances with a region prompt."""
+    """category -> [(batch index, pool index, instance)], samples in (key, use) order, instances in pool
+    order; only instances with a region prompt."""
     order = sorted(range(len(entries)), key=lambda i: (entries[i].key, entries[i].use))
     by_cat: dict[int, list[Instance]] = {}
     for i in order:
@@ -232,7 +232,8 @@ def plan_sample(
     i: int, entries: Sequence[VgdEntry], by_cat: dict, digest: str, opts: DrawOptions
 ) -> SamplePlan:
     """Sample ``i``'s slots: positives in stored order, negatives inserted at uniform positions (a uniform
-    shuffle of the union when the stored order is one, as the archive's ``_sample(pos + neg)``), then filled."""
+    shuffle of the union when the stored order is one, as the archive's ``_sample(pos + neg)``), then
+    filled."""
     e = entries[i]
     rng = _rng(digest, e.key, e.use)
     plan = SamplePlan([], {})

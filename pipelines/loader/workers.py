@@ -2,8 +2,8 @@
 
 Micro-step ``m`` is served by worker lane ``m % L`` (``L`` = workers); PyTorch hands out worker results
 round-robin, so the batches come back in micro-step order. Each worker's batches cross to this process through
-its reused shared-memory arena (:mod:`pipelines.loader.transport`), not one new shared file per tensor. This module imports torch (and OpenCV) at the top;
-the loader imports it only when it starts workers.
+its reused shared-memory arena (:mod:`pipelines.loader.transport`), not one new shared file per tensor. This
+module imports torch (and OpenCV) at the top; the loader imports it only when it starts workers.
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""Source registry: a plain dict from source name (DESIGN §4.2) to a Source instance.
+"""Source registry: a plain dict from source name (docs/contracts.md#source-names-and-tasks) to a Source
+instance.
 
 Adding a source: write ``pipelines/sources/<family>.py`` with a class following
 :class:`pipelines.sources.base.Source`, then add its instance here.

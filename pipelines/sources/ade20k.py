@@ -171,7 +171,8 @@ def _histogram(arr: np.ndarray, channels: list[int], bins: list[int]) -> np.ndar
 
 
 def read_semantic(ctx: ConvertContext, rel: str, h: int, w: int, detectron2: bool) -> np.ndarray:
-    """The ``HxW`` uint8 label map, checked: raw PNGs hold 0..150 (0 = other), detectron2 ones 0..149 + 255."""
+    """The ``HxW`` uint8 label map, checked: raw PNGs hold 0..150 (0 = other), detectron2 ones 0..149 +
+    255."""
     label = _read_png(ctx, rel, ("L", "P"), "missing_semantic_png", "bad_semantic_png")
     _check_size(label, h, w, rel, "label_size_mismatch")
     counts = _histogram(label, [0], [256]).ravel()
@@ -223,7 +224,8 @@ def read_instances(
     return g, classes
 
 
-# ---------------------------------------------------------------------------------------------- locate / index
+# ---------------------------------------------------------------------------------------------- locate /
+# index
 def _exists(data_root: str, rel: str) -> bool:
     return os.path.exists(os.path.join(data_root, rel))
 
@@ -289,7 +291,8 @@ class _Ade20k:
         raise SourceNotFound(self.name, looked)
 
     def index(self, files: SourceFiles, split: str, options: BuildOptions) -> Iterator[dict | Skip | Shared]:
-        # X-SAM's instance names equal LISA's; panoptic/semantic prompts follow the ade20k_category_names option
+        # X-SAM's instance names equal LISA's; panoptic/semantic prompts follow the ade20k_category_names
+        # option
         naming = "lisa" if self.kind == "instance" else options.extra.ade20k_category_names
         yield Shared(category_table(self.vocabulary(), naming))
         prefix = f"{self.name}/{split}"
@@ -461,7 +464,8 @@ class Ade20kPanoptic(_Ade20k):
                 usable.append(seg)
         rles = label_map_rles(id_map)
         ignore = rles.pop(0, None)
-        # Mask2Former lists a stuff segment even when things pasted over all of it: such a segment has no pixel
+        # Mask2Former lists a stuff segment even when things pasted over all of it: such a segment has no
+        # pixel
         targets = [(rles[s["id"]], s["category_id"], s["id"]) for s in usable if s["id"] in rles]
         return self.sample(record, ctx, h, w, targets, ignore)
 

@@ -1,8 +1,9 @@
 """The Source protocol and what every source shares: skips, safe paths, image checks, convert context.
 
-A source turns raw files under the data root into Samples in three steps (DESIGN §2):
+A source turns raw files under the data root into Samples in three steps (docs/architecture.md#the-flow):
 
-1. ``locate(data_root, split)`` finds its files, or raises :class:`SourceNotFound` listing the paths looked at;
+1. ``locate(data_root, split)`` finds its files, or raises :class:`SourceNotFound` listing the paths looked
+   at;
 2. ``index(files, split, options)`` streams the annotation files once (never loading a huge JSON whole) and
    yields **records**: plain JSON-able dicts, one per would-be Sample, each with a ``"key"``, in key order,
    plus index-time :class:`Skip` entries for units that can never become a record (duplicate ids,
@@ -35,7 +36,8 @@ __all__ = ["BuildOptions", "Skip", "SkipRecord", "SourceNotFound", "StrictModeEr
 
 @dataclass(frozen=True)
 class Shared:
-    """Index-level data every record of a split needs (e.g. the category table), stored once, not per record."""
+    """Index-level data every record of a split needs (e.g. the category table), stored once, not per
+    record."""
 
     data: dict[str, Any]
 
@@ -59,7 +61,8 @@ def record_rng(seed: int, key: str) -> random.Random:
 
 
 def safe_join(data_root: str | os.PathLike, rel: str) -> Path:
-    """``data_root / rel`` if it stays inside the data root; :class:`SkipRecord` ``path_outside_root`` otherwise.
+    """``data_root / rel`` if it stays inside the data root; :class:`SkipRecord` ``path_outside_root``
+    otherwise.
 
     Paths in annotation files are untrusted: absolute paths and ``..`` components are refused before any
     filesystem access, and symlinked folders inside the root (X-SAM's layout uses them) are allowed.

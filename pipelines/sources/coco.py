@@ -1,6 +1,7 @@
 """``coco_panoptic`` and ``coco_instance``: COCO 2017 as generic segmentation (task genseg).
 
-Layout (DESIGN §4.1): ``img_genseg/coco2017/annotations/{panoptic,instances}_{train,val}2017.json``,
+Layout (docs/contracts.md#data-root):
+``img_genseg/coco2017/annotations/{panoptic,instances}_{train,val}2017.json``,
 ``panoptic_{train,val}2017/*.png``, images in ``{train,val}2017/``.
 
 Targets are standard: every non-crowd segment is a mask labelled by its category's phrase index (not

@@ -1,6 +1,7 @@
 """Grounded conversation generation (gcgseg): ``grandf_gcg``, ``psg_gcg``, ``refcocog_gcg``, ``flickr_gcg``.
 
-Formats: source_formats.md §4; conversation: xsam_recipe.md §1.3, §2.6, §10. Layout (DESIGN §4.1)::
+Formats: source_formats.md §4; conversation: xsam_recipe.md §1.3, §2.6, §10. Layout
+(docs/contracts.md#data-root)::
 
     img_gcgseg/grand_f/annotations/train/{GranDf_HA_GCG_train, OpenPsgGCG_{train,val},
                                           RefCOCOg_GCG_{train,val}, flickr_mergedGT_GCG_{train,val}}.json
@@ -11,7 +12,7 @@ Formats: source_formats.md §4; conversation: xsam_recipe.md §1.3, §2.6, §10.
 Splits: every source has ``train``; ``psg_gcg``, ``refcocog_gcg`` and ``flickr_gcg`` also ``val`` (GLaMM's
 ``*_val.json`` files, same formats). The GranD-f evaluation sets are ``grandf_gcg`` splits ``val`` and
 ``test`` (``{val,test}_gcg_coco_{mask,caption}_gt.json``, images in ``GranDf_HA_images/val_test``): they are
-GranD-f's own benchmark, and DESIGN §4.2 names no separate source for them.
+GranD-f's own benchmark, and docs/contracts.md#source-names-and-tasks names no separate source for them.
 
 Spans. A caption is cleaned as X-SAM does (surrounding ``"`` stripped, then whitespace, then lower-cased) and
 every span moves with the characters it covered: raw offsets map through :class:`Caption`. A kept span's
@@ -25,9 +26,9 @@ Answer (recipe §2.6): ``<p>`` and ``</p> `` around each kept span (right to lef
 X-SAM's), ``.strip()``, a space and one ``<SEG>`` suffix. The paper (``AAAI26_Archive``) does not force a
 trailing period; the source option ``gcg_force_period=true`` adds one as X-SAM main does. Captions
 under ``gcg_min_words`` (default 3, GLaMM's rule) words are skipped on ``flickr_gcg`` only, as the paper's
-code checks Flickr only; ``gcg_min_words_sources=all`` applies it to all four (this project before issue 16).
-``psg_gcg``'s train split (COCO train2017 images) leaves out the RefCOCO/+/g eval images, as the COCO sources. Mask k is the union of phrase
-k's masks, label k = its span's order in the answer.
+code checks Flickr only; ``gcg_min_words_sources=all`` applies it to all four (this project's earlier
+behaviour). ``psg_gcg``'s train split (COCO train2017 images) leaves out the RefCOCO/+/g eval images, as the
+COCO sources. Mask k is the union of phrase k's masks, label k = its span's order in the answer.
 
 Val/test samples keep every ground-truth mask: a label that cannot be placed in the caption leaves its mask
 with label -1 (the benchmark's targets stay complete); labels pair with mask annotations by position, as

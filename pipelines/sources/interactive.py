@@ -1,7 +1,9 @@
-"""``coco_interactive``: PSALM's COCO-Interactive as interactive segmentation (task intseg; recipe §1.3, §2.8).
+"""``coco_interactive``: PSALM's COCO-Interactive as interactive segmentation (task intseg; recipe §1.3,
+§2.8).
 
-Input (DESIGN §4.1): ``img_intseg/coco_int/annotations/coco_interactive_{train,val}_psalm.json``, a list of
-``{image, image_info{id, file_name, height, width}, anns: [{id, category_id, bbox, iscrowd, segmentation,
+Input (docs/contracts.md#data-root):
+``img_intseg/coco_int/annotations/coco_interactive_{train,val}_psalm.json``, a list of ``{image,
+image_info{id, file_name, height, width}, anns: [{id, category_id, bbox, iscrowd, segmentation,
 {point,scribble,box,mask}_visual_prompt_mask}]}``; images in ``coco_int/coco2017/{split}2017`` (a link to
 ``img_genseg/coco2017``, also looked up directly).
 

@@ -1,8 +1,8 @@
 """``lisa_reasonseg``: LISA ReasonSeg (task reaseg) from per-image LabelMe-style JSON files.
 
 Layout (recipe §1.1): ``img_reaseg/lisa/{train,val,test}/<name>.jpg`` + ``<name>.json`` and
-``img_reaseg/lisa/explanatory/train.json`` (the raw ``ReasonSeg/`` folder inside it is found too). A JSON holds
-``text`` (the questions), ``is_sentence`` and ``shapes[{label, points}]``.
+``img_reaseg/lisa/explanatory/train.json`` (the raw ``ReasonSeg/`` folder inside it is found too). A JSON
+holds ``text`` (the questions), ``is_sentence`` and ``shapes[{label, points}]``.
 
 Mask (LISA ``get_mask_from_json``, X-SAM ``ImgReaSegDataset``): ``flag`` shapes are skipped; the others are
 rasterised (``cv2.fillPoly`` + 1-px outline, int coordinates) and painted largest first, so a smaller shape
@@ -89,7 +89,8 @@ def _fill(poly: np.ndarray, out: np.ndarray, value: int) -> None:
 def paint_shapes(
     shapes: list[dict], height: int, width: int, ctx: ConvertContext, key: str
 ) -> tuple[np.ndarray, dict]:
-    """The ``HxW`` uint8 label map (0, :data:`TARGET`, :data:`IGNORE`) and shape counts; bad shapes dropped."""
+    """The ``HxW`` uint8 label map (0, :data:`TARGET`, :data:`IGNORE`) and shape counts; bad shapes
+    dropped."""
     polys, counts = [], {"flag": 0, "ignore": 0, "target": 0}
     for i, shape in enumerate(shapes):
         label = str(shape.get("label", "")) if isinstance(shape, dict) else ""
@@ -262,7 +263,8 @@ class LisaReasonSeg:
 
 
 def _pair_files(folder: str) -> dict[str, dict[str, str]]:
-    """stem -> {"json": name, "image": name} of the files in a LISA split folder (first image extension wins)."""
+    """stem -> {"json": name, "image": name} of the files in a LISA split folder (first image extension
+    wins)."""
     stems: dict[str, dict[str, str]] = {}
     for name in sorted(os.listdir(folder)):
         stem, ext = os.path.splitext(name)

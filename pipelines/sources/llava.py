@@ -1,8 +1,10 @@
-"""``llava_pretrain`` and ``llava_instruct``: LLaVA conversations as chat Samples (task chat; recipe §1.3, §2.9).
+"""``llava_pretrain`` and ``llava_instruct``: LLaVA conversations as chat Samples (task chat; recipe §1.3,
+§2.9).
 
-Inputs (DESIGN §4.1, ``img_chat/llava/``): ``LLaVA-Pretrain/blip_laion_cc_sbu_558k.json`` with images in
-``LLaVA-Pretrain/images`` (stage 2) and ``LLaVA-Instruct-150K/llava_v1_5_mix665k.json`` with images in
-``llava_images`` (X-SAM's stage-3 config; ``LLaVA-Instruct-150K/llava_images`` is also looked at): JSON lists of ``{id, image?, conversations: [{from: human|gpt, value}]}``.
+Inputs (docs/contracts.md#data-root, ``img_chat/llava/``): ``LLaVA-Pretrain/blip_laion_cc_sbu_558k.json`` with
+images in ``LLaVA-Pretrain/images`` (stage 2) and ``LLaVA-Instruct-150K/llava_v1_5_mix665k.json`` with images
+in ``llava_images`` (X-SAM's stage-3 config; ``LLaVA-Instruct-150K/llava_images`` is also looked at): JSON
+lists of ``{id, image?, conversations: [{from: human|gpt, value}]}``.
 
 The lists are streamed (never loaded whole) and keyed by their zero-padded position, so file order is key
 order and nothing is sorted. A record becomes turns as X-SAM's ``img_chat_map_fn`` makes them: leading
@@ -14,11 +16,12 @@ token argument on either branch); ``llava_instruct`` uses ``BuildOptions.image_t
 Text-only records (about 40.7k in mix665k) are kept by default as Samples with ``image=None``, as the paper's
 code trains them (the archive's ``ImgConvDataset`` never reads ``exclude_pure_text``; the processor gives them
 zero encoder inputs and no image token); ``llava_keep_text_only=false`` leaves them out, each counted under
-``text_only``, as X-SAM *main*'s stage 3 (``exclude_pure_text=True``). ``llava_instruct``'s train split leaves out the RefCOCO/+/g eval images
-among its COCO train2017 images (``coco/train2017/<id>.jpg``), as the COCO sources do. Bad records are skipped with a reason: an unknown role
-(``unknown_role``), an empty or non-text message (``empty_turn``), more than one ``<image>``
-(``multiple_image_tokens``), ``<image>`` in a record without an image (``image_token_without_image``), or
-text holding a token the model reserves (``<SEG>``, ``<p>``, ``</p>``, ``<region>``: ``reserved_token_in_text``).
+``text_only``, as X-SAM *main*'s stage 3 (``exclude_pure_text=True``). ``llava_instruct``'s train split leaves
+out the RefCOCO/+/g eval images among its COCO train2017 images (``coco/train2017/<id>.jpg``), as the COCO
+sources do. Bad records are skipped with a reason: an unknown role (``unknown_role``), an empty or non-text
+message (``empty_turn``), more than one ``<image>`` (``multiple_image_tokens``), ``<image>`` in a record
+without an image (``image_token_without_image``), or text holding a token the model reserves (``<SEG>``,
+``<p>``, ``</p>``, ``<region>``: ``reserved_token_in_text``).
 
 The image's size is not in the JSON; it is read from the file header at conversion time.
 """

@@ -1,10 +1,10 @@
 """``lvis``: LVIS v1 (1203 categories) as open-vocabulary segmentation (task ovseg; source_formats.md §6).
 
-Layout (DESIGN §4.1): ``img_ovseg/lvis/lvis_v1_{train,val}.json`` (``lvis_v0.5_*.json`` accepted), images
-from COCO: ``img_genseg/coco2017/<folder>/<file>`` where ``<folder>/<file>`` are the last two parts of the
-image's ``coco_url`` (v1 has no ``file_name``; v1 *val* images live in ``train2017/`` too, so the URL folder,
-not the split, decides). Without a ``coco_url``, a v0.5 ``file_name`` ``COCO_val2014_….jpg`` is looked up
-in ``img_genseg/coco2014/val2014/``. Overrides: ``annotations``, ``images``, ``images2014``.
+Layout (docs/contracts.md#data-root): ``img_ovseg/lvis/lvis_v1_{train,val}.json`` (``lvis_v0.5_*.json``
+accepted), images from COCO: ``img_genseg/coco2017/<folder>/<file>`` where ``<folder>/<file>`` are the last
+two parts of the image's ``coco_url`` (v1 has no ``file_name``; v1 *val* images live in ``train2017/`` too, so
+the URL folder, not the split, decides). Without a ``coco_url``, a v0.5 ``file_name`` ``COCO_val2014_….jpg``
+is looked up in ``img_genseg/coco2014/val2014/``. Overrides: ``annotations``, ``images``, ``images2014``.
 
 Indexing never loads the file (a v1 train file is ≈1 GB): :func:`iter_coco_records` scans it once and the
 records carry only where each annotation's JSON is in the file (byte offset and length); the conversion

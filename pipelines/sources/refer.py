@@ -1,10 +1,11 @@
-"""``refcoco``, ``refcoco+``, ``refcocog``, ``grefcoco``: referring segmentation (task refseg) from refer files.
+"""``refcoco``, ``refcoco+``, ``refcocog``, ``grefcoco``: referring segmentation (task refseg) from refer
+files.
 
-Layout (DESIGN §4.1, source_formats §3): ``img_refseg/refcocos/<dataset>/{refs(<split_by>).p, instances.json}``
-(``refcoco+`` is also found as X-SAM's ``refcocop``; gRefCOCO's official ``grefs(unc).json`` is read as well as
-X-SAM's pickle). Images are COCO train2014, found at the first of :data:`IMAGE_LAYOUTS` that exists; their
-file names come from ``instances.json`` (a ref's own ``file_name`` carries a decoy ``_N`` suffix). The refs
-pickle is read with :mod:`pipelines.sources.readers.safe_pickle`, never ``pickle.load``.
+Layout (docs/contracts.md#data-root, source_formats §3): ``img_refseg/refcocos/<dataset>/{refs(<split_by>).p,
+instances.json}`` (``refcoco+`` is also found as X-SAM's ``refcocop``; gRefCOCO's official ``grefs(unc).json``
+is read as well as X-SAM's pickle). Images are COCO train2014, found at the first of :data:`IMAGE_LAYOUTS`
+that exists; their file names come from ``instances.json`` (a ref's own ``file_name`` carries a decoy ``_N``
+suffix). The refs pickle is read with :mod:`pipelines.sources.readers.safe_pickle`, never ``pickle.load``.
 
 Samples (recipe §2.4, §10):
 
@@ -423,8 +424,8 @@ class ReferSource:
     def _targets(
         self, key: str, turns: list[dict], h: int, w: int, ctx: ConvertContext
     ) -> tuple[list[str], list[MaskTarget], list[dict]]:
-        """(phrases, mask targets, kept turns): a turn whose target is unusable is a dropped annotation, unless
-        it is the only one (then the record is skipped), or none is left."""
+        """(phrases, mask targets, kept turns): a turn whose target is unusable is a dropped annotation,
+        unless it is the only one (then the record is skipped), or none is left."""
         phrases, targets, kept, first_error = [], [], [], None
         for t in turns:
             try:
@@ -454,7 +455,8 @@ class ReferSource:
 
     @staticmethod
     def _target_rle(turn: dict, h: int, w: int) -> dict | None:
-        """The union mask of a turn's targets (``None`` for a no-target turn); :class:`SkipRecord` if unusable."""
+        """The union mask of a turn's targets (``None`` for a no-target turn); :class:`SkipRecord` if
+        unusable."""
         if not turn["ann_ids"]:
             return None
         try:

@@ -1,6 +1,6 @@
 """``coco_vgd``: visual grounded segmentation on COCO (task vgdseg; recipe §1.3, §2.7, §2.10).
 
-Inputs, in order of preference (DESIGN §4.1, ``img_vgdseg/coco_vgd/``):
+Inputs, in order of preference (docs/contracts.md#data-root, ``img_vgdseg/coco_vgd/``):
 
 * **released**: X-SAM's prompt JSON ``annotations/img_vgdseg_coco_{train,val}.json`` (``[archive]`` name
   ``coco_vgdseg_{train,val}.json``): a list of images, each with its non-crowd COCO annotations plus
@@ -235,7 +235,8 @@ class CocoVgd:
 def _targets(
     record: dict, ctx: ConvertContext, h: int, w: int, pending: list
 ) -> tuple[list[dict], list[dict]]:
-    """Decoded non-crowd targets ``{"ann", "rle", "prompts"}`` and crowd RLEs; bad parts noted in ``pending``."""
+    """Decoded non-crowd targets ``{"ann", "rle", "prompts"}`` and crowd RLEs; bad parts noted in
+    ``pending``."""
     names = ctx.shared.get("category_names")
     targets, crowd = [], []
     for ann in record["anns"]:

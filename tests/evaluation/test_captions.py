@@ -1,4 +1,5 @@
-"""GCG text metrics: METEOR/CIDEr through pycocoevalcap, recall with a tiny text model of known similarities."""
+"""GCG text metrics: METEOR/CIDEr through pycocoevalcap, recall with a tiny text model of known
+similarities."""
 
 from __future__ import annotations
 
@@ -24,9 +25,9 @@ DIM = 32
 def word_piece_tokenizer():
     """A BERT-style WordPiece tokenizer with an explicit vocabulary (``[CLS] … [SEP]``, lower case).
 
-    Built from a ``tokenizers`` model and wrapped, because transformers 5's ``BertTokenizerFast(vocab_file=…)``
-    ignores the file: every word became ``[UNK]``, every phrase the same embedding, and recall never met the
-    0.5 text-similarity threshold from below."""
+    Built from a ``tokenizers`` model and wrapped, because transformers 5's
+    ``BertTokenizerFast(vocab_file=…)`` ignores the file: every word became ``[UNK]``, every phrase the same
+    embedding, and recall never met the 0.5 text-similarity threshold from below."""
     from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
@@ -136,7 +137,8 @@ def test_gcg_recall_with_a_local_text_model(demo_val, perfect, tiny_text_model, 
 
 
 def _rename_phrases(lines: list[dict], rename) -> list[dict]:
-    """The predictions with every ``<p>phrase</p>`` of the text replaced by ``rename(phrase)`` (masks kept)."""
+    """The predictions with every ``<p>phrase</p>`` of the text replaced by ``rename(phrase)`` (masks
+    kept)."""
     out = copy.deepcopy(lines)
     for line in out:
         line["text"] = re.sub(r"<p>(.*?)</p>", lambda m: f"<p>{rename(m.group(1))}</p>", line["text"])

@@ -110,7 +110,8 @@ def test_a_results_file_without_a_set_gives_not_evaluated_rows():
     assert by["refcoco/val", "cIoU"].status == "" and by["refcoco/val", "cIoU"].ours == 80.0
     missing = [c for c in rows if c.row.set != "refcoco/val"]
     assert missing and all(c.ours is None and c.status == "not evaluated" for c in missing)
-    # with the built sets known: a set under the shards but not in results is "not evaluated", else "not built"
+    # with the built sets known: a set under the shards but not in results is "not evaluated", else "not
+    # built"
     rows = pt.compare({}, built=["refcoco+/val"])
     by = {(c.row.set, c.row.metric): c.status for c in rows}
     assert by["refcoco+/val", "cIoU"] == "not evaluated" and by["refcoco/val", "cIoU"] == "not built"

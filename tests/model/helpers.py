@@ -146,7 +146,8 @@ def make_samples() -> dict[str, Sample]:
 
 
 def refseg_sample(idx: int, n_turns: int) -> Sample:
-    """A refseg Sample with ``n_turns`` question/answer turns: phrase k, one ``<SEG>`` and one mask per turn."""
+    """A refseg Sample with ``n_turns`` question/answer turns: phrase k, one ``<SEG>`` and one mask per
+    turn."""
     names = ["man on left", "red car", "small dog", "tree behind", "white cup"]
     turns = []
     for k in range(n_turns):

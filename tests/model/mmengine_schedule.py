@@ -1,14 +1,15 @@
 """A port of mmengine's parameter-scheduler arithmetic, to test :mod:`xsam_model.schedule` against.
 
-Ported from ``mmengine/optim/scheduler/param_scheduler.py`` (open-mmlab/mmengine): ``_ParamScheduler.__init__``
-and ``_ParamScheduler.step`` (the ``begin``/``end`` window and the scheduler's own ``last_step``),
-``LinearParamScheduler._get_value``, ``MultiStepParamScheduler._get_value``,
+Ported from ``mmengine/optim/scheduler/param_scheduler.py`` (open-mmlab/mmengine):
+``_ParamScheduler.__init__`` and ``_ParamScheduler.step`` (the ``begin``/``end`` window and the scheduler's
+own ``last_step``), ``LinearParamScheduler._get_value``, ``MultiStepParamScheduler._get_value``,
 ``CosineAnnealingParamScheduler._get_value`` (chained forms, as mmengine computes them) and each class's
-``build_iter_from_epoch`` (``convert_to_iter_based=True``). The loop is ``mmengine/hooks/param_scheduler_hook.py``
-``ParamSchedulerHook.after_train_iter`` (every iteration steps every iter-based scheduler) with
-``epoch_length = len(train_dataloader)`` (``mmengine/runner/runner.py``, ``Runner._build_param_scheduler``), and
-the optimizer updating on every ``accumulative_counts``-th iteration (``OptimWrapper.should_update``).
-The schedules are X-SAM's ``param_scheduler`` lists (``AAAI26_Archive``, s1/s2/s3 configs).
+``build_iter_from_epoch`` (``convert_to_iter_based=True``). The loop is
+``mmengine/hooks/param_scheduler_hook.py`` ``ParamSchedulerHook.after_train_iter`` (every iteration steps
+every iter-based scheduler) with ``epoch_length = len(train_dataloader)`` (``mmengine/runner/runner.py``,
+``Runner._build_param_scheduler``), and the optimizer updating on every ``accumulative_counts``-th iteration
+(``OptimWrapper.should_update``). The schedules are X-SAM's ``param_scheduler`` lists (``AAAI26_Archive``,
+s1/s2/s3 configs).
 """
 
 from __future__ import annotations

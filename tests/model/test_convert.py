@@ -1,4 +1,5 @@
-"""X-SAM archive checkpoints ↔ stage exports (the mapping: xsam_model.convert; the command: orchestrate.convert).
+"""X-SAM archive checkpoints ↔ stage exports (the mapping: xsam_model.convert; the command:
+orchestrate.convert).
 
 X-SAM's side is built here, independently of our builder, from transformers' classes under X-SAM's module
 names (archive ``model/xsam.py``, ``segmentors/x_segmentor.py``, ``modules/{projector,connector}``): the

@@ -53,8 +53,9 @@ def test_num_masks_is_the_global_mean(tmp_path):
 
 
 def test_the_step_normaliser_replaces_the_count_only_for_global_batch():
-    """``global_batch``: the trainer's step value (the global batch's targets / (world × accumulation)) divides
-    the mask losses inside ``step_normaliser``; outside it, and for the other modes, the batch's own count."""
+    """``global_batch``: the trainer's step value (the global batch's targets / (world × accumulation))
+    divides the mask losses inside ``step_normaliser``; outside it, and for the other modes, the batch's own
+    count."""
     cfg = Mask2FormerConfig(train_num_points=64)
     labels = [torch.arange(3)]
     step_mode, per_micro = (

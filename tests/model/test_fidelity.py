@@ -1,5 +1,5 @@
-"""The paper-recipe switches of the model (reference/xsam_fidelity.md D2, D8–D11, D13–D17): each default is the
-paper's, and each option does what its docstring says."""
+"""The paper-recipe switches of the model (reference/xsam_fidelity.md D2, D8–D11, D13–D17): each default is
+the paper's, and each option does what its docstring says."""
 
 from __future__ import annotations
 

@@ -1,9 +1,9 @@
-"""The full flavor's real widths fit together: forward + backward on CPU of ``full_width_smoke`` (every width of
-``xsam-phi3``, 2 LLM layers, 3 SigLIP layers, SAM and SigLIP at 224²; random weights, fp32) for stage 1 and for
-stage 3 on genseg, refseg (per-``<SEG>``) and vgdseg, with finite losses and gradients. Meta-device builds cannot
-run ``forward`` (data-dependent ops), so this is the only check of the full shapes. The LLM's token embedding
-and LM head (0.2 B parameters) stay frozen: their gradients are plain weight-shaped tensors whose 0.8 GB would
-only raise the peak memory. bench/model_step.py prints the time and peak RSS."""
+"""The full flavor's real widths fit together: forward + backward on CPU of ``full_width_smoke`` (every width
+of ``xsam-phi3``, 2 LLM layers, 3 SigLIP layers, SAM and SigLIP at 224²; random weights, fp32) for stage 1 and
+for stage 3 on genseg, refseg (per-``<SEG>``) and vgdseg, with finite losses and gradients. Meta-device builds
+cannot run ``forward`` (data-dependent ops), so this is the only check of the full shapes. The LLM's token
+embedding and LM head (0.2 B parameters) stay frozen: their gradients are plain weight-shaped tensors whose
+0.8 GB would only raise the peak memory. bench/model_step.py prints the time and peak RSS."""
 
 from __future__ import annotations
 

@@ -85,7 +85,8 @@ def test_sub_models_load_from_local_folders(tmp_path, samples):
     assert torch.equal(
         model.llm.model.layers[1].mlp.down_proj.weight, llm.model.layers[1].mlp.down_proj.weight
     )
-    # sizes resolved from the folders (3 SigLIP layers, 6 queries), special tokens added and embeddings resized
+    # sizes resolved from the folders (3 SigLIP layers, 6 queries), special tokens added and embeddings
+    # resized
     assert model.config.siglip.num_layers == 3 and model.config.decoder.num_queries == 6
     assert model.mask_decoder.transformer.queries_features.weight.shape[0] == 6
     tok = model.processor.tokenizer

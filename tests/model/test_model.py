@@ -110,8 +110,8 @@ def test_ignore_region_carries_no_mask_loss(debug_model):
 
 
 def test_loss_falls_when_overfitting_two_samples(samples):
-    """X-SAM's decoder init (N(0, 0.02) queries and mask MLP) starts from near-zero, symmetric mask predictions:
-    the debug model's seg losses plateau for ~80 steps before they fall, hence 120 steps."""
+    """X-SAM's decoder init (N(0, 0.02) queries and mask MLP) starts from near-zero, symmetric mask
+    predictions: the debug model's seg losses plateau for ~80 steps before they fall, hence 120 steps."""
     torch.manual_seed(0)
     model = build_xsam("debug")
     batch = model.processor.collate([model.processor(samples["genseg"], image_bytes(i)) for i in (7, 8)])

@@ -1,5 +1,6 @@
 """Post-processing (xsam_model.postprocess) on hand-made queries whose answer is known: the resampling back to
-the original image, Mask2Former's panoptic / instance / semantic rules, one mask per phrase and intseg's box rule."""
+the original image, Mask2Former's panoptic / instance / semantic rules, one mask per phrase and intseg's box
+rule."""
 
 from __future__ import annotations
 

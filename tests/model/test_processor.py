@@ -1,4 +1,5 @@
-"""The processor: tokens, labels, cond_ids and seg_ids agree with the Sample; images and masks in the right frames."""
+"""The processor: tokens, labels, cond_ids and seg_ids agree with the Sample; images and masks in the right
+frames."""
 
 from __future__ import annotations
 
@@ -69,7 +70,8 @@ def test_images_and_masks_in_sam_frame(processor, samples):
     masks = item["mask_labels"]
     assert masks.shape == (4, c.sam_size, c.sam_size) and masks.dtype == torch.uint8
     assert masks[:, sh:].sum() == 0
-    # mask 1 is the bottom half of the image (rows 20..40 of 40): nearest-resized it spans the lower half of sh
+    # mask 1 is the bottom half of the image (rows 20..40 of 40): nearest-resized it spans the lower half of
+    # sh
     rows = masks[1].any(1).nonzero().flatten()
     assert abs(rows.min().item() - sh / 2) <= 1 and rows.max().item() == sh - 1
     # area ratio of mask 0 (20x20 of 40x56) is kept by the resize
@@ -131,7 +133,8 @@ def test_bad_samples_raise(processor, samples):
 
 
 def test_picklable_and_folder_tokenizer_same_path(processor, samples, tmp_path):
-    """Workers get a pickled processor; a tokenizer saved to a folder loads through load_tokenizer like Phi-3's."""
+    """Workers get a pickled processor; a tokenizer saved to a folder loads through load_tokenizer like
+    Phi-3's."""
     clone = pickle.loads(pickle.dumps(processor))
     s = samples["vgdseg"]
     a, b = processor(s, image_bytes(3)), clone(s, image_bytes(3))

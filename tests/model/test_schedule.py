@@ -1,6 +1,7 @@
-"""The learning-rate schedules against a port of mmengine's scheduler arithmetic (tests/model/mmengine_schedule.py:
-``_ParamScheduler.step``, ``LinearParamScheduler``, ``MultiStepParamScheduler``, ``CosineAnnealingParamScheduler``
-and their ``build_iter_from_epoch``), on X-SAM's three ``param_scheduler`` lists."""
+"""The learning-rate schedules against a port of mmengine's scheduler arithmetic
+(tests/model/mmengine_schedule.py: ``_ParamScheduler.step``, ``LinearParamScheduler``,
+``MultiStepParamScheduler``, ``CosineAnnealingParamScheduler`` and their ``build_iter_from_epoch``), on
+X-SAM's three ``param_scheduler`` lists."""
 
 from __future__ import annotations
 

@@ -34,8 +34,9 @@ def _llm_states(model, batch):
 
 
 def test_per_seg_equals_one_decoder_call_per_seg():
-    """Two refseg samples with 2 and 3 phrases: 5 runs in one batched call equal 5 separate decoder calls, each
-    with its own <SEG> and the 5 phrases of the batch as classes; labels are offset by the phrase counts."""
+    """Two refseg samples with 2 and 3 phrases: 5 runs in one batched call equal 5 separate decoder calls,
+    each with its own <SEG> and the 5 phrases of the batch as classes; labels are offset by the phrase
+    counts."""
     model = _model().eval()
     batch = _batch(model, [refseg_sample(1, 2), refseg_sample(2, 3)])
     with torch.no_grad():

@@ -1,6 +1,6 @@
-"""Text-only LLaVA samples (issue 16 item 4: the paper trained on LLaVA-665k's text-only conversations): the
-processor gives zero encoder inputs and no image token, and they train through the debug model, alone or next
-to a sample with an image."""
+"""Text-only LLaVA samples (docs/fidelity.md#data-recipe-fidelity: the paper trained on LLaVA-665k's text-only
+conversations): the processor gives zero encoder inputs and no image token, and they train through the debug
+model, alone or next to a sample with an image."""
 
 from __future__ import annotations
 

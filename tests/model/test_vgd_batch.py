@@ -1,4 +1,4 @@
-"""VGD prompts at batch time through the processor's collate and the model (issue 16 item 1).
+"""VGD prompts at batch time through the processor's collate and the model.
 
 Three synthetic COCO-VGD train samples of different image sizes share category 18; every instance has four
 prompts. Over many draws: prompts come from other images, each region is the named image's prompt in that

@@ -1,7 +1,7 @@
 """Worker faults for the Ray Train tests, as trainer callbacks (never part of a production run).
 
-In-process tests pass them to :func:`orchestrate.runner.fit`; a test that submits ``orchestrate/train.py`` as a
-Ray job names :func:`from_env` in ``XSAM_TRAIN_CALLBACKS`` and the fault in ``XSAM_TEST_FAULT``::
+In-process tests pass them to :func:`orchestrate.runner.fit`; a test that submits ``orchestrate/train.py`` as
+a Ray job names :func:`from_env` in ``XSAM_TRAIN_CALLBACKS`` and the fault in ``XSAM_TEST_FAULT``::
 
     XSAM_TRAIN_CALLBACKS=tests.orchestrate.faults:from_env XSAM_TEST_FAULT=hold:2
 """
@@ -25,7 +25,8 @@ def _committed() -> None:
 
 
 class KillWorker(Callback):
-    """SIGKILL rank ``rank`` once (a marker file in the stage folder) after step ``step`` and its checkpoint."""
+    """SIGKILL rank ``rank`` once (a marker file in the stage folder) after step ``step`` and its
+    checkpoint."""
 
     def __init__(self, step: int, rank: int):
         self.step, self.rank = step, rank
@@ -74,7 +75,8 @@ def from_env() -> list[Callback]:
 def write_export_killed_at(url: str, k: int, state: dict, config: dict) -> int:
     """:func:`xsam_model.export.write_export` of ``state`` to ``url`` in a forked child, killed (SIGKILL) just
     before its ``k``-th change to the file system of ``url`` (a rename, copy or delete, a file opened for
-    writing). Returns the child's exit code: -9 when killed, 0 when the write made fewer than ``k`` changes."""
+    writing). Returns the child's exit code: -9 when killed, 0 when the write made fewer than ``k``
+    changes."""
     import multiprocessing
 
     from pipelines import storage

@@ -48,7 +48,8 @@ def ray_bin() -> str:
 
 
 def wait_for(predicate, timeout: float, what: str, interval: float = 0.5):
-    """Poll ``predicate`` until it returns a truthy value (returned) or ``timeout`` s pass (AssertionError)."""
+    """Poll ``predicate`` until it returns a truthy value (returned) or ``timeout`` s pass
+    (AssertionError)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         value = predicate()

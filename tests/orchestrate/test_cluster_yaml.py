@@ -1,6 +1,6 @@
 """ray_cluster.yaml is a valid Ray cluster-launcher config (Ray's own schema and checks) with the shape the
-README promises: a CPU head, an 8-GPU worker type with autoscaling bounds, the project installed on every node,
-shared storage mounted."""
+README promises: a CPU head, an 8-GPU worker type with autoscaling bounds, the project installed on every
+node, shared storage mounted."""
 
 from __future__ import annotations
 

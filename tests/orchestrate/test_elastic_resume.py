@@ -1,8 +1,9 @@
-"""Elastic resume under Ray Train (issue 21): stage 1 of the debug flavor trained 6 steps on 2 workers, with
-checkpoints at steps 2 and 4, resumed from step 2 on 1 worker (DeepSpeed's universal checkpoint, converted
-once by the driver) and from step 4 on 2 workers with 2 DataLoader workers each: every resumed step trains on
-the uninterrupted run's global batch (per-step fingerprints, ``summary --compare``), with its losses. And an
-elastic worker range (Ray Train v2 ``ScalingConfig(num_workers=(min, max))``) that can start only 1 of 2
+"""Elastic resume under Ray Train (docs/scale.md#elastic-resume-another-world-size-the-same-data): stage 1 of
+the debug flavor trained 6 steps on 2 workers, with checkpoints at steps 2 and 4, resumed from step 2 on 1
+worker (DeepSpeed's universal checkpoint, converted once by the driver) and from step 4 on 2 workers with 2
+DataLoader workers each: every resumed step trains on the uninterrupted run's global batch (per-step
+fingerprints, ``summary --compare``), with its losses. And an elastic worker range (Ray Train v2
+``ScalingConfig(num_workers=(min, max))``) that can start only 1 of 2
 workers: the workers convert the checkpoint themselves and keep the data."""
 
 from __future__ import annotations

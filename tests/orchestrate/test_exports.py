@@ -125,7 +125,8 @@ def test_lineage_is_written_last_and_is_json(tmp_path):
     assert lineage["stage"] == 1 and lineage["tensors"] == 1 and url.endswith("/e")
 
 
-# ---------------------------------------------------------------------------------------------- verified reads
+# ---------------------------------------------------------------------------------------------- verified
+# reads
 def _flip_a_tensor_byte(url: str) -> None:
     """One byte of the tensor data changed in place (the file keeps its size and a valid header)."""
     path = f"{url}/model.safetensors"

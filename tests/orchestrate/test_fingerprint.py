@@ -1,5 +1,7 @@
-"""The per-step data fingerprint (issue 21 item 3): a pure function of the sorted global keys, gathered exactly
-across ranks, logged per step, and compared between two runs by ``python -m orchestrate.summary --compare``."""
+"""The per-step data fingerprint (docs/training.md#proving-a-run-saw-the-same-data-per-step-data-fingerprint):
+a pure function of the sorted global keys, gathered exactly across ranks, logged per step, and compared
+between two runs by ``python -m orchestrate.summary
+--compare``."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
-"""Per-part gradient norms (:mod:`orchestrate.grad_norms`): the grouping covers every trainable parameter once,
-the norms equal a direct computation, and under DeepSpeed (two gloo ranks, accumulation 2, ZeRO 0 and 2) they
-are the norms of the step's reduced gradient, which add up to DeepSpeed's own global norm."""
+"""Per-part gradient norms (:mod:`orchestrate.grad_norms`): the grouping covers every trainable parameter
+once, the norms equal a direct computation, and under DeepSpeed (two gloo ranks, accumulation 2, ZeRO 0 and 2)
+they are the norms of the step's reduced gradient, which add up to DeepSpeed's own global norm."""
 
 from __future__ import annotations
 

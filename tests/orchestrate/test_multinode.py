@@ -1,7 +1,7 @@
-"""Multi-node on a simulated cluster (issue 21 item 4): ``ray.cluster_utils.Cluster`` starts one raylet per
-"node" on this machine (a head with no CPUs, so every task and Ray Train worker runs on a worker node), and a
-node is removed in the middle of the work with ``cluster.remove_node``, which kills its raylet and every
-worker process on it, as a lost machine would.
+"""Multi-node on a simulated cluster (docs/scale.md#multi-node): ``ray.cluster_utils.Cluster`` starts one
+raylet per "node" on this machine (a head with no CPUs, so every task and Ray Train worker runs on a worker
+node), and a node is removed in the middle of the work with ``cluster.remove_node``, which kills its raylet
+and every worker process on it, as a lost machine would.
 
 - Shard build: the first conversion a chosen node takes stalls half-way through its shard until the node is
   removed (a worker setup hook, below), so the loss lands mid-build every time; Ray retries that chunk on

@@ -1,5 +1,5 @@
-"""``train.py --stage N --print-config`` prints the resolved config, every field of the stage config and of the
-model config the stage builds, as JSON, and needs no other flag (no shards, run root or Ray)."""
+"""``train.py --stage N --print-config`` prints the resolved config, every field of the stage config and of
+the model config the stage builds, as JSON, and needs no other flag (no shards, run root or Ray)."""
 
 from __future__ import annotations
 
@@ -80,7 +80,8 @@ def test_vgd_switches_reach_the_processor(capsys):
 
 
 def test_a_min_workers_range_that_cannot_keep_the_global_batch_is_one_line(capsys, tmp_path):
-    """Global batch 64 with micro batch 4: on 3 workers 64 is not a multiple of 12 — refused before Ray starts."""
+    """Global batch 64 with micro batch 4: on 3 workers 64 is not a multiple of 12 — refused before Ray
+    starts."""
     argv = [
         "--stage",
         "3",

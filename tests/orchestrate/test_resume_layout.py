@@ -1,6 +1,6 @@
 """Which checkpoint layouts the driver accepts before any Ray worker starts. An ``xsam-loader/1`` state fits
 only the (world size, loader workers) that wrote it: another layout is refused in one line naming both. A
-world-size-free ``xsam-loader/2`` state (issue 21) resumes on any layout with the same global batch; the
+world-size-free ``xsam-loader/2`` state resumes on any layout with the same global batch; the
 resume key no longer holds the world size, but still refuses another global batch. An elastic worker range
 is accepted only when every count in it keeps the global batch."""
 

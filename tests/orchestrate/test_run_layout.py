@@ -1,4 +1,5 @@
-"""The run-folder layout: one module joins every path under a run root (DESIGN §4.7)."""
+"""The run-folder layout: one module joins every path under a run root
+(docs/contracts.md#runs-checkpoints-and-exports)."""
 
 from __future__ import annotations
 

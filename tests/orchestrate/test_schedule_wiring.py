@@ -4,7 +4,8 @@ The stage's learning-rate schedule is what DeepSpeed runs: the engine built by
 :func:`orchestrate.deepspeed_config.initialize` (the Trainer's call) applies, step by step, the closed form of
 the stage's :class:`xsam_model.schedule.ScheduleConfig` to each parameter group's own lr, and a resumed engine
 continues the schedule. And the debug model built with a stage's config (its activation checkpointing and
-attention kernel, :func:`orchestrate.plan.model_config`) takes one engine step on CPU as the Trainer runs it."""
+attention kernel, :func:`orchestrate.plan.model_config`) takes one engine step on CPU as the Trainer runs
+it."""
 
 from __future__ import annotations
 
@@ -91,8 +92,8 @@ def _one_worker(cfg):
 
 
 def _multistep(t: int, total: int, per_epoch: int) -> float:
-    """Stage 1 (paper), mmengine's way: linear warm-up from 1e-5 to 1 at W - 1, W = int(0.03 · 36 · per_epoch),
-    then × 0.1 at W + 24 and W + 30 epochs (milestones count from the warm-up's end)."""
+    """Stage 1 (paper), mmengine's way: linear warm-up from 1e-5 to 1 at W - 1, W = int(0.03 · 36 ·
+    per_epoch), then × 0.1 at W + 24 and W + 30 epochs (milestones count from the warm-up's end)."""
     warm = int(0.03 * 36 * per_epoch)
     if t < warm:
         return 1e-5 if warm == 1 else 1e-5 + (1 - 1e-5) * t / (warm - 1)
@@ -100,7 +101,8 @@ def _multistep(t: int, total: int, per_epoch: int) -> float:
 
 
 def _cosine(t: int, total: int) -> float:
-    """Stages 2, 3 over a horizon of ``total`` steps: the same warm-up, then a cosine to 0 from W to ``total``."""
+    """Stages 2, 3 over a horizon of ``total`` steps: the same warm-up, then a cosine to 0 from W to
+    ``total``."""
     warm = int(0.03 * total)
     if t < warm:
         return 1e-5 + (1 - 1e-5) * t / (warm - 1)

@@ -1,7 +1,8 @@
-"""Run roots, checkpoints and exports on object storage (issue 21 item 5), against a real S3-protocol endpoint:
-moto's server, started in this process on a free local port (nothing leaves the machine). Our storage layer
-reaches it through s3fs, Ray Train's ``storage_path`` through pyarrow's S3 file system; ``AWS_ENDPOINT_URL``
-points both at it, as it would at MinIO or any S3-compatible store.
+"""Run roots, checkpoints and exports on object storage
+(docs/scale.md#storage-s3-gcs-and-shared-file-systems), against a real S3-protocol endpoint: moto's server,
+started in this process on a free local port (nothing leaves the machine). Our storage layer reaches it
+through s3fs, Ray Train's ``storage_path`` through pyarrow's S3 file system; ``AWS_ENDPOINT_URL`` points both
+at it, as it would at MinIO or any S3-compatible store.
 """
 
 from __future__ import annotations

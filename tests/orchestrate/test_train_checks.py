@@ -1,4 +1,4 @@
-"""Issue 20 item 5 (part): train.py refuses bad arguments at once on the driver, before Ray: exit 2, one line."""
+"""docs/integrity.md: train.py refuses bad arguments at once on the driver, before Ray: exit 2, one line."""
 
 from __future__ import annotations
 
@@ -200,7 +200,8 @@ def test_init_from_a_damaged_export_is_refused_naming_the_file(tmp_path):
     assert len(str(e.value).splitlines()) == 1
 
 
-# ---------------------------------------------------------------------------------------------- --lr, --grad-clip
+# ---------------------------------------------------------------------------------------------- --lr,
+# --grad-clip
 def test_grad_clip_zero_is_taken_as_given_and_means_no_clipping(tmp_path):
     from orchestrate.deepspeed_config import deepspeed_config
     from orchestrate.runner import build_config

@@ -102,8 +102,8 @@ def test_three_stages_chain_through_their_exports(chain):
             math.isfinite(r["loss"]) and r["samples_per_s"] > 0 and 0 <= r["data_wait_share"] < 1
             for r in losses
         )
-        # every 2nd step (the debug grad_norm_every): the norm of each trained group, taken under ZeRO 2 at the
-        # accumulation boundary; together they are DeepSpeed's global norm
+        # every 2nd step (the debug grad_norm_every): the norm of each trained group, taken under ZeRO 2 at
+        # the accumulation boundary; together they are DeepSpeed's global norm
         groups = [g for g, _ in STAGE_GROUPS[stage]]
         for r in losses:
             parts = [r[f"grad_norm/{g}"] for g in groups if f"grad_norm/{g}" in r]
@@ -120,8 +120,8 @@ def test_three_stages_chain_through_their_exports(chain):
         for step in range(steps):  # one source per global step, on every rank
             source = trace[(step, 0)]["source"]
             assert trace[(step, 1)]["source"] == source
-            # the global batch is positions [cursor, cursor + batch) of its dataset's stream: no key twice in it
-            # unless it straddles an epoch end of that dataset (the next epoch starts over)
+            # the global batch is positions [cursor, cursor + batch) of its dataset's stream: no key twice in
+            # it unless it straddles an epoch end of that dataset (the next epoch starts over)
             cursor, n = batch * drawn.get(source, 0), sizes[source]
             drawn[source] = drawn.get(source, 0) + 1
             if cursor // n == (cursor + batch - 1) // n:

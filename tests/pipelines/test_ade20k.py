@@ -1,5 +1,5 @@
 """ade20k_panoptic / _semantic / _instance: masks against the raw PNGs, raw vs Mask2Former layouts, the
-vocabularies, bad inputs of issue 7, and the shipped tables against the real upstream files."""
+vocabularies, bad inputs it refuses, and the shipped tables against the real upstream files."""
 
 from __future__ import annotations
 
@@ -48,7 +48,8 @@ def run(root: Path, out: Path, source: str, split: str = "train", overrides: dic
     return build_and_read(root, out, source, split, overrides=overrides, with_images=False, **options)
 
 
-# ---------------------------------------------------------------------------------------------- Mask2Former layout
+# ---------------------------------------------------------------------------------------------- Mask2Former
+# layout
 def _bbox(mask: np.ndarray) -> list[int]:
     ys, xs = np.nonzero(mask)
     return [int(xs.min()), int(ys.min()), int(xs.max() - xs.min() + 1), int(ys.max() - ys.min() + 1)]

@@ -1,4 +1,4 @@
-"""Dataset cards (issue 10): prose for every source, numbers equal to the manifests', byte-identical
+"""Dataset cards: prose for every source, numbers equal to the manifests', byte-identical
 regeneration, valid Hugging Face front matter, "not built" cards, and the committed example cards."""
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from pipelines.sources import SOURCES
 from tests.helpers import manifest
 
 REPO = Path(__file__).resolve().parents[2]
-# DESIGN §4.2: every source of the product, registered yet or not
+# docs/contracts.md#source-names-and-tasks: every source of the product, registered yet or not
 DESIGN_SOURCES = (
     "coco_panoptic",
     "coco_instance",

@@ -1,4 +1,4 @@
-"""COCO panoptic / instances sources: round trip, labels, crowd handling, every bad input of issue 3."""
+"""COCO panoptic / instances sources: round trip, labels, crowd handling, every bad input."""
 
 from __future__ import annotations
 
@@ -132,7 +132,7 @@ def test_num_class_option_samples_categories_like_x_sam_main(coco_root, tmp_path
 
 # ----------------------------------------------------------------------------- bad input
 def _corrupt(coco_root: Path) -> dict:
-    """Apply every bad input of issue 3 to the demo instances train file; returns what to expect."""
+    """Apply every bad input to the demo instances train file; returns what to expect."""
     path = coco_root / ANN / "instances_train2017.json"
     d = json.loads(path.read_text())
     imgs = d["images"]
@@ -232,7 +232,8 @@ def test_panoptic_png_of_wrong_size_is_skipped(coco_root, tmp_path):
 
 
 def test_symlinked_folders_inside_the_root_are_followed(tmp_path):
-    """X-SAM's layout links image folders; a link inside the root is fine, only annotation paths are untrusted."""
+    """X-SAM's layout links image folders; a link inside the root is fine, only annotation paths are
+    untrusted."""
     real = write_demo(tmp_path / "real", families=["coco"])
     root = tmp_path / "datas" / "img_genseg"
     root.mkdir(parents=True)

@@ -1,4 +1,5 @@
-"""The error family, the CLI wrapper that turns it into exit code 2, and the console set-up (pipelines.logs)."""
+"""The error family, the CLI wrapper that turns it into exit code 2, and the console set-up
+(pipelines.logs)."""
 
 from __future__ import annotations
 

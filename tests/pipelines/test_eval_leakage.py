@@ -93,7 +93,8 @@ def test_a_changed_eval_set_rebuilds_the_guarded_shards(root, tmp_path):
 
 
 def test_any_source_can_opt_in():
-    """The mechanism is generic: a source lists guarded splits; records carry image.id (e.g. coco_vgd later)."""
+    """The mechanism is generic: a source lists guarded splits; records carry image.id (e.g. coco_vgd
+    later)."""
 
     class Vgd:
         eval_image_guard_splits = ("train",)
@@ -108,7 +109,8 @@ def test_any_source_can_opt_in():
 
 
 def test_llava_instruct_and_psg_gcg_leave_eval_images_out(tmp_path):
-    """Both read COCO train2017 images: their records carry the COCO id, so the guard leaves eval images out."""
+    """Both read COCO train2017 images: their records carry the COCO id, so the guard leaves eval images
+    out."""
     from pipelines.sources.base import SourceFiles
     from pipelines.sources.gcg import PsgGcg
     from pipelines.sources.llava import LlavaInstruct

@@ -1,5 +1,5 @@
-"""GCG sources (issue 6): span cleaning and shifting, overlaps, answer layout, masks, image-folder probe,
-val/test, every bad input of the issue (skipped with a reason; an error under strict), round trips."""
+"""GCG sources: span cleaning and shifting, overlaps, answer layout, masks, image-folder probe,
+val/test, every bad input (skipped with a reason; an error under strict), round trips."""
 
 from __future__ import annotations
 
@@ -44,7 +44,8 @@ def answer(sample) -> str:
     return sample.conversation[1].text
 
 
-# ---------------------------------------------------------------------------------------------- span unit tests
+# ---------------------------------------------------------------------------------------------- span unit
+# tests
 def test_caption_cleaning_shifts_offsets():
     raw = '"A Red Dog sits on the grass."'
     cap = Caption.clean(raw)
@@ -385,7 +386,8 @@ def test_bad_groundings_type_is_skipped(gcg_root, tmp_path):
     assert manifest["skipped"] == {"bad_groundings": 1}
 
 
-# ---------------------------------------------------------------------------------------------- options, layout
+# ---------------------------------------------------------------------------------------------- options,
+# layout
 def test_period_option_and_min_words(gcg_root, tmp_path):
     edit_json(gcg_root / GRANDF, _grandf_first(lambda r: r.update(caption=r["caption"].replace('."', '"'))))
     _, samples, _ = run(gcg_root, tmp_path / "a", "grandf_gcg")

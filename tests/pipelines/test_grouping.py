@@ -1,6 +1,6 @@
-"""Length grouping within a step's source (pipelines.loader.grouping, issue 16 item 5; world-size-free since
-issue 21): fewer padded tokens, every sample once per pass, exact resume in the middle of a group, a failed
-transform keeps the batch size."""
+"""Length grouping within a step's source (pipelines.loader.grouping,
+world-size-free): fewer padded tokens, every sample once per pass, exact resume in the middle of a group, a
+failed transform keeps the batch size."""
 
 from __future__ import annotations
 
@@ -99,7 +99,8 @@ def test_grouping_cuts_padding_and_keeps_each_sample_once_per_pass(varied):
     fp = padding_fraction([[n for _, n in b] for b in plain])
     assert fg < 0.5 * fp, (fg, fp)
     # one rank, global batch 4, 96 + 30 samples: the global batches that start in the first epoch of a
-    # dataset's stream hold each key once, plus the next epoch's first samples in the one that straddles its end
+    # dataset's stream hold each key once, plus the next epoch's first samples in the one that straddles its
+    # end
     for source, n in (("coco_panoptic", 96), ("lisa_reasonseg", 30)):
         keys = [k for b in take(make(varied, shuffle_window=16), 200) for k, _ in b if k.startswith(source)]
         crossing = -(-n // 4) * 4

@@ -1,4 +1,4 @@
-"""Issue 20 item 1: a split commits atomically. The manifest, written last, names the build generation;
+"""docs/integrity.md: a split commits atomically. The manifest, written last, names the build generation;
 mixture.json pins each manifest's generation; a rebuild removes the old manifest before it replaces a shard,
 so a killed rebuild with changed options leaves nothing that describes partly-new shards (the loader and
 train.py refuse, in one line); a re-run re-reads a "complete" shard's sha256 and rebuilds it if it changed."""

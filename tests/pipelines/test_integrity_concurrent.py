@@ -1,4 +1,4 @@
-"""Issue 20 item 6: concurrent use is safe. A loader pins the build generation it started with and stops in
+"""docs/integrity.md: concurrent use is safe. A loader pins the build generation it started with and stops in
 one line when a rebuild lands under it (real damage in the same generation stays a counted skip); two builds
 into the same ``--out`` as two real processes: the second stops naming the first's host and pid, the first
 finishes with its shards intact."""
@@ -40,7 +40,8 @@ def _build(demo_root: Path, out: Path, seed: int = 0, write_mixture: bool = True
 
 
 def _reading(out: Path, strict: bool = False, workers: int = 0):
-    """A loader reading one sample per batch, one 2-sample window at a time (so later shards are read late)."""
+    """A loader reading one sample per batch, one 2-sample window at a time (so later shards are read
+    late)."""
     loader = MixtureLoader(
         str(out),
         stage=1,

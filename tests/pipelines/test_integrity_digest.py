@@ -1,7 +1,8 @@
-"""Issue 20 item 2: every byte trained on is verified. The writer puts a member index beside each shard
+"""docs/integrity.md: every byte trained on is verified. The writer puts a member index beside each shard
 (offsets, sizes, a sha256 per sample; its own sha256 in the manifest); the loader reads through it and checks
 each sample as it reads it: a flipped byte in an image, a phrase or an RLE is a counted ``digest_mismatch``
-(strict: an error); a same-named shard of another build, or one with extra samples, is a ``shard_mismatch``."""
+(strict: an error); a same-named shard of another build, or one with extra samples, is a
+``shard_mismatch``."""
 
 from __future__ import annotations
 
@@ -60,7 +61,7 @@ def _keys(sample, image_bytes):
 
 def _one_pass(out: Path, **kw) -> tuple[list[str], dict]:
     """One pass over the split's global stream (batch 1, one rank: one position per step); an unusable
-    sample's position holds a replacement drawn from the split (issue 21)."""
+    sample's position holds a replacement drawn from the split."""
     loader = MixtureLoader(str(out), stage=1, batch_size=1, seed=3, transform=_keys, shuffle_window=4, **kw)
     total = Manifest.read(str(out), SOURCE, "train").samples
     keys = []

@@ -1,4 +1,4 @@
-"""Issue 20 item 4: the eval-leakage guard fails closed, and a refer split whose refs cannot be loaded is a
+"""The eval-leakage guard fails closed, and a refer split whose refs cannot be loaded is a
 build error for that source (not one skipped record)."""
 
 from __future__ import annotations

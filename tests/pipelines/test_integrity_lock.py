@@ -1,4 +1,4 @@
-"""Issue 20 item 6 (part): one build per output folder. A second build into the same --out stops naming the
+"""docs/integrity.md: one build per output folder. A second build into the same --out stops naming the
 first one's host and pid; a lock left by a build that died is taken over; the lock goes when a build ends."""
 
 from __future__ import annotations

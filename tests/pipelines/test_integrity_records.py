@@ -1,6 +1,6 @@
-"""Issue 20 item 3: no record crashes a build. Every hostile value of an annotation file is a skip (or a dropped
-annotation) with its own reason and the record's key; every image/PNG decode is guarded; only regular files
-are opened; an unreadable annotation path is one line naming it; a dead worker names its chunk."""
+"""docs/integrity.md: no record crashes a build. Every hostile value of an annotation file is a skip (or a
+dropped annotation) with its own reason and the record's key; every image/PNG decode is guarded; only regular
+files are opened; an unreadable annotation path is one line naming it; a dead worker names its chunk."""
 
 from __future__ import annotations
 

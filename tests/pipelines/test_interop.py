@@ -1,4 +1,4 @@
-"""Other tools open our shards (issue 10): Hugging Face `datasets` (the "webdataset" builder, and a shard
+"""Other tools open our shards: Hugging Face `datasets` (the "webdataset" builder, and a shard
 folder with its dataset card as README.md), plain `webdataset.WebDataset`, and `tar tf` (members in key
 order). Everything offline: HF_HUB_OFFLINE=1, the datasets cache under tmp_path."""
 
@@ -87,8 +87,8 @@ def test_hf_datasets_webdataset_builder_reads_our_shards(shards, source, offline
     import datasets
 
     files = {split: str(shards / source / split / "*.tar") for split in ("train", "val")}
-    # plain call, the builder guessing column types (fine here; see pipelines/inspect/hf.py for why real data needs
-    # explicit features, tested below)
+    # plain call, the builder guessing column types (fine here; see pipelines/inspect/hf.py for why real data
+    # needs explicit features, tested below)
     ds = datasets.load_dataset("webdataset", data_files=files, cache_dir=str(offline_hf))
     assert set(ds) == {"train", "val"}
     for split in ("train", "val"):
@@ -106,8 +106,8 @@ def test_hf_datasets_webdataset_builder_reads_our_shards(shards, source, offline
 
 
 def test_hf_datasets_loads_a_shard_folder_through_its_card(shards, offline_hf, tmp_path):
-    """`pipelines.inspect.cards --readme` writes the card into <out>/<source>/README.md; its `configs` globs make
-    `datasets.load_dataset("<out>/<source>")` find every split."""
+    """`pipelines.inspect.cards --readme` writes the card into <out>/<source>/README.md; its `configs` globs
+    make `datasets.load_dataset("<out>/<source>")` find every split."""
     import datasets
 
     out = tmp_path / "shards"
@@ -187,8 +187,9 @@ def test_hf_features_survive_what_schema_guessing_does_not(tmp_path, offline_hf)
 
 @pytest.mark.slow
 def test_every_source_opens_in_hf_datasets_and_webdataset(demo_root, tmp_path, offline_hf):
-    """Every registered source's demo shards (all splits) load through ``pipelines.inspect.hf.load_shards`` and the
-    dataset card's ``dataset_info``, each Sample JSON exactly as written, and through plain webdataset."""
+    """Every registered source's demo shards (all splits) load through ``pipelines.inspect.hf.load_shards``
+    and the dataset card's ``dataset_info``, each Sample JSON exactly as written, and through plain
+    webdataset."""
     import datasets
 
     from pipelines.inspect.hf import load_shards

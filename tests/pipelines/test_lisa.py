@@ -1,4 +1,4 @@
-"""lisa_reasonseg: masks painted like LISA, ignore / flag shapes, explanations, splits, bad inputs of issue 5."""
+"""lisa_reasonseg: masks painted like LISA, ignore / flag shapes, explanations, splits, bad inputs."""
 
 from __future__ import annotations
 

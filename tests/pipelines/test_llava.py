@@ -1,4 +1,5 @@
-"""llava_pretrain / llava_instruct: turns as X-SAM's img_chat_map_fn makes them, text-only policy, bad records."""
+"""llava_pretrain / llava_instruct: turns as X-SAM's img_chat_map_fn makes them, text-only policy, bad
+records."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
-"""The training-side loader: one source per global step across ranks and workers, disjoint micro-batches within
-a global batch, exact resume, empirical mixture frequencies, bad shards counted and replaced, fsspec URIs; and
-the decode helpers it offers. Resume across world sizes: tests/pipelines/test_loader_elastic.py."""
+"""The training-side loader: one source per global step across ranks and workers, disjoint micro-batches
+within a global batch, exact resume, empirical mixture frequencies, bad shards counted and replaced, fsspec
+URIs; and the decode helpers it offers. Resume across world sizes: tests/pipelines/test_loader_elastic.py."""
 
 from __future__ import annotations
 
@@ -41,7 +41,8 @@ def take(loader, n):
 
 @pytest.fixture(scope="module")
 def three_sources(tmp_path_factory) -> Path:
-    """Three sources of very different sizes and shard layouts, with mixture.json (stage 3 holds all three)."""
+    """Three sources of very different sizes and shard layouts, with mixture.json (stage 3 holds all
+    three)."""
     out = tmp_path_factory.mktemp("shards")
     write_source(out, "coco_panoptic", [30, 30, 20])
     write_source(out, "refcoco", [12, 12])
@@ -55,7 +56,8 @@ def make(out, **kw):
     return MixtureLoader(str(out), **kw)
 
 
-# ---------------------------------------------------------------------------------------------- single source per step
+# ---------------------------------------------------------------------------------------------- single source
+# per step
 def test_every_global_step_is_single_source_across_ranks_and_workers(three_sources):
     steps = 24
     per_rank = [take(make(three_sources, rank=r, world_size=2, num_workers=2), steps) for r in range(2)]
@@ -88,7 +90,8 @@ def test_source_frequencies_match_p():
     counts = np.bincount(step_sources(1234, np.arange(n), p), minlength=len(p))
     stat = float(((counts - n * p) ** 2 / (n * p)).sum())
     assert stat < chi2.ppf(0.999, df=len(p) - 1), (counts, n * p)
-    # a pure function of (seed, step): another call, or the same steps in another order, agree; another seed differs
+    # a pure function of (seed, step): another call, or the same steps in another order, agree; another seed
+    # differs
     forward = step_sources(1234, np.arange(n), p)
     assert (step_sources(1234, np.arange(n)[::-1].copy(), p) == forward[::-1]).all()
     assert (step_sources(1234, np.arange(5000, 6000), p) == forward[5000:6000]).all()
@@ -104,7 +107,8 @@ def test_loader_frequencies_follow_mixture(three_sources):
         assert abs(seen[name] - planned[name]) < 4.5 * sd, (name, seen, planned)
 
 
-# ---------------------------------------------------------------------------------------------- disjoint batches
+# ---------------------------------------------------------------------------------------------- disjoint
+# batches
 def _pass_keys(out, world, workers, steps, **kw):
     return [
         [
@@ -258,7 +262,8 @@ def test_index_shard_reads_offsets(tmp_path):
     assert index_shard(fs, path + ".nope").reason == "unreadable_shard"
 
 
-# ---------------------------------------------------------------------------------------------- exclusion, URIs, processor
+# ---------------------------------------------------------------------------------------------- exclusion,
+# URIs, processor
 def test_no_target_samples_are_not_trained_on(tmp_path):
     flagged = {0, 3, 4, 7, 10}
     write_source(tmp_path, "grefcoco", [6, 6], flagged=flagged)
@@ -348,7 +353,8 @@ def test_workers_survive_a_started_opencv_pool(three_sources):
         cv2.setNumThreads(before)
 
 
-# ---------------------------------------------------------------------------------------------- decode helpers
+# ---------------------------------------------------------------------------------------------- decode
+# helpers
 def rle_to_mask(rle: dict) -> np.ndarray:
     """One RLE -> ``HxW`` 0/1 mask through :func:`decode.rle_counts` alone (the decoder under test)."""
     h, w = (int(v) for v in rle["size"])

@@ -1,8 +1,9 @@
-"""Issue 21 item 1: the global sample sequence is a function of (seed, global step) only. A state written on one
-world size / worker count / micro-batch × accumulation split resumes on another with the same global batch and
-the same samples at every global step — with length grouping on and off, with a corrupt and a filtered sample in
-the data; what cannot resume (another global batch or seed, a state inside a step under another split, an old
-per-(rank, lane) state with other sizes) is refused with the reason."""
+"""Elastic data order (docs/scale.md#elastic-resume-another-world-size-the-same-data): the global sample
+sequence is a function of (seed, global step) only. A state written on one world size / worker count /
+micro-batch × accumulation split resumes on another with the same global batch and the same samples at every
+global step — with length grouping on and off, with a corrupt and a filtered sample in the data; what cannot
+resume (another global batch or seed, a state inside a step under another split, an old per-(rank, lane) state
+with other sizes) is refused with the reason."""
 
 from __future__ import annotations
 

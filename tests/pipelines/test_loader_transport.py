@@ -1,5 +1,5 @@
-"""Batches through DataLoader workers (XSamProcessor + collate in the workers, the trainer's path) cross to the
-main process through each worker's reused shared-memory arena (pipelines.loader.transport) and equal the
+"""Batches through DataLoader workers (XSamProcessor + collate in the workers, the trainer's path) cross to
+the main process through each worker's reused shared-memory arena (pipelines.loader.transport) and equal the
 in-process batches: same keys, same tensors (dtype, shape, values), same order; a batch the consumer keeps is
 never written over."""
 

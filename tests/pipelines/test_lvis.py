@@ -1,5 +1,5 @@
 """lvis: coco_url paths, verified negatives first, never non-exhaustive ones, the phrase cap without losing an
-annotation, names, bad inputs of issue 7, and conformance of masks with the ``lvis`` package."""
+annotation, names, bad inputs it refuses, and conformance of masks with the ``lvis`` package."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""Balance-resampling mixture: arithmetic against hand-computed values, manifests → mixture.json, validation."""
+"""Balance-resampling mixture: arithmetic against hand-computed values, manifests → mixture.json,
+validation."""
 
 from __future__ import annotations
 
@@ -42,7 +43,8 @@ def fake_manifest(out: Path, source: str, n: int, task: str = "genseg", shard_si
 # ---------------------------------------------------------------------------------------------- arithmetic
 def test_balance_weights_small_source_among_million_sample_ones():
     # hand-computed (40-digit decimal): ΣN = 2,000,239; f_lisa = 239/2,000,239;
-    # r_lisa = sqrt(0.1·2,000,239/239) = sqrt(836.920083…) = 28.929571…; the big ones have f ≈ 0.49994 > t → r = 1
+    # r_lisa = sqrt(0.1·2,000,239/239) = sqrt(836.920083…) = 28.929571…; the big ones have f ≈ 0.49994 > t → r
+    # = 1
     w = balance_weights({"a": 1_000_000, "b": 1_000_000, "lisa": 239}, t=0.1)
     assert w["lisa"]["fraction"] == pytest.approx(1.194857214562859738e-4, rel=1e-12)
     assert w["lisa"]["repeat"] == pytest.approx(28.92957109398631178, rel=1e-12)
@@ -72,7 +74,8 @@ def test_balance_weights_edges():
             balance_weights({"x": 1}, t=t)
 
 
-# ---------------------------------------------------------------------------------------------- manifests → mixture.json
+# ---------------------------------------------------------------------------------------------- manifests →
+# mixture.json
 def test_compute_from_manifests_at_recipe_scale(tmp_path):
     sizes = {"llava_instruct": 624_610, "coco_panoptic": 118_287, "refcoco": 120_624, "lisa_reasonseg": 239}
     for src, n in sizes.items():

@@ -1,4 +1,5 @@
-"""Build options and the error policy: typed, validated source options; one policy deciding what a skip does."""
+"""Build options and the error policy: typed, validated source options; one policy deciding what a skip
+does."""
 
 from __future__ import annotations
 

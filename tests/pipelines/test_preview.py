@@ -1,4 +1,4 @@
-"""Preview gallery (issue 10): the files it writes, overlay pixels where the masks are (in their phrase's
+"""Preview gallery: the files it writes, overlay pixels where the masks are (in their phrase's
 colour, as the HTML colours the phrase), regions and ignore drawn, conversation colouring and wrapping."""
 
 from __future__ import annotations
@@ -177,8 +177,8 @@ def test_mask_outline_and_colour_key():
 
 
 def test_regions_and_ignore_are_drawn():
-    """Visual-prompt regions are hatched in their slot's colour and outlined; the ignore region is hatched grey;
-    nothing is drawn outside them."""
+    """Visual-prompt regions are hatched in their slot's colour and outlined; the ignore region is hatched
+    grey; nothing is drawn outside them."""
     h, w = 48, 64
     r = np.zeros((h, w), np.uint8)
     r[8:40, 8:30] = 1

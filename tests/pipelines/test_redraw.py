@@ -1,4 +1,4 @@
-"""Conversations re-drawn at load time (pipelines.loader.redraw, issue 16 item 2)."""
+"""Conversations re-drawn at load time (pipelines.loader.redraw)."""
 
 from __future__ import annotations
 

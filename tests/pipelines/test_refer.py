@@ -1,4 +1,4 @@
-"""refcoco / refcoco+ / refcocog / grefcoco: samples, splits, layouts and every bad input of issue 5."""
+"""refcoco / refcoco+ / refcocog / grefcoco: samples, splits, layouts and every bad input."""
 
 from __future__ import annotations
 
@@ -292,7 +292,7 @@ def test_refs_pickle_carrying_a_callable_is_refused_and_nothing_runs(root, tmp_p
     refs[0]["sentences"][0]["sent"] = _Payload(str(victim))
     (root / BASE / "refcoco" / "refs(unc).p").write_bytes(pickle.dumps(refs, protocol=2))
     out = tmp_path / "out"
-    # the split cannot be built at all (issue 20): a build error naming the file, builtins.open is io.open
+    # the split cannot be built at all: a build error naming the file, builtins.open is io.open
     with pytest.raises(
         BuildError, match=r"refcoco/train: refs file .*refs\(unc\)\.p .*refused to load global io\.open"
     ):

@@ -1,4 +1,5 @@
-"""The restricted unpickler: Python-2 refs pickles load; anything naming a global is refused and never runs."""
+"""The restricted unpickler: Python-2 refs pickles load; anything naming a global is refused and never
+runs."""
 
 from __future__ import annotations
 

@@ -1,5 +1,6 @@
-"""schema.validate against broken Samples: each invariant of DESIGN §4.3 violated once, each caught with its
-own message (and the valid Sample of every task passes, so a failure below is the planted defect)."""
+"""schema.validate against broken Samples: each invariant of docs/contracts.md#sample violated once, each
+caught with its own message (and the valid Sample of every task passes, so a failure below is the planted
+defect)."""
 
 from __future__ import annotations
 
@@ -126,7 +127,8 @@ def test_each_broken_invariant_is_caught_with_its_own_message(name):
 
 
 def test_the_messages_are_distinct():
-    """Distinct broken invariants say distinct things (the same check may catch two spellings of one defect)."""
+    """Distinct broken invariants say distinct things (the same check may catch two spellings of one
+    defect)."""
     said = {}
     for name, (task, edit, _) in BROKEN.items():
         s = task_sample(task)

@@ -1,5 +1,6 @@
-"""The shard store (DESIGN §4.4): typed manifests read back exactly as written, one tar reader checked against
-``tarfile``, the per-flag counts the mixture relies on, and the errors for old or broken builds."""
+"""The shard store (docs/contracts.md#shards-and-manifests): typed manifests read back exactly as written, one
+tar reader checked against ``tarfile``, the per-flag counts the mixture relies on, and the errors for old or
+broken builds."""
 
 from __future__ import annotations
 
@@ -38,7 +39,8 @@ def built(demo_root, tmp_path_factory) -> Path:
 
 
 def tar_groups(path: Path) -> list[dict]:
-    """webdataset-style items of a tar read with ``tarfile`` alone: the reference the store is checked against."""
+    """webdataset-style items of a tar read with ``tarfile`` alone: the reference the store is checked
+    against."""
     items: list[dict] = []
     with tarfile.open(path) as tar:
         for ti in tar:
@@ -161,7 +163,8 @@ def test_every_flag_the_mixture_excludes_is_counted():
     assert flags <= set(shard_store.COUNTED_FLAGS)
 
 
-# ---------------------------------------------------------------------------------------------- the tar reader
+# ---------------------------------------------------------------------------------------------- the tar
+# reader
 def test_member_reader_matches_tarfile_on_the_demo_shards(built):
     fs = fsspec.filesystem("file")
     n = 0
@@ -251,10 +254,11 @@ def test_a_shard_cut_short_is_reported_not_read_as_complete(built, tmp_path):
         list(shard_store.group_samples(shard_store.iter_members(f)))
 
 
-# ---------------------------------------------------------------------------------------------- header fast path
+# ---------------------------------------------------------------------------------------------- header fast
+# path
 def tarfile_index(path: Path) -> tuple[list[tuple], str | None]:
-    """What ``index_shard`` finds, computed by ``tarfile`` alone (the scan it did before its header fast path):
-    ``([(key, json offset, json size, image offset, image size, image ext)], error)``."""
+    """What ``index_shard`` finds, computed by ``tarfile`` alone (the scan it did before its header fast
+    path): ``([(key, json offset, json size, image offset, image size, image ext)], error)``."""
     size = path.stat().st_size
     rows: list[tuple] = []
     key, group = None, {}
@@ -324,7 +328,8 @@ def _fix_checksum(header: bytearray) -> None:
 
 def test_header_scan_equals_tarfile_on_other_writers(tmp_path):
     """Headers our writer never writes are tarfile's to read: long and non-ASCII names, GNU and ustar formats,
-    directories and links, other pax records, base-256 numbers, an unparsable number under a valid checksum."""
+    directories and links, other pax records, base-256 numbers, an unparsable number under a valid
+    checksum."""
     files = {
         "a/" + "k" * 120 + ".json": b"{}",  # pax path record / GNU long name / ustar prefix
         "a/b" * 40 + "/x.json": b"{}",  # > 100 characters: a ustar prefix

@@ -1,4 +1,5 @@
-"""Shard determinism, resume and crash consistency (DESIGN §4.4), inline and under in-process Ray."""
+"""Shard determinism, resume and crash consistency (docs/contracts.md#shards-and-manifests), inline and under
+in-process Ray."""
 
 from __future__ import annotations
 
@@ -121,7 +122,8 @@ def test_sigkill_mid_build_then_rerun_is_byte_identical(coco20, tmp_path):
 
 @pytest.mark.slow
 def test_sigkill_at_20_random_points_then_rerun_is_byte_identical(coco20, tmp_path):
-    """20 kill points drawn (seeded) over the build's conversions: every re-run equals an uninterrupted build."""
+    """20 kill points drawn (seeded) over the build's conversions: every re-run equals an uninterrupted
+    build."""
     ref = tmp_path / "ref"
     build(str(coco20), str(ref), sources=["coco_panoptic"], options=BuildOptions(samples_per_shard=4))
     points = random.Random(20).choices(range(1, 21), k=20)  # 20 records: conversions 1..20

@@ -1,5 +1,6 @@
-"""Stage transforms in the loader's decode path (issue 16 item 3): stage-1 large-scale jitter moves an image and
-its masks identically, each draw a pure function of (seed, key, use); stage-2 SigLIP pad-to-square."""
+"""Stage transforms in the loader's decode path (docs/fidelity.md#data-recipe-fidelity): stage-1 large-scale
+jitter moves an image and its masks identically, each draw a pure function of (seed, key, use); stage-2 SigLIP
+pad-to-square."""
 
 from __future__ import annotations
 

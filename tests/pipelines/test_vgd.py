@@ -1,4 +1,5 @@
-"""coco_vgd: slots and labels, prompts near their instances, both input forms, determinism, bad inputs, guard."""
+"""coco_vgd: slots and labels, prompts near their instances, both input forms, determinism, bad inputs,
+guard."""
 
 from __future__ import annotations
 

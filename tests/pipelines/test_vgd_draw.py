@@ -1,7 +1,8 @@
-"""VGD prompts at batch time: the converter's prompt pool, and the planner's draws (issue 16 item 1).
+"""VGD prompts at batch time: the converter's prompt pool, and the planner's draws.
 
 The planner (:mod:`pipelines.loader.vgd_draw`) is tested here on hand-made pools, without tensors; the
-processor and model side (frames, re-tokenization, features, a training step) are in tests/model/test_vgd_batch.py.
+processor and model side (frames, re-tokenization, features, a training step) are in
+tests/model/test_vgd_batch.py.
 """
 
 from __future__ import annotations

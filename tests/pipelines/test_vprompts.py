@@ -58,7 +58,8 @@ def test_point_is_one_disk_per_component_centred_on_the_mask():
         p = prompt(m, "point", ann_id)
         lab, n = ndimage.label(p)
         assert n == 2  # the speck is below min_area
-        # possible centres = pixels whose radius-10 disk lies in the prompt (outside the image counts as inside)
+        # possible centres = pixels whose radius-10 disk lies in the prompt (outside the image counts as
+        # inside)
         padded = np.pad(p, 10, constant_values=True).astype(np.uint8)
         centres = cv2.erode(padded, vprompts.disk(10))[10:-10, 10:-10].astype(bool)
         for k in (1, 2):

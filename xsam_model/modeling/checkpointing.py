@@ -37,5 +37,6 @@ def enable_layer_checkpointing(module: nn.Module, enable: bool = True) -> int:
 
 
 def enable_hf_checkpointing(model: nn.Module) -> None:
-    """transformers' non-reentrant activation checkpointing on a ``PreTrainedModel`` (SigLIP, SAM, the LLM)."""
+    """transformers' non-reentrant activation checkpointing on a ``PreTrainedModel`` (SigLIP, SAM, the
+    LLM)."""
     model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})

@@ -1,12 +1,12 @@
 """The segmentation connector: three SAM layers → a conv pyramid at strides ½p, p, 2p (8/16/32 for ViT-L/16).
 
-Each level is X-SAM's ``ConvConnectorLayer`` (``bias=False``): Conv1×1 → LN → Conv3×3 → LN → Conv1×1 → LN, then
-X-SAM's InternVL-style :func:`~xsam_model.modeling.projector.pixel_shuffle` by the level's scale. Using the same
-shuffle (not ``nn.PixelShuffle``, which orders sub-pixels differently) keeps the channel ↔ sub-pixel mapping
-equal, so X-SAM's ``seg_connector.model.{i}.model.{j}`` weights load here as ``levels.{i}.convs.{j}`` with no
-permutation, and the pixel decoder's input projections see channels in X-SAM's order. For scale 2 output
-``[c, 2y+i, 2x+j] = conv[j·C/2 + i·C/4 + c, y, x]``; for scale ½ output ``[i·2C + j·C + c, y, x] = conv[c, 2y+i, 2x+j]``
-(C = the conv's output channels).
+Each level is X-SAM's ``ConvConnectorLayer`` (``bias=False``): Conv1×1 → LN → Conv3×3 → LN → Conv1×1 → LN,
+then X-SAM's InternVL-style :func:`~xsam_model.modeling.projector.pixel_shuffle` by the level's scale. Using
+the same shuffle (not ``nn.PixelShuffle``, which orders sub-pixels differently) keeps the channel ↔ sub-pixel
+mapping equal, so X-SAM's ``seg_connector.model.{i}.model.{j}`` weights load here as ``levels.{i}.convs.{j}``
+with no permutation, and the pixel decoder's input projections see channels in X-SAM's order. For scale 2
+output ``[c, 2y+i, 2x+j] = conv[j·C/2 + i·C/4 + c, y, x]``; for scale ½ output ``[i·2C + j·C + c, y, x] =
+conv[c, 2y+i, 2x+j]`` (C = the conv's output channels).
 """
 
 from __future__ import annotations

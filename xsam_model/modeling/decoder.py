@@ -124,13 +124,13 @@ class MaskDecoder(nn.Module):
         cond_valid: torch.Tensor | None = None,
         rows: torch.Tensor | None = None,
     ) -> list[dict[str, torch.Tensor]]:
-        """features: 3 × BxCixHixWi (high res first, strides 8/16/32); seg_embeds RxC; cond RxKxC, cond_valid RxK,
-        where R = B, or R = S decoder runs with ``rows`` (S long: the image of each run; see
+        """features: 3 × BxCixHixWi (high res first, strides 8/16/32); seg_embeds RxC; cond RxKxC, cond_valid
+        RxK, where R = B, or R = S decoder runs with ``rows`` (S long: the image of each run; see
         :meth:`ConditionedTransformerModule.forward`). The pixel decoder always runs once per image.
 
         Returns one dict per decoder prediction (first = learnable queries only, last = final):
-        ``masks_queries_logits`` RxQxH0xW0 (H0 = stride-8 grid) and ``class_queries_logits`` RxQx(K+1) with the
-        phrase head (``cond`` given) or RxQx(133+1) with the linear head (``cond`` None).
+        ``masks_queries_logits`` RxQxH0xW0 (H0 = stride-8 grid) and ``class_queries_logits`` RxQx(K+1) with
+        the phrase head (``cond`` given) or RxQx(133+1) with the linear head (``cond`` None).
         """
         pix = self.pixel_decoder(features)
         out = self.transformer(pix.multi_scale_features, pix.mask_features, seg_embeds, rows)
@@ -224,8 +224,8 @@ def _xsam_init_one(module: nn.Module, xavier_std: float, std: float) -> None:
 
 def init_xsam_decoder_weights(module: nn.Module, config: Mask2FormerConfig) -> nn.Module:
     """X-SAM's re-initialisation of its Mask2Former pixel and transformer decoders (``reinit_decoder=True``):
-    ``module.apply`` of its ``_init_weights``, children before parents, so a parent's rule (e.g. xavier on every
-    matrix of the pixel decoder) overrides its children's. ``DecoderConfig.init="xsam"``."""
+    ``module.apply`` of its ``_init_weights``, children before parents, so a parent's rule (e.g. xavier on
+    every matrix of the pixel decoder) overrides its children's. ``DecoderConfig.init="xsam"``."""
     xavier_std = getattr(config, "init_xavier_std", 1.0)
     std = getattr(config, "init_std", 0.02)
     return module.apply(lambda m: _xsam_init_one(m, xavier_std, std))

@@ -4,9 +4,9 @@ normaliser averaged over the data-parallel ranks (per micro-step) or over the wh
 
 ``global_batch``: the trainer counts the target masks of every micro-batch of an optimizer step on every rank
 before the first forward (:meth:`xsam_model.modeling.xsam.XSam.count_loss_targets`), and sets the normaliser
-``M / (world × accumulation)`` for the step with :meth:`SegLoss.step_normaliser`; the gradient is then the same
-whatever the split of the global batch (X-SAM's ``global`` at its own layout, accumulation 1). Without a step
-normaliser (a direct model call, inference) it behaves as ``global``."""
+``M / (world × accumulation)`` for the step with :meth:`SegLoss.step_normaliser`; the gradient is then the
+same whatever the split of the global batch (X-SAM's ``global`` at its own layout, accumulation 1). Without a
+step normaliser (a direct model call, inference) it behaves as ``global``."""
 
 from __future__ import annotations
 
@@ -43,7 +43,8 @@ class SegLoss(Mask2FormerLoss):
     @contextlib.contextmanager
     def step_normaliser(self, num_masks: float) -> Iterator[None]:
         """Within the block, the mask losses are divided by ``num_masks`` (at least 1): the global batch's
-        target count / (world × accumulation), set by the trainer for one optimizer step (``global_batch``)."""
+        target count / (world × accumulation), set by the trainer for one optimizer step
+        (``global_batch``)."""
         self._step_num_masks = float(num_masks)
         try:
             yield
@@ -52,9 +53,9 @@ class SegLoss(Mask2FormerLoss):
 
     def num_masks(self, class_labels, device) -> torch.Tensor:
         """The mask losses' normaliser: the step's (``global_batch`` inside :meth:`step_normaliser`), this
-        rank's target count (``local``), or (``global``, X-SAM, DETR; ``global_batch`` outside a step) the count
-        summed over the process group divided by the world size; at least 1. A collective in the last case:
-        under ``torch.distributed`` every rank must call it in the same steps."""
+        rank's target count (``local``), or (``global``, X-SAM, DETR; ``global_batch`` outside a step) the
+        count summed over the process group divided by the world size; at least 1. A collective in the last
+        case: under ``torch.distributed`` every rank must call it in the same steps."""
         if self._step_num_masks is not None and self.num_masks_reduce == "global_batch":
             return torch.tensor(self._step_num_masks, device=device).clamp(min=1.0)
         n = torch.tensor(float(sum(len(c) for c in class_labels)), device=device)

@@ -39,7 +39,8 @@ class DecodePlan:
 
 
 def span_means(hidden: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """hidden BxTxC, ids BxT (k on the tokens of span k, -1 elsewhere) → BxKxC span means, BxK bool present."""
+    """hidden BxTxC, ids BxT (k on the tokens of span k, -1 elsewhere) → BxKxC span means, BxK bool
+    present."""
     k = max(int(ids.max()) + 1, 1)
     onehot = (ids.unsqueeze(1) == torch.arange(k, device=ids.device)[None, :, None]).to(hidden.dtype)  # BxKxT
     counts = onehot.sum(-1)
@@ -128,9 +129,9 @@ def _per_seg_targets(bi, ji, index, masks, labels) -> tuple[list[torch.Tensor], 
 
 
 def count_targets(mode: str, seg_ids: torch.Tensor, labels: list[torch.Tensor]) -> int:
-    """The number of target masks :func:`plan_decoding` gives the loss, from the token ids alone (no LLM pass):
-    seg_ids BxT, labels B × Ni phrase indices. ``per_seg`` has one target per ``<SEG>`` j of sample b that has a
-    mask labelled j (several masks of a phrase are one union); the other modes keep every mask."""
+    """The number of target masks :func:`plan_decoding` gives the loss, from the token ids alone (no LLM
+    pass): seg_ids BxT, labels B × Ni phrase indices. ``per_seg`` has one target per ``<SEG>`` j of sample b
+    that has a mask labelled j (several masks of a phrase are one union); the other modes keep every mask."""
     if mode != "per_seg":
         return sum(len(lab) for lab in labels)
     total = 0

@@ -44,7 +44,8 @@ class XSamOutput:
     one row per decoder run: R = B, except per-``<SEG>`` decoding (see ``runs``)."""
     lm_logits: torch.Tensor | None = None
     runs: torch.Tensor | None = None
-    """Rx2 long: (image, ``<SEG>`` index) of each prediction row; the index is -1 when a run is a whole image."""
+    """Rx2 long: (image, ``<SEG>`` index) of each prediction row; the index is -1 when a run is a whole
+    image."""
     metrics: dict[str, torch.Tensor] = field(default_factory=dict)
     """Per-step counters for logging: ``dropped_targets`` (stage 1's masks with an unknown category)."""
 
@@ -103,8 +104,9 @@ class XSam(nn.Module):
     def _expand(
         self, batch: dict[str, Any], image_tokens: torch.Tensor, grid: torch.Tensor
     ) -> dict[str, torch.Tensor]:
-        """Replace each ``<image>`` (-200) by its image tokens and each ``<region>`` (-300) by its region tokens;
-        labels/cond_ids/seg_ids follow (region tokens keep their span's cond id). Right-padded to the batch max.
+        """Replace each ``<image>`` (-200) by its image tokens and each ``<region>`` (-300) by its region
+        tokens; labels/cond_ids/seg_ids follow (region tokens keep their span's cond id). Right-padded to the
+        batch max.
 
         Region r of sample b is read from the grid of batch image ``batch["region_image"][b][r]`` (VGD prompts
         drawn from another image of the batch, as X-SAM; -1: zero features); without that key, from sample b's
@@ -178,8 +180,8 @@ class XSam(nn.Module):
 
         stage 1: ``extra_pixel_values`` Bx3xLxL + targets → linear-head predictions and seg losses.
         stage 2: + ``pixel_values`` Bx3xSxS, tokens BxT → LM loss.
-        stage 3: + phrase-head seg losses when the batch has ``<SEG>`` tokens (not for chat); a batch of a task in
-        ``DecoderConfig.seg_reduce_tasks`` is decoded as ``seg_reduce`` says (:mod:`.seg_plan`).
+        stage 3: + phrase-head seg losses when the batch has ``<SEG>`` tokens (not for chat); a batch of a
+        task in ``DecoderConfig.seg_reduce_tasks`` is decoded as ``seg_reduce`` says (:mod:`.seg_plan`).
         """
         if stage not in (1, 2, 3):
             raise ValueError(f"stage must be 1, 2 or 3, got {stage}")
@@ -266,8 +268,8 @@ class XSam(nn.Module):
     ) -> tuple[list[dict[str, torch.Tensor]], DecodePlan]:
         """Stage-3 decoding of final LLM states without targets (inference: :mod:`xsam_model.inference`):
         hidden BxTxD with cond_ids/seg_ids BxT, pyramid = the connector inputs from :meth:`encode_sam`. The
-        task's ``seg_reduce`` mode, as in :meth:`forward`. Returns the decoder's per-layer predictions (R runs)
-        and the plan (``runs``: each run's image and ``<SEG>``)."""
+        task's ``seg_reduce`` mode, as in :meth:`forward`. Returns the decoder's per-layer predictions (R
+        runs) and the plan (``runs``: each run's image and ``<SEG>``)."""
         plan = plan_decoding(self._decode_mode(task), self.llm_projector(hidden), cond_ids, seg_ids)
         preds = self.mask_decoder(
             self.seg_connector(pyramid),
@@ -279,9 +281,10 @@ class XSam(nn.Module):
         return preds, plan
 
     def _targets(self, batch, labels: list[torch.Tensor], n_classes: list[int], unknown: int | None):
-        """Per sample: the masks and labels for the head in use, checked. A label outside ``[0, n_classes[b])``
-        is an error naming the sample (a pipeline off-by-one must not silently remove supervision), except
-        ``unknown`` (stage 1's -100 = a category outside the head), which is dropped and counted."""
+        """Per sample: the masks and labels for the head in use, checked. A label outside ``[0,
+        n_classes[b])`` is an error naming the sample (a pipeline off-by-one must not silently remove
+        supervision), except ``unknown`` (stage 1's -100 = a category outside the head), which is dropped and
+        counted."""
         masks_out, labels_out, dropped = [], [], 0
         keys = batch.get("keys") or []
         for i, (m, lab) in enumerate(zip(batch["mask_labels"], labels, strict=True)):

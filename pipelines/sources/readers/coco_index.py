@@ -1,9 +1,9 @@
 """Memory-bounded indexing of COCO-style JSON (``images`` / ``annotations`` / ``categories``).
 
 ``pycocotools.COCO()`` / ``lvis.LVIS()`` load the whole file and build Python objects for every annotation
-(≈3 GB for a 450 MB LVIS-scale file). Here the file is read **once** by :mod:`pipelines.sources.readers.json_scan`,
-whatever the order of its top-level keys (LVIS puts ``images`` last), and nothing but ids and byte offsets is
-kept:
+(≈3 GB for a 450 MB LVIS-scale file). Here the file is read **once** by
+:mod:`pipelines.sources.readers.json_scan`, whatever the order of its top-level keys (LVIS puts ``images``
+last), and nothing but ids and byte offsets is kept:
 
 1. scan: categories are parsed (small); for every image its id, and for every annotation its image id, id,
    category id and the byte span of its JSON text in the file go into compact int64 columns (40 bytes per
@@ -276,7 +276,8 @@ def _emit(
     ann_list_key: str,
     raw: bool,
 ) -> Iterator[dict]:
-    """Step 3: records in key order, image entries (and annotations unless ``raw``) read back from the file."""
+    """Step 3: records in key order, image entries (and annotations unless ``raw``) read back from the
+    file."""
     n = len(sorted_ids)
     img_off, img_len = (np.frombuffer(c, dtype=np.int64) for c in (scan.img_off, scan.img_len))
     ann_id, ann_cat, ann_off, ann_len = (

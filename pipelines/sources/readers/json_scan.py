@@ -12,8 +12,9 @@ a 2-core box, per pass), and COCO files need two passes because ``images`` may c
 Here one C-level ``re.split`` cuts a window of the file into elements (objects nested up to two levels deep,
 which covers every COCO-style element, RLE dicts included) and their captures, with no Python code per
 element; the text between matches must be empty, which proves the elements contiguous. Where that breaks
-off, elements are matched one by one, and deeper ones are delimited by a bracket walker of any depth. The scanner checks structure (brackets, strings, separators), not value syntax:
-callers parse what they use, and a malformed element fails there with the file named.
+off, elements are matched one by one, and deeper ones are delimited by a bracket walker of any depth. The
+scanner checks structure (brackets, strings, separators), not value syntax: callers parse what they use, and a
+malformed element fails there with the file named.
 """
 
 from __future__ import annotations
@@ -288,7 +289,8 @@ def iter_arrays(
 
 
 def loads(raw: bytes, path: str, offset: int | None = None) -> object:
-    """``json.loads`` of one scanned element, failing with the file and (when known) the byte position named."""
+    """``json.loads`` of one scanned element, failing with the file and (when known) the byte position
+    named."""
     try:
         return json.loads(raw)
     except RecursionError:

@@ -1,4 +1,4 @@
-"""A restricted unpickler for the refer ``refs(unc).p`` / ``refs(umd).p`` files (DESIGN §6).
+"""A restricted unpickler for the refer ``refs(unc).p`` / ``refs(umd).p`` files (docs/integrity.md).
 
 Those files are Python-2 ``cPickle`` dumps of plain ``list[dict]``: lists, dicts, ``str``/``unicode``,
 ints/longs, floats, bools and None. All of these are pickle *opcodes*; none needs a global. A pickle that
@@ -51,7 +51,8 @@ def _codecs_encode(text: str, encoding: str = "utf-8") -> bytes:
 
 
 def _bytes(*args) -> bytes:
-    """``bytes()`` (Python 3 protocol-2 spelling of ``b''``) or ``bytes(list_of_ints)``; never ``bytes(n)``."""
+    """``bytes()`` (Python 3 protocol-2 spelling of ``b''``) or ``bytes(list_of_ints)``; never
+    ``bytes(n)``."""
     if not args:
         return b""
     if len(args) == 1 and isinstance(args[0], list | tuple | bytes):
@@ -67,7 +68,8 @@ ALLOWED_GLOBALS: dict[tuple[str, str], Any] = {
 
 
 class RestrictedUnpickler(pickle.Unpickler):
-    """``pickle.Unpickler`` whose ``find_class`` only returns the checked builtins of :data:`ALLOWED_GLOBALS`."""
+    """``pickle.Unpickler`` whose ``find_class`` only returns the checked builtins of
+    :data:`ALLOWED_GLOBALS`."""
 
     def __init__(self, file, path: str, encoding: str = "utf-8"):
         # Python 2 ``str`` arrives as 8-bit strings; refer data is ASCII/UTF-8 text
