@@ -229,12 +229,17 @@ class TrackingConfig:
     num_predictions: int = 4
     progress_every_s: float = 30.0
     """Seconds between the console's progress lines (rank 0; also at the first and the last step)."""
+    peak_tflops: float | None = None
+    """The GPU's dense bf16 peak for ``mfu`` (TFLOP/s); None = :data:`orchestrate.step_efficiency.PEAK_BF16_FLOPS`
+    by device name (an unknown GPU then logs no ``mfu``)."""
 
     def __post_init__(self):
         if self.mode not in ("auto", "offline", "online", "disabled"):
             raise StageConfigError(
                 f"tracking mode must be auto, offline, online or disabled, got {self.mode!r}"
             )
+        if self.peak_tflops is not None and not self.peak_tflops > 0:
+            raise StageConfigError(f"peak_tflops must be positive, got {self.peak_tflops}")
 
 
 @dataclass(frozen=True, kw_only=True)
