@@ -49,7 +49,7 @@ from torch import nn
 from torch._subclasses.fake_tensor import FakeTensorMode, unset_fake_temporarily
 from torch.distributed._tools.mem_tracker import MemTracker, _MemRefType
 from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils.flop_counter import FlopCounterMode
+from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
 from orchestrate.deepspeed_config import deepspeed_config
 from orchestrate.errors import OrchestrateError
@@ -240,6 +240,27 @@ def _seg_loss(model: nn.Module, preds: list[dict], masks: torch.Tensor) -> torch
 
 
 # ---------------------------------------------------------------------------------------------- tracing
+def _cpu_flash(query, key, value, *args, out_shape=None, **kwargs) -> int:
+    return sdpa_flop_count(query, key, value)
+
+
+def _cpu_flash_backward(grad_out, query, key, value, *args, out_shape=None, **kwargs) -> int:
+    return sdpa_backward_flop_count(grad_out, query, key, value)
+
+
+_CPU_SDPA = {
+    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_flash,
+    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward: _cpu_flash_backward,
+}
+
+
+def flop_counter() -> FlopCounterMode:
+    """``FlopCounterMode`` that also counts the CPU flash-attention kernel that ``scaled_dot_product_attention``
+    runs on (fake) CPU tensors, with the formulas torch registers for the CUDA kernels (4·B·H·S²·D forward,
+    2.5× that backward, which recomputes QKᵀ; the full S², causal or not). Without it the LLM's attention would count 0."""
+    return FlopCounterMode(display=False, custom_mapping=_CPU_SDPA)
+
+
 class _PeakTracker(MemTracker):
     """MemTracker that also remembers what ran when the step's peak was reached: the innermost module whose
     forward was running (``where``, kept by forward hooks, so also a recomputation in backward), else the
@@ -296,7 +317,7 @@ def trace_step(
     model = fake_model(cfg, stage, dtype, mode)
     where: list[str] = []
     tracker = _PeakTracker(where)
-    counter = FlopCounterMode(display=False) if flops else nullcontext()
+    counter = flop_counter() if flops else nullcontext()
     fwd = bwd = 0
     with mode:
         batch = fake_batch(shape, micro_batch, dtype)
