@@ -111,6 +111,13 @@ def _parser() -> argparse.ArgumentParser:
         type=float,
         help="the GPU's dense bf16 peak for the logged mfu (default: a table of known GPUs by name)",
     )
+    _add_plan_args(p)
+    add_verbosity_flags(p)
+    return p
+
+
+def _add_plan_args(p: argparse.ArgumentParser) -> None:
+    """``--plan`` and its options (:mod:`orchestrate.memory_plan`)."""
     plan = p.add_argument_group("planning (--plan: nothing trains, no GPU needed; docs/scale.md)")
     plan.add_argument(
         "--plan",
@@ -128,8 +135,6 @@ def _parser() -> argparse.ArgumentParser:
     )
     plan.add_argument("--seq-len", type=int, help="LLM tokens per sample (default: the stage's longest)")
     plan.add_argument("--plan-json", metavar="PATH", help="also write the plan as JSON")
-    add_verbosity_flags(p)
-    return p
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[RunArgs, argparse.Namespace]:
