@@ -198,7 +198,8 @@ def train_step(
     sam_feats, pyramid = model.encode_sam(batch["extra_pixel_values"])
     b = sam_feats.shape[0]
     if stage == 1:
-        return _seg_loss(model, model.mask_decoder(model.seg_connector(pyramid)), batch["masks"])
+        preds = model.mask_decoder(model.seg_connector(pyramid))
+        return _seg_loss(model, preds, batch["masks"]), preds
     image_tokens, _ = model.encode_images(batch["pixel_values"], sam_feats)
     text = shape.seq_len - image_tokens.shape[1]
     ids = torch.zeros(b, text, dtype=torch.long)
@@ -210,7 +211,7 @@ def train_step(
     labels = torch.zeros(b, shape.seq_len - 1, dtype=torch.long)
     loss = nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels.flatten())
     if stage == 2:
-        return loss
+        return loss, [logits]
     proj = model.llm_projector(hidden)  # BxTxC
     onehot = torch.zeros(b, shape.phrases, shape.seq_len, dtype=proj.dtype)  # phrase spans → span means
     cond = torch.bmm(onehot, proj)
@@ -220,7 +221,7 @@ def train_step(
         cond=cond,
         cond_valid=torch.ones(b, shape.phrases, dtype=torch.bool),
     )
-    return loss + _seg_loss(model, preds, batch["masks"])
+    return loss + _seg_loss(model, preds, batch["masks"]), [logits, preds]
 
 
 def _seg_loss(model: nn.Module, preds: list[dict], masks: torch.Tensor) -> torch.Tensor:
@@ -326,11 +327,12 @@ def trace_step(
         try:
             with nullcontext() if flops else tracker, _failing_module(model, where), _FiniteChecks():
                 with counter:
-                    loss = train_step(model, batch, stage, shape)
+                    loss, held = train_step(model, batch, stage, shape)  # held through backward
                 fwd = counter.get_total_flops() if flops else 0
                 with counter:  # entering resets the count: backward alone
                     loss.backward()
                 bwd = counter.get_total_flops() if flops else 0
+                del held
         except Exception as e:  # fake tensors refuse data-dependent ops: name where
             name = where[-1] if where else "model"
             raise PlanTraceError(

@@ -4,12 +4,15 @@ The plan traces :func:`orchestrate.memory_plan.train_step` on fake tensors at th
 length, phrases, masks); the real step runs :meth:`XSam.forward` (token expansion, Hungarian matching) and
 backward under the same ``MemTracker``, and the process's peak RSS growth is read around it.
 
-Tolerances: parameters and gradients are the same tensors (1 %). Activations at the peak: the plan's step
-replaces the data-dependent bookkeeping by fixed shapes and the real step holds a few extra tensors (the
-matcher's cost matrices, the expanded token rows), so ±25 %. The total peak (parameters + gradients +
-activations) within ±10 %. RSS growth counts what the tracker cannot see (allocator caches, the matcher's numpy
-arrays, freed-but-not-returned pages), so it must lie between 0.8× and 1.6× the planned growth (gradients +
-activations). Measured ratios are logged; see docs/scale.md. About 3 minutes and 8 GB."""
+Measured (2 cores): parameters and gradients 1.00, activations at the peak 1.006 (174 vs 173 MiB, both at
+SAM layer 0's recomputed attention backward), total 1.0002, RSS growth / planned growth 1.27.
+
+Tolerances: parameters and gradients are the same tensors (1 %). Activations at the peak ±10 %: the plan's step
+replaces the data-dependent bookkeeping (the expanded token rows, the matcher's cost matrices) by fixed shapes,
+which another sample could put at the peak. The total peak (parameters + gradients + activations) ±5 %. RSS
+growth counts what the tracker cannot see (allocator caches, the matcher's numpy arrays, freed-but-not-returned
+pages, the autograd graph's own objects), so it must lie between 0.8× and 1.6× the planned growth (gradients +
+activations). The ratios are logged. About 6 minutes and 8.3 GB peak RSS."""
 
 from __future__ import annotations
 
@@ -74,6 +77,6 @@ def test_plan_matches_a_real_step_on_cpu():
     logger.warning("plan / real on CPU: %s; real peak %s", ratios, {k: v / 2**30 for k, v in real.items()})
     assert ratios["parameters"] == pytest.approx(1, rel=0.01)
     assert ratios["gradients"] == pytest.approx(1, rel=0.01)
-    assert ratios["activations"] == pytest.approx(1, rel=0.25)
-    assert ratios["total"] == pytest.approx(1, rel=0.10)
+    assert ratios["activations"] == pytest.approx(1, rel=0.10)
+    assert ratios["total"] == pytest.approx(1, rel=0.05)
     assert 0.8 <= ratios["rss_growth"] <= 1.6
