@@ -4,15 +4,15 @@ The plan traces :func:`orchestrate.memory_plan.train_step` on fake tensors at th
 length, phrases, masks); the real step runs :meth:`XSam.forward` (token expansion, Hungarian matching) and
 backward under the same ``MemTracker``, and the process's peak RSS growth is read around it.
 
-Measured (2 cores): parameters and gradients 1.00, activations at the peak 1.006 (174 vs 173 MiB, both at
-SAM layer 0's recomputed attention backward), total 1.0002, RSS growth / planned growth 1.27.
+Measured (2 cores): parameters and gradients 1.00, activations at the peak 1.004 (174 vs 173 MiB, both at
+SAM layer 0's recomputed attention backward), total 1.0002, RSS growth / planned growth 1.32.
 
 Tolerances: parameters and gradients are the same tensors (1 %). Activations at the peak ±10 %: the plan's step
 replaces the data-dependent bookkeeping (the expanded token rows, the matcher's cost matrices) by fixed shapes,
 which another sample could put at the peak. The total peak (parameters + gradients + activations) ±5 %. RSS
 growth counts what the tracker cannot see (allocator caches, the matcher's numpy arrays, freed-but-not-returned
 pages, the autograd graph's own objects), so it must lie between 0.8× and 1.6× the planned growth (gradients +
-activations). The ratios are logged. About 6 minutes and 8.3 GB peak RSS."""
+activations). The ratios are logged. About 4–6 minutes and 8.5 GB peak RSS."""
 
 from __future__ import annotations
 
