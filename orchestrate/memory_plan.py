@@ -23,15 +23,18 @@ What is traced and what is arithmetic:
 
 The trace runs on the fake *CPU* device: this CPU-only torch cannot record autograd on a fake ``cuda`` tensor
 (``AccumulateGrad`` asks for a CUDA device guard). Sizes are the same on every device; the CUDA allocator's
-512-byte rounding is applied here, and the LLM's attention is ``sdpa`` (flash kernels on either device: no
-T×T score matrix), as with ``flash_attention_2``.
+512-byte rounding is applied per category (:func:`_rounded`). The LLM's attention is ``sdpa``: on GPUs its
+flash/efficient kernels (and ``flash_attention_2``) hold no T×T score matrix; where the CPU build's kernel
+choice would hold one, the plan errs high, never low.
 
 The step mirrors :meth:`xsam_model.modeling.xsam.XSam.forward` for the stage with its data-dependent
 bookkeeping replaced by fixed shapes (fake tensors have no values): the ``<image>`` expansion becomes one
 concatenation (image tokens first), phrase/``<SEG>`` span means a fixed one-hot product, and the Hungarian
 matcher (no-grad, a Q×N cost matrix) a fixed assignment; the losses themselves run (class CE, point-sampled
-mask BCE and Dice over every decoder layer). The CPU check (``tests/orchestrate/test_memory_plan.py``) compares
-the plan of the full-width smoke model with a real forward + backward of :meth:`XSam.forward`.
+mask BCE and Dice over every decoder layer), and the step's outputs (per-layer predictions, LM logits) stay
+alive through backward as the trainer's ``XSamOutput`` does. Mask2Former's training-time ``isfinite`` check
+takes the finite path (:class:`_FiniteChecks`). The CPU check (``tests/orchestrate/test_memory_plan_check.py``)
+compares the plan of the full-width smoke model with a real forward + backward of :meth:`XSam.forward`.
 """
 
 from __future__ import annotations
@@ -397,10 +400,9 @@ class _Hooks:
 
 
 def _rounded(tracker: MemTracker) -> dict[str, int]:
-    """The tracker's peak snapshot by category name. MemTracker rounds to the CUDA allocator's block only on a
-    cuda device; the trace runs on fake CPU, so the rounding is redone here from the tracked storages is not
-    possible after the fact: the peak's categories are rounded up per category (an under-estimate of at most
-    512 B per tensor, small against GB-sized activations)."""
+    """The tracker's peak snapshot by category name, each rounded up to the CUDA allocator's 512-byte block.
+    MemTracker rounds every tensor on a cuda device; on the fake CPU device it does not, so this per-category
+    rounding is short by at most 512 B per live tensor (kilobytes against GB-sized activations)."""
     snap = tracker.get_tracker_snapshot("peak")
     out: dict[str, int] = {}
     for dev_snap in snap.values():
