@@ -16,6 +16,9 @@ import logging
 from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
 logger = logging.getLogger(__name__)
 
 PEAK_BF16_FLOPS: tuple[tuple[str, float], ...] = (
@@ -68,8 +71,6 @@ class StepEfficiency:
 
     @classmethod
     def create(cls, device, override_tflops: float | None = None) -> StepEfficiency | None:
-        import torch
-
         if getattr(device, "type", str(device)) != "cuda":
             return None
         # GPU only from here
@@ -83,15 +84,11 @@ class StepEfficiency:
         """A ``FlopCounterMode`` around the first step (when there is a peak to divide by), else nothing."""
         if self.flops is not None or self.peak is None:
             return nullcontext()
-        from torch.utils.flop_counter import FlopCounterMode
-
         self._counter = FlopCounterMode(display=False)
         return self._counter
 
     def fields(self, step_time_s: float) -> dict[str, Any]:
         """The step's ``mfu``, ``flops_per_step`` and ``gpu/peak_mem_gib``; resets the peak for the next step."""
-        import torch
-
         if self._counter is not None:
             self.flops, self._counter = float(self._counter.get_total_flops()), None
         peak_mem = torch.cuda.max_memory_allocated(self.device)  # GPU only

@@ -26,7 +26,6 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run as a script
 
 from orchestrate.console import configure_logging  # noqa: E402
-from orchestrate.memory_plan import PlanRequest, format_plan, plan_stage  # noqa: E402
 from orchestrate.plan import model_config  # noqa: E402
 from orchestrate.runner import (  # noqa: E402
     RunArgs,
@@ -40,6 +39,7 @@ from orchestrate.runner import (  # noqa: E402
 from pipelines.errors import run_cli  # noqa: E402
 from pipelines.logs import add_verbosity_flags  # noqa: E402
 
+# Heavy imports (torch) are deferred into print_plan: --help and the config checks need no torch.
 logger = logging.getLogger("orchestrate.train")
 
 
@@ -193,6 +193,8 @@ def resolved_config(args: RunArgs) -> dict:
 def print_plan(args: RunArgs, ns: argparse.Namespace) -> int:
     """``--plan``: the stage's per-GPU memory and FLOPs (:mod:`orchestrate.memory_plan`), as a table on stdout
     and, with ``--plan-json``, as JSON. A model that cannot be traced is an error naming its module (exit 2)."""
+    from orchestrate.memory_plan import PlanRequest, format_plan, plan_stage  # torch, transformers
+
     req = PlanRequest(
         stage=args.stage,
         flavor=args.flavor,

@@ -20,6 +20,7 @@ from orchestrate.errors import StageConfigError
 from orchestrate.stages import TrackingConfig
 from pipelines.errors import run_cli
 from xsam_model.flavors import DEBUG
+from xsam_model.modeling.connector import SegConnector
 
 GiB = 1024**3
 
@@ -136,8 +137,6 @@ def test_flop_trace_counts_forward_and_backward(debug_traces):
 
 
 def test_untraceable_module_is_named(monkeypatch):
-    from xsam_model.modeling.connector import SegConnector
-
     def data_dependent(self, feats):
         return [f * float(f.sum()) for f in feats]  # a value read: fake tensors have none
 
@@ -166,8 +165,6 @@ def test_plan_command_prints_the_table_and_json(tmp_path, capsys):
 
 
 def test_plan_of_an_untraceable_model_exits_2(monkeypatch, capsys):
-    from xsam_model.modeling.connector import SegConnector
-
     monkeypatch.setattr(SegConnector, "forward", lambda self, feats: [f * float(f.sum()) for f in feats])
     assert run_cli(train.main, ["--stage", "1", "--flavor", "debug", "--plan"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
