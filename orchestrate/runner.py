@@ -80,6 +80,8 @@ class RunArgs:
     vgd_same_image: bool = False
     stored_categories: bool = False
     vgd_no_negatives: bool = False
+    peak_tflops: float | None = None
+    """The GPU's bf16 peak for ``mfu`` (``TrackingConfig.peak_tflops``)."""
 
 
 def check_flavor(flavor: str) -> None:
@@ -159,6 +161,8 @@ def build_config(a: RunArgs):
         cfg = rep(cfg, data=rep(cfg.data, **vgd))
     if a.wandb_mode is not None:
         cfg = rep(cfg, tracking=rep(cfg.tracking, mode=a.wandb_mode))
+    if a.peak_tflops is not None:
+        cfg = rep(cfg, tracking=rep(cfg.tracking, peak_tflops=a.peak_tflops))
     if a.checkpoint_every is not None:
         cfg = rep(cfg, checkpoint=rep(cfg.checkpoint, every_steps=a.checkpoint_every))
     if a.max_failures is not None:

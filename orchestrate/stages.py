@@ -236,6 +236,9 @@ class TrackingConfig:
     grad_norm_every: int = 50
     """Every K optimizer steps: the gradient norm of each trained part, ``grad_norm/<group>``
     (:mod:`orchestrate.grad_norms`; one extra all-reduce per parameter under ZeRO); 0 = never."""
+    peak_tflops: float | None = None
+    """The GPU's dense bf16 peak for ``mfu`` (TFLOP/s); None = by device name from
+    :data:`orchestrate.step_efficiency.PEAK_BF16_FLOPS` (an unknown GPU then logs no ``mfu``)."""
 
     def __post_init__(self):
         if self.mode not in ("auto", "offline", "online", "disabled"):
@@ -244,6 +247,8 @@ class TrackingConfig:
             )
         if not isinstance(self.grad_norm_every, int) or self.grad_norm_every < 0:
             raise StageConfigError(f"grad_norm_every must be an int >= 0, got {self.grad_norm_every!r}")
+        if self.peak_tflops is not None and not self.peak_tflops > 0:
+            raise StageConfigError(f"peak_tflops must be positive, got {self.peak_tflops}")
 
 
 @dataclass(frozen=True, kw_only=True)

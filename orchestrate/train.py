@@ -5,6 +5,7 @@
     python orchestrate/train.py --stage 1 --flavor debug --shards demo_out/shards --run-root demo_out/runs \
         --num-workers 2 --max-steps 6                                     # joins RAY_ADDRESS or starts Ray
     python orchestrate/train.py --stage 3 --print-config                  # the resolved config, nothing run
+    python orchestrate/train.py --stage 3 --plan --gpu-memory 40          # per-GPU memory/FLOPs
 
 Stage N starts from stage N-1's export under the same --run-root (stage 3: from stages 1 and 2) unless
 --init-from says otherwise; submitting a stage again continues from its newest complete checkpoint, and a
@@ -27,10 +28,12 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run as a script
 
 from orchestrate.console import configure_logging  # noqa: E402
+from orchestrate.memory_plan import PlanRequest, format_plan, plan_stage  # noqa: E402
 from orchestrate.plan import model_config  # noqa: E402
 from orchestrate.runner import (  # noqa: E402
     RunArgs,
     build_config,
+    check_flavor,
     elastic_workers,
     fit,
     prepare,
@@ -73,7 +76,7 @@ def _parser() -> argparse.ArgumentParser:
     add("--use-gpu", action="store_true")
     add("--cpus-per-worker", type=float, default=1.0)
     add("--max-steps", type=int, help="stop after N optimizer steps (default: the recipe's epochs)")
-    add("--zero-stage", type=int, choices=(0, 1, 2))
+    add("--zero-stage", type=int, choices=(0, 1, 2, 3), help="training takes 0-2; --plan also 3")
     add("--global-batch", type=int, help="default: the recipe's (accumulation absorbs fewer workers)")
     add("--micro-batch", type=int)
     add("--loader-workers", type=int, help="DataLoader processes per training worker")
@@ -109,15 +112,42 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="print the resolved stage and model configs (JSON, every field) and exit",
     )
+    add(
+        "--peak-tflops",
+        type=float,
+        help="the GPU's dense bf16 peak for the logged mfu (default: a table of known GPUs by name)",
+    )
+    _add_plan_args(p)
     add_verbosity_flags(p)
     return p
+
+
+def _add_plan_args(p: argparse.ArgumentParser) -> None:
+    """``--plan`` and its options (:mod:`orchestrate.memory_plan`)."""
+    plan = p.add_argument_group("planning (--plan: nothing trains, no GPU needed; docs/scale.md)")
+    plan.add_argument(
+        "--plan",
+        action="store_true",
+        help="trace one training step of the stage's model on fake tensors and print per-GPU memory, FLOPs "
+        "per sample and the largest micro batch that fits; --num-workers, --micro-batch, --zero-stage, "
+        "--precision, --global-batch set the layout",
+    )
+    plan.add_argument(
+        "--gpu-memory",
+        type=float,
+        nargs="+",
+        default=[80.0],
+        help="GiB per GPU, one or more cards (default 80)",
+    )
+    plan.add_argument("--seq-len", type=int, help="LLM tokens per sample (default: the stage's longest)")
+    plan.add_argument("--plan-json", metavar="PATH", help="also write the plan as JSON")
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[RunArgs, argparse.Namespace]:
     """``(RunArgs, the namespace)``; the namespace also holds ``verbose``, ``quiet`` and ``print_config``."""
     p = _parser()
     a = p.parse_args(argv)
-    if not a.print_config and not (a.shards and a.run_root):
+    if not (a.print_config or a.plan) and not (a.shards and a.run_root):
         p.error("the following arguments are required: --shards, --run-root")
     if a.num_workers is not None and a.num_workers < 1:  # 0 used to mean "the recipe's default" silently
         p.error(f"--num-workers {a.num_workers}: needs at least 1 worker")
@@ -139,6 +169,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[RunArgs, argparse.Namespa
             p.error(f"--init-from {item!r}: expected STAGE=EXPORT_FOLDER")
         init_from[int(k)] = v
     skip = {"init_from", "print_config", "verbose", "quiet", "shards", "run_root"}
+    skip |= {"plan", "gpu_memory", "seq_len", "plan_json"}
     kw = {k: v for k, v in vars(a).items() if k not in skip}
     return RunArgs(**kw, shards=a.shards or "", run_root=a.run_root or "", init_from=init_from), a
 
@@ -167,6 +198,30 @@ def resolved_config(args: RunArgs) -> dict:
     return {"stage": cfg.to_dict(), "model": config_dict(model_config(cfg))}
 
 
+def print_plan(args: RunArgs, ns: argparse.Namespace) -> int:
+    """``--plan``: the stage's per-GPU memory and FLOPs (:mod:`orchestrate.memory_plan`), as a table on
+    stdout and, with ``--plan-json``, as JSON. A model that cannot be traced is an error naming its module
+    (exit 2)."""
+    req = PlanRequest(
+        stage=args.stage,
+        flavor=args.flavor,
+        world=args.num_workers,
+        micro_batch=args.micro_batch,
+        zero_stage=2 if args.zero_stage is None else args.zero_stage,
+        precision=args.precision if args.precision not in (None, "auto") else "bf16",
+        gpu_memory_gib=tuple(ns.gpu_memory),
+        seq_len=ns.seq_len,
+        global_batch=args.global_batch,
+    )
+    check_flavor(args.flavor)
+    plan = plan_stage(req)
+    print(format_plan(plan))
+    if ns.plan_json:
+        with open(ns.plan_json, "w") as f:
+            json.dump(plan, f, indent=2)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run through :func:`pipelines.errors.run_cli`: an orchestrate error is exit code 2 and one line."""
     args, ns = parse_args(argv)
@@ -175,6 +230,8 @@ def main(argv: list[str] | None = None) -> int:
     if ns.print_config:
         print(json.dumps(resolved_config(args), indent=2))
         return 0
+    if ns.plan:
+        return print_plan(args, ns)
     elastic_workers(build_config(args), args.min_workers)  # a range that cannot keep the batch: one line, now
     with stage_lock(args):  # one training per stage folder, taken before anything is checked or written
         plan = prepare(args)

@@ -28,7 +28,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from orchestrate import checkpointing, console, exports, fingerprint
+from orchestrate import checkpointing, console, exports, fingerprint, step_efficiency
 from orchestrate.callbacks import Callback
 from orchestrate.checkpointing import TrainState
 from orchestrate.deepspeed_config import initialize
@@ -154,6 +154,8 @@ class Trainer:
             checkpoint, self.world, self.cfg.zero_stage, run_root=self.plan.run_root, rank=self.rank
         )
         self._build_engine(load_universal=universal)
+        # mfu and peak memory per step, GPU only (None on CPU: neither is logged)
+        self.efficiency = step_efficiency.StepEfficiency.create(self.device, self.cfg.tracking.peak_tflops)
         self._build_loader()
         if checkpoint is not None:
             self._resume(checkpoint, universal)
@@ -286,7 +288,9 @@ class Trainer:
         """Steps until ``plan.total_steps``: step, log, checkpoint when due, then ``on_step_end``."""
         batches = iter(self.loader)
         while self.state.step < self.plan.total_steps:
-            metrics = self.step(batches)
+            with step_efficiency.counting(self.efficiency):  # the first step's FLOPs, counted once
+                metrics = self.step(batches)
+            metrics.update(step_efficiency.step_fields(self.efficiency, metrics["step_time_s"]))
             self.log(metrics)
             step = self.state.step
             if step % self.cfg.checkpoint.every_steps == 0 or step == self.plan.total_steps:

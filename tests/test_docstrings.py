@@ -79,7 +79,10 @@ def citation_problems(root: Path, files: Iterable[str]) -> list[str]:
 
 
 def test_code_cites_docs_not_design_sections_or_issue_numbers():
-    files = [f for f in tracked_files(ROOT) if f.split("/", 1)[0] in CODE_DIRS]
+    # This file's own comments spell the forbidden forms out as examples, so it is not read.
+    files = [
+        f for f in tracked_files(ROOT) if f.split("/", 1)[0] in CODE_DIRS and f != "tests/test_docstrings.py"
+    ]
     assert any(f.endswith(".md") for f in files)  # the dataset-card texts are checked too
     assert citation_problems(ROOT, files) == []
 
