@@ -70,8 +70,13 @@ class InferenceOptions:
     seed: int = 0
     overlays: int = 2
     """Prediction overlays per set in the wandb run."""
+    protocol: str = "paper"
+    """``paper`` (X-SAM's evaluation code) or ``standard`` (:data:`scoring.PROTOCOLS`, docs/evaluation.md)."""
 
     def __post_init__(self):
+        from orchestrate.evaluation.scoring import check_protocol
+
+        check_protocol(self.protocol)
         if self.mode not in ("auto", "teacher", "generate"):
             raise EvaluationError(f"--mode must be auto, teacher or generate, got {self.mode!r}")
         if self.precision not in ("auto", "bf16", "fp32"):
@@ -283,12 +288,14 @@ class InferenceRun:
     samples: dict[str, int] = field(default_factory=dict)
     no_seg: dict[str, int] = field(default_factory=dict)
     seconds: float = 0.0
+    protocol: str = "paper"
 
     def summary(self) -> dict[str, Any]:
         return {
             "export": self.info.url,
             "stage": self.info.stage,
             "flavor": self.info.flavor,
+            "protocol": self.protocol,
             "sets": {
                 j.evs.name: {
                     "mode": j.mode,
@@ -344,7 +351,7 @@ def run_inference(
     work = shard_jobs(jobs, options.max_samples)
     Path(out_dir).mkdir(parents=True, exist_ok=True)
     path = os.path.join(out_dir, "predictions.jsonl")
-    run = InferenceRun(path, info, jobs)
+    run = InferenceRun(path, info, jobs, protocol=options.protocol)
     stream = (
         _inline(export, options, work)
         if num_workers <= 1
@@ -433,16 +440,21 @@ def _write_json(path: str, obj: Any) -> None:
 
 # ------------------------------------------------------------------------------------------ scoring
 def score_subset(
-    predictions: str, shards: str, data_root: str, sets: Sequence[str], text_sim_model: str | None = None
+    predictions: str,
+    shards: str,
+    data_root: str,
+    sets: Sequence[str],
+    text_sim_model: str | None = None,
+    protocol: str = "paper",
 ) -> tuple[dict[str, dict[str, float]], dict[str, dict]]:
     """Score only the samples ``predictions`` has (a set's first N) with the evaluation's own scorers:
-    ``(results, details)`` as :func:`score_predictions` computes them for whole sets."""
+    ``(results, details)`` as :func:`score_predictions` computes them for whole sets, under ``protocol``."""
     from orchestrate.evaluation import captions
     from orchestrate.evaluation.predictions import PredictionReader, index_predictions
     from orchestrate.evaluation.scoring import SCORERS, ScoreOptions
 
     refs = index_predictions(predictions)
-    options = ScoreOptions(text_sim_model=text_sim_model)
+    options = ScoreOptions(text_sim_model=text_sim_model, protocol=protocol)
     results, details = {}, {}
     try:
         for name in sets:
@@ -461,6 +473,7 @@ def score_subset(
             details[name] = {
                 "samples": scorer.samples,
                 "notes": [*notes, "scored on a subset (--max-samples)"],
+                "protocol": protocol,
             }
     finally:
         captions.close()
@@ -502,7 +515,7 @@ def evaluate_export(
     ``inference.json``, ``predictions.jsonl`` and a wandb eval run under ``out_dir``. ``sets`` None: every
     built eval split that has a metric (:func:`default_sets`)."""
     from orchestrate.evaluation import score_predictions
-    from orchestrate.evaluation.report import write_outputs
+    from orchestrate.evaluation.report import details_document, write_outputs
 
     names = list(sets) if sets else default_sets(shards)
     run = run_inference(
@@ -510,12 +523,22 @@ def evaluate_export(
     )
     if options.max_samples is None:
         results = score_predictions(
-            run.predictions, shards, data_root, names, out_dir, num_workers, text_sim_model, "disabled"
+            run.predictions,
+            shards,
+            data_root,
+            names,
+            out_dir,
+            num_workers,
+            text_sim_model,
+            "disabled",
+            protocol=options.protocol,
         )
         details = json.loads(Path(out_dir, "details.json").read_text())["sets"]
     else:
-        results, details = score_subset(run.predictions, shards, data_root, names, text_sim_model)
-        write_outputs(out_dir, results, details, run.predictions, shards, None)
+        results, details = score_subset(
+            run.predictions, shards, data_root, names, text_sim_model, options.protocol
+        )
+        write_outputs(out_dir, results, details, run.predictions, shards, None, options.protocol)
     for name, d in details.items():
         if run.no_seg.get(name):
             d.setdefault("notes", []).append(
@@ -523,7 +546,7 @@ def evaluate_export(
             )
     _write_json(
         os.path.join(out_dir, "details.json"),
-        {"predictions": run.predictions, "shards": shards, "sets": details},
+        details_document(run.predictions, shards, details, options.protocol),
     )
     if wandb_mode and wandb_mode != "disabled":
         from orchestrate.evaluation.inference_report import log_eval_run

@@ -2,7 +2,10 @@
 
 ``results.json`` is the contract (DESIGN §4.8): ``{"<source>/<split>": {"<metric>": value in percent}}``,
 metric names as the papers print them; a metric that is undefined (no sample of its kind) is ``null``.
-``details.json`` holds per set the number of samples scored and the notes (why a metric is missing).
+``details.json`` holds per set the number of samples scored and the notes (why a metric is missing), and
+which protocol scored the run: ``"protocol": "paper"`` or ``"standard"`` at its top level and in every set's
+entry. ``results.json`` keeps its shape (every top-level key is a set), so readers that iterate it are
+unchanged; the protocol is read from ``details.json`` beside it (docs/evaluation.md).
 """
 
 from __future__ import annotations
@@ -71,17 +74,22 @@ def write_outputs(
     predictions: str,
     shards: str,
     wandb_mode: str | None,
+    protocol: str = "paper",
 ) -> None:
     """``results.json`` + ``details.json`` under ``out_dir``, and the wandb eval run (unless disabled)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     clean = {s: {m: _json_value(v) for m, v in ms.items()} for s, ms in results.items()}
     _write(out / "results.json", clean)
-    _write(
-        out / "details.json", {"predictions": os.path.abspath(predictions), "shards": shards, "sets": details}
-    )
+    _write(out / "details.json", details_document(predictions, shards, details, protocol))
     if wandb_mode and wandb_mode != "disabled":
-        log_wandb(out, clean, details, wandb_mode)
+        log_wandb(out, clean, details, wandb_mode, protocol)
+
+
+def details_document(predictions: str, shards: str, details: Mapping[str, Mapping], protocol: str) -> dict:
+    """What ``details.json`` holds: the inputs, the protocol, and per set its samples, notes and protocol."""
+    sets = {name: {**d, "protocol": protocol} for name, d in details.items()}
+    return {"predictions": os.path.abspath(predictions), "shards": shards, "protocol": protocol, "sets": sets}
 
 
 def _write(path: Path, obj: object) -> None:
@@ -90,7 +98,9 @@ def _write(path: Path, obj: object) -> None:
     tmp.replace(path)
 
 
-def log_wandb(out: Path, results: Mapping, details: Mapping, mode: str) -> str | None:
+def log_wandb(
+    out: Path, results: Mapping, details: Mapping, mode: str, protocol: str = "paper"
+) -> str | None:
     """One wandb run (``job_type="eval"``) with the results as a table and as summary values; returns the
     run's folder."""
     from orchestrate.evaluation.wandb_helpers import resolve_mode, wandb_env
@@ -109,7 +119,7 @@ def log_wandb(out: Path, results: Mapping, details: Mapping, mode: str) -> str |
         name=f"eval/{out.name}",
         dir=str(folder),
         mode=mode,
-        config={"sets": sorted(results)},
+        config={"sets": sorted(results), "protocol": protocol},
         settings=wandb.Settings(console="off", silent=True),
     )
     try:

@@ -35,10 +35,13 @@ def score_predictions(
     num_workers: int = 0,
     text_sim_model: str | None = None,
     wandb_mode: str | None = "offline",
+    protocol: str = "paper",
 ) -> dict[str, dict[str, float]]:
     """Score ``predictions_path`` on ``sets`` (default: every set its keys belong to) and return
     ``{set: {metric: value in percent}}``. With ``out_dir``: ``results.json``, ``details.json`` and a wandb
-    run there. ``num_workers`` > 1 scores shards as Ray tasks (joining ``RAY_ADDRESS`` or a local Ray)."""
+    run there. ``num_workers`` > 1 scores shards as Ray tasks (joining ``RAY_ADDRESS`` or a local Ray).
+    ``protocol``: ``paper`` (X-SAM's code) or ``standard`` (:data:`scoring.PROTOCOLS`)."""
+    options = ScoreOptions(text_sim_model=text_sim_model, protocol=protocol)  # a bad protocol fails first
     t0 = time.time()
     refs = index_predictions(predictions_path)
     names = list(sets) if sets else sorted({set_of_key(k) for k in refs})
@@ -50,7 +53,6 @@ def score_predictions(
 
         text_embedder(text_sim_model)  # a bad folder fails now, not in a worker
     by_set = _split_refs(refs, names, predictions_path)
-    options = ScoreOptions(text_sim_model=text_sim_model)
     scorers, details = {}, {}
     for evs, parts in _score_all(evsets, by_set, predictions_path, options, num_workers):
         scorer = parts[0].scorer
@@ -63,7 +65,7 @@ def score_predictions(
         for name, scorer in scorers.items():
             metrics, notes = scorer.result()
             results[name] = metrics
-            details[name] = {"samples": scorer.samples, "notes": notes}
+            details[name] = {"samples": scorer.samples, "notes": notes, "protocol": protocol}
     finally:
         from orchestrate.evaluation import captions
 
@@ -72,7 +74,7 @@ def score_predictions(
     if out_dir:
         from orchestrate.evaluation.report import write_outputs
 
-        write_outputs(out_dir, results, details, predictions_path, shards, wandb_mode)
+        write_outputs(out_dir, results, details, predictions_path, shards, wandb_mode, protocol)
     return results
 
 

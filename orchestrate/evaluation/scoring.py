@@ -37,11 +37,27 @@ from pipelines.schema import Sample
 log = logging.getLogger(__name__)
 
 
+PROTOCOLS = ("paper", "standard")
+"""``paper``: X-SAM's evaluation code (``AAAI26_Archive``) where it departs from the standard definition;
+``standard``: the benchmark's own definition (docs/evaluation.md lists each difference)."""
+
+
+def check_protocol(protocol: str) -> str:
+    """``protocol`` if it is one of :data:`PROTOCOLS`, else an :class:`EvaluationError` (one line)."""
+    if protocol not in PROTOCOLS:
+        raise EvaluationError(f"--protocol must be {' or '.join(PROTOCOLS)}, got {protocol!r}")
+    return protocol
+
+
 @dataclass(frozen=True)
 class ScoreOptions:
     """What scoring needs besides the files."""
 
     text_sim_model: str | None = None  # local sentence-embedding folder for GCG recall (never downloaded)
+    protocol: str = "paper"  # one of PROTOCOLS
+
+    def __post_init__(self):
+        check_protocol(self.protocol)
 
 
 # ------------------------------------------------------------------------------------------ checks
