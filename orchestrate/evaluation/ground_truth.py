@@ -89,6 +89,8 @@ class EvalSet:
     annotations: dict[str, list[tuple[int, int]]] = field(default_factory=dict)  # key -> byte spans
     annotation_file: str | None = None
     data_root: str = ""
+    source_options: dict = field(default_factory=dict)
+    """The manifest's ``options.extra`` (the build's source options; the names the set's phrases use)."""
 
     def shard_path(self, name: str) -> str:
         return join(self.folder, name)
@@ -151,6 +153,7 @@ def open_set(shards: str, data_root: str, name: str) -> EvalSet:
         num_samples=manifest.samples,
         entries={s.file: s for s in manifest.shards},
         data_root=data_root,
+        source_options=dict((manifest.options or {}).get("extra") or {}),
     )
     if any(s.index_sha256 is None for s in manifest.shards):
         log.warning("%s: built before member indexes: its samples are not digest-checked; rebuild it", name)
@@ -161,7 +164,7 @@ def open_set(shards: str, data_root: str, name: str) -> EvalSet:
 # ------------------------------------------------------------------------------------------ original files
 def _add_originals(evs: EvalSet, inputs: list[dict]) -> None:
     if evs.source.startswith("ade20k_"):
-        table = _ade_table(evs.source)
+        table = _ade_table(evs.source, evs.source_options)
         evs.categories = {int(c): bool(v) for c, v in table["isthing"].items()}
         evs.category_names = {int(c): n for c, n in table["category_names"].items()}
         return
@@ -186,10 +189,12 @@ def _add_originals(evs: EvalSet, inputs: list[dict]) -> None:
     _index_coco(evs, path, files.dirs.get("panoptic"))
 
 
-def _ade_table(source: str) -> dict:
+def _ade_table(source: str, extra: dict) -> dict:
+    """The set's ADE table with the names its build used (:mod:`pipelines.sources.vocabulary`)."""
     from pipelines.sources.ade20k import category_table
+    from pipelines.sources.vocabulary import naming
 
-    return category_table(SOURCES[source].vocabulary())
+    return category_table(SOURCES[source].vocabulary(), naming(source, extra))
 
 
 def _locate(evs: EvalSet):
@@ -294,13 +299,20 @@ def coco_instances(evs: EvalSet, key: str, hw: tuple[int, int]) -> list[ApTruth]
 
 def prompt_vocabulary(evs: EvalSet) -> list[tuple[int, str]]:
     """X-SAM's evaluation prompt for a genseg/ovseg set: every category of the set in id order, as
-    ``(category_id, phrase)`` (phrases cleaned as the build cleans them). Inference lists these, so a
-    predicted phrase index maps back to its ``category_id``."""
-    from pipelines.sources.genseg import clean_category_name
+    ``(category_id, phrase)``, the phrases named as the set's build named them
+    (:func:`pipelines.sources.vocabulary.category_phrases`: by default X-SAM's eval names, COCO 'wall', 'sky',
+    ADE20K's synonym lists). Inference lists these, so a predicted phrase index maps back to its
+    ``category_id``."""
+    from pipelines.sources.vocabulary import category_phrases
 
     if evs.categories is None:
         raise EvaluationError(f"{evs.name}: the set has no category vocabulary")
-    return [(c, clean_category_name(evs.category_names.get(c, str(c)))) for c in sorted(evs.categories)]
+    ids = sorted(evs.categories)
+    try:
+        phrases = category_phrases(evs.source, evs.source_options, ids, evs.category_names)
+    except (KeyError, ValueError) as e:
+        raise EvaluationError(f"{evs.name}: no phrase for category {e}") from None
+    return [(c, phrases[c]) for c in ids]
 
 
 # ------------------------------------------------------------------------------------------ per sample

@@ -211,6 +211,11 @@ def slot_categories(sample: Sample) -> tuple[int, ...]:
     return tuple(int(by_label[k]) for k in range(len(sample.phrases)))
 
 
+def asked(sample: Sample) -> dict:
+    """``{"key", "questions"}``: the user turns of the Sample inference runs on, as the model is asked them."""
+    return {"key": sample.key, "questions": [t.text for t in sample.conversation if t.role == "user"]}
+
+
 # ------------------------------------------------------------------------------------------ one worker
 @dataclass
 class ShardLines:
@@ -221,6 +226,8 @@ class ShardLines:
     lines: list[dict]
     no_seg: int = 0
     seconds: float = 0.0
+    first: dict | None = None
+    """The first sample's key and the user turns it was asked (``inference.json`` shows the prompt)."""
 
 
 class ShardPredictor:
@@ -251,6 +258,8 @@ class ShardPredictor:
             if image is None:
                 raise EvaluationError(f"{sample.key}: the shard holds no image for it")
             batch.append((*prepare(job, sample), image))
+            if out.first is None:
+                out.first = asked(batch[-1][0])
             if len(batch) == self.options.batch_size:
                 self._flush(job, batch, out)
         self._flush(job, batch, out)
@@ -289,6 +298,8 @@ class InferenceRun:
     no_seg: dict[str, int] = field(default_factory=dict)
     seconds: float = 0.0
     protocol: str = "paper"
+    first: dict[str, dict] = field(default_factory=dict)
+    """Per set, its first sample's key and questions (:func:`asked`)."""
 
     def summary(self) -> dict[str, Any]:
         return {
@@ -301,6 +312,7 @@ class InferenceRun:
                     "mode": j.mode,
                     "samples": self.samples.get(j.evs.name, 0),
                     "no_seg": self.no_seg.get(j.evs.name, 0),
+                    "first_sample": self.first.get(j.evs.name),
                 }
                 for j in self.jobs
             },
@@ -364,6 +376,8 @@ def run_inference(
             f.flush()
             run.samples[part.set_name] = run.samples.get(part.set_name, 0) + len(part.lines)
             run.no_seg[part.set_name] = run.no_seg.get(part.set_name, 0) + part.no_seg
+            if part.first is not None:
+                run.first.setdefault(part.set_name, part.first)
             log.info(
                 "%s: %s predicted (%d samples, %.1f s); %d/%d shards",
                 part.set_name,

@@ -289,9 +289,9 @@ class _Ade20k:
         raise SourceNotFound(self.name, looked)
 
     def index(self, files: SourceFiles, split: str, options: BuildOptions) -> Iterator[dict | Skip | Shared]:
-        # X-SAM's instance names equal LISA's; panoptic/semantic prompts follow the ade20k_category_names option
-        naming = "lisa" if self.kind == "instance" else options.extra.ade20k_category_names
-        yield Shared(category_table(self.vocabulary(), naming))
+        from pipelines.sources.vocabulary import naming  # the set's phrases, as its evaluation prompts them
+
+        yield Shared(category_table(self.vocabulary(), naming(self.name, options.extra)))
         prefix = f"{self.name}/{split}"
         layout = files.info["layout"]
         if layout == "mask2former" and self.kind != "semantic":
