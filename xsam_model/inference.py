@@ -36,6 +36,7 @@ from torch import nn
 
 from pipelines.errors import XsamError
 from pipelines.schema import Sample
+from xsam_model.config import eval_processor
 from xsam_model.postprocess import Geometry
 from xsam_model.processor import XSamProcessor
 
@@ -290,9 +291,10 @@ class Inferencer:
         if proc is None:
             raise InferenceError(f"model {model.config.name!r} has no tokenizer (build it with its init_dir)")
         self.model, self.cfg, self.stage = model, cfg, stage
-        # inference never cuts a prompt: a long vocabulary list must reach the LLM whole
+        # X-SAM's evaluation pre-processing of the model's own processor: SigLIP padded to a square, no
+        # jitter, no text cut (a long vocabulary list must reach the LLM whole)
         self.processor = XSamProcessor(
-            dataclasses.replace(proc.config, max_length=None), proc.tokenizer, model.config.special_tokens
+            eval_processor(proc.config), proc.tokenizer, model.config.special_tokens
         )
         self.special = SpecialIds(seg=proc.seg_id, p_open=proc.p_open_id, p_close=proc.p_close_id)
         tok = proc.tokenizer
