@@ -489,6 +489,8 @@ def score_subset(
                 "notes": [*notes, "scored on a subset (--max-samples)"],
                 "protocol": protocol,
             }
+            if scorer.counts():
+                details[name]["counts"] = scorer.counts()
     finally:
         captions.close()
     return results, details

@@ -66,6 +66,8 @@ def score_predictions(
             metrics, notes = scorer.result()
             results[name] = metrics
             details[name] = {"samples": scorer.samples, "notes": notes, "protocol": protocol}
+            if scorer.counts():
+                details[name]["counts"] = scorer.counts()
     finally:
         from orchestrate.evaluation import captions
 

@@ -32,6 +32,7 @@ from orchestrate.evaluation.metrics import (
     rle_union,
 )
 from orchestrate.evaluation.predictions import Prediction, PredictionReader, phrase_spans
+from pipelines import masks as mask_ops
 from pipelines.schema import Sample
 
 log = logging.getLogger(__name__)
@@ -123,6 +124,10 @@ class _Scorer:
 
     def result(self) -> tuple[dict[str, float], list[str]]:
         raise NotImplementedError
+
+    def counts(self) -> dict[str, int]:
+        """Counters ``details.json`` records for the set (``{}``: none)."""
+        return {}
 
 
 class PanopticScorer(_Scorer):
@@ -281,13 +286,21 @@ class ReferScorer(_Scorer):
 
 
 class GcgScorer(_Scorer):
-    """GCG: METEOR, CIDEr (captions, finalised over the whole set), AP50, mIoU, recall."""
+    """GCG: METEOR, CIDEr (captions, finalised over the whole set), AP50, mIoU, recall.
+
+    ``paper`` (X-SAM's evaluator): a sample whose answer has no ``<SEG>``, no ``<p>`` span or more than one
+    ``<SEG>`` is dropped from every metric (X-SAM's model returns no output for it), counted in
+    :meth:`counts`; the phrase masks are painted into one map in label order (a later phrase overwrites an
+    earlier one) and re-split, largest first; AP50 and mIoU count only the images left with a predicted mask.
+    ``standard``: every sample is scored, with its independent phrase masks."""
 
     def __init__(self, evs, options):
         super().__init__(evs, options)
         self.grounding = GcgGrounding()
         self.captions: list[tuple[str, str, str]] = []  # (key, reference, generated)
         self.text_model = options.text_sim_model
+        self.paper = options.protocol == "paper"
+        self.tally = dict.fromkeys(GCG_COUNTS, 0)
 
     def add(self, evs, sample, pred, path):
         ck = _Checker(path, pred, sample)
@@ -297,15 +310,28 @@ class GcgScorer(_Scorer):
             (ck.rle(r, f"masks[{i}]"), ck.label(lb, len(spans), f"masks[{i}]", "<p> spans in 'text'"))
             for i, (r, lb) in enumerate(ck.need("masks", evs.name))
         ]
+        self.samples += 1
         grouped = _grouped_masks(masks, len(spans))
-        pred_rles = [m for m in grouped if m is not None]
-        pred_phrases = [p for p, m in zip(spans, grouped, strict=True) if m is not None]
+        pairs = [(m, lb) for lb, m in enumerate(grouped) if m is not None]
+        if self.paper:
+            failed = xsam_gcg_failure(text, spans)
+            if failed:
+                self.tally[failed] += 1
+                return
+            pairs = painted_masks(grouped, ck.hw)
+        self.captions.append((sample.key, str(sample.meta.get("caption", "")), clean_caption(text)))
+        if self.paper and not pairs:
+            self.tally["no_mask"] += 1  # X-SAM's mask metrics take only the images with a predicted mask
+            return
+        pred_rles = [m for m, _ in pairs]
+        pred_phrases = [spans[lb] for _, lb in pairs]
         gt_rles = [m.rle for m in sample.masks]
         gt_phrases = [sample.phrases[m.label] if m.label >= 0 else None for m in sample.masks]
         sims = self._similarity(gt_phrases, pred_phrases) if self.text_model else None
         self.grounding.add(sample.key, gt_rles, pred_rles, sims)
-        self.captions.append((sample.key, str(sample.meta.get("caption", "")), clean_caption(text)))
-        self.samples += 1
+
+    def counts(self) -> dict[str, int]:
+        return dict(self.tally) if self.paper else {}
 
     def _similarity(self, gt_phrases: list[str | None], pred_phrases: list[str]) -> np.ndarray:
         from orchestrate.evaluation.captions import text_embedder
@@ -323,6 +349,8 @@ class GcgScorer(_Scorer):
         super().merge(other)
         self.grounding.merge(other.grounding)
         self.captions.extend(other.captions)
+        for k, v in other.tally.items():
+            self.tally[k] += v
 
     def result(self):
         notes: list[str] = []
@@ -335,7 +363,51 @@ class GcgScorer(_Scorer):
         out.update(self.grounding.result(with_recall=self.text_model is not None))
         if self.text_model is None:
             notes.append("recall omitted: no --text-sim-model (a local sentence-embedding folder) given")
+        dropped = sum(self.tally[k] for k in GCG_DROPS)
+        if self.paper and dropped:
+            parts = ", ".join(f"{GCG_COUNTS[k]}: {self.tally[k]}" for k in GCG_DROPS if self.tally[k])
+            notes.append(
+                f"{dropped} of {self.samples} samples dropped from every metric as X-SAM drops them ({parts})"
+            )
+        if self.paper and self.tally["no_mask"]:
+            notes.append(
+                f"{self.tally['no_mask']} samples without a predicted mask: not in AP50, mIoU (X-SAM)"
+            )
         return out, notes
+
+
+GCG_COUNTS = {
+    "no_seg": "no <SEG>",
+    "no_phrase": "no <p> span",
+    "multi_seg": "more than one <SEG>",
+    "no_mask": "no predicted mask",
+}
+"""GCG counters under ``paper`` (``details.json`` ``counts``): the first three are X-SAM's dropped samples."""
+GCG_DROPS = ("no_seg", "no_phrase", "multi_seg")
+
+
+def xsam_gcg_failure(text: str, spans: Sequence[str]) -> str | None:
+    """Why X-SAM's model gives a GCG answer no segmentation output (a :data:`GCG_DROPS` key), or ``None``:
+    no ``<SEG>`` or no ``<p>`` span (nothing to condition the decoder on), or more than one ``<SEG>``."""
+    n_seg = text.count("<SEG>")  # tags in a prediction's text are the emitted tokens (docs/evaluation.md)
+    if n_seg == 0:
+        return "no_seg"
+    if not spans:
+        return "no_phrase"
+    return "multi_seg" if n_seg > 1 else None
+
+
+def painted_masks(grouped: Sequence[dict | None], hw: tuple[int, int]) -> list[tuple[dict, int]]:
+    """X-SAM's GCG masks: each phrase's mask painted into one map in label order (a later phrase overwrites an
+    earlier one), then one mask per label still present, largest first (ties: label order), as
+    ``(RLE, label)``."""
+    seg = np.full(hw, -1, np.int32)
+    for label, rle in enumerate(grouped):
+        if rle is not None:
+            seg[mask_ops.decode(rle).astype(bool)] = label
+    labels, areas = np.unique(seg[seg >= 0], return_counts=True)
+    order = np.argsort(-areas, kind="stable")
+    return [(mask_ops.encode(seg == labels[i])[0], int(labels[i])) for i in order]
 
 
 SCORERS: dict[str, type[_Scorer]] = {

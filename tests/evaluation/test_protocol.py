@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 
 from orchestrate import evaluate
@@ -157,3 +158,166 @@ def test_the_build_and_the_prompt_use_one_vocabulary(demo_val):
     evs = gt.open_set(str(shards), str(datas), next(n for n in names if n.startswith("coco_panoptic/")))
     cats = [{"id": c, "name": n} for c, n in evs.category_names.items()]
     assert [p for _, p in gt.prompt_vocabulary(evs)] == xsam_eval_names(cats)
+
+
+# ------------------------------------------------------------------------------------------ E5/E6 GCG
+def _xsam_gcg(samples: list, lines: list[dict]) -> dict:
+    """Port of X-SAM's GCG path on our predictions: the failed-generation rule (``[A] xsam/xsam/model/
+    xsam.py:728-731``: no cond (no ``<p>``) or no ``<SEG>`` embeds, or more than one ``<SEG>``, gives no
+    segmentation output, and ``[A] xsam/xsam/tools/eval.py:143-154`` skips the sample), the painted map
+    (``[A] xsam/xsam/dataset/process_fns/postprocess_fns/gcgseg_process_fn.py:46-65``), its re-split by area
+    (``[A] xsam/xsam/evaluation/evaluators/gcgseg_evaluator.py:96-105``), mIoU over the images with a mask
+    (``:170-201`` with ``compute_miou``, ``[A] xsam/xsam/evaluation/utils/miou.py:201-216``) and AP50 with
+    COCOeval restricted to those images (``:203-215``). Image ids follow the key order."""
+    from pycocotools import mask as cmask
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    from orchestrate.evaluation.predictions import phrase_spans
+    from pipelines import masks as mask_ops
+
+    by_key = {x["key"]: x for x in lines}
+    keys = sorted(s.key for s in samples)
+    images, gts, preds, captions = [], [], [], []
+    for s in sorted(samples, key=lambda s: s.key):
+        image_id = keys.index(s.key) + 1
+        h, w = s.image.height, s.image.width
+        images.append({"id": image_id, "height": h, "width": w})
+        for m in s.masks:
+            gts.append(
+                {
+                    "id": len(gts) + 1,
+                    "image_id": image_id,
+                    "category_id": 1,
+                    "segmentation": m.rle,
+                    "area": float(mask_ops.area(m.rle)),
+                    "bbox": mask_ops.bbox(m.rle),
+                    "iscrowd": 0,
+                }
+            )
+        line = by_key[s.key]
+        text = line["text"]
+        if "<SEG>" not in text or not phrase_spans(text) or text.count("<SEG>") > 1:
+            continue  # seg_outputs is None: a failed sample
+        captions.append(s.key)
+        segmentation = np.full((h, w), 255)
+        for label_id in range(len(phrase_spans(text))):
+            for m in line["masks"]:
+                if m["label"] == label_id:
+                    segmentation[mask_ops.decode(m["rle"]) > 0] = label_id + 1
+        labels, areas = np.unique(segmentation, return_counts=True)
+        for label in labels[np.argsort(-areas)]:
+            if label < 255:
+                rle = cmask.encode(np.asfortranarray((segmentation == label).astype(np.uint8)))
+                rle["counts"] = rle["counts"].decode()
+                preds.append({"image_id": image_id, "category_id": 1, "segmentation": rle, "score": 1.0})
+    imgids = sorted({p["image_id"] for p in preds})
+    if not preds:  # X-SAM's loadRes fails on no detection; ours reports the metrics as undefined
+        return {"mIoU": float("nan"), "AP50": float("nan"), "captions": captions}
+    coco_gt = COCO()
+    coco_gt.dataset = {"images": images, "annotations": gts, "categories": [{"id": 1}]}
+    coco_gt.createIndex()
+    mious = []
+    for i in imgids:
+        gt_m = [mask_ops.decode(a["segmentation"]) > 0 for a in gts if a["image_id"] == i]
+        dt_m = [mask_ops.decode(p["segmentation"]) > 0 for p in preds if p["image_id"] == i]
+        iou = np.array([[(d & g).sum() / (d | g).sum() for g in gt_m] for d in dt_m]).reshape(len(dt_m), -1)
+        paired = []
+        while iou.size > 0 and iou.max() > 0:
+            r, c = np.unravel_index(np.argmax(iou), iou.shape)
+            paired.append(iou[r, c])
+            iou = np.delete(np.delete(iou, r, axis=0), c, axis=1)
+        mious.append(np.mean(paired) if paired else 0.0)
+    ev = COCOeval(coco_gt, coco_gt.loadRes(preds), "segm")
+    ev.params.imgIds, ev.params.catIds = imgids, [1]
+    ev.evaluate()
+    ev.accumulate()
+    ev.summarize()
+    return {"mIoU": float(np.mean(mious) * 100), "AP50": float(ev.stats[1] * 100), "captions": captions}
+
+
+def _gcg_cases(perfect: dict, names: list[str]) -> list[dict]:
+    """Every GCG sample's perfect line, then, among the samples of the sets other than refcocog_gcg: the 1st
+    without <SEG>, the 2nd with two, the 3rd without a <p> span, the 4th with its masks all empty; refcocog_gcg's
+    sample (whose phrase masks overlap already) gets its first mask grown over the whole image, so every later
+    phrase paints over it."""
+    import copy
+
+    from pipelines import masks as mask_ops
+
+    lines = copy.deepcopy([x for n in names for x in perfect[n]])
+    other = [x for x in lines if not x["key"].startswith("refcocog_gcg/")]
+    assert len(other) >= 4, "the demo needs four GCG samples outside refcocog_gcg for these cases"
+    other[0]["text"] = other[0]["text"].replace("<SEG>", "")
+    other[1]["text"] = other[1]["text"] + " <SEG>"
+    other[2]["text"] = other[2]["text"].replace("<p>", "").replace("</p>", "")
+    other[2]["masks"] = []
+    for m in other[3]["masks"]:
+        m["rle"] = mask_ops.encode(np.zeros(m["rle"]["size"], bool))[0]
+    grown = next(x for x in lines if x["key"].startswith("refcocog_gcg/"))["masks"][0]
+    grown["rle"] = mask_ops.encode(np.ones(grown["rle"]["size"], bool))[0]
+    return lines
+
+
+def test_gcg_population_and_masks_equal_xsams_evaluator(demo_val, perfect, no_java, tmp_path):
+    from orchestrate.evaluation import ground_truth as gt
+    from orchestrate.evaluation.predictions import index_predictions
+    from orchestrate.evaluation.scoring import ScoreOptions, score_shard
+
+    datas, shards, names = demo_val
+    gcg = [n for n in names if gt.SOURCE_KINDS[n.split("/")[0]] == "gcg"]
+    lines = _gcg_cases(perfect, gcg)
+    path = write_jsonl(tmp_path / "p.jsonl", lines)
+    paper = score_predictions(
+        str(path), str(shards), str(datas), sets=gcg, out_dir=str(tmp_path / "o"), wandb_mode="disabled"
+    )
+    standard = score_predictions(str(path), str(shards), str(datas), sets=gcg, protocol="standard")
+    details = json.loads((tmp_path / "o" / "details.json").read_text())["sets"]
+    refs = index_predictions(str(path))
+    compared = 0
+    for name in gcg:
+        evs = gt.open_set(str(shards), str(datas), name)
+        samples = [s for sh in evs.shards for s in gt.iter_shard_samples(evs, sh)]
+        want = _xsam_gcg(samples, [x for x in lines if x["key"].startswith(name + "/")])
+        got = paper[name]
+        for metric in ("mIoU", "AP50"):
+            if np.isnan(want[metric]):  # no image with a predicted mask
+                assert np.isnan(got[metric]), (name, metric)
+                continue
+            assert got[metric] == pytest.approx(want[metric], abs=1e-6), (name, metric)
+            compared += 1
+        parts = [
+            score_shard(
+                evs,
+                sh,
+                str(path),
+                {k: r for k, r in refs.items() if k.startswith(name + "/")},
+                ScoreOptions(protocol="paper"),
+            )
+            for sh in evs.shards
+        ]
+        assert sorted(k for p in parts for k, _, _ in p.scorer.captions) == sorted(want["captions"])
+        assert details[name]["samples"] == len(samples)
+    counts = {
+        k: sum(details[n]["counts"][k] for n in gcg) for k in ("no_seg", "multi_seg", "no_phrase", "no_mask")
+    }
+    assert counts == {"no_seg": 1, "multi_seg": 1, "no_phrase": 1, "no_mask": 1}
+    assert compared >= 2 and any(paper[n] != standard[n] for n in gcg)
+    assert all(
+        "counts" not in d
+        for d in json.loads((tmp_path / "o" / "details.json").read_text())["sets"].values()
+        if d["protocol"] == "standard"
+    )
+
+
+def test_painted_masks_overwrite_in_label_order():
+    """Two overlapping phrase masks: the later label keeps the overlap; largest first; an empty one is gone."""
+    from orchestrate.evaluation.scoring import painted_masks
+    from pipelines import masks as mask_ops
+
+    a, b = np.zeros((4, 6), bool), np.zeros((4, 6), bool)
+    a[:, :4], b[:, 2:] = True, True  # 16 and 16 pixels; b paints over a's columns 2-3
+    empty = mask_ops.encode(np.zeros((4, 6), bool))[0]
+    out = painted_masks([mask_ops.encode(a)[0], empty, mask_ops.encode(b)[0]], (4, 6))
+    assert [lb for _, lb in out] == [2, 0]
+    assert (mask_ops.decode(out[0][0]) > 0).sum() == 16 and (mask_ops.decode(out[1][0]) > 0).sum() == 8
