@@ -277,8 +277,11 @@ def crowd_regions(evs: EvalSet, key: str, hw: tuple[int, int]) -> dict[int, dict
     return {c: mask_ops.merge_rles(r) for c, r in by_cat.items()}
 
 
-def coco_instances(evs: EvalSet, key: str, hw: tuple[int, int]) -> list[ApTruth]:
-    """COCO instances: every annotation of an image (crowd included) with its own ``area``."""
+def coco_instances(evs: EvalSet, key: str, hw: tuple[int, int], paper: bool = False) -> list[ApTruth]:
+    """COCO instances: every annotation of an image (crowd included) with its own ``area`` (COCOeval on the
+    original file); ``paper``: X-SAM's ground truth, crowd annotations removed and each area the polygon area
+    its ``convert_to_coco_dict`` computes (:func:`pipelines.masks.polygon_area`), invalid polygon parts left
+    out and an instance without a valid part dropped (docs/evaluation.md)."""
     spans = evs.annotations.get(key, [])
     out = []
     for (off, _), text in zip(spans, read_spans(evs.annotation_file, spans), strict=True):
@@ -286,14 +289,22 @@ def coco_instances(evs: EvalSet, key: str, hw: tuple[int, int]) -> list[ApTruth]
         cat = ann.get("category_id")
         if evs.categories is not None and cat not in evs.categories:
             continue  # COCOeval evaluates only the file's categories
+        segm, crowd = ann.get("segmentation"), int(bool(ann.get("iscrowd")))
+        if paper and crowd:
+            continue
+        if paper and isinstance(segm, list):
+            segm = [p for p in segm if isinstance(p, list) and len(p) % 2 == 0 and len(p) >= 6]
+            if not segm:
+                continue
         try:
-            rle = mask_ops.segmentation_to_rle(ann.get("segmentation"), *hw)
+            rle = mask_ops.segmentation_to_rle(segm, *hw)
         except MaskFormatError as e:
             raise EvaluationError(f"{evs.annotation_file}: annotation at byte {off} ({key}): {e}") from None
-        area = ann.get("area")
-        out.append(
-            ApTruth(rle, int(cat), int(bool(ann.get("iscrowd"))), float(area) if area is not None else None)
-        )
+        if paper:
+            area = mask_ops.polygon_area(segm) if isinstance(segm, list) else float(mask_ops.area(rle))
+        else:
+            area = ann.get("area")
+        out.append(ApTruth(rle, int(cat), crowd, float(area) if area is not None else None))
     return out
 
 
@@ -334,9 +345,10 @@ def panoptic_truth(evs: EvalSet, sample: Sample) -> PanopticTruth:
     return PanopticTruth(segments=segments, crowd=crowd, hw=hw)
 
 
-def instance_truth(evs: EvalSet, sample: Sample) -> list[ApTruth]:
+def instance_truth(evs: EvalSet, sample: Sample, protocol: str = "paper") -> list[ApTruth]:
+    """The AP ground truth of a sample under ``protocol`` (docs/evaluation.md)."""
     if evs.source == "coco_instance":
-        return coco_instances(evs, sample.key, image_hw(sample))
+        return coco_instances(evs, sample.key, image_hw(sample), paper=protocol == "paper")
     return [ApTruth(m.rle, int(m.category_id), int(m.iscrowd)) for m in sample.masks]
 
 

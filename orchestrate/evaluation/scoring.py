@@ -214,6 +214,7 @@ class InstanceScorer(_Scorer):
     def __init__(self, evs, options):
         super().__init__(evs, options)
         self.ap = MaskAP(sorted(evs.categories) if evs.categories is not None else None)
+        self.protocol = options.protocol
 
     def add(self, evs, sample, pred, path):
         ck = _Checker(path, pred, sample)
@@ -221,7 +222,7 @@ class InstanceScorer(_Scorer):
             (ck.rle(r, f"instances[{i}]"), ck.category(c, evs.categories, f"instances[{i}]", evs.name), s)
             for i, (r, c, s) in enumerate(ck.need("instances", evs.name))
         ]
-        self.ap.add(sample.key, gt.instance_truth(evs, sample), dets)
+        self.ap.add(sample.key, gt.instance_truth(evs, sample, self.protocol), dets)
         self.samples += 1
 
     def merge(self, other):

@@ -321,3 +321,82 @@ def test_painted_masks_overwrite_in_label_order():
     out = painted_masks([mask_ops.encode(a)[0], empty, mask_ops.encode(b)[0]], (4, 6))
     assert [lb for _, lb in out] == [2, 0]
     assert (mask_ops.decode(out[0][0]) > 0).sum() == 16 and (mask_ops.decode(out[1][0]) > 0).sum() == 8
+
+
+# ------------------------------------------------------------------------------------------ E8 instance AP
+def _detectron2_polygon_area(polygons: list[list[float]]) -> float:
+    """detectron2's ``PolygonMasks.area`` for one instance, which X-SAM's ``convert_to_coco_dict`` writes as
+    ``area`` (``[A] xsam/xsam/evaluation/utils/map.py:386-392``): the shoelace formula per part, summed."""
+    total = 0.0
+    for p in polygons:
+        x, y = np.asarray(p[0::2], float), np.asarray(p[1::2], float)
+        total += 0.5 * np.abs(np.dot(x, np.roll(y, 1)) - np.dot(y, np.roll(x, 1)))
+    return float(total)
+
+
+def test_instance_ap_ground_truth_is_xsams_without_crowd(real_data, tmp_path):
+    """``paper``: the AP equals COCOeval on X-SAM's ground truth (crowd annotations removed, invalid parts
+    dropped, ``[A] xsam/xsam/dataset/genseg_dataset.py:342-356``; polygon areas), so a detection on the crowd
+    region is a false positive; ``standard`` ignores it (the crowd region of the original file)."""
+    import contextlib
+    import io
+
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    from orchestrate.evaluation import ground_truth as gt
+    from tests.evaluation.helpers import set_lines
+    from tests.evaluation.test_real_data import real_instances
+
+    datas, shards, _, src = real_instances(real_data, tmp_path)
+    name = "coco_instance/val"
+    evs = gt.open_set(str(shards), str(datas), name)
+    samples = {s.key: s for sh in evs.shards for s in gt.iter_shard_samples(evs, sh)}
+    paper_gt = {k: gt.instance_truth(evs, s, "paper") for k, s in samples.items()}
+    standard_gt = {k: gt.instance_truth(evs, s, "standard") for k, s in samples.items()}
+    assert not any(t.iscrowd for ts in paper_gt.values() for t in ts)
+    assert sum(t.iscrowd for ts in standard_gt.values() for t in ts) == 1
+    crowd = next(a for a in src["annotations"] if a["iscrowd"])
+    key = next(k for k, s in samples.items() if s.meta["image_id"] == crowd["image_id"])
+    lines = set_lines(shards, datas, name)
+    line = next(x for x in lines if x["key"] == key)
+    region = next(t for t in standard_gt[key] if t.iscrowd)
+    # ranked first, so as a false positive it lowers the precision of everything after it
+    line["instances"].insert(0, {"rle": region.rle, "category_id": crowd["category_id"], "score": 1.0})
+    path = write_jsonl(tmp_path / "p.jsonl", lines)
+    paper = score_predictions(str(path), str(shards), str(datas))[name]
+    standard = score_predictions(str(path), str(shards), str(datas), protocol="standard")[name]
+    assert standard["AP"] == 100.0 and paper["AP"] < 100.0
+    # X-SAM's ground truth file, scored by pycocotools
+    anns = []
+    for a in src["annotations"]:
+        if a["iscrowd"]:
+            continue
+        parts = [p for p in a["segmentation"] if len(p) % 2 == 0 and len(p) >= 6]
+        if parts:
+            anns.append({**a, "segmentation": parts, "area": _detectron2_polygon_area(parts)})
+    key_to_id = {k: s.meta["image_id"] for k, s in samples.items()}
+    dets = [
+        {
+            "image_id": key_to_id[x["key"]],
+            "category_id": i["category_id"],
+            "segmentation": i["rle"],
+            "score": i["score"],
+        }
+        for x in lines
+        for i in x["instances"]
+    ]
+    with contextlib.redirect_stdout(io.StringIO()):
+        coco = COCO()
+        coco.dataset = {**src, "annotations": anns}
+        coco.createIndex()
+        ev = COCOeval(coco, coco.loadRes(dets), "segm")
+        ev.params.imgIds = sorted(key_to_id.values())
+        ev.evaluate()
+        ev.accumulate()
+        ev.summarize()
+    names = ("AP", "AP50", "AP75", "APs", "APm", "APl")
+    expected = {n: (100 * v if v > -1 else None) for n, v in zip(names, ev.stats[:6], strict=True)}
+    assert {k: (None if v != v else v) for k, v in paper.items()} == pytest.approx(expected, abs=1e-9)
+    areas = {round(t.area, 6) for ts in paper_gt.values() for t in ts}
+    assert areas == {round(a["area"], 6) for a in anns}
