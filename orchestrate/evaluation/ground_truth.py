@@ -60,6 +60,10 @@ SOURCE_KINDS = {
     "flickr_gcg": "gcg",
     "coco_vgd": "vgd",
 }
+DENSE_SEMANTIC_SOURCES = ("coco_panoptic",)
+"""Panoptic sources whose semantic mIoU X-SAM takes from a dense semantic pass over the same images
+(``coco_panoptic_semantic_genseg``), scored against semantic labels derived from the panoptic annotations;
+ADE20K has its own semantic set."""
 NOT_SCORED = {
     "lvis": "LVIS needs its federated AP (per-image negative / not-exhaustive categories), not implemented; "
     "X-SAM reports no LVIS number",
@@ -343,6 +347,13 @@ def panoptic_truth(evs: EvalSet, sample: Sample) -> PanopticTruth:
     segments = [(m.rle, int(m.category_id)) for m in sample.masks if not m.iscrowd]
     crowd = crowd_regions(evs, sample.key, hw) if evs.source == "coco_panoptic" else {}
     return PanopticTruth(segments=segments, crowd=crowd, hw=hw)
+
+
+def semantic_truth(evs: EvalSet, truth: PanopticTruth) -> list[tuple[dict, int]]:
+    """Semantic ground truth derived from a panoptic one as X-SAM's ``panoptic_semseg_val2017`` labels it
+    (Mask2Former's converter): every segment, crowd included, labelled with its category; pixels of no
+    segment ignored. ``(RLE, category_id)`` pairs, which never overlap."""
+    return [*truth.segments, *((rle, int(c)) for c, rle in truth.crowd.items())]
 
 
 def instance_truth(evs: EvalSet, sample: Sample, protocol: str = "paper") -> list[ApTruth]:

@@ -190,7 +190,10 @@ def prepare(job: SetJob, sample: Sample):
         stuff = frozenset(i for i, c in enumerate(cats) if not (evs.categories or {}).get(c, True))
         if job.stage == 3:
             sample = vocabulary_prompt(sample, job.vocabulary)
-        return sample, OutputSpec(job.output, categories=cats, stuff=stuff, columns=job.columns)
+        dense = evs.source in gt.DENSE_SEMANTIC_SOURCES  # X-SAM's semantic pass of the same output
+        return sample, OutputSpec(
+            job.output, categories=cats, stuff=stuff, columns=job.columns, semantic_too=dense
+        )
     if evs.kind == "vgd":
         return sample, OutputSpec("instances", categories=slot_categories(sample))
     if job.output == "interactive":

@@ -28,6 +28,7 @@ METRIC_ORDER = (
     "RQ_th",
     "RQ_st",
     "mIoU",
+    "mIoU_panoptic",
     "AP",
     "AP50",
     "AP75",

@@ -62,6 +62,13 @@ def test_export_then_predictions_give_the_same_results(demo_val, export3, tmp_pa
     (question,) = first["questions"]
     assert question.startswith("<image>\n") and "<p>wall</p>" in question and "wall other" not in question
     assert all(inference["sets"][s]["first_sample"]["questions"] for s in FAST_SETS)
+    # COCO panoptic: the dense semantic pass of the same output, every pixel a class
+    from pipelines import masks as mask_ops
+
+    pan = [x for x in lines if x["key"].startswith("coco_panoptic/")]
+    for x in pan:
+        covered = sum(mask_ops.area(e["rle"]) for e in x["semantic"])
+        assert x["semantic"] and covered == np.prod(x["semantic"][0]["rle"]["size"])
     # X-SAM's protocol: teacher-forced answers are the references, and the masks come out of them
     refer = [x for x in lines if x["key"].startswith("refcoco/")]
     assert all(x["text"] and "<SEG>" in x["text"] for x in refer) and any(x["masks"] for x in refer)

@@ -400,3 +400,82 @@ def test_instance_ap_ground_truth_is_xsams_without_crowd(real_data, tmp_path):
     assert {k: (None if v != v else v) for k, v in paper.items()} == pytest.approx(expected, abs=1e-9)
     areas = {round(t.area, 6) for ts in paper_gt.values() for t in ts}
     assert areas == {round(a["area"], 6) for a in anns}
+
+
+# ------------------------------------------------------------------------------------------ E3 COCO mIoU
+def _xsam_semseg_miou(
+    pan_json: dict, pngs: dict[int, np.ndarray], preds: dict[int, np.ndarray], cats
+) -> float:
+    """X-SAM's COCO semantic mIoU: the ground truth PNG as Mask2Former's ``_process_panoptic_to_semantic``
+    writes it (255 everywhere, each segment, crowd included, its contiguous class id; facebookresearch/
+    Mask2Former datasets/prepare_coco_semantic_annos_from_panoptic_annos.py), the confusion matrix and mIoU
+    of ``[A] xsam/xsam/evaluation/evaluators/genseg_evaluator.py:116-141,219-233``."""
+    from pipelines import masks as mask_ops
+
+    contiguous = {c: i for i, c in enumerate(cats)}
+    k = len(cats)
+    conf = np.zeros((k + 1, k + 1), np.int64)
+    for ann in pan_json["annotations"]:
+        ids = mask_ops.rgb2id(pngs[ann["image_id"]])
+        gt = np.full(ids.shape, 255, np.uint32)
+        for seg in ann["segments_info"]:
+            gt[ids == seg["id"]] = contiguous[seg["category_id"]]
+        gt[gt == 255] = k
+        pred = preds[ann["image_id"]]
+        conf += np.bincount((k + 1) * pred.reshape(-1) + gt.reshape(-1), minlength=conf.size).reshape(
+            conf.shape
+        )
+    tp = conf.diagonal()[:-1].astype(float)
+    pos_gt = conf[:-1, :-1].sum(0).astype(float)
+    pos_pred = conf[:-1, :-1].sum(1).astype(float)
+    union = pos_gt + pos_pred - tp
+    valid = (pos_gt > 0) & (union > 0)
+    return float(100 * np.sum(tp[valid] / union[valid]) / np.sum(valid))
+
+
+def test_coco_semantic_miou_is_xsams_dense_pass_with_crowd_labelled(real_data, tmp_path):
+    """COCO panoptic's ``mIoU`` comes from the ``semantic`` field (every pixel a class) against labels where a
+    crowd region is its class; the panoptic segments' own mIoU (crowd ignored, uncovered pixels missed)
+    stays as ``mIoU_panoptic``. Real panopticapi images (one with a person crowd, one with person and
+    umbrella crowds)."""
+    import io
+
+    from PIL import Image
+
+    from orchestrate.evaluation import ground_truth as gt
+    from pipelines import masks as mask_ops
+    from tests.evaluation.helpers import set_lines
+    from tests.evaluation.test_real_data import PAN, build_real_panoptic
+
+    datas, shards = build_real_panoptic(real_data, tmp_path)
+    name = "coco_panoptic/val"
+    evs = gt.open_set(str(shards), str(datas), name)
+    cats = sorted(evs.categories)
+    samples = {s.key: s for sh in evs.shards for s in gt.iter_shard_samples(evs, sh)}
+    lines = set_lines(shards, datas, name)
+    pan_json = json.loads((real_data / f"{PAN}panoptic_examples.json").read_text())
+    pngs, preds = {}, {}
+    rng = np.random.default_rng(0)
+    for line in lines:
+        s = samples[line["key"]]
+        image_id = s.meta["image_id"]
+        png = real_data / f"{PAN}panoptic_examples__{image_id:012d}.png"
+        pngs[image_id] = np.asarray(Image.open(io.BytesIO(png.read_bytes())).convert("RGB"))
+        # a dense prediction: the labelled GT with the unlabelled pixels given random classes and one segment
+        # called another class
+        h, w = s.image.height, s.image.width
+        dense = rng.integers(0, len(cats), (h, w))
+        for i, (rle, c) in enumerate(gt.semantic_truth(evs, gt.panoptic_truth(evs, s))):
+            dense[mask_ops.decode(rle) > 0] = cats.index(c) if i else (cats.index(c) + 1) % len(cats)
+        preds[image_id] = dense
+        line["semantic"] = [
+            {"rle": mask_ops.encode(dense == k)[0], "category_id": cats[k]} for k in np.unique(dense).tolist()
+        ]
+    path = write_jsonl(tmp_path / "p.jsonl", lines)
+    result = score_predictions(str(path), str(shards), str(datas))[name]
+    assert result["mIoU"] == pytest.approx(_xsam_semseg_miou(pan_json, pngs, preds, cats), abs=1e-9)
+    assert result["mIoU_panoptic"] == 100.0 and result["mIoU"] < 100.0  # the panoptic lines are perfect
+    for line in lines:
+        del line["semantic"]
+    result = score_predictions(str(write_jsonl(tmp_path / "q.jsonl", lines)), str(shards), str(datas))[name]
+    assert "mIoU" not in result and result["mIoU_panoptic"] == 100.0

@@ -33,6 +33,11 @@ def _coco_base(tmp_path: Path) -> Path:
 
 @pytest.fixture
 def real_panoptic(real_data, tmp_path) -> tuple[Path, Path]:
+    return build_real_panoptic(real_data, tmp_path)
+
+
+def build_real_panoptic(real_data: Path, tmp_path: Path) -> tuple[Path, Path]:
+    """panopticapi's two real sample images built as ``coco_panoptic/val``: ``(datas, shards)``."""
     base = _coco_base(tmp_path)
     shutil.copy(real_data / f"{PAN}panoptic_examples.json", base / "annotations/panoptic_val2017.json")
     for image_id in ("000000142238", "000000439180"):
