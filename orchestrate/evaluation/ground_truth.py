@@ -360,7 +360,12 @@ def instance_truth(evs: EvalSet, sample: Sample, protocol: str = "paper") -> lis
     """The AP ground truth of a sample under ``protocol`` (docs/evaluation.md)."""
     if evs.source == "coco_instance":
         return coco_instances(evs, sample.key, image_hw(sample), paper=protocol == "paper")
-    return [ApTruth(m.rle, int(m.category_id), int(m.iscrowd)) for m in sample.masks]
+    # VGD under paper: the build's area, X-SAM's polygon area (its COCOeval area ranges); else the mask's
+    paper_area = protocol == "paper" and evs.kind == "vgd"
+    return [
+        ApTruth(m.rle, int(m.category_id), int(m.iscrowd), m.area if paper_area else None)
+        for m in sample.masks
+    ]
 
 
 def turn_targets(sample: Sample) -> list[dict | None]:

@@ -479,3 +479,45 @@ def test_coco_semantic_miou_is_xsams_dense_pass_with_crowd_labelled(real_data, t
         del line["semantic"]
     result = score_predictions(str(write_jsonl(tmp_path / "q.jsonl", lines)), str(shards), str(datas))[name]
     assert "mIoU" not in result and result["mIoU_panoptic"] == 100.0
+
+
+# ------------------------------------------------------------------------------------------ VGD areas
+def test_vgd_area_ranges_use_xsams_area(demo_val, real_data):
+    """``paper``: a VGD ground-truth instance's area (COCOeval's small/medium/large ranges) is the one X-SAM's
+    ``convert_to_coco_dict`` computes from the annotation it keeps (``[A] xsam/xsam/evaluation/utils/
+    map.py:386-392``): detectron2's ``PolygonMasks.area`` for polygons (real COCO annotations), the RLE's
+    pixel count for an RLE (the demo's released-form file); ``standard``: the mask's pixel count."""
+    from orchestrate.evaluation import ground_truth as gt
+    from pipelines import masks as mask_ops
+    from pipelines.sources import SOURCES
+    from pipelines.sources.vgd import _xsam_area
+    from tests.evaluation.test_real_data import MMDET
+
+    datas, shards, names = demo_val
+    name = next(n for n in names if n.startswith("coco_vgd/"))
+    evs = gt.open_set(str(shards), str(datas), name)
+    released = json.loads(
+        open(SOURCES["coco_vgd"].locate(str(datas), evs.split).inputs["annotations"]).read()
+    )
+    anns = {a["id"]: a for r in released for a in r["annotations"]}
+    checked = 0
+    for sh in evs.shards:
+        for s in gt.iter_shard_samples(evs, sh):
+            paper, standard = gt.instance_truth(evs, s, "paper"), gt.instance_truth(evs, s, "standard")
+            for p, q, ann_id in zip(paper, standard, s.meta["ann_ids"], strict=True):
+                segm = anns[ann_id]["segmentation"]
+                assert isinstance(segm, dict) and p.area == mask_ops.area(segm) and q.area is None
+                checked += 1
+    assert checked
+    # real COCO polygons: the shoelace area, not the pixel count
+    src = json.loads((real_data / MMDET).read_text())
+    img = {i["id"]: i for i in src["images"]}
+    polys = [a for a in src["annotations"] if isinstance(a["segmentation"], list)]
+    for a in polys:
+        rle = mask_ops.segmentation_to_rle(
+            a["segmentation"], img[a["image_id"]]["height"], img[a["image_id"]]["width"]
+        )
+        assert _xsam_area(a["segmentation"], rle) == pytest.approx(
+            _detectron2_polygon_area(a["segmentation"])
+        )
+    assert any(_detectron2_polygon_area(a["segmentation"]) != a["area"] for a in polys)
