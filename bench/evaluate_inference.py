@@ -11,6 +11,12 @@ came back) and per-worker samples/s over the time the workers spent predicting (
 inline in this process and with 1 and 2 Ray actors (``ray.init(num_cpus=2)``); all passes go through one pool,
 so each worker loads the model once.
 
+``--semantic-cost``: X-SAM's COCO semantic mIoU comes from the dense semantic post-process of the same
+teacher-forced output (our ``semantic`` field of a ``coco_panoptic`` line), not from a second forward pass:
+the forward pass, the panoptic post-process and the dense one are timed apart on the same outputs
+(``--repeat`` rounds after one warm-up), and scoring with and without the field; the ratio of the whole with
+and without the dense pass is printed (one run, one process).
+
 GPU part (``--device cuda``, one GPU): the full ``xsam-phi3`` flavor, random weights, bf16, built on the GPU.
 Without ``--init-dir`` the debug BPE stands in for Phi-3's tokenizer (same special-token layout, more tokens
 per word, so prompts are longer than Phi-3 would make them). On the demo images: teacher-forced samples/s at
@@ -128,6 +134,72 @@ def cpu_main(args) -> None:
     )
 
 
+def semantic_cost(args) -> None:
+    """The forward pass, the panoptic post-process and the dense semantic one, timed apart on the same
+    decoded outputs of ``coco_panoptic/val`` (interleaved, ``--repeat`` times; a loaded machine shifts all
+    three alike), and scoring with and without the ``semantic`` field."""
+    import dataclasses
+
+    from orchestrate.evaluation import ground_truth as gt
+    from orchestrate.evaluation import inference as inf
+    from orchestrate.evaluation.run import score_predictions
+    from xsam_model.postprocess import prediction_line
+
+    sets = ["coco_panoptic/val"]
+    work = Path(args.workdir or tempfile.mkdtemp(prefix="bench_semantic_"))
+    datas, shards = demo_shards(work, sets)
+    export = debug_export(work / "export")
+    opts = inf.InferenceOptions(batch_size=args.batch_size)
+    (job,) = inf.plan_sets(str(shards), str(datas), sets, inf.open_export(export), opts.mode)
+    predictor = inf.ShardPredictor(export, opts)
+    pairs = [(*inf.prepare(job, s), img) for sh in job.evs.shards for s, img in gt.read_shard(job.evs, sh)]
+    run = predictor.inferencers[job.mode]
+    t = {"forward": 0.0, "panoptic": 0.0, "semantic": 0.0}
+    lines = {True: [], False: []}
+    for r in range(args.repeat + 1):  # the first round warms up, untimed
+        for i in range(0, len(pairs), args.batch_size):
+            batch = pairs[i : i + args.batch_size]
+            t0 = time.perf_counter()
+            decoded = run([(s, img) for s, _, img in batch])
+            t1 = time.perf_counter()
+            plain = [
+                prediction_line(d, dataclasses.replace(spec, semantic_too=False))
+                for d, (_, spec, _) in zip(decoded, batch, strict=True)
+            ]
+            t2 = time.perf_counter()
+            dense = [prediction_line(d, spec) for d, (_, spec, _) in zip(decoded, batch, strict=True)]
+            t3 = time.perf_counter()
+            if r:
+                t["forward"] += t1 - t0
+                t["panoptic"] += t2 - t1
+                t["semantic"] += (t3 - t2) - (t2 - t1)  # the dense pass on top of the panoptic one
+            else:
+                lines[False] += plain
+                lines[True] += dense
+    score = {}
+    for dense in (False, True):
+        path = work / f"p{int(dense)}.jsonl"
+        path.write_text("".join(json.dumps(x) + "\n" for x in lines[dense]))
+        t0 = time.perf_counter()
+        for _ in range(args.repeat):
+            score_predictions(str(path), str(shards), str(datas), sets, wandb_mode=None)
+        score[dense] = time.perf_counter() - t0
+    base = t["forward"] + t["panoptic"] + score[False]
+    print(
+        f"coco_panoptic/val, debug flavor, CPU, {len(pairs)} samples x {args.repeat}, batch {args.batch_size}"
+    )
+    print(
+        json.dumps(
+            {k: round(v, 3) for k, v in t.items()}
+            | {"score_s": round(score[False], 3), "score_s_with_semantic": round(score[True], 3)}
+        )
+    )
+    print(
+        f"dense semantic pass: x{(base + t['semantic'] + score[True] - score[False]) / base:.3f} of forward + "
+        f"post-process + scoring; post-process alone x{(t['panoptic'] + t['semantic']) / t['panoptic']:.2f}"
+    )
+
+
 # ------------------------------------------------------------------------------------------ GPU
 def gpu_model(args):
     """``xsam-phi3`` with random weights in bf16 on the GPU, with a processor (see the module docstring)."""
@@ -216,8 +288,11 @@ def main() -> None:
     p.add_argument("--init-dir", help="GPU: X-SAM's inits/ for Phi-3's tokenizer (weights stay random)")
     p.add_argument("--gen-tokens", type=int, default=64, help="GPU: tokens generated per sample")
     p.add_argument("--workdir", help="scratch folder (default: a temp dir)")
+    p.add_argument("--semantic-cost", action="store_true", help="CPU: cost of COCO's dense semantic field")
     args = p.parse_args()
-    if args.device == "cuda":
+    if args.semantic_cost:
+        semantic_cost(args)
+    elif args.device == "cuda":
         if not torch.cuda.is_available():
             raise SystemExit("--device cuda: no CUDA device here")
         gpu_main(args)

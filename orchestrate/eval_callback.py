@@ -132,6 +132,7 @@ class StageEval(Callback):
             batch_size=cfg.batch_size,
             max_new_tokens=cfg.max_new_tokens,
             seed=trainer.cfg.data.seed,
+            protocol=cfg.protocol,
         )
         self.predictor = ShardPredictor("", options, model=model, info=info)
         self.window: dict[str, list[float]] = {}  # source -> total losses since the last evaluation
@@ -168,7 +169,9 @@ class StageEval(Callback):
         path = folder / "predictions.jsonl"
         path.write_text("".join(json.dumps(line) + "\n" for line in lines))
         names = [j.evs.name for j in self.jobs]
-        results, _ = score_subset(str(path), trainer.plan.shards, self.cfg.data_root, names)
+        results, _ = score_subset(
+            str(path), trainer.plan.shards, self.cfg.data_root, names, protocol=self.cfg.protocol
+        )
         (folder / "results.json").write_text(json.dumps(results, indent=1, sort_keys=True) + "\n")
         return results
 

@@ -38,6 +38,7 @@ from orchestrate.evaluation.output import staged_output  # noqa: E402
 from orchestrate.evaluation.paper_table import PAPER_SETS, expand_sets, read_eval_folder  # noqa: E402
 from orchestrate.evaluation.report import format_table  # noqa: E402
 from orchestrate.evaluation.run import score_predictions  # noqa: E402
+from orchestrate.evaluation.scoring import check_protocol  # noqa: E402
 from pipelines.errors import run_cli  # noqa: E402
 from pipelines.logs import configure_logging  # noqa: E402
 from pipelines.storage import check_writable  # noqa: E402
@@ -64,6 +65,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="print (and log to wandb) X-SAM's published numbers beside ours, one row per number of the paper",
     )
     p.add_argument("--wandb-mode", default="offline", choices=("offline", "online", "disabled", "auto"))
+    p.add_argument(
+        "--protocol",
+        default="paper",
+        help="paper (default): X-SAM's evaluation code where it departs from the standard definition; "
+        "standard: the benchmark's own definition (docs/evaluation.md lists the differences)",
+    )
     add_inference_args(p)
     p.add_argument("-v", "--verbose", action="count", default=0, help="more detail (-vv: every library)")
     p.add_argument("-q", "--quiet", action="count", default=0, help="warnings only (-qq: errors only)")
@@ -91,6 +98,7 @@ def run_export(args: argparse.Namespace, sets: list[str] | None, out: str) -> di
         device="cuda" if args.use_gpu else "cpu",
         max_samples=args.max_samples,
         overlays=args.overlays,
+        protocol=args.protocol,
     )
     return evaluate_export(
         args.export,
@@ -110,6 +118,7 @@ def run_export(args: argparse.Namespace, sets: list[str] | None, out: str) -> di
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     configure_logging(args.verbose - args.quiet)
+    check_protocol(args.protocol)  # one line and exit 2 (argparse's choices would print usage on two)
     check_writable(args.out, "--out")  # a read-only or full --out: one line now, not after scoring everything
     sets = [s.strip() for s in args.sets.split(",") if s.strip()] if args.sets else None
     if sets and PAPER_SETS in sets:
@@ -128,6 +137,7 @@ def main(argv: list[str] | None = None) -> int:
                 text_sim_model=args.text_sim_model,
                 wandb_mode=args.wandb_mode,
                 compare_paper=args.compare_paper,
+                protocol=args.protocol,
             )
     return _print(results, args.out, args.compare_paper)
 

@@ -267,8 +267,12 @@ class EvalConfig:
     """Per generated answer (GCG captions are generated; X-SAM's 512 is the evaluate.py default)."""
     mode: str = "auto"
     """``auto`` (X-SAM: teacher-forced, GCG generated), ``teacher`` or ``generate``."""
+    protocol: str = "paper"
+    """``paper`` (X-SAM's evaluation code) or ``standard`` (docs/evaluation.md)."""
 
     def __post_init__(self):
+        if self.protocol not in ("paper", "standard"):
+            raise StageConfigError(f"evaluation protocol must be paper or standard, got {self.protocol!r}")
         if self.every_steps <= 0 or self.max_samples <= 0 or self.batch_size <= 0 or not self.sets:
             raise StageConfigError(
                 f"evaluation needs every_steps, max_samples, batch_size > 0 and a set; got {self}"

@@ -52,6 +52,21 @@ def polygons_to_rle(
     return _str_counts(mask_utils.merge(rles))
 
 
+def polygon_area(polygons: Sequence[Sequence[float]]) -> float:
+    """The area X-SAM's ``convert_to_coco_dict`` gives a polygon instance (detectron2's
+    ``PolygonMasks.area``): the shoelace area of each part, summed (overlapping parts count twice; no
+    rasterisation). Parts with an odd count or fewer than 3 points are left out, as X-SAM's datasets leave
+    them out."""
+    total = 0.0
+    for part in polygons:
+        if len(part) % 2 or len(part) < 6:
+            continue
+        xy = np.asarray(part, dtype=np.float64).reshape(-1, 2)
+        x, y = xy[:, 0], xy[:, 1]
+        total += 0.5 * abs(float(np.dot(x, np.roll(y, 1)) - np.dot(y, np.roll(x, 1))))
+    return total
+
+
 def segmentation_to_rle(
     segm, height: int, width: int, on_bad_part: Callable[[str, str], None] | None = None
 ) -> dict:

@@ -635,6 +635,15 @@ def stage_processor(cfg: ProcessorConfig, stage: int) -> ProcessorConfig:
     return dataclasses.replace(cfg, sam_scale_jitter=jitter, siglip_pad_square=stage == 2)
 
 
+def eval_processor(cfg: ProcessorConfig) -> ProcessorConfig:
+    """``cfg`` (the stage's processor) as X-SAM's stage-3 ``val_datasets`` pre-process an evaluation image:
+    the SigLIP image padded to a square of its mean colour (``pad_image_to_square=True`` in every val set of
+    the paper config), the SAM image resized to longest side L without jitter, the same normalisation; no
+    text cut (``max_length`` None: a long vocabulary prompt reaches the LLM whole; X-SAM's 2319 cut never
+    binds on its eval prompts)."""
+    return dataclasses.replace(cfg, sam_scale_jitter=None, siglip_pad_square=True, max_length=None)
+
+
 def main_branch(cfg: XSamConfig) -> XSamConfig:
     """A copy of ``cfg`` with every model choice where X-SAM's ``main`` differs from the paper set to main's:
     ``main`` decoding of refseg/reaseg, 64 mean-pooled region tokens, phrase logits clamped at ±50, no VGD

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -38,6 +39,7 @@ from transformers import DynamicCache
 
 from pipelines.errors import XsamError
 from pipelines.schema import Sample
+from xsam_model.config import eval_processor
 from xsam_model.postprocess import Geometry
 from xsam_model.processor import XSamProcessor
 
@@ -291,9 +293,10 @@ class Inferencer:
         if proc is None:
             raise InferenceError(f"model {model.config.name!r} has no tokenizer (build it with its init_dir)")
         self.model, self.cfg, self.stage = model, cfg, stage
-        # inference never cuts a prompt: a long vocabulary list must reach the LLM whole
+        # X-SAM's evaluation pre-processing of the model's own processor: SigLIP padded to a square, no
+        # jitter, no text cut (a long vocabulary list must reach the LLM whole)
         self.processor = XSamProcessor(
-            dataclasses.replace(proc.config, max_length=None), proc.tokenizer, model.config.special_tokens
+            eval_processor(proc.config), proc.tokenizer, model.config.special_tokens
         )
         self.special = SpecialIds(seg=proc.seg_id, p_open=proc.p_open_id, p_close=proc.p_close_id)
         tok = proc.tokenizer
@@ -470,23 +473,13 @@ class Inferencer:
         return seqs
 
     def text(self, ids: Sequence[int]) -> str:
-        """Generated ids → text: stop tokens dropped; ``<p>``, ``</p>`` and ``<SEG>`` only where the model
-        emitted those tokens (the same characters spelled by ordinary tokens are broken up, so the spans a
-        regex finds in the text are the token spans)."""
-        special = {self.special.seg: "<SEG>", self.special.p_open: "<p>", self.special.p_close: "</p>"}
-        tok = self.processor.tokenizer
-        out: list[str] = []
-        run: list[int] = []
-        for t in [t for t in ids if t not in self.stop_ids] + [None]:
-            if t is None or t in special:
-                text = tok.decode(run, skip_special_tokens=False) if run else ""
-                for lit in ("<SEG>", "<p>", "</p>"):
-                    text = text.replace(lit, lit[0] + " " + lit[1:])
-                out.append(text + (special[t] if t is not None else ""))
-                run = []
-            else:
-                run.append(t)
-        return "".join(out)
+        """Generated ids → text, decoded in one pass over the whole sequence as X-SAM's ``batch_decode`` does
+        (a SentencePiece decoder strips the leading space of each separate decode, so decoding the runs
+        between tags apart would glue the word after ``</p>`` to the phrase). Stop tokens are dropped;
+        ``<p>``, ``</p>`` and ``<SEG>`` stay only where the model emitted those tokens: the same characters
+        spelled by ordinary tokens are broken up (``< SEG>``), so the spans a regex finds in the text are the
+        token spans."""
+        return decode_generated(self.processor.tokenizer, ids, self.special, self.stop_ids)
 
     # -------------------------------------------------------------------------------------- decoding
     def _decode(self, seqs: _Sequences, pyramid, samples, geos: list[Geometry]) -> list[Decoded]:
@@ -536,6 +529,30 @@ class Inferencer:
             out[b].mask_logits = final["masks_queries_logits"][runs]
             out[b].run_seg = [int(plan.runs[r, 1]) for r in runs]
         return out
+
+
+_TAG_LITERAL = re.compile(r"<SEG>|<p>|</p>")
+
+
+def decode_generated(tok, ids: Sequence[int], special: SpecialIds, stop_ids: Sequence[int]) -> str:
+    """:meth:`Inferencer.text` for a tokenizer ``tok``, the tag ids ``special`` and the ``stop_ids``."""
+    tags = {special.seg: "<SEG>", special.p_open: "<p>", special.p_close: "</p>"}
+    ids = [int(t) for t in ids if t not in stop_ids]
+    full = tok.decode(ids, skip_special_tokens=False)
+    emitted: set[int] = set()  # character offsets in ``full`` where an emitted tag token starts
+    for k, t in enumerate(ids):
+        if t in tags:
+            before = len(tok.decode(ids[:k], skip_special_tokens=False)) if k else 0
+            at = full.find(tags[t], max(0, before - 1))
+            if at >= 0:
+                emitted.add(at)
+    return _break_literal_tags(full, emitted)
+
+
+def _break_literal_tags(text: str, emitted: set[int]) -> str:
+    """``text`` with every ``<p>``, ``</p>`` or ``<SEG>`` that does not start at an ``emitted`` offset broken
+    up by a space after its ``<``."""
+    return _TAG_LITERAL.sub(lambda m: m[0] if m.start() in emitted else m[0][0] + " " + m[0][1:], text)
 
 
 def _first_seg(seg: torch.Tensor) -> int | None:

@@ -25,6 +25,7 @@ come back as ``HxW`` bool tensors.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
@@ -258,6 +259,9 @@ class OutputSpec:
     133); None keeps all."""
     prompt: dict | None = None
     """Intseg: the visual prompt's RLE at the original size."""
+    semantic_too: bool = False
+    """Panoptic: also the dense semantic post-process of the same output (``semantic`` field: X-SAM's COCO
+    semantic mIoU, every pixel a class)."""
 
     def __post_init__(self):
         if self.kind not in OUTPUT_KINDS:
@@ -269,6 +273,8 @@ def prediction_line(dec, spec: OutputSpec, cfg: PostprocessConfig = PostprocessC
     ``<SEG>`` (or without decoder output) gets the field empty: an empty prediction."""
     field = {"panoptic": "panoptic", "semantic": "panoptic", "instances": "instances"}.get(spec.kind, "masks")
     line: dict = {"key": dec.key, "text": dec.text, field: []}
+    if spec.kind == "panoptic" and spec.semantic_too:
+        line["semantic"] = []
     if dec.class_logits is None or dec.num_seg == 0:
         return line
     cls, masks = dec.class_logits, dec.mask_logits
@@ -277,6 +283,9 @@ def prediction_line(dec, spec: OutputSpec, cfg: PostprocessConfig = PostprocessC
     geo = dec.geometry
     if spec.kind in ("panoptic", "semantic", "instances"):
         line[field] = _category_entries(spec, cls[0], masks[0], geo, cfg)
+        if spec.kind == "panoptic" and spec.semantic_too:
+            dense = dataclasses.replace(spec, kind="semantic", semantic_too=False)
+            line["semantic"] = _category_entries(dense, cls[0], masks[0], geo, cfg)
     elif spec.kind == "per_turn":
         line[field] = _per_turn(dec, cls, masks, cfg)
     elif spec.kind == "phrases":

@@ -36,7 +36,9 @@ def clean_caption(text: str) -> str:
     """The plain caption of a GCG answer, as X-SAM's ``get_gcg_caption`` makes it: sentences holding
     ``<SEG>`` dropped, the rest joined with ``". "``, tags removed, whitespace collapsed, quotes stripped.
 
-    Unlike X-SAM, an answer without ``<SEG>`` keeps its text (X-SAM scores it as an empty caption)."""
+    An answer without ``<SEG>`` keeps its text here; X-SAM drops such a sample from every metric, which the
+    ``paper`` protocol does before its caption is cleaned
+    (:class:`orchestrate.evaluation.scoring.GcgScorer`)."""
     sents = [part.strip() for part in text.split(".") if "<SEG>" not in part]
     caption = _TAG.sub("", ". ".join(sents))
     return " ".join(caption.split()).strip("'").strip()

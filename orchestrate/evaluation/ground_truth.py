@@ -37,8 +37,8 @@ from pipelines.schema import SEG, Sample, SampleError
 from pipelines.sources import SOURCES
 from pipelines.sources.ade20k import category_table
 from pipelines.sources.base import SourceNotFound, relpath
-from pipelines.sources.genseg import clean_category_name
 from pipelines.sources.readers.coco_index import RawAnns, iter_coco_records, read_categories, read_spans
+from pipelines.sources.vocabulary import category_phrases, naming
 from pipelines.storage import join
 
 log = logging.getLogger(__name__)
@@ -62,6 +62,10 @@ SOURCE_KINDS = {
     "flickr_gcg": "gcg",
     "coco_vgd": "vgd",
 }
+DENSE_SEMANTIC_SOURCES = ("coco_panoptic",)
+"""Panoptic sources whose semantic mIoU X-SAM takes from a dense semantic pass over the same images
+(``coco_panoptic_semantic_genseg``), scored against semantic labels derived from the panoptic annotations;
+ADE20K has its own semantic set."""
 NOT_SCORED = {
     "lvis": "LVIS needs its federated AP (per-image negative / not-exhaustive categories), not implemented; "
     "X-SAM reports no LVIS number",
@@ -91,6 +95,8 @@ class EvalSet:
     annotations: dict[str, list[tuple[int, int]]] = field(default_factory=dict)  # key -> byte spans
     annotation_file: str | None = None
     data_root: str = ""
+    source_options: dict = field(default_factory=dict)
+    """The manifest's ``options.extra`` (the build's source options; the names the set's phrases use)."""
 
     def shard_path(self, name: str) -> str:
         return join(self.folder, name)
@@ -153,6 +159,7 @@ def open_set(shards: str, data_root: str, name: str) -> EvalSet:
         num_samples=manifest.samples,
         entries={s.file: s for s in manifest.shards},
         data_root=data_root,
+        source_options=dict((manifest.options or {}).get("extra") or {}),
     )
     if any(s.index_sha256 is None for s in manifest.shards):
         log.warning("%s: built before member indexes: its samples are not digest-checked; rebuild it", name)
@@ -163,7 +170,7 @@ def open_set(shards: str, data_root: str, name: str) -> EvalSet:
 # ------------------------------------------------------------------------------------------ original files
 def _add_originals(evs: EvalSet, inputs: list[dict]) -> None:
     if evs.source.startswith("ade20k_"):
-        table = _ade_table(evs.source)
+        table = _ade_table(evs.source, evs.source_options)
         evs.categories = {int(c): bool(v) for c, v in table["isthing"].items()}
         evs.category_names = {int(c): n for c, n in table["category_names"].items()}
         return
@@ -188,8 +195,9 @@ def _add_originals(evs: EvalSet, inputs: list[dict]) -> None:
     _index_coco(evs, path, files.dirs.get("panoptic"))
 
 
-def _ade_table(source: str) -> dict:
-    return category_table(SOURCES[source].vocabulary())
+def _ade_table(source: str, extra: dict) -> dict:
+    """The set's ADE table with the names its build used (:mod:`pipelines.sources.vocabulary`)."""
+    return category_table(SOURCES[source].vocabulary(), naming(source, extra))
 
 
 def _locate(evs: EvalSet):
@@ -272,8 +280,11 @@ def crowd_regions(evs: EvalSet, key: str, hw: tuple[int, int]) -> dict[int, dict
     return {c: mask_ops.merge_rles(r) for c, r in by_cat.items()}
 
 
-def coco_instances(evs: EvalSet, key: str, hw: tuple[int, int]) -> list[ApTruth]:
-    """COCO instances: every annotation of an image (crowd included) with its own ``area``."""
+def coco_instances(evs: EvalSet, key: str, hw: tuple[int, int], paper: bool = False) -> list[ApTruth]:
+    """COCO instances: every annotation of an image (crowd included) with its own ``area`` (COCOeval on the
+    original file); ``paper``: X-SAM's ground truth, crowd annotations removed and each area the polygon area
+    its ``convert_to_coco_dict`` computes (:func:`pipelines.masks.polygon_area`), invalid polygon parts left
+    out and an instance without a valid part dropped (docs/evaluation.md)."""
     spans = evs.annotations.get(key, [])
     out = []
     for (off, _), text in zip(spans, read_spans(evs.annotation_file, spans), strict=True):
@@ -281,24 +292,39 @@ def coco_instances(evs: EvalSet, key: str, hw: tuple[int, int]) -> list[ApTruth]
         cat = ann.get("category_id")
         if evs.categories is not None and cat not in evs.categories:
             continue  # COCOeval evaluates only the file's categories
+        segm, crowd = ann.get("segmentation"), int(bool(ann.get("iscrowd")))
+        if paper and crowd:
+            continue
+        if paper and isinstance(segm, list):
+            segm = [p for p in segm if isinstance(p, list) and len(p) % 2 == 0 and len(p) >= 6]
+            if not segm:
+                continue
         try:
-            rle = mask_ops.segmentation_to_rle(ann.get("segmentation"), *hw)
+            rle = mask_ops.segmentation_to_rle(segm, *hw)
         except MaskFormatError as e:
             raise EvaluationError(f"{evs.annotation_file}: annotation at byte {off} ({key}): {e}") from None
-        area = ann.get("area")
-        out.append(
-            ApTruth(rle, int(cat), int(bool(ann.get("iscrowd"))), float(area) if area is not None else None)
-        )
+        if paper:
+            area = mask_ops.polygon_area(segm) if isinstance(segm, list) else float(mask_ops.area(rle))
+        else:
+            area = ann.get("area")
+        out.append(ApTruth(rle, int(cat), crowd, float(area) if area is not None else None))
     return out
 
 
 def prompt_vocabulary(evs: EvalSet) -> list[tuple[int, str]]:
     """X-SAM's evaluation prompt for a genseg/ovseg set: every category of the set in id order, as
-    ``(category_id, phrase)`` (phrases cleaned as the build cleans them). Inference lists these, so a
-    predicted phrase index maps back to its ``category_id``."""
+    ``(category_id, phrase)``, the phrases named as the set's build named them
+    (:func:`pipelines.sources.vocabulary.category_phrases`: by default X-SAM's eval names, COCO 'wall', 'sky',
+    ADE20K's synonym lists). Inference lists these, so a predicted phrase index maps back to its
+    ``category_id``."""
     if evs.categories is None:
         raise EvaluationError(f"{evs.name}: the set has no category vocabulary")
-    return [(c, clean_category_name(evs.category_names.get(c, str(c)))) for c in sorted(evs.categories)]
+    ids = sorted(evs.categories)
+    try:
+        phrases = category_phrases(evs.source, evs.source_options, ids, evs.category_names)
+    except (KeyError, ValueError) as e:
+        raise EvaluationError(f"{evs.name}: no phrase for category {e}") from None
+    return [(c, phrases[c]) for c in ids]
 
 
 # ------------------------------------------------------------------------------------------ per sample
@@ -320,10 +346,23 @@ def panoptic_truth(evs: EvalSet, sample: Sample) -> PanopticTruth:
     return PanopticTruth(segments=segments, crowd=crowd, hw=hw)
 
 
-def instance_truth(evs: EvalSet, sample: Sample) -> list[ApTruth]:
+def semantic_truth(evs: EvalSet, truth: PanopticTruth) -> list[tuple[dict, int]]:
+    """Semantic ground truth derived from a panoptic one as X-SAM's ``panoptic_semseg_val2017`` labels it
+    (Mask2Former's converter): every segment, crowd included, labelled with its category; pixels of no
+    segment ignored. ``(RLE, category_id)`` pairs, which never overlap."""
+    return [*truth.segments, *((rle, int(c)) for c, rle in truth.crowd.items())]
+
+
+def instance_truth(evs: EvalSet, sample: Sample, protocol: str = "paper") -> list[ApTruth]:
+    """The AP ground truth of a sample under ``protocol`` (docs/evaluation.md)."""
     if evs.source == "coco_instance":
-        return coco_instances(evs, sample.key, image_hw(sample))
-    return [ApTruth(m.rle, int(m.category_id), int(m.iscrowd)) for m in sample.masks]
+        return coco_instances(evs, sample.key, image_hw(sample), paper=protocol == "paper")
+    # VGD under paper: the build's area, X-SAM's polygon area (its COCOeval area ranges); else the mask's
+    paper_area = protocol == "paper" and evs.kind == "vgd"
+    return [
+        ApTruth(m.rle, int(m.category_id), int(m.iscrowd), m.area if paper_area else None)
+        for m in sample.masks
+    ]
 
 
 def turn_targets(sample: Sample) -> list[dict | None]:

@@ -35,9 +35,9 @@ from orchestrate.evaluation import ground_truth as gt
 from orchestrate.evaluation.errors import EvaluationError, listing
 from orchestrate.evaluation.inference_report import log_eval_run
 from orchestrate.evaluation.predictions import PredictionReader, index_predictions
-from orchestrate.evaluation.report import write_outputs
+from orchestrate.evaluation.report import details_document, write_outputs
 from orchestrate.evaluation.run import score_predictions
-from orchestrate.evaluation.scoring import SCORERS, ScoreOptions
+from orchestrate.evaluation.scoring import SCORERS, ScoreOptions, check_protocol
 from pipelines import shard_store, templates
 from pipelines.schema import IMAGE, Sample, Turn
 
@@ -84,8 +84,11 @@ class InferenceOptions:
     seed: int = 0
     overlays: int = 2
     """Prediction overlays per set in the wandb run."""
+    protocol: str = "paper"
+    """``paper`` (X-SAM's evaluation code) or ``standard`` (:data:`scoring.PROTOCOLS`, docs/evaluation.md)."""
 
     def __post_init__(self):
+        check_protocol(self.protocol)
         if self.mode not in ("auto", "teacher", "generate"):
             raise EvaluationError(f"--mode must be auto, teacher or generate, got {self.mode!r}")
         if self.precision not in ("auto", "bf16", "fp32"):
@@ -201,7 +204,10 @@ def prepare(job: SetJob, sample: Sample):
         stuff = frozenset(i for i, c in enumerate(cats) if not (evs.categories or {}).get(c, True))
         if job.stage == 3:
             sample = vocabulary_prompt(sample, job.vocabulary)
-        return sample, OutputSpec(job.output, categories=cats, stuff=stuff, columns=job.columns)
+        dense = evs.source in gt.DENSE_SEMANTIC_SOURCES  # X-SAM's semantic pass of the same output
+        return sample, OutputSpec(
+            job.output, categories=cats, stuff=stuff, columns=job.columns, semantic_too=dense
+        )
     if evs.kind == "vgd":
         return sample, OutputSpec("instances", categories=slot_categories(sample))
     if job.output == "interactive":
@@ -222,6 +228,12 @@ def slot_categories(sample: Sample) -> tuple[int, ...]:
     return tuple(int(by_label[k]) for k in range(len(sample.phrases)))
 
 
+def asked(sample: Sample) -> dict:
+    """``{"key", "questions"}``: the user turns of the Sample inference runs on, as the model is asked
+    them."""
+    return {"key": sample.key, "questions": [t.text for t in sample.conversation if t.role == "user"]}
+
+
 # ------------------------------------------------------------------------------------------ one worker
 @dataclass
 class ShardLines:
@@ -232,6 +244,8 @@ class ShardLines:
     lines: list[dict]
     no_seg: int = 0
     seconds: float = 0.0
+    first: dict | None = None
+    """The first sample's key and the user turns it was asked (``inference.json`` shows the prompt)."""
 
 
 class ShardPredictor:
@@ -262,6 +276,8 @@ class ShardPredictor:
             if image is None:
                 raise EvaluationError(f"{sample.key}: the shard holds no image for it")
             batch.append((*prepare(job, sample), image))
+            if out.first is None:
+                out.first = asked(batch[-1][0])
             if len(batch) == self.options.batch_size:
                 self._flush(job, batch, out)
         self._flush(job, batch, out)
@@ -299,17 +315,22 @@ class InferenceRun:
     samples: dict[str, int] = field(default_factory=dict)
     no_seg: dict[str, int] = field(default_factory=dict)
     seconds: float = 0.0
+    protocol: str = "paper"
+    first: dict[str, dict] = field(default_factory=dict)
+    """Per set, its first sample's key and questions (:func:`asked`)."""
 
     def summary(self) -> dict[str, Any]:
         return {
             "export": self.info.url,
             "stage": self.info.stage,
             "flavor": self.info.flavor,
+            "protocol": self.protocol,
             "sets": {
                 j.evs.name: {
                     "mode": j.mode,
                     "samples": self.samples.get(j.evs.name, 0),
                     "no_seg": self.no_seg.get(j.evs.name, 0),
+                    "first_sample": self.first.get(j.evs.name),
                 }
                 for j in self.jobs
             },
@@ -358,7 +379,7 @@ def run_inference(
     work = shard_jobs(jobs, options.max_samples)
     Path(out_dir).mkdir(parents=True, exist_ok=True)
     path = os.path.join(out_dir, "predictions.jsonl")
-    run = InferenceRun(path, info, jobs)
+    run = InferenceRun(path, info, jobs, protocol=options.protocol)
     stream = (
         _inline(export, options, work)
         if num_workers <= 1
@@ -371,6 +392,8 @@ def run_inference(
             f.flush()
             run.samples[part.set_name] = run.samples.get(part.set_name, 0) + len(part.lines)
             run.no_seg[part.set_name] = run.no_seg.get(part.set_name, 0) + part.no_seg
+            if part.first is not None:
+                run.first.setdefault(part.set_name, part.first)
             log.info(
                 "%s: %s predicted (%d samples, %.1f s); %d/%d shards",
                 part.set_name,
@@ -447,12 +470,17 @@ def _write_json(path: str, obj: Any) -> None:
 
 # ------------------------------------------------------------------------------------------ scoring
 def score_subset(
-    predictions: str, shards: str, data_root: str, sets: Sequence[str], text_sim_model: str | None = None
+    predictions: str,
+    shards: str,
+    data_root: str,
+    sets: Sequence[str],
+    text_sim_model: str | None = None,
+    protocol: str = "paper",
 ) -> tuple[dict[str, dict[str, float]], dict[str, dict]]:
     """Score only the samples ``predictions`` has (a set's first N) with the evaluation's own scorers:
-    ``(results, details)`` as :func:`score_predictions` computes them for whole sets."""
+    ``(results, details)`` as :func:`score_predictions` computes them for whole sets, under ``protocol``."""
     refs = index_predictions(predictions)
-    options = ScoreOptions(text_sim_model=text_sim_model)
+    options = ScoreOptions(text_sim_model=text_sim_model, protocol=protocol)
     results, details = {}, {}
     try:
         for name in sets:
@@ -471,7 +499,10 @@ def score_subset(
             details[name] = {
                 "samples": scorer.samples,
                 "notes": [*notes, "scored on a subset (--max-samples)"],
+                "protocol": protocol,
             }
+            if scorer.counts():
+                details[name]["counts"] = scorer.counts()
     finally:
         captions.close()
     return results, details
@@ -518,12 +549,22 @@ def evaluate_export(
     )
     if options.max_samples is None:
         results = score_predictions(
-            run.predictions, shards, data_root, names, out_dir, num_workers, text_sim_model, "disabled"
+            run.predictions,
+            shards,
+            data_root,
+            names,
+            out_dir,
+            num_workers,
+            text_sim_model,
+            "disabled",
+            protocol=options.protocol,
         )
         details = json.loads(Path(out_dir, "details.json").read_text())["sets"]
     else:
-        results, details = score_subset(run.predictions, shards, data_root, names, text_sim_model)
-        write_outputs(out_dir, results, details, run.predictions, shards, None)
+        results, details = score_subset(
+            run.predictions, shards, data_root, names, text_sim_model, options.protocol
+        )
+        write_outputs(out_dir, results, details, run.predictions, shards, None, protocol=options.protocol)
     for name, d in details.items():
         if run.no_seg.get(name):
             d.setdefault("notes", []).append(
@@ -531,7 +572,7 @@ def evaluate_export(
             )
     _write_json(
         os.path.join(out_dir, "details.json"),
-        {"predictions": run.predictions, "shards": shards, "sets": details},
+        details_document(run.predictions, shards, details, options.protocol),
     )
     if wandb_mode and wandb_mode != "disabled":
         log_eval_run(

@@ -4,9 +4,10 @@
 One JSON object per line, one line per sample key::
 
     {"key": "refcoco/val/…", "text": "<generated answer>" | null,
-     "panoptic":  [{"rle": {"size": [h, w], "counts": "…"}, "category_id": 17}, …],         # PQ, mIoU
-     "instances": [{"rle": {…}, "category_id": 17, "score": 0.93}, …],                      # AP
-     "masks":     [{"rle": {…}, "label": 0}, …]}         # <SEG> turn (refseg/reaseg/intseg) or <p> span (GCG)
+     "panoptic":  [{"rle": {"size": [h, w], "counts": "…"}, "category_id": 17}, …],   # PQ, mIoU
+     "semantic":  [{"rle": {…}, "category_id": 17}, …],   # COCO panoptic sets: the dense semantic pass
+     "instances": [{"rle": {…}, "category_id": 17, "score": 0.93}, …],                # AP
+     "masks":     [{"rle": {…}, "label": 0}, …]}   # <SEG> turn (refseg/reaseg/intseg) or <p> span (GCG)
 
 RLEs are COCO *compressed* RLE at the original image size; ``panoptic`` segments never overlap; a field a
 task does not use may be omitted. This module reads and checks what can be checked without the ground truth:
@@ -34,7 +35,7 @@ import numpy as np
 
 from orchestrate.evaluation.errors import EvaluationError, listing, where
 
-FIELDS = ("key", "text", "panoptic", "instances", "masks")
+FIELDS = ("key", "text", "panoptic", "semantic", "instances", "masks")
 _MAX_GROUP = 7  # chars of one compressed count: 7 x 5 bits covers any uint32 count
 MAX_TEXT_CHARS = 65_536
 """Longest ``text`` a prediction may hold. A generated answer is at most ``--max-new-tokens`` tokens (512 by
@@ -62,6 +63,7 @@ class Prediction:
     line: int
     text: str | None = None
     panoptic: list[tuple[dict, int]] | None = None  # (rle, category_id)
+    semantic: list[tuple[dict, int]] | None = None  # (rle, category_id): every pixel a class
     instances: list[tuple[dict, int, float]] | None = None  # (rle, category_id, score)
     masks: list[tuple[dict, int]] | None = None  # (rle, label)
     present: set[str] = field(default_factory=set)
@@ -195,11 +197,13 @@ def parse_prediction(obj: dict, path: str, line: int) -> Prediction:
     if text is not None and len(text) > MAX_TEXT_CHARS:
         raise EvaluationError(f"{loc}: 'text' has {len(text)} characters, more than {MAX_TEXT_CHARS}")
     pred.text = text
-    if "panoptic" in obj:
-        pred.panoptic = [
-            (_rle(e, loc, f"panoptic[{i}]"), _int(e, "category_id", loc, f"panoptic[{i}]"))
-            for i, e in enumerate(_entries(obj, "panoptic", loc))
-        ]
+    for name in ("panoptic", "semantic"):
+        if name in obj:
+            segs = [
+                (_rle(e, loc, f"{name}[{i}]"), _int(e, "category_id", loc, f"{name}[{i}]"))
+                for i, e in enumerate(_entries(obj, name, loc))
+            ]
+            setattr(pred, name, segs)
     if "instances" in obj:
         pred.instances = [
             (

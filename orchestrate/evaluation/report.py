@@ -3,7 +3,10 @@
 ``results.json`` is the contract (docs/contracts.md#predictions-and-results): ``{"<source>/<split>":
 {"<metric>": value in percent}}``, metric names as the papers print them; a metric that is undefined (no
 sample of its kind) is ``null``. ``details.json`` holds per set the number of samples scored and the notes
-(why a metric is missing).
+(why a metric is missing), and which protocol scored the run: ``"protocol": "paper"`` or ``"standard"`` at its
+top level and in every set's entry. ``results.json`` keeps its shape (every top-level key is a set), so
+readers that iterate it are unchanged; the protocol is read from ``details.json`` beside it
+(docs/evaluation.md).
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ METRIC_ORDER = (
     "RQ_th",
     "RQ_st",
     "mIoU",
+    "mIoU_panoptic",
     "AP",
     "AP50",
     "AP75",
@@ -78,6 +82,7 @@ def write_outputs(
     shards: str,
     wandb_mode: str | None,
     compare_paper: bool = False,
+    protocol: str = "paper",
 ) -> None:
     """``results.json`` + ``details.json`` under ``out_dir``, and the wandb eval run (unless disabled; with
     ``compare_paper`` it also holds the paper's table beside ours)."""
@@ -85,11 +90,15 @@ def write_outputs(
     out.mkdir(parents=True, exist_ok=True)
     clean = {s: {m: _json_value(v) for m, v in ms.items()} for s, ms in results.items()}
     _write(out / "results.json", clean)
-    _write(
-        out / "details.json", {"predictions": os.path.abspath(predictions), "shards": shards, "sets": details}
-    )
+    _write(out / "details.json", details_document(predictions, shards, details, protocol))
     if wandb_mode and wandb_mode != "disabled":
-        log_wandb(out, clean, details, wandb_mode, compare_paper)
+        log_wandb(out, clean, details, wandb_mode, compare_paper, protocol)
+
+
+def details_document(predictions: str, shards: str, details: Mapping[str, Mapping], protocol: str) -> dict:
+    """What ``details.json`` holds: the inputs, the protocol, and per set its samples, notes and protocol."""
+    sets = {name: {**d, "protocol": protocol} for name, d in details.items()}
+    return {"predictions": os.path.abspath(predictions), "shards": shards, "protocol": protocol, "sets": sets}
 
 
 def _write(path: Path, obj: object) -> None:
@@ -99,7 +108,12 @@ def _write(path: Path, obj: object) -> None:
 
 
 def log_wandb(
-    out: Path, results: Mapping, details: Mapping, mode: str, compare_paper: bool = False
+    out: Path,
+    results: Mapping,
+    details: Mapping,
+    mode: str,
+    compare_paper: bool = False,
+    protocol: str = "paper",
 ) -> str | None:
     """One wandb run (``job_type="eval"``) with the results as a table and as summary values (and the
     paper's table beside ours with ``compare_paper``: scored predictions have no flavor); returns the run's
@@ -118,7 +132,7 @@ def log_wandb(
         name=f"eval/{out.name}",
         dir=str(folder),
         mode=mode,
-        config={"sets": sorted(results)},
+        config={"sets": sorted(results), "protocol": protocol},
         settings=wandb.Settings(console="off", silent=True),
     )
     try:

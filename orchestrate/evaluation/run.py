@@ -40,11 +40,14 @@ def score_predictions(
     text_sim_model: str | None = None,
     wandb_mode: str | None = "offline",
     compare_paper: bool = False,
+    protocol: str = "paper",
 ) -> dict[str, dict[str, float]]:
     """Score ``predictions_path`` on ``sets`` (default: every set its keys belong to) and return
     ``{set: {metric: value in percent}}``. With ``out_dir``: ``results.json``, ``details.json`` and a wandb
     run there (with ``compare_paper``: the paper's table beside ours in it too). ``num_workers`` > 1 scores
-    shards as Ray tasks (joining ``RAY_ADDRESS`` or a local Ray)."""
+    shards as Ray tasks (joining ``RAY_ADDRESS`` or a local Ray). ``protocol``: ``paper`` (X-SAM's code) or
+    ``standard`` (:data:`scoring.PROTOCOLS`)."""
+    options = ScoreOptions(text_sim_model=text_sim_model, protocol=protocol)  # a bad protocol fails first
     t0 = time.time()
     refs = index_predictions(predictions_path)
     names = list(sets) if sets else sorted({set_of_key(k) for k in refs})
@@ -54,7 +57,6 @@ def score_predictions(
     if text_sim_model:
         captions.text_embedder(text_sim_model)  # a bad folder fails now, not in a worker
     by_set = _split_refs(refs, names, predictions_path)
-    options = ScoreOptions(text_sim_model=text_sim_model)
     scorers, details = {}, {}
     for evs, parts in _score_all(evsets, by_set, predictions_path, options, num_workers):
         scorer = parts[0].scorer
@@ -67,12 +69,16 @@ def score_predictions(
         for name, scorer in scorers.items():
             metrics, notes = scorer.result()
             results[name] = metrics
-            details[name] = {"samples": scorer.samples, "notes": notes}
+            details[name] = {"samples": scorer.samples, "notes": notes, "protocol": protocol}
+            if scorer.counts():
+                details[name]["counts"] = scorer.counts()
     finally:
         captions.close()
     log.info("scored %d sets in %.1f s", len(results), time.time() - t0)
     if out_dir:
-        write_outputs(out_dir, results, details, predictions_path, shards, wandb_mode, compare_paper)
+        write_outputs(
+            out_dir, results, details, predictions_path, shards, wandb_mode, compare_paper, protocol
+        )
     return results
 
 

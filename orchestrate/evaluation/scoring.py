@@ -32,9 +32,22 @@ from orchestrate.evaluation.metrics import (
     rle_union,
 )
 from orchestrate.evaluation.predictions import Prediction, PredictionReader, phrase_spans
+from pipelines import masks as mask_ops
 from pipelines.schema import Sample
 
 log = logging.getLogger(__name__)
+
+
+PROTOCOLS = ("paper", "standard")
+"""``paper``: X-SAM's evaluation code (``AAAI26_Archive``) where it departs from the standard definition;
+``standard``: the benchmark's own definition (docs/evaluation.md lists each difference)."""
+
+
+def check_protocol(protocol: str) -> str:
+    """``protocol`` if it is one of :data:`PROTOCOLS`, else an :class:`EvaluationError` (one line)."""
+    if protocol not in PROTOCOLS:
+        raise EvaluationError(f"--protocol must be {' or '.join(PROTOCOLS)}, got {protocol!r}")
+    return protocol
 
 
 @dataclass(frozen=True)
@@ -42,6 +55,10 @@ class ScoreOptions:
     """What scoring needs besides the files."""
 
     text_sim_model: str | None = None  # local sentence-embedding folder for GCG recall (never downloaded)
+    protocol: str = "paper"  # one of PROTOCOLS
+
+    def __post_init__(self):
+        check_protocol(self.protocol)
 
 
 # ------------------------------------------------------------------------------------------ checks
@@ -108,22 +125,28 @@ class _Scorer:
     def result(self) -> tuple[dict[str, float], list[str]]:
         raise NotImplementedError
 
+    def counts(self) -> dict[str, int]:
+        """Counters ``details.json`` records for the set (``{}``: none)."""
+        return {}
+
 
 class PanopticScorer(_Scorer):
-    """PQ/SQ/RQ (all, things, stuff) and semantic mIoU from the ``panoptic`` segments."""
+    """PQ/SQ/RQ (all, things, stuff); ``mIoU_panoptic``, the semantic mIoU of the ``panoptic`` segments (a
+    pixel no segment covers counts as missed); COCO: ``mIoU``, X-SAM's semantic mIoU, from the dense
+    ``semantic`` pass against labels derived from the panoptic annotations (crowd labelled with its class)."""
 
     def __init__(self, evs: gt.EvalSet, options: ScoreOptions):
         super().__init__(evs, options)
         self.pq = PanopticQuality(dict(evs.categories))
         self.miou = SemanticIoU(sorted(evs.categories))
+        self.dense = SemanticIoU(sorted(evs.categories)) if evs.source in gt.DENSE_SEMANTIC_SOURCES else None
+        self.no_dense = 0  # samples whose prediction has no "semantic" field
 
     def add(self, evs, sample, pred, path):
         ck = _Checker(path, pred, sample)
         segs = [
-            (ck.rle(r, f"panoptic[{i}]"), ck.category(c, evs.categories, f"panoptic[{i}]", evs.name))
-            for i, (r, c) in enumerate(ck.need("panoptic", evs.name))
-        ]
-        segs = [(r, c) for r, c in segs if rle_area(r) > 0]  # an empty segment can neither match nor err
+            (r, c) for r, c in _segments(ck, evs, "panoptic") if rle_area(r) > 0
+        ]  # empty: no match nor err
         n_pix = ck.hw[0] * ck.hw[1]
         pred_map, overlap = paint([r for r, _ in segs], n_pix)
         if overlap:
@@ -143,15 +166,49 @@ class PanopticScorer(_Scorer):
             [self.miou.class_map([c for _, c in truth.segments]), np.zeros(len(crowd), np.int32)]
         )
         self.miou.add(gt_lookup[gt_map], self.miou.class_map([c for _, c in segs])[pred_map])
+        if self.dense is not None:
+            self._add_dense(evs, ck, truth, gt_map, n_pix)
         self.samples += 1
+
+    def _add_dense(self, evs, ck: _Checker, truth, gt_map: np.ndarray, n_pix: int) -> None:
+        if ck.pred.semantic is None:
+            self.no_dense += 1
+            return
+        dense = _segments(ck, evs, "semantic")
+        pred_map, overlap = paint([r for r, _ in dense], n_pix)
+        if overlap:
+            raise ck.fail("'semantic' segments overlap (a semantic prediction gives each pixel one class)")
+        labelled = gt.semantic_truth(evs, truth)  # the order gt_map was painted in: segments, then crowd
+        gt_lookup = self.dense.class_map([c for _, c in labelled])
+        self.dense.add(gt_lookup[gt_map], self.dense.class_map([c for _, c in dense])[pred_map])
 
     def merge(self, other):
         super().merge(other)
         self.pq.merge(other.pq)
         self.miou.merge(other.miou)
+        if self.dense is not None:
+            self.dense.merge(other.dense)
+            self.no_dense += other.no_dense
 
     def result(self):
-        return {**self.pq.result(), **self.miou.result()}, []
+        out = {**self.pq.result(), "mIoU_panoptic": self.miou.result()["mIoU"]}
+        notes = []
+        if self.dense is not None and self.no_dense:
+            notes.append(
+                f"mIoU not computed: {self.no_dense} predictions have no 'semantic' field (X-SAM's dense "
+                "semantic pass); mIoU_panoptic is the panoptic segments' own"
+            )
+        elif self.dense is not None:
+            out["mIoU"] = self.dense.result()["mIoU"]
+        return out, notes
+
+
+def _segments(ck: _Checker, evs: gt.EvalSet, name: str) -> list[tuple[dict, int]]:
+    """The checked ``(RLE, category_id)`` pairs of a prediction's ``panoptic`` or ``semantic`` field."""
+    return [
+        (ck.rle(r, f"{name}[{i}]"), ck.category(c, evs.categories, f"{name}[{i}]", evs.name))
+        for i, (r, c) in enumerate(ck.need(name, evs.name))
+    ]
 
 
 class SemanticScorer(_Scorer):
@@ -193,6 +250,7 @@ class InstanceScorer(_Scorer):
     def __init__(self, evs, options):
         super().__init__(evs, options)
         self.ap = MaskAP(sorted(evs.categories) if evs.categories is not None else None)
+        self.protocol = options.protocol
 
     def add(self, evs, sample, pred, path):
         ck = _Checker(path, pred, sample)
@@ -200,7 +258,7 @@ class InstanceScorer(_Scorer):
             (ck.rle(r, f"instances[{i}]"), ck.category(c, evs.categories, f"instances[{i}]", evs.name), s)
             for i, (r, c, s) in enumerate(ck.need("instances", evs.name))
         ]
-        self.ap.add(sample.key, gt.instance_truth(evs, sample), dets)
+        self.ap.add(sample.key, gt.instance_truth(evs, sample, self.protocol), dets)
         self.samples += 1
 
     def merge(self, other):
@@ -265,13 +323,21 @@ class ReferScorer(_Scorer):
 
 
 class GcgScorer(_Scorer):
-    """GCG: METEOR, CIDEr (captions, finalised over the whole set), AP50, mIoU, recall."""
+    """GCG: METEOR, CIDEr (captions, finalised over the whole set), AP50, mIoU, recall.
+
+    ``paper`` (X-SAM's evaluator): a sample whose answer has no ``<SEG>``, no ``<p>`` span or more than one
+    ``<SEG>`` is dropped from every metric (X-SAM's model returns no output for it), counted in
+    :meth:`counts`; the phrase masks are painted into one map in label order (a later phrase overwrites an
+    earlier one) and re-split, largest first; AP50 and mIoU count only the images left with a predicted mask.
+    ``standard``: every sample is scored, with its independent phrase masks."""
 
     def __init__(self, evs, options):
         super().__init__(evs, options)
         self.grounding = GcgGrounding()
         self.captions: list[tuple[str, str, str]] = []  # (key, reference, generated)
         self.text_model = options.text_sim_model
+        self.paper = options.protocol == "paper"
+        self.tally = dict.fromkeys(GCG_COUNTS, 0)
 
     def add(self, evs, sample, pred, path):
         ck = _Checker(path, pred, sample)
@@ -281,15 +347,28 @@ class GcgScorer(_Scorer):
             (ck.rle(r, f"masks[{i}]"), ck.label(lb, len(spans), f"masks[{i}]", "<p> spans in 'text'"))
             for i, (r, lb) in enumerate(ck.need("masks", evs.name))
         ]
+        self.samples += 1
         grouped = _grouped_masks(masks, len(spans))
-        pred_rles = [m for m in grouped if m is not None]
-        pred_phrases = [p for p, m in zip(spans, grouped, strict=True) if m is not None]
+        pairs = [(m, lb) for lb, m in enumerate(grouped) if m is not None]
+        if self.paper:
+            failed = xsam_gcg_failure(text, spans)
+            if failed:
+                self.tally[failed] += 1
+                return
+            pairs = painted_masks(grouped, ck.hw)
+        self.captions.append((sample.key, str(sample.meta.get("caption", "")), clean_caption(text)))
+        if self.paper and not pairs:
+            self.tally["no_mask"] += 1  # X-SAM's mask metrics take only the images with a predicted mask
+            return
+        pred_rles = [m for m, _ in pairs]
+        pred_phrases = [spans[lb] for _, lb in pairs]
         gt_rles = [m.rle for m in sample.masks]
         gt_phrases = [sample.phrases[m.label] if m.label >= 0 else None for m in sample.masks]
         sims = self._similarity(gt_phrases, pred_phrases) if self.text_model else None
         self.grounding.add(sample.key, gt_rles, pred_rles, sims)
-        self.captions.append((sample.key, str(sample.meta.get("caption", "")), clean_caption(text)))
-        self.samples += 1
+
+    def counts(self) -> dict[str, int]:
+        return dict(self.tally) if self.paper else {}
 
     def _similarity(self, gt_phrases: list[str | None], pred_phrases: list[str]) -> np.ndarray:
         embed = text_embedder(self.text_model)
@@ -305,6 +384,8 @@ class GcgScorer(_Scorer):
         super().merge(other)
         self.grounding.merge(other.grounding)
         self.captions.extend(other.captions)
+        for k, v in other.tally.items():
+            self.tally[k] += v
 
     def result(self):
         notes: list[str] = []
@@ -317,7 +398,51 @@ class GcgScorer(_Scorer):
         out.update(self.grounding.result(with_recall=self.text_model is not None))
         if self.text_model is None:
             notes.append("recall omitted: no --text-sim-model (a local sentence-embedding folder) given")
+        dropped = sum(self.tally[k] for k in GCG_DROPS)
+        if self.paper and dropped:
+            parts = ", ".join(f"{GCG_COUNTS[k]}: {self.tally[k]}" for k in GCG_DROPS if self.tally[k])
+            notes.append(
+                f"{dropped} of {self.samples} samples dropped from every metric as X-SAM drops them ({parts})"
+            )
+        if self.paper and self.tally["no_mask"]:
+            notes.append(
+                f"{self.tally['no_mask']} samples without a predicted mask: not in AP50, mIoU (X-SAM)"
+            )
         return out, notes
+
+
+GCG_COUNTS = {
+    "no_seg": "no <SEG>",
+    "no_phrase": "no <p> span",
+    "multi_seg": "more than one <SEG>",
+    "no_mask": "no predicted mask",
+}
+"""GCG counters under ``paper`` (``details.json`` ``counts``): the first three are X-SAM's dropped samples."""
+GCG_DROPS = ("no_seg", "no_phrase", "multi_seg")
+
+
+def xsam_gcg_failure(text: str, spans: Sequence[str]) -> str | None:
+    """Why X-SAM's model gives a GCG answer no segmentation output (a :data:`GCG_DROPS` key), or ``None``:
+    no ``<SEG>`` or no ``<p>`` span (nothing to condition the decoder on), or more than one ``<SEG>``."""
+    n_seg = text.count("<SEG>")  # tags in a prediction's text are the emitted tokens (docs/evaluation.md)
+    if n_seg == 0:
+        return "no_seg"
+    if not spans:
+        return "no_phrase"
+    return "multi_seg" if n_seg > 1 else None
+
+
+def painted_masks(grouped: Sequence[dict | None], hw: tuple[int, int]) -> list[tuple[dict, int]]:
+    """X-SAM's GCG masks: each phrase's mask painted into one map in label order (a later phrase overwrites an
+    earlier one), then one mask per label still present, largest first (ties: label order), as
+    ``(RLE, label)``."""
+    seg = np.full(hw, -1, np.int32)
+    for label, rle in enumerate(grouped):
+        if rle is not None:
+            seg[mask_ops.decode(rle).astype(bool)] = label
+    labels, areas = np.unique(seg[seg >= 0], return_counts=True)
+    order = np.argsort(-areas, kind="stable")
+    return [(mask_ops.encode(seg == labels[i])[0], int(labels[i])) for i in order]
 
 
 SCORERS: dict[str, type[_Scorer]] = {

@@ -291,8 +291,8 @@ class _Ade20k:
         raise SourceNotFound(self.name, looked)
 
     def index(self, files: SourceFiles, split: str, options: BuildOptions) -> Iterator[dict | Skip | Shared]:
-        # X-SAM's instance names equal LISA's; panoptic/semantic prompts follow the ade20k_category_names
-        # option
+        # The set's phrases as its evaluation prompts them (pipelines.sources.vocabulary.naming, which imports
+        # this module): X-SAM's instance names equal LISA's; panoptic/semantic follow ade20k_category_names.
         naming = "lisa" if self.kind == "instance" else options.extra.ade20k_category_names
         yield Shared(category_table(self.vocabulary(), naming))
         prefix = f"{self.name}/{split}"

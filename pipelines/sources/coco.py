@@ -30,8 +30,9 @@ from pipelines.sources.base import (
     SourceNotFound,
     relpath,
 )
-from pipelines.sources.genseg import category_namer, genseg_conversation, mask_targets, prompt_categories
+from pipelines.sources.genseg import genseg_conversation, mask_targets, prompt_categories
 from pipelines.sources.readers.coco_index import RawAnns, iter_coco_records, read_spans
+from pipelines.sources.vocabulary import category_phrases
 
 COCO_ROOT = "img_genseg/coco2017"
 
@@ -41,13 +42,14 @@ def _image_fields(img: dict) -> dict:
     return {"id": img["id"], "file_name": file_name, "height": img.get("height"), "width": img.get("width")}
 
 
-def _category_table(categories: list[dict], naming: str) -> dict:
-    """Ids in id order and their phrases; ``naming`` is the ``coco_category_names`` option."""
+def _category_table(source: str, categories: list[dict], extra) -> dict:
+    """Ids in id order and their phrases (:func:`pipelines.sources.vocabulary.category_phrases`, the
+    ``coco_category_names`` option of ``extra``)."""
     cats = sorted(categories, key=lambda c: c["id"])
-    name = category_namer(naming)
+    phrases = category_phrases(source, extra, [c["id"] for c in cats], {c["id"]: c["name"] for c in cats})
     return {
         "category_ids": [c["id"] for c in cats],
-        "category_names": {str(c["id"]): name(c["name"]) for c in cats},
+        "category_names": {str(c): n for c, n in phrases.items()},
         "category_raw_names": {str(c["id"]): c["name"] for c in cats},
         "isthing": {str(c["id"]): int(c.get("isthing", 1)) for c in cats},
     }
@@ -154,7 +156,7 @@ class CocoInstance:
             f"{self.name}/{split}",
             _image_fields,
             None,
-            categories=lambda c: _category_table(c, options.extra.coco_category_names),
+            categories=lambda c: _category_table(self.name, c, options.extra),
             raw=True,
         ):
             if isinstance(item, dict):
@@ -224,7 +226,7 @@ class CocoPanoptic:
             f"{self.name}/{split}",
             _image_fields,
             lambda a: {"file_name": a.get("file_name"), "segments_info": a.get("segments_info") or []},
-            categories=lambda c: _category_table(c, options.extra.coco_category_names),
+            categories=lambda c: _category_table(self.name, c, options.extra),
         )
 
     def to_sample(self, record: dict, ctx: ConvertContext) -> Sample:

@@ -170,7 +170,7 @@ class CocoVgd:
     task = "vgdseg"
     path_roles = ("annotations", "instances", "images")
     splits = ("train", *VAL_SPLITS)
-    version = 2  # 2: train samples carry prompt_pool
+    version = 3  # 2: train samples carry prompt_pool; 3: a mask's area is X-SAM's (polygon area)
     eval_image_guard_splits = ("train",)  # RefCOCO/+/g eval images left out (pipelines/build/eval_guard.py)
 
     def locate(self, data_root: str, split: str, overrides: dict | None = None) -> SourceFiles:
@@ -366,8 +366,16 @@ def _mask_target(t: dict, label: int) -> MaskTarget:
         category_id=t["ann"]["category_id"],
         iscrowd=0,
         bbox=masks.bbox(rle),
-        area=float(masks.area(rle)),
+        area=_xsam_area(t["ann"].get("segmentation"), rle),
     )
+
+
+def _xsam_area(segmentation, rle: dict) -> float:
+    """The ``area`` X-SAM's ``convert_to_coco_dict`` writes into its VGD ground truth (what COCOeval's area
+    ranges read under the ``paper`` protocol): a polygon instance's shoelace area, an RLE's pixel count."""
+    if isinstance(segmentation, list):
+        return masks.polygon_area(segmentation)
+    return float(masks.area(rle))
 
 
 def vgd_sample(source: str, record: dict, ctx: ConvertContext, kind: str | None) -> Sample:

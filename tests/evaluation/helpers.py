@@ -17,6 +17,9 @@ def perfect_line(evs: gt.EvalSet, sample: Sample) -> dict:
         line["panoptic"] = [
             {"rle": m.rle, "category_id": m.category_id} for m in sample.masks if not m.iscrowd
         ]
+        if evs.source in gt.DENSE_SEMANTIC_SOURCES:  # the dense pass: crowd pixels are their class too
+            truth = gt.semantic_truth(evs, gt.panoptic_truth(evs, sample))
+            line["semantic"] = [{"rle": r, "category_id": c} for r, c in truth]
     elif evs.kind in ("instance", "vgd"):
         line["instances"] = [
             {"rle": t.rle, "category_id": t.category_id, "score": 1.0}

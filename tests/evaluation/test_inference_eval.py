@@ -55,7 +55,20 @@ def test_export_then_predictions_give_the_same_results(demo_val, export3, tmp_pa
     assert len({x["key"] for x in lines}) == len(lines)
     inference = json.loads((tmp_path / "a" / "inference.json").read_text())
     assert inference["stage"] == 3 and inference["sets"]["grandf_gcg/val"]["mode"] == "generate"
-    assert inference["sets"]["refcoco/val"]["mode"] == "teacher"
+    assert inference["sets"]["refcoco/val"]["mode"] == "teacher" and inference["protocol"] == "paper"
+    # the exact question of each set's first sample: the genseg prompt lists the vocabulary by X-SAM's names
+    first = inference["sets"]["coco_panoptic/val"]["first_sample"]
+    assert first["key"] == lines[[x["key"].startswith("coco_panoptic/") for x in lines].index(True)]["key"]
+    (question,) = first["questions"]
+    assert question.startswith("<image>\n") and "<p>wall</p>" in question and "wall other" not in question
+    assert all(inference["sets"][s]["first_sample"]["questions"] for s in FAST_SETS)
+    # COCO panoptic: the dense semantic pass of the same output, every pixel a class
+    from pipelines import masks as mask_ops
+
+    pan = [x for x in lines if x["key"].startswith("coco_panoptic/")]
+    for x in pan:
+        covered = sum(mask_ops.area(e["rle"]) for e in x["semantic"])
+        assert x["semantic"] and covered == np.prod(x["semantic"][0]["rle"]["size"])
     # X-SAM's protocol: teacher-forced answers are the references, and the masks come out of them
     refer = [x for x in lines if x["key"].startswith("refcoco/")]
     assert all(x["text"] and "<SEG>" in x["text"] for x in refer) and any(x["masks"] for x in refer)

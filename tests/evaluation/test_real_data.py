@@ -33,6 +33,11 @@ def _coco_base(tmp_path: Path) -> Path:
 
 @pytest.fixture
 def real_panoptic(real_data, tmp_path) -> tuple[Path, Path]:
+    return build_real_panoptic(real_data, tmp_path)
+
+
+def build_real_panoptic(real_data: Path, tmp_path: Path) -> tuple[Path, Path]:
+    """panopticapi's two real sample images built as ``coco_panoptic/val``: ``(datas, shards)``."""
     base = _coco_base(tmp_path)
     shutil.copy(real_data / f"{PAN}panoptic_examples.json", base / "annotations/panoptic_val2017.json")
     for image_id in ("000000142238", "000000439180"):
@@ -76,7 +81,9 @@ def test_real_panoptic_ground_truth_scores_100_and_crowd_rules_apply(real_panopt
     assert result["PQ"] < 100.0 and result["PQ_st"] == 100.0
 
 
-def test_real_instances_ap_equals_cocoeval_on_the_original_file(real_data, tmp_path):
+def real_instances(real_data: Path, tmp_path: Path) -> tuple[Path, Path, Path, dict]:
+    """mmdetection's real COCO instances file (one crowd RLE among polygons) built as ``coco_instance/val``:
+    ``(datas, shards, the file, its JSON)``."""
     base = _coco_base(tmp_path)
     src = json.loads((real_data / MMDET).read_text())
     shutil.copy(real_data / MMDET, base / "annotations/instances_val2017.json")
@@ -86,9 +93,19 @@ def test_real_instances_ap_equals_cocoeval_on_the_original_file(real_data, tmp_p
         )
     datas, shards = tmp_path / "datas", tmp_path / "shards"
     build(str(datas), str(shards), sources=["coco_instance"], splits=["val"])
+    return datas, shards, base / "annotations/instances_val2017.json", src
+
+
+def test_real_instances_ap_equals_cocoeval_on_the_original_file(real_data, tmp_path):
+    """``standard``: COCOeval on the original file (crowd as ignore regions, the file's areas)."""
+    datas, shards, base_file, _ = real_instances(real_data, tmp_path)
+    base = base_file.parent.parent
     name = "coco_instance/val"
     lines = set_lines(shards, datas, name)
-    perfect = score_predictions(str(write_jsonl(tmp_path / "p.jsonl", lines)), str(shards), str(datas))[name]
+    std = {"protocol": "standard"}
+    perfect = score_predictions(
+        str(write_jsonl(tmp_path / "p.jsonl", lines)), str(shards), str(datas), **std
+    )[name]
     assert perfect["AP"] == 100.0 and perfect["AP50"] == 100.0
     rng = np.random.default_rng(0)
     for line in lines:  # lower, tied and shuffled scores, a wrong category
@@ -96,7 +113,9 @@ def test_real_instances_ap_equals_cocoeval_on_the_original_file(real_data, tmp_p
             inst["score"] = float(rng.choice([0.3, 0.5, 0.9]))
             if j == 1:
                 inst["category_id"] = 2
-    got = score_predictions(str(write_jsonl(tmp_path / "q.jsonl", lines)), str(shards), str(datas))[name]
+    got = score_predictions(str(write_jsonl(tmp_path / "q.jsonl", lines)), str(shards), str(datas), **std)[
+        name
+    ]
     evs = gt.open_set(str(shards), str(datas), name)
     key_to_id = {s.key: s.meta["image_id"] for sh in evs.shards for s in gt.iter_shard_samples(evs, sh)}
     dets = [

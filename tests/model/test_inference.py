@@ -169,3 +169,54 @@ def test_span_ids_follow_the_text_regex():
     ids = [2, 1, 5, 1, 6, 2, 9, 1, 7]
     cond, seg, spans = span_ids(ids, special)
     assert cond == [-1, 0, 0, 0, 0, 0, -1, -1, -1] and seg == [-1] * 6 + [0, -1, -1] and spans == 1
+
+
+def _xsam_expand2square(img, background):
+    """Port of xtuner's ``expand2square`` (LLaVA's), which X-SAM's datasets call before the SigLIP processor
+    when ``pad_image_to_square`` (``[A] xsam/xsam/dataset/base_dataset.py:276-279``; ``True`` in every
+    ``val_datasets`` entry of the stage-3 paper config)."""
+    from PIL import Image
+
+    width, height = img.size
+    if width == height:
+        return img
+    side = max(width, height)
+    out = Image.new(img.mode, (side, side), background)
+    out.paste(img, (0, (width - height) // 2) if width > height else ((height - width) // 2, 0))
+    return out
+
+
+def test_eval_siglip_input_is_padded_to_a_square_as_xsam(debug_model, samples):
+    """The SigLIP input of an evaluation batch is X-SAM's: the image centred on a square of the SigLIP mean
+    colour, then the one resize and normalisation; the SAM input is the plain longest-side resize, no jitter.
+    (The resize itself is ours, cv2 for PIL: docs/evaluation.md lists that difference.)"""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from pipelines.loader.decode import decode_image, normalize_chw, resize, resize_longest
+
+    inf = Inferencer(debug_model)
+    c = inf.processor.config
+    assert c.siglip_pad_square and c.sam_scale_jitter is None and c.max_length is None
+    seen = {}
+    collate = inf.processor.collate
+    inf.processor.collate = lambda items: seen.setdefault("batch", collate(items))
+    pairs = _pairs(samples, "refseg")
+    inf(pairs)
+    got = seen["batch"]["pixel_values"][0].float().numpy()
+    pil = Image.open(io.BytesIO(pairs[0][1])).convert("RGB")
+    square = np.asarray(_xsam_expand2square(pil, tuple(int(m * 255) for m in c.siglip_mean)))
+    assert square.shape[:2] == (W, W)
+    want = normalize_chw(
+        resize(square, (c.siglip_size, c.siglip_size), "bicubic"), c.siglip_mean, c.siglip_std
+    )
+    np.testing.assert_allclose(got, want, atol=1e-6)
+    unpadded = normalize_chw(
+        resize(np.asarray(pil), (c.siglip_size, c.siglip_size), "bicubic"), c.siglip_mean, c.siglip_std
+    )
+    assert np.abs(got - unpadded).max() > 0.1  # today's evaluation input (no padding) is not X-SAM's
+    sam, _ = resize_longest(decode_image(pairs[0][1]), c.sam_size, "bilinear")
+    want_sam = normalize_chw(sam, c.sam_mean, c.sam_std, pad_to=c.sam_size)
+    np.testing.assert_allclose(seen["batch"]["extra_pixel_values"][0].float().numpy(), want_sam, atol=1e-6)
