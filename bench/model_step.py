@@ -201,7 +201,7 @@ def _worker_sam(args) -> dict:
 
     from xsam_model.builder import sam_hf_config
     from xsam_model.config import XSamConfig
-    from xsam_model.modeling.checkpointing import enable_hf_checkpointing
+    from xsam_model.modeling.activation_checkpointing import enable_hf_checkpointing
 
     cfg = XSamConfig()
     torch.manual_seed(0)
@@ -263,7 +263,7 @@ def sam_saved_gb(ckpt: bool) -> float:
 
     from xsam_model.builder import sam_hf_config
     from xsam_model.config import XSamConfig
-    from xsam_model.modeling.checkpointing import enable_hf_checkpointing
+    from xsam_model.modeling.activation_checkpointing import enable_hf_checkpointing
 
     cfg = XSamConfig()
     with torch.device("meta"):
