@@ -162,7 +162,7 @@ def stage_lineage(
 ) -> dict:
     """What ``lineage.json`` records: the shards and mixture read, the parent exports (``parents``, as loaded),
     the code, and what the run did (``plan``: :class:`~orchestrate.plan.RunPlan`, ``state``: the final
-    :class:`~orchestrate.checkpointing.TrainState`)."""
+    :class:`~orchestrate.train_checkpoints.TrainState`)."""
     datasets = [
         {
             "name": d.name,

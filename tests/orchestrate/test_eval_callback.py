@@ -12,7 +12,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from orchestrate.checkpointing import TrainState
+from orchestrate.train_checkpoints import TrainState
 from orchestrate.eval_callback import SourceLosses, StageEval, check_evaluation
 from orchestrate.evaluation import EvaluationError
 from orchestrate.run_layout import StageLayout

@@ -10,7 +10,7 @@ import json
 
 import pytest
 
-from orchestrate.checkpointing import (
+from orchestrate.train_checkpoints import (
     TRAIN_STATE,
     TrainState,
     _checkpoint_url,

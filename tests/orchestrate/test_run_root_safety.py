@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from orchestrate.checkpointing import TRAIN_STATE, TrainState, marker_file
+from orchestrate.train_checkpoints import TRAIN_STATE, TrainState, marker_file
 from orchestrate.fingerprint import read_fingerprints
 from orchestrate.resume_point import SNAPSHOT
 from orchestrate.run_layout import RunLayout
@@ -182,7 +182,7 @@ UPLOAD = """
 import json, sys
 from ray.train import Checkpoint
 from ray.train.v2._internal.execution.storage import StorageContext
-from orchestrate.checkpointing import upload_then_mark
+from orchestrate.train_checkpoints import upload_then_mark
 run_root, name, local = sys.argv[1:4]
 context = StorageContext(storage_path=run_root, experiment_dir_name="stage1")
 upload_then_mark(context, local, 0, 1)(Checkpoint.from_directory(local), name)
@@ -259,7 +259,7 @@ def test_a_checkpoint_cut_short_by_a_full_disk_is_passed_over(disk, train_shards
 
 def _complete(stage: Path, step: int) -> str:
     """A complete checkpoint folder of ``step`` (every rank's marker), by hand."""
-    from orchestrate.checkpointing import marker_record
+    from orchestrate.train_checkpoints import marker_record
 
     ck = stage / f"checkpoint_2026-01-01_00-00-{step:02d}.000000"
     ck.mkdir(parents=True)
@@ -311,7 +311,7 @@ def test_resume_point_keeps_a_snapshot_that_agrees_and_replaces_one_that_does_no
 
 def test_a_legacy_checkpoint_counts_only_when_rays_snapshot_lists_it(tmp_path):
     """Checkpoints written before markers existed: Ray registered them only after every upload."""
-    from orchestrate.checkpointing import list_checkpoints
+    from orchestrate.train_checkpoints import list_checkpoints
 
     layout = RunLayout(str(tmp_path / "run")).stage(1)
     stage = Path(layout.dir)

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from orchestrate import summary, train
-from orchestrate.checkpointing import TRAIN_STATE, TrainState, marker_file, marker_record
+from orchestrate.train_checkpoints import TRAIN_STATE, TrainState, marker_file, marker_record
 from orchestrate.errors import RunSetupError
 from orchestrate.runner import RunArgs, prepare
 from orchestrate.stages import StageConfig, debug, stage1

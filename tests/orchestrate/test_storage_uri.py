@@ -164,7 +164,7 @@ def test_stage_checkpoints_export_and_resume_on_s3(s3, train_shards, ray_local):
     """A debug stage 1 with ``--run-root s3://…``: Ray Train writes its checkpoint there, rank 0 the export;
     the driver sees the checkpoint (``--resume never`` refused) and a second submission with more steps
     resumes from it; the export reads back and loads into the model."""
-    from orchestrate import checkpointing
+    from orchestrate import train_checkpoints
     from orchestrate.errors import RunSetupError
     from orchestrate.run_layout import RunLayout
     from orchestrate.runner import RunArgs, fit, prepare
@@ -189,11 +189,11 @@ def test_stage_checkpoints_export_and_resume_on_s3(s3, train_shards, ray_local):
 
     layout = RunLayout(run_root).stage(1)
     assert fit(plan(2), callbacks=[]).metrics["step"] == 2
-    assert [s for s, _ in checkpointing.list_checkpoints(layout)] == [2]
+    assert [s for s, _ in train_checkpoints.list_checkpoints(layout)] == [2]
     with pytest.raises(RunSetupError, match="already holds 1 checkpoints"):
         plan(4, resume="never")
     assert fit(plan(4), callbacks=[]).metrics["step"] == 4
-    assert [s for s, _ in checkpointing.list_checkpoints(layout)] == [2, 4]
+    assert [s for s, _ in train_checkpoints.list_checkpoints(layout)] == [2, 4]
 
     assert sorted(read_fingerprints(layout.metrics_jsonl)) == [1, 2, 3, 4]  # metrics.jsonl on S3 too
     info = Export.find(layout.export_dir, 1)
