@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from orchestrate.errors import ParentExportError
+from orchestrate.run_errors import ParentExportError
 from orchestrate.run_layout import RunLayout
 from orchestrate.stages import ParentSpec
 from xsam_model import load_exported

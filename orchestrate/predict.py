@@ -27,7 +27,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 
 from PIL import Image
 
-from orchestrate.evaluation.errors import EvaluationError  # noqa: E402
+from orchestrate.evaluation.eval_errors import EvaluationError  # noqa: E402
 from orchestrate.evaluation.inference import load_export, open_export  # noqa: E402
 from orchestrate.evaluation.one_image import infer_task, predict  # noqa: E402
 from orchestrate.evaluation.overlay import draw, labelled_masks  # noqa: E402

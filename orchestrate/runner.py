@@ -18,12 +18,12 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from orchestrate import train_checkpoints, console, exports
+from orchestrate import console, exports, train_checkpoints
 from orchestrate.callbacks import Callback, DataTrace, PredictionPreviews, ProgressLine, from_env
-from orchestrate.errors import ParentExportError, RunSetupError, StageConfigError
 from orchestrate.eval_callback import SourceLosses, StageEval, check_evaluation
 from orchestrate.plan import RunPlan, param_shapes
 from orchestrate.resume_point import resume_point
+from orchestrate.run_errors import ParentExportError, RunSetupError, StageConfigError
 from orchestrate.run_layout import RunLayout, StageLayout, resolve
 from orchestrate.stages import SELF_PARENT_STAGES, EvalConfig, get_stage, with_self_parent, with_world_size
 from orchestrate.trainer import train_loop_per_worker

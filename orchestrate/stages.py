@@ -22,7 +22,7 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from orchestrate.errors import StageConfigError
+from orchestrate.run_errors import StageConfigError
 from xsam_model.config import ATTN_IMPLEMENTATIONS, CHECKPOINT_PARTS, stage_checkpointing
 from xsam_model.schedule import ScheduleConfig
 from xsam_model.stages import STAGE_GROUPS

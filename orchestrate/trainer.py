@@ -28,14 +28,14 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from orchestrate import train_checkpoints, console, exports, fingerprint
+from orchestrate import console, exports, fingerprint, train_checkpoints
 from orchestrate.callbacks import Callback
-from orchestrate.train_checkpoints import TrainState
 from orchestrate.deepspeed_config import initialize
 from orchestrate.grad_norms import GradNormProbe
 from orchestrate.plan import RunPlan, model_config
 from orchestrate.stages import with_world_size
 from orchestrate.tracking import make_tracker
+from orchestrate.train_checkpoints import TrainState
 from pipelines.loader import MixtureLoader
 from pipelines.mixture_file import load as load_mixture
 from xsam_model import build_xsam, export_trainable, stage_view

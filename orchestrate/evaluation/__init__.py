@@ -8,6 +8,6 @@ modules for whoever scores in other ways, and :class:`EvaluationError`. The pack
 ``python -m orchestrate.evaluation.paper_table`` runs its module once.
 """
 
-from orchestrate.evaluation.errors import EvaluationError
+from orchestrate.evaluation.eval_errors import EvaluationError
 
 __all__ = ["EvaluationError"]

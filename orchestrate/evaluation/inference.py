@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 
 from orchestrate.evaluation import captions
 from orchestrate.evaluation import ground_truth as gt
-from orchestrate.evaluation.errors import EvaluationError, listing
+from orchestrate.evaluation.eval_errors import EvaluationError, listing
 from orchestrate.evaluation.inference_report import log_eval_run
 from orchestrate.evaluation.predictions import PredictionReader, index_predictions
 from orchestrate.evaluation.report import write_outputs

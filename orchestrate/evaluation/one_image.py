@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from orchestrate.evaluation.errors import EvaluationError
+from orchestrate.evaluation.eval_errors import EvaluationError
 from orchestrate.evaluation.predictions import phrase_spans
 from pipelines import masks as mask_ops
 from pipelines.loader.decode import decode_image

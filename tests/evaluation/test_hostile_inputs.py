@@ -118,7 +118,7 @@ def test_a_120m_character_counts_is_refused_within_bounded_memory(tmp_path):
             f.write("1" * 1_000_000)
         f.write('"}}]}\n')
     imports = """
-    from orchestrate.evaluation.errors import EvaluationError
+    from orchestrate.evaluation.eval_errors import EvaluationError
     from orchestrate.evaluation.predictions import index_predictions
     """
     body = f"""

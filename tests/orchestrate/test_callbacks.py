@@ -9,9 +9,9 @@ import pytest
 
 from orchestrate import callbacks
 from orchestrate.callbacks import DataTrace, ProgressLine, from_env, progress_line, read_trace
-from orchestrate.train_checkpoints import TrainState
-from orchestrate.errors import RunSetupError
+from orchestrate.run_errors import RunSetupError
 from orchestrate.run_layout import StageLayout
+from orchestrate.train_checkpoints import TrainState
 from tests.orchestrate.faults import HoldAtStep, KillWorker
 
 

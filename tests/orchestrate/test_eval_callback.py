@@ -12,11 +12,11 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from orchestrate.train_checkpoints import TrainState
 from orchestrate.eval_callback import SourceLosses, StageEval, check_evaluation
 from orchestrate.evaluation import EvaluationError
 from orchestrate.run_layout import StageLayout
 from orchestrate.stages import EvalConfig, StageConfigError, get_stage
+from orchestrate.train_checkpoints import TrainState
 
 SETS = ("refcoco/val", "coco_panoptic/val", "grandf_gcg/val")
 

@@ -10,6 +10,9 @@ import json
 
 import pytest
 
+from orchestrate.run_errors import RunSetupError
+from orchestrate.runner import RunArgs, elastic_workers, prepare
+from orchestrate.stages import debug, stage1, with_world_size
 from orchestrate.train_checkpoints import (
     TRAIN_STATE,
     TrainState,
@@ -19,9 +22,6 @@ from orchestrate.train_checkpoints import (
     marker_file,
     marker_record,
 )
-from orchestrate.errors import RunSetupError
-from orchestrate.runner import RunArgs, elastic_workers, prepare
-from orchestrate.stages import debug, stage1, with_world_size
 
 
 def _v1_state(rank: int, world: int, loader_workers: int) -> dict:

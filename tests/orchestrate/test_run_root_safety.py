@@ -20,12 +20,12 @@ from pathlib import Path
 
 import pytest
 
-from orchestrate.train_checkpoints import TRAIN_STATE, TrainState, marker_file
 from orchestrate.fingerprint import read_fingerprints
 from orchestrate.resume_point import SNAPSHOT
 from orchestrate.run_layout import RunLayout
 from orchestrate.runner import TRAIN_LOCK, RunArgs, prepare
 from orchestrate.stages import debug, stage1
+from orchestrate.train_checkpoints import TRAIN_STATE, TrainState, marker_file
 from pipelines.errors import run_cli
 
 REPO = Path(__file__).resolve().parents[2]
@@ -52,7 +52,7 @@ def _child(code: str) -> subprocess.Popen:
 
 HOLD = """
 import sys
-from orchestrate.errors import RunSetupError
+from orchestrate.run_errors import RunSetupError
 from pipelines.folder_lock import folder_lock
 with folder_lock({stage!r}, {name!r}, what="training", error=RunSetupError):  # as runner.stage_lock takes it
     print("held", flush=True)
@@ -101,7 +101,7 @@ def test_another_hosts_lock_is_never_taken_over(tmp_path, capsys):
 
 
 def test_object_store_run_roots_are_not_locked_and_say_so(caplog):
-    from orchestrate.errors import RunSetupError
+    from orchestrate.run_errors import RunSetupError
     from pipelines.folder_lock import folder_lock
 
     with folder_lock("memory://run/stage1", TRAIN_LOCK, what="training", error=RunSetupError):

@@ -10,10 +10,10 @@ import pytest
 import torch
 
 from orchestrate import summary, train
-from orchestrate.train_checkpoints import TRAIN_STATE, TrainState, marker_file, marker_record
-from orchestrate.errors import RunSetupError
+from orchestrate.run_errors import RunSetupError
 from orchestrate.runner import RunArgs, prepare
 from orchestrate.stages import StageConfig, debug, stage1
+from orchestrate.train_checkpoints import TRAIN_STATE, TrainState, marker_file, marker_record
 from pipelines import mixture_file
 from pipelines.build import mixture
 from pipelines.errors import run_cli

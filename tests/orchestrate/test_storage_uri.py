@@ -165,7 +165,7 @@ def test_stage_checkpoints_export_and_resume_on_s3(s3, train_shards, ray_local):
     the driver sees the checkpoint (``--resume never`` refused) and a second submission with more steps
     resumes from it; the export reads back and loads into the model."""
     from orchestrate import train_checkpoints
-    from orchestrate.errors import RunSetupError
+    from orchestrate.run_errors import RunSetupError
     from orchestrate.run_layout import RunLayout
     from orchestrate.runner import RunArgs, fit, prepare
     from xsam_model import build_xsam, load_exported

@@ -71,7 +71,7 @@ def test_two_identical_builds_write_a_byte_identical_mixture(demo_root, tmp_path
 
 
 def test_a_killed_rebuild_with_changed_options_is_refused(demo_root, tmp_path, monkeypatch):
-    from orchestrate.errors import RunSetupError
+    from orchestrate.run_errors import RunSetupError
     from orchestrate.runner import check_data
 
     out = tmp_path / "shards"
