@@ -45,7 +45,7 @@ import torch  # noqa: E402
 
 from xsam_model import build_xsam  # noqa: E402
 from xsam_model.builder import apply_checkpointing  # noqa: E402
-from xsam_model.stages import stage_view  # noqa: E402
+from xsam_model.trainable import stage_view  # noqa: E402
 
 PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "B200": 2250.0}
 GB = 2**30

@@ -42,7 +42,7 @@ from xsam_model import build_xsam, export_trainable, stage_view
 from xsam_model.export import write_export
 from xsam_model.modeling.xsam import LOSS_KEYS
 from xsam_model.processor import DATA_COUNTERS as COUNTERS
-from xsam_model.stages import unused_parameters
+from xsam_model.trainable import unused_parameters
 
 # Heavy imports (ray) are deferred into the worker side: the driver imports this module without Ray.
 

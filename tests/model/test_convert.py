@@ -47,7 +47,7 @@ from xsam_model.convert import (
     to_xsam,
 )
 from xsam_model.export import MODEL_FILE, Export, sha256_of, write_export
-from xsam_model.stages import STAGE_GROUPS, trainable_names, unused_parameters
+from xsam_model.trainable import STAGE_GROUPS, trainable_names, unused_parameters
 
 
 # ---------------------------------------------------------------------------------------------- X-SAM's side

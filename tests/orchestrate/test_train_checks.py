@@ -148,7 +148,7 @@ def test_stage3_starts_from_a_stage3_export(tmp_path):
     from orchestrate.runner import RunArgs, _checked_parents, build_config
     from xsam_model import build_xsam
     from xsam_model.export import Export, write_export
-    from xsam_model.stages import trainable_names
+    from xsam_model.trainable import trainable_names
 
     trained = _export(tmp_path / "s3", 3, seed=7)
     args = RunArgs(

@@ -15,7 +15,7 @@ from xsam_model import (
     param_groups,
     stage_view,
 )
-from xsam_model.stages import trainable_names, unused_parameters
+from xsam_model.trainable import trainable_names, unused_parameters
 
 
 @pytest.fixture()
