@@ -157,7 +157,7 @@ def _timed(fn, repeat: int) -> float:
 
 def _gpu_batch(model, batch: list, args, no_stop) -> None:
     """Teacher-forced, then generated with and without the KV cache, on one batch; one JSON line each."""
-    from xsam_model.inference import InferenceConfig, Inferencer
+    from xsam_model.inferencer import InferenceConfig, Inferencer
 
     b = len(batch)
     teacher = Inferencer(model, InferenceConfig("teacher"))
@@ -186,7 +186,7 @@ def _gpu_batch(model, batch: list, args, no_stop) -> None:
 def gpu_main(args) -> None:
     from orchestrate.evaluation import ground_truth as gt
     from pipelines import shard_store, storage
-    from xsam_model.inference import Inferencer
+    from xsam_model.inferencer import Inferencer
 
     work = Path(args.workdir or tempfile.mkdtemp(prefix="bench_inference_gpu_"))
     datas, shards = demo_shards(work, ["refcoco/val"])

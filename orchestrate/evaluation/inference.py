@@ -237,7 +237,7 @@ class ShardPredictor:
     """Holds one model (loaded once) and predicts whole shards: inline, or as a Ray actor."""
 
     def __init__(self, export: str, options: InferenceOptions, model=None, info: Export | None = None):
-        from xsam_model.inference import MODES, InferenceConfig, Inferencer
+        from xsam_model.inferencer import MODES, InferenceConfig, Inferencer
 
         if model is None:
             model, info = load_export(export, options.device, options.precision)

@@ -109,7 +109,7 @@ def predict(
 ):
     """Generate the answer to ``prompt`` about ``image`` and post-process it for the task → :class:`Prediction`.
     ``model``: a stage-3 export's model (:func:`~orchestrate.evaluation.inference.load_export`)."""
-    from xsam_model.inference import InferenceConfig, Inferencer
+    from xsam_model.inferencer import InferenceConfig, Inferencer
     from xsam_model.postprocess import OutputSpec, prediction_line
 
     if not prompt.strip():
