@@ -26,7 +26,7 @@ from orchestrate.evaluation.predictions import (
     rle_problem,
 )
 from pipelines.errors import run_cli
-from tests.evaluation.helpers import write_jsonl
+from tests.support.evaluation import write_jsonl
 
 ROOT = Path(__file__).resolve().parents[2]
 _REGEX = re.compile(r"<p>(.*?)</p>", re.DOTALL)

@@ -15,7 +15,7 @@ from orchestrate import evaluate, predict
 from orchestrate.evaluation.inference import InferenceOptions, run_inference
 from orchestrate.evaluation.run import score_predictions
 from pipelines.errors import run_cli
-from tests.evaluation.debug_exports import write_debug_export
+from tests.support.exports import write_debug_export
 
 FAST_SETS = ["refcoco/val", "coco_panoptic/val", "grandf_gcg/val", "coco_vgd/val_box"]
 

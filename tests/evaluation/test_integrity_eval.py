@@ -19,7 +19,7 @@ from orchestrate.evaluation import EvaluationError
 from orchestrate.evaluation import ground_truth as gt
 from pipelines.errors import run_cli
 from pipelines.shard_store import INDEX_SUFFIX, Manifest
-from tests.evaluation.helpers import write_jsonl
+from tests.support.evaluation import write_jsonl
 
 
 @pytest.fixture

@@ -35,7 +35,7 @@ from orchestrate import exports
 from orchestrate.convert import main
 from orchestrate.stages import ParentSpec
 from pipelines import errors
-from tests.model.helpers import image_bytes
+from tests.support.model import image_bytes
 from xsam_model import build_xsam, export_trainable, load_exported
 from xsam_model.builder import llm_hf_config, m2f_hf_config, sam_hf_config, siglip_hf_config
 from xsam_model.convert import (

@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.model.helpers import image_bytes, refseg_sample
+from tests.support.model import image_bytes, refseg_sample
 from xsam_model import build_xsam
 from xsam_model.flavors import full_width_smoke
 from xsam_model.processor import XSamProcessor

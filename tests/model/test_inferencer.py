@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from pipelines import masks as mask_ops
-from tests.model.helpers import H, W, box, image_bytes
+from tests.support.model import H, W, box, image_bytes
 from xsam_model import postprocess as pp
 from xsam_model.inferencer import (
     Decoded,

@@ -6,7 +6,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from tests.model.helpers import image_bytes
+from tests.support.model import image_bytes
 from xsam_model import (
     WeightMismatchError,
     build_xsam,

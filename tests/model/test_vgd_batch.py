@@ -17,7 +17,7 @@ import torch
 
 from pipelines.schema import REGION, ImageRef, MaskTarget, PoolPrompt, Region, Sample, validate
 from pipelines.sources.vgd import vgd_conversation
-from tests.model.helpers import box, image_bytes
+from tests.support.model import box, image_bytes
 from xsam_model import build_xsam
 from xsam_model.processor import XSamProcessor
 

@@ -174,9 +174,9 @@ def test_ray_train_stage3_evaluates_at_the_same_steps_after_a_restart(ray_module
     from pipelines.build import mixture
     from pipelines.build.driver import build
     from pipelines.build_options import BuildOptions
-    from tests.evaluation.debug_exports import write_debug_export
     from tests.orchestrate.conftest import TEST_STAGES
-    from tests.orchestrate.faults import KillWorker
+    from tests.support.exports import write_debug_export
+    from tests.support.faults import KillWorker
 
     shards = tmp_path / "shards"
     sources = sorted({s for v in TEST_STAGES.values() for s in v})

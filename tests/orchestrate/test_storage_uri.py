@@ -135,7 +135,7 @@ def test_an_export_on_s3_survives_a_kill_at_every_step_of_its_replacement(s3):
     only the export."""
     import torch
 
-    from tests.orchestrate.faults import write_export_killed_at
+    from tests.support.faults import write_export_killed_at
 
     old = {"a": torch.zeros(3), "b": torch.ones(2)}
     new = {k: v + 7 for k, v in old.items()}

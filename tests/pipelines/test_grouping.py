@@ -16,7 +16,7 @@ from pipelines.build import mixture
 from pipelines.loader import MixtureLoader
 from pipelines.loader.grouping import chunk_order, text_length
 from pipelines.schema import Turn
-from tests.helpers import chat_sample, tiny_jpeg, to_wds
+from tests.support.data import chat_sample, tiny_jpeg, to_wds
 
 
 def padding_fraction(batches: list[list[int]]) -> float:

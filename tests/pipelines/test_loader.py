@@ -22,7 +22,7 @@ from pipelines.build import mixture
 from pipelines.loader import LoaderError, MixtureLoader, decode
 from pipelines.loader.order import step_sources
 from pipelines.shard_store import index_shard
-from tests.helpers import write_source
+from tests.support.data import write_source
 
 
 def key_and_crc(sample, image_bytes):

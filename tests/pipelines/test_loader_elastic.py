@@ -19,8 +19,8 @@ from pipelines.build import mixture
 from pipelines.loader import MixtureLoader
 from pipelines.loader.order import StepPlan, WindowOrder, dataset_tag
 from pipelines.loader.stream import global_batch_keys
-from tests.helpers import write_source
 from tests.pipelines.test_grouping import write_varied
+from tests.support.data import write_source
 
 G = 6  # the global batch every split below keeps
 SEED = 20  # its first 12 steps draw every dataset before and after STOP

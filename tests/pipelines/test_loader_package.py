@@ -14,7 +14,7 @@ from pipelines import errors
 from pipelines.build import mixture
 from pipelines.loader import Batch, LoaderError, LoaderStats, MixtureLoader
 from pipelines.loader.stats import MAX_ERRORS
-from tests.helpers import write_source
+from tests.support.data import write_source
 
 ROOT = Path(__file__).resolve().parents[2]
 

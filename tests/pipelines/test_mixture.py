@@ -12,7 +12,7 @@ from pipelines import mixture_file
 from pipelines.build import mixture
 from pipelines.build.mixture import MixtureError, balance_weights
 from pipelines.shard_store import ShardStoreError
-from tests.helpers import write_source
+from tests.support.data import write_source
 
 
 def fake_manifest(out: Path, source: str, n: int, task: str = "genseg", shard_size: int = 1000) -> None:

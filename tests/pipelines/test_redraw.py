@@ -13,7 +13,7 @@ from pipelines.inspect.cards import build_demo
 from pipelines.loader import MixtureLoader
 from pipelines.loader.redraw import lisa_explanation, redraw
 from pipelines.schema import Turn, validate
-from tests.helpers import read_split
+from tests.support.data import read_split
 
 USES = 60
 
