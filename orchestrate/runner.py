@@ -188,7 +188,7 @@ def check_data(shards: str, mixture_url: str, mixture_stage: int):
     if not mfs.exists(mpath):
         raise RunSetupError(
             f"mixture not found: expected {mixture_url} (build_shards writes it; "
-            f"`python -m pipelines.build.mixture --out {shards}` rewrites it)"
+            f"`python -m pipelines.build.mixture_weights --out {shards}` rewrites it)"
         )
     try:
         stage = load_mixture(mixture_url).stage(mixture_stage)

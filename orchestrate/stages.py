@@ -11,8 +11,8 @@ never edited by hand.
 Each thing is defined once, keyed by the stage number (an int): hyperparameters here; what trains, its
 parameter groups and their learning-rate multipliers in the model's stage view
 (:data:`xsam_model.trainable.STAGE_GROUPS`, shown in :meth:`StageConfig.to_dict` so they reach the resolved
-config and wandb); the datasets of a stage in :data:`pipelines.build.mixture.STAGE_DATASETS`, read here only
-through ``mixture.json`` (:attr:`DataConfig.mixture_stage`).
+config and wandb); the datasets of a stage in :data:`pipelines.build.mixture_weights.STAGE_DATASETS`, read
+here only through ``mixture.json`` (:attr:`DataConfig.mixture_stage`).
 """
 
 from __future__ import annotations

@@ -79,7 +79,10 @@ BAD_INPUT = {
     ),
     "preview: nothing built": (["-m", "pipelines.inspect.preview", "--out", "{tmp}/none"], ["{tmp}/none"]),
     "cards: no such --out": (["-m", "pipelines.inspect.cards", "--out", "{tmp}/none"], ["{tmp}/none"]),
-    "mixture: nothing built": (["-m", "pipelines.build.mixture", "--out", "{tmp}/none"], ["{tmp}/none"]),
+    "mixture: nothing built": (
+        ["-m", "pipelines.build.mixture_weights", "--out", "{tmp}/none"],
+        ["{tmp}/none"],
+    ),
     "demo_data: unknown family": (
         ["-m", "pipelines.demo_data", "--out", "{tmp}/d", "--families", "coco,cocoa"],
         ["cocoa", "known"],

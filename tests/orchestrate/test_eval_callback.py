@@ -171,7 +171,7 @@ def test_ray_train_stage3_evaluates_at_the_same_steps_after_a_restart(ray_module
     group from the step-2 checkpoint, and the run logs its evaluations at steps 2 and 4 with the numbers of
     an uninterrupted run."""
     from orchestrate.runner import RunArgs, default_callbacks, fit, prepare
-    from pipelines.build import mixture
+    from pipelines.build import mixture_weights
     from pipelines.build.driver import build
     from pipelines.build_options import BuildOptions
     from tests.orchestrate.conftest import TEST_STAGES
@@ -187,7 +187,7 @@ def test_ray_train_stage3_evaluates_at_the_same_steps_after_a_restart(ray_module
         splits=["train", "val"],
         options=BuildOptions(samples_per_shard=4),
     )
-    mixture.write(str(shards), mixture.compute(str(shards), stages=TEST_STAGES))
+    mixture_weights.write(str(shards), mixture_weights.compute(str(shards), stages=TEST_STAGES))
     parents = {}
     for stage in (1, 2):
         parents[stage] = write_debug_export(tmp_path / "parents" / f"stage{stage}" / "export", stage)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from pipelines.build import mixture
+from pipelines.build import mixture_weights
 from pipelines.loader import MixtureLoader
 from pipelines.loader.order import StepPlan, WindowOrder, dataset_tag
 from pipelines.loader.stream import global_batch_keys
@@ -53,7 +53,7 @@ def shards(tmp_path_factory) -> Path:
     write_source(out, "refcoco", [7, 6])
     write_source(out, "grefcoco", [11], flagged={2, 5})
     _corrupt_json(out / "refcoco" / "train" / "refcoco-train-000000.tar", 3)
-    mixture.write(str(out), mixture.compute(str(out), stage3_extra=["grefcoco"]))
+    mixture_weights.write(str(out), mixture_weights.compute(str(out), stage3_extra=["grefcoco"]))
     return out
 
 
