@@ -73,7 +73,7 @@ def debug_export(path: Path) -> str:
 # ------------------------------------------------------------------------------------------ CPU
 def cpu_run(export: str, datas: Path, shards: Path, sets: list[str], workers: int, args) -> dict:
     """One :func:`run_inference` (``workers`` 0 = inline); wall and busy samples/s."""
-    from orchestrate.evaluation import inference as inf
+    from orchestrate.evaluation import export_inference as inf
 
     opts = inf.InferenceOptions(batch_size=args.batch_size, max_new_tokens=args.max_new_tokens)
     info = inf.open_export(export)

@@ -108,7 +108,7 @@ def predict(
     model, image: bytes, prompt: str, *, task: str | None = None, boxes=(), max_new_tokens: int = 512
 ):
     """Generate the answer to ``prompt`` about ``image`` and post-process it for the task → :class:`Prediction`.
-    ``model``: a stage-3 export's model (:func:`~orchestrate.evaluation.inference.load_export`)."""
+    ``model``: a stage-3 export's model (:func:`~orchestrate.evaluation.export_inference.load_export`)."""
     from xsam_model.inferencer import InferenceConfig, Inferencer
     from xsam_model.postprocess import OutputSpec, prediction_line
 
