@@ -79,7 +79,7 @@ def debug_export(path: Path) -> str:
 # ------------------------------------------------------------------------------------------ CPU
 def cpu_run(export: str, datas: Path, shards: Path, sets: list[str], workers: int, args) -> dict:
     """One :func:`run_inference` (``workers`` 0 = inline); wall and busy samples/s."""
-    from orchestrate.evaluation import inference as inf
+    from orchestrate.evaluation import export_inference as inf
 
     opts = inf.InferenceOptions(batch_size=args.batch_size, max_new_tokens=args.max_new_tokens)
     info = inf.open_export(export)
@@ -229,7 +229,7 @@ def _timed(fn, repeat: int) -> float:
 
 def _gpu_batch(model, batch: list, args, no_stop) -> None:
     """Teacher-forced, then generated with and without the KV cache, on one batch; one JSON line each."""
-    from xsam_model.inference import InferenceConfig, Inferencer
+    from xsam_model.inferencer import InferenceConfig, Inferencer
 
     b = len(batch)
     teacher = Inferencer(model, InferenceConfig("teacher"))
@@ -258,7 +258,7 @@ def _gpu_batch(model, batch: list, args, no_stop) -> None:
 def gpu_main(args) -> None:
     from orchestrate.evaluation import ground_truth as gt
     from pipelines import shard_store, storage
-    from xsam_model.inference import Inferencer
+    from xsam_model.inferencer import Inferencer
 
     work = Path(args.workdir or tempfile.mkdtemp(prefix="bench_inference_gpu_"))
     datas, shards = demo_shards(work, ["refcoco/val"])

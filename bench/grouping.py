@@ -17,7 +17,7 @@ import tempfile
 from collections import defaultdict
 
 from bench.loader import debug_tokenizer, full_processor
-from pipelines.build import mixture
+from pipelines.build import mixture_weights
 from pipelines.inspect.cards import build_demo
 from pipelines.loader import MixtureLoader
 
@@ -58,7 +58,7 @@ def main() -> None:
     logging.basicConfig(level=logging.WARNING)
     with tempfile.TemporaryDirectory() as tmp:
         shards = str(build_demo(tmp))
-        mixture.write(shards, mixture.compute(shards))
+        mixture_weights.write(shards, mixture_weights.compute(shards))
         grouped = run(shards, a.stage, a.batch_size, a.micro_batches, a.length_group)
         plain = run(shards, a.stage, a.batch_size, a.micro_batches, 1)
     print(f"{'source':32s} {'batches':>7s} {'pad G=' + str(a.length_group):>9s} {'pad G=1':>9s}")

@@ -511,7 +511,7 @@ def write_startup_shards(out: Path, n_shards: int, samples: int = 1000, seed: in
     from PIL import Image
 
     from pipelines import masks
-    from pipelines.build import mixture
+    from pipelines.build import mixture_weights
     from pipelines.schema import ImageRef, MaskTarget, Sample, Turn, to_wds
     from pipelines.shard_store import Manifest, ShardEntry
 
@@ -556,13 +556,14 @@ def write_startup_shards(out: Path, n_shards: int, samples: int = 1000, seed: in
     Manifest(
         schema=1, source="coco_instance", task="genseg", split="train", shards=tuple(shards), counts=counts
     ).write(str(out))
-    mixture.write(
-        str(out), mixture.compute(str(out), stages={BENCH_STAGE: ["coco_instance"]}, log=lambda m: None)
+    mixture_weights.write(
+        str(out),
+        mixture_weights.compute(str(out), stages={BENCH_STAGE: ["coco_instance"]}, log=lambda m: None),
     )
 
 
 def build_shards(data_root: Path, out: Path, sources: list[str] | None) -> list[str]:
-    from pipelines.build import mixture
+    from pipelines.build import mixture_weights
     from pipelines.build.driver import build
     from pipelines.sources.base import BuildOptions
 
@@ -574,8 +575,8 @@ def build_shards(data_root: Path, out: Path, sources: list[str] | None) -> list[
         log=lambda m: None,
     )
     names = sorted({r.source for r in res if r.samples})
-    mix = mixture.compute(str(out), stages={BENCH_STAGE: names}, log=lambda m: None)
-    mixture.write(str(out), mix)
+    mix = mixture_weights.compute(str(out), stages={BENCH_STAGE: names}, log=lambda m: None)
+    mixture_weights.write(str(out), mix)
     return names
 
 

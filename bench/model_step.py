@@ -46,7 +46,7 @@ import torch  # noqa: E402
 
 from xsam_model import build_xsam  # noqa: E402
 from xsam_model.builder import apply_checkpointing  # noqa: E402
-from xsam_model.stages import stage_view  # noqa: E402
+from xsam_model.trainable import stage_view  # noqa: E402
 
 PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "B200": 2250.0}
 GB = 2**30
@@ -202,7 +202,7 @@ def _worker_sam(args) -> dict:
 
     from xsam_model.builder import sam_hf_config
     from xsam_model.config import XSamConfig
-    from xsam_model.modeling.checkpointing import enable_hf_checkpointing
+    from xsam_model.modeling.activation_checkpointing import enable_hf_checkpointing
 
     cfg = XSamConfig()
     torch.manual_seed(0)
@@ -264,7 +264,7 @@ def sam_saved_gb(ckpt: bool) -> float:
 
     from xsam_model.builder import sam_hf_config
     from xsam_model.config import XSamConfig
-    from xsam_model.modeling.checkpointing import enable_hf_checkpointing
+    from xsam_model.modeling.activation_checkpointing import enable_hf_checkpointing
 
     cfg = XSamConfig()
     with torch.device("meta"):

@@ -43,7 +43,7 @@ STAGES = {
 
 def demo_shards(out: Path) -> Path:
     """The demo tree's train shards with a mixture whose stage 3 mixes every task the demo has."""
-    from pipelines.build import mixture
+    from pipelines.build import mixture_weights
     from pipelines.build.driver import build
     from pipelines.build_options import BuildOptions
     from pipelines.demo_data import write_demo
@@ -58,7 +58,7 @@ def demo_shards(out: Path) -> Path:
         splits=["train"],
         options=BuildOptions(samples_per_shard=8),
     )
-    mixture.write(str(shards), mixture.compute(str(shards), stages=STAGES))
+    mixture_weights.write(str(shards), mixture_weights.compute(str(shards), stages=STAGES))
     return shards
 
 

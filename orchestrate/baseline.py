@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import argparse
 
-from orchestrate.errors import StageConfigError
+from orchestrate.run_errors import StageConfigError
 from pipelines.errors import run_cli
 from pipelines.logs import add_verbosity_flags, configure_logging, verbosity
 

@@ -29,7 +29,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from orchestrate.errors import RunSetupError
+from orchestrate.run_errors import RunSetupError
 
 if TYPE_CHECKING:
     from orchestrate.trainer import Trainer

@@ -8,7 +8,7 @@
 ``import`` reads with ``torch.load(weights_only=True, mmap=False)`` or safetensors (never a full unpickle,
 never a memory map: a zip record shorter than its tensor is refused, not read from the bytes after it), checks
 every key, shape, dtype and value against the flavor's model built on the meta device
-(:func:`xsam_model.convert.from_xsam`), and writes a regular stage export
+(:func:`xsam_model.xsam_keys.from_xsam`), and writes a regular stage export
 (:func:`xsam_model.export.write_export`, ``lineage.json`` naming the source file and its sha256). ``export``
 is the reverse, from a verified export, in a fixed tensor order: the same export gives the same bytes, and
 export → X-SAM → import gives a byte-identical ``model.safetensors``. Every bad input is one line and exit 2
@@ -36,9 +36,9 @@ from orchestrate.exports import code_version
 from orchestrate.stages import get_stage
 from pipelines.errors import run_cli
 from xsam_model.builder import build_xsam
-from xsam_model.convert import IMPORT_STAGES, ConvertError, from_xsam, to_xsam
 from xsam_model.export import Export, ExportError, sha256_of, write_export
 from xsam_model.flavors import XSAM_FLAVORS
+from xsam_model.xsam_keys import IMPORT_STAGES, ConvertError, from_xsam, to_xsam
 
 logger = logging.getLogger(__name__)
 

@@ -7,11 +7,11 @@ its losses are logged again as ``loss_by_source/<source>/<part>`` (``total``, ``
 :class:`StageEval` (``--eval-every STEPS --eval-sets … --eval-max-samples N``; stage 3, or stage 1 on COCO
 sets): a fixed val subset, the first N samples of each set in shard order, is read once at the start; every
 ``every_steps`` optimizer steps each rank runs inference on its own part of it (``subset[rank::world]``) with
-the model being trained (:class:`orchestrate.evaluation.inference.ShardPredictor` over the engine's module,
-in eval mode and ``torch.inference_mode``; the region draws run on a forked RNG, so training's random
+the model being trained (:class:`orchestrate.evaluation.export_inference.ShardPredictor` over the engine's
+module, in eval mode and ``torch.inference_mode``; the region draws run on a forked RNG, so training's random
 state, weights and checkpoints are untouched), rank 0 gathers the lines, writes them to
 ``<stage>/eval/step_<step>/predictions.jsonl`` and scores them with the evaluation's scorers
-(:func:`~orchestrate.evaluation.inference.score_subset`). It logs ``eval/<set>/<metric>`` to wandb and
+(:func:`~orchestrate.evaluation.export_inference.score_subset`). It logs ``eval/<set>/<metric>`` to wandb and
 ``metrics.jsonl``, a table per evaluation that puts each set's metrics next to its source's mean training loss
 since the previous evaluation (``eval/by_source``), and the latest table in the run summary. The steps are
 multiples of ``every_steps``, so a run resumed from a checkpoint evaluates at the same steps.
@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any
 
 from orchestrate.callbacks import Callback
 from orchestrate.evaluation import ground_truth as gt
-from orchestrate.evaluation.inference import (
+from orchestrate.evaluation.export_inference import (
     InferenceOptions,
     ShardPredictor,
     plan_sets,

@@ -11,7 +11,7 @@
         --sets paper --compare-paper --out DIR --num-workers 8 --use-gpu   # the paper's table, ours beside it
 
 ``--export`` runs inference over the sets' val shards on Ray workers that each load the model once
-(:mod:`orchestrate.evaluation.inference`), streams ``<out>/predictions.jsonl`` and scores it as
+(:mod:`orchestrate.evaluation.export_inference`), streams ``<out>/predictions.jsonl`` and scores it as
 ``--predictions`` would; its wandb run joins the training run's group and shows prediction overlays.
 
 Writes ``<out>/results.json`` (``{"<source>/<split>": {"<metric>": percent}}``), ``<out>/details.json`` and a
@@ -33,7 +33,7 @@ sys.path.insert(
 )  # run as a script from anywhere
 
 from orchestrate.evaluation import ground_truth as gt  # noqa: E402
-from orchestrate.evaluation.inference import InferenceOptions, evaluate_export
+from orchestrate.evaluation.export_inference import InferenceOptions, evaluate_export
 from orchestrate.evaluation.output import staged_output  # noqa: E402
 from orchestrate.evaluation.paper_table import PAPER_SETS, expand_sets, read_eval_folder  # noqa: E402
 from orchestrate.evaluation.report import format_table  # noqa: E402
@@ -78,7 +78,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def add_inference_args(p: argparse.ArgumentParser) -> None:
-    """Options of ``--export`` (inference over the sets, :mod:`orchestrate.evaluation.inference`)."""
+    """Options of ``--export`` (inference over the sets, :mod:`orchestrate.evaluation.export_inference`)."""
     g = p.add_argument_group("inference (--export)")
     g.add_argument("--use-gpu", action="store_true", help="one GPU per worker, bf16 (default: CPU, fp32)")
     g.add_argument("--max-samples", type=int, help="only each set's first N samples (scored on those)")

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from orchestrate.errors import ParentExportError
+from orchestrate.run_errors import ParentExportError
 from orchestrate.run_layout import RunLayout
 from orchestrate.stages import ParentSpec
 from xsam_model import load_exported
@@ -164,7 +164,7 @@ def stage_lineage(
     """What ``lineage.json`` records: the shards and mixture read, the parent exports (``parents``, as
     loaded), the code, and what the run did (``plan``: :class:`~orchestrate.plan.RunPlan`, ``state``: the
     final
-    :class:`~orchestrate.checkpointing.TrainState`)."""
+    :class:`~orchestrate.train_checkpoints.TrainState`)."""
     datasets = [
         {
             "name": d.name,

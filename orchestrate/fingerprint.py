@@ -36,7 +36,7 @@ import json
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
-from orchestrate.errors import RunSetupError
+from orchestrate.run_errors import RunSetupError
 from pipelines import storage
 
 # Heavy imports (torch) are deferred into the rank check: fingerprints are computed on the driver without.

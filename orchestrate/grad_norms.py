@@ -1,6 +1,6 @@
 """Per-part gradient norms: the L2 norm of the step's gradient over each part of the model that trains.
 
-The parts are the stage's parameter groups (:data:`xsam_model.stages.STAGE_GROUPS`: SAM encoder, connector,
+The parts are the stage's parameter groups (:data:`xsam_model.trainable.STAGE_GROUPS`: SAM encoder, connector,
 pixel decoder, transformer decoder, class/phrase head, projectors, SigLIP, the LLM — whichever the stage
 trains), so every trainable parameter is in exactly one part. Logged as ``grad_norm/<part>`` every
 ``TrackingConfig.grad_norm_every`` optimizer steps, next to DeepSpeed's global ``grad_norm``
@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterable
 import torch
 from torch import nn
 
-from xsam_model.stages import STAGE_GROUPS
+from xsam_model.trainable import STAGE_GROUPS
 
 # Heavy imports (deepspeed) are deferred into full_grad, the one call that needs the engine's gradients: the
 # parts and the norms' arithmetic load without it.

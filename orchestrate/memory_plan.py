@@ -57,12 +57,12 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
 from orchestrate.deepspeed_config import deepspeed_config
-from orchestrate.errors import OrchestrateError
 from orchestrate.plan import model_config
+from orchestrate.run_errors import OrchestrateError
 from orchestrate.stages import get_stage, stage3
 from xsam_model import build_xsam
 from xsam_model.config import CHECKPOINT_PARTS, XSamConfig, with_checkpointing
-from xsam_model.stages import stage_view
+from xsam_model.trainable import stage_view
 
 logger = logging.getLogger(__name__)
 
@@ -145,8 +145,8 @@ def zero_buffers(zero_stage: int, precision: str = "bf16") -> float:
 # ---------------------------------------------------------------------------------------------- fake model
 def fake_model(cfg: XSamConfig, stage: int, dtype: torch.dtype, mode: FakeTensorMode) -> nn.Module:
     """The model of ``cfg`` with fake parameters and buffers (floating ones in ``dtype``) and
-    ``requires_grad`` as ``stage`` trains (:func:`xsam_model.stages.stage_view`). Built on meta (no memory),
-    then each tensor is replaced by an empty fake one; shared parameters stay shared."""
+    ``requires_grad`` as ``stage`` trains (:func:`xsam_model.trainable.stage_view`). Built on meta (no
+    memory), then each tensor is replaced by an empty fake one; shared parameters stay shared."""
 
     cfg = dataclasses.replace(cfg, llm=dataclasses.replace(cfg.llm, attn_implementation="sdpa"))
     model = build_xsam(cfg, device="meta")

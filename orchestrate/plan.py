@@ -14,7 +14,7 @@ from orchestrate.stages import StageConfig
 from xsam_model import build_xsam
 from xsam_model.builder import resolve_config
 from xsam_model.config import stage_processor, with_checkpointing
-from xsam_model.stages import unused_parameters
+from xsam_model.trainable import unused_parameters
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -27,8 +27,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 
 from PIL import Image
 
-from orchestrate.evaluation.errors import EvaluationError  # noqa: E402
-from orchestrate.evaluation.inference import load_export, open_export  # noqa: E402
+from orchestrate.evaluation.eval_errors import EvaluationError  # noqa: E402
+from orchestrate.evaluation.export_inference import load_export, open_export  # noqa: E402
 from orchestrate.evaluation.one_image import infer_task, predict  # noqa: E402
 from orchestrate.evaluation.overlay import draw, labelled_masks  # noqa: E402
 from pipelines.build.image_check import checked_header  # noqa: E402

@@ -1,12 +1,12 @@
 """Which checkpoint a stage resumes from, decided on the driver before Ray starts.
 
 The resume point is the stage's newest complete checkpoint
-(:func:`orchestrate.checkpointing.list_checkpoints`: every rank's completion marker there). Ray Train keeps
-its own list of a run's checkpoints, ``<stage>/checkpoint_manager_snapshot.json``, and hands its latest to the
-workers (``ray.train.get_checkpoint``). That list can go wrong on its own: a full disk while Ray rewrote it
-leaves it empty or cut short (Ray then stops with a ``CheckpointManagerInitializationError`` that names no
-file), it may name a checkpoint folder that was removed (the same error), or it may lag behind the newest
-complete checkpoint (a driver killed between the uploads and Ray's bookkeeping).
+(:func:`orchestrate.train_checkpoints.list_checkpoints`: every rank's completion marker there). Ray Train
+keeps its own list of a run's checkpoints, ``<stage>/checkpoint_manager_snapshot.json``, and hands its latest
+to the workers (``ray.train.get_checkpoint``). That list can go wrong on its own: a full disk while Ray
+rewrote it leaves it empty or cut short (Ray then stops with a ``CheckpointManagerInitializationError`` that
+names no file), it may name a checkpoint folder that was removed (the same error), or it may lag behind the
+newest complete checkpoint (a driver killed between the uploads and Ray's bookkeeping).
 
 Such a snapshot is moved aside (``checkpoint_manager_snapshot.json.bad-<time>``, one warning line naming
 both files) and the workers start from the newest complete checkpoint by path
@@ -21,7 +21,7 @@ import json
 import logging
 from datetime import datetime
 
-from orchestrate import checkpointing
+from orchestrate import train_checkpoints
 from orchestrate.run_layout import StageLayout
 from pipelines import storage
 
@@ -79,7 +79,7 @@ def resume_point(layout: StageLayout) -> tuple[list[tuple[int, str]], str | None
     checkpoint is returned."""
     snap, bad = read_snapshot(layout)
     names, latest = snapshot_names(snap)
-    found = checkpointing.list_checkpoints(layout, registered=names)
+    found = train_checkpoints.list_checkpoints(layout, registered=names)
     newest = found[-1][1] if found else None
     if snap is not None:
         fs, root = storage.fs_and_path(layout.dir)

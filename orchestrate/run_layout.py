@@ -4,7 +4,7 @@ under a run root.
     <run-root>/stage{1,2,3}/          one Ray Train run per stage (RunConfig(name="stage<N>", storage_path))
         .train.lock                   host and pid of the training writing here (runner.stage_lock)
         checkpoint_<time>/            Ray Train checkpoints, complete when every rank's complete_rank<r>.json
-                                      is there (orchestrate.checkpointing)
+                                      is there (orchestrate.train_checkpoints)
         checkpoint_manager_snapshot.json  Ray Train's list of them (orchestrate.resume_point)
         export/                       the stage's export (orchestrate.exports)
         metrics.jsonl                 per-step metrics, written by rank 0

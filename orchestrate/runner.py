@@ -18,12 +18,12 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from orchestrate import checkpointing, console, exports
+from orchestrate import console, exports, train_checkpoints
 from orchestrate.callbacks import Callback, DataTrace, PredictionPreviews, ProgressLine, from_env
-from orchestrate.errors import ParentExportError, RunSetupError, StageConfigError
 from orchestrate.eval_callback import SourceLosses, StageEval, check_evaluation
 from orchestrate.plan import RunPlan, param_shapes
 from orchestrate.resume_point import resume_point
+from orchestrate.run_errors import ParentExportError, RunSetupError, StageConfigError
 from orchestrate.run_layout import RunLayout, StageLayout, resolve
 from orchestrate.stages import SELF_PARENT_STAGES, EvalConfig, get_stage, with_self_parent, with_world_size
 from orchestrate.trainer import train_loop_per_worker
@@ -193,7 +193,7 @@ def check_data(shards: str, mixture_url: str, mixture_stage: int):
     if not mfs.exists(mpath):
         raise RunSetupError(
             f"mixture not found: expected {mixture_url} (build_shards writes it; "
-            f"`python -m pipelines.build.mixture --out {shards}` rewrites it)"
+            f"`python -m pipelines.build.mixture_weights --out {shards}` rewrites it)"
         )
     try:
         stage = load_mixture(mixture_url).stage(mixture_stage)
@@ -220,7 +220,7 @@ def check_resume(cfg, layout: StageLayout, resume: str) -> str | None:
     else None."""
     stage_url = layout.dir
     found, resume_from = (
-        resume_point(layout) if resume == "auto" else (checkpointing.list_checkpoints(layout), None)
+        resume_point(layout) if resume == "auto" else (train_checkpoints.list_checkpoints(layout), None)
     )
     if resume == "never" and found:
         raise RunSetupError(
@@ -234,20 +234,20 @@ def check_resume(cfg, layout: StageLayout, resume: str) -> str | None:
                 f"start from a checkpoint path only in a fresh run root"
             )
         fs, path = storage.fs_and_path(resume)
-        if not fs.exists(f"{path}/{checkpointing.TRAIN_STATE}"):
+        if not fs.exists(f"{path}/{train_checkpoints.TRAIN_STATE}"):
             raise RunSetupError(
-                f"--resume {resume}: expected a checkpoint folder with {checkpointing.TRAIN_STATE}"
+                f"--resume {resume}: expected a checkpoint folder with {train_checkpoints.TRAIN_STATE}"
             )
         found, resume_from = [(0, resume)], resume
     if found:
-        saved = checkpointing.latest_train_state(found[-1][1])
+        saved = train_checkpoints.latest_train_state(found[-1][1])
         try:  # the loader layout first: its message names the world sizes and worker counts
             lanes = max(1, cfg.data.loader_workers)
-            checkpointing.check_loader_layout(found[-1][1], cfg.batch.world_size, lanes)
-            checkpointing.check_resume_key(saved.resume_key, cfg.resume_key(), found[-1][1])
+            train_checkpoints.check_loader_layout(found[-1][1], cfg.batch.world_size, lanes)
+            train_checkpoints.check_resume_key(saved.resume_key, cfg.resume_key(), found[-1][1])
             # another world size: DeepSpeed's universal conversion, here once, before any worker starts
-            checkpointing.prepare_deepspeed_state(found[-1][1], cfg.batch.world_size, cfg.zero_stage)
-        except checkpointing.ResumeError as e:
+            train_checkpoints.prepare_deepspeed_state(found[-1][1], cfg.batch.world_size, cfg.zero_stage)
+        except train_checkpoints.ResumeError as e:
             raise RunSetupError(str(e)) from e
     return resume_from
 
@@ -356,7 +356,7 @@ def fit(
     ``callbacks``: default :func:`default_callbacks`. ``min_workers``: an elastic worker range
     (:func:`elastic_workers`); the workers then recompute accumulation for the count Ray gives them and, for
     a checkpoint of another count, convert its DeepSpeed state themselves
-    (:func:`orchestrate.checkpointing.loads_universal`)."""
+    (:func:`orchestrate.train_checkpoints.loads_universal`)."""
     import ray.train
     from ray.train.torch import TorchTrainer
 

@@ -9,9 +9,9 @@ the DeepSpeed JSON and the learning-rate schedule (:attr:`StageSchedule.lr`, one
 :class:`xsam_model.schedule.ScheduleConfig`) are generated from the config by
 :mod:`orchestrate.deepspeed_config`, never edited by hand. Each thing is defined once, keyed by the stage
 number (an int): hyperparameters here; what trains, its parameter groups and their learning-rate multipliers
-in the model's stage view (:data:`xsam_model.stages.STAGE_GROUPS`, shown in :meth:`StageConfig.to_dict` so
+in the model's stage view (:data:`xsam_model.trainable.STAGE_GROUPS`, shown in :meth:`StageConfig.to_dict` so
 they reach the resolved config and wandb); the datasets of a stage in
-:data:`pipelines.build.mixture.STAGE_DATASETS`, read here only through ``mixture.json``
+:data:`pipelines.build.mixture_weights.STAGE_DATASETS`, read here only through ``mixture.json``
 (:attr:`DataConfig.mixture_stage`).
 """
 
@@ -22,10 +22,10 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from orchestrate.errors import StageConfigError
+from orchestrate.run_errors import StageConfigError
 from xsam_model.config import ATTN_IMPLEMENTATIONS, CHECKPOINT_PARTS, stage_checkpointing
 from xsam_model.schedule import ScheduleConfig
-from xsam_model.stages import STAGE_GROUPS
+from xsam_model.trainable import STAGE_GROUPS
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -71,7 +71,7 @@ class BatchConfig:
 @dataclass(frozen=True, kw_only=True)
 class OptimConfig:
     """AdamW (β = 0.9/0.999); each parameter group runs at ``lr`` × its multiplier from the model's stage
-    view (:data:`xsam_model.stages.STAGE_GROUPS`)."""
+    view (:data:`xsam_model.trainable.STAGE_GROUPS`)."""
 
     lr: float
     weight_decay: float

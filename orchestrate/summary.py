@@ -20,7 +20,7 @@ import json
 from pathlib import Path
 
 from orchestrate import fingerprint
-from orchestrate.errors import RunSetupError
+from orchestrate.run_errors import RunSetupError
 from orchestrate.run_layout import STAGE_NUMBERS, RunLayout, StageLayout
 from pipelines import storage
 from pipelines.errors import run_cli

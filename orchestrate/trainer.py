@@ -5,7 +5,7 @@ trainer builds the model and its stage view, loads the parents' exports (checked
 ``deepspeed.initialize`` with the generated config, opens this rank's slice of the mixture
 (:class:`pipelines.loader.MixtureLoader`), continues from the latest checkpoint if there is one, and
 runs the steps. Every ``checkpoint.every_steps`` steps every rank writes its DeepSpeed shard and loader state
-and all ranks report them together (:mod:`orchestrate.checkpointing`). At the end rank 0 writes the stage
+and all ranks report them together (:mod:`orchestrate.train_checkpoints`). At the end rank 0 writes the stage
 export (:mod:`orchestrate.exports`). Rank 0 tracks (wandb, ``metrics.jsonl``); the others get a null
 tracker. Everything else per step is a callback the runner registered (:mod:`orchestrate.callbacks`).
 
@@ -28,21 +28,21 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from orchestrate import checkpointing, console, exports, fingerprint, step_efficiency
+from orchestrate import console, exports, fingerprint, step_efficiency, train_checkpoints
 from orchestrate.callbacks import Callback
-from orchestrate.checkpointing import TrainState
 from orchestrate.deepspeed_config import initialize
 from orchestrate.grad_norms import GradNormProbe
 from orchestrate.plan import RunPlan, model_config
 from orchestrate.stages import with_world_size
 from orchestrate.tracking import make_tracker
+from orchestrate.train_checkpoints import TrainState
 from pipelines.loader import MixtureLoader
 from pipelines.mixture_file import load as load_mixture
 from xsam_model import build_xsam, export_trainable, stage_view
 from xsam_model.export import write_export
 from xsam_model.modeling.xsam import LOSS_KEYS
 from xsam_model.processor import DATA_COUNTERS as COUNTERS
-from xsam_model.stages import unused_parameters
+from xsam_model.trainable import unused_parameters
 
 # Heavy imports (ray) are deferred into the worker side: the driver imports this module without Ray.
 
@@ -150,7 +150,7 @@ class Trainer:
         checkpoint = self._find_checkpoint()
         # a checkpoint of another world size: DeepSpeed reads its universal conversion, which the engine
         # must know about from its config on
-        universal = checkpoint is not None and checkpointing.loads_universal(
+        universal = checkpoint is not None and train_checkpoints.loads_universal(
             checkpoint, self.world, self.cfg.zero_stage, run_root=self.plan.run_root, rank=self.rank
         )
         self._build_engine(load_universal=universal)
@@ -260,7 +260,7 @@ class Trainer:
 
     def _resume(self, checkpoint, universal: bool) -> None:
         """Continue from ``checkpoint``; ``universal``: its DeepSpeed state from the universal conversion."""
-        self.state, loader_state, own_stats = checkpointing.restore(
+        self.state, loader_state, own_stats = train_checkpoints.restore(
             self.engine,
             checkpoint,
             rank=self.rank,
@@ -397,7 +397,7 @@ class Trainer:
 
     def checkpoint(self) -> None:
         """Every rank: DeepSpeed shard + loader state, reported to Ray Train together (a barrier)."""
-        checkpointing.save(
+        train_checkpoints.save(
             self.engine,
             rank=self.rank,
             loader_state=self.loader.state_dict(),

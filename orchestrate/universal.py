@@ -34,7 +34,7 @@ import uuid
 
 from fsspec.implementations.local import LocalFileSystem
 
-from orchestrate.errors import ResumeError
+from orchestrate.run_errors import ResumeError
 from pipelines import storage
 
 logger = logging.getLogger(__name__)

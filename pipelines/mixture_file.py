@@ -1,10 +1,10 @@
 """The mixture file's types and its reader (docs/contracts.md, "Mixture"): what the build writes, the loader
 reads.
 
-``<out>/mixture.json`` is written by :mod:`pipelines.build.mixture` at the end of every build; this module
-holds its frozen dataclasses (one :class:`StageMixture` per training stage, one :class:`DatasetWeight` per
-source/split with its shards) and :func:`load`, which re-validates the file (finite, positive probabilities
-summing to 1) like torchtitan's dataset-mix configs.
+``<out>/mixture.json`` is written by :mod:`pipelines.build.mixture_weights` at the end of every build; this
+module holds its frozen dataclasses (one :class:`StageMixture` per training stage, one :class:`DatasetWeight`
+per source/split with its shards) and :func:`load`, which re-validates the file (finite, positive
+probabilities summing to 1) like torchtitan's dataset-mix configs.
 """
 
 from __future__ import annotations
@@ -191,8 +191,9 @@ def check_generations(shards: str, stage: StageMixture) -> None:
         if now != d.generation:
             raise MixtureError(
                 f"{d.name}: mixture.json was computed from build generation {d.generation}, its manifest now "
-                f"commits {now} (rebuilt since); rewrite mixture.json (python -m pipelines.build.mixture "
-                f"--out {shards}) or restore the shards it was computed from"
+                f"commits {now} (rebuilt since); rewrite mixture.json "
+                f"(python -m pipelines.build.mixture_weights --out {shards}) or restore the shards it was "
+                "computed from"
             )
 
 

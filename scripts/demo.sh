@@ -53,7 +53,7 @@ submit_job python orchestrate/build_shards.py --data-root "$OUT/datas" --out "$O
   --samples-per-shard 4
 
 echo "== written under $OUT/shards:"
-python -m pipelines.inspect.summary --out "$OUT/shards"
+python -m pipelines.inspect.build_summary --out "$OUT/shards"
 python -m pipelines.inspect.preview --out "$OUT/shards" --n 4
 echo "   open $OUT/shards/preview/index.html to look at the samples"
 if [ "${DEMO_TRAIN:-1}" = "1" ] && [ -x scripts/train_demo.sh ]; then

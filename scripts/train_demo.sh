@@ -29,7 +29,7 @@ if [ "$STAGE2_DATASETS" = "0" ]; then
   mkdir -p "$OUT/runs"
   python -c '
 import json, sys
-from pipelines.build.mixture import STAGE_DATASETS, compute
+from pipelines.build.mixture_weights import STAGE_DATASETS, compute
 stages = {k: list(v) for k, v in STAGE_DATASETS.items()}
 stages[2] = ["coco_panoptic"]
 mix = compute(sys.argv[1], stages=stages)

@@ -74,10 +74,16 @@ BAD_INPUT = {
         ["orchestrate/build_shards.py", "--data-root", "{tmp}", "--out", "{tmp}/o", "--path", "coco=/x"],
         ["--path", "SOURCE.ROLE=PATH"],
     ),
-    "summary: nothing built": (["-m", "pipelines.inspect.summary", "--out", "{tmp}/none"], ["{tmp}/none"]),
+    "summary: nothing built": (
+        ["-m", "pipelines.inspect.build_summary", "--out", "{tmp}/none"],
+        ["{tmp}/none"],
+    ),
     "preview: nothing built": (["-m", "pipelines.inspect.preview", "--out", "{tmp}/none"], ["{tmp}/none"]),
     "cards: no such --out": (["-m", "pipelines.inspect.cards", "--out", "{tmp}/none"], ["{tmp}/none"]),
-    "mixture: nothing built": (["-m", "pipelines.build.mixture", "--out", "{tmp}/none"], ["{tmp}/none"]),
+    "mixture: nothing built": (
+        ["-m", "pipelines.build.mixture_weights", "--out", "{tmp}/none"],
+        ["{tmp}/none"],
+    ),
     "demo_data: unknown family": (
         ["-m", "pipelines.demo_data", "--out", "{tmp}/d", "--families", "coco,cocoa"],
         ["cocoa", "known"],

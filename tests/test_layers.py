@@ -409,7 +409,7 @@ LIGHT_MODULES = {
     "pipelines.demo_data": set(),
     "pipelines.inspect.cards": set(),
     "pipelines.inspect.preview": set(),
-    "pipelines.build.mixture": set(),
+    "pipelines.build.mixture_weights": set(),
     "orchestrate.build_shards": {"ray"},
     "orchestrate.evaluate": set(),
     "orchestrate.predict": set(),

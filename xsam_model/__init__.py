@@ -8,7 +8,13 @@ from xsam_model.builder import build_processor, build_xsam
 from xsam_model.config import XSamConfig
 from xsam_model.flavors import XSAM_FLAVORS
 from xsam_model.processor import ProcessorError, XSamProcessor, collate
-from xsam_model.stages import WeightMismatchError, export_trainable, load_exported, param_groups, stage_view
+from xsam_model.trainable import (
+    WeightMismatchError,
+    export_trainable,
+    load_exported,
+    param_groups,
+    stage_view,
+)
 
 __all__ = [
     "XSAM_FLAVORS",

@@ -38,7 +38,7 @@ from xsam_model.modeling import (
     SegProjector,
     XSam,
 )
-from xsam_model.modeling.checkpointing import enable_hf_checkpointing, enable_layer_checkpointing
+from xsam_model.modeling.activation_checkpointing import enable_hf_checkpointing, enable_layer_checkpointing
 from xsam_model.modeling.connector import init_connector_weights
 from xsam_model.modeling.decoder import init_mask2former_weights, init_xsam_decoder_weights
 from xsam_model.processor import XSamProcessor

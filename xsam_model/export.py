@@ -41,7 +41,7 @@ from safetensors.torch import save as save_bytes
 from pipelines import storage
 from pipelines.errors import XsamError
 from xsam_model.builder import build_xsam
-from xsam_model.stages import WeightMismatchError, load_exported
+from xsam_model.trainable import WeightMismatchError, load_exported
 
 log = logging.getLogger(__name__)
 

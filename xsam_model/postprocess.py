@@ -269,7 +269,7 @@ class OutputSpec:
 
 
 def prediction_line(dec, spec: OutputSpec, cfg: PostprocessConfig = PostprocessConfig()) -> dict:
-    """One :class:`~xsam_model.inference.Decoded` → ``{"key", "text", <field>: [...]}``. A sample without a
+    """One :class:`~xsam_model.inferencer.Decoded` → ``{"key", "text", <field>: [...]}``. A sample without a
     ``<SEG>`` (or without decoder output) gets the field empty: an empty prediction."""
     field = {"panoptic": "panoptic", "semantic": "panoptic", "instances": "instances"}.get(spec.kind, "masks")
     line: dict = {"key": dec.key, "text": dec.text, field: []}

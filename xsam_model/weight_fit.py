@@ -4,10 +4,11 @@
     report.missing, report.unexpected, report.mismatched   # (), ("b",), (("a.weight", (4, 3), (4, 2)),)
     report.raise_if_bad("stage 1 export /runs/a/stage1/export/model.safetensors")
 
-Used by :func:`xsam_model.stages.load_exported` (tensors in hand) and by the training driver's parent-export
-check (:func:`orchestrate.exports.check_parents`, safetensors headers only, before any worker starts), so both
-report a bad fit with the same words: every missing, unexpected and shape-mismatched key, in one error.
-X-SAM loads with ``strict=False`` after dropping mismatched keys, which lets a wrong export pass silently.
+Used by :func:`xsam_model.trainable.load_exported` (tensors in hand) and by the training driver's
+parent-export check (:func:`orchestrate.exports.check_parents`, safetensors headers only, before any worker
+starts), so both report a bad fit with the same words: every missing, unexpected and shape-mismatched key, in
+one error. X-SAM loads with ``strict=False`` after dropping mismatched keys, which lets a wrong export pass
+silently.
 """
 
 from __future__ import annotations

@@ -24,7 +24,7 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
-from orchestrate.evaluation.errors import EvaluationError
+from orchestrate.evaluation.eval_errors import EvaluationError
 
 # Heavy imports (pycocoevalcap, torch, transformers) are deferred into the scorers that need them: scoring
 # masks alone never loads a caption metric or a text model.

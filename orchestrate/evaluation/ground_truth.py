@@ -28,7 +28,7 @@ import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
-from orchestrate.evaluation.errors import EvaluationError
+from orchestrate.evaluation.eval_errors import EvaluationError
 from orchestrate.evaluation.metrics import ApTruth, PanopticTruth
 from pipelines import masks as mask_ops
 from pipelines import shard_store

@@ -25,7 +25,7 @@ from pipelines import shard_store, storage
 from pipelines.loader.decode import decode_image
 
 if TYPE_CHECKING:
-    from orchestrate.evaluation.inference import InferenceRun, SetJob
+    from orchestrate.evaluation.export_inference import InferenceRun, SetJob
 
 # Heavy imports (wandb) are deferred into the run's logging: a run with wandb disabled never loads it.
 

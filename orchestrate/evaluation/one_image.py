@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from orchestrate.evaluation.errors import EvaluationError
+from orchestrate.evaluation.eval_errors import EvaluationError
 from orchestrate.evaluation.predictions import phrase_spans
 from pipelines import masks as mask_ops
 from pipelines.loader.decode import decode_image
@@ -110,8 +110,8 @@ def predict(
 ):
     """Generate the answer to ``prompt`` about ``image`` and post-process it for the task →
     :class:`Prediction`. ``model``: a stage-3 export's model
-    (:func:`~orchestrate.evaluation.inference.load_export`)."""
-    from xsam_model.inference import InferenceConfig, Inferencer
+    (:func:`~orchestrate.evaluation.export_inference.load_export`)."""
+    from xsam_model.inferencer import InferenceConfig, Inferencer
     from xsam_model.postprocess import OutputSpec, prediction_line
 
     if not prompt.strip():

@@ -15,7 +15,7 @@ import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from orchestrate.evaluation.errors import EvaluationError, listing
+from orchestrate.evaluation.eval_errors import EvaluationError, listing
 from pipelines import storage
 
 OUTPUTS = ("results.json", "details.json", "predictions.jsonl", "inference.json", "wandb")

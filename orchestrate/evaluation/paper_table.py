@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from orchestrate.evaluation import ground_truth as gt
-from orchestrate.evaluation.errors import EvaluationError
+from orchestrate.evaluation.eval_errors import EvaluationError
 from pipelines.errors import run_cli
 
 log = logging.getLogger(__name__)

@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from orchestrate.evaluation.errors import EvaluationError, listing, where
+from orchestrate.evaluation.eval_errors import EvaluationError, listing, where
 
 FIELDS = ("key", "text", "panoptic", "semantic", "instances", "masks")
 _MAX_GROUP = 7  # chars of one compressed count: 7 x 5 bits covers any uint32 count

@@ -15,7 +15,7 @@ from typing import Any
 
 from orchestrate.evaluation import captions
 from orchestrate.evaluation import ground_truth as gt
-from orchestrate.evaluation.errors import EvaluationError, listing
+from orchestrate.evaluation.eval_errors import EvaluationError, listing
 from orchestrate.evaluation.predictions import PredRef, index_predictions
 from orchestrate.evaluation.report import write_outputs
 from orchestrate.evaluation.scoring import ScoreOptions, ShardResult, score_shard

@@ -18,7 +18,7 @@ import numpy as np
 
 from orchestrate.evaluation import ground_truth as gt
 from orchestrate.evaluation.captions import caption_scores, clean_caption, text_embedder
-from orchestrate.evaluation.errors import EvaluationError, where
+from orchestrate.evaluation.eval_errors import EvaluationError, where
 from orchestrate.evaluation.metrics import (
     GcgGrounding,
     MaskAP,

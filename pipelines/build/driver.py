@@ -20,7 +20,7 @@ from importlib.metadata import PackageNotFoundError, version
 import ray
 
 from pipelines import storage
-from pipelines.build import eval_guard, mixture, shards
+from pipelines.build import eval_guard, mixture_weights, shards
 from pipelines.build.chunks import Chunk, spill
 from pipelines.build.lock import build_lock
 from pipelines.build_options import BuildOptions
@@ -277,7 +277,7 @@ def build(
             for src, split, files in jobs
         ]
         # balance-resampling weights over every train manifest now under out_url (not only this run's)
-        logger.info("mixture weights written to %s", mixture.write_mixture(out_url))
+        logger.info("mixture weights written to %s", mixture_weights.write_mixture(out_url))
     return results
 
 

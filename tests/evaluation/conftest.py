@@ -9,7 +9,7 @@ import pytest
 from orchestrate.evaluation import ground_truth as gt
 from pipelines.build.driver import build
 from pipelines.build_options import BuildOptions
-from tests.evaluation.helpers import set_lines
+from tests.support.evaluation import set_lines
 
 VAL_SPLITS = ["val", "val_point", "val_box", "val_scribble", "val_mask"]
 

@@ -14,7 +14,7 @@ from orchestrate.evaluation import captions
 from orchestrate.evaluation.captions import caption_scores, clean_caption, text_embedder
 from orchestrate.evaluation.run import score_predictions
 from pipelines.demo import gcg as demo_gcg
-from tests.evaluation.helpers import write_jsonl
+from tests.support.evaluation import write_jsonl
 
 # the words of the demo's GCG phrases ("a red car", "the sky"), each its own direction of the embedding space
 WORDS = ["a", "the", *demo_gcg.COLOURS, *demo_gcg.THINGS, *demo_gcg.STUFF]

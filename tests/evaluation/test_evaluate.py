@@ -17,8 +17,8 @@ from orchestrate.evaluation import EvaluationError
 from orchestrate.evaluation import ground_truth as gt
 from orchestrate.evaluation.run import score_predictions
 from pipelines.errors import run_cli
-from tests.evaluation.helpers import write_jsonl
 from tests.evaluation.test_metrics import rle
+from tests.support.evaluation import write_jsonl
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -26,7 +26,7 @@ from orchestrate.evaluation.predictions import (
     rle_problem,
 )
 from pipelines.errors import run_cli
-from tests.evaluation.helpers import write_jsonl
+from tests.support.evaluation import write_jsonl
 
 ROOT = Path(__file__).resolve().parents[2]
 _REGEX = re.compile(r"<p>(.*?)</p>", re.DOTALL)
@@ -118,7 +118,7 @@ def test_a_120m_character_counts_is_refused_within_bounded_memory(tmp_path):
             f.write("1" * 1_000_000)
         f.write('"}}]}\n')
     imports = """
-    from orchestrate.evaluation.errors import EvaluationError
+    from orchestrate.evaluation.eval_errors import EvaluationError
     from orchestrate.evaluation.predictions import index_predictions
     """
     body = f"""

@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 
 from orchestrate import evaluate, predict
-from orchestrate.evaluation.inference import InferenceOptions, run_inference
+from orchestrate.evaluation.export_inference import InferenceOptions, run_inference
 from orchestrate.evaluation.run import score_predictions
 from pipelines.errors import run_cli
-from tests.evaluation.debug_exports import write_debug_export
+from tests.support.exports import write_debug_export
 
 FAST_SETS = ["refcoco/val", "coco_panoptic/val", "grandf_gcg/val", "coco_vgd/val_box"]
 
@@ -87,7 +87,7 @@ def test_two_ray_workers_write_what_inline_writes(demo_val, export3, tmp_path, r
 
 
 def test_max_samples_scores_the_first_samples_only(demo_val, export3, tmp_path):
-    from orchestrate.evaluation.inference import evaluate_export
+    from orchestrate.evaluation.export_inference import evaluate_export
 
     datas, shards, _ = demo_val
     results = evaluate_export(

@@ -19,7 +19,7 @@ from orchestrate.evaluation import EvaluationError
 from orchestrate.evaluation import ground_truth as gt
 from pipelines.errors import run_cli
 from pipelines.shard_store import INDEX_SUFFIX, Manifest
-from tests.evaluation.helpers import write_jsonl
+from tests.support.evaluation import write_jsonl
 
 
 @pytest.fixture
@@ -116,7 +116,7 @@ def test_a_manifest_whose_counts_disagree_is_refused(demo_val, perfect, copy, tm
 def test_evaluation_while_training_and_inference_read_verified(demo_val, copy):
     """The training-time evaluation's subset and ``--export``'s inference read through the same check."""
     from orchestrate.eval_callback import _first_samples
-    from orchestrate.evaluation.inference import SetJob, ShardPredictor
+    from orchestrate.evaluation.export_inference import SetJob, ShardPredictor
 
     name = "refcoco/val"
     evs = gt.open_set(str(copy), str(demo_val[0]), name)

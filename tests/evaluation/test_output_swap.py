@@ -17,8 +17,8 @@ import pytest
 from orchestrate import evaluate
 from pipelines import storage
 from pipelines.errors import run_cli
-from tests.evaluation.debug_exports import write_debug_export
-from tests.evaluation.helpers import write_jsonl
+from tests.support.evaluation import write_jsonl
+from tests.support.exports import write_debug_export
 
 ROOT = Path(__file__).resolve().parents[2]
 SET = "refcoco/val"

@@ -17,7 +17,7 @@ from orchestrate.evaluation import ground_truth as gt
 from orchestrate.evaluation import paper_table as pt
 from pipelines.build.driver import build
 from pipelines.errors import run_cli
-from tests.evaluation.helpers import set_lines, write_jsonl
+from tests.support.evaluation import set_lines, write_jsonl
 
 ROOT = Path(__file__).resolve().parents[2]
 PAPER_MD = ROOT.parent / "shared" / "reference" / "paper_table.md"  # CI checks ../shared out beside the repo
@@ -325,7 +325,7 @@ def test_the_runbook_evaluation_parses_and_names_the_papers_sets(capsys):
 def test_compare_paper_on_an_export_warns_for_its_flavor_and_logs_the_table(
     demo_val, no_java, tmp_path, capsys
 ):
-    from tests.evaluation.debug_exports import write_debug_export
+    from tests.support.exports import write_debug_export
 
     datas, shards, _ = demo_val
     export = write_debug_export(tmp_path / "stage3" / "export", 3)

@@ -10,11 +10,11 @@ import pytest
 
 from orchestrate import evaluate
 from orchestrate.evaluation import EvaluationError
-from orchestrate.evaluation.inference import InferenceOptions
+from orchestrate.evaluation.export_inference import InferenceOptions
 from orchestrate.evaluation.run import score_predictions
 from orchestrate.evaluation.scoring import ScoreOptions
 from pipelines.errors import run_cli
-from tests.evaluation.helpers import write_jsonl
+from tests.support.evaluation import write_jsonl
 
 
 def _argv(demo_val, tmp_path, path, *extra: str) -> list[str]:
@@ -347,8 +347,8 @@ def test_instance_ap_ground_truth_is_xsams_without_crowd(real_data, tmp_path):
     from pycocotools.cocoeval import COCOeval
 
     from orchestrate.evaluation import ground_truth as gt
-    from tests.evaluation.helpers import set_lines
     from tests.evaluation.test_real_data import real_instances
+    from tests.support.evaluation import set_lines
 
     datas, shards, _, src = real_instances(real_data, tmp_path)
     name = "coco_instance/val"
@@ -446,8 +446,8 @@ def test_coco_semantic_miou_is_xsams_dense_pass_with_crowd_labelled(real_data, t
 
     from orchestrate.evaluation import ground_truth as gt
     from pipelines import masks as mask_ops
-    from tests.evaluation.helpers import set_lines
     from tests.evaluation.test_real_data import PAN, build_real_panoptic
+    from tests.support.evaluation import set_lines
 
     datas, shards = build_real_panoptic(real_data, tmp_path)
     name = "coco_panoptic/val"

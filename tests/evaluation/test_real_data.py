@@ -18,7 +18,7 @@ from pycocotools.cocoeval import COCOeval
 from orchestrate.evaluation import ground_truth as gt
 from orchestrate.evaluation.run import score_predictions
 from pipelines.build.driver import build
-from tests.evaluation.helpers import set_lines, write_jsonl
+from tests.support.evaluation import set_lines, write_jsonl
 
 PAN = "cocodataset+panopticapi__sample_data__"
 MMDET = "open-mmlab+mmdetection__tests__data__coco_dummy__annotations__instances_val2017.json"

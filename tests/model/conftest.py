@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from pipelines.schema import Sample
-from tests.model.helpers import make_samples
+from tests.support.model import make_samples
 
 
 @pytest.fixture(scope="session")

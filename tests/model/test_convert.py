@@ -1,5 +1,5 @@
-"""X-SAM archive checkpoints ↔ stage exports (the mapping: xsam_model.convert; the command:
-orchestrate.convert).
+"""X-SAM archive checkpoints ↔ stage exports (the key mapping: xsam_model.xsam_keys;
+the command: orchestrate.convert).
 
 X-SAM's side is built here, independently of our builder, from transformers' classes under X-SAM's module
 names (archive ``model/xsam.py``, ``segmentors/x_segmentor.py``, ``modules/{projector,connector}``): the
@@ -36,10 +36,12 @@ from orchestrate import exports
 from orchestrate.convert import main
 from orchestrate.stages import ParentSpec
 from pipelines import errors
-from tests.model.helpers import image_bytes
+from tests.support.model import image_bytes
 from xsam_model import build_xsam, export_trainable, load_exported
 from xsam_model.builder import llm_hf_config, m2f_hf_config, sam_hf_config, siglip_hf_config
-from xsam_model.convert import (
+from xsam_model.export import MODEL_FILE, Export, sha256_of, write_export
+from xsam_model.trainable import STAGE_GROUPS, trainable_names, unused_parameters
+from xsam_model.xsam_keys import (
     DROPS,
     UNUSED_REASON,
     ConvertError,
@@ -47,8 +49,6 @@ from xsam_model.convert import (
     keymap,
     to_xsam,
 )
-from xsam_model.export import MODEL_FILE, Export, sha256_of, write_export
-from xsam_model.stages import STAGE_GROUPS, trainable_names, unused_parameters
 
 
 # ---------------------------------------------------------------------------------------------- X-SAM's side

@@ -10,7 +10,7 @@ import math
 import pytest
 import torch
 
-from tests.model.helpers import image_bytes
+from tests.support.model import image_bytes
 from xsam_model import XSAM_FLAVORS, build_xsam
 from xsam_model.builder import resolve_attn_implementation
 from xsam_model.config import (

@@ -10,12 +10,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.model.helpers import image_bytes, refseg_sample
+from tests.support.model import image_bytes, refseg_sample
 from xsam_model import build_xsam
 from xsam_model.flavors import full_width_smoke
 from xsam_model.processor import XSamProcessor
-from xsam_model.stages import stage_view
 from xsam_model.tokenizer import build_debug_tokenizer, prepare_tokenizer
+from xsam_model.trainable import stage_view
 
 pytestmark = pytest.mark.slow
 

@@ -15,7 +15,7 @@ from tokenizers import Tokenizer, decoders, models, normalizers
 from transformers import PreTrainedTokenizerFast
 
 from orchestrate.evaluation.captions import clean_caption
-from xsam_model.inference import SpecialIds, decode_generated
+from xsam_model.inferencer import SpecialIds, decode_generated
 
 WORDS = ["a", "man", "in", "red", "shirt", "rides", "horse", "the", "on", "grass", "SEG", "p"]
 

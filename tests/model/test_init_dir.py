@@ -10,7 +10,7 @@ import pytest
 import torch
 from transformers import Mask2FormerConfig, Phi3ForCausalLM, SamConfig, SamModel, SiglipConfig, SiglipModel
 
-from tests.model.helpers import image_bytes
+from tests.support.model import image_bytes
 from xsam_model import XSAM_FLAVORS, build_xsam
 from xsam_model.builder import llm_hf_config
 from xsam_model.tokenizer import build_debug_tokenizer

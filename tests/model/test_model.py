@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from tests.model.helpers import image_bytes
+from tests.support.model import image_bytes
 from xsam_model import build_xsam
 from xsam_model.modeling.loss import SegLoss
 

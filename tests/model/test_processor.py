@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from pipelines.schema import Turn
-from tests.model.helpers import H, W, image_bytes, make_samples
+from tests.support.model import H, W, image_bytes, make_samples
 from xsam_model import ProcessorError, XSamProcessor, build_processor, collate
 from xsam_model.config import COCO_PANOPTIC_CATEGORY_IDS
 from xsam_model.tokenizer import build_debug_tokenizer, load_tokenizer, prepare_tokenizer

@@ -8,7 +8,7 @@ import dataclasses
 import pytest
 import torch
 
-from tests.model.helpers import image_bytes, refseg_sample
+from tests.support.model import image_bytes, refseg_sample
 from xsam_model import XSAM_FLAVORS, build_xsam
 from xsam_model.modeling.seg_plan import plan_decoding
 

@@ -20,7 +20,7 @@ from torch import nn
 from orchestrate.grad_norms import parameter_parts, part_grad_norms
 from orchestrate.plan import model_config
 from orchestrate.stages import get_stage
-from tests.model.helpers import image_bytes, make_samples
+from tests.support.model import image_bytes, make_samples
 from xsam_model import build_xsam, stage_view
 from xsam_model.builder import SAM_INIT_STD
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from pipelines.schema import Turn, validate
-from tests.model.helpers import image_bytes
+from tests.support.model import image_bytes
 from xsam_model.processor import ProcessorError
 
 

@@ -17,7 +17,7 @@ import torch
 
 from pipelines.schema import REGION, ImageRef, MaskTarget, PoolPrompt, Region, Sample, validate
 from pipelines.sources.vgd import vgd_conversation
-from tests.model.helpers import box, image_bytes
+from tests.support.model import box, image_bytes
 from xsam_model import build_xsam
 from xsam_model.processor import XSamProcessor
 
@@ -251,7 +251,7 @@ def test_bad_vgd_items(processor, bad):
 def test_demo_coco_vgd_through_the_loader_workers(processor, tmp_path):
     """The demo's coco_vgd train split through MixtureLoader's DataLoader worker: the loader's ``(seed, use)``
     reach the collate, batches cross images and add negatives, and a second loader draws the same."""
-    from pipelines.build import mixture
+    from pipelines.build import mixture_weights
     from pipelines.build.driver import build
     from pipelines.demo_data import write_demo
     from pipelines.loader import MixtureLoader
@@ -259,7 +259,7 @@ def test_demo_coco_vgd_through_the_loader_workers(processor, tmp_path):
     root = write_demo(tmp_path / "datas", families=["vgd"])
     out = tmp_path / "shards"
     build(str(root), str(out), sources=["coco_vgd"])
-    mixture.write(str(out), mixture.compute(str(out)))
+    mixture_weights.write(str(out), mixture_weights.compute(str(out)))
 
     def batches() -> list[dict]:
         kw = {"stage": 3, "batch_size": 3, "num_workers": 1, "seed": 5, "length_group": 1}

@@ -22,7 +22,7 @@ TEST_STAGES = {
 @pytest.fixture(scope="session")
 def train_shards(demo_root, tmp_path_factory) -> Path:
     """Demo shards (train split) plus a ``mixture.json`` whose three stages all have data."""
-    from pipelines.build import mixture
+    from pipelines.build import mixture_weights
     from pipelines.build.driver import build
     from pipelines.build_options import BuildOptions
 
@@ -35,5 +35,5 @@ def train_shards(demo_root, tmp_path_factory) -> Path:
         splits=["train"],
         options=BuildOptions(samples_per_shard=4),
     )
-    mixture.write(str(out), mixture.compute(str(out), stages=TEST_STAGES))
+    mixture_weights.write(str(out), mixture_weights.compute(str(out), stages=TEST_STAGES))
     return out

@@ -9,10 +9,10 @@ import pytest
 
 from orchestrate import callbacks
 from orchestrate.callbacks import DataTrace, ProgressLine, from_env, progress_line, read_trace
-from orchestrate.checkpointing import TrainState
-from orchestrate.errors import RunSetupError
+from orchestrate.run_errors import RunSetupError
 from orchestrate.run_layout import StageLayout
-from tests.orchestrate.faults import HoldAtStep, KillWorker
+from orchestrate.train_checkpoints import TrainState
+from tests.support.faults import HoldAtStep, KillWorker
 
 
 def fake_trainer(tmp_path, *, rank=0, step=0, attempt=0, total=10):
@@ -72,7 +72,7 @@ def test_data_trace_rows_and_read_back(tmp_path):
 
 
 def test_callbacks_named_in_the_environment():
-    env = {"XSAM_TRAIN_CALLBACKS": "tests.orchestrate.faults:from_env"}
+    env = {"XSAM_TRAIN_CALLBACKS": "tests.support.faults:from_env"}
     assert from_env(env) == []  # the factory returns none without a fault
     with pytest.MonkeyPatch.context() as m:
         m.setenv("XSAM_TEST_FAULT", "hold:2")
@@ -82,9 +82,7 @@ def test_callbacks_named_in_the_environment():
     assert isinstance(hold, HoldAtStep) and hold.step == 2
     assert isinstance(kill, KillWorker) and (kill.step, kill.rank) == (3, 1)
     assert from_env({}) == []
-    with pytest.raises(
-        RunSetupError, match=r"XSAM_TRAIN_CALLBACKS: cannot load 'tests.orchestrate.faults:nope'"
-    ):
-        from_env({"XSAM_TRAIN_CALLBACKS": "tests.orchestrate.faults:nope"})
+    with pytest.raises(RunSetupError, match=r"XSAM_TRAIN_CALLBACKS: cannot load 'tests.support.faults:nope'"):
+        from_env({"XSAM_TRAIN_CALLBACKS": "tests.support.faults:nope"})
     with pytest.raises(RunSetupError, match="is not module:factory"):
-        from_env({"XSAM_TRAIN_CALLBACKS": "tests.orchestrate.faults"})
+        from_env({"XSAM_TRAIN_CALLBACKS": "tests.support.faults"})

@@ -18,9 +18,9 @@ import pytest
 import torch
 
 from orchestrate import universal
-from orchestrate.checkpointing import DS_TAG
-from orchestrate.errors import ResumeError
+from orchestrate.run_errors import ResumeError
 from orchestrate.stages import debug, stage1, with_world_size
+from orchestrate.train_checkpoints import DS_TAG
 
 pytestmark = pytest.mark.timeout(300)
 

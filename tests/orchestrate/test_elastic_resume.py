@@ -19,11 +19,11 @@ import sys
 import pytest
 
 from orchestrate import universal
-from orchestrate.checkpointing import list_checkpoints
 from orchestrate.fingerprint import read_fingerprints
 from orchestrate.run_layout import RunLayout
 from orchestrate.runner import RunArgs, default_callbacks, fit, prepare
 from orchestrate.summary import compare_runs
+from orchestrate.train_checkpoints import list_checkpoints
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.timeout(900)]
 

@@ -12,11 +12,11 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from orchestrate.checkpointing import TrainState
 from orchestrate.eval_callback import SourceLosses, StageEval, check_evaluation
 from orchestrate.evaluation import EvaluationError
 from orchestrate.run_layout import StageLayout
 from orchestrate.stages import EvalConfig, StageConfigError, get_stage
+from orchestrate.train_checkpoints import TrainState
 
 SETS = ("refcoco/val", "coco_panoptic/val", "grandf_gcg/val")
 
@@ -175,12 +175,12 @@ def test_ray_train_stage3_evaluates_at_the_same_steps_after_a_restart(ray_module
     group from the step-2 checkpoint, and the run logs its evaluations at steps 2 and 4 with the numbers of
     an uninterrupted run."""
     from orchestrate.runner import RunArgs, default_callbacks, fit, prepare
-    from pipelines.build import mixture
+    from pipelines.build import mixture_weights
     from pipelines.build.driver import build
     from pipelines.build_options import BuildOptions
-    from tests.evaluation.debug_exports import write_debug_export
     from tests.orchestrate.conftest import TEST_STAGES
-    from tests.orchestrate.faults import KillWorker
+    from tests.support.exports import write_debug_export
+    from tests.support.faults import KillWorker
 
     shards = tmp_path / "shards"
     sources = sorted({s for v in TEST_STAGES.values() for s in v})
@@ -191,7 +191,7 @@ def test_ray_train_stage3_evaluates_at_the_same_steps_after_a_restart(ray_module
         splits=["train", "val"],
         options=BuildOptions(samples_per_shard=4),
     )
-    mixture.write(str(shards), mixture.compute(str(shards), stages=TEST_STAGES))
+    mixture_weights.write(str(shards), mixture_weights.compute(str(shards), stages=TEST_STAGES))
     parents = {}
     for stage in (1, 2):
         parents[stage] = write_debug_export(tmp_path / "parents" / f"stage{stage}" / "export", stage)

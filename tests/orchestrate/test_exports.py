@@ -15,7 +15,7 @@ from orchestrate.exports import (
 )
 from orchestrate.plan import param_shapes
 from orchestrate.stages import debug, stage2, stage3
-from tests.orchestrate.faults import write_export_killed_at
+from tests.support.faults import write_export_killed_at
 from xsam_model import build_xsam, export_trainable
 from xsam_model.export import Export, ExportError, safetensors_header, write_export
 

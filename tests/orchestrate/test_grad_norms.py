@@ -18,9 +18,9 @@ from torch import nn
 from orchestrate.grad_norms import GradNormProbe, parameter_parts, part_grad_norms
 from orchestrate.plan import model_config
 from orchestrate.stages import StageConfigError, TrackingConfig, get_stage
-from tests.model.helpers import image_bytes, make_samples
+from tests.support.model import image_bytes, make_samples
 from xsam_model import build_xsam, stage_view
-from xsam_model.stages import STAGE_GROUPS
+from xsam_model.trainable import STAGE_GROUPS
 
 
 @pytest.fixture(scope="module")

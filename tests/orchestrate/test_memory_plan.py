@@ -16,7 +16,7 @@ from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 from orchestrate import memory_plan as mp
 from orchestrate import step_efficiency as se
 from orchestrate import train
-from orchestrate.errors import StageConfigError
+from orchestrate.run_errors import StageConfigError
 from orchestrate.stages import TrackingConfig
 from pipelines.errors import run_cli
 from xsam_model.flavors import DEBUG

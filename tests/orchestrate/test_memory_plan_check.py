@@ -23,13 +23,13 @@ import pytest
 import torch
 
 from orchestrate import memory_plan as mp
-from tests.model.helpers import image_bytes, make_samples
+from tests.support.model import image_bytes, make_samples
 from xsam_model import build_xsam
 from xsam_model.config import stage_checkpointing, with_checkpointing
 from xsam_model.flavors import full_width_smoke
 from xsam_model.processor import XSamProcessor
-from xsam_model.stages import stage_view
 from xsam_model.tokenizer import build_debug_tokenizer, prepare_tokenizer
+from xsam_model.trainable import stage_view
 
 pytestmark = pytest.mark.slow
 logger = logging.getLogger(__name__)

@@ -249,7 +249,7 @@ class RecordNodesHoldOnce(Callback):
     def on_step_end(self, trainer, step, metrics) -> None:
         if step != self.step or trainer.state.attempt != 0:
             return
-        from tests.orchestrate.faults import _committed
+        from tests.support.faults import _committed
 
         _committed()
         (trainer.plan.layout.local_dir() / f".held-rank{trainer.rank}").touch()

@@ -10,7 +10,10 @@ import json
 
 import pytest
 
-from orchestrate.checkpointing import (
+from orchestrate.run_errors import RunSetupError
+from orchestrate.runner import RunArgs, elastic_workers, prepare
+from orchestrate.stages import debug, stage1, with_world_size
+from orchestrate.train_checkpoints import (
     TRAIN_STATE,
     TrainState,
     _checkpoint_url,
@@ -19,9 +22,6 @@ from orchestrate.checkpointing import (
     marker_file,
     marker_record,
 )
-from orchestrate.errors import RunSetupError
-from orchestrate.runner import RunArgs, elastic_workers, prepare
-from orchestrate.stages import debug, stage1, with_world_size
 
 
 def _v1_state(rank: int, world: int, loader_workers: int) -> dict:
@@ -35,7 +35,7 @@ def _v2_state(rank: int) -> dict:
 
 
 def _checkpoint(stage_dir, *, world: int, loader_workers: int, ranks=None, v2=False, zero=2) -> None:
-    """A checkpoint folder as ``checkpointing.save`` leaves it: train state + a loader state per rank."""
+    """A checkpoint folder as ``train_checkpoints.save`` leaves it: train state + a loader state per rank."""
     ck = stage_dir / "checkpoint_2026-01-01_00-00-00.000000"
     ck.mkdir(parents=True)
     key = {**debug(stage1()).resume_key(), "zero_stage": zero}

@@ -20,12 +20,12 @@ from pathlib import Path
 
 import pytest
 
-from orchestrate.checkpointing import TRAIN_STATE, TrainState, marker_file
 from orchestrate.fingerprint import read_fingerprints
 from orchestrate.resume_point import SNAPSHOT
 from orchestrate.run_layout import RunLayout
 from orchestrate.runner import TRAIN_LOCK, RunArgs, prepare
 from orchestrate.stages import debug, stage1
+from orchestrate.train_checkpoints import TRAIN_STATE, TrainState, marker_file
 from pipelines.errors import run_cli
 
 REPO = Path(__file__).resolve().parents[2]
@@ -52,7 +52,7 @@ def _child(code: str) -> subprocess.Popen:
 
 HOLD = """
 import sys
-from orchestrate.errors import RunSetupError
+from orchestrate.run_errors import RunSetupError
 from pipelines.folder_lock import folder_lock
 with folder_lock({stage!r}, {name!r}, what="training", error=RunSetupError):  # as runner.stage_lock takes it
     print("held", flush=True)
@@ -101,7 +101,7 @@ def test_another_hosts_lock_is_never_taken_over(tmp_path, capsys):
 
 
 def test_object_store_run_roots_are_not_locked_and_say_so(caplog):
-    from orchestrate.errors import RunSetupError
+    from orchestrate.run_errors import RunSetupError
     from pipelines.folder_lock import folder_lock
 
     with folder_lock("memory://run/stage1", TRAIN_LOCK, what="training", error=RunSetupError):
@@ -182,7 +182,7 @@ UPLOAD = """
 import json, sys
 from ray.train import Checkpoint
 from ray.train.v2._internal.execution.storage import StorageContext
-from orchestrate.checkpointing import upload_then_mark
+from orchestrate.train_checkpoints import upload_then_mark
 run_root, name, local = sys.argv[1:4]
 context = StorageContext(storage_path=run_root, experiment_dir_name="stage1")
 upload_then_mark(context, local, 0, 1)(Checkpoint.from_directory(local), name)
@@ -190,7 +190,7 @@ upload_then_mark(context, local, 0, 1)(Checkpoint.from_directory(local), name)
 
 
 def _local_checkpoint(tmp_path, step: int, blob_bytes: int) -> Path:
-    """A rank's local checkpoint folder as ``checkpointing.save`` writes it (one rank)."""
+    """A rank's local checkpoint folder as ``train_checkpoints.save`` writes it (one rank)."""
     local = tmp_path / f"local-{step}"
     (local / "deepspeed").mkdir(parents=True)
     key = {**debug(stage1()).resume_key(), "zero_stage": 2}
@@ -259,7 +259,7 @@ def test_a_checkpoint_cut_short_by_a_full_disk_is_passed_over(disk, train_shards
 
 def _complete(stage: Path, step: int) -> str:
     """A complete checkpoint folder of ``step`` (every rank's marker), by hand."""
-    from orchestrate.checkpointing import marker_record
+    from orchestrate.train_checkpoints import marker_record
 
     ck = stage / f"checkpoint_2026-01-01_00-00-{step:02d}.000000"
     ck.mkdir(parents=True)
@@ -311,7 +311,7 @@ def test_resume_point_keeps_a_snapshot_that_agrees_and_replaces_one_that_does_no
 
 def test_a_legacy_checkpoint_counts_only_when_rays_snapshot_lists_it(tmp_path):
     """Checkpoints written before markers existed: Ray registered them only after every upload."""
-    from orchestrate.checkpointing import list_checkpoints
+    from orchestrate.train_checkpoints import list_checkpoints
 
     layout = RunLayout(str(tmp_path / "run")).stage(1)
     stage = Path(layout.dir)

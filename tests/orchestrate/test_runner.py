@@ -10,12 +10,12 @@ import pytest
 import torch
 
 from orchestrate import summary, train
-from orchestrate.checkpointing import TRAIN_STATE, TrainState, marker_file, marker_record
-from orchestrate.errors import RunSetupError
+from orchestrate.run_errors import RunSetupError
 from orchestrate.runner import RunArgs, prepare
 from orchestrate.stages import StageConfig, debug, stage1
+from orchestrate.train_checkpoints import TRAIN_STATE, TrainState, marker_file, marker_record
 from pipelines import mixture_file
-from pipelines.build import mixture
+from pipelines.build import mixture_weights
 from pipelines.errors import run_cli
 from xsam_model import build_xsam, export_trainable
 from xsam_model.export import write_export
@@ -80,9 +80,9 @@ def test_missing_shards_or_mixture(train_shards, tmp_path):
 def test_stage_without_data_or_with_a_missing_shard(train_shards, tmp_path):
     copy = tmp_path / "shards"
     shutil.copytree(train_shards, copy)
-    mixture.write(
+    mixture_weights.write(
         str(copy),
-        mixture.compute(str(copy), stages={1: ["coco_panoptic"], 2: ["llava_pretrain"]}),
+        mixture_weights.compute(str(copy), stages={1: ["coco_panoptic"], 2: ["llava_pretrain"]}),
     )
     with pytest.raises(
         RunSetupError, match=r"stage 2 has no datasets; missing: llava_pretrain/train \(no manifest"

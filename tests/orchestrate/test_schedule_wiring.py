@@ -23,7 +23,7 @@ from orchestrate.deepspeed_config import initialize  # noqa: E402
 from orchestrate.plan import model_config  # noqa: E402
 from orchestrate.stages import get_stage, stage1, stage3, with_world_size  # noqa: E402
 from orchestrate.trainer import optimizer_groups, to_device  # noqa: E402
-from tests.model.helpers import image_bytes, make_samples  # noqa: E402
+from tests.support.model import image_bytes, make_samples  # noqa: E402
 
 
 @pytest.fixture(scope="module")

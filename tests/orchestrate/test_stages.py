@@ -18,7 +18,7 @@ from orchestrate.stages import (
     with_world_size,
 )
 from xsam_model.config import CHECKPOINT_PARTS
-from xsam_model.stages import STAGE_GROUPS
+from xsam_model.trainable import STAGE_GROUPS
 
 
 def test_recipe_values():

@@ -136,7 +136,7 @@ def test_an_export_on_s3_survives_a_kill_at_every_step_of_its_replacement(s3):
     only the export."""
     import torch
 
-    from tests.orchestrate.faults import write_export_killed_at
+    from tests.support.faults import write_export_killed_at
 
     old = {"a": torch.zeros(3), "b": torch.ones(2)}
     new = {k: v + 7 for k, v in old.items()}
@@ -165,8 +165,8 @@ def test_stage_checkpoints_export_and_resume_on_s3(s3, train_shards, ray_local):
     """A debug stage 1 with ``--run-root s3://…``: Ray Train writes its checkpoint there, rank 0 the export;
     the driver sees the checkpoint (``--resume never`` refused) and a second submission with more steps
     resumes from it; the export reads back and loads into the model."""
-    from orchestrate import checkpointing
-    from orchestrate.errors import RunSetupError
+    from orchestrate import train_checkpoints
+    from orchestrate.run_errors import RunSetupError
     from orchestrate.run_layout import RunLayout
     from orchestrate.runner import RunArgs, fit, prepare
     from xsam_model import build_xsam, load_exported
@@ -190,11 +190,11 @@ def test_stage_checkpoints_export_and_resume_on_s3(s3, train_shards, ray_local):
 
     layout = RunLayout(run_root).stage(1)
     assert fit(plan(2), callbacks=[]).metrics["step"] == 2
-    assert [s for s, _ in checkpointing.list_checkpoints(layout)] == [2]
+    assert [s for s, _ in train_checkpoints.list_checkpoints(layout)] == [2]
     with pytest.raises(RunSetupError, match="already holds 1 checkpoints"):
         plan(4, resume="never")
     assert fit(plan(4), callbacks=[]).metrics["step"] == 4
-    assert [s for s, _ in checkpointing.list_checkpoints(layout)] == [2, 4]
+    assert [s for s, _ in train_checkpoints.list_checkpoints(layout)] == [2, 4]
 
     assert sorted(read_fingerprints(layout.metrics_jsonl)) == [1, 2, 3, 4]  # metrics.jsonl on S3 too
     info = Export.find(layout.export_dir, 1)

@@ -148,7 +148,7 @@ def test_stage3_starts_from_a_stage3_export(tmp_path):
     from orchestrate.runner import RunArgs, _checked_parents, build_config
     from xsam_model import build_xsam
     from xsam_model.export import Export, write_export
-    from xsam_model.stages import trainable_names
+    from xsam_model.trainable import trainable_names
 
     trained = _export(tmp_path / "s3", 3, seed=7)
     args = RunArgs(
@@ -172,7 +172,7 @@ def test_stage3_starts_from_a_stage3_export(tmp_path):
     gone = next(k for k in state if k.startswith("llm_projector."))
     state.pop(gone)
     write_export(str(tmp_path / "s3b"), state, stage=3, config={}, lineage={})
-    from orchestrate.errors import RunSetupError
+    from orchestrate.run_errors import RunSetupError
 
     with pytest.raises(RunSetupError, match=rf"1 missing.*\n    missing     {gone}"):
         _checked_parents(cfg, str(tmp_path / "r"), {3: str(tmp_path / "s3b")})
@@ -185,7 +185,7 @@ def test_stage3_starts_from_a_stage3_export(tmp_path):
 def test_init_from_a_damaged_export_is_refused_naming_the_file(tmp_path):
     """``--init-from`` (and the chaining of stages, the same check) hashes the parent's model.safetensors
     against its lineage on the driver: a byte flipped in place is one line naming the file."""
-    from orchestrate.errors import RunSetupError
+    from orchestrate.run_errors import RunSetupError
     from orchestrate.runner import RunArgs, _checked_parents, build_config
 
     _export(tmp_path / "s1", 1)

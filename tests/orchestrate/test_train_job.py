@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from orchestrate.callbacks import read_trace
-from tests.orchestrate.ray_head import local_head, ray_bin, wait_for
+from tests.support.ray_head import local_head, ray_bin, wait_for
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.timeout(900)]  # a hung rendezvous fails, not CI
 REPO = Path(__file__).resolve().parents[2]
@@ -89,7 +89,7 @@ def test_job_stop_then_submit_again_continues_from_the_checkpoint(train_shards, 
         first = submit(
             env,
             cmd,
-            {"XSAM_TRAIN_CALLBACKS": "tests.orchestrate.faults:from_env", "XSAM_TEST_FAULT": "hold:2"},
+            {"XSAM_TRAIN_CALLBACKS": "tests.support.faults:from_env", "XSAM_TEST_FAULT": "hold:2"},
         )
         wait_for(
             lambda: (sdir / ".held-rank0").exists() or status(env, first) in ("FAILED", "SUCCEEDED"),

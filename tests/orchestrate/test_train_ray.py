@@ -13,10 +13,10 @@ from orchestrate.callbacks import read_trace
 from orchestrate.fingerprint import fingerprint, read_fingerprints
 from orchestrate.runner import RunArgs, default_callbacks, fit, prepare
 from orchestrate.summary import compare_runs, summarize
-from tests.orchestrate.faults import KillWorker
+from tests.support.faults import KillWorker
 from xsam_model import build_xsam, export_trainable
 from xsam_model.export import Export
-from xsam_model.stages import STAGE_GROUPS
+from xsam_model.trainable import STAGE_GROUPS
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.timeout(900)]  # a hung rendezvous fails, not CI
 

@@ -27,7 +27,7 @@ from pipelines.sources.ade20k import (
     xsam_class_names,
 )
 from pipelines.sources.genseg import clean_category_name
-from tests.helpers import build_and_read
+from tests.support.data import build_and_read
 
 ADE = "img_ovseg/ade20k"
 SOURCE_NAMES = ("ade20k_panoptic", "ade20k_semantic", "ade20k_instance")

@@ -17,7 +17,7 @@ from pipelines.build.driver import build
 from pipelines.inspect import cards
 from pipelines.inspect.hf import FEATURES_YAML
 from pipelines.sources import SOURCES
-from tests.helpers import manifest
+from tests.support.data import manifest
 
 REPO = Path(__file__).resolve().parents[2]
 # docs/contracts.md#source-names-and-tasks: every source of the product, registered yet or not

@@ -18,7 +18,7 @@ from pipelines.errors import BuildConfigError, StrictModeError
 from pipelines.schema import validate
 from pipelines.sources.base import BuildOptions
 from pipelines.sources.readers.jsonstream import MalformedJSON
-from tests.helpers import member_exts, read_split
+from tests.support.data import member_exts, read_split
 
 ANN = "img_genseg/coco2017/annotations"
 

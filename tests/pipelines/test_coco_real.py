@@ -11,7 +11,7 @@ from PIL import Image
 
 from pipelines import masks
 from pipelines.build.driver import build
-from tests.helpers import read_split
+from tests.support.data import read_split
 
 PAN = "cocodataset+panopticapi__sample_data__"
 MMDET = "open-mmlab+mmdetection__tests__data__coco_dummy__annotations__instances_val2017.json"

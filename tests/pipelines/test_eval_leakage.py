@@ -14,7 +14,7 @@ from pipelines.demo_data import write_demo
 from pipelines.errors import Skip
 from pipelines.sources.base import BuildOptions
 from pipelines.sources.readers import safe_pickle
-from tests.helpers import read_split
+from tests.support.data import read_split
 
 REFER = "img_refseg/refcocos"
 

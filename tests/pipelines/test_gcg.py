@@ -25,7 +25,7 @@ from pipelines.sources.gcg import (
     remove_overlaps,
     tag_caption,
 )
-from tests.helpers import build_and_read, edit_json
+from tests.support.data import build_and_read, edit_json
 
 TRAIN = "img_gcgseg/grand_f/annotations/train"
 VAL_TEST = "img_gcgseg/grand_f/annotations/val_test"

@@ -12,11 +12,11 @@ import numpy as np
 import pytest
 import webdataset as wds
 
-from pipelines.build import mixture
+from pipelines.build import mixture_weights
 from pipelines.loader import MixtureLoader
 from pipelines.loader.grouping import chunk_order, text_length
 from pipelines.schema import Turn
-from tests.helpers import chat_sample, tiny_jpeg, to_wds
+from tests.support.data import chat_sample, tiny_jpeg, to_wds
 
 
 def padding_fraction(batches: list[list[int]]) -> float:
@@ -61,7 +61,7 @@ def varied(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("grouping")
     write_varied(out, "coco_panoptic", [40, 40, 16])
     write_varied(out, "lisa_reasonseg", [30], seed=1)
-    mixture.write(str(out), mixture.compute(str(out)))
+    mixture_weights.write(str(out), mixture_weights.compute(str(out)))
     return out
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from pipelines.build import driver, mixture, shards
+from pipelines.build import driver, mixture_weights, shards
 from pipelines.build_options import BuildOptions
 from pipelines.loader import LoaderError, MixtureLoader
 from pipelines.shard_store import Manifest
@@ -28,7 +28,7 @@ def _build(demo_root: Path, out: Path, per_shard: int = 4):
         splits=["train"],
         options=BuildOptions(samples_per_shard=per_shard),
     )
-    mixture.write(str(out), mixture.compute(str(out), stages={1: [SOURCE]}))
+    mixture_weights.write(str(out), mixture_weights.compute(str(out), stages={1: [SOURCE]}))
     return res[0]
 
 
@@ -71,7 +71,7 @@ def test_two_identical_builds_write_a_byte_identical_mixture(demo_root, tmp_path
 
 
 def test_a_killed_rebuild_with_changed_options_is_refused(demo_root, tmp_path, monkeypatch):
-    from orchestrate.errors import RunSetupError
+    from orchestrate.run_errors import RunSetupError
     from orchestrate.runner import check_data
 
     out = tmp_path / "shards"

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from pipelines.build import driver, mixture
+from pipelines.build import driver, mixture_weights
 from pipelines.build_options import BuildOptions
 from pipelines.loader import LoaderError, MixtureLoader
 from pipelines.shard_store import Manifest
@@ -35,7 +35,7 @@ def _build(demo_root: Path, out: Path, seed: int = 0, write_mixture: bool = True
         options=BuildOptions(samples_per_shard=2, seed=seed),
     )
     if write_mixture:
-        mixture.write(str(out), mixture.compute(str(out), stages={1: [SOURCE]}))
+        mixture_weights.write(str(out), mixture_weights.compute(str(out), stages={1: [SOURCE]}))
     return Manifest.read(str(out), SOURCE, "train").generation
 
 
@@ -170,7 +170,7 @@ def test_two_concurrent_builds_as_real_processes(tmp_path):
 
 
 def _reading_plain(out: Path):
-    mixture.write(str(out), mixture.compute(str(out), stages={1: [SOURCE]}))
+    mixture_weights.write(str(out), mixture_weights.compute(str(out), stages={1: [SOURCE]}))
     loader = MixtureLoader(
         str(out), stage=1, batch_size=1, length_group=1, strict=True, transform=lambda s, b: s.key
     )

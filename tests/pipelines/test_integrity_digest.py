@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from pipelines.build import mixture
+from pipelines.build import mixture_weights
 from pipelines.loader import LoaderError, MixtureLoader
 from pipelines.shard_store import INDEX_SUFFIX, Manifest, index_shard, sample_digest
 
@@ -30,7 +30,7 @@ def _build(demo_root: Path, out: Path, per_shard: int) -> Path:
         splits=["train"],
         options=BuildOptions(samples_per_shard=per_shard),
     )
-    mixture.write(str(out), mixture.compute(str(out), stages={1: [SOURCE]}))
+    mixture_weights.write(str(out), mixture_weights.compute(str(out), stages={1: [SOURCE]}))
     return out
 
 

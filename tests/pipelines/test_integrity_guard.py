@@ -11,7 +11,7 @@ from pipelines.build.driver import build
 from pipelines.demo_data import write_demo
 from pipelines.errors import BuildConfigError, BuildError
 from pipelines.sources.base import BuildOptions
-from tests.helpers import read_split
+from tests.support.data import read_split
 
 REFS = "img_refseg/refcocos/refcoco/refs(unc).p"
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from pipelines import mixture_file
-from pipelines.build import mixture
+from pipelines.build import mixture_weights
 from pipelines.loader import LoaderError, MixtureLoader
 from pipelines.shard_store import INDEX_SUFFIX, Manifest
 
@@ -35,7 +35,7 @@ def built(demo_root, tmp_path_factory) -> Path:
         splits=["train"],
         options=BuildOptions(samples_per_shard=4),
     )
-    mixture.write(str(out), mixture.compute(str(out), stages={1: [SOURCE]}))
+    mixture_weights.write(str(out), mixture_weights.compute(str(out), stages={1: [SOURCE]}))
     return out
 
 

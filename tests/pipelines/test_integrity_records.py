@@ -19,7 +19,7 @@ from pipelines.build.chunks import Chunk
 from pipelines.demo_data import write_demo
 from pipelines.errors import BuildConfigError, BuildError, MalformedJSON, MaskFormatError, StrictModeError
 from pipelines.sources.readers.jsonstream import iter_items
-from tests.helpers import build_and_read, edit_json
+from tests.support.data import build_and_read, edit_json
 
 COCO = "img_genseg/coco2017"
 ADE = "img_ovseg/ade20k"

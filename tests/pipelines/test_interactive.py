@@ -15,7 +15,7 @@ from pipelines.demo_data import write_demo
 from pipelines.errors import StrictModeError
 from pipelines.schema import REGION, validate
 from pipelines.sources.base import BuildOptions
-from tests import helpers
+from tests.support import data
 
 ANN = "img_intseg/coco_int/annotations/coco_interactive_val_psalm.json"
 
@@ -26,7 +26,7 @@ def int_root(tmp_path) -> Path:
 
 
 def read_split(out: Path, split: str = "val"):
-    return helpers.read_split(out, "coco_interactive", split, with_images=False)
+    return data.read_split(out, "coco_interactive", split, with_images=False)
 
 
 def test_one_sample_per_annotation_and_type_with_prompts_as_given(int_root, tmp_path):

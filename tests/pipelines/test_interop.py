@@ -16,7 +16,7 @@ from pipelines.build.driver import build
 from pipelines.inspect import cards
 from pipelines.schema import Sample, from_wds, validate
 from pipelines.sources.base import BuildOptions
-from tests.helpers import manifest
+from tests.support.data import manifest
 
 SOURCES = ("coco_panoptic", "coco_instance")
 

@@ -16,7 +16,7 @@ from pipelines.demo_data import write_demo
 from pipelines.errors import StrictModeError
 from pipelines.schema import validate
 from pipelines.sources.base import BuildOptions
-from tests import helpers
+from tests.support import data
 
 LISA = "img_reaseg/lisa"
 EXPL = "explanatory/train.json"
@@ -33,7 +33,7 @@ def root(tmp_path) -> Path:
 
 
 def read_split(out: Path, split: str, source: str = "lisa_reasonseg"):
-    return helpers.read_split(out, source, split, with_images=False)
+    return data.read_split(out, source, split, with_images=False)
 
 
 def annos(root: Path, split: str) -> dict[str, dict]:
@@ -258,7 +258,7 @@ def test_the_explanation_is_stored_so_a_plain_stored_rendering_still_draws_it(de
     expl = {e["image"]: " ".join(e["outputs"].split()) for e in json.loads((demo / LISA / EXPL).read_text())}
     plain = None
     for seed in range(40):  # a build whose stored rendering of an explained image drew "plain" on every turn
-        _, samples, _ = helpers.build_and_read(
+        _, samples, _ = data.build_and_read(
             demo, tmp_path / f"s{seed}", "lisa_reasonseg", with_images=False, seed=seed
         )
         for s in samples:
@@ -289,14 +289,14 @@ def test_the_explanation_is_stored_so_a_plain_stored_rendering_still_draws_it(de
 
 
 def test_paper_preset_skips_train_images_without_an_explanation(demo, tmp_path):
-    kept = helpers.build_and_read(demo, tmp_path / "d", "lisa_reasonseg", with_images=False)
-    paper = helpers.build_and_read(demo, tmp_path / "p", "lisa_reasonseg", with_images=False, preset="paper")
+    kept = data.build_and_read(demo, tmp_path / "d", "lisa_reasonseg", with_images=False)
+    paper = data.build_and_read(demo, tmp_path / "p", "lisa_reasonseg", with_images=False, preset="paper")
     (m_keep, s_keep, _), (m_paper, s_paper, skipped) = kept, paper
     explained = {e["image"] for e in json.loads((demo / LISA / EXPL).read_text())}
     assert {s.meta["image"] for s in s_paper} == {s.meta["image"] for s in s_keep} & explained
     assert len(s_paper) == len(s_keep) - 1 and m_paper["skipped"] == {"no_explanation": 1}
     assert [r["reason"] for r in skipped] == ["no_explanation"] and "no_explanation" not in m_keep["skipped"]
     # an eval split is never filtered; strict mode does not stop on this deliberate filter
-    _, val, _ = helpers.build_and_read(demo, tmp_path / "v", "lisa_reasonseg", "val", preset="paper")
+    _, val, _ = data.build_and_read(demo, tmp_path / "v", "lisa_reasonseg", "val", preset="paper")
     assert val
-    helpers.build_and_read(demo, tmp_path / "strict", "lisa_reasonseg", preset="paper", strict=True)
+    data.build_and_read(demo, tmp_path / "strict", "lisa_reasonseg", preset="paper", strict=True)

@@ -15,7 +15,7 @@ from pipelines.errors import SkipRecord, StrictModeError
 from pipelines.schema import validate
 from pipelines.sources.base import BuildOptions
 from pipelines.sources.llava import chat_turns
-from tests.helpers import read_split
+from tests.support.data import read_split
 
 INSTRUCT = "img_chat/llava/LLaVA-Instruct-150K/llava_v1_5_mix665k.json"
 

@@ -18,11 +18,11 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 
 from pipelines import mixture_file
-from pipelines.build import mixture
+from pipelines.build import mixture_weights
 from pipelines.loader import LoaderError, MixtureLoader, decode
 from pipelines.loader.order import step_sources
 from pipelines.shard_store import index_shard
-from tests.helpers import write_source
+from tests.support.data import write_source
 
 
 def key_and_crc(sample, image_bytes):
@@ -47,7 +47,7 @@ def three_sources(tmp_path_factory) -> Path:
     write_source(out, "coco_panoptic", [30, 30, 20])
     write_source(out, "refcoco", [12, 12])
     write_source(out, "lisa_reasonseg", [9])
-    mixture.write(str(out), mixture.compute(str(out)))
+    mixture_weights.write(str(out), mixture_weights.compute(str(out)))
     return out
 
 
@@ -123,7 +123,7 @@ def _pass_keys(out, world, workers, steps, **kw):
 def test_no_sample_read_by_two_ranks_in_a_pass(tmp_path):
     """64 samples in 3 unequal shards, 2 ranks x 2 workers, batch 4: 8 steps are exactly one pass."""
     keys = write_source(tmp_path, "coco_panoptic", [30, 20, 14])
-    mixture.write(str(tmp_path), mixture.compute(str(tmp_path)))
+    mixture_weights.write(str(tmp_path), mixture_weights.compute(str(tmp_path)))
     for length_group in (1, 8):
         per_rank = _pass_keys(tmp_path, 2, 2, 8, stage=1, batch_size=4, length_group=length_group)
         assert len(per_rank[0]) == len(per_rank[1]) == 32
@@ -135,7 +135,7 @@ def test_no_sample_read_by_two_ranks_in_a_pass(tmp_path):
 
 def test_fewer_shards_than_consumers_split_inside_a_shard(tmp_path):
     keys = write_source(tmp_path, "coco_panoptic", [16])  # one shard, 4 consumers
-    mixture.write(str(tmp_path), mixture.compute(str(tmp_path)))
+    mixture_weights.write(str(tmp_path), mixture_weights.compute(str(tmp_path)))
     per_rank = _pass_keys(tmp_path, 2, 2, 4, stage=1, batch_size=2)
     assert not set(per_rank[0]) & set(per_rank[1])
     assert sorted(per_rank[0] + per_rank[1]) == keys
@@ -185,7 +185,7 @@ def _one_pass(loader, n_total):
 
 def test_truncated_shard_is_skipped_counted_and_replaced(tmp_path):
     keys = write_source(tmp_path, "coco_panoptic", [10, 10, 10])
-    mixture.write(str(tmp_path), mixture.compute(str(tmp_path)))
+    mixture_weights.write(str(tmp_path), mixture_weights.compute(str(tmp_path)))
     tar = tmp_path / "coco_panoptic" / "train" / "coco_panoptic-train-000001.tar"
     tar.write_bytes(tar.read_bytes()[: tar.stat().st_size // 2])  # cut in the middle of a member
     loader = make(tmp_path, stage=1, batch_size=1, shuffle_window=4)
@@ -205,7 +205,7 @@ def test_truncated_shard_is_skipped_counted_and_replaced(tmp_path):
 
 def test_missing_shard_corrupt_json_and_bad_image_are_counted(tmp_path):
     keys = write_source(tmp_path, "coco_panoptic", [5, 5, 5])
-    mixture.write(str(tmp_path), mixture.compute(str(tmp_path)))
+    mixture_weights.write(str(tmp_path), mixture_weights.compute(str(tmp_path)))
     sdir = tmp_path / "coco_panoptic" / "train"
     (sdir / "coco_panoptic-train-000002.tar").unlink()
     # rewrite shard 0: sample 1's JSON is not JSON, sample 3's image is not an image (same member sizes)
@@ -241,7 +241,7 @@ def test_missing_shard_corrupt_json_and_bad_image_are_counted(tmp_path):
 
 def test_a_dataset_with_no_usable_sample_fails_clearly(tmp_path):
     write_source(tmp_path, "coco_panoptic", [4])
-    mixture.write(str(tmp_path), mixture.compute(str(tmp_path)))
+    mixture_weights.write(str(tmp_path), mixture_weights.compute(str(tmp_path)))
     (tmp_path / "coco_panoptic" / "train" / "coco_panoptic-train-000000.tar").write_bytes(b"not a tar")
     with pytest.warns(UserWarning), pytest.raises(LoaderError, match="coco_panoptic/train: no usable sample"):
         take(make(tmp_path, stage=1, length_group=1), 1)
@@ -267,7 +267,7 @@ def test_index_shard_reads_offsets(tmp_path):
 def test_no_target_samples_are_not_trained_on(tmp_path):
     flagged = {0, 3, 4, 7, 10}
     write_source(tmp_path, "grefcoco", [6, 6], flagged=flagged)
-    mixture.write(str(tmp_path), mixture.compute(str(tmp_path), stage3_extra=["grefcoco"]))
+    mixture_weights.write(str(tmp_path), mixture_weights.compute(str(tmp_path), stage3_extra=["grefcoco"]))
     loader = make(tmp_path, batch_size=1, shuffle_window=3)
     seen = [k for b in take(loader, 12) for k, _ in b.data]  # one pass: flagged positions get replacements
     usable = set(range(12)) - flagged
@@ -323,7 +323,7 @@ def test_with_the_model_processor(demo_root, tmp_path):
         sources=["coco_panoptic", "coco_instance"],
         options=BuildOptions(samples_per_shard=3),
     )
-    mixture.write(str(out), mixture.compute(str(out), stage3_extra=["coco_instance"]))
+    mixture_weights.write(str(out), mixture_weights.compute(str(out), stage3_extra=["coco_instance"]))
     loader = MixtureLoader(
         str(out), stage=3, batch_size=2, num_workers=1, transform=processor, collate=processor.collate
     )

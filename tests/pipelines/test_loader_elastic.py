@@ -16,12 +16,12 @@ from pathlib import Path
 
 import pytest
 
-from pipelines.build import mixture
+from pipelines.build import mixture_weights
 from pipelines.loader import MixtureLoader
 from pipelines.loader.order import StepPlan, WindowOrder, dataset_tag
 from pipelines.loader.stream import global_batch_keys
-from tests.helpers import write_source
 from tests.pipelines.test_grouping import write_varied
+from tests.support.data import write_source
 
 G = 6  # the global batch every split below keeps
 SEED = 20  # its first 12 steps draw every dataset before and after STOP
@@ -54,7 +54,7 @@ def shards(tmp_path_factory) -> Path:
     write_source(out, "refcoco", [7, 6])
     write_source(out, "grefcoco", [11], flagged={2, 5})
     _corrupt_json(out / "refcoco" / "train" / "refcoco-train-000000.tar", 3)
-    mixture.write(str(out), mixture.compute(str(out), stage3_extra=["grefcoco"]))
+    mixture_weights.write(str(out), mixture_weights.compute(str(out), stage3_extra=["grefcoco"]))
     return out
 
 

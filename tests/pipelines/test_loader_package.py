@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 
 from pipelines import errors
-from pipelines.build import mixture
+from pipelines.build import mixture_weights
 from pipelines.loader import Batch, LoaderError, LoaderStats, MixtureLoader
 from pipelines.loader.stats import MAX_ERRORS
-from tests.helpers import write_source
+from tests.support.data import write_source
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -37,7 +37,7 @@ def shards(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("package")
     write_source(out, "coco_panoptic", [5, 4])
     write_source(out, "refcoco", [6])
-    mixture.write(str(out), mixture.compute(str(out)))
+    mixture_weights.write(str(out), mixture_weights.compute(str(out)))
     return out
 
 

@@ -11,7 +11,7 @@ import io
 import pytest
 import torch
 
-from pipelines.build import mixture
+from pipelines.build import mixture_weights
 from pipelines.loader import MixtureLoader, transport
 
 pytest.importorskip("xsam_model.builder")
@@ -34,7 +34,7 @@ def demo_mix(demo_root, tmp_path_factory):
         options=BuildOptions(samples_per_shard=8),
     )
     names = sorted({r.source for r in res if r.samples})
-    mixture.write(str(out), mixture.compute(str(out), stages={3: names}))
+    mixture_weights.write(str(out), mixture_weights.compute(str(out), stages={3: names}))
     return str(out)
 
 

@@ -20,7 +20,7 @@ from pipelines.schema import validate
 from pipelines.sources import SOURCES
 from pipelines.sources.base import BuildOptions, ConvertContext, Shared
 from pipelines.sources.lvis import category_names, image_path, sample_negatives, split_categories
-from tests.helpers import build_and_read, edit_json
+from tests.support.data import build_and_read, edit_json
 
 LVIS = "img_ovseg/lvis"
 REAL = "lvis-dataset+lvis-api__data__lvis_val_100.json"

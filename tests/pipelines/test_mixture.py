@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 
 from pipelines import mixture_file
-from pipelines.build import mixture
-from pipelines.build.mixture import MixtureError, balance_weights
+from pipelines.build import mixture_weights
+from pipelines.build.mixture_weights import MixtureError, balance_weights
 from pipelines.shard_store import ShardStoreError
-from tests.helpers import write_source
+from tests.support.data import write_source
 
 
 def fake_manifest(out: Path, source: str, n: int, task: str = "genseg", shard_size: int = 1000) -> None:
@@ -80,7 +80,7 @@ def test_compute_from_manifests_at_recipe_scale(tmp_path):
     sizes = {"llava_instruct": 624_610, "coco_panoptic": 118_287, "refcoco": 120_624, "lisa_reasonseg": 239}
     for src, n in sizes.items():
         fake_manifest(tmp_path, src, n)
-    mix = mixture.compute(str(tmp_path))
+    mix = mixture_weights.compute(str(tmp_path))
     s3 = mix.stage(3)
     assert s3.names == [
         "llava_instruct/train",
@@ -118,12 +118,12 @@ def test_compute_from_manifests_at_recipe_scale(tmp_path):
 def test_write_load_round_trip_and_validation(tmp_path):
     fake_manifest(tmp_path, "coco_panoptic", 5000)
     fake_manifest(tmp_path, "lisa_reasonseg", 239)
-    path = mixture.write(str(tmp_path), mixture.compute(str(tmp_path)))
+    path = mixture_weights.write(str(tmp_path), mixture_weights.compute(str(tmp_path)))
     assert path == str(tmp_path / "mixture.json")
     loaded = mixture_file.load(str(tmp_path))
     assert loaded == mixture_file.load(path)
     assert loaded.to_dict() == json.loads((tmp_path / "mixture.json").read_text())
-    assert loaded.stage(3).digest() == mixture.compute(str(tmp_path)).stage(3).digest()
+    assert loaded.stage(3).digest() == mixture_weights.compute(str(tmp_path)).stage(3).digest()
     # a hand-edited file that breaks an invariant is refused on load
     d = json.loads((tmp_path / "mixture.json").read_text())
     for field, value, match in (
@@ -152,30 +152,30 @@ def test_flagged_samples_left_out_of_n(tmp_path):
     flagged = {1, 4, 5, 9}
     write_source(tmp_path, "grefcoco", [6, 6], task="chat", flagged=flagged)
     write_source(tmp_path, "coco_panoptic", [20])
-    mix = mixture.compute(str(tmp_path), stage3_extra=["grefcoco"])
+    mix = mixture_weights.compute(str(tmp_path), stage3_extra=["grefcoco"])
     g = mix.stage(3).datasets[-1]
     assert (g.name, g.samples, g.shard_samples, g.excluded) == ("grefcoco/train", 8, 12, {"no_target": 4})
     assert g.repeat == pytest.approx(max(1.0, math.sqrt(0.1 * 28 / 8)))
     # the count comes from the manifest, never from the shards
     write_source(tmp_path, "grefcoco", [6, 6], flagged=flagged, manifest_counts={"no_target": 3})
-    g = mixture.compute(str(tmp_path), stage3_extra=["grefcoco"]).stage(3).datasets[-1]
+    g = mixture_weights.compute(str(tmp_path), stage3_extra=["grefcoco"]).stage(3).datasets[-1]
     assert g.excluded == {"no_target": 3} and g.samples == 9
     # a manifest written before the writer counted flags is an error naming it, asking for a rebuild
     write_source(tmp_path, "grefcoco", [6, 6], flagged=flagged, manifest_counts={"no_target": None})
     with pytest.raises(
         ShardStoreError, match=r"grefcoco/train/manifest.json: counts has no 'no_target'.*rebuild"
     ):
-        mixture.compute(str(tmp_path), stage3_extra=["grefcoco"])
+        mixture_weights.compute(str(tmp_path), stage3_extra=["grefcoco"])
     # ... unless the flag is not excluded: then nothing needs the count
-    g = mixture.compute(str(tmp_path), stage3_extra=["grefcoco"], exclude_flags=())
+    g = mixture_weights.compute(str(tmp_path), stage3_extra=["grefcoco"], exclude_flags=())
     assert g.stage(3).datasets[-1].samples == 12
     write_source(tmp_path, "grefcoco", [6, 6], flagged=flagged)
     # opting out of the exclusion keeps them
-    g = mixture.compute(str(tmp_path), stage3_extra=["grefcoco"], exclude_flags=()).stage(3)
+    g = mixture_weights.compute(str(tmp_path), stage3_extra=["grefcoco"], exclude_flags=()).stage(3)
     assert g.datasets[-1].samples == 12 and g.exclude_flags == ()
     # a source whose every sample is flagged is listed as missing, not given a zero weight
     write_source(tmp_path, "grefcoco", [3], flagged={0, 1, 2})
-    s3 = mixture.compute(str(tmp_path), stage3_extra=["grefcoco"]).stage(3)
+    s3 = mixture_weights.compute(str(tmp_path), stage3_extra=["grefcoco"]).stage(3)
     assert "grefcoco/train" not in s3.names
     assert any(m["dataset"] == "grefcoco/train" and "no trainable" in m["reason"] for m in s3.missing)
 
@@ -183,13 +183,15 @@ def test_flagged_samples_left_out_of_n(tmp_path):
 def test_cli_rewrites_and_rejects_unknown_extra(tmp_path, capsys):
     fake_manifest(tmp_path, "coco_panoptic", 1000)
     fake_manifest(tmp_path, "ade20k_panoptic", 20_000, task="ovseg")
-    assert mixture.main(["--out", str(tmp_path), "--t", "0.5", "--stage3-extra", "ade20k_panoptic"]) == 0
+    assert (
+        mixture_weights.main(["--out", str(tmp_path), "--t", "0.5", "--stage3-extra", "ade20k_panoptic"]) == 0
+    )
     assert "mixture written to" in capsys.readouterr().out
     mix = mixture_file.load(str(tmp_path))
     assert mix.t == 0.5 and mix.stage(3).names == ["coco_panoptic/train", "ade20k_panoptic/train"]
     assert mix.stage(3).datasets[0].repeat == pytest.approx(math.sqrt(0.5 * 21_000 / 1000))
     with pytest.raises(MixtureError, match="unknown source"):
-        mixture.main(["--out", str(tmp_path), "--stage3-extra", "ade20k_panoptik"])
+        mixture_weights.main(["--out", str(tmp_path), "--stage3-extra", "ade20k_panoptik"])
 
 
 def test_build_writes_mixture(demo_root, tmp_path):

@@ -14,7 +14,7 @@ from pipelines.build_options import BuildOptions, manifest_preset
 from pipelines.demo_data import write_demo
 from pipelines.errors import BuildConfigError
 from pipelines.sources.refer import combinations
-from tests import helpers
+from tests.support import data
 
 SOURCES = ["coco_panoptic", "refcoco", "lisa_reasonseg"]
 PAPER_EXTRA = {"lisa_unexplained": "skip", "refseg_combinations": "archive"}
@@ -33,7 +33,7 @@ def builds(tmp_path_factory) -> tuple[Path, Path, Path]:
 def test_the_manifest_records_the_preset_and_the_options_it_set(builds):
     _, default, paper = builds
     for source in SOURCES:
-        d, p = helpers.manifest(default, source), helpers.manifest(paper, source)
+        d, p = data.manifest(default, source), data.manifest(paper, source)
         # the default writes no preset field (its manifests and fingerprints are as before); absent = default
         assert "preset" not in d["options"] and manifest_preset(d) == "default"
         assert p["options"]["preset"] == "paper" and manifest_preset(p) == "paper"
@@ -44,13 +44,13 @@ def test_the_manifest_records_the_preset_and_the_options_it_set(builds):
 
 def test_paper_counts_against_the_default(builds):
     _, default, paper = builds
-    d, p = helpers.manifest(default, "coco_panoptic"), helpers.manifest(paper, "coco_panoptic")
+    d, p = data.manifest(default, "coco_panoptic"), data.manifest(paper, "coco_panoptic")
     leaks = d["skipped"]["eval_image_leak"]
     assert leaks == 2 and "eval_image_leak" not in p["skipped"]  # the demo's two RefCOCO eval images
     assert p["counts"]["samples"] == d["counts"]["samples"] + leaks
-    d, p = helpers.manifest(default, "lisa_reasonseg"), helpers.manifest(paper, "lisa_reasonseg")
+    d, p = data.manifest(default, "lisa_reasonseg"), data.manifest(paper, "lisa_reasonseg")
     assert p["skipped"] == {"no_explanation": 1} and p["counts"]["samples"] == d["counts"]["samples"] - 1
-    d, p = helpers.manifest(default, "refcoco"), helpers.manifest(paper, "refcoco")
+    d, p = data.manifest(default, "refcoco"), data.manifest(paper, "refcoco")
     assert p["counts"]["samples"] == d["counts"]["samples"]  # same count, other sentence choices
 
 
@@ -58,7 +58,7 @@ def test_paper_refseg_uses_the_archives_sentence_combinations(builds):
     _, default, paper = builds
     pairs = {}
     for name, out in (("default", default), ("paper", paper)):
-        _, samples, _ = helpers.read_split(out, "refcoco", with_images=False)
+        _, samples, _ = data.read_split(out, "refcoco", with_images=False)
         pairs[name] = {(s.key.rsplit("_", 1)[0], p) for s in samples for p in s.phrases}
     # the covering order uses every sentence of every object; the archive's product order does not (demo: 20
     # of 26 image-sentence pairs)
@@ -76,12 +76,12 @@ def test_a_rerun_with_another_preset_rebuilds(builds, tmp_path):
     root = builds[0]
     out = tmp_path / "out"
     build(str(root), str(out), sources=["lisa_reasonseg"])
-    first = helpers.manifest(out, "lisa_reasonseg")
+    first = data.manifest(out, "lisa_reasonseg")
     build(str(root), str(out), sources=["lisa_reasonseg"], options=BuildOptions(preset="paper"))
-    assert manifest_preset(helpers.manifest(out, "lisa_reasonseg")) == "paper"
-    assert helpers.manifest(out, "lisa_reasonseg")["counts"]["samples"] == first["counts"]["samples"] - 1
+    assert manifest_preset(data.manifest(out, "lisa_reasonseg")) == "paper"
+    assert data.manifest(out, "lisa_reasonseg")["counts"]["samples"] == first["counts"]["samples"] - 1
     build(str(root), str(out), sources=["lisa_reasonseg"])
-    again = helpers.manifest(out, "lisa_reasonseg")
+    again = data.manifest(out, "lisa_reasonseg")
     assert again["fingerprint"] == first["fingerprint"] and again["counts"] == first["counts"]
 
 

@@ -7,13 +7,13 @@ from dataclasses import replace
 
 import pytest
 
-from pipelines.build import mixture
+from pipelines.build import mixture_weights
 from pipelines.errors import LoaderError
 from pipelines.inspect.cards import build_demo
 from pipelines.loader import MixtureLoader
 from pipelines.loader.redraw import lisa_explanation, redraw
 from pipelines.schema import Turn, validate
-from tests.helpers import read_split
+from tests.support.data import read_split
 
 USES = 60
 
@@ -22,7 +22,7 @@ USES = 60
 def demo_build(tmp_path_factory, demo_root):
     """The demo build (with its mixture.json) and every train split: (shards, source -> Samples)."""
     shards = build_demo(tmp_path_factory.mktemp("redraw"), demo_root)
-    mixture.write(str(shards), mixture.compute(str(shards)))
+    mixture_weights.write(str(shards), mixture_weights.compute(str(shards)))
     out = {}
     for manifest in sorted(shards.glob("*/train/manifest.json")):
         source = manifest.parent.parent.name

@@ -20,7 +20,7 @@ from pipelines.schema import validate
 from pipelines.sources.base import BuildOptions
 from pipelines.sources.readers import safe_pickle
 from pipelines.sources.refer import combinations
-from tests.helpers import read_split
+from tests.support.data import read_split
 
 BASE = "img_refseg/refcocos"
 UNC = ["train", "val", "testA", "testB"]

@@ -9,7 +9,7 @@ from collections.abc import Callable
 import pytest
 
 from pipelines.schema import TASKS, MaskTarget, Region, Sample, SampleError, from_wds, to_wds, validate
-from tests.helpers import SAMPLE_H, SAMPLE_W, box_rle, task_sample
+from tests.support.data import SAMPLE_H, SAMPLE_W, box_rle, task_sample
 
 
 @pytest.mark.parametrize("task", TASKS)

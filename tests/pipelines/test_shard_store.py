@@ -14,7 +14,7 @@ import pytest
 import webdataset as wds
 
 from pipelines import shard_store
-from pipelines.build import mixture
+from pipelines.build import mixture_weights
 from pipelines.build.driver import build
 from pipelines.build_options import BuildOptions
 from pipelines.mixture_file import EXCLUDE_FLAGS
@@ -114,7 +114,7 @@ def test_writer_counts_flags_in_every_manifest(built):
         if m.source == "grefcoco":
             assert flagged > 0  # the demo has no-target expressions in both splits
     # the mixture takes N_d from the manifest: grefcoco's trainable samples leave the no-target ones out
-    g = mixture.compute(str(built), stage3_extra=["grefcoco"]).stage(3).datasets[-1]
+    g = mixture_weights.compute(str(built), stage3_extra=["grefcoco"]).stage(3).datasets[-1]
     m = Manifest.read(str(built), "grefcoco", "train")
     assert (g.name, g.samples, g.excluded) == (
         "grefcoco/train",
@@ -138,9 +138,9 @@ def test_a_manifest_without_a_flag_count_asks_for_a_rebuild(built, tmp_path):
     ):
         old.flag_count("no_target")
     with pytest.raises(ShardStoreError, match="rebuild grefcoco/train"):
-        mixture.compute(str(out), stage3_extra=["grefcoco"])
+        mixture_weights.compute(str(out), stage3_extra=["grefcoco"])
     # a source that cannot carry the flag never needs the count
-    assert mixture.compute(str(out)).stage(1).names == ["coco_panoptic/train"]
+    assert mixture_weights.compute(str(out)).stage(1).names == ["coco_panoptic/train"]
 
 
 def test_markers_without_flag_counts_are_rebuilt(demo_root, tmp_path):
@@ -159,7 +159,7 @@ def test_markers_without_flag_counts_are_rebuilt(demo_root, tmp_path):
 
 
 def test_every_flag_the_mixture_excludes_is_counted():
-    flags = set(EXCLUDE_FLAGS) | {f for fs in mixture.FLAGGED_SOURCES.values() for f in fs}
+    flags = set(EXCLUDE_FLAGS) | {f for fs in mixture_weights.FLAGGED_SOURCES.values() for f in fs}
     assert flags <= set(shard_store.COUNTED_FLAGS)
 
 

@@ -13,7 +13,7 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 
 from pipelines.loader import decode
-from tests.helpers import task_sample
+from tests.support.data import task_sample
 from xsam_model.config import ProcessorConfig, stage_processor
 
 
@@ -106,7 +106,7 @@ def test_stage_configs_and_draws_are_pure():
 
 
 def test_processor_applies_one_jitter_to_image_masks_and_ignore():
-    from tests.helpers import tiny_jpeg
+    from tests.support.data import tiny_jpeg
     from xsam_model.processor import XSamProcessor
     from xsam_model.tokenizer import build_debug_tokenizer, prepare_tokenizer
 

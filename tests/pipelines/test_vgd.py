@@ -17,7 +17,7 @@ from pipelines.errors import StrictModeError
 from pipelines.schema import REGION, validate
 from pipelines.sources.base import BuildOptions
 from pipelines.vprompts import PROMPT_TYPES
-from tests import helpers
+from tests.support import data
 
 VGD = "img_vgdseg/coco_vgd"
 VAL_SPLITS = [f"val_{t}" for t in PROMPT_TYPES]
@@ -29,7 +29,7 @@ def vgd_root(tmp_path) -> Path:
 
 
 def read_split(out: Path, source: str, split: str):
-    return helpers.read_split(out, source, split, with_images=False)
+    return data.read_split(out, source, split, with_images=False)
 
 
 def _bbox_grown(rle: dict, by: float) -> tuple[float, float, float, float]:

@@ -19,7 +19,7 @@ from pipelines.demo_data import write_demo
 from pipelines.errors import SampleError
 from pipelines.loader.vgd_draw import COCO_THING_IDS, COUNTERS, FILLS, DrawOptions, VgdEntry, plan_batch
 from pipelines.schema import ImageRef, PoolPrompt, Region, Sample, Turn, validate
-from tests import helpers
+from tests.support import data
 
 ARCHIVE = DrawOptions()
 
@@ -33,7 +33,7 @@ def test_train_samples_carry_every_instance_prompt_and_val_none(tmp_path):
     root = write_demo(tmp_path / "datas", families=["vgd"])
     out = tmp_path / "out"
     build(str(root), str(out), sources=["coco_vgd"], splits=["train", "val_box"])
-    _, samples, _ = helpers.read_split(out, "coco_vgd", "train", with_images=False)
+    _, samples, _ = data.read_split(out, "coco_vgd", "train", with_images=False)
     kinds = Counter()
     for s in samples:
         validate(s)
@@ -53,7 +53,7 @@ def test_train_samples_carry_every_instance_prompt_and_val_none(tmp_path):
         for s in samples
         for c in set(s.meta["slot_category_ids"])
     )
-    _, val, _ = helpers.read_split(out, "coco_vgd", "val_box", with_images=False)
+    _, val, _ = data.read_split(out, "coco_vgd", "val_box", with_images=False)
     assert val and all(not s.prompt_pool for s in val)
 
 
@@ -276,7 +276,7 @@ def test_released_train_pool_holds_the_released_prompts_as_given(tmp_path):
     out = tmp_path / "out"
     over = {"coco_vgd": {"annotations": str(released), "images": "img_vgdseg/coco_vgd/coco2017/val2017"}}
     build(str(root), str(out), sources=["coco_vgd"], overrides=over)  # the val file read as a train split
-    manifest, samples, _ = helpers.read_split(out, "coco_vgd", "train", with_images=False)
+    manifest, samples, _ = data.read_split(out, "coco_vgd", "train", with_images=False)
     assert manifest["info"] == {"prompts": "released"} and samples
     given = {
         a["id"]: {k[: -len("_visual_prompt")]: v for k, v in a["visual_prompts"].items() if v}

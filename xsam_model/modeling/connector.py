@@ -15,7 +15,7 @@ import torch
 from torch import nn
 from transformers.models.sam.modeling_sam import SamLayerNorm
 
-from xsam_model.modeling.checkpointing import maybe_checkpoint
+from xsam_model.modeling.activation_checkpointing import maybe_checkpoint
 from xsam_model.modeling.projector import pixel_shuffle
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from xsam_model.modeling.checkpointing import maybe_checkpoint
+from xsam_model.modeling.activation_checkpointing import maybe_checkpoint
 
 
 class MLPProjector(nn.Sequential):

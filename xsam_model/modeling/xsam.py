@@ -266,7 +266,7 @@ class XSam(nn.Module):
     def decode_states(
         self, pyramid: list[torch.Tensor], hidden: torch.Tensor, cond_ids, seg_ids, task: str | None
     ) -> tuple[list[dict[str, torch.Tensor]], DecodePlan]:
-        """Stage-3 decoding of final LLM states without targets (inference: :mod:`xsam_model.inference`):
+        """Stage-3 decoding of final LLM states without targets (inference: :mod:`xsam_model.inferencer`):
         hidden BxTxD with cond_ids/seg_ids BxT, pyramid = the connector inputs from :meth:`encode_sam`. The
         task's ``seg_reduce`` mode, as in :meth:`forward`. Returns the decoder's per-layer predictions (R
         runs) and the plan (``runs``: each run's image and ``<SEG>``)."""

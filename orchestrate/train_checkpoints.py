@@ -43,7 +43,7 @@ from pathlib import Path
 from typing import Any
 
 from orchestrate import universal
-from orchestrate.errors import ResumeError
+from orchestrate.run_errors import ResumeError
 from orchestrate.run_layout import StageLayout
 from pipelines import storage
 

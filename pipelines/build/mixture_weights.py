@@ -1,7 +1,8 @@
 """Balance-resampling mixture weights per training stage → ``<out>/mixture.json`` (docs/contracts.md#mixture,
 recipe §3).
 
-    python -m pipelines.build.mixture --out /shared/shards [--t 0.1] [--stage3-extra ade20k_panoptic,lvis]
+    python -m pipelines.build.mixture_weights --out /shared/shards [--t 0.1] \
+        [--stage3-extra ade20k_panoptic,lvis]
 
 For each stage, each dataset ``d`` = (source, split "train") found under ``--out`` gets (X-SAM's
 ``ConcatDataset.get_dataset_repeats``)::

@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any
 
 from orchestrate.evaluation import captions
 from orchestrate.evaluation import ground_truth as gt
-from orchestrate.evaluation.errors import EvaluationError, listing
+from orchestrate.evaluation.eval_errors import EvaluationError, listing
 from orchestrate.evaluation.inference_report import log_eval_run
 from orchestrate.evaluation.predictions import PredictionReader, index_predictions
 from orchestrate.evaluation.report import details_document, write_outputs
@@ -252,7 +252,7 @@ class ShardPredictor:
     """Holds one model (loaded once) and predicts whole shards: inline, or as a Ray actor."""
 
     def __init__(self, export: str, options: InferenceOptions, model=None, info: Export | None = None):
-        from xsam_model.inference import MODES, InferenceConfig, Inferencer
+        from xsam_model.inferencer import MODES, InferenceConfig, Inferencer
 
         if model is None:
             model, info = load_export(export, options.device, options.precision)

@@ -6,7 +6,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from tests.model.helpers import image_bytes
+from tests.support.model import image_bytes
 from xsam_model import (
     WeightMismatchError,
     build_xsam,
@@ -15,7 +15,7 @@ from xsam_model import (
     param_groups,
     stage_view,
 )
-from xsam_model.stages import trainable_names, unused_parameters
+from xsam_model.trainable import trainable_names, unused_parameters
 
 
 @pytest.fixture()

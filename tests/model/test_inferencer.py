@@ -1,4 +1,4 @@
-"""Inference (xsam_model.inference) on the debug model and the hand-built Samples of every task: generation
+"""Inference (xsam_model.inferencer) on the debug model and the hand-built Samples of every task: generation
 with the KV cache equals generation without it, a generation forced to the reference answer equals the
 teacher-forced pass (so the generated ``<SEG>`` and ``<p>`` states condition the decoder as
 in training), a sample's result does not depend on its batch, and masks come back at the original size.
@@ -12,9 +12,9 @@ import pytest
 import torch
 
 from pipelines import masks as mask_ops
-from tests.model.helpers import H, W, box, image_bytes
+from tests.support.model import H, W, box, image_bytes
 from xsam_model import postprocess as pp
-from xsam_model.inference import (
+from xsam_model.inferencer import (
     Decoded,
     InferenceConfig,
     InferenceError,
@@ -75,7 +75,7 @@ def _forcing(inf: Inferencer, pairs):
 
 
 def inf_runs(labels):
-    from xsam_model.inference import _answer_runs
+    from xsam_model.inferencer import _answer_runs
 
     return _answer_runs(labels)
 

@@ -1,6 +1,6 @@
 """Print what a build wrote: one line per (source, split) from the manifests, plus the mixture if present.
 
-python -m pipelines.inspect.summary --out demo_out/shards
+python -m pipelines.inspect.build_summary --out demo_out/shards
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@
 In-process tests pass them to :func:`orchestrate.runner.fit`; a test that submits ``orchestrate/train.py`` as
 a Ray job names :func:`from_env` in ``XSAM_TRAIN_CALLBACKS`` and the fault in ``XSAM_TEST_FAULT``::
 
-    XSAM_TRAIN_CALLBACKS=tests.orchestrate.faults:from_env XSAM_TEST_FAULT=hold:2
+    XSAM_TRAIN_CALLBACKS=tests.support.faults:from_env XSAM_TEST_FAULT=hold:2
 """
 
 from __future__ import annotations

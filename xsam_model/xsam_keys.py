@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from pipelines.errors import XsamError
-from xsam_model.stages import trainable_names, unused_parameters
+from xsam_model.trainable import trainable_names, unused_parameters
 from xsam_model.weight_fit import check_fit
 
 IMPORT_STAGES = (1, 3)

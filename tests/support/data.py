@@ -1,5 +1,6 @@
 """Test helpers shared across packages: demo trees, building and reading back a split, edits of annotation
-files, tiny images, hand-built Samples and synthetic shards. Model-only helpers stay in ``tests/model``."""
+files, tiny images, hand-built Samples and synthetic shards. Model-only helpers are in
+``tests/support/model.py``."""
 
 from __future__ import annotations
 
