@@ -21,7 +21,7 @@ EVAL="$OUT/eval"
 COMMON=(--shards "$OUT/shards" --data-root "$OUT/datas" --num-workers "$WORKERS" --max-new-tokens "$TOKENS")
 source scripts/ray_jobs.sh
 
-echo "== untrained baselines: the weights stages 1 and 3 start from (same seed as training; stage 3 without parents)"
+echo "== untrained baselines (same seed as training): stage 1's start, stage 3 before its parents' weights load"
 python -m orchestrate.baseline --stage 1 --flavor debug --out "$OUT/runs/untrained/stage1/export" -q
 python -m orchestrate.baseline --stage 3 --flavor debug --out "$OUT/runs/untrained/stage3/export" -q
 
