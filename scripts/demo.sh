@@ -49,7 +49,7 @@ done
 
 echo "== 3/3 shard build as a Ray job (ray job submit --working-dir . -- python orchestrate/build_shards.py ...)"
 source scripts/ray_jobs.sh
-submit_job python orchestrate/build_shards.py --data-root "$OUT/datas" --out "$OUT/shards" --splits train,val \
+submit_job python orchestrate/build_shards.py --data-root "$OUT/datas" --out "$OUT/shards" --splits train,val,testA,testB,test,val_point,val_scribble,val_box,val_mask \
   --samples-per-shard 4
 
 echo "== written under $OUT/shards:"

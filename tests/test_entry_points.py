@@ -168,6 +168,10 @@ def test_readme_demo_builds_shards_as_a_ray_job(tmp_path):
     assert "succeeded" in out.lower() and "stopping the Ray head" in out
     manifests = list((tmp_path / "demo/shards").glob("*/*/manifest.json"))
     assert {m.parent.parent.name for m in manifests} >= {"coco_panoptic", "coco_instance"}
+    # the paper's val/test splits that the demo data has, so that stage 3 is scored on the paper's sets
+    built = {f"{m.parent.parent.name}/{m.parent.name}" for m in manifests}
+    vgd = {f"coco_vgd/val_{p}" for p in ("point", "scribble", "box", "mask")}
+    assert built >= vgd | {"refcoco/testA", "refcoco/testB", "lisa_reasonseg/test", "grandf_gcg/test"}
     assert "coco_panoptic/train" in out  # the summary printed what was written
     # the head it started is gone: nothing answers on its dashboard port any more
     with pytest.raises(ConnectionRefusedError):
