@@ -332,8 +332,8 @@ def test_a_real_run_resumes_from_its_newest_complete_checkpoint_past_an_empty_sn
     a later half-written checkpoint continues from step 2, not from the start and not from the half one."""
     import shutil
 
-    from orchestrate import exports
     from orchestrate.runner import fit
+    from xsam_model.export import Export
 
     run_root = tmp_path / "run"
 
@@ -359,4 +359,4 @@ def test_a_real_run_resumes_from_its_newest_complete_checkpoint_past_an_empty_sn
     assert fit(second, callbacks=[]).metrics["step"] == 4
     layout = RunLayout(str(run_root)).stage(1)
     assert sorted(read_fingerprints(layout.metrics_jsonl)) == [1, 2, 3, 4]  # steps 1-2 not trained twice
-    assert exports.find_export(layout.export_dir, 1).lineage["restarts"] == 1
+    assert Export.find(layout.export_dir, 1).lineage["restarts"] == 1
