@@ -141,7 +141,7 @@ def semantic_cost(args) -> None:
     import dataclasses
 
     from orchestrate.evaluation import ground_truth as gt
-    from orchestrate.evaluation import inference as inf
+    from orchestrate.evaluation import export_inference as inf
     from orchestrate.evaluation.run import score_predictions
     from xsam_model.postprocess import prediction_line
 
