@@ -140,8 +140,8 @@ def semantic_cost(args) -> None:
     three alike), and scoring with and without the ``semantic`` field."""
     import dataclasses
 
-    from orchestrate.evaluation import ground_truth as gt
     from orchestrate.evaluation import export_inference as inf
+    from orchestrate.evaluation import ground_truth as gt
     from orchestrate.evaluation.run import score_predictions
     from xsam_model.postprocess import prediction_line
 
