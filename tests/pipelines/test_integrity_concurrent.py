@@ -145,7 +145,7 @@ def test_two_concurrent_builds_as_real_processes(tmp_path):
         assert lock.exists(), first.communicate()[1][-3000:]
         os.kill(first.pid, signal.SIGSTOP)
         held = json.loads(lock.read_text())
-        assert held == {"host": socket.gethostname(), "pid": first.pid}
+        assert {k: held[k] for k in ("host", "pid")} == {"host": socket.gethostname(), "pid": first.pid}
         second = subprocess.run(_cli(data, out), capture_output=True, text=True, env=env, timeout=300)
         os.kill(first.pid, signal.SIGCONT)
         assert second.returncode == 2, second.stderr[-3000:]
