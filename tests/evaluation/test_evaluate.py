@@ -18,7 +18,7 @@ from orchestrate.evaluation import ground_truth as gt
 from orchestrate.evaluation.run import score_predictions
 from pipelines.errors import run_cli
 from tests.evaluation.test_metrics import rle
-from tests.support.evaluation import write_jsonl
+from tests.support.evaluation import evaluate_argv, write_jsonl
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -125,19 +125,7 @@ def _run_bad(demo_val, tmp_path, capsys, lines: list[dict] | str, sets: str | No
         path.write_text(lines)
     else:
         write_jsonl(path, lines)
-    argv = [
-        "--predictions",
-        str(path),
-        "--shards",
-        str(shards),
-        "--data-root",
-        str(datas),
-        "--out",
-        str(tmp_path / "o"),
-        "--wandb-mode",
-        "disabled",
-        "-q",  # progress lines off: stderr holds only the error line
-    ]
+    argv = evaluate_argv(path, shards, datas, tmp_path / "o")
     if sets:
         argv += ["--sets", sets]
     assert run_cli(evaluate.main, argv) == 2

@@ -14,25 +14,12 @@ from orchestrate.evaluation.export_inference import InferenceOptions
 from orchestrate.evaluation.run import score_predictions
 from orchestrate.evaluation.scoring import ScoreOptions
 from pipelines.errors import run_cli
-from tests.support.evaluation import write_jsonl
+from tests.support.evaluation import evaluate_argv, write_jsonl
 
 
 def _argv(demo_val, tmp_path, path, *extra: str) -> list[str]:
     datas, shards, _ = demo_val
-    return [
-        "--predictions",
-        str(path),
-        "--shards",
-        str(shards),
-        "--data-root",
-        str(datas),
-        "--out",
-        str(tmp_path / "o"),
-        "--wandb-mode",
-        "disabled",
-        "-q",
-        *extra,
-    ]
+    return evaluate_argv(path, shards, datas, tmp_path / "o", *extra)
 
 
 def test_unknown_protocol_is_exit_2_one_line(demo_val, perfect, tmp_path, capsys):

@@ -43,3 +43,22 @@ def set_lines(shards: Path, data_root: Path, name: str) -> list[dict]:
 def write_jsonl(path: Path, lines: Iterable[dict]) -> Path:
     path.write_text("".join(json.dumps(line) + "\n" for line in lines))
     return path
+
+
+def evaluate_argv(predictions: Path, shards: Path, data_root: Path, out: Path, *extra: str) -> list[str]:
+    """``orchestrate/evaluate.py`` arguments scoring ``predictions`` into ``out``: wandb off and ``-q``
+    (progress lines off, so stderr holds only an error line), then ``extra``."""
+    return [
+        "--predictions",
+        str(predictions),
+        "--shards",
+        str(shards),
+        "--data-root",
+        str(data_root),
+        "--out",
+        str(out),
+        "--wandb-mode",
+        "disabled",
+        "-q",
+        *extra,
+    ]
